@@ -1,0 +1,225 @@
+//! Dead letters: where failed items go. They are never dropped.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+
+use crate::error::{Error, Failure};
+use crate::report::Report;
+
+type Callback = Arc<dyn Fn(&Failure) + Send + Sync>;
+
+#[derive(Clone)]
+enum Target {
+    Report,
+    Callback(Callback),
+    Channel(mpsc::Sender<Failure>),
+    #[cfg(feature = "jsonl")]
+    Jsonl(std::path::PathBuf),
+}
+
+/// Where a run sends its failed items. Whatever the target, every failure is also counted in
+/// the [`Report`] (with a sample of the first ones) and logged with `tracing` at `warn`.
+///
+/// ```
+/// use flowline::prelude::*;
+/// use std::sync::{Arc, Mutex};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let failed = Arc::new(Mutex::new(Vec::new()));
+/// let seen = failed.clone();
+/// let report = Pipeline::from_iter(1..=5u32)
+///     .try_map_async("check", |x| async move {
+///         if x == 3 { Err(format!("{x} is unlucky")) } else { Ok(x) }
+///     })
+///     .keep_input()
+///     .dead_letter(DeadLetter::callback(move |f| seen.lock().unwrap().push(f.to_string())))
+///     .run()
+///     .await
+///     .unwrap();
+/// assert_eq!(report.failures, 1);
+/// assert_eq!(
+///     failed.lock().unwrap()[0],
+///     "stage `check` failed after 1 attempt(s): 3 is unlucky (input: 3)"
+/// );
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct DeadLetter {
+    target: Target,
+}
+
+impl Default for DeadLetter {
+    fn default() -> Self {
+        DeadLetter::report()
+    }
+}
+
+impl fmt::Debug for DeadLetter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match &self.target {
+            Target::Report => "report",
+            Target::Callback(_) => "callback",
+            Target::Channel(_) => "channel",
+            #[cfg(feature = "jsonl")]
+            Target::Jsonl(_) => "jsonl",
+        };
+        write!(f, "DeadLetter({name})")
+    }
+}
+
+impl DeadLetter {
+    /// The default: failures are counted in the report, a sample is kept there, and each is
+    /// logged.
+    pub fn report() -> Self {
+        DeadLetter { target: Target::Report }
+    }
+
+    /// Calls `f` with every failure, synchronously, on the task where the item failed.
+    pub fn callback(f: impl Fn(&Failure) + Send + Sync + 'static) -> Self {
+        DeadLetter {
+            target: Target::Callback(Arc::new(f)),
+        }
+    }
+
+    /// Sends every failure into a channel. Failures are queued in front of the channel
+    /// (so a slow reader costs memory, not throughput); the run returns only after every
+    /// failure was sent, or the receiver was dropped.
+    pub fn channel(tx: mpsc::Sender<Failure>) -> Self {
+        DeadLetter {
+            target: Target::Channel(tx),
+        }
+    }
+
+    /// Appends every failure to a JSON-lines file (created if missing): one object per line
+    /// with `stage`, `error`, `kind`, `attempts`, `input` (the `Debug` text of a kept input,
+    /// or null) and `at_ms` (Unix time). Writes are buffered and flushed when the run ends.
+    #[cfg(feature = "jsonl")]
+    pub fn jsonl(path: impl Into<std::path::PathBuf>) -> Self {
+        DeadLetter {
+            target: Target::Jsonl(path.into()),
+        }
+    }
+}
+
+enum Live {
+    Report,
+    Callback(Callback),
+    Channel(Mutex<Option<mpsc::UnboundedSender<Failure>>>),
+    #[cfg(feature = "jsonl")]
+    Jsonl(Mutex<std::io::BufWriter<std::fs::File>>),
+}
+
+/// The run-time side of a dead-letter target.
+pub(crate) struct DeadLetters {
+    live: Live,
+    count: AtomicU64,
+    sample: Mutex<Vec<Failure>>,
+    forwarder: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl DeadLetters {
+    /// Opens the target (a file, a forwarding task). Must run inside a tokio runtime.
+    pub(crate) fn open(cfg: &DeadLetter) -> Result<Self, Error> {
+        let mut forwarder = None;
+        let live = match &cfg.target {
+            Target::Report => Live::Report,
+            Target::Callback(f) => Live::Callback(f.clone()),
+            Target::Channel(tx) => {
+                let (qtx, mut qrx) = mpsc::unbounded_channel::<Failure>();
+                let tx = tx.clone();
+                forwarder = Some(tokio::spawn(async move {
+                    while let Some(f) = qrx.recv().await {
+                        if tx.send(f).await.is_err() {
+                            break;
+                        }
+                    }
+                }));
+                Live::Channel(Mutex::new(Some(qtx)))
+            }
+            #[cfg(feature = "jsonl")]
+            Target::Jsonl(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| Error::DeadLetter(format!("cannot open {}: {e}", path.display())))?;
+                Live::Jsonl(Mutex::new(std::io::BufWriter::new(file)))
+            }
+        };
+        Ok(DeadLetters {
+            live,
+            count: AtomicU64::new(0),
+            sample: Mutex::new(Vec::new()),
+            forwarder: Mutex::new(forwarder),
+        })
+    }
+
+    pub(crate) fn record(&self, failure: Failure) {
+        self.count.fetch_add(1, Relaxed);
+        tracing::warn!(stage = %failure.stage, attempts = failure.attempts, error = %failure.error, "item failed");
+        {
+            let mut sample = self.sample.lock().unwrap_or_else(|p| p.into_inner());
+            if sample.len() < Report::FAILURE_SAMPLE {
+                sample.push(failure.clone());
+            }
+        }
+        match &self.live {
+            Live::Report => {}
+            Live::Callback(f) => f(&failure),
+            Live::Channel(q) => {
+                if let Some(q) = q.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                    let _ = q.send(failure);
+                }
+            }
+            #[cfg(feature = "jsonl")]
+            Live::Jsonl(w) => {
+                use std::io::Write;
+                let at_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                let line = serde_json::json!({
+                    "stage": &*failure.stage,
+                    "error": failure.error.to_string(),
+                    "kind": failure.error.kind(),
+                    "attempts": failure.attempts,
+                    "input": failure.input.as_ref().map(|i| i.debug().to_string()),
+                    "at_ms": at_ms,
+                });
+                let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
+                if let Err(e) = writeln!(w, "{line}") {
+                    tracing::error!(error = %e, "cannot write a dead letter to the JSONL file");
+                }
+            }
+        }
+    }
+
+    /// Flushes files and waits until queued failures reached their channel.
+    pub(crate) async fn close(&self) {
+        match &self.live {
+            Live::Channel(q) => {
+                q.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let handle = self.forwarder.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(h) = handle {
+                    let _ = h.await;
+                }
+            }
+            #[cfg(feature = "jsonl")]
+            Live::Jsonl(w) => {
+                use std::io::Write;
+                let _ = w.lock().unwrap_or_else(|p| p.into_inner()).flush();
+            }
+            _ => {}
+        }
+    }
+
+    pub(crate) fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    pub(crate) fn sample(&self) -> Vec<Failure> {
+        self.sample.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}

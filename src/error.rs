@@ -1,0 +1,265 @@
+//! Errors: what a run returns, and why an item failed.
+
+use std::any::Any;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::report::Report;
+
+/// A boxed error from user code. Anything that is `Into<BoxError>` — a `String`, a `&str`,
+/// any `std::error::Error`, an `anyhow::Error` — can be returned by a fallible stage.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why one item failed at a stage.
+///
+/// ```
+/// use flowline::ItemError;
+/// let e = ItemError::Timeout(std::time::Duration::from_secs(2));
+/// assert_eq!(e.to_string(), "timed out after 2s");
+/// ```
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ItemError {
+    /// The stage's function returned an error.
+    #[error("{0}")]
+    User(Arc<dyn std::error::Error + Send + Sync + 'static>),
+    /// The stage's `timeout` elapsed before the call finished.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// User code panicked while handling the item.
+    #[error("panicked: {0}")]
+    Panic(String),
+}
+
+impl ItemError {
+    /// Wraps a user error.
+    ///
+    /// ```
+    /// let e = flowline::ItemError::user("backend said no");
+    /// assert_eq!(e.to_string(), "backend said no");
+    /// ```
+    pub fn user(e: impl Into<BoxError>) -> Self {
+        ItemError::User(Arc::from(e.into()))
+    }
+
+    /// A short name of the error's kind, as written to dead-letter files: `user`, `timeout`, `panic`.
+    ///
+    /// ```
+    /// assert_eq!(flowline::ItemError::Panic("boom".into()).kind(), "panic");
+    /// ```
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ItemError::User(_) => "user",
+            ItemError::Timeout(_) => "timeout",
+            ItemError::Panic(_) => "panic",
+        }
+    }
+
+    pub(crate) fn from_panic(payload: &(dyn Any + Send)) -> Self {
+        ItemError::Panic(panic_message(payload))
+    }
+}
+
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&'static str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+/// The input of a failed item, kept when the stage was asked to `keep_input()`.
+///
+/// ```
+/// use flowline::FailedInput;
+/// let input = FailedInput::new(42u64);
+/// assert_eq!(input.debug(), "42");
+/// assert_eq!(input.downcast_ref::<u64>(), Some(&42));
+/// ```
+#[derive(Clone)]
+pub struct FailedInput {
+    debug: String,
+    value: Arc<dyn Any + Send + Sync>,
+}
+
+impl FailedInput {
+    /// Keeps `value` and its `Debug` text.
+    pub fn new<T: fmt::Debug + Send + Sync + 'static>(value: T) -> Self {
+        FailedInput {
+            debug: format!("{value:?}"),
+            value: Arc::new(value),
+        }
+    }
+
+    /// The input's `Debug` text (what dead-letter files and logs show).
+    pub fn debug(&self) -> &str {
+        &self.debug
+    }
+
+    /// The input itself, if it is a `T`.
+    pub fn downcast_ref<T: 'static>(&self) -> Option<&T> {
+        self.value.downcast_ref()
+    }
+}
+
+impl fmt::Debug for FailedInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.debug)
+    }
+}
+
+/// One failed item: where it failed, why, after how many attempts, and (if kept) its input.
+/// Failures go to the run's dead-letter target; they are never silently dropped.
+///
+/// ```
+/// use flowline::{Failure, ItemError};
+/// let f = Failure::new("fetch", ItemError::user("404"), 3);
+/// assert_eq!(f.to_string(), "stage `fetch` failed after 3 attempt(s): 404");
+/// ```
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The name of the stage where the item failed.
+    pub stage: Arc<str>,
+    /// Why it failed.
+    pub error: ItemError,
+    /// How many attempts were made (1 without retries).
+    pub attempts: u32,
+    /// The item's input, when the stage keeps inputs (`keep_input()`).
+    pub input: Option<FailedInput>,
+}
+
+impl Failure {
+    /// A failure without a kept input.
+    pub fn new(stage: impl Into<Arc<str>>, error: ItemError, attempts: u32) -> Self {
+        Failure {
+            stage: stage.into(),
+            error,
+            attempts,
+            input: None,
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "stage `{}` failed after {} attempt(s): {}",
+            self.stage, self.attempts, self.error
+        )?;
+        if let Some(input) = &self.input {
+            write!(f, " (input: {})", input.debug())?;
+        }
+        Ok(())
+    }
+}
+
+/// What a run can end with instead of a [`Report`].
+///
+/// Every variant that ends a started run carries the report of what happened up to that
+/// point, so no count is lost even when the run did not finish.
+///
+/// ```
+/// use flowline::prelude::*;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let err = Pipeline::from_iter(0..10u32)
+///     .map_async("double", |x| async move { x * 2 })
+///     .workers(0)
+///     .run()
+///     .await
+///     .unwrap_err();
+/// assert!(err.to_string().contains("workers = 0"));
+/// # }
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A stage or pipeline option has a value it cannot take. Raised before anything runs.
+    #[error("invalid configuration: stage `{stage}`: {option} = {value}: {reason}")]
+    Config {
+        /// The stage (or `pipeline`) the option belongs to.
+        stage: String,
+        /// The option's name.
+        option: &'static str,
+        /// The rejected value.
+        value: String,
+        /// What the option accepts.
+        reason: &'static str,
+    },
+    /// `ErrorPolicy::Stop`: the first failed item aborted the run.
+    #[error("run stopped on the first failure: {failure}")]
+    ItemFailed {
+        /// The failure that stopped the run.
+        failure: Failure,
+        /// What happened up to that point.
+        report: Box<Report>,
+    },
+    /// The source itself failed (its generator returned an error or panicked).
+    #[error("source `{stage}` failed: {error}")]
+    Source {
+        /// The source's name.
+        stage: String,
+        /// Why it failed.
+        error: ItemError,
+        /// What happened up to that point; the items already pulled were finished.
+        report: Box<Report>,
+    },
+    /// The run was cancelled with [`Handle::cancel`](crate::Handle::cancel).
+    #[error("run cancelled")]
+    Cancelled {
+        /// What happened up to that point.
+        report: Box<Report>,
+    },
+    /// The run's `deadline` passed before it finished.
+    #[error("deadline of {deadline:?} exceeded")]
+    DeadlineExceeded {
+        /// The deadline that was set.
+        deadline: Duration,
+        /// What happened up to that point.
+        report: Box<Report>,
+    },
+    /// Writing dead letters failed (e.g. the JSONL file could not be opened).
+    #[error("dead-letter target failed: {0}")]
+    DeadLetter(String),
+    /// flowline needs a tokio runtime and none was running.
+    #[error("no tokio runtime: flowline runs on tokio, call it from within a runtime")]
+    NoRuntime,
+    /// An internal task of flowline failed; this is a bug in flowline.
+    #[error("internal error (a bug in flowline): {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The report of the run, if the run started.
+    ///
+    /// ```
+    /// # use flowline::Error;
+    /// assert!(Error::NoRuntime.report().is_none());
+    /// ```
+    pub fn report(&self) -> Option<&Report> {
+        match self {
+            Error::ItemFailed { report, .. }
+            | Error::Source { report, .. }
+            | Error::Cancelled { report }
+            | Error::DeadlineExceeded { report, .. } => Some(report),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn config(
+        stage: &str,
+        option: &'static str,
+        value: impl fmt::Debug,
+        reason: &'static str,
+    ) -> Self {
+        Error::Config {
+            stage: stage.to_string(),
+            option,
+            value: format!("{value:?}"),
+            reason,
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! Controlling a run in the background: [`Handle`], and [`ItemStream`] for `into_stream`.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use futures_core::Stream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::chunk::{Chunk, Outcome, Ticket};
+use crate::dead_letter::{DeadLetter, DeadLetters};
+use crate::error::Error;
+use crate::pipeline::{ErrorPolicy, Pipeline};
+use crate::report::{Report, RunOutcome};
+use crate::run::{execute_in, prepare};
+use crate::runtime::RunCtx;
+use crate::sink::Sink;
+
+enum State {
+    Running(JoinHandle<Result<Report, Error>>),
+    NotStarted(Error),
+    Joined,
+}
+
+/// A run in the background. Dropping the handle cancels the run.
+///
+/// - [`cancel`](Handle::cancel): stop now; items in flight are counted unfinished.
+/// - [`stop`](Handle::stop): stop pulling the source, finish what is in flight.
+/// - [`pause`](Handle::pause) / [`resume`](Handle::resume) / [`step`](Handle::step): hold
+///   the source, release it, or let exactly `n` more items out while paused.
+/// - [`snapshot`](Handle::snapshot): live counters; [`join`](Handle::join): the report.
+///
+/// ```
+/// use flowline::prelude::*;
+/// use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// let handle = Pipeline::from_iter(0..u64::MAX)
+///     .map_async("tick", |x| async move { tokio::time::sleep(Duration::from_millis(10)).await; x })
+///     .spawn();
+/// tokio::time::sleep(Duration::from_millis(105)).await;
+/// handle.stop();                               // graceful: in-flight items finish
+/// let report = handle.join().await.unwrap();
+/// assert_eq!(report.outcome, RunOutcome::Stopped);
+/// assert!(report.is_balanced());
+/// # }
+/// ```
+pub struct Handle {
+    run: Arc<RunCtx>,
+    state: State,
+    started: tokio::time::Instant,
+}
+
+impl fmt::Debug for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handle")
+            .field("paused", &self.is_paused())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Handle {
+    pub(crate) fn start<T: Send + 'static, K: Sink<T, Output = ()>>(
+        mut p: Pipeline<T>,
+        sink: K,
+        sink_name: &'static str,
+    ) -> Handle {
+        let started = tokio::time::Instant::now();
+        match prepare(&mut p) {
+            Ok(run) => {
+                let task = tokio::spawn(execute_in(run.clone(), p, sink, sink_name));
+                let task = async move { task.await.map(|r| r.map(|(report, ())| report)) };
+                let task = tokio::spawn(async move {
+                    task.await
+                        .unwrap_or_else(|e| Err(Error::Internal(format!("run task failed: {e}"))))
+                });
+                Handle {
+                    run,
+                    state: State::Running(task),
+                    started,
+                }
+            }
+            Err(e) => Handle {
+                run: Arc::new(RunCtx::new(
+                    ErrorPolicy::Continue,
+                    DeadLetters::open(&DeadLetter::report()).expect("the report target cannot fail to open"),
+                )),
+                state: State::NotStarted(e),
+                started,
+            },
+        }
+    }
+
+    /// Stops the run now. `join` then returns [`Error::Cancelled`] with the report; the
+    /// items that were in flight are counted as unfinished.
+    pub fn cancel(&self) {
+        self.run.cancel.cancel();
+    }
+
+    /// Stops pulling the source; what is in flight finishes, and `join` returns the report
+    /// with [`RunOutcome::Stopped`].
+    pub fn stop(&self) {
+        self.run.stop_requested.store(true, Ordering::Relaxed);
+        self.run.gate.stop();
+    }
+
+    /// Pauses the source: nothing more is pulled until `resume` (or `step`); items already
+    /// pulled go on and finish.
+    pub fn pause(&self) {
+        self.run.gate.pause();
+    }
+
+    /// Resumes a paused source.
+    pub fn resume(&self) {
+        self.run.gate.resume();
+    }
+
+    /// While paused, lets exactly `n` more items out of the source.
+    pub fn step(&self, n: u64) {
+        self.run.gate.step(n);
+    }
+
+    /// Whether the source is paused (by `pause`, or held by a stage).
+    pub fn is_paused(&self) -> bool {
+        self.run.gate.is_paused()
+    }
+
+    /// The counters of every stage right now.
+    pub fn snapshot(&self) -> Report {
+        Report {
+            stages: self.run.snapshot_stages(),
+            elapsed: self.started.elapsed(),
+            outcome: RunOutcome::Running,
+            failures: self.run.dead.count(),
+            failure_sample: Vec::new(),
+        }
+    }
+
+    /// Waits for the run to end and returns its report.
+    pub async fn join(mut self) -> Result<Report, Error> {
+        match std::mem::replace(&mut self.state, State::Joined) {
+            State::Running(task) => task
+                .await
+                .unwrap_or_else(|e| Err(Error::Internal(format!("run task failed: {e}")))),
+            State::NotStarted(e) => Err(e),
+            State::Joined => Err(Error::Internal("the run was already joined".into())),
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if matches!(self.state, State::Running(_)) {
+            self.run.cancel.cancel();
+        }
+    }
+}
+
+/// The items of a run as a `Stream` (from [`Flow::into_stream`](crate::Flow::into_stream)).
+/// Dropping it cancels the run.
+///
+/// ```
+/// use flowline::prelude::*;
+/// use futures::StreamExt;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let s = Pipeline::from_iter(0..5).into_stream();
+/// let firsts: Vec<_> = s.take(2).collect().await;
+/// assert_eq!(firsts, vec![0, 1]);
+/// # }
+/// ```
+pub struct ItemStream<T> {
+    rx: mpsc::Receiver<Chunk<T>>,
+    ready: VecDeque<(T, Ticket)>,
+    done: bool,
+    handle: Handle,
+}
+
+impl<T> fmt::Debug for ItemStream<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ItemStream").field("done", &self.done).finish_non_exhaustive()
+    }
+}
+
+impl<T: Send + 'static> ItemStream<T> {
+    pub(crate) fn new(rx: mpsc::Receiver<Chunk<T>>, handle: Handle) -> Self {
+        ItemStream {
+            rx,
+            ready: VecDeque::new(),
+            done: false,
+            handle,
+        }
+    }
+
+    /// The run's handle: pause, stop, snapshot.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// Ends the run and returns its report. If the stream was not read to its end, the run
+    /// is cancelled first (and the report says so).
+    pub async fn finish(self) -> Result<Report, Error> {
+        if !self.done {
+            self.handle.cancel();
+        }
+        self.handle.join().await
+    }
+}
+
+// The stream never pins its items: they sit in a `VecDeque` and are moved out by value.
+impl<T> Unpin for ItemStream<T> {}
+
+impl<T: Send + 'static> Stream for ItemStream<T> {
+    type Item = T;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        let this = self.get_mut();
+        loop {
+            if let Some((item, ticket)) = this.ready.pop_front() {
+                ticket.finish(Outcome::Done);
+                return Poll::Ready(Some(item));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some(chunk)) => this.ready.extend(chunk.into_pairs()),
+                Poll::Ready(None) => this.done = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}

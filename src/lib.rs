@@ -1,0 +1,72 @@
+//! # flowline
+//!
+//! Concurrent pipelines over streaming data, on tokio: a source produces items, stages
+//! transform them with bounded concurrency, and a sink consumes them — with nothing lost,
+//! bounded memory, and a report of what happened to every item.
+//!
+//! ```
+//! use flowline::prelude::*;
+//! use std::time::Duration;
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+//! let report = Pipeline::from_iter(1..=1_000u64)
+//!     .try_map_async("fetch", |id| async move {
+//!         tokio::time::sleep(Duration::from_millis(5)).await;   // a call to a service
+//!         if id % 100 == 0 { Err(format!("user {id} not found")) } else { Ok(id * 2) }
+//!     })
+//!         .workers(16)
+//!         .timeout(Duration::from_secs(2))
+//!         .keep_input()
+//!     .filter(|x| x % 3 != 0)
+//!     .run()
+//!     .await
+//!     .unwrap();
+//! assert_eq!(report.failures, 10);           // kept, counted and logged: never dropped
+//! assert!(report.is_balanced());             // in = out + dropped + failed, per stage
+//! println!("{report}");
+//! # }
+//! ```
+//!
+//! ## How it runs
+//!
+//! A [`Pipeline`] is a lazy plan; a terminal ([`Flow::run`], [`Flow::collect`],
+//! [`Flow::for_each`], [`Flow::into_stream`], [`Flow::spawn`]) builds it into tasks:
+//!
+//! - Synchronous operators (`map`, `filter`, `filter_map`, `flat_map`, `inspect`) are fused
+//!   into the task before them and run over a whole chunk of items per call.
+//! - Each async stage ([`Flow::map_async`]) and each [`Flow::buffer`] is a task of its own;
+//!   tasks are joined by bounded channels that carry chunks of up to 256 items — whatever is
+//!   ready, never waiting to fill one. A slow stage back-pressures the source, which is
+//!   pulled, never pushed.
+//! - Every item ends delivered, dropped (by an operator whose job is to drop), or failed; a
+//!   failure keeps the stage name, error, attempts and (with `keep_input`) the input, and
+//!   goes to the [`DeadLetter`] target. A panic in user code fails the item, not the run.
+//! - When a run ends, by any path, every task it spawned has ended.
+
+#![warn(missing_docs)]
+
+mod chunk;
+mod dead_letter;
+mod error;
+mod handle;
+mod pipeline;
+mod report;
+mod run;
+mod runtime;
+mod sink;
+mod source;
+mod stage;
+
+pub use dead_letter::DeadLetter;
+pub use error::{BoxError, Error, FailedInput, Failure, ItemError};
+pub use handle::{Handle, ItemStream};
+pub use pipeline::{ErrorPolicy, Flow, Pipeline};
+pub use report::{LatencySummary, Report, RunOutcome, StageReport};
+pub use stage::map_async::{AsyncStage, Fallible, Infallible, StageFn};
+
+/// Everything a pipeline author needs: `use flowline::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        DeadLetter, Error, ErrorPolicy, Failure, Flow, Handle, ItemError, Pipeline, Report, RunOutcome,
+    };
+}

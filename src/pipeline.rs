@@ -1,0 +1,457 @@
+//! `Pipeline<T>`, the lazy plan, and `Flow`, the operators every stage offers.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use crate::chunk::Chunk;
+use crate::dead_letter::DeadLetter;
+use crate::error::{BoxError, Error};
+use crate::handle::{Handle, ItemStream};
+use crate::report::Report;
+use crate::runtime::{Build, Upstream};
+use crate::sink;
+use crate::source::{Pull, Source};
+use crate::stage;
+use crate::stage::map_async::{AsyncStage, Fallible, Infallible};
+
+/// What a run does when an item fails.
+///
+/// ```
+/// use flowline::prelude::*;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let err = Pipeline::from_iter(0..100u32)
+///     .try_map_async("check", |x| async move { if x == 7 { Err("seven") } else { Ok(x) } })
+///     .error_policy(ErrorPolicy::Stop)
+///     .run()
+///     .await
+///     .unwrap_err();
+/// match err {
+///     Error::ItemFailed { failure, .. } => assert_eq!(&*failure.stage, "check"),
+///     other => panic!("{other}"),
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ErrorPolicy {
+    /// Send the failed item to the dead letters and go on (the default).
+    #[default]
+    Continue,
+    /// Abort the run on the first failure and return it as [`Error::ItemFailed`].
+    Stop,
+}
+
+/// Run-wide settings carried along the chain of operators.
+pub(crate) struct Settings {
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) policy: ErrorPolicy,
+    pub(crate) dead_letter: DeadLetter,
+    /// Configuration errors found while the plan was written; reported before anything runs.
+    pub(crate) errors: Vec<Error>,
+    /// The number of items the source will produce, when known.
+    pub(crate) total: Option<u64>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            deadline: None,
+            policy: ErrorPolicy::Continue,
+            dead_letter: DeadLetter::report(),
+            errors: Vec::new(),
+            total: None,
+        }
+    }
+}
+
+type BuildFn<T> = Box<dyn FnOnce(&mut Build) -> Upstream<T> + Send>;
+
+/// A lazy plan of a pipeline whose items are `T`. Nothing runs until a terminal
+/// ([`Flow::run`], [`Flow::for_each`], [`Flow::collect`], [`Flow::into_stream`],
+/// [`Flow::spawn`]) is awaited or called. Operators come from the [`Flow`] trait
+/// (`use flowline::prelude::*`).
+///
+/// ```
+/// use flowline::prelude::*;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let plan = Pipeline::from_iter(0..5u32).map(|x| x + 1);   // nothing has run yet
+/// let out = plan.collect().await.unwrap();
+/// assert_eq!(out, vec![1, 2, 3, 4, 5]);
+/// # }
+/// ```
+pub struct Pipeline<T> {
+    pub(crate) build: BuildFn<T>,
+    pub(crate) settings: Settings,
+}
+
+impl<T> fmt::Debug for Pipeline<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("deadline", &self.settings.deadline)
+            .field("policy", &self.settings.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Send + 'static> Pipeline<T> {
+    /// A pipeline over a puller, registered as a source stage named `name`.
+    pub(crate) fn from_pull<P: Pull<T> + 'static>(name: &'static str, pull: P) -> Pipeline<T> {
+        Pipeline {
+            build: Box::new(move |b| {
+                let stats = b.stage(name, "source");
+                Box::new(Source::new(pull, stats, b.run.clone())) as Upstream<T>
+            }),
+            settings: Settings::default(),
+        }
+    }
+
+    /// Appends a step to the plan: `f` receives the upstream and returns the new one.
+    pub(crate) fn then<U: Send + 'static>(
+        self,
+        f: impl FnOnce(&mut Build, Upstream<T>) -> Upstream<U> + Send + 'static,
+    ) -> Pipeline<U> {
+        let build = self.build;
+        Pipeline {
+            build: Box::new(move |b| {
+                let up = build(b);
+                f(b, up)
+            }),
+            settings: self.settings,
+        }
+    }
+}
+
+/// The operators and terminals of a pipeline. Implemented by [`Pipeline`] and by stages
+/// being configured (like [`AsyncStage`]), so one chain reads top to bottom with each
+/// stage's options right under it.
+///
+/// ```
+/// use flowline::prelude::*;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let report = Pipeline::from_iter(1..=1000u64)
+///     .filter(|x| x % 2 == 1)
+///     .map_async("work", |x| async move { x * 3 })
+///         .workers(8)
+///     .map(|x| x + 1)
+///     .run()
+///     .await
+///     .unwrap();
+/// assert_eq!(report.delivered(), 500);
+/// # }
+/// ```
+pub trait Flow: Sized + Send + 'static {
+    /// The type of the items this pipeline produces.
+    type Item: Send + 'static;
+
+    /// Ends any stage configuration and returns the plan.
+    fn into_pipeline(self) -> Pipeline<Self::Item>;
+
+    /// Transforms each item (synchronous, fused into the task before it).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter(["a", "bb"]).map(str::len).collect().await.unwrap();
+    /// assert_eq!(out, vec![1, 2]);
+    /// # }
+    /// ```
+    fn map<U, F>(self, f: F) -> Pipeline<U>
+    where
+        U: Send + 'static,
+        F: FnMut(Self::Item) -> U + Send + 'static,
+    {
+        stage::map::map(self.into_pipeline(), f)
+    }
+
+    /// Keeps the items `keep` accepts; the others are counted as dropped.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter(0..6).filter(|x| x % 2 == 0).collect().await.unwrap();
+    /// assert_eq!(out, vec![0, 2, 4]);
+    /// # }
+    /// ```
+    fn filter<F>(self, keep: F) -> Pipeline<Self::Item>
+    where
+        F: FnMut(&Self::Item) -> bool + Send + 'static,
+    {
+        stage::filter::filter(self.into_pipeline(), keep)
+    }
+
+    /// Transforms each item and keeps the `Some`s; `None`s are counted as dropped.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter(["4", "x"]).filter_map(|s| s.parse::<u8>().ok()).collect().await.unwrap();
+    /// assert_eq!(out, vec![4]);
+    /// # }
+    /// ```
+    fn filter_map<U, F>(self, f: F) -> Pipeline<U>
+    where
+        U: Send + 'static,
+        F: FnMut(Self::Item) -> Option<U> + Send + 'static,
+    {
+        stage::filter_map::filter_map(self.into_pipeline(), f)
+    }
+
+    /// Turns each item into any number of items.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter(["a b", "c"])
+    ///     .flat_map(|line| line.split(' ').map(String::from).collect::<Vec<_>>())
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out, vec!["a", "b", "c"]);
+    /// # }
+    /// ```
+    fn flat_map<U, I, F>(self, f: F) -> Pipeline<U>
+    where
+        U: Send + 'static,
+        I: IntoIterator<Item = U>,
+        F: FnMut(Self::Item) -> I + Send + 'static,
+    {
+        stage::flat_map::flat_map(self.into_pipeline(), f)
+    }
+
+    /// Looks at each item as it passes.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let report = Pipeline::from_iter(0..3).inspect(|x| println!("saw {x}")).run().await.unwrap();
+    /// assert_eq!(report.delivered(), 3);
+    /// # }
+    /// ```
+    fn inspect<F>(self, f: F) -> Pipeline<Self::Item>
+    where
+        F: FnMut(&Self::Item) + Send + 'static,
+    {
+        stage::inspect::inspect(self.into_pipeline(), f)
+    }
+
+    /// An async stage named `name`: `f` is called for each item, with `workers(n)` calls in
+    /// flight (default 1), in order unless `.unordered()`. A panic in `f` fails the item.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter(1..=3u32)
+    ///     .map_async("fetch", |id| async move { format!("user-{id}") })
+    ///     .workers(2)
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out, vec!["user-1", "user-2", "user-3"]);
+    /// # }
+    /// ```
+    fn map_async<U, F, Fut>(self, name: &str, f: F) -> AsyncStage<Self::Item, U, Infallible<F, Fut>>
+    where
+        U: Send + 'static,
+        F: Fn(Self::Item) -> Fut + Send + 'static,
+        Fut: Future<Output = U> + Send + 'static,
+    {
+        stage::map_async::map_async(self.into_pipeline(), name, f)
+    }
+
+    /// A fallible async stage: an `Err` fails the item, which goes to the dead letters with
+    /// the error, the stage's name and the attempt count.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let report = Pipeline::from_iter(["1", "two", "3"])
+    ///     .try_map_async("parse", |s| async move { s.parse::<u32>() })
+    ///     .run().await.unwrap();
+    /// assert_eq!((report.delivered(), report.failures), (2, 1));
+    /// # }
+    /// ```
+    fn try_map_async<U, E, F, Fut>(self, name: &str, f: F) -> AsyncStage<Self::Item, U, Fallible<F, Fut>>
+    where
+        U: Send + 'static,
+        E: Into<BoxError> + 'static,
+        F: Fn(Self::Item) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<U, E>> + Send + 'static,
+    {
+        stage::map_async::try_map_async(self.into_pipeline(), name, f)
+    }
+
+    /// An explicit async boundary: the stages before it run on their own task and may work
+    /// up to about `capacity` items ahead (rounded up to whole chunks of 256).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter(0..3).map(|x| x * 2).buffer(1024).map(|x| x + 1).collect().await.unwrap();
+    /// assert_eq!(out, vec![1, 3, 5]);
+    /// # }
+    /// ```
+    fn buffer(self, capacity: usize) -> Pipeline<Self::Item> {
+        stage::buffer::buffer(self.into_pipeline(), capacity)
+    }
+
+    /// Ends the whole run if it has not finished within `limit` (on tokio's clock). The run
+    /// returns [`Error::DeadlineExceeded`] with the report. Must be more than zero.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let err = Pipeline::from_iter(0..u64::MAX)
+    ///     .map_async("slow", |x| async move { tokio::time::sleep(Duration::from_secs(1)).await; x })
+    ///     .deadline(Duration::from_secs(10))
+    ///     .run().await.unwrap_err();
+    /// assert!(matches!(err, Error::DeadlineExceeded { .. }));
+    /// # }
+    /// ```
+    fn deadline(self, limit: Duration) -> Pipeline<Self::Item> {
+        let mut p = self.into_pipeline();
+        if limit.is_zero() {
+            p.settings
+                .errors
+                .push(Error::config("pipeline", "deadline", limit, "must be more than zero"));
+        }
+        p.settings.deadline = Some(limit);
+        p
+    }
+
+    /// What to do when an item fails (default: [`ErrorPolicy::Continue`]).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// let plan = Pipeline::from_iter(0..3).error_policy(ErrorPolicy::Stop);
+    /// # let _ = plan;
+    /// ```
+    fn error_policy(self, policy: ErrorPolicy) -> Pipeline<Self::Item> {
+        let mut p = self.into_pipeline();
+        p.settings.policy = policy;
+        p
+    }
+
+    /// Where failed items go (default: counted and sampled in the report, and logged).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    /// Pipeline::from_iter([1u32, 0, 2])
+    ///     .try_map_async("invert", |x| async move { if x == 0 { Err("zero") } else { Ok(1.0 / x as f64) } })
+    ///     .dead_letter(DeadLetter::channel(tx))
+    ///     .run().await.unwrap();
+    /// assert_eq!(rx.recv().await.unwrap().error.to_string(), "zero");
+    /// # }
+    /// ```
+    fn dead_letter(self, target: DeadLetter) -> Pipeline<Self::Item> {
+        let mut p = self.into_pipeline();
+        p.settings.dead_letter = target;
+        p
+    }
+
+    /// Runs the pipeline to the end, dropping what comes out; returns the report.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let report = Pipeline::from_iter(0..10).run().await.unwrap();
+    /// assert_eq!(report.delivered(), 10);
+    /// # }
+    /// ```
+    fn run(self) -> impl Future<Output = Result<Report, Error>> + Send {
+        let p = self.into_pipeline();
+        async move { crate::run::execute(p, sink::Discard, "sink").await.map(|(r, ())| r) }
+    }
+
+    /// Runs the pipeline, calling `f` for each item that comes out (one at a time, in
+    /// order). A panic in `f` fails that item.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let report = Pipeline::from_iter(0..3)
+    ///     .for_each(|x| async move { println!("{x}") })
+    ///     .await.unwrap();
+    /// assert_eq!(report.delivered(), 3);
+    /// # }
+    /// ```
+    fn for_each<F, Fut>(self, f: F) -> impl Future<Output = Result<Report, Error>> + Send
+    where
+        F: FnMut(Self::Item) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let p = self.into_pipeline();
+        async move { crate::run::execute(p, sink::ForEach(f), "for_each").await.map(|(r, ())| r) }
+    }
+
+    /// Runs the pipeline and collects what comes out.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// assert_eq!(Pipeline::from_iter(0..3).collect().await.unwrap(), vec![0, 1, 2]);
+    /// # }
+    /// ```
+    fn collect(self) -> impl Future<Output = Result<Vec<Self::Item>, Error>> + Send {
+        let f = self.collect_with_report();
+        async move { f.await.map(|(v, _)| v) }
+    }
+
+    /// Like [`collect`](Flow::collect), with the report.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (out, report) = Pipeline::from_iter(0..3).collect_with_report().await.unwrap();
+    /// assert_eq!((out.len() as u64), report.delivered());
+    /// # }
+    /// ```
+    fn collect_with_report(self) -> impl Future<Output = Result<(Vec<Self::Item>, Report), Error>> + Send {
+        let p = self.into_pipeline();
+        async move {
+            crate::run::execute(p, sink::Collect(Vec::new()), "collect")
+                .await
+                .map(|(r, v)| (v, r))
+        }
+    }
+
+    /// Starts the run and returns a stream of what comes out. Dropping the stream cancels
+    /// the run; [`ItemStream::finish`] returns the report.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use futures::StreamExt;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let mut s = Pipeline::from_iter(0..3).map(|x| x * 2).into_stream();
+    /// let mut got = vec![];
+    /// while let Some(x) = s.next().await { got.push(x); }
+    /// assert_eq!(got, vec![0, 2, 4]);
+    /// assert_eq!(s.finish().await.unwrap().delivered(), 3);
+    /// # }
+    /// ```
+    fn into_stream(self) -> ItemStream<Self::Item> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Chunk<Self::Item>>(2);
+        let handle = Handle::start(self.into_pipeline(), sink::Forward(tx), "stream");
+        ItemStream::new(rx, handle)
+    }
+
+    /// Starts the run in the background and returns its [`Handle`]: cancel, stop, pause,
+    /// step, live counters, and `join` for the report. Must be called inside a tokio runtime.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let handle = Pipeline::from_iter(0..100).spawn();
+    /// let report = handle.join().await.unwrap();
+    /// assert_eq!(report.delivered(), 100);
+    /// # }
+    /// ```
+    fn spawn(self) -> Handle {
+        Handle::start(self.into_pipeline(), sink::Discard, "sink")
+    }
+}
+
+impl<T: Send + 'static> Flow for Pipeline<T> {
+    type Item = T;
+    fn into_pipeline(self) -> Pipeline<T> {
+        self
+    }
+}

@@ -1,0 +1,323 @@
+//! The run report: per-stage counts, latencies, wall time and failures.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+use crate::error::Failure;
+
+/// Live counters of one stage. Updated per chunk (never per item) with relaxed atomics.
+pub(crate) struct StageStats {
+    pub(crate) name: Arc<str>,
+    pub(crate) kind: &'static str,
+    pub(crate) received: AtomicU64,
+    pub(crate) passed: AtomicU64,
+    pub(crate) emitted: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    latency: Mutex<Option<Histogram<u64>>>,
+}
+
+impl StageStats {
+    pub(crate) fn new(name: Arc<str>, kind: &'static str) -> Self {
+        StageStats {
+            name,
+            kind,
+            received: AtomicU64::new(0),
+            passed: AtomicU64::new(0),
+            emitted: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            latency: Mutex::new(None),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn add(counter: &AtomicU64, n: usize) {
+        if n > 0 {
+            counter.fetch_add(n as u64, Relaxed);
+        }
+    }
+
+    /// Counts one processed chunk of a 1:1 (or 1:n) operator.
+    #[inline]
+    pub(crate) fn chunk(&self, received: usize, passed: usize, emitted: usize, dropped: usize, failed: usize) {
+        Self::add(&self.received, received);
+        Self::add(&self.passed, passed);
+        Self::add(&self.emitted, emitted);
+        Self::add(&self.dropped, dropped);
+        Self::add(&self.failed, failed);
+    }
+
+    /// Merges a task-local latency histogram (nanoseconds) into the stage's.
+    pub(crate) fn merge_latency(&self, local: &mut Histogram<u64>) {
+        if local.is_empty() {
+            return;
+        }
+        let mut slot = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.as_mut() {
+            Some(h) => {
+                let _ = h.add(&*local);
+            }
+            None => *slot = Some(local.clone()),
+        }
+        local.reset();
+    }
+
+    pub(crate) fn snapshot(&self) -> StageReport {
+        let received = self.received.load(Relaxed);
+        let passed = self.passed.load(Relaxed);
+        let dropped = self.dropped.load(Relaxed);
+        let failed = self.failed.load(Relaxed);
+        let latency = self
+            .latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(LatencySummary::from_histogram);
+        StageReport {
+            name: self.name.to_string(),
+            kind: self.kind,
+            received,
+            passed,
+            emitted: self.emitted.load(Relaxed),
+            dropped,
+            failed,
+            retried: self.retried.load(Relaxed),
+            unfinished: received.saturating_sub(passed + dropped + failed),
+            latency,
+        }
+    }
+}
+
+/// A new latency histogram (nanoseconds, 3 significant digits, auto-resizing).
+pub(crate) fn latency_histogram() -> Histogram<u64> {
+    Histogram::new(3).expect("3 significant figures is a valid histogram precision")
+}
+
+/// Latency percentiles of an async stage, from sampled calls.
+///
+/// ```
+/// # use flowline::LatencySummary;
+/// let l = LatencySummary::default();
+/// assert_eq!(l.samples, 0);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LatencySummary {
+    /// How many calls were timed (a sample of all calls).
+    pub samples: u64,
+    /// Median.
+    pub p50: Duration,
+    /// 90th percentile.
+    pub p90: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+    /// Slowest timed call.
+    pub max: Duration,
+}
+
+impl LatencySummary {
+    fn from_histogram(h: &Histogram<u64>) -> Self {
+        LatencySummary {
+            samples: h.len(),
+            p50: Duration::from_nanos(h.value_at_quantile(0.50)),
+            p90: Duration::from_nanos(h.value_at_quantile(0.90)),
+            p99: Duration::from_nanos(h.value_at_quantile(0.99)),
+            max: Duration::from_nanos(h.max()),
+        }
+    }
+}
+
+/// The counts of one stage.
+///
+/// For every stage `received = passed + dropped + failed + unfinished`; `unfinished` is zero
+/// when the run completed, and counts the items that were inside the stage (or queued in
+/// front of it) when a run was cancelled. `emitted` is the number of outputs, which differs
+/// from `passed` only for stages that change the number of items (`flat_map`, batches).
+///
+/// ```
+/// use flowline::prelude::*;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let report = Pipeline::from_iter(0..10).filter(|x| x % 2 == 0).run().await.unwrap();
+/// let filter = report.stage("filter").unwrap();
+/// assert_eq!((filter.received, filter.passed, filter.dropped), (10, 5, 5));
+/// assert!(filter.is_balanced());
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StageReport {
+    /// The stage's name (unique within the run).
+    pub name: String,
+    /// What kind of stage it is: `source`, `map`, `filter`, `async`, `buffer`, `sink`, ...
+    pub kind: &'static str,
+    /// Items that entered the stage ("in").
+    pub received: u64,
+    /// Items that went on to the next stage ("out"; for a sink: delivered).
+    pub passed: u64,
+    /// Outputs sent on (equals `passed` for 1:1 stages).
+    pub emitted: u64,
+    /// Items dropped by design: filtered, deduplicated, throttled.
+    pub dropped: u64,
+    /// Items that failed here and went to the dead letters.
+    pub failed: u64,
+    /// Retry attempts made (not counted in `received`).
+    pub retried: u64,
+    /// Items still inside the stage: in flight during a run, cancelled after a cancelled run.
+    pub unfinished: u64,
+    /// Latency of the stage's calls (async stages).
+    pub latency: Option<LatencySummary>,
+}
+
+impl StageReport {
+    /// `received == passed + dropped + failed + unfinished`.
+    pub fn is_balanced(&self) -> bool {
+        self.received == self.passed + self.dropped + self.failed + self.unfinished
+    }
+}
+
+/// How a run ended.
+///
+/// ```
+/// # use flowline::RunOutcome;
+/// assert_eq!(RunOutcome::Completed.to_string(), "completed");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RunOutcome {
+    /// Still running (a live snapshot).
+    Running,
+    /// The source ended and every item finished.
+    Completed,
+    /// `Handle::stop`: the source stopped early, every pulled item finished.
+    Stopped,
+    /// `Handle::cancel`, a dropped handle, or `ErrorPolicy::Stop`.
+    Cancelled,
+    /// The run's deadline passed.
+    DeadlineExceeded,
+    /// The source failed; the items already pulled finished.
+    SourceFailed,
+}
+
+impl fmt::Display for RunOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RunOutcome::Running => "running",
+            RunOutcome::Completed => "completed",
+            RunOutcome::Stopped => "stopped",
+            RunOutcome::Cancelled => "cancelled",
+            RunOutcome::DeadlineExceeded => "deadline exceeded",
+            RunOutcome::SourceFailed => "source failed",
+        })
+    }
+}
+
+/// What happened in a run: per-stage counts and latencies, wall time, failures.
+///
+/// ```
+/// use flowline::prelude::*;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let report = Pipeline::from_iter(1..=100u64)
+///     .map_async("square", |x| async move { x * x })
+///     .workers(4)
+///     .run()
+///     .await
+///     .unwrap();
+/// assert_eq!(report.delivered(), 100);
+/// assert!(report.is_balanced());
+/// println!("{report}");
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Report {
+    /// Every stage, source first, in the order they were added.
+    pub stages: Vec<StageReport>,
+    /// Wall time from start to end (tokio's clock).
+    pub elapsed: Duration,
+    /// How the run ended.
+    pub outcome: RunOutcome,
+    /// How many items failed in all stages (every one went to the dead-letter target).
+    pub failures: u64,
+    /// The first failures (at most [`Report::FAILURE_SAMPLE`]), for a look without a dead-letter target.
+    pub failure_sample: Vec<Failure>,
+}
+
+impl Report {
+    /// How many failures the report keeps as a sample.
+    pub const FAILURE_SAMPLE: usize = 100;
+
+    /// The stage called `name`.
+    pub fn stage(&self, name: &str) -> Option<&StageReport> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// Items that reached a sink.
+    pub fn delivered(&self) -> u64 {
+        self.stages
+            .iter()
+            .filter(|s| s.kind == "sink")
+            .map(|s| s.passed)
+            .sum()
+    }
+
+    /// Items delivered per second of wall time.
+    pub fn items_per_second(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 { self.delivered() as f64 / secs } else { 0.0 }
+    }
+
+    /// Every stage is balanced: `in = out + dropped + failed (+ unfinished)`.
+    pub fn is_balanced(&self) -> bool {
+        self.stages.iter().all(StageReport::is_balanced)
+    }
+}
+
+fn fmt_latency(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us < 1000.0 {
+        format!("{us:.0}µs")
+    } else if us < 1e6 {
+        format!("{:.1}ms", us / 1e3)
+    } else {
+        format!("{:.2}s", us / 1e6)
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "run {} in {:.3}s: {} delivered ({:.0}/s), {} failed",
+            self.outcome,
+            self.elapsed.as_secs_f64(),
+            self.delivered(),
+            self.items_per_second(),
+            self.failures
+        )?;
+        let width = self.stages.iter().map(|s| s.name.len()).max().unwrap_or(5).max(5);
+        writeln!(
+            f,
+            "{:<width$}  {:<8} {:>10} {:>10} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9}",
+            "stage", "kind", "in", "out", "dropped", "failed", "retried", "unfin.", "p50", "p99"
+        )?;
+        for s in &self.stages {
+            let (p50, p99) = match s.latency {
+                Some(l) if l.samples > 0 => (fmt_latency(l.p50), fmt_latency(l.p99)),
+                _ => ("-".into(), "-".into()),
+            };
+            writeln!(
+                f,
+                "{:<width$}  {:<8} {:>10} {:>10} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9}",
+                s.name, s.kind, s.received, s.passed, s.dropped, s.failed, s.retried, s.unfinished, p50, p99
+            )?;
+        }
+        Ok(())
+    }
+}

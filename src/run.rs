@@ -1,0 +1,127 @@
+//! Running a plan: build it into tasks, drive the sink, end every task, write the report.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::dead_letter::DeadLetters;
+use crate::error::Error;
+use crate::pipeline::Pipeline;
+use crate::report::{Report, RunOutcome, StageStats};
+use crate::runtime::{Build, RunCtx, next_chunk};
+use crate::sink::Sink;
+
+/// Checks the plan and opens what the run needs, before anything runs.
+pub(crate) fn prepare<T>(p: &mut Pipeline<T>) -> Result<Arc<RunCtx>, Error> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(Error::NoRuntime);
+    }
+    if !p.settings.errors.is_empty() {
+        return Err(p.settings.errors.remove(0));
+    }
+    let dead = DeadLetters::open(&p.settings.dead_letter)?;
+    Ok(Arc::new(RunCtx::new(p.settings.policy, dead)))
+}
+
+/// Runs `p` into `sink` in the calling task.
+pub(crate) async fn execute<T: Send + 'static, K: Sink<T>>(
+    mut p: Pipeline<T>,
+    sink: K,
+    sink_name: &'static str,
+) -> Result<(Report, K::Output), Error> {
+    let run = prepare(&mut p)?;
+    execute_in(run, p, sink, sink_name).await
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Drained,
+    Cancelled,
+    Deadline,
+}
+
+pub(crate) async fn execute_in<T: Send + 'static, K: Sink<T>>(
+    run: Arc<RunCtx>,
+    p: Pipeline<T>,
+    mut sink: K,
+    sink_name: &'static str,
+) -> Result<(Report, K::Output), Error> {
+    let started = tokio::time::Instant::now();
+    let Pipeline { build, settings } = p;
+    let mut b = Build::new(run.clone());
+    let mut up = build(&mut b);
+    let stats = b.stage(sink_name, "sink");
+    let mut tasks = std::mem::take(&mut b.tasks);
+    drop(b);
+
+    let end = {
+        let drive = async {
+            while let Some(chunk) = next_chunk(&mut up).await {
+                StageStats::add(&stats.received, chunk.len());
+                sink.consume(chunk, &stats, &run).await;
+                tokio::task::consume_budget().await;
+            }
+        };
+        let deadline = async {
+            match settings.deadline {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = run.cancel.cancelled() => End::Cancelled,
+            _ = deadline => End::Deadline,
+            _ = drive => End::Drained,
+        }
+    };
+    if end != End::Drained {
+        run.cancel.cancel();
+        StageStats::add(&stats.received, up.discard());
+    }
+    drop(up);
+
+    // Every task of the run ends before the run returns: no task outlives its run.
+    let mut internal = None;
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(e) = joined {
+            if e.is_panic() {
+                internal = Some(crate::error::panic_message(&*e.into_panic()));
+            }
+        }
+    }
+    run.dead.close().await;
+
+    let first_failure = run.first_failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let source_error = run.source_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let outcome = match end {
+        End::Cancelled => RunOutcome::Cancelled,
+        End::Deadline => RunOutcome::DeadlineExceeded,
+        End::Drained if source_error.is_some() => RunOutcome::SourceFailed,
+        End::Drained if run.stop_requested.load(Ordering::Relaxed) => RunOutcome::Stopped,
+        End::Drained => RunOutcome::Completed,
+    };
+    let report = Box::new(Report {
+        stages: run.snapshot_stages(),
+        elapsed: started.elapsed(),
+        outcome,
+        failures: run.dead.count(),
+        failure_sample: run.dead.sample(),
+    });
+    if let Some(msg) = internal {
+        return Err(Error::Internal(msg));
+    }
+    if let Some(failure) = first_failure {
+        return Err(Error::ItemFailed { failure, report });
+    }
+    match end {
+        End::Cancelled => Err(Error::Cancelled { report }),
+        End::Deadline => Err(Error::DeadlineExceeded {
+            deadline: settings.deadline.unwrap_or_default(),
+            report,
+        }),
+        End::Drained => match source_error {
+            Some((stage, error)) => Err(Error::Source { stage, error, report }),
+            None => Ok((*report, sink.finish())),
+        },
+    }
+}

@@ -1,0 +1,47 @@
+//! A hop: the bounded channel between two segments, carrying chunks.
+
+use std::task::{Context, Poll};
+
+use tokio::sync::mpsc;
+
+use crate::chunk::{CHUNK_CAP, Chunk};
+use crate::runtime::ChunkSource;
+
+/// Chunks a hop holds by default (so at most `4 × CHUNK_CAP` items wait in it).
+pub(crate) const HOP_CHUNKS: usize = 4;
+
+pub(crate) fn hop<T: Send + 'static>(chunks: usize) -> (mpsc::Sender<Chunk<T>>, HopRx<T>) {
+    let (tx, rx) = mpsc::channel(chunks.max(1));
+    (tx, HopRx { rx })
+}
+
+/// The receiving end of a hop. It merges chunks that are already waiting (up to
+/// `CHUNK_CAP` items) so that small chunks do not stay small, but never waits to fill one.
+pub(crate) struct HopRx<T> {
+    rx: mpsc::Receiver<Chunk<T>>,
+}
+
+impl<T: Send + 'static> ChunkSource<T> for HopRx<T> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk<T>>> {
+        let mut chunk = match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(c)) => c,
+            other => return other,
+        };
+        while chunk.len() < CHUNK_CAP / 2 {
+            match self.rx.try_recv() {
+                Ok(more) => chunk.append(more),
+                Err(_) => break,
+            }
+        }
+        Poll::Ready(Some(chunk))
+    }
+
+    fn discard(&mut self) -> usize {
+        self.rx.close();
+        let mut n = 0;
+        while let Ok(c) = self.rx.try_recv() {
+            n += c.len();
+        }
+        n
+    }
+}

@@ -1,0 +1,147 @@
+//! The machinery under a pipeline: the run context shared by all tasks, how stages are built
+//! into tasks, and the chunk streams that join them.
+
+pub(crate) mod gate;
+pub(crate) mod hop;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::chunk::Chunk;
+use crate::dead_letter::DeadLetters;
+use crate::error::{Failure, ItemError};
+use crate::report::StageStats;
+use crate::ErrorPolicy;
+
+pub(crate) use gate::Gate;
+
+/// A pulled stream of chunks: what every stage reads from.
+///
+/// Not `Stream` because of `discard`: when a run is cancelled, the reader of a chain calls
+/// `discard`, which empties the queues in front of it and returns how many items it threw
+/// away, so that the first stage behind each queue can count them as its own (cancelled)
+/// items. That keeps `received = passed + dropped + failed + unfinished` exact per stage even
+/// for a cancelled run.
+pub(crate) trait ChunkSource<T>: Send {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk<T>>>;
+
+    /// Throws away whatever is queued upstream; returns how many items the caller must
+    /// count as received (and so unfinished).
+    fn discard(&mut self) -> usize;
+}
+
+pub(crate) type Upstream<T> = Box<dyn ChunkSource<T>>;
+
+/// Awaits the next chunk of `up`.
+pub(crate) fn next_chunk<T>(up: &mut Upstream<T>) -> impl Future<Output = Option<Chunk<T>>> + '_ {
+    std::future::poll_fn(move |cx| up.poll_chunk(cx))
+}
+
+/// State shared by every task of one run.
+pub(crate) struct RunCtx {
+    /// Cancels everything now.
+    pub(crate) cancel: CancellationToken,
+    /// The source gate: pause, resume, step, stop.
+    pub(crate) gate: Arc<Gate>,
+    pub(crate) stats: Mutex<Vec<Arc<StageStats>>>,
+    pub(crate) dead: DeadLetters,
+    pub(crate) policy: ErrorPolicy,
+    pub(crate) first_failure: Mutex<Option<Failure>>,
+    pub(crate) source_error: Mutex<Option<(String, ItemError)>>,
+    /// `Handle::stop` was called (the report says `Stopped` rather than `Completed`).
+    pub(crate) stop_requested: std::sync::atomic::AtomicBool,
+}
+
+impl RunCtx {
+    pub(crate) fn new(policy: ErrorPolicy, dead: DeadLetters) -> Self {
+        RunCtx {
+            cancel: CancellationToken::new(),
+            gate: Arc::new(Gate::new()),
+            stats: Mutex::new(Vec::new()),
+            dead,
+            policy,
+            first_failure: Mutex::new(None),
+            source_error: Mutex::new(None),
+            stop_requested: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// A failed item: counts nothing (the stage counts), sends it to the dead letters, and
+    /// under `ErrorPolicy::Stop` cancels the run.
+    pub(crate) fn fail(&self, failure: Failure) {
+        if self.policy == ErrorPolicy::Stop {
+            let mut first = self.first_failure.lock().unwrap_or_else(|p| p.into_inner());
+            if first.is_none() {
+                *first = Some(failure.clone());
+            }
+            drop(first);
+            self.cancel.cancel();
+        }
+        self.dead.record(failure);
+    }
+
+    /// The source failed: remember why and stop pulling (what was pulled still finishes).
+    pub(crate) fn source_failed(&self, stage: &str, error: ItemError) {
+        let mut slot = self.source_error.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some((stage.to_string(), error));
+        }
+        drop(slot);
+        self.gate.stop();
+    }
+
+    pub(crate) fn snapshot_stages(&self) -> Vec<crate::report::StageReport> {
+        self.stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|s| s.snapshot())
+            .collect()
+    }
+}
+
+/// What building a pipeline into tasks needs: the run, and a place for the tasks.
+pub(crate) struct Build {
+    pub(crate) run: Arc<RunCtx>,
+    pub(crate) tasks: JoinSet<()>,
+    names: HashMap<String, usize>,
+}
+
+impl Build {
+    pub(crate) fn new(run: Arc<RunCtx>) -> Self {
+        Build {
+            run,
+            tasks: JoinSet::new(),
+            names: HashMap::new(),
+        }
+    }
+
+    /// Registers a stage under a unique name (`map`, `map#2`, ...).
+    pub(crate) fn stage(&mut self, name: &str, kind: &'static str) -> Arc<StageStats> {
+        let n = self.names.entry(name.to_string()).or_insert(0);
+        *n += 1;
+        let unique: Arc<str> = if *n == 1 {
+            Arc::from(name)
+        } else {
+            Arc::from(format!("{name}#{n}"))
+        };
+        let stats = Arc::new(StageStats::new(unique, kind));
+        self.run
+            .stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(stats.clone());
+        stats
+    }
+
+    /// Spawns one of the run's tasks. Every task watches `run.cancel` and ends when the run
+    /// ends; the run awaits them all before it returns.
+    pub(crate) fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(task);
+    }
+}

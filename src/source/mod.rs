@@ -1,0 +1,102 @@
+//! Sources: where items come from. Every source is pulled: it produces only when the stage
+//! after it has room, and it asks the run's gate before each pull (pause, step, stop).
+
+mod from_channel;
+mod from_fn;
+mod from_iter;
+mod from_stream;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use crate::chunk::{CHUNK_CAP, Chunk};
+use crate::error::ItemError;
+use crate::report::StageStats;
+use crate::runtime::{ChunkSource, RunCtx};
+
+/// What a puller says after one call.
+pub(crate) enum Pulled {
+    /// Appended at least one item; there may be more.
+    More,
+    /// The source has ended (it may have appended items first).
+    End,
+}
+
+/// The part of a source that differs between kinds: append up to `max` ready items.
+/// Return `Pending` only when nothing was appended.
+pub(crate) trait Pull<T>: Send {
+    fn poll_pull(&mut self, cx: &mut Context<'_>, max: usize, out: &mut Vec<T>) -> Poll<Result<Pulled, ItemError>>;
+}
+
+/// A source stage: a puller behind the gate, counted as a stage of the report.
+pub(crate) struct Source<P> {
+    pull: P,
+    stats: Arc<StageStats>,
+    run: Arc<RunCtx>,
+    done: bool,
+}
+
+impl<P> Source<P> {
+    pub(crate) fn new(pull: P, stats: Arc<StageStats>, run: Arc<RunCtx>) -> Self {
+        Source {
+            pull,
+            stats,
+            run,
+            done: false,
+        }
+    }
+}
+
+impl<T: Send + 'static, P: Pull<T>> ChunkSource<T> for Source<P> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk<T>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let (admitted, metered) = match self.run.gate.poll_admit(cx, CHUNK_CAP) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(a) => a,
+        };
+        if admitted == 0 {
+            self.done = true;
+            return Poll::Ready(None);
+        }
+        let mut items = Vec::with_capacity(admitted.min(CHUNK_CAP));
+        let pulled = catch_unwind(AssertUnwindSafe(|| self.pull.poll_pull(cx, admitted, &mut items)));
+        if metered && items.len() < admitted {
+            self.run.gate.refund((admitted - items.len()) as u64);
+        }
+        match pulled {
+            Ok(Poll::Pending) => {
+                // Waiting on the source's own input: let `stop` wake us too.
+                self.run.gate.register(cx.waker());
+                return Poll::Pending;
+            }
+            Ok(Poll::Ready(Ok(Pulled::More))) => {}
+            Ok(Poll::Ready(Ok(Pulled::End))) => self.done = true,
+            Ok(Poll::Ready(Err(e))) => {
+                self.done = true;
+                self.run.source_failed(&self.stats.name, e);
+            }
+            Err(payload) => {
+                self.done = true;
+                self.run.source_failed(&self.stats.name, ItemError::from_panic(&*payload));
+            }
+        }
+        let n = items.len();
+        self.stats.chunk(n, n, n, 0, 0);
+        if n == 0 {
+            return if self.done {
+                Poll::Ready(None)
+            } else {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            };
+        }
+        Poll::Ready(Some(Chunk::untracked(items)))
+    }
+
+    fn discard(&mut self) -> usize {
+        0
+    }
+}

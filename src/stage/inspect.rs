@@ -1,0 +1,37 @@
+//! `inspect`: look at each item as it passes (logging, metrics), without changing it.
+
+use crate::pipeline::Pipeline;
+use crate::stage::fused::fuse;
+
+pub(crate) fn inspect<T, F>(p: Pipeline<T>, mut f: F) -> Pipeline<T>
+where
+    T: Send + 'static,
+    F: FnMut(&T) + Send + 'static,
+{
+    fuse(p, "inspect", move |item, out| {
+        f(&item);
+        out.push(item)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::prelude::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn sees_every_item_and_passes_it_on() {
+        let sum = Arc::new(AtomicU64::new(0));
+        let s = sum.clone();
+        let out = Pipeline::from_iter(1..=10u64)
+            .inspect(move |x| {
+                s.fetch_add(*x, Ordering::Relaxed);
+            })
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(out.len(), 10);
+        assert_eq!(sum.load(Ordering::Relaxed), 55);
+    }
+}
