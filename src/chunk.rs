@@ -246,12 +246,19 @@ pub(crate) struct Processed<U> {
 /// outputs are discarded) and processing goes on with the next one: a panic in user code is a
 /// failure of the item, not of the pipeline. `catch_unwind` wraps the loop, not each item, so
 /// the common path costs nothing extra per item.
-pub(crate) fn process<T, U>(chunk: Chunk<T>, step: &mut impl FnMut(T, &mut Emit<U>)) -> Processed<U> {
+pub(crate) fn process<T, U>(
+    chunk: Chunk<T>,
+    step: &mut impl FnMut(T, &mut Emit<U>),
+) -> Processed<U> {
     let n = chunk.items.len();
     let tracked = chunk.is_tracked();
     let mut emit = Emit {
         items: Vec::with_capacity(n),
-        tickets: if tracked { Vec::with_capacity(n) } else { Vec::new() },
+        tickets: if tracked {
+            Vec::with_capacity(n)
+        } else {
+            Vec::new()
+        },
         tracked,
         current: Ticket::none(),
     };
@@ -363,7 +370,10 @@ mod tests {
         drop(p.chunk.into_items(Outcome::Done));
         let mut got = seen.lock().unwrap().clone();
         got.sort_by_key(|(i, _)| *i);
-        assert_eq!(got, vec![(0, Outcome::Done), (1, Outcome::Done), (2, Outcome::Done)]);
+        assert_eq!(
+            got,
+            vec![(0, Outcome::Done), (1, Outcome::Done), (2, Outcome::Done)]
+        );
     }
 
     #[test]

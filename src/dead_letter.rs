@@ -73,7 +73,9 @@ impl DeadLetter {
     /// The default: failures are counted in the report, a sample is kept there, and each is
     /// logged.
     pub fn report() -> Self {
-        DeadLetter { target: Target::Report }
+        DeadLetter {
+            target: Target::Report,
+        }
     }
 
     /// Calls `f` with every failure, synchronously, on the task where the item failed.
@@ -144,7 +146,9 @@ impl DeadLetters {
                     .create(true)
                     .append(true)
                     .open(path)
-                    .map_err(|e| Error::DeadLetter(format!("cannot open {}: {e}", path.display())))?;
+                    .map_err(|e| {
+                        Error::DeadLetter(format!("cannot open {}: {e}", path.display()))
+                    })?;
                 Live::Jsonl(Mutex::new(std::io::BufWriter::new(file)))
             }
         };
@@ -201,7 +205,11 @@ impl DeadLetters {
         match &self.live {
             Live::Channel(q) => {
                 q.lock().unwrap_or_else(|p| p.into_inner()).take();
-                let handle = self.forwarder.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let handle = self
+                    .forwarder
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
                 if let Some(h) = handle {
                     let _ = h.await;
                 }
@@ -220,6 +228,9 @@ impl DeadLetters {
     }
 
     pub(crate) fn sample(&self) -> Vec<Failure> {
-        self.sample.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.sample
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }

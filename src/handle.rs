@@ -86,7 +86,8 @@ impl Handle {
             Err(e) => Handle {
                 run: Arc::new(RunCtx::new(
                     ErrorPolicy::Continue,
-                    DeadLetters::open(&DeadLetter::report()).expect("the report target cannot fail to open"),
+                    DeadLetters::open(&DeadLetter::report())
+                        .expect("the report target cannot fail to open"),
                 )),
                 state: State::NotStarted(e),
                 started,
@@ -180,7 +181,9 @@ pub struct ItemStream<T> {
 
 impl<T> fmt::Debug for ItemStream<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ItemStream").field("done", &self.done).finish_non_exhaustive()
+        f.debug_struct("ItemStream")
+            .field("done", &self.done)
+            .finish_non_exhaustive()
     }
 }
 

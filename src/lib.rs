@@ -67,6 +67,7 @@ pub use stage::map_async::{AsyncStage, Fallible, Infallible, StageFn};
 /// Everything a pipeline author needs: `use flowline::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        DeadLetter, Error, ErrorPolicy, Failure, Flow, Handle, ItemError, Pipeline, Report, RunOutcome,
+        DeadLetter, Error, ErrorPolicy, Failure, Flow, Handle, ItemError, Pipeline, Report,
+        RunOutcome,
     };
 }

@@ -266,7 +266,11 @@ pub trait Flow: Sized + Send + 'static {
     /// assert_eq!((report.delivered(), report.failures), (2, 1));
     /// # }
     /// ```
-    fn try_map_async<U, E, F, Fut>(self, name: &str, f: F) -> AsyncStage<Self::Item, U, Fallible<F, Fut>>
+    fn try_map_async<U, E, F, Fut>(
+        self,
+        name: &str,
+        f: F,
+    ) -> AsyncStage<Self::Item, U, Fallible<F, Fut>>
     where
         U: Send + 'static,
         E: Into<BoxError> + 'static,
@@ -307,9 +311,12 @@ pub trait Flow: Sized + Send + 'static {
     fn deadline(self, limit: Duration) -> Pipeline<Self::Item> {
         let mut p = self.into_pipeline();
         if limit.is_zero() {
-            p.settings
-                .errors
-                .push(Error::config("pipeline", "deadline", limit, "must be more than zero"));
+            p.settings.errors.push(Error::config(
+                "pipeline",
+                "deadline",
+                limit,
+                "must be more than zero",
+            ));
         }
         p.settings.deadline = Some(limit);
         p
@@ -358,7 +365,11 @@ pub trait Flow: Sized + Send + 'static {
     /// ```
     fn run(self) -> impl Future<Output = Result<Report, Error>> + Send {
         let p = self.into_pipeline();
-        async move { crate::run::execute(p, sink::Discard, "sink").await.map(|(r, ())| r) }
+        async move {
+            crate::run::execute(p, sink::Discard, "sink")
+                .await
+                .map(|(r, ())| r)
+        }
     }
 
     /// Runs the pipeline, calling `f` for each item that comes out (one at a time, in
@@ -379,7 +390,11 @@ pub trait Flow: Sized + Send + 'static {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let p = self.into_pipeline();
-        async move { crate::run::execute(p, sink::ForEach(f), "for_each").await.map(|(r, ())| r) }
+        async move {
+            crate::run::execute(p, sink::ForEach(f), "for_each")
+                .await
+                .map(|(r, ())| r)
+        }
     }
 
     /// Runs the pipeline and collects what comes out.
@@ -404,7 +419,9 @@ pub trait Flow: Sized + Send + 'static {
     /// assert_eq!((out.len() as u64), report.delivered());
     /// # }
     /// ```
-    fn collect_with_report(self) -> impl Future<Output = Result<(Vec<Self::Item>, Report), Error>> + Send {
+    fn collect_with_report(
+        self,
+    ) -> impl Future<Output = Result<(Vec<Self::Item>, Report), Error>> + Send {
         let p = self.into_pipeline();
         async move {
             crate::run::execute(p, sink::Collect(Vec::new()), "collect")

@@ -47,7 +47,14 @@ impl StageStats {
 
     /// Counts one processed chunk of a 1:1 (or 1:n) operator.
     #[inline]
-    pub(crate) fn chunk(&self, received: usize, passed: usize, emitted: usize, dropped: usize, failed: usize) {
+    pub(crate) fn chunk(
+        &self,
+        received: usize,
+        passed: usize,
+        emitted: usize,
+        dropped: usize,
+        failed: usize,
+    ) {
         Self::add(&self.received, received);
         Self::add(&self.passed, passed);
         Self::add(&self.emitted, emitted);
@@ -270,7 +277,11 @@ impl Report {
     /// Items delivered per second of wall time.
     pub fn items_per_second(&self) -> f64 {
         let secs = self.elapsed.as_secs_f64();
-        if secs > 0.0 { self.delivered() as f64 / secs } else { 0.0 }
+        if secs > 0.0 {
+            self.delivered() as f64 / secs
+        } else {
+            0.0
+        }
     }
 
     /// Every stage is balanced: `in = out + dropped + failed (+ unfinished)`.
@@ -301,7 +312,13 @@ impl fmt::Display for Report {
             self.items_per_second(),
             self.failures
         )?;
-        let width = self.stages.iter().map(|s| s.name.len()).max().unwrap_or(5).max(5);
+        let width = self
+            .stages
+            .iter()
+            .map(|s| s.name.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
         writeln!(
             f,
             "{:<width$}  {:<8} {:>10} {:>10} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9}",
@@ -315,7 +332,16 @@ impl fmt::Display for Report {
             writeln!(
                 f,
                 "{:<width$}  {:<8} {:>10} {:>10} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9}",
-                s.name, s.kind, s.received, s.passed, s.dropped, s.failed, s.retried, s.unfinished, p50, p99
+                s.name,
+                s.kind,
+                s.received,
+                s.passed,
+                s.dropped,
+                s.failed,
+                s.retried,
+                s.unfinished,
+                p50,
+                p99
             )?;
         }
         Ok(())

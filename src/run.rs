@@ -91,8 +91,16 @@ pub(crate) async fn execute_in<T: Send + 'static, K: Sink<T>>(
     }
     run.dead.close().await;
 
-    let first_failure = run.first_failure.lock().unwrap_or_else(|p| p.into_inner()).take();
-    let source_error = run.source_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let first_failure = run
+        .first_failure
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    let source_error = run
+        .source_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
     let outcome = match end {
         End::Cancelled => RunOutcome::Cancelled,
         End::Deadline => RunOutcome::DeadlineExceeded,
@@ -120,7 +128,11 @@ pub(crate) async fn execute_in<T: Send + 'static, K: Sink<T>>(
             report,
         }),
         End::Drained => match source_error {
-            Some((stage, error)) => Err(Error::Source { stage, error, report }),
+            Some((stage, error)) => Err(Error::Source {
+                stage,
+                error,
+                report,
+            }),
             None => Ok((*report, sink.finish())),
         },
     }

@@ -142,7 +142,8 @@ mod tests {
     use std::task::Waker;
 
     fn admit(g: &Gate, want: usize) -> Poll<usize> {
-        g.poll_admit(&mut Context::from_waker(Waker::noop()), want).map(|(n, _)| n)
+        g.poll_admit(&mut Context::from_waker(Waker::noop()), want)
+            .map(|(n, _)| n)
     }
 
     #[test]

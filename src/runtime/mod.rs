@@ -12,11 +12,11 @@ use std::task::{Context, Poll};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::ErrorPolicy;
 use crate::chunk::Chunk;
 use crate::dead_letter::DeadLetters;
 use crate::error::{Failure, ItemError};
 use crate::report::StageStats;
-use crate::ErrorPolicy;
 
 pub(crate) use gate::Gate;
 

@@ -15,7 +15,12 @@ use crate::runtime::RunCtx;
 /// the sink counts `passed` (delivered) and `failed`.
 pub(crate) trait Sink<T>: Send + 'static {
     type Output: Send + 'static;
-    fn consume(&mut self, chunk: Chunk<T>, stats: &StageStats, run: &RunCtx) -> impl Future<Output = ()> + Send;
+    fn consume(
+        &mut self,
+        chunk: Chunk<T>,
+        stats: &StageStats,
+        run: &RunCtx,
+    ) -> impl Future<Output = ()> + Send;
     fn finish(self) -> Self::Output;
 }
 
@@ -71,7 +76,11 @@ where
                 Err(panic) => {
                     ticket.finish(Outcome::Failed);
                     StageStats::add(&stats.failed, 1);
-                    run.fail(Failure::new(stats.name.clone(), ItemError::from_panic(&*panic), 1));
+                    run.fail(Failure::new(
+                        stats.name.clone(),
+                        ItemError::from_panic(&*panic),
+                        1,
+                    ));
                 }
             }
         }

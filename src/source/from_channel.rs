@@ -11,7 +11,12 @@ use crate::pipeline::Pipeline;
 pub(crate) struct ChannelPull<T>(pub(crate) mpsc::Receiver<T>);
 
 impl<T: Send> Pull<T> for ChannelPull<T> {
-    fn poll_pull(&mut self, cx: &mut Context<'_>, max: usize, out: &mut Vec<T>) -> Poll<Result<Pulled, ItemError>> {
+    fn poll_pull(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+        out: &mut Vec<T>,
+    ) -> Poll<Result<Pulled, ItemError>> {
         match self.0.poll_recv_many(cx, out, max) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(0) => Poll::Ready(Ok(Pulled::End)),

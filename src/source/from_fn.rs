@@ -19,7 +19,12 @@ where
     Fut: Future<Output = Result<Option<T>, E>> + Send,
     E: Into<BoxError>,
 {
-    fn poll_pull(&mut self, cx: &mut Context<'_>, max: usize, out: &mut Vec<T>) -> Poll<Result<Pulled, ItemError>> {
+    fn poll_pull(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+        out: &mut Vec<T>,
+    ) -> Poll<Result<Pulled, ItemError>> {
         while out.len() < max {
             let fut = self.pending.get_or_insert_with(|| Box::pin((self.f)()));
             match fut.as_mut().poll(cx) {
@@ -94,6 +99,12 @@ impl<T: Send + 'static> Pipeline<T> {
         Fut: Future<Output = Result<Option<T>, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        Pipeline::from_pull("source", FnPull { f: next, pending: None })
+        Pipeline::from_pull(
+            "source",
+            FnPull {
+                f: next,
+                pending: None,
+            },
+        )
     }
 }

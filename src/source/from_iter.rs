@@ -9,7 +9,12 @@ use crate::pipeline::Pipeline;
 pub(crate) struct IterPull<I>(pub(crate) I);
 
 impl<I: Iterator + Send> Pull<I::Item> for IterPull<I> {
-    fn poll_pull(&mut self, _cx: &mut Context<'_>, max: usize, out: &mut Vec<I::Item>) -> Poll<Result<Pulled, ItemError>> {
+    fn poll_pull(
+        &mut self,
+        _cx: &mut Context<'_>,
+        max: usize,
+        out: &mut Vec<I::Item>,
+    ) -> Poll<Result<Pulled, ItemError>> {
         for _ in 0..max {
             match self.0.next() {
                 Some(x) => out.push(x),

@@ -12,7 +12,12 @@ use crate::pipeline::Pipeline;
 pub(crate) struct StreamPull<S>(pub(crate) Pin<Box<S>>);
 
 impl<S: Stream + Send> Pull<S::Item> for StreamPull<S> {
-    fn poll_pull(&mut self, cx: &mut Context<'_>, max: usize, out: &mut Vec<S::Item>) -> Poll<Result<Pulled, ItemError>> {
+    fn poll_pull(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+        out: &mut Vec<S::Item>,
+    ) -> Poll<Result<Pulled, ItemError>> {
         while out.len() < max {
             match self.0.as_mut().poll_next(cx) {
                 Poll::Ready(Some(x)) => out.push(x),

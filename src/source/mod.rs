@@ -26,7 +26,12 @@ pub(crate) enum Pulled {
 /// The part of a source that differs between kinds: append up to `max` ready items.
 /// Return `Pending` only when nothing was appended.
 pub(crate) trait Pull<T>: Send {
-    fn poll_pull(&mut self, cx: &mut Context<'_>, max: usize, out: &mut Vec<T>) -> Poll<Result<Pulled, ItemError>>;
+    fn poll_pull(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+        out: &mut Vec<T>,
+    ) -> Poll<Result<Pulled, ItemError>>;
 }
 
 /// A source stage: a puller behind the gate, counted as a stage of the report.
@@ -62,7 +67,9 @@ impl<T: Send + 'static, P: Pull<T>> ChunkSource<T> for Source<P> {
             return Poll::Ready(None);
         }
         let mut items = Vec::with_capacity(admitted.min(CHUNK_CAP));
-        let pulled = catch_unwind(AssertUnwindSafe(|| self.pull.poll_pull(cx, admitted, &mut items)));
+        let pulled = catch_unwind(AssertUnwindSafe(|| {
+            self.pull.poll_pull(cx, admitted, &mut items)
+        }));
         if metered && items.len() < admitted {
             self.run.gate.refund((admitted - items.len()) as u64);
         }
@@ -80,7 +87,8 @@ impl<T: Send + 'static, P: Pull<T>> ChunkSource<T> for Source<P> {
             }
             Err(payload) => {
                 self.done = true;
-                self.run.source_failed(&self.stats.name, ItemError::from_panic(&*payload));
+                self.run
+                    .source_failed(&self.stats.name, ItemError::from_panic(&*payload));
             }
         }
         let n = items.len();

@@ -14,9 +14,12 @@ use crate::runtime::{RunCtx, Upstream, next_chunk};
 
 pub(crate) fn buffer<T: Send + 'static>(mut p: Pipeline<T>, n: usize) -> Pipeline<T> {
     if n == 0 {
-        p.settings
-            .errors
-            .push(Error::config("buffer", "capacity", n, "must be at least 1 item"));
+        p.settings.errors.push(Error::config(
+            "buffer",
+            "capacity",
+            n,
+            "must be at least 1 item",
+        ));
     }
     let chunks = n.div_ceil(CHUNK_CAP).max(1);
     p.then(move |b, up| {

@@ -33,7 +33,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_filter_that_drops_everything_still_ends() {
-        let report = Pipeline::from_iter(0..100_000u32).filter(|_| false).run().await.unwrap();
+        let report = Pipeline::from_iter(0..100_000u32)
+            .filter(|_| false)
+            .run()
+            .await
+            .unwrap();
         assert_eq!(report.stage("filter").unwrap().dropped, 100_000);
         assert_eq!(report.delivered(), 0);
     }

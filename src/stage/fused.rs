@@ -35,9 +35,11 @@ where
             };
             let n = chunk.len();
             let p = process(chunk, &mut self.step);
-            self.stats.chunk(n, p.passed, p.chunk.len(), p.dropped, p.panics.len());
+            self.stats
+                .chunk(n, p.passed, p.chunk.len(), p.dropped, p.panics.len());
             for error in p.panics {
-                self.run.fail(Failure::new(self.stats.name.clone(), error, 1));
+                self.run
+                    .fail(Failure::new(self.stats.name.clone(), error, 1));
             }
             if !p.chunk.is_empty() {
                 return Poll::Ready(Some(p.chunk));

@@ -17,8 +17,8 @@ where
 #[cfg(test)]
 mod tests {
     use crate::prelude::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     #[tokio::test]
     async fn sees_every_item_and_passes_it_on() {
