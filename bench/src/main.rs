@@ -1,1 +1,28 @@
-fn main() {}
+//! flowline-bench: runs flowline and a hand-written baseline side by side in one process and
+//! prints one JSON object per case:
+//! `{"suite","case","flowline","baseline","unit","ratio", ...case fields}`.
+//!
+//! ```sh
+//! cargo run --release -p flowline-bench -- core            # every case of a suite
+//! cargo run --release -p flowline-bench -- core hops8      # one case
+//! ```
+
+mod core;
+mod util;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--rss-child") {
+        core::rss_child(args.get(1).map(String::as_str).unwrap_or("flowline"));
+        return;
+    }
+    let suite = args.first().map(String::as_str).unwrap_or("core");
+    let case = args.get(1).map(String::as_str);
+    match suite {
+        "core" => core::run(case),
+        other => {
+            eprintln!("unknown suite `{other}`; suites: core");
+            std::process::exit(2);
+        }
+    }
+}

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crate::chunk::{Chunk, Emit, process};
+use crate::chunk::{Chunk, Emit, Processed, map_chunk, process};
 use crate::error::Failure;
 use crate::pipeline::Pipeline;
 use crate::report::StageStats;
@@ -14,18 +14,42 @@ use crate::runtime::{ChunkSource, RunCtx, Upstream};
 /// filter dropping everything from a synchronous source cannot hog its thread.
 const EMPTY_CHUNKS_BEFORE_YIELD: usize = 16;
 
-pub(crate) struct Fused<T, F> {
+/// What a fused operator does to one chunk.
+pub(crate) trait ChunkOp<T, U>: Send {
+    fn apply(&mut self, chunk: Chunk<T>) -> Processed<U>;
+}
+
+/// An operator written as a per-item step. `AT_MOST_ONE`: the step emits at most one output
+/// per input, as its last action (see [`process`]).
+pub(crate) struct PerItem<F, const AT_MOST_ONE: bool>(pub(crate) F);
+
+impl<T, U, F: FnMut(T, &mut Emit<U>) + Send, const AT_MOST_ONE: bool> ChunkOp<T, U> for PerItem<F, AT_MOST_ONE> {
+    fn apply(&mut self, chunk: Chunk<T>) -> Processed<U> {
+        process::<T, U, AT_MOST_ONE>(chunk, &mut self.0)
+    }
+}
+
+/// A 1:1 transformation, with the fast path of [`map_chunk`].
+pub(crate) struct MapOp<F>(pub(crate) F);
+
+impl<T, U, F: FnMut(T) -> U + Send> ChunkOp<T, U> for MapOp<F> {
+    fn apply(&mut self, chunk: Chunk<T>) -> Processed<U> {
+        map_chunk(chunk, &mut self.0)
+    }
+}
+
+pub(crate) struct Fused<T, Op> {
     up: Upstream<T>,
-    step: F,
+    op: Op,
     stats: Arc<StageStats>,
     run: Arc<RunCtx>,
 }
 
-impl<T, U, F> ChunkSource<U> for Fused<T, F>
+impl<T, U, Op> ChunkSource<U> for Fused<T, Op>
 where
     T: Send + 'static,
     U: Send + 'static,
-    F: FnMut(T, &mut Emit<U>) + Send,
+    Op: ChunkOp<T, U>,
 {
     fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk<U>>> {
         for _ in 0..EMPTY_CHUNKS_BEFORE_YIELD {
@@ -34,7 +58,7 @@ where
                 other => return other.map(|_| None),
             };
             let n = chunk.len();
-            let p = process(chunk, &mut self.step);
+            let p = self.op.apply(chunk);
             self.stats
                 .chunk(n, p.passed, p.chunk.len(), p.dropped, p.panics.len());
             for error in p.panics {
@@ -56,18 +80,18 @@ where
     }
 }
 
-/// Appends a fused operator named `name` (kind `kind`) to `p`.
-pub(crate) fn fuse<T, U, F>(p: Pipeline<T>, name: &'static str, step: F) -> Pipeline<U>
+/// Appends a fused operator named `name` to `p`.
+pub(crate) fn fuse<T, U, Op>(p: Pipeline<T>, name: &'static str, op: Op) -> Pipeline<U>
 where
     T: Send + 'static,
     U: Send + 'static,
-    F: FnMut(T, &mut Emit<U>) + Send + 'static,
+    Op: ChunkOp<T, U> + 'static,
 {
     p.then(move |b, up| {
         let stats = b.stage(name, name);
         Box::new(Fused {
             up,
-            step,
+            op,
             stats,
             run: b.run.clone(),
         }) as Upstream<U>

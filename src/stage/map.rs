@@ -1,15 +1,15 @@
 //! `map`: a synchronous 1:1 transformation, fused into the task before it.
 
 use crate::pipeline::Pipeline;
-use crate::stage::fused::fuse;
+use crate::stage::fused::{MapOp, fuse};
 
-pub(crate) fn map<T, U, F>(p: Pipeline<T>, mut f: F) -> Pipeline<U>
+pub(crate) fn map<T, U, F>(p: Pipeline<T>, f: F) -> Pipeline<U>
 where
     T: Send + 'static,
     U: Send + 'static,
     F: FnMut(T) -> U + Send + 'static,
 {
-    fuse(p, "map", move |item, out| out.push(f(item)))
+    fuse(p, "map", MapOp(f))
 }
 
 #[cfg(test)]
