@@ -7,7 +7,10 @@ use flowline::prelude::*;
 const N: u64 = 100_000;
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn fused(c: &mut Criterion) {
@@ -24,8 +27,13 @@ fn fused(c: &mut Criterion) {
         })
     });
     g.bench_function("filter_half", |b| {
-        b.to_async(&rt)
-            .iter(|| async { Pipeline::from_iter(0..N).filter(|x| x % 2 == 0).run().await.unwrap() })
+        b.to_async(&rt).iter(|| async {
+            Pipeline::from_iter(0..N)
+                .filter(|x| x % 2 == 0)
+                .run()
+                .await
+                .unwrap()
+        })
     });
     g.bench_function("hops8", |b| {
         b.to_async(&rt).iter(|| async {

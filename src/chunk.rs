@@ -258,7 +258,11 @@ pub(crate) fn process<T, U, const AT_MOST_ONE: bool>(
     let tracked = chunk.is_tracked();
     let mut emit = Emit {
         items: Vec::with_capacity(n),
-        tickets: if tracked { Vec::with_capacity(n) } else { Vec::new() },
+        tickets: if tracked {
+            Vec::with_capacity(n)
+        } else {
+            Vec::new()
+        },
         tracked,
         current: Ticket::none(),
     };
@@ -335,7 +339,9 @@ pub(crate) fn map_chunk<T, U>(chunk: Chunk<T>, f: &mut impl FnMut(T) -> U) -> Pr
     let mut out = Vec::with_capacity(n);
     let mut items = chunk.items.into_iter();
     let mut panics = Vec::new();
-    while let Err(payload) = catch_unwind(AssertUnwindSafe(|| out.extend((&mut items).map(&mut *f)))) {
+    while let Err(payload) =
+        catch_unwind(AssertUnwindSafe(|| out.extend((&mut items).map(&mut *f))))
+    {
         panics.push(ItemError::from_panic(&*payload));
     }
     Processed {

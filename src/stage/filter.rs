@@ -1,7 +1,7 @@
 //! `filter`: keep the items a predicate accepts; the rest are counted as dropped.
 
-use crate::pipeline::Pipeline;
 use crate::chunk::Emit;
+use crate::pipeline::Pipeline;
 use crate::stage::fused::{PerItem, fuse};
 
 pub(crate) fn filter<T, F>(p: Pipeline<T>, mut keep: F) -> Pipeline<T>
@@ -9,11 +9,15 @@ where
     T: Send + 'static,
     F: FnMut(&T) -> bool + Send + 'static,
 {
-    fuse(p, "filter", PerItem::<_, true>(move |item: T, out: &mut Emit<_>| {
-        if keep(&item) {
-            out.push(item)
-        }
-    }))
+    fuse(
+        p,
+        "filter",
+        PerItem::<_, true>(move |item: T, out: &mut Emit<_>| {
+            if keep(&item) {
+                out.push(item)
+            }
+        }),
+    )
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! `filter_map`: transform and keep the `Some`s; `None`s are counted as dropped.
 
-use crate::pipeline::Pipeline;
 use crate::chunk::Emit;
+use crate::pipeline::Pipeline;
 use crate::stage::fused::{PerItem, fuse};
 
 pub(crate) fn filter_map<T, U, F>(p: Pipeline<T>, mut f: F) -> Pipeline<U>
@@ -10,11 +10,15 @@ where
     U: Send + 'static,
     F: FnMut(T) -> Option<U> + Send + 'static,
 {
-    fuse(p, "filter_map", PerItem::<_, true>(move |item: T, out: &mut Emit<_>| {
-        if let Some(u) = f(item) {
-            out.push(u)
-        }
-    }))
+    fuse(
+        p,
+        "filter_map",
+        PerItem::<_, true>(move |item: T, out: &mut Emit<_>| {
+            if let Some(u) = f(item) {
+                out.push(u)
+            }
+        }),
+    )
 }
 
 #[cfg(test)]

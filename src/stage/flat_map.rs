@@ -1,7 +1,7 @@
 //! `flat_map`: each item becomes any number of items (from an iterator).
 
-use crate::pipeline::Pipeline;
 use crate::chunk::Emit;
+use crate::pipeline::Pipeline;
 use crate::stage::fused::{PerItem, fuse};
 
 pub(crate) fn flat_map<T, U, I, F>(p: Pipeline<T>, mut f: F) -> Pipeline<U>
@@ -11,11 +11,15 @@ where
     I: IntoIterator<Item = U>,
     F: FnMut(T) -> I + Send + 'static,
 {
-    fuse(p, "flat_map", PerItem::<_, false>(move |item: T, out: &mut Emit<_>| {
-        for u in f(item) {
-            out.push(u)
-        }
-    }))
+    fuse(
+        p,
+        "flat_map",
+        PerItem::<_, false>(move |item: T, out: &mut Emit<_>| {
+            for u in f(item) {
+                out.push(u)
+            }
+        }),
+    )
 }
 
 #[cfg(test)]

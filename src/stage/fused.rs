@@ -23,7 +23,9 @@ pub(crate) trait ChunkOp<T, U>: Send {
 /// per input, as its last action (see [`process`]).
 pub(crate) struct PerItem<F, const AT_MOST_ONE: bool>(pub(crate) F);
 
-impl<T, U, F: FnMut(T, &mut Emit<U>) + Send, const AT_MOST_ONE: bool> ChunkOp<T, U> for PerItem<F, AT_MOST_ONE> {
+impl<T, U, F: FnMut(T, &mut Emit<U>) + Send, const AT_MOST_ONE: bool> ChunkOp<T, U>
+    for PerItem<F, AT_MOST_ONE>
+{
     fn apply(&mut self, chunk: Chunk<T>) -> Processed<U> {
         process::<T, U, AT_MOST_ONE>(chunk, &mut self.0)
     }

@@ -1,7 +1,7 @@
 //! `inspect`: look at each item as it passes (logging, metrics), without changing it.
 
-use crate::pipeline::Pipeline;
 use crate::chunk::Emit;
+use crate::pipeline::Pipeline;
 use crate::stage::fused::{PerItem, fuse};
 
 pub(crate) fn inspect<T, F>(p: Pipeline<T>, mut f: F) -> Pipeline<T>
@@ -9,10 +9,14 @@ where
     T: Send + 'static,
     F: FnMut(&T) + Send + 'static,
 {
-    fuse(p, "inspect", PerItem::<_, true>(move |item: T, out: &mut Emit<_>| {
-        f(&item);
-        out.push(item)
-    }))
+    fuse(
+        p,
+        "inspect",
+        PerItem::<_, true>(move |item: T, out: &mut Emit<_>| {
+            f(&item);
+            out.push(item)
+        }),
+    )
 }
 
 #[cfg(test)]
