@@ -492,10 +492,19 @@ mod tests {
         fetches: Arc<AtomicU64>,
     ) -> impl FnMut(Option<u64>) -> std::future::Ready<Result<Page<u64, u64>, String>> + Send + 'static
     {
+        sized_pages(n, 10, fetches)
+    }
+
+    fn sized_pages(
+        n: u64,
+        size: u64,
+        fetches: Arc<AtomicU64>,
+    ) -> impl FnMut(Option<u64>) -> std::future::Ready<Result<Page<u64, u64>, String>> + Send + 'static
+    {
         move |c| {
             fetches.fetch_add(1, Ordering::Relaxed);
             let from = c.unwrap_or(0);
-            let to = (from + 10).min(n);
+            let to = (from + size).min(n);
             let items: Vec<u64> = (from..to).collect();
             std::future::ready(Ok(if to < n {
                 Page::next(items, to)
@@ -508,7 +517,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn read_ahead_is_bounded_while_the_pipeline_is_full() {
         let fetches = Arc::new(AtomicU64::new(0));
-        let h = Pipeline::from_cursor(MemoryCheckpoints::new(), "t", pages(1000, fetches.clone()))
+        let pages = sized_pages(1_000_000, 1000, fetches.clone());
+        let h = Pipeline::from_cursor(MemoryCheckpoints::new(), "t", pages)
             .map_async("slow", |x| async move {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
                 x
@@ -516,10 +526,10 @@ mod tests {
             .workers(1)
             .spawn();
         tokio::time::sleep(Duration::from_secs(1)).await;
-        // The stage holds one item; its input queue holds a chunk; the source has handed out
-        // the first page and fetched one more: nothing like all 100 pages.
+        // The stage holds one item and a chunk of input; the source is still handing out
+        // the first page and has fetched one more: nothing like all 1,000 pages.
         let f = fetches.load(Ordering::Relaxed);
-        assert!(f <= 3, "fetched {f} pages");
+        assert_eq!(f, 2, "fetched {f} pages");
         h.cancel();
         let _ = h.join().await;
     }
