@@ -24,7 +24,10 @@ impl CheckpointStore for Checking {
         let c: u64 = cursor.parse().unwrap();
         let done = self.finished.lock().unwrap();
         let missing: Vec<u64> = (0..c).filter(|i| !done.contains(i)).collect();
-        assert!(missing.is_empty(), "committed {c} while {missing:?} unfinished");
+        assert!(
+            missing.is_empty(),
+            "committed {c} while {missing:?} unfinished"
+        );
         self.commits.lock().unwrap().push(c);
         self.inner.commit(name, cursor)
     }

@@ -35,7 +35,11 @@ async fn pause_freezes_the_source_step_releases_exactly_n_and_resume_finishes_ev
     // A long pause: the source count does not move; everything pulled finishes.
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(source_count(&h), frozen, "paused source was pulled");
-    assert_eq!(sink_count(&h), frozen, "in-flight items finish while paused");
+    assert_eq!(
+        sink_count(&h),
+        frozen,
+        "in-flight items finish while paused"
+    );
 
     // step(n): exactly n more, then frozen again.
     h.step(7);
@@ -56,7 +60,11 @@ async fn pause_freezes_the_source_step_releases_exactly_n_and_resume_finishes_ev
     assert!(report.is_balanced());
     let mut got = seen.lock().unwrap().clone();
     got.sort_unstable();
-    assert_eq!(got, (0..2_000).collect::<Vec<_>>(), "no item lost or duplicated");
+    assert_eq!(
+        got,
+        (0..2_000).collect::<Vec<_>>(),
+        "no item lost or duplicated"
+    );
 }
 
 #[tokio::test(start_paused = true)]

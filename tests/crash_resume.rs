@@ -28,7 +28,12 @@ fn crash_child_entry() {
 
 fn child(db: &str) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["crash_child_entry", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "crash_child_entry",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(ENV, db)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -78,7 +83,10 @@ fn sql_cursor_survives_sigkill() {
         if first.try_wait().unwrap().is_some() {
             panic!("the child ended on its own before the kill point");
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "child too slow");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "child too slow"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     first.kill().unwrap(); // SIGKILL
@@ -86,7 +94,10 @@ fn sql_cursor_survives_sigkill() {
     let at_kill = checkpoint(&db).unwrap_or(0);
     let before = processed(&db);
     assert!(before.len() as i64 >= kill_after / 2);
-    assert!((before.len() as i64) < ROWS, "killed too late to test anything");
+    assert!(
+        (before.len() as i64) < ROWS,
+        "killed too late to test anything"
+    );
 
     let status = child(&db).wait().unwrap();
     assert!(status.success());
@@ -97,12 +108,20 @@ fn sql_cursor_survives_sigkill() {
         count[*id as usize] += 1;
     }
     let missing: Vec<usize> = (1..=ROWS as usize).filter(|&i| count[i] == 0).collect();
-    assert!(missing.is_empty(), "skipped {} rows, e.g. {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    assert!(
+        missing.is_empty(),
+        "skipped {} rows, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
     let dups: Vec<usize> = (1..=ROWS as usize).filter(|&i| count[i] > 1).collect();
     assert!(count.iter().all(|&c| c <= 2), "a row processed three times");
     // Duplicates are rows the killed run processed past its last checkpoint: the in-flight
     // window (a few pages of 1,000 rows at most), never rows below the checkpoint.
-    assert!(dups.iter().all(|&i| i as i64 > at_kill), "a row below the checkpoint ran twice");
+    assert!(
+        dups.iter().all(|&i| i as i64 > at_kill),
+        "a row below the checkpoint ran twice"
+    );
     assert!(dups.len() <= 4_000, "{} duplicates", dups.len());
     eprintln!(
         "killed at {} rows processed, checkpoint {at_kill}; {} duplicates after resume",

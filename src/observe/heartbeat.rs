@@ -69,7 +69,11 @@ mod tests {
         assert_eq!(report.delivered(), 10);
         let n = beats.lock().unwrap().len();
         tokio::time::sleep(Duration::from_secs(60)).await;
-        assert_eq!(beats.lock().unwrap().len(), n, "no beat after the run ended");
+        assert_eq!(
+            beats.lock().unwrap().len(),
+            n,
+            "no beat after the run ended"
+        );
     }
 
     #[tokio::test]
@@ -79,6 +83,9 @@ mod tests {
             .run()
             .await
             .unwrap_err();
-        assert!(err.to_string().contains("`heartbeat`: every = 0ns"), "{err}");
+        assert!(
+            err.to_string().contains("`heartbeat`: every = 0ns"),
+            "{err}"
+        );
     }
 }

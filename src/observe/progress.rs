@@ -210,7 +210,10 @@ impl Draw {
     }
 }
 
-pub(crate) fn progress<T: Send + 'static>(mut p: Pipeline<T>, opts: ProgressOptions) -> Pipeline<T> {
+pub(crate) fn progress<T: Send + 'static>(
+    mut p: Pipeline<T>,
+    opts: ProgressOptions,
+) -> Pipeline<T> {
     if opts.every.is_zero() {
         p.settings.errors.push(Error::config(
             "progress",
@@ -256,8 +259,11 @@ mod tests {
         }
     }
 
+    type Fields = Vec<(String, String)>;
+    type StageFields = Vec<(String, Vec<(String, u64)>)>;
+
     /// Parses a line into its head fields and per-stage fields.
-    fn parse(l: &str) -> (Vec<(String, String)>, Vec<(String, Vec<(String, u64)>)>) {
+    fn parse(l: &str) -> (Fields, StageFields) {
         let mut parts = l.split(" | ");
         let head = parts
             .next()

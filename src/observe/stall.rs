@@ -174,8 +174,12 @@ pub(crate) fn stall_after<T: Send + 'static>(
             }
             for stall in &stalls {
                 match &action {
-                    StallAction::Log => tracing::warn!(stage = ?stall.stage, in_flight = stall.in_flight, "stall: {stall}"),
-                    StallAction::Callback(f) => (f.lock().unwrap_or_else(|p| p.into_inner()))(stall),
+                    StallAction::Log => {
+                        tracing::warn!(stage = ?stall.stage, in_flight = stall.in_flight, "stall: {stall}")
+                    }
+                    StallAction::Callback(f) => {
+                        (f.lock().unwrap_or_else(|p| p.into_inner()))(stall)
+                    }
                     StallAction::Cancel => {
                         tracing::error!(stage = ?stall.stage, in_flight = stall.in_flight, "stall, cancelling the run: {stall}");
                         run.cancel.cancel();
@@ -191,13 +195,17 @@ pub(crate) fn stall_after<T: Send + 'static>(
     })
 }
 
+#[cfg(test)]
+type Seen = std::sync::Arc<Mutex<Vec<(Duration, Stall)>>>;
+
 /// A shareable record of stalls, for tests.
 #[cfg(test)]
-fn recorder() -> (std::sync::Arc<Mutex<Vec<(Duration, Stall)>>>, StallAction) {
+fn recorder() -> (Seen, StallAction) {
     let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();
     let t0 = Instant::now();
-    let action = StallAction::callback(move |st| s.lock().unwrap().push((t0.elapsed(), st.clone())));
+    let action =
+        StallAction::callback(move |st| s.lock().unwrap().push((t0.elapsed(), st.clone())));
     (seen, action)
 }
 
@@ -292,6 +300,9 @@ mod tests {
             .run()
             .await
             .unwrap_err();
-        assert!(err.to_string().contains("`stall_after`: after = 0ns"), "{err}");
+        assert!(
+            err.to_string().contains("`stall_after`: after = 0ns"),
+            "{err}"
+        );
     }
 }
