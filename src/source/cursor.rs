@@ -592,6 +592,22 @@ mod tests {
         assert_eq!(store.get("t").as_deref(), Some("30"));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn finishing_a_stream_early_does_not_wait_for_unread_items() {
+        use futures::StreamExt;
+        let store = MemoryCheckpoints::new();
+        let mut s = Pipeline::from_cursor(store.clone(), "t", pages(1000, Arc::default()))
+            .map_async("work", |x| async move { x })
+            .into_stream();
+        assert_eq!(s.next().await, Some(0));
+        assert_eq!(s.next().await, Some(1));
+        let r = tokio::time::timeout(Duration::from_secs(60), s.finish()).await;
+        let err = r.expect("finish hung").unwrap_err();
+        assert!(matches!(err, Error::Cancelled { .. }));
+        // Items 0 and 1 finished, but page 0..10 did not: nothing is committed.
+        assert_eq!(store.get("t"), None);
+    }
+
     #[tokio::test]
     async fn a_checkpoint_that_does_not_parse_fails_the_source_by_name() {
         let store = MemoryCheckpoints::new();
