@@ -59,7 +59,7 @@ mod stage;
 // ---- issue 5: steer and see a running pipeline ----
 mod observe;
 mod store;
-pub use observe::progress::ProgressOptions;
+pub use observe::progress::{ProgressOptions, StderrAboveProgress};
 pub use observe::stall::{Stall, StallAction};
 pub use source::Page;
 pub use store::checkpoint::{CheckpointStore, MemoryCheckpoints, StoreFuture};

@@ -11,7 +11,8 @@
 //! which is the number of source items finished for a pipeline that maps 1:1; `rate` is per
 //! second over the run so far. A last line, `progress final ...`, is written when the run
 //! ends, with the same counts as the report. Lines go out whole, one `write` each, so they
-//! never interleave with other lines mid-way.
+//! never interleave with other lines mid-way. Bars are drawn on stderr; log through
+//! [`StderrAboveProgress`] so that log lines print above the bars instead of through them.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -157,6 +158,42 @@ fn finished(stages: &[StageReport]) -> u64 {
     ended + stages.last().map_or(0, |s| s.passed)
 }
 
+/// Every bar of the process, so log lines can be written above all of them at once.
+#[cfg(feature = "progress")]
+fn bars() -> &'static indicatif::MultiProgress {
+    static BARS: std::sync::OnceLock<indicatif::MultiProgress> = std::sync::OnceLock::new();
+    BARS.get_or_init(|| {
+        indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr())
+    })
+}
+
+/// Stderr that keeps progress bars intact: each write hides the bars, writes, and draws them
+/// again below, so log output and bars never garble each other. Give it to your logger,
+/// e.g. `tracing_subscriber::fmt().with_writer(|| StderrAboveProgress)`. Without the
+/// `progress` feature (or without a bar on screen) it is plain stderr.
+///
+/// ```
+/// use std::io::Write;
+/// writeln!(flowline::StderrAboveProgress, "a log line").unwrap();
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StderrAboveProgress;
+
+impl Write for StderrAboveProgress {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        #[cfg(feature = "progress")]
+        {
+            bars().suspend(|| std::io::stderr().write_all(buf))?;
+            Ok(buf.len())
+        }
+        #[cfg(not(feature = "progress"))]
+        std::io::stderr().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 enum Draw {
     Lines(Out),
     #[cfg(feature = "progress")]
@@ -179,7 +216,7 @@ impl Draw {
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
             bar.set_style(style);
-            return Draw::Bar(bar);
+            return Draw::Bar(bars().add(bar));
         }
         let _ = total;
         Draw::Lines(Arc::new(Mutex::new(Box::new(std::io::stderr()))))
