@@ -205,10 +205,20 @@ impl<T: Send + 'static> ItemStream<T> {
     /// Ends the run and returns its report. If the stream was not read to its end, the run
     /// is cancelled first (and the report says so).
     pub async fn finish(self) -> Result<Report, Error> {
-        if !self.done {
-            self.handle.cancel();
+        let ItemStream {
+            rx,
+            ready,
+            done,
+            handle,
+        } = self;
+        // Items not read are let go before waiting: a run that tracks completion (a cursor
+        // checkpoint) waits for every ticket, and these hold some.
+        drop(ready);
+        drop(rx);
+        if !done {
+            handle.cancel();
         }
-        self.handle.join().await
+        handle.join().await
     }
 }
 

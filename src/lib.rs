@@ -56,6 +56,15 @@ mod runtime;
 mod sink;
 mod source;
 mod stage;
+// ---- issue 5: steer and see a running pipeline ----
+mod observe;
+mod store;
+pub use observe::progress::{ProgressOptions, StderrAboveProgress};
+pub use observe::stall::{Stall, StallAction};
+pub use source::Page;
+pub use store::checkpoint::{CheckpointStore, MemoryCheckpoints, StoreFuture};
+#[cfg(feature = "sqlite")]
+pub use store::checkpoint_sqlite::SqliteCheckpoints;
 
 pub use dead_letter::DeadLetter;
 pub use error::{BoxError, Error, FailedInput, Failure, ItemError};

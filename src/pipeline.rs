@@ -464,6 +464,78 @@ pub trait Flow: Sized + Send + 'static {
     fn spawn(self) -> Handle {
         Handle::start(self.into_pipeline(), sink::Discard, "sink")
     }
+
+    // ---- issue 5: steer and see a running pipeline ----
+
+    /// Shows live progress: per-stage counts, rate, and ETA when the total is known (from an
+    /// exact-size iterator, or [`ProgressOptions::total`](crate::ProgressOptions::total)).
+    /// A bar on a terminal (feature `progress`), else a plain line on stderr every second.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let report = Pipeline::from_iter(0..1000).map(|x| x + 1).progress().run().await.unwrap();
+    /// assert_eq!(report.delivered(), 1000);
+    /// # }
+    /// ```
+    fn progress(self) -> Pipeline<Self::Item> {
+        crate::observe::progress::progress(self.into_pipeline(), crate::ProgressOptions::new())
+    }
+
+    /// [`progress`](Flow::progress) with options: interval, total, plain lines, writer.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::ProgressOptions;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let opts = ProgressOptions::new().to_writer(std::io::sink());
+    /// let report = Pipeline::from_iter(0..10).progress_with(opts).run().await.unwrap();
+    /// assert_eq!(report.delivered(), 10);
+    /// # }
+    /// ```
+    fn progress_with(self, options: crate::ProgressOptions) -> Pipeline<Self::Item> {
+        crate::observe::progress::progress(self.into_pipeline(), options)
+    }
+
+    /// Calls `f` with a snapshot of every stage's counters every `every`, whether items flow
+    /// or not (paused, waiting on the source): the pipeline's sign of life.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let report = Pipeline::from_iter(0..5u32)
+    ///     .map_async("slow", |x| async move { tokio::time::sleep(Duration::from_secs(1)).await; x })
+    ///     .heartbeat(Duration::from_secs(2), |snap| println!("alive: {} delivered", snap.delivered()))
+    ///     .run().await.unwrap();
+    /// assert_eq!(report.delivered(), 5);
+    /// # }
+    /// ```
+    fn heartbeat<F>(self, every: Duration, f: F) -> Pipeline<Self::Item>
+    where
+        F: FnMut(&Report) + Send + 'static,
+    {
+        crate::observe::heartbeat::heartbeat(self.into_pipeline(), every, f)
+    }
+
+    /// A stall watchdog: if no item completes anywhere for `after` (while not paused), or a
+    /// stage holds items for `after` without completing any, `action` runs (log, callback,
+    /// or cancel the run). Must be at least 4 ms.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::StallAction;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let report = Pipeline::from_iter(0..10)
+    ///     .stall_after(Duration::from_secs(30), StallAction::Log)
+    ///     .run().await.unwrap();
+    /// assert_eq!(report.delivered(), 10);
+    /// # }
+    /// ```
+    fn stall_after(self, after: Duration, action: crate::StallAction) -> Pipeline<Self::Item> {
+        crate::observe::stall::stall_after(self.into_pipeline(), after, action)
+    }
 }
 
 impl<T: Send + 'static> Flow for Pipeline<T> {

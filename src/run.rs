@@ -51,6 +51,7 @@ pub(crate) async fn execute_in<T: Send + 'static, K: Sink<T>>(
     let mut up = build(&mut b);
     let stats = b.stage(sink_name, "sink");
     let mut tasks = std::mem::take(&mut b.tasks);
+    let mut observers = std::mem::take(&mut b.observers);
     drop(b);
 
     let end = {
@@ -83,6 +84,15 @@ pub(crate) async fn execute_in<T: Send + 'static, K: Sink<T>>(
     // Every task of the run ends before the run returns: no task outlives its run.
     let mut internal = None;
     while let Some(joined) = tasks.join_next().await {
+        if let Err(e) = joined {
+            if e.is_panic() {
+                internal = Some(crate::error::panic_message(&*e.into_panic()));
+            }
+        }
+    }
+    // Observers take a last look at the final counters, then end.
+    run.ended.cancel();
+    while let Some(joined) = observers.join_next().await {
         if let Err(e) = joined {
             if e.is_panic() {
                 internal = Some(crate::error::panic_message(&*e.into_panic()));

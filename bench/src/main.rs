@@ -8,6 +8,7 @@
 //! ```
 
 mod core;
+mod source;
 mod util;
 
 fn main() {
@@ -20,8 +21,9 @@ fn main() {
     let case = args.get(1).map(String::as_str);
     match suite {
         "core" => core::run(case),
+        "source" => source::run(),
         other => {
-            eprintln!("unknown suite `{other}`; suites: core");
+            eprintln!("unknown suite `{other}`; suites: core, source");
             std::process::exit(2);
         }
     }

@@ -55,6 +55,9 @@ pub(crate) struct RunCtx {
     pub(crate) source_error: Mutex<Option<(String, ItemError)>>,
     /// `Handle::stop` was called (the report says `Stopped` rather than `Completed`).
     pub(crate) stop_requested: std::sync::atomic::AtomicBool,
+    /// Fired once every stage task has ended; run-level observers (progress, heartbeat,
+    /// stall watchdog) stop on it, after one last look at the final counters.
+    pub(crate) ended: CancellationToken,
 }
 
 impl RunCtx {
@@ -68,6 +71,7 @@ impl RunCtx {
             first_failure: Mutex::new(None),
             source_error: Mutex::new(None),
             stop_requested: std::sync::atomic::AtomicBool::new(false),
+            ended: CancellationToken::new(),
         }
     }
 
@@ -109,6 +113,8 @@ impl RunCtx {
 pub(crate) struct Build {
     pub(crate) run: Arc<RunCtx>,
     pub(crate) tasks: JoinSet<()>,
+    /// Run-level observers: they end on `run.ended`, after the stage tasks.
+    pub(crate) observers: JoinSet<()>,
     names: HashMap<String, usize>,
 }
 
@@ -117,6 +123,7 @@ impl Build {
         Build {
             run,
             tasks: JoinSet::new(),
+            observers: JoinSet::new(),
             names: HashMap::new(),
         }
     }
@@ -143,5 +150,11 @@ impl Build {
     /// ends; the run awaits them all before it returns.
     pub(crate) fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
         self.tasks.spawn(task);
+    }
+
+    /// Spawns a run-level observer: it must end soon after `run.ended` fires, which happens
+    /// once every task spawned with [`spawn`](Build::spawn) has ended.
+    pub(crate) fn observe(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.observers.spawn(task);
     }
 }

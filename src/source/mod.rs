@@ -1,6 +1,7 @@
 //! Sources: where items come from. Every source is pulled: it produces only when the stage
 //! after it has room, and it asks the run's gate before each pull (pause, step, stop).
 
+mod cursor;
 mod from_channel;
 mod from_fn;
 mod from_iter;
@@ -10,7 +11,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crate::chunk::{CHUNK_CAP, Chunk};
+pub use cursor::Page;
+
+use crate::chunk::{CHUNK_CAP, Chunk, Ticket};
 use crate::error::ItemError;
 use crate::report::StageStats;
 use crate::runtime::{ChunkSource, RunCtx};
@@ -32,6 +35,12 @@ pub(crate) trait Pull<T>: Send {
         max: usize,
         out: &mut Vec<T>,
     ) -> Poll<Result<Pulled, ItemError>>;
+
+    /// The tickets of the items the last `poll_pull` appended (one per item, in order), for
+    /// a source that tracks completion (the cursor source); the default tracks nothing.
+    fn take_tickets(&mut self) -> Vec<Ticket> {
+        Vec::new()
+    }
 }
 
 /// A source stage: a puller behind the gate, counted as a stage of the report.
@@ -101,7 +110,17 @@ impl<T: Send + 'static, P: Pull<T>> ChunkSource<T> for Source<P> {
                 Poll::Pending
             };
         }
-        Poll::Ready(Some(Chunk::untracked(items)))
+        let mut tickets = self.pull.take_tickets();
+        if tickets.len() != n {
+            // Only after a panic mid-pull: the dropped tickets count as cancelled, which
+            // keeps a checkpoint from passing these items.
+            tickets.clear();
+        }
+        Poll::Ready(Some(if tickets.is_empty() {
+            Chunk::untracked(items)
+        } else {
+            Chunk { items, tickets }
+        }))
     }
 
     fn discard(&mut self) -> usize {

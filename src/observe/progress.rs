@@ -1,0 +1,380 @@
+//! `.progress()`: live per-stage counts, rate, and ETA when the total is known.
+//!
+//! On a terminal (stderr, with the `progress` feature) it draws an indicatif bar; anywhere
+//! else it writes one plain line per interval, made to be parsed:
+//!
+//! ```text
+//! progress elapsed_ms=2000 done=512 total=1000 rate=256.0 eta_ms=1906 | source in=768 ok=768 dropped=0 failed=0 | work in=768 ok=512 dropped=0 failed=0 | sink in=512 ok=512 dropped=0 failed=0
+//! ```
+//!
+//! `done` counts finished items (delivered at the sink, or dropped or failed at any stage),
+//! which is the number of source items finished for a pipeline that maps 1:1; `rate` is per
+//! second over the run so far. A last line, `progress final ...`, is written when the run
+//! ends, with the same counts as the report. Lines go out whole, one `write` each, so they
+//! never interleave with other lines mid-way. Bars are drawn on stderr; log through
+//! [`StderrAboveProgress`] so that log lines print above the bars instead of through them.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::error::Error;
+use crate::pipeline::Pipeline;
+use crate::report::StageReport;
+
+type Out = Arc<Mutex<Box<dyn Write + Send>>>;
+
+/// Options of [`Flow::progress_with`](crate::Flow::progress_with).
+///
+/// ```
+/// use flowline::ProgressOptions;
+/// use std::time::Duration;
+/// let opts = ProgressOptions::new().every(Duration::from_secs(5)).total(1_000_000).plain();
+/// # let _ = opts;
+/// ```
+#[derive(Clone)]
+pub struct ProgressOptions {
+    every: Duration,
+    total: Option<u64>,
+    plain: bool,
+    out: Option<Out>,
+}
+
+impl std::fmt::Debug for ProgressOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProgressOptions")
+            .field("every", &self.every)
+            .field("total", &self.total)
+            .field("plain", &self.plain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ProgressOptions {
+    fn default() -> Self {
+        ProgressOptions {
+            every: Duration::from_secs(1),
+            total: None,
+            plain: false,
+            out: None,
+        }
+    }
+}
+
+impl ProgressOptions {
+    /// Defaults: every second, total from the source if it knows it, a bar on a terminal.
+    ///
+    /// ```
+    /// let opts = flowline::ProgressOptions::new();
+    /// # let _ = opts;
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How often to update (default 1 s). Must be more than zero.
+    ///
+    /// ```
+    /// let o = flowline::ProgressOptions::new().every(std::time::Duration::from_millis(250));
+    /// # let _ = o;
+    /// ```
+    pub fn every(mut self, every: Duration) -> Self {
+        self.every = every;
+        self
+    }
+
+    /// The number of items the run will finish, for ETA (overrides the source's own).
+    ///
+    /// ```
+    /// let o = flowline::ProgressOptions::new().total(10_000);
+    /// # let _ = o;
+    /// ```
+    pub fn total(mut self, total: u64) -> Self {
+        self.total = Some(total);
+        self
+    }
+
+    /// Plain lines even on a terminal.
+    ///
+    /// ```
+    /// let o = flowline::ProgressOptions::new().plain();
+    /// # let _ = o;
+    /// ```
+    pub fn plain(mut self) -> Self {
+        self.plain = true;
+        self
+    }
+
+    /// Plain lines written to `out` instead of stderr.
+    ///
+    /// ```
+    /// let o = flowline::ProgressOptions::new().to_writer(std::io::stdout());
+    /// # let _ = o;
+    /// ```
+    pub fn to_writer(mut self, out: impl Write + Send + 'static) -> Self {
+        self.out = Some(Arc::new(Mutex::new(Box::new(out))));
+        self.plain = true;
+        self
+    }
+}
+
+/// One plain progress line for the stages' counters.
+fn line(tag: &str, elapsed: Duration, total: Option<u64>, stages: &[StageReport]) -> String {
+    use std::fmt::Write as _;
+    let done = finished(stages);
+    let secs = elapsed.as_secs_f64();
+    let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
+    let mut s = format!("{tag} elapsed_ms={} done={done}", elapsed.as_millis());
+    if let Some(t) = total {
+        let _ = write!(s, " total={t}");
+    }
+    let _ = write!(s, " rate={rate:.1}");
+    if let Some(t) = total {
+        if rate > 0.0 {
+            let eta = t.saturating_sub(done) as f64 / rate;
+            let _ = write!(s, " eta_ms={}", (eta * 1000.0) as u64);
+        }
+    }
+    for st in stages {
+        let _ = write!(
+            s,
+            " | {} in={} ok={} dropped={} failed={}",
+            st.name.replace(char::is_whitespace, "_"),
+            st.received,
+            st.passed,
+            st.dropped,
+            st.failed
+        );
+    }
+    s.push('\n');
+    s
+}
+
+/// Finished items: delivered at the last stage (the sink), or dropped or failed anywhere.
+fn finished(stages: &[StageReport]) -> u64 {
+    let ended: u64 = stages.iter().map(|s| s.dropped + s.failed).sum();
+    ended + stages.last().map_or(0, |s| s.passed)
+}
+
+/// Every bar of the process, so log lines can be written above all of them at once.
+#[cfg(feature = "progress")]
+fn bars() -> &'static indicatif::MultiProgress {
+    static BARS: std::sync::OnceLock<indicatif::MultiProgress> = std::sync::OnceLock::new();
+    BARS.get_or_init(|| {
+        indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr())
+    })
+}
+
+/// Stderr that keeps progress bars intact: each write hides the bars, writes, and draws them
+/// again below, so log output and bars never garble each other. Give it to your logger,
+/// e.g. `tracing_subscriber::fmt().with_writer(|| StderrAboveProgress)`. Without the
+/// `progress` feature (or without a bar on screen) it is plain stderr.
+///
+/// ```
+/// use std::io::Write;
+/// writeln!(flowline::StderrAboveProgress, "a log line").unwrap();
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StderrAboveProgress;
+
+impl Write for StderrAboveProgress {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        #[cfg(feature = "progress")]
+        {
+            bars().suspend(|| std::io::stderr().write_all(buf))?;
+            Ok(buf.len())
+        }
+        #[cfg(not(feature = "progress"))]
+        std::io::stderr().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+enum Draw {
+    Lines(Out),
+    #[cfg(feature = "progress")]
+    Bar(indicatif::ProgressBar),
+}
+
+impl Draw {
+    fn open(opts: &ProgressOptions, total: Option<u64>) -> Draw {
+        if let Some(out) = &opts.out {
+            return Draw::Lines(out.clone());
+        }
+        #[cfg(feature = "progress")]
+        if !opts.plain && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            let bar = match total {
+                Some(t) => indicatif::ProgressBar::new(t),
+                None => indicatif::ProgressBar::new_spinner(),
+            };
+            let style = indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            bar.set_style(style);
+            return Draw::Bar(bars().add(bar));
+        }
+        let _ = total;
+        Draw::Lines(Arc::new(Mutex::new(Box::new(std::io::stderr()))))
+    }
+
+    fn show(&self, fin: bool, elapsed: Duration, total: Option<u64>, stages: &[StageReport]) {
+        match self {
+            Draw::Lines(out) => {
+                let tag = if fin { "progress final" } else { "progress" };
+                let text = line(tag, elapsed, total, stages);
+                let mut w = out.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = w.write_all(text.as_bytes());
+                let _ = w.flush();
+            }
+            #[cfg(feature = "progress")]
+            Draw::Bar(bar) => {
+                bar.set_position(finished(stages));
+                let msg: Vec<String> = stages
+                    .iter()
+                    .map(|s| format!("{} {}/{}", s.name, s.passed, s.received))
+                    .collect();
+                bar.set_message(msg.join(" · "));
+                if fin {
+                    bar.finish();
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn progress<T: Send + 'static>(
+    mut p: Pipeline<T>,
+    opts: ProgressOptions,
+) -> Pipeline<T> {
+    if opts.every.is_zero() {
+        p.settings.errors.push(Error::config(
+            "progress",
+            "every",
+            opts.every,
+            "must be more than zero",
+        ));
+        return p;
+    }
+    let total = opts.total.or(p.settings.total);
+    super::observe(p, move |run, started| async move {
+        let draw = Draw::open(&opts, total);
+        let mut ticks = tokio::time::interval_at(Instant::now() + opts.every, opts.every);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let fin = tokio::select! {
+                biased;
+                _ = run.ended.cancelled() => true,
+                _ = ticks.tick() => false,
+            };
+            draw.show(fin, started.elapsed(), total, &run.snapshot_stages());
+            if fin {
+                return;
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prelude::*;
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    type Fields = Vec<(String, String)>;
+    type StageFields = Vec<(String, Vec<(String, u64)>)>;
+
+    /// Parses a line into its head fields and per-stage fields.
+    fn parse(l: &str) -> (Fields, StageFields) {
+        let mut parts = l.split(" | ");
+        let head = parts
+            .next()
+            .unwrap()
+            .split(' ')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let stages = parts
+            .map(|p| {
+                let mut it = p.split(' ');
+                let name = it.next().unwrap().to_string();
+                let kv = it
+                    .map(|kv| {
+                        let (k, v) = kv.split_once('=').unwrap();
+                        (k.to_string(), v.parse().unwrap())
+                    })
+                    .collect();
+                (name, kv)
+            })
+            .collect();
+        (head, stages)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn plain_lines_parse_and_the_final_line_agrees_with_the_report() {
+        let buf = Buf::default();
+        let report = Pipeline::from_iter(0..100u32)
+            .filter(|x| x % 10 != 0)
+            .map_async("work", |x| async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                x
+            })
+            .progress_with(ProgressOptions::new().to_writer(buf.clone()))
+            .run()
+            .await
+            .unwrap();
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        // 90 items at 100 ms each: about 9 s, one line a second, then the final one.
+        assert!(lines.len() >= 9, "{text}");
+        let mut last_done = 0;
+        for l in &lines[..lines.len() - 1] {
+            assert!(l.starts_with("progress elapsed_ms="), "{l}");
+            let (head, _) = parse(l);
+            let get = |k: &str| head.iter().find(|(h, _)| h == k).map(|(_, v)| v.clone());
+            let done: u64 = get("done").unwrap().parse().unwrap();
+            assert!(done >= last_done);
+            last_done = done;
+            assert_eq!(get("total").as_deref(), Some("100"));
+            assert!(get("eta_ms").is_some() || done == 0);
+        }
+        let fin = lines.last().unwrap();
+        assert!(fin.starts_with("progress final "), "{fin}");
+        let (head, stages) = parse(fin);
+        assert!(head.contains(&("done".into(), "100".into())), "{fin}");
+        assert_eq!(stages.len(), report.stages.len());
+        for ((name, kv), st) in stages.iter().zip(&report.stages) {
+            assert_eq!(name, &st.name);
+            let v = |k: &str| kv.iter().find(|(n, _)| n == k).unwrap().1;
+            assert_eq!(
+                (v("in"), v("ok"), v("dropped"), v("failed")),
+                (st.received, st.passed, st.dropped, st.failed)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn zero_interval_is_a_config_error() {
+        let err = Pipeline::from_iter(0..1)
+            .progress_with(ProgressOptions::new().every(Duration::ZERO))
+            .run()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("`progress`: every = 0ns"), "{err}");
+    }
+}

@@ -1,0 +1,308 @@
+//! `.stall_after(d, action)`: a watchdog for a pipeline that has stopped moving.
+//!
+//! Every `d / 4` it looks at each stage's counters (never at items, so it costs nothing per
+//! item) and calls the action when:
+//! - no item has completed anywhere for `d` while the source is not paused, or
+//! - a stage has held items for `d` without completing any of them: then its oldest item has
+//!   been in it for at least `d` (the counters only tell that much — a single stuck call in
+//!   a stage whose other workers keep completing is not seen until they are all stuck).
+//!
+//! A slow stream that still completes an item within every `d` is never a stall. After
+//! firing, the watchdog re-arms: a stall that lasts another `d` fires again.
+
+use std::fmt;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::error::Error;
+use crate::pipeline::Pipeline;
+
+/// What the stall watchdog saw.
+///
+/// ```
+/// use flowline::{Stall, StallAction};
+/// let action = StallAction::callback(|s: &Stall| eprintln!("stuck: {s}"));
+/// # let _ = action;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stall {
+    /// The stage holding items that do not complete; `None` when the whole pipeline has
+    /// completed nothing (e.g. a source that waits forever).
+    pub stage: Option<String>,
+    /// Items in that stage (or in the whole pipeline) that have not finished.
+    pub in_flight: u64,
+    /// How long nothing has completed there.
+    pub idle: Duration,
+}
+
+impl fmt::Display for Stall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.stage {
+            Some(s) => write!(f, "stage `{s}`"),
+            None => write!(f, "pipeline"),
+        }?;
+        write!(
+            f,
+            " completed nothing for {:?} with {} item(s) in flight",
+            self.idle, self.in_flight
+        )
+    }
+}
+
+type OnStall = Box<dyn FnMut(&Stall) + Send>;
+
+/// What the watchdog does on a stall.
+///
+/// ```
+/// use flowline::prelude::*;
+/// use flowline::StallAction;
+/// use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// let err = Pipeline::from_iter(0..10u32)
+///     .map_async("hang", |x| async move { std::future::pending::<()>().await; x })
+///     .stall_after(Duration::from_secs(30), StallAction::Cancel)
+///     .run()
+///     .await
+///     .unwrap_err();
+/// assert!(matches!(err, Error::Cancelled { .. }));
+/// # }
+/// ```
+pub enum StallAction {
+    /// Log a warning (`tracing`) naming the stage and the number of items in it.
+    Log,
+    /// Call a function with what was seen.
+    Callback(Mutex<OnStall>),
+    /// Log, then cancel the run (it returns [`Error::Cancelled`](crate::Error::Cancelled)).
+    Cancel,
+}
+
+impl StallAction {
+    /// A callback action.
+    ///
+    /// ```
+    /// let a = flowline::StallAction::callback(|s| println!("{s}"));
+    /// # let _ = a;
+    /// ```
+    pub fn callback(f: impl FnMut(&Stall) + Send + 'static) -> Self {
+        StallAction::Callback(Mutex::new(Box::new(f)))
+    }
+}
+
+impl fmt::Debug for StallAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StallAction::Log => "Log",
+            StallAction::Callback(_) => "Callback(..)",
+            StallAction::Cancel => "Cancel",
+        })
+    }
+}
+
+/// Per-stage memory: completions seen last time, and since when they have not moved
+/// while the stage held items.
+struct Watch {
+    done: u64,
+    since: Instant,
+}
+
+pub(crate) fn stall_after<T: Send + 'static>(
+    mut p: Pipeline<T>,
+    d: Duration,
+    action: StallAction,
+) -> Pipeline<T> {
+    if d < Duration::from_millis(4) {
+        p.settings.errors.push(Error::config(
+            "stall_after",
+            "after",
+            d,
+            "must be at least 4ms",
+        ));
+        return p;
+    }
+    super::observe(p, move |run, _started| async move {
+        let period = d / 4;
+        let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut stages: Vec<Watch> = Vec::new();
+        let mut all = Watch {
+            done: 0,
+            since: Instant::now(),
+        };
+        loop {
+            tokio::select! {
+                biased;
+                _ = run.ended.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            let now = Instant::now();
+            let snap = run.snapshot_stages();
+            let mut stalls = Vec::new();
+            let (mut total_done, mut total_open) = (0u64, 0u64);
+            for (i, s) in snap.iter().enumerate() {
+                let done = s.passed + s.dropped + s.failed;
+                total_done += done;
+                total_open += s.unfinished;
+                if i == stages.len() {
+                    stages.push(Watch { done, since: now });
+                }
+                let w = &mut stages[i];
+                if done != w.done || s.unfinished == 0 {
+                    *w = Watch { done, since: now };
+                } else if now - w.since >= d {
+                    stalls.push(Stall {
+                        stage: Some(s.name.clone()),
+                        in_flight: s.unfinished,
+                        idle: now - w.since,
+                    });
+                    w.since = now;
+                }
+            }
+            if total_done != all.done || run.gate.is_paused() {
+                all = Watch {
+                    done: total_done,
+                    since: now,
+                };
+            } else if stalls.is_empty() && now - all.since >= d {
+                stalls.push(Stall {
+                    stage: None,
+                    in_flight: total_open,
+                    idle: now - all.since,
+                });
+                all.since = now;
+            }
+            for stall in &stalls {
+                match &action {
+                    StallAction::Log => {
+                        tracing::warn!(stage = ?stall.stage, in_flight = stall.in_flight, "stall: {stall}")
+                    }
+                    StallAction::Callback(f) => {
+                        (f.lock().unwrap_or_else(|p| p.into_inner()))(stall)
+                    }
+                    StallAction::Cancel => {
+                        tracing::error!(stage = ?stall.stage, in_flight = stall.in_flight, "stall, cancelling the run: {stall}");
+                        run.cancel.cancel();
+                    }
+                }
+            }
+            if !stalls.is_empty() {
+                // Someone stalled: the pipeline-wide timer restarts too, so one stall is
+                // reported once per `d`, not once per stage and once more for the whole.
+                all.since = now;
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+type Seen = std::sync::Arc<Mutex<Vec<(Duration, Stall)>>>;
+
+/// A shareable record of stalls, for tests.
+#[cfg(test)]
+fn recorder() -> (Seen, StallAction) {
+    let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let t0 = Instant::now();
+    let action =
+        StallAction::callback(move |st| s.lock().unwrap().push((t0.elapsed(), st.clone())));
+    (seen, action)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prelude::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn fires_on_a_stuck_item_naming_its_stage() {
+        let (seen, action) = recorder();
+        let h = Pipeline::from_iter(0..10u32)
+            .map_async("fast", |x| async move { x })
+            .map_async("stuck", |x| async move {
+                if x == 3 {
+                    std::future::pending::<()>().await;
+                }
+                x
+            })
+            .stall_after(Duration::from_secs(20), action)
+            .spawn();
+        tokio::time::sleep(Duration::from_secs(19)).await;
+        assert!(seen.lock().unwrap().is_empty(), "fired before d");
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        let got = seen.lock().unwrap().clone();
+        assert_eq!(got.len(), 1, "{got:?}");
+        let (at, stall) = &got[0];
+        assert!(*at >= Duration::from_secs(20) && *at <= Duration::from_secs(26));
+        assert_eq!(stall.stage.as_deref(), Some("stuck"));
+        assert!(stall.in_flight >= 1);
+        h.cancel();
+        let _ = h.join().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_but_moving_stream_never_fires() {
+        let (seen, action) = recorder();
+        let report = Pipeline::from_iter(0..40u32)
+            .map_async("slow", |x| async move {
+                tokio::time::sleep(Duration::from_secs(9)).await;
+                x
+            })
+            .stall_after(Duration::from_secs(10), action)
+            .run()
+            .await
+            .unwrap();
+        assert_eq!(report.delivered(), 40);
+        assert!(report.elapsed >= Duration::from_secs(360));
+        assert!(seen.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_source_fires_but_a_paused_one_does_not() {
+        let (seen, action) = recorder();
+        let (tx, rx) = tokio::sync::mpsc::channel::<u32>(4);
+        let h = Pipeline::from_channel(rx)
+            .stall_after(Duration::from_secs(10), action)
+            .spawn();
+        h.pause();
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        assert!(seen.lock().unwrap().is_empty(), "paused is not stalled");
+        h.resume();
+        tokio::time::sleep(Duration::from_secs(13)).await;
+        let got = seen.lock().unwrap().clone();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].1.stage, None);
+        drop(tx);
+        h.join().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_action_ends_a_hung_run() {
+        let err = Pipeline::from_iter(0..3u32)
+            .map_async("hang", |x| async move {
+                std::future::pending::<()>().await;
+                x
+            })
+            .stall_after(Duration::from_secs(5), StallAction::Cancel)
+            .run()
+            .await
+            .unwrap_err();
+        let report = err.report().unwrap();
+        assert!(matches!(err, Error::Cancelled { .. }));
+        assert!(report.elapsed < Duration::from_secs(7));
+        assert!(report.is_balanced());
+    }
+
+    #[tokio::test]
+    async fn a_tiny_limit_is_a_config_error() {
+        let err = Pipeline::from_iter(0..1)
+            .stall_after(Duration::ZERO, StallAction::Log)
+            .run()
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("`stall_after`: after = 0ns"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,639 @@
+//! `Pipeline::from_cursor`: pages from a cursor-paginated API or a keyset query, with the
+//! cursor checkpointed only past items that have finished.
+//!
+//! Items finish out of order when stages run concurrent workers, so "the last cursor seen"
+//! is the wrong thing to save: after a crash it would skip items still in flight. Each page
+//! here gets a completion ticket, shared by its items; when a page's items have all finished
+//! (delivered, dropped by a filter, or failed into the dead letters), the page is done. The
+//! cursor after page `k` is committed only once pages `0..=k` are all done: a low watermark
+//! over page numbers. A failed item counts as finished (it is in the dead letters, which is
+//! where a rerun would send it again), so it does not hold the watermark back. An item that
+//! never finished (the run was cancelled, the process died) does: the rerun fetches its page
+//! again, so items are never skipped, and duplicates are limited to the pages in flight.
+//!
+//! Commits run on a task of their own (ticket callbacks are synchronous and may fire on any
+//! worker), so a slow store never slows the stages; the last watermark reached is committed
+//! before the run returns.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Display;
+use std::future::Future;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::sync::Notify;
+
+use super::{Pull, Pulled, Source};
+use crate::chunk::{Outcome, Ticket};
+use crate::error::{BoxError, Error, ItemError};
+use crate::pipeline::{Pipeline, Settings};
+use crate::runtime::Upstream;
+use crate::store::checkpoint::CheckpointStore;
+
+/// One page of a cursor source: its items, and where the next page starts.
+///
+/// ```
+/// use flowline::Page;
+/// let p: Page<u32, i64> = Page::next(vec![1, 2], 2);   // more after id 2
+/// let q: Page<u32, i64> = Page::end(vec![]);          // nothing more
+/// let r: Page<u32, i64> = Page::end_at(vec![3], 3);   // last page; a rerun resumes after 3
+/// # let _ = (p, q, r);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Page<T, C> {
+    items: Vec<T>,
+    cursor: Option<C>,
+    more: bool,
+}
+
+impl<T, C> Page<T, C> {
+    /// A page with more after it: the next fetch gets `Some(cursor)`, and `cursor` is what
+    /// is committed once this page and all before it have finished.
+    ///
+    /// ```
+    /// let p = flowline::Page::next(vec!["a", "b"], "token-2".to_string());
+    /// # let _ = p;
+    /// ```
+    pub fn next(items: Vec<T>, cursor: C) -> Self {
+        Page {
+            items,
+            cursor: Some(cursor),
+            more: true,
+        }
+    }
+
+    /// The last page. No new cursor is committed for it, so a rerun fetches it again (an
+    /// empty last page, as keyset pagination ends with, costs nothing to fetch again).
+    ///
+    /// ```
+    /// let p: flowline::Page<u8, u64> = flowline::Page::end(vec![]);
+    /// # let _ = p;
+    /// ```
+    pub fn end(items: Vec<T>) -> Self {
+        Page {
+            items,
+            cursor: None,
+            more: false,
+        }
+    }
+
+    /// The last page, with the cursor a later run should resume from (one that picks up
+    /// only what was added since).
+    ///
+    /// ```
+    /// let p = flowline::Page::end_at(vec![41u8, 42], 42u64);
+    /// # let _ = p;
+    /// ```
+    pub fn end_at(items: Vec<T>, cursor: C) -> Self {
+        Page {
+            items,
+            cursor: Some(cursor),
+            more: false,
+        }
+    }
+}
+
+/// How a page ended, for the watermark.
+enum PageEnd {
+    /// Every item finished; commit this cursor (if any) once all pages before are done.
+    Done(Option<String>),
+    /// Some item never finished: the watermark stops here for this run.
+    Blocked,
+}
+
+#[derive(Default)]
+struct Marks {
+    /// The lowest page number not yet passed by the watermark.
+    low: u64,
+    ended: BTreeMap<u64, PageEnd>,
+    /// The newest cursor the watermark reached and the committer has not written yet.
+    to_commit: Option<String>,
+    issued: u64,
+    resolved: u64,
+    /// The puller is gone: no more pages will be issued.
+    source_gone: bool,
+}
+
+/// The low watermark over page numbers, shared by the page tickets and the committer.
+#[derive(Default)]
+pub(crate) struct Watermark {
+    marks: Mutex<Marks>,
+    changed: Notify,
+}
+
+impl Watermark {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Marks> {
+        self.marks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn issue(self: &Arc<Self>, cursor: Option<String>) -> Ticket {
+        let seq = {
+            let mut m = self.lock();
+            m.issued += 1;
+            m.issued - 1
+        };
+        let w = self.clone();
+        Ticket::new(move |outcome| w.page_ended(seq, cursor, outcome))
+    }
+
+    fn page_ended(&self, seq: u64, cursor: Option<String>, outcome: Outcome) {
+        let mut m = self.lock();
+        m.resolved += 1;
+        let end = match outcome {
+            Outcome::Done | Outcome::Failed => PageEnd::Done(cursor),
+            Outcome::Cancelled => PageEnd::Blocked,
+        };
+        m.ended.insert(seq, end);
+        loop {
+            let low = m.low;
+            match m.ended.get(&low) {
+                Some(PageEnd::Done(_)) => {
+                    if let Some(PageEnd::Done(Some(c))) = m.ended.remove(&low) {
+                        m.to_commit = Some(c);
+                    }
+                    m.low += 1;
+                }
+                _ => break,
+            }
+        }
+        drop(m);
+        self.changed.notify_one();
+    }
+
+    fn source_gone(&self) {
+        self.lock().source_gone = true;
+        self.changed.notify_one();
+    }
+}
+
+/// Writes what the watermark reaches to the store, until every page issued has ended.
+async fn committer(w: Arc<Watermark>, store: Arc<dyn CheckpointStore>, name: Arc<str>) {
+    loop {
+        let (next, all_ended) = {
+            let mut m = w.lock();
+            (m.to_commit.take(), m.source_gone && m.resolved == m.issued)
+        };
+        if let Some(cursor) = next {
+            if let Err(e) = store.commit(&name, &cursor).await {
+                // Not a loss: the previous checkpoint stands and a rerun replays more.
+                tracing::error!(checkpoint = %name, error = %e, "checkpoint commit failed");
+                let mut m = w.lock();
+                if m.to_commit.is_none() {
+                    m.to_commit = Some(cursor);
+                }
+            }
+            continue;
+        }
+        if all_ended {
+            return;
+        }
+        w.changed.notified().await;
+    }
+}
+
+type Fetching<T, C, E> = Pin<Box<dyn Future<Output = Result<Page<T, C>, E>> + Send>>;
+
+struct Fetched<T> {
+    items: VecDeque<T>,
+    ticket: Ticket,
+}
+
+enum Start {
+    Loading(crate::store::checkpoint::StoreFuture<'static, Option<String>>),
+    Ready,
+}
+
+pub(crate) struct CursorPull<T, C, E, F> {
+    fetch: F,
+    name: Arc<str>,
+    start: Start,
+    cursor: Option<C>,
+    more: bool,
+    fetching: Option<Fetching<T, C, E>>,
+    pages: VecDeque<Fetched<T>>,
+    read_ahead: usize,
+    tickets: Vec<Ticket>,
+    marks: Arc<Watermark>,
+}
+
+impl<T, C, E, F> Drop for CursorPull<T, C, E, F> {
+    fn drop(&mut self) {
+        // Pages fetched but not handed out end here, as cancelled: the watermark stops
+        // before them, and a rerun fetches them again.
+        self.pages.clear();
+        self.marks.source_gone();
+    }
+}
+
+impl<T, C, E, F, Fut> CursorPull<T, C, E, F>
+where
+    T: Send + 'static,
+    C: Clone + Display + FromStr + Send + 'static,
+    <C as FromStr>::Err: Display,
+    E: Into<BoxError> + Send + 'static,
+    F: FnMut(Option<C>) -> Fut + Send,
+    Fut: Future<Output = Result<Page<T, C>, E>> + Send + 'static,
+{
+    /// Hands out items of the oldest fetched page; a page's own ticket holder lets go once
+    /// all its items are out, so the page ends when its items have.
+    fn emit(&mut self, max: usize, out: &mut Vec<T>) {
+        while out.len() < max {
+            let Some(page) = self.pages.front_mut() else {
+                return;
+            };
+            match page.items.pop_front() {
+                Some(item) => {
+                    out.push(item);
+                    self.tickets.push(page.ticket.clone());
+                }
+                None => {
+                    if let Some(p) = self.pages.pop_front() {
+                        p.ticket.finish(Outcome::Done);
+                    }
+                }
+            }
+        }
+        // A page emptied by the last item above ends its holder now, not on the next call.
+        if self.pages.front().is_some_and(|p| p.items.is_empty()) {
+            if let Some(p) = self.pages.pop_front() {
+                p.ticket.finish(Outcome::Done);
+            }
+        }
+    }
+
+    /// Starts and polls page fetches while read-ahead allows. `Ok(true)`: a page arrived.
+    fn poll_fetch(&mut self, cx: &mut Context<'_>) -> Result<bool, ItemError> {
+        if self.fetching.is_none() && self.more && self.pages.len() <= self.read_ahead {
+            self.fetching = Some(Box::pin((self.fetch)(self.cursor.clone())));
+        }
+        let Some(f) = self.fetching.as_mut() else {
+            return Ok(false);
+        };
+        match f.as_mut().poll(cx) {
+            Poll::Pending => Ok(false),
+            Poll::Ready(Err(e)) => {
+                self.fetching = None;
+                self.more = false;
+                Err(ItemError::user(e))
+            }
+            Poll::Ready(Ok(page)) => {
+                self.fetching = None;
+                self.more = page.more;
+                let commit = page.cursor.as_ref().map(|c| c.to_string());
+                if page.cursor.is_some() {
+                    self.cursor = page.cursor;
+                }
+                let ticket = self.marks.issue(commit);
+                self.pages.push_back(Fetched {
+                    items: page.items.into(),
+                    ticket,
+                });
+                Ok(true)
+            }
+        }
+    }
+}
+
+impl<T, C, E, F, Fut> Pull<T> for CursorPull<T, C, E, F>
+where
+    T: Send + 'static,
+    C: Clone + Display + FromStr + Send + 'static,
+    <C as FromStr>::Err: Display,
+    E: Into<BoxError> + Send + 'static,
+    F: FnMut(Option<C>) -> Fut + Send,
+    Fut: Future<Output = Result<Page<T, C>, E>> + Send + 'static,
+{
+    fn poll_pull(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+        out: &mut Vec<T>,
+    ) -> Poll<Result<Pulled, ItemError>> {
+        if let Start::Loading(load) = &mut self.start {
+            match load.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(ItemError::user(e))),
+                Poll::Ready(Ok(saved)) => {
+                    self.start = Start::Ready;
+                    if let Some(s) = saved {
+                        match s.parse::<C>() {
+                            Ok(c) => self.cursor = Some(c),
+                            Err(e) => {
+                                return Poll::Ready(Err(ItemError::user(format!(
+                                    "checkpoint `{}` holds {s:?}, which is not a cursor: {e}",
+                                    self.name
+                                ))));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        loop {
+            self.emit(max, out);
+            match self.poll_fetch(cx) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                // Items already handed out this call still go on; the error ends the source.
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        let exhausted = !self.more && self.fetching.is_none() && self.pages.is_empty();
+        match (out.is_empty(), exhausted) {
+            (_, true) => Poll::Ready(Ok(Pulled::End)),
+            (false, false) => Poll::Ready(Ok(Pulled::More)),
+            (true, false) => Poll::Pending,
+        }
+    }
+
+    fn take_tickets(&mut self) -> Vec<Ticket> {
+        std::mem::take(&mut self.tickets)
+    }
+}
+
+impl<T: Send + 'static> Pipeline<T> {
+    /// A source over a paginated API or a keyset query, resumable after a crash.
+    ///
+    /// `fetch(cursor)` returns one [`Page`]: its items and the cursor of the next page.
+    /// The first call gets the cursor committed under `name` in `store` (or `None` on a
+    /// first run). Pages are fetched only as the pipeline has room, one page ahead of the
+    /// one being handed out. The cursor after a page is committed once every item of that
+    /// page and of all pages before it has finished — delivered, dropped by a filter, or
+    /// failed into the dead letters — so a rerun after a crash skips nothing; it may repeat
+    /// the items that were in flight. A fetch error ends the source like
+    /// [`try_from_fn`](Pipeline::try_from_fn); the checkpoint stays at the last safe page.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::{MemoryCheckpoints, Page};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let store = MemoryCheckpoints::new();
+    /// let rows: Vec<u64> = (1..=25).collect();
+    /// let fetch = move |after: Option<u64>| {
+    ///     let after = after.unwrap_or(0);
+    ///     let page: Vec<u64> = rows.iter().copied().filter(|&id| id > after).take(10).collect();
+    ///     async move {
+    ///         Ok::<_, std::convert::Infallible>(match page.last() {
+    ///             Some(&last) => Page::next(page, last),
+    ///             None => Page::end(page),
+    ///         })
+    ///     }
+    /// };
+    /// let report = Pipeline::from_cursor(store.clone(), "rows", fetch.clone())
+    ///     .map_async("work", |id| async move { id })
+    ///     .workers(4)
+    ///     .run()
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!(report.delivered(), 25);
+    /// assert_eq!(store.get("rows").as_deref(), Some("25"));
+    /// // Run again: it resumes after row 25 and finds nothing new.
+    /// let again = Pipeline::from_cursor(store, "rows", fetch).run().await.unwrap();
+    /// assert_eq!(again.delivered(), 0);
+    /// # }
+    /// ```
+    pub fn from_cursor<C, E, F, Fut>(
+        store: impl CheckpointStore,
+        name: &str,
+        fetch: F,
+    ) -> Pipeline<T>
+    where
+        C: Clone + Display + FromStr + Send + 'static,
+        <C as FromStr>::Err: Display,
+        E: Into<BoxError> + Send + 'static,
+        F: FnMut(Option<C>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Page<T, C>, E>> + Send + 'static,
+    {
+        Pipeline::from_cursor_ahead(store, name, 1, fetch)
+    }
+
+    /// Like [`from_cursor`](Pipeline::from_cursor), fetching up to `read_ahead` pages ahead
+    /// of the one being handed out (0: fetch the next page only when the current one is
+    /// all out). More read-ahead hides fetch latency and costs memory.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::{MemoryCheckpoints, Page};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let fetch = |c: Option<u32>| async move {
+    ///     let n = c.unwrap_or(0);
+    ///     Ok::<_, String>(if n < 3 { Page::next(vec![n], n + 1) } else { Page::end(vec![]) })
+    /// };
+    /// let out = Pipeline::from_cursor_ahead(MemoryCheckpoints::new(), "n", 4, fetch)
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out, vec![0, 1, 2]);
+    /// # }
+    /// ```
+    pub fn from_cursor_ahead<C, E, F, Fut>(
+        store: impl CheckpointStore,
+        name: &str,
+        read_ahead: usize,
+        fetch: F,
+    ) -> Pipeline<T>
+    where
+        C: Clone + Display + FromStr + Send + 'static,
+        <C as FromStr>::Err: Display,
+        E: Into<BoxError> + Send + 'static,
+        F: FnMut(Option<C>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Page<T, C>, E>> + Send + 'static,
+    {
+        let store: Arc<dyn CheckpointStore> = Arc::new(store);
+        let name: Arc<str> = Arc::from(name);
+        let mut settings = Settings::default();
+        if name.is_empty() {
+            settings.errors.push(Error::config(
+                "source",
+                "checkpoint name",
+                &*name,
+                "must not be empty",
+            ));
+        }
+        Pipeline {
+            build: Box::new(move |b| {
+                let stats = b.stage("source", "source");
+                let marks = Arc::new(Watermark::default());
+                b.spawn(committer(marks.clone(), store.clone(), name.clone()));
+                let load = {
+                    let (store, name) = (store.clone(), name.clone());
+                    Box::pin(async move { store.load(&name).await })
+                };
+                let pull = CursorPull {
+                    fetch,
+                    name,
+                    start: Start::Loading(load),
+                    cursor: None,
+                    more: true,
+                    fetching: None,
+                    pages: VecDeque::new(),
+                    read_ahead,
+                    tickets: Vec::new(),
+                    marks,
+                };
+                Box::new(Source::new(pull, stats, b.run.clone())) as Upstream<T>
+            }),
+            settings,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryCheckpoints;
+    use crate::prelude::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    /// Pages of 10 over ids 0..n; the cursor is the next id to read.
+    fn pages(
+        n: u64,
+        fetches: Arc<AtomicU64>,
+    ) -> impl FnMut(Option<u64>) -> std::future::Ready<Result<Page<u64, u64>, String>> + Send + 'static
+    {
+        sized_pages(n, 10, fetches)
+    }
+
+    fn sized_pages(
+        n: u64,
+        size: u64,
+        fetches: Arc<AtomicU64>,
+    ) -> impl FnMut(Option<u64>) -> std::future::Ready<Result<Page<u64, u64>, String>> + Send + 'static
+    {
+        move |c| {
+            fetches.fetch_add(1, Ordering::Relaxed);
+            let from = c.unwrap_or(0);
+            let to = (from + size).min(n);
+            let items: Vec<u64> = (from..to).collect();
+            std::future::ready(Ok(if to < n {
+                Page::next(items, to)
+            } else {
+                Page::end_at(items, to)
+            }))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn read_ahead_is_bounded_while_the_pipeline_is_full() {
+        let fetches = Arc::new(AtomicU64::new(0));
+        let pages = sized_pages(1_000_000, 1000, fetches.clone());
+        let h = Pipeline::from_cursor(MemoryCheckpoints::new(), "t", pages)
+            .map_async("slow", |x| async move {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                x
+            })
+            .workers(1)
+            .spawn();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // The stage holds one item and a chunk of input; the source is still handing out
+        // the first page and has fetched one more: nothing like all 1,000 pages.
+        let f = fetches.load(Ordering::Relaxed);
+        assert_eq!(f, 2, "fetched {f} pages");
+        h.cancel();
+        let _ = h.join().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_item_holds_the_checkpoint_and_a_rerun_repeats_only_its_window() {
+        let store = MemoryCheckpoints::new();
+        let fetches = Arc::new(AtomicU64::new(0));
+        let h = Pipeline::from_cursor(store.clone(), "t", pages(100, fetches.clone()))
+            .map_async("work", |x| async move {
+                let d = if x == 25 { 3600 } else { 1 };
+                tokio::time::sleep(Duration::from_millis(d * 1000)).await;
+                x
+            })
+            .workers(8)
+            .unordered()
+            .spawn();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        // Items 0..25 finished long ago; 25 is stuck, so page 20..30 is not done.
+        assert_eq!(store.get("t").as_deref(), Some("20"));
+        h.cancel();
+        let _ = h.join().await;
+        assert_eq!(store.get("t").as_deref(), Some("20"));
+        let out = Pipeline::from_cursor(store.clone(), "t", pages(100, fetches))
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(out, (20..100).collect::<Vec<_>>());
+        assert_eq!(store.get("t").as_deref(), Some("100"));
+    }
+
+    #[tokio::test]
+    async fn failed_items_pass_the_watermark_and_fetch_errors_keep_it() {
+        let store = MemoryCheckpoints::new();
+        let report = Pipeline::from_cursor(store.clone(), "t", pages(50, Arc::default()))
+            .try_map_async("check", |x| async move {
+                if x % 7 == 0 { Err("seven") } else { Ok(x) }
+            })
+            .run()
+            .await
+            .unwrap();
+        assert_eq!(report.failures, 8);
+        assert_eq!(store.get("t").as_deref(), Some("50"));
+
+        let store = MemoryCheckpoints::new();
+        let fetch = |c: Option<u64>| async move {
+            let from = c.unwrap_or(0);
+            if from >= 30 {
+                Err("db down".to_string())
+            } else {
+                Ok(Page::next((from..from + 10).collect::<Vec<_>>(), from + 10))
+            }
+        };
+        let err = Pipeline::from_cursor(store.clone(), "t", fetch)
+            .run()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("db down"), "{err}");
+        assert_eq!(err.report().unwrap().delivered(), 30);
+        assert_eq!(store.get("t").as_deref(), Some("30"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn finishing_a_stream_early_does_not_wait_for_unread_items() {
+        use futures::StreamExt;
+        let store = MemoryCheckpoints::new();
+        let mut s = Pipeline::from_cursor(store.clone(), "t", pages(1000, Arc::default()))
+            .map_async("work", |x| async move { x })
+            .into_stream();
+        assert_eq!(s.next().await, Some(0));
+        assert_eq!(s.next().await, Some(1));
+        let r = tokio::time::timeout(Duration::from_secs(60), s.finish()).await;
+        let err = r.expect("finish hung").unwrap_err();
+        assert!(matches!(err, Error::Cancelled { .. }));
+        // Items 0 and 1 finished, but page 0..10 did not: nothing is committed.
+        assert_eq!(store.get("t"), None);
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_that_does_not_parse_fails_the_source_by_name() {
+        let store = MemoryCheckpoints::new();
+        store.commit("t", "not-a-number").await.unwrap();
+        let err = Pipeline::from_cursor(store, "t", pages(10, Arc::default()))
+            .run()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("checkpoint `t`"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn empty_pages_are_skipped_and_committed() {
+        let store = MemoryCheckpoints::new();
+        let fetch = |c: Option<u32>| async move {
+            let n = c.unwrap_or(0);
+            Ok::<_, String>(match n {
+                0..5 => Page::next(if n % 2 == 0 { vec![] } else { vec![n] }, n + 1),
+                _ => Page::end_at(vec![], n),
+            })
+        };
+        let out = Pipeline::from_cursor(store.clone(), "t", fetch)
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(out, vec![1, 3]);
+        assert_eq!(store.get("t").as_deref(), Some("5"));
+    }
+}
