@@ -56,6 +56,9 @@ mod runtime;
 mod sink;
 mod source;
 mod stage;
+// Issue 4: batching, dedup, debounce, idempotency, dataloader, gather.
+mod batch;
+mod store;
 
 pub use dead_letter::DeadLetter;
 pub use error::{BoxError, Error, FailedInput, Failure, ItemError};
@@ -63,6 +66,11 @@ pub use handle::{Handle, ItemStream};
 pub use pipeline::{ErrorPolicy, Flow, Pipeline};
 pub use report::{LatencySummary, Report, RunOutcome, StageReport};
 pub use stage::map_async::{AsyncStage, Fallible, Infallible, StageFn};
+// Issue 4: batching, dedup, debounce, idempotency, dataloader, gather.
+pub use batch::{Debounce, Gather, Gathered, Incomplete, LoadError, Loader, Window};
+#[cfg(feature = "sqlite")]
+pub use store::SqliteStore;
+pub use store::{Idempotent, MemoryStore, Reservation, Store, StoreFuture};
 
 /// Everything a pipeline author needs: `use flowline::prelude::*;`.
 pub mod prelude {
@@ -70,4 +78,6 @@ pub mod prelude {
         DeadLetter, Error, ErrorPolicy, Failure, Flow, Handle, ItemError, Pipeline, Report,
         RunOutcome,
     };
+    // Issue 4
+    pub use crate::{Loader, Window};
 }

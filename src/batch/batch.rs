@@ -1,0 +1,282 @@
+//! `batch(size, max_wait)`: groups items into `Vec`s of up to `size`, emitted when full or
+//! when `max_wait` has passed since the batch's first item, whichever comes first.
+//!
+//! A task of its own (like `buffer`'s pump): it must be able to emit on a timer while its
+//! upstream is quiet, which a pulled, fused operator cannot. A batch is never empty; what is
+//! collected when the input ends (also after a graceful stop) is flushed. A batch carries one
+//! ticket whose parents are its parts' tickets, so completion tracking (cursor checkpoints,
+//! idempotency commits) passes through a batch: a part finishes when its batch does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::chunk::{Chunk, Outcome, Ticket};
+use crate::error::Error;
+use crate::pipeline::Pipeline;
+use crate::report::StageStats;
+use crate::runtime::hop::{HOP_CHUNKS, hop};
+use crate::runtime::{RunCtx, Upstream, next_chunk};
+
+/// Decides whether an item joins the current batch (the dedup variant drops repeated keys).
+pub(crate) trait Admit<T>: Send + 'static {
+    fn admit(&mut self, item: &T) -> bool;
+    /// The current batch was closed.
+    fn clear(&mut self);
+}
+
+/// Every item joins.
+pub(crate) struct AdmitAll;
+
+impl<T> Admit<T> for AdmitAll {
+    #[inline]
+    fn admit(&mut self, _: &T) -> bool {
+        true
+    }
+    fn clear(&mut self) {}
+}
+
+pub(crate) fn batch<T: Send + 'static>(
+    p: Pipeline<T>,
+    size: usize,
+    max_wait: Duration,
+) -> Pipeline<Vec<T>> {
+    batch_with(p, "batch", size, max_wait, AdmitAll)
+}
+
+/// The batch stage, with an admission rule; `name` names it in errors and the report.
+pub(crate) fn batch_with<T: Send + 'static, A: Admit<T>>(
+    mut p: Pipeline<T>,
+    name: &'static str,
+    size: usize,
+    max_wait: Duration,
+    admit: A,
+) -> Pipeline<Vec<T>> {
+    if size == 0 {
+        p.settings
+            .errors
+            .push(Error::config(name, "size", size, "must be at least 1"));
+    }
+    if max_wait.is_zero() {
+        p.settings.errors.push(Error::config(
+            name,
+            "max_wait",
+            max_wait,
+            "must be more than zero",
+        ));
+    }
+    p.then(move |b, up| {
+        let stats = b.stage(name, "batch");
+        let (tx, rx) = hop(HOP_CHUNKS);
+        let run = b.run.clone();
+        b.spawn(batcher(up, tx, stats, run, size.max(1), max_wait, admit));
+        Box::new(rx) as Upstream<Vec<T>>
+    })
+}
+
+/// The batch being filled.
+struct Open<T> {
+    items: Vec<T>,
+    tickets: Vec<Ticket>,
+    /// When it must be emitted even if not full (`max_wait` after its first item).
+    due: Option<Instant>,
+}
+
+impl<T> Open<T> {
+    /// Closes the batch into `out` (never an empty one); returns how many inputs it held.
+    fn close(&mut self, out: &mut Chunk<Vec<T>>, cap: usize) -> usize {
+        self.due = None;
+        if self.items.is_empty() {
+            return 0;
+        }
+        let items = std::mem::replace(&mut self.items, Vec::with_capacity(cap));
+        let ticket = Ticket::with_parents(std::mem::take(&mut self.tickets), None);
+        let n = items.len();
+        out.push(items, ticket);
+        n
+    }
+}
+
+async fn batcher<T: Send + 'static, A: Admit<T>>(
+    mut up: Upstream<T>,
+    tx: mpsc::Sender<Chunk<Vec<T>>>,
+    stats: Arc<StageStats>,
+    run: Arc<RunCtx>,
+    size: usize,
+    max_wait: Duration,
+    mut admit: A,
+) {
+    let cancel = run.cancel.clone();
+    // Do not reserve a huge `size` up front: grow as items come.
+    let cap = size.min(crate::chunk::CHUNK_CAP);
+    let mut open = Open {
+        items: Vec::with_capacity(cap),
+        tickets: Vec::new(),
+        due: None,
+    };
+    loop {
+        let mut out: Chunk<Vec<T>> = Chunk::default();
+        let mut inputs = 0usize;
+        let mut ended = false;
+        // Disabled branches still evaluate their future: give `sleep_until` any instant.
+        let due = open.due;
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                inputs += open.close(&mut out, cap);
+                admit.clear();
+            }
+            next = next_chunk(&mut up) => match next {
+                None => {
+                    inputs += open.close(&mut out, cap);
+                    ended = true;
+                }
+                Some(chunk) => {
+                    StageStats::add(&stats.received, chunk.len());
+                    let mut dropped = 0usize;
+                    for (item, ticket) in chunk.into_pairs() {
+                        if !admit.admit(&item) {
+                            dropped += 1;
+                            ticket.finish(Outcome::Done);
+                            continue;
+                        }
+                        if open.items.is_empty() {
+                            open.due = Some(Instant::now() + max_wait);
+                        }
+                        open.items.push(item);
+                        if ticket.is_some() {
+                            open.tickets.push(ticket);
+                        }
+                        if open.items.len() >= size {
+                            inputs += open.close(&mut out, cap);
+                            admit.clear();
+                        }
+                    }
+                    StageStats::add(&stats.dropped, dropped);
+                }
+            },
+        }
+        if !out.is_empty() {
+            let batches = out.len();
+            let sent = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                r = tx.send(out) => r.is_ok(),
+            };
+            if !sent {
+                break;
+            }
+            StageStats::add(&stats.passed, inputs);
+            StageStats::add(&stats.emitted, batches);
+        }
+        if ended {
+            return;
+        }
+        tokio::task::consume_budget().await;
+    }
+    StageStats::add(&stats.received, up.discard());
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::prelude::*;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    /// Items `0..n`, item `i` arriving at `(i + 1) * every` after the start.
+    fn ticking(n: u64, every: Duration) -> Pipeline<u64> {
+        Pipeline::from_iter(0..n)
+            .map_async("tick", move |x| async move {
+                tokio::time::sleep(every).await;
+                x
+            })
+            .into_pipeline()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_batches_by_size_and_a_flush_at_the_end_in_order() {
+        let (out, report) = Pipeline::from_iter(0..10u32)
+            .batch(4, Duration::from_secs(60))
+            .collect_with_report()
+            .await
+            .unwrap();
+        assert_eq!(out, vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7], vec![8, 9]]);
+        let b = report.stage("batch").unwrap();
+        assert_eq!((b.received, b.passed, b.emitted), (10, 10, 3));
+        assert!(report.is_balanced());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_is_emitted_max_wait_after_its_first_item() {
+        let start = Instant::now();
+        // one item per 10 ms; batches of up to 100, at most 35 ms after their first item
+        let mut times = Vec::new();
+        let mut got = Vec::new();
+        let out = ticking(10, Duration::from_millis(10))
+            .batch(100, Duration::from_millis(35))
+            .map(move |b| (b, start.elapsed()))
+            .collect()
+            .await
+            .unwrap();
+        for (b, t) in out {
+            got.push(b);
+            times.push(t.as_millis());
+        }
+        // first item at 10 ms -> emitted at 45 ms with items at 10, 20, 30, 40
+        assert_eq!(got, vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7], vec![8, 9]]);
+        // the last batch is flushed when the input ends (at 100 ms), not at 125 ms
+        assert_eq!(times, vec![45, 85, 100]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_input_never_yields_an_empty_batch() {
+        let out = Pipeline::from_iter(0..2u64)
+            .map_async("slow", |x| async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                x
+            })
+            .batch(10, Duration::from_millis(10))
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(out, vec![vec![0], vec![1]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn graceful_stop_flushes_the_open_batch() {
+        let handle = ticking(u64::MAX, Duration::from_millis(10))
+            .batch(1000, Duration::from_secs(3600))
+            .spawn();
+        tokio::time::sleep(Duration::from_millis(55)).await;
+        handle.stop();
+        let report = handle.join().await.unwrap();
+        assert_eq!(report.outcome, RunOutcome::Stopped);
+        let b = report.stage("batch").unwrap();
+        assert_eq!(b.emitted, 1);
+        assert_eq!(b.passed, b.received);
+        assert!(b.received >= 5);
+        assert!(report.is_balanced());
+    }
+
+    #[tokio::test]
+    async fn zero_size_and_zero_wait_are_rejected() {
+        let err = Pipeline::from_iter(0..3)
+            .batch(0, Duration::from_millis(1))
+            .run()
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: stage `batch`: size = 0: must be at least 1"
+        );
+        let err = Pipeline::from_iter(0..3)
+            .batch(2, Duration::ZERO)
+            .run()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("max_wait = 0ns"), "{err}");
+    }
+}
