@@ -563,6 +563,7 @@ pub trait Flow: Sized + Send + 'static {
     /// assert_eq!(out, vec![3]);
     /// # }
     /// ```
+    #[allow(clippy::type_complexity)]
     fn debounce(self, period: Duration) -> crate::Debounce<Self::Item, (), fn(&Self::Item)> {
         fn unit<T>(_: &T) {}
         crate::batch::debounce::debounce_by(

@@ -57,6 +57,7 @@ pub struct Gathered<K, P> {
 }
 
 type Part<K, P> = (usize, Chunk<(K, P)>);
+type NamedPart<K, P> = (Arc<str>, Pipeline<(K, P)>);
 
 /// A gather being set up: add parts with [`part`](Gather::part), then use it as a pipeline
 /// (it implements [`Flow`]).
@@ -77,7 +78,7 @@ type Part<K, P> = (usize, Chunk<(K, P)>);
 /// # }
 /// ```
 pub struct Gather<K, P> {
-    parts: Vec<(Arc<str>, Pipeline<(K, P)>)>,
+    parts: Vec<NamedPart<K, P>>,
     timeout: Duration,
     max_open: usize,
     incomplete: Incomplete,
@@ -172,8 +173,10 @@ where
     type Item = Gathered<K, P>;
 
     fn into_pipeline(self) -> Pipeline<Gathered<K, P>> {
-        let mut settings = Settings::default();
-        settings.errors = self.check();
+        let mut settings = Settings {
+            errors: self.check(),
+            ..Settings::default()
+        };
         let names: Arc<[Arc<str>]> = self.parts.iter().map(|p| p.0.clone()).collect();
         let mut builds = Vec::new();
         for (_, p) in self.parts {
@@ -468,7 +471,6 @@ fn expire<K: Hash + Eq + fmt::Debug, P>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::prelude::RunOutcome as _;
 
     /// `(key, part)` pairs, pair `i` arriving at `times[i]` ms.
     fn arrivals(pairs: Vec<(u32, &'static str, u64)>) -> Pipeline<(u32, String)> {

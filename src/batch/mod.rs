@@ -1,6 +1,7 @@
 //! Batching and lookups (issue 4): `batch`, `unbatch`, `batch_dedup_by`, `dedup_by`,
 //! `debounce`, the [`Loader`] and [`Gather`].
 
+#[allow(clippy::module_inception)]
 pub(crate) mod batch;
 pub(crate) mod batch_dedup;
 pub(crate) mod debounce;

@@ -34,6 +34,7 @@ impl<K: Hash + Eq + Clone, V> TtlMap<K, V> {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.map.len()
     }
