@@ -49,9 +49,14 @@ async fn loader() {
     let loads = 100_000 / scale();
     let keys = 1_000u64;
     let workers = 64u64;
-    let l = Loader::new(100, Duration::from_millis(1), |ks: Vec<u64>| async move {
-        Ok::<_, String>(ks.into_iter().map(|k| (k, k)).collect::<HashMap<_, _>>())
-    })
+    // max_batch = the number of workers: a batch fills without waiting for max_wait.
+    let l = Loader::new(
+        workers as usize,
+        Duration::from_millis(1),
+        |ks: Vec<u64>| async move {
+            Ok::<_, String>(ks.into_iter().map(|k| (k, k)).collect::<HashMap<_, _>>())
+        },
+    )
     .expect("loader");
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -75,7 +80,7 @@ async fn loader() {
         "{}",
         json!({"suite": "batch", "case": "loader", "flowline": calls, "baseline": loads,
                "unit": "batch calls / loads", "ratio": calls / loads as f64,
-               "ns_per_load": ns, "loads": loads, "keys": keys, "workers": workers})
+               "ns_per_load": ns, "loads": loads, "keys": keys, "workers": workers, "max_batch": workers, "max_wait_ms": 1})
     );
 }
 
@@ -119,6 +124,24 @@ async fn batch() {
         .unwrap();
     let ns = start.elapsed().as_nanos() as f64 / items as f64;
     assert_eq!(report.stage("batch").unwrap().passed, items);
+    // The same on one thread: what the stage costs without cross-thread wake-ups.
+    let one_thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let start = Instant::now();
+            Pipeline::from_iter(0..items)
+                .batch(256, Duration::from_millis(10))
+                .run()
+                .await
+                .unwrap();
+            start.elapsed().as_nanos() as f64 / items as f64
+        })
+    })
+    .join()
+    .expect("bench thread");
     let start = Instant::now();
     let s = tokio_stream::iter(0..items).chunks_timeout(256, Duration::from_millis(10));
     let mut s = std::pin::pin!(s);
@@ -132,6 +155,7 @@ async fn batch() {
         "{}",
         json!({"suite": "batch", "case": "batch", "flowline": ns, "baseline": base,
                "unit": "ns/item", "ratio": ns / base, "items": items,
+               "flowline_current_thread": one_thread,
                "baseline_name": "tokio-stream chunks_timeout(256, 10ms)"})
     );
 }

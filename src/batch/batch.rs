@@ -116,16 +116,24 @@ async fn batcher<T: Send + 'static, A: Admit<T>>(
         tickets: Vec::new(),
         due: None,
     };
+    // One timer for the whole run, re-armed once per batch (not created per wake-up).
+    let timer = tokio::time::sleep_until(Instant::now() + max_wait);
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
     loop {
         let mut out: Chunk<Vec<T>> = Chunk::default();
         let mut inputs = 0usize;
         let mut ended = false;
-        // Disabled branches still evaluate their future: give `sleep_until` any instant.
-        let due = open.due;
+        if open.due != armed {
+            if let Some(due) = open.due {
+                timer.as_mut().reset(due);
+            }
+            armed = open.due;
+        }
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
-            _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+            _ = &mut timer, if open.due.is_some() => {
                 inputs += open.close(&mut out, cap);
                 admit.clear();
             }
@@ -137,11 +145,11 @@ async fn batcher<T: Send + 'static, A: Admit<T>>(
                 Some(chunk) => {
                     StageStats::add(&stats.received, chunk.len());
                     let mut dropped = 0usize;
-                    for (item, ticket) in chunk.into_pairs() {
+                    let mut add = |item: T, ticket: Ticket| {
                         if !admit.admit(&item) {
                             dropped += 1;
                             ticket.finish(Outcome::Done);
-                            continue;
+                            return;
                         }
                         if open.items.is_empty() {
                             open.due = Some(Instant::now() + max_wait);
@@ -153,6 +161,15 @@ async fn batcher<T: Send + 'static, A: Admit<T>>(
                         if open.items.len() >= size {
                             inputs += open.close(&mut out, cap);
                             admit.clear();
+                        }
+                    };
+                    if chunk.tickets.is_empty() {
+                        for item in chunk.items {
+                            add(item, Ticket::none());
+                        }
+                    } else {
+                        for (item, ticket) in chunk.into_pairs() {
+                            add(item, ticket);
                         }
                     }
                     StageStats::add(&stats.dropped, dropped);
