@@ -469,8 +469,9 @@ pub trait Flow: Sized + Send + 'static {
 
     /// Groups items into `Vec`s of up to `size`: a batch is emitted when full, or `max_wait`
     /// (tokio's clock) after its first item, whichever comes first. Never emits an empty
-    /// batch; flushes what it holds when the input ends or the run stops gracefully. A task
-    /// of its own. `size` and `max_wait` must be more than zero.
+    /// batch; flushes what it holds when the input ends or the run stops gracefully. It runs
+    /// in the task that pulls it (no extra hop); `.buffer(n)` before it lets the stages in
+    /// front work ahead. `size` and `max_wait` must be more than zero.
     ///
     /// ```
     /// use flowline::prelude::*;

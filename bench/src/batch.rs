@@ -113,17 +113,23 @@ async fn dedup_ttl() {
     );
 }
 
+/// Best of `RUNS`: the machine is shared, and the minimum is the least disturbed run.
+const RUNS: usize = 3;
+
 async fn batch() {
     use tokio_stream::StreamExt as _;
     let items = 1_000_000 / scale();
-    let start = Instant::now();
-    let report = Pipeline::from_iter(0..items)
-        .batch(256, Duration::from_millis(10))
-        .run()
-        .await
-        .unwrap();
-    let ns = start.elapsed().as_nanos() as f64 / items as f64;
-    assert_eq!(report.stage("batch").unwrap().passed, items);
+    let mut ns = f64::INFINITY;
+    for _ in 0..RUNS {
+        let start = Instant::now();
+        let report = Pipeline::from_iter(0..items)
+            .batch(256, Duration::from_millis(10))
+            .run()
+            .await
+            .unwrap();
+        ns = ns.min(start.elapsed().as_nanos() as f64 / items as f64);
+        assert_eq!(report.stage("batch").unwrap().passed, items);
+    }
     // The same on one thread: what the stage costs without cross-thread wake-ups.
     let one_thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -131,30 +137,37 @@ async fn batch() {
             .build()
             .expect("runtime");
         rt.block_on(async {
-            let start = Instant::now();
-            Pipeline::from_iter(0..items)
-                .batch(256, Duration::from_millis(10))
-                .run()
-                .await
-                .unwrap();
-            start.elapsed().as_nanos() as f64 / items as f64
+            let mut best = f64::INFINITY;
+            for _ in 0..RUNS {
+                let start = Instant::now();
+                Pipeline::from_iter(0..items)
+                    .batch(256, Duration::from_millis(10))
+                    .run()
+                    .await
+                    .unwrap();
+                best = best.min(start.elapsed().as_nanos() as f64 / items as f64);
+            }
+            best
         })
     })
     .join()
     .expect("bench thread");
-    let start = Instant::now();
-    let s = tokio_stream::iter(0..items).chunks_timeout(256, Duration::from_millis(10));
-    let mut s = std::pin::pin!(s);
-    let mut n = 0usize;
-    while let Some(c) = s.next().await {
-        n += c.len();
+    let mut base = f64::INFINITY;
+    for _ in 0..RUNS {
+        let start = Instant::now();
+        let s = tokio_stream::iter(0..items).chunks_timeout(256, Duration::from_millis(10));
+        let mut s = std::pin::pin!(s);
+        let mut n = 0usize;
+        while let Some(c) = s.next().await {
+            n += c.len();
+        }
+        base = base.min(start.elapsed().as_nanos() as f64 / items as f64);
+        assert_eq!(n as u64, items);
     }
-    let base = start.elapsed().as_nanos() as f64 / items as f64;
-    assert_eq!(n as u64, items);
     println!(
         "{}",
         json!({"suite": "batch", "case": "batch", "flowline": ns, "baseline": base,
-               "unit": "ns/item", "ratio": ns / base, "items": items,
+               "unit": "ns/item", "ratio": ns / base, "items": items, "best_of": RUNS,
                "flowline_current_thread": one_thread,
                "baseline_name": "tokio-stream chunks_timeout(256, 10ms)"})
     );

@@ -1,24 +1,32 @@
 //! `batch(size, max_wait)`: groups items into `Vec`s of up to `size`, emitted when full or
 //! when `max_wait` has passed since the batch's first item, whichever comes first.
 //!
-//! A task of its own (like `buffer`'s pump): it must be able to emit on a timer while its
-//! upstream is quiet, which a pulled, fused operator cannot. A batch is never empty; what is
-//! collected when the input ends (also after a graceful stop) is flushed. A batch carries one
-//! ticket whose parents are its parts' tickets, so completion tracking (cursor checkpoints,
-//! idempotency commits) passes through a batch: a part finishes when its batch does.
+//! Pulled, like a fused operator, not a task of its own: the stage after it polls it, and
+//! while its upstream is quiet it polls its own timer in the same call, so a batch still goes
+//! out `max_wait` after its first item. That saves a hop (a channel and a cross-thread
+//! wake-up per chunk) — the whole cost of a batch stage on a multi-threaded runtime. The
+//! deadline is checked before more items are pulled, so a batch never takes in an item that
+//! came after its deadline. Add `.buffer(n)` before it to let the stages in front work ahead
+//! in a task of their own.
+//!
+//! A batch is never empty; what is collected when the input ends (also after a graceful
+//! stop) is flushed. A batch carries one ticket whose parents are its parts' tickets, so
+//! completion tracking (cursor checkpoints, idempotency commits) passes through a batch: a
+//! part finishes when its batch does.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::chunk::{Chunk, Outcome, Ticket};
 use crate::error::Error;
 use crate::pipeline::Pipeline;
 use crate::report::StageStats;
-use crate::runtime::hop::{HOP_CHUNKS, hop};
-use crate::runtime::{RunCtx, Upstream, next_chunk};
+use crate::runtime::{ChunkSource, Upstream};
 
 /// Decides whether an item joins the current batch (the dedup variant drops repeated keys).
 pub(crate) trait Admit<T>: Send + 'static {
@@ -69,10 +77,24 @@ pub(crate) fn batch_with<T: Send + 'static, A: Admit<T>>(
     }
     p.then(move |b, up| {
         let stats = b.stage(name, "batch");
-        let (tx, rx) = hop(HOP_CHUNKS);
-        let run = b.run.clone();
-        b.spawn(batcher(up, tx, stats, run, size.max(1), max_wait, admit));
-        Box::new(rx) as Upstream<Vec<T>>
+        let size = size.max(1);
+        let cap = size.min(crate::chunk::CHUNK_CAP);
+        Box::new(Batcher {
+            up,
+            open: Open {
+                items: Vec::with_capacity(cap),
+                tickets: Vec::new(),
+                due: None,
+            },
+            admit,
+            size,
+            cap,
+            max_wait,
+            timer: None,
+            armed: None,
+            ended: false,
+            stats,
+        }) as Upstream<Vec<T>>
     })
 }
 
@@ -99,102 +121,134 @@ impl<T> Open<T> {
     }
 }
 
-async fn batcher<T: Send + 'static, A: Admit<T>>(
-    mut up: Upstream<T>,
-    tx: mpsc::Sender<Chunk<Vec<T>>>,
-    stats: Arc<StageStats>,
-    run: Arc<RunCtx>,
+/// After this many input chunks without a batch to emit, yield to the scheduler (a batch
+/// that drops every item — the dedup variant — must not hog its thread).
+const CHUNKS_BEFORE_YIELD: usize = 16;
+
+struct Batcher<T, A> {
+    up: Upstream<T>,
+    open: Open<T>,
+    admit: A,
     size: usize,
+    cap: usize,
     max_wait: Duration,
-    mut admit: A,
-) {
-    let cancel = run.cancel.clone();
-    // Do not reserve a huge `size` up front: grow as items come.
-    let cap = size.min(crate::chunk::CHUNK_CAP);
-    let mut open = Open {
-        items: Vec::with_capacity(cap),
-        tickets: Vec::new(),
-        due: None,
-    };
-    // One timer for the whole run, re-armed once per batch (not created per wake-up).
-    let timer = tokio::time::sleep_until(Instant::now() + max_wait);
-    tokio::pin!(timer);
-    let mut armed: Option<Instant> = None;
-    loop {
-        let mut out: Chunk<Vec<T>> = Chunk::default();
+    /// One timer for the stage, re-armed once per batch (created on first use, inside the
+    /// run's runtime).
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: Option<Instant>,
+    ended: bool,
+    stats: Arc<StageStats>,
+}
+
+impl<T: Send + 'static, A: Admit<T>> Batcher<T, A> {
+    /// Whether the open batch's deadline has passed (registers for a wake-up if not).
+    fn poll_due(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(due) = self.open.due else {
+            return false;
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if self.armed != Some(due) {
+            timer.as_mut().reset(due);
+            self.armed = Some(due);
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
+
+    fn take(&mut self, chunk: Chunk<T>, out: &mut Chunk<Vec<T>>) -> usize {
+        StageStats::add(&self.stats.received, chunk.len());
         let mut inputs = 0usize;
-        let mut ended = false;
-        if open.due != armed {
-            if let Some(due) = open.due {
-                timer.as_mut().reset(due);
+        let mut dropped = 0usize;
+        let mut add = |item: T, ticket: Ticket| {
+            if !self.admit.admit(&item) {
+                dropped += 1;
+                ticket.finish(Outcome::Done);
+                return;
             }
-            armed = open.due;
-        }
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            _ = &mut timer, if open.due.is_some() => {
-                inputs += open.close(&mut out, cap);
-                admit.clear();
+            if self.open.items.is_empty() {
+                self.open.due = Some(Instant::now() + self.max_wait);
             }
-            next = next_chunk(&mut up) => match next {
-                None => {
-                    inputs += open.close(&mut out, cap);
-                    ended = true;
-                }
-                Some(chunk) => {
-                    StageStats::add(&stats.received, chunk.len());
-                    let mut dropped = 0usize;
-                    let mut add = |item: T, ticket: Ticket| {
-                        if !admit.admit(&item) {
-                            dropped += 1;
-                            ticket.finish(Outcome::Done);
-                            return;
-                        }
-                        if open.items.is_empty() {
-                            open.due = Some(Instant::now() + max_wait);
-                        }
-                        open.items.push(item);
-                        if ticket.is_some() {
-                            open.tickets.push(ticket);
-                        }
-                        if open.items.len() >= size {
-                            inputs += open.close(&mut out, cap);
-                            admit.clear();
-                        }
-                    };
-                    if chunk.tickets.is_empty() {
-                        for item in chunk.items {
-                            add(item, Ticket::none());
-                        }
-                    } else {
-                        for (item, ticket) in chunk.into_pairs() {
-                            add(item, ticket);
-                        }
-                    }
-                    StageStats::add(&stats.dropped, dropped);
-                }
-            },
+            self.open.items.push(item);
+            if ticket.is_some() {
+                self.open.tickets.push(ticket);
+            }
+            if self.open.items.len() >= self.size {
+                inputs += self.open.close(out, self.cap);
+                self.admit.clear();
+            }
+        };
+        if chunk.tickets.is_empty() {
+            for item in chunk.items {
+                add(item, Ticket::none());
+            }
+        } else {
+            for (item, ticket) in chunk.into_pairs() {
+                add(item, ticket);
+            }
         }
-        if !out.is_empty() {
-            let batches = out.len();
-            let sent = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                r = tx.send(out) => r.is_ok(),
-            };
-            if !sent {
+        StageStats::add(&self.stats.dropped, dropped);
+        inputs
+    }
+}
+
+impl<T: Send + 'static, A: Admit<T>> ChunkSource<Vec<T>> for Batcher<T, A> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk<Vec<T>>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let mut out = Chunk::default();
+        let mut inputs = 0usize;
+        let mut yield_now = true;
+        for _ in 0..CHUNKS_BEFORE_YIELD {
+            // The deadline first: items pulled now arrived after it.
+            if self.poll_due(cx) {
+                inputs += self.open.close(&mut out, self.cap);
+                self.admit.clear();
+                yield_now = false;
                 break;
             }
-            StageStats::add(&stats.passed, inputs);
-            StageStats::add(&stats.emitted, batches);
+            match self.up.poll_chunk(cx) {
+                Poll::Ready(Some(chunk)) => {
+                    inputs += self.take(chunk, &mut out);
+                    if !out.is_empty() {
+                        yield_now = false;
+                        break;
+                    }
+                }
+                Poll::Ready(None) => {
+                    inputs += self.open.close(&mut out, self.cap);
+                    self.ended = true;
+                    yield_now = false;
+                    break;
+                }
+                Poll::Pending => {
+                    // The timer was polled for the current batch just before: it will wake us.
+                    yield_now = false;
+                    break;
+                }
+            }
         }
-        if ended {
-            return;
+        if !out.is_empty() {
+            StageStats::add(&self.stats.passed, inputs);
+            StageStats::add(&self.stats.emitted, out.len());
+            return Poll::Ready(Some(out));
         }
-        tokio::task::consume_budget().await;
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        if yield_now {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
     }
-    StageStats::add(&stats.received, up.discard());
+
+    fn discard(&mut self) -> usize {
+        // The open batch's items were counted received; they stay unfinished.
+        let queued = self.up.discard();
+        StageStats::add(&self.stats.received, queued);
+        0
+    }
 }
 
 #[cfg(test)]
