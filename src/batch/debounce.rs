@@ -47,7 +47,19 @@ pub struct Debounce<T, K, F> {
 
 impl<T, K, F> Debounce<T, K, F> {
     /// Emits an item at most `m` after the first item it replaced, even if the input is
-    /// never quiet for the debounce period.
+    /// never quiet for the debounce period. Must be more than zero.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let report = Pipeline::from_iter(0..10)
+    ///     .debounce(Duration::from_millis(100))
+    ///         .max_wait(Duration::from_secs(1))
+    ///     .run().await.unwrap();
+    /// assert_eq!(report.stage("debounce").unwrap().dropped, 9);
+    /// # }
+    /// ```
     pub fn max_wait(mut self, m: Duration) -> Self {
         if m.is_zero() {
             self.p.settings.errors.push(Error::config(

@@ -18,7 +18,7 @@ use crate::report::StageStats;
 use crate::runtime::{ChunkSource, RunCtx, Upstream};
 
 /// Keys a TTL window remembers at most, unless [`Window::max_keys`] says otherwise.
-pub const DEFAULT_MAX_KEYS: usize = 1 << 20;
+pub(crate) const DEFAULT_MAX_KEYS: usize = 1 << 20;
 
 /// How long [`dedup_by`](crate::Flow::dedup_by) remembers a key. Memory is bounded either way.
 ///
@@ -37,8 +37,17 @@ pub struct Window {
 
 impl Window {
     /// A key that passed is remembered for `ttl` (measured from when it passed; a dropped
-    /// duplicate does not extend it), and at most [`DEFAULT_MAX_KEYS`] keys are remembered
-    /// (the oldest is forgotten first).
+    /// duplicate does not extend it), and at most 2^20 keys are remembered (the oldest is
+    /// forgotten first; see [`max_keys`](Window::max_keys)).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let out = Pipeline::from_iter(["a", "a"]).dedup_by(|s| *s, Window::ttl(Duration::from_secs(1))).collect().await.unwrap();
+    /// assert_eq!(out, vec!["a"]);
+    /// # }
+    /// ```
     pub fn ttl(ttl: Duration) -> Self {
         Window {
             ttl: Some(ttl),
@@ -47,6 +56,14 @@ impl Window {
     }
 
     /// The last `n` distinct keys that passed are remembered; the oldest is forgotten first.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter([1, 2, 1]).dedup_by(|x| *x, Window::last(1)).collect().await.unwrap();
+    /// assert_eq!(out, vec![1, 2, 1]);   // with one key remembered, 1 was forgotten for 2
+    /// # }
+    /// ```
     pub fn last(n: usize) -> Self {
         Window {
             ttl: None,
@@ -55,6 +72,13 @@ impl Window {
     }
 
     /// Bounds how many keys are remembered (the oldest is forgotten first).
+    ///
+    /// ```
+    /// use flowline::Window;
+    /// use std::time::Duration;
+    /// let w = Window::ttl(Duration::from_secs(600)).max_keys(10_000);
+    /// # let _ = w;
+    /// ```
     pub fn max_keys(mut self, n: usize) -> Self {
         self.max_keys = n;
         self

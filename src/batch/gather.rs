@@ -27,6 +27,11 @@ use crate::runtime::{RunCtx, Upstream, next_chunk};
 
 /// What happens to an object whose parts did not all arrive within the timeout (or before
 /// the part pipelines ended).
+///
+/// ```
+/// use flowline::Incomplete;
+/// assert_eq!(Incomplete::default(), Incomplete::Emit);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Incomplete {
     /// Emit it with `complete: false` (the default).
@@ -104,6 +109,20 @@ where
 {
     /// A gather whose objects expire `timeout` after their first part, with at most
     /// `max_open` objects open at once. Both must be more than zero.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::{Gather, Incomplete};
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let out = Gather::new(Duration::from_secs(1), 100)
+    ///     .part("a", Pipeline::from_iter([(1u8, 'x')]))
+    ///     .part("b", Pipeline::from_iter([(2u8, 'y')]))
+    ///     .incomplete(Incomplete::Emit)
+    ///     .collect().await.unwrap();
+    /// assert!(out.iter().all(|g| !g.complete));   // keys 1 and 2 each lack a part
+    /// # }
+    /// ```
     pub fn new(timeout: Duration, max_open: usize) -> Self {
         Gather {
             parts: Vec::new(),
@@ -114,12 +133,42 @@ where
     }
 
     /// Adds an expected part: `name`, and the pipeline that produces `(key, part)` pairs.
+    /// Only the parts' configuration errors carry over; run settings (deadline, error
+    /// policy, dead letters) are those set on the gathered pipeline.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::{Gather, Incomplete};
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let out = Gather::new(Duration::from_secs(1), 100)
+    ///     .part("a", Pipeline::from_iter([(1u8, 'x')]))
+    ///     .part("b", Pipeline::from_iter([(2u8, 'y')]))
+    ///     .incomplete(Incomplete::Emit)
+    ///     .collect().await.unwrap();
+    /// assert!(out.iter().all(|g| !g.complete));   // keys 1 and 2 each lack a part
+    /// # }
+    /// ```
     pub fn part(mut self, name: &str, pipeline: impl Flow<Item = (K, P)>) -> Self {
         self.parts.push((Arc::from(name), pipeline.into_pipeline()));
         self
     }
 
     /// What to do with an object that is still incomplete when it expires.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::{Gather, Incomplete};
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let out = Gather::new(Duration::from_secs(1), 100)
+    ///     .part("a", Pipeline::from_iter([(1u8, 'x')]))
+    ///     .part("b", Pipeline::from_iter([(2u8, 'y')]))
+    ///     .incomplete(Incomplete::Emit)
+    ///     .collect().await.unwrap();
+    /// assert!(out.iter().all(|g| !g.complete));   // keys 1 and 2 each lack a part
+    /// # }
+    /// ```
     pub fn incomplete(mut self, policy: Incomplete) -> Self {
         self.incomplete = policy;
         self

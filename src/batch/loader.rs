@@ -115,6 +115,18 @@ where
     /// A loader calling `f` with batches of up to `max_batch` distinct keys, gathered for at
     /// most `max_wait` after the first. `f` returns the values it found; a key it leaves out
     /// loads as `Ok(None)`. `max_batch` must be at least 1.
+    ///
+    /// ```
+    /// use flowline::Loader;
+    /// use std::collections::HashMap;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let squares = Loader::new(50, Duration::from_millis(2), |keys: Vec<u64>| async move {
+    ///     Ok::<_, String>(keys.into_iter().map(|k| (k, k * k)).collect::<HashMap<_, _>>())
+    /// }).unwrap();
+    /// assert_eq!(squares.load(7).await.unwrap(), Some(49));
+    /// # }
+    /// ```
     pub fn new<F, Fut, E>(max_batch: usize, max_wait: Duration, f: F) -> Result<Self, Error>
     where
         F: Fn(Vec<K>) -> Fut + Send + Sync + 'static,
@@ -235,11 +247,37 @@ where
     }
 
     /// How many times the batch function has been called.
+    ///
+    /// ```
+    /// use flowline::Loader;
+    /// use std::collections::HashMap;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let squares = Loader::new(50, Duration::from_millis(2), |keys: Vec<u64>| async move {
+    ///     Ok::<_, String>(keys.into_iter().map(|k| (k, k * k)).collect::<HashMap<_, _>>())
+    /// }).unwrap();
+    /// let _ = tokio::join!(squares.load(1), squares.load(2));
+    /// assert_eq!(squares.batch_calls(), 1);
+    /// # }
+    /// ```
     pub fn batch_calls(&self) -> u64 {
         self.inner.calls.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Loads one key.
+    /// Loads one key: `Ok(Some(v))` found, `Ok(None)` not found, `Err` if the batch call
+    /// or this key failed.
+    ///
+    /// ```
+    /// use flowline::Loader;
+    /// use std::collections::HashMap;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let squares = Loader::new(50, Duration::from_millis(2), |keys: Vec<u64>| async move {
+    ///     Ok::<_, String>(keys.into_iter().map(|k| (k, k * k)).collect::<HashMap<_, _>>())
+    /// }).unwrap();
+    /// assert_eq!(squares.load(3).await.unwrap(), Some(9));
+    /// # }
+    /// ```
     pub async fn load(&self, key: K) -> Result<Option<V>, LoadError> {
         let rx = {
             let mut state = self.lock();
@@ -252,6 +290,19 @@ where
     }
 
     /// Loads several keys (answers in the same order); they join the current batch together.
+    ///
+    /// ```
+    /// use flowline::Loader;
+    /// use std::collections::HashMap;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let squares = Loader::new(50, Duration::from_millis(2), |keys: Vec<u64>| async move {
+    ///     Ok::<_, String>(keys.into_iter().map(|k| (k, k * k)).collect::<HashMap<_, _>>())
+    /// }).unwrap();
+    /// let r = squares.load_many(vec![2, 3]).await;
+    /// assert_eq!((r[0].clone().unwrap(), r[1].clone().unwrap()), (Some(4), Some(9)));
+    /// # }
+    /// ```
     pub async fn load_many(&self, keys: Vec<K>) -> Vec<Result<Option<V>, LoadError>> {
         let waits: Vec<Result<Answer<V>, oneshot::Receiver<Answer<V>>>> = {
             let mut state = self.lock();

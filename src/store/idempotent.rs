@@ -28,7 +28,7 @@ use crate::runtime::hop::{HOP_CHUNKS, hop};
 use crate::runtime::{RunCtx, Upstream, next_chunk};
 
 /// How long a reservation lasts unless [`Idempotent::ttl`] says otherwise.
-pub const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(600);
+pub(crate) const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(600);
 
 /// An idempotent stage being configured; returned by [`Flow::idempotent`].
 ///
@@ -53,7 +53,15 @@ pub struct Idempotent<T, S, F> {
 
 impl<T, S, F> Idempotent<T, S, F> {
     /// How long a reservation lasts before another run may take the key over. It must
-    /// exceed the time an item takes to go through the pipeline.
+    /// exceed the time an item takes to go through the pipeline. Must be more than zero.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::MemoryStore;
+    /// use std::time::Duration;
+    /// let plan = Pipeline::from_iter(0..3).idempotent(MemoryStore::new(), |x| *x).ttl(Duration::from_secs(30));
+    /// # let _ = plan;
+    /// ```
     pub fn ttl(mut self, ttl: Duration) -> Self {
         if ttl.is_zero() {
             self.p.settings.errors.push(Error::config(

@@ -56,6 +56,18 @@ fn next_holder() -> u64 {
 
 impl MemoryStore {
     /// An empty store.
+    ///
+    /// ```
+    /// use flowline::{MemoryStore, Reservation, Store};
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let store = MemoryStore::new();
+    /// let other = store.handle();
+    /// let k = vec!["job-1".to_string()];
+    /// assert_eq!(store.reserve(&k, Duration::from_secs(5)).await.unwrap(), vec![Reservation::Reserved]);
+    /// assert_eq!(other.reserve(&k, Duration::from_secs(5)).await.unwrap(), vec![Reservation::Busy]);
+    /// # }
+    /// ```
     pub fn new() -> Self {
         MemoryStore {
             entries: Arc::default(),
@@ -64,6 +76,18 @@ impl MemoryStore {
     }
 
     /// Another holder of the same state (its reservations are distinct from this one's).
+    ///
+    /// ```
+    /// use flowline::{MemoryStore, Reservation, Store};
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let store = MemoryStore::new();
+    /// let other = store.handle();
+    /// let k = vec!["job-1".to_string()];
+    /// assert_eq!(store.reserve(&k, Duration::from_secs(5)).await.unwrap(), vec![Reservation::Reserved]);
+    /// assert_eq!(other.reserve(&k, Duration::from_secs(5)).await.unwrap(), vec![Reservation::Busy]);
+    /// # }
+    /// ```
     pub fn handle(&self) -> Self {
         MemoryStore {
             entries: self.entries.clone(),

@@ -19,9 +19,27 @@ pub use memory::MemoryStore;
 pub use sqlite::SqliteStore;
 
 /// A boxed future, as returned by the methods of [`Store`] (which stays object safe).
+///
+/// ```
+/// use flowline::{BoxError, StoreFuture};
+/// fn nothing<'a>() -> StoreFuture<'a, ()> { Box::pin(async { Ok::<(), BoxError>(()) }) }
+/// # let _ = nothing();
+/// ```
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send + 'a>>;
 
 /// What [`Store::reserve`] found for a key.
+///
+/// ```
+/// use flowline::{MemoryStore, Reservation, Store};
+/// use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let a = MemoryStore::new();
+/// let k = vec!["k".to_string()];
+/// let b = a.handle();                                   // a second holder of a's state
+/// a.reserve(&k, Duration::from_secs(9)).await.unwrap();
+/// assert_eq!(b.reserve(&k, Duration::from_secs(9)).await.unwrap(), vec![Reservation::Busy]);
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reservation {
     /// The key is now reserved by this store handle: process the item.

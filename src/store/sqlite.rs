@@ -77,6 +77,19 @@ fn new_holder() -> Arc<str> {
 impl SqliteStore {
     /// Opens (creating if needed) the database file at `path`, with the scope `default`.
     /// The file and its table are created on first use.
+    ///
+    /// ```
+    /// use flowline::{Reservation, SqliteStore, Store};
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let store = SqliteStore::open(dir.path().join("state.db")).unwrap().scope("orders");
+    /// let other = store.handle();
+    /// let k = vec!["order-7".to_string()];
+    /// assert_eq!(store.reserve(&k, Duration::from_secs(60)).await.unwrap(), vec![Reservation::Reserved]);
+    /// assert_eq!(other.reserve(&k, Duration::from_secs(60)).await.unwrap(), vec![Reservation::Busy]);
+    /// # }
+    /// ```
     pub fn open(path: impl AsRef<Path>) -> Result<Self, BoxError> {
         let path = path.as_ref();
         let conn =
@@ -105,12 +118,38 @@ impl SqliteStore {
     }
 
     /// The same file, keys kept apart under `scope` (one scope per pipeline sharing a file).
+    ///
+    /// ```
+    /// use flowline::{Reservation, SqliteStore, Store};
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let store = SqliteStore::open(dir.path().join("state.db")).unwrap().scope("orders");
+    /// let other = store.handle();
+    /// let k = vec!["order-7".to_string()];
+    /// assert_eq!(store.reserve(&k, Duration::from_secs(60)).await.unwrap(), vec![Reservation::Reserved]);
+    /// assert_eq!(other.reserve(&k, Duration::from_secs(60)).await.unwrap(), vec![Reservation::Busy]);
+    /// # }
+    /// ```
     pub fn scope(mut self, scope: &str) -> Self {
         self.scope = Arc::from(scope);
         self
     }
 
     /// Another holder on the same connection (as a second process would be).
+    ///
+    /// ```
+    /// use flowline::{Reservation, SqliteStore, Store};
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let store = SqliteStore::open(dir.path().join("state.db")).unwrap().scope("orders");
+    /// let other = store.handle();
+    /// let k = vec!["order-7".to_string()];
+    /// assert_eq!(store.reserve(&k, Duration::from_secs(60)).await.unwrap(), vec![Reservation::Reserved]);
+    /// assert_eq!(other.reserve(&k, Duration::from_secs(60)).await.unwrap(), vec![Reservation::Busy]);
+    /// # }
+    /// ```
     pub fn handle(&self) -> Self {
         SqliteStore {
             inner: self.inner.clone(),
