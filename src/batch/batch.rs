@@ -332,6 +332,22 @@ mod tests {
         assert!(report.is_balanced());
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_run_counts_the_open_batch_as_unfinished() {
+        let handle = ticking(u64::MAX, Duration::from_millis(10))
+            .batch(1000, Duration::from_secs(3600))
+            .spawn();
+        tokio::time::sleep(Duration::from_millis(55)).await;
+        handle.cancel();
+        let err = handle.join().await.unwrap_err();
+        let report = err.report().unwrap();
+        let b = report.stage("batch").unwrap();
+        assert_eq!((b.passed, b.emitted), (0, 0));
+        assert_eq!(b.unfinished, b.received);
+        assert!(b.received >= 5);
+        assert!(report.is_balanced());
+    }
+
     #[tokio::test]
     async fn zero_size_and_zero_wait_are_rejected() {
         let err = Pipeline::from_iter(0..3)
