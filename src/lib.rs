@@ -56,13 +56,15 @@ mod runtime;
 mod sink;
 mod source;
 mod stage;
+// Issue 4: batching, dedup, debounce, idempotency, dataloader, gather.
+mod batch;
 // ---- issue 5: steer and see a running pipeline ----
 mod observe;
 mod store;
 pub use observe::progress::{ProgressOptions, StderrAboveProgress};
 pub use observe::stall::{Stall, StallAction};
 pub use source::Page;
-pub use store::checkpoint::{CheckpointStore, MemoryCheckpoints, StoreFuture};
+pub use store::checkpoint::{CheckpointStore, MemoryCheckpoints};
 #[cfg(feature = "sqlite")]
 pub use store::checkpoint_sqlite::SqliteCheckpoints;
 
@@ -72,6 +74,11 @@ pub use handle::{Handle, ItemStream};
 pub use pipeline::{ErrorPolicy, Flow, Pipeline};
 pub use report::{LatencySummary, Report, RunOutcome, StageReport};
 pub use stage::map_async::{AsyncStage, Fallible, Infallible, StageFn};
+// Issue 4: batching, dedup, debounce, idempotency, dataloader, gather.
+pub use batch::{Debounce, Gather, Gathered, Incomplete, LoadError, Loader, Window};
+#[cfg(feature = "sqlite")]
+pub use store::SqliteStore;
+pub use store::{Idempotent, MemoryStore, Reservation, Store, StoreFuture};
 
 /// Everything a pipeline author needs: `use flowline::prelude::*;`.
 pub mod prelude {
@@ -79,4 +86,6 @@ pub mod prelude {
         DeadLetter, Error, ErrorPolicy, Failure, Flow, Handle, ItemError, Pipeline, Report,
         RunOutcome,
     };
+    // Issue 4
+    pub use crate::{Loader, Window};
 }

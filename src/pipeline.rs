@@ -499,6 +499,13 @@ pub trait Flow: Sized + Send + 'static {
 
     /// Calls `f` with a snapshot of every stage's counters every `every`, whether items flow
     /// or not (paused, waiting on the source): the pipeline's sign of life.
+    // ---- Batching, deduplication, debounce, idempotency, dataloader and gather ----
+
+    /// Groups items into `Vec`s of up to `size`: a batch is emitted when full, or `max_wait`
+    /// (tokio's clock) after its first item, whichever comes first. Never emits an empty
+    /// batch; flushes what it holds when the input ends or the run stops gracefully. It runs
+    /// in the task that pulls it (no extra hop); `.buffer(n)` before it lets the stages in
+    /// front work ahead. `size` and `max_wait` must be more than zero.
     ///
     /// ```
     /// use flowline::prelude::*;
@@ -535,6 +542,146 @@ pub trait Flow: Sized + Send + 'static {
     /// ```
     fn stall_after(self, after: Duration, action: crate::StallAction) -> Pipeline<Self::Item> {
         crate::observe::stall::stall_after(self.into_pipeline(), after, action)
+    /// let out = Pipeline::from_iter(0..5).batch(2, Duration::from_millis(200)).collect().await.unwrap();
+    /// assert_eq!(out, vec![vec![0, 1], vec![2, 3], vec![4]]);
+    /// # }
+    /// ```
+    fn batch(self, size: usize, max_wait: Duration) -> Pipeline<Vec<Self::Item>> {
+        crate::batch::batch::batch(self.into_pipeline(), size, max_wait)
+    }
+
+    /// Flattens batches back into items.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter([vec![1, 2], vec![], vec![3]]).unbatch().collect().await.unwrap();
+    /// assert_eq!(out, vec![1, 2, 3]);
+    /// # }
+    /// ```
+    fn unbatch<U>(self) -> Pipeline<U>
+    where
+        U: Send + 'static,
+        Self: Flow<Item = Vec<U>>,
+    {
+        crate::batch::unbatch::unbatch(self.into_pipeline())
+    }
+
+    /// Like [`batch`](Flow::batch), with each key at most once per batch: a later item with
+    /// a key already in the open batch is dropped (and counted). For batched lookups by id.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let out = Pipeline::from_iter([7, 7, 8, 7, 9])
+    ///     .batch_dedup_by(10, Duration::from_millis(50), |id| *id)
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out, vec![vec![7, 8, 9]]);
+    /// # }
+    /// ```
+    fn batch_dedup_by<K, F>(
+        self,
+        size: usize,
+        max_wait: Duration,
+        key: F,
+    ) -> Pipeline<Vec<Self::Item>>
+    where
+        K: std::hash::Hash + Eq + Send + 'static,
+        F: FnMut(&Self::Item) -> K + Send + 'static,
+    {
+        crate::batch::batch_dedup::batch_dedup_by(self.into_pipeline(), size, max_wait, key)
+    }
+
+    /// Drops an item whose key already passed within `window` ([`Window::ttl`] or
+    /// [`Window::last`]); memory is bounded. Dropped duplicates are counted.
+    ///
+    /// [`Window::ttl`]: crate::Window::ttl
+    /// [`Window::last`]: crate::Window::last
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let out = Pipeline::from_iter([1, 2, 1, 3, 2])
+    ///     .dedup_by(|x| *x, Window::ttl(Duration::from_secs(60)))
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out, vec![1, 2, 3]);
+    /// # }
+    /// ```
+    fn dedup_by<K, F>(self, key: F, window: crate::Window) -> Pipeline<Self::Item>
+    where
+        K: std::hash::Hash + Eq + Clone + Send + 'static,
+        F: FnMut(&Self::Item) -> K + Send + 'static,
+    {
+        crate::batch::dedup::dedup_by(self.into_pipeline(), key, window)
+    }
+
+    /// Emits the latest item once `period` has passed without a newer one (add
+    /// [`max_wait`](crate::Debounce::max_wait) so a never-quiet input still emits). Replaced
+    /// items are counted as dropped.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let out = Pipeline::from_iter([1, 2, 3]).debounce(Duration::from_millis(100)).collect().await.unwrap();
+    /// assert_eq!(out, vec![3]);
+    /// # }
+    /// ```
+    #[allow(clippy::type_complexity)]
+    fn debounce(self, period: Duration) -> crate::Debounce<Self::Item, (), fn(&Self::Item)> {
+        fn unit<T>(_: &T) {}
+        crate::batch::debounce::debounce_by(
+            self.into_pipeline(),
+            "debounce",
+            unit::<Self::Item>,
+            period,
+        )
+    }
+
+    /// Like [`debounce`](Flow::debounce), per key: the latest item of each key.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let out = Pipeline::from_iter([("a", 1), ("b", 1), ("a", 2)])
+    ///     .debounce_by(|(k, _)| *k, Duration::from_millis(100))
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out, vec![("b", 1), ("a", 2)]);
+    /// # }
+    /// ```
+    fn debounce_by<K, F>(self, key: F, period: Duration) -> crate::Debounce<Self::Item, K, F>
+    where
+        K: std::hash::Hash + Eq + Clone + Send + 'static,
+        F: FnMut(&Self::Item) -> K + Send + 'static,
+    {
+        crate::batch::debounce::debounce_by(self.into_pipeline(), "debounce", key, period)
+    }
+
+    /// Skips an item whose key is already done in `store` — in this run or an earlier one —
+    /// and counts it as dropped. The key is reserved when the item enters and committed only
+    /// when the item has finished the pipeline successfully; a failed item's key is released
+    /// and retried next run. See [`Store`](crate::Store).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::MemoryStore;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let store = MemoryStore::new();
+    /// Pipeline::from_iter([1, 2]).idempotent(store.clone(), |x| *x).run().await.unwrap();
+    /// let again = Pipeline::from_iter([1, 2, 3]).idempotent(store, |x| *x).collect().await.unwrap();
+    /// assert_eq!(again, vec![3]);
+    /// # }
+    /// ```
+    fn idempotent<S, K, F>(self, store: S, key: F) -> crate::Idempotent<Self::Item, S, F>
+    where
+        S: crate::Store,
+        K: std::fmt::Display + 'static,
+        F: FnMut(&Self::Item) -> K + Send + 'static,
+    {
+        crate::store::idempotent::idempotent(self.into_pipeline(), store, key)
     }
 }
 

@@ -7,6 +7,7 @@
 //! cargo run --release -p flowline-bench -- core hops8      # one case
 //! ```
 
+mod batch;
 mod core;
 mod source;
 mod util;
@@ -22,8 +23,9 @@ fn main() {
     match suite {
         "core" => core::run(case),
         "source" => source::run(),
+        "batch" => batch::run(),
         other => {
-            eprintln!("unknown suite `{other}`; suites: core, source");
+            eprintln!("unknown suite `{other}`; suites: core, source, batch");
             std::process::exit(2);
         }
     }

@@ -10,9 +10,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use crate::error::BoxError;
+use crate::store::StoreFuture;
 
-/// A boxed future, as returned by [`CheckpointStore`] methods.
-pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send + 'a>>;
 
 /// Keeps the last committed cursor of each named pipeline.
 ///

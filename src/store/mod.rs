@@ -1,7 +1,105 @@
-//! Stores a run keeps state in across restarts.
-//!
-//! (issue 5) Cursor checkpoints: [`CheckpointStore`], in memory or in SQLite.
+//! Stores that keep state across runs (issue 4: idempotency). One SQLite file can hold every
+//! kind of state: each kind has its own table, prefixed `flowline_` (idempotency keys live in
+//! `flowline_idempotency`; checkpoints can live beside them).
 
 pub(crate) mod checkpoint;
 #[cfg(feature = "sqlite")]
 pub(crate) mod checkpoint_sqlite;
+pub(crate) mod idempotent;
+mod memory;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use crate::error::BoxError;
+
+pub use idempotent::Idempotent;
+pub use memory::MemoryStore;
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStore;
+
+/// A boxed future, as returned by the methods of [`Store`] (which stays object safe).
+///
+/// ```
+/// use flowline::{BoxError, StoreFuture};
+/// fn nothing<'a>() -> StoreFuture<'a, ()> { Box::pin(async { Ok::<(), BoxError>(()) }) }
+/// # let _ = nothing();
+/// ```
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send + 'a>>;
+
+/// What [`Store::reserve`] found for a key.
+///
+/// ```
+/// use flowline::{MemoryStore, Reservation, Store};
+/// use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let a = MemoryStore::new();
+/// let k = vec!["k".to_string()];
+/// let b = a.handle();                                   // a second holder of a's state
+/// a.reserve(&k, Duration::from_secs(9)).await.unwrap();
+/// assert_eq!(b.reserve(&k, Duration::from_secs(9)).await.unwrap(), vec![Reservation::Busy]);
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// The key is now reserved by this store handle: process the item.
+    Reserved,
+    /// The key was processed to the end before: skip the item.
+    AlreadyDone,
+    /// Another holder reserved the key and its reservation has not expired: skip the item.
+    Busy,
+}
+
+/// Idempotency state: two-phase, so that a key counts as done only once its item has
+/// finished. Calls take a whole chunk of keys, so a store that does I/O makes one round
+/// trip per chunk, not per item.
+///
+/// A reservation expires after its `ttl`; an expired reservation (its holder crashed, or
+/// never finished) is taken over by the next `reserve`. `commit` and `release` act only on
+/// reservations this handle holds, so a holder whose reservation was taken over cannot
+/// commit another's work.
+///
+/// ```
+/// use flowline::{MemoryStore, Reservation, Store};
+/// use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let store = MemoryStore::new();
+/// let keys = vec!["a".to_string()];
+/// let ttl = Duration::from_secs(60);
+/// assert_eq!(store.reserve(&keys, ttl).await.unwrap(), vec![Reservation::Reserved]);
+/// store.commit(&keys).await.unwrap();
+/// assert_eq!(store.reserve(&keys, ttl).await.unwrap(), vec![Reservation::AlreadyDone]);
+/// # }
+/// ```
+pub trait Store: Send + Sync + 'static {
+    /// Reserves each key for `ttl` unless it is done or reserved by someone else.
+    fn reserve<'a>(
+        &'a self,
+        keys: &'a [String],
+        ttl: Duration,
+    ) -> StoreFuture<'a, Vec<Reservation>>;
+    /// Marks keys this handle reserved as done, for good.
+    fn commit<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()>;
+    /// Gives up this handle's reservations of keys (their items failed): they may be
+    /// processed again.
+    fn release<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()>;
+}
+
+impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
+    fn reserve<'a>(
+        &'a self,
+        keys: &'a [String],
+        ttl: Duration,
+    ) -> StoreFuture<'a, Vec<Reservation>> {
+        (**self).reserve(keys, ttl)
+    }
+    fn commit<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        (**self).commit(keys)
+    }
+    fn release<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        (**self).release(keys)
+    }
+}

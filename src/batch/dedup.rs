@@ -1,0 +1,272 @@
+//! `dedup_by(key, window)`: drops an item whose key already passed within the window.
+//!
+//! Its own chunk source rather than a plain fused step so that it reads the clock once per
+//! chunk, not once per item.
+
+use std::hash::Hash;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::batch::ttl_map::TtlMap;
+use crate::chunk::{Chunk, process};
+use crate::error::{Error, Failure};
+use crate::pipeline::Pipeline;
+use crate::report::StageStats;
+use crate::runtime::{ChunkSource, RunCtx, Upstream};
+
+/// Keys a TTL window remembers at most, unless [`Window::max_keys`] says otherwise.
+pub(crate) const DEFAULT_MAX_KEYS: usize = 1 << 20;
+
+/// How long [`dedup_by`](crate::Flow::dedup_by) remembers a key. Memory is bounded either way.
+///
+/// ```
+/// use flowline::Window;
+/// use std::time::Duration;
+/// let w = Window::ttl(Duration::from_secs(60)).max_keys(100_000); // time, with a bound
+/// let l = Window::last(1_000);                                    // the last 1,000 keys
+/// # let _ = (w, l);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    ttl: Option<Duration>,
+    max_keys: usize,
+}
+
+impl Window {
+    /// A key that passed is remembered for `ttl` (measured from when it passed; a dropped
+    /// duplicate does not extend it), and at most 2^20 keys are remembered (the oldest is
+    /// forgotten first; see [`max_keys`](Window::max_keys)).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let out = Pipeline::from_iter(["a", "a"]).dedup_by(|s| *s, Window::ttl(Duration::from_secs(1))).collect().await.unwrap();
+    /// assert_eq!(out, vec!["a"]);
+    /// # }
+    /// ```
+    pub fn ttl(ttl: Duration) -> Self {
+        Window {
+            ttl: Some(ttl),
+            max_keys: DEFAULT_MAX_KEYS,
+        }
+    }
+
+    /// The last `n` distinct keys that passed are remembered; the oldest is forgotten first.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter([1, 2, 1]).dedup_by(|x| *x, Window::last(1)).collect().await.unwrap();
+    /// assert_eq!(out, vec![1, 2, 1]);   // with one key remembered, 1 was forgotten for 2
+    /// # }
+    /// ```
+    pub fn last(n: usize) -> Self {
+        Window {
+            ttl: None,
+            max_keys: n,
+        }
+    }
+
+    /// Bounds how many keys are remembered (the oldest is forgotten first).
+    ///
+    /// ```
+    /// use flowline::Window;
+    /// use std::time::Duration;
+    /// let w = Window::ttl(Duration::from_secs(600)).max_keys(10_000);
+    /// # let _ = w;
+    /// ```
+    pub fn max_keys(mut self, n: usize) -> Self {
+        self.max_keys = n;
+        self
+    }
+
+    fn check(&self) -> Option<Error> {
+        if self.ttl.is_some_and(|d| d.is_zero()) {
+            return Some(Error::config(
+                "dedup",
+                "window.ttl",
+                self.ttl.unwrap_or_default(),
+                "must be more than zero",
+            ));
+        }
+        if self.max_keys == 0 {
+            let option = if self.ttl.is_some() {
+                "window.max_keys"
+            } else {
+                "window.last"
+            };
+            return Some(Error::config(
+                "dedup",
+                option,
+                self.max_keys,
+                "must be at least 1",
+            ));
+        }
+        None
+    }
+}
+
+struct Dedup<T, K, F> {
+    up: Upstream<T>,
+    key: F,
+    seen: TtlMap<K, ()>,
+    stats: Arc<StageStats>,
+    run: Arc<RunCtx>,
+}
+
+impl<T, K, F> ChunkSource<T> for Dedup<T, K, F>
+where
+    T: Send + 'static,
+    K: Hash + Eq + Clone + Send + 'static,
+    F: FnMut(&T) -> K + Send + 'static,
+{
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk<T>>> {
+        let chunk = match self.up.poll_chunk(cx) {
+            Poll::Ready(Some(c)) => c,
+            other => return other,
+        };
+        let now = Instant::now();
+        self.seen.evict(now);
+        let n = chunk.len();
+        let (key, seen) = (&mut self.key, &mut self.seen);
+        let p = process(chunk, &mut |item: T, out: &mut crate::chunk::Emit<T>| {
+            let k = key(&item);
+            if seen.get(&k, now).is_none() {
+                seen.insert(k, (), now);
+                out.push(item);
+            }
+        });
+        self.stats
+            .chunk(n, p.passed, p.chunk.len(), p.dropped, p.panics.len());
+        for error in p.panics {
+            self.run
+                .fail(Failure::new(self.stats.name.clone(), error, 1));
+        }
+        if !p.chunk.is_empty() {
+            return Poll::Ready(Some(p.chunk));
+        }
+        // A chunk of duplicates only: yield rather than hog the thread.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn discard(&mut self) -> usize {
+        let queued = self.up.discard();
+        StageStats::add(&self.stats.received, queued);
+        0
+    }
+}
+
+pub(crate) fn dedup_by<T, K, F>(mut p: Pipeline<T>, key: F, window: Window) -> Pipeline<T>
+where
+    T: Send + 'static,
+    K: Hash + Eq + Clone + Send + 'static,
+    F: FnMut(&T) -> K + Send + 'static,
+{
+    if let Some(e) = window.check() {
+        p.settings.errors.push(e);
+    }
+    p.then(move |b, up| {
+        let stats = b.stage("dedup", "dedup");
+        Box::new(Dedup {
+            up,
+            key,
+            seen: TtlMap::new(window.ttl, window.max_keys),
+            stats,
+            run: b.run.clone(),
+        }) as Upstream<T>
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Window;
+    use crate::prelude::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_passes_again_once_its_ttl_expired() {
+        // one item per 10 ms: key x % 3 -> keys 0,1,2,0,1,2,... at 10,20,30,40,...
+        let (out, report) = Pipeline::from_iter(0..12u64)
+            .map_async("tick", |x| async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                x
+            })
+            .dedup_by(|x| x % 3, Window::ttl(Duration::from_millis(45)))
+            .collect_with_report()
+            .await
+            .unwrap();
+        // key 0 passes at 10 ms (item 0); item 3 at 40 ms is within 45 ms; item 6 at 70 ms
+        // is past 55 ms: passes again (remembered until 115 ms), item 9 at 100 ms dropped.
+        assert_eq!(out, vec![0, 1, 2, 6, 7, 8]);
+        let d = report.stage("dedup").unwrap();
+        assert_eq!((d.received, d.passed, d.dropped), (12, 6, 6));
+        assert!(report.is_balanced());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_exact_ttl_boundary_lets_the_key_through() {
+        let out = Pipeline::from_iter(0..4u64)
+            .map_async("tick", |x| async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                x
+            })
+            .dedup_by(|_| "same", Window::ttl(Duration::from_millis(20)))
+            .collect()
+            .await
+            .unwrap();
+        // passes at 10; 20 dropped; 30 = 10 + 20: expired, passes; 40 dropped
+        assert_eq!(out, vec![0, 2]);
+    }
+
+    #[tokio::test]
+    async fn last_n_forgets_the_oldest_key() {
+        let out = Pipeline::from_iter([1, 2, 3, 1, 4, 1, 2])
+            .dedup_by(|x| *x, Window::last(3))
+            .collect()
+            .await
+            .unwrap();
+        // 1,2,3 pass; 1 dup; 4 passes and evicts 1; 1 passes (evicts 2); 2 passes
+        assert_eq!(out, vec![1, 2, 3, 4, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn memory_bound_holds_with_many_distinct_keys() {
+        // a bound of 100 keys: a repeat of a key seen 1,000 keys ago passes again
+        let out = Pipeline::from_iter((0..1000u32).chain(0..1000))
+            .dedup_by(|x| *x, Window::ttl(Duration::from_secs(3600)).max_keys(100))
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(out.len(), 2000);
+        let out = Pipeline::from_iter((0..100u32).chain(0..100))
+            .dedup_by(|x| *x, Window::ttl(Duration::from_secs(3600)).max_keys(100))
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(out.len(), 100);
+    }
+
+    #[tokio::test]
+    async fn zero_windows_are_rejected() {
+        let err = Pipeline::from_iter(0..3)
+            .dedup_by(|x| *x, Window::ttl(Duration::ZERO))
+            .run()
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: stage `dedup`: window.ttl = 0ns: must be more than zero"
+        );
+        let err = Pipeline::from_iter(0..3)
+            .dedup_by(|x| *x, Window::last(0))
+            .run()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("window.last = 0"), "{err}");
+    }
+}

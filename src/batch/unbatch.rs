@@ -1,0 +1,32 @@
+//! `unbatch()`: flattens batches back into items; each item keeps its batch's ticket.
+
+use crate::pipeline::Pipeline;
+use crate::stage::fused::fuse;
+
+pub(crate) fn unbatch<T: Send + 'static>(p: Pipeline<Vec<T>>) -> Pipeline<T> {
+    fuse(p, "unbatch", |batch: Vec<T>, out| {
+        for item in batch {
+            out.push(item)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::prelude::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn batch_then_unbatch_is_the_identity() {
+        let (out, report) = Pipeline::from_iter(0..1000u32)
+            .batch(7, Duration::from_millis(5))
+            .unbatch()
+            .collect_with_report()
+            .await
+            .unwrap();
+        assert_eq!(out, (0..1000).collect::<Vec<_>>());
+        let u = report.stage("unbatch").unwrap();
+        assert_eq!((u.received, u.emitted), (143, 1000));
+        assert!(report.is_balanced());
+    }
+}

@@ -1,0 +1,207 @@
+//! [`MemoryStore`]: idempotency state in this process (tests, single runs, or several runs
+//! of one process). Reservations expire on tokio's clock.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Reservation, Store, StoreFuture};
+
+#[derive(Clone, Copy)]
+enum Entry {
+    Reserved { holder: u64, until: Instant },
+    Done,
+}
+
+/// An in-memory [`Store`]. Clones share the same state *and* the same holder identity; use
+/// [`MemoryStore::handle`] for a second holder (as a second process would be).
+///
+/// ```
+/// use flowline::prelude::*;
+/// use flowline::MemoryStore;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let store = MemoryStore::new();
+/// let first = Pipeline::from_iter([1, 2, 3]).idempotent(store.clone(), |x| *x).run().await.unwrap();
+/// let again = Pipeline::from_iter([2, 3, 4]).idempotent(store.clone(), |x| *x).run().await.unwrap();
+/// assert_eq!((first.delivered(), again.delivered()), (3, 1));   // only 4 is new
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct MemoryStore {
+    entries: Arc<Mutex<HashMap<String, Entry>>>,
+    holder: u64,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("holder", &self.holder)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+static HOLDERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_holder() -> u64 {
+    HOLDERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+impl MemoryStore {
+    /// An empty store.
+    ///
+    /// ```
+    /// use flowline::{MemoryStore, Reservation, Store};
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let store = MemoryStore::new();
+    /// let other = store.handle();
+    /// let k = vec!["job-1".to_string()];
+    /// assert_eq!(store.reserve(&k, Duration::from_secs(5)).await.unwrap(), vec![Reservation::Reserved]);
+    /// assert_eq!(other.reserve(&k, Duration::from_secs(5)).await.unwrap(), vec![Reservation::Busy]);
+    /// # }
+    /// ```
+    pub fn new() -> Self {
+        MemoryStore {
+            entries: Arc::default(),
+            holder: next_holder(),
+        }
+    }
+
+    /// Another holder of the same state (its reservations are distinct from this one's).
+    ///
+    /// ```
+    /// use flowline::{MemoryStore, Reservation, Store};
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let store = MemoryStore::new();
+    /// let other = store.handle();
+    /// let k = vec!["job-1".to_string()];
+    /// assert_eq!(store.reserve(&k, Duration::from_secs(5)).await.unwrap(), vec![Reservation::Reserved]);
+    /// assert_eq!(other.reserve(&k, Duration::from_secs(5)).await.unwrap(), vec![Reservation::Busy]);
+    /// # }
+    /// ```
+    pub fn handle(&self) -> Self {
+        MemoryStore {
+            entries: self.entries.clone(),
+            holder: next_holder(),
+        }
+    }
+
+    fn update(&self, keys: &[String], f: impl Fn(Option<Entry>) -> Option<Entry>) {
+        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        for k in keys {
+            let cur = map.get(k).copied();
+            match f(cur) {
+                Some(e) => {
+                    map.insert(k.clone(), e);
+                }
+                None => {
+                    map.remove(k);
+                }
+            }
+        }
+    }
+}
+
+impl Store for MemoryStore {
+    fn reserve<'a>(
+        &'a self,
+        keys: &'a [String],
+        ttl: Duration,
+    ) -> StoreFuture<'a, Vec<Reservation>> {
+        let now = Instant::now();
+        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let out = keys
+            .iter()
+            .map(|k| match map.get(k) {
+                Some(Entry::Done) => Reservation::AlreadyDone,
+                Some(Entry::Reserved { until, .. }) if *until > now => Reservation::Busy,
+                _ => {
+                    map.insert(
+                        k.clone(),
+                        Entry::Reserved {
+                            holder: self.holder,
+                            until: now + ttl,
+                        },
+                    );
+                    Reservation::Reserved
+                }
+            })
+            .collect();
+        Box::pin(std::future::ready(Ok(out)))
+    }
+
+    fn commit<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        let me = self.holder;
+        self.update(keys, |e| match e {
+            Some(Entry::Reserved { holder, .. }) if holder == me => Some(Entry::Done),
+            other => other,
+        });
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn release<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        let me = self.holder;
+        self.update(keys, |e| match e {
+            Some(Entry::Reserved { holder, .. }) if holder == me => None,
+            other => other,
+        });
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(k: &[&str]) -> Vec<String> {
+        k.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_reservation_is_taken_over_and_the_old_holder_cannot_commit() {
+        let a = MemoryStore::new();
+        let b = a.handle();
+        let k = keys(&["k"]);
+        let ttl = Duration::from_secs(30);
+        assert_eq!(
+            a.reserve(&k, ttl).await.unwrap(),
+            vec![Reservation::Reserved]
+        );
+        tokio::time::advance(Duration::from_millis(29_999)).await;
+        assert_eq!(b.reserve(&k, ttl).await.unwrap(), vec![Reservation::Busy]);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(
+            b.reserve(&k, ttl).await.unwrap(),
+            vec![Reservation::Reserved]
+        );
+        a.commit(&k).await.unwrap(); // no longer a's: ignored
+        assert_eq!(a.reserve(&k, ttl).await.unwrap(), vec![Reservation::Busy]);
+        b.commit(&k).await.unwrap();
+        assert_eq!(
+            a.reserve(&k, ttl).await.unwrap(),
+            vec![Reservation::AlreadyDone]
+        );
+    }
+
+    #[tokio::test]
+    async fn release_frees_the_key() {
+        let a = MemoryStore::new();
+        let k = keys(&["x", "y"]);
+        let ttl = Duration::from_secs(30);
+        a.reserve(&k, ttl).await.unwrap();
+        a.release(&k[..1]).await.unwrap();
+        assert_eq!(
+            a.reserve(&k, ttl).await.unwrap(),
+            vec![Reservation::Reserved, Reservation::Busy]
+        );
+    }
+}
