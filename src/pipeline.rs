@@ -499,13 +499,6 @@ pub trait Flow: Sized + Send + 'static {
 
     /// Calls `f` with a snapshot of every stage's counters every `every`, whether items flow
     /// or not (paused, waiting on the source): the pipeline's sign of life.
-    // ---- Batching, deduplication, debounce, idempotency, dataloader and gather ----
-
-    /// Groups items into `Vec`s of up to `size`: a batch is emitted when full, or `max_wait`
-    /// (tokio's clock) after its first item, whichever comes first. Never emits an empty
-    /// batch; flushes what it holds when the input ends or the run stops gracefully. It runs
-    /// in the task that pulls it (no extra hop); `.buffer(n)` before it lets the stages in
-    /// front work ahead. `size` and `max_wait` must be more than zero.
     ///
     /// ```
     /// use flowline::prelude::*;
@@ -542,6 +535,20 @@ pub trait Flow: Sized + Send + 'static {
     /// ```
     fn stall_after(self, after: Duration, action: crate::StallAction) -> Pipeline<Self::Item> {
         crate::observe::stall::stall_after(self.into_pipeline(), after, action)
+    }
+
+    // ---- Batching, deduplication, debounce, idempotency, dataloader and gather ----
+
+    /// Groups items into `Vec`s of up to `size`: a batch is emitted when full, or `max_wait`
+    /// (tokio's clock) after its first item, whichever comes first. Never emits an empty
+    /// batch; flushes what it holds when the input ends or the run stops gracefully. It runs
+    /// in the task that pulls it (no extra hop); `.buffer(n)` before it lets the stages in
+    /// front work ahead. `size` and `max_wait` must be more than zero.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
     /// let out = Pipeline::from_iter(0..5).batch(2, Duration::from_millis(200)).collect().await.unwrap();
     /// assert_eq!(out, vec![vec![0, 1], vec![2, 3], vec![4]]);
     /// # }

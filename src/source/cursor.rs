@@ -201,7 +201,7 @@ struct Fetched<T> {
 }
 
 enum Start {
-    Loading(crate::store::checkpoint::StoreFuture<'static, Option<String>>),
+    Loading(crate::store::StoreFuture<'static, Option<String>>),
     Ready,
 }
 

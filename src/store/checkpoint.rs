@@ -5,13 +5,10 @@
 //! pipeline; a commit overwrites the previous one.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use crate::error::BoxError;
 use crate::store::StoreFuture;
-
 
 /// Keeps the last committed cursor of each named pipeline.
 ///

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::checkpoint::{CheckpointStore, StoreFuture};
+use super::StoreFuture;
+use super::checkpoint::CheckpointStore;
 use crate::error::BoxError;
 
 /// Checkpoints kept in a SQLite file.
