@@ -133,7 +133,7 @@ where
         self.seen.evict(now);
         let n = chunk.len();
         let (key, seen) = (&mut self.key, &mut self.seen);
-        let p = process(chunk, &mut |item: T, out: &mut crate::chunk::Emit<T>| {
+        let p = process::<T, T, false>(chunk, &mut |item: T, out: &mut crate::chunk::Emit<T>| {
             let k = key(&item);
             if seen.get(&k, now).is_none() {
                 seen.insert(k, (), now);

@@ -1,14 +1,18 @@
 //! `unbatch()`: flattens batches back into items; each item keeps its batch's ticket.
 
 use crate::pipeline::Pipeline;
-use crate::stage::fused::fuse;
+use crate::stage::fused::{PerItem, fuse};
 
 pub(crate) fn unbatch<T: Send + 'static>(p: Pipeline<Vec<T>>) -> Pipeline<T> {
-    fuse(p, "unbatch", |batch: Vec<T>, out| {
-        for item in batch {
-            out.push(item)
-        }
-    })
+    fuse(
+        p,
+        "unbatch",
+        PerItem::<_, false>(|batch: Vec<T>, out: &mut crate::chunk::Emit<T>| {
+            for item in batch {
+                out.push(item)
+            }
+        }),
+    )
 }
 
 #[cfg(test)]

@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::error::BoxError;
 use crate::store::StoreFuture;
 
 /// Keeps the last committed cursor of each named pipeline.
