@@ -20,7 +20,7 @@ use crate::error::Error;
 use crate::pipeline::{Flow, Pipeline};
 use crate::report::StageStats;
 use crate::runtime::hop::{HOP_CHUNKS, hop};
-use crate::runtime::{RunCtx, Upstream, next_chunk};
+use crate::runtime::{RunCtx, Upstream, next_chunk, send_unless_cancelled};
 
 /// A debounce stage being configured; returned by [`Flow::debounce`] and
 /// [`Flow::debounce_by`]. Add [`max_wait`](Debounce::max_wait), then go on with any operator.
@@ -250,12 +250,7 @@ async fn debouncer<T, K, F>(
         }
         if !out.is_empty() {
             let n = out.len();
-            let sent = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                r = tx.send(out) => r.is_ok(),
-            };
-            if !sent {
+            if !send_unless_cancelled(&tx, out, &cancel).await {
                 break;
             }
             StageStats::add(&stats.passed, n);

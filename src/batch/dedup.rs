@@ -4,18 +4,15 @@
 //! chunk, not once per item.
 
 use std::hash::Hash;
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::batch::ttl_map::TtlMap;
-use crate::chunk::{Chunk, process};
-use crate::error::{Error, Failure};
+use crate::chunk::{Chunk, Emit, Processed, process};
+use crate::error::Error;
 use crate::pipeline::Pipeline;
-use crate::report::StageStats;
-use crate::runtime::{ChunkSource, RunCtx, Upstream};
+use crate::stage::fused::{ChunkOp, fuse};
 
 /// Keys a TTL window remembers at most, unless [`Window::max_keys`] says otherwise.
 pub(crate) const DEFAULT_MAX_KEYS: usize = 1 << 20;
@@ -110,54 +107,29 @@ impl Window {
     }
 }
 
-struct Dedup<T, K, F> {
-    up: Upstream<T>,
+/// The dedup step: one clock read and one eviction per chunk, then a per-item check. Run by
+/// the shared fused-operator machinery (`stage::fused`).
+struct DedupOp<K, F> {
     key: F,
     seen: TtlMap<K, ()>,
-    stats: Arc<StageStats>,
-    run: Arc<RunCtx>,
 }
 
-impl<T, K, F> ChunkSource<T> for Dedup<T, K, F>
+impl<T, K, F> ChunkOp<T, T> for DedupOp<K, F>
 where
-    T: Send + 'static,
-    K: Hash + Eq + Clone + Send + 'static,
-    F: FnMut(&T) -> K + Send + 'static,
+    K: Hash + Eq + Clone + Send,
+    F: FnMut(&T) -> K + Send,
 {
-    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk<T>>> {
-        let chunk = match self.up.poll_chunk(cx) {
-            Poll::Ready(Some(c)) => c,
-            other => return other,
-        };
+    fn apply(&mut self, chunk: Chunk<T>) -> Processed<T> {
         let now = Instant::now();
         self.seen.evict(now);
-        let n = chunk.len();
         let (key, seen) = (&mut self.key, &mut self.seen);
-        let p = process::<T, T, false>(chunk, &mut |item: T, out: &mut crate::chunk::Emit<T>| {
+        process::<T, T, true>(chunk, &mut |item: T, out: &mut Emit<T>| {
             let k = key(&item);
             if seen.get(&k, now).is_none() {
                 seen.insert(k, (), now);
                 out.push(item);
             }
-        });
-        self.stats
-            .chunk(n, p.passed, p.chunk.len(), p.dropped, p.panics.len());
-        for error in p.panics {
-            self.run
-                .fail(Failure::new(self.stats.name.clone(), error, 1));
-        }
-        if !p.chunk.is_empty() {
-            return Poll::Ready(Some(p.chunk));
-        }
-        // A chunk of duplicates only: yield rather than hog the thread.
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    }
-
-    fn discard(&mut self) -> usize {
-        let queued = self.up.discard();
-        StageStats::add(&self.stats.received, queued);
-        0
+        })
     }
 }
 
@@ -170,16 +142,8 @@ where
     if let Some(e) = window.check() {
         p.settings.errors.push(e);
     }
-    p.then(move |b, up| {
-        let stats = b.stage("dedup", "dedup");
-        Box::new(Dedup {
-            up,
-            key,
-            seen: TtlMap::new(window.ttl, window.max_keys),
-            stats,
-            run: b.run.clone(),
-        }) as Upstream<T>
-    })
+    let seen = TtlMap::new(window.ttl, window.max_keys);
+    fuse(p, "dedup", DedupOp { key, seen })
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use crate::error::{Error, Failure, ItemError};
 use crate::pipeline::{Flow, Pipeline, Settings};
 use crate::report::StageStats;
 use crate::runtime::hop::{HOP_CHUNKS, hop};
-use crate::runtime::{RunCtx, Upstream, next_chunk};
+use crate::runtime::{RunCtx, Upstream, next_chunk, send_unless_cancelled};
 
 /// What happens to an object whose parts did not all arrive within the timeout (or before
 /// the part pipelines ended).
@@ -287,12 +287,7 @@ async fn drain_part<K: Send + 'static, P: Send + 'static>(
         };
         let Some(chunk) = next else { return };
         let n = chunk.len();
-        let sent = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => { StageStats::add(&stats.received, n); break }
-            r = tx.send((index, chunk)) => r.is_ok(),
-        };
-        if !sent {
+        if !send_unless_cancelled(&tx, (index, chunk), &cancel).await {
             StageStats::add(&stats.received, n);
             break;
         }
@@ -352,12 +347,7 @@ async fn gatherer<K, P>(
         }
         if !out.is_empty() {
             let n = out.len();
-            let sent = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                r = tx.send(out) => r.is_ok(),
-            };
-            if !sent {
+            if !send_unless_cancelled(&tx, out, &cancel).await {
                 break;
             }
             StageStats::add(&stats.passed, parts_out);
@@ -384,12 +374,7 @@ async fn gatherer<K, P>(
                 }
                 if !out.is_empty() {
                     let n = out.len();
-                    let sent = tokio::select! {
-                        biased;
-                        _ = cancel.cancelled() => break,
-                        r = tx.send(out) => r.is_ok(),
-                    };
-                    if !sent {
+                    if !send_unless_cancelled(&tx, out, &cancel).await {
                         break;
                     }
                     StageStats::add(&stats.emitted, n);

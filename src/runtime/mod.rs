@@ -42,6 +42,21 @@ pub(crate) fn next_chunk<T>(up: &mut Upstream<T>) -> impl Future<Output = Option
     std::future::poll_fn(move |cx| up.poll_chunk(cx))
 }
 
+/// Sends `item` unless the run is cancelled first. `false` means cancelled or the receiver is
+/// gone: either way the task stops, and what it held counts as unfinished in its stage (it
+/// was received and never passed on).
+pub(crate) async fn send_unless_cancelled<T>(
+    tx: &tokio::sync::mpsc::Sender<T>,
+    item: T,
+    cancel: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => false,
+        r = tx.send(item) => r.is_ok(),
+    }
+}
+
 /// State shared by every task of one run.
 pub(crate) struct RunCtx {
     /// Cancels everything now.

@@ -10,7 +10,7 @@ use crate::error::Error;
 use crate::pipeline::Pipeline;
 use crate::report::StageStats;
 use crate::runtime::hop::hop;
-use crate::runtime::{RunCtx, Upstream, next_chunk};
+use crate::runtime::{RunCtx, Upstream, next_chunk, send_unless_cancelled};
 
 pub(crate) fn buffer<T: Send + 'static>(mut p: Pipeline<T>, n: usize) -> Pipeline<T> {
     if n == 0 {
@@ -49,12 +49,7 @@ pub(crate) async fn pump<T: Send + 'static>(
         let Some(chunk) = next else { return };
         let n = chunk.len();
         StageStats::add(&stats.received, n);
-        let sent = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            r = tx.send(chunk) => r.is_ok(),
-        };
-        if !sent {
+        if !send_unless_cancelled(&tx, chunk, &cancel).await {
             break;
         }
         StageStats::add(&stats.passed, n);

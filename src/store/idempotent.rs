@@ -25,7 +25,7 @@ use crate::error::{Error, Failure, ItemError};
 use crate::pipeline::{Flow, Pipeline};
 use crate::report::StageStats;
 use crate::runtime::hop::{HOP_CHUNKS, hop};
-use crate::runtime::{RunCtx, Upstream, next_chunk};
+use crate::runtime::{RunCtx, Upstream, next_chunk, send_unless_cancelled};
 
 /// How long a reservation lasts unless [`Idempotent::ttl`] says otherwise.
 pub(crate) const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(600);
@@ -182,12 +182,7 @@ async fn reserver<T, K, F>(
         StageStats::add(&stats.dropped, skipped);
         if !out.is_empty() {
             let m = out.len();
-            let sent = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                r = tx.send(out) => r.is_ok(),
-            };
-            if !sent {
+            if !send_unless_cancelled(&tx, out, &cancel).await {
                 break;
             }
             StageStats::add(&stats.passed, m);
