@@ -48,6 +48,10 @@
 mod chunk;
 mod dead_letter;
 mod error;
+// ---- Flow control and resilience (issue 3) ----
+mod flow;
+mod resilience;
+// ----
 mod handle;
 mod pipeline;
 mod report;
@@ -63,11 +67,23 @@ pub use handle::{Handle, ItemStream};
 pub use pipeline::{ErrorPolicy, Flow, Pipeline};
 pub use report::{LatencySummary, Report, RunOutcome, StageReport};
 pub use stage::map_async::{AsyncStage, Fallible, Infallible, StageFn};
+// ---- Flow control and resilience (issue 3) ----
+pub use flow::adaptive::Adaptive;
+pub use flow::inflight::Inflight;
+pub use flow::rate::Rate;
+pub use flow::throttle::Throttle;
+pub use resilience::breaker::{Breaker, BreakerReport, BreakerState, OnOpen};
+pub use resilience::retry::{Retry, RetryAfter, RetryBudget};
 
 /// Everything a pipeline author needs: `use flowline::prelude::*;`.
 pub mod prelude {
     pub use crate::{
         DeadLetter, Error, ErrorPolicy, Failure, Flow, Handle, ItemError, Pipeline, Report,
         RunOutcome,
+    };
+    // ---- Flow control and resilience (issue 3) ----
+    pub use crate::{
+        Adaptive, Breaker, BreakerState, Inflight, OnOpen, Rate, Retry, RetryAfter, RetryBudget,
+        Throttle,
     };
 }
