@@ -270,4 +270,128 @@ mod tests {
         assert_eq!(Rate::per_second(1).burst(0).invalid().unwrap().0, "burst");
         assert!(Rate::per_second(1).invalid().is_none());
     }
+
+    mod stage {
+        use crate::prelude::*;
+        use std::sync::{Arc, Mutex};
+        use std::time::Duration;
+        use tokio::time::Instant;
+
+        /// A call that records when it started (ms since `t0`).
+        fn recorder(
+            t0: Instant,
+            log: Arc<Mutex<Vec<u64>>>,
+        ) -> impl Fn(u32) -> std::future::Ready<u32> + Send + Clone + 'static {
+            move |x| {
+                log.lock().unwrap().push(t0.elapsed().as_millis() as u64);
+                std::future::ready(x)
+            }
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn n_items_at_r_per_second_take_n_minus_one_over_r() {
+            let t0 = Instant::now();
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let report = Pipeline::from_iter(0..41u32)
+                .map_async("call", recorder(t0, log.clone()))
+                .workers(8)
+                .rate_limit(Rate::per_second(20))
+                .run()
+                .await
+                .unwrap();
+            assert_eq!(t0.elapsed(), Duration::from_secs(2));
+            assert_eq!(*log.lock().unwrap(), (0..41).map(|k| k * 50).collect::<Vec<u64>>());
+            assert_eq!(report.delivered(), 41);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn burst_b_passes_the_first_b_at_once() {
+            let t0 = Instant::now();
+            let log = Arc::new(Mutex::new(Vec::new()));
+            Pipeline::from_iter(0..7u32)
+                .map_async("call", recorder(t0, log.clone()))
+                .workers(8)
+                .rate_limit(Rate::per_second(10).burst(4))
+                .run()
+                .await
+                .unwrap();
+            assert_eq!(*log.lock().unwrap(), vec![0, 0, 0, 0, 100, 200, 300]);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn one_rate_shared_by_two_stages_holds_their_sum() {
+            let t0 = Instant::now();
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let rate = Rate::per_second(100);
+            let a = Pipeline::from_iter(0..50u32)
+                .map_async("a", recorder(t0, log.clone()))
+                .workers(4)
+                .rate_limit(rate.clone())
+                .run();
+            let b = Pipeline::from_iter(0..50u32)
+                .map_async("b", recorder(t0, log.clone()))
+                .workers(4)
+                .rate_limit(rate)
+                .run();
+            let (ra, rb) = tokio::join!(a, b);
+            assert_eq!(ra.unwrap().delivered() + rb.unwrap().delivered(), 100);
+            let mut times = log.lock().unwrap().clone();
+            times.sort();
+            // 100 calls in 100 distinct 10 ms slots: never two at once, none early.
+            assert_eq!(times, (0..100).map(|k| k * 10).collect::<Vec<u64>>());
+        }
+
+        #[tokio::test]
+        async fn a_bad_rate_names_the_stage_field_and_value() {
+            let err = Pipeline::from_iter(0..3u32)
+                .map_async("call", |x| async move { x })
+                .rate_limit(Rate::per(5, Duration::ZERO))
+                .run()
+                .await
+                .unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "invalid configuration: stage `call`: rate = 5 per 0ns: the period must be more than zero and at least 1 ns per item"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_zero_inflight_bound_is_rejected() {
+            let err = Pipeline::from_iter(0..3u32)
+                .map_async("call", |x| async move { x })
+                .inflight(&Inflight::new(0))
+                .run()
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("stage `call`: inflight = 0"), "{err}");
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_shared_inflight_bound_holds_across_pipelines() {
+            use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+            let bound = Inflight::new(3);
+            let now = Arc::new(AtomicUsize::new(0));
+            let peak = Arc::new(AtomicUsize::new(0));
+            let call = {
+                let (now, peak) = (now.clone(), peak.clone());
+                move |x: u32| {
+                    let (now, peak) = (now.clone(), peak.clone());
+                    async move {
+                        peak.fetch_max(now.fetch_add(1, SeqCst) + 1, SeqCst);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        now.fetch_sub(1, SeqCst);
+                        x
+                    }
+                }
+            };
+            let t0 = Instant::now();
+            let a = Pipeline::from_iter(0..30u32).map_async("a", call.clone()).workers(8).inflight(&bound).run();
+            let b = Pipeline::from_iter(0..30u32).map_async("b", call).workers(8).unordered().inflight(&bound).run();
+            let (ra, rb) = tokio::join!(a, b);
+            assert_eq!(ra.unwrap().delivered() + rb.unwrap().delivered(), 60);
+            assert_eq!(peak.load(SeqCst), 3);
+            assert_eq!(t0.elapsed(), Duration::from_millis(200)); // 60 calls, 3 at a time, 10 ms each
+            assert_eq!(bound.in_flight(), 0);
+        }
+    }
 }

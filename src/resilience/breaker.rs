@@ -538,4 +538,119 @@ mod tests {
         assert_eq!(Breaker::failure_ratio(0.5, 10).min_calls(11).invalid().unwrap().0, "breaker.min_calls");
         assert_eq!(Breaker::consecutive_failures(1).cooldown(Duration::ZERO).invalid().unwrap().0, "breaker.cooldown");
     }
+
+    mod stage {
+        use crate::prelude::*;
+        use std::sync::{Arc, Mutex};
+        use std::time::Duration;
+        use tokio::time::Instant;
+
+        type Log = Arc<Mutex<Vec<(BreakerState, BreakerState, u64)>>>;
+
+        fn logged(b: Breaker, t0: Instant) -> (Breaker, Log) {
+            let log: Log = Arc::new(Mutex::new(Vec::new()));
+            let l = log.clone();
+            let b = b.on_state_change(move |f, t| l.lock().unwrap().push((f, t, t0.elapsed().as_millis() as u64)));
+            (b, log)
+        }
+
+        /// A backend that fails every call made before `healthy_at` ms.
+        async fn run_against(breaker: Breaker, healthy_at: u64, t0: Instant) -> Report {
+            Pipeline::from_iter(0..10u32)
+                .try_map_async("api", move |x| {
+                    let down = t0.elapsed().as_millis() < healthy_at as u128;
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        if down { Err("503") } else { Ok(x) }
+                    }
+                })
+                .circuit_breaker(breaker)
+                .run()
+                .await
+                .unwrap()
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn pause_holds_the_items_until_a_probe_succeeds() {
+            let t0 = Instant::now();
+            let (b, log) = logged(Breaker::consecutive_failures(3).cooldown(Duration::from_secs(1)), t0);
+            let report = run_against(b.clone(), 3, t0).await;
+            use BreakerState::*;
+            assert_eq!(
+                *log.lock().unwrap(),
+                vec![(Closed, Open, 3), (Open, HalfOpen, 1003), (HalfOpen, Closed, 1004)]
+            );
+            assert_eq!((report.failures, report.delivered()), (3, 7)); // held, not failed
+            assert!(report.failure_sample.iter().all(|f| f.error.kind() == "user"));
+            assert_eq!(b.report().rejected, 0);
+            assert!(report.is_balanced());
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_failed_probe_opens_it_again() {
+            let t0 = Instant::now();
+            let (b, log) = logged(Breaker::consecutive_failures(3).cooldown(Duration::from_secs(1)), t0);
+            let report = run_against(b, 1500, t0).await;
+            use BreakerState::*;
+            let states: Vec<_> = log.lock().unwrap().iter().map(|(f, t, _)| (*f, *t)).collect();
+            assert_eq!(
+                states,
+                vec![(Closed, Open), (Open, HalfOpen), (HalfOpen, Open), (Open, HalfOpen), (HalfOpen, Closed)]
+            );
+            assert_eq!((report.failures, report.delivered()), (4, 6));
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn pause_stops_the_source() {
+            let t0 = Instant::now();
+            let pulls = Arc::new(Mutex::new(Vec::new()));
+            let p = pulls.clone();
+            let mut n = 0u32;
+            let breaker = Breaker::consecutive_failures(1).cooldown(Duration::from_secs(1));
+            let report = Pipeline::from_fn(move || {
+                p.lock().unwrap().push(t0.elapsed().as_millis() as u64);
+                n += 1;
+                let k = n;
+                async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    (k <= 5).then_some(k)
+                }
+            })
+            .try_map_async("api", move |x| async move { if x == 1 { Err("503") } else { Ok(x) } })
+            .circuit_breaker(breaker)
+            .run()
+            .await
+            .unwrap();
+            assert_eq!((report.failures, report.delivered()), (1, 4));
+            let pulls = pulls.lock().unwrap().clone();
+            assert!(pulls.iter().all(|t| *t <= 10 || *t >= 1010), "{pulls:?}");
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn fail_fast_dead_letters_the_items_with_circuit_open() {
+            let t0 = Instant::now();
+            let b = Breaker::consecutive_failures(3).cooldown(Duration::from_secs(60)).on_open(OnOpen::FailFast);
+            let report = run_against(b.clone(), u64::MAX, t0).await;
+            assert_eq!(report.failures, 10);
+            let kinds: Vec<_> = report.failure_sample.iter().map(|f| f.error.kind()).collect();
+            assert_eq!(kinds.iter().filter(|k| **k == "user").count(), 3);
+            assert_eq!(kinds.iter().filter(|k| **k == "circuit_open").count(), 7);
+            assert_eq!(b.report().rejected, 7);
+            assert_eq!(report.stage("api").unwrap().failed, 10);
+        }
+
+        #[tokio::test]
+        async fn a_bad_ratio_names_the_stage_field_and_value() {
+            let err = Pipeline::from_iter(0..3u32)
+                .map_async("api", |x| async move { x })
+                .circuit_breaker(Breaker::failure_ratio(1.5, 10))
+                .run()
+                .await
+                .unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "invalid configuration: stage `api`: breaker.ratio = 1.5: must be within 0..=1 and more than 0"
+            );
+        }
+    }
 }

@@ -529,4 +529,177 @@ mod tests {
         let b = Retry::constant(Duration::ZERO).budget(RetryBudget::ratio(1.5));
         assert_eq!(b.invalid().unwrap().1, "1.5");
     }
+
+    mod stage {
+        use crate::prelude::*;
+        use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+        use std::sync::{Arc, Mutex};
+        use std::time::Duration;
+        use tokio::time::Instant;
+
+        #[tokio::test(start_paused = true)]
+        async fn delays_and_attempts_are_as_configured() {
+            let t0 = Instant::now();
+            let calls = Arc::new(Mutex::new(Vec::new()));
+            let c = calls.clone();
+            let report = Pipeline::from_iter([1u32])
+                .try_map_async("down", move |_| {
+                    c.lock().unwrap().push(t0.elapsed().as_millis() as u64);
+                    async { Err::<u32, _>("503") }
+                })
+                .retry(Retry::exponential(Duration::from_millis(100)).max_attempts(4))
+                .keep_input()
+                .run()
+                .await
+                .unwrap();
+            assert_eq!(*calls.lock().unwrap(), vec![0, 100, 300, 700]);
+            let f = &report.failure_sample[0];
+            assert_eq!((f.attempts, f.error.to_string()), (4, "503".to_string()));
+            assert_eq!(f.input.as_ref().unwrap().downcast_ref::<u32>(), Some(&1));
+            let s = report.stage("down").unwrap();
+            assert_eq!((s.received, s.failed, s.retried), (1, 1, 3));
+            assert!(report.is_balanced());
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn each_attempt_honours_the_stage_timeout() {
+            let t0 = Instant::now();
+            let report = Pipeline::from_iter([1u32])
+                .map_async("slow", |x| async move {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    x
+                })
+                .timeout(Duration::from_millis(50))
+                .retry(Retry::constant(Duration::from_millis(10)).max_attempts(3))
+                .run()
+                .await
+                .unwrap();
+            assert_eq!(t0.elapsed(), Duration::from_millis(3 * 50 + 2 * 10));
+            assert!(matches!(report.failure_sample[0].error, ItemError::Timeout(_)));
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn max_elapsed_stops_before_the_attempts_run_out() {
+            let calls = Arc::new(AtomicU32::new(0));
+            let c = calls.clone();
+            Pipeline::from_iter([1u32])
+                .try_map_async("down", move |_| {
+                    c.fetch_add(1, SeqCst);
+                    async { Err::<u32, _>("503") }
+                })
+                .retry(Retry::constant(Duration::from_millis(100)).max_attempts(100).max_elapsed(Duration::from_millis(350)))
+                .run()
+                .await
+                .unwrap();
+            assert_eq!(calls.load(SeqCst), 4); // at 0, 100, 200, 300; 400 > 350
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn the_budget_stops_retries() {
+            let report = Pipeline::from_iter(0..10u32)
+                .try_map_async("down", |_| async { Err::<u32, _>("503") })
+                .retry(
+                    Retry::constant(Duration::from_millis(1))
+                        .max_attempts(10)
+                        .budget(RetryBudget::ratio(0.5).reserve(0)),
+                )
+                .run()
+                .await
+                .unwrap();
+            assert_eq!(report.failures, 10);
+            assert_eq!(report.stage("down").unwrap().retried, 5); // 10 first attempts × 0.5
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn retry_after_replaces_the_backoff() {
+            let t0 = Instant::now();
+            let calls = Arc::new(Mutex::new(Vec::new()));
+            let c = calls.clone();
+            Pipeline::from_iter([1u32])
+                .try_map_async("api", move |x| {
+                    let mut calls = c.lock().unwrap();
+                    calls.push(t0.elapsed().as_millis() as u64);
+                    let first = calls.len() == 1;
+                    async move {
+                        if first {
+                            Err(RetryAfter::new(Duration::from_secs(2), "429"))
+                        } else {
+                            Ok(x)
+                        }
+                    }
+                })
+                .retry(Retry::constant(Duration::from_millis(10)))
+                .run()
+                .await
+                .unwrap();
+            assert_eq!(*calls.lock().unwrap(), vec![0, 2000]);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_retrying_item_does_not_block_other_items() {
+            let t0 = Instant::now();
+            let first = Arc::new(AtomicU32::new(0));
+            let f = first.clone();
+            let out = Pipeline::from_iter(0..4u32)
+                .try_map_async("api", move |x| {
+                    let fail = x == 0 && f.fetch_add(1, SeqCst) == 0;
+                    async move {
+                        if fail {
+                            return Err("flaky");
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        Ok((x, t0.elapsed().as_millis() as u64))
+                    }
+                })
+                .workers(1)
+                .unordered()
+                .retry(Retry::constant(Duration::from_secs(1)))
+                .collect()
+                .await
+                .unwrap();
+            // The one worker serves items 1..3 while item 0 waits out its backoff.
+            assert_eq!(out, vec![(1, 10), (2, 20), (3, 30), (0, 1010)]);
+        }
+
+        /// Items come from a generator that logs when it is asked for the next one.
+        async fn pulls_during_backoff(pause: bool) -> Vec<u64> {
+            let t0 = Instant::now();
+            let pulls = Arc::new(Mutex::new(Vec::new()));
+            let p = pulls.clone();
+            let mut n = 0u32;
+            let source = Pipeline::from_fn(move || {
+                p.lock().unwrap().push(t0.elapsed().as_millis() as u64);
+                n += 1;
+                let k = n;
+                async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    (k <= 20).then_some(k)
+                }
+            });
+            let failed = Arc::new(AtomicU32::new(0));
+            let mut retry = Retry::constant(Duration::from_millis(500));
+            if pause {
+                retry = retry.pause_source();
+            }
+            let report = source
+                .try_map_async("api", move |x| {
+                    let fail = x == 1 && failed.fetch_add(1, SeqCst) == 0;
+                    async move { if fail { Err("flaky") } else { Ok(x) } }
+                })
+                .workers(4)
+                .retry(retry)
+                .run()
+                .await
+                .unwrap();
+            assert_eq!(report.delivered(), 20);
+            let pulls = pulls.lock().unwrap().clone();
+            pulls.into_iter().filter(|t| *t > 10 && *t < 510).collect()
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn pause_source_freezes_the_source_during_the_backoff() {
+            assert!(!pulls_during_backoff(false).await.is_empty(), "without it, pulling goes on");
+            assert_eq!(pulls_during_backoff(true).await, Vec::<u64>::new());
+        }
+    }
 }

@@ -725,18 +725,26 @@ where
             .map_or(0, |r| r.heap.len() + r.due.len())
     }
 
-    /// Calls that take a worker: in flight, or (ordered) waiting in the reorder window.
-    /// Parked items take none.
-    fn running(&self) -> usize {
-        if self.ordered {
-            (self.next_seq - self.next_emit) as usize - self.parked()
-        } else {
-            self.inflight.len()
-        }
+    fn has_due(&self) -> bool {
+        self.x
+            .as_ref()
+            .and_then(|x| x.retry.as_ref())
+            .is_some_and(|r| !r.due.is_empty())
     }
 
+    /// Whether another call may start. Calls in flight count against the limit; an ordered
+    /// stage also bounds its reorder window (items started and not yet emitted, less those
+    /// in retry backoff, which take no worker). A retry whose backoff is over is already in
+    /// the window, so only the calls in flight bound it — else a finished item waiting for
+    /// it to be emitted could hold its place forever.
     fn can_start(&self) -> bool {
-        self.out.len() < CHUNK_CAP && self.running() < self.limit()
+        let limit = self.limit();
+        if self.out.len() >= CHUNK_CAP || self.inflight.len() >= limit {
+            return false;
+        }
+        !self.ordered
+            || self.has_due()
+            || ((self.next_seq - self.next_emit) as usize - self.parked()) < limit
     }
 
     /// How many items could start now (pulls a chunk if none is waiting).
@@ -820,7 +828,7 @@ where
     /// Asks the breaker, the rate and the shared in-flight bound, in that order; a grant is
     /// kept until an item uses it.
     fn admit(&mut self, cx: &mut Context<'_>, available: usize) -> Admission {
-        let room = self.limit().saturating_sub(self.running()).max(1);
+        let room = self.limit().saturating_sub(self.inflight.len()).max(1);
         let run = &self.run;
         let Some(x) = self.x.as_mut() else {
             return Admission::Go {
@@ -904,6 +912,7 @@ where
     /// Reports batched outcomes, releases a breaker hold that is no longer needed, and
     /// moves retries whose backoff is over to `due`. True if something changed.
     fn poll_extras(&mut self, cx: &mut Context<'_>) -> bool {
+        let run = &self.run;
         let Some(x) = self.x.as_mut() else {
             return false;
         };
@@ -915,14 +924,19 @@ where
         if let Some(g) = x.breaker.as_mut() {
             g.breaker.record(&g.outcomes);
             g.outcomes.clear();
-            if g.hold.is_some() {
+            // Pause: the source stops as soon as the breaker opens, and goes on when a call
+            // may go through again (a probe needs an item to probe with).
+            if g.breaker.mode() == OnOpen::Pause {
                 match g.breaker.blocked(cx.waker()) {
-                    None => {
-                        g.hold = None;
-                        changed = true;
+                    None => changed |= g.hold.take().is_some(),
+                    Some(until) => {
+                        if g.hold.is_none() {
+                            g.hold = Some(run.gate.hold());
+                        }
+                        if let Some(until) = until {
+                            changed |= poll_sleep(&mut g.sleep, until, cx);
+                        }
                     }
-                    Some(Some(until)) => changed |= poll_sleep(&mut g.sleep, until, cx),
-                    Some(None) => {}
                 }
             }
         }
