@@ -366,4 +366,112 @@ mod tests {
         assert_eq!(Adaptive::vegas(0..=4).invalid().unwrap().0, "adaptive.min");
         assert_eq!(Adaptive::aimd(1..=4).backoff(1.5).invalid().unwrap().0, "adaptive.backoff");
     }
+
+    mod stage {
+        use crate::prelude::*;
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        use std::sync::{Arc, Mutex};
+        use std::time::Duration;
+
+        const C: usize = 32;
+        const BASE: Duration = Duration::from_millis(5);
+
+        /// A backend with capacity C: 5 ms up to C calls at once, slower in proportion beyond
+        /// (calls queue), and "503 overloaded" at once past 2C. Returns the limits the stage
+        /// ran with, one per call.
+        async fn settle(limit: Adaptive, items: u32) -> Vec<usize> {
+            let busy = Arc::new(AtomicUsize::new(0));
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let (b, s, l) = (busy.clone(), seen.clone(), limit.clone());
+            Pipeline::from_iter(0..items)
+                .try_map_async("backend", move |x| {
+                    let (busy, seen, limit) = (b.clone(), s.clone(), l.clone());
+                    async move {
+                        seen.lock().unwrap().push(limit.limit());
+                        let c = busy.fetch_add(1, SeqCst) + 1;
+                        if c > 2 * C {
+                            busy.fetch_sub(1, SeqCst);
+                            return Err("503 overloaded");
+                        }
+                        tokio::time::sleep(BASE.mul_f64((c as f64 / C as f64).max(1.0))).await;
+                        busy.fetch_sub(1, SeqCst);
+                        Ok(x)
+                    }
+                })
+                .unordered()
+                .adaptive(limit)
+                .run()
+                .await
+                .unwrap();
+            let seen = seen.lock().unwrap().clone();
+            seen
+        }
+
+        fn assert_settled(seen: &[usize]) {
+            let tail = &seen[seen.len() * 3 / 4..];
+            let (lo, hi) = (C * 3 / 4, C * 5 / 4);
+            let (min, max) = (*tail.iter().min().unwrap(), *tail.iter().max().unwrap());
+            assert!(min >= lo && max <= hi, "limit {min}..={max} not within {lo}..={hi}");
+        }
+
+        fn overload(e: &ItemError) -> bool {
+            e.to_string().starts_with("503")
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn vegas_settles_near_capacity_from_below() {
+            assert_settled(&settle(Adaptive::vegas(1..=512).initial(1).overload_if(overload), 20_000).await);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn vegas_settles_near_capacity_from_above() {
+            assert_settled(&settle(Adaptive::vegas(1..=512).initial(256).overload_if(overload), 20_000).await);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn aimd_settles_near_capacity_from_below() {
+            let a = Adaptive::aimd(1..=512).initial(1).latency_limit(BASE.mul_f64(1.2)).overload_if(overload);
+            assert_settled(&settle(a, 20_000).await);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn aimd_settles_near_capacity_from_above() {
+            let a = Adaptive::aimd(1..=512).initial(256).latency_limit(BASE.mul_f64(1.2)).overload_if(overload);
+            assert_settled(&settle(a, 20_000).await);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_shrinking_limit_never_cancels_calls_in_flight() {
+            // Everything is overloaded: the limit falls to 1 while 64 calls are in flight;
+            // each of them still finishes (delivered), none is cancelled.
+            let a = Adaptive::aimd(1..=64).initial(64).overload_if(|_| true);
+            let report = Pipeline::from_iter(0..64u32)
+                .map_async("slow", |x| async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    x
+                })
+                .unordered()
+                .adaptive(a)
+                .run()
+                .await
+                .unwrap();
+            assert_eq!(report.delivered(), 64);
+        }
+
+        #[tokio::test]
+        async fn max_below_min_is_rejected_naming_the_values() {
+            #[allow(clippy::reversed_empty_ranges)]
+            let bad = Adaptive::aimd(16..=4);
+            let err = Pipeline::from_iter(0..3u32)
+                .map_async("api", |x| async move { x })
+                .adaptive(bad)
+                .run()
+                .await
+                .unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "invalid configuration: stage `api`: adaptive = 16..=4: max must be at least min"
+            );
+        }
+    }
 }

@@ -591,6 +591,9 @@ enum Slot<U> {
     Failed,
 }
 
+/// Adaptive-limit samples batched before they are reported.
+const SAMPLE_BATCH: usize = 16;
+
 /// The most items a stage keeps in retry backoff before it stops taking new ones.
 const MAX_PARKED: usize = 4 * CHUNK_CAP;
 
@@ -1014,16 +1017,29 @@ where
             }
         }
         if let Some(x) = self.x.as_mut() {
+            // Outcomes are batched per poll, except what must act before the next start:
+            // a failure or probe result (may trip or close the breaker), overload, or a
+            // full batch (calls failing inline can start many items in one poll).
             if c.called {
                 if let Some(g) = x.breaker.as_mut() {
-                    g.outcomes.push((c.result.is_err(), c.meta.probe));
+                    let failed = c.result.is_err();
+                    g.outcomes.push((failed, c.meta.probe));
+                    if failed || c.meta.probe {
+                        g.breaker.record(&g.outcomes);
+                        g.outcomes.clear();
+                    }
                 }
                 if let Some((a, samples)) = x.adaptive.as_mut() {
+                    let overload = c.result.as_ref().err().is_some_and(|e| a.is_overload(e));
                     samples.push(Sample {
                         latency: c.latency.unwrap_or_default(),
-                        overload: c.result.as_ref().err().is_some_and(|e| a.is_overload(e)),
+                        overload,
                         inflight: self.inflight.len() + 1,
                     });
+                    if overload || samples.len() >= SAMPLE_BATCH {
+                        a.record(samples);
+                        samples.clear();
+                    }
                 }
             }
             match Self::park(x, c, &self.run, &self.stats) {
