@@ -240,11 +240,19 @@ impl Adaptive {
             return Some(("adaptive.min", "0".into(), "must be at least 1"));
         }
         if i.max < i.min {
-            return Some(("adaptive", format!("{}..={}", i.min, i.max), "max must be at least min"));
+            return Some((
+                "adaptive",
+                format!("{}..={}", i.min, i.max),
+                "max must be at least min",
+            ));
         }
         if let Algo::Aimd { backoff, .. } = i.algo {
             if !(backoff > 0.0 && backoff < 1.0) {
-                return Some(("adaptive.backoff", format!("{backoff}"), "must be within 0..1"));
+                return Some((
+                    "adaptive.backoff",
+                    format!("{backoff}"),
+                    "must be within 0..1",
+                ));
             }
         }
         None
@@ -345,7 +353,14 @@ mod tests {
     #[test]
     fn aimd_does_not_grow_when_the_stage_is_not_using_its_limit() {
         let a = Adaptive::aimd(1..=100).initial(10);
-        a.record(&vec![Sample { latency: Duration::from_millis(5), overload: false, inflight: 2 }; 10]);
+        a.record(&vec![
+            Sample {
+                latency: Duration::from_millis(5),
+                overload: false,
+                inflight: 2
+            };
+            10
+        ]);
         assert_eq!(a.limit(), 10);
     }
 
@@ -364,7 +379,10 @@ mod tests {
         let bad = Adaptive::aimd(8..=4);
         assert_eq!(bad.invalid().unwrap().1, "8..=4");
         assert_eq!(Adaptive::vegas(0..=4).invalid().unwrap().0, "adaptive.min");
-        assert_eq!(Adaptive::aimd(1..=4).backoff(1.5).invalid().unwrap().0, "adaptive.backoff");
+        assert_eq!(
+            Adaptive::aimd(1..=4).backoff(1.5).invalid().unwrap().0,
+            "adaptive.backoff"
+        );
     }
 
     mod stage {
@@ -403,15 +421,17 @@ mod tests {
                 .run()
                 .await
                 .unwrap();
-            let seen = seen.lock().unwrap().clone();
-            seen
+            seen.lock().unwrap().clone()
         }
 
         fn assert_settled(seen: &[usize]) {
             let tail = &seen[seen.len() * 3 / 4..];
             let (lo, hi) = (C * 3 / 4, C * 5 / 4);
             let (min, max) = (*tail.iter().min().unwrap(), *tail.iter().max().unwrap());
-            assert!(min >= lo && max <= hi, "limit {min}..={max} not within {lo}..={hi}");
+            assert!(
+                min >= lo && max <= hi,
+                "limit {min}..={max} not within {lo}..={hi}"
+            );
         }
 
         fn overload(e: &ItemError) -> bool {
@@ -420,23 +440,41 @@ mod tests {
 
         #[tokio::test(start_paused = true)]
         async fn vegas_settles_near_capacity_from_below() {
-            assert_settled(&settle(Adaptive::vegas(1..=512).initial(1).overload_if(overload), 20_000).await);
+            assert_settled(
+                &settle(
+                    Adaptive::vegas(1..=512).initial(1).overload_if(overload),
+                    20_000,
+                )
+                .await,
+            );
         }
 
         #[tokio::test(start_paused = true)]
         async fn vegas_settles_near_capacity_from_above() {
-            assert_settled(&settle(Adaptive::vegas(1..=512).initial(256).overload_if(overload), 20_000).await);
+            assert_settled(
+                &settle(
+                    Adaptive::vegas(1..=512).initial(256).overload_if(overload),
+                    20_000,
+                )
+                .await,
+            );
         }
 
         #[tokio::test(start_paused = true)]
         async fn aimd_settles_near_capacity_from_below() {
-            let a = Adaptive::aimd(1..=512).initial(1).latency_limit(BASE.mul_f64(1.2)).overload_if(overload);
+            let a = Adaptive::aimd(1..=512)
+                .initial(1)
+                .latency_limit(BASE.mul_f64(1.2))
+                .overload_if(overload);
             assert_settled(&settle(a, 20_000).await);
         }
 
         #[tokio::test(start_paused = true)]
         async fn aimd_settles_near_capacity_from_above() {
-            let a = Adaptive::aimd(1..=512).initial(256).latency_limit(BASE.mul_f64(1.2)).overload_if(overload);
+            let a = Adaptive::aimd(1..=512)
+                .initial(256)
+                .latency_limit(BASE.mul_f64(1.2))
+                .overload_if(overload);
             assert_settled(&settle(a, 20_000).await);
         }
 

@@ -108,7 +108,8 @@ impl Rate {
             let nanos = period.as_nanos() / count as u128;
             Duration::from_nanos(nanos.min(u64::MAX as u128) as u64)
         };
-        let tolerance = interval.saturating_mul(burst.saturating_sub(1).min(u32::MAX as u64) as u32);
+        let tolerance =
+            interval.saturating_mul(burst.saturating_sub(1).min(u32::MAX as u64) as u32);
         Rate(Arc::new(Inner {
             count,
             period,
@@ -133,7 +134,11 @@ impl Rate {
     pub(crate) fn invalid(&self) -> Option<(&'static str, String, &'static str)> {
         let i = &self.0;
         if i.count == 0 {
-            return Some(("rate", format!("0 per {:?}", i.period), "count must be at least 1"));
+            return Some((
+                "rate",
+                format!("0 per {:?}", i.period),
+                "count must be at least 1",
+            ));
         }
         if i.period.is_zero() || i.interval.is_zero() {
             return Some((
@@ -300,7 +305,10 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(t0.elapsed(), Duration::from_secs(2));
-            assert_eq!(*log.lock().unwrap(), (0..41).map(|k| k * 50).collect::<Vec<u64>>());
+            assert_eq!(
+                *log.lock().unwrap(),
+                (0..41).map(|k| k * 50).collect::<Vec<u64>>()
+            );
             assert_eq!(report.delivered(), 41);
         }
 
@@ -363,7 +371,10 @@ mod tests {
                 .run()
                 .await
                 .unwrap_err();
-            assert!(err.to_string().contains("stage `call`: inflight = 0"), "{err}");
+            assert!(
+                err.to_string().contains("stage `call`: inflight = 0"),
+                "{err}"
+            );
         }
 
         #[tokio::test(start_paused = true)]
@@ -385,8 +396,17 @@ mod tests {
                 }
             };
             let t0 = Instant::now();
-            let a = Pipeline::from_iter(0..30u32).map_async("a", call.clone()).workers(8).inflight(&bound).run();
-            let b = Pipeline::from_iter(0..30u32).map_async("b", call).workers(8).unordered().inflight(&bound).run();
+            let a = Pipeline::from_iter(0..30u32)
+                .map_async("a", call.clone())
+                .workers(8)
+                .inflight(&bound)
+                .run();
+            let b = Pipeline::from_iter(0..30u32)
+                .map_async("b", call)
+                .workers(8)
+                .unordered()
+                .inflight(&bound)
+                .run();
             let (ra, rb) = tokio::join!(a, b);
             assert_eq!(ra.unwrap().delivered() + rb.unwrap().delivered(), 60);
             assert_eq!(peak.load(SeqCst), 3);

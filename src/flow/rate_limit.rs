@@ -120,7 +120,11 @@ mod tests {
 
     #[tokio::test]
     async fn zero_rate_is_rejected() {
-        let err = Pipeline::from_iter(0..3).rate_limit(Rate::per_second(0)).run().await.unwrap_err();
+        let err = Pipeline::from_iter(0..3)
+            .rate_limit(Rate::per_second(0))
+            .run()
+            .await
+            .unwrap_err();
         assert_eq!(
             err.to_string(),
             "invalid configuration: stage `rate_limit`: rate = 0 per 1s: count must be at least 1"

@@ -302,7 +302,11 @@ impl Breaker {
     pub(crate) fn invalid(&self) -> Option<(&'static str, String, &'static str)> {
         match self.0.trip {
             Trip::Consecutive(0) => {
-                return Some(("breaker.consecutive_failures", "0".into(), "must be at least 1"));
+                return Some((
+                    "breaker.consecutive_failures",
+                    "0".into(),
+                    "must be at least 1",
+                ));
             }
             Trip::Ratio {
                 ratio,
@@ -310,13 +314,21 @@ impl Breaker {
                 min_calls,
             } => {
                 if !(ratio > 0.0 && ratio <= 1.0) {
-                    return Some(("breaker.ratio", format!("{ratio}"), "must be within 0..=1 and more than 0"));
+                    return Some((
+                        "breaker.ratio",
+                        format!("{ratio}"),
+                        "must be within 0..=1 and more than 0",
+                    ));
                 }
                 if window == 0 {
                     return Some(("breaker.window", "0".into(), "must be at least 1 call"));
                 }
                 if min_calls == 0 || min_calls > window {
-                    return Some(("breaker.min_calls", format!("{min_calls}"), "must be within 1..=window"));
+                    return Some((
+                        "breaker.min_calls",
+                        format!("{min_calls}"),
+                        "must be within 1..=window",
+                    ));
                 }
             }
             _ => {}
@@ -486,7 +498,11 @@ mod tests {
             .on_state_change(move |f, t| s.lock().unwrap().push((f, t)));
         assert_eq!(b.admit(None), Admit::Call);
         b.record(&[(true, false), (false, false), (true, false)]);
-        assert_eq!(b.state(), BreakerState::Closed, "a success resets the count");
+        assert_eq!(
+            b.state(),
+            BreakerState::Closed,
+            "a success resets the count"
+        );
         b.record(&[(true, false)]);
         assert_eq!(b.state(), BreakerState::Open);
         assert!(matches!(b.admit(None), Admit::Refused(Some(_))));
@@ -500,13 +516,23 @@ mod tests {
         assert_eq!(b.admit(None), Admit::Probe);
         assert_eq!(b.admit(None), Admit::Probe);
         b.record(&[(false, true)]);
-        assert_eq!(b.state(), BreakerState::HalfOpen, "one of two probes is not enough");
+        assert_eq!(
+            b.state(),
+            BreakerState::HalfOpen,
+            "one of two probes is not enough"
+        );
         b.record(&[(false, true)]);
         assert_eq!(b.state(), BreakerState::Closed);
         use BreakerState::*;
         assert_eq!(
             *seen.lock().unwrap(),
-            vec![(Closed, Open), (Open, HalfOpen), (HalfOpen, Open), (Open, HalfOpen), (HalfOpen, Closed)]
+            vec![
+                (Closed, Open),
+                (Open, HalfOpen),
+                (HalfOpen, Open),
+                (Open, HalfOpen),
+                (HalfOpen, Closed)
+            ]
         );
         let r = b.report();
         assert_eq!((r.opened, r.half_opened, r.closed), (2, 2, 1));
@@ -524,7 +550,12 @@ mod tests {
     #[test]
     fn ratio_window_slides() {
         let b = Breaker::failure_ratio(0.5, 4).min_calls(4);
-        b.record(&[(true, false), (false, false), (false, false), (false, false)]);
+        b.record(&[
+            (true, false),
+            (false, false),
+            (false, false),
+            (false, false),
+        ]);
         b.record(&[(false, false), (true, false)]); // the first failure slid out: 1 of 4
         assert_eq!(b.state(), BreakerState::Closed);
         b.record(&[(true, false)]); // 2 of the last 4
@@ -533,10 +564,27 @@ mod tests {
 
     #[test]
     fn invalid_settings_are_named() {
-        assert_eq!(Breaker::consecutive_failures(0).invalid().unwrap().0, "breaker.consecutive_failures");
+        assert_eq!(
+            Breaker::consecutive_failures(0).invalid().unwrap().0,
+            "breaker.consecutive_failures"
+        );
         assert_eq!(Breaker::failure_ratio(1.5, 10).invalid().unwrap().1, "1.5");
-        assert_eq!(Breaker::failure_ratio(0.5, 10).min_calls(11).invalid().unwrap().0, "breaker.min_calls");
-        assert_eq!(Breaker::consecutive_failures(1).cooldown(Duration::ZERO).invalid().unwrap().0, "breaker.cooldown");
+        assert_eq!(
+            Breaker::failure_ratio(0.5, 10)
+                .min_calls(11)
+                .invalid()
+                .unwrap()
+                .0,
+            "breaker.min_calls"
+        );
+        assert_eq!(
+            Breaker::consecutive_failures(1)
+                .cooldown(Duration::ZERO)
+                .invalid()
+                .unwrap()
+                .0,
+            "breaker.cooldown"
+        );
     }
 
     mod stage {
@@ -550,7 +598,11 @@ mod tests {
         fn logged(b: Breaker, t0: Instant) -> (Breaker, Log) {
             let log: Log = Arc::new(Mutex::new(Vec::new()));
             let l = log.clone();
-            let b = b.on_state_change(move |f, t| l.lock().unwrap().push((f, t, t0.elapsed().as_millis() as u64)));
+            let b = b.on_state_change(move |f, t| {
+                l.lock()
+                    .unwrap()
+                    .push((f, t, t0.elapsed().as_millis() as u64))
+            });
             (b, log)
         }
 
@@ -573,15 +625,27 @@ mod tests {
         #[tokio::test(start_paused = true)]
         async fn pause_holds_the_items_until_a_probe_succeeds() {
             let t0 = Instant::now();
-            let (b, log) = logged(Breaker::consecutive_failures(3).cooldown(Duration::from_secs(1)), t0);
+            let (b, log) = logged(
+                Breaker::consecutive_failures(3).cooldown(Duration::from_secs(1)),
+                t0,
+            );
             let report = run_against(b.clone(), 3, t0).await;
             use BreakerState::*;
             assert_eq!(
                 *log.lock().unwrap(),
-                vec![(Closed, Open, 3), (Open, HalfOpen, 1003), (HalfOpen, Closed, 1004)]
+                vec![
+                    (Closed, Open, 3),
+                    (Open, HalfOpen, 1003),
+                    (HalfOpen, Closed, 1004)
+                ]
             );
             assert_eq!((report.failures, report.delivered()), (3, 7)); // held, not failed
-            assert!(report.failure_sample.iter().all(|f| f.error.kind() == "user"));
+            assert!(
+                report
+                    .failure_sample
+                    .iter()
+                    .all(|f| f.error.kind() == "user")
+            );
             assert_eq!(b.report().rejected, 0);
             assert!(report.is_balanced());
         }
@@ -589,13 +653,27 @@ mod tests {
         #[tokio::test(start_paused = true)]
         async fn a_failed_probe_opens_it_again() {
             let t0 = Instant::now();
-            let (b, log) = logged(Breaker::consecutive_failures(3).cooldown(Duration::from_secs(1)), t0);
+            let (b, log) = logged(
+                Breaker::consecutive_failures(3).cooldown(Duration::from_secs(1)),
+                t0,
+            );
             let report = run_against(b, 1500, t0).await;
             use BreakerState::*;
-            let states: Vec<_> = log.lock().unwrap().iter().map(|(f, t, _)| (*f, *t)).collect();
+            let states: Vec<_> = log
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(f, t, _)| (*f, *t))
+                .collect();
             assert_eq!(
                 states,
-                vec![(Closed, Open), (Open, HalfOpen), (HalfOpen, Open), (Open, HalfOpen), (HalfOpen, Closed)]
+                vec![
+                    (Closed, Open),
+                    (Open, HalfOpen),
+                    (HalfOpen, Open),
+                    (Open, HalfOpen),
+                    (HalfOpen, Closed)
+                ]
             );
             assert_eq!((report.failures, report.delivered()), (4, 6));
         }
@@ -616,7 +694,9 @@ mod tests {
                     (k <= 5).then_some(k)
                 }
             })
-            .try_map_async("api", move |x| async move { if x == 1 { Err("503") } else { Ok(x) } })
+            .try_map_async("api", move |x| async move {
+                if x == 1 { Err("503") } else { Ok(x) }
+            })
             .circuit_breaker(breaker)
             .run()
             .await
@@ -629,10 +709,16 @@ mod tests {
         #[tokio::test(start_paused = true)]
         async fn fail_fast_dead_letters_the_items_with_circuit_open() {
             let t0 = Instant::now();
-            let b = Breaker::consecutive_failures(3).cooldown(Duration::from_secs(60)).on_open(OnOpen::FailFast);
+            let b = Breaker::consecutive_failures(3)
+                .cooldown(Duration::from_secs(60))
+                .on_open(OnOpen::FailFast);
             let report = run_against(b.clone(), u64::MAX, t0).await;
             assert_eq!(report.failures, 10);
-            let kinds: Vec<_> = report.failure_sample.iter().map(|f| f.error.kind()).collect();
+            let kinds: Vec<_> = report
+                .failure_sample
+                .iter()
+                .map(|f| f.error.kind())
+                .collect();
             assert_eq!(kinds.iter().filter(|k| **k == "user").count(), 3);
             assert_eq!(kinds.iter().filter(|k| **k == "circuit_open").count(), 7);
             assert_eq!(b.report().rejected, 7);

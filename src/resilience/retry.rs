@@ -285,11 +285,7 @@ impl Retry {
             return h;
         }
         let d = self.delay_for(k);
-        if self.jitter {
-            d.mul_f64(rand)
-        } else {
-            d
-        }
+        if self.jitter { d.mul_f64(rand) } else { d }
     }
 
     pub(crate) fn invalid(&self) -> Option<(&'static str, String, &'static str)> {
@@ -306,7 +302,11 @@ impl Retry {
         }
         if let Some(b) = &self.budget {
             if !(b.ratio >= 0.0 && b.ratio <= 1.0) {
-                return Some(("retry.budget", format!("{}", b.ratio), "ratio must be within 0..=1"));
+                return Some((
+                    "retry.budget",
+                    format!("{}", b.ratio),
+                    "ratio must be within 0..=1",
+                ));
             }
         }
         None
@@ -410,7 +410,12 @@ pub struct RetryBudget {
 
 impl fmt::Debug for RetryBudget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RetryBudget(ratio {}, balance {:.2})", self.ratio, self.balance())
+        write!(
+            f,
+            "RetryBudget(ratio {}, balance {:.2})",
+            self.ratio,
+            self.balance()
+        )
     }
 }
 
@@ -469,9 +474,15 @@ mod tests {
     fn backoffs_grow_as_configured() {
         let ms = Duration::from_millis;
         let e = Retry::exponential(ms(10));
-        assert_eq!((1..=4).map(|k| e.delay_for(k)).collect::<Vec<_>>(), [ms(10), ms(20), ms(40), ms(80)]);
+        assert_eq!(
+            (1..=4).map(|k| e.delay_for(k)).collect::<Vec<_>>(),
+            [ms(10), ms(20), ms(40), ms(80)]
+        );
         let f = Retry::fibonacci(ms(10));
-        assert_eq!((1..=5).map(|k| f.delay_for(k)).collect::<Vec<_>>(), [ms(10), ms(10), ms(20), ms(30), ms(50)]);
+        assert_eq!(
+            (1..=5).map(|k| f.delay_for(k)).collect::<Vec<_>>(),
+            [ms(10), ms(10), ms(20), ms(30), ms(50)]
+        );
         let c = Retry::constant(ms(7)).max_delay(ms(5));
         assert_eq!(c.delay_for(9), ms(5));
     }
@@ -508,7 +519,10 @@ mod tests {
             }
         }
         let e = ItemError::user(Outer(RetryAfter::new(Duration::from_secs(2), "429")));
-        assert_eq!(Retry::constant(Duration::ZERO).hint_of(&e), Some(Duration::from_secs(2)));
+        assert_eq!(
+            Retry::constant(Duration::ZERO).hint_of(&e),
+            Some(Duration::from_secs(2))
+        );
     }
 
     #[test]
@@ -524,8 +538,22 @@ mod tests {
 
     #[test]
     fn invalid_settings_are_named() {
-        assert_eq!(Retry::constant(Duration::ZERO).max_attempts(0).invalid().unwrap().0, "retry.max_attempts");
-        assert_eq!(Retry::exponential(Duration::ZERO).factor(0.5).invalid().unwrap().0, "retry.factor");
+        assert_eq!(
+            Retry::constant(Duration::ZERO)
+                .max_attempts(0)
+                .invalid()
+                .unwrap()
+                .0,
+            "retry.max_attempts"
+        );
+        assert_eq!(
+            Retry::exponential(Duration::ZERO)
+                .factor(0.5)
+                .invalid()
+                .unwrap()
+                .0,
+            "retry.factor"
+        );
         let b = Retry::constant(Duration::ZERO).budget(RetryBudget::ratio(1.5));
         assert_eq!(b.invalid().unwrap().1, "1.5");
     }
@@ -575,7 +603,10 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(t0.elapsed(), Duration::from_millis(3 * 50 + 2 * 10));
-            assert!(matches!(report.failure_sample[0].error, ItemError::Timeout(_)));
+            assert!(matches!(
+                report.failure_sample[0].error,
+                ItemError::Timeout(_)
+            ));
         }
 
         #[tokio::test(start_paused = true)]
@@ -587,7 +618,11 @@ mod tests {
                     c.fetch_add(1, SeqCst);
                     async { Err::<u32, _>("503") }
                 })
-                .retry(Retry::constant(Duration::from_millis(100)).max_attempts(100).max_elapsed(Duration::from_millis(350)))
+                .retry(
+                    Retry::constant(Duration::from_millis(100))
+                        .max_attempts(100)
+                        .max_elapsed(Duration::from_millis(350)),
+                )
                 .run()
                 .await
                 .unwrap();
@@ -698,7 +733,10 @@ mod tests {
 
         #[tokio::test(start_paused = true)]
         async fn pause_source_freezes_the_source_during_the_backoff() {
-            assert!(!pulls_during_backoff(false).await.is_empty(), "without it, pulling goes on");
+            assert!(
+                !pulls_during_backoff(false).await.is_empty(),
+                "without it, pulling goes on"
+            );
             assert_eq!(pulls_during_backoff(true).await, Vec::<u64>::new());
         }
     }

@@ -31,11 +31,11 @@ use crate::error::{BoxError, Error, FailedInput, Failure, ItemError};
 use crate::flow::adaptive::{Adaptive, Sample};
 use crate::flow::inflight::Inflight;
 use crate::flow::rate::{Rate, RateWait};
+use crate::pipeline::{Flow, Pipeline};
+use crate::report::{StageStats, latency_histogram};
 use crate::resilience::breaker::{Admit, Breaker, OnOpen};
 use crate::resilience::retry::Retry;
 use crate::runtime::gate::GateHold;
-use crate::pipeline::{Flow, Pipeline};
-use crate::report::{StageStats, latency_histogram};
 use crate::runtime::hop::{HOP_CHUNKS, hop};
 use crate::runtime::{RunCtx, Upstream};
 
@@ -482,10 +482,7 @@ async fn drive<T, U, S>(
     S: StageFn<T, U>,
 {
     let limit_time = options.timeout;
-    let make = move |item: T,
-                     mut meta: Meta,
-                     timed: bool,
-                     permit: Option<OwnedSemaphorePermit>| {
+    let make = move |item: T, mut meta: Meta, timed: bool, permit: Option<OwnedSemaphorePermit>| {
         if meta.input.is_none() {
             meta.input = keep.map(|k| k(&item));
         }
