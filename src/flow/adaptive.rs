@@ -6,8 +6,9 @@
 //!   on overload (an error the user classifies as overload, a timeout, or an average latency
 //!   above `latency_limit`).
 //! - Vegas (after Netflix concurrency-limits): estimates the calls queued at the backend as
-//!   `limit × (1 − rtt_min / rtt)`; grows while fewer than `alpha` (3) are queued, shrinks
-//!   beyond `beta` (6), halves on overload.
+//!   `limit × (1 − rtt_min / rtt)`; grows while fewer than `alpha` (3) are queued (doubling
+//!   until it first has to shrink, like TCP slow start, then +1), shrinks beyond `beta` (6),
+//!   halves on overload.
 //!
 //! The stage reads the limit before starting each call; a lower limit only stops new calls,
 //! it never cancels calls in flight.
@@ -54,6 +55,8 @@ struct Window {
 
 struct State {
     limit: f64,
+    /// Vegas: doubling until the first sign of a queue (like TCP slow start).
+    slow_start: bool,
     window: Window,
     rtt_min: Option<Duration>,
 }
@@ -111,6 +114,7 @@ impl Adaptive {
             limit: AtomicUsize::new(initial),
             state: Mutex::new(State {
                 limit: initial as f64,
+                slow_start: true,
                 window: Window::default(),
                 rtt_min: None,
             }),
@@ -159,6 +163,7 @@ impl Adaptive {
             limit: AtomicUsize::new(limit),
             state: Mutex::new(State {
                 limit: limit as f64,
+                slow_start: true,
                 window: Window::default(),
                 rtt_min: None,
             }),
@@ -279,6 +284,9 @@ impl Adaptive {
             if s.window.samples >= window_len {
                 let w = std::mem::take(&mut s.window);
                 let next = self.next_limit(&s, &w);
+                if next < s.limit {
+                    s.slow_start = false;
+                }
                 s.limit = next.clamp(i.min as f64, i.max as f64);
                 i.limit.store(s.limit.round() as usize, Ordering::Relaxed);
             }
@@ -316,7 +324,11 @@ impl Adaptive {
                 };
                 let queued = limit * (1.0 - min.as_secs_f64() / rtt.as_secs_f64());
                 if queued < VEGAS_ALPHA {
-                    if used { limit + 1.0 } else { limit }
+                    match (used, s.slow_start) {
+                        (false, _) => limit,
+                        (true, true) => limit * 2.0,
+                        (true, false) => limit + 1.0,
+                    }
                 } else if queued > VEGAS_BETA {
                     limit - ((queued - VEGAS_BETA) / 2.0).max(1.0).floor()
                 } else {
@@ -367,10 +379,12 @@ mod tests {
     #[test]
     fn vegas_shrinks_when_latency_shows_a_queue() {
         let a = Adaptive::vegas(1..=100).initial(40);
-        feed(&a, 40, 5, false); // rtt_min = 5 ms, no queue: grows
-        assert_eq!(a.limit(), 41);
-        feed(&a, 41, 10, false); // half the calls are queued: 20.5 > 6
-        assert!(a.limit() < 41);
+        feed(&a, 40, 5, false); // rtt_min = 5 ms, no queue: grows (slow start doubles)
+        assert_eq!(a.limit(), 80);
+        feed(&a, 80, 10, false); // half the calls are queued: 40 > 6
+        assert_eq!(a.limit(), 63); // 80 - (40 - 6) / 2
+        feed(&a, 63, 5, false); // no queue again: +1 now that slow start is over
+        assert_eq!(a.limit(), 64);
     }
 
     #[test]

@@ -184,8 +184,8 @@ impl Rate {
             let since = *w.since.get_or_insert(now);
             let (n, next) = self.take(now, since, want.max(1));
             if n > 0 {
-                // Still wanting more: the caller waits from now on.
-                w.since = (n < want).then_some(now);
+                // `since` stays until the caller says it is idle: while its demand goes on,
+                // a late wake-up still gets every slot it was owed, across chunk boundaries.
                 return Poll::Ready(n);
             }
             let sleep = w
@@ -220,6 +220,14 @@ impl Rate {
 pub(crate) struct RateWait {
     since: Option<Instant>,
     sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl RateWait {
+    /// The caller has nothing to send (or no room): it is owed nothing for the time until
+    /// it asks again, so an idle caller never comes back to a burst.
+    pub(crate) fn idle(&mut self) {
+        self.since = None;
+    }
 }
 
 #[cfg(test)]

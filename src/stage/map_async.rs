@@ -1115,6 +1115,7 @@ where
             if self.x.is_some() {
                 progress |= self.poll_extras(cx);
             }
+            let mut rate_bound = false;
             while self.can_start() {
                 let available = self.available(cx);
                 if available == 0 {
@@ -1133,10 +1134,19 @@ where
                             }
                         }
                         Admission::Refuse => self.refuse(),
-                        Admission::Wait => break,
+                        Admission::Wait => {
+                            rate_bound = true;
+                            break;
+                        }
                     }
                 }
                 progress = true;
+            }
+            if !rate_bound {
+                // Not waiting on the rate (no input, no room): owed no permits meanwhile.
+                if let Some((_, wait)) = self.x.as_mut().and_then(|x| x.rate.as_mut()) {
+                    wait.idle();
+                }
             }
             if self.up_done
                 && self.waiting.is_empty()
