@@ -70,7 +70,12 @@ async fn throughput(items: u64, workers: Option<usize>) -> f64 {
     let t = Instant::now();
     let report = match workers {
         Some(n) => stage.workers(n).run().await,
-        None => stage.adaptive(Adaptive::vegas(1..=512).initial(4)).run().await,
+        None => {
+            stage
+                .adaptive(Adaptive::vegas(1..=512).initial(4))
+                .run()
+                .await
+        }
     }
     .expect("adaptive run");
     report.delivered() as f64 / t.elapsed().as_secs_f64()

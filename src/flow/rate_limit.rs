@@ -119,13 +119,20 @@ mod tests {
             .await
             .unwrap();
         let last = *out.last().unwrap();
-        assert!(last >= Duration::from_secs(1) && last <= Duration::from_millis(1001), "{last:?}");
+        assert!(
+            last >= Duration::from_secs(1) && last <= Duration::from_millis(1001),
+            "{last:?}"
+        );
         // No 1 ms window gets more than its share (100) plus the slots owed by a late wake.
         let mut per_ms = std::collections::HashMap::<u128, u32>::new();
         for t in &out {
             *per_ms.entry(t.as_millis()).or_default() += 1;
         }
-        assert!(per_ms.values().all(|n| *n <= 101), "{:?}", per_ms.values().max());
+        assert!(
+            per_ms.values().all(|n| *n <= 101),
+            "{:?}",
+            per_ms.values().max()
+        );
     }
 
     #[tokio::test(start_paused = true)]
