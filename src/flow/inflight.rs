@@ -73,3 +73,62 @@ impl Inflight {
         self.limit.saturating_sub(self.sem.available_permits())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::prelude::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    #[tokio::test]
+    async fn a_zero_inflight_bound_is_rejected() {
+        let err = Pipeline::from_iter(0..3u32)
+            .map_async("call", |x| async move { x })
+            .inflight(&Inflight::new(0))
+            .run()
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("stage `call`: inflight = 0"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_inflight_bound_holds_across_pipelines() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let bound = Inflight::new(3);
+        let now = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let call = {
+            let (now, peak) = (now.clone(), peak.clone());
+            move |x: u32| {
+                let (now, peak) = (now.clone(), peak.clone());
+                async move {
+                    peak.fetch_max(now.fetch_add(1, SeqCst) + 1, SeqCst);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    now.fetch_sub(1, SeqCst);
+                    x
+                }
+            }
+        };
+        let t0 = Instant::now();
+        let a = Pipeline::from_iter(0..30u32)
+            .map_async("a", call.clone())
+            .workers(8)
+            .inflight(&bound)
+            .run();
+        let b = Pipeline::from_iter(0..30u32)
+            .map_async("b", call)
+            .workers(8)
+            .unordered()
+            .inflight(&bound)
+            .run();
+        let (ra, rb) = tokio::join!(a, b);
+        assert_eq!(ra.unwrap().delivered() + rb.unwrap().delivered(), 60);
+        assert_eq!(peak.load(SeqCst), 3);
+        assert_eq!(t0.elapsed(), Duration::from_millis(200)); // 60 calls, 3 at a time, 10 ms each
+        assert_eq!(bound.in_flight(), 0);
+    }
+}

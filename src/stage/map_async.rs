@@ -678,7 +678,8 @@ enum Admission {
     },
     /// An open breaker in fail-fast mode refused the call.
     Refuse,
-    Wait,
+    /// Not yet: `rate` says whether the rate is what it waits for.
+    Wait { rate: bool },
 }
 
 struct Driver<T, U, C, M> {
@@ -860,10 +861,10 @@ where
                                 g.hold = Some(run.gate.hold());
                             }
                             let Some(until) = until else {
-                                return Admission::Wait;
+                                return Admission::Wait { rate: false };
                             };
                             if !poll_sleep(&mut g.sleep, until, cx) {
-                                return Admission::Wait;
+                                return Admission::Wait { rate: false };
                             }
                         }
                     }
@@ -874,7 +875,7 @@ where
             if x.granted == 0 {
                 match rate.poll_take(cx, available.min(room), wait) {
                     Poll::Ready(n) => x.granted = n,
-                    Poll::Pending => return Admission::Wait,
+                    Poll::Pending => return Admission::Wait { rate: true },
                 }
             }
         }
@@ -882,7 +883,7 @@ where
             if x.permit.is_none() {
                 match sem.poll_acquire(cx) {
                     Poll::Ready(p) => x.permit = p,
-                    Poll::Pending => return Admission::Wait,
+                    Poll::Pending => return Admission::Wait { rate: false },
                 }
             }
         }
@@ -1134,8 +1135,8 @@ where
                             }
                         }
                         Admission::Refuse => self.refuse(),
-                        Admission::Wait => {
-                            rate_bound = true;
+                        Admission::Wait { rate } => {
+                            rate_bound = rate;
                             break;
                         }
                     }
