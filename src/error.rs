@@ -30,6 +30,10 @@ pub enum ItemError {
     /// User code panicked while handling the item.
     #[error("panicked: {0}")]
     Panic(String),
+    /// The stage's circuit breaker was open and set to fail fast
+    /// ([`OnOpen::FailFast`](crate::OnOpen::FailFast)): the call was not made.
+    #[error("circuit breaker open: call not made")]
+    CircuitOpen,
 }
 
 impl ItemError {
@@ -43,7 +47,8 @@ impl ItemError {
         ItemError::User(Arc::from(e.into()))
     }
 
-    /// A short name of the error's kind, as written to dead-letter files: `user`, `timeout`, `panic`.
+    /// A short name of the error's kind, as written to dead-letter files: `user`, `timeout`,
+    /// `panic`, `circuit_open`.
     ///
     /// ```
     /// assert_eq!(flowline::ItemError::Panic("boom".into()).kind(), "panic");
@@ -53,6 +58,7 @@ impl ItemError {
             ItemError::User(_) => "user",
             ItemError::Timeout(_) => "timeout",
             ItemError::Panic(_) => "panic",
+            ItemError::CircuitOpen => "circuit_open",
         }
     }
 

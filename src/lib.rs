@@ -48,6 +48,10 @@
 mod chunk;
 mod dead_letter;
 mod error;
+// ---- Flow control and resilience (issue 3) ----
+mod flow;
+mod resilience;
+// ----
 mod handle;
 mod pipeline;
 mod report;
@@ -79,6 +83,13 @@ pub use batch::{Debounce, Gather, Gathered, Incomplete, LoadError, Loader, Windo
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
 pub use store::{Idempotent, MemoryStore, Reservation, Store, StoreFuture};
+// ---- Flow control and resilience (issue 3) ----
+pub use flow::adaptive::Adaptive;
+pub use flow::inflight::Inflight;
+pub use flow::rate::Rate;
+pub use flow::throttle::Throttle;
+pub use resilience::breaker::{Breaker, BreakerReport, BreakerState, OnOpen};
+pub use resilience::retry::{Retry, RetryAfter, RetryBudget};
 
 /// Everything a pipeline author needs: `use flowline::prelude::*;`.
 pub mod prelude {
@@ -88,4 +99,9 @@ pub mod prelude {
     };
     // Issue 4
     pub use crate::{Loader, Window};
+    // ---- Flow control and resilience (issue 3) ----
+    pub use crate::{
+        Adaptive, Breaker, BreakerState, Inflight, OnOpen, Rate, Retry, RetryAfter, RetryBudget,
+        Throttle,
+    };
 }

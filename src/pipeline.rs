@@ -690,6 +690,46 @@ pub trait Flow: Sized + Send + 'static {
     {
         crate::store::idempotent::idempotent(self.into_pipeline(), store, key)
     }
+
+    // ---- Flow control and resilience: rate limit, throttle, in-flight, retry, circuit breaker, adaptive workers, pause on error ----
+
+    /// Lets items through at most at `rate`: delayed, never dropped (see [`Rate`](crate::Rate);
+    /// clones share one budget). For a limit on an async stage's calls, use
+    /// [`AsyncStage::rate_limit`] right under the stage.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let t = tokio::time::Instant::now();
+    /// let out = Pipeline::from_iter(0..3).rate_limit(Rate::per_second(2)).collect().await.unwrap();
+    /// assert_eq!((out.len(), t.elapsed()), (3, Duration::from_secs(1)));
+    /// # }
+    /// ```
+    fn rate_limit(self, rate: crate::Rate) -> Pipeline<Self::Item> {
+        crate::flow::rate_limit::rate_limit(self.into_pipeline(), rate)
+    }
+
+    /// At most one item per `interval`; the others are dropped and counted as `dropped`
+    /// (lossy by design — for updates where only the latest matters; use
+    /// [`rate_limit`](Flow::rate_limit) to delay instead). [`Throttle::Leading`](crate::Throttle::Leading)
+    /// passes the first item of an interval, [`Throttle::Trailing`](crate::Throttle::Trailing)
+    /// the latest one when the interval ends.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let (out, report) = Pipeline::from_iter(0..100)
+    ///     .throttle(Duration::from_secs(1), Throttle::Leading)
+    ///     .collect_with_report().await.unwrap();
+    /// assert_eq!(out, vec![0]);                       // all arrived at once
+    /// assert_eq!(report.stage("throttle").unwrap().dropped, 99);
+    /// # }
+    /// ```
+    fn throttle(self, interval: Duration, mode: crate::Throttle) -> Pipeline<Self::Item> {
+        crate::flow::throttle::throttle(self.into_pipeline(), interval, mode)
+    }
 }
 
 impl<T: Send + 'static> Flow for Pipeline<T> {

@@ -5,10 +5,12 @@
 //! ```sh
 //! cargo run --release -p flowline-bench -- core            # every case of a suite
 //! cargo run --release -p flowline-bench -- core hops8      # one case
+//! cargo run --release -p flowline-bench -- flow 3         # flow, 3 s per rate case
 //! ```
 
 mod batch;
 mod core;
+mod flow;
 mod source;
 mod util;
 
@@ -24,8 +26,9 @@ fn main() {
         "core" => core::run(case),
         "source" => source::run(),
         "batch" => batch::run(),
+        "flow" => flow::run(&args[1..]),
         other => {
-            eprintln!("unknown suite `{other}`; suites: core, source, batch");
+            eprintln!("unknown suite `{other}`; suites: core, source, batch, flow");
             std::process::exit(2);
         }
     }

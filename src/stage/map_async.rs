@@ -9,7 +9,7 @@
 //! boxed into the in-flight set. Cheap calls (a cache hit, a computed value) therefore cost
 //! one allocation and no scheduling at all.
 
-use std::collections::VecDeque;
+use std::collections::{BinaryHeap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -22,12 +22,20 @@ use std::time::Duration;
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use futures_util::{FutureExt as _, TryFutureExt as _};
 use hdrhistogram::Histogram;
-use tokio_util::sync::PollSender;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{PollSemaphore, PollSender};
 
 use crate::chunk::{CHUNK_CAP, Chunk, Outcome, Ticket};
 use crate::error::{BoxError, Error, FailedInput, Failure, ItemError};
+use crate::flow::adaptive::{Adaptive, Sample};
+use crate::flow::inflight::Inflight;
+use crate::flow::rate::{Rate, RateWait};
 use crate::pipeline::{Flow, Pipeline};
 use crate::report::{StageStats, latency_histogram};
+use crate::resilience::breaker::{Admit, Breaker, OnOpen};
+use crate::resilience::retry::Retry;
+use crate::runtime::gate::GateHold;
 use crate::runtime::hop::{HOP_CHUNKS, hop};
 use crate::runtime::{RunCtx, Upstream};
 
@@ -82,6 +90,22 @@ struct Options {
     workers: usize,
     ordered: bool,
     timeout: Option<Duration>,
+    rate: Option<Rate>,
+    inflight: Option<Inflight>,
+    retry: Option<Retry>,
+    breaker: Option<Breaker>,
+    adaptive: Option<Adaptive>,
+}
+
+impl Options {
+    /// Whether any flow-control or resilience option is set (else the driver's fast path).
+    fn has_extras(&self) -> bool {
+        self.rate.is_some()
+            || self.inflight.is_some()
+            || self.retry.is_some()
+            || self.breaker.is_some()
+            || self.adaptive.is_some()
+    }
 }
 
 /// An async stage being configured: options set here apply to this stage only. Any
@@ -108,6 +132,8 @@ pub struct AsyncStage<T, U, S> {
     call: S,
     options: Options,
     keep: Option<fn(&T) -> FailedInput>,
+    /// Set by `retry` (which needs `T: Clone`): a copy of the input for the next attempt.
+    copy: Option<fn(&T) -> T>,
     _out: PhantomData<fn() -> U>,
 }
 
@@ -130,8 +156,14 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
                 workers: 1,
                 ordered: true,
                 timeout: None,
+                rate: None,
+                inflight: None,
+                retry: None,
+                breaker: None,
+                adaptive: None,
             },
             keep: None,
+            copy: None,
             _out: PhantomData,
         }
     }
@@ -229,6 +261,117 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
         self.keep = Some(|t: &T| FailedInput::new(t.clone()));
         self
     }
+
+    // ---- Flow control and resilience (issue 3) ----
+
+    /// Starts calls at most at `rate` (delays, never drops). Clones of one [`Rate`] share
+    /// one budget, so the same `Rate` on two stages holds their sum to it.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let t = tokio::time::Instant::now();
+    /// Pipeline::from_iter(0..5u32)
+    ///     .map_async("api", |x| async move { x })
+    ///     .workers(4)
+    ///     .rate_limit(Rate::per_second(4))
+    ///     .run().await.unwrap();
+    /// assert_eq!(t.elapsed(), Duration::from_secs(1));   // 5 calls, 4 gaps of 250 ms
+    /// # }
+    /// ```
+    pub fn rate_limit(mut self, rate: Rate) -> Self {
+        self.options.rate = Some(rate);
+        self
+    }
+
+    /// Also bounds this stage's calls by a shared [`Inflight`] (every stage given the same
+    /// value counts against it).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let db = Inflight::new(2);
+    /// let out = Pipeline::from_iter(0..10u32)
+    ///     .map_async("db", |x| async move { x })
+    ///     .workers(8)
+    ///     .inflight(&db)
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out.len(), 10);
+    /// # }
+    /// ```
+    pub fn inflight(mut self, bound: &Inflight) -> Self {
+        self.options.inflight = Some(bound.clone());
+        self
+    }
+
+    /// Retries failed calls (see [`Retry`]). An item waiting for its next attempt sits in a
+    /// delay queue inside the stage and does not take a worker; with
+    /// [`Retry::pause_source`] the run's source is paused while it waits. Needs `T: Clone`:
+    /// each attempt gets a copy of the input. The failure of an item that ran out of
+    /// attempts records how many were made (`Failure::attempts`); each retry is counted in
+    /// the stage's `retried`.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let report = Pipeline::from_iter([1u32])
+    ///     .try_map_async("down", |_| async { Err::<u32, _>("503") })
+    ///     .retry(Retry::constant(Duration::from_millis(100)).max_attempts(4))
+    ///     .run().await.unwrap();
+    /// assert_eq!(report.failure_sample[0].attempts, 4);
+    /// assert_eq!(report.stage("down").unwrap().retried, 3);
+    /// # }
+    /// ```
+    pub fn retry(mut self, retry: Retry) -> Self
+    where
+        T: Clone,
+    {
+        self.options.retry = Some(retry);
+        self.copy = Some(T::clone);
+        self
+    }
+
+    /// Guards the calls with a circuit breaker (see [`Breaker`]; clones share one state).
+    /// While it is open the stage pauses the run's source ([`OnOpen::Pause`](crate::OnOpen::Pause))
+    /// or fails items fast ([`OnOpen::FailFast`](crate::OnOpen::FailFast)).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let breaker = Breaker::consecutive_failures(5).cooldown(Duration::from_secs(1));
+    /// let report = Pipeline::from_iter(0..100u32)
+    ///     .try_map_async("api", |x| async move { Ok::<_, String>(x) })
+    ///     .circuit_breaker(breaker.clone())
+    ///     .run().await.unwrap();
+    /// assert_eq!((report.delivered(), breaker.state()), (100, BreakerState::Closed));
+    /// # }
+    /// ```
+    pub fn circuit_breaker(mut self, breaker: Breaker) -> Self {
+        self.options.breaker = Some(breaker);
+        self
+    }
+
+    /// Lets the number of calls in flight follow an adaptive limit (see [`Adaptive`])
+    /// instead of a fixed `workers(n)`. A lower limit only stops new calls; calls in flight
+    /// are never cancelled.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter(0..100u32)
+    ///     .map_async("api", |x| async move { x })
+    ///     .adaptive(Adaptive::aimd(1..=32))
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out.len(), 100);
+    /// # }
+    /// ```
+    pub fn adaptive(mut self, limit: Adaptive) -> Self {
+        self.options.adaptive = Some(limit);
+        self
+    }
 }
 
 impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> Flow for AsyncStage<T, U, S> {
@@ -241,6 +384,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> Flow for AsyncStage
             call,
             options,
             keep,
+            copy,
             ..
         } = self;
         if options.workers == 0 {
@@ -259,23 +403,57 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> Flow for AsyncStage
                 "must be more than zero",
             ));
         }
+        let invalid = [
+            options.rate.as_ref().and_then(Rate::invalid),
+            options.retry.as_ref().and_then(Retry::invalid),
+            options.breaker.as_ref().and_then(Breaker::invalid),
+            options.adaptive.as_ref().and_then(Adaptive::invalid),
+            options
+                .inflight
+                .as_ref()
+                .filter(|i| i.limit() == 0)
+                .map(|_| ("inflight", "0".to_string(), "must be at least 1")),
+        ];
+        for (option, value, reason) in invalid.into_iter().flatten() {
+            upstream.settings.errors.push(Error::Config {
+                stage: name.clone(),
+                option,
+                value,
+                reason,
+            });
+        }
         upstream.then(move |b, up| {
             let stats = b.stage(&name, "async");
             let (tx, rx) = hop(HOP_CHUNKS);
             let run = b.run.clone();
-            b.spawn(drive(up, call, options, keep, stats, run, tx));
+            b.spawn(drive(up, call, options, keep, copy, stats, run, tx));
             Box::new(rx) as Upstream<U>
         })
     }
 }
 
-/// What a finished call reports back to the driver.
-struct Completion<U> {
+/// Per-item bookkeeping that travels with a call and, between attempts, with the parked item.
+struct Meta {
     seq: u64,
     ticket: Ticket,
-    result: Result<U, ItemError>,
+    /// Attempts made (the running one included).
+    attempts: u32,
+    /// When the first attempt started (only kept when `max_elapsed` needs it).
+    first_at: Option<Instant>,
     input: Option<FailedInput>,
+    /// The call is a half-open breaker's probe.
+    probe: bool,
+}
+
+/// What a finished call reports back to the driver.
+struct Completion<T, U> {
+    meta: Meta,
+    result: Result<U, ItemError>,
     latency: Option<Duration>,
+    /// A copy of the input for another attempt (stages with `retry`).
+    again: Option<T>,
+    /// False for an item refused by an open breaker (no call was made).
+    called: bool,
 }
 
 fn flatten<U>(
@@ -288,11 +466,13 @@ fn flatten<U>(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn drive<T, U, S>(
     up: Upstream<T>,
     call: S,
     options: Options,
     keep: Option<fn(&T) -> FailedInput>,
+    copy: Option<fn(&T) -> T>,
     stats: Arc<StageStats>,
     run: Arc<RunCtx>,
     tx: tokio::sync::mpsc::Sender<Chunk<U>>,
@@ -302,11 +482,14 @@ async fn drive<T, U, S>(
     S: StageFn<T, U>,
 {
     let limit_time = options.timeout;
-    let make = move |item: T, ticket: Ticket, seq: u64, timed: bool| {
-        let input = keep.map(|k| k(&item));
+    let make = move |item: T, mut meta: Meta, timed: bool, permit: Option<OwnedSemaphorePermit>| {
+        if meta.input.is_none() {
+            meta.input = keep.map(|k| k(&item));
+        }
+        let again = copy.map(|c| c(&item));
         match catch_unwind(AssertUnwindSafe(|| call.call(item))) {
             Ok(fut) => Ok(async move {
-                let start = timed.then(tokio::time::Instant::now);
+                let start = timed.then(Instant::now);
                 let guarded = AssertUnwindSafe(fut).catch_unwind();
                 let result = match limit_time {
                     Some(d) => match tokio::time::timeout(d, guarded).await {
@@ -315,23 +498,52 @@ async fn drive<T, U, S>(
                     },
                     None => flatten(guarded.await),
                 };
+                drop(permit);
                 Completion {
-                    seq,
-                    ticket,
+                    meta,
                     result,
-                    input,
                     latency: start.map(|s| s.elapsed()),
+                    again,
+                    called: true,
                 }
             }),
             Err(panic) => Err(Completion {
-                seq,
-                ticket,
+                meta,
                 result: Err(ItemError::from_panic(&*panic)),
-                input,
                 latency: None,
+                again,
+                called: true,
             }),
         }
     };
+    let extras = options.has_extras().then(|| {
+        Box::new(Extras {
+            rate: options.rate.clone().map(|r| (r, RateWait::default())),
+            granted: 0,
+            sem: options
+                .inflight
+                .as_ref()
+                .map(|i| PollSemaphore::new(i.sem.clone())),
+            permit: None,
+            retry: options.retry.clone().map(|cfg| Retrying {
+                cfg,
+                heap: BinaryHeap::new(),
+                due: VecDeque::new(),
+                sleep: None,
+                next_id: 0,
+                rng: seed(),
+                fresh: 0,
+            }),
+            breaker: options.breaker.clone().map(|breaker| Guard {
+                breaker,
+                hold: None,
+                sleep: None,
+                outcomes: Vec::new(),
+            }),
+            adaptive: options.adaptive.clone().map(|a| (a, Vec::new())),
+            admitted: None,
+        })
+    });
     let mut driver = Driver {
         up,
         up_done: false,
@@ -349,6 +561,7 @@ async fn drive<T, U, S>(
         run: run.clone(),
         hist: latency_histogram(),
         timed: 0,
+        x: extras,
     };
     let cancel = run.cancel.clone();
     let cancelled = tokio::select! {
@@ -362,9 +575,111 @@ async fn drive<T, U, S>(
     stats.merge_latency(&mut driver.hist);
 }
 
+/// A seed for the retry jitter (no RNG dependency: std's randomly keyed hasher).
+fn seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0x9e37_79b9_7f4a_7c15);
+    h.finish() | 1
+}
+
 enum Slot<U> {
     Ok(U, Ticket),
     Failed,
+}
+
+/// Adaptive-limit samples batched before they are reported.
+const SAMPLE_BATCH: usize = 16;
+
+/// The most items a stage keeps in retry backoff before it stops taking new ones.
+const MAX_PARKED: usize = 4 * CHUNK_CAP;
+
+/// An item waiting for its next attempt.
+struct Parked<T> {
+    at: Instant,
+    id: u64,
+    item: T,
+    meta: Meta,
+    /// Keeps the run's source paused while it waits (`Retry::pause_source`).
+    hold: Option<GateHold>,
+}
+
+impl<T> PartialEq for Parked<T> {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.id) == (other.at, other.id)
+    }
+}
+impl<T> Eq for Parked<T> {}
+impl<T> PartialOrd for Parked<T> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl<T> Ord for Parked<T> {
+    /// Reversed: `BinaryHeap` pops the earliest first.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (other.at, other.id).cmp(&(self.at, self.id))
+    }
+}
+
+/// The retry delay queue.
+struct Retrying<T> {
+    cfg: Retry,
+    heap: BinaryHeap<Parked<T>>,
+    /// Backoff over: start these before new items.
+    due: VecDeque<(T, Meta)>,
+    sleep: Option<Pin<Box<Sleep>>>,
+    next_id: u64,
+    rng: u64,
+    /// First attempts not yet deposited in the retry budget.
+    fresh: u64,
+}
+
+impl<T> Retrying<T> {
+    /// xorshift64*: a uniform draw in [0, 1) for full jitter.
+    fn next_rand(&mut self) -> f64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        let x = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// A breaker as one stage uses it.
+struct Guard {
+    breaker: Breaker,
+    /// Held while the breaker keeps this stage from calling (`OnOpen::Pause`).
+    hold: Option<GateHold>,
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// Outcomes not yet reported: (failed, probe).
+    outcomes: Vec<(bool, bool)>,
+}
+
+/// Everything the flow-control and resilience options need. `None` on the driver when no
+/// option is set, so the plain stage pays one branch, no timer and no lock.
+struct Extras<T> {
+    rate: Option<(Rate, RateWait)>,
+    /// Rate permits taken and not yet used.
+    granted: usize,
+    sem: Option<PollSemaphore>,
+    permit: Option<OwnedSemaphorePermit>,
+    retry: Option<Retrying<T>>,
+    breaker: Option<Guard>,
+    adaptive: Option<(Adaptive, Vec<Sample>)>,
+    /// The breaker's verdict for the next start, once taken: `Some(is_probe)`.
+    admitted: Option<bool>,
+}
+
+enum Admission {
+    Go {
+        probe: bool,
+        permit: Option<OwnedSemaphorePermit>,
+    },
+    /// An open breaker in fail-fast mode refused the call.
+    Refuse,
+    /// Not yet: `rate` says whether the rate is what it waits for.
+    Wait { rate: bool },
 }
 
 struct Driver<T, U, C, M> {
@@ -386,52 +701,120 @@ struct Driver<T, U, C, M> {
     run: Arc<RunCtx>,
     hist: Histogram<u64>,
     timed: u64,
+    x: Option<Box<Extras<T>>>,
 }
 
 impl<T, U, C, M> Driver<T, U, C, M>
 where
     T: Send + 'static,
     U: Send + 'static,
-    C: Future<Output = Completion<U>>,
-    M: FnMut(T, Ticket, u64, bool) -> Result<C, Completion<U>>,
+    C: Future<Output = Completion<T, U>>,
+    M: FnMut(T, Meta, bool, Option<OwnedSemaphorePermit>) -> Result<C, Completion<T, U>>,
 {
+    fn limit(&self) -> usize {
+        match self.x.as_ref().and_then(|x| x.adaptive.as_ref()) {
+            Some((a, _)) => a.limit(),
+            None => self.limit,
+        }
+    }
+
+    /// Items in retry backoff (or due to restart).
+    fn parked(&self) -> usize {
+        self.x
+            .as_ref()
+            .and_then(|x| x.retry.as_ref())
+            .map_or(0, |r| r.heap.len() + r.due.len())
+    }
+
+    fn has_due(&self) -> bool {
+        self.x
+            .as_ref()
+            .and_then(|x| x.retry.as_ref())
+            .is_some_and(|r| !r.due.is_empty())
+    }
+
+    /// Whether another call may start. Calls in flight count against the limit; an ordered
+    /// stage also bounds its reorder window (items started and not yet emitted, less those
+    /// in retry backoff, which take no worker). A retry whose backoff is over is already in
+    /// the window, so only the calls in flight bound it — else a finished item waiting for
+    /// it to be emitted could hold its place forever.
     fn can_start(&self) -> bool {
-        let room = if self.ordered {
-            self.next_seq - self.next_emit < self.limit as u64
-        } else {
-            self.inflight.len() < self.limit
-        };
-        room && self.out.len() < CHUNK_CAP
+        let limit = self.limit();
+        if self.out.len() >= CHUNK_CAP || self.inflight.len() >= limit {
+            return false;
+        }
+        !self.ordered
+            || self.has_due()
+            || ((self.next_seq - self.next_emit) as usize - self.parked()) < limit
     }
 
-    fn next_input(&mut self, cx: &mut Context<'_>) -> Option<(T, Ticket)> {
-        if let Some(x) = self.waiting.pop_front() {
-            return Some(x);
-        }
-        if self.up_done {
-            return None;
-        }
-        match self.up.poll_chunk(cx) {
-            Poll::Ready(Some(chunk)) => {
-                StageStats::add(&self.stats.received, chunk.len());
-                self.waiting.extend(chunk.into_pairs());
-                self.waiting.pop_front()
+    /// How many items could start now (pulls a chunk if none is waiting).
+    fn available(&mut self, cx: &mut Context<'_>) -> usize {
+        let due = self
+            .x
+            .as_ref()
+            .and_then(|x| x.retry.as_ref())
+            .map_or(0, |r| r.due.len());
+        if self.waiting.is_empty() && !self.up_done && (due > 0 || self.parked() < MAX_PARKED) {
+            match self.up.poll_chunk(cx) {
+                Poll::Ready(Some(chunk)) => {
+                    StageStats::add(&self.stats.received, chunk.len());
+                    self.waiting.extend(chunk.into_pairs());
+                }
+                Poll::Ready(None) => self.up_done = true,
+                Poll::Pending => {}
             }
-            Poll::Ready(None) => {
-                self.up_done = true;
-                None
-            }
-            Poll::Pending => None,
         }
+        due + self.waiting.len()
     }
 
-    fn start(&mut self, item: T, ticket: Ticket, cx: &mut Context<'_>) {
+    /// The next item to start: a retry whose backoff is over, else a new one.
+    fn pop_input(&mut self) -> Option<(T, Meta)> {
+        if let Some(r) = self.x.as_mut().and_then(|x| x.retry.as_mut()) {
+            if let Some(d) = r.due.pop_front() {
+                return Some(d);
+            }
+        }
+        let (item, ticket) = self.waiting.pop_front()?;
         let seq = self.next_seq;
         self.next_seq += 1;
         if self.ordered {
             self.reorder.push_back(None);
         }
-        match (self.make)(item, ticket, seq, seq % SAMPLE_EVERY == 0) {
+        Some((
+            item,
+            Meta {
+                seq,
+                ticket,
+                attempts: 0,
+                first_at: None,
+                input: None,
+                probe: false,
+            },
+        ))
+    }
+
+    fn start(
+        &mut self,
+        item: T,
+        mut meta: Meta,
+        permit: Option<OwnedSemaphorePermit>,
+        cx: &mut Context<'_>,
+    ) {
+        meta.attempts += 1;
+        let mut timed = meta.seq % SAMPLE_EVERY == 0;
+        if let Some(x) = self.x.as_mut() {
+            timed |= x.adaptive.is_some();
+            if let Some(r) = x.retry.as_mut() {
+                if meta.attempts == 1 {
+                    r.fresh += 1;
+                    if r.cfg.max_elapsed.is_some() {
+                        meta.first_at = Some(Instant::now());
+                    }
+                }
+            }
+        }
+        match (self.make)(item, meta, timed, permit) {
             Err(done) => self.complete(done),
             Ok(fut) => {
                 let mut fut = Box::pin(fut);
@@ -443,7 +826,187 @@ where
         }
     }
 
-    fn complete(&mut self, c: Completion<U>) {
+    /// Asks the breaker, the rate and the shared in-flight bound, in that order; a grant is
+    /// kept until an item uses it.
+    fn admit(&mut self, cx: &mut Context<'_>, available: usize) -> Admission {
+        let room = self.limit().saturating_sub(self.inflight.len()).max(1);
+        let run = &self.run;
+        let Some(x) = self.x.as_mut() else {
+            return Admission::Go {
+                probe: false,
+                permit: None,
+            };
+        };
+        if x.admitted.is_none() {
+            match x.breaker.as_mut() {
+                None => x.admitted = Some(false),
+                Some(g) => loop {
+                    match g.breaker.admit(Some(cx.waker())) {
+                        Admit::Call => {
+                            g.hold = None;
+                            x.admitted = Some(false);
+                            break;
+                        }
+                        Admit::Probe => {
+                            g.hold = None;
+                            x.admitted = Some(true);
+                            break;
+                        }
+                        Admit::Refused(until) => {
+                            if g.breaker.mode() == OnOpen::FailFast {
+                                g.breaker.count_rejected(1);
+                                return Admission::Refuse;
+                            }
+                            if g.hold.is_none() {
+                                g.hold = Some(run.gate.hold());
+                            }
+                            let Some(until) = until else {
+                                return Admission::Wait { rate: false };
+                            };
+                            if !poll_sleep(&mut g.sleep, until, cx) {
+                                return Admission::Wait { rate: false };
+                            }
+                        }
+                    }
+                },
+            }
+        }
+        if let Some((rate, wait)) = x.rate.as_mut() {
+            if x.granted == 0 {
+                match rate.poll_take(cx, available.min(room), wait) {
+                    Poll::Ready(n) => x.granted = n,
+                    Poll::Pending => return Admission::Wait { rate: true },
+                }
+            }
+        }
+        if let Some(sem) = x.sem.as_mut() {
+            if x.permit.is_none() {
+                match sem.poll_acquire(cx) {
+                    Poll::Ready(p) => x.permit = p,
+                    Poll::Pending => return Admission::Wait { rate: false },
+                }
+            }
+        }
+        if x.rate.is_some() {
+            x.granted -= 1;
+        }
+        Admission::Go {
+            probe: x.admitted.take().unwrap_or(false),
+            permit: x.permit.take(),
+        }
+    }
+
+    /// Fails the next item with `CircuitOpen` (fail-fast breaker).
+    fn refuse(&mut self) {
+        if let Some((item, meta)) = self.pop_input() {
+            drop(item);
+            self.complete(Completion {
+                meta,
+                result: Err(ItemError::CircuitOpen),
+                latency: None,
+                again: None,
+                called: false,
+            });
+        }
+    }
+
+    /// Reports batched outcomes, releases a breaker hold that is no longer needed, and
+    /// moves retries whose backoff is over to `due`. True if something changed.
+    fn poll_extras(&mut self, cx: &mut Context<'_>) -> bool {
+        let run = &self.run;
+        let Some(x) = self.x.as_mut() else {
+            return false;
+        };
+        let mut changed = false;
+        if let Some((a, samples)) = x.adaptive.as_mut() {
+            a.record(samples);
+            samples.clear();
+        }
+        if let Some(g) = x.breaker.as_mut() {
+            g.breaker.record(&g.outcomes);
+            g.outcomes.clear();
+            // Pause: the source stops as soon as the breaker opens, and goes on when a call
+            // may go through again (a probe needs an item to probe with).
+            if g.breaker.mode() == OnOpen::Pause {
+                match g.breaker.blocked(cx.waker()) {
+                    None => changed |= g.hold.take().is_some(),
+                    Some(until) => {
+                        if g.hold.is_none() {
+                            g.hold = Some(run.gate.hold());
+                        }
+                        if let Some(until) = until {
+                            changed |= poll_sleep(&mut g.sleep, until, cx);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(r) = x.retry.as_mut() {
+            loop {
+                let now = Instant::now();
+                while r.heap.peek().is_some_and(|p| p.at <= now) {
+                    if let Some(p) = r.heap.pop() {
+                        drop(p.hold);
+                        r.due.push_back((p.item, p.meta));
+                        changed = true;
+                    }
+                }
+                let Some(at) = r.heap.peek().map(|p| p.at) else {
+                    break;
+                };
+                if !poll_sleep(&mut r.sleep, at, cx) {
+                    break;
+                }
+            }
+        }
+        changed
+    }
+
+    /// Parks a failed call for another attempt if the retry policy allows; else gives it back.
+    fn park(
+        x: &mut Extras<T>,
+        mut c: Completion<T, U>,
+        run: &RunCtx,
+        stats: &StageStats,
+    ) -> Option<Completion<T, U>> {
+        let Some(r) = x.retry.as_mut() else {
+            return Some(c);
+        };
+        let Err(e) = &c.result else {
+            return Some(c);
+        };
+        if !c.called || c.meta.attempts >= r.cfg.max_attempts || !r.cfg.is_retryable(e) {
+            return Some(c);
+        }
+        let rand = r.next_rand();
+        let at = Instant::now() + r.cfg.next_delay(c.meta.attempts, e, rand);
+        if let (Some(limit), Some(first)) = (r.cfg.max_elapsed, c.meta.first_at) {
+            if at.duration_since(first) > limit {
+                return Some(c);
+            }
+        }
+        if let Some(b) = &r.cfg.budget {
+            if !b.deposit_and_withdraw(std::mem::take(&mut r.fresh), true) {
+                return Some(c);
+            }
+        }
+        let Some(item) = c.again.take() else {
+            return Some(c);
+        };
+        StageStats::add(&stats.retried, 1);
+        let id = r.next_id;
+        r.next_id += 1;
+        r.heap.push(Parked {
+            at,
+            id,
+            item,
+            meta: c.meta,
+            hold: r.cfg.pause_source.then(|| run.gate.hold()),
+        });
+        None
+    }
+
+    fn complete(&mut self, mut c: Completion<T, U>) {
         if let Some(l) = c.latency {
             let _ = self.hist.record(l.as_nanos().min(u64::MAX as u128) as u64);
             self.timed += 1;
@@ -451,16 +1014,48 @@ where
                 self.stats.merge_latency(&mut self.hist);
             }
         }
-        let slot = match c.result {
-            Ok(u) => Slot::Ok(u, c.ticket),
+        if let Some(x) = self.x.as_mut() {
+            // Outcomes are batched per poll, except what must act before the next start:
+            // a failure or probe result (may trip or close the breaker), overload, or a
+            // full batch (calls failing inline can start many items in one poll).
+            if c.called {
+                if let Some(g) = x.breaker.as_mut() {
+                    let failed = c.result.is_err();
+                    g.outcomes.push((failed, c.meta.probe));
+                    if failed || c.meta.probe {
+                        g.breaker.record(&g.outcomes);
+                        g.outcomes.clear();
+                    }
+                }
+                if let Some((a, samples)) = x.adaptive.as_mut() {
+                    let overload = c.result.as_ref().err().is_some_and(|e| a.is_overload(e));
+                    samples.push(Sample {
+                        latency: c.latency.unwrap_or_default(),
+                        overload,
+                        inflight: self.inflight.len() + 1,
+                    });
+                    if overload || samples.len() >= SAMPLE_BATCH {
+                        a.record(samples);
+                        samples.clear();
+                    }
+                }
+            }
+            match Self::park(x, c, &self.run, &self.stats) {
+                Some(back) => c = back,
+                None => return,
+            }
+        }
+        let Completion { meta, result, .. } = c;
+        let slot = match result {
+            Ok(u) => Slot::Ok(u, meta.ticket),
             Err(error) => {
                 StageStats::add(&self.stats.failed, 1);
-                c.ticket.finish(Outcome::Failed);
+                meta.ticket.finish(Outcome::Failed);
                 self.run.fail(Failure {
                     stage: self.stats.name.clone(),
                     error,
-                    attempts: 1,
-                    input: c.input,
+                    attempts: meta.attempts,
+                    input: meta.input,
                 });
                 Slot::Failed
             }
@@ -471,7 +1066,7 @@ where
             }
             return;
         }
-        self.reorder[(c.seq - self.next_emit) as usize] = Some(slot);
+        self.reorder[(meta.seq - self.next_emit) as usize] = Some(slot);
         while let Some(Some(_)) = self.reorder.front() {
             if let Some(Some(Slot::Ok(u, t))) = self.reorder.pop_front() {
                 self.out.push(u, t);
@@ -518,21 +1113,50 @@ where
                     _ => break,
                 }
             }
+            if self.x.is_some() {
+                progress |= self.poll_extras(cx);
+            }
+            let mut rate_bound = false;
             while self.can_start() {
-                match self.next_input(cx) {
-                    Some((item, ticket)) => {
-                        self.start(item, ticket, cx);
-                        progress = true;
+                let available = self.available(cx);
+                if available == 0 {
+                    break;
+                }
+                if self.x.is_none() {
+                    if let Some((item, meta)) = self.pop_input() {
+                        self.start(item, meta, None, cx);
                     }
-                    None => break,
+                } else {
+                    match self.admit(cx, available) {
+                        Admission::Go { probe, permit } => {
+                            if let Some((item, mut meta)) = self.pop_input() {
+                                meta.probe = probe;
+                                self.start(item, meta, permit, cx);
+                            }
+                        }
+                        Admission::Refuse => self.refuse(),
+                        Admission::Wait { rate } => {
+                            rate_bound = rate;
+                            break;
+                        }
+                    }
+                }
+                progress = true;
+            }
+            if !rate_bound {
+                // Not waiting on the rate (no input, no room): owed no permits meanwhile.
+                if let Some((_, wait)) = self.x.as_mut().and_then(|x| x.rate.as_mut()) {
+                    wait.idle();
                 }
             }
             if self.up_done
                 && self.waiting.is_empty()
                 && self.inflight.is_empty()
+                && self.parked() == 0
                 && self.reorder.is_empty()
                 && self.out.is_empty()
             {
+                self.poll_extras(cx);
                 return Poll::Ready(());
             }
             if !progress {
@@ -540,6 +1164,15 @@ where
             }
         }
     }
+}
+
+/// Polls a reusable timer set to `at`; true once it has fired.
+fn poll_sleep(slot: &mut Option<Pin<Box<Sleep>>>, at: Instant, cx: &mut Context<'_>) -> bool {
+    let sleep = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+    if sleep.deadline() != at {
+        sleep.as_mut().reset(at);
+    }
+    sleep.as_mut().poll(cx).is_ready()
 }
 
 pub(crate) fn map_async<T, U, F, Fut>(

@@ -1,0 +1,529 @@
+//! `Adaptive`: a concurrency limit that follows the backend, like TCP congestion control.
+//!
+//! Two algorithms, both updated once per window of about `limit` finished calls (one round
+//! trip), not per call, so a burst of completions moves the limit by one step, not by many:
+//! - AIMD: +1 per window while the stage uses at least half its limit; × `backoff` (0.9)
+//!   on overload (an error the user classifies as overload, a timeout, or an average latency
+//!   above `latency_limit`).
+//! - Vegas (after Netflix concurrency-limits): estimates the calls queued at the backend as
+//!   `limit × (1 − rtt_min / rtt)`; grows while fewer than `alpha` (3) are queued (doubling
+//!   until it first has to shrink, like TCP slow start, then +1), shrinks beyond `beta` (6),
+//!   halves on overload.
+//!
+//! The stage reads the limit before starting each call; a lower limit only stops new calls,
+//! it never cancels calls in flight.
+
+use std::fmt;
+use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::error::ItemError;
+
+type Predicate = Arc<dyn Fn(&ItemError) -> bool + Send + Sync>;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Algo {
+    Aimd {
+        backoff: f64,
+        latency_limit: Option<Duration>,
+    },
+    Vegas,
+}
+
+const VEGAS_ALPHA: f64 = 3.0;
+const VEGAS_BETA: f64 = 6.0;
+
+/// One finished call, as the limit sees it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sample {
+    pub(crate) latency: Duration,
+    pub(crate) overload: bool,
+    /// Calls in flight when it finished (itself included).
+    pub(crate) inflight: usize,
+}
+
+#[derive(Default)]
+struct Window {
+    samples: usize,
+    ok: u32,
+    rtt_sum: Duration,
+    max_inflight: usize,
+    overload: bool,
+}
+
+struct State {
+    limit: f64,
+    /// Vegas: doubling until the first sign of a queue (like TCP slow start).
+    slow_start: bool,
+    window: Window,
+    rtt_min: Option<Duration>,
+}
+
+struct Inner {
+    algo: Algo,
+    min: usize,
+    max: usize,
+    overload_if: Option<Predicate>,
+    limit: AtomicUsize,
+    state: Mutex<State>,
+}
+
+/// An adaptive concurrency limit for an async stage
+/// ([`AsyncStage::adaptive`](crate::AsyncStage::adaptive)): the number of calls in flight
+/// moves between `min` and `max` with the backend's latency and overload errors. Clones
+/// share one limit.
+///
+/// ```
+/// use flowline::prelude::*;
+/// use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// let limit = Adaptive::vegas(1..=64).initial(4);
+/// let report = Pipeline::from_iter(0..2_000u32)
+///     .map_async("call", |x| async move { tokio::time::sleep(Duration::from_millis(5)).await; x })
+///     .adaptive(limit.clone())
+///     .run().await.unwrap();
+/// assert_eq!(report.delivered(), 2_000);
+/// assert!(limit.limit() > 4);          // no latency rise seen: it grew
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Adaptive(Arc<Inner>);
+
+impl fmt::Debug for Adaptive {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Adaptive")
+            .field("algo", &self.0.algo)
+            .field("min", &self.0.min)
+            .field("max", &self.0.max)
+            .field("limit", &self.limit())
+            .finish()
+    }
+}
+
+impl Adaptive {
+    fn build(algo: Algo, range: RangeInclusive<usize>) -> Self {
+        let (min, max) = (*range.start(), *range.end());
+        let initial = min.max(1);
+        Adaptive(Arc::new(Inner {
+            algo,
+            min,
+            max,
+            overload_if: None,
+            limit: AtomicUsize::new(initial),
+            state: Mutex::new(State {
+                limit: initial as f64,
+                slow_start: true,
+                window: Window::default(),
+                rtt_min: None,
+            }),
+        }))
+    }
+
+    /// Additive increase, multiplicative decrease between `min` and `max` calls in flight.
+    ///
+    /// ```
+    /// let a = flowline::Adaptive::aimd(1..=64);
+    /// assert_eq!(a.limit(), 1);
+    /// ```
+    pub fn aimd(range: RangeInclusive<usize>) -> Self {
+        Adaptive::build(
+            Algo::Aimd {
+                backoff: 0.9,
+                latency_limit: None,
+            },
+            range,
+        )
+    }
+
+    /// A latency-based limit (TCP Vegas, as in Netflix concurrency-limits).
+    ///
+    /// ```
+    /// let a = flowline::Adaptive::vegas(2..=256);
+    /// assert_eq!(a.limit(), 2);
+    /// ```
+    pub fn vegas(range: RangeInclusive<usize>) -> Self {
+        Adaptive::build(Algo::Vegas, range)
+    }
+
+    fn modify(self, f: impl FnOnce(&mut Inner)) -> Self {
+        let (algo, min, max, overload_if, limit) = (
+            self.0.algo,
+            self.0.min,
+            self.0.max,
+            self.0.overload_if.clone(),
+            self.limit(),
+        );
+        let mut inner = Inner {
+            algo,
+            min,
+            max,
+            overload_if,
+            limit: AtomicUsize::new(limit),
+            state: Mutex::new(State {
+                limit: limit as f64,
+                slow_start: true,
+                window: Window::default(),
+                rtt_min: None,
+            }),
+        };
+        f(&mut inner);
+        Adaptive(Arc::new(inner))
+    }
+
+    /// The starting limit (default `min`), clamped to the range.
+    ///
+    /// ```
+    /// assert_eq!(flowline::Adaptive::aimd(1..=64).initial(16).limit(), 16);
+    /// ```
+    pub fn initial(self, n: usize) -> Self {
+        self.modify(|i| {
+            let n = n.clamp(i.min.max(1), i.max.max(1));
+            i.limit.store(n, Ordering::Relaxed);
+            i.state.get_mut().unwrap_or_else(|p| p.into_inner()).limit = n as f64;
+        })
+    }
+
+    /// Which errors mean "overloaded" (e.g. HTTP 429 or 503). Timeouts always do.
+    ///
+    /// ```
+    /// let a = flowline::Adaptive::aimd(1..=64).overload_if(|e| e.to_string().starts_with("429"));
+    /// # let _ = a;
+    /// ```
+    pub fn overload_if(self, f: impl Fn(&ItemError) -> bool + Send + Sync + 'static) -> Self {
+        let f: Predicate = Arc::new(f);
+        self.modify(|i| i.overload_if = Some(f))
+    }
+
+    /// AIMD only: an average latency above `limit` in a window counts as overload.
+    ///
+    /// ```
+    /// let a = flowline::Adaptive::aimd(1..=64).latency_limit(std::time::Duration::from_millis(50));
+    /// # let _ = a;
+    /// ```
+    pub fn latency_limit(self, limit: Duration) -> Self {
+        self.modify(|i| {
+            if let Algo::Aimd { backoff, .. } = i.algo {
+                i.algo = Algo::Aimd {
+                    backoff,
+                    latency_limit: Some(limit),
+                };
+            }
+        })
+    }
+
+    /// AIMD only: the factor the limit is multiplied by on overload (default 0.9, within 0..1).
+    ///
+    /// ```
+    /// let a = flowline::Adaptive::aimd(1..=64).backoff(0.5);
+    /// # let _ = a;
+    /// ```
+    pub fn backoff(self, factor: f64) -> Self {
+        self.modify(|i| {
+            if let Algo::Aimd { latency_limit, .. } = i.algo {
+                i.algo = Algo::Aimd {
+                    backoff: factor,
+                    latency_limit,
+                };
+            }
+        })
+    }
+
+    /// The limit now.
+    pub fn limit(&self) -> usize {
+        self.0.limit.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn is_overload(&self, e: &ItemError) -> bool {
+        matches!(e, ItemError::Timeout(_)) || self.0.overload_if.as_ref().is_some_and(|f| f(e))
+    }
+
+    pub(crate) fn invalid(&self) -> Option<(&'static str, String, &'static str)> {
+        let i = &*self.0;
+        if i.min == 0 {
+            return Some(("adaptive.min", "0".into(), "must be at least 1"));
+        }
+        if i.max < i.min {
+            return Some((
+                "adaptive",
+                format!("{}..={}", i.min, i.max),
+                "max must be at least min",
+            ));
+        }
+        if let Algo::Aimd { backoff, .. } = i.algo {
+            if !(backoff > 0.0 && backoff < 1.0) {
+                return Some((
+                    "adaptive.backoff",
+                    format!("{backoff}"),
+                    "must be within 0..1",
+                ));
+            }
+        }
+        None
+    }
+
+    /// Feeds finished calls; updates the limit at the end of each window.
+    pub(crate) fn record(&self, samples: &[Sample]) {
+        if samples.is_empty() {
+            return;
+        }
+        let i = &*self.0;
+        let mut s = i.state.lock().unwrap_or_else(|p| p.into_inner());
+        for x in samples {
+            let w = &mut s.window;
+            w.samples += 1;
+            w.max_inflight = w.max_inflight.max(x.inflight);
+            w.overload |= x.overload;
+            if !x.overload {
+                w.ok += 1;
+                w.rtt_sum += x.latency;
+                s.rtt_min = Some(s.rtt_min.map_or(x.latency, |m| m.min(x.latency)));
+            }
+            let window_len = (s.limit as usize).max(4);
+            if s.window.samples >= window_len {
+                let w = std::mem::take(&mut s.window);
+                let next = self.next_limit(&s, &w);
+                if next < s.limit {
+                    s.slow_start = false;
+                }
+                s.limit = next.clamp(i.min as f64, i.max as f64);
+                i.limit.store(s.limit.round() as usize, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn next_limit(&self, s: &State, w: &Window) -> f64 {
+        let limit = s.limit;
+        let used = w.max_inflight as f64 * 2.0 >= limit;
+        let avg = if w.ok > 0 && !w.rtt_sum.is_zero() {
+            Some(w.rtt_sum / w.ok)
+        } else {
+            None
+        };
+        match self.0.algo {
+            Algo::Aimd {
+                backoff,
+                latency_limit,
+            } => {
+                let slow = matches!((avg, latency_limit), (Some(a), Some(l)) if a > l);
+                if w.overload || slow {
+                    (limit * backoff).floor()
+                } else if used {
+                    limit + 1.0
+                } else {
+                    limit
+                }
+            }
+            Algo::Vegas => {
+                if w.overload {
+                    return (limit / 2.0).floor();
+                }
+                let (Some(rtt), Some(min)) = (avg, s.rtt_min) else {
+                    return limit;
+                };
+                let queued = limit * (1.0 - min.as_secs_f64() / rtt.as_secs_f64());
+                if queued < VEGAS_ALPHA {
+                    match (used, s.slow_start) {
+                        (false, _) => limit,
+                        (true, true) => limit * 2.0,
+                        (true, false) => limit + 1.0,
+                    }
+                } else if queued > VEGAS_BETA {
+                    limit - ((queued - VEGAS_BETA) / 2.0).max(1.0).floor()
+                } else {
+                    limit
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(a: &Adaptive, n: usize, ms: u64, overload: bool) {
+        let inflight = a.limit();
+        let s = Sample {
+            latency: Duration::from_millis(ms),
+            overload,
+            inflight,
+        };
+        a.record(&vec![s; n]);
+    }
+
+    #[test]
+    fn aimd_adds_one_per_window_and_multiplies_down() {
+        let a = Adaptive::aimd(1..=100).initial(10);
+        feed(&a, 10, 5, false);
+        assert_eq!(a.limit(), 11);
+        feed(&a, 11, 5, true);
+        assert_eq!(a.limit(), 9); // floor(11 * 0.9)
+    }
+
+    #[test]
+    fn aimd_does_not_grow_when_the_stage_is_not_using_its_limit() {
+        let a = Adaptive::aimd(1..=100).initial(10);
+        a.record(&vec![
+            Sample {
+                latency: Duration::from_millis(5),
+                overload: false,
+                inflight: 2
+            };
+            10
+        ]);
+        assert_eq!(a.limit(), 10);
+    }
+
+    #[test]
+    fn vegas_shrinks_when_latency_shows_a_queue() {
+        let a = Adaptive::vegas(1..=100).initial(40);
+        feed(&a, 40, 5, false); // rtt_min = 5 ms, no queue: grows (slow start doubles)
+        assert_eq!(a.limit(), 80);
+        feed(&a, 80, 10, false); // half the calls are queued: 40 > 6
+        assert_eq!(a.limit(), 63); // 80 - (40 - 6) / 2
+        feed(&a, 63, 5, false); // no queue again: +1 now that slow start is over
+        assert_eq!(a.limit(), 64);
+    }
+
+    #[test]
+    fn invalid_ranges_are_named() {
+        #[allow(clippy::reversed_empty_ranges)]
+        let bad = Adaptive::aimd(8..=4);
+        assert_eq!(bad.invalid().unwrap().1, "8..=4");
+        assert_eq!(Adaptive::vegas(0..=4).invalid().unwrap().0, "adaptive.min");
+        assert_eq!(
+            Adaptive::aimd(1..=4).backoff(1.5).invalid().unwrap().0,
+            "adaptive.backoff"
+        );
+    }
+
+    mod stage {
+        use crate::prelude::*;
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        use std::sync::{Arc, Mutex};
+        use std::time::Duration;
+
+        const C: usize = 32;
+        const BASE: Duration = Duration::from_millis(5);
+
+        /// A backend with capacity C: 5 ms up to C calls at once, slower in proportion beyond
+        /// (calls queue), and "503 overloaded" at once past 2C. Returns the limits the stage
+        /// ran with, one per call.
+        async fn settle(limit: Adaptive, items: u32) -> Vec<usize> {
+            let busy = Arc::new(AtomicUsize::new(0));
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let (b, s, l) = (busy.clone(), seen.clone(), limit.clone());
+            Pipeline::from_iter(0..items)
+                .try_map_async("backend", move |x| {
+                    let (busy, seen, limit) = (b.clone(), s.clone(), l.clone());
+                    async move {
+                        seen.lock().unwrap().push(limit.limit());
+                        let c = busy.fetch_add(1, SeqCst) + 1;
+                        if c > 2 * C {
+                            busy.fetch_sub(1, SeqCst);
+                            return Err("503 overloaded");
+                        }
+                        tokio::time::sleep(BASE.mul_f64((c as f64 / C as f64).max(1.0))).await;
+                        busy.fetch_sub(1, SeqCst);
+                        Ok(x)
+                    }
+                })
+                .unordered()
+                .adaptive(limit)
+                .run()
+                .await
+                .unwrap();
+            seen.lock().unwrap().clone()
+        }
+
+        fn assert_settled(seen: &[usize]) {
+            let tail = &seen[seen.len() * 3 / 4..];
+            let (lo, hi) = (C * 3 / 4, C * 5 / 4);
+            let (min, max) = (*tail.iter().min().unwrap(), *tail.iter().max().unwrap());
+            assert!(
+                min >= lo && max <= hi,
+                "limit {min}..={max} not within {lo}..={hi}"
+            );
+        }
+
+        fn overload(e: &ItemError) -> bool {
+            e.to_string().starts_with("503")
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn vegas_settles_near_capacity_from_below() {
+            assert_settled(
+                &settle(
+                    Adaptive::vegas(1..=512).initial(1).overload_if(overload),
+                    20_000,
+                )
+                .await,
+            );
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn vegas_settles_near_capacity_from_above() {
+            assert_settled(
+                &settle(
+                    Adaptive::vegas(1..=512).initial(256).overload_if(overload),
+                    20_000,
+                )
+                .await,
+            );
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn aimd_settles_near_capacity_from_below() {
+            let a = Adaptive::aimd(1..=512)
+                .initial(1)
+                .latency_limit(BASE.mul_f64(1.2))
+                .overload_if(overload);
+            assert_settled(&settle(a, 20_000).await);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn aimd_settles_near_capacity_from_above() {
+            let a = Adaptive::aimd(1..=512)
+                .initial(256)
+                .latency_limit(BASE.mul_f64(1.2))
+                .overload_if(overload);
+            assert_settled(&settle(a, 20_000).await);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_shrinking_limit_never_cancels_calls_in_flight() {
+            // Everything is overloaded: the limit falls to 1 while 64 calls are in flight;
+            // each of them still finishes (delivered), none is cancelled.
+            let a = Adaptive::aimd(1..=64).initial(64).overload_if(|_| true);
+            let report = Pipeline::from_iter(0..64u32)
+                .map_async("slow", |x| async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    x
+                })
+                .unordered()
+                .adaptive(a)
+                .run()
+                .await
+                .unwrap();
+            assert_eq!(report.delivered(), 64);
+        }
+
+        #[tokio::test]
+        async fn max_below_min_is_rejected_naming_the_values() {
+            #[allow(clippy::reversed_empty_ranges)]
+            let bad = Adaptive::aimd(16..=4);
+            let err = Pipeline::from_iter(0..3u32)
+                .map_async("api", |x| async move { x })
+                .adaptive(bad)
+                .run()
+                .await
+                .unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "invalid configuration: stage `api`: adaptive = 16..=4: max must be at least min"
+            );
+        }
+    }
+}

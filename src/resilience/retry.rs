@@ -1,0 +1,743 @@
+//! `Retry`: how an async stage retries a failed call — backoff, jitter, limits, which errors,
+//! server hints and a retry budget. The stage keeps a retrying item in a delay queue inside
+//! its driver, so an item in backoff does not occupy a worker.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::error::{BoxError, ItemError};
+
+type Predicate = Arc<dyn Fn(&ItemError) -> bool + Send + Sync>;
+type Hint = Arc<dyn Fn(&ItemError) -> Option<Duration> + Send + Sync>;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Backoff {
+    Constant(Duration),
+    Exponential { base: Duration, factor: f64 },
+    Fibonacci(Duration),
+}
+
+/// A retry policy for an async stage ([`AsyncStage::retry`](crate::AsyncStage::retry)).
+///
+/// The delay before retry `k` (1 for the first retry) is `base`, `base·factor^(k−1)` or
+/// `base·fib(k)`, capped by [`max_delay`](Retry::max_delay), made random in `[0, delay]` by
+/// [`jitter`](Retry::jitter) ("full jitter"), and replaced by the error's own hint when it
+/// has one ([`RetryAfter`]). An item is retried while its error is retryable, attempts are
+/// left, the next attempt would start within [`max_elapsed`](Retry::max_elapsed), and the
+/// [`RetryBudget`] (if any) has room. Each attempt honours the stage's `timeout`.
+///
+/// ```
+/// use flowline::prelude::*;
+/// use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// let calls = Arc::new(AtomicU32::new(0));
+/// let c = calls.clone();
+/// let out = Pipeline::from_iter([7u32])
+///     .try_map_async("flaky", move |x| {
+///         let n = c.fetch_add(1, SeqCst);
+///         async move { if n < 2 { Err("busy") } else { Ok(x) } }   // fails twice
+///     })
+///     .retry(Retry::exponential(Duration::from_millis(100)).max_attempts(5))
+///     .collect()
+///     .await
+///     .unwrap();
+/// assert_eq!(out, vec![7]);
+/// assert_eq!(calls.load(SeqCst), 3);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Retry {
+    backoff: Backoff,
+    pub(crate) max_attempts: u32,
+    pub(crate) max_elapsed: Option<Duration>,
+    max_delay: Option<Duration>,
+    jitter: bool,
+    retry_if: Option<Predicate>,
+    hint: Option<Hint>,
+    pub(crate) budget: Option<RetryBudget>,
+    pub(crate) pause_source: bool,
+}
+
+impl fmt::Debug for Retry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("backoff", &self.backoff)
+            .field("max_attempts", &self.max_attempts)
+            .field("max_elapsed", &self.max_elapsed)
+            .field("jitter", &self.jitter)
+            .field("pause_source", &self.pause_source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Retry {
+    fn with(backoff: Backoff) -> Self {
+        Retry {
+            backoff,
+            max_attempts: 3,
+            max_elapsed: None,
+            max_delay: None,
+            jitter: false,
+            retry_if: None,
+            hint: None,
+            budget: None,
+            pause_source: false,
+        }
+    }
+
+    /// The same delay before every retry. Default: 3 attempts in all.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let r = flowline::Retry::constant(Duration::from_millis(50));
+    /// assert_eq!(r.delay_for(3), Duration::from_millis(50));
+    /// ```
+    pub fn constant(delay: Duration) -> Self {
+        Retry::with(Backoff::Constant(delay))
+    }
+
+    /// Doubling delays: `base`, `2·base`, `4·base`, ... Default: 3 attempts in all.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let r = flowline::Retry::exponential(Duration::from_millis(10));
+    /// assert_eq!(r.delay_for(3), Duration::from_millis(40));
+    /// ```
+    pub fn exponential(base: Duration) -> Self {
+        Retry::with(Backoff::Exponential { base, factor: 2.0 })
+    }
+
+    /// Fibonacci delays: `base`, `base`, `2·base`, `3·base`, `5·base`, ...
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let r = flowline::Retry::fibonacci(Duration::from_millis(10));
+    /// assert_eq!(r.delay_for(5), Duration::from_millis(50));
+    /// ```
+    pub fn fibonacci(base: Duration) -> Self {
+        Retry::with(Backoff::Fibonacci(base))
+    }
+
+    /// The growth factor of an exponential backoff (default 2; must be at least 1).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let r = flowline::Retry::exponential(Duration::from_millis(10)).factor(3.0);
+    /// assert_eq!(r.delay_for(3), Duration::from_millis(90));
+    /// ```
+    pub fn factor(mut self, factor: f64) -> Self {
+        if let Backoff::Exponential { base, .. } = self.backoff {
+            self.backoff = Backoff::Exponential { base, factor };
+        }
+        self
+    }
+
+    /// Attempts in all, the first call included (default 3; must be at least 1).
+    ///
+    /// ```
+    /// let r = flowline::Retry::constant(std::time::Duration::ZERO).max_attempts(5);
+    /// # let _ = r;
+    /// ```
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+
+    /// Gives up when the next attempt would start later than `limit` after the first one.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let r = flowline::Retry::exponential(Duration::from_millis(100)).max_attempts(20)
+    ///     .max_elapsed(Duration::from_secs(30));
+    /// # let _ = r;
+    /// ```
+    pub fn max_elapsed(mut self, limit: Duration) -> Self {
+        self.max_elapsed = Some(limit);
+        self
+    }
+
+    /// Caps each delay (before jitter).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let r = flowline::Retry::exponential(Duration::from_secs(1)).max_delay(Duration::from_secs(5));
+    /// assert_eq!(r.delay_for(10), Duration::from_secs(5));
+    /// ```
+    pub fn max_delay(mut self, cap: Duration) -> Self {
+        self.max_delay = Some(cap);
+        self
+    }
+
+    /// Full jitter: each delay is drawn uniformly from `[0, delay]`, so that many items
+    /// failing together do not retry together.
+    ///
+    /// ```
+    /// let r = flowline::Retry::exponential(std::time::Duration::from_millis(50)).jitter();
+    /// # let _ = r;
+    /// ```
+    pub fn jitter(mut self) -> Self {
+        self.jitter = true;
+        self
+    }
+
+    /// Which errors are retried (default: user errors and timeouts; never panics or
+    /// [`ItemError::CircuitOpen`]).
+    ///
+    /// ```
+    /// use flowline::{ItemError, Retry};
+    /// let r = Retry::constant(std::time::Duration::ZERO)
+    ///     .retry_if(|e| matches!(e, ItemError::Timeout(_)));
+    /// assert!(!r.is_retryable(&ItemError::user("404")));
+    /// ```
+    pub fn retry_if(mut self, f: impl Fn(&ItemError) -> bool + Send + Sync + 'static) -> Self {
+        self.retry_if = Some(Arc::new(f));
+        self
+    }
+
+    /// Reads a delay hint from an error (e.g. an HTTP `Retry-After` header); a hint replaces
+    /// the backoff's delay. By default a [`RetryAfter`] error is recognised.
+    ///
+    /// ```
+    /// use flowline::{ItemError, Retry};
+    /// use std::time::Duration;
+    /// let r = Retry::constant(Duration::from_millis(10))
+    ///     .delay_hint(|e| e.to_string().strip_prefix("429 wait ").and_then(|s| s.parse().ok()).map(Duration::from_secs));
+    /// assert_eq!(r.hint_of(&ItemError::user("429 wait 3")), Some(Duration::from_secs(3)));
+    /// ```
+    pub fn delay_hint(
+        mut self,
+        f: impl Fn(&ItemError) -> Option<Duration> + Send + Sync + 'static,
+    ) -> Self {
+        self.hint = Some(Arc::new(f));
+        self
+    }
+
+    /// Limits retries to a share of first attempts (see [`RetryBudget`]); clones of one
+    /// budget are shared.
+    ///
+    /// ```
+    /// use flowline::{Retry, RetryBudget};
+    /// let r = Retry::constant(std::time::Duration::ZERO).budget(RetryBudget::ratio(0.1));
+    /// # let _ = r;
+    /// ```
+    pub fn budget(mut self, budget: RetryBudget) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Pauses the run's source while any item of this stage is in backoff: nothing new is
+    /// pulled until the wait ends ("stop the generator while the retry sleeps").
+    ///
+    /// ```
+    /// let r = flowline::Retry::constant(std::time::Duration::from_secs(1)).pause_source();
+    /// # let _ = r;
+    /// ```
+    pub fn pause_source(mut self) -> Self {
+        self.pause_source = true;
+        self
+    }
+
+    /// The delay before retry `k` (1 = the first retry), without jitter or hint.
+    pub fn delay_for(&self, k: u32) -> Duration {
+        let k = k.max(1);
+        let d = match self.backoff {
+            Backoff::Constant(d) => d,
+            Backoff::Exponential { base, factor } => {
+                let f = factor.powi((k - 1).min(1000) as i32);
+                Duration::try_from_secs_f64(base.as_secs_f64() * f).unwrap_or(Duration::MAX)
+            }
+            Backoff::Fibonacci(base) => {
+                let (mut a, mut b) = (1u64, 1u64);
+                for _ in 1..k {
+                    (a, b) = (b, a.saturating_add(b));
+                }
+                base.saturating_mul(a.min(u32::MAX as u64) as u32)
+            }
+        };
+        match self.max_delay {
+            Some(cap) => d.min(cap),
+            None => d,
+        }
+    }
+
+    /// Whether `e` may be retried.
+    pub fn is_retryable(&self, e: &ItemError) -> bool {
+        match &self.retry_if {
+            Some(f) => f(e),
+            None => matches!(e, ItemError::User(_) | ItemError::Timeout(_)),
+        }
+    }
+
+    /// The delay hint carried by `e`, if any.
+    pub fn hint_of(&self, e: &ItemError) -> Option<Duration> {
+        match &self.hint {
+            Some(f) => f(e),
+            None => RetryAfter::find(e),
+        }
+    }
+
+    /// The delay before retry `k` for error `e`; `rand` is a uniform draw in `[0, 1)`.
+    pub(crate) fn next_delay(&self, k: u32, e: &ItemError, rand: f64) -> Duration {
+        if let Some(h) = self.hint_of(e) {
+            return h;
+        }
+        let d = self.delay_for(k);
+        if self.jitter { d.mul_f64(rand) } else { d }
+    }
+
+    pub(crate) fn invalid(&self) -> Option<(&'static str, String, &'static str)> {
+        if self.max_attempts == 0 {
+            return Some(("retry.max_attempts", "0".into(), "must be at least 1"));
+        }
+        if let Backoff::Exponential { factor, .. } = self.backoff {
+            if !(factor >= 1.0 && factor.is_finite()) {
+                return Some(("retry.factor", format!("{factor}"), "must be a number ≥ 1"));
+            }
+        }
+        if self.max_elapsed == Some(Duration::ZERO) {
+            return Some(("retry.max_elapsed", "0ns".into(), "must be more than zero"));
+        }
+        if let Some(b) = &self.budget {
+            if !(b.ratio >= 0.0 && b.ratio <= 1.0) {
+                return Some((
+                    "retry.budget",
+                    format!("{}", b.ratio),
+                    "ratio must be within 0..=1",
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// An error that tells when to retry (an HTTP `Retry-After`, a rate-limit reset). Return it
+/// (or wrap it as the `source` of your error) from a fallible stage and a [`Retry`] waits
+/// exactly that long before the next attempt.
+///
+/// ```
+/// use flowline::prelude::*;
+/// use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// let t = tokio::time::Instant::now();
+/// let first = std::sync::atomic::AtomicBool::new(true);
+/// let out = Pipeline::from_iter([1u32])
+///     .try_map_async("api", move |x| {
+///         let throttled = first.swap(false, std::sync::atomic::Ordering::SeqCst);
+///         async move {
+///             if throttled { Err(RetryAfter::new(Duration::from_secs(3), "429 Too Many Requests")) } else { Ok(x) }
+///         }
+///     })
+///     .retry(Retry::constant(Duration::from_millis(10)))
+///     .collect().await.unwrap();
+/// assert_eq!((out, t.elapsed()), (vec![1], Duration::from_secs(3)));
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct RetryAfter {
+    /// How long to wait.
+    pub delay: Duration,
+    /// What went wrong.
+    pub error: BoxError,
+}
+
+impl RetryAfter {
+    /// An error asking to be retried after `delay`.
+    pub fn new(delay: Duration, error: impl Into<BoxError>) -> Self {
+        RetryAfter {
+            delay,
+            error: error.into(),
+        }
+    }
+
+    /// Finds a `RetryAfter` in `e` or its chain of sources.
+    fn find(e: &ItemError) -> Option<Duration> {
+        let ItemError::User(inner) = e else {
+            return None;
+        };
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&**inner);
+        while let Some(err) = cur {
+            if let Some(r) = err.downcast_ref::<RetryAfter>() {
+                return Some(r.delay);
+            }
+            cur = err.source();
+        }
+        None
+    }
+}
+
+impl fmt::Display for RetryAfter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (retry after {:?})", self.error, self.delay)
+    }
+}
+
+impl std::error::Error for RetryAfter {}
+
+struct BudgetState {
+    balance: f64,
+}
+
+/// A retry budget: retries may be at most `ratio` of first attempts (plus a small reserve),
+/// so that a failing backend gets at most `1 + ratio` times its normal load instead of
+/// `max_attempts` times. Clones share one budget (across stages and pipelines).
+///
+/// Each first attempt deposits `ratio`; each retry withdraws 1; the balance starts at the
+/// reserve (default 10 retries) and is capped at `reserve + 100 · ratio`... so a long healthy
+/// period does not bank an unbounded storm of retries.
+///
+/// ```
+/// use flowline::prelude::*;
+/// use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// let budget = RetryBudget::ratio(0.1).reserve(0);
+/// let report = Pipeline::from_iter(0..100u32)
+///     .try_map_async("down", |_| async { Err::<u32, _>("503") })   // everything fails
+///     .retry(Retry::constant(Duration::from_millis(1)).max_attempts(10).budget(budget))
+///     .run().await.unwrap();
+/// assert_eq!(report.failures, 100);
+/// assert!(report.stage("down").unwrap().retried <= 10);          // not 900
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RetryBudget {
+    ratio: f64,
+    reserve: f64,
+    state: Arc<Mutex<BudgetState>>,
+}
+
+impl fmt::Debug for RetryBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "RetryBudget(ratio {}, balance {:.2})",
+            self.ratio,
+            self.balance()
+        )
+    }
+}
+
+impl RetryBudget {
+    /// Retries ≤ `ratio` × first attempts (`ratio` within `0..=1`).
+    pub fn ratio(ratio: f64) -> Self {
+        RetryBudget {
+            ratio,
+            reserve: 10.0,
+            state: Arc::new(Mutex::new(BudgetState { balance: 10.0 })),
+        }
+    }
+
+    /// Retries allowed before any first attempt has deposited (default 10).
+    pub fn reserve(self, retries: u32) -> Self {
+        RetryBudget {
+            ratio: self.ratio,
+            reserve: retries as f64,
+            state: Arc::new(Mutex::new(BudgetState {
+                balance: retries as f64,
+            })),
+        }
+    }
+
+    /// Retries the budget allows now.
+    ///
+    /// ```
+    /// assert_eq!(flowline::RetryBudget::ratio(0.2).balance(), 10.0);
+    /// ```
+    pub fn balance(&self) -> f64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).balance
+    }
+
+    /// Deposits for `first_attempts` new calls and tries to withdraw one retry.
+    pub(crate) fn deposit_and_withdraw(&self, first_attempts: u64, withdraw: bool) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let cap = self.reserve + 100.0 * self.ratio;
+        s.balance = (s.balance + first_attempts as f64 * self.ratio).min(cap.max(s.balance));
+        if !withdraw {
+            return false;
+        }
+        if s.balance >= 1.0 {
+            s.balance -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoffs_grow_as_configured() {
+        let ms = Duration::from_millis;
+        let e = Retry::exponential(ms(10));
+        assert_eq!(
+            (1..=4).map(|k| e.delay_for(k)).collect::<Vec<_>>(),
+            [ms(10), ms(20), ms(40), ms(80)]
+        );
+        let f = Retry::fibonacci(ms(10));
+        assert_eq!(
+            (1..=5).map(|k| f.delay_for(k)).collect::<Vec<_>>(),
+            [ms(10), ms(10), ms(20), ms(30), ms(50)]
+        );
+        let c = Retry::constant(ms(7)).max_delay(ms(5));
+        assert_eq!(c.delay_for(9), ms(5));
+    }
+
+    #[test]
+    fn full_jitter_stays_within_the_delay() {
+        let r = Retry::constant(Duration::from_millis(100)).jitter();
+        let e = ItemError::user("x");
+        assert_eq!(r.next_delay(1, &e, 0.0), Duration::ZERO);
+        assert_eq!(r.next_delay(1, &e, 0.5), Duration::from_millis(50));
+    }
+
+    #[test]
+    fn default_predicate_skips_panics_and_open_circuits() {
+        let r = Retry::constant(Duration::ZERO);
+        assert!(r.is_retryable(&ItemError::user("x")));
+        assert!(r.is_retryable(&ItemError::Timeout(Duration::from_secs(1))));
+        assert!(!r.is_retryable(&ItemError::Panic("p".into())));
+        assert!(!r.is_retryable(&ItemError::CircuitOpen));
+    }
+
+    #[test]
+    fn retry_after_is_found_in_the_source_chain() {
+        #[derive(Debug)]
+        struct Outer(RetryAfter);
+        impl fmt::Display for Outer {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("outer")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = ItemError::user(Outer(RetryAfter::new(Duration::from_secs(2), "429")));
+        assert_eq!(
+            Retry::constant(Duration::ZERO).hint_of(&e),
+            Some(Duration::from_secs(2))
+        );
+    }
+
+    #[test]
+    fn budget_allows_ratio_of_first_attempts() {
+        let b = RetryBudget::ratio(0.5).reserve(0);
+        assert!(!b.deposit_and_withdraw(1, true)); // 0.5 < 1
+        assert!(b.deposit_and_withdraw(1, true)); // 1.0
+        assert!(!b.deposit_and_withdraw(0, true));
+        assert!(b.deposit_and_withdraw(4, true)); // 2.0 -> 1.0 left
+        assert!(b.deposit_and_withdraw(0, true));
+        assert!(!b.deposit_and_withdraw(0, true));
+    }
+
+    #[test]
+    fn invalid_settings_are_named() {
+        assert_eq!(
+            Retry::constant(Duration::ZERO)
+                .max_attempts(0)
+                .invalid()
+                .unwrap()
+                .0,
+            "retry.max_attempts"
+        );
+        assert_eq!(
+            Retry::exponential(Duration::ZERO)
+                .factor(0.5)
+                .invalid()
+                .unwrap()
+                .0,
+            "retry.factor"
+        );
+        let b = Retry::constant(Duration::ZERO).budget(RetryBudget::ratio(1.5));
+        assert_eq!(b.invalid().unwrap().1, "1.5");
+    }
+
+    mod stage {
+        use crate::prelude::*;
+        use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+        use std::sync::{Arc, Mutex};
+        use std::time::Duration;
+        use tokio::time::Instant;
+
+        #[tokio::test(start_paused = true)]
+        async fn delays_and_attempts_are_as_configured() {
+            let t0 = Instant::now();
+            let calls = Arc::new(Mutex::new(Vec::new()));
+            let c = calls.clone();
+            let report = Pipeline::from_iter([1u32])
+                .try_map_async("down", move |_| {
+                    c.lock().unwrap().push(t0.elapsed().as_millis() as u64);
+                    async { Err::<u32, _>("503") }
+                })
+                .retry(Retry::exponential(Duration::from_millis(100)).max_attempts(4))
+                .keep_input()
+                .run()
+                .await
+                .unwrap();
+            assert_eq!(*calls.lock().unwrap(), vec![0, 100, 300, 700]);
+            let f = &report.failure_sample[0];
+            assert_eq!((f.attempts, f.error.to_string()), (4, "503".to_string()));
+            assert_eq!(f.input.as_ref().unwrap().downcast_ref::<u32>(), Some(&1));
+            let s = report.stage("down").unwrap();
+            assert_eq!((s.received, s.failed, s.retried), (1, 1, 3));
+            assert!(report.is_balanced());
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn each_attempt_honours_the_stage_timeout() {
+            let t0 = Instant::now();
+            let report = Pipeline::from_iter([1u32])
+                .map_async("slow", |x| async move {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    x
+                })
+                .timeout(Duration::from_millis(50))
+                .retry(Retry::constant(Duration::from_millis(10)).max_attempts(3))
+                .run()
+                .await
+                .unwrap();
+            assert_eq!(t0.elapsed(), Duration::from_millis(3 * 50 + 2 * 10));
+            assert!(matches!(
+                report.failure_sample[0].error,
+                ItemError::Timeout(_)
+            ));
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn max_elapsed_stops_before_the_attempts_run_out() {
+            let calls = Arc::new(AtomicU32::new(0));
+            let c = calls.clone();
+            Pipeline::from_iter([1u32])
+                .try_map_async("down", move |_| {
+                    c.fetch_add(1, SeqCst);
+                    async { Err::<u32, _>("503") }
+                })
+                .retry(
+                    Retry::constant(Duration::from_millis(100))
+                        .max_attempts(100)
+                        .max_elapsed(Duration::from_millis(350)),
+                )
+                .run()
+                .await
+                .unwrap();
+            assert_eq!(calls.load(SeqCst), 4); // at 0, 100, 200, 300; 400 > 350
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn the_budget_stops_retries() {
+            let report = Pipeline::from_iter(0..10u32)
+                .try_map_async("down", |_| async { Err::<u32, _>("503") })
+                .retry(
+                    Retry::constant(Duration::from_millis(1))
+                        .max_attempts(10)
+                        .budget(RetryBudget::ratio(0.5).reserve(0)),
+                )
+                .run()
+                .await
+                .unwrap();
+            assert_eq!(report.failures, 10);
+            assert_eq!(report.stage("down").unwrap().retried, 5); // 10 first attempts × 0.5
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn retry_after_replaces_the_backoff() {
+            let t0 = Instant::now();
+            let calls = Arc::new(Mutex::new(Vec::new()));
+            let c = calls.clone();
+            Pipeline::from_iter([1u32])
+                .try_map_async("api", move |x| {
+                    let mut calls = c.lock().unwrap();
+                    calls.push(t0.elapsed().as_millis() as u64);
+                    let first = calls.len() == 1;
+                    async move {
+                        if first {
+                            Err(RetryAfter::new(Duration::from_secs(2), "429"))
+                        } else {
+                            Ok(x)
+                        }
+                    }
+                })
+                .retry(Retry::constant(Duration::from_millis(10)))
+                .run()
+                .await
+                .unwrap();
+            assert_eq!(*calls.lock().unwrap(), vec![0, 2000]);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_retrying_item_does_not_block_other_items() {
+            let t0 = Instant::now();
+            let first = Arc::new(AtomicU32::new(0));
+            let f = first.clone();
+            let out = Pipeline::from_iter(0..4u32)
+                .try_map_async("api", move |x| {
+                    let fail = x == 0 && f.fetch_add(1, SeqCst) == 0;
+                    async move {
+                        if fail {
+                            return Err("flaky");
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        Ok((x, t0.elapsed().as_millis() as u64))
+                    }
+                })
+                .workers(1)
+                .unordered()
+                .retry(Retry::constant(Duration::from_secs(1)))
+                .collect()
+                .await
+                .unwrap();
+            // The one worker serves items 1..3 while item 0 waits out its backoff.
+            assert_eq!(out, vec![(1, 10), (2, 20), (3, 30), (0, 1010)]);
+        }
+
+        /// Items come from a generator that logs when it is asked for the next one.
+        async fn pulls_during_backoff(pause: bool) -> Vec<u64> {
+            let t0 = Instant::now();
+            let pulls = Arc::new(Mutex::new(Vec::new()));
+            let p = pulls.clone();
+            let mut n = 0u32;
+            let source = Pipeline::from_fn(move || {
+                p.lock().unwrap().push(t0.elapsed().as_millis() as u64);
+                n += 1;
+                let k = n;
+                async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    (k <= 20).then_some(k)
+                }
+            });
+            let failed = Arc::new(AtomicU32::new(0));
+            let mut retry = Retry::constant(Duration::from_millis(500));
+            if pause {
+                retry = retry.pause_source();
+            }
+            let report = source
+                .try_map_async("api", move |x| {
+                    let fail = x == 1 && failed.fetch_add(1, SeqCst) == 0;
+                    async move { if fail { Err("flaky") } else { Ok(x) } }
+                })
+                .workers(4)
+                .retry(retry)
+                .run()
+                .await
+                .unwrap();
+            assert_eq!(report.delivered(), 20);
+            let pulls = pulls.lock().unwrap().clone();
+            pulls.into_iter().filter(|t| *t > 10 && *t < 510).collect()
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn pause_source_freezes_the_source_during_the_backoff() {
+            assert!(
+                !pulls_during_backoff(false).await.is_empty(),
+                "without it, pulling goes on"
+            );
+            assert_eq!(pulls_during_backoff(true).await, Vec::<u64>::new());
+        }
+    }
+}
