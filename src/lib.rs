@@ -56,6 +56,8 @@ mod runtime;
 mod sink;
 mod source;
 mod stage;
+// issue 6: topology (branch, route, partition, broadcast, merge, zip, graphs)
+mod topology;
 
 pub use dead_letter::DeadLetter;
 pub use error::{BoxError, Error, FailedInput, Failure, ItemError};
@@ -63,6 +65,8 @@ pub use handle::{Handle, ItemStream};
 pub use pipeline::{ErrorPolicy, Flow, Pipeline};
 pub use report::{LatencySummary, Report, RunOutcome, StageReport};
 pub use stage::map_async::{AsyncStage, Fallible, Infallible, StageFn};
+// issue 6: topology
+pub use topology::graph::{Collected, Graph};
 
 /// Everything a pipeline author needs: `use flowline::prelude::*;`.
 pub mod prelude {
@@ -70,4 +74,6 @@ pub mod prelude {
         DeadLetter, Error, ErrorPolicy, Failure, Flow, Handle, ItemError, Pipeline, Report,
         RunOutcome,
     };
+    // issue 6: topology
+    pub use crate::{Collected, Graph};
 }
