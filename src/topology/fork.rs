@@ -77,11 +77,14 @@ impl Fork {
 
     /// Takes output `i` in the run being built by `b`, building the split if it is the first.
     fn take<X: Send + 'static>(self: &Arc<Self>, b: &mut Build, i: usize) -> Upstream<X> {
-        let plan = match std::mem::replace(&mut *self.lock(), State::Building) {
-            State::Plan(plan) => Some(plan),
-            other => {
-                *self.lock() = other;
-                None
+        let plan = {
+            let mut state = self.lock();
+            match std::mem::replace(&mut *state, State::Building) {
+                State::Plan(plan) => Some(plan),
+                other => {
+                    *state = other;
+                    None
+                }
             }
         };
         if let Some(plan) = plan {
