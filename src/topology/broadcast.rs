@@ -27,12 +27,12 @@ where
         move |chunk, parts, _, _| {
             let last = parts.len() - 1;
             for part in &mut parts[..last] {
-                *part = Chunk {
+                part.append(Chunk {
                     items: chunk.items.clone(),
                     tickets: chunk.tickets.clone(),
-                };
+                });
             }
-            parts[last] = chunk;
+            parts[last].append(chunk);
         },
     )
 }

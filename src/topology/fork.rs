@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 
 use tokio::sync::mpsc;
 
-use crate::chunk::{Chunk, Ticket};
+use crate::chunk::{CHUNK_CAP, Chunk, Ticket};
 use crate::error::{Error, Failure, ItemError};
 use crate::pipeline::{Pipeline, Settings};
 use crate::report::StageStats;
@@ -256,11 +256,29 @@ pub(crate) async fn router<T: Send + 'static>(
             c = next_chunk(&mut up) => c,
         };
         let Some(chunk) = next else { return };
-        let n = chunk.len();
+        let mut n = chunk.len();
         StageStats::add(&stats.received, n);
         parts.clear();
         parts.resize_with(open.len(), Chunk::default);
         split(chunk, &mut parts, &stats, &run);
+        // Take more of what is ready right now (never waiting for it), so that each lane
+        // gets chunks of a useful size rather than 1/n of one: fewer channel operations per
+        // item. Bounded by about one full chunk per lane.
+        let mut ended = false;
+        while n < open.len() * CHUNK_CAP && parts.iter().all(|p| p.len() < CHUNK_CAP) {
+            match std::future::poll_fn(|cx| Poll::Ready(up.poll_chunk(cx))).await {
+                Poll::Ready(Some(more)) => {
+                    n += more.len();
+                    StageStats::add(&stats.received, more.len());
+                    split(more, &mut parts, &stats, &run);
+                }
+                Poll::Ready(None) => {
+                    ended = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
         let mut sent = 0usize;
         for (lane, part) in open.iter_mut().zip(parts.drain(..)) {
             if part.is_empty() {
@@ -288,6 +306,9 @@ pub(crate) async fn router<T: Send + 'static>(
         };
         StageStats::add(&stats.passed, passed);
         StageStats::add(&stats.emitted, sent);
+        if ended {
+            return;
+        }
         if open.iter().all(Option::is_none) {
             break;
         }

@@ -24,7 +24,7 @@ use crate::runtime::{RunCtx, Upstream};
 use fork::{AnyEnd, Fork, output, router, split_settings};
 
 /// Splits `p` into `labels.len()` pipelines of the same item type, behind one router task
-/// (stage `name`, kind `kind`) that calls `split` on each chunk to fill one part per lane.
+/// (stage `name`, kind `kind`) that calls `split` on each chunk to add its items to the parts, one per lane.
 pub(crate) fn split_by<T, S>(
     p: Pipeline<T>,
     name: &str,
