@@ -78,6 +78,12 @@ impl DeadLetter {
         }
     }
 
+    /// Whether this is the default target (so that combining the settings of several
+    /// pipelines keeps the one a user chose).
+    pub(crate) fn is_report(&self) -> bool {
+        matches!(self.target, Target::Report)
+    }
+
     /// Calls `f` with every failure, synchronously, on the task where the item failed.
     pub fn callback(f: impl Fn(&Failure) + Send + Sync + 'static) -> Self {
         DeadLetter {

@@ -95,6 +95,31 @@ impl Handle {
         }
     }
 
+    /// A handle on a run already prepared (`run`) whose driving future is `task` (a graph).
+    pub(crate) fn from_run(
+        run: Arc<RunCtx>,
+        task: impl Future<Output = Result<Report, Error>> + Send + 'static,
+    ) -> Handle {
+        Handle {
+            run,
+            state: State::Running(tokio::spawn(task)),
+            started: tokio::time::Instant::now(),
+        }
+    }
+
+    /// A handle on a run that could not start.
+    pub(crate) fn not_started(e: Error) -> Handle {
+        Handle {
+            run: Arc::new(RunCtx::new(
+                ErrorPolicy::Continue,
+                DeadLetters::open(&DeadLetter::report())
+                    .expect("the report target cannot fail to open"),
+            )),
+            state: State::NotStarted(e),
+            started: tokio::time::Instant::now(),
+        }
+    }
+
     /// Stops the run now. `join` then returns [`Error::Cancelled`] with the report; the
     /// items that were in flight are counted as unfinished.
     pub fn cancel(&self) {

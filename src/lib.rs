@@ -71,6 +71,8 @@ pub use source::Page;
 pub use store::checkpoint::{CheckpointStore, MemoryCheckpoints};
 #[cfg(feature = "sqlite")]
 pub use store::checkpoint_sqlite::SqliteCheckpoints;
+// issue 6: topology (branch, route, partition, broadcast, merge, zip, graphs)
+mod topology;
 
 pub use dead_letter::DeadLetter;
 pub use error::{BoxError, Error, FailedInput, Failure, ItemError};
@@ -90,6 +92,8 @@ pub use flow::rate::Rate;
 pub use flow::throttle::Throttle;
 pub use resilience::breaker::{Breaker, BreakerReport, BreakerState, OnOpen};
 pub use resilience::retry::{Retry, RetryAfter, RetryBudget};
+// issue 6: topology
+pub use topology::graph::{Collected, Graph};
 
 /// Everything a pipeline author needs: `use flowline::prelude::*;`.
 pub mod prelude {
@@ -104,4 +108,6 @@ pub mod prelude {
         Adaptive, Breaker, BreakerState, Inflight, OnOpen, Rate, Retry, RetryAfter, RetryBudget,
         Throttle,
     };
+    // issue 6: topology
+    pub use crate::{Collected, Graph};
 }

@@ -730,6 +730,175 @@ pub trait Flow: Sized + Send + 'static {
     fn throttle(self, interval: Duration, mode: crate::Throttle) -> Pipeline<Self::Item> {
         crate::flow::throttle::throttle(self.into_pipeline(), interval, mode)
     }
+
+    // ---- Topology: branch, branch on result, partition by key, broadcast, merge, zip, several sinks in one run ----
+
+    /// Splits the pipeline in two: the items `predicate` accepts, and the others (a router
+    /// stage named `name`). Each item goes to exactly one branch, in order; each branch goes
+    /// on with its own stages and must end in a sink of the same run (a [`Graph`](crate::Graph)):
+    /// a branch left without one fails the run with [`Error::Config`]. A full branch
+    /// back-pressures the router, and so the source.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (small, large) = Pipeline::from_iter(1..=6u32).branch("size", |x| *x <= 3);
+    /// let mut graph = Graph::new();
+    /// let small = graph.collect(small);
+    /// let large = graph.collect(large.map(|x| x * 10));
+    /// graph.run().await.unwrap();
+    /// assert_eq!((small.take(), large.take()), (vec![1, 2, 3], vec![40, 50, 60]));
+    /// # }
+    /// ```
+    fn branch<F>(self, name: &str, predicate: F) -> (Pipeline<Self::Item>, Pipeline<Self::Item>)
+    where
+        F: FnMut(&Self::Item) -> bool + Send + 'static,
+    {
+        crate::topology::branch::branch(self.into_pipeline(), name, predicate)
+    }
+
+    /// Splits a pipeline of `Result`s into an `Ok` pipeline and an `Err` pipeline (router
+    /// stage `branch_result`), so that errors can go through their own stages (a retry, a
+    /// dead-letter sink) while the successes go on. Both must end in a sink of the same
+    /// [`Graph`](crate::Graph).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (ok, err) = Pipeline::from_iter(["1", "x", "3"])
+    ///     .map(|s| s.parse::<u32>().map_err(|_| s))
+    ///     .branch_result();
+    /// let mut graph = Graph::new();
+    /// let ok = graph.collect(ok);
+    /// let err = graph.collect(err);
+    /// graph.run().await.unwrap();
+    /// assert_eq!((ok.take(), err.take()), (vec![1, 3], vec!["x"]));
+    /// # }
+    /// ```
+    fn branch_result<A, E>(self) -> (Pipeline<A>, Pipeline<E>)
+    where
+        Self: Flow<Item = Result<A, E>>,
+        A: Send + 'static,
+        E: Send + 'static,
+    {
+        crate::topology::branch::branch_result(self.into_pipeline())
+    }
+
+    /// Splits the pipeline into `n` (router stage `route`): `pick` returns each item's branch
+    /// index. An index `>= n` (or a panic in `pick`) fails that item. With `n == 0` the one
+    /// pipeline returned fails with [`Error::Config`] when run.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let [low, mid, high]: [_; 3] = Pipeline::from_iter(0..9u32)
+    ///     .route(3, |x| (*x / 3) as usize)
+    ///     .try_into()
+    ///     .unwrap();
+    /// let mut graph = Graph::new();
+    /// let (low, mid) = (graph.collect(low), graph.collect(mid));
+    /// graph.discard(high);
+    /// graph.run().await.unwrap();
+    /// assert_eq!((low.take(), mid.take()), (vec![0, 1, 2], vec![3, 4, 5]));
+    /// # }
+    /// ```
+    fn route<F>(self, n: usize, pick: F) -> Vec<Pipeline<Self::Item>>
+    where
+        F: FnMut(&Self::Item) -> usize + Send + 'static,
+    {
+        crate::topology::route::route(self.into_pipeline(), n, pick)
+    }
+
+    /// Per-key order with parallelism across keys: items go to `lanes` lanes by the hash of
+    /// `key(item)` (stage `partition`), so the items of one key are always in the same lane,
+    /// in order; `per_lane` builds the stages of each lane (called once per lane; each lane's
+    /// stages run on their own tasks), and the lanes are merged back (stage `merge`). Like
+    /// Akka's `mapAsyncPartitioned` or Kafka's partitions. `lanes` must be at least 1.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let events = (0..100u32).map(|i| (i % 5, i));        // (account, sequence)
+    /// let out = Pipeline::from_iter(events)
+    ///     .partition(4, |(account, _)| *account, |lane| {
+    ///         lane.map_async("apply", |e| async move { e })  // one at a time per lane
+    ///     })
+    ///     .collect()
+    ///     .await
+    ///     .unwrap();
+    /// let account_2: Vec<u32> = out.iter().filter(|e| e.0 == 2).map(|e| e.1).collect();
+    /// assert!(account_2.windows(2).all(|w| w[0] < w[1]));    // in order per key
+    /// assert_eq!(out.len(), 100);
+    /// # }
+    /// ```
+    fn partition<K, KF, L, F>(self, lanes: usize, key: KF, per_lane: F) -> Pipeline<L::Item>
+    where
+        K: std::hash::Hash,
+        KF: FnMut(&Self::Item) -> K + Send + 'static,
+        L: Flow,
+        F: FnMut(Pipeline<Self::Item>) -> L,
+    {
+        crate::topology::partition::partition(self.into_pipeline(), lanes, key, per_lane)
+    }
+
+    /// `n` pipelines that each receive every item (router stage `broadcast`, `n - 1` clones
+    /// per item). The slowest branch back-pressures the source: the router waits for it, so
+    /// nothing is lost and memory stays bounded. To let the other branches run ahead of a
+    /// slow one, give the slow one a [`buffer`](Flow::buffer). With `n == 0` the one pipeline
+    /// returned fails with [`Error::Config`] when run.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let mut graph = Graph::new();
+    /// let outs: Vec<_> = Pipeline::from_iter(0..3u32)
+    ///     .broadcast(2)
+    ///     .into_iter()
+    ///     .map(|branch| graph.collect(branch.buffer(1_000)))
+    ///     .collect();
+    /// let report = graph.run().await.unwrap();
+    /// assert_eq!(outs[1].take(), vec![0, 1, 2]);
+    /// assert_eq!(report.delivered(), 6);
+    /// # }
+    /// ```
+    fn broadcast(self, n: usize) -> Vec<Pipeline<Self::Item>>
+    where
+        Self::Item: Clone,
+    {
+        crate::topology::broadcast::broadcast(self.into_pipeline(), n)
+    }
+
+    /// Merges this pipeline with `other` (see [`Pipeline::merge`]): fair, order kept within
+    /// each input.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (ok, err) = Pipeline::from_iter([Ok(1u32), Err(2u32), Ok(3)]).branch_result();
+    /// let mut all = ok.merge_with(err.map(|e| e * 100)).collect().await.unwrap();
+    /// all.sort();
+    /// assert_eq!(all, vec![1, 3, 200]);
+    /// # }
+    /// ```
+    fn merge_with<P: Flow<Item = Self::Item>>(self, other: P) -> Pipeline<Self::Item> {
+        crate::topology::merge::merge(vec![self.into_pipeline(), other.into_pipeline()])
+    }
+
+    /// Pairs this pipeline's items with `other`'s, in order (stage `zip`). Ends when either
+    /// ends; what the longer one had already produced is counted as dropped at the zip.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter(["a", "b", "c"])
+    ///     .zip(Pipeline::from_iter(1..=2u32))
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out, vec![("a", 1), ("b", 2)]);
+    /// # }
+    /// ```
+    fn zip<P: Flow>(self, other: P) -> Pipeline<(Self::Item, P::Item)> {
+        crate::topology::zip::zip(self.into_pipeline(), other.into_pipeline())
+    }
 }
 
 impl<T: Send + 'static> Flow for Pipeline<T> {

@@ -5,21 +5,26 @@ use std::sync::atomic::Ordering;
 
 use crate::dead_letter::DeadLetters;
 use crate::error::Error;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, Settings};
 use crate::report::{Report, RunOutcome, StageStats};
 use crate::runtime::{Build, RunCtx, next_chunk};
 use crate::sink::Sink;
 
 /// Checks the plan and opens what the run needs, before anything runs.
 pub(crate) fn prepare<T>(p: &mut Pipeline<T>) -> Result<Arc<RunCtx>, Error> {
+    prepare_settings(&mut p.settings)
+}
+
+/// [`prepare`] for the run-wide settings of a plan (one pipeline, or a graph's combined ones).
+pub(crate) fn prepare_settings(settings: &mut Settings) -> Result<Arc<RunCtx>, Error> {
     if tokio::runtime::Handle::try_current().is_err() {
         return Err(Error::NoRuntime);
     }
-    if !p.settings.errors.is_empty() {
-        return Err(p.settings.errors.remove(0));
+    if !settings.errors.is_empty() {
+        return Err(settings.errors.remove(0));
     }
-    let dead = DeadLetters::open(&p.settings.dead_letter)?;
-    Ok(Arc::new(RunCtx::new(p.settings.policy, dead)))
+    let dead = DeadLetters::open(&settings.dead_letter)?;
+    Ok(Arc::new(RunCtx::new(settings.policy, dead)))
 }
 
 /// Runs `p` into `sink` in the calling task.
@@ -33,7 +38,7 @@ pub(crate) async fn execute<T: Send + 'static, K: Sink<T>>(
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
+pub(crate) enum End {
     Drained,
     Cancelled,
     Deadline,
@@ -50,9 +55,19 @@ pub(crate) async fn execute_in<T: Send + 'static, K: Sink<T>>(
     let mut b = Build::new(run.clone());
     let mut up = build(&mut b);
     let stats = b.stage(sink_name, "sink");
+    let checked = b.run_checks();
     let mut tasks = std::mem::take(&mut b.tasks);
     let mut observers = std::mem::take(&mut b.observers);
     drop(b);
+    if let Err(e) = checked {
+        // The plan is unsound (e.g. a branch left without a sink): end what was built.
+        run.cancel.cancel();
+        drop(up);
+        while tasks.join_next().await.is_some() {}
+        run.ended.cancel();
+        while observers.join_next().await.is_some() {}
+        return Err(e);
+    }
 
     let end = {
         let drive = async {
@@ -80,9 +95,31 @@ pub(crate) async fn execute_in<T: Send + 'static, K: Sink<T>>(
         StageStats::add(&stats.received, up.discard());
     }
     drop(up);
+    conclude(
+        &run,
+        end,
+        tasks,
+        observers,
+        None,
+        started,
+        settings.deadline,
+    )
+    .await
+    .map(|report| (report, sink.finish()))
+}
 
+/// Ends a run that was driven until `end`: joins every task, closes the dead letters, and
+/// writes the report (or the error that carries it). `internal` is a panic already seen.
+pub(crate) async fn conclude(
+    run: &RunCtx,
+    end: End,
+    mut tasks: tokio::task::JoinSet<()>,
+    mut observers: tokio::task::JoinSet<()>,
+    mut internal: Option<String>,
+    started: tokio::time::Instant,
+    deadline: Option<std::time::Duration>,
+) -> Result<Report, Error> {
     // Every task of the run ends before the run returns: no task outlives its run.
-    let mut internal = None;
     while let Some(joined) = tasks.join_next().await {
         if let Err(e) = joined {
             if e.is_panic() {
@@ -134,7 +171,7 @@ pub(crate) async fn execute_in<T: Send + 'static, K: Sink<T>>(
     match end {
         End::Cancelled => Err(Error::Cancelled { report }),
         End::Deadline => Err(Error::DeadlineExceeded {
-            deadline: settings.deadline.unwrap_or_default(),
+            deadline: deadline.unwrap_or_default(),
             report,
         }),
         End::Drained => match source_error {
@@ -143,7 +180,7 @@ pub(crate) async fn execute_in<T: Send + 'static, K: Sink<T>>(
                 error,
                 report,
             }),
-            None => Ok((*report, sink.finish())),
+            None => Ok(*report),
         },
     }
 }

@@ -12,6 +12,7 @@ mod batch;
 mod core;
 mod flow;
 mod source;
+mod topology;
 mod util;
 
 fn main() {
@@ -27,8 +28,9 @@ fn main() {
         "source" => source::run(),
         "batch" => batch::run(),
         "flow" => flow::run(&args[1..]),
+        "topology" => topology::run(),
         other => {
-            eprintln!("unknown suite `{other}`; suites: core, source, batch, flow");
+            eprintln!("unknown suite `{other}`; suites: core, source, batch, flow, topology");
             std::process::exit(2);
         }
     }

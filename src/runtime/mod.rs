@@ -124,6 +124,9 @@ impl RunCtx {
     }
 }
 
+/// A check made once the whole plan is built (e.g. every branch of a split got a sink).
+type Check = Box<dyn FnOnce() -> Result<(), crate::Error> + Send>;
+
 /// What building a pipeline into tasks needs: the run, and a place for the tasks.
 pub(crate) struct Build {
     pub(crate) run: Arc<RunCtx>,
@@ -131,6 +134,9 @@ pub(crate) struct Build {
     /// Run-level observers: they end on `run.ended`, after the stage tasks.
     pub(crate) observers: JoinSet<()>,
     names: HashMap<String, usize>,
+    /// Run after every part of the plan is built, before the run is driven: a part that can
+    /// only be judged once the whole graph exists (a branch left without a sink) checks here.
+    checks: Vec<Check>,
 }
 
 impl Build {
@@ -140,7 +146,30 @@ impl Build {
             tasks: JoinSet::new(),
             observers: JoinSet::new(),
             names: HashMap::new(),
+            checks: Vec::new(),
         }
+    }
+
+    /// Adds a check made once the whole plan is built.
+    pub(crate) fn check(&mut self, f: impl FnOnce() -> Result<(), crate::Error> + Send + 'static) {
+        self.checks.push(Box::new(f));
+    }
+
+    /// Makes the run fail with `e` once the plan is built (for errors found while building).
+    pub(crate) fn reject(&mut self, e: crate::Error) {
+        self.check(move || Err(e));
+    }
+
+    /// Runs every check; the first error wins.
+    pub(crate) fn run_checks(&mut self) -> Result<(), crate::Error> {
+        let mut first = Ok(());
+        for check in self.checks.drain(..) {
+            let r = check();
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
     }
 
     /// Registers a stage under a unique name (`map`, `map#2`, ...).

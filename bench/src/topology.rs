@@ -1,0 +1,108 @@
+//! `topology` suite: partition (8 lanes + merge) and broadcast (3 branches).
+
+use std::time::Instant;
+
+use flowline::prelude::*;
+
+const N: u64 = 1_000_000;
+
+fn line(case: &str, flowline: f64, baseline: f64, baseline_kind: &str) {
+    println!(
+        "{}",
+        serde_json::json!({
+            "suite": "topology",
+            "case": case,
+            "flowline": flowline,
+            "baseline": baseline,
+            "unit": "ns/item",
+            "ratio": flowline / baseline,
+            "items": N,
+            "baseline_kind": baseline_kind,
+        })
+    );
+}
+
+fn per_item(start: Instant) -> f64 {
+    start.elapsed().as_nanos() as f64 / N as f64
+}
+
+async fn partition8() -> (f64, f64) {
+    let start = Instant::now();
+    let report = Pipeline::from_iter(0..N)
+        .partition(
+            8,
+            |x| *x,
+            |lane| lane.map_async("work", |x| async move { x.wrapping_mul(3) }),
+        )
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(report.delivered(), N);
+    let flowline = per_item(start);
+
+    let start = Instant::now();
+    let report = Pipeline::from_iter(0..N)
+        .map_async("work", |x| async move { x.wrapping_mul(3) })
+        .workers(8)
+        .unordered()
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(report.delivered(), N);
+    (flowline, per_item(start))
+}
+
+async fn broadcast3() -> (f64, f64) {
+    let start = Instant::now();
+    let mut graph = Graph::new();
+    for branch in Pipeline::from_iter(0..N).broadcast(3) {
+        graph.discard(branch);
+    }
+    let report = graph.run().await.unwrap();
+    assert_eq!(report.delivered(), 3 * N);
+    let flowline = per_item(start);
+
+    // Hand-written: a producer task sends each item (a clone per branch) into three bounded
+    // channels, three consumer tasks count. Lossless and back-pressured, like `broadcast(3)`
+    // (tokio's `sync::broadcast` drops items for a lagging receiver, so it is not the same job).
+    let start = Instant::now();
+    let mut txs = Vec::new();
+    let mut consumers = Vec::new();
+    for _ in 0..3 {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<u64>(1024);
+        txs.push(tx);
+        consumers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while rx.recv().await.is_some() {
+                n += 1;
+            }
+            n
+        }));
+    }
+    let producer = tokio::spawn(async move {
+        for x in 0..N {
+            for tx in &txs {
+                tx.send(x).await.unwrap();
+            }
+        }
+    });
+    producer.await.unwrap();
+    for c in consumers {
+        assert_eq!(c.await.unwrap(), N);
+    }
+    (flowline, per_item(start))
+}
+
+/// Runs the suite and prints one JSON line per case.
+pub fn run() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (f, b) = rt.block_on(partition8());
+    line("partition8", f, b, "map_async(8).unordered()");
+    let (f, b) = rt.block_on(broadcast3());
+    line(
+        "broadcast3",
+        f,
+        b,
+        "3 bounded tokio mpsc channels, one send per item per branch",
+    );
+}

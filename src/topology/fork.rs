@@ -1,0 +1,318 @@
+//! The machinery every split shares (`branch`, `branch_result`, `route`, `partition`,
+//! `broadcast`): one upstream, built once, with several outputs that are separate
+//! [`Pipeline`]s.
+//!
+//! A split returns several pipelines whose build closures share one [`Fork`]. The first output
+//! built (in whichever order the graph builds its ends) builds the upstream and the router task
+//! and leaves the other outputs' channel ends in the fork for their own pipelines to take. Once
+//! the whole graph is built, a check fails the run if an output was never taken: a branch
+//! without a sink is a configuration error, not a silent drop.
+
+use std::any::Any;
+use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+
+use tokio::sync::mpsc;
+
+use crate::chunk::{CHUNK_CAP, Chunk, Ticket};
+use crate::error::{Error, Failure, ItemError};
+use crate::pipeline::{Pipeline, Settings};
+use crate::report::StageStats;
+use crate::runtime::{Build, ChunkSource, RunCtx, Upstream, next_chunk};
+
+/// One output of a fork, type-erased (an `Upstream<X>` of the output's own item type).
+pub(crate) type AnyEnd = Box<dyn Any + Send>;
+type BuildEnds = Box<dyn FnOnce(&mut Build) -> Vec<AnyEnd> + Send>;
+
+enum State {
+    /// Not built yet: builds the upstream and the router, returns one end per output.
+    Plan(BuildEnds),
+    /// Being built by the first output (the lock is not held while the upstream builds).
+    Building,
+    /// Built in the run `run`; the outputs not taken yet.
+    Built {
+        run: Weak<RunCtx>,
+        ends: Vec<Option<AnyEnd>>,
+    },
+}
+
+/// A value shown as is in a configuration error (no quotes).
+pub(crate) struct Plain(pub(crate) String);
+
+impl fmt::Debug for Plain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The shared part of the outputs of one split.
+pub(crate) struct Fork {
+    /// The split's stage name (for errors).
+    name: String,
+    /// What each output is called in errors: `0 (matching)`, `1 (err)`, `2`.
+    labels: Vec<String>,
+    state: Mutex<State>,
+}
+
+impl Fork {
+    /// A split named `name` with one output per label; `build` builds the upstream and the
+    /// router and returns the outputs' ends, in label order.
+    pub(crate) fn new(
+        name: &str,
+        labels: Vec<String>,
+        build: impl FnOnce(&mut Build) -> Vec<AnyEnd> + Send + 'static,
+    ) -> Arc<Fork> {
+        Arc::new(Fork {
+            name: name.to_string(),
+            labels,
+            state: Mutex::new(State::Plan(Box::new(build))),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes output `i` in the run being built by `b`, building the split if it is the first.
+    fn take<X: Send + 'static>(self: &Arc<Self>, b: &mut Build, i: usize) -> Upstream<X> {
+        let plan = {
+            let mut state = self.lock();
+            match std::mem::replace(&mut *state, State::Building) {
+                State::Plan(plan) => Some(plan),
+                other => {
+                    *state = other;
+                    None
+                }
+            }
+        };
+        if let Some(plan) = plan {
+            let ends = plan(b).into_iter().map(Some).collect();
+            *self.lock() = State::Built {
+                run: Arc::downgrade(&b.run),
+                ends,
+            };
+            let fork = self.clone();
+            b.check(move || fork.all_taken());
+        }
+        let mut state = self.lock();
+        let end = match &mut *state {
+            State::Built { run, ends } if Weak::ptr_eq(run, &Arc::downgrade(&b.run)) => {
+                ends.get_mut(i).and_then(Option::take)
+            }
+            _ => None,
+        };
+        drop(state);
+        match end.map(|e| e.downcast::<Upstream<X>>()) {
+            Some(Ok(up)) => *up,
+            _ => {
+                b.reject(Error::config(
+                    &self.name,
+                    "branch",
+                    Plain(self.labels[i].clone()),
+                    "was already run in another run: every branch of a split must end in the same run (see Graph)",
+                ));
+                Box::new(Ended)
+            }
+        }
+    }
+
+    /// After the graph is built: every output must have been taken. Outputs left over are
+    /// dropped here, so the router sees them closed and the run can end.
+    fn all_taken(&self) -> Result<(), Error> {
+        let mut state = self.lock();
+        let State::Built { ends, .. } = &mut *state else {
+            return Ok(());
+        };
+        let left: Vec<usize> = ends
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, e)| e.take().map(|_| i))
+            .collect();
+        match left.first() {
+            None => Ok(()),
+            Some(&i) => Err(Error::config(
+                &self.name,
+                "branch",
+                Plain(self.labels[i].clone()),
+                "was built but never given a sink: end every branch of a split in the same run (see Graph)",
+            )),
+        }
+    }
+}
+
+/// Output `i` of `fork` as a pipeline with `settings`.
+pub(crate) fn output<X: Send + 'static>(
+    fork: &Arc<Fork>,
+    i: usize,
+    settings: Settings,
+) -> Pipeline<X> {
+    let fork = fork.clone();
+    Pipeline {
+        build: Box::new(move |b| fork.take::<X>(b, i)),
+        settings,
+    }
+}
+
+/// The settings each output of a split starts with: the upstream's run-wide settings. Only
+/// the first output carries the upstream's configuration errors (a run reports them once).
+pub(crate) fn split_settings(mut upstream: Settings, n: usize, total: bool) -> Vec<Settings> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        out.push(Settings {
+            deadline: upstream.deadline,
+            policy: upstream.policy,
+            dead_letter: upstream.dead_letter.clone(),
+            errors: if i == 0 {
+                std::mem::take(&mut upstream.errors)
+            } else {
+                Vec::new()
+            },
+            total: if total { upstream.total } else { None },
+        });
+    }
+    out
+}
+
+/// An upstream that has ended (stands in for an output that could not be taken).
+pub(crate) struct Ended;
+
+impl<T: Send + 'static> ChunkSource<T> for Ended {
+    fn poll_chunk(&mut self, _cx: &mut Context<'_>) -> Poll<Option<Chunk<T>>> {
+        Poll::Ready(None)
+    }
+    fn discard(&mut self) -> usize {
+        0
+    }
+}
+
+/// Routes one chunk: `pick` says which lane each item goes to. An index out of range, or a
+/// panic in `pick`, fails that item (dead letter) and routing goes on with the next one.
+/// `catch_unwind` wraps the loop, not each item.
+pub(crate) fn split_chunk<T>(
+    chunk: Chunk<T>,
+    lanes: &mut [Chunk<T>],
+    pick: &mut impl FnMut(&T) -> usize,
+    stats: &StageStats,
+    run: &RunCtx,
+) {
+    let n = lanes.len();
+    let mut pairs = chunk.into_pairs();
+    let mut failed = 0usize;
+    loop {
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            for (item, ticket) in &mut pairs {
+                let i = pick(&item);
+                if i < n {
+                    lanes[i].push(item, ticket);
+                } else {
+                    return Some((i, ticket));
+                }
+            }
+            None
+        }));
+        let (error, ticket): (ItemError, Option<Ticket>) = match result {
+            Ok(None) => break,
+            Ok(Some((i, ticket))) => (
+                ItemError::user(format!("route index {i} is out of range for {n} branches")),
+                Some(ticket),
+            ),
+            // The ticket of the item whose `pick` panicked was dropped with it: it counts as
+            // cancelled for its owner, and as failed here.
+            Err(payload) => (ItemError::from_panic(&*payload), None),
+        };
+        if let Some(t) = ticket {
+            t.finish(crate::chunk::Outcome::Failed);
+        }
+        failed += 1;
+        run.fail(Failure::new(stats.name.clone(), error, 1));
+    }
+    StageStats::add(&stats.failed, failed);
+}
+
+/// The router task of a split: pulls chunks from `up`, splits each with `split` into one
+/// chunk per lane, and sends every non-empty part on (one channel operation per lane per
+/// chunk). Counts items `received` when pulled, `passed` once sent (`split` counts the ones
+/// it fails); `emitted` counts the copies sent (`copies`: a broadcast, every lane gets every
+/// item). A lane whose
+/// receiver is gone is skipped (its items stay unfinished); when every lane is gone, or the
+/// run is cancelled, the router stops and counts what is queued upstream as unfinished.
+pub(crate) async fn router<T: Send + 'static>(
+    mut up: Upstream<T>,
+    lanes: Vec<mpsc::Sender<Chunk<T>>>,
+    stats: Arc<StageStats>,
+    run: Arc<RunCtx>,
+    copies: bool,
+    mut split: impl FnMut(Chunk<T>, &mut Vec<Chunk<T>>, &StageStats, &RunCtx) + Send,
+) {
+    let cancel = run.cancel.clone();
+    let mut open: Vec<Option<mpsc::Sender<Chunk<T>>>> = lanes.into_iter().map(Some).collect();
+    let mut parts: Vec<Chunk<T>> = Vec::new();
+    'run: loop {
+        let next = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            c = next_chunk(&mut up) => c,
+        };
+        let Some(chunk) = next else { return };
+        let mut n = chunk.len();
+        StageStats::add(&stats.received, n);
+        parts.clear();
+        parts.resize_with(open.len(), Chunk::default);
+        split(chunk, &mut parts, &stats, &run);
+        // Take more of what is ready right now (never waiting for it), so that each lane
+        // gets chunks of a useful size rather than 1/n of one: fewer channel operations per
+        // item. Bounded by about one full chunk per lane.
+        let mut ended = false;
+        while n < open.len() * CHUNK_CAP && parts.iter().all(|p| p.len() < CHUNK_CAP) {
+            match std::future::poll_fn(|cx| Poll::Ready(up.poll_chunk(cx))).await {
+                Poll::Ready(Some(more)) => {
+                    n += more.len();
+                    StageStats::add(&stats.received, more.len());
+                    split(more, &mut parts, &stats, &run);
+                }
+                Poll::Ready(None) => {
+                    ended = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        let mut sent = 0usize;
+        for (lane, part) in open.iter_mut().zip(parts.drain(..)) {
+            if part.is_empty() {
+                continue;
+            }
+            let k = part.len();
+            let Some(tx) = lane else { continue };
+            let ok = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break 'run,
+                r = tx.send(part) => r.is_ok(),
+            };
+            if ok {
+                sent += k;
+            } else {
+                *lane = None;
+            }
+        }
+        // A split passes what it sent (items for a closed lane stay unfinished); a broadcast
+        // passes an item once any branch still listening got its copy.
+        let passed = match (copies, sent) {
+            (false, _) => sent,
+            (true, 0) => 0,
+            (true, _) => n,
+        };
+        StageStats::add(&stats.passed, passed);
+        StageStats::add(&stats.emitted, sent);
+        if ended {
+            return;
+        }
+        if open.iter().all(Option::is_none) {
+            break;
+        }
+        tokio::task::consume_budget().await;
+    }
+    StageStats::add(&stats.received, up.discard());
+}

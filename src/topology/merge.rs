@@ -1,0 +1,141 @@
+//! `merge`: several pipelines of one item type into one, fairly.
+
+use crate::error::Error;
+use crate::pipeline::{Flow, Pipeline};
+use crate::runtime::Upstream;
+use crate::runtime::hop::{HOP_CHUNKS, hop};
+use crate::stage::buffer::pump;
+use crate::topology::graph::combine;
+
+/// Merges `inputs` into one pipeline (stage `merge`). Each input is pumped by a task of its
+/// own (so the stages fused into an input run in parallel with the others) into one bounded
+/// channel. Fairness comes from that channel: tokio's bounded `mpsc` hands out send permits
+/// first come first served, so when the channel is full, an input waits behind at most one
+/// chunk of every other input: no input starves, whatever their speeds. Output order within
+/// one input is kept; across inputs, items interleave as they arrive.
+pub(crate) fn merge<T: Send + 'static>(inputs: Vec<Pipeline<T>>) -> Pipeline<T> {
+    let n = inputs.len();
+    let total = inputs
+        .iter()
+        .map(|p| p.settings.total)
+        .try_fold(0u64, |acc, t| t.map(|t| acc + t));
+    let (builds, settings): (Vec<_>, Vec<_>) =
+        inputs.into_iter().map(|p| (p.build, p.settings)).unzip();
+    let mut settings = combine(settings);
+    settings.total = total;
+    if n == 0 {
+        settings.errors.push(Error::config(
+            "merge",
+            "inputs",
+            0usize,
+            "must be at least 1",
+        ));
+    }
+    Pipeline {
+        build: Box::new(move |b| {
+            let ups: Vec<Upstream<T>> = builds.into_iter().map(|build| build(b)).collect();
+            let stats = b.stage("merge", "merge");
+            let (tx, rx) = hop(HOP_CHUNKS.max(n));
+            for up in ups {
+                let run = b.run.clone();
+                b.spawn(pump(up, tx.clone(), stats.clone(), run));
+            }
+            Box::new(rx) as Upstream<T>
+        }),
+        settings,
+    }
+}
+
+impl<T: Send + 'static> Pipeline<T> {
+    /// Merges several pipelines of the same item type into one (stage `merge`). Each input
+    /// runs on a task of its own; when the consumer is slower than the inputs, they take
+    /// turns chunk by chunk (first come, first served), so no input starves. Order within one
+    /// input is kept. The merged pipeline runs with the inputs' settings combined: the
+    /// shortest deadline, `ErrorPolicy::Stop` if any input asked for it, and the first
+    /// dead-letter target set. No inputs at all is a configuration error.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let mut out = Pipeline::merge([
+    ///     Pipeline::from_iter(0..3u32),
+    ///     Pipeline::from_iter(10..13u32),
+    /// ])
+    /// .collect()
+    /// .await
+    /// .unwrap();
+    /// out.sort();
+    /// assert_eq!(out, vec![0, 1, 2, 10, 11, 12]);
+    /// # }
+    /// ```
+    pub fn merge<P: Flow<Item = T>>(inputs: impl IntoIterator<Item = P>) -> Pipeline<T> {
+        merge(inputs.into_iter().map(Flow::into_pipeline).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::prelude::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn inputs_of_different_speeds_both_progress() {
+        // A fast endless input and a slow one, through a consumer slower than both.
+        let fast = Pipeline::from_iter(std::iter::repeat(0u8));
+        let slow = Pipeline::from_iter(std::iter::repeat(1u8)).map_async("slow", |x| async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            x
+        });
+        let seen = std::sync::Arc::new(std::sync::Mutex::new([0u64; 2]));
+        let s = seen.clone();
+        let handle = Pipeline::merge([fast, slow.into_pipeline()])
+            .map_async("consumer", move |x| {
+                let s = s.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_micros(100)).await;
+                    s.lock().unwrap()[x as usize] += 1;
+                }
+            })
+            .spawn();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        handle.stop();
+        let report = handle.join().await.unwrap();
+        let [fast_n, slow_n] = *seen.lock().unwrap();
+        // The slow input makes 1 item/ms (~2,000 in 2 s) and the fast one could fill the
+        // consumer (~2 items/ms: tokio timers tick in ms) on its own. Turns are taken chunk by
+        // chunk, so the slow input keeps more than half its pace and the fast one the rest.
+        assert!(
+            slow_n > 1_000,
+            "slow input starved: {slow_n} (fast {fast_n})"
+        );
+        assert!(
+            fast_n > 1_000,
+            "fast input starved: {fast_n} (slow {slow_n})"
+        );
+        assert!(report.is_balanced());
+    }
+
+    #[tokio::test]
+    async fn zero_inputs_is_a_config_error() {
+        let err = Pipeline::<u8>::merge(Vec::<Pipeline<u8>>::new())
+            .run()
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: stage `merge`: inputs = 0: must be at least 1"
+        );
+    }
+
+    #[tokio::test]
+    async fn merged_settings_take_the_shortest_deadline_and_stop_policy() {
+        let a = Pipeline::from_iter(0..10u32).deadline(Duration::from_secs(5));
+        let b = Pipeline::from_iter(0..10u32)
+            .deadline(Duration::from_secs(1))
+            .error_policy(ErrorPolicy::Stop);
+        let m = a.merge_with(b);
+        assert_eq!(m.settings.deadline, Some(Duration::from_secs(1)));
+        assert_eq!(m.settings.policy, ErrorPolicy::Stop);
+        assert_eq!(m.settings.total, Some(20));
+    }
+}
