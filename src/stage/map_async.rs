@@ -6,8 +6,9 @@
 //! progress (the `buffer_unordered` starvation trap, futures-rs #2387, cannot happen).
 //!
 //! A call is polled once right where it is created; only a call that is not ready at once is
-//! boxed into the in-flight set. Cheap calls (a cache hit, a computed value) therefore cost
-//! one allocation and no scheduling at all.
+//! boxed into the in-flight set, and the box of a call that was ready at once is reused by
+//! the next call. Cheap calls (a cache hit, a computed value) therefore cost no allocation
+//! and no scheduling at all.
 
 use std::collections::{BinaryHeap, VecDeque};
 use std::fmt;
@@ -456,13 +457,74 @@ struct Completion<T, U> {
     called: bool,
 }
 
-fn flatten<U>(
-    r: Result<Result<U, BoxError>, Box<dyn std::any::Any + Send>>,
-) -> Result<U, ItemError> {
-    match r {
-        Ok(Ok(u)) => Ok(u),
-        Ok(Err(e)) => Err(ItemError::User(Arc::from(e))),
-        Err(panic) => Err(ItemError::from_panic(&*panic)),
+/// What travels with a call and comes back in its [`Completion`].
+struct Carry<T> {
+    meta: Meta,
+    again: Option<T>,
+    /// The shared in-flight bound's permit, released when the call ends.
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+pin_project_lite::pin_project! {
+    /// One call: the user's future with panic isolation and the stage timeout.
+    ///
+    /// Written out rather than as an `async` block around `tokio::time::timeout` because
+    /// this is the per-item hot path: the timer is armed only when the call does not finish
+    /// at its first poll (`now + limit` then, which is the call's start, since a call is
+    /// first polled where it is created), so quick calls never touch the timer wheel, and
+    /// the future stays small (it is moved once per item).
+    struct Call<F, T> {
+        #[pin]
+        fut: F,
+        limit: Option<Duration>,
+        sleep: Option<Pin<Box<Sleep>>>,
+        start: Option<Instant>,
+        carry: Option<Carry<T>>,
+    }
+}
+
+impl<F, T, U> Future for Call<F, T>
+where
+    F: Future<Output = Result<U, BoxError>>,
+{
+    type Output = Completion<T, U>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completion<T, U>> {
+        let this = self.project();
+        let polled = catch_unwind(AssertUnwindSafe(|| this.fut.poll(cx)));
+        let result = match polled {
+            Ok(Poll::Ready(r)) => r.map_err(|e| ItemError::User(Arc::from(e))),
+            Err(panic) => Err(ItemError::from_panic(&*panic)),
+            Ok(Poll::Pending) => {
+                let Some(limit) = *this.limit else {
+                    return Poll::Pending;
+                };
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match sleep.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(()) => Err(ItemError::Timeout(limit)),
+                }
+            }
+        };
+        // A call is not polled after it is ready; `carry` is there exactly once.
+        let Some(Carry {
+            meta,
+            again,
+            permit,
+        }) = this.carry.take()
+        else {
+            return Poll::Pending;
+        };
+        drop(permit);
+        Poll::Ready(Completion {
+            meta,
+            result,
+            latency: this.start.map(|s| s.elapsed()),
+            again,
+            called: true,
+        })
     }
 }
 
@@ -488,24 +550,16 @@ async fn drive<T, U, S>(
         }
         let again = copy.map(|c| c(&item));
         match catch_unwind(AssertUnwindSafe(|| call.call(item))) {
-            Ok(fut) => Ok(async move {
-                let start = timed.then(Instant::now);
-                let guarded = AssertUnwindSafe(fut).catch_unwind();
-                let result = match limit_time {
-                    Some(d) => match tokio::time::timeout(d, guarded).await {
-                        Ok(r) => flatten(r),
-                        Err(_) => Err(ItemError::Timeout(d)),
-                    },
-                    None => flatten(guarded.await),
-                };
-                drop(permit);
-                Completion {
+            Ok(fut) => Ok(Call {
+                fut,
+                limit: limit_time,
+                sleep: None,
+                start: timed.then(Instant::now),
+                carry: Some(Carry {
                     meta,
-                    result,
-                    latency: start.map(|s| s.elapsed()),
                     again,
-                    called: true,
-                }
+                    permit,
+                }),
             }),
             Err(panic) => Err(Completion {
                 meta,
@@ -550,6 +604,7 @@ async fn drive<T, U, S>(
         waiting: VecDeque::new(),
         make,
         inflight: FuturesUnordered::new(),
+        spare: None,
         limit: options.workers.max(1),
         ordered: options.ordered,
         next_seq: 0,
@@ -689,6 +744,8 @@ struct Driver<T, U, C, M> {
     waiting: VecDeque<(T, Ticket)>,
     make: M,
     inflight: FuturesUnordered<Pin<Box<C>>>,
+    /// The box of the last call that finished at its first poll, reused by the next call.
+    spare: Option<Pin<Box<C>>>,
     limit: usize,
     ordered: bool,
     next_seq: u64,
@@ -817,10 +874,22 @@ where
         match (self.make)(item, meta, timed, permit) {
             Err(done) => self.complete(done),
             Ok(fut) => {
-                let mut fut = Box::pin(fut);
-                match fut.as_mut().poll(cx) {
-                    Poll::Ready(done) => self.complete(done),
-                    Poll::Pending => self.inflight.push(fut),
+                // A call that is ready at its first poll never leaves this box, so the box
+                // is kept for the next call: a stage of quick calls allocates nothing per
+                // item. Only a call that must wait moves (boxed) into the in-flight set.
+                let mut boxed = match self.spare.take() {
+                    Some(mut spare) => {
+                        spare.as_mut().set(fut);
+                        spare
+                    }
+                    None => Box::pin(fut),
+                };
+                match boxed.as_mut().poll(cx) {
+                    Poll::Ready(done) => {
+                        self.spare = Some(boxed);
+                        self.complete(done)
+                    }
+                    Poll::Pending => self.inflight.push(boxed),
                 }
             }
         }
