@@ -35,7 +35,7 @@
 //! - Synchronous operators (`map`, `filter`, `filter_map`, `flat_map`, `inspect`) are fused
 //!   into the task before them and run over a whole chunk of items per call.
 //! - Each async stage ([`Flow::map_async`]) and each [`Flow::buffer`] is a task of its own;
-//!   tasks are joined by bounded channels that carry chunks of up to 256 items — whatever is
+//!   tasks are joined by bounded channels that carry chunks of up to 512 items — whatever is
 //!   ready, never waiting to fill one. A slow stage back-pressures the source, which is
 //!   pulled, never pushed.
 //! - Every item ends delivered, dropped (by an operator whose job is to drop), or failed; a

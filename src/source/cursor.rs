@@ -596,7 +596,7 @@ mod tests {
     async fn finishing_a_stream_early_does_not_wait_for_unread_items() {
         use futures::StreamExt;
         let store = MemoryCheckpoints::new();
-        let mut s = Pipeline::from_cursor(store.clone(), "t", pages(1000, Arc::default()))
+        let mut s = Pipeline::from_cursor(store.clone(), "t", pages(20_000, Arc::default()))
             .map_async("work", |x| async move { x })
             .into_stream();
         assert_eq!(s.next().await, Some(0));

@@ -15,13 +15,16 @@ impl<I: Iterator + Send> Pull<I::Item> for IterPull<I> {
         max: usize,
         out: &mut Vec<I::Item>,
     ) -> Poll<Result<Pulled, ItemError>> {
-        for _ in 0..max {
-            match self.0.next() {
-                Some(x) => out.push(x),
-                None => return Poll::Ready(Ok(Pulled::End)),
-            }
-        }
-        Poll::Ready(Ok(Pulled::More))
+        // `extend` over `take` keeps std's fast paths (a trusted-length iterator such as a
+        // range or a `Vec` fills the chunk in one reservation); fewer than `max` means the
+        // iterator returned `None`.
+        let before = out.len();
+        out.extend(self.0.by_ref().take(max));
+        Poll::Ready(Ok(if out.len() - before < max {
+            Pulled::End
+        } else {
+            Pulled::More
+        }))
     }
 }
 

@@ -15,7 +15,7 @@ pub use cursor::Page;
 
 use crate::chunk::{CHUNK_CAP, Chunk, Ticket};
 use crate::error::ItemError;
-use crate::report::StageStats;
+use crate::report::{OwnedCounts, StageStats};
 use crate::runtime::{ChunkSource, RunCtx};
 
 /// What a puller says after one call.
@@ -47,6 +47,7 @@ pub(crate) trait Pull<T>: Send {
 pub(crate) struct Source<P> {
     pull: P,
     stats: Arc<StageStats>,
+    counts: OwnedCounts,
     run: Arc<RunCtx>,
     done: bool,
 }
@@ -56,6 +57,7 @@ impl<P> Source<P> {
         Source {
             pull,
             stats,
+            counts: OwnedCounts::default(),
             run,
             done: false,
         }
@@ -101,7 +103,7 @@ impl<T: Send + 'static, P: Pull<T>> ChunkSource<T> for Source<P> {
             }
         }
         let n = items.len();
-        self.stats.chunk(n, n, n, 0, 0);
+        self.counts.chunk(&self.stats, n, n, n, 0, 0);
         if n == 0 {
             return if self.done {
                 Poll::Ready(None)

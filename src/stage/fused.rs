@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use crate::chunk::{Chunk, Emit, Processed, map_chunk, process};
 use crate::error::Failure;
 use crate::pipeline::Pipeline;
-use crate::report::StageStats;
+use crate::report::{OwnedCounts, StageStats};
 use crate::runtime::{ChunkSource, RunCtx, Upstream};
 
 /// After this many chunks in a row that a filter emptied, yield to the scheduler so that a
@@ -44,6 +44,7 @@ pub(crate) struct Fused<T, Op> {
     up: Upstream<T>,
     op: Op,
     stats: Arc<StageStats>,
+    counts: OwnedCounts,
     run: Arc<RunCtx>,
 }
 
@@ -61,8 +62,14 @@ where
             };
             let n = chunk.len();
             let p = self.op.apply(chunk);
-            self.stats
-                .chunk(n, p.passed, p.chunk.len(), p.dropped, p.panics.len());
+            self.counts.chunk(
+                &self.stats,
+                n,
+                p.passed,
+                p.chunk.len(),
+                p.dropped,
+                p.panics.len(),
+            );
             for error in p.panics {
                 self.run
                     .fail(Failure::new(self.stats.name.clone(), error, 1));
@@ -77,7 +84,7 @@ where
 
     fn discard(&mut self) -> usize {
         let queued = self.up.discard();
-        StageStats::add(&self.stats.received, queued);
+        self.counts.chunk(&self.stats, queued, 0, 0, 0, 0);
         0
     }
 }
@@ -95,6 +102,7 @@ where
             up,
             op,
             stats,
+            counts: OwnedCounts::default(),
             run: b.run.clone(),
         }) as Upstream<U>
     })
