@@ -56,6 +56,9 @@ pub(crate) struct StageStats {
     pub(crate) failed: AtomicU64,
     pub(crate) retried: AtomicU64,
     latency: Mutex<Option<Histogram<u64>>>,
+    /// When the oldest call still in flight started, as nanoseconds after the run's epoch
+    /// plus one (0: none, or not tracked). Kept only while a stall watchdog asks.
+    oldest_call: AtomicU64,
 }
 
 impl StageStats {
@@ -70,6 +73,7 @@ impl StageStats {
             failed: AtomicU64::new(0),
             retried: AtomicU64::new(0),
             latency: Mutex::new(None),
+            oldest_call: AtomicU64::new(0),
         }
     }
 
@@ -105,6 +109,25 @@ impl StageStats {
         self.emitted.store(c.emitted, Relaxed);
         self.dropped.store(c.dropped, Relaxed);
         self.failed.store(c.failed, Relaxed);
+    }
+
+    pub(crate) fn set_oldest_call(
+        &self,
+        at: Option<tokio::time::Instant>,
+        epoch: tokio::time::Instant,
+    ) {
+        let v = at.map_or(0, |at| {
+            at.saturating_duration_since(epoch).as_nanos() as u64 + 1
+        });
+        self.oldest_call.store(v, Relaxed);
+    }
+
+    /// When the oldest call in flight started (stages that time their calls, while watched).
+    pub(crate) fn oldest_call(&self, epoch: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        match self.oldest_call.load(Relaxed) {
+            0 => None,
+            v => Some(epoch + Duration::from_nanos(v - 1)),
+        }
     }
 
     /// Merges a task-local latency histogram (nanoseconds) into the stage's.

@@ -3,9 +3,10 @@
 //! Every `d / 4` it looks at each stage's counters (never at items, so it costs nothing per
 //! item) and calls the action when:
 //! - no item has completed anywhere for `d` while the source is not paused, or
-//! - a stage has held items for `d` without completing any of them: then its oldest item has
-//!   been in it for at least `d` (the counters only tell that much — a single stuck call in
-//!   a stage whose other workers keep completing is not seen until they are all stuck).
+//! - a stage has held items for `d` without completing any of them, or
+//! - one call of an async stage has been running for `d`, even while the stage's other
+//!   workers keep completing (async stages keep the start of their calls that wait, only
+//!   while a watchdog is installed, so this costs nothing otherwise).
 //!
 //! A slow stream that still completes an item within every `d` is never a stall. After
 //! firing, the watchdog re-arms: a stall that lasts another `d` fires again.
@@ -35,6 +36,8 @@ pub struct Stall {
     pub in_flight: u64,
     /// How long nothing has completed there.
     pub idle: Duration,
+    /// For a stall seen on one call: how long the stage's oldest call has been running.
+    pub oldest_call: Option<Duration>,
 }
 
 impl fmt::Display for Stall {
@@ -43,11 +46,18 @@ impl fmt::Display for Stall {
             Some(s) => write!(f, "stage `{s}`"),
             None => write!(f, "pipeline"),
         }?;
-        write!(
-            f,
-            " completed nothing for {:?} with {} item(s) in flight",
-            self.idle, self.in_flight
-        )
+        match self.oldest_call {
+            Some(age) => write!(
+                f,
+                " has a call running for {age:?} ({} item(s) in flight)",
+                self.in_flight
+            ),
+            None => write!(
+                f,
+                " completed nothing for {:?} with {} item(s) in flight",
+                self.idle, self.in_flight
+            ),
+        }
     }
 }
 
@@ -105,6 +115,8 @@ impl fmt::Debug for StallAction {
 struct Watch {
     done: u64,
     since: Instant,
+    /// The start of the last call reported as stuck, so one call is reported once per `d`.
+    reported_call: Option<(Instant, Instant)>,
 }
 
 pub(crate) fn stall_after<T: Send + 'static>(
@@ -121,75 +133,108 @@ pub(crate) fn stall_after<T: Send + 'static>(
         ));
         return p;
     }
-    super::observe(p, move |run, _started| async move {
-        let period = d / 4;
-        let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
-        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut stages: Vec<Watch> = Vec::new();
-        let mut all = Watch {
-            done: 0,
-            since: Instant::now(),
-        };
-        loop {
-            tokio::select! {
-                biased;
-                _ = run.ended.cancelled() => return,
-                _ = ticks.tick() => {}
-            }
-            let now = Instant::now();
-            let snap = run.snapshot_stages();
-            let mut stalls = Vec::new();
-            let (mut total_done, mut total_open) = (0u64, 0u64);
-            for (i, s) in snap.iter().enumerate() {
-                let done = s.passed + s.dropped + s.failed;
-                total_done += done;
-                total_open += s.unfinished;
-                if i == stages.len() {
-                    stages.push(Watch { done, since: now });
+    super::observe(p, move |run, _started| {
+        run.watch_calls
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        async move {
+            let period = d / 4;
+            let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+            ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            let mut stages: Vec<Watch> = Vec::new();
+            let mut all = Watch {
+                done: 0,
+                since: Instant::now(),
+                reported_call: None,
+            };
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = run.ended.cancelled() => return,
+                    _ = ticks.tick() => {}
                 }
-                let w = &mut stages[i];
-                if done != w.done || s.unfinished == 0 {
-                    *w = Watch { done, since: now };
-                } else if now - w.since >= d {
+                let now = Instant::now();
+                let snap = run.snapshot_stages();
+                let oldest = run.oldest_calls();
+                let mut stalls = Vec::new();
+                let (mut total_done, mut total_open) = (0u64, 0u64);
+                for (i, s) in snap.iter().enumerate() {
+                    let done = s.passed + s.dropped + s.failed;
+                    total_done += done;
+                    total_open += s.unfinished;
+                    if i == stages.len() {
+                        stages.push(Watch {
+                            done,
+                            since: now,
+                            reported_call: None,
+                        });
+                    }
+                    let w = &mut stages[i];
+                    if done != w.done || s.unfinished == 0 {
+                        w.done = done;
+                        w.since = now;
+                    } else if now - w.since >= d {
+                        stalls.push(Stall {
+                            stage: Some(s.name.clone()),
+                            in_flight: s.unfinished,
+                            idle: now - w.since,
+                            oldest_call: None,
+                        });
+                        w.since = now;
+                        // The stuck call, if seen, is part of this report: not reported
+                        // again for another `d`.
+                        w.reported_call = oldest.get(i).copied().flatten().map(|c| (c, now));
+                        continue;
+                    }
+                    // One call stuck while the others complete: reported once per `d`.
+                    if let Some(start) = oldest.get(i).copied().flatten() {
+                        let fresh = match w.reported_call {
+                            Some((call, at)) => call != start || now - at >= d,
+                            None => true,
+                        };
+                        if now - start >= d && fresh {
+                            stalls.push(Stall {
+                                stage: Some(s.name.clone()),
+                                in_flight: s.unfinished,
+                                idle: now - w.since,
+                                oldest_call: Some(now - start),
+                            });
+                            w.reported_call = Some((start, now));
+                            // One report per stall: the stage's idle timer re-arms too.
+                            w.since = now;
+                        }
+                    }
+                }
+                if total_done != all.done || run.gate.is_paused() {
+                    all.done = total_done;
+                    all.since = now;
+                } else if stalls.is_empty() && now - all.since >= d {
                     stalls.push(Stall {
-                        stage: Some(s.name.clone()),
-                        in_flight: s.unfinished,
-                        idle: now - w.since,
+                        stage: None,
+                        in_flight: total_open,
+                        idle: now - all.since,
+                        oldest_call: None,
                     });
-                    w.since = now;
+                    all.since = now;
                 }
-            }
-            if total_done != all.done || run.gate.is_paused() {
-                all = Watch {
-                    done: total_done,
-                    since: now,
-                };
-            } else if stalls.is_empty() && now - all.since >= d {
-                stalls.push(Stall {
-                    stage: None,
-                    in_flight: total_open,
-                    idle: now - all.since,
-                });
-                all.since = now;
-            }
-            for stall in &stalls {
-                match &action {
-                    StallAction::Log => {
-                        tracing::warn!(stage = ?stall.stage, in_flight = stall.in_flight, "stall: {stall}")
-                    }
-                    StallAction::Callback(f) => {
-                        (f.lock().unwrap_or_else(|p| p.into_inner()))(stall)
-                    }
-                    StallAction::Cancel => {
-                        tracing::error!(stage = ?stall.stage, in_flight = stall.in_flight, "stall, cancelling the run: {stall}");
-                        run.cancel.cancel();
+                for stall in &stalls {
+                    match &action {
+                        StallAction::Log => {
+                            tracing::warn!(stage = ?stall.stage, in_flight = stall.in_flight, "stall: {stall}")
+                        }
+                        StallAction::Callback(f) => {
+                            (f.lock().unwrap_or_else(|p| p.into_inner()))(stall)
+                        }
+                        StallAction::Cancel => {
+                            tracing::error!(stage = ?stall.stage, in_flight = stall.in_flight, "stall, cancelling the run: {stall}");
+                            run.cancel.cancel();
+                        }
                     }
                 }
-            }
-            if !stalls.is_empty() {
-                // Someone stalled: the pipeline-wide timer restarts too, so one stall is
-                // reported once per `d`, not once per stage and once more for the whole.
-                all.since = now;
+                if !stalls.is_empty() {
+                    // Someone stalled: the pipeline-wide timer restarts too, so one stall is
+                    // reported once per `d`, not once per stage and once more for the whole.
+                    all.since = now;
+                }
             }
         }
     })
@@ -236,6 +281,48 @@ mod tests {
         assert!(*at >= Duration::from_secs(20) && *at <= Duration::from_secs(26));
         assert_eq!(stall.stage.as_deref(), Some("stuck"));
         assert!(stall.in_flight >= 1);
+        h.cancel();
+        let _ = h.join().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fires_on_one_stuck_call_while_the_other_workers_complete() {
+        let (seen, action) = recorder();
+        let h = Pipeline::from_iter(0..1_000u32)
+            .map_async("work", |x| async move {
+                if x == 5 {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                x
+            })
+            .workers(4)
+            .unordered()
+            .stall_after(Duration::from_secs(20), action)
+            .spawn();
+        // Items 4..8 start at 1 s; item 5 never ends. Checks run every 5 s.
+        tokio::time::sleep(Duration::from_secs(24)).await;
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "fired before the call was 20 s old"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let got = seen.lock().unwrap().clone();
+        assert_eq!(got.len(), 1, "{got:?}");
+        let (at, stall) = &got[0];
+        assert_eq!(*at, Duration::from_secs(25));
+        assert_eq!(stall.stage.as_deref(), Some("work"));
+        assert_eq!(stall.oldest_call, Some(Duration::from_secs(24)));
+        assert!(
+            stall.idle < Duration::from_secs(2),
+            "the stage keeps completing"
+        );
+        // The same call is reported again only after another `d`.
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(seen.lock().unwrap().len(), 2);
+        assert!(h.snapshot().delivered() > 100, "the stream kept moving");
         h.cancel();
         let _ = h.join().await;
     }

@@ -73,6 +73,10 @@ pub(crate) struct RunCtx {
     /// Fired once every stage task has ended; run-level observers (progress, heartbeat,
     /// stall watchdog) stop on it, after one last look at the final counters.
     pub(crate) ended: CancellationToken,
+    /// The run's time origin, for instants stored as integers (call ages).
+    pub(crate) epoch: tokio::time::Instant,
+    /// A stall watchdog wants the age of the oldest call of each async stage.
+    pub(crate) watch_calls: std::sync::atomic::AtomicBool,
 }
 
 impl RunCtx {
@@ -87,6 +91,8 @@ impl RunCtx {
             source_error: Mutex::new(None),
             stop_requested: std::sync::atomic::AtomicBool::new(false),
             ended: CancellationToken::new(),
+            epoch: tokio::time::Instant::now(),
+            watch_calls: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -112,6 +118,17 @@ impl RunCtx {
         }
         drop(slot);
         self.gate.stop();
+    }
+
+    /// When each stage's oldest call in flight started, in [`snapshot_stages`] order (only
+    /// async stages, and only while `watch_calls` is set).
+    pub(crate) fn oldest_calls(&self) -> Vec<Option<tokio::time::Instant>> {
+        self.stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|s| s.oldest_call(self.epoch))
+            .collect()
     }
 
     pub(crate) fn snapshot_stages(&self) -> Vec<crate::report::StageReport> {

@@ -10,13 +10,14 @@
 //! the next call. Cheap calls (a cache hit, a computed value) therefore cost no allocation
 //! and no scheduling at all.
 
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -444,6 +445,8 @@ struct Meta {
     input: Option<FailedInput>,
     /// The call is a half-open breaker's probe.
     probe: bool,
+    /// When the running attempt began waiting (only while a stall watchdog looks at calls).
+    waiting_since: Option<Instant>,
 }
 
 /// What a finished call reports back to the driver.
@@ -480,6 +483,20 @@ pin_project_lite::pin_project! {
         sleep: Option<Pin<Box<Sleep>>>,
         start: Option<Instant>,
         carry: Option<Carry<T>>,
+    }
+}
+
+/// A call that can be told it is waiting (for the stall watchdog's call ages).
+trait MarkWaiting {
+    /// Records `at` as the start of the wait; returns the call's sequence number.
+    fn mark_waiting(self: Pin<&mut Self>, at: Instant) -> Option<u64>;
+}
+
+impl<F, T> MarkWaiting for Call<F, T> {
+    fn mark_waiting(self: Pin<&mut Self>, at: Instant) -> Option<u64> {
+        let carry = self.project().carry.as_mut()?;
+        carry.meta.waiting_since = Some(at);
+        Some(carry.meta.seq)
     }
 }
 
@@ -605,6 +622,7 @@ async fn drive<T, U, S>(
         make,
         inflight: FuturesUnordered::new(),
         spare: None,
+        waiting_calls: None,
         limit: options.workers.max(1),
         ordered: options.ordered,
         next_seq: 0,
@@ -746,6 +764,10 @@ struct Driver<T, U, C, M> {
     inflight: FuturesUnordered<Pin<Box<C>>>,
     /// The box of the last call that finished at its first poll, reused by the next call.
     spare: Option<Pin<Box<C>>>,
+    /// Calls waiting in `inflight`, oldest first, kept only while a stall watchdog asks
+    /// for call ages (`RunCtx::watch_calls`): it then sees one stuck call even while the
+    /// other workers keep completing.
+    waiting_calls: Option<BTreeSet<(Instant, u64)>>,
     limit: usize,
     ordered: bool,
     next_seq: u64,
@@ -765,7 +787,7 @@ impl<T, U, C, M> Driver<T, U, C, M>
 where
     T: Send + 'static,
     U: Send + 'static,
-    C: Future<Output = Completion<T, U>>,
+    C: Future<Output = Completion<T, U>> + MarkWaiting,
     M: FnMut(T, Meta, bool, Option<OwnedSemaphorePermit>) -> Result<C, Completion<T, U>>,
 {
     fn limit(&self) -> usize {
@@ -847,6 +869,7 @@ where
                 first_at: None,
                 input: None,
                 probe: false,
+                waiting_since: None,
             },
         ))
     }
@@ -889,7 +912,15 @@ where
                         self.spare = Some(boxed);
                         self.complete(done)
                     }
-                    Poll::Pending => self.inflight.push(boxed),
+                    Poll::Pending => {
+                        if let Some(waiting) = self.waiting_calls.as_mut() {
+                            let at = Instant::now();
+                            if let Some(seq) = boxed.as_mut().mark_waiting(at) {
+                                waiting.insert((at, seq));
+                            }
+                        }
+                        self.inflight.push(boxed)
+                    }
                 }
             }
         }
@@ -1166,6 +1197,18 @@ where
     }
 
     fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.waiting_calls.is_none() && self.run.watch_calls.load(Ordering::Relaxed) {
+            self.waiting_calls = Some(BTreeSet::new());
+        }
+        let r = self.poll_drive_inner(cx);
+        if let Some(w) = &self.waiting_calls {
+            self.stats
+                .set_oldest_call(w.first().map(|&(at, _)| at), self.run.epoch);
+        }
+        r
+    }
+
+    fn poll_drive_inner(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             let mut progress = false;
             match self.poll_flush(cx) {
@@ -1175,7 +1218,12 @@ where
             }
             while !self.inflight.is_empty() {
                 match self.inflight.poll_next_unpin(cx) {
-                    Poll::Ready(Some(c)) => {
+                    Poll::Ready(Some(mut c)) => {
+                        if let (Some(w), Some(at)) =
+                            (self.waiting_calls.as_mut(), c.meta.waiting_since.take())
+                        {
+                            w.remove(&(at, c.meta.seq));
+                        }
                         self.complete(c);
                         progress = true;
                     }
