@@ -578,13 +578,13 @@ async fn drive<T, U, S>(
                     permit,
                 }),
             }),
-            Err(panic) => Err(Completion {
+            Err(panic) => Err(Box::new(Completion {
                 meta,
                 result: Err(ItemError::from_panic(&*panic)),
                 latency: None,
                 again,
                 called: true,
-            }),
+            })),
         }
     };
     let extras = options.has_extras().then(|| {
@@ -788,7 +788,7 @@ where
     T: Send + 'static,
     U: Send + 'static,
     C: Future<Output = Completion<T, U>> + MarkWaiting,
-    M: FnMut(T, Meta, bool, Option<OwnedSemaphorePermit>) -> Result<C, Completion<T, U>>,
+    M: FnMut(T, Meta, bool, Option<OwnedSemaphorePermit>) -> Result<C, Box<Completion<T, U>>>,
 {
     fn limit(&self) -> usize {
         match self.x.as_ref().and_then(|x| x.adaptive.as_ref()) {
@@ -895,7 +895,7 @@ where
             }
         }
         match (self.make)(item, meta, timed, permit) {
-            Err(done) => self.complete(done),
+            Err(done) => self.complete(*done),
             Ok(fut) => {
                 // A call that is ready at its first poll never leaves this box, so the box
                 // is kept for the next call: a stage of quick calls allocates nothing per
