@@ -326,28 +326,38 @@ pub(crate) fn process<T, U, const AT_MOST_ONE: bool>(
     }
 }
 
-/// `map` over an untracked chunk: `Vec::extend` over a mapped `vec::IntoIter` takes std's
-/// trusted-length path (one reservation, the length kept in a local that is written back on
-/// unwind), which is several times faster than a push per item and still panic-safe: after a
-/// panic, the outputs written so far stay, the panicking input is gone, and the rest of the
-/// inputs wait in the iterator. Tracked chunks go through [`process`].
+/// `map` over a chunk: `Vec::extend` over a mapped `vec::IntoIter` takes std's trusted-length
+/// path (one reservation, the length kept in a local that is written back on unwind), which is
+/// several times faster than a push per item and still panic-safe: after a panic, the outputs
+/// written so far stay, the panicking input is gone, and the rest of the inputs wait in the
+/// iterator.
+///
+/// A tracked chunk takes the same path: `map` is 1:1, so each output keeps its input's ticket
+/// as it is, moved and never cloned (no atomic operation per item). Only a panicking input's
+/// ticket is taken out of line and finished as failed.
 pub(crate) fn map_chunk<T, U>(chunk: Chunk<T>, f: &mut impl FnMut(T) -> U) -> Processed<U> {
-    if chunk.is_tracked() {
-        return process::<T, U, true>(chunk, &mut |item, out| out.push(f(item)));
-    }
-    let n = chunk.items.len();
+    let Chunk { items, mut tickets } = chunk;
+    let n = items.len();
     let mut out = Vec::with_capacity(n);
-    let mut items = chunk.items.into_iter();
+    let mut items = items.into_iter();
     let mut panics = Vec::new();
     while let Err(payload) =
         catch_unwind(AssertUnwindSafe(|| out.extend((&mut items).map(&mut *f))))
     {
         panics.push(ItemError::from_panic(&*payload));
+        if !tickets.is_empty() {
+            // Inputs before the panicking one each left one output; the failed input's ticket
+            // is the next one after theirs.
+            tickets.remove(out.len()).finish(Outcome::Failed);
+        }
     }
     Processed {
         passed: out.len(),
         dropped: 0,
-        chunk: Chunk::untracked(out),
+        chunk: Chunk {
+            items: out,
+            tickets,
+        },
         panics,
     }
 }
@@ -381,6 +391,42 @@ mod tests {
         });
         assert_eq!(p.chunk.items, vec![10, 30, 50]);
         assert_eq!((p.passed, p.dropped, p.panics.len()), (3, 0, 2));
+    }
+
+    #[test]
+    fn map_chunk_moves_tickets_and_fails_only_the_panicking_item() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut chunk = Chunk::default();
+        for i in 0..5 {
+            let s = seen.clone();
+            chunk.push(i, Ticket::new(move |o| s.lock().unwrap().push((i, o))));
+        }
+        let p = map_chunk(chunk, &mut |x: i32| {
+            if x == 1 || x == 4 {
+                panic!("bad");
+            }
+            x * 10
+        });
+        assert_eq!(p.chunk.items, vec![0, 20, 30]);
+        assert_eq!(p.chunk.tickets.len(), 3);
+        assert_eq!((p.passed, p.dropped, p.panics.len()), (3, 0, 2));
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![(1, Outcome::Failed), (4, Outcome::Failed)]
+        );
+        drop(p.chunk.into_items(Outcome::Done));
+        let mut got = seen.lock().unwrap().clone();
+        got.sort_by_key(|(i, _)| *i);
+        assert_eq!(
+            got,
+            vec![
+                (0, Outcome::Done),
+                (1, Outcome::Failed),
+                (2, Outcome::Done),
+                (3, Outcome::Done),
+                (4, Outcome::Failed)
+            ]
+        );
     }
 
     #[test]
