@@ -326,32 +326,54 @@ pub(crate) fn process<T, U, const AT_MOST_ONE: bool>(
     }
 }
 
-/// `map` over an untracked chunk, one pass, in place when the layouts allow, with a panic
-/// failing only its own item. Tracked chunks go through [`process`].
+/// `map` over a chunk: one pass, in place when the layouts allow, with a panic failing only
+/// its own item.
+///
+/// A tracked chunk takes the same path: `map` is 1:1, so each output keeps its input's ticket
+/// as it is, moved and never cloned (no atomic operation per item). Only a panicking input's
+/// ticket is taken out of line and finished as failed.
 pub(crate) fn map_chunk<T, U>(chunk: Chunk<T>, f: &mut impl FnMut(T) -> U) -> Processed<U> {
-    if chunk.is_tracked() {
-        return process::<T, U, true>(chunk, &mut |item, out| out.push(f(item)));
-    }
+    let Chunk { items, mut tickets } = chunk;
     let mut panics = Vec::new();
+    let mut failed_at = Vec::new();
+    let mut index = 0usize;
     // `Vec::into_iter().filter_map().collect()` maps in place when `T` and `U` have the
     // same layout (std's in-place collect): no allocation and one pass over memory that is
     // already in cache. The per-item `catch_unwind` costs nothing on the happy path (no
     // landing pad runs, and none is emitted when `f` cannot unwind).
-    let out: Vec<U> = chunk
-        .items
+    let out: Vec<U> = items
         .into_iter()
-        .filter_map(|item| match catch_unwind(AssertUnwindSafe(|| f(item))) {
-            Ok(u) => Some(u),
-            Err(payload) => {
-                panics.push(ItemError::from_panic(&*payload));
-                None
+        .filter_map(|item| {
+            let at = index;
+            index += 1;
+            match catch_unwind(AssertUnwindSafe(|| f(item))) {
+                Ok(u) => Some(u),
+                Err(payload) => {
+                    panics.push(ItemError::from_panic(&*payload));
+                    failed_at.push(at);
+                    None
+                }
             }
         })
         .collect();
+    if !tickets.is_empty() {
+        // Taken out from the back (indices stay valid), finished in input order.
+        let failed: Vec<Ticket> = failed_at
+            .iter()
+            .rev()
+            .map(|&at| tickets.remove(at))
+            .collect();
+        for t in failed.into_iter().rev() {
+            t.finish(Outcome::Failed);
+        }
+    }
     Processed {
         passed: out.len(),
         dropped: 0,
-        chunk: Chunk::untracked(out),
+        chunk: Chunk {
+            items: out,
+            tickets,
+        },
         panics,
     }
 }
@@ -385,6 +407,42 @@ mod tests {
         });
         assert_eq!(p.chunk.items, vec![10, 30, 50]);
         assert_eq!((p.passed, p.dropped, p.panics.len()), (3, 0, 2));
+    }
+
+    #[test]
+    fn map_chunk_moves_tickets_and_fails_only_the_panicking_item() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut chunk = Chunk::default();
+        for i in 0..5 {
+            let s = seen.clone();
+            chunk.push(i, Ticket::new(move |o| s.lock().unwrap().push((i, o))));
+        }
+        let p = map_chunk(chunk, &mut |x: i32| {
+            if x == 1 || x == 4 {
+                panic!("bad");
+            }
+            x * 10
+        });
+        assert_eq!(p.chunk.items, vec![0, 20, 30]);
+        assert_eq!(p.chunk.tickets.len(), 3);
+        assert_eq!((p.passed, p.dropped, p.panics.len()), (3, 0, 2));
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![(1, Outcome::Failed), (4, Outcome::Failed)]
+        );
+        drop(p.chunk.into_items(Outcome::Done));
+        let mut got = seen.lock().unwrap().clone();
+        got.sort_by_key(|(i, _)| *i);
+        assert_eq!(
+            got,
+            vec![
+                (0, Outcome::Done),
+                (1, Outcome::Failed),
+                (2, Outcome::Done),
+                (3, Outcome::Done),
+                (4, Outcome::Failed)
+            ]
+        );
     }
 
     #[test]

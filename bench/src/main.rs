@@ -5,6 +5,7 @@
 //! ```sh
 //! cargo run --release -p flowline-bench -- core            # every case of a suite
 //! cargo run --release -p flowline-bench -- core hops8      # one case
+//! cargo run --release -p flowline-bench -- source progress_overhead
 //! cargo run --release -p flowline-bench -- flow 3         # flow, 3 s per rate case
 //! ```
 
@@ -25,7 +26,7 @@ fn main() {
     let case = args.get(1).map(String::as_str);
     match suite {
         "core" => core::run(case),
-        "source" => source::run(),
+        "source" => source::run(case),
         "batch" => batch::run(),
         "flow" => flow::run(&args[1..]),
         "topology" => topology::run(),

@@ -2,42 +2,25 @@
 //!
 //! - `cursor_sqlite`: rows through `Pipeline::from_cursor` over a SQLite table (keyset pages
 //!   of 1,000, checkpoints in the same file, a trivial stage) against a hand-written keyset
-//!   loop doing the same reads. Rows: `FLOWLINE_BENCH_ROWS` (default 1,000,000). Peak RSS of
-//!   the process is printed after each side.
+//!   loop doing the same reads, alternating, median of each. Rows: `FLOWLINE_BENCH_ROWS`
+//!   (default 1,000,000). Peak RSS is the highest VmHWM of either side's runs, the peak
+//!   being reset before each run.
 //! - `progress_overhead`: a 1,000,000-item pipeline with `.progress()` (plain lines, to a
-//!   sink writer) against the same pipeline without.
+//!   sink writer) against the same pipeline without, alternating, median of each.
 
+use std::hint::black_box;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use flowline::prelude::*;
 use flowline::{Page, ProgressOptions, SqliteCheckpoints};
 use rusqlite::{Connection, params};
 
+use crate::util::{alternate, emit, ns_per_item, peak_rss_mib, reset_peak_rss, runtime, time};
+
 const PAGE: i64 = 1000;
-
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
-fn line(case: &str, flowline: f64, baseline: f64, unit: &str, extra: serde_json::Value) {
-    let mut v = serde_json::json!({
-        "suite": "source", "case": case, "flowline": flowline, "baseline": baseline,
-        "unit": unit, "ratio": flowline / baseline,
-    });
-    if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
-        o.extend(e);
-    }
-    println!("{v}");
-}
+const CURSOR_REPS: usize = 7;
+const PROGRESS_REPS: usize = 21;
 
 fn page(conn: &Connection, after: i64) -> rusqlite::Result<Vec<(i64, String)>> {
     let mut q =
@@ -46,36 +29,29 @@ fn page(conn: &Connection, after: i64) -> rusqlite::Result<Vec<(i64, String)>> {
         .collect()
 }
 
-fn cursor_sqlite(rt: &tokio::runtime::Runtime) {
-    let rows: i64 = std::env::var("FLOWLINE_BENCH_ROWS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1_000_000);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = dir.path().join("bench.db");
+fn fill(db: &std::path::Path, rows: i64) {
+    let mut c = Connection::open(db).expect("open");
+    c.execute_batch(
+        "pragma journal_mode = wal;
+         create table items (id integer primary key, payload text not null);",
+    )
+    .expect("create");
+    let tx = c.transaction().expect("tx");
     {
-        let mut c = Connection::open(&db).expect("open");
-        c.execute_batch(
-            "pragma journal_mode = wal;
-             create table items (id integer primary key, payload text not null);",
-        )
-        .expect("create");
-        let tx = c.transaction().expect("tx");
-        {
-            let mut ins = tx
-                .prepare("insert into items values (?1, ?2)")
-                .expect("prepare");
-            for id in 1..=rows {
-                ins.execute(params![id, format!("payload-{id}")])
-                    .expect("insert");
-            }
+        let mut ins = tx
+            .prepare("insert into items values (?1, ?2)")
+            .expect("prepare");
+        for id in 1..=rows {
+            ins.execute(params![id, format!("payload-{id}")])
+                .expect("insert");
         }
-        tx.commit().expect("commit");
     }
+    tx.commit().expect("commit");
+}
 
-    // Baseline: a hand-written keyset loop, same reads, same trivial work.
-    let t = Instant::now();
-    let conn = Connection::open(&db).expect("open");
+/// The hand-written keyset loop: same reads, same trivial work.
+fn baseline_keyset(db: &std::path::Path, rows: i64) {
+    let conn = Connection::open(db).expect("open");
     let (mut after, mut sum, mut n) = (0i64, 0u64, 0i64);
     loop {
         let p = page(&conn, after).expect("page");
@@ -89,13 +65,13 @@ fn cursor_sqlite(rt: &tokio::runtime::Runtime) {
         after = last;
     }
     assert_eq!(n, rows);
-    let base = t.elapsed().as_nanos() as f64 / rows as f64;
-    let base_rss = peak_rss_mib();
+    black_box(sum);
+}
 
-    // flowline: from_cursor, checkpoints committed in the same file.
-    let t = Instant::now();
-    let store = SqliteCheckpoints::open(&db).expect("store");
-    let conn = Arc::new(Mutex::new(Connection::open(&db).expect("open")));
+/// `from_cursor` over the same reads, checkpoints committed in the same file under `name`.
+async fn flowline_cursor(db: &std::path::Path, name: &str, rows: i64) {
+    let store = SqliteCheckpoints::open(db).expect("store");
+    let conn = Arc::new(Mutex::new(Connection::open(db).expect("open")));
     let fetch = move |c: Option<i64>| {
         // The read runs inline, as in the baseline (a real service would use
         // spawn_blocking); this measures the source's own overhead.
@@ -105,17 +81,50 @@ fn cursor_sqlite(rt: &tokio::runtime::Runtime) {
         });
         async move { r.map_err(|e| e.to_string()) }
     };
-    let report = rt
-        .block_on(
-            Pipeline::from_cursor(store, "bench", fetch)
-                .map(move |(id, payload): (i64, String)| id as u64 + payload.len() as u64)
-                .run(),
-        )
+    let report = Pipeline::from_cursor(store, name, fetch)
+        .map(|(id, payload): (i64, String)| id as u64 + payload.len() as u64)
+        .run()
+        .await
         .expect("run");
     assert_eq!(report.delivered(), rows as u64);
-    let flow = t.elapsed().as_nanos() as f64 / rows as f64;
-    std::hint::black_box(sum);
-    line(
+}
+
+/// Times `f` with the peak RSS reset first; raises `peak` to the peak seen during `f`.
+fn measured(peak: &mut f64, f: impl FnOnce()) -> Duration {
+    reset_peak_rss();
+    let t = Instant::now();
+    f();
+    let d = t.elapsed();
+    *peak = peak.max(peak_rss_mib());
+    d
+}
+
+fn cursor_sqlite() {
+    let rows: i64 = std::env::var("FLOWLINE_BENCH_ROWS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("bench.db");
+    fill(&db, rows);
+    let rt = runtime();
+    let (mut flow_rss, mut base_rss) = (0.0f64, 0.0f64);
+    let mut rep = 0;
+    let (f, b) = alternate(
+        CURSOR_REPS,
+        || {
+            // A fresh checkpoint name per run: each run reads the whole table.
+            rep += 1;
+            let name = format!("bench-{rep}");
+            measured(&mut flow_rss, || {
+                rt.block_on(flowline_cursor(&db, &name, rows))
+            })
+        },
+        || measured(&mut base_rss, || baseline_keyset(&db, rows)),
+    );
+    let (flow, base) = (ns_per_item(f, rows as u64), ns_per_item(b, rows as u64));
+    emit(
+        "source",
         "cursor_sqlite",
         flow,
         base,
@@ -123,44 +132,51 @@ fn cursor_sqlite(rt: &tokio::runtime::Runtime) {
         serde_json::json!({
             "rows": rows,
             "page": PAGE,
-            "flowline_rows_per_s": 1e9 / flow,
-            "baseline_rows_per_s": 1e9 / base,
+            "reps": CURSOR_REPS,
+            "flowline_rows_per_s": (1e9 / flow).round(),
+            "baseline_rows_per_s": (1e9 / base).round(),
             "baseline_peak_rss_mib": base_rss,
-            "flowline_peak_rss_mib": peak_rss_mib(),
+            "flowline_peak_rss_mib": flow_rss,
         }),
     );
 }
 
-fn progress_overhead(rt: &tokio::runtime::Runtime) {
+fn progress_overhead() {
     const N: u64 = 1_000_000;
-    let time = |with: bool| {
-        let t = Instant::now();
-        let p = Pipeline::from_iter(0..N).map(|x| x.wrapping_mul(3));
-        let p = if with {
-            p.progress_with(ProgressOptions::new().to_writer(std::io::sink()))
-        } else {
-            p
-        };
-        let r = rt.block_on(p.run()).expect("run");
-        assert_eq!(r.delivered(), N);
-        t.elapsed().as_nanos() as f64 / N as f64
+    let rt = runtime();
+    let run = |with: bool| {
+        time(&rt, || async move {
+            let p = Pipeline::from_iter(0..N).map(|x| x.wrapping_mul(3));
+            let p = if with {
+                p.progress_with(ProgressOptions::new().to_writer(std::io::sink()))
+            } else {
+                p
+            };
+            let r = p.run().await.expect("run");
+            assert_eq!(r.delivered(), N);
+        })
     };
-    // Warm up, then take the best of three of each.
-    time(false);
-    let best = |with| (0..3).map(|_| time(with)).fold(f64::MAX, f64::min);
-    let (without, with) = (best(false), best(true));
-    line(
+    // Warm up both, then alternate.
+    run(false);
+    run(true);
+    let (with, without) = alternate(PROGRESS_REPS, || run(true), || run(false));
+    emit(
+        "source",
         "progress_overhead",
-        with,
-        without,
+        ns_per_item(with, N),
+        ns_per_item(without, N),
         "ns/item",
-        serde_json::json!({"items": N}),
+        serde_json::json!({"items": N, "reps": PROGRESS_REPS}),
     );
 }
 
-/// Runs every case of the suite.
-pub fn run() {
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    cursor_sqlite(&rt);
-    progress_overhead(&rt);
+/// Runs every case of the suite, or only `only`.
+pub fn run(only: Option<&str>) {
+    let want = |c: &str| only.is_none_or(|o| o == c);
+    if want("cursor_sqlite") {
+        cursor_sqlite();
+    }
+    if want("progress_overhead") {
+        progress_overhead();
+    }
 }

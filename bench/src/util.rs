@@ -74,6 +74,12 @@ pub fn peak_rss_mib() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// Resets the peak (VmHWM) to the current resident size, so that the next
+/// [`peak_rss_mib`] reports the peak of what ran since. Linux only; elsewhere a no-op.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -146,20 +146,29 @@ impl Watermark {
             Outcome::Cancelled => PageEnd::Blocked,
         };
         m.ended.insert(seq, end);
+        let mut advanced = false;
         loop {
             let low = m.low;
             match m.ended.get(&low) {
                 Some(PageEnd::Done(_)) => {
                     if let Some(PageEnd::Done(Some(c))) = m.ended.remove(&low) {
+                        // A cursor the committer has not taken yet is overwritten: the
+                        // newest one covers it.
                         m.to_commit = Some(c);
+                        advanced = true;
                     }
                     m.low += 1;
                 }
                 _ => break,
             }
         }
+        let last = m.source_gone && m.resolved == m.issued;
         drop(m);
-        self.changed.notify_one();
+        // Wake the committer only when it has something to do: a cursor to write, or the
+        // end of the run. A page that ends behind an unfinished one changes neither.
+        if advanced || last {
+            self.changed.notify_one();
+        }
     }
 
     fn source_gone(&self) {
@@ -236,27 +245,32 @@ where
     F: FnMut(Option<C>) -> Fut + Send,
     Fut: Future<Output = Result<Page<T, C>, E>> + Send + 'static,
 {
-    /// Hands out items of the oldest fetched page; a page's own ticket holder lets go once
-    /// all its items are out, so the page ends when its items have.
+    /// Hands out items of the oldest fetched pages, a run of each page at a time: the items
+    /// move out in one `extend`, and each gets a clone of its page's ticket, except the last
+    /// item of a page, which takes the page's own holder (so a page ends when its items have).
     fn emit(&mut self, max: usize, out: &mut Vec<T>) {
         while out.len() < max {
             let Some(page) = self.pages.front_mut() else {
                 return;
             };
-            match page.items.pop_front() {
-                Some(item) => {
-                    out.push(item);
-                    self.tickets.push(page.ticket.clone());
-                }
-                None => {
-                    if let Some(p) = self.pages.pop_front() {
+            let k = (max - out.len()).min(page.items.len());
+            out.extend(page.items.drain(..k));
+            if page.items.is_empty() {
+                if let Some(p) = self.pages.pop_front() {
+                    if k == 0 {
+                        // An empty page: nothing to wait for.
                         p.ticket.finish(Outcome::Done);
+                    } else {
+                        self.tickets.extend((1..k).map(|_| p.ticket.clone()));
+                        self.tickets.push(p.ticket);
                     }
                 }
+            } else {
+                self.tickets.extend((0..k).map(|_| page.ticket.clone()));
             }
         }
-        // A page emptied by the last item above ends its holder now, not on the next call.
-        if self.pages.front().is_some_and(|p| p.items.is_empty()) {
+        // Empty pages next in line end now, not on the next call.
+        while self.pages.front().is_some_and(|p| p.items.is_empty()) {
             if let Some(p) = self.pages.pop_front() {
                 p.ticket.finish(Outcome::Done);
             }

@@ -98,13 +98,14 @@ impl CheckpointStore for SqliteCheckpoints {
 
     fn commit<'a>(&'a self, name: &'a str, cursor: &'a str) -> StoreFuture<'a, ()> {
         let (name, cursor) = (name.to_string(), cursor.to_string());
+        // A cursor source commits once per page: the statement is parsed once per connection.
         self.call(move |c| {
-            c.execute(
+            c.prepare_cached(
                 "insert into flowline_checkpoints (name, cursor) values (?1, ?2)
                  on conflict(name) do update set cursor = excluded.cursor,
                                                 updated_at = datetime('now')",
-                params![name, cursor],
-            )
+            )?
+            .execute(params![name, cursor])
             .map(|_| ())
         })
     }
