@@ -55,57 +55,76 @@ pub(crate) async fn execute_in<T: Send + 'static, K: Sink<T>>(
     let mut b = Build::new(run.clone());
     let mut up = build(&mut b);
     let stats = b.stage(sink_name, "sink");
-    let checked = b.run_checks();
-    let mut tasks = std::mem::take(&mut b.tasks);
-    let mut observers = std::mem::take(&mut b.observers);
-    drop(b);
+    let (checked, spawned) = Spawned::take(b);
     if let Err(e) = checked {
         // The plan is unsound (e.g. a branch left without a sink): end what was built.
-        run.cancel.cancel();
         drop(up);
-        while tasks.join_next().await.is_some() {}
-        run.ended.cancel();
-        while observers.join_next().await.is_some() {}
+        spawned.abandon(&run).await;
         return Err(e);
     }
 
-    let end = {
-        let drive = async {
-            while let Some(chunk) = next_chunk(&mut up).await {
-                StageStats::add(&stats.received, chunk.len());
-                sink.consume(chunk, &stats, &run).await;
-                tokio::task::consume_budget().await;
-            }
-        };
-        let deadline = async {
-            match settings.deadline {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            biased;
-            _ = run.cancel.cancelled() => End::Cancelled,
-            _ = deadline => End::Deadline,
-            _ = drive => End::Drained,
+    let drive = async {
+        while let Some(chunk) = next_chunk(&mut up).await {
+            StageStats::add(&stats.received, chunk.len());
+            sink.consume(chunk, &stats, &run).await;
+            tokio::task::consume_budget().await;
         }
     };
+    let end = drive_until(&run, settings.deadline, drive).await;
     if end != End::Drained {
         run.cancel.cancel();
         StageStats::add(&stats.received, up.discard());
     }
     drop(up);
-    conclude(
-        &run,
-        end,
-        tasks,
-        observers,
-        None,
-        started,
-        settings.deadline,
-    )
-    .await
-    .map(|report| (report, sink.finish()))
+    conclude(&run, end, spawned, None, started, settings.deadline)
+        .await
+        .map(|report| (report, sink.finish()))
+}
+
+/// The tasks a build spawned: the run's stages, and its observers (which end after them).
+pub(crate) struct Spawned {
+    tasks: tokio::task::JoinSet<()>,
+    observers: tokio::task::JoinSet<()>,
+}
+
+impl Spawned {
+    /// Takes the tasks out of a finished build, with the result of the plan's checks.
+    pub(crate) fn take(mut b: Build) -> (Result<(), Error>, Spawned) {
+        let checked = b.run_checks();
+        let spawned = Spawned {
+            tasks: std::mem::take(&mut b.tasks),
+            observers: std::mem::take(&mut b.observers),
+        };
+        (checked, spawned)
+    }
+
+    /// Ends a plan that failed its checks before it ran: cancels and joins everything.
+    pub(crate) async fn abandon(mut self, run: &RunCtx) {
+        run.cancel.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        run.ended.cancel();
+        while self.observers.join_next().await.is_some() {}
+    }
+}
+
+/// Drives `drive` until it ends, the run is cancelled, or the deadline passes.
+pub(crate) async fn drive_until(
+    run: &RunCtx,
+    deadline: Option<std::time::Duration>,
+    drive: impl std::future::Future<Output = ()>,
+) -> End {
+    let timer = async {
+        match deadline {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        _ = run.cancel.cancelled() => End::Cancelled,
+        _ = timer => End::Deadline,
+        _ = drive => End::Drained,
+    }
 }
 
 /// Ends a run that was driven until `end`: joins every task, closes the dead letters, and
@@ -113,12 +132,15 @@ pub(crate) async fn execute_in<T: Send + 'static, K: Sink<T>>(
 pub(crate) async fn conclude(
     run: &RunCtx,
     end: End,
-    mut tasks: tokio::task::JoinSet<()>,
-    mut observers: tokio::task::JoinSet<()>,
+    spawned: Spawned,
     mut internal: Option<String>,
     started: tokio::time::Instant,
     deadline: Option<std::time::Duration>,
 ) -> Result<Report, Error> {
+    let Spawned {
+        mut tasks,
+        mut observers,
+    } = spawned;
     // Every task of the run ends before the run returns: no task outlives its run.
     while let Some(joined) = tasks.join_next().await {
         if let Err(e) = joined {

@@ -84,6 +84,23 @@ struct State {
     report: BreakerReport,
 }
 
+impl State {
+    /// A new breaker's state: closed, nothing seen.
+    fn closed() -> Self {
+        State {
+            state: BreakerState::Closed,
+            consecutive: 0,
+            window: VecDeque::new(),
+            window_failures: 0,
+            open_until: None,
+            probes_started: 0,
+            probes_ok: 0,
+            wakers: Vec::new(),
+            report: BreakerReport::default(),
+        }
+    }
+}
+
 struct Inner {
     trip: Trip,
     cooldown: Duration,
@@ -155,17 +172,7 @@ impl Breaker {
             on_change: None,
             fast: AtomicU8::new(0),
             rejected: AtomicU64::new(0),
-            state: Mutex::new(State {
-                state: BreakerState::Closed,
-                consecutive: 0,
-                window: VecDeque::new(),
-                window_failures: 0,
-                open_until: None,
-                probes_started: 0,
-                probes_ok: 0,
-                wakers: Vec::new(),
-                report: BreakerReport::default(),
-            }),
+            state: Mutex::new(State::closed()),
         }))
     }
 
@@ -203,17 +210,7 @@ impl Breaker {
             on_change: shared.on_change.clone(),
             fast: AtomicU8::new(0),
             rejected: AtomicU64::new(0),
-            state: Mutex::new(State {
-                state: BreakerState::Closed,
-                consecutive: 0,
-                window: VecDeque::new(),
-                window_failures: 0,
-                open_until: None,
-                probes_started: 0,
-                probes_ok: 0,
-                wakers: Vec::new(),
-                report: BreakerReport::default(),
-            }),
+            state: Mutex::new(State::closed()),
         });
         f(&mut inner);
         Breaker(Arc::new(inner))

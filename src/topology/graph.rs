@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::handle::Handle;
 use crate::pipeline::{ErrorPolicy, Flow, Pipeline, Settings};
 use crate::report::{Report, StageStats};
-use crate::run::{End, conclude, prepare_settings};
+use crate::run::{End, Spawned, conclude, drive_until, prepare_settings};
 use crate::runtime::{Build, RunCtx, next_chunk};
 use crate::sink::{self, Sink};
 
@@ -273,16 +273,10 @@ async fn execute(
     let started = tokio::time::Instant::now();
     let mut b = Build::new(run.clone());
     let drivers: Vec<Driver> = ends.into_iter().map(|end| end(&mut b)).collect();
-    let checked = b.run_checks();
-    let mut tasks = std::mem::take(&mut b.tasks);
-    let mut observers = std::mem::take(&mut b.observers);
-    drop(b);
+    let (checked, spawned) = Spawned::take(b);
     if let Err(e) = checked {
-        run.cancel.cancel();
         drop(drivers);
-        while tasks.join_next().await.is_some() {}
-        run.ended.cancel();
-        while observers.join_next().await.is_some() {}
+        spawned.abandon(&run).await;
         return Err(e);
     }
     let mut sinks = JoinSet::new();
@@ -290,32 +284,19 @@ async fn execute(
         sinks.spawn(d);
     }
     let mut internal = None;
-    let end = {
-        let all = async {
-            while let Some(joined) = sinks.join_next().await {
-                note_panic(joined, &mut internal);
-            }
-        };
-        let timer = async {
-            match deadline {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            biased;
-            _ = run.cancel.cancelled() => End::Cancelled,
-            _ = timer => End::Deadline,
-            _ = all => End::Drained,
+    let all = async {
+        while let Some(joined) = sinks.join_next().await {
+            note_panic(joined, &mut internal);
         }
     };
+    let end = drive_until(&run, deadline, all).await;
     if end != End::Drained {
         run.cancel.cancel();
     }
     while let Some(joined) = sinks.join_next().await {
         note_panic(joined, &mut internal);
     }
-    conclude(&run, end, tasks, observers, internal, started, deadline).await
+    conclude(&run, end, spawned, internal, started, deadline).await
 }
 
 fn note_panic(joined: Result<(), tokio::task::JoinError>, internal: &mut Option<String>) {
