@@ -52,6 +52,26 @@ pub(crate) struct Settings {
     pub(crate) total: Option<u64>,
 }
 
+impl Settings {
+    /// Records a configuration error unless `value` is more than zero; true if it is.
+    pub(crate) fn require_positive(
+        &mut self,
+        stage: &str,
+        option: &'static str,
+        value: Duration,
+    ) -> bool {
+        if value.is_zero() {
+            self.errors.push(Error::config(
+                stage,
+                option,
+                value,
+                "must be more than zero",
+            ));
+        }
+        !value.is_zero()
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {
@@ -310,14 +330,7 @@ pub trait Flow: Sized + Send + 'static {
     /// ```
     fn deadline(self, limit: Duration) -> Pipeline<Self::Item> {
         let mut p = self.into_pipeline();
-        if limit.is_zero() {
-            p.settings.errors.push(Error::config(
-                "pipeline",
-                "deadline",
-                limit,
-                "must be more than zero",
-            ));
-        }
+        p.settings.require_positive("pipeline", "deadline", limit);
         p.settings.deadline = Some(limit);
         p
     }

@@ -67,14 +67,7 @@ pub(crate) fn batch_with<T: Send + 'static, A: Admit<T>>(
             .errors
             .push(Error::config(name, "size", size, "must be at least 1"));
     }
-    if max_wait.is_zero() {
-        p.settings.errors.push(Error::config(
-            name,
-            "max_wait",
-            max_wait,
-            "must be more than zero",
-        ));
-    }
+    p.settings.require_positive(name, "max_wait", max_wait);
     p.then(move |b, up| {
         let stats = b.stage(name, "batch");
         let size = size.max(1);

@@ -16,7 +16,6 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::chunk::{Chunk, Outcome, Ticket};
-use crate::error::Error;
 use crate::pipeline::{Flow, Pipeline};
 use crate::report::StageStats;
 use crate::runtime::hop::{HOP_CHUNKS, hop};
@@ -61,14 +60,7 @@ impl<T, K, F> Debounce<T, K, F> {
     /// # }
     /// ```
     pub fn max_wait(mut self, m: Duration) -> Self {
-        if m.is_zero() {
-            self.p.settings.errors.push(Error::config(
-                self.name,
-                "max_wait",
-                m,
-                "must be more than zero",
-            ));
-        }
+        self.p.settings.require_positive(self.name, "max_wait", m);
         self.max_wait = Some(m);
         self
     }
@@ -80,14 +72,7 @@ pub(crate) fn debounce_by<T, K, F>(
     key: F,
     quiet: Duration,
 ) -> Debounce<T, K, F> {
-    if quiet.is_zero() {
-        p.settings.errors.push(Error::config(
-            name,
-            "period",
-            quiet,
-            "must be more than zero",
-        ));
-    }
+    p.settings.require_positive(name, "period", quiet);
     Debounce {
         p,
         name,

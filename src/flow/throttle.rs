@@ -11,7 +11,6 @@ use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
 use crate::chunk::{Chunk, Outcome, Ticket};
-use crate::error::Error;
 use crate::pipeline::Pipeline;
 use crate::report::StageStats;
 use crate::runtime::{ChunkSource, Upstream};
@@ -143,14 +142,8 @@ pub(crate) fn throttle<T: Send + 'static>(
     interval: Duration,
     mode: Throttle,
 ) -> Pipeline<T> {
-    if interval.is_zero() {
-        p.settings.errors.push(Error::config(
-            "throttle",
-            "interval",
-            interval,
-            "must be more than zero",
-        ));
-    }
+    p.settings
+        .require_positive("throttle", "interval", interval);
     p.then(move |b, up| {
         let stats = b.stage("throttle", "throttle");
         Box::new(Throttled {

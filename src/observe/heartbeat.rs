@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::error::Error;
 use crate::pipeline::Pipeline;
 use crate::report::Report;
 
@@ -15,13 +14,7 @@ pub(crate) fn heartbeat<T: Send + 'static>(
     every: Duration,
     mut f: impl FnMut(&Report) + Send + 'static,
 ) -> Pipeline<T> {
-    if every.is_zero() {
-        p.settings.errors.push(Error::config(
-            "heartbeat",
-            "every",
-            every,
-            "must be more than zero",
-        ));
+    if !p.settings.require_positive("heartbeat", "every", every) {
         return p;
     }
     super::observe(p, move |run, started| async move {

@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::error::Error;
 use crate::pipeline::Pipeline;
 use crate::report::StageReport;
 
@@ -251,13 +250,7 @@ pub(crate) fn progress<T: Send + 'static>(
     mut p: Pipeline<T>,
     opts: ProgressOptions,
 ) -> Pipeline<T> {
-    if opts.every.is_zero() {
-        p.settings.errors.push(Error::config(
-            "progress",
-            "every",
-            opts.every,
-            "must be more than zero",
-        ));
+    if !p.settings.require_positive("progress", "every", opts.every) {
         return p;
     }
     let total = opts.total.or(p.settings.total);

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use super::{Reservation, Store};
 use crate::chunk::{Chunk, Outcome, Ticket};
-use crate::error::{Error, Failure, ItemError};
+use crate::error::{Failure, ItemError};
 use crate::pipeline::{Flow, Pipeline};
 use crate::report::StageStats;
 use crate::runtime::hop::{HOP_CHUNKS, hop};
@@ -63,14 +63,7 @@ impl<T, S, F> Idempotent<T, S, F> {
     /// # let _ = plan;
     /// ```
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        if ttl.is_zero() {
-            self.p.settings.errors.push(Error::config(
-                "idempotent",
-                "ttl",
-                ttl,
-                "must be more than zero",
-            ));
-        }
+        self.p.settings.require_positive("idempotent", "ttl", ttl);
         self.ttl = ttl;
         self
     }

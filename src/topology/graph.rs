@@ -154,14 +154,7 @@ impl Graph {
     /// Ends the whole run if it has not finished within `limit` (combined with the
     /// pipelines' own deadlines: the shortest wins). Must be more than zero.
     pub fn deadline(&mut self, limit: Duration) -> &mut Self {
-        if limit.is_zero() {
-            self.own.errors.push(Error::config(
-                "graph",
-                "deadline",
-                limit,
-                "must be more than zero",
-            ));
-        }
+        self.own.require_positive("graph", "deadline", limit);
         self.own.deadline = Some(limit);
         self
     }
