@@ -6,7 +6,8 @@
 //! cargo run --release -p flowline-bench -- core            # every case of a suite
 //! cargo run --release -p flowline-bench -- core hops8      # one case
 //! cargo run --release -p flowline-bench -- source progress_overhead
-//! cargo run --release -p flowline-bench -- flow 3         # flow, 3 s per rate case
+//! cargo run --release -p flowline-bench -- flow 3          # flow, 3 s per rate case
+//! cargo run --release -p flowline-bench -- flow adaptive   # cases named adaptive*
 //! ```
 
 mod batch;

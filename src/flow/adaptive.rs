@@ -6,9 +6,12 @@
 //!   on overload (an error the user classifies as overload, a timeout, or an average latency
 //!   above `latency_limit`).
 //! - Vegas (after Netflix concurrency-limits): estimates the calls queued at the backend as
-//!   `limit × (1 − rtt_min / rtt)`; grows while fewer than `alpha` (3) are queued (doubling
-//!   until it first has to shrink, like TCP slow start, then +1), shrinks beyond `beta` (6),
-//!   halves on overload.
+//!   `limit × (1 − rtt_min / rtt)` (`rtt`: the window's average latency); grows while fewer
+//!   than `alpha` are queued (doubling until it first has to shrink, like TCP slow start,
+//!   then `+log10(limit)`), shrinks beyond `beta`, halves on overload. `alpha` and `beta` are
+//!   `3·log10(limit)` and `6·log10(limit)` (at least 3 and 6). A queue seen in one window only
+//!   moves the limit down by one step; a queue that persists over two windows is halved
+//!   towards `beta` at once.
 //!
 //! The stage reads the limit before starting each call; a lower limit only stops new calls,
 //! it never cancels calls in flight.
@@ -32,6 +35,12 @@ enum Algo {
     Vegas,
 }
 
+/// Vegas: grow while fewer than `VEGAS_ALPHA × log10(limit)` calls are queued, shrink beyond
+/// `VEGAS_BETA × log10(limit)` (log10 at least 1). Why scale with the limit: the queue estimate
+/// `limit × (1 − rtt_min / rtt)` carries the backend's latency jitter times the limit (rtt_min
+/// is the fastest call, rtt an average), so a fixed threshold that suits 10 calls in flight
+/// reads plain jitter as a queue at 100 and pins the limit below capacity. Netflix
+/// concurrency-limits scales them the same way.
 const VEGAS_ALPHA: f64 = 3.0;
 const VEGAS_BETA: f64 = 6.0;
 
@@ -59,6 +68,8 @@ struct State {
     slow_start: bool,
     window: Window,
     rtt_min: Option<Duration>,
+    /// Vegas: the queue estimated in the previous window (0 before the first).
+    last_queued: f64,
 }
 
 struct Inner {
@@ -117,6 +128,7 @@ impl Adaptive {
                 slow_start: true,
                 window: Window::default(),
                 rtt_min: None,
+                last_queued: 0.0,
             }),
         }))
     }
@@ -166,6 +178,7 @@ impl Adaptive {
                 slow_start: true,
                 window: Window::default(),
                 rtt_min: None,
+                last_queued: 0.0,
             }),
         };
         f(&mut inner);
@@ -283,7 +296,7 @@ impl Adaptive {
             let window_len = (s.limit as usize).max(4);
             if s.window.samples >= window_len {
                 let w = std::mem::take(&mut s.window);
-                let next = self.next_limit(&s, &w);
+                let next = self.next_limit(&mut s, &w);
                 if next < s.limit {
                     s.slow_start = false;
                 }
@@ -293,7 +306,7 @@ impl Adaptive {
         }
     }
 
-    fn next_limit(&self, s: &State, w: &Window) -> f64 {
+    fn next_limit(&self, s: &mut State, w: &Window) -> f64 {
         let limit = s.limit;
         let used = w.max_inflight as f64 * 2.0 >= limit;
         let avg = if w.ok > 0 && !w.rtt_sum.is_zero() {
@@ -323,14 +336,25 @@ impl Adaptive {
                     return limit;
                 };
                 let queued = limit * (1.0 - min.as_secs_f64() / rtt.as_secs_f64());
-                if queued < VEGAS_ALPHA {
+                // A standing queue shows in consecutive windows; one slow window (a pause of
+                // the caller's or the backend's, another process on the CPU) does not mean
+                // the backend is past capacity, and cutting the limit on it costs throughput
+                // for several round trips while the limit climbs back.
+                let steady = queued.min(s.last_queued);
+                s.last_queued = queued;
+                let step = limit.log10().max(1.0);
+                let (alpha, beta) = (VEGAS_ALPHA * step, VEGAS_BETA * step);
+                if queued < alpha {
                     match (used, s.slow_start) {
                         (false, _) => limit,
                         (true, true) => limit * 2.0,
-                        (true, false) => limit + 1.0,
+                        (true, false) => limit + step,
                     }
-                } else if queued > VEGAS_BETA {
-                    limit - ((queued - VEGAS_BETA) / 2.0).max(1.0).floor()
+                } else if steady > beta {
+                    // Halve the excess: converges in a few round trips from far above.
+                    limit - ((steady - beta) / 2.0).max(step).floor()
+                } else if queued > beta {
+                    limit - step
                 } else {
                     limit
                 }
@@ -377,14 +401,52 @@ mod tests {
     }
 
     #[test]
-    fn vegas_shrinks_when_latency_shows_a_queue() {
+    fn vegas_halves_a_standing_queue_towards_beta() {
         let a = Adaptive::vegas(1..=100).initial(40);
         feed(&a, 40, 5, false); // rtt_min = 5 ms, no queue: grows (slow start doubles)
         assert_eq!(a.limit(), 80);
-        feed(&a, 80, 10, false); // half the calls are queued: 40 > 6
-        assert_eq!(a.limit(), 63); // 80 - (40 - 6) / 2
-        feed(&a, 63, 5, false); // no queue again: +1 now that slow start is over
-        assert_eq!(a.limit(), 64);
+        feed(&a, 80, 10, false); // half the calls are queued (40), first seen: one step
+        assert_eq!(a.limit(), 78); // 80 - log10(80)
+        feed(&a, 78, 10, false); // still queued: the excess over beta is halved
+        assert_eq!(a.limit(), 65); // 78.1 - floor((39.05 - 6 * log10(78.1)) / 2)
+        feed(&a, 65, 5, false); // no queue again: + log10(limit), slow start is over
+        assert_eq!(a.limit(), 67);
+    }
+
+    #[test]
+    fn vegas_takes_one_step_only_for_one_slow_window() {
+        let a = Adaptive::vegas(1..=100).initial(40);
+        feed(&a, 40, 5, false);
+        assert_eq!(a.limit(), 80);
+        feed(&a, 80, 10, false); // a hiccup, not a standing queue
+        assert_eq!(a.limit(), 78);
+        feed(&a, 78, 5, false); // gone: the step is won back at once
+        assert_eq!(a.limit(), 80);
+    }
+
+    #[test]
+    fn vegas_thresholds_scale_with_the_limit() {
+        // 100 in flight, 3 in 4 calls at 5 ms and 1 in 4 at 6 ms: the estimate, 4.8 queued,
+        // is jitter (100 × (1 − 5 / 5.25)); alpha is 3 × log10(100) = 6, so it still grows.
+        let a = Adaptive::vegas(1..=400).initial(100);
+        let at = |ms| Sample {
+            latency: Duration::from_millis(ms),
+            overload: false,
+            inflight: 100,
+        };
+        let mut window = vec![at(5); 75];
+        window.extend(vec![at(6); 25]);
+        a.record(&window);
+        assert_eq!(a.limit(), 200);
+    }
+
+    #[test]
+    fn vegas_halves_on_overload() {
+        let a = Adaptive::vegas(1..=100).initial(40);
+        feed(&a, 40, 5, true);
+        assert_eq!(a.limit(), 20);
+        feed(&a, 20, 5, true);
+        assert_eq!(a.limit(), 10);
     }
 
     #[test]
@@ -490,6 +552,62 @@ mod tests {
                 .latency_limit(BASE.mul_f64(1.2))
                 .overload_if(overload);
             assert_settled(&settle(a, 20_000).await);
+        }
+
+        /// A server with C slots (a FIFO semaphore) and 5 ms of service per call: above
+        /// capacity calls wait in the queue (latency grows, throughput does not), never an
+        /// error. Returns the limits the stage ran with, one per call, and the run's time.
+        async fn settle_queue(limit: Adaptive, items: u32) -> (Vec<usize>, Duration) {
+            let slots = Arc::new(tokio::sync::Semaphore::new(C));
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let (s, l) = (seen.clone(), limit.clone());
+            let t = tokio::time::Instant::now();
+            Pipeline::from_iter(0..items)
+                .map_async("backend", move |x| {
+                    let (slots, seen, limit) = (slots.clone(), s.clone(), l.clone());
+                    async move {
+                        seen.lock().unwrap().push(limit.limit());
+                        let _slot = slots.acquire().await.unwrap();
+                        tokio::time::sleep(BASE).await;
+                        x
+                    }
+                })
+                .unordered()
+                .adaptive(limit)
+                .run()
+                .await
+                .unwrap();
+            let seen = seen.lock().unwrap().clone();
+            (seen, t.elapsed())
+        }
+
+        /// Settled at or above capacity (the server never idles) with a queue of at most
+        /// beta (6 × log10(42) ≈ 9.7), and within 2% of the ideal run time (items / C × 5 ms).
+        fn assert_saturates(items: u32, (seen, took): (Vec<usize>, Duration)) {
+            let tail = &seen[seen.len() * 3 / 4..];
+            let (lo, hi) = (C, C + 10);
+            let (min, max) = (*tail.iter().min().unwrap(), *tail.iter().max().unwrap());
+            assert!(
+                min >= lo && max <= hi,
+                "limit {min}..={max} not within {lo}..={hi}"
+            );
+            let ideal = BASE * items / C as u32;
+            assert!(
+                took <= ideal.mul_f64(1.02),
+                "took {took:?}, ideal {ideal:?}"
+            );
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn vegas_saturates_a_queueing_server_from_below() {
+            let a = Adaptive::vegas(1..=512).initial(1);
+            assert_saturates(20_000, settle_queue(a, 20_000).await);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn vegas_saturates_a_queueing_server_from_above() {
+            let a = Adaptive::vegas(1..=512).initial(256);
+            assert_saturates(20_000, settle_queue(a, 20_000).await);
         }
 
         #[tokio::test(start_paused = true)]
