@@ -43,8 +43,12 @@ use crate::runtime::{RunCtx, Upstream};
 
 /// Time one call in this many (latency percentiles come from this sample).
 const SAMPLE_EVERY: u64 = 8;
-/// Merge the driver's latency sample into the shared stats after this many timed calls.
+/// Every this many timed calls, the driver checks whether its latency sample is due to be
+/// merged into the shared stats (for live snapshots).
 const MERGE_EVERY: u64 = 64;
+/// How stale the live latency of a stage may get. Merging adds whole histograms (thousands
+/// of buckets), so a busy stage merges on time, not on every few hundred calls.
+const MERGE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The call an async stage makes for each item: user code behind a uniform fallible shape.
 /// Implemented for the closures given to [`Flow::map_async`] and [`Flow::try_map_async`];
@@ -634,6 +638,7 @@ async fn drive<T, U, S>(
         run: run.clone(),
         hist: latency_histogram(),
         timed: 0,
+        merged_at: Instant::now(),
         x: extras,
     };
     let cancel = run.cancel.clone();
@@ -780,6 +785,7 @@ struct Driver<T, U, C, M> {
     run: Arc<RunCtx>,
     hist: Histogram<u64>,
     timed: u64,
+    merged_at: Instant,
     x: Option<Box<Extras<T>>>,
 }
 
@@ -1110,7 +1116,8 @@ where
         if let Some(l) = c.latency {
             let _ = self.hist.record(l.as_nanos().min(u64::MAX as u128) as u64);
             self.timed += 1;
-            if self.timed % MERGE_EVERY == 0 {
+            if self.timed % MERGE_EVERY == 0 && self.merged_at.elapsed() >= MERGE_INTERVAL {
+                self.merged_at = Instant::now();
                 self.stats.merge_latency(&mut self.hist);
             }
         }
