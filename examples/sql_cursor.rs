@@ -19,7 +19,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use flowline::prelude::*;
-use flowline::{Page, SqliteCheckpoints};
+use flowline::{CursorOptions, Page, SqliteCheckpoints};
 use futures::StreamExt;
 use rusqlite::{Connection, params};
 
@@ -105,7 +105,11 @@ pub async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error + Send 
         .create(true)
         .append(true)
         .open(format!("{}.processed", args.db))?;
-    let mut rows = Pipeline::from_cursor(store, "items", fetch)
+    // Commit the checkpoint each time the low watermark moves: after a crash only the pages
+    // that were in flight run again. (The default spaces commits 10 ms apart, which is
+    // cheaper on a fast pipeline and replays up to 10 ms more work.)
+    let commit_each_page = CursorOptions::new().commit_every(std::time::Duration::ZERO);
+    let mut rows = Pipeline::from_cursor_with(store, "items", commit_each_page, fetch)
         .map_async("process", |(id, payload): (i64, String)| async move {
             // Stand-in for real work.
             tokio::task::yield_now().await;

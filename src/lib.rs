@@ -67,7 +67,7 @@ mod observe;
 mod store;
 pub use observe::progress::{ProgressOptions, StderrAboveProgress};
 pub use observe::stall::{Stall, StallAction};
-pub use source::Page;
+pub use source::{CursorOptions, Page};
 pub use store::checkpoint::{CheckpointStore, MemoryCheckpoints};
 #[cfg(feature = "sqlite")]
 pub use store::checkpoint_sqlite::SqliteCheckpoints;

@@ -23,7 +23,10 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use std::time::Duration;
+
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::{Pull, Pulled, Source};
 use crate::chunk::{Outcome, Ticket};
@@ -114,6 +117,8 @@ struct Marks {
     resolved: u64,
     /// The puller is gone: no more pages will be issued.
     source_gone: bool,
+    /// The committer is waiting out its interval: a moving watermark need not wake it.
+    resting: bool,
 }
 
 /// The low watermark over page numbers, shared by the page tickets and the committer.
@@ -163,10 +168,12 @@ impl Watermark {
             }
         }
         let last = m.source_gone && m.resolved == m.issued;
+        // Wake the committer only when it has something to do: a cursor to write (unless
+        // it is resting between commits), or the end of the run. A page that ends behind
+        // an unfinished one changes neither.
+        let wake = last || (advanced && !m.resting);
         drop(m);
-        // Wake the committer only when it has something to do: a cursor to write, or the
-        // end of the run. A page that ends behind an unfinished one changes neither.
-        if advanced || last {
+        if wake {
             self.changed.notify_one();
         }
     }
@@ -177,17 +184,53 @@ impl Watermark {
     }
 }
 
+/// A failed commit is tried again after this long at the least (the store may be down).
+const RETRY_FAILED_COMMIT: Duration = Duration::from_millis(100);
+
 /// Writes what the watermark reaches to the store, until every page issued has ended.
-async fn committer(w: Arc<Watermark>, store: Arc<dyn CheckpointStore>, name: Arc<str>) {
+///
+/// Commits are at least `every` apart: the newest cursor reached meanwhile is the one
+/// written, and the last one is written as soon as the run ends. Each commit is a round
+/// trip to the store (a thread hand-off for a blocking one), which on a fast pipeline cost
+/// more than the reads themselves; a few milliseconds between commits only means a crash
+/// replays those milliseconds of pages too.
+async fn committer(
+    w: Arc<Watermark>,
+    store: Arc<dyn CheckpointStore>,
+    name: Arc<str>,
+    every: Duration,
+) {
+    let mut next_at: Option<Instant> = None;
     loop {
-        let (next, all_ended) = {
-            let mut m = w.lock();
-            (m.to_commit.take(), m.source_gone && m.resolved == m.issued)
+        let (pending, all_ended) = {
+            let m = w.lock();
+            (
+                m.to_commit.is_some(),
+                m.source_gone && m.resolved == m.issued,
+            )
         };
+        if pending && !all_ended {
+            if let Some(at) = next_at.filter(|&at| at > Instant::now()) {
+                w.lock().resting = true;
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    // The run ended: write the last cursor now.
+                    _ = w.changed.notified() => {}
+                }
+                w.lock().resting = false;
+                continue;
+            }
+        }
+        let next = w.lock().to_commit.take();
         if let Some(cursor) = next {
+            next_at = Some(Instant::now() + every);
             if let Err(e) = store.commit(&name, &cursor).await {
                 // Not a loss: the previous checkpoint stands and a rerun replays more.
                 tracing::error!(checkpoint = %name, error = %e, "checkpoint commit failed");
+                if all_ended {
+                    return;
+                }
+                next_at = Some(Instant::now() + every.max(RETRY_FAILED_COMMIT));
                 let mut m = w.lock();
                 if m.to_commit.is_none() {
                     m.to_commit = Some(cursor);
@@ -199,6 +242,68 @@ async fn committer(w: Arc<Watermark>, store: Arc<dyn CheckpointStore>, name: Arc
             return;
         }
         w.changed.notified().await;
+    }
+}
+
+/// Options of a cursor source: read-ahead and how often the checkpoint is written.
+///
+/// ```
+/// use flowline::CursorOptions;
+/// use std::time::Duration;
+/// let opts = CursorOptions::new().read_ahead(2).commit_every(Duration::ZERO);
+/// # let _ = opts;
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct CursorOptions {
+    read_ahead: usize,
+    commit_every: Duration,
+}
+
+impl Default for CursorOptions {
+    fn default() -> Self {
+        CursorOptions {
+            read_ahead: 1,
+            commit_every: Duration::from_millis(10),
+        }
+    }
+}
+
+impl CursorOptions {
+    /// One page of read-ahead, commits at least 10 ms apart.
+    ///
+    /// ```
+    /// let opts = flowline::CursorOptions::new();
+    /// # let _ = opts;
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Fetch up to `pages` pages ahead of the one being handed out (0: fetch the next page
+    /// only when the current one is all out). More read-ahead hides fetch latency and
+    /// costs memory.
+    ///
+    /// ```
+    /// let opts = flowline::CursorOptions::new().read_ahead(4);
+    /// # let _ = opts;
+    /// ```
+    pub fn read_ahead(mut self, pages: usize) -> Self {
+        self.read_ahead = pages;
+        self
+    }
+
+    /// Write the checkpoint at most once per `interval` (default 10 ms; the newest safe
+    /// cursor wins, and the last one is written when the run ends). `Duration::ZERO`
+    /// writes every time the watermark moves and the store is free. A longer interval
+    /// means fewer writes and, after a crash, a replay of that much more work.
+    ///
+    /// ```
+    /// let opts = flowline::CursorOptions::new().commit_every(std::time::Duration::from_secs(1));
+    /// # let _ = opts;
+    /// ```
+    pub fn commit_every(mut self, interval: Duration) -> Self {
+        self.commit_every = interval;
+        self
     }
 }
 
@@ -453,6 +558,51 @@ impl<T: Send + 'static> Pipeline<T> {
         F: FnMut(Option<C>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Page<T, C>, E>> + Send + 'static,
     {
+        Pipeline::from_cursor_with(
+            store,
+            name,
+            CursorOptions::new().read_ahead(read_ahead),
+            fetch,
+        )
+    }
+
+    /// Like [`from_cursor`](Pipeline::from_cursor), with [`CursorOptions`]: read-ahead and
+    /// how often the checkpoint is written.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::{CursorOptions, MemoryCheckpoints, Page};
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let store = MemoryCheckpoints::new();
+    /// let fetch = |c: Option<u32>| async move {
+    ///     let n = c.unwrap_or(0);
+    ///     Ok::<_, String>(if n < 3 { Page::next(vec![n], n + 1) } else { Page::end(vec![]) })
+    /// };
+    /// let opts = CursorOptions::new().commit_every(Duration::from_secs(1));
+    /// let out = Pipeline::from_cursor_with(store.clone(), "n", opts, fetch)
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out, vec![0, 1, 2]);
+    /// assert_eq!(store.get("n").as_deref(), Some("3"), "the last cursor is written at the end");
+    /// # }
+    /// ```
+    pub fn from_cursor_with<C, E, F, Fut>(
+        store: impl CheckpointStore,
+        name: &str,
+        options: CursorOptions,
+        fetch: F,
+    ) -> Pipeline<T>
+    where
+        C: Clone + Display + FromStr + Send + 'static,
+        <C as FromStr>::Err: Display,
+        E: Into<BoxError> + Send + 'static,
+        F: FnMut(Option<C>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Page<T, C>, E>> + Send + 'static,
+    {
+        let CursorOptions {
+            read_ahead,
+            commit_every,
+        } = options;
         let store: Arc<dyn CheckpointStore> = Arc::new(store);
         let name: Arc<str> = Arc::from(name);
         let mut settings = Settings::default();
@@ -468,7 +618,12 @@ impl<T: Send + 'static> Pipeline<T> {
             build: Box::new(move |b| {
                 let stats = b.stage("source", "source");
                 let marks = Arc::new(Watermark::default());
-                b.spawn(committer(marks.clone(), store.clone(), name.clone()));
+                b.spawn(committer(
+                    marks.clone(),
+                    store.clone(),
+                    name.clone(),
+                    commit_every,
+                ));
                 let load = {
                     let (store, name) = (store.clone(), name.clone());
                     Box::pin(async move { store.load(&name).await })
@@ -620,6 +775,86 @@ mod tests {
         assert!(matches!(err, Error::Cancelled { .. }));
         // Items 0 and 1 finished, but page 0..10 did not: nothing is committed.
         assert_eq!(store.get("t"), None);
+    }
+
+    /// Records every commit with the (paused) clock's time since the test started.
+    #[derive(Clone, Default)]
+    struct Commits(
+        Arc<std::sync::Mutex<Vec<(Duration, String)>>>,
+        Option<tokio::time::Instant>,
+    );
+
+    impl CheckpointStore for Commits {
+        fn load<'a>(&'a self, _: &'a str) -> crate::store::StoreFuture<'a, Option<String>> {
+            Box::pin(async { Ok(None) })
+        }
+        fn commit<'a>(&'a self, _: &'a str, c: &'a str) -> crate::store::StoreFuture<'a, ()> {
+            let at = self.1.map(|t| t.elapsed()).unwrap_or_default();
+            self.0.lock().unwrap().push((at, c.to_string()));
+            Box::pin(async { Ok(()) })
+        }
+        fn clear<'a>(&'a self, _: &'a str) -> crate::store::StoreFuture<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn commits_are_spaced_by_the_interval_and_the_last_is_written_at_the_end() {
+        let store = Commits(Arc::default(), Some(tokio::time::Instant::now()));
+        // 30 pages of 10; one item per ms through a single worker: a page ends every 10 ms.
+        let opts = CursorOptions::new().commit_every(Duration::from_millis(25));
+        let report =
+            Pipeline::from_cursor_with(store.clone(), "t", opts, pages(300, Arc::default()))
+                .map_async("work", |x| async move {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    x
+                })
+                .run()
+                .await
+                .unwrap();
+        assert_eq!(report.delivered(), 300);
+        let commits = store.0.lock().unwrap().clone();
+        for pair in commits.windows(2) {
+            let gap = pair[1].0 - pair[0].0;
+            let last = pair[1].1 == "300";
+            assert!(last || gap >= Duration::from_millis(25), "{commits:?}");
+        }
+        assert!(
+            commits.len() <= 300 / 10 * 10 / 25 + 2,
+            "not coalesced: {commits:?}"
+        );
+        let (at, last) = commits.last().unwrap().clone();
+        assert_eq!(last, "300");
+        assert_eq!(
+            at, report.elapsed,
+            "the last cursor is written as the run ends"
+        );
+        // Cursors only move forward.
+        let values: Vec<u64> = commits.iter().map(|(_, c)| c.parse().unwrap()).collect();
+        assert!(values.windows(2).all(|w| w[0] < w[1]), "{values:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_no_interval_every_watermark_move_is_committed() {
+        let store = Commits(Arc::default(), Some(tokio::time::Instant::now()));
+        let opts = CursorOptions::new().commit_every(Duration::ZERO);
+        Pipeline::from_cursor_with(store.clone(), "t", opts, pages(100, Arc::default()))
+            .map_async("work", |x| async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                x
+            })
+            .run()
+            .await
+            .unwrap();
+        let values: Vec<String> = store
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, c)| c.clone())
+            .collect();
+        let every_page: Vec<String> = (1..=10).map(|p| (p * 10).to_string()).collect();
+        assert_eq!(values, every_page);
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-pub use cursor::Page;
+pub use cursor::{CursorOptions, Page};
 
 use crate::chunk::{CHUNK_CAP, Chunk, Ticket};
 use crate::error::ItemError;
