@@ -7,7 +7,9 @@ use crate::dead_letter::DeadLetters;
 use crate::error::Error;
 use crate::pipeline::{Pipeline, Settings};
 use crate::report::{Report, RunOutcome, StageStats};
-use crate::runtime::{Build, RunCtx, next_chunk};
+use futures_util::FutureExt as _;
+
+use crate::runtime::{Build, Observer, RunCtx, next_chunk};
 use crate::sink::Sink;
 
 /// Checks the plan and opens what the run needs, before anything runs.
@@ -63,28 +65,32 @@ pub(crate) async fn execute_in<T: Send + 'static, K: Sink<T>>(
         return Err(e);
     }
 
-    let drive = async {
-        while let Some(chunk) = next_chunk(&mut up).await {
-            StageStats::add(&stats.received, chunk.len());
-            sink.consume(chunk, &stats, &run).await;
-            tokio::task::consume_budget().await;
+    let main = async {
+        let drive = async {
+            while let Some(chunk) = next_chunk(&mut up).await {
+                StageStats::add(&stats.received, chunk.len());
+                sink.consume(chunk, &stats, &run).await;
+                tokio::task::consume_budget().await;
+            }
+        };
+        let end = drive_until(&run, settings.deadline, drive).await;
+        if end != End::Drained {
+            run.cancel.cancel();
+            StageStats::add(&stats.received, up.discard());
         }
+        drop(up);
+        (end, None)
     };
-    let end = drive_until(&run, settings.deadline, drive).await;
-    if end != End::Drained {
-        run.cancel.cancel();
-        StageStats::add(&stats.received, up.discard());
-    }
-    drop(up);
-    conclude(&run, end, spawned, None, started, settings.deadline)
+    let (end, internal) = spawned.drive(&run, main).await;
+    conclude(&run, end, internal, started, settings.deadline)
         .await
         .map(|report| (report, sink.finish()))
 }
 
-/// The tasks a build spawned: the run's stages, and its observers (which end after them).
+/// The tasks a build spawned (the run's stages) and its observers (which end after them).
 pub(crate) struct Spawned {
     tasks: tokio::task::JoinSet<()>,
-    observers: tokio::task::JoinSet<()>,
+    observers: Vec<Observer>,
 }
 
 impl Spawned {
@@ -98,12 +104,50 @@ impl Spawned {
         (checked, spawned)
     }
 
-    /// Ends a plan that failed its checks before it ran: cancels and joins everything.
+    /// Ends a plan that failed its checks before it ran: cancels and joins every task (the
+    /// observers were never started).
     pub(crate) async fn abandon(mut self, run: &RunCtx) {
         run.cancel.cancel();
         while self.tasks.join_next().await.is_some() {}
         run.ended.cancel();
-        while self.observers.join_next().await.is_some() {}
+    }
+
+    /// Drives `main` (the run, until it ends; it returns how, and a panic it saw), then
+    /// joins every task, while the observers run beside it on this task; they take a last
+    /// look once every task has ended. Returns how the run ended and the first panic seen.
+    pub(crate) async fn drive(
+        self,
+        run: &RunCtx,
+        main: impl std::future::Future<Output = (End, Option<String>)>,
+    ) -> (End, Option<String>) {
+        let Spawned {
+            mut tasks,
+            observers,
+        } = self;
+        let ending = async {
+            let (end, mut internal) = main.await;
+            // Every task of the run ends before the run returns: no task outlives its run.
+            while let Some(joined) = tasks.join_next().await {
+                if let Err(e) = joined {
+                    if e.is_panic() {
+                        internal = Some(crate::error::panic_message(&*e.into_panic()));
+                    }
+                }
+            }
+            run.ended.cancel();
+            (end, internal)
+        };
+        let observing = futures_util::future::join_all(
+            observers
+                .into_iter()
+                .map(|o| std::panic::AssertUnwindSafe(o).catch_unwind()),
+        );
+        let ((end, internal), observed) = tokio::join!(ending, observing);
+        let observer_panic = observed
+            .into_iter()
+            .find_map(Result::err)
+            .map(|p| crate::error::panic_message(&*p));
+        (end, internal.or(observer_panic))
     }
 }
 
@@ -127,37 +171,15 @@ pub(crate) async fn drive_until(
     }
 }
 
-/// Ends a run that was driven until `end`: joins every task, closes the dead letters, and
-/// writes the report (or the error that carries it). `internal` is a panic already seen.
+/// Ends a run that was driven until `end` and whose tasks have ended: closes the dead
+/// letters and writes the report (or the error that carries it). `internal` is a panic already seen.
 pub(crate) async fn conclude(
     run: &RunCtx,
     end: End,
-    spawned: Spawned,
-    mut internal: Option<String>,
+    internal: Option<String>,
     started: tokio::time::Instant,
     deadline: Option<std::time::Duration>,
 ) -> Result<Report, Error> {
-    let Spawned {
-        mut tasks,
-        mut observers,
-    } = spawned;
-    // Every task of the run ends before the run returns: no task outlives its run.
-    while let Some(joined) = tasks.join_next().await {
-        if let Err(e) = joined {
-            if e.is_panic() {
-                internal = Some(crate::error::panic_message(&*e.into_panic()));
-            }
-        }
-    }
-    // Observers take a last look at the final counters, then end.
-    run.ended.cancel();
-    while let Some(joined) = observers.join_next().await {
-        if let Err(e) = joined {
-            if e.is_panic() {
-                internal = Some(crate::error::panic_message(&*e.into_panic()));
-            }
-        }
-    }
     run.dead.close().await;
 
     let first_failure = run

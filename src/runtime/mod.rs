@@ -141,6 +141,9 @@ impl RunCtx {
     }
 }
 
+/// A run-level observer (progress, heartbeat, stall watchdog).
+pub(crate) type Observer = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// A check made once the whole plan is built (e.g. every branch of a split got a sink).
 type Check = Box<dyn FnOnce() -> Result<(), crate::Error> + Send>;
 
@@ -149,7 +152,7 @@ pub(crate) struct Build {
     pub(crate) run: Arc<RunCtx>,
     pub(crate) tasks: JoinSet<()>,
     /// Run-level observers: they end on `run.ended`, after the stage tasks.
-    pub(crate) observers: JoinSet<()>,
+    pub(crate) observers: Vec<Observer>,
     names: HashMap<String, usize>,
     /// Run after every part of the plan is built, before the run is driven: a part that can
     /// only be judged once the whole graph exists (a branch left without a sink) checks here.
@@ -161,7 +164,7 @@ impl Build {
         Build {
             run,
             tasks: JoinSet::new(),
-            observers: JoinSet::new(),
+            observers: Vec::new(),
             names: HashMap::new(),
             checks: Vec::new(),
         }
@@ -213,9 +216,11 @@ impl Build {
         self.tasks.spawn(task);
     }
 
-    /// Spawns a run-level observer: it must end soon after `run.ended` fires, which happens
-    /// once every task spawned with [`spawn`](Build::spawn) has ended.
+    /// Adds a run-level observer: it must end soon after `run.ended` fires, which happens
+    /// once every task spawned with [`spawn`](Build::spawn) has ended. Observers are polled
+    /// by the task that drives the run (they only read counters on a timer), so a short run
+    /// pays no thread hand-off to start them or to hear that they have ended.
     pub(crate) fn observe(&mut self, task: impl Future<Output = ()> + Send + 'static) {
-        self.observers.spawn(task);
+        self.observers.push(Box::pin(task));
     }
 }

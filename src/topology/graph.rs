@@ -276,20 +276,24 @@ async fn execute(
     for d in drivers {
         sinks.spawn(d);
     }
-    let mut internal = None;
-    let all = async {
+    let main = async {
+        let mut internal = None;
+        let all = async {
+            while let Some(joined) = sinks.join_next().await {
+                note_panic(joined, &mut internal);
+            }
+        };
+        let end = drive_until(&run, deadline, all).await;
+        if end != End::Drained {
+            run.cancel.cancel();
+        }
         while let Some(joined) = sinks.join_next().await {
             note_panic(joined, &mut internal);
         }
+        (end, internal)
     };
-    let end = drive_until(&run, deadline, all).await;
-    if end != End::Drained {
-        run.cancel.cancel();
-    }
-    while let Some(joined) = sinks.join_next().await {
-        note_panic(joined, &mut internal);
-    }
-    conclude(&run, end, spawned, internal, started, deadline).await
+    let (end, internal) = spawned.drive(&run, main).await;
+    conclude(&run, end, internal, started, deadline).await
 }
 
 fn note_panic(joined: Result<(), tokio::task::JoinError>, internal: &mut Option<String>) {
