@@ -4,7 +4,7 @@
 //! row is skipped, and only the rows that were in flight are processed twice.
 //!
 //! ```text
-//! cargo run --example sql_cursor --features sqlite -- <db> [rows] [stop_after]
+//! cargo run --example sql_cursor --features sqlite -- <db> [rows] [stop_after] [--exactly-once]
 //! ```
 //!
 //! - `db`: the SQLite file (created if missing) holding `items` and the checkpoints.
@@ -13,13 +13,18 @@
 //!
 //! Each processed id is appended to `<db>.processed`, one per line, before the row counts as
 //! finished: that is the effect a crash test checks.
+//!
+//! With `--exactly-once`, the effect is a row in the table `processed_rows` of the same file,
+//! written in one transaction with the row's idempotency key (`SqliteStore::commit_with`),
+//! and rows pass `idempotent` first: a killed and restarted run then processes every row
+//! exactly once.
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use flowline::prelude::*;
-use flowline::{CursorOptions, Page, SqliteCheckpoints};
+use flowline::{CursorOptions, Page, SqliteCheckpoints, SqliteStore};
 use futures::StreamExt;
 use rusqlite::{Connection, params};
 
@@ -30,11 +35,19 @@ pub struct Args {
     pub db: String,
     pub rows: i64,
     pub stop_after: Option<u64>,
+    /// Effects in the database, committed with their idempotency keys.
+    pub exactly_once: bool,
 }
 
 impl Args {
     pub fn parse(args: &[String]) -> Result<Args, String> {
-        let usage = "usage: sql_cursor <db> [rows] [stop_after]";
+        let usage = "usage: sql_cursor <db> [rows] [stop_after] [--exactly-once]";
+        let exactly_once = args.iter().any(|a| a == "--exactly-once");
+        let args: Vec<String> = args
+            .iter()
+            .filter(|a| *a != "--exactly-once")
+            .cloned()
+            .collect();
         let db = args.first().ok_or(usage)?.clone();
         let num = |i: usize| -> Result<Option<i64>, String> {
             args.get(i)
@@ -45,6 +58,7 @@ impl Args {
             db,
             rows: num(1)?.unwrap_or(100_000),
             stop_after: num(2)?.map(|n| n as u64),
+            exactly_once,
         })
     }
 }
@@ -54,7 +68,8 @@ pub fn create_table(db: &str, rows: i64) -> rusqlite::Result<()> {
     let mut conn = Connection::open(db)?;
     conn.execute_batch(
         "pragma journal_mode = wal;
-         create table if not exists items (id integer primary key, payload text not null);",
+         create table if not exists items (id integer primary key, payload text not null);
+         create table if not exists processed_rows (id integer not null);",
     )?;
     let have: i64 = conn.query_row("select count(*) from items", [], |r| r.get(0))?;
     if have == 0 {
@@ -101,15 +116,38 @@ pub async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error + Send 
             .map_err(|e| e.to_string())
         }
     };
-    let mut log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(format!("{}.processed", args.db))?;
     // Commit the checkpoint each time the low watermark moves: after a crash only the pages
     // that were in flight run again. (The default spaces commits 10 ms apart, which is
     // cheaper on a fast pipeline and replays up to 10 ms more work.)
     let commit_each_page = CursorOptions::new().commit_every(std::time::Duration::ZERO);
-    let mut rows = Pipeline::from_cursor_with(store, "items", commit_each_page, fetch)
+    let mut source = Pipeline::from_cursor_with(store, "items", commit_each_page, fetch);
+    // The effect of processing a row, done before the row counts as finished.
+    let mut effect: Box<dyn FnMut(i64) + Send> = if args.exactly_once {
+        // In the database, in one transaction with the row's idempotency key.
+        let keys = SqliteStore::open(&args.db)?
+            .scope("sql_cursor")
+            .holder("sql_cursor");
+        let written = keys.clone();
+        source = source.idempotent(keys, |row| row.0).into_pipeline();
+        Box::new(move |id| {
+            written
+                .commit_with(&[id.to_string()], |tx| {
+                    tx.execute("insert into processed_rows (id) values (?1)", [id])
+                })
+                .expect("write the row's effect");
+        })
+    } else {
+        // One unbuffered append per row.
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(format!("{}.processed", args.db))?;
+        Box::new(move |id| {
+            log.write_all(format!("{id}\n").as_bytes())
+                .expect("append to the processed log");
+        })
+    };
+    let mut rows = source
         .map_async("process", |(id, payload): (i64, String)| async move {
             // Stand-in for real work.
             tokio::task::yield_now().await;
@@ -118,9 +156,7 @@ pub async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error + Send 
         .workers(8)
         .unordered()
         .map(move |(id, _len)| {
-            // The effect: one unbuffered append per row, done before the row is finished.
-            log.write_all(format!("{id}\n").as_bytes())
-                .expect("append to the processed log");
+            effect(id);
             id
         })
         .into_stream();

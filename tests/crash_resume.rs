@@ -3,6 +3,9 @@
 //! Every row must be processed at least once; the rows processed twice must all lie past
 //! the checkpoint the killed run had committed, and be no more than its in-flight window.
 //!
+//! With `--exactly-once` (effects written in one transaction with their idempotency keys),
+//! the same crash leaves every row processed exactly once: zero duplicate effects.
+//!
 //! The child is this test binary itself, re-run with `FLOWLINE_CRASH_CHILD` set, calling the
 //! example's own `run` (the example file is compiled in below), so no extra cargo build runs
 //! inside the test.
@@ -16,32 +19,51 @@ use std::time::{Duration, Instant};
 
 const ROWS: i64 = 100_000;
 const ENV: &str = "FLOWLINE_CRASH_CHILD";
+/// Set (to anything) for a child that runs with `--exactly-once`.
+const EXACTLY_ONCE: &str = "FLOWLINE_CRASH_EXACTLY_ONCE";
 
 /// The child's entry: does nothing unless run by `sql_cursor_survives_sigkill`.
 #[test]
 fn crash_child_entry() {
     let Ok(db) = std::env::var(ENV) else { return };
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let args = sql_cursor::Args::parse(&[db, ROWS.to_string()]).unwrap();
+    let mut args = vec![db, ROWS.to_string()];
+    if std::env::var(EXACTLY_ONCE).is_ok() {
+        args.push("--exactly-once".to_string());
+    }
+    let args = sql_cursor::Args::parse(&args).unwrap();
     rt.block_on(sql_cursor::run(args)).unwrap();
 }
 
-fn child(db: &str) -> std::process::Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "crash_child_entry",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(ENV, db)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+fn child(db: &str, exactly_once: bool) -> std::process::Child {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    if exactly_once {
+        cmd.env(EXACTLY_ONCE, "1");
+    }
+    cmd.args([
+        "crash_child_entry",
+        "--exact",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(ENV, db)
+    .stdout(Stdio::null())
+    .stderr(Stdio::inherit())
+    .spawn()
+    .unwrap()
 }
 
-fn processed(db: &str) -> Vec<i64> {
+/// The ids whose effect was written, once per effect.
+fn processed(db: &str, exactly_once: bool) -> Vec<i64> {
+    if exactly_once {
+        let c = rusqlite::Connection::open(db).unwrap();
+        let mut q = c.prepare("select id from processed_rows").unwrap();
+        return q
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+    }
     std::fs::read_to_string(format!("{db}.processed"))
         .unwrap_or_default()
         .lines()
@@ -62,6 +84,25 @@ fn checkpoint(db: &str) -> Option<i64> {
 
 #[test]
 fn sql_cursor_survives_sigkill() {
+    crash_and_resume(false);
+}
+
+#[test]
+fn sql_cursor_with_idempotency_keys_has_zero_duplicate_effects_after_sigkill() {
+    crash_and_resume(true);
+}
+
+fn effects_so_far(db: &str, exactly_once: bool) -> i64 {
+    if exactly_once {
+        let c = rusqlite::Connection::open(db).unwrap();
+        c.query_row("select count(*) from processed_rows", [], |r| r.get(0))
+            .unwrap_or(0)
+    } else {
+        (std::fs::metadata(format!("{db}.processed")).map_or(0, |m| m.len()) / 6) as i64
+    }
+}
+
+fn crash_and_resume(exactly_once: bool) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("rows.db").to_string_lossy().into_owned();
     sql_cursor::create_table(&db, ROWS).unwrap();
@@ -73,11 +114,10 @@ fn sql_cursor_survives_sigkill() {
     let kill_after = 5_000 + seed % 80_000;
     eprintln!("killing after about {kill_after} rows (seed {seed})");
 
-    let mut first = child(&db);
+    let mut first = child(&db, exactly_once);
     let started = Instant::now();
     loop {
-        let n = std::fs::metadata(format!("{db}.processed")).map_or(0, |m| m.len()) / 6;
-        if n as i64 >= kill_after {
+        if effects_so_far(&db, exactly_once) >= kill_after {
             break;
         }
         if first.try_wait().unwrap().is_some() {
@@ -92,17 +132,17 @@ fn sql_cursor_survives_sigkill() {
     first.kill().unwrap(); // SIGKILL
     first.wait().unwrap();
     let at_kill = checkpoint(&db).unwrap_or(0);
-    let before = processed(&db);
+    let before = processed(&db, exactly_once);
     assert!(before.len() as i64 >= kill_after / 2);
     assert!(
         (before.len() as i64) < ROWS,
         "killed too late to test anything"
     );
 
-    let status = child(&db).wait().unwrap();
+    let status = child(&db, exactly_once).wait().unwrap();
     assert!(status.success());
 
-    let all = processed(&db);
+    let all = processed(&db, exactly_once);
     let mut count = vec![0u32; ROWS as usize + 1];
     for id in &all {
         count[*id as usize] += 1;
@@ -123,6 +163,9 @@ fn sql_cursor_survives_sigkill() {
         "a row below the checkpoint ran twice"
     );
     assert!(dups.len() <= 4_000, "{} duplicates", dups.len());
+    if exactly_once {
+        assert_eq!(dups, Vec::<usize>::new(), "duplicate effects");
+    }
     eprintln!(
         "killed at {} rows processed, checkpoint {at_kill}; {} duplicates after resume",
         before.len(),

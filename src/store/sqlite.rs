@@ -53,6 +53,8 @@ pub struct SqliteStore {
     inner: Arc<Inner>,
     scope: Arc<str>,
     holder: Arc<str>,
+    /// `name#` when the holder was named: reservations of an earlier life are ours.
+    name: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -114,6 +116,7 @@ impl SqliteStore {
             }),
             scope: Arc::from("default"),
             holder: new_holder(),
+            name: None,
         })
     }
 
@@ -155,7 +158,97 @@ impl SqliteStore {
             inner: self.inner.clone(),
             scope: self.scope.clone(),
             holder: new_holder(),
+            name: None,
         }
+    }
+
+    /// Names this handle's holder (by default each handle gets a unique one). A worker that
+    /// restarts under the same name takes back the reservations it still held when it
+    /// crashed, so the items that were in flight are processed again at once instead of
+    /// being skipped as [`Reservation::Busy`] until their reservations expire (which, under
+    /// a cursor source, would let the checkpoint pass them). Give each concurrent worker a
+    /// name of its own.
+    ///
+    /// ```
+    /// use flowline::{Reservation, SqliteStore, Store};
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("state.db");
+    /// let k = vec!["row-1".to_string()];
+    /// let crashed = SqliteStore::open(&path).unwrap().holder("worker-1");
+    /// crashed.reserve(&k, Duration::from_secs(600)).await.unwrap();
+    /// // The process dies here; its reservation would stand for 10 minutes.
+    /// let restarted = SqliteStore::open(&path).unwrap().holder("worker-1");
+    /// let r = restarted.reserve(&k, Duration::from_secs(600)).await.unwrap();
+    /// assert_eq!(r, vec![Reservation::Reserved]);
+    /// # }
+    /// ```
+    pub fn holder(mut self, name: &str) -> Self {
+        // `name#<this handle's unique id>`: a reservation under the same name from another
+        // life of the worker is taken back; one from this life (the same key twice in a
+        // run) is still busy.
+        let prefix: Arc<str> = Arc::from(format!("{name}#"));
+        self.holder = Arc::from(format!("{prefix}{}", new_holder()));
+        self.name = Some(prefix);
+        self
+    }
+
+    /// Runs `effect` and marks `keys` done in one SQLite transaction on this store's file:
+    /// both happen or neither. When an item's effect is a write to the same database (a row
+    /// of one of your tables), this makes it exactly-once across crashes: a key is done if
+    /// and only if its effect is there, and a done key is never processed again. Each key
+    /// must be reserved by this holder (as [`idempotent`](crate::Flow::idempotent) does
+    /// when the item enters); if one is not, nothing is written and the call fails.
+    /// Blocking: call it from a synchronous stage or `spawn_blocking`.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::SqliteStore;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let store = SqliteStore::open(dir.path().join("state.db")).unwrap();
+    /// store.commit_with(&[], |tx| tx.execute_batch("create table sent (id integer)")).unwrap();
+    /// let effects = store.clone();
+    /// let report = Pipeline::from_iter([1, 2, 3])
+    ///     .idempotent(store.clone(), |id| *id)
+    ///     .map(move |id: i64| {
+    ///         effects
+    ///             .commit_with(&[id.to_string()], |tx| tx.execute("insert into sent values (?1)", [id]))
+    ///             .unwrap();
+    ///         id
+    ///     })
+    ///     .run()
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!(report.delivered(), 3);
+    /// # }
+    /// ```
+    pub fn commit_with<R>(
+        &self,
+        keys: &[String],
+        effect: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<R>,
+    ) -> Result<R, BoxError> {
+        let mut conn = self.inner.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let out = effect(&tx)?;
+        {
+            let mut upd = tx.prepare_cached(
+                "UPDATE flowline_idempotency SET state = 1 WHERE scope = ?1 AND key = ?2 AND holder = ?3 AND state = 0",
+            )?;
+            for key in keys {
+                if upd.execute(params![&*self.scope, key, &*self.holder])? != 1 {
+                    // Dropping `tx` rolls the effect back.
+                    return Err(format!(
+                        "key {key:?} is not reserved by this holder ({}): effect not written",
+                        self.holder
+                    )
+                    .into());
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(out)
     }
 
     #[cfg(test)]
@@ -189,7 +282,11 @@ impl SqliteStore {
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
                 let mut conn = inner.conn.lock().unwrap_or_else(|p| p.into_inner());
-                let tx = conn.transaction()?;
+                // IMMEDIATE: take the write lock up front, so that another connection's
+                // writes (the checkpoints, a second process) make this wait on the busy
+                // timeout instead of failing with SQLITE_BUSY when a read upgrades.
+                let tx =
+                    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 let out = f(&tx, &scope, &holder, now, keys)?;
                 tx.commit()?;
                 Ok::<T, rusqlite::Error>(out)
@@ -208,20 +305,27 @@ impl Store for SqliteStore {
         ttl: Duration,
     ) -> StoreFuture<'a, Vec<Reservation>> {
         let ttl_ms = ttl.as_millis() as i64;
+        let name = self.name.clone();
         self.blocking(keys, move |tx, scope, holder, now, keys| {
-            let mut get =
-                tx.prepare_cached("SELECT state, expires_ms FROM flowline_idempotency WHERE scope = ?1 AND key = ?2")?;
+            let earlier_life =
+                |h: &str| h != holder && name.as_deref().is_some_and(|n| h.starts_with(n));
+            let mut get = tx.prepare_cached(
+                "SELECT state, expires_ms, holder FROM flowline_idempotency WHERE scope = ?1 AND key = ?2",
+            )?;
             let mut put = tx.prepare_cached(
                 "INSERT OR REPLACE INTO flowline_idempotency (scope, key, state, holder, expires_ms) VALUES (?1, ?2, 0, ?3, ?4)",
             )?;
             let mut out = Vec::with_capacity(keys.len());
             for key in &keys {
-                let row: Option<(i64, i64)> = get
-                    .query_row(params![scope, key], |r| Ok((r.get(0)?, r.get(1)?)))
+                let row: Option<(i64, i64, String)> = get
+                    .query_row(params![scope, key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                     .optional()?;
                 out.push(match row {
-                    Some((DONE, _)) => Reservation::AlreadyDone,
-                    Some((RESERVED, expires)) if expires > now => Reservation::Busy,
+                    Some((DONE, _, _)) => Reservation::AlreadyDone,
+                    // A reservation from an earlier life of this named worker is ours again.
+                    Some((RESERVED, expires, h)) if expires > now && !earlier_life(&h) => {
+                        Reservation::Busy
+                    }
                     _ => {
                         put.execute(params![scope, key, holder, now + ttl_ms])?;
                         Reservation::Reserved
@@ -290,6 +394,51 @@ mod tests {
         b.commit(&k).await.unwrap();
         assert_eq!(
             a.reserve(&k, ttl).await.unwrap(),
+            vec![Reservation::AlreadyDone]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_named_holder_takes_back_its_earlier_life_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let ttl = Duration::from_secs(600);
+        let (k, k2) = (keys(&["k"]), keys(&["k2"]));
+        let crashed = SqliteStore::open(&path).unwrap().holder("w1");
+        crashed.reserve(&k, ttl).await.unwrap();
+        crashed.reserve(&k2, ttl).await.unwrap();
+        let other = SqliteStore::open(&path).unwrap().holder("w10");
+        assert_eq!(
+            other.reserve(&k, ttl).await.unwrap(),
+            vec![Reservation::Busy]
+        );
+        let restarted = SqliteStore::open(&path).unwrap().holder("w1");
+        assert_eq!(
+            restarted.reserve(&k, ttl).await.unwrap(),
+            vec![Reservation::Reserved]
+        );
+        // The same key twice in one life is still busy (a duplicate in flight).
+        assert_eq!(
+            restarted.reserve(&k, ttl).await.unwrap(),
+            vec![Reservation::Busy]
+        );
+        // The crashed life can no longer write an effect for it.
+        let err = crashed.commit_with(&k, |tx| tx.execute_batch("create table t (x)"));
+        assert!(err.unwrap_err().to_string().contains("not reserved"));
+        let c = rusqlite::Connection::open(&path).unwrap();
+        let tables: i64 = c
+            .query_row(
+                "select count(*) from sqlite_master where name = 't'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(tables, 0, "the effect was rolled back");
+        restarted
+            .commit_with(&k, |tx| tx.execute_batch("create table t (x)"))
+            .unwrap();
+        assert_eq!(
+            other.reserve(&k, ttl).await.unwrap(),
             vec![Reservation::AlreadyDone]
         );
     }
