@@ -525,45 +525,7 @@ impl<T: Send + 'static> Pipeline<T> {
         F: FnMut(Option<C>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Page<T, C>, E>> + Send + 'static,
     {
-        Pipeline::from_cursor_ahead(store, name, 1, fetch)
-    }
-
-    /// Like [`from_cursor`](Pipeline::from_cursor), fetching up to `read_ahead` pages ahead
-    /// of the one being handed out (0: fetch the next page only when the current one is
-    /// all out). More read-ahead hides fetch latency and costs memory.
-    ///
-    /// ```
-    /// use flowline::prelude::*;
-    /// use flowline::{MemoryCheckpoints, Page};
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// let fetch = |c: Option<u32>| async move {
-    ///     let n = c.unwrap_or(0);
-    ///     Ok::<_, String>(if n < 3 { Page::next(vec![n], n + 1) } else { Page::end(vec![]) })
-    /// };
-    /// let out = Pipeline::from_cursor_ahead(MemoryCheckpoints::new(), "n", 4, fetch)
-    ///     .collect().await.unwrap();
-    /// assert_eq!(out, vec![0, 1, 2]);
-    /// # }
-    /// ```
-    pub fn from_cursor_ahead<C, E, F, Fut>(
-        store: impl CheckpointStore,
-        name: &str,
-        read_ahead: usize,
-        fetch: F,
-    ) -> Pipeline<T>
-    where
-        C: Clone + Display + FromStr + Send + 'static,
-        <C as FromStr>::Err: Display,
-        E: Into<BoxError> + Send + 'static,
-        F: FnMut(Option<C>) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Page<T, C>, E>> + Send + 'static,
-    {
-        Pipeline::from_cursor_with(
-            store,
-            name,
-            CursorOptions::new().read_ahead(read_ahead),
-            fetch,
-        )
+        Pipeline::from_cursor_with(store, name, CursorOptions::new(), fetch)
     }
 
     /// Like [`from_cursor`](Pipeline::from_cursor), with [`CursorOptions`]: read-ahead and
