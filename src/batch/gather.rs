@@ -23,7 +23,7 @@ use crate::error::{Error, Failure, ItemError};
 use crate::pipeline::{Flow, Pipeline, Settings};
 use crate::report::StageStats;
 use crate::runtime::hop::{HOP_CHUNKS, hop};
-use crate::runtime::{RunCtx, Upstream, next_chunk, send_unless_cancelled};
+use crate::runtime::{RunCtx, Upstream, next_chunk_unless_cancelled, send_unless_cancelled};
 
 /// What happens to an object whose parts did not all arrive within the timeout (or before
 /// the part pipelines ended).
@@ -280,10 +280,8 @@ async fn drain_part<K: Send + 'static, P: Send + 'static>(
 ) {
     let cancel = run.cancel.clone();
     loop {
-        let next = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            c = next_chunk(&mut up) => c,
+        let Some(next) = next_chunk_unless_cancelled(&mut up, &cancel).await else {
+            break;
         };
         let Some(chunk) = next else { return };
         let n = chunk.len();

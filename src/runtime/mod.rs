@@ -42,6 +42,19 @@ pub(crate) fn next_chunk<T>(up: &mut Upstream<T>) -> impl Future<Output = Option
     std::future::poll_fn(move |cx| up.poll_chunk(cx))
 }
 
+/// The next chunk of `up` unless the run is cancelled first: `None` means cancelled,
+/// `Some(None)` that `up` has ended.
+pub(crate) async fn next_chunk_unless_cancelled<T>(
+    up: &mut Upstream<T>,
+    cancel: &CancellationToken,
+) -> Option<Option<Chunk<T>>> {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => None,
+        c = next_chunk(up) => Some(c),
+    }
+}
+
 /// Sends `item` unless the run is cancelled first. `false` means cancelled or the receiver is
 /// gone: either way the task stops, and what it held counts as unfinished in its stage (it
 /// was received and never passed on).

@@ -10,7 +10,7 @@ use crate::error::Error;
 use crate::pipeline::Pipeline;
 use crate::report::StageStats;
 use crate::runtime::hop::hop;
-use crate::runtime::{RunCtx, Upstream, next_chunk, send_unless_cancelled};
+use crate::runtime::{RunCtx, Upstream, next_chunk_unless_cancelled, send_unless_cancelled};
 
 pub(crate) fn buffer<T: Send + 'static>(mut p: Pipeline<T>, n: usize) -> Pipeline<T> {
     if n == 0 {
@@ -41,10 +41,8 @@ pub(crate) async fn pump<T: Send + 'static>(
 ) {
     let cancel = run.cancel.clone();
     loop {
-        let next = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            c = next_chunk(&mut up) => c,
+        let Some(next) = next_chunk_unless_cancelled(&mut up, &cancel).await else {
+            break;
         };
         let Some(chunk) = next else { return };
         let n = chunk.len();

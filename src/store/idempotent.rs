@@ -25,7 +25,7 @@ use crate::error::{Failure, ItemError};
 use crate::pipeline::{Flow, Pipeline};
 use crate::report::StageStats;
 use crate::runtime::hop::{HOP_CHUNKS, hop};
-use crate::runtime::{RunCtx, Upstream, next_chunk, send_unless_cancelled};
+use crate::runtime::{RunCtx, Upstream, next_chunk_unless_cancelled, send_unless_cancelled};
 
 /// How long a reservation lasts unless [`Idempotent::ttl`] says otherwise.
 pub(crate) const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(600);
@@ -121,10 +121,8 @@ async fn reserver<T, K, F>(
 {
     let cancel = run.cancel.clone();
     loop {
-        let next = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            c = next_chunk(&mut up) => c,
+        let Some(next) = next_chunk_unless_cancelled(&mut up, &cancel).await else {
+            break;
         };
         let Some(chunk) = next else { return };
         let n = chunk.len();

@@ -20,7 +20,7 @@ use crate::chunk::{CHUNK_CAP, Chunk, Ticket};
 use crate::error::{Error, Failure, ItemError};
 use crate::pipeline::{Pipeline, Settings};
 use crate::report::StageStats;
-use crate::runtime::{Build, ChunkSource, RunCtx, Upstream, next_chunk};
+use crate::runtime::{Build, ChunkSource, RunCtx, Upstream, next_chunk_unless_cancelled};
 
 /// One output of a fork, type-erased (an `Upstream<X>` of the output's own item type).
 pub(crate) type AnyEnd = Box<dyn Any + Send>;
@@ -250,10 +250,8 @@ pub(crate) async fn router<T: Send + 'static>(
     let mut open: Vec<Option<mpsc::Sender<Chunk<T>>>> = lanes.into_iter().map(Some).collect();
     let mut parts: Vec<Chunk<T>> = Vec::new();
     'run: loop {
-        let next = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            c = next_chunk(&mut up) => c,
+        let Some(next) = next_chunk_unless_cancelled(&mut up, &cancel).await else {
+            break;
         };
         let Some(chunk) = next else { return };
         let mut n = chunk.len();
