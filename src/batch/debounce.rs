@@ -19,7 +19,7 @@ use crate::chunk::{Chunk, Outcome, Ticket};
 use crate::pipeline::{Flow, Pipeline};
 use crate::report::StageStats;
 use crate::runtime::hop::{HOP_CHUNKS, hop};
-use crate::runtime::{RunCtx, Upstream, next_chunk, send_unless_cancelled};
+use crate::runtime::{RunCtx, Upstream, next_chunk, send_counted};
 
 /// A debounce stage being configured; returned by [`Flow::debounce`] and
 /// [`Flow::debounce_by`]. Add [`max_wait`](Debounce::max_wait), then go on with any operator.
@@ -235,11 +235,9 @@ async fn debouncer<T, K, F>(
         }
         if !out.is_empty() {
             let n = out.len();
-            if !send_unless_cancelled(&tx, out, &cancel).await {
+            if !send_counted(&tx, out, n, &stats, &cancel).await {
                 break;
             }
-            StageStats::add(&stats.passed, n);
-            StageStats::add(&stats.emitted, n);
         }
         if ended {
             return;

@@ -23,7 +23,9 @@ use crate::error::{Error, Failure, ItemError};
 use crate::pipeline::{Flow, Pipeline, Settings};
 use crate::report::StageStats;
 use crate::runtime::hop::{HOP_CHUNKS, hop};
-use crate::runtime::{RunCtx, Upstream, next_chunk_unless_cancelled, send_unless_cancelled};
+use crate::runtime::{
+    RunCtx, Upstream, next_chunk_unless_cancelled, send_counted, send_unless_cancelled,
+};
 
 /// What happens to an object whose parts did not all arrive within the timeout (or before
 /// the part pipelines ended).
@@ -344,12 +346,9 @@ async fn gatherer<K, P>(
             }
         }
         if !out.is_empty() {
-            let n = out.len();
-            if !send_unless_cancelled(&tx, out, &cancel).await {
+            if !send_counted(&tx, out, parts_out, &stats, &cancel).await {
                 break;
             }
-            StageStats::add(&stats.passed, parts_out);
-            StageStats::add(&stats.emitted, n);
             continue;
         }
         if ended && backlog.is_empty() && st.open.is_empty() {
@@ -370,14 +369,11 @@ async fn gatherer<K, P>(
                         n_parts += expire(&mut st, &cfg, &stats, &run, key, &mut out);
                     }
                 }
-                if !out.is_empty() {
-                    let n = out.len();
-                    if !send_unless_cancelled(&tx, out, &cancel).await {
-                        break;
-                    }
-                    StageStats::add(&stats.emitted, n);
+                if out.is_empty() {
+                    StageStats::add(&stats.passed, n_parts);
+                } else if !send_counted(&tx, out, n_parts, &stats, &cancel).await {
+                    break;
                 }
-                StageStats::add(&stats.passed, n_parts);
             }
             next = parts.recv(), if may_read => match next {
                 None => ended = true,

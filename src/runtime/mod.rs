@@ -70,6 +70,25 @@ pub(crate) async fn send_unless_cancelled<T>(
     }
 }
 
+/// Sends `chunk` on unless the run is cancelled first, and counts it in `stats`: `passed`
+/// inputs (what produced the chunk) and the chunk's items as emitted. `false` as in
+/// [`send_unless_cancelled`]; nothing is counted then.
+pub(crate) async fn send_counted<T>(
+    tx: &tokio::sync::mpsc::Sender<Chunk<T>>,
+    chunk: Chunk<T>,
+    passed: usize,
+    stats: &StageStats,
+    cancel: &CancellationToken,
+) -> bool {
+    let n = chunk.len();
+    if !send_unless_cancelled(tx, chunk, cancel).await {
+        return false;
+    }
+    StageStats::add(&stats.passed, passed);
+    StageStats::add(&stats.emitted, n);
+    true
+}
+
 /// State shared by every task of one run.
 pub(crate) struct RunCtx {
     /// Cancels everything now.

@@ -10,7 +10,7 @@ use crate::error::Error;
 use crate::pipeline::Pipeline;
 use crate::report::StageStats;
 use crate::runtime::hop::hop;
-use crate::runtime::{RunCtx, Upstream, next_chunk_unless_cancelled, send_unless_cancelled};
+use crate::runtime::{RunCtx, Upstream, next_chunk_unless_cancelled, send_counted};
 
 pub(crate) fn buffer<T: Send + 'static>(mut p: Pipeline<T>, n: usize) -> Pipeline<T> {
     if n == 0 {
@@ -47,11 +47,9 @@ pub(crate) async fn pump<T: Send + 'static>(
         let Some(chunk) = next else { return };
         let n = chunk.len();
         StageStats::add(&stats.received, n);
-        if !send_unless_cancelled(&tx, chunk, &cancel).await {
+        if !send_counted(&tx, chunk, n, &stats, &cancel).await {
             break;
         }
-        StageStats::add(&stats.passed, n);
-        StageStats::add(&stats.emitted, n);
         tokio::task::consume_budget().await;
     }
     StageStats::add(&stats.received, up.discard());

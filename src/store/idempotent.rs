@@ -25,7 +25,7 @@ use crate::error::{Failure, ItemError};
 use crate::pipeline::{Flow, Pipeline};
 use crate::report::StageStats;
 use crate::runtime::hop::{HOP_CHUNKS, hop};
-use crate::runtime::{RunCtx, Upstream, next_chunk_unless_cancelled, send_unless_cancelled};
+use crate::runtime::{RunCtx, Upstream, next_chunk_unless_cancelled, send_counted};
 
 /// How long a reservation lasts unless [`Idempotent::ttl`] says otherwise.
 pub(crate) const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(600);
@@ -173,11 +173,9 @@ async fn reserver<T, K, F>(
         StageStats::add(&stats.dropped, skipped);
         if !out.is_empty() {
             let m = out.len();
-            if !send_unless_cancelled(&tx, out, &cancel).await {
+            if !send_counted(&tx, out, m, &stats, &cancel).await {
                 break;
             }
-            StageStats::add(&stats.passed, m);
-            StageStats::add(&stats.emitted, m);
         }
         tokio::task::consume_budget().await;
     }

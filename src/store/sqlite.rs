@@ -66,6 +66,26 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
+/// Marks every key of `keys` that `holder` reserves as done; returns the first one it does
+/// not reserve (taken over, or never reserved), if any.
+fn mark_done<'k>(
+    tx: &rusqlite::Transaction<'_>,
+    scope: &str,
+    holder: &str,
+    keys: &'k [String],
+) -> rusqlite::Result<Option<&'k String>> {
+    let mut upd = tx.prepare_cached(
+        "UPDATE flowline_idempotency SET state = 1 WHERE scope = ?1 AND key = ?2 AND holder = ?3 AND state = 0",
+    )?;
+    let mut first_missing = None;
+    for key in keys {
+        if upd.execute(params![scope, key, holder])? != 1 && first_missing.is_none() {
+            first_missing = Some(key);
+        }
+    }
+    Ok(first_missing)
+}
+
 fn new_holder() -> Arc<str> {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let nanos = SystemTime::now()
@@ -232,20 +252,13 @@ impl SqliteStore {
         let mut conn = self.inner.conn.lock().unwrap_or_else(|p| p.into_inner());
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let out = effect(&tx)?;
-        {
-            let mut upd = tx.prepare_cached(
-                "UPDATE flowline_idempotency SET state = 1 WHERE scope = ?1 AND key = ?2 AND holder = ?3 AND state = 0",
-            )?;
-            for key in keys {
-                if upd.execute(params![&*self.scope, key, &*self.holder])? != 1 {
-                    // Dropping `tx` rolls the effect back.
-                    return Err(format!(
-                        "key {key:?} is not reserved by this holder ({}): effect not written",
-                        self.holder
-                    )
-                    .into());
-                }
-            }
+        if let Some(key) = mark_done(&tx, &self.scope, &self.holder, keys)? {
+            // Dropping `tx` rolls the effect back.
+            return Err(format!(
+                "key {key:?} is not reserved by this holder ({}): effect not written",
+                self.holder
+            )
+            .into());
         }
         tx.commit()?;
         Ok(out)
@@ -337,14 +350,9 @@ impl Store for SqliteStore {
     }
 
     fn commit<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        // A key whose reservation was taken over is left alone: its new holder decides.
         self.blocking(keys, |tx, scope, holder, _, keys| {
-            let mut upd = tx.prepare_cached(
-                "UPDATE flowline_idempotency SET state = 1 WHERE scope = ?1 AND key = ?2 AND holder = ?3 AND state = 0",
-            )?;
-            for key in &keys {
-                upd.execute(params![scope, key, holder])?;
-            }
-            Ok(())
+            mark_done(tx, scope, holder, &keys).map(|_| ())
         })
     }
 
