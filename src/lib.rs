@@ -44,70 +44,56 @@
 //! - When a run ends, by any path, every task it spawned has ended.
 
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
-mod chunk;
 mod dead_letter;
 mod error;
-// ---- Flow control and resilience (issue 3) ----
 mod flow;
-mod resilience;
-// ----
-mod handle;
-mod pipeline;
-mod report;
-mod run;
-mod runtime;
-mod sink;
-mod source;
-mod stage;
-// Issue 4: batching, dedup, debounce, idempotency, dataloader, gather.
-mod batch;
-// ---- issue 5: steer and see a running pipeline ----
+mod loader;
 mod observe;
+mod ops;
+mod plan;
+mod policy;
+mod report;
+mod runtime;
+mod source;
 mod store;
-pub use observe::progress::{ProgressOptions, StderrAboveProgress};
-pub use observe::stall::{Stall, StallAction};
-pub use source::{CursorOptions, Page};
-pub use store::checkpoint::{CheckpointStore, MemoryCheckpoints};
-#[cfg(feature = "sqlite")]
-pub use store::checkpoint_sqlite::SqliteCheckpoints;
-// issue 6: topology (branch, route, partition, broadcast, merge, zip, graphs)
 mod topology;
 
 pub use dead_letter::DeadLetter;
 pub use error::{BoxError, Error, FailedInput, Failure, ItemError};
-pub use handle::{Handle, ItemStream};
-pub use pipeline::{ErrorPolicy, Flow, Pipeline};
+pub use flow::Flow;
+pub use loader::{LoadError, Loader};
+pub use observe::progress::{ProgressOptions, StderrAboveProgress};
+pub use observe::stall::{Stall, StallAction};
+pub use ops::debounce::Debounce;
+pub use ops::dedup::Window;
+pub use ops::idempotent::Idempotent;
+pub use ops::map_async::{AsyncStage, Fallible, Infallible, StageFn};
+pub use ops::throttle::Throttle;
+pub use plan::{ErrorPolicy, IntoPipeline, Pipeline};
+pub use policy::adaptive::Adaptive;
+pub use policy::breaker::{Breaker, BreakerReport, BreakerState, OnOpen};
+pub use policy::inflight::Inflight;
+pub use policy::rate::Rate;
+pub use policy::retry::{Retry, RetryAfter, RetryBudget};
 pub use report::{LatencySummary, Report, RunOutcome, StageReport};
-pub use stage::map_async::{AsyncStage, Fallible, Infallible, StageFn};
-// Issue 4: batching, dedup, debounce, idempotency, dataloader, gather.
-pub use batch::{Debounce, Gather, Gathered, Incomplete, LoadError, Loader, Window};
+pub use runtime::handle::{Handle, ItemStream};
+pub use source::{CursorOptions, Page};
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
-pub use store::{Idempotent, MemoryStore, Reservation, Store, StoreFuture};
-// ---- Flow control and resilience (issue 3) ----
-pub use flow::adaptive::Adaptive;
-pub use flow::inflight::Inflight;
-pub use flow::rate::Rate;
-pub use flow::throttle::Throttle;
-pub use resilience::breaker::{Breaker, BreakerReport, BreakerState, OnOpen};
-pub use resilience::retry::{Retry, RetryAfter, RetryBudget};
-// issue 6: topology
+pub use store::checkpoint::{CheckpointStore, MemoryCheckpoints};
+#[cfg(feature = "sqlite")]
+pub use store::checkpoint_sqlite::SqliteCheckpoints;
+pub use store::{MemoryStore, Reservation, Store, StoreFuture};
+pub use topology::gather::{Gather, Gathered, Incomplete};
 pub use topology::graph::{Collected, Graph};
 
 /// Everything a pipeline author needs: `use flowline::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        DeadLetter, Error, ErrorPolicy, Failure, Flow, Handle, ItemError, Pipeline, Report,
-        RunOutcome,
+        Adaptive, Breaker, BreakerState, Collected, DeadLetter, Error, ErrorPolicy, Failure, Flow,
+        Graph, Handle, Inflight, IntoPipeline, ItemError, Loader, OnOpen, Pipeline, Rate, Report,
+        Retry, RetryAfter, RetryBudget, RunOutcome, Throttle, Window,
     };
-    // Issue 4
-    pub use crate::{Loader, Window};
-    // ---- Flow control and resilience (issue 3) ----
-    pub use crate::{
-        Adaptive, Breaker, BreakerState, Inflight, OnOpen, Rate, Retry, RetryAfter, RetryBudget,
-        Throttle,
-    };
-    // issue 6: topology
-    pub use crate::{Collected, Graph};
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::pipeline::Pipeline;
+use crate::plan::Pipeline;
 use crate::report::Report;
 
 pub(crate) fn heartbeat<T: Send + 'static>(

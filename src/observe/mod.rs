@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use crate::pipeline::Pipeline;
+use crate::plan::Pipeline;
 use crate::report::{Report, RunOutcome};
 use crate::runtime::{RunCtx, Upstream};
 

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::pipeline::Pipeline;
+use crate::plan::Pipeline;
 use crate::report::StageReport;
 
 type Out = Arc<Mutex<Box<dyn Write + Send>>>;

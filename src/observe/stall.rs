@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::error::Error;
-use crate::pipeline::Pipeline;
+use crate::plan::Pipeline;
 
 /// What the stall watchdog saw.
 ///

@@ -4,8 +4,8 @@ use std::task::{Context, Poll};
 
 use tokio::sync::mpsc;
 
-use crate::chunk::{CHUNK_CAP, Chunk};
 use crate::runtime::ChunkSource;
+use crate::runtime::chunk::{CHUNK_CAP, Chunk};
 
 /// Chunks a hop holds by default (so at most `4 × CHUNK_CAP` items wait in it).
 pub(crate) const HOP_CHUNKS: usize = 4;

@@ -1,8 +1,14 @@
 //! The machinery under a pipeline: the run context shared by all tasks, how stages are built
 //! into tasks, and the chunk streams that join them.
 
+pub(crate) mod chunk;
+pub(crate) mod fused;
 pub(crate) mod gate;
+pub(crate) mod handle;
 pub(crate) mod hop;
+pub(crate) mod run;
+pub(crate) mod sink;
+pub(crate) mod ttl_map;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,10 +19,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::ErrorPolicy;
-use crate::chunk::Chunk;
 use crate::dead_letter::DeadLetters;
 use crate::error::{Failure, ItemError};
 use crate::report::StageStats;
+use crate::runtime::chunk::Chunk;
 
 pub(crate) use gate::Gate;
 

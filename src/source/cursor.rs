@@ -29,10 +29,10 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{Pull, Pulled, Source};
-use crate::chunk::{Outcome, Ticket};
 use crate::error::{BoxError, Error, ItemError};
-use crate::pipeline::{Pipeline, Settings};
+use crate::plan::{Pipeline, Settings};
 use crate::runtime::Upstream;
+use crate::runtime::chunk::{Outcome, Ticket};
 use crate::store::checkpoint::CheckpointStore;
 
 /// One page of a cursor source: its items, and where the next page starts.

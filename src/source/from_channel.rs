@@ -6,7 +6,7 @@ use tokio::sync::mpsc;
 
 use super::{Pull, Pulled};
 use crate::error::ItemError;
-use crate::pipeline::Pipeline;
+use crate::plan::Pipeline;
 
 pub(crate) struct ChannelPull<T>(pub(crate) mpsc::Receiver<T>);
 

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 
 use super::{Pull, Pulled};
 use crate::error::{BoxError, ItemError};
-use crate::pipeline::Pipeline;
+use crate::plan::Pipeline;
 
 pub(crate) struct FnPull<F, Fut> {
     f: F,

@@ -4,7 +4,7 @@ use std::task::{Context, Poll};
 
 use super::{Pull, Pulled};
 use crate::error::ItemError;
-use crate::pipeline::Pipeline;
+use crate::plan::Pipeline;
 
 pub(crate) struct IterPull<I>(pub(crate) I);
 

@@ -7,7 +7,7 @@ use futures_core::Stream;
 
 use super::{Pull, Pulled};
 use crate::error::ItemError;
-use crate::pipeline::Pipeline;
+use crate::plan::Pipeline;
 
 pub(crate) struct StreamPull<S>(pub(crate) Pin<Box<S>>);
 

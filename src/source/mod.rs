@@ -13,9 +13,9 @@ use std::task::{Context, Poll};
 
 pub use cursor::{CursorOptions, Page};
 
-use crate::chunk::{CHUNK_CAP, Chunk, Ticket};
 use crate::error::ItemError;
 use crate::report::{OwnedCounts, StageStats};
+use crate::runtime::chunk::{CHUNK_CAP, Chunk, Ticket};
 use crate::runtime::{ChunkSource, RunCtx};
 
 /// What a puller says after one call.

@@ -5,7 +5,6 @@
 pub(crate) mod checkpoint;
 #[cfg(feature = "sqlite")]
 pub(crate) mod checkpoint_sqlite;
-pub(crate) mod idempotent;
 mod memory;
 #[cfg(feature = "sqlite")]
 mod sqlite;
@@ -16,7 +15,6 @@ use std::time::Duration;
 
 use crate::error::BoxError;
 
-pub use idempotent::Idempotent;
 pub use memory::MemoryStore;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;

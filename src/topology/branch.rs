@@ -2,8 +2,8 @@
 
 use std::task::{Context, Poll};
 
-use crate::chunk::Chunk;
-use crate::pipeline::Pipeline;
+use crate::plan::Pipeline;
+use crate::runtime::chunk::Chunk;
 use crate::runtime::{ChunkSource, Upstream};
 use crate::topology::fork::split_chunk;
 use crate::topology::split_by;

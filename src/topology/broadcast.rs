@@ -1,8 +1,8 @@
 //! `broadcast(n)`: every item to each of `n` pipelines.
 
-use crate::chunk::Chunk;
 use crate::error::Error;
-use crate::pipeline::Pipeline;
+use crate::plan::Pipeline;
+use crate::runtime::chunk::Chunk;
 use crate::topology::{rejected, split_by};
 
 /// Splits `p` into `n` pipelines that each receive every item (`n - 1` clones per item; the
@@ -79,7 +79,7 @@ mod tests {
         // ~100 items went through the slow branch; the source is held to what the hops
         // between it and the slow stage can hold (a few chunks), not run ahead to 20,000.
         let ahead = pulled.load(std::sync::atomic::Ordering::Relaxed);
-        let bound = 8 * crate::chunk::CHUNK_CAP as u32;
+        let bound = 8 * crate::runtime::chunk::CHUNK_CAP as u32;
         assert!(
             ahead < bound,
             "source ran ahead of the slow branch: {ahead} (bound {bound})"

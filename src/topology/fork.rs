@@ -16,10 +16,10 @@ use std::task::{Context, Poll};
 
 use tokio::sync::mpsc;
 
-use crate::chunk::{CHUNK_CAP, Chunk, Ticket};
 use crate::error::{Error, Failure, ItemError};
-use crate::pipeline::{Pipeline, Settings};
+use crate::plan::{Pipeline, Settings};
 use crate::report::StageStats;
+use crate::runtime::chunk::{CHUNK_CAP, Chunk, Ticket};
 use crate::runtime::{Build, ChunkSource, RunCtx, Upstream, next_chunk_unless_cancelled};
 
 /// One output of a fork, type-erased (an `Upstream<X>` of the output's own item type).
@@ -223,7 +223,7 @@ pub(crate) fn split_chunk<T>(
             Err(payload) => (ItemError::from_panic(&*payload), None),
         };
         if let Some(t) = ticket {
-            t.finish(crate::chunk::Outcome::Failed);
+            t.finish(crate::runtime::chunk::Outcome::Failed);
         }
         failed += 1;
         run.fail(Failure::new(stats.name.clone(), error, 1));

@@ -10,12 +10,12 @@ use tokio::task::JoinSet;
 
 use crate::dead_letter::DeadLetter;
 use crate::error::Error;
-use crate::handle::Handle;
-use crate::pipeline::{ErrorPolicy, Flow, Pipeline, Settings};
+use crate::plan::{ErrorPolicy, IntoPipeline, Pipeline, Settings};
 use crate::report::{Report, StageStats};
-use crate::run::{End, Spawned, conclude, drive_until, prepare_settings};
+use crate::runtime::handle::Handle;
+use crate::runtime::run::{End, Spawned, conclude, drive_until, prepare_settings};
+use crate::runtime::sink::{self, Sink};
 use crate::runtime::{Build, RunCtx, next_chunk};
-use crate::sink::{self, Sink};
 
 type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
 type EndFn = Box<dyn FnOnce(&mut Build) -> Driver + Send>;
@@ -120,7 +120,7 @@ impl Graph {
     }
 
     /// Ends `p` in a sink that counts and drops its items (like [`Flow::run`]).
-    pub fn discard(&mut self, p: impl Flow) -> &mut Self {
+    pub fn discard(&mut self, p: impl IntoPipeline) -> &mut Self {
         self.add(p.into_pipeline(), sink::Discard, "sink", |()| {});
         self
     }
@@ -129,7 +129,7 @@ impl Graph {
     /// [`Flow::for_each`]). A panic in `f` fails that item.
     pub fn for_each<P, F, Fut>(&mut self, p: P, f: F) -> &mut Self
     where
-        P: Flow,
+        P: IntoPipeline,
         F: FnMut(P::Item) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
@@ -139,7 +139,7 @@ impl Graph {
 
     /// Ends `p` in a sink that collects its items; they are in the returned [`Collected`]
     /// once the run has ended.
-    pub fn collect<P: Flow>(&mut self, p: P) -> Collected<P::Item> {
+    pub fn collect<P: IntoPipeline>(&mut self, p: P) -> Collected<P::Item> {
         let slot = Arc::new(Mutex::new(Vec::new()));
         let out = slot.clone();
         self.add(

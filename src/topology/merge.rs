@@ -1,11 +1,11 @@
 //! `merge`: several pipelines of one item type into one, fairly.
 
 use crate::error::Error;
-use crate::pipeline::{Flow, Pipeline};
+use crate::ops::buffer::pump;
 use crate::runtime::Upstream;
 use crate::runtime::hop::{HOP_CHUNKS, hop};
-use crate::stage::buffer::pump;
 use crate::topology::graph::combine;
+use crate::{IntoPipeline, Pipeline};
 
 /// Merges `inputs` into one pipeline (stage `merge`). Each input is pumped by a task of its
 /// own (so the stages fused into an input run in parallel with the others) into one bounded
@@ -68,8 +68,13 @@ impl<T: Send + 'static> Pipeline<T> {
     /// assert_eq!(out, vec![0, 1, 2, 10, 11, 12]);
     /// # }
     /// ```
-    pub fn merge<P: Flow<Item = T>>(inputs: impl IntoIterator<Item = P>) -> Pipeline<T> {
-        merge(inputs.into_iter().map(Flow::into_pipeline).collect())
+    pub fn merge<P: IntoPipeline<Item = T>>(inputs: impl IntoIterator<Item = P>) -> Pipeline<T> {
+        merge(
+            inputs
+                .into_iter()
+                .map(IntoPipeline::into_pipeline)
+                .collect(),
+        )
     }
 }
 

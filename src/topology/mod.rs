@@ -10,15 +10,16 @@
 pub(crate) mod branch;
 pub(crate) mod broadcast;
 pub(crate) mod fork;
+pub mod gather;
 pub(crate) mod graph;
 pub(crate) mod merge;
 pub(crate) mod partition;
 pub(crate) mod route;
 pub(crate) mod zip;
 
-use crate::chunk::Chunk;
-use crate::pipeline::Pipeline;
+use crate::plan::Pipeline;
 use crate::report::StageStats;
+use crate::runtime::chunk::Chunk;
 use crate::runtime::hop::{HOP_CHUNKS, hop};
 use crate::runtime::{RunCtx, Upstream};
 use fork::{AnyEnd, Fork, output, router, split_settings};

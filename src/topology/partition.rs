@@ -3,10 +3,10 @@
 use std::hash::{Hash, Hasher};
 
 use crate::error::Error;
-use crate::pipeline::{Flow, Pipeline};
 use crate::topology::fork::split_chunk;
 use crate::topology::merge::merge;
 use crate::topology::split_by;
+use crate::{IntoPipeline, Pipeline};
 
 /// Routes the items of `p` to `n` lanes by the hash of `key(item)` (stage `partition`), runs
 /// `per_lane` on each lane, and merges the lanes (stage `merge`). Items of one key always go
@@ -21,7 +21,7 @@ where
     T: Send + 'static,
     K: Hash,
     KF: FnMut(&T) -> K + Send + 'static,
-    L: Flow,
+    L: IntoPipeline,
     F: FnMut(Pipeline<T>) -> L,
 {
     if n == 0 {

@@ -2,7 +2,7 @@
 //! names.
 
 use crate::error::Error;
-use crate::pipeline::Pipeline;
+use crate::plan::Pipeline;
 use crate::topology::fork::split_chunk;
 use crate::topology::{rejected, split_by};
 

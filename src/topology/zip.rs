@@ -4,9 +4,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crate::chunk::{CHUNK_CAP, Chunk, Outcome, Ticket};
-use crate::pipeline::Pipeline;
+use crate::plan::Pipeline;
 use crate::report::StageStats;
+use crate::runtime::chunk::{CHUNK_CAP, Chunk, Outcome, Ticket};
 use crate::runtime::{ChunkSource, Upstream};
 use crate::topology::graph::combine;
 

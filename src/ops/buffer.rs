@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::chunk::{CHUNK_CAP, Chunk};
 use crate::error::Error;
-use crate::pipeline::Pipeline;
+use crate::plan::Pipeline;
 use crate::report::StageStats;
+use crate::runtime::chunk::{CHUNK_CAP, Chunk};
 use crate::runtime::hop::hop;
 use crate::runtime::{RunCtx, Upstream, next_chunk_unless_cancelled, send_counted};
 

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
-use crate::chunk::{Chunk, Outcome, Ticket};
-use crate::pipeline::Pipeline;
+use crate::plan::Pipeline;
 use crate::report::StageStats;
+use crate::runtime::chunk::{Chunk, Outcome, Ticket};
 use crate::runtime::{ChunkSource, Upstream};
 
 /// Which item of an interval a [`throttle`](crate::Flow::throttle) lets through.

@@ -4,11 +4,11 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crate::chunk::Chunk;
 use crate::error::Error;
-use crate::flow::rate::{Rate, RateWait};
-use crate::pipeline::Pipeline;
+use crate::plan::Pipeline;
+use crate::policy::rate::{Rate, RateWait};
 use crate::report::StageStats;
+use crate::runtime::chunk::Chunk;
 use crate::runtime::{ChunkSource, Upstream};
 
 struct RateLimited<T> {

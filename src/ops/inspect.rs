@@ -1,8 +1,8 @@
 //! `inspect`: look at each item as it passes (logging, metrics), without changing it.
 
-use crate::chunk::Emit;
-use crate::pipeline::Pipeline;
-use crate::stage::fused::{PerItem, fuse};
+use crate::plan::Pipeline;
+use crate::runtime::chunk::Emit;
+use crate::runtime::fused::{PerItem, fuse};
 
 pub(crate) fn inspect<T, F>(p: Pipeline<T>, mut f: F) -> Pipeline<T>
 where

@@ -6,10 +6,10 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use futures_util::FutureExt as _;
 use tokio::sync::mpsc;
 
-use crate::chunk::{Chunk, Outcome};
 use crate::error::{Failure, ItemError};
 use crate::report::StageStats;
 use crate::runtime::RunCtx;
+use crate::runtime::chunk::{Chunk, Outcome};
 
 /// Consumes the chunks that reach the end of a run. The caller has counted them `received`;
 /// the sink counts `passed` (delivered) and `failed`.

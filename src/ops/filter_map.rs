@@ -1,8 +1,8 @@
 //! `filter_map`: transform and keep the `Some`s; `None`s are counted as dropped.
 
-use crate::chunk::Emit;
-use crate::pipeline::Pipeline;
-use crate::stage::fused::{PerItem, fuse};
+use crate::plan::Pipeline;
+use crate::runtime::chunk::Emit;
+use crate::runtime::fused::{PerItem, fuse};
 
 pub(crate) fn filter_map<T, U, F>(p: Pipeline<T>, mut f: F) -> Pipeline<U>
 where

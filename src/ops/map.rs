@@ -1,7 +1,7 @@
 //! `map`: a synchronous 1:1 transformation, fused into the task before it.
 
-use crate::pipeline::Pipeline;
-use crate::stage::fused::{MapOp, fuse};
+use crate::plan::Pipeline;
+use crate::runtime::fused::{MapOp, fuse};
 
 pub(crate) fn map<T, U, F>(p: Pipeline<T>, f: F) -> Pipeline<U>
 where

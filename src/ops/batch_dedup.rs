@@ -6,8 +6,8 @@ use std::collections::HashSet;
 use std::hash::Hash;
 use std::time::Duration;
 
-use crate::batch::batch::{Admit, batch_with};
-use crate::pipeline::Pipeline;
+use crate::ops::batch::{Admit, batch_with};
+use crate::plan::Pipeline;
 
 struct DistinctKeys<K, F> {
     key: F,

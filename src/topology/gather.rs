@@ -18,10 +18,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::chunk::{Chunk, Outcome, Ticket};
 use crate::error::{Error, Failure, ItemError};
-use crate::pipeline::{Flow, Pipeline, Settings};
+use crate::plan::{IntoPipeline, Pipeline, Settings};
 use crate::report::StageStats;
+use crate::runtime::chunk::{Chunk, Outcome, Ticket};
 use crate::runtime::hop::{HOP_CHUNKS, hop};
 use crate::runtime::{
     RunCtx, Upstream, next_chunk_unless_cancelled, send_counted, send_unless_cancelled,
@@ -151,7 +151,7 @@ where
     /// assert!(out.iter().all(|g| !g.complete));   // keys 1 and 2 each lack a part
     /// # }
     /// ```
-    pub fn part(mut self, name: &str, pipeline: impl Flow<Item = (K, P)>) -> Self {
+    pub fn part(mut self, name: &str, pipeline: impl IntoPipeline<Item = (K, P)>) -> Self {
         self.parts.push((Arc::from(name), pipeline.into_pipeline()));
         self
     }
@@ -216,7 +216,7 @@ where
     }
 }
 
-impl<K, P> Flow for Gather<K, P>
+impl<K, P> crate::IntoPipeline for Gather<K, P>
 where
     K: Hash + Eq + Clone + fmt::Debug + Send + 'static,
     P: Send + 'static,
@@ -499,6 +499,7 @@ fn expire<K: Hash + Eq + fmt::Debug, P>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Flow;
 
     /// `(key, part)` pairs, pair `i` arriving at `times[i]` ms.
     fn arrivals(pairs: Vec<(u32, &'static str, u64)>) -> Pipeline<(u32, String)> {

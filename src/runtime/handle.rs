@@ -11,14 +11,14 @@ use futures_core::Stream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::chunk::{Chunk, Outcome, Ticket};
 use crate::dead_letter::{DeadLetter, DeadLetters};
 use crate::error::Error;
-use crate::pipeline::{ErrorPolicy, Pipeline};
+use crate::plan::{ErrorPolicy, Pipeline};
 use crate::report::{Report, RunOutcome};
-use crate::run::{execute_in, prepare};
 use crate::runtime::RunCtx;
-use crate::sink::Sink;
+use crate::runtime::chunk::{Chunk, Outcome, Ticket};
+use crate::runtime::run::{execute_in, prepare};
+use crate::runtime::sink::Sink;
 
 enum State {
     Running(JoinHandle<Result<Report, Error>>),

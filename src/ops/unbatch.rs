@@ -1,13 +1,13 @@
 //! `unbatch()`: flattens batches back into items; each item keeps its batch's ticket.
 
-use crate::pipeline::Pipeline;
-use crate::stage::fused::{PerItem, fuse};
+use crate::plan::Pipeline;
+use crate::runtime::fused::{PerItem, fuse};
 
 pub(crate) fn unbatch<T: Send + 'static>(p: Pipeline<Vec<T>>) -> Pipeline<T> {
     fuse(
         p,
         "unbatch",
-        PerItem::<_, false>(|batch: Vec<T>, out: &mut crate::chunk::Emit<T>| {
+        PerItem::<_, false>(|batch: Vec<T>, out: &mut crate::runtime::chunk::Emit<T>| {
             for item in batch {
                 out.push(item)
             }

@@ -22,10 +22,10 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
-use crate::chunk::{Chunk, Outcome, Ticket};
 use crate::error::Error;
-use crate::pipeline::Pipeline;
+use crate::plan::Pipeline;
 use crate::report::StageStats;
+use crate::runtime::chunk::{Chunk, Outcome, Ticket};
 use crate::runtime::{ChunkSource, Upstream};
 
 /// Decides whether an item joins the current batch (the dedup variant drops repeated keys).
@@ -71,7 +71,7 @@ pub(crate) fn batch_with<T: Send + 'static, A: Admit<T>>(
     p.then(move |b, up| {
         let stats = b.stage(name, "batch");
         let size = size.max(1);
-        let cap = size.min(crate::chunk::CHUNK_CAP);
+        let cap = size.min(crate::runtime::chunk::CHUNK_CAP);
         Box::new(Batcher {
             up,
             open: Open {

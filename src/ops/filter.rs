@@ -1,8 +1,8 @@
 //! `filter`: keep the items a predicate accepts; the rest are counted as dropped.
 
-use crate::chunk::Emit;
-use crate::pipeline::Pipeline;
-use crate::stage::fused::{PerItem, fuse};
+use crate::plan::Pipeline;
+use crate::runtime::chunk::Emit;
+use crate::runtime::fused::{PerItem, fuse};
 
 pub(crate) fn filter<T, F>(p: Pipeline<T>, mut keep: F) -> Pipeline<T>
 where

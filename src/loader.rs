@@ -20,8 +20,8 @@ use futures_util::FutureExt as _;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::batch::ttl_map::TtlMap;
 use crate::error::{BoxError, Error};
+use crate::runtime::ttl_map::TtlMap;
 
 /// Why a load has no answer. A key the batch function did not return is not an error: the
 /// load answers `Ok(None)`.

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::batch::ttl_map::TtlMap;
-use crate::chunk::{Chunk, Emit, Processed, process};
 use crate::error::Error;
-use crate::pipeline::Pipeline;
-use crate::stage::fused::{ChunkOp, fuse};
+use crate::plan::Pipeline;
+use crate::runtime::chunk::{Chunk, Emit, Processed, process};
+use crate::runtime::fused::{ChunkOp, fuse};
+use crate::runtime::ttl_map::TtlMap;
 
 /// Keys a TTL window remembers at most, unless [`Window::max_keys`] says otherwise.
 pub(crate) const DEFAULT_MAX_KEYS: usize = 1 << 20;

@@ -19,13 +19,13 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::{Reservation, Store};
-use crate::chunk::{Chunk, Outcome, Ticket};
+use crate::Pipeline;
 use crate::error::{Failure, ItemError};
-use crate::pipeline::{Flow, Pipeline};
 use crate::report::StageStats;
+use crate::runtime::chunk::{Chunk, Outcome, Ticket};
 use crate::runtime::hop::{HOP_CHUNKS, hop};
 use crate::runtime::{RunCtx, Upstream, next_chunk_unless_cancelled, send_counted};
+use crate::store::{Reservation, Store};
 
 /// How long a reservation lasts unless [`Idempotent::ttl`] says otherwise.
 pub(crate) const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(600);
@@ -78,7 +78,7 @@ pub(crate) fn idempotent<T, S, F>(p: Pipeline<T>, store: S, key: F) -> Idempoten
     }
 }
 
-impl<T, S, F, K> Flow for Idempotent<T, S, F>
+impl<T, S, F, K> crate::IntoPipeline for Idempotent<T, S, F>
 where
     T: Send + 'static,
     S: Store,

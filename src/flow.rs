@@ -1,149 +1,22 @@
-//! `Pipeline<T>`, the lazy plan, and `Flow`, the operators every stage offers.
+//! `Flow`, the operators and terminals every plan offers. Each method is one line that hands
+//! the plan to the operator's own module; the operators import the plan, never this trait's
+//! implementors.
 
-use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
-use crate::chunk::Chunk;
-use crate::dead_letter::DeadLetter;
 use crate::error::{BoxError, Error};
-use crate::handle::{Handle, ItemStream};
+use crate::ops::map_async::{AsyncStage, Fallible, Infallible};
+use crate::plan::{IntoPipeline, Pipeline};
 use crate::report::Report;
-use crate::runtime::{Build, Upstream};
-use crate::sink;
-use crate::source::{Pull, Source};
-use crate::stage;
-use crate::stage::map_async::{AsyncStage, Fallible, Infallible};
+use crate::runtime::chunk::Chunk;
+use crate::runtime::handle::{Handle, ItemStream};
+use crate::runtime::sink;
+use crate::{DeadLetter, ErrorPolicy};
 
-/// What a run does when an item fails.
-///
-/// ```
-/// use flowline::prelude::*;
-/// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// let err = Pipeline::from_iter(0..100u32)
-///     .try_map_async("check", |x| async move { if x == 7 { Err("seven") } else { Ok(x) } })
-///     .error_policy(ErrorPolicy::Stop)
-///     .run()
-///     .await
-///     .unwrap_err();
-/// match err {
-///     Error::ItemFailed { failure, .. } => assert_eq!(&*failure.stage, "check"),
-///     other => panic!("{other}"),
-/// }
-/// # }
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ErrorPolicy {
-    /// Send the failed item to the dead letters and go on (the default).
-    #[default]
-    Continue,
-    /// Abort the run on the first failure and return it as [`Error::ItemFailed`].
-    Stop,
-}
-
-/// Run-wide settings carried along the chain of operators.
-pub(crate) struct Settings {
-    pub(crate) deadline: Option<Duration>,
-    pub(crate) policy: ErrorPolicy,
-    pub(crate) dead_letter: DeadLetter,
-    /// Configuration errors found while the plan was written; reported before anything runs.
-    pub(crate) errors: Vec<Error>,
-    /// The number of items the source will produce, when known.
-    pub(crate) total: Option<u64>,
-}
-
-impl Settings {
-    /// Records a configuration error unless `value` is more than zero; true if it is.
-    pub(crate) fn require_positive(
-        &mut self,
-        stage: &str,
-        option: &'static str,
-        value: Duration,
-    ) -> bool {
-        if value.is_zero() {
-            self.errors.push(Error::config(
-                stage,
-                option,
-                value,
-                "must be more than zero",
-            ));
-        }
-        !value.is_zero()
-    }
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            deadline: None,
-            policy: ErrorPolicy::Continue,
-            dead_letter: DeadLetter::report(),
-            errors: Vec::new(),
-            total: None,
-        }
-    }
-}
-
-type BuildFn<T> = Box<dyn FnOnce(&mut Build) -> Upstream<T> + Send>;
-
-/// A lazy plan of a pipeline whose items are `T`. Nothing runs until a terminal
-/// ([`Flow::run`], [`Flow::for_each`], [`Flow::collect`], [`Flow::into_stream`],
-/// [`Flow::spawn`]) is awaited or called. Operators come from the [`Flow`] trait
-/// (`use flowline::prelude::*`).
-///
-/// ```
-/// use flowline::prelude::*;
-/// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// let plan = Pipeline::from_iter(0..5u32).map(|x| x + 1);   // nothing has run yet
-/// let out = plan.collect().await.unwrap();
-/// assert_eq!(out, vec![1, 2, 3, 4, 5]);
-/// # }
-/// ```
-pub struct Pipeline<T> {
-    pub(crate) build: BuildFn<T>,
-    pub(crate) settings: Settings,
-}
-
-impl<T> fmt::Debug for Pipeline<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Pipeline")
-            .field("deadline", &self.settings.deadline)
-            .field("policy", &self.settings.policy)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<T: Send + 'static> Pipeline<T> {
-    /// A pipeline over a puller, registered as a source stage named `name`.
-    pub(crate) fn from_pull<P: Pull<T> + 'static>(name: &'static str, pull: P) -> Pipeline<T> {
-        Pipeline {
-            build: Box::new(move |b| {
-                let stats = b.stage(name, "source");
-                Box::new(Source::new(pull, stats, b.run.clone())) as Upstream<T>
-            }),
-            settings: Settings::default(),
-        }
-    }
-
-    /// Appends a step to the plan: `f` receives the upstream and returns the new one.
-    pub(crate) fn then<U: Send + 'static>(
-        self,
-        f: impl FnOnce(&mut Build, Upstream<T>) -> Upstream<U> + Send + 'static,
-    ) -> Pipeline<U> {
-        let build = self.build;
-        Pipeline {
-            build: Box::new(move |b| {
-                let up = build(b);
-                f(b, up)
-            }),
-            settings: self.settings,
-        }
-    }
-}
-
-/// The operators and terminals of a pipeline. Implemented by [`Pipeline`] and by stages
-/// being configured (like [`AsyncStage`]), so one chain reads top to bottom with each
-/// stage's options right under it.
+/// The operators and terminals of a pipeline: one-line methods over [`IntoPipeline`], so
+/// every plan and every stage being configured (like [`AsyncStage`]) has them, and one chain
+/// reads top to bottom with each stage's options right under it.
 ///
 /// ```
 /// use flowline::prelude::*;
@@ -159,13 +32,7 @@ impl<T: Send + 'static> Pipeline<T> {
 /// assert_eq!(report.delivered(), 500);
 /// # }
 /// ```
-pub trait Flow: Sized + Send + 'static {
-    /// The type of the items this pipeline produces.
-    type Item: Send + 'static;
-
-    /// Ends any stage configuration and returns the plan.
-    fn into_pipeline(self) -> Pipeline<Self::Item>;
-
+pub trait Flow: IntoPipeline {
     /// Transforms each item (synchronous, fused into the task before it).
     ///
     /// ```
@@ -180,7 +47,7 @@ pub trait Flow: Sized + Send + 'static {
         U: Send + 'static,
         F: FnMut(Self::Item) -> U + Send + 'static,
     {
-        stage::map::map(self.into_pipeline(), f)
+        crate::ops::map::map(self.into_pipeline(), f)
     }
 
     /// Keeps the items `keep` accepts; the others are counted as dropped.
@@ -196,7 +63,7 @@ pub trait Flow: Sized + Send + 'static {
     where
         F: FnMut(&Self::Item) -> bool + Send + 'static,
     {
-        stage::filter::filter(self.into_pipeline(), keep)
+        crate::ops::filter::filter(self.into_pipeline(), keep)
     }
 
     /// Transforms each item and keeps the `Some`s; `None`s are counted as dropped.
@@ -213,7 +80,7 @@ pub trait Flow: Sized + Send + 'static {
         U: Send + 'static,
         F: FnMut(Self::Item) -> Option<U> + Send + 'static,
     {
-        stage::filter_map::filter_map(self.into_pipeline(), f)
+        crate::ops::filter_map::filter_map(self.into_pipeline(), f)
     }
 
     /// Turns each item into any number of items.
@@ -233,7 +100,7 @@ pub trait Flow: Sized + Send + 'static {
         I: IntoIterator<Item = U>,
         F: FnMut(Self::Item) -> I + Send + 'static,
     {
-        stage::flat_map::flat_map(self.into_pipeline(), f)
+        crate::ops::flat_map::flat_map(self.into_pipeline(), f)
     }
 
     /// Looks at each item as it passes.
@@ -249,7 +116,7 @@ pub trait Flow: Sized + Send + 'static {
     where
         F: FnMut(&Self::Item) + Send + 'static,
     {
-        stage::inspect::inspect(self.into_pipeline(), f)
+        crate::ops::inspect::inspect(self.into_pipeline(), f)
     }
 
     /// An async stage named `name`: `f` is called for each item, with `workers(n)` calls in
@@ -271,7 +138,7 @@ pub trait Flow: Sized + Send + 'static {
         F: Fn(Self::Item) -> Fut + Send + 'static,
         Fut: Future<Output = U> + Send + 'static,
     {
-        stage::map_async::map_async(self.into_pipeline(), name, f)
+        crate::ops::map_async::map_async(self.into_pipeline(), name, f)
     }
 
     /// A fallible async stage: an `Err` fails the item, which goes to the dead letters with
@@ -297,7 +164,7 @@ pub trait Flow: Sized + Send + 'static {
         F: Fn(Self::Item) -> Fut + Send + 'static,
         Fut: Future<Output = Result<U, E>> + Send + 'static,
     {
-        stage::map_async::try_map_async(self.into_pipeline(), name, f)
+        crate::ops::map_async::try_map_async(self.into_pipeline(), name, f)
     }
 
     /// An explicit async boundary: the stages before it run on their own task and may work
@@ -311,7 +178,7 @@ pub trait Flow: Sized + Send + 'static {
     /// # }
     /// ```
     fn buffer(self, capacity: usize) -> Pipeline<Self::Item> {
-        stage::buffer::buffer(self.into_pipeline(), capacity)
+        crate::ops::buffer::buffer(self.into_pipeline(), capacity)
     }
 
     /// Ends the whole run if it has not finished within `limit` (on tokio's clock). The run
@@ -379,7 +246,7 @@ pub trait Flow: Sized + Send + 'static {
     fn run(self) -> impl Future<Output = Result<Report, Error>> + Send {
         let p = self.into_pipeline();
         async move {
-            crate::run::execute(p, sink::Discard, "sink")
+            crate::runtime::run::execute(p, sink::Discard, "sink")
                 .await
                 .map(|(r, ())| r)
         }
@@ -404,7 +271,7 @@ pub trait Flow: Sized + Send + 'static {
     {
         let p = self.into_pipeline();
         async move {
-            crate::run::execute(p, sink::ForEach(f), "for_each")
+            crate::runtime::run::execute(p, sink::ForEach(f), "for_each")
                 .await
                 .map(|(r, ())| r)
         }
@@ -437,7 +304,7 @@ pub trait Flow: Sized + Send + 'static {
     ) -> impl Future<Output = Result<(Vec<Self::Item>, Report), Error>> + Send {
         let p = self.into_pipeline();
         async move {
-            crate::run::execute(p, sink::Collect(Vec::new()), "collect")
+            crate::runtime::run::execute(p, sink::Collect(Vec::new()), "collect")
                 .await
                 .map(|(r, v)| (v, r))
         }
@@ -567,7 +434,7 @@ pub trait Flow: Sized + Send + 'static {
     /// # }
     /// ```
     fn batch(self, size: usize, max_wait: Duration) -> Pipeline<Vec<Self::Item>> {
-        crate::batch::batch::batch(self.into_pipeline(), size, max_wait)
+        crate::ops::batch::batch(self.into_pipeline(), size, max_wait)
     }
 
     /// Flattens batches back into items.
@@ -584,7 +451,7 @@ pub trait Flow: Sized + Send + 'static {
         U: Send + 'static,
         Self: Flow<Item = Vec<U>>,
     {
-        crate::batch::unbatch::unbatch(self.into_pipeline())
+        crate::ops::unbatch::unbatch(self.into_pipeline())
     }
 
     /// Like [`batch`](Flow::batch), with each key at most once per batch: a later item with
@@ -610,7 +477,7 @@ pub trait Flow: Sized + Send + 'static {
         K: std::hash::Hash + Eq + Send + 'static,
         F: FnMut(&Self::Item) -> K + Send + 'static,
     {
-        crate::batch::batch_dedup::batch_dedup_by(self.into_pipeline(), size, max_wait, key)
+        crate::ops::batch_dedup::batch_dedup_by(self.into_pipeline(), size, max_wait, key)
     }
 
     /// Drops an item whose key already passed within `window` ([`Window::ttl`] or
@@ -634,7 +501,7 @@ pub trait Flow: Sized + Send + 'static {
         K: std::hash::Hash + Eq + Clone + Send + 'static,
         F: FnMut(&Self::Item) -> K + Send + 'static,
     {
-        crate::batch::dedup::dedup_by(self.into_pipeline(), key, window)
+        crate::ops::dedup::dedup_by(self.into_pipeline(), key, window)
     }
 
     /// Emits the latest item once `period` has passed without a newer one (add
@@ -652,7 +519,7 @@ pub trait Flow: Sized + Send + 'static {
     #[allow(clippy::type_complexity)]
     fn debounce(self, period: Duration) -> crate::Debounce<Self::Item, (), fn(&Self::Item)> {
         fn unit<T>(_: &T) {}
-        crate::batch::debounce::debounce_by(
+        crate::ops::debounce::debounce_by(
             self.into_pipeline(),
             "debounce",
             unit::<Self::Item>,
@@ -677,7 +544,7 @@ pub trait Flow: Sized + Send + 'static {
         K: std::hash::Hash + Eq + Clone + Send + 'static,
         F: FnMut(&Self::Item) -> K + Send + 'static,
     {
-        crate::batch::debounce::debounce_by(self.into_pipeline(), "debounce", key, period)
+        crate::ops::debounce::debounce_by(self.into_pipeline(), "debounce", key, period)
     }
 
     /// Skips an item whose key is already done in `store` — in this run or an earlier one —
@@ -701,7 +568,7 @@ pub trait Flow: Sized + Send + 'static {
         K: std::fmt::Display + 'static,
         F: FnMut(&Self::Item) -> K + Send + 'static,
     {
-        crate::store::idempotent::idempotent(self.into_pipeline(), store, key)
+        crate::ops::idempotent::idempotent(self.into_pipeline(), store, key)
     }
 
     // ---- Flow control and resilience: rate limit, throttle, in-flight, retry, circuit breaker, adaptive workers, pause on error ----
@@ -720,7 +587,7 @@ pub trait Flow: Sized + Send + 'static {
     /// # }
     /// ```
     fn rate_limit(self, rate: crate::Rate) -> Pipeline<Self::Item> {
-        crate::flow::rate_limit::rate_limit(self.into_pipeline(), rate)
+        crate::ops::pace::rate_limit(self.into_pipeline(), rate)
     }
 
     /// At most one item per `interval`; the others are dropped and counted as `dropped`
@@ -741,7 +608,7 @@ pub trait Flow: Sized + Send + 'static {
     /// # }
     /// ```
     fn throttle(self, interval: Duration, mode: crate::Throttle) -> Pipeline<Self::Item> {
-        crate::flow::throttle::throttle(self.into_pipeline(), interval, mode)
+        crate::ops::throttle::throttle(self.into_pipeline(), interval, mode)
     }
 
     // ---- Topology: branch, branch on result, partition by key, broadcast, merge, zip, several sinks in one run ----
@@ -914,9 +781,4 @@ pub trait Flow: Sized + Send + 'static {
     }
 }
 
-impl<T: Send + 'static> Flow for Pipeline<T> {
-    type Item = T;
-    fn into_pipeline(self) -> Pipeline<T> {
-        self
-    }
-}
+impl<P: IntoPipeline> Flow for P {}

@@ -5,12 +5,12 @@ use std::sync::atomic::Ordering;
 
 use crate::dead_letter::DeadLetters;
 use crate::error::Error;
-use crate::pipeline::{Pipeline, Settings};
+use crate::plan::{Pipeline, Settings};
 use crate::report::{Report, RunOutcome, StageStats};
 use futures_util::FutureExt as _;
 
+use crate::runtime::sink::Sink;
 use crate::runtime::{Build, Observer, RunCtx, next_chunk};
-use crate::sink::Sink;
 
 /// Checks the plan and opens what the run needs, before anything runs.
 pub(crate) fn prepare<T>(p: &mut Pipeline<T>) -> Result<Arc<RunCtx>, Error> {

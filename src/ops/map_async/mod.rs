@@ -28,15 +28,15 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{PollSemaphore, PollSender};
 
-use crate::chunk::{CHUNK_CAP, Chunk, Outcome, Ticket};
+use crate::Pipeline;
 use crate::error::{BoxError, Error, FailedInput, Failure, ItemError};
-use crate::flow::adaptive::{Adaptive, Sample};
-use crate::flow::inflight::Inflight;
-use crate::flow::rate::{Rate, RateWait};
-use crate::pipeline::{Flow, Pipeline};
+use crate::policy::adaptive::{Adaptive, Sample};
+use crate::policy::breaker::{Admit, Breaker, OnOpen};
+use crate::policy::inflight::Inflight;
+use crate::policy::rate::{Rate, RateWait};
+use crate::policy::retry::Retry;
 use crate::report::{StageStats, latency_histogram};
-use crate::resilience::breaker::{Admit, Breaker, OnOpen};
-use crate::resilience::retry::Retry;
+use crate::runtime::chunk::{CHUNK_CAP, Chunk, Outcome, Ticket};
 use crate::runtime::gate::GateHold;
 use crate::runtime::hop::{HOP_CHUNKS, hop};
 use crate::runtime::{RunCtx, Upstream};
@@ -380,7 +380,9 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
     }
 }
 
-impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> Flow for AsyncStage<T, U, S> {
+impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
+    for AsyncStage<T, U, S>
+{
     type Item = U;
 
     fn into_pipeline(self) -> Pipeline<U> {

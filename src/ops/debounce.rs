@@ -15,9 +15,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::chunk::{Chunk, Outcome, Ticket};
-use crate::pipeline::{Flow, Pipeline};
+use crate::Pipeline;
 use crate::report::StageStats;
+use crate::runtime::chunk::{Chunk, Outcome, Ticket};
 use crate::runtime::hop::{HOP_CHUNKS, hop};
 use crate::runtime::{RunCtx, Upstream, next_chunk, send_counted};
 
@@ -83,7 +83,7 @@ pub(crate) fn debounce_by<T, K, F>(
     }
 }
 
-impl<T, K, F> Flow for Debounce<T, K, F>
+impl<T, K, F> crate::IntoPipeline for Debounce<T, K, F>
 where
     T: Send + 'static,
     K: Hash + Eq + Clone + Send + 'static,

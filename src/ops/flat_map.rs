@@ -1,8 +1,8 @@
 //! `flat_map`: each item becomes any number of items (from an iterator).
 
-use crate::chunk::Emit;
-use crate::pipeline::Pipeline;
-use crate::stage::fused::{PerItem, fuse};
+use crate::plan::Pipeline;
+use crate::runtime::chunk::Emit;
+use crate::runtime::fused::{PerItem, fuse};
 
 pub(crate) fn flat_map<T, U, I, F>(p: Pipeline<T>, mut f: F) -> Pipeline<U>
 where

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crate::chunk::{Chunk, Emit, Processed, map_chunk, process};
 use crate::error::Failure;
-use crate::pipeline::Pipeline;
+use crate::plan::Pipeline;
 use crate::report::{OwnedCounts, StageStats};
+use crate::runtime::chunk::{Chunk, Emit, Processed, map_chunk, process};
 use crate::runtime::{ChunkSource, RunCtx, Upstream};
 
 /// After this many chunks in a row that a filter emptied, yield to the scheduler so that a

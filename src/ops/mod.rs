@@ -1,0 +1,18 @@
+//! Every operator, one file each, with its options, docs and tests. [`Flow`](crate::Flow)'s
+//! methods are one-line calls into these modules.
+
+pub(crate) mod batch;
+pub(crate) mod batch_dedup;
+pub(crate) mod buffer;
+pub(crate) mod debounce;
+pub(crate) mod dedup;
+pub(crate) mod filter;
+pub(crate) mod filter_map;
+pub(crate) mod flat_map;
+pub(crate) mod idempotent;
+pub(crate) mod inspect;
+pub(crate) mod map;
+pub(crate) mod map_async;
+pub(crate) mod pace;
+pub(crate) mod throttle;
+pub(crate) mod unbatch;

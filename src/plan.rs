@@ -1,0 +1,161 @@
+//! `Pipeline<T>`, the lazy plan, its run settings, and [`IntoPipeline`], the one trait every
+//! builder of a plan implements.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::dead_letter::DeadLetter;
+use crate::error::Error;
+use crate::runtime::{Build, Upstream};
+use crate::source::{Pull, Source};
+
+/// What a run does when an item fails.
+///
+/// ```
+/// use flowline::prelude::*;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let err = Pipeline::from_iter(0..100u32)
+///     .try_map_async("check", |x| async move { if x == 7 { Err("seven") } else { Ok(x) } })
+///     .error_policy(ErrorPolicy::Stop)
+///     .run()
+///     .await
+///     .unwrap_err();
+/// match err {
+///     Error::ItemFailed { failure, .. } => assert_eq!(&*failure.stage, "check"),
+///     other => panic!("{other}"),
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ErrorPolicy {
+    /// Send the failed item to the dead letters and go on (the default).
+    #[default]
+    Continue,
+    /// Abort the run on the first failure and return it as [`Error::ItemFailed`].
+    Stop,
+}
+
+/// Run-wide settings carried along the chain of operators.
+pub(crate) struct Settings {
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) policy: ErrorPolicy,
+    pub(crate) dead_letter: DeadLetter,
+    /// Configuration errors found while the plan was written; reported before anything runs.
+    pub(crate) errors: Vec<Error>,
+    /// The number of items the source will produce, when known.
+    pub(crate) total: Option<u64>,
+}
+
+impl Settings {
+    /// Records a configuration error unless `value` is more than zero; true if it is.
+    pub(crate) fn require_positive(
+        &mut self,
+        stage: &str,
+        option: &'static str,
+        value: Duration,
+    ) -> bool {
+        if value.is_zero() {
+            self.errors.push(Error::config(
+                stage,
+                option,
+                value,
+                "must be more than zero",
+            ));
+        }
+        !value.is_zero()
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            deadline: None,
+            policy: ErrorPolicy::Continue,
+            dead_letter: DeadLetter::report(),
+            errors: Vec::new(),
+            total: None,
+        }
+    }
+}
+
+type BuildFn<T> = Box<dyn FnOnce(&mut Build) -> Upstream<T> + Send>;
+
+/// A lazy plan of a pipeline whose items are `T`. Nothing runs until a terminal
+/// ([`Flow::run`], [`Flow::for_each`], [`Flow::collect`], [`Flow::into_stream`],
+/// [`Flow::spawn`]) is awaited or called. Operators come from the [`Flow`] trait
+/// (`use flowline::prelude::*`).
+///
+/// ```
+/// use flowline::prelude::*;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let plan = Pipeline::from_iter(0..5u32).map(|x| x + 1);   // nothing has run yet
+/// let out = plan.collect().await.unwrap();
+/// assert_eq!(out, vec![1, 2, 3, 4, 5]);
+/// # }
+/// ```
+pub struct Pipeline<T> {
+    pub(crate) build: BuildFn<T>,
+    pub(crate) settings: Settings,
+}
+
+impl<T> fmt::Debug for Pipeline<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("deadline", &self.settings.deadline)
+            .field("policy", &self.settings.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Send + 'static> Pipeline<T> {
+    /// A pipeline over a puller, registered as a source stage named `name`.
+    pub(crate) fn from_pull<P: Pull<T> + 'static>(name: &'static str, pull: P) -> Pipeline<T> {
+        Pipeline {
+            build: Box::new(move |b| {
+                let stats = b.stage(name, "source");
+                Box::new(Source::new(pull, stats, b.run.clone())) as Upstream<T>
+            }),
+            settings: Settings::default(),
+        }
+    }
+
+    /// Appends a step to the plan: `f` receives the upstream and returns the new one.
+    pub(crate) fn then<U: Send + 'static>(
+        self,
+        f: impl FnOnce(&mut Build, Upstream<T>) -> Upstream<U> + Send + 'static,
+    ) -> Pipeline<U> {
+        let build = self.build;
+        Pipeline {
+            build: Box::new(move |b| {
+                let up = build(b);
+                f(b, up)
+            }),
+            settings: self.settings,
+        }
+    }
+}
+
+/// Anything that ends in a plan: a [`Pipeline`], or a stage still being configured (like
+/// [`AsyncStage`](crate::AsyncStage)). Every `IntoPipeline` is a [`Flow`](crate::Flow), so it
+/// has all the operators.
+///
+/// ```
+/// use flowline::prelude::*;
+/// let stage = Pipeline::from_iter(0..3u32).map_async("work", |x| async move { x }).workers(2);
+/// let plan: Pipeline<u32> = stage.into_pipeline();
+/// # let _ = plan;
+/// ```
+pub trait IntoPipeline: Sized + Send + 'static {
+    /// The type of the items the plan produces.
+    type Item: Send + 'static;
+
+    /// Ends any stage configuration and returns the plan.
+    fn into_pipeline(self) -> Pipeline<Self::Item>;
+}
+
+impl<T: Send + 'static> IntoPipeline for Pipeline<T> {
+    type Item = T;
+    fn into_pipeline(self) -> Pipeline<T> {
+        self
+    }
+}
