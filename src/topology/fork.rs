@@ -161,9 +161,6 @@ pub(crate) fn split_settings(mut upstream: Settings, n: usize, total: bool) -> V
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         out.push(Settings {
-            deadline: upstream.deadline,
-            policy: upstream.policy,
-            dead_letter: upstream.dead_letter.clone(),
             errors: if i == 0 {
                 std::mem::take(&mut upstream.errors)
             } else {
