@@ -119,6 +119,50 @@ pub trait Flow: IntoPipeline {
         crate::ops::inspect::inspect(self.into_pipeline(), f)
     }
 
+    /// Runs a user-written [`Operator`](crate::Operator), fused into the task before it like
+    /// `map` and `filter`. The engine counts each item passed, dropped or failed by what the
+    /// operator did with it, and moves completion tickets (cursor checkpoints, idempotency)
+    /// along, so a custom operator keeps the accounting of the built-in ones.
+    ///
+    /// When the operator returns [`Step::Done`](crate::Step::Done), the sources that feed
+    /// only this stage stop being pulled: the sources of its own upstream, across async
+    /// stages, buffers, `merge` and `zip`. A source of another pipeline of the same
+    /// [`Graph`](crate::Graph) goes on, and so does a source behind a split (`branch`,
+    /// `route`, `broadcast`) whose other outputs lead elsewhere: they still want its items,
+    /// so this stage drops what reaches it (after `partition`, whose lanes all lead here, the
+    /// source does stop). The run ends normally ([`RunOutcome::Completed`](crate::RunOutcome)).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    ///
+    /// /// Passes items until their running sum would exceed a budget.
+    /// struct Budget(u64);
+    ///
+    /// impl Operator<u64> for Budget {
+    ///     type Output = u64;
+    ///     fn push(&mut self, x: u64, out: &mut Out<'_, u64>) -> Result<Step, BoxError> {
+    ///         if x > self.0 {
+    ///             return Ok(Step::Done);
+    ///         }
+    ///         self.0 -= x;
+    ///         out.push(x);
+    ///         Ok(Step::Continue)
+    ///     }
+    ///     fn name(&self) -> &'static str { "budget" }
+    /// }
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (out, report) = Pipeline::from_iter(1..).via(Budget(10)).collect_with_report().await.unwrap();
+    /// assert_eq!(out, vec![1, 2, 3, 4]);              // 5 would exceed it: the source stops
+    /// assert!(report.is_balanced());
+    /// # }
+    /// ```
+    fn via<Op>(self, op: Op) -> Pipeline<Op::Output>
+    where
+        Op: crate::Operator<Self::Item>,
+    {
+        crate::ops::operator::via(self.into_pipeline(), op)
+    }
+
     /// An async stage named `name`: `f` is called for each item, with `workers(n)` calls in
     /// flight (default 1), in order unless `.unordered()`. A panic in `f` fails the item.
     ///

@@ -70,6 +70,7 @@ pub use ops::debounce::Debounce;
 pub use ops::dedup::Window;
 pub use ops::idempotent::Idempotent;
 pub use ops::map_async::{AsyncStage, Fallible, Infallible, StageFn};
+pub use ops::operator::{Operator, Out, Step};
 pub use ops::throttle::Throttle;
 pub use plan::{ErrorPolicy, IntoPipeline, Pipeline};
 pub use policy::adaptive::Adaptive;
@@ -92,8 +93,9 @@ pub use topology::graph::{Collected, Graph};
 /// Everything a pipeline author needs: `use flowline::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        Adaptive, Breaker, BreakerState, Collected, DeadLetter, Error, ErrorPolicy, Failure, Flow,
-        Graph, Handle, Inflight, IntoPipeline, ItemError, Loader, OnOpen, Pipeline, Rate, Report,
-        Retry, RetryAfter, RetryBudget, RunOutcome, Throttle, Window,
+        Adaptive, BoxError, Breaker, BreakerState, Collected, DeadLetter, Error, ErrorPolicy,
+        Failure, Flow, Graph, Handle, Inflight, IntoPipeline, ItemError, Loader, OnOpen, Operator,
+        Out, Pipeline, Rate, Report, Retry, RetryAfter, RetryBudget, RunOutcome, Step, Throttle,
+        Window,
     };
 }

@@ -13,6 +13,7 @@ pub(crate) mod idempotent;
 pub(crate) mod inspect;
 pub(crate) mod map;
 pub(crate) mod map_async;
+pub(crate) mod operator;
 pub(crate) mod pace;
 pub(crate) mod throttle;
 pub(crate) mod unbatch;
