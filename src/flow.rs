@@ -163,6 +163,30 @@ pub trait Flow: IntoPipeline {
         crate::ops::operator::via(self.into_pipeline(), op)
     }
 
+    /// Threads a state through the items (like `StreamExt::scan`): `f` gets the state and an
+    /// item and returns the output, or `None` to end the stream, as in `StreamExt::scan`. The
+    /// item that returned `None` and every later one are counted as dropped, and the sources
+    /// feeding this stage stop (see [`via`](Flow::via)). To skip an item without ending,
+    /// return `Some(None)` and follow with `.filter_map(|x| x)`.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter(1..=10u32)
+    ///     .scan(0, |sum, x| { *sum += x; (*sum <= 10).then_some(*sum) })
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out, vec![1, 3, 6, 10]);
+    /// # }
+    /// ```
+    fn scan<S, U, F>(self, init: S, f: F) -> Pipeline<U>
+    where
+        S: Send + 'static,
+        U: Send + 'static,
+        F: FnMut(&mut S, Self::Item) -> Option<U> + Send + 'static,
+    {
+        self.via(crate::ops::scan::Scan::new(init, f))
+    }
+
     /// An async stage named `name`: `f` is called for each item, with `workers(n)` calls in
     /// flight (default 1), in order unless `.unordered()`. A panic in `f` fails the item.
     ///

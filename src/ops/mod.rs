@@ -15,5 +15,6 @@ pub(crate) mod map;
 pub(crate) mod map_async;
 pub(crate) mod operator;
 pub(crate) mod pace;
+pub(crate) mod scan;
 pub(crate) mod throttle;
 pub(crate) mod unbatch;
