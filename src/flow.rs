@@ -187,6 +187,38 @@ pub trait Flow: IntoPipeline {
         self.via(crate::ops::scan::Scan::new(init, f))
     }
 
+    /// Lets the first `n` items through, then stops pulling the sources that feed this stage
+    /// (see [`via`](Flow::via)); the items already on their way are counted as dropped.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter(0..).take(3).collect().await.unwrap();   // endless source
+    /// assert_eq!(out, vec![0, 1, 2]);
+    /// # }
+    /// ```
+    fn take(self, n: u64) -> Pipeline<Self::Item> {
+        self.via(crate::ops::take::Take { left: n })
+    }
+
+    /// Lets items through while `pred` accepts them; at the first it refuses, stops pulling
+    /// the sources that feed this stage (see [`via`](Flow::via)). That item and the ones
+    /// still on their way are counted as dropped.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter([1, 2, 7, 3]).take_while(|x| *x < 5).collect().await.unwrap();
+    /// assert_eq!(out, vec![1, 2]);
+    /// # }
+    /// ```
+    fn take_while<F>(self, pred: F) -> Pipeline<Self::Item>
+    where
+        F: FnMut(&Self::Item) -> bool + Send + 'static,
+    {
+        self.via(crate::ops::take::TakeWhile(pred))
+    }
+
     /// An async stage named `name`: `f` is called for each item, with `workers(n)` calls in
     /// flight (default 1), in order unless `.unordered()`. A panic in `f` fails the item.
     ///

@@ -16,5 +16,6 @@ pub(crate) mod map_async;
 pub(crate) mod operator;
 pub(crate) mod pace;
 pub(crate) mod scan;
+pub(crate) mod take;
 pub(crate) mod throttle;
 pub(crate) mod unbatch;
