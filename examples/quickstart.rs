@@ -117,13 +117,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 e.order.cents / 2
             }
         })
-        .dead_letter(DeadLetter::jsonl(&dead_letters))
         .for_each(move |cents| {
             let revenue = revenue.clone();
             async move {
                 revenue.fetch_add(cents, Ordering::Relaxed);
             }
         })
+        .dead_letter(DeadLetter::jsonl(&dead_letters))
         .await?;
 
     println!("{report}");

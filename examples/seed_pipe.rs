@@ -46,12 +46,13 @@ async fn main() -> Result<(), Error> {
         .workers(4);
 
     // success:print — the successes of both paths.
-    let mut graph = Graph::new();
-    graph.for_each(
-        ok.merge_with(retried),
-        |v| async move { println!("ok {v}") },
-    );
-    let report = graph.run().await?;
+    let report = Graph::new()
+        .for_each(
+            ok.merge_with(retried),
+            |v| async move { println!("ok {v}") },
+        )
+        .run()
+        .await?;
     eprintln!("{report}");
     assert_eq!(report.delivered(), 100);
     assert!(report.is_balanced());

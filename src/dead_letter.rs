@@ -34,8 +34,8 @@ enum Target {
 ///         if x == 3 { Err(format!("{x} is unlucky")) } else { Ok(x) }
 ///     })
 ///     .keep_input()
-///     .dead_letter(DeadLetter::callback(move |f| seen.lock().unwrap().push(f.to_string())))
 ///     .run()
+///     .dead_letter(DeadLetter::callback(move |f| seen.lock().unwrap().push(f.to_string())))
 ///     .await
 ///     .unwrap();
 /// assert_eq!(report.failures, 1);
@@ -76,12 +76,6 @@ impl DeadLetter {
         DeadLetter {
             target: Target::Report,
         }
-    }
-
-    /// Whether this is the default target (so that combining the settings of several
-    /// pipelines keeps the one a user chose).
-    pub(crate) fn is_report(&self) -> bool {
-        matches!(self.target, Target::Report)
     }
 
     /// Calls `f` with every failure, synchronously, on the task where the item failed.

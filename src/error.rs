@@ -183,17 +183,12 @@ impl fmt::Display for Failure {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A stage or pipeline option has a value it cannot take. Raised before anything runs.
-    #[error("invalid configuration: stage `{stage}`: {option} = {value}: {reason}")]
+    /// Options with values they cannot take, every one of them at once. Raised before
+    /// anything runs.
+    #[error("invalid configuration: {}", ConfigProblem::list(problems))]
     Config {
-        /// The stage (or `pipeline`) the option belongs to.
-        stage: String,
-        /// The option's name.
-        option: &'static str,
-        /// The rejected value.
-        value: String,
-        /// What the option accepts.
-        reason: &'static str,
+        /// Each option that was rejected, in the order the plan was written.
+        problems: Vec<ConfigProblem>,
     },
     /// `ErrorPolicy::Stop`: the first failed item aborted the run.
     #[error("run stopped on the first failure: {failure}")]
@@ -262,10 +257,92 @@ impl Error {
         reason: &'static str,
     ) -> Self {
         Error::Config {
-            stage: stage.to_string(),
-            option,
-            value: format!("{value:?}"),
-            reason,
+            problems: vec![ConfigProblem {
+                stage: stage.to_string(),
+                option,
+                value: format!("{value:?}"),
+                reason,
+            }],
         }
+    }
+
+    /// [`Error::config`] with the value already written out.
+    pub(crate) fn config_text(
+        stage: &str,
+        option: &'static str,
+        value: String,
+        reason: &'static str,
+    ) -> Self {
+        Error::Config {
+            problems: vec![ConfigProblem {
+                stage: stage.to_string(),
+                option,
+                value,
+                reason,
+            }],
+        }
+    }
+
+    /// The problems of a plan as one error: every configuration problem joined into one
+    /// [`Error::Config`] (in order); any other error found while planning comes first.
+    pub(crate) fn all_config(errors: Vec<Error>) -> Option<Error> {
+        let mut problems = Vec::new();
+        for e in errors {
+            match e {
+                Error::Config { problems: p } => problems.extend(p),
+                other => return Some(other),
+            }
+        }
+        (!problems.is_empty()).then_some(Error::Config { problems })
+    }
+}
+
+/// One option with a value it cannot take: which stage, which option, the value, and what
+/// the option accepts.
+///
+/// ```
+/// use flowline::prelude::*;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let err = Pipeline::from_iter(0..10u32)
+///     .map_async("fetch", |x| async move { x })
+///     .workers(0)
+///     .buffer(0)
+///     .run()
+///     .await
+///     .unwrap_err();
+/// let Error::Config { problems } = err else { panic!("{err}") };
+/// assert_eq!(problems.len(), 2);                 // every problem, at once
+/// assert_eq!((problems[0].stage.as_str(), problems[0].option), ("fetch", "workers"));
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The stage (or `run`, `graph`) the option belongs to.
+    pub stage: String,
+    /// The option's name.
+    pub option: &'static str,
+    /// The rejected value, as written (`Debug`).
+    pub value: String,
+    /// What the option accepts.
+    pub reason: &'static str,
+}
+
+impl ConfigProblem {
+    fn list(problems: &[ConfigProblem]) -> String {
+        problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "stage `{}`: {} = {}: {}",
+            self.stage, self.option, self.value, self.reason
+        )
     }
 }

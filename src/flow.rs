@@ -5,14 +5,13 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::error::{BoxError, Error};
+use crate::error::BoxError;
 use crate::ops::map_async::{AsyncStage, Fallible, Infallible};
 use crate::plan::{IntoPipeline, Pipeline};
 use crate::report::Report;
-use crate::runtime::chunk::Chunk;
 use crate::runtime::handle::{Handle, ItemStream};
+use crate::runtime::run::Run;
 use crate::runtime::sink;
-use crate::{DeadLetter, ErrorPolicy};
 
 /// The operators and terminals of a pipeline: one-line methods over [`IntoPipeline`], so
 /// every plan and every stage being configured (like [`AsyncStage`]) has them, and one chain
@@ -281,60 +280,9 @@ pub trait Flow: IntoPipeline {
         crate::ops::buffer::buffer(self.into_pipeline(), capacity)
     }
 
-    /// Ends the whole run if it has not finished within `limit` (on tokio's clock). The run
-    /// returns [`Error::DeadlineExceeded`] with the report. Must be more than zero.
-    ///
-    /// ```
-    /// use flowline::prelude::*;
-    /// use std::time::Duration;
-    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
-    /// let err = Pipeline::from_iter(0..u64::MAX)
-    ///     .map_async("slow", |x| async move { tokio::time::sleep(Duration::from_secs(1)).await; x })
-    ///     .deadline(Duration::from_secs(10))
-    ///     .run().await.unwrap_err();
-    /// assert!(matches!(err, Error::DeadlineExceeded { .. }));
-    /// # }
-    /// ```
-    fn deadline(self, limit: Duration) -> Pipeline<Self::Item> {
-        let mut p = self.into_pipeline();
-        p.settings.require_positive("pipeline", "deadline", limit);
-        p.settings.deadline = Some(limit);
-        p
-    }
-
-    /// What to do when an item fails (default: [`ErrorPolicy::Continue`]).
-    ///
-    /// ```
-    /// use flowline::prelude::*;
-    /// let plan = Pipeline::from_iter(0..3).error_policy(ErrorPolicy::Stop);
-    /// # let _ = plan;
-    /// ```
-    fn error_policy(self, policy: ErrorPolicy) -> Pipeline<Self::Item> {
-        let mut p = self.into_pipeline();
-        p.settings.policy = policy;
-        p
-    }
-
-    /// Where failed items go (default: counted and sampled in the report, and logged).
-    ///
-    /// ```
-    /// use flowline::prelude::*;
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    /// Pipeline::from_iter([1u32, 0, 2])
-    ///     .try_map_async("invert", |x| async move { if x == 0 { Err("zero") } else { Ok(1.0 / x as f64) } })
-    ///     .dead_letter(DeadLetter::channel(tx))
-    ///     .run().await.unwrap();
-    /// assert_eq!(rx.recv().await.unwrap().error.to_string(), "zero");
-    /// # }
-    /// ```
-    fn dead_letter(self, target: DeadLetter) -> Pipeline<Self::Item> {
-        let mut p = self.into_pipeline();
-        p.settings.dead_letter = target;
-        p
-    }
-
-    /// Runs the pipeline to the end, dropping what comes out; returns the report.
+    /// Runs the pipeline to the end, dropping what comes out; await it for the report. The
+    /// returned [`Run`] takes the run's options (`deadline`, `error_policy`, `dead_letter`)
+    /// and can be [`spawn`](Run::spawn)ed instead.
     ///
     /// ```
     /// use flowline::prelude::*;
@@ -343,17 +291,14 @@ pub trait Flow: IntoPipeline {
     /// assert_eq!(report.delivered(), 10);
     /// # }
     /// ```
-    fn run(self) -> impl Future<Output = Result<Report, Error>> + Send {
-        let p = self.into_pipeline();
-        async move {
-            crate::runtime::run::execute(p, sink::Discard, "sink")
-                .await
-                .map(|(r, ())| r)
-        }
+    fn run(self) -> Run<Self::Item, sink::Discard, Report> {
+        Run::new(self.into_pipeline(), sink::Discard, "sink", |report, ()| {
+            report
+        })
     }
 
     /// Runs the pipeline, calling `f` for each item that comes out (one at a time, in
-    /// order). A panic in `f` fails that item.
+    /// order); await it for the report. A panic in `f` fails that item.
     ///
     /// ```
     /// use flowline::prelude::*;
@@ -364,17 +309,17 @@ pub trait Flow: IntoPipeline {
     /// assert_eq!(report.delivered(), 3);
     /// # }
     /// ```
-    fn for_each<F, Fut>(self, f: F) -> impl Future<Output = Result<Report, Error>> + Send
+    fn for_each<F, Fut>(self, f: F) -> Run<Self::Item, sink::ForEach<F>, Report>
     where
         F: FnMut(Self::Item) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let p = self.into_pipeline();
-        async move {
-            crate::runtime::run::execute(p, sink::ForEach(f), "for_each")
-                .await
-                .map(|(r, ())| r)
-        }
+        Run::new(
+            self.into_pipeline(),
+            sink::ForEach(f),
+            "for_each",
+            |report, ()| report,
+        )
     }
 
     /// Runs the pipeline and collects what comes out.
@@ -385,9 +330,13 @@ pub trait Flow: IntoPipeline {
     /// assert_eq!(Pipeline::from_iter(0..3).collect().await.unwrap(), vec![0, 1, 2]);
     /// # }
     /// ```
-    fn collect(self) -> impl Future<Output = Result<Vec<Self::Item>, Error>> + Send {
-        let f = self.collect_with_report();
-        async move { f.await.map(|(v, _)| v) }
+    fn collect(self) -> Run<Self::Item, sink::Collect<Self::Item>, Vec<Self::Item>> {
+        Run::new(
+            self.into_pipeline(),
+            sink::Collect(Vec::new()),
+            "collect",
+            |_, v| v,
+        )
     }
 
     /// Like [`collect`](Flow::collect), with the report.
@@ -399,19 +348,21 @@ pub trait Flow: IntoPipeline {
     /// assert_eq!((out.len() as u64), report.delivered());
     /// # }
     /// ```
+    #[allow(clippy::type_complexity)]
     fn collect_with_report(
         self,
-    ) -> impl Future<Output = Result<(Vec<Self::Item>, Report), Error>> + Send {
-        let p = self.into_pipeline();
-        async move {
-            crate::runtime::run::execute(p, sink::Collect(Vec::new()), "collect")
-                .await
-                .map(|(r, v)| (v, r))
-        }
+    ) -> Run<Self::Item, sink::Collect<Self::Item>, (Vec<Self::Item>, Report)> {
+        Run::new(
+            self.into_pipeline(),
+            sink::Collect(Vec::new()),
+            "collect",
+            |r, v| (v, r),
+        )
     }
 
     /// Starts the run and returns a stream of what comes out. Dropping the stream cancels
-    /// the run; [`ItemStream::finish`] returns the report.
+    /// the run; [`ItemStream::finish`] returns the report. With run options:
+    /// `.run().deadline(..).into_stream()`.
     ///
     /// ```
     /// use flowline::prelude::*;
@@ -425,13 +376,12 @@ pub trait Flow: IntoPipeline {
     /// # }
     /// ```
     fn into_stream(self) -> ItemStream<Self::Item> {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Chunk<Self::Item>>(2);
-        let handle = Handle::start(self.into_pipeline(), sink::Forward(tx), "stream");
-        ItemStream::new(rx, handle)
+        self.run().into_stream()
     }
 
     /// Starts the run in the background and returns its [`Handle`]: cancel, stop, pause,
     /// step, live counters, and `join` for the report. Must be called inside a tokio runtime.
+    /// With run options: `.run().deadline(..).spawn()`.
     ///
     /// ```
     /// use flowline::prelude::*;
@@ -442,10 +392,8 @@ pub trait Flow: IntoPipeline {
     /// # }
     /// ```
     fn spawn(self) -> Handle {
-        Handle::start(self.into_pipeline(), sink::Discard, "sink")
+        self.run().spawn()
     }
-
-    // ---- issue 5: steer and see a running pipeline ----
 
     /// Shows live progress: per-stage counts, rate, and ETA when the total is known (from an
     /// exact-size iterator, or [`ProgressOptions::total`](crate::ProgressOptions::total)).
@@ -671,23 +619,22 @@ pub trait Flow: IntoPipeline {
         crate::ops::idempotent::idempotent(self.into_pipeline(), store, key)
     }
 
-    // ---- Flow control and resilience: rate limit, throttle, in-flight, retry, circuit breaker, adaptive workers, pause on error ----
-
-    /// Lets items through at most at `rate`: delayed, never dropped (see [`Rate`](crate::Rate);
-    /// clones share one budget). For a limit on an async stage's calls, use
-    /// [`AsyncStage::rate_limit`] right under the stage.
+    /// Paces the *items* passing this point to at most `rate`: delayed, never dropped (see
+    /// [`Rate`](crate::Rate); clones share one budget). To limit how often an async stage
+    /// *starts calls* ("at most n requests per second"), use [`AsyncStage::rate_limit`] right
+    /// under the stage instead: it limits the calls themselves, retries included.
     ///
     /// ```
     /// use flowline::prelude::*;
     /// use std::time::Duration;
     /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
     /// let t = tokio::time::Instant::now();
-    /// let out = Pipeline::from_iter(0..3).rate_limit(Rate::per_second(2)).collect().await.unwrap();
+    /// let out = Pipeline::from_iter(0..3).pace(Rate::per_second(2)).collect().await.unwrap();
     /// assert_eq!((out.len(), t.elapsed()), (3, Duration::from_secs(1)));
     /// # }
     /// ```
-    fn rate_limit(self, rate: crate::Rate) -> Pipeline<Self::Item> {
-        crate::ops::pace::rate_limit(self.into_pipeline(), rate)
+    fn pace(self, rate: crate::Rate) -> Pipeline<Self::Item> {
+        crate::ops::pace::pace(self.into_pipeline(), rate)
     }
 
     /// At most one item per `interval`; the others are dropped and counted as `dropped`
@@ -723,11 +670,12 @@ pub trait Flow: IntoPipeline {
     /// use flowline::prelude::*;
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// let (small, large) = Pipeline::from_iter(1..=6u32).branch("size", |x| *x <= 3);
-    /// let mut graph = Graph::new();
-    /// let small = graph.collect(small);
-    /// let large = graph.collect(large.map(|x| x * 10));
-    /// graph.run().await.unwrap();
-    /// assert_eq!((small.take(), large.take()), (vec![1, 2, 3], vec![40, 50, 60]));
+    /// let (smalls, larges) = (Collected::new(), Collected::new());
+    /// Graph::new()
+    ///     .collect(small, &smalls)
+    ///     .collect(large.map(|x| x * 10), &larges)
+    ///     .run().await.unwrap();
+    /// assert_eq!((smalls.take(), larges.take()), (vec![1, 2, 3], vec![40, 50, 60]));
     /// # }
     /// ```
     fn branch<F>(self, name: &str, predicate: F) -> (Pipeline<Self::Item>, Pipeline<Self::Item>)
@@ -748,11 +696,9 @@ pub trait Flow: IntoPipeline {
     /// let (ok, err) = Pipeline::from_iter(["1", "x", "3"])
     ///     .map(|s| s.parse::<u32>().map_err(|_| s))
     ///     .branch_result();
-    /// let mut graph = Graph::new();
-    /// let ok = graph.collect(ok);
-    /// let err = graph.collect(err);
-    /// graph.run().await.unwrap();
-    /// assert_eq!((ok.take(), err.take()), (vec![1, 3], vec!["x"]));
+    /// let (oks, errs) = (Collected::new(), Collected::new());
+    /// Graph::new().collect(ok, &oks).collect(err, &errs).run().await.unwrap();
+    /// assert_eq!((oks.take(), errs.take()), (vec![1, 3], vec!["x"]));
     /// # }
     /// ```
     fn branch_result<A, E>(self) -> (Pipeline<A>, Pipeline<E>)
@@ -775,11 +721,9 @@ pub trait Flow: IntoPipeline {
     ///     .route(3, |x| (*x / 3) as usize)
     ///     .try_into()
     ///     .unwrap();
-    /// let mut graph = Graph::new();
-    /// let (low, mid) = (graph.collect(low), graph.collect(mid));
-    /// graph.discard(high);
-    /// graph.run().await.unwrap();
-    /// assert_eq!((low.take(), mid.take()), (vec![0, 1, 2], vec![3, 4, 5]));
+    /// let (lows, mids) = (Collected::new(), Collected::new());
+    /// Graph::new().collect(low, &lows).collect(mid, &mids).discard(high).run().await.unwrap();
+    /// assert_eq!((lows.take(), mids.take()), (vec![0, 1, 2], vec![3, 4, 5]));
     /// # }
     /// ```
     fn route<F>(self, n: usize, pick: F) -> Vec<Pipeline<Self::Item>>
@@ -830,12 +774,12 @@ pub trait Flow: IntoPipeline {
     /// ```
     /// use flowline::prelude::*;
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// let mut graph = Graph::new();
-    /// let outs: Vec<_> = Pipeline::from_iter(0..3u32)
+    /// let outs = [Collected::new(), Collected::new()];
+    /// let graph = Pipeline::from_iter(0..3u32)
     ///     .broadcast(2)
     ///     .into_iter()
-    ///     .map(|branch| graph.collect(branch.buffer(1_000)))
-    ///     .collect();
+    ///     .zip(&outs)
+    ///     .fold(Graph::new(), |g, (branch, out)| g.collect(branch.buffer(1_000), out));
     /// let report = graph.run().await.unwrap();
     /// assert_eq!(outs[1].take(), vec![0, 1, 2]);
     /// assert_eq!(report.delivered(), 6);

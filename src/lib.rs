@@ -61,7 +61,7 @@ mod store;
 mod topology;
 
 pub use dead_letter::DeadLetter;
-pub use error::{BoxError, Error, FailedInput, Failure, ItemError};
+pub use error::{BoxError, ConfigProblem, Error, FailedInput, Failure, ItemError};
 pub use flow::Flow;
 pub use loader::{LoadError, Loader};
 pub use observe::progress::{ProgressOptions, StderrAboveProgress};
@@ -72,7 +72,7 @@ pub use ops::idempotent::Idempotent;
 pub use ops::map_async::{AsyncStage, Fallible, Infallible, StageFn};
 pub use ops::operator::{Operator, Out, Step};
 pub use ops::throttle::Throttle;
-pub use plan::{ErrorPolicy, IntoPipeline, Pipeline};
+pub use plan::{ErrorPolicy, IntoPipeline, Pipeline, RunOptions};
 pub use policy::adaptive::Adaptive;
 pub use policy::breaker::{Breaker, BreakerReport, BreakerState, OnOpen};
 pub use policy::inflight::Inflight;
@@ -80,6 +80,7 @@ pub use policy::rate::Rate;
 pub use policy::retry::{Retry, RetryAfter, RetryBudget};
 pub use report::{LatencySummary, Report, RunOutcome, StageReport};
 pub use runtime::handle::{Handle, ItemStream};
+pub use runtime::run::Run;
 pub use source::{CursorOptions, Page};
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
@@ -95,7 +96,7 @@ pub mod prelude {
     pub use crate::{
         Adaptive, BoxError, Breaker, BreakerState, Collected, DeadLetter, Error, ErrorPolicy,
         Failure, Flow, Graph, Handle, Inflight, IntoPipeline, ItemError, Loader, OnOpen, Operator,
-        Out, Pipeline, Rate, Report, Retry, RetryAfter, RetryBudget, RunOutcome, Step, Throttle,
-        Window,
+        Out, Pipeline, Rate, Report, Retry, RetryAfter, RetryBudget, RunOptions, RunOutcome, Step,
+        Throttle, Window,
     };
 }

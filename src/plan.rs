@@ -16,8 +16,8 @@ use crate::source::{Pull, Source};
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let err = Pipeline::from_iter(0..100u32)
 ///     .try_map_async("check", |x| async move { if x == 7 { Err("seven") } else { Ok(x) } })
-///     .error_policy(ErrorPolicy::Stop)
 ///     .run()
+///     .error_policy(ErrorPolicy::Stop)
 ///     .await
 ///     .unwrap_err();
 /// match err {
@@ -35,12 +35,13 @@ pub enum ErrorPolicy {
     Stop,
 }
 
-/// Run-wide settings carried along the chain of operators.
+/// What a plan carries besides its build step: problems found while it was written, and
+/// what is known of its size. Run-wide settings (deadline, error policy, dead letters) are
+/// not here: they belong to the run ([`RunOptions`]), not to a point in the chain.
+#[derive(Default)]
 pub(crate) struct Settings {
-    pub(crate) deadline: Option<Duration>,
-    pub(crate) policy: ErrorPolicy,
-    pub(crate) dead_letter: DeadLetter,
-    /// Configuration errors found while the plan was written; reported before anything runs.
+    /// Configuration errors found while the plan was written; all are reported at once,
+    /// before anything runs.
     pub(crate) errors: Vec<Error>,
     /// The number of items the source will produce, when known.
     pub(crate) total: Option<u64>,
@@ -64,16 +65,96 @@ impl Settings {
         }
         !value.is_zero()
     }
+
+    /// The settings of several plans joined into one (merge, zip, a graph): every problem of
+    /// every part; the item total is left unknown.
+    pub(crate) fn join(all: impl IntoIterator<Item = Settings>) -> Settings {
+        Settings {
+            errors: all.into_iter().flat_map(|s| s.errors).collect(),
+            total: None,
+        }
+    }
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            deadline: None,
-            policy: ErrorPolicy::Continue,
-            dead_letter: DeadLetter::report(),
-            errors: Vec::new(),
-            total: None,
+/// The settings of one run, whatever its shape: set on a terminal
+/// (`pipeline.run().deadline(..)`) or on a graph's run, never at a point in the chain.
+///
+/// ```
+/// use flowline::prelude::*;
+/// use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let options = RunOptions::new()
+///     .deadline(Duration::from_secs(60))
+///     .error_policy(ErrorPolicy::Stop);
+/// let report = Pipeline::from_iter(0..10).run().options(options.clone()).await.unwrap();
+/// assert_eq!(report.delivered(), 10);
+/// # }
+/// ```
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct RunOptions {
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) policy: ErrorPolicy,
+    pub(crate) dead_letter: DeadLetter,
+}
+
+impl RunOptions {
+    /// The defaults: no deadline, [`ErrorPolicy::Continue`], dead letters kept in the report.
+    ///
+    /// ```
+    /// let o = flowline::RunOptions::new();
+    /// # let _ = o;
+    /// ```
+    pub fn new() -> Self {
+        RunOptions::default()
+    }
+
+    /// Ends the whole run if it has not finished within `limit` (on tokio's clock): the run
+    /// returns [`Error::DeadlineExceeded`] with the report. Must be more than zero.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let o = flowline::RunOptions::new().deadline(Duration::from_secs(30));
+    /// # let _ = o;
+    /// ```
+    pub fn deadline(mut self, limit: Duration) -> Self {
+        self.deadline = Some(limit);
+        self
+    }
+
+    /// What to do when an item fails (default: [`ErrorPolicy::Continue`]).
+    ///
+    /// ```
+    /// use flowline::{ErrorPolicy, RunOptions};
+    /// let o = RunOptions::new().error_policy(ErrorPolicy::Stop);
+    /// # let _ = o;
+    /// ```
+    pub fn error_policy(mut self, policy: ErrorPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Where failed items go (default: counted and sampled in the report, and logged).
+    ///
+    /// ```
+    /// use flowline::{DeadLetter, RunOptions};
+    /// let o = RunOptions::new().dead_letter(DeadLetter::callback(|f| eprintln!("{f}")));
+    /// # let _ = o;
+    /// ```
+    pub fn dead_letter(mut self, target: DeadLetter) -> Self {
+        self.dead_letter = target;
+        self
+    }
+
+    /// The problems of these options, in `errors`.
+    pub(crate) fn check(&self, errors: &mut Vec<Error>) {
+        if self.deadline.is_some_and(|d| d.is_zero()) {
+            errors.push(Error::config(
+                "run",
+                "deadline",
+                Duration::ZERO,
+                "must be more than zero",
+            ));
         }
     }
 }
@@ -101,8 +182,7 @@ pub struct Pipeline<T> {
 impl<T> fmt::Debug for Pipeline<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pipeline")
-            .field("deadline", &self.settings.deadline)
-            .field("policy", &self.settings.policy)
+            .field("total", &self.settings.total)
             .finish_non_exhaustive()
     }
 }

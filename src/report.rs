@@ -46,7 +46,7 @@ impl OwnedCounts {
 }
 
 /// Live counters of one stage. Updated per chunk (never per item) with relaxed atomics.
-pub(crate) struct StageStats {
+pub struct StageStats {
     pub(crate) name: Arc<str>,
     pub(crate) kind: &'static str,
     pub(crate) received: AtomicU64,

@@ -2,6 +2,7 @@
 //! cancellation and graceful stop, no leaked tasks, the starvation trap, dead-letter targets,
 //! and rejection of bad configuration.
 
+use std::future::IntoFuture as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -92,8 +93,8 @@ async fn deadline_ends_the_run_exactly_on_time_with_a_balanced_report() {
             x
         })
         .workers(2)
-        .deadline(ms(1000))
         .run()
+        .deadline(ms(1000))
         .await
         .unwrap_err();
     assert_eq!(start.elapsed(), ms(1000));
@@ -289,7 +290,7 @@ async fn no_task_outlives_stop() {
 #[tokio::test(start_paused = true)]
 async fn no_task_outlives_a_deadline() {
     leaves_no_task(|w| async move {
-        let r = slow_plan(w).deadline(ms(30)).run().await;
+        let r = slow_plan(w).run().deadline(ms(30)).await;
         assert!(matches!(r, Err(Error::DeadlineExceeded { .. })));
     })
     .await;
@@ -302,8 +303,8 @@ async fn no_task_outlives_error_policy_stop() {
             .try_map_async("check", |x| async move {
                 if x == 77 { Err("bad") } else { Ok(x) }
             })
-            .error_policy(ErrorPolicy::Stop)
             .run()
+            .error_policy(ErrorPolicy::Stop)
             .await;
         let Err(Error::ItemFailed { failure, report }) = r else {
             panic!("expected ItemFailed")
@@ -386,6 +387,7 @@ async fn dead_letters_reach_a_channel_and_a_callback() {
             }
         })
         .workers(4)
+        .run()
         .dead_letter(DeadLetter::channel(tx));
     let reader = tokio::spawn(async move {
         let mut got = vec![];
@@ -394,7 +396,7 @@ async fn dead_letters_reach_a_channel_and_a_callback() {
         }
         got
     });
-    let report = report.run().await.unwrap();
+    let report = report.await.unwrap();
     assert_eq!(report.failures, 10);
     let mut got = reader.await.unwrap();
     got.sort();
@@ -408,8 +410,8 @@ async fn dead_letters_reach_a_channel_and_a_callback() {
     let s = seen.clone();
     Pipeline::from_iter(0..5u32)
         .try_map_async("never", |_| async { Err::<u32, _>("no") })
-        .dead_letter(DeadLetter::callback(move |_| *s.lock().unwrap() += 1))
         .run()
+        .dead_letter(DeadLetter::callback(move |_| *s.lock().unwrap() += 1))
         .await
         .unwrap();
     assert_eq!(*seen.lock().unwrap(), 5);
@@ -423,8 +425,8 @@ async fn dead_letters_are_written_to_a_jsonl_file() {
     Pipeline::from_iter(["1", "x", "3", "y"])
         .try_map_async("parse", |s| async move { s.parse::<u32>() })
         .keep_input()
-        .dead_letter(DeadLetter::jsonl(&path))
         .run()
+        .dead_letter(DeadLetter::jsonl(&path))
         .await
         .unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
@@ -474,10 +476,10 @@ async fn bad_configuration_is_rejected_before_anything_runs() {
         ),
         (
             Pipeline::from_iter(src())
-                .deadline(Duration::ZERO)
                 .run()
+                .deadline(Duration::ZERO)
                 .await,
-            "invalid configuration: stage `pipeline`: deadline = 0ns: must be more than zero",
+            "invalid configuration: stage `run`: deadline = 0ns: must be more than zero",
         ),
     ];
     for (result, message) in cases {
@@ -488,7 +490,7 @@ async fn bad_configuration_is_rejected_before_anything_runs() {
 
 #[test]
 fn outside_a_runtime_the_error_says_so() {
-    let r = futures::executor::block_on(Pipeline::from_iter(0..3).run());
+    let r = futures::executor::block_on(Pipeline::from_iter(0..3).run().into_future());
     assert!(matches!(r, Err(Error::NoRuntime)));
 }
 

@@ -50,7 +50,7 @@ fn accuracy(times: &[Instant], target: f64) -> (f64, f64, f64) {
 async fn flowline_rate(rate: u64, secs: f64) -> Vec<Instant> {
     let n = (rate as f64 * secs) as u64 + 1;
     Pipeline::from_iter(0..n)
-        .rate_limit(Rate::per_second(rate))
+        .pace(Rate::per_second(rate))
         .map(|_| Instant::now())
         .collect()
         .await

@@ -54,10 +54,10 @@ async fn partition8() -> (f64, f64) {
 
 async fn broadcast3() -> (f64, f64) {
     let start = Instant::now();
-    let mut graph = Graph::new();
-    for branch in Pipeline::from_iter(0..N).broadcast(3) {
-        graph.discard(branch);
-    }
+    let graph = Pipeline::from_iter(0..N)
+        .broadcast(3)
+        .into_iter()
+        .fold(Graph::new(), Graph::discard);
     let report = graph.run().await.unwrap();
     assert_eq!(report.delivered(), 3 * N);
     let flowline = per_item(start);

@@ -664,10 +664,13 @@ mod tests {
     #[tokio::test]
     async fn done_on_one_pipeline_of_a_graph_leaves_the_others_running() {
         let pulls = Arc::new(AtomicU64::new(0));
-        let mut graph = Graph::new();
-        let ended = graph.collect(counted_source(&pulls).via(Ending));
-        let full = graph.collect(Pipeline::from_iter(0..5_000u32));
-        let report = graph.run().await.unwrap();
+        let (ended, full) = (Collected::new(), Collected::new());
+        let report = Graph::new()
+            .collect(counted_source(&pulls).via(Ending), &ended)
+            .collect(Pipeline::from_iter(0..5_000u32), &full)
+            .run()
+            .await
+            .unwrap();
         assert_eq!(ended.take(), vec![0]);
         assert_eq!(full.take().len(), 5_000);
         assert!(report.is_balanced());
@@ -676,13 +679,16 @@ mod tests {
     #[tokio::test]
     async fn done_on_one_branch_of_a_split_keeps_the_shared_source() {
         let (small, large) = Pipeline::from_iter(0..5_000u64).branch("split", |x| x % 2 == 0);
-        let mut graph = Graph::new();
+        let (first, second) = (Collected::new(), Collected::new());
         // built first: this branch builds the shared source, and still must not stop it
-        let small = graph.collect(small.via(Ending));
-        let large = graph.collect(large);
-        let report = graph.run().await.unwrap();
-        assert_eq!(small.take(), vec![0]);
-        assert_eq!(large.take().len(), 2_500);
+        let report = Graph::new()
+            .collect(small.via(Ending), &first)
+            .collect(large, &second)
+            .run()
+            .await
+            .unwrap();
+        assert_eq!(first.take(), vec![0]);
+        assert_eq!(second.take().len(), 2_500);
         assert_eq!(report.stage("operator").unwrap().dropped, 2_499);
         assert!(report.is_balanced());
     }

@@ -1,4 +1,4 @@
-//! Pipeline-level `rate_limit(rate)`: items pass at most at `rate`, delayed, never dropped.
+//! `pace(rate)`: items pass at most at `rate`, delayed, never dropped.
 //! Fused into the task that pulls it; permits are taken for a whole chunk at a time.
 
 use std::sync::Arc;
@@ -67,17 +67,14 @@ impl<T: Send + 'static> ChunkSource<T> for RateLimited<T> {
     }
 }
 
-pub(crate) fn rate_limit<T: Send + 'static>(mut p: Pipeline<T>, rate: Rate) -> Pipeline<T> {
+pub(crate) fn pace<T: Send + 'static>(mut p: Pipeline<T>, rate: Rate) -> Pipeline<T> {
     if let Some((option, value, reason)) = rate.invalid() {
-        p.settings.errors.push(Error::Config {
-            stage: "rate_limit".into(),
-            option,
-            value,
-            reason,
-        });
+        p.settings
+            .errors
+            .push(Error::config_text("pace", option, value, reason));
     }
     p.then(move |b, up| {
-        let stats = b.stage("rate_limit", "rate_limit");
+        let stats = b.stage("pace", "pace");
         Box::new(RateLimited {
             up,
             rate,
@@ -97,7 +94,7 @@ mod tests {
     async fn n_items_take_n_minus_one_intervals() {
         let start = tokio::time::Instant::now();
         let (out, report) = Pipeline::from_iter(0..21u32)
-            .rate_limit(Rate::per_second(20))
+            .pace(Rate::per_second(20))
             .map(move |x| (x, start.elapsed()))
             .collect_with_report()
             .await
@@ -113,7 +110,7 @@ mod tests {
     async fn accurate_at_100k_per_second_despite_the_1ms_timer() {
         let start = tokio::time::Instant::now();
         let out = Pipeline::from_iter(0..100_001u32)
-            .rate_limit(Rate::per_second(100_000))
+            .pace(Rate::per_second(100_000))
             .map(move |_| start.elapsed())
             .collect()
             .await
@@ -139,7 +136,7 @@ mod tests {
     async fn burst_passes_the_first_b_at_once() {
         let start = tokio::time::Instant::now();
         let out = Pipeline::from_iter(0..8u32)
-            .rate_limit(Rate::per_second(10).burst(5))
+            .pace(Rate::per_second(10).burst(5))
             .map(move |_| start.elapsed().as_millis() as u64)
             .collect()
             .await
@@ -150,13 +147,13 @@ mod tests {
     #[tokio::test]
     async fn zero_rate_is_rejected() {
         let err = Pipeline::from_iter(0..3)
-            .rate_limit(Rate::per_second(0))
+            .pace(Rate::per_second(0))
             .run()
             .await
             .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "invalid configuration: stage `rate_limit`: rate = 0 per 1s: count must be at least 1"
+            "invalid configuration: stage `pace`: rate = 0 per 1s: count must be at least 1"
         );
     }
 }

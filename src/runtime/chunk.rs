@@ -131,7 +131,7 @@ impl Drop for Ticket {
 }
 
 /// A chunk of items. `tickets` is either empty (untracked) or holds one ticket per item.
-pub(crate) struct Chunk<T> {
+pub struct Chunk<T> {
     pub(crate) items: Vec<T>,
     pub(crate) tickets: Vec<Ticket>,
 }

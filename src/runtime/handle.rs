@@ -13,12 +13,10 @@ use tokio::task::JoinHandle;
 
 use crate::dead_letter::{DeadLetter, DeadLetters};
 use crate::error::Error;
-use crate::plan::{ErrorPolicy, Pipeline};
+use crate::plan::ErrorPolicy;
 use crate::report::{Report, RunOutcome};
 use crate::runtime::RunCtx;
 use crate::runtime::chunk::{Chunk, Outcome, Ticket};
-use crate::runtime::run::{execute_in, prepare};
-use crate::runtime::sink::Sink;
 
 enum State {
     Running(JoinHandle<Result<Report, Error>>),
@@ -63,38 +61,6 @@ impl fmt::Debug for Handle {
 }
 
 impl Handle {
-    pub(crate) fn start<T: Send + 'static, K: Sink<T, Output = ()>>(
-        mut p: Pipeline<T>,
-        sink: K,
-        sink_name: &'static str,
-    ) -> Handle {
-        let started = tokio::time::Instant::now();
-        match prepare(&mut p) {
-            Ok(run) => {
-                let task = tokio::spawn(execute_in(run.clone(), p, sink, sink_name));
-                let task = async move { task.await.map(|r| r.map(|(report, ())| report)) };
-                let task = tokio::spawn(async move {
-                    task.await
-                        .unwrap_or_else(|e| Err(Error::Internal(format!("run task failed: {e}"))))
-                });
-                Handle {
-                    run,
-                    state: State::Running(task),
-                    started,
-                }
-            }
-            Err(e) => Handle {
-                run: Arc::new(RunCtx::new(
-                    ErrorPolicy::Continue,
-                    DeadLetters::open(&DeadLetter::report())
-                        .expect("the report target cannot fail to open"),
-                )),
-                state: State::NotStarted(e),
-                started,
-            },
-        }
-    }
-
     /// A handle on a run already prepared (`run`) whose driving future is `task` (a graph).
     pub(crate) fn from_run(
         run: Arc<RunCtx>,

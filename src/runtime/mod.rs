@@ -96,7 +96,7 @@ pub(crate) async fn send_counted<T>(
 }
 
 /// State shared by every task of one run.
-pub(crate) struct RunCtx {
+pub struct RunCtx {
     /// Cancels everything now.
     pub(crate) cancel: CancellationToken,
     /// The source gate: pause, resume, step, stop.

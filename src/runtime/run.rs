@@ -5,38 +5,249 @@ use std::sync::atomic::Ordering;
 
 use crate::dead_letter::DeadLetters;
 use crate::error::Error;
-use crate::plan::{Pipeline, Settings};
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::time::Duration;
+
+use crate::plan::{Pipeline, RunOptions};
 use crate::report::{Report, RunOutcome, StageStats};
+use crate::runtime::chunk::Chunk;
+use crate::runtime::handle::{Handle, ItemStream};
+use crate::runtime::sink;
 use futures_util::FutureExt as _;
 
 use crate::runtime::sink::Sink;
 use crate::runtime::{Build, Observer, RunCtx, next_chunk};
 
-/// Checks the plan and opens what the run needs, before anything runs.
-pub(crate) fn prepare<T>(p: &mut Pipeline<T>) -> Result<Arc<RunCtx>, Error> {
-    prepare_settings(&mut p.settings)
-}
-
-/// [`prepare`] for the run-wide settings of a plan (one pipeline, or a graph's combined ones).
-pub(crate) fn prepare_settings(settings: &mut Settings) -> Result<Arc<RunCtx>, Error> {
+/// Checks the plan and the run's options (every problem at once) and opens what the run
+/// needs, before anything runs.
+pub(crate) fn prepare(mut errors: Vec<Error>, options: &RunOptions) -> Result<Arc<RunCtx>, Error> {
     if tokio::runtime::Handle::try_current().is_err() {
         return Err(Error::NoRuntime);
     }
-    if !settings.errors.is_empty() {
-        return Err(settings.errors.remove(0));
+    options.check(&mut errors);
+    if let Some(e) = Error::all_config(errors) {
+        return Err(e);
     }
-    let dead = DeadLetters::open(&settings.dead_letter)?;
-    Ok(Arc::new(RunCtx::new(settings.policy, dead)))
+    let dead = DeadLetters::open(&options.dead_letter)?;
+    Ok(Arc::new(RunCtx::new(options.policy, dead)))
 }
 
-/// Runs `p` into `sink` in the calling task.
-pub(crate) async fn execute<T: Send + 'static, K: Sink<T>>(
-    mut p: Pipeline<T>,
+/// A run about to start: a plan, the sink it ends in, and the run's options. Await it to run
+/// to the end in the calling task, or [`spawn`](Run::spawn) it to steer it through a
+/// [`Handle`]. Returned by the terminals of [`Flow`](crate::Flow): `run`, `collect`,
+/// `collect_with_report`, `for_each`.
+///
+/// The options are the run's, not a stage's: a deadline for the whole run, what a failure
+/// does, where failed items go.
+///
+/// ```
+/// use flowline::prelude::*;
+/// use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+/// let report = Pipeline::from_iter([1u32, 0, 2])
+///     .try_map_async("invert", |x| async move { if x == 0 { Err("zero") } else { Ok(1.0 / x as f64) } })
+///     .run()
+///     .dead_letter(DeadLetter::channel(tx))
+///     .deadline(Duration::from_secs(60))
+///     .await
+///     .unwrap();
+/// assert_eq!(report.failures, 1);
+/// assert_eq!(rx.recv().await.unwrap().error.to_string(), "zero");
+/// # }
+/// ```
+#[must_use = "a run does nothing until it is awaited or spawned"]
+pub struct Run<T, K: Sink<T>, O> {
+    plan: Pipeline<T>,
     sink: K,
     sink_name: &'static str,
-) -> Result<(Report, K::Output), Error> {
-    let run = prepare(&mut p)?;
-    execute_in(run, p, sink, sink_name).await
+    options: RunOptions,
+    conclude: fn(Report, K::Output) -> O,
+}
+
+impl<T, K: Sink<T>, O> std::fmt::Debug for Run<T, K, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Run")
+            .field("sink", &self.sink_name)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Send + 'static, K: Sink<T>, O: Send + 'static> Run<T, K, O> {
+    pub(crate) fn new(
+        plan: Pipeline<T>,
+        sink: K,
+        sink_name: &'static str,
+        conclude: fn(Report, K::Output) -> O,
+    ) -> Self {
+        Run {
+            plan,
+            sink,
+            sink_name,
+            options: RunOptions::default(),
+            conclude,
+        }
+    }
+
+    /// Ends the whole run if it has not finished within `limit` (on tokio's clock): the run
+    /// returns [`Error::DeadlineExceeded`] with the report. Must be more than zero.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let err = Pipeline::from_iter(0..u64::MAX)
+    ///     .map_async("slow", |x| async move { tokio::time::sleep(Duration::from_secs(1)).await; x })
+    ///     .run()
+    ///     .deadline(Duration::from_secs(10))
+    ///     .await
+    ///     .unwrap_err();
+    /// assert!(matches!(err, Error::DeadlineExceeded { .. }));
+    /// # }
+    /// ```
+    pub fn deadline(mut self, limit: Duration) -> Self {
+        self.options = self.options.deadline(limit);
+        self
+    }
+
+    /// What to do when an item fails (default: [`ErrorPolicy::Continue`](crate::ErrorPolicy)).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let err = Pipeline::from_iter(0..100u32)
+    ///     .try_map_async("check", |x| async move { if x == 7 { Err("seven") } else { Ok(x) } })
+    ///     .run()
+    ///     .error_policy(ErrorPolicy::Stop)
+    ///     .await
+    ///     .unwrap_err();
+    /// assert!(matches!(err, Error::ItemFailed { .. }));
+    /// # }
+    /// ```
+    pub fn error_policy(mut self, policy: crate::ErrorPolicy) -> Self {
+        self.options = self.options.error_policy(policy);
+        self
+    }
+
+    /// Where failed items go (default: counted and sampled in the report, and logged).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let report = Pipeline::from_iter([1u32, 0])
+    ///     .try_map_async("check", |x| async move { if x == 0 { Err("zero") } else { Ok(x) } })
+    ///     .run()
+    ///     .dead_letter(DeadLetter::callback(|f| eprintln!("failed: {f}")))
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!(report.failures, 1);
+    /// # }
+    /// ```
+    pub fn dead_letter(mut self, target: crate::DeadLetter) -> Self {
+        self.options = self.options.dead_letter(target);
+        self
+    }
+
+    /// Replaces every run option with `options` (options kept and reused across runs).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let options = RunOptions::new().deadline(Duration::from_secs(5));
+    /// let out = Pipeline::from_iter(0..3).collect().options(options).await.unwrap();
+    /// assert_eq!(out, vec![0, 1, 2]);
+    /// # }
+    /// ```
+    pub fn options(mut self, options: RunOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    async fn execute(self) -> Result<O, Error> {
+        let Run {
+            mut plan,
+            sink,
+            sink_name,
+            options,
+            conclude,
+        } = self;
+        let run = prepare(std::mem::take(&mut plan.settings.errors), &options)?;
+        let (report, out) = execute_in(run, plan, sink, sink_name, options.deadline).await?;
+        Ok(conclude(report, out))
+    }
+}
+
+impl<T: Send + 'static, K: Sink<T, Output = ()>, O: Send + 'static> Run<T, K, O> {
+    /// Starts the run in the background and returns its [`Handle`]: cancel, stop, pause,
+    /// step, live counters, and `join` for the report. Must be called inside a tokio runtime.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let handle = Pipeline::from_iter(0..100).run().deadline(Duration::from_secs(5)).spawn();
+    /// let report = handle.join().await.unwrap();
+    /// assert_eq!(report.delivered(), 100);
+    /// # }
+    /// ```
+    pub fn spawn(self) -> Handle {
+        let Run {
+            mut plan,
+            sink,
+            sink_name,
+            options,
+            ..
+        } = self;
+        match prepare(std::mem::take(&mut plan.settings.errors), &options) {
+            Ok(run) => Handle::from_run(run.clone(), async move {
+                execute_in(run, plan, sink, sink_name, options.deadline)
+                    .await
+                    .map(|(report, ())| report)
+            }),
+            Err(e) => Handle::not_started(e),
+        }
+    }
+}
+
+impl<T: Send + 'static> Run<T, sink::Discard, Report> {
+    /// Starts the run and returns a stream of what comes out, with this run's options.
+    /// Dropping the stream cancels the run; [`ItemStream::finish`] returns the report.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use futures::StreamExt;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let mut s = Pipeline::from_iter(0..3).run().deadline(Duration::from_secs(5)).into_stream();
+    /// let mut got = vec![];
+    /// while let Some(x) = s.next().await { got.push(x); }
+    /// assert_eq!(got, vec![0, 1, 2]);
+    /// # }
+    /// ```
+    pub fn into_stream(self) -> ItemStream<T> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Chunk<T>>(2);
+        let handle = Run {
+            plan: self.plan,
+            sink: sink::Forward(tx),
+            sink_name: "stream",
+            options: self.options,
+            conclude: |report, ()| report,
+        }
+        .spawn();
+        ItemStream::new(rx, handle)
+    }
+}
+
+impl<T: Send + 'static, K: Sink<T>, O: Send + 'static> IntoFuture for Run<T, K, O> {
+    type Output = Result<O, Error>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<O, Error>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.execute())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,14 +257,15 @@ pub(crate) enum End {
     Deadline,
 }
 
-pub(crate) async fn execute_in<T: Send + 'static, K: Sink<T>>(
+async fn execute_in<T: Send + 'static, K: Sink<T>>(
     run: Arc<RunCtx>,
     p: Pipeline<T>,
     mut sink: K,
     sink_name: &'static str,
+    deadline: Option<Duration>,
 ) -> Result<(Report, K::Output), Error> {
     let started = tokio::time::Instant::now();
-    let Pipeline { build, settings } = p;
+    let Pipeline { build, .. } = p;
     let mut b = Build::new(run.clone());
     let mut up = build(&mut b);
     let stats = b.stage(sink_name, "sink");
@@ -73,7 +285,7 @@ pub(crate) async fn execute_in<T: Send + 'static, K: Sink<T>>(
                 tokio::task::consume_budget().await;
             }
         };
-        let end = drive_until(&run, settings.deadline, drive).await;
+        let end = drive_until(&run, deadline, drive).await;
         if end != End::Drained {
             run.cancel.cancel();
             StageStats::add(&stats.received, up.discard());
@@ -82,7 +294,7 @@ pub(crate) async fn execute_in<T: Send + 'static, K: Sink<T>>(
         (end, None)
     };
     let (end, internal) = spawned.drive(&run, main).await;
-    conclude(&run, end, internal, started, settings.deadline)
+    conclude(&run, end, internal, started, deadline)
         .await
         .map(|report| (report, sink.finish()))
 }

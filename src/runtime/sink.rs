@@ -13,7 +13,7 @@ use crate::runtime::chunk::{Chunk, Outcome};
 
 /// Consumes the chunks that reach the end of a run. The caller has counted them `received`;
 /// the sink counts `passed` (delivered) and `failed`.
-pub(crate) trait Sink<T>: Send + 'static {
+pub trait Sink<T>: Send + 'static {
     type Output: Send + 'static;
     fn consume(
         &mut self,
@@ -25,7 +25,7 @@ pub(crate) trait Sink<T>: Send + 'static {
 }
 
 /// `run()`: counts and drops.
-pub(crate) struct Discard;
+pub struct Discard;
 
 impl<T: Send + 'static> Sink<T> for Discard {
     type Output = ();
@@ -38,7 +38,7 @@ impl<T: Send + 'static> Sink<T> for Discard {
 }
 
 /// `collect()`.
-pub(crate) struct Collect<T>(pub(crate) Vec<T>);
+pub struct Collect<T>(pub(crate) Vec<T>);
 
 impl<T: Send + 'static> Sink<T> for Collect<T> {
     type Output = Vec<T>;
@@ -53,7 +53,7 @@ impl<T: Send + 'static> Sink<T> for Collect<T> {
 }
 
 /// `for_each(f)`: one call at a time, in order; a panic fails that item.
-pub(crate) struct ForEach<F>(pub(crate) F);
+pub struct ForEach<F>(pub(crate) F);
 
 impl<T, F, Fut> Sink<T> for ForEach<F>
 where
@@ -89,7 +89,7 @@ where
 }
 
 /// `into_stream()`: hands chunks to the [`ItemStream`](crate::ItemStream).
-pub(crate) struct Forward<T>(pub(crate) mpsc::Sender<Chunk<T>>);
+pub struct Forward<T>(pub(crate) mpsc::Sender<Chunk<T>>);
 
 impl<T: Send + 'static> Sink<T> for Forward<T> {
     type Output = ();

@@ -111,10 +111,13 @@ mod tests {
     #[tokio::test]
     async fn every_item_reaches_exactly_one_branch_in_order() {
         let (even, odd) = Pipeline::from_iter(0..10_000u32).branch("parity", |x| x % 2 == 0);
-        let mut graph = Graph::new();
-        let evens = graph.collect(even);
-        let odds = graph.collect(odd);
-        let report = graph.run().await.unwrap();
+        let (evens, odds) = (Collected::new(), Collected::new());
+        let report = Graph::new()
+            .collect(even, &evens)
+            .collect(odd, &odds)
+            .run()
+            .await
+            .unwrap();
         assert_eq!(
             evens.take(),
             (0..10_000).filter(|x| x % 2 == 0).collect::<Vec<_>>()
@@ -170,9 +173,12 @@ mod tests {
                 async move { x }
             })
             .into_pipeline();
-        let mut graph = Graph::new();
-        let out = graph.collect(ok.merge_with(recovered));
-        let report = graph.run().await.unwrap();
+        let out = Collected::new();
+        let report = Graph::new()
+            .collect(ok.merge_with(recovered), &out)
+            .run()
+            .await
+            .unwrap();
         let mut got = out.take();
         got.sort();
         assert_eq!(got, (0..100).collect::<Vec<_>>());

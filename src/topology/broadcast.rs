@@ -45,8 +45,11 @@ mod tests {
     #[tokio::test]
     async fn every_branch_sees_every_item() {
         let branches = Pipeline::from_iter(0..5_000u32).broadcast(3);
-        let mut graph = Graph::new();
-        let outs: Vec<_> = branches.into_iter().map(|b| graph.collect(b)).collect();
+        let outs: Vec<Collected<u32>> = (0..3).map(|_| Collected::new()).collect();
+        let graph = branches
+            .into_iter()
+            .zip(&outs)
+            .fold(Graph::new(), |g, (b, out)| g.collect(b, out));
         let report = graph.run().await.unwrap();
         for out in outs {
             assert_eq!(out.take(), (0..5_000).collect::<Vec<_>>());
@@ -71,10 +74,11 @@ mod tests {
             x
         });
         let fast = branches.pop().unwrap();
-        let mut graph = Graph::new();
-        let fast_out = graph.collect(fast);
-        let slow_out = graph.collect(slow);
-        let handle = graph.spawn();
+        let (fast_out, slow_out) = (Collected::new(), Collected::new());
+        let handle = Graph::new()
+            .collect(fast, &fast_out)
+            .collect(slow, &slow_out)
+            .spawn();
         tokio::time::sleep(Duration::from_millis(100)).await;
         // ~100 items went through the slow branch; the source is held to what the hops
         // between it and the slow stage can hold (a few chunks), not run ahead to 20,000.
@@ -104,18 +108,16 @@ mod tests {
         let fast = branches.pop().unwrap();
         let done_at = std::sync::Arc::new(std::sync::Mutex::new(None));
         let d = done_at.clone();
-        let mut graph = Graph::new();
         let start = tokio::time::Instant::now();
         let mut n = 0;
-        graph.for_each(fast, move |_| {
+        let graph = Graph::new().for_each(fast, move |_| {
             n += 1;
             if n == 2_000 {
                 *d.lock().unwrap() = Some(start.elapsed());
             }
             async {}
         });
-        graph.discard(slow);
-        let report = graph.run().await.unwrap();
+        let report = graph.discard(slow).run().await.unwrap();
         assert!(report.elapsed >= Duration::from_millis(2_000));
         // The fast branch finished long before the slow one: the buffer took the slack.
         assert!(done_at.lock().unwrap().unwrap() < Duration::from_millis(50));

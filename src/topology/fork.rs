@@ -8,7 +8,6 @@
 //! the whole graph is built, a check fails the run if an output was never taken: a branch
 //! without a sink is a configuration error, not a silent drop.
 
-use std::any::Any;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex, Weak};
@@ -22,19 +21,20 @@ use crate::report::StageStats;
 use crate::runtime::chunk::{CHUNK_CAP, Chunk, Ticket};
 use crate::runtime::{Build, ChunkSource, RunCtx, Upstream, next_chunk_unless_cancelled};
 
-/// One output of a fork, type-erased (an `Upstream<X>` of the output's own item type).
-pub(crate) type AnyEnd = Box<dyn Any + Send>;
-type BuildEnds = Box<dyn FnOnce(&mut Build) -> Vec<AnyEnd> + Send>;
+/// Builds the upstream and the router of a split; returns one end per output. Every output
+/// of a split has the split's item type (`branch_result` splits `Result`s and unwraps each
+/// side after the split), so the ends need no type erasure.
+type BuildEnds<T> = Box<dyn FnOnce(&mut Build) -> Vec<Upstream<T>> + Send>;
 
-enum State {
+enum State<T> {
     /// Not built yet: builds the upstream and the router, returns one end per output.
-    Plan(BuildEnds),
+    Plan(BuildEnds<T>),
     /// Being built by the first output (the lock is not held while the upstream builds).
     Building,
     /// Built in the run `run`; the outputs not taken yet.
     Built {
         run: Weak<RunCtx>,
-        ends: Vec<Option<AnyEnd>>,
+        ends: Vec<Option<Upstream<T>>>,
     },
 }
 
@@ -48,22 +48,22 @@ impl fmt::Debug for Plain {
 }
 
 /// The shared part of the outputs of one split.
-pub(crate) struct Fork {
+pub(crate) struct Fork<T> {
     /// The split's stage name (for errors).
     name: String,
     /// What each output is called in errors: `0 (matching)`, `1 (err)`, `2`.
     labels: Vec<String>,
-    state: Mutex<State>,
+    state: Mutex<State<T>>,
 }
 
-impl Fork {
+impl<T: Send + 'static> Fork<T> {
     /// A split named `name` with one output per label; `build` builds the upstream and the
     /// router and returns the outputs' ends, in label order.
     pub(crate) fn new(
         name: &str,
         labels: Vec<String>,
-        build: impl FnOnce(&mut Build) -> Vec<AnyEnd> + Send + 'static,
-    ) -> Arc<Fork> {
+        build: impl FnOnce(&mut Build) -> Vec<Upstream<T>> + Send + 'static,
+    ) -> Arc<Fork<T>> {
         Arc::new(Fork {
             name: name.to_string(),
             labels,
@@ -71,12 +71,12 @@ impl Fork {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<T>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes output `i` in the run being built by `b`, building the split if it is the first.
-    fn take<X: Send + 'static>(self: &Arc<Self>, b: &mut Build, i: usize) -> Upstream<X> {
+    fn take(self: &Arc<Self>, b: &mut Build, i: usize) -> Upstream<T> {
         let plan = {
             let mut state = self.lock();
             match std::mem::replace(&mut *state, State::Building) {
@@ -110,9 +110,9 @@ impl Fork {
             _ => None,
         };
         drop(state);
-        match end.map(|e| e.downcast::<Upstream<X>>()) {
-            Some(Ok(up)) => *up,
-            _ => {
+        match end {
+            Some(up) => up,
+            None => {
                 b.reject(Error::config(
                     &self.name,
                     "branch",
@@ -149,14 +149,14 @@ impl Fork {
 }
 
 /// Output `i` of `fork` as a pipeline with `settings`.
-pub(crate) fn output<X: Send + 'static>(
-    fork: &Arc<Fork>,
+pub(crate) fn output<T: Send + 'static>(
+    fork: &Arc<Fork<T>>,
     i: usize,
     settings: Settings,
-) -> Pipeline<X> {
+) -> Pipeline<T> {
     let fork = fork.clone();
     Pipeline {
-        build: Box::new(move |b| fork.take::<X>(b, i)),
+        build: Box::new(move |b| fork.take(b, i)),
         settings,
     }
 }
@@ -167,9 +167,6 @@ pub(crate) fn split_settings(mut upstream: Settings, n: usize, total: bool) -> V
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         out.push(Settings {
-            deadline: upstream.deadline,
-            policy: upstream.policy,
-            dead_letter: upstream.dead_letter.clone(),
             errors: if i == 0 {
                 std::mem::take(&mut upstream.errors)
             } else {

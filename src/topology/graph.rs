@@ -10,34 +10,39 @@ use tokio::task::JoinSet;
 
 use crate::dead_letter::DeadLetter;
 use crate::error::Error;
-use crate::plan::{ErrorPolicy, IntoPipeline, Pipeline, Settings};
+use crate::plan::{ErrorPolicy, IntoPipeline, Pipeline, RunOptions, Settings};
 use crate::report::{Report, StageStats};
 use crate::runtime::handle::Handle;
-use crate::runtime::run::{End, Spawned, conclude, drive_until, prepare_settings};
+use crate::runtime::run::{End, Spawned, conclude, drive_until, prepare};
 use crate::runtime::sink::{self, Sink};
 use crate::runtime::{Build, RunCtx, next_chunk};
 
 type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
 type EndFn = Box<dyn FnOnce(&mut Build) -> Driver + Send>;
+/// A graph ready to run: its run, its sinks, its deadline.
+type Prepared = (Arc<RunCtx>, Vec<EndFn>, Option<Duration>);
 
 /// A run with several sinks: every branch of a split ends in a sink of the same graph, and
 /// one [`run`](Graph::run) (or [`spawn`](Graph::spawn)) drives them all, with one
 /// [`Handle`] and one [`Report`] covering every stage of every branch.
 ///
+/// A graph is a by-value builder, like a [`Pipeline`]: add sinks, set the run's options
+/// (`deadline`, `error_policy`, `dead_letter`: they apply to the whole graph), then run it.
 /// Each sink is driven by a task of its own and back-pressures its branch. A branch that was
 /// split off but never given a sink fails the run before it starts with [`Error::Config`].
-/// The run-wide settings are those of all its pipelines combined: the shortest deadline,
-/// [`ErrorPolicy::Stop`] if any asked for it, and the first dead-letter target set (the
-/// graph's own, set with [`Graph::dead_letter`], comes first).
 ///
 /// ```
 /// use flowline::prelude::*;
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let (even, odd) = Pipeline::from_iter(0..10u32).branch("parity", |x| x % 2 == 0);
-/// let mut graph = Graph::new();
-/// let evens = graph.collect(even);
-/// graph.for_each(odd.map(|x| x * 100), |x| async move { println!("{x}") });
-/// let report = graph.run().await.unwrap();
+/// let evens = Collected::new();
+/// let report = Graph::new()
+///     .collect(even, &evens)
+///     .for_each(odd.map(|x| x * 100), |x| async move { println!("{x}") })
+///     .dead_letter(DeadLetter::callback(|f| eprintln!("{f}")))
+///     .run()
+///     .await
+///     .unwrap();
 /// assert_eq!(evens.take(), vec![0, 2, 4, 6, 8]);
 /// assert_eq!(report.delivered(), 10);
 /// # }
@@ -46,7 +51,7 @@ type EndFn = Box<dyn FnOnce(&mut Build) -> Driver + Send>;
 pub struct Graph {
     ends: Vec<EndFn>,
     settings: Vec<Settings>,
-    own: Settings,
+    options: RunOptions,
 }
 
 impl Default for Graph {
@@ -59,22 +64,35 @@ impl fmt::Debug for Graph {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Graph")
             .field("sinks", &self.ends.len())
+            .field("options", &self.options)
             .finish_non_exhaustive()
     }
 }
 
-/// What a [`Graph::collect`] sink gathered; filled when the run ends.
+/// Where a [`Graph::collect`] sink puts its items; they are there once the run has ended.
+/// Clones share one place.
 ///
 /// ```
 /// use flowline::prelude::*;
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// let mut graph = Graph::new();
-/// let out = graph.collect(Pipeline::from_iter(0..3));
-/// graph.run().await.unwrap();
+/// let out = Collected::new();
+/// Graph::new().collect(Pipeline::from_iter(0..3), &out).run().await.unwrap();
 /// assert_eq!(out.take(), vec![0, 1, 2]);
 /// # }
 /// ```
 pub struct Collected<T>(Arc<Mutex<Vec<T>>>);
+
+impl<T> Clone for Collected<T> {
+    fn clone(&self) -> Self {
+        Collected(self.0.clone())
+    }
+}
+
+impl<T> Default for Collected<T> {
+    fn default() -> Self {
+        Collected(Arc::new(Mutex::new(Vec::new())))
+    }
+}
 
 impl<T> fmt::Debug for Collected<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -83,7 +101,26 @@ impl<T> fmt::Debug for Collected<T> {
 }
 
 impl<T> Collected<T> {
+    /// An empty place for a collect sink's items.
+    ///
+    /// ```
+    /// let out = flowline::Collected::<u32>::new();
+    /// assert!(out.take().is_empty());
+    /// ```
+    pub fn new() -> Self {
+        Collected::default()
+    }
+
     /// Takes what was collected (empty before the run ended, and after a first `take`).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Collected::new();
+    /// Graph::new().collect(Pipeline::from_iter([7]), &out).run().await.unwrap();
+    /// assert_eq!((out.take(), out.take()), (vec![7], vec![]));
+    /// # }
+    /// ```
     pub fn take(&self) -> Vec<T> {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
     }
@@ -91,21 +128,27 @@ impl<T> Collected<T> {
 
 impl Graph {
     /// An empty graph.
+    ///
+    /// ```
+    /// let graph = flowline::Graph::new();
+    /// # let _ = graph;
+    /// ```
     pub fn new() -> Graph {
         Graph {
             ends: Vec::new(),
             settings: Vec::new(),
-            own: Settings::default(),
+            options: RunOptions::default(),
         }
     }
 
     fn add<T, K>(
-        &mut self,
+        mut self,
         p: Pipeline<T>,
         sink: K,
         name: &'static str,
         deliver: impl FnOnce(K::Output) + Send + 'static,
-    ) where
+    ) -> Self
+    where
         T: Send + 'static,
         K: Sink<T>,
     {
@@ -117,65 +160,122 @@ impl Graph {
             let run = b.run.clone();
             Box::pin(drive_sink(up, sink, stats, run, deliver)) as Driver
         }));
-    }
-
-    /// Ends `p` in a sink that counts and drops its items (like [`Flow::run`]).
-    pub fn discard(&mut self, p: impl IntoPipeline) -> &mut Self {
-        self.add(p.into_pipeline(), sink::Discard, "sink", |()| {});
         self
     }
 
+    /// Ends `p` in a sink that counts and drops its items (like [`Flow::run`](crate::Flow::run)).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let report = Graph::new().discard(Pipeline::from_iter(0..5)).run().await.unwrap();
+    /// assert_eq!(report.delivered(), 5);
+    /// # }
+    /// ```
+    pub fn discard(self, p: impl IntoPipeline) -> Self {
+        self.add(p.into_pipeline(), sink::Discard, "sink", |()| {})
+    }
+
     /// Ends `p` in a sink that calls `f` for each item, one at a time, in order (like
-    /// [`Flow::for_each`]). A panic in `f` fails that item.
-    pub fn for_each<P, F, Fut>(&mut self, p: P, f: F) -> &mut Self
+    /// [`Flow::for_each`](crate::Flow::for_each)). A panic in `f` fails that item.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let report = Graph::new()
+    ///     .for_each(Pipeline::from_iter(0..3), |x| async move { println!("{x}") })
+    ///     .run().await.unwrap();
+    /// assert_eq!(report.delivered(), 3);
+    /// # }
+    /// ```
+    pub fn for_each<P, F, Fut>(self, p: P, f: F) -> Self
     where
         P: IntoPipeline,
         F: FnMut(P::Item) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        self.add(p.into_pipeline(), sink::ForEach(f), "for_each", |()| {});
-        self
+        self.add(p.into_pipeline(), sink::ForEach(f), "for_each", |()| {})
     }
 
-    /// Ends `p` in a sink that collects its items; they are in the returned [`Collected`]
-    /// once the run has ended.
-    pub fn collect<P: IntoPipeline>(&mut self, p: P) -> Collected<P::Item> {
-        let slot = Arc::new(Mutex::new(Vec::new()));
-        let out = slot.clone();
+    /// Ends `p` in a sink that collects its items into `into` (they are there once the run
+    /// has ended).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (small, big) = Pipeline::from_iter(0..6).branch("size", |x| *x < 3);
+    /// let (a, b) = (Collected::new(), Collected::new());
+    /// Graph::new().collect(small, &a).collect(big, &b).run().await.unwrap();
+    /// assert_eq!((a.take(), b.take()), (vec![0, 1, 2], vec![3, 4, 5]));
+    /// # }
+    /// ```
+    pub fn collect<P: IntoPipeline>(self, p: P, into: &Collected<P::Item>) -> Self {
+        let slot = into.0.clone();
         self.add(
             p.into_pipeline(),
             sink::Collect(Vec::new()),
             "collect",
-            move |v| *out.lock().unwrap_or_else(|p| p.into_inner()) = v,
-        );
-        Collected(slot)
+            move |v| slot.lock().unwrap_or_else(|p| p.into_inner()).extend(v),
+        )
     }
 
-    /// Ends the whole run if it has not finished within `limit` (combined with the
-    /// pipelines' own deadlines: the shortest wins). Must be more than zero.
-    pub fn deadline(&mut self, limit: Duration) -> &mut Self {
-        self.own.require_positive("graph", "deadline", limit);
-        self.own.deadline = Some(limit);
+    /// Ends the whole run if it has not finished within `limit` (on tokio's clock). Must be
+    /// more than zero.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let endless = Pipeline::from_iter(0..u64::MAX)
+    ///     .map_async("tick", |x| async move { tokio::time::sleep(Duration::from_millis(1)).await; x });
+    /// let err = Graph::new().discard(endless).deadline(Duration::from_secs(1)).run().await.unwrap_err();
+    /// assert!(matches!(err, Error::DeadlineExceeded { .. }));
+    /// # }
+    /// ```
+    pub fn deadline(mut self, limit: Duration) -> Self {
+        self.options = self.options.deadline(limit);
         self
     }
 
-    /// What to do when an item fails, for the whole graph (`Stop` if any pipeline says so).
-    pub fn error_policy(&mut self, policy: ErrorPolicy) -> &mut Self {
-        self.own.policy = policy;
+    /// What to do when an item fails, anywhere in the graph.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// let graph = Graph::new().error_policy(ErrorPolicy::Stop);
+    /// # let _ = graph;
+    /// ```
+    pub fn error_policy(mut self, policy: ErrorPolicy) -> Self {
+        self.options = self.options.error_policy(policy);
         self
     }
 
     /// Where the failed items of every branch go.
-    pub fn dead_letter(&mut self, target: DeadLetter) -> &mut Self {
-        self.own.dead_letter = target;
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// let graph = Graph::new().dead_letter(DeadLetter::callback(|f| eprintln!("{f}")));
+    /// # let _ = graph;
+    /// ```
+    pub fn dead_letter(mut self, target: DeadLetter) -> Self {
+        self.options = self.options.dead_letter(target);
         self
     }
 
-    fn into_parts(self) -> (Settings, Vec<EndFn>) {
-        let mut all = Vec::with_capacity(self.settings.len() + 1);
-        all.push(self.own);
-        all.extend(self.settings);
-        let mut settings = combine(all);
+    /// Replaces every run option with `options`.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// let graph = Graph::new().options(RunOptions::new().error_policy(ErrorPolicy::Stop));
+    /// # let _ = graph;
+    /// ```
+    pub fn options(mut self, options: RunOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Checks the graph and its options and opens what the run needs.
+    fn prepare(self) -> Result<Prepared, Error> {
+        let mut settings = Settings::join(self.settings);
         if self.ends.is_empty() {
             settings.errors.push(Error::config(
                 "graph",
@@ -184,46 +284,43 @@ impl Graph {
                 "must have at least one sink",
             ));
         }
-        (settings, self.ends)
+        let run = prepare(settings.errors, &self.options)?;
+        Ok((run, self.ends, self.options.deadline))
     }
 
     /// Runs every sink of the graph to its end and returns the one report.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let parts = Pipeline::from_iter(0..9).broadcast(3);
+    /// let graph = parts.into_iter().fold(Graph::new(), |g, p| g.discard(p));
+    /// assert_eq!(graph.run().await.unwrap().delivered(), 27);
+    /// # }
+    /// ```
     pub async fn run(self) -> Result<Report, Error> {
-        let (mut settings, ends) = self.into_parts();
-        let run = prepare_settings(&mut settings)?;
-        execute(run, ends, settings.deadline).await
+        let (run, ends, deadline) = self.prepare()?;
+        execute(run, ends, deadline).await
     }
 
     /// Starts the graph in the background and returns its [`Handle`] (cancel, stop, pause,
     /// snapshot, join). Must be called inside a tokio runtime.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let handle = Graph::new().discard(Pipeline::from_iter(0..5)).spawn();
+    /// assert_eq!(handle.join().await.unwrap().delivered(), 5);
+    /// # }
+    /// ```
     pub fn spawn(self) -> Handle {
-        let (mut settings, ends) = self.into_parts();
-        match prepare_settings(&mut settings) {
-            Ok(run) => Handle::from_run(run.clone(), execute(run, ends, settings.deadline)),
+        match self.prepare() {
+            Ok((run, ends, deadline)) => {
+                Handle::from_run(run.clone(), execute(run, ends, deadline))
+            }
             Err(e) => Handle::not_started(e),
         }
     }
-}
-
-/// The run-wide settings of several pipelines run as one: the shortest deadline,
-/// `ErrorPolicy::Stop` if any asks for it, the first dead-letter target that is not the
-/// default, and every configuration error. The item total is left unknown.
-pub(crate) fn combine(all: Vec<Settings>) -> Settings {
-    let mut out = Settings::default();
-    for s in all {
-        out.deadline = match (out.deadline, s.deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        if s.policy == ErrorPolicy::Stop {
-            out.policy = ErrorPolicy::Stop;
-        }
-        if out.dead_letter.is_report() && !s.dead_letter.is_report() {
-            out.dead_letter = s.dead_letter;
-        }
-        out.errors.extend(s.errors);
-    }
-    out
 }
 
 /// Drives one sink in its own task until its branch ends or the run is cancelled.
@@ -344,10 +441,7 @@ mod tests {
                 x
             }
         });
-        let mut graph = Graph::new();
-        graph.discard(a);
-        graph.discard(b);
-        graph
+        Graph::new().discard(a).discard(b)
     }
 
     #[tokio::test(start_paused = true)]
@@ -387,9 +481,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_graph_deadline_ends_every_branch() {
         let guard = Arc::new(());
-        let mut graph = build(&guard);
-        graph.deadline(Duration::from_millis(500));
-        let err = graph.run().await.unwrap_err();
+        let err = build(&guard)
+            .deadline(Duration::from_millis(500))
+            .run()
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::DeadlineExceeded { .. }), "{err}");
         assert_eq!(err.report().unwrap().elapsed, Duration::from_millis(500));
         assert_eq!(Arc::strong_count(&guard), 1);
@@ -401,10 +497,13 @@ mod tests {
         let a = a.try_map_async("check", |x| async move {
             if x == 100 { Err("bad") } else { Ok(x) }
         });
-        let mut graph = Graph::new();
-        graph.discard(a.error_policy(ErrorPolicy::Stop));
-        graph.discard(b);
-        let err = graph.run().await.unwrap_err();
+        let err = Graph::new()
+            .discard(a)
+            .discard(b)
+            .error_policy(ErrorPolicy::Stop)
+            .run()
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::ItemFailed { .. }), "{err}");
     }
 }

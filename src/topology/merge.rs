@@ -2,9 +2,9 @@
 
 use crate::error::Error;
 use crate::ops::buffer::pump;
+use crate::plan::Settings;
 use crate::runtime::Upstream;
 use crate::runtime::hop::{HOP_CHUNKS, hop};
-use crate::topology::graph::combine;
 use crate::{IntoPipeline, Pipeline};
 
 /// Merges `inputs` into one pipeline (stage `merge`). Each input is pumped by a task of its
@@ -21,7 +21,7 @@ pub(crate) fn merge<T: Send + 'static>(inputs: Vec<Pipeline<T>>) -> Pipeline<T> 
         .try_fold(0u64, |acc, t| t.map(|t| acc + t));
     let (builds, settings): (Vec<_>, Vec<_>) =
         inputs.into_iter().map(|p| (p.build, p.settings)).unzip();
-    let mut settings = combine(settings);
+    let mut settings = Settings::join(settings);
     settings.total = total;
     if n == 0 {
         settings.errors.push(Error::config(
@@ -133,14 +133,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn merged_settings_take_the_shortest_deadline_and_stop_policy() {
-        let a = Pipeline::from_iter(0..10u32).deadline(Duration::from_secs(5));
+    async fn merged_plans_keep_every_problem_and_the_known_total() {
+        let a = Pipeline::from_iter(0..10u32).buffer(0);
         let b = Pipeline::from_iter(0..10u32)
-            .deadline(Duration::from_secs(1))
-            .error_policy(ErrorPolicy::Stop);
-        let m = a.merge_with(b);
-        assert_eq!(m.settings.deadline, Some(Duration::from_secs(1)));
-        assert_eq!(m.settings.policy, ErrorPolicy::Stop);
+            .map_async("m", |x| async move { x })
+            .workers(0);
+        let m = a.merge_with(Pipeline::from_iter(0..10u32));
         assert_eq!(m.settings.total, Some(20));
+        let err = m.merge_with(b).run().await.unwrap_err();
+        let Error::Config { problems } = err else {
+            panic!("{err}")
+        };
+        let options: Vec<_> = problems.iter().map(|p| p.option).collect();
+        assert_eq!(options, ["capacity", "workers"]);
     }
 }

@@ -22,7 +22,7 @@ use crate::report::StageStats;
 use crate::runtime::chunk::Chunk;
 use crate::runtime::hop::{HOP_CHUNKS, hop};
 use crate::runtime::{RunCtx, Upstream};
-use fork::{AnyEnd, Fork, output, router, split_settings};
+use fork::{Fork, output, router, split_settings};
 
 /// Splits `p` into `labels.len()` pipelines of the same item type, behind one router task
 /// (stage `name`, kind `kind`) that calls `split` on each chunk to add its items to the parts, one per lane.
@@ -45,11 +45,11 @@ where
         let up = build(b);
         let stats = b.stage(&stage, kind);
         let mut txs = Vec::with_capacity(n);
-        let mut ends: Vec<AnyEnd> = Vec::with_capacity(n);
+        let mut ends: Vec<Upstream<T>> = Vec::with_capacity(n);
         for _ in 0..n {
             let (tx, rx) = hop::<T>(HOP_CHUNKS);
             txs.push(tx);
-            ends.push(Box::new(Box::new(rx) as Upstream<T>));
+            ends.push(Box::new(rx) as Upstream<T>);
         }
         let run = b.run.clone();
         b.spawn(router(up, txs, stats, run, copies, split));

@@ -37,8 +37,11 @@ mod tests {
     #[tokio::test]
     async fn every_item_reaches_the_branch_it_names_in_order() {
         let lanes = Pipeline::from_iter(0..3_000u32).route(3, |x| (x % 3) as usize);
-        let mut graph = Graph::new();
-        let outs: Vec<_> = lanes.into_iter().map(|l| graph.collect(l)).collect();
+        let outs: Vec<Collected<u32>> = (0..3).map(|_| Collected::new()).collect();
+        let graph = lanes
+            .into_iter()
+            .zip(&outs)
+            .fold(Graph::new(), |g, (l, out)| g.collect(l, out));
         let report = graph.run().await.unwrap();
         for (i, out) in outs.iter().enumerate() {
             let want: Vec<u32> = (0..3_000).filter(|x| x % 3 == i as u32).collect();
@@ -52,10 +55,7 @@ mod tests {
     async fn an_index_out_of_range_fails_the_item() {
         let lanes =
             Pipeline::from_iter(0..10u32).route(2, |x| if *x == 5 { 9 } else { (x % 2) as usize });
-        let mut graph = Graph::new();
-        for l in lanes {
-            graph.discard(l);
-        }
+        let graph = lanes.into_iter().fold(Graph::new(), Graph::discard);
         let report = graph.run().await.unwrap();
         let router = report.stage("route").unwrap();
         assert_eq!((router.received, router.passed, router.failed), (10, 9, 1));

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use crate::plan::Pipeline;
+use crate::plan::Settings;
 use crate::report::StageStats;
 use crate::runtime::chunk::{CHUNK_CAP, Chunk, Outcome, Ticket};
 use crate::runtime::{ChunkSource, Upstream};
-use crate::topology::graph::combine;
 
 /// Pairs the items of `a` and `b` in order (stage `zip`, polled by the task that reads it).
 /// Ends when either input ends; what the longer input had already produced is counted as
@@ -22,7 +22,7 @@ pub(crate) fn zip<A: Send + 'static, B: Send + 'static>(
         _ => None,
     };
     let (build_a, build_b) = (a.build, b.build);
-    let mut settings = combine(vec![a.settings, b.settings]);
+    let mut settings = Settings::join([a.settings, b.settings]);
     settings.total = total;
     Pipeline {
         build: Box::new(move |bld| {

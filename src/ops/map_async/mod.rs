@@ -423,12 +423,10 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
                 .map(|_| ("inflight", "0".to_string(), "must be at least 1")),
         ];
         for (option, value, reason) in invalid.into_iter().flatten() {
-            upstream.settings.errors.push(Error::Config {
-                stage: name.clone(),
-                option,
-                value,
-                reason,
-            });
+            upstream
+                .settings
+                .errors
+                .push(Error::config_text(&name, option, value, reason));
         }
         upstream.then(move |b, up| {
             let stats = b.stage(&name, "async");
