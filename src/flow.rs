@@ -360,6 +360,40 @@ pub trait Flow: IntoPipeline {
         )
     }
 
+    /// Runs the pipeline into a sink written outside this crate (a [`BatchSink`](crate::BatchSink):
+    /// a batched database writer, a queue producer). Await it for the sink's output and the
+    /// report; the returned [`Run`] takes the run's options and, for a sink whose output is
+    /// `()`, can be [`spawn`](Run::spawn)ed. A batch the sink fails (an `Err` or a panic)
+    /// fails each of its items into the dead letters under the sink's name.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    ///
+    /// struct Sum(u64);
+    ///
+    /// impl BatchSink<u64> for Sum {
+    ///     type Output = u64;
+    ///     async fn write(&mut self, batch: Vec<u64>) -> Result<(), BoxError> {
+    ///         self.0 += batch.iter().sum::<u64>();
+    ///         Ok(())
+    ///     }
+    ///     fn finish(self) -> u64 { self.0 }
+    /// }
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (sum, report) = Pipeline::from_iter(1..=10u64).into_sink(Sum(0)).await.unwrap();
+    /// assert_eq!((sum, report.delivered()), (55, 10));
+    /// # }
+    /// ```
+    fn into_sink<S>(
+        self,
+        sink: S,
+    ) -> Run<Self::Item, crate::runtime::batch_sink::IntoSink<S>, (S::Output, Report)>
+    where
+        S: crate::BatchSink<Self::Item>,
+    {
+        crate::runtime::batch_sink::into_sink(self.into_pipeline(), sink)
+    }
+
     /// Starts the run and returns a stream of what comes out. Dropping the stream cancels
     /// the run; [`ItemStream::finish`] returns the report. With run options:
     /// `.run().deadline(..).into_stream()`.

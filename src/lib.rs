@@ -79,6 +79,7 @@ pub use policy::inflight::Inflight;
 pub use policy::rate::Rate;
 pub use policy::retry::{Retry, RetryAfter, RetryBudget};
 pub use report::{LatencySummary, Report, RunOutcome, StageReport};
+pub use runtime::batch_sink::BatchSink;
 pub use runtime::handle::{Handle, ItemStream};
 pub use runtime::run::Run;
 pub use source::{CursorOptions, Page};
@@ -94,9 +95,9 @@ pub use topology::graph::{Collected, Graph};
 /// Everything a pipeline author needs: `use flowline::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        Adaptive, BoxError, Breaker, BreakerState, Collected, DeadLetter, Error, ErrorPolicy,
-        Failure, Flow, Graph, Handle, Inflight, IntoPipeline, ItemError, Loader, OnOpen, Operator,
-        Out, Pipeline, Rate, Report, Retry, RetryAfter, RetryBudget, RunOptions, RunOutcome, Step,
-        Throttle, Window,
+        Adaptive, BatchSink, BoxError, Breaker, BreakerState, Collected, DeadLetter, Error,
+        ErrorPolicy, Failure, Flow, Graph, Handle, Inflight, IntoPipeline, ItemError, Loader,
+        OnOpen, Operator, Out, Pipeline, Rate, Report, Retry, RetryAfter, RetryBudget, RunOptions,
+        RunOutcome, Step, Throttle, Window,
     };
 }
