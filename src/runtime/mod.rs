@@ -1,6 +1,7 @@
 //! The machinery under a pipeline: the run context shared by all tasks, how stages are built
 //! into tasks, and the chunk streams that join them.
 
+pub(crate) mod batch_sink;
 pub(crate) mod chunk;
 pub(crate) mod fused;
 pub(crate) mod gate;
