@@ -97,6 +97,7 @@ where
 }
 
 /// Per-item bookkeeping that travels with a call and, between attempts, with a parked item.
+/// Small on purpose (it is moved with every call): what only some stages need is boxed.
 pub(super) struct Meta {
     /// The item's place in input order.
     pub(super) seq: u64,
@@ -105,11 +106,18 @@ pub(super) struct Meta {
     pub(super) ticket: Ticket,
     /// Attempts made (the running one included).
     pub(super) attempts: u32,
-    /// When the first attempt started (only kept when the retry policy needs it).
-    pub(super) first_at: Option<Instant>,
-    pub(super) input: Option<FailedInput>,
-    /// When the running attempt began waiting (only while a stall watchdog looks at calls).
-    pub(super) waiting_since: Option<Instant>,
+    rare: Option<Box<Rare>>,
+}
+
+/// What only some stages keep per item.
+#[derive(Default)]
+struct Rare {
+    /// When the first attempt started (a retry policy with a time limit).
+    first_at: Option<Instant>,
+    /// The input, for the dead letters (`keep_input`).
+    input: Option<FailedInput>,
+    /// When the running attempt began waiting (while a stall watchdog looks at calls).
+    waiting_since: Option<Instant>,
 }
 
 impl Meta {
@@ -119,10 +127,36 @@ impl Meta {
             call: 0,
             ticket,
             attempts: 0,
-            first_at: None,
-            input: None,
-            waiting_since: None,
+            rare: None,
         }
+    }
+
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    pub(super) fn first_at(&self) -> Option<Instant> {
+        self.rare.as_ref().and_then(|r| r.first_at)
+    }
+
+    pub(super) fn set_first_at(&mut self, at: Instant) {
+        self.rare().first_at = Some(at);
+    }
+
+    pub(super) fn has_input(&self) -> bool {
+        self.rare.as_ref().is_some_and(|r| r.input.is_some())
+    }
+
+    pub(super) fn set_input(&mut self, input: FailedInput) {
+        self.rare().input = Some(input);
+    }
+
+    pub(super) fn take_input(&mut self) -> Option<FailedInput> {
+        self.rare.as_mut().and_then(|r| r.input.take())
+    }
+
+    pub(super) fn take_waiting_since(&mut self) -> Option<Instant> {
+        self.rare.as_mut().and_then(|r| r.waiting_since.take())
     }
 }
 
@@ -137,65 +171,79 @@ pub(super) struct Completion<T, U> {
     pub(super) called: bool,
 }
 
-/// What travels with a call and comes back in its [`Completion`].
-struct Carry<T> {
-    meta: Meta,
-    again: Option<T>,
+/// A reusable pinned place for a call's future. A call is polled once right where it is
+/// created, in this slot: a call that is ready at once leaves the slot to the next call
+/// (no allocation per item), and only a call that must wait takes it into the in-flight set.
+pub(super) type Slot<F> = Pin<Box<Option<F>>>;
+
+/// Makes the user's future for one item (a panic there fails the item).
+#[inline]
+pub(super) fn make<F>(make: impl FnOnce() -> F) -> Result<F, ItemError> {
+    catch_unwind(AssertUnwindSafe(make)).map_err(|panic| ItemError::from_panic(&*panic))
 }
 
-pin_project_lite::pin_project! {
-    /// One call: the user's future with panic isolation and the stage timeout.
-    ///
-    /// Written out rather than as an `async` block around `tokio::time::timeout` because
-    /// this is the per-item hot path: the timer is armed only when the call does not finish
-    /// at its first poll (`now + limit` then, which is the call's start, since a call is
-    /// first polled where it is created), so quick calls never touch the timer wheel, and
-    /// the future stays small (it is moved once per item).
-    pub(super) struct Call<F, T> {
-        #[pin]
-        fut: F,
-        limit: Option<Duration>,
-        sleep: Option<Pin<Box<Sleep>>>,
-        start: Option<Instant>,
-        carry: Option<Carry<T>>,
+/// Polls the future in `slot` with panic isolation.
+#[inline]
+pub(super) fn poll_slot<F, U>(
+    slot: &mut Slot<F>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<U, ItemError>>
+where
+    F: Future<Output = Result<U, BoxError>>,
+{
+    let polled = catch_unwind(AssertUnwindSafe(|| match slot.as_mut().as_pin_mut() {
+        Some(fut) => fut.poll(cx),
+        None => Poll::Pending,
+    }));
+    match polled {
+        Ok(Poll::Ready(r)) => Poll::Ready(r.map_err(|e| ItemError::User(Arc::from(e)))),
+        Ok(Poll::Pending) => Poll::Pending,
+        Err(panic) => Poll::Ready(Err(ItemError::from_panic(&*panic))),
     }
 }
 
+/// A call that was not ready at its first poll, in the in-flight set: its future (in the
+/// slot it was first polled in), the stage timeout, and what comes back with it.
+pub(super) struct Call<F, T> {
+    slot: Slot<F>,
+    limit: Option<Duration>,
+    /// Armed when the call starts to wait, which is the call's start: a call is first
+    /// polled where it is created. Quick calls never touch the timer wheel.
+    sleep: Option<Pin<Box<Sleep>>>,
+    start: Option<Instant>,
+    meta: Option<Meta>,
+    again: Option<T>,
+}
+
 impl<F, T> Call<F, T> {
-    /// Starts a call: `make` runs the user's function (a panic there fails the item).
-    #[inline]
-    pub(super) fn start<U>(
-        make: impl FnOnce() -> F,
+    /// A call whose first poll (at `start`, if timed) found it not ready.
+    pub(super) fn waiting(
+        slot: Slot<F>,
         meta: Meta,
         again: Option<T>,
         limit: Option<Duration>,
-        timed: bool,
-    ) -> Result<Self, Box<Completion<T, U>>> {
-        match catch_unwind(AssertUnwindSafe(make)) {
-            Ok(fut) => Ok(Call {
-                fut,
-                limit,
-                sleep: None,
-                start: timed.then(Instant::now),
-                carry: Some(Carry { meta, again }),
-            }),
-            Err(panic) => Err(Box::new(Completion {
-                meta,
-                result: Err(ItemError::from_panic(&*panic)),
-                latency: None,
-                again,
-                called: true,
-            })),
+        start: Option<Instant>,
+    ) -> Self {
+        Call {
+            slot,
+            limit,
+            sleep: limit.map(|l| Box::pin(tokio::time::sleep(l))),
+            start,
+            meta: Some(meta),
+            again,
         }
     }
 
     /// Records `at` as the start of the call's wait; returns its sequence number.
-    pub(super) fn mark_waiting(self: Pin<&mut Self>, at: Instant) -> Option<u64> {
-        let carry = self.project().carry.as_mut()?;
-        carry.meta.waiting_since = Some(at);
-        Some(carry.meta.seq)
+    pub(super) fn mark_waiting(&mut self, at: Instant) -> Option<u64> {
+        let meta = self.meta.as_mut()?;
+        meta.rare().waiting_since = Some(at);
+        Some(meta.seq)
     }
 }
+
+// Nothing of a call is pinned in place (its future is in a box of its own).
+impl<F, T> Unpin for Call<F, T> {}
 
 impl<F, T, U> Future for Call<F, T>
 where
@@ -203,35 +251,29 @@ where
 {
     type Output = Completion<T, U>;
 
-    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completion<T, U>> {
-        let this = self.project();
-        let polled = catch_unwind(AssertUnwindSafe(|| this.fut.poll(cx)));
-        let result = match polled {
-            Ok(Poll::Ready(r)) => r.map_err(|e| ItemError::User(Arc::from(e))),
-            Err(panic) => Err(ItemError::from_panic(&*panic)),
-            Ok(Poll::Pending) => {
-                let Some(limit) = *this.limit else {
+        let this = self.get_mut();
+        let result = match poll_slot(&mut this.slot, cx) {
+            Poll::Ready(r) => r,
+            Poll::Pending => {
+                let (Some(sleep), Some(limit)) = (this.sleep.as_mut(), this.limit) else {
                     return Poll::Pending;
                 };
-                let sleep = this
-                    .sleep
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
                 match sleep.as_mut().poll(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(()) => Err(ItemError::Timeout(limit)),
                 }
             }
         };
-        // A call is not polled after it is ready; `carry` is there exactly once.
-        let Some(Carry { meta, again }) = this.carry.take() else {
+        // A call is not polled after it is ready; `meta` is there exactly once.
+        let Some(meta) = this.meta.take() else {
             return Poll::Pending;
         };
         Poll::Ready(Completion {
             meta,
             result,
             latency: this.start.map(|s| s.elapsed()),
-            again,
+            again: this.again.take(),
             called: true,
         })
     }

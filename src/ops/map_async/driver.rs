@@ -25,7 +25,7 @@ use crate::runtime::gate::GateHold;
 use crate::runtime::{RunCtx, Upstream};
 
 use super::builder::Options;
-use super::call::{Call, Completion, Meta, StageFn};
+use super::call::{Call, Completion, Meta, Slot, StageFn, make, poll_slot};
 
 /// Time one call in this many (latency percentiles come from this sample).
 const SAMPLE_EVERY: u64 = 8;
@@ -99,7 +99,8 @@ pub(super) async fn drive<T, U, S>(
     stats.merge_latency(&mut driver.hist);
 }
 
-enum Slot<U> {
+/// An ordered stage's place for a result until the ones before it are out.
+enum Done<U> {
     Ok(U, Ticket),
     Failed,
 }
@@ -168,7 +169,7 @@ impl<T> Backoff<T> {
 }
 
 /// A call that had to wait, in the in-flight set.
-type Boxed<T, U, S> = Pin<Box<Call<<S as StageFn<T, U>>::Future, T>>>;
+type Waiting<T, U, S> = Call<<S as StageFn<T, U>>::Future, T>;
 
 struct Driver<T, U, S: StageFn<T, U>> {
     up: Upstream<T>,
@@ -179,9 +180,9 @@ struct Driver<T, U, S: StageFn<T, U>> {
     keep: Option<fn(&T) -> FailedInput>,
     copy: Option<fn(&T) -> T>,
     timeout: Option<Duration>,
-    inflight: FuturesUnordered<Boxed<T, U, S>>,
-    /// The box of the last call that finished at its first poll, reused by the next call.
-    spare: Option<Boxed<T, U, S>>,
+    inflight: FuturesUnordered<Waiting<T, U, S>>,
+    /// The slot of the last call that finished at its first poll, reused by the next call.
+    spare: Option<Slot<S::Future>>,
     /// Calls waiting in `inflight`, oldest first, kept only while a stall watchdog asks
     /// for call ages (`RunCtx::watch_calls`): it then sees one stuck call even while the
     /// other workers keep completing.
@@ -191,7 +192,7 @@ struct Driver<T, U, S: StageFn<T, U>> {
     next_seq: u64,
     /// Ordered mode: the sequence number of `reorder[0]`.
     next_emit: u64,
-    reorder: VecDeque<Option<Slot<U>>>,
+    reorder: VecDeque<Option<Done<U>>>,
     out: Chunk<U>,
     tx: PollSender<Chunk<U>>,
     stats: Arc<StageStats>,
@@ -285,42 +286,44 @@ where
             if let Some(r) = self.retry.as_mut() {
                 r.first_attempt();
                 if r.needs_first_at() {
-                    meta.first_at = Some(Instant::now());
+                    meta.set_first_at(Instant::now());
                 }
             }
         }
-        if meta.input.is_none() {
-            meta.input = self.keep.map(|k| k(&item));
+        if let Some(keep) = self.keep {
+            if !meta.has_input() {
+                meta.set_input(keep(&item));
+            }
         }
         let again = self.copy.map(|c| c(&item));
         let call = &self.call;
-        let fut = match Call::start(|| call.call(item), meta, again, self.timeout, timed) {
+        let fut = match make(|| call.call(item)) {
             Ok(fut) => fut,
-            Err(done) => return self.complete(*done),
+            Err(e) => return self.complete(meta, Err(e), None, again, true),
         };
-        // A call that is ready at its first poll never leaves this box, so the box is kept
-        // for the next call: a stage of quick calls allocates nothing per item. Only a call
-        // that must wait moves (boxed) into the in-flight set.
-        let mut boxed = match self.spare.take() {
-            Some(mut spare) => {
-                spare.as_mut().set(fut);
-                spare
+        let mut slot = match self.spare.take() {
+            Some(mut slot) => {
+                slot.as_mut().set(Some(fut));
+                slot
             }
-            None => Box::pin(fut),
+            None => Box::pin(Some(fut)),
         };
-        match boxed.as_mut().poll(cx) {
-            Poll::Ready(done) => {
-                self.spare = Some(boxed);
-                self.complete(done)
+        let start = timed.then(Instant::now);
+        match poll_slot(&mut slot, cx) {
+            Poll::Ready(result) => {
+                self.spare = Some(slot);
+                let latency = start.map(|s| s.elapsed());
+                self.complete(meta, result, latency, again, true)
             }
             Poll::Pending => {
+                let mut call = Call::waiting(slot, meta, again, self.timeout, start);
                 if let Some(waiting) = self.waiting_calls.as_mut() {
                     let at = Instant::now();
-                    if let Some(seq) = boxed.as_mut().mark_waiting(at) {
+                    if let Some(seq) = call.mark_waiting(at) {
                         waiting.insert((at, seq));
                     }
                 }
-                self.inflight.push(boxed)
+                self.inflight.push(call)
             }
         }
     }
@@ -354,13 +357,7 @@ where
     fn refuse(&mut self) {
         if let Some((item, meta)) = self.pop_input() {
             drop(item);
-            self.complete(Completion {
-                meta,
-                result: Err(ItemError::CircuitOpen),
-                latency: None,
-                again: None,
-                called: false,
-            });
+            self.complete(meta, Err(ItemError::CircuitOpen), None, None, false);
         }
     }
 
@@ -412,27 +409,22 @@ where
         changed
     }
 
-    /// Parks a failed call for another attempt if the retry policy allows; else gives it back.
-    fn park(&mut self, mut c: Completion<T, U>) -> Option<Completion<T, U>> {
+    /// Parks a failed call's item for another attempt if the retry policy allows; else
+    /// gives its meta back.
+    fn park(&mut self, meta: Meta, error: &ItemError, again: Option<T>) -> Option<Meta> {
         let Some(r) = self.retry.as_mut() else {
-            return Some(c);
+            return Some(meta);
         };
-        let Err(error) = &c.result else {
-            return Some(c);
-        };
-        if !c.called {
-            return Some(c);
-        }
         let failed = Failed {
-            attempts: c.meta.attempts,
-            first_at: c.meta.first_at,
+            attempts: meta.attempts,
+            first_at: meta.first_at(),
             error,
         };
         let Some(at) = r.again(&failed) else {
-            return Some(c);
+            return Some(meta);
         };
-        let Some(item) = c.again.take() else {
-            return Some(c);
+        let Some(item) = again else {
+            return Some(meta);
         };
         if r.pauses_source() && self.backoff.hold.is_none() {
             self.backoff.hold = Some(self.run.gate.hold());
@@ -441,17 +433,21 @@ where
         let b = &mut self.backoff;
         let id = b.next_id;
         b.next_id += 1;
-        b.heap.push(Parked {
-            at,
-            id,
-            item,
-            meta: c.meta,
-        });
+        b.heap.push(Parked { at, id, item, meta });
         None
     }
 
-    fn complete(&mut self, mut c: Completion<T, U>) {
-        if let Some(l) = c.latency {
+    /// Accounts for a finished call (or an item refused without one: `called` false), and
+    /// emits its result, fails it, or parks it for another attempt.
+    fn complete(
+        &mut self,
+        meta: Meta,
+        result: Result<U, ItemError>,
+        latency: Option<Duration>,
+        again: Option<T>,
+        called: bool,
+    ) {
+        if let Some(l) = latency {
             let _ = self.hist.record(l.as_nanos().min(u64::MAX as u128) as u64);
             self.timed += 1;
             if self.timed % MERGE_EVERY == 0 && self.merged_at.elapsed() >= MERGE_INTERVAL {
@@ -459,47 +455,48 @@ where
                 self.stats.merge_latency(&mut self.hist);
             }
         }
-        if !self.admissions.is_empty() && c.called {
+        if !self.admissions.is_empty() && called {
             let finished = Finished {
-                call: c.meta.call,
-                error: c.result.as_ref().err(),
-                latency: c.latency,
+                call: meta.call,
+                error: result.as_ref().err(),
+                latency,
                 in_flight: self.inflight.len() + 1,
             };
             for a in &mut self.admissions {
                 a.finished(&finished);
             }
         }
-        if self.retry.is_some() {
-            match self.park(c) {
-                Some(back) => c = back,
+        let mut meta = meta;
+        if let (true, true, Err(e)) = (self.retry.is_some(), called, &result) {
+            match self.park(meta, e, again) {
+                Some(back) => meta = back,
                 None => return,
             }
         }
-        let Completion { meta, result, .. } = c;
         let slot = match result {
-            Ok(u) => Slot::Ok(u, meta.ticket),
+            Ok(u) => Done::Ok(u, meta.ticket),
             Err(error) => {
                 StageStats::add(&self.stats.failed, 1);
+                let input = meta.take_input();
                 meta.ticket.finish(Outcome::Failed);
                 self.run.fail(Failure {
                     stage: self.stats.name.clone(),
                     error,
                     attempts: meta.attempts,
-                    input: meta.input,
+                    input,
                 });
-                Slot::Failed
+                Done::Failed
             }
         };
         if !self.ordered {
-            if let Slot::Ok(u, t) = slot {
+            if let Done::Ok(u, t) = slot {
                 self.out.push(u, t);
             }
             return;
         }
         self.reorder[(meta.seq - self.next_emit) as usize] = Some(slot);
         while let Some(Some(_)) = self.reorder.front() {
-            if let Some(Some(Slot::Ok(u, t))) = self.reorder.pop_front() {
+            if let Some(Some(Done::Ok(u, t))) = self.reorder.pop_front() {
                 self.out.push(u, t);
             }
             self.next_emit += 1;
@@ -551,11 +548,18 @@ where
                 match self.inflight.poll_next_unpin(cx) {
                     Poll::Ready(Some(mut c)) => {
                         if let (Some(w), Some(at)) =
-                            (self.waiting_calls.as_mut(), c.meta.waiting_since.take())
+                            (self.waiting_calls.as_mut(), c.meta.take_waiting_since())
                         {
                             w.remove(&(at, c.meta.seq));
                         }
-                        self.complete(c);
+                        let Completion {
+                            meta,
+                            result,
+                            latency,
+                            again,
+                            called,
+                        } = c;
+                        self.complete(meta, result, latency, again, called);
                         progress = true;
                     }
                     _ => break,
