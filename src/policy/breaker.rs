@@ -122,7 +122,7 @@ struct Inner {
 /// one fails it opens again. Clones share one state (one backend, several stages).
 ///
 /// Every state change calls [`on_state_change`](Breaker::on_state_change) and is logged;
-/// [`report`](Breaker::report) counts them. Errors classified as [`ItemError::CircuitOpen`]
+/// [`report`](Breaker::report) counts them. Errors classified as [`ItemError::CircuitOpen`](crate::ItemError::CircuitOpen)
 /// (fail-fast refusals) are not counted as failures.
 ///
 /// ```

@@ -169,8 +169,8 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
         self
     }
 
-    /// Fail a call that takes longer than `limit` with [`ItemError::Timeout`]. Must be more
-    /// than zero.
+    /// Fail a call that takes longer than `limit` with
+    /// [`ItemError::Timeout`](crate::ItemError::Timeout). Must be more than zero.
     ///
     /// ```
     /// use flowline::prelude::*;
