@@ -168,7 +168,7 @@ pub trait Flow: IntoPipeline {
     }
 
     /// An explicit async boundary: the stages before it run on their own task and may work
-    /// up to about `capacity` items ahead (rounded up to whole chunks of 256).
+    /// up to about `capacity` items ahead (rounded up to whole chunks of 512).
     ///
     /// ```
     /// use flowline::prelude::*;
