@@ -27,6 +27,7 @@ use crate::source::{Pull, Source};
 /// # }
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum ErrorPolicy {
     /// Send the failed item to the dead letters and go on (the default).
     #[default]
@@ -93,6 +94,7 @@ type BuildFn<T> = Box<dyn FnOnce(&mut Build) -> Upstream<T> + Send>;
 /// assert_eq!(out, vec![1, 2, 3, 4, 5]);
 /// # }
 /// ```
+#[must_use = "a pipeline does nothing until a terminal (`run`, `collect`, `for_each`, `into_stream`, `spawn`) is awaited"]
 pub struct Pipeline<T> {
     pub(crate) build: BuildFn<T>,
     pub(crate) settings: Settings,

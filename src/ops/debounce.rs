@@ -35,6 +35,7 @@ use crate::runtime::{RunCtx, Upstream, next_chunk, send_counted};
 /// assert_eq!(out, vec!["abc"]);
 /// # }
 /// ```
+#[must_use = "a stage builder does nothing until its pipeline is run by a terminal"]
 pub struct Debounce<T, K, F> {
     p: Pipeline<T>,
     name: &'static str,

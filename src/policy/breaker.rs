@@ -35,6 +35,7 @@ impl fmt::Display for BreakerState {
 
 /// What a stage does with its items while its breaker is open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum OnOpen {
     /// Hold the items and pause the run's source until a probe succeeds (the default):
     /// nothing fails, the pipeline waits for the backend.
@@ -217,6 +218,7 @@ impl Breaker {
     }
 
     /// For a ratio breaker: calls needed in the window before it may trip (≤ window).
+    #[must_use]
     pub fn min_calls(self, n: usize) -> Self {
         self.modify(|i| {
             if let Trip::Ratio { ratio, window, .. } = i.trip {
@@ -235,6 +237,7 @@ impl Breaker {
     /// let b = flowline::Breaker::consecutive_failures(5).cooldown(std::time::Duration::from_secs(30));
     /// # let _ = b;
     /// ```
+    #[must_use]
     pub fn cooldown(self, d: Duration) -> Self {
         self.modify(|i| i.cooldown = d)
     }
@@ -245,6 +248,7 @@ impl Breaker {
     /// let b = flowline::Breaker::consecutive_failures(5).probes(3);
     /// # let _ = b;
     /// ```
+    #[must_use]
     pub fn probes(self, n: u32) -> Self {
         self.modify(|i| i.probes = n)
     }
@@ -256,6 +260,7 @@ impl Breaker {
     /// let b = Breaker::consecutive_failures(5).on_open(OnOpen::FailFast);
     /// # let _ = b;
     /// ```
+    #[must_use]
     pub fn on_open(self, mode: OnOpen) -> Self {
         self.modify(|i| i.on_open = mode)
     }
@@ -267,6 +272,7 @@ impl Breaker {
     /// let b = Breaker::consecutive_failures(5).on_state_change(|from, to| println!("breaker {from} -> {to}"));
     /// # let _ = b;
     /// ```
+    #[must_use]
     pub fn on_state_change(
         self,
         f: impl Fn(BreakerState, BreakerState) + Send + Sync + 'static,

@@ -49,6 +49,7 @@ enum Backoff {
 /// # }
 /// ```
 #[derive(Clone)]
+#[must_use = "an option set does nothing until it is passed to a stage or source"]
 pub struct Retry {
     backoff: Backoff,
     pub(crate) max_attempts: u32,
@@ -402,6 +403,7 @@ struct BudgetState {
 /// # }
 /// ```
 #[derive(Clone)]
+#[must_use = "an option set does nothing until it is passed to a stage or source"]
 pub struct RetryBudget {
     ratio: f64,
     reserve: f64,

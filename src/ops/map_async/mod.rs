@@ -132,6 +132,7 @@ impl Options {
 /// assert_eq!(out.len(), 50);
 /// # }
 /// ```
+#[must_use = "a stage builder does nothing until its pipeline is run by a terminal"]
 pub struct AsyncStage<T, U, S> {
     upstream: Pipeline<T>,
     name: String,
