@@ -86,6 +86,13 @@ type BuildFn<T> = Box<dyn FnOnce(&mut Build) -> Upstream<T> + Send>;
 /// [`Flow::spawn`]) is awaited or called. Operators come from the [`Flow`] trait
 /// (`use flowline::prelude::*`).
 ///
+/// [`Flow`]: crate::Flow
+/// [`Flow::run`]: crate::Flow::run
+/// [`Flow::for_each`]: crate::Flow::for_each
+/// [`Flow::collect`]: crate::Flow::collect
+/// [`Flow::into_stream`]: crate::Flow::into_stream
+/// [`Flow::spawn`]: crate::Flow::spawn
+///
 /// ```
 /// use flowline::prelude::*;
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {

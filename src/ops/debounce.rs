@@ -21,8 +21,9 @@ use crate::runtime::chunk::{Chunk, Outcome, Ticket};
 use crate::runtime::hop::{HOP_CHUNKS, hop};
 use crate::runtime::{RunCtx, Upstream, next_chunk, send_counted};
 
-/// A debounce stage being configured; returned by [`Flow::debounce`] and
-/// [`Flow::debounce_by`]. Add [`max_wait`](Debounce::max_wait), then go on with any operator.
+/// A debounce stage being configured; returned by [`Flow::debounce`](crate::Flow::debounce)
+/// and [`Flow::debounce_by`](crate::Flow::debounce_by). Add [`max_wait`](Debounce::max_wait),
+/// then go on with any operator.
 ///
 /// ```
 /// use flowline::prelude::*;

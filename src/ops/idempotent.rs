@@ -30,7 +30,7 @@ use crate::store::{Reservation, Store};
 /// How long a reservation lasts unless [`Idempotent::ttl`] says otherwise.
 pub(crate) const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(600);
 
-/// An idempotent stage being configured; returned by [`Flow::idempotent`].
+/// An idempotent stage being configured; returned by [`Flow::idempotent`](crate::Flow::idempotent).
 ///
 /// ```
 /// use flowline::prelude::*;

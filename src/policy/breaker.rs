@@ -120,8 +120,9 @@ struct Inner {
 /// one fails it opens again. Clones share one state (one backend, several stages).
 ///
 /// Every state change calls [`on_state_change`](Breaker::on_state_change) and is logged;
-/// [`report`](Breaker::report) counts them. Errors classified as [`ItemError::CircuitOpen`]
-/// (fail-fast refusals) are not counted as failures.
+/// [`report`](Breaker::report) counts them. Errors classified as
+/// [`ItemError::CircuitOpen`](crate::ItemError::CircuitOpen) (fail-fast refusals) are not
+/// counted as failures.
 ///
 /// ```
 /// use flowline::prelude::*;

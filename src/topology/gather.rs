@@ -68,7 +68,7 @@ type Part<K, P> = (usize, Chunk<(K, P)>);
 type NamedPart<K, P> = (Arc<str>, Pipeline<(K, P)>);
 
 /// A gather being set up: add parts with [`part`](Gather::part), then use it as a pipeline
-/// (it implements [`Flow`]).
+/// (it implements [`Flow`](crate::Flow)).
 ///
 /// ```
 /// use flowline::prelude::*;

@@ -119,14 +119,14 @@ impl Graph {
         }));
     }
 
-    /// Ends `p` in a sink that counts and drops its items (like [`Flow::run`]).
+    /// Ends `p` in a sink that counts and drops its items (like [`Flow::run`](crate::Flow::run)).
     pub fn discard(&mut self, p: impl IntoPipeline) -> &mut Self {
         self.add(p.into_pipeline(), sink::Discard, "sink", |()| {});
         self
     }
 
     /// Ends `p` in a sink that calls `f` for each item, one at a time, in order (like
-    /// [`Flow::for_each`]). A panic in `f` fails that item.
+    /// [`Flow::for_each`](crate::Flow::for_each)). A panic in `f` fails that item.
     pub fn for_each<P, F, Fut>(&mut self, p: P, f: F) -> &mut Self
     where
         P: IntoPipeline,

@@ -51,8 +51,8 @@ const MERGE_EVERY: u64 = 64;
 const MERGE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The call an async stage makes for each item: user code behind a uniform fallible shape.
-/// Implemented for the closures given to [`Flow::map_async`] and [`Flow::try_map_async`];
-/// users do not implement it.
+/// Implemented for the closures given to [`Flow::map_async`](crate::Flow::map_async) and
+/// [`Flow::try_map_async`](crate::Flow::try_map_async); users do not implement it.
 pub trait StageFn<T, U>: Send + 'static {
     /// The call's future.
     type Future: Future<Output = Result<U, BoxError>> + Send + 'static;
