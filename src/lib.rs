@@ -45,6 +45,8 @@
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
+// On docs.rs (nightly, `--cfg docsrs`), items behind a feature say which one.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod dead_letter;
 mod error;

@@ -49,6 +49,7 @@ struct Inner {
 /// # }
 /// ```
 #[derive(Clone)]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub struct SqliteStore {
     inner: Arc<Inner>,
     scope: Arc<str>,
