@@ -98,6 +98,7 @@ impl DeadLetter {
     /// with `stage`, `error`, `kind`, `attempts`, `input` (the `Debug` text of a kept input,
     /// or null) and `at_ms` (Unix time). Writes are buffered and flushed when the run ends.
     #[cfg(feature = "jsonl")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "jsonl")))]
     pub fn jsonl(path: impl Into<std::path::PathBuf>) -> Self {
         DeadLetter {
             target: Target::Jsonl(path.into()),

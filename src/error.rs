@@ -18,22 +18,54 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// let e = ItemError::Timeout(std::time::Duration::from_secs(2));
 /// assert_eq!(e.to_string(), "timed out after 2s");
 /// ```
-#[derive(Debug, Clone, thiserror::Error)]
+///
+/// For [`ItemError::User`], [`source`](std::error::Error::source) is the user's error itself,
+/// so it can be downcast to the type the stage returned:
+///
+/// ```
+/// use std::error::Error as _;
+/// # #[derive(Debug)] struct NotFound;
+/// # impl std::fmt::Display for NotFound {
+/// #     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str("not found") }
+/// # }
+/// # impl std::error::Error for NotFound {}
+/// let e = flowline::ItemError::user(NotFound);
+/// assert!(e.source().unwrap().downcast_ref::<NotFound>().is_some());
+/// ```
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum ItemError {
     /// The stage's function returned an error.
-    #[error("{0}")]
     User(Arc<dyn std::error::Error + Send + Sync + 'static>),
     /// The stage's `timeout` elapsed before the call finished.
-    #[error("timed out after {0:?}")]
     Timeout(Duration),
     /// User code panicked while handling the item.
-    #[error("panicked: {0}")]
     Panic(String),
     /// The stage's circuit breaker was open and set to fail fast
     /// ([`OnOpen::FailFast`](crate::OnOpen::FailFast)): the call was not made.
-    #[error("circuit breaker open: call not made")]
     CircuitOpen,
+}
+
+impl fmt::Display for ItemError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ItemError::User(e) => write!(f, "{e}"),
+            ItemError::Timeout(d) => write!(f, "timed out after {d:?}"),
+            ItemError::Panic(msg) => write!(f, "panicked: {msg}"),
+            ItemError::CircuitOpen => f.write_str("circuit breaker open: call not made"),
+        }
+    }
+}
+
+// Written by hand, not derived: a derived `#[source]` on the `Arc` would return the `Arc`
+// itself, which cannot be downcast to the user's error type.
+impl std::error::Error for ItemError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ItemError::User(e) => Some(&**e),
+            _ => None,
+        }
+    }
 }
 
 impl ItemError {
@@ -149,6 +181,13 @@ impl Failure {
     }
 }
 
+/// The source of a failure is its [`ItemError`].
+impl std::error::Error for Failure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -194,6 +233,7 @@ pub enum Error {
     #[error("run stopped on the first failure: {failure}")]
     ItemFailed {
         /// The failure that stopped the run.
+        #[source]
         failure: Failure,
         /// What happened up to that point.
         report: Box<Report>,
@@ -204,6 +244,7 @@ pub enum Error {
         /// The source's name.
         stage: String,
         /// Why it failed.
+        #[source]
         error: ItemError,
         /// What happened up to that point; the items already pulled were finished.
         report: Box<Report>,

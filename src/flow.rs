@@ -267,7 +267,7 @@ pub trait Flow: IntoPipeline {
     }
 
     /// An explicit async boundary: the stages before it run on their own task and may work
-    /// up to about `capacity` items ahead (rounded up to whole chunks of 256).
+    /// up to about `capacity` items ahead (rounded up to whole chunks of 512).
     ///
     /// ```
     /// use flowline::prelude::*;
@@ -673,7 +673,7 @@ pub trait Flow: IntoPipeline {
 
     /// At most one item per `interval`; the others are dropped and counted as `dropped`
     /// (lossy by design — for updates where only the latest matters; use
-    /// [`rate_limit`](Flow::rate_limit) to delay instead). [`Throttle::Leading`](crate::Throttle::Leading)
+    /// [`pace`](Flow::pace) to delay instead). [`Throttle::Leading`](crate::Throttle::Leading)
     /// passes the first item of an interval, [`Throttle::Trailing`](crate::Throttle::Trailing)
     /// the latest one when the interval ends.
     ///
@@ -697,7 +697,7 @@ pub trait Flow: IntoPipeline {
     /// Splits the pipeline in two: the items `predicate` accepts, and the others (a router
     /// stage named `name`). Each item goes to exactly one branch, in order; each branch goes
     /// on with its own stages and must end in a sink of the same run (a [`Graph`](crate::Graph)):
-    /// a branch left without one fails the run with [`Error::Config`]. A full branch
+    /// a branch left without one fails the run with [`Error::Config`](crate::Error::Config). A full branch
     /// back-pressures the router, and so the source.
     ///
     /// ```
@@ -746,7 +746,7 @@ pub trait Flow: IntoPipeline {
 
     /// Splits the pipeline into `n` (router stage `route`): `pick` returns each item's branch
     /// index. An index `>= n` (or a panic in `pick`) fails that item. With `n == 0` the one
-    /// pipeline returned fails with [`Error::Config`] when run.
+    /// pipeline returned fails with [`Error::Config`](crate::Error::Config) when run.
     ///
     /// ```
     /// use flowline::prelude::*;
@@ -803,7 +803,7 @@ pub trait Flow: IntoPipeline {
     /// per item). The slowest branch back-pressures the source: the router waits for it, so
     /// nothing is lost and memory stays bounded. To let the other branches run ahead of a
     /// slow one, give the slow one a [`buffer`](Flow::buffer). With `n == 0` the one pipeline
-    /// returned fails with [`Error::Config`] when run.
+    /// returned fails with [`Error::Config`](crate::Error::Config) when run.
     ///
     /// ```
     /// use flowline::prelude::*;

@@ -27,6 +27,33 @@
 //! # }
 //! ```
 //!
+//! ## Cookbook
+//!
+//! | I want to… | Use |
+//! |---|---|
+//! | run at most *n* requests in flight | [`.map_async(..).workers(n)`](AsyncStage::workers); one bound shared by several stages or pipelines: [`.inflight(&limit)`](AsyncStage::inflight) with an [`Inflight::new(n)`](Inflight::new) |
+//! | run at most *n* requests per second, no burst | [`.rate_limit(Rate::per_second(n))`](AsyncStage::rate_limit) on the stage ([`Rate::per_second`], [`Rate::per`]) |
+//! | … with bursts of up to *b* | [`.rate_limit(Rate::per_second(n).burst(b))`](Rate::burst) |
+//! | pause the job on an error and retry after a sleep | [`.retry(Retry::exponential(base).pause_source())`](Retry::pause_source): the source pulls nothing while an item waits; when the backend is down, [`.circuit_breaker(Breaker::consecutive_failures(k))`](AsyncStage::circuit_breaker) pauses the source until a probe succeeds ([`OnOpen::Pause`], the default) |
+//! | stream rows from SQL by cursor pagination, resume after a crash | [`Pipeline::from_cursor`] with a checkpoint store ([`MemoryCheckpoints`], `SqliteCheckpoints`); pages are [`Page`]s, [`CursorOptions`] for read-ahead; `examples/sql_cursor.rs` |
+//! | batch, dedup and look up (ids → one batched fetch) | [`Flow::dedup_by`] (TTL or last-*n* [`Window`]), [`Flow::batch`], [`Flow::batch_dedup_by`]; a dataloader any stage can call: [`Loader`] |
+//! | wait for the results of several pipelines for one object | [`Gather`]: one [`part`](Gather::part) per pipeline, joined by key, with a timeout ([`Incomplete`]) |
+//! | `generator \| fork(10) \| task1 \| task2 \| branch \| error:retry success:print` | [`Pipeline::from_iter`], [`.map_async("task1", ..).workers(10)`](Flow::map_async), again for `task2`, [`.branch_result()`](Flow::branch_result), a retrying stage on the `Err` side, and both ends in one [`Graph`]; `examples/seed_pipe.rs` |
+//! | fail a call that takes too long | [`.timeout(d)`](AsyncStage::timeout) |
+//! | scale the number of workers to what the backend takes | [`.adaptive(Adaptive::vegas(min..=max))`](AsyncStage::adaptive) |
+//! | skip items already done by an earlier run | [`Flow::idempotent`] over a [`Store`] ([`MemoryStore`], `SqliteStore`) |
+//! | debounce or throttle | [`Flow::debounce`], [`Flow::debounce_by`], [`Flow::throttle`] |
+//! | pause, resume, step or stop a running job | [`Flow::spawn`] → [`Handle`] |
+//! | see progress, a heartbeat, a stall | [`Flow::progress`], [`Flow::heartbeat`], [`Flow::stall_after`] |
+//! | make several calls at once inside one step | not a pipeline's job: `tokio::try_join!` (or a `JoinSet`) inside the stage's closure |
+//!
+//! ## Features
+//!
+//! - `jsonl` (default): [`DeadLetter::jsonl`], failures appended to a JSON-lines file.
+//! - `sqlite`: `SqliteStore` (idempotency keys) and `SqliteCheckpoints` (cursor checkpoints)
+//!   in one embedded SQLite file.
+//! - `progress`: [`Flow::progress`] draws bars on a terminal; without it, plain lines.
+//!
 //! ## How it runs
 //!
 //! A [`Pipeline`] is a lazy plan; a terminal ([`Flow::run`], [`Flow::collect`],
@@ -45,6 +72,8 @@
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
+// On docs.rs (nightly, `--cfg docsrs`), items behind a feature say which one.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod dead_letter;
 mod error;
@@ -91,6 +120,12 @@ pub use store::checkpoint_sqlite::SqliteCheckpoints;
 pub use store::{MemoryStore, Reservation, Store, StoreFuture};
 pub use topology::gather::{Gather, Gathered, Incomplete};
 pub use topology::graph::{Collected, Graph};
+
+// The README's code blocks are compiled and run as doc tests, so the README cannot drift from
+// the API. Its example writes dead letters with `DeadLetter::jsonl`, hence the feature.
+#[cfg(all(doctest, feature = "jsonl"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 /// Everything a pipeline author needs: `use flowline::prelude::*;`.
 pub mod prelude {

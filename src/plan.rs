@@ -27,6 +27,7 @@ use crate::source::{Pull, Source};
 /// # }
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum ErrorPolicy {
     /// Send the failed item to the dead letters and go on (the default).
     #[default]
@@ -166,6 +167,13 @@ type BuildFn<T> = Box<dyn FnOnce(&mut Build) -> Upstream<T> + Send>;
 /// [`Flow::spawn`]) is awaited or called. Operators come from the [`Flow`] trait
 /// (`use flowline::prelude::*`).
 ///
+/// [`Flow`]: crate::Flow
+/// [`Flow::run`]: crate::Flow::run
+/// [`Flow::for_each`]: crate::Flow::for_each
+/// [`Flow::collect`]: crate::Flow::collect
+/// [`Flow::into_stream`]: crate::Flow::into_stream
+/// [`Flow::spawn`]: crate::Flow::spawn
+///
 /// ```
 /// use flowline::prelude::*;
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -174,6 +182,7 @@ type BuildFn<T> = Box<dyn FnOnce(&mut Build) -> Upstream<T> + Send>;
 /// assert_eq!(out, vec![1, 2, 3, 4, 5]);
 /// # }
 /// ```
+#[must_use = "a pipeline does nothing until a terminal (`run`, `collect`, `for_each`, `into_stream`, `spawn`) is awaited"]
 pub struct Pipeline<T> {
     pub(crate) build: BuildFn<T>,
     pub(crate) settings: Settings,

@@ -490,8 +490,11 @@ async fn bad_configuration_is_rejected_before_anything_runs() {
 
 #[test]
 fn outside_a_runtime_the_error_says_so() {
-    let r = futures::executor::block_on(Pipeline::from_iter(0..3).run().into_future());
-    assert!(matches!(r, Err(Error::NoRuntime)));
+    // Polled once by hand, outside any runtime: the run must fail at once, not wait.
+    let run = std::pin::pin!(Pipeline::from_iter(0..3).run().into_future());
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let r = run.poll(&mut cx);
+    assert!(matches!(r, std::task::Poll::Ready(Err(Error::NoRuntime))));
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,4 +1,4 @@
-//! Suite `batch` (issue 4): the Loader's batch-call ratio, `dedup_by` with a TTL window, and
+//! Suite `batch`: the Loader's batch-call ratio, `dedup_by` with a TTL window, and
 //! `batch(256, 10 ms)` against tokio-stream's `chunks_timeout`.
 //!
 //! Sizes can be reduced with `FLOWLINE_BENCH_SCALE` (a divisor, default 1) on a loaded

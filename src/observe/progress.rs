@@ -35,6 +35,7 @@ type Out = Arc<Mutex<Box<dyn Write + Send>>>;
 /// # let _ = opts;
 /// ```
 #[derive(Clone)]
+#[must_use = "an option set does nothing until it is passed to a stage or source"]
 pub struct ProgressOptions {
     every: Duration,
     total: Option<u64>,

@@ -80,6 +80,7 @@ type OnStall = Box<dyn FnMut(&Stall) + Send>;
 /// assert!(matches!(err, Error::Cancelled { .. }));
 /// # }
 /// ```
+#[non_exhaustive]
 pub enum StallAction {
     /// Log a warning (`tracing`) naming the stage and the number of items in it.
     Log,

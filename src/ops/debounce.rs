@@ -22,8 +22,9 @@ use crate::runtime::hop::{HOP_CHUNKS, hop};
 use crate::runtime::time::after;
 use crate::runtime::{RunCtx, Upstream, next_chunk, send_counted};
 
-/// A debounce stage being configured; returned by [`Flow::debounce`] and
-/// [`Flow::debounce_by`]. Add [`max_wait`](Debounce::max_wait), then go on with any operator.
+/// A debounce stage being configured; returned by [`Flow::debounce`](crate::Flow::debounce)
+/// and [`Flow::debounce_by`](crate::Flow::debounce_by). Add [`max_wait`](Debounce::max_wait),
+/// then go on with any operator.
 ///
 /// ```
 /// use flowline::prelude::*;
@@ -36,6 +37,7 @@ use crate::runtime::{RunCtx, Upstream, next_chunk, send_counted};
 /// assert_eq!(out, vec!["abc"]);
 /// # }
 /// ```
+#[must_use = "a stage builder does nothing until its pipeline is run by a terminal"]
 pub struct Debounce<T, K, F> {
     p: Pipeline<T>,
     name: &'static str,

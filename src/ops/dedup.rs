@@ -27,6 +27,7 @@ pub(crate) const DEFAULT_MAX_KEYS: usize = 1 << 20;
 /// # let _ = (w, l);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "an option set does nothing until it is passed to a stage or source"]
 pub struct Window {
     ttl: Option<Duration>,
     max_keys: usize,

@@ -30,7 +30,7 @@ use crate::store::{Reservation, Store};
 /// How long a reservation lasts unless [`Idempotent::ttl`] says otherwise.
 pub(crate) const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(600);
 
-/// An idempotent stage being configured; returned by [`Flow::idempotent`].
+/// An idempotent stage being configured; returned by [`Flow::idempotent`](crate::Flow::idempotent).
 ///
 /// ```
 /// use flowline::prelude::*;
@@ -44,6 +44,7 @@ pub(crate) const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(600);
 /// assert_eq!(report.delivered(), 2);   // the second "a" is skipped
 /// # }
 /// ```
+#[must_use = "a stage builder does nothing until its pipeline is run by a terminal"]
 pub struct Idempotent<T, S, F> {
     p: Pipeline<T>,
     store: S,

@@ -18,6 +18,7 @@ use crate::runtime::{ChunkSource, Upstream};
 
 /// Which item of an interval a [`throttle`](crate::Flow::throttle) lets through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Throttle {
     /// The first item passes at once; items within `interval` after it are dropped.
     #[default]

@@ -192,6 +192,7 @@ impl Adaptive {
     /// ```
     /// assert_eq!(flowline::Adaptive::aimd(1..=64).initial(16).limit(), 16);
     /// ```
+    #[must_use]
     pub fn initial(self, n: usize) -> Self {
         self.modify(|i| {
             let n = n.clamp(i.min.max(1), i.max.max(1));
@@ -206,6 +207,7 @@ impl Adaptive {
     /// let a = flowline::Adaptive::aimd(1..=64).overload_if(|e| e.to_string().starts_with("429"));
     /// # let _ = a;
     /// ```
+    #[must_use]
     pub fn overload_if(self, f: impl Fn(&ItemError) -> bool + Send + Sync + 'static) -> Self {
         let f: Predicate = Arc::new(f);
         self.modify(|i| i.overload_if = Some(f))
@@ -217,6 +219,7 @@ impl Adaptive {
     /// let a = flowline::Adaptive::aimd(1..=64).latency_limit(std::time::Duration::from_millis(50));
     /// # let _ = a;
     /// ```
+    #[must_use]
     pub fn latency_limit(self, limit: Duration) -> Self {
         self.modify(|i| {
             if let Algo::Aimd { backoff, .. } = i.algo {
@@ -234,6 +237,7 @@ impl Adaptive {
     /// let a = flowline::Adaptive::aimd(1..=64).backoff(0.5);
     /// # let _ = a;
     /// ```
+    #[must_use]
     pub fn backoff(self, factor: f64) -> Self {
         self.modify(|i| {
             if let Algo::Aimd { latency_limit, .. } = i.algo {

@@ -38,6 +38,7 @@ impl fmt::Display for BreakerState {
 
 /// What a stage does with its items while its breaker is open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum OnOpen {
     /// Hold the items and pause the run's source until a probe succeeds (the default):
     /// nothing fails, the pipeline waits for the backend.
@@ -122,8 +123,9 @@ struct Inner {
 /// one fails it opens again. Clones share one state (one backend, several stages).
 ///
 /// Every state change calls [`on_state_change`](Breaker::on_state_change) and is logged;
-/// [`report`](Breaker::report) counts them. Errors classified as [`ItemError::CircuitOpen`](crate::ItemError::CircuitOpen)
-/// (fail-fast refusals) are not counted as failures.
+/// [`report`](Breaker::report) counts them. Errors classified as
+/// [`ItemError::CircuitOpen`](crate::ItemError::CircuitOpen) (fail-fast refusals) are not
+/// counted as failures.
 ///
 /// ```
 /// use flowline::prelude::*;
@@ -220,6 +222,7 @@ impl Breaker {
     }
 
     /// For a ratio breaker: calls needed in the window before it may trip (≤ window).
+    #[must_use]
     pub fn min_calls(self, n: usize) -> Self {
         self.modify(|i| {
             if let Trip::Ratio { ratio, window, .. } = i.trip {
@@ -238,6 +241,7 @@ impl Breaker {
     /// let b = flowline::Breaker::consecutive_failures(5).cooldown(std::time::Duration::from_secs(30));
     /// # let _ = b;
     /// ```
+    #[must_use]
     pub fn cooldown(self, d: Duration) -> Self {
         self.modify(|i| i.cooldown = d)
     }
@@ -248,6 +252,7 @@ impl Breaker {
     /// let b = flowline::Breaker::consecutive_failures(5).probes(3);
     /// # let _ = b;
     /// ```
+    #[must_use]
     pub fn probes(self, n: u32) -> Self {
         self.modify(|i| i.probes = n)
     }
@@ -259,6 +264,7 @@ impl Breaker {
     /// let b = Breaker::consecutive_failures(5).on_open(OnOpen::FailFast);
     /// # let _ = b;
     /// ```
+    #[must_use]
     pub fn on_open(self, mode: OnOpen) -> Self {
         self.modify(|i| i.on_open = mode)
     }
@@ -270,6 +276,7 @@ impl Breaker {
     /// let b = Breaker::consecutive_failures(5).on_state_change(|from, to| println!("breaker {from} -> {to}"));
     /// # let _ = b;
     /// ```
+    #[must_use]
     pub fn on_state_change(
         self,
         f: impl Fn(BreakerState, BreakerState) + Send + Sync + 'static,

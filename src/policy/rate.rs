@@ -102,6 +102,7 @@ impl Rate {
     /// let r = flowline::Rate::per_second(100).burst(20);
     /// assert_eq!(r.burst_size(), 20);
     /// ```
+    #[must_use]
     pub fn burst(self, burst: u64) -> Self {
         Rate::build(self.0.count, self.0.period, burst)
     }

@@ -53,6 +53,7 @@ enum Backoff {
 /// # }
 /// ```
 #[derive(Clone)]
+#[must_use = "an option set does nothing until it is passed to a stage or source"]
 pub struct Retry {
     backoff: Backoff,
     max_attempts: u32,
@@ -477,6 +478,7 @@ struct BudgetState {
 /// # }
 /// ```
 #[derive(Clone)]
+#[must_use = "an option set does nothing until it is passed to a stage or source"]
 pub struct RetryBudget {
     ratio: f64,
     reserve: f64,

@@ -76,7 +76,6 @@ impl Ticket {
     }
 
     /// A ticket whose `on_done` runs when every holder has finished.
-    #[allow(dead_code)]
     pub(crate) fn new(on_done: impl FnOnce(Outcome) + Send + Sync + 'static) -> Self {
         Ticket(Some(Arc::new(TicketInner {
             marks: AtomicU8::new(0),
@@ -86,7 +85,6 @@ impl Ticket {
     }
 
     /// A ticket that finishes `parents` (with its own outcome) when it finishes.
-    #[allow(dead_code)]
     pub(crate) fn with_parents(
         parents: Vec<Ticket>,
         on_done: Option<Box<dyn FnOnce(Outcome) + Send + Sync>>,
@@ -203,7 +201,6 @@ impl<T> Chunk<T> {
     }
 
     /// Finishes every ticket with `outcome` and returns the items.
-    #[allow(dead_code)]
     pub(crate) fn into_items(self, outcome: Outcome) -> Vec<T> {
         for t in self.tickets {
             t.finish(outcome);

@@ -199,11 +199,6 @@ impl Gate {
         }
     }
 
-    #[allow(dead_code)]
-    pub(crate) fn is_stopped(&self) -> bool {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).stopped
-    }
-
     pub(crate) fn pause(&self) {
         self.update(|s| s.paused = true);
     }
@@ -229,7 +224,6 @@ impl Gate {
     }
 
     /// Holds the source paused until the returned guard is dropped (stages use this).
-    #[allow(dead_code)]
     pub(crate) fn hold(self: &Arc<Self>) -> GateHold {
         self.update(|s| s.holds += 1);
         GateHold(self.clone())

@@ -254,6 +254,7 @@ async fn committer(
 /// # let _ = opts;
 /// ```
 #[derive(Debug, Clone, Copy)]
+#[must_use = "an option set does nothing until it is passed to a stage or source"]
 pub struct CursorOptions {
     read_ahead: usize,
     commit_every: Duration,

@@ -29,6 +29,7 @@ use crate::error::BoxError;
 /// # }
 /// ```
 #[derive(Clone)]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub struct SqliteCheckpoints {
     conn: Arc<Mutex<Connection>>,
 }

@@ -89,6 +89,7 @@ impl MemoryStore {
     /// assert_eq!(other.reserve(&k, Duration::from_secs(5)).await.unwrap(), vec![Reservation::Busy]);
     /// # }
     /// ```
+    #[must_use]
     pub fn handle(&self) -> Self {
         MemoryStore {
             entries: self.entries.clone(),

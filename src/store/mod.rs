@@ -1,6 +1,6 @@
-//! Stores that keep state across runs (issue 4: idempotency). One SQLite file can hold every
-//! kind of state: each kind has its own table, prefixed `flowline_` (idempotency keys live in
-//! `flowline_idempotency`; checkpoints can live beside them).
+//! Stores that keep state across runs (idempotency keys, checkpoints). One SQLite file can
+//! hold every kind of state: each kind has its own table, prefixed `flowline_` (idempotency
+//! keys live in `flowline_idempotency`; checkpoints can live beside them).
 
 pub(crate) mod checkpoint;
 #[cfg(feature = "sqlite")]

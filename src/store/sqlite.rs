@@ -49,6 +49,7 @@ struct Inner {
 /// # }
 /// ```
 #[derive(Clone)]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub struct SqliteStore {
     inner: Arc<Inner>,
     scope: Arc<str>,
@@ -154,6 +155,7 @@ impl SqliteStore {
     /// assert_eq!(other.reserve(&k, Duration::from_secs(60)).await.unwrap(), vec![Reservation::Busy]);
     /// # }
     /// ```
+    #[must_use]
     pub fn scope(mut self, scope: &str) -> Self {
         self.scope = Arc::from(scope);
         self
@@ -173,6 +175,7 @@ impl SqliteStore {
     /// assert_eq!(other.reserve(&k, Duration::from_secs(60)).await.unwrap(), vec![Reservation::Busy]);
     /// # }
     /// ```
+    #[must_use]
     pub fn handle(&self) -> Self {
         SqliteStore {
             inner: self.inner.clone(),
@@ -204,6 +207,7 @@ impl SqliteStore {
     /// assert_eq!(r, vec![Reservation::Reserved]);
     /// # }
     /// ```
+    #[must_use]
     pub fn holder(mut self, name: &str) -> Self {
         // `name#<this handle's unique id>`: a reservation under the same name from another
         // life of the worker is taken back; one from this life (the same key twice in a

@@ -36,6 +36,7 @@ use crate::runtime::{
 /// assert_eq!(Incomplete::default(), Incomplete::Emit);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Incomplete {
     /// Emit it with `complete: false` (the default).
     #[default]
@@ -68,7 +69,7 @@ type Part<K, P> = (usize, Chunk<(K, P)>);
 type NamedPart<K, P> = (Arc<str>, Pipeline<(K, P)>);
 
 /// A gather being set up: add parts with [`part`](Gather::part), then use it as a pipeline
-/// (it implements [`Flow`]).
+/// (it implements [`Flow`](crate::Flow)).
 ///
 /// ```
 /// use flowline::prelude::*;
@@ -85,6 +86,7 @@ type NamedPart<K, P> = (Arc<str>, Pipeline<(K, P)>);
 /// assert!(out.iter().all(|g| g.complete && g.parts.len() == 2));
 /// # }
 /// ```
+#[must_use = "a gather does nothing until it is run as a pipeline by a terminal"]
 pub struct Gather<K, P> {
     parts: Vec<NamedPart<K, P>>,
     timeout: Duration,

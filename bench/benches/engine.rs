@@ -1,5 +1,6 @@
 //! Criterion benches of the engine's hot paths: fused operators, hops, the async stage.
-//! `cargo bench --bench engine`. Side-by-side comparisons live in `flowline-bench`.
+//! `cargo bench -p flowline-bench --bench engine`. Side-by-side comparisons against a
+//! hand-written baseline are the suites of this package's binary (`src/main.rs`).
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use flowline::prelude::*;
