@@ -6,6 +6,7 @@
 //! cargo run --release -p flowline-bench -- core            # every case of a suite
 //! cargo run --release -p flowline-bench -- core hops8      # one case
 //! cargo run --release -p flowline-bench -- source progress_overhead
+//! cargo run --release -p flowline-bench -- batch batch
 //! cargo run --release -p flowline-bench -- flow 3          # flow, 3 s per rate case
 //! cargo run --release -p flowline-bench -- flow adaptive   # cases named adaptive*
 //! cargo run --release -p flowline-bench -- cli             # the flowline command vs xargs / parallel / curl
@@ -30,7 +31,7 @@ fn main() {
     match suite {
         "core" => core::run(case),
         "source" => source::run(case),
-        "batch" => batch::run(),
+        "batch" => batch::run(case),
         "flow" => flow::run(&args[1..]),
         "topology" => topology::run(),
         "cli" => cli::run(case),
