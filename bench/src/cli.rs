@@ -139,7 +139,9 @@ fn start_server() -> (u16, std::thread::JoinHandle<()>) {
             .build()
             .expect("runtime");
         rt.block_on(async move {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
             tx.send(l.local_addr().expect("addr").port()).expect("port");
             loop {
                 let Ok((conn, _)) = l.accept().await else {
@@ -165,7 +167,8 @@ fn start_server() -> (u16, std::thread::JoinHandle<()>) {
                             if h == "\r\n" {
                                 break;
                             }
-                            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:")
+                            {
                                 len = v.trim().parse().unwrap_or(0);
                             }
                         }

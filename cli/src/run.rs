@@ -492,6 +492,16 @@ fn objects(t: &Task) -> Objects {
     }
 }
 
+/// A job on a task of its own, ended (its process killed) if the call is dropped, as on
+/// a cancel.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 struct Builder {
     ctx: Arc<Ctx>,
     settings_jobs: usize,
@@ -521,7 +531,22 @@ impl Builder {
             .try_map_async(&t.name, move |item: Item| {
                 let (ctx, rt, name) = (ctx.clone(), rt.clone(), name.clone());
                 async move {
-                    match ctx.runner.call(&rt, &item).await {
+                    let result = if rt.command.is_some() {
+                        // Starting a process is a blocking system call: on a task of its
+                        // own it does not hold up the stage's driver (and its rate timer).
+                        let (c, r, i) = (ctx.clone(), rt.clone(), item.clone());
+                        let mut job =
+                            AbortOnDrop(tokio::spawn(async move { c.runner.call(&r, &i).await }));
+                        (&mut job.0).await.unwrap_or_else(|e| {
+                            Err(CallError {
+                                message: format!("job task ended: {e}"),
+                                ..CallError::default()
+                            })
+                        })
+                    } else {
+                        ctx.runner.call(&rt, &item).await
+                    };
+                    match result {
                         Ok(v) => Ok(Item {
                             value: Value::One(v),
                             ..item
@@ -1016,11 +1041,11 @@ fn retry_arm(
                                 })));
                             }
                         },
-                        (Step::Filter { re, keep }, _) => {
-                            if item.value.texts().iter().any(|t| re.is_match(t)) != *keep {
-                                ctx.done(&item);
-                                return Ok(None);
-                            }
+                        (Step::Filter { re, keep }, _)
+                            if item.value.texts().iter().any(|t| re.is_match(t)) != *keep =>
+                        {
+                            ctx.done(&item);
+                            return Ok(None);
                         }
                         // A single item is not batched or deduplicated again.
                         _ => {}
