@@ -26,6 +26,7 @@ use crate::error::Error;
 use crate::plan::Pipeline;
 use crate::report::StageStats;
 use crate::runtime::chunk::{Chunk, Outcome, Ticket};
+use crate::runtime::time::after;
 use crate::runtime::{ChunkSource, Upstream};
 
 /// Decides whether an item joins the current batch (the dedup variant drops repeated keys).
@@ -176,7 +177,7 @@ impl<T: Send + 'static, A: Admit<T>> Batcher<T, A> {
             while items.len() > 0 {
                 if self.open.items.is_empty() {
                     let at = *now.get_or_insert_with(Instant::now);
-                    self.open.due = Some(at + self.max_wait);
+                    self.open.due = Some(after(at, self.max_wait));
                 }
                 let room = self.size - self.open.items.len();
                 self.open.items.extend(items.by_ref().take(room));
@@ -201,7 +202,7 @@ impl<T: Send + 'static, A: Admit<T>> Batcher<T, A> {
             }
             if self.open.items.is_empty() {
                 let at = *now.get_or_insert_with(Instant::now);
-                self.open.due = Some(at + self.max_wait);
+                self.open.due = Some(after(at, self.max_wait));
             }
             self.open.items.push(item);
             if let Some(t) = ticket.filter(Ticket::is_some) {

@@ -20,9 +20,11 @@ use std::fmt;
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crate::error::ItemError;
+use crate::policy::{Admission, Finished, Invalid, Policy, Verdict};
 
 type Predicate = Arc<dyn Fn(&ItemError) -> bool + Send + Sync>;
 
@@ -46,11 +48,11 @@ const VEGAS_BETA: f64 = 6.0;
 
 /// One finished call, as the limit sees it.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Sample {
-    pub(crate) latency: Duration,
-    pub(crate) overload: bool,
+struct Sample {
+    latency: Duration,
+    overload: bool,
     /// Calls in flight when it finished (itself included).
-    pub(crate) inflight: usize,
+    inflight: usize,
 }
 
 #[derive(Default)]
@@ -248,11 +250,11 @@ impl Adaptive {
         self.0.limit.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn is_overload(&self, e: &ItemError) -> bool {
+    fn is_overload(&self, e: &ItemError) -> bool {
         matches!(e, ItemError::Timeout(_)) || self.0.overload_if.as_ref().is_some_and(|f| f(e))
     }
 
-    pub(crate) fn invalid(&self) -> Option<(&'static str, String, &'static str)> {
+    fn check(&self) -> Option<Invalid> {
         let i = &*self.0;
         if i.min == 0 {
             return Some(("adaptive.min", "0".into(), "must be at least 1"));
@@ -277,7 +279,7 @@ impl Adaptive {
     }
 
     /// Feeds finished calls; updates the limit at the end of each window.
-    pub(crate) fn record(&self, samples: &[Sample]) {
+    fn record(&self, samples: &[Sample]) {
         if samples.is_empty() {
             return;
         }
@@ -360,6 +362,69 @@ impl Adaptive {
                 }
             }
         }
+    }
+}
+
+/// Samples batched before they are reported (each report takes the limit's lock).
+const SAMPLE_BATCH: usize = 16;
+
+impl Policy for Adaptive {
+    fn invalid(&self) -> Option<Invalid> {
+        self.check()
+    }
+
+    fn admission(&self) -> Box<dyn Admission> {
+        Box::new(Limit {
+            adaptive: self.clone(),
+            samples: Vec::new(),
+        })
+    }
+}
+
+/// An adaptive limit as one stage uses it: it admits every call (the stage keeps its calls in
+/// flight within [`Admission::limit`]) and learns from every finished one.
+struct Limit {
+    adaptive: Adaptive,
+    samples: Vec<Sample>,
+}
+
+impl Limit {
+    fn report(&mut self) {
+        self.adaptive.record(&self.samples);
+        self.samples.clear();
+    }
+}
+
+impl Admission for Limit {
+    fn poll_admit(&mut self, _cx: &mut Context<'_>, _call: u64, _want: usize) -> Poll<Verdict> {
+        Poll::Ready(Verdict::Go)
+    }
+
+    fn finished(&mut self, call: &Finished<'_>) {
+        let overload = call.error.is_some_and(|e| self.adaptive.is_overload(e));
+        self.samples.push(Sample {
+            latency: call.latency.unwrap_or_default(),
+            overload,
+            inflight: call.in_flight,
+        });
+        // Overload acts before the next start; a full batch keeps the limit current when
+        // calls finish inline, many in one turn.
+        if overload || self.samples.len() >= SAMPLE_BATCH {
+            self.report();
+        }
+    }
+
+    fn poll_pause(&mut self, _cx: &mut Context<'_>) -> bool {
+        self.report();
+        false
+    }
+
+    fn limit(&self) -> Option<usize> {
+        Some(self.adaptive.limit())
+    }
+
+    fn times_calls(&self) -> bool {
+        true
     }
 }
 

@@ -5,12 +5,15 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Waker;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
+
+use crate::policy::{Admission, Finished, Invalid, Policy, Verdict};
 
 /// The state of a circuit breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,7 +122,7 @@ struct Inner {
 /// one fails it opens again. Clones share one state (one backend, several stages).
 ///
 /// Every state change calls [`on_state_change`](Breaker::on_state_change) and is logged;
-/// [`report`](Breaker::report) counts them. Errors classified as [`ItemError::CircuitOpen`]
+/// [`report`](Breaker::report) counts them. Errors classified as [`ItemError::CircuitOpen`](crate::ItemError::CircuitOpen)
 /// (fail-fast refusals) are not counted as failures.
 ///
 /// ```
@@ -155,7 +158,7 @@ impl fmt::Debug for Breaker {
 
 /// Whether a call may start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Admit {
+enum Admit {
     Call,
     Probe,
     /// Refused; retry at this time (or when woken by a state change).
@@ -288,7 +291,7 @@ impl Breaker {
         r
     }
 
-    pub(crate) fn mode(&self) -> OnOpen {
+    fn mode(&self) -> OnOpen {
         self.0.on_open
     }
 
@@ -296,7 +299,7 @@ impl Breaker {
         self.0.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn invalid(&self) -> Option<(&'static str, String, &'static str)> {
+    fn check(&self) -> Option<Invalid> {
         match self.0.trip {
             Trip::Consecutive(0) => {
                 return Some((
@@ -374,7 +377,7 @@ impl Breaker {
 
     /// Asks to start a call. A refused caller is woken on the next state change (register
     /// with `waker`) and should come back at the returned time at the latest.
-    pub(crate) fn admit(&self, waker: Option<&Waker>) -> Admit {
+    fn admit(&self, waker: Option<&Waker>) -> Admit {
         if self.0.fast.load(Ordering::Acquire) == BreakerState::Closed as u8 {
             return Admit::Call;
         }
@@ -402,7 +405,7 @@ impl Breaker {
 
     /// Whether a paused stage must keep its source paused: `None` when calls (or probes) may
     /// go through; else until when (`None` inside: until a state change, which wakes `waker`).
-    pub(crate) fn blocked(&self, waker: &Waker) -> Option<Option<Instant>> {
+    fn blocked(&self, waker: &Waker) -> Option<Option<Instant>> {
         if self.0.fast.load(Ordering::Acquire) == BreakerState::Closed as u8 {
             return None;
         }
@@ -422,13 +425,13 @@ impl Breaker {
         Some(until)
     }
 
-    /// Counts one refused call.
-    pub(crate) fn count_rejected(&self, n: u64) {
+    /// Counts refused calls.
+    fn count_rejected(&self, n: u64) {
         self.0.rejected.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Records finished calls: `(failed, was_probe)` for each, in completion order.
-    pub(crate) fn record(&self, outcomes: &[(bool, bool)]) {
+    fn record(&self, outcomes: &[(bool, bool)]) {
         if outcomes.is_empty() {
             return;
         }
@@ -449,6 +452,17 @@ impl Breaker {
                 BreakerState::Closed => self.count_closed(&mut s, failed),
                 // Calls that started before it opened: their outcome no longer matters.
                 _ => {}
+            }
+        }
+    }
+
+    /// A probe that was let through will not be made: its place goes to the next call.
+    fn cancel_probe(&self) {
+        let mut s = self.lock();
+        if s.state == BreakerState::HalfOpen && s.probes_started > 0 {
+            s.probes_started -= 1;
+            for w in s.wakers.drain(..) {
+                w.wake();
             }
         }
     }
@@ -479,6 +493,122 @@ impl Breaker {
             }
         }
     }
+}
+
+impl Policy for Breaker {
+    fn invalid(&self) -> Option<Invalid> {
+        self.check()
+    }
+
+    fn admission(&self) -> Box<dyn Admission> {
+        Box::new(Guard {
+            breaker: self.clone(),
+            sleep: None,
+            outcomes: Vec::new(),
+            probes: Vec::new(),
+        })
+    }
+}
+
+/// A breaker as one stage uses it.
+struct Guard {
+    breaker: Breaker,
+    /// Wakes the stage when the cooldown ends.
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// Outcomes not yet reported: (failed, probe). Reporting takes the breaker's lock, so
+    /// successes are batched per driver turn; what may change the state is reported at once.
+    outcomes: Vec<(bool, bool)>,
+    /// Calls let through as probes and not finished yet (at most `probes` of them).
+    probes: Vec<u64>,
+}
+
+impl Guard {
+    fn report(&mut self) {
+        self.breaker.record(&self.outcomes);
+        self.outcomes.clear();
+    }
+}
+
+impl Admission for Guard {
+    fn poll_admit(&mut self, cx: &mut Context<'_>, call: u64, _want: usize) -> Poll<Verdict> {
+        loop {
+            match self.breaker.admit(Some(cx.waker())) {
+                Admit::Call => return Poll::Ready(Verdict::Go),
+                Admit::Probe => {
+                    self.probes.push(call);
+                    return Poll::Ready(Verdict::Go);
+                }
+                Admit::Refused(until) => {
+                    if self.breaker.mode() == OnOpen::FailFast {
+                        self.breaker.count_rejected(1);
+                        return Poll::Ready(Verdict::Refuse);
+                    }
+                    // Paused: `poll_pause` holds the source; wait for the cooldown's end or
+                    // a state change (the breaker wakes its refused callers).
+                    let Some(until) = until else {
+                        return Poll::Pending;
+                    };
+                    if !poll_sleep(&mut self.sleep, until, cx) {
+                        return Poll::Pending;
+                    }
+                }
+            }
+        }
+    }
+
+    fn cancel(&mut self, call: u64) {
+        if let Some(i) = self.probes.iter().position(|&p| p == call) {
+            self.probes.swap_remove(i);
+            self.breaker.cancel_probe();
+        }
+    }
+
+    fn finished(&mut self, call: &Finished<'_>) {
+        let failed = call.error.is_some();
+        let probe = match self.probes.iter().position(|&p| p == call.call) {
+            Some(i) => {
+                self.probes.swap_remove(i);
+                true
+            }
+            None => false,
+        };
+        self.outcomes.push((failed, probe));
+        if failed || probe {
+            self.report();
+        }
+    }
+
+    /// Pause: the source stops as soon as the breaker opens, and goes on when a call may go
+    /// through again (a probe needs an item to probe with).
+    fn poll_pause(&mut self, cx: &mut Context<'_>) -> bool {
+        self.report();
+        if self.breaker.mode() != OnOpen::Pause {
+            return false;
+        }
+        // A fired timer means the cooldown is over: the second look finds it half-open.
+        for _ in 0..2 {
+            match self.breaker.blocked(cx.waker()) {
+                None => return false,
+                Some(None) => return true,
+                Some(Some(until)) => {
+                    if !poll_sleep(&mut self.sleep, until, cx) {
+                        return true;
+                    }
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Polls a reusable timer set to `at`; true once it has fired.
+fn poll_sleep(slot: &mut Option<Pin<Box<Sleep>>>, at: Instant, cx: &mut Context<'_>) -> bool {
+    use std::future::Future;
+    let sleep = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+    if sleep.deadline() != at {
+        sleep.as_mut().reset(at);
+    }
+    sleep.as_mut().poll(cx).is_ready()
 }
 
 #[cfg(test)]

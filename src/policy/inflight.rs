@@ -2,8 +2,12 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use tokio::sync::Semaphore;
+use tokio_util::sync::PollSemaphore;
+
+use crate::policy::{Admission, Finished, Invalid, Policy, Verdict};
 
 /// At most `n` calls in flight across every stage that uses this value (clones share the
 /// bound). A stage's own `workers(k)` still applies; the tighter bound wins.
@@ -35,7 +39,7 @@ use tokio::sync::Semaphore;
 /// ```
 #[derive(Clone)]
 pub struct Inflight {
-    pub(crate) sem: Arc<Semaphore>,
+    sem: Arc<Semaphore>,
     limit: usize,
 }
 
@@ -71,6 +75,66 @@ impl Inflight {
     /// ```
     pub fn in_flight(&self) -> usize {
         self.limit.saturating_sub(self.sem.available_permits())
+    }
+}
+
+impl Policy for Inflight {
+    fn invalid(&self) -> Option<Invalid> {
+        (self.limit == 0).then(|| ("inflight", "0".to_string(), "must be at least 1"))
+    }
+
+    fn admission(&self) -> Box<dyn Admission> {
+        Box::new(Slots {
+            sem: PollSemaphore::new(self.sem.clone()),
+            held: 0,
+        })
+    }
+}
+
+/// A stage's share of an [`Inflight`] bound: the permits its calls in flight hold. They are
+/// counted rather than kept one per call, so that a call carries nothing of the bound's.
+struct Slots {
+    sem: PollSemaphore,
+    held: usize,
+}
+
+impl Slots {
+    fn release(&mut self, n: usize) {
+        if n > 0 {
+            self.held -= n;
+            self.sem.add_permits(n);
+        }
+    }
+}
+
+impl Admission for Slots {
+    fn poll_admit(&mut self, cx: &mut Context<'_>, _call: u64, _want: usize) -> Poll<Verdict> {
+        match self.sem.poll_acquire(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(permit) => {
+                // `None`: the semaphore is closed, which an `Inflight` never does.
+                if let Some(p) = permit {
+                    p.forget();
+                    self.held += 1;
+                }
+                Poll::Ready(Verdict::Go)
+            }
+        }
+    }
+
+    fn cancel(&mut self, _call: u64) {
+        self.release(1.min(self.held));
+    }
+
+    fn finished(&mut self, _call: &Finished<'_>) {
+        self.release(1.min(self.held));
+    }
+}
+
+impl Drop for Slots {
+    /// The stage ended with calls in flight (a cancelled run): their slots go back.
+    fn drop(&mut self) {
+        self.release(self.held);
     }
 }
 

@@ -1,8 +1,132 @@
 //! Stage policies: flow control and resilience values, each with its mechanism. They are
 //! shareable (an `Arc` inside) and plug into an async stage's options.
+//!
+//! An async stage's driver knows no policy by name. It sees them through two traits:
+//!
+//! - [`Admission`]: asked for leave before each call starts (a rate permit, a shared
+//!   in-flight slot, a closed breaker), told how each call ended, and asked whether the run's
+//!   source should be paused. A stage asks its admissions in the order the options were given
+//!   on the builder; a call starts when every one of them has let it through.
+//! - [`RetryPolicy`]: asked when a call fails whether (and when) to try again.
+//!
+//! A new policy is a value implementing [`Policy`] (its per-stage [`Admission`] comes from
+//! it), in a file of its own, plus one builder method that hands it to the stage.
 
 pub(crate) mod adaptive;
 pub(crate) mod breaker;
 pub(crate) mod inflight;
 pub(crate) mod rate;
 pub(crate) mod retry;
+
+use std::fmt;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::error::ItemError;
+
+/// An invalid setting, as (option, value, reason): reported as `Error::Config` before a run.
+pub(crate) type Invalid = (&'static str, String, &'static str);
+
+/// A flow-control or resilience option as given on a stage builder: checked before the run
+/// starts, then made into the stage's own [`Admission`] when the stage is built.
+pub(crate) trait Policy: fmt::Debug + Send + Sync {
+    /// The first invalid setting, if any.
+    fn invalid(&self) -> Option<Invalid>;
+    /// This policy's state for one stage (clones of a shared value share what they share,
+    /// e.g. a rate's budget; the returned state is the stage's own).
+    fn admission(&self) -> Box<dyn Admission>;
+}
+
+/// What an admission says about the next call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// It may start (as far as this policy is concerned).
+    Go,
+    /// It must not be made: the item fails at once (a fail-fast open breaker).
+    Refuse,
+}
+
+/// A finished call, as an admission sees it.
+pub(crate) struct Finished<'a> {
+    /// The id the call was admitted with.
+    pub(crate) call: u64,
+    /// Its error, if it failed.
+    pub(crate) error: Option<&'a ItemError>,
+    /// How long it took, when it was timed (always, if an admission asks for it).
+    pub(crate) latency: Option<Duration>,
+    /// Calls of this stage in flight when it finished, itself included.
+    pub(crate) in_flight: usize,
+}
+
+/// One policy's state inside one stage. The driver calls it from its own poll loop, so
+/// nothing here blocks: waiting is `Poll::Pending` with the waker registered.
+///
+/// Protocol: for each call, the driver polls its admissions in order with the same `call` id
+/// until each has answered `Go`; an answer is kept until the call starts (a later admission
+/// may make it wait, it does not ask the earlier ones again). If one refuses, the earlier ones
+/// are told with [`cancel`](Admission::cancel). Every call that started ends with one
+/// [`finished`](Admission::finished) on every admission.
+pub(crate) trait Admission: Send {
+    /// Leave to start call `call`. `want` is how many calls could start now, for a policy
+    /// that grants in batches (it keeps the rest for the next calls).
+    fn poll_admit(&mut self, cx: &mut Context<'_>, call: u64, want: usize) -> Poll<Verdict>;
+
+    /// A `Go` given for `call` will not be used (a later admission refused it): give back
+    /// what must be given back. What was spent (a rate permit) stays spent.
+    fn cancel(&mut self, _call: u64) {}
+
+    /// A call this admission let through has ended.
+    fn finished(&mut self, _call: &Finished<'_>) {}
+
+    /// Called once per turn of the driver: reports what was batched, and says whether the
+    /// run's source should be paused now (if so, `cx` is woken when that may change).
+    fn poll_pause(&mut self, _cx: &mut Context<'_>) -> bool {
+        false
+    }
+
+    /// The stage is not waiting on this admission (no input, no room, or waiting on another):
+    /// it is owed nothing for the time until it asks again.
+    fn idle(&mut self) {}
+
+    /// A limit on this stage's calls in flight that replaces `workers(n)` (an adaptive limit).
+    fn limit(&self) -> Option<usize> {
+        None
+    }
+
+    /// Whether [`Finished::latency`] is needed for every call (else it is sampled).
+    fn times_calls(&self) -> bool {
+        false
+    }
+}
+
+/// A failed call, as a retry policy sees it.
+pub(crate) struct Failed<'a> {
+    /// Attempts made, the failed one included.
+    pub(crate) attempts: u32,
+    /// When the first attempt started (kept when [`RetryPolicy::needs_first_at`] says so).
+    pub(crate) first_at: Option<Instant>,
+    pub(crate) error: &'a ItemError,
+}
+
+/// A stage's retry state: decides whether and when a failed call is tried again. The stage
+/// keeps the waiting items (a delay queue in its driver; an item in backoff takes no worker).
+pub(crate) trait RetryPolicy: Send {
+    /// An item's first attempt is starting.
+    fn first_attempt(&mut self) {}
+
+    /// Whether the start of each item's first attempt must be kept (one clock read per item).
+    fn needs_first_at(&self) -> bool {
+        false
+    }
+
+    /// A call failed: when to try again, or `None` to give up.
+    fn again(&mut self, failed: &Failed<'_>) -> Option<Instant>;
+
+    /// Whether the run's source stays paused while an item of the stage waits for its next
+    /// attempt.
+    fn pauses_source(&self) -> bool {
+        false
+    }
+}

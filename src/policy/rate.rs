@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
+use crate::policy::{Admission, Invalid, Policy, Verdict};
+
 /// How far back a late wake-up may claim the slots it was owed. Covers timer granularity
 /// (1 ms) and ordinary scheduling delays, and no more: what a late wake-up releases at once
 /// is at most 2 ms of the rate, so any 10 ms window holds at most 1.2× its share, and a
@@ -134,7 +136,7 @@ impl Rate {
     }
 
     /// The first invalid setting, as (option, value, reason).
-    pub(crate) fn invalid(&self) -> Option<(&'static str, String, &'static str)> {
+    pub(crate) fn invalid(&self) -> Option<Invalid> {
         let i = &self.0;
         if i.count == 0 {
             return Some((
@@ -230,6 +232,45 @@ impl RateWait {
     /// it asks again, so an idle caller never comes back to a burst.
     pub(crate) fn idle(&mut self) {
         self.since = None;
+    }
+}
+
+impl Policy for Rate {
+    fn invalid(&self) -> Option<Invalid> {
+        Rate::invalid(self)
+    }
+
+    fn admission(&self) -> Box<dyn Admission> {
+        Box::new(Permits {
+            rate: self.clone(),
+            wait: RateWait::default(),
+            granted: 0,
+        })
+    }
+}
+
+/// A rate as one stage uses it: permits are taken in batches (as many as could start), and
+/// the ones not used yet are kept for the next calls.
+struct Permits {
+    rate: Rate,
+    wait: RateWait,
+    granted: usize,
+}
+
+impl Admission for Permits {
+    fn poll_admit(&mut self, cx: &mut Context<'_>, _call: u64, want: usize) -> Poll<Verdict> {
+        if self.granted == 0 {
+            match self.rate.poll_take(cx, want, &mut self.wait) {
+                Poll::Ready(n) => self.granted = n,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.granted -= 1;
+        Poll::Ready(Verdict::Go)
+    }
+
+    fn idle(&mut self) {
+        self.wait.idle();
     }
 }
 

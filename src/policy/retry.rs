@@ -1,12 +1,16 @@
 //! `Retry`: how an async stage retries a failed call — backoff, jitter, limits, which errors,
 //! server hints and a retry budget. The stage keeps a retrying item in a delay queue inside
-//! its driver, so an item in backoff does not occupy a worker.
+//! its driver, so an item in backoff does not occupy a worker; what it asks this module is
+//! only whether, and when, to try again ([`RetryPolicy`]).
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use crate::error::{BoxError, ItemError};
+use crate::policy::{Failed, Invalid, RetryPolicy};
 
 type Predicate = Arc<dyn Fn(&ItemError) -> bool + Send + Sync>;
 type Hint = Arc<dyn Fn(&ItemError) -> Option<Duration> + Send + Sync>;
@@ -51,14 +55,14 @@ enum Backoff {
 #[derive(Clone)]
 pub struct Retry {
     backoff: Backoff,
-    pub(crate) max_attempts: u32,
-    pub(crate) max_elapsed: Option<Duration>,
+    max_attempts: u32,
+    max_elapsed: Option<Duration>,
     max_delay: Option<Duration>,
     jitter: bool,
     retry_if: Option<Predicate>,
     hint: Option<Hint>,
-    pub(crate) budget: Option<RetryBudget>,
-    pub(crate) pause_source: bool,
+    budget: Option<RetryBudget>,
+    pause_source: bool,
 }
 
 impl fmt::Debug for Retry {
@@ -280,7 +284,7 @@ impl Retry {
     }
 
     /// The delay before retry `k` for error `e`; `rand` is a uniform draw in `[0, 1)`.
-    pub(crate) fn next_delay(&self, k: u32, e: &ItemError, rand: f64) -> Duration {
+    fn next_delay(&self, k: u32, e: &ItemError, rand: f64) -> Duration {
         if let Some(h) = self.hint_of(e) {
             return h;
         }
@@ -288,7 +292,7 @@ impl Retry {
         if self.jitter { d.mul_f64(rand) } else { d }
     }
 
-    pub(crate) fn invalid(&self) -> Option<(&'static str, String, &'static str)> {
+    pub(crate) fn invalid(&self) -> Option<Invalid> {
         if self.max_attempts == 0 {
             return Some(("retry.max_attempts", "0".into(), "must be at least 1"));
         }
@@ -310,6 +314,77 @@ impl Retry {
             }
         }
         None
+    }
+
+    /// This policy's state for one stage.
+    pub(crate) fn stage(&self) -> Box<dyn RetryPolicy> {
+        Box::new(Retrying {
+            cfg: self.clone(),
+            rng: seed(),
+            fresh: 0,
+        })
+    }
+}
+
+/// A retry policy as one stage uses it.
+struct Retrying {
+    cfg: Retry,
+    rng: u64,
+    /// First attempts not yet deposited in the retry budget.
+    fresh: u64,
+}
+
+impl Retrying {
+    /// xorshift64*: a uniform draw in [0, 1) for full jitter.
+    fn next_rand(&mut self) -> f64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        let x = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// A seed for the retry jitter (no RNG dependency: std's randomly keyed hasher).
+fn seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0x9e37_79b9_7f4a_7c15);
+    h.finish() | 1
+}
+
+impl RetryPolicy for Retrying {
+    fn first_attempt(&mut self) {
+        self.fresh += 1;
+    }
+
+    fn needs_first_at(&self) -> bool {
+        self.cfg.max_elapsed.is_some()
+    }
+
+    fn again(&mut self, f: &Failed<'_>) -> Option<Instant> {
+        let cfg = &self.cfg;
+        if f.attempts >= cfg.max_attempts || !cfg.is_retryable(f.error) {
+            return None;
+        }
+        let rand = self.next_rand();
+        let cfg = &self.cfg;
+        let at = Instant::now() + cfg.next_delay(f.attempts, f.error, rand);
+        if let (Some(limit), Some(first)) = (cfg.max_elapsed, f.first_at) {
+            if at.duration_since(first) > limit {
+                return None;
+            }
+        }
+        if let Some(b) = &cfg.budget {
+            if !b.deposit_and_withdraw(std::mem::take(&mut self.fresh), true) {
+                return None;
+            }
+        }
+        Some(at)
+    }
+
+    fn pauses_source(&self) -> bool {
+        self.cfg.pause_source
     }
 }
 
@@ -450,7 +525,7 @@ impl RetryBudget {
     }
 
     /// Deposits for `first_attempts` new calls and tries to withdraw one retry.
-    pub(crate) fn deposit_and_withdraw(&self, first_attempts: u64, withdraw: bool) -> bool {
+    fn deposit_and_withdraw(&self, first_attempts: u64, withdraw: bool) -> bool {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let cap = self.reserve + 100.0 * self.ratio;
         s.balance = (s.balance + first_attempts as f64 * self.ratio).min(cap.max(s.balance));

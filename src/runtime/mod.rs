@@ -9,6 +9,7 @@ pub(crate) mod handle;
 pub(crate) mod hop;
 pub(crate) mod run;
 pub(crate) mod sink;
+pub(crate) mod time;
 pub(crate) mod ttl_map;
 
 use std::collections::HashMap;

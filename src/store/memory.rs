@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{Reservation, Store, StoreFuture};
+use crate::runtime::time::after;
 
 #[derive(Clone, Copy)]
 enum Entry {
@@ -129,7 +130,7 @@ impl Store for MemoryStore {
                         k.clone(),
                         Entry::Reserved {
                             holder: self.holder,
-                            until: now + ttl,
+                            until: after(now, ttl),
                         },
                     );
                     Reservation::Reserved

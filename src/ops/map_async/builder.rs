@@ -1,0 +1,468 @@
+//! [`AsyncStage`]: an async stage being configured, and how it is built into a driver task.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::Pipeline;
+use crate::error::{Error, FailedInput};
+use crate::policy::Policy;
+use crate::policy::adaptive::Adaptive;
+use crate::policy::breaker::Breaker;
+use crate::policy::inflight::Inflight;
+use crate::policy::rate::Rate;
+use crate::policy::retry::Retry;
+use crate::runtime::Upstream;
+use crate::runtime::hop::{HOP_CHUNKS, hop};
+
+use super::call::StageFn;
+use super::driver::drive;
+
+#[derive(Debug, Clone)]
+pub(super) struct Options {
+    pub(super) workers: usize,
+    pub(super) ordered: bool,
+    pub(super) timeout: Option<Duration>,
+    /// Admission policies, in the order they were given: the order a call passes them.
+    pub(super) policies: Vec<Arc<dyn Policy>>,
+    pub(super) retry: Option<Retry>,
+}
+
+/// An async stage being configured: options set here apply to this stage only. Any
+/// pipeline operator (or terminal) ends the configuration.
+///
+/// ```
+/// use flowline::prelude::*;
+/// use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let out = Pipeline::from_iter(0..100u32)
+///     .map_async("fetch", |id| async move { id * 2 })
+///         .workers(16)                      // 16 calls in flight
+///         .timeout(Duration::from_secs(2))  // per call
+///     .filter(|x| x % 4 == 0)
+///     .collect()
+///     .await
+///     .unwrap();
+/// assert_eq!(out.len(), 50);
+/// # }
+/// ```
+///
+/// ## The order of the flow-control options
+///
+/// [`rate_limit`](AsyncStage::rate_limit), [`inflight`](AsyncStage::inflight),
+/// [`circuit_breaker`](AsyncStage::circuit_breaker) and [`adaptive`](AsyncStage::adaptive)
+/// are gates a call passes before it starts, **in the order they were given**. A call waits
+/// at the first gate that is closed, holding what the gates before it granted; when a gate
+/// refuses (a fail-fast open breaker), what the gates before it granted is spent: a rate
+/// permit stays used, a shared in-flight slot or a breaker probe goes back. Giving an option
+/// twice adds a second gate (e.g. a per-stage rate and one shared by every stage).
+///
+/// So put a breaker first to fail items fast without spending rate permits on them, and a
+/// rate first to pace even the refusals:
+///
+/// ```
+/// use flowline::prelude::*;
+/// use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// let down = |_: u32| async { Err::<u32, _>("503") };
+/// let breaker = || Breaker::consecutive_failures(1).on_open(OnOpen::FailFast);
+///
+/// let t = tokio::time::Instant::now();
+/// Pipeline::from_iter(0..5u32)
+///     .try_map_async("api", down)
+///     .circuit_breaker(breaker())          // refused items never reach the rate
+///     .rate_limit(Rate::per_second(10))
+///     .run().await.unwrap();
+/// assert_eq!(t.elapsed(), Duration::ZERO);
+///
+/// let t = tokio::time::Instant::now();
+/// Pipeline::from_iter(0..5u32)
+///     .try_map_async("api", down)
+///     .rate_limit(Rate::per_second(10))    // every item takes a permit, refused or not
+///     .circuit_breaker(breaker())
+///     .run().await.unwrap();
+/// assert_eq!(t.elapsed(), Duration::from_millis(400));
+/// # }
+/// ```
+#[must_use = "a stage does nothing until the pipeline it ends is run"]
+pub struct AsyncStage<T, U, S> {
+    upstream: Pipeline<T>,
+    name: String,
+    call: S,
+    options: Options,
+    keep: Option<fn(&T) -> FailedInput>,
+    /// Set by `retry` (which needs `T: Clone`): a copy of the input for the next attempt.
+    copy: Option<fn(&T) -> T>,
+    _out: PhantomData<fn() -> U>,
+}
+
+impl<T, U, S> fmt::Debug for AsyncStage<T, U, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncStage")
+            .field("name", &self.name)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S> {
+    pub(crate) fn new(upstream: Pipeline<T>, name: &str, call: S) -> Self {
+        AsyncStage {
+            upstream,
+            name: name.to_string(),
+            call,
+            options: Options {
+                workers: 1,
+                ordered: true,
+                timeout: None,
+                policies: Vec::new(),
+                retry: None,
+            },
+            keep: None,
+            copy: None,
+            _out: PhantomData,
+        }
+    }
+
+    /// How many calls may be in flight at once (default 1). Must be at least 1.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter(0..8u32)
+    ///     .map_async("io", |x| async move { x })
+    ///     .workers(4)
+    ///     .collect()
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!(out, (0..8).collect::<Vec<_>>()); // ordered by default
+    /// # }
+    /// ```
+    pub fn workers(mut self, n: usize) -> Self {
+        self.options.workers = n;
+        self
+    }
+
+    /// Emit results as they finish rather than in input order. With slow and fast calls
+    /// mixed, an unordered stage is not held up by its slowest call in flight.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let out = Pipeline::from_iter([30u64, 10, 20])
+    ///     .map_async("sleep", |ms| async move {
+    ///         tokio::time::sleep(Duration::from_millis(ms)).await;
+    ///         ms
+    ///     })
+    ///     .workers(3)
+    ///     .unordered()
+    ///     .collect()
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!(out, vec![10, 20, 30]);
+    /// # }
+    /// ```
+    pub fn unordered(mut self) -> Self {
+        self.options.ordered = false;
+        self
+    }
+
+    /// Fail a call that takes longer than `limit` with
+    /// [`ItemError::Timeout`](crate::ItemError::Timeout). Must be more than zero.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let report = Pipeline::from_iter([1u64, 500])
+    ///     .map_async("slow", |ms| async move {
+    ///         tokio::time::sleep(Duration::from_millis(ms)).await;
+    ///     })
+    ///     .timeout(Duration::from_millis(100))
+    ///     .run()
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!(report.stage("slow").unwrap().failed, 1);
+    /// assert!(matches!(report.failure_sample[0].error, ItemError::Timeout(d) if d == Duration::from_millis(100)));
+    /// # }
+    /// ```
+    pub fn timeout(mut self, limit: Duration) -> Self {
+        self.options.timeout = Some(limit);
+        self
+    }
+
+    /// Keep each item's input so that a failure carries it to the dead letters (its `Debug`
+    /// text, and the value for [`FailedInput::downcast_ref`]). Costs one `clone` per item.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let report = Pipeline::from_iter(["ok", "bad"])
+    ///     .try_map_async("parse", |s| async move {
+    ///         if s == "bad" { Err("unparsable") } else { Ok(s.len()) }
+    ///     })
+    ///     .keep_input()
+    ///     .run()
+    ///     .await
+    ///     .unwrap();
+    /// let failure = &report.failure_sample[0];
+    /// assert_eq!(failure.input.as_ref().unwrap().downcast_ref::<&str>(), Some(&"bad"));
+    /// # }
+    /// ```
+    pub fn keep_input(mut self) -> Self
+    where
+        T: Clone + fmt::Debug + Sync,
+    {
+        self.keep = Some(|t: &T| FailedInput::new(t.clone()));
+        self
+    }
+
+    /// Adds an admission policy: the next gate a call passes before it starts.
+    fn policy(mut self, policy: impl Policy + 'static) -> Self {
+        self.options.policies.push(Arc::new(policy));
+        self
+    }
+
+    /// Starts calls at most at `rate` (delays, never drops). Clones of one [`Rate`] share
+    /// one budget, so the same `Rate` on two stages holds their sum to it. A gate: see
+    /// [the order of the flow-control options](AsyncStage#the-order-of-the-flow-control-options).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let t = tokio::time::Instant::now();
+    /// Pipeline::from_iter(0..5u32)
+    ///     .map_async("api", |x| async move { x })
+    ///     .workers(4)
+    ///     .rate_limit(Rate::per_second(4))
+    ///     .run().await.unwrap();
+    /// assert_eq!(t.elapsed(), Duration::from_secs(1));   // 5 calls, 4 gaps of 250 ms
+    /// # }
+    /// ```
+    pub fn rate_limit(self, rate: Rate) -> Self {
+        self.policy(rate)
+    }
+
+    /// Also bounds this stage's calls by a shared [`Inflight`] (every stage given the same
+    /// value counts against it). A gate: see
+    /// [the order of the flow-control options](AsyncStage#the-order-of-the-flow-control-options).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let db = Inflight::new(2);
+    /// let out = Pipeline::from_iter(0..10u32)
+    ///     .map_async("db", |x| async move { x })
+    ///     .workers(8)
+    ///     .inflight(&db)
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out.len(), 10);
+    /// # }
+    /// ```
+    pub fn inflight(self, bound: &Inflight) -> Self {
+        self.policy(bound.clone())
+    }
+
+    /// Retries failed calls (see [`Retry`]). An item waiting for its next attempt sits in a
+    /// delay queue inside the stage and does not take a worker; with
+    /// [`Retry::pause_source`] the run's source is paused while it waits. Needs `T: Clone`:
+    /// each attempt gets a copy of the input. The failure of an item that ran out of
+    /// attempts records how many were made (`Failure::attempts`); each retry is counted in
+    /// the stage's `retried`.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let report = Pipeline::from_iter([1u32])
+    ///     .try_map_async("down", |_| async { Err::<u32, _>("503") })
+    ///     .retry(Retry::constant(Duration::from_millis(100)).max_attempts(4))
+    ///     .run().await.unwrap();
+    /// assert_eq!(report.failure_sample[0].attempts, 4);
+    /// assert_eq!(report.stage("down").unwrap().retried, 3);
+    /// # }
+    /// ```
+    pub fn retry(mut self, retry: Retry) -> Self
+    where
+        T: Clone,
+    {
+        self.options.retry = Some(retry);
+        self.copy = Some(T::clone);
+        self
+    }
+
+    /// Guards the calls with a circuit breaker (see [`Breaker`]; clones share one state).
+    /// While it is open the stage pauses the run's source ([`OnOpen::Pause`](crate::OnOpen::Pause))
+    /// or fails items fast ([`OnOpen::FailFast`](crate::OnOpen::FailFast)). A gate: see
+    /// [the order of the flow-control options](AsyncStage#the-order-of-the-flow-control-options).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let breaker = Breaker::consecutive_failures(5).cooldown(Duration::from_secs(1));
+    /// let report = Pipeline::from_iter(0..100u32)
+    ///     .try_map_async("api", |x| async move { Ok::<_, String>(x) })
+    ///     .circuit_breaker(breaker.clone())
+    ///     .run().await.unwrap();
+    /// assert_eq!((report.delivered(), breaker.state()), (100, BreakerState::Closed));
+    /// # }
+    /// ```
+    pub fn circuit_breaker(self, breaker: Breaker) -> Self {
+        self.policy(breaker)
+    }
+
+    /// Lets the number of calls in flight follow an adaptive limit (see [`Adaptive`])
+    /// instead of a fixed `workers(n)`. A lower limit only stops new calls; calls in flight
+    /// are never cancelled. A gate too (it admits every call within its limit): see
+    /// [the order of the flow-control options](AsyncStage#the-order-of-the-flow-control-options).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter(0..100u32)
+    ///     .map_async("api", |x| async move { x })
+    ///     .adaptive(Adaptive::aimd(1..=32))
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out.len(), 100);
+    /// # }
+    /// ```
+    pub fn adaptive(self, limit: Adaptive) -> Self {
+        self.policy(limit)
+    }
+}
+
+impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
+    for AsyncStage<T, U, S>
+{
+    type Item = U;
+
+    fn into_pipeline(self) -> Pipeline<U> {
+        let AsyncStage {
+            mut upstream,
+            name,
+            call,
+            options,
+            keep,
+            copy,
+            ..
+        } = self;
+        if options.workers == 0 {
+            upstream.settings.errors.push(Error::config(
+                &name,
+                "workers",
+                0usize,
+                "must be at least 1",
+            ));
+        }
+        if options.timeout == Some(Duration::ZERO) {
+            upstream.settings.errors.push(Error::config(
+                &name,
+                "timeout",
+                Duration::ZERO,
+                "must be more than zero",
+            ));
+        }
+        let invalid = options
+            .policies
+            .iter()
+            .map(|p| p.invalid())
+            .chain([options.retry.as_ref().and_then(Retry::invalid)]);
+        for (option, value, reason) in invalid.flatten() {
+            upstream
+                .settings
+                .errors
+                .push(Error::config_text(&name, option, value, reason));
+        }
+        upstream.then(move |b, up| {
+            let stats = b.stage(&name, "async");
+            let (tx, rx) = hop(HOP_CHUNKS);
+            let run = b.run.clone();
+            b.spawn(drive(up, call, options, keep, copy, stats, run, tx));
+            Box::new(rx) as Upstream<U>
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::prelude::*;
+    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    /// Ten items against a backend that is down, a fail-fast breaker that opens on the
+    /// first failure, and a rate of 10/s: returns how long the run took and how many calls
+    /// were made.
+    async fn breaker_and_rate(breaker_first: bool) -> (Duration, u32) {
+        let calls = Arc::new(AtomicU32::new(0));
+        let c = calls.clone();
+        let stage = Pipeline::from_iter(0..10u32).try_map_async("api", move |_| {
+            c.fetch_add(1, SeqCst);
+            async { Err::<u32, _>("503") }
+        });
+        let breaker = Breaker::consecutive_failures(1)
+            .cooldown(Duration::from_secs(60))
+            .on_open(OnOpen::FailFast);
+        let rate = Rate::per_second(10);
+        let stage = if breaker_first {
+            stage.circuit_breaker(breaker).rate_limit(rate)
+        } else {
+            stage.rate_limit(rate).circuit_breaker(breaker)
+        };
+        let t0 = Instant::now();
+        let report = stage.run().await.unwrap();
+        assert_eq!(report.failures, 10);
+        assert!(report.is_balanced());
+        (t0.elapsed(), calls.load(SeqCst))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admission_follows_the_order_the_options_were_given() {
+        // Breaker first: the nine refused items never wait for a rate permit.
+        assert_eq!(breaker_and_rate(true).await, (Duration::ZERO, 1));
+        // Rate first: every item takes its permit (100 ms apart), then meets the breaker.
+        assert_eq!(
+            breaker_and_rate(false).await,
+            (Duration::from_millis(900), 1)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_call_gives_back_its_inflight_slot() {
+        // The shared slot is taken before the breaker refuses; it must not leak.
+        let bound = Inflight::new(1);
+        let report = Pipeline::from_iter(0..5u32)
+            .try_map_async("api", |_| async { Err::<u32, _>("503") })
+            .inflight(&bound)
+            .circuit_breaker(Breaker::consecutive_failures(1).on_open(OnOpen::FailFast))
+            .run()
+            .await
+            .unwrap();
+        assert_eq!(report.failures, 5);
+        assert_eq!(bound.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_option_given_twice_applies_both() {
+        let t0 = Instant::now();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let l = log.clone();
+        Pipeline::from_iter(0..3u32)
+            .map_async("api", move |x| {
+                l.lock().unwrap().push(t0.elapsed().as_millis() as u64);
+                async move { x }
+            })
+            .workers(4)
+            .rate_limit(Rate::per_second(100))
+            .rate_limit(Rate::per_second(10))
+            .run()
+            .await
+            .unwrap();
+        assert_eq!(*log.lock().unwrap(), vec![0, 100, 200]);
+    }
+}

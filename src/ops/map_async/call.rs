@@ -1,0 +1,280 @@
+//! One call of an async stage: the user's function behind a uniform fallible shape
+//! ([`StageFn`]), and the future the driver polls for it ([`Call`]), with panic isolation and
+//! the stage timeout.
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::{FutureExt as _, TryFutureExt as _};
+use tokio::time::{Instant, Sleep};
+
+use crate::error::{BoxError, FailedInput, ItemError};
+use crate::runtime::chunk::Ticket;
+
+mod sealed {
+    /// Keeps [`StageFn`](super::StageFn) implemented by this crate's wrappers only.
+    pub trait Sealed {}
+}
+
+/// The call an async stage makes for each item: user code behind a uniform fallible shape.
+/// Implemented for the closures given to [`Flow::map_async`](crate::Flow::map_async) and
+/// [`Flow::try_map_async`](crate::Flow::try_map_async); it is sealed (users do not implement
+/// it), and appears only as a bound on [`AsyncStage`](crate::AsyncStage).
+///
+/// ```
+/// use flowline::prelude::*;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// // Any `Fn(T) -> impl Future` given to `map_async` is a `StageFn`.
+/// let out = Pipeline::from_iter([1u32, 2])
+///     .map_async("double", |x| async move { x * 2 })
+///     .collect().await.unwrap();
+/// assert_eq!(out, vec![2, 4]);
+/// # }
+/// ```
+pub trait StageFn<T, U>: sealed::Sealed + Send + 'static {
+    /// The call's future.
+    type Future: Future<Output = Result<U, BoxError>> + Send + 'static;
+    /// Starts the call for one item.
+    fn call(&self, item: T) -> Self::Future;
+}
+
+/// An infallible async function (`map_async`). Named in [`AsyncStage`](crate::AsyncStage)'s
+/// type only.
+#[doc(hidden)]
+pub struct Infallible<F, Fut>(F, PhantomData<fn() -> Fut>);
+
+impl<F, Fut> Infallible<F, Fut> {
+    pub(super) fn new(f: F) -> Self {
+        Infallible(f, PhantomData)
+    }
+}
+
+impl<F, Fut> sealed::Sealed for Infallible<F, Fut> {}
+
+impl<T, U, F, Fut> StageFn<T, U> for Infallible<F, Fut>
+where
+    F: Fn(T) -> Fut + Send + 'static,
+    Fut: Future<Output = U> + Send + 'static,
+    U: Send + 'static,
+{
+    type Future = futures_util::future::Map<Fut, fn(U) -> Result<U, BoxError>>;
+    #[inline]
+    fn call(&self, item: T) -> Self::Future {
+        (self.0)(item).map(Ok as fn(U) -> Result<U, BoxError>)
+    }
+}
+
+/// A fallible async function (`try_map_async`). Named in [`AsyncStage`](crate::AsyncStage)'s
+/// type only.
+#[doc(hidden)]
+pub struct Fallible<F, Fut>(F, PhantomData<fn() -> Fut>);
+
+impl<F, Fut> Fallible<F, Fut> {
+    pub(super) fn new(f: F) -> Self {
+        Fallible(f, PhantomData)
+    }
+}
+
+impl<F, Fut> sealed::Sealed for Fallible<F, Fut> {}
+
+impl<T, U, E, F, Fut> StageFn<T, U> for Fallible<F, Fut>
+where
+    F: Fn(T) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<U, E>> + Send + 'static,
+    E: Into<BoxError> + 'static,
+    U: Send + 'static,
+{
+    type Future = futures_util::future::MapErr<Fut, fn(E) -> BoxError>;
+    #[inline]
+    fn call(&self, item: T) -> Self::Future {
+        (self.0)(item).map_err(Into::into as fn(E) -> BoxError)
+    }
+}
+
+/// Per-item bookkeeping that travels with a call and, between attempts, with a parked item.
+/// Small on purpose (it is moved with every call): what only some stages need is boxed.
+pub(super) struct Meta {
+    /// The item's place in input order.
+    pub(super) seq: u64,
+    /// The id the running attempt was admitted under (stages with admission policies).
+    pub(super) call: u64,
+    pub(super) ticket: Ticket,
+    /// Attempts made (the running one included).
+    pub(super) attempts: u32,
+    rare: Option<Box<Rare>>,
+}
+
+/// What only some stages keep per item.
+#[derive(Default)]
+struct Rare {
+    /// When the first attempt started (a retry policy with a time limit).
+    first_at: Option<Instant>,
+    /// The input, for the dead letters (`keep_input`).
+    input: Option<FailedInput>,
+    /// When the running attempt began waiting (while a stall watchdog looks at calls).
+    waiting_since: Option<Instant>,
+}
+
+impl Meta {
+    pub(super) fn new(seq: u64, ticket: Ticket) -> Self {
+        Meta {
+            seq,
+            call: 0,
+            ticket,
+            attempts: 0,
+            rare: None,
+        }
+    }
+
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    pub(super) fn first_at(&self) -> Option<Instant> {
+        self.rare.as_ref().and_then(|r| r.first_at)
+    }
+
+    pub(super) fn set_first_at(&mut self, at: Instant) {
+        self.rare().first_at = Some(at);
+    }
+
+    pub(super) fn has_input(&self) -> bool {
+        self.rare.as_ref().is_some_and(|r| r.input.is_some())
+    }
+
+    pub(super) fn set_input(&mut self, input: FailedInput) {
+        self.rare().input = Some(input);
+    }
+
+    pub(super) fn take_input(&mut self) -> Option<FailedInput> {
+        self.rare.as_mut().and_then(|r| r.input.take())
+    }
+
+    pub(super) fn take_waiting_since(&mut self) -> Option<Instant> {
+        self.rare.as_mut().and_then(|r| r.waiting_since.take())
+    }
+}
+
+/// What a finished call reports back to the driver.
+pub(super) struct Completion<T, U> {
+    pub(super) meta: Meta,
+    pub(super) result: Result<U, ItemError>,
+    pub(super) latency: Option<Duration>,
+    /// A copy of the input for another attempt (stages with `retry`).
+    pub(super) again: Option<T>,
+    /// False for an item refused by an admission (no call was made).
+    pub(super) called: bool,
+}
+
+/// A reusable pinned place for a call's future. A call is polled once right where it is
+/// created, in this slot: a call that is ready at once leaves the slot to the next call
+/// (no allocation per item), and only a call that must wait takes it into the in-flight set.
+pub(super) type Slot<F> = Pin<Box<Option<F>>>;
+
+/// Makes the user's future for one item (a panic there fails the item).
+#[inline]
+pub(super) fn make<F>(make: impl FnOnce() -> F) -> Result<F, ItemError> {
+    catch_unwind(AssertUnwindSafe(make)).map_err(|panic| ItemError::from_panic(&*panic))
+}
+
+/// Polls the future in `slot` with panic isolation.
+#[inline]
+pub(super) fn poll_slot<F, U>(
+    slot: &mut Slot<F>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<U, ItemError>>
+where
+    F: Future<Output = Result<U, BoxError>>,
+{
+    let polled = catch_unwind(AssertUnwindSafe(|| match slot.as_mut().as_pin_mut() {
+        Some(fut) => fut.poll(cx),
+        None => Poll::Pending,
+    }));
+    match polled {
+        Ok(Poll::Ready(r)) => Poll::Ready(r.map_err(|e| ItemError::User(Arc::from(e)))),
+        Ok(Poll::Pending) => Poll::Pending,
+        Err(panic) => Poll::Ready(Err(ItemError::from_panic(&*panic))),
+    }
+}
+
+/// A call that was not ready at its first poll, in the in-flight set: its future (in the
+/// slot it was first polled in), the stage timeout, and what comes back with it.
+pub(super) struct Call<F, T> {
+    slot: Slot<F>,
+    limit: Option<Duration>,
+    /// Armed when the call starts to wait, which is the call's start: a call is first
+    /// polled where it is created. Quick calls never touch the timer wheel.
+    sleep: Option<Pin<Box<Sleep>>>,
+    start: Option<Instant>,
+    meta: Option<Meta>,
+    again: Option<T>,
+}
+
+impl<F, T> Call<F, T> {
+    /// A call whose first poll (at `start`, if timed) found it not ready.
+    pub(super) fn waiting(
+        slot: Slot<F>,
+        meta: Meta,
+        again: Option<T>,
+        limit: Option<Duration>,
+        start: Option<Instant>,
+    ) -> Self {
+        Call {
+            slot,
+            limit,
+            sleep: limit.map(|l| Box::pin(tokio::time::sleep(l))),
+            start,
+            meta: Some(meta),
+            again,
+        }
+    }
+
+    /// Records `at` as the start of the call's wait; returns its sequence number.
+    pub(super) fn mark_waiting(&mut self, at: Instant) -> Option<u64> {
+        let meta = self.meta.as_mut()?;
+        meta.rare().waiting_since = Some(at);
+        Some(meta.seq)
+    }
+}
+
+// Nothing of a call is pinned in place (its future is in a box of its own).
+impl<F, T> Unpin for Call<F, T> {}
+
+impl<F, T, U> Future for Call<F, T>
+where
+    F: Future<Output = Result<U, BoxError>>,
+{
+    type Output = Completion<T, U>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completion<T, U>> {
+        let this = self.get_mut();
+        let result = match poll_slot(&mut this.slot, cx) {
+            Poll::Ready(r) => r,
+            Poll::Pending => {
+                let (Some(sleep), Some(limit)) = (this.sleep.as_mut(), this.limit) else {
+                    return Poll::Pending;
+                };
+                match sleep.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(()) => Err(ItemError::Timeout(limit)),
+                }
+            }
+        };
+        // A call is not polled after it is ready; `meta` is there exactly once.
+        let Some(meta) = this.meta.take() else {
+            return Poll::Pending;
+        };
+        Poll::Ready(Completion {
+            meta,
+            result,
+            latency: this.start.map(|s| s.elapsed()),
+            again: this.again.take(),
+            called: true,
+        })
+    }
+}

@@ -1,0 +1,629 @@
+//! The driver task of an async stage: pulls input, starts calls within the limits, polls the
+//! calls in flight, and sends results on in input order (or as they finish), with every item
+//! accounted for.
+//!
+//! The driver knows its policies only as [`Admission`]s (asked in order before each call)
+//! and a [`RetryPolicy`]; a stage without any pays one branch per item for them.
+
+use std::collections::{BTreeSet, BinaryHeap, VecDeque};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
+use hdrhistogram::Histogram;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::PollSender;
+
+use crate::error::{FailedInput, Failure, ItemError};
+use crate::policy::{Admission, Failed, Finished, RetryPolicy, Verdict};
+use crate::report::{StageStats, latency_histogram};
+use crate::runtime::chunk::{CHUNK_CAP, Chunk, Outcome, Ticket};
+use crate::runtime::gate::GateHold;
+use crate::runtime::{RunCtx, Upstream};
+
+use super::builder::Options;
+use super::call::{Call, Completion, Meta, Slot, StageFn, make, poll_slot};
+
+/// Time one call in this many (latency percentiles come from this sample).
+const SAMPLE_EVERY: u64 = 8;
+/// Every this many timed calls, the driver checks whether its latency sample is due to be
+/// merged into the shared stats (for live snapshots).
+const MERGE_EVERY: u64 = 64;
+/// How stale the live latency of a stage may get. Merging adds whole histograms (thousands
+/// of buckets), so a busy stage merges on time, not on every few hundred calls.
+const MERGE_INTERVAL: Duration = Duration::from_millis(100);
+/// The most items a stage keeps in retry backoff before it stops taking new ones.
+const MAX_PARKED: usize = 4 * CHUNK_CAP;
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn drive<T, U, S>(
+    up: Upstream<T>,
+    call: S,
+    options: Options,
+    keep: Option<fn(&T) -> FailedInput>,
+    copy: Option<fn(&T) -> T>,
+    stats: Arc<StageStats>,
+    run: Arc<RunCtx>,
+    tx: tokio::sync::mpsc::Sender<Chunk<U>>,
+) where
+    T: Send + 'static,
+    U: Send + 'static,
+    S: StageFn<T, U>,
+{
+    let admissions: Vec<Box<dyn Admission>> =
+        options.policies.iter().map(|p| p.admission()).collect();
+    let mut driver = Driver {
+        up,
+        up_done: false,
+        waiting: VecDeque::new(),
+        call,
+        keep,
+        copy,
+        timeout: options.timeout,
+        inflight: FuturesUnordered::new(),
+        spare: None,
+        waiting_calls: None,
+        workers: options.workers.max(1),
+        ordered: options.ordered,
+        next_seq: 0,
+        next_emit: 0,
+        reorder: VecDeque::new(),
+        out: Chunk::default(),
+        tx: PollSender::new(tx),
+        stats: stats.clone(),
+        run: run.clone(),
+        hist: latency_histogram(),
+        timed: 0,
+        merged_at: Instant::now(),
+        limited: admissions.iter().any(|a| a.limit().is_some()),
+        times_calls: admissions.iter().any(|a| a.times_calls()),
+        admissions,
+        granted: 0,
+        next_call: 0,
+        pause: None,
+        retry: options.retry.as_ref().map(|r| r.stage()),
+        backoff: Backoff::default(),
+    };
+    let cancel = run.cancel.clone();
+    let cancelled = tokio::select! {
+        biased;
+        _ = cancel.cancelled() => true,
+        _ = std::future::poll_fn(|cx| driver.poll_drive(cx)) => false,
+    };
+    if cancelled {
+        StageStats::add(&stats.received, driver.up.discard());
+    }
+    stats.merge_latency(&mut driver.hist);
+}
+
+/// An ordered stage's place for a result until the ones before it are out.
+enum Done<U> {
+    Ok(U, Ticket),
+    Failed,
+}
+
+/// What the admissions said about the next call.
+enum Admitted {
+    Go,
+    Refuse,
+    /// Not yet: admission `usize` is what the call waits for.
+    Wait(usize),
+}
+
+/// An item waiting for its next attempt.
+struct Parked<T> {
+    at: Instant,
+    id: u64,
+    item: T,
+    meta: Meta,
+}
+
+impl<T> PartialEq for Parked<T> {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.id) == (other.at, other.id)
+    }
+}
+impl<T> Eq for Parked<T> {}
+impl<T> PartialOrd for Parked<T> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl<T> Ord for Parked<T> {
+    /// Reversed: `BinaryHeap` pops the earliest first.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (other.at, other.id).cmp(&(self.at, self.id))
+    }
+}
+
+/// The retry delay queue.
+struct Backoff<T> {
+    heap: BinaryHeap<Parked<T>>,
+    /// Backoff over: start these before new items.
+    due: VecDeque<(T, Meta)>,
+    sleep: Option<Pin<Box<Sleep>>>,
+    next_id: u64,
+    /// Keeps the run's source paused while items wait (`Retry::pause_source`).
+    hold: Option<GateHold>,
+}
+
+impl<T> Default for Backoff<T> {
+    fn default() -> Self {
+        Backoff {
+            heap: BinaryHeap::new(),
+            due: VecDeque::new(),
+            sleep: None,
+            next_id: 0,
+            hold: None,
+        }
+    }
+}
+
+impl<T> Backoff<T> {
+    fn len(&self) -> usize {
+        self.heap.len() + self.due.len()
+    }
+}
+
+/// A call that had to wait, in the in-flight set.
+type Waiting<T, U, S> = Call<<S as StageFn<T, U>>::Future, T>;
+
+struct Driver<T, U, S: StageFn<T, U>> {
+    up: Upstream<T>,
+    up_done: bool,
+    /// Received, not yet started (at most one chunk).
+    waiting: VecDeque<(T, Ticket)>,
+    call: S,
+    keep: Option<fn(&T) -> FailedInput>,
+    copy: Option<fn(&T) -> T>,
+    timeout: Option<Duration>,
+    inflight: FuturesUnordered<Waiting<T, U, S>>,
+    /// The slot of the last call that finished at its first poll, reused by the next call.
+    spare: Option<Slot<S::Future>>,
+    /// Calls waiting in `inflight`, oldest first, kept only while a stall watchdog asks
+    /// for call ages (`RunCtx::watch_calls`): it then sees one stuck call even while the
+    /// other workers keep completing.
+    waiting_calls: Option<BTreeSet<(Instant, u64)>>,
+    workers: usize,
+    ordered: bool,
+    next_seq: u64,
+    /// Ordered mode: the sequence number of `reorder[0]`.
+    next_emit: u64,
+    reorder: VecDeque<Option<Done<U>>>,
+    out: Chunk<U>,
+    tx: PollSender<Chunk<U>>,
+    stats: Arc<StageStats>,
+    run: Arc<RunCtx>,
+    hist: Histogram<u64>,
+    timed: u64,
+    merged_at: Instant,
+    /// The stage's policies, in the order given: a call starts when each has let it through.
+    admissions: Vec<Box<dyn Admission>>,
+    /// `admissions[..granted]` have let the next call through.
+    granted: usize,
+    /// The id the next call is admitted under.
+    next_call: u64,
+    /// Some admission sets the limit on calls in flight (instead of `workers`).
+    limited: bool,
+    /// Some admission wants every call timed.
+    times_calls: bool,
+    /// Held while an admission wants the run's source paused.
+    pause: Option<GateHold>,
+    retry: Option<Box<dyn RetryPolicy>>,
+    backoff: Backoff<T>,
+}
+
+impl<T, U, S> Driver<T, U, S>
+where
+    T: Send + 'static,
+    U: Send + 'static,
+    S: StageFn<T, U>,
+{
+    fn limit(&self) -> usize {
+        if !self.limited {
+            return self.workers;
+        }
+        self.admissions
+            .iter()
+            .filter_map(|a| a.limit())
+            .min()
+            .unwrap_or(self.workers)
+    }
+
+    /// Whether another call may start. Calls in flight count against the limit; an ordered
+    /// stage also bounds its reorder window (items started and not yet emitted, less those
+    /// in retry backoff, which take no worker). A retry whose backoff is over is already in
+    /// the window, so only the calls in flight bound it — else a finished item waiting for
+    /// it to be emitted could hold its place forever.
+    fn can_start(&self) -> bool {
+        let limit = self.limit();
+        if self.out.len() >= CHUNK_CAP || self.inflight.len() >= limit {
+            return false;
+        }
+        !self.ordered
+            || !self.backoff.due.is_empty()
+            || ((self.next_seq - self.next_emit) as usize - self.backoff.len()) < limit
+    }
+
+    /// How many items could start now (pulls a chunk if none is waiting).
+    fn available(&mut self, cx: &mut Context<'_>) -> usize {
+        let due = self.backoff.due.len();
+        if self.waiting.is_empty() && !self.up_done && (due > 0 || self.backoff.len() < MAX_PARKED)
+        {
+            match self.up.poll_chunk(cx) {
+                Poll::Ready(Some(chunk)) => {
+                    StageStats::add(&self.stats.received, chunk.len());
+                    self.waiting.extend(chunk.into_pairs());
+                }
+                Poll::Ready(None) => self.up_done = true,
+                Poll::Pending => {}
+            }
+        }
+        due + self.waiting.len()
+    }
+
+    /// The next item to start: a retry whose backoff is over, else a new one.
+    fn pop_input(&mut self) -> Option<(T, Meta)> {
+        if let Some(d) = self.backoff.due.pop_front() {
+            return Some(d);
+        }
+        let (item, ticket) = self.waiting.pop_front()?;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if self.ordered {
+            self.reorder.push_back(None);
+        }
+        Some((item, Meta::new(seq, ticket)))
+    }
+
+    fn start(&mut self, item: T, mut meta: Meta, cx: &mut Context<'_>) {
+        meta.attempts += 1;
+        let timed = self.times_calls || meta.seq % SAMPLE_EVERY == 0;
+        if meta.attempts == 1 {
+            if let Some(r) = self.retry.as_mut() {
+                r.first_attempt();
+                if r.needs_first_at() {
+                    meta.set_first_at(Instant::now());
+                }
+            }
+        }
+        if let Some(keep) = self.keep {
+            if !meta.has_input() {
+                meta.set_input(keep(&item));
+            }
+        }
+        let again = self.copy.map(|c| c(&item));
+        let call = &self.call;
+        let fut = match make(|| call.call(item)) {
+            Ok(fut) => fut,
+            Err(e) => return self.complete(meta, Err(e), None, again, true),
+        };
+        let mut slot = match self.spare.take() {
+            Some(mut slot) => {
+                slot.as_mut().set(Some(fut));
+                slot
+            }
+            None => Box::pin(Some(fut)),
+        };
+        let start = timed.then(Instant::now);
+        match poll_slot(&mut slot, cx) {
+            Poll::Ready(result) => {
+                self.spare = Some(slot);
+                let latency = start.map(|s| s.elapsed());
+                self.complete(meta, result, latency, again, true)
+            }
+            Poll::Pending => {
+                let mut call = Call::waiting(slot, meta, again, self.timeout, start);
+                if let Some(waiting) = self.waiting_calls.as_mut() {
+                    let at = Instant::now();
+                    if let Some(seq) = call.mark_waiting(at) {
+                        waiting.insert((at, seq));
+                    }
+                }
+                self.inflight.push(call)
+            }
+        }
+    }
+
+    /// Asks the admissions, in order, to let the next call (`call`) through. An admission's
+    /// leave is kept until the call starts; if one refuses, the ones before it are told.
+    fn admit(&mut self, cx: &mut Context<'_>, available: usize) -> Admitted {
+        let call = self.next_call;
+        let room = self.limit().saturating_sub(self.inflight.len()).max(1);
+        let want = available.min(room);
+        while let Some(a) = self.admissions.get_mut(self.granted) {
+            match a.poll_admit(cx, call, want) {
+                Poll::Ready(Verdict::Go) => self.granted += 1,
+                Poll::Ready(Verdict::Refuse) => {
+                    for a in &mut self.admissions[..self.granted] {
+                        a.cancel(call);
+                    }
+                    self.granted = 0;
+                    self.next_call += 1;
+                    return Admitted::Refuse;
+                }
+                Poll::Pending => return Admitted::Wait(self.granted),
+            }
+        }
+        self.granted = 0;
+        self.next_call += 1;
+        Admitted::Go
+    }
+
+    /// Fails the next item with `CircuitOpen` (refused by an admission).
+    fn refuse(&mut self) {
+        if let Some((item, meta)) = self.pop_input() {
+            drop(item);
+            self.complete(meta, Err(ItemError::CircuitOpen), None, None, false);
+        }
+    }
+
+    /// Holds the run's source paused while some admission wants it. True if the pause ended.
+    fn poll_pause(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut wanted = false;
+        for a in &mut self.admissions {
+            wanted |= a.poll_pause(cx);
+        }
+        match (wanted, self.pause.is_some()) {
+            (true, false) => {
+                self.pause = Some(self.run.gate.hold());
+                false
+            }
+            (false, true) => {
+                self.pause = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Moves retries whose backoff is over to `due`. True if one moved.
+    fn poll_backoff(&mut self, cx: &mut Context<'_>) -> bool {
+        let b = &mut self.backoff;
+        let mut changed = false;
+        loop {
+            let now = Instant::now();
+            while b.heap.peek().is_some_and(|p| p.at <= now) {
+                if let Some(p) = b.heap.pop() {
+                    b.due.push_back((p.item, p.meta));
+                    changed = true;
+                }
+            }
+            let Some(at) = b.heap.peek().map(|p| p.at) else {
+                b.hold = None;
+                break;
+            };
+            let sleep = b
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            if sleep.deadline() != at {
+                sleep.as_mut().reset(at);
+            }
+            if sleep.as_mut().poll(cx).is_pending() {
+                break;
+            }
+        }
+        changed
+    }
+
+    /// Parks a failed call's item for another attempt if the retry policy allows; else
+    /// gives its meta back.
+    fn park(&mut self, meta: Meta, error: &ItemError, again: Option<T>) -> Option<Meta> {
+        let Some(r) = self.retry.as_mut() else {
+            return Some(meta);
+        };
+        let failed = Failed {
+            attempts: meta.attempts,
+            first_at: meta.first_at(),
+            error,
+        };
+        let Some(at) = r.again(&failed) else {
+            return Some(meta);
+        };
+        let Some(item) = again else {
+            return Some(meta);
+        };
+        if r.pauses_source() && self.backoff.hold.is_none() {
+            self.backoff.hold = Some(self.run.gate.hold());
+        }
+        StageStats::add(&self.stats.retried, 1);
+        let b = &mut self.backoff;
+        let id = b.next_id;
+        b.next_id += 1;
+        b.heap.push(Parked { at, id, item, meta });
+        None
+    }
+
+    /// Accounts for a finished call (or an item refused without one: `called` false), and
+    /// emits its result, fails it, or parks it for another attempt.
+    fn complete(
+        &mut self,
+        meta: Meta,
+        result: Result<U, ItemError>,
+        latency: Option<Duration>,
+        again: Option<T>,
+        called: bool,
+    ) {
+        if let Some(l) = latency {
+            let _ = self.hist.record(l.as_nanos().min(u64::MAX as u128) as u64);
+            self.timed += 1;
+            if self.timed % MERGE_EVERY == 0 && self.merged_at.elapsed() >= MERGE_INTERVAL {
+                self.merged_at = Instant::now();
+                self.stats.merge_latency(&mut self.hist);
+            }
+        }
+        if !self.admissions.is_empty() && called {
+            let finished = Finished {
+                call: meta.call,
+                error: result.as_ref().err(),
+                latency,
+                in_flight: self.inflight.len() + 1,
+            };
+            for a in &mut self.admissions {
+                a.finished(&finished);
+            }
+        }
+        let mut meta = meta;
+        if let (true, true, Err(e)) = (self.retry.is_some(), called, &result) {
+            match self.park(meta, e, again) {
+                Some(back) => meta = back,
+                None => return,
+            }
+        }
+        let slot = match result {
+            Ok(u) => Done::Ok(u, meta.ticket),
+            Err(error) => {
+                StageStats::add(&self.stats.failed, 1);
+                let input = meta.take_input();
+                meta.ticket.finish(Outcome::Failed);
+                self.run.fail(Failure {
+                    stage: self.stats.name.clone(),
+                    error,
+                    attempts: meta.attempts,
+                    input,
+                });
+                Done::Failed
+            }
+        };
+        if !self.ordered {
+            if let Done::Ok(u, t) = slot {
+                self.out.push(u, t);
+            }
+            return;
+        }
+        self.reorder[(meta.seq - self.next_emit) as usize] = Some(slot);
+        while let Some(Some(_)) = self.reorder.front() {
+            if let Some(Some(Done::Ok(u, t))) = self.reorder.pop_front() {
+                self.out.push(u, t);
+            }
+            self.next_emit += 1;
+        }
+    }
+
+    /// Sends `out` if the hop has room. `Ready(Err)` means the downstream is gone.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, ()>> {
+        if self.out.is_empty() {
+            return Poll::Ready(Ok(false));
+        }
+        match self.tx.poll_reserve(cx) {
+            Poll::Ready(Ok(())) => {
+                let chunk = std::mem::take(&mut self.out);
+                let n = chunk.len();
+                if self.tx.send_item(chunk).is_err() {
+                    return Poll::Ready(Err(()));
+                }
+                StageStats::add(&self.stats.passed, n);
+                StageStats::add(&self.stats.emitted, n);
+                Poll::Ready(Ok(true))
+            }
+            Poll::Ready(Err(_)) => Poll::Ready(Err(())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.waiting_calls.is_none() && self.run.watch_calls.load(Ordering::Relaxed) {
+            self.waiting_calls = Some(BTreeSet::new());
+        }
+        let r = self.poll_drive_inner(cx);
+        if let Some(w) = &self.waiting_calls {
+            self.stats
+                .set_oldest_call(w.first().map(|&(at, _)| at), self.run.epoch);
+        }
+        r
+    }
+
+    fn poll_drive_inner(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let mut progress = false;
+            match self.poll_flush(cx) {
+                Poll::Ready(Err(())) => return Poll::Ready(()),
+                Poll::Ready(Ok(sent)) => progress |= sent,
+                Poll::Pending => {}
+            }
+            while !self.inflight.is_empty() {
+                match self.inflight.poll_next_unpin(cx) {
+                    Poll::Ready(Some(mut c)) => {
+                        if let (Some(w), Some(at)) =
+                            (self.waiting_calls.as_mut(), c.meta.take_waiting_since())
+                        {
+                            w.remove(&(at, c.meta.seq));
+                        }
+                        let Completion {
+                            meta,
+                            result,
+                            latency,
+                            again,
+                            called,
+                        } = c;
+                        self.complete(meta, result, latency, again, called);
+                        progress = true;
+                    }
+                    _ => break,
+                }
+            }
+            if !self.admissions.is_empty() {
+                progress |= self.poll_pause(cx);
+            }
+            if !self.backoff.heap.is_empty() {
+                progress |= self.poll_backoff(cx);
+            }
+            // The admission the next call waits for, if any.
+            let mut waits_on = None;
+            while self.can_start() {
+                let available = self.available(cx);
+                if available == 0 {
+                    break;
+                }
+                if self.admissions.is_empty() {
+                    if let Some((item, meta)) = self.pop_input() {
+                        self.start(item, meta, cx);
+                    }
+                } else {
+                    let call = self.next_call;
+                    match self.admit(cx, available) {
+                        Admitted::Go => {
+                            if let Some((item, mut meta)) = self.pop_input() {
+                                meta.call = call;
+                                self.start(item, meta, cx);
+                            }
+                        }
+                        Admitted::Refuse => self.refuse(),
+                        Admitted::Wait(at) => {
+                            waits_on = Some(at);
+                            break;
+                        }
+                    }
+                }
+                progress = true;
+            }
+            if !self.admissions.is_empty() {
+                for (i, a) in self.admissions.iter_mut().enumerate() {
+                    if waits_on != Some(i) {
+                        a.idle();
+                    }
+                }
+                if waits_on.is_some() {
+                    // A gate that just closed (a breaker that opened) pauses the source now.
+                    progress |= self.poll_pause(cx);
+                }
+            }
+            if self.up_done
+                && self.waiting.is_empty()
+                && self.inflight.is_empty()
+                && self.backoff.len() == 0
+                && self.reorder.is_empty()
+                && self.out.is_empty()
+            {
+                self.poll_pause(cx);
+                return Poll::Ready(());
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+}
