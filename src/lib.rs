@@ -109,7 +109,7 @@ pub use policy::rate::Rate;
 pub use policy::retry::{Retry, RetryAfter, RetryBudget};
 pub use report::{LatencySummary, Report, RunOutcome, StageReport};
 pub use runtime::batch_sink::BatchSink;
-pub use runtime::handle::{Handle, ItemStream};
+pub use runtime::handle::{Control, Handle, ItemStream};
 pub use runtime::run::Run;
 pub use source::{CursorOptions, Page};
 #[cfg(feature = "sqlite")]

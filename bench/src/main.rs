@@ -9,9 +9,11 @@
 //! cargo run --release -p flowline-bench -- batch batch
 //! cargo run --release -p flowline-bench -- flow 3          # flow, 3 s per rate case
 //! cargo run --release -p flowline-bench -- flow adaptive   # cases named adaptive*
+//! cargo run --release -p flowline-bench -- cli             # the flowline command vs xargs / parallel / curl
 //! ```
 
 mod batch;
+mod cli;
 mod core;
 mod flow;
 mod source;
@@ -32,8 +34,9 @@ fn main() {
         "batch" => batch::run(case),
         "flow" => flow::run(&args[1..]),
         "topology" => topology::run(),
+        "cli" => cli::run(case),
         other => {
-            eprintln!("unknown suite `{other}`; suites: core, source, batch, flow, topology");
+            eprintln!("unknown suite `{other}`; suites: core, source, batch, flow, topology, cli");
             std::process::exit(2);
         }
     }

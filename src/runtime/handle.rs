@@ -131,6 +131,33 @@ impl Handle {
         }
     }
 
+    /// A cloneable remote for this run's [`stop`](Handle::stop) and
+    /// [`cancel`](Handle::cancel), for code that must steer the run while another task
+    /// awaits [`join`](Handle::join) (a Ctrl-C handler, say). It does not keep the run
+    /// alive and does nothing once the run has ended.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let handle = Pipeline::from_iter(0..u64::MAX)
+    ///     .map_async("tick", |x| async move { tokio::time::sleep(Duration::from_millis(10)).await; x })
+    ///     .spawn();
+    /// let control = handle.control();
+    /// tokio::spawn(async move {
+    ///     tokio::time::sleep(Duration::from_secs(1)).await;
+    ///     control.stop();
+    /// });
+    /// let report = handle.join().await.unwrap();
+    /// assert!(report.delivered() > 0);
+    /// # }
+    /// ```
+    pub fn control(&self) -> Control {
+        Control {
+            run: self.run.clone(),
+        }
+    }
+
     /// Waits for the run to end and returns its report.
     pub async fn join(mut self) -> Result<Report, Error> {
         match std::mem::replace(&mut self.state, State::Joined) {
@@ -235,5 +262,30 @@ impl<T: Send + 'static> Stream for ItemStream<T> {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+}
+
+/// Stops or cancels a run from anywhere; from [`Handle::control`].
+#[derive(Clone)]
+pub struct Control {
+    run: Arc<RunCtx>,
+}
+
+impl fmt::Debug for Control {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Control").finish_non_exhaustive()
+    }
+}
+
+impl Control {
+    /// As [`Handle::stop`]: stop pulling the source, finish what is in flight.
+    pub fn stop(&self) {
+        self.run.stop_requested.store(true, Ordering::Relaxed);
+        self.run.gate.stop();
+    }
+
+    /// As [`Handle::cancel`]: stop now.
+    pub fn cancel(&self) {
+        self.run.cancel.cancel();
     }
 }

@@ -1,0 +1,264 @@
+//! The `flowline` command against the tools people use for the same jobs: `xargs -P`,
+//! GNU parallel, `xargs -P16 curl`. Runs the release binary as a child process, like a
+//! user would.
+//!
+//! - `cli_jobs`: 2,000 `true` jobs, 4 at a time (ratio against `xargs -P4`; GNU parallel
+//!   in the field `parallel`).
+//! - `cli_http`: 20,000 GETs against a local server started here (ratio against
+//!   `xargs -P16 curl`).
+//! - `cli_rate`: 1,000 jobs at `rate(100/s)`: the rate kept (`error_pct`) and the most job
+//!   starts in any sliding second (`max_in_period`), from the joblog.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use crate::util::{alternate, emit};
+
+pub fn run(case: Option<&str>) {
+    let bin = flowline_binary();
+    ensure_parallel();
+    let want = |c: &str| case.is_none_or(|x| c.starts_with(x));
+    if want("cli_jobs") {
+        jobs(&bin);
+    }
+    if want("cli_http") {
+        http(&bin);
+    }
+    if want("cli_rate") {
+        rate(&bin);
+    }
+}
+
+/// The release `flowline` next to this binary (same target dir), built if missing.
+fn flowline_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe.with_file_name("flowline");
+    if !bin.exists() {
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "-p", "flowline-cli"])
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building flowline-cli failed");
+    }
+    assert!(bin.exists(), "no flowline binary at {}", bin.display());
+    bin
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd} >/dev/null")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// GNU parallel from Debian's packages, installed when missing.
+fn ensure_parallel() {
+    if have("parallel") {
+        return;
+    }
+    eprintln!("cli: installing GNU parallel (apt-get)");
+    let _ = Command::new("apt-get").arg("update").status();
+    let _ = Command::new("apt-get")
+        .args(["install", "-y", "parallel"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status();
+}
+
+fn sh(script: &str) -> Duration {
+    let t = Instant::now();
+    let status = Command::new("sh")
+        .args(["-c", script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("sh runs");
+    let d = t.elapsed();
+    assert!(status.success(), "failed: {script}");
+    d
+}
+
+fn flowline(bin: &Path, args: &[&str]) -> Duration {
+    let t = Instant::now();
+    let out = Command::new(bin)
+        .arg("-q")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("flowline runs");
+    let d = t.elapsed();
+    assert!(
+        out.status.success(),
+        "flowline {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d
+}
+
+fn jobs(bin: &Path) {
+    const N: u32 = 2000;
+    let pipe = format!("seq(1..{N}) | fork(4) | sh(\"true {{}}\") | discard");
+    let (f, x) = alternate(
+        5,
+        || flowline(bin, &[&pipe]),
+        || sh(&format!("seq {N} | xargs -P4 -n1 true")),
+    );
+    let parallel = if have("parallel") {
+        Some(sh(&format!("seq {N} | parallel --will-cite -j4 true {{}}")))
+    } else {
+        None
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0 / f64::from(N);
+    emit(
+        "cli",
+        "cli_jobs",
+        ms(f),
+        ms(x),
+        "ms/job",
+        json!({
+            "jobs": N,
+            "slots": 4,
+            "baseline_tool": "xargs -P4 -n1",
+            "parallel": parallel.map(|p| (ms(p) * 1000.0).round() / 1000.0),
+            "vs_parallel": parallel.map(|p| (f.as_secs_f64() / p.as_secs_f64() * 1000.0).round() / 1000.0),
+        }),
+    );
+}
+
+/// A small HTTP/1.1 server with keep-alive on its own runtime: `200` with the path.
+fn start_server() -> (u16, std::thread::JoinHandle<()>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            tx.send(l.local_addr().expect("addr").port()).expect("port");
+            loop {
+                let Ok((conn, _)) = l.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let _ = conn.set_nodelay(true);
+                    let (r, mut w) = conn.into_split();
+                    let mut r = BufReader::new(r);
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+                        let mut len = 0usize;
+                        loop {
+                            let mut h = String::new();
+                            if r.read_line(&mut h).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if h == "\r\n" {
+                                break;
+                            }
+                            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:")
+                            {
+                                len = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                        let mut body = vec![0; len];
+                        if len > 0 && r.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{path}",
+                            path.len()
+                        );
+                        if w.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    });
+    (rx.recv().expect("server port"), h)
+}
+
+fn http(bin: &Path) {
+    const N: u32 = 20_000;
+    let (port, _server) = start_server();
+    let pipe = format!(
+        "seq(1..{N}) | fork(16) | http(GET, \"http://127.0.0.1:{port}/users/{{}}\") | discard"
+    );
+    let (f, c) = alternate(
+        3,
+        || flowline(bin, &[&pipe]),
+        || {
+            sh(&format!(
+                "seq {N} | xargs -P16 -I{{}} curl -fsS -o /dev/null http://127.0.0.1:{port}/users/{{}}"
+            ))
+        },
+    );
+    let rps = |d: Duration| f64::from(N) / d.as_secs_f64();
+    emit(
+        "cli",
+        "cli_http",
+        f.as_secs_f64(),
+        c.as_secs_f64(),
+        "s",
+        json!({
+            "requests": N,
+            "concurrency": 16,
+            "baseline_tool": "xargs -P16 curl",
+            "flowline_rps": rps(f).round(),
+            "baseline_rps": rps(c).round(),
+        }),
+    );
+}
+
+fn rate(bin: &Path) {
+    const N: usize = 1000;
+    const RATE: f64 = 100.0;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("joblog.tsv");
+    let pipe = format!("seq(1..{N}) | fork(16) | rate(100/s) | sh(\"true {{}}\") | discard");
+    let wall = flowline(bin, &["--joblog", log.to_str().expect("utf-8 path"), &pipe]);
+    let text = std::fs::read_to_string(&log).expect("joblog");
+    let mut starts: Vec<f64> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split('\t').nth(2)?.parse().ok())
+        .collect();
+    starts.sort_by(f64::total_cmp);
+    assert_eq!(starts.len(), N, "one joblog line per job");
+    let span = starts[N - 1] - starts[0];
+    let measured = (N - 1) as f64 / span;
+    // The most starts within any half-open second [t, t + 1 s), t at a start.
+    let (mut best, mut j) = (0, 0);
+    for i in 0..N {
+        while j < N && starts[j] < starts[i] + 1.0 {
+            j += 1;
+        }
+        best = best.max(j - i);
+    }
+    emit(
+        "cli",
+        "cli_rate",
+        measured,
+        RATE,
+        "jobs/s",
+        json!({
+            "jobs": N,
+            "error_pct": ((measured - RATE).abs() / RATE * 100.0 * 1000.0).round() / 1000.0,
+            "max_in_period": best,
+            "wall_s": (wall.as_secs_f64() * 1000.0).round() / 1000.0,
+        }),
+    );
+}

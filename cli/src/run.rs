@@ -1,0 +1,1150 @@
+//! A checked plan, built into one flowline graph and run.
+//!
+//! - The main chain is `source | steps`; each task is a flowline async stage with its
+//!   policies (`workers`, `rate_limit`, `retry`, `circuit_breaker` pausing the source,
+//!   `adaptive`, a shared `inflight`), so flowline's retry and breaker see every failure.
+//! - A failure of the main chain goes to flowline's dead-letter target, a callback here.
+//!   With an `error:` continuation the callback hands it to the continuation's source (a
+//!   queue); otherwise it is written to the dead-letter file. Nothing is dropped.
+//! - The continuation's queue closes once every input the source produced has left the
+//!   main chain (delivered to the branch, dropped by a filter, or failed): counted per
+//!   input, so that the run ends by itself.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use flowline::prelude::*;
+use flowline::{Failure, ProgressOptions};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
+
+use crate::exec::{CallError, Fail, Failed, Item, Runner, TaskRt, Value};
+use crate::spec::{Plan, RetrySpec, Sink, Source, Step, Task};
+use crate::state::State;
+
+/// Command-line settings of a run.
+pub struct Settings {
+    pub jobs: usize,
+    pub keep_order: bool,
+    pub progress: bool,
+    pub state: Option<PathBuf>,
+    pub retry_failed: bool,
+    pub joblog: Option<PathBuf>,
+    pub dead_letter: PathBuf,
+    pub quiet: bool,
+}
+
+/// How a run ended.
+pub struct Outcome {
+    pub failures: u64,
+    pub interrupted: bool,
+}
+
+/// A line-oriented output: stdout, a file opened for appending (written unbuffered, one
+/// whole line per write, so `--state` never marks done an output still in a buffer), or
+/// nothing.
+enum Out {
+    Stdout,
+    File(Mutex<std::fs::File>),
+    Discard,
+}
+
+impl Out {
+    fn open(path: &Path) -> Result<Out, String> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map(|f| Out::File(Mutex::new(f)))
+            .map_err(|e| format!("cannot open {} for writing: {e}", path.display()))
+    }
+
+    fn line(&self, mut s: String) {
+        s.push('\n');
+        match self {
+            Out::Stdout => {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(s.as_bytes());
+            }
+            Out::File(f) => {
+                if let Ok(mut f) = f.lock() {
+                    let _ = f.write_all(s.as_bytes());
+                }
+            }
+            Out::Discard => {}
+        }
+    }
+}
+
+/// The dead-letter file, opened on the first failure.
+struct DeadFile {
+    path: PathBuf,
+    file: Mutex<Option<std::fs::File>>,
+    written: AtomicU64,
+}
+
+impl DeadFile {
+    fn write(&self, fail: &Fail) {
+        let mut g = match self.file.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if g.is_none() {
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+            {
+                Ok(f) => *g = Some(f),
+                Err(e) => {
+                    // The record still reaches the user, on stderr.
+                    eprintln!(
+                        "flowline: cannot open the dead-letter file {}: {e}; failure: {}",
+                        self.path.display(),
+                        fail_json(fail)
+                    );
+                    self.written.fetch_add(1, Relaxed);
+                    return;
+                }
+            }
+        }
+        if let Some(f) = g.as_mut() {
+            let mut line = fail_json(fail).to_string();
+            line.push('\n');
+            let _ = f.write_all(line.as_bytes());
+        }
+        self.written.fetch_add(1, Relaxed);
+    }
+}
+
+fn fail_json(f: &Fail) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "seq": f.item.seq,
+        "stage": f.stage,
+        "error": f.error.message,
+        "exit": f.error.exit,
+        "signal": f.error.signal,
+        "stderr": f.error.stderr,
+        "attempts": f.attempts,
+    });
+    if let Some(o) = v.as_object_mut() {
+        if f.item.inputs.len() == 1 {
+            o.insert("input".into(), f.item.inputs[0].clone().into());
+        } else {
+            o.insert("inputs".into(), f.item.inputs.to_vec().into());
+        }
+    }
+    v
+}
+
+/// What the closures of the graph share.
+struct Ctx {
+    runner: Runner,
+    state: Option<State>,
+    dead: DeadFile,
+    failures: AtomicU64,
+    /// Inputs produced by the source, and inputs that have left the main chain.
+    emitted: AtomicU64,
+    left: AtomicU64,
+    source_done: AtomicBool,
+    /// The `error:` continuation's queue; `None` once closed (or without one).
+    err_tx: Mutex<Option<mpsc::UnboundedSender<Fail>>>,
+    /// Names of the main chain's tasks and their step index.
+    main_steps: HashMap<String, usize>,
+}
+
+impl Ctx {
+    fn leave_main(&self, n: usize) {
+        self.left.fetch_add(n as u64, Relaxed);
+        self.maybe_close();
+    }
+
+    fn maybe_close(&self) {
+        if self.source_done.load(Relaxed) && self.left.load(Relaxed) >= self.emitted.load(Relaxed) {
+            if let Ok(mut g) = self.err_tx.lock() {
+                g.take();
+            }
+        }
+    }
+
+    fn done(&self, item: &Item) {
+        if let Some(s) = &self.state {
+            s.done(&item.inputs);
+        }
+    }
+
+    /// A failure that ends here: counted, recorded, written.
+    fn final_failure(&self, fail: &Fail, out: Option<&Out>) {
+        self.failures.fetch_add(1, Relaxed);
+        if let Some(s) = &self.state {
+            s.failed(&fail.item.inputs, &fail.error.message);
+        }
+        match out {
+            Some(o) => o.line(fail_json(fail).to_string()),
+            None => self.dead.write(fail),
+        }
+    }
+
+    /// flowline's dead-letter callback.
+    fn on_failure(&self, f: &Failure) {
+        let fail = fail_of(f, &self.main_steps);
+        let in_main = self.main_steps.contains_key(&*f.stage);
+        if in_main {
+            let routed = match self.err_tx.lock() {
+                Ok(g) => match g.as_ref() {
+                    Some(tx) => tx.send(fail.clone()).is_ok(),
+                    None => false,
+                },
+                Err(_) => false,
+            };
+            if !routed {
+                self.final_failure(&fail, None);
+            }
+            self.leave_main(fail.item.inputs.len());
+        } else {
+            self.final_failure(&fail, None);
+        }
+    }
+}
+
+/// The failure flowline reports, with the item and the details of the call.
+fn fail_of(f: &Failure, steps: &HashMap<String, usize>) -> Fail {
+    if let flowline::ItemError::User(e) = &f.error {
+        if let Some(Failed(b)) = e.downcast_ref::<Failed>() {
+            let mut fail = (**b).clone();
+            fail.attempts = f.attempts;
+            return fail;
+        }
+    }
+    let item = f
+        .input
+        .as_ref()
+        .and_then(|i| i.downcast_ref::<Item>().cloned())
+        .or_else(|| {
+            f.input
+                .as_ref()
+                .and_then(|i| i.downcast_ref::<Fail>().map(|x| x.item.clone()))
+        })
+        .unwrap_or_else(|| Item::new(0, "<input not kept>".into()));
+    Fail {
+        item,
+        step: steps.get(&*f.stage).copied().unwrap_or(0),
+        stage: f.stage.to_string(),
+        error: CallError {
+            message: f.error.to_string(),
+            ..CallError::default()
+        },
+        attempts: f.attempts,
+    }
+}
+
+/// The inputs, read lazily.
+enum Reader {
+    Lines(tokio::io::Lines<Box<dyn tokio::io::AsyncBufRead + Send + Unpin>>),
+    Seq {
+        next: i64,
+        end: i64,
+        step: i64,
+        done: bool,
+    },
+    List(std::vec::IntoIter<String>),
+    Sql(SqlPager),
+}
+
+impl Reader {
+    async fn next(&mut self) -> Result<Option<String>, String> {
+        match self {
+            Reader::Lines(l) => l
+                .next_line()
+                .await
+                .map_err(|e| format!("reading input: {e}")),
+            Reader::Seq {
+                next,
+                end,
+                step,
+                done,
+            } => {
+                if *done || *next > *end {
+                    return Ok(None);
+                }
+                let v = *next;
+                match next.checked_add(*step) {
+                    Some(n) => *next = n,
+                    None => *done = true,
+                }
+                Ok(Some(v.to_string()))
+            }
+            Reader::List(it) => Ok(it.next()),
+            Reader::Sql(p) => p.next().await,
+        }
+    }
+}
+
+/// Rows of a query, a page at a time, in key order: `WHERE key > last` so that a page
+/// never repeats or skips a row.
+struct SqlPager {
+    db: PathBuf,
+    query: String,
+    key: String,
+    last: Option<rusqlite::types::Value>,
+    page: VecDeque<String>,
+    end: bool,
+}
+
+impl SqlPager {
+    async fn next(&mut self) -> Result<Option<String>, String> {
+        if self.page.is_empty() && !self.end {
+            let (db, q, key, last) = (
+                self.db.clone(),
+                self.query.clone(),
+                self.key.clone(),
+                self.last.clone(),
+            );
+            let (rows, last) =
+                tokio::task::spawn_blocking(move || sql_page(&db, &q, &key, last, 1000))
+                    .await
+                    .map_err(|e| format!("sql: {e}"))??;
+            if rows.len() < 1000 {
+                self.end = true;
+            }
+            if last.is_some() {
+                self.last = last;
+            }
+            self.page.extend(rows);
+        }
+        Ok(self.page.pop_front())
+    }
+}
+
+type Page = (Vec<String>, Option<rusqlite::types::Value>);
+
+fn sql_page(
+    db: &Path,
+    query: &str,
+    key: &str,
+    last: Option<rusqlite::types::Value>,
+    n: usize,
+) -> Result<Page, String> {
+    use rusqlite::types::Value as V;
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| format!("sql: cannot open {}: {e}", db.display()))?;
+    let sql = match last {
+        Some(_) => {
+            format!("SELECT * FROM ({query}) WHERE \"{key}\" > ?1 ORDER BY \"{key}\" LIMIT {n}")
+        }
+        None => format!("SELECT * FROM ({query}) ORDER BY \"{key}\" LIMIT {n}"),
+    };
+    let mut st = conn.prepare(&sql).map_err(|e| format!("sql: {e}"))?;
+    let cols = st.column_count();
+    let key_idx = (0..cols)
+        .find(|&i| st.column_name(i).is_ok_and(|c| c == key))
+        .ok_or_else(|| format!("sql: the query has no column `{key}`"))?;
+    let params: Vec<V> = last.into_iter().collect();
+    let mut rows = st
+        .query(rusqlite::params_from_iter(params))
+        .map_err(|e| format!("sql: {e}"))?;
+    let mut out = Vec::new();
+    let mut last_key = None;
+    while let Some(r) = rows.next().map_err(|e| format!("sql: {e}"))? {
+        let mut fields = Vec::with_capacity(cols);
+        for i in 0..cols {
+            let v: V = r.get(i).map_err(|e| format!("sql: {e}"))?;
+            if i == key_idx {
+                last_key = Some(v.clone());
+            }
+            fields.push(match v {
+                V::Null => String::new(),
+                V::Integer(x) => x.to_string(),
+                V::Real(x) => x.to_string(),
+                V::Text(s) => s,
+                V::Blob(b) => String::from_utf8_lossy(&b).into_owned(),
+            });
+        }
+        out.push(fields.join("\t"));
+    }
+    Ok((out, last_key))
+}
+
+fn count_lines(path: &Path) -> Option<u64> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut buf = vec![0u8; 1 << 16];
+    let (mut n, mut last) = (0u64, b'\n');
+    loop {
+        let k = f.read(&mut buf).ok()?;
+        if k == 0 {
+            break;
+        }
+        n += buf[..k].iter().filter(|&&b| b == b'\n').count() as u64;
+        last = buf[k - 1];
+    }
+    Some(n + u64::from(last != b'\n'))
+}
+
+/// Opens the source: its reader and, when it is cheap to know, how many inputs it holds.
+async fn open_source(source: &Source, want_total: bool) -> Result<(Reader, Option<u64>), String> {
+    Ok(match source {
+        Source::Lines(None) => {
+            let r: Box<dyn tokio::io::AsyncBufRead + Send + Unpin> =
+                Box::new(tokio::io::BufReader::new(tokio::io::stdin()));
+            (Reader::Lines(r.lines()), None)
+        }
+        Source::Lines(Some(path)) => {
+            let f = tokio::fs::File::open(path)
+                .await
+                .map_err(|e| format!("stage `lines`: cannot open {}: {e}", path.display()))?;
+            let total = if want_total { count_lines(path) } else { None };
+            let r: Box<dyn tokio::io::AsyncBufRead + Send + Unpin> =
+                Box::new(tokio::io::BufReader::with_capacity(1 << 16, f));
+            (Reader::Lines(r.lines()), total)
+        }
+        Source::Seq { start, end, step } => {
+            let total = ((*end as i128 - *start as i128) / *step as i128 + 1) as u64;
+            (
+                Reader::Seq {
+                    next: *start,
+                    end: *end,
+                    step: *step,
+                    done: false,
+                },
+                Some(total),
+            )
+        }
+        Source::Args(list) => (
+            Reader::List(list.clone().into_iter()),
+            Some(list.len() as u64),
+        ),
+        Source::Sql { db, query, key } => {
+            if !db.exists() {
+                return Err(format!("stage `sql`: no database at {}", db.display()));
+            }
+            let (db2, q2, k2) = (db.clone(), query.clone(), key.clone());
+            // The first page now: a bad query fails before anything runs.
+            tokio::task::spawn_blocking(move || sql_page(&db2, &q2, &k2, None, 1))
+                .await
+                .map_err(|e| e.to_string())??;
+            let total = if want_total {
+                let (db3, q3) = (db.clone(), query.clone());
+                tokio::task::spawn_blocking(move || {
+                    rusqlite::Connection::open(&db3).ok().and_then(|c| {
+                        c.query_row(&format!("SELECT count(*) FROM ({q3})"), [], |r| {
+                            r.get::<_, i64>(0)
+                        })
+                        .ok()
+                    })
+                })
+                .await
+                .ok()
+                .flatten()
+                .map(|n| n.max(0) as u64)
+            } else {
+                None
+            };
+            (
+                Reader::Sql(SqlPager {
+                    db: db.clone(),
+                    query: query.clone(),
+                    key: key.clone(),
+                    last: None,
+                    page: VecDeque::new(),
+                    end: false,
+                }),
+                total,
+            )
+        }
+    })
+}
+
+fn retry_policy(r: &RetrySpec) -> Retry {
+    Retry::exponential(r.min)
+        .max_delay(r.max)
+        .max_attempts(r.retries.saturating_add(1))
+        .jitter()
+        .delay_hint(|e| match e {
+            flowline::ItemError::User(err) => err
+                .downcast_ref::<Failed>()
+                .and_then(|f| f.0.error.retry_after),
+            _ => None,
+        })
+}
+
+/// The flowline objects of a task's policies, built once so that the error continuation
+/// shares them (its calls count against the same rate and breaker).
+#[derive(Clone, Default)]
+struct Objects {
+    rate: Option<Rate>,
+    breaker: Option<Breaker>,
+}
+
+fn objects(t: &Task) -> Objects {
+    let p = &t.policies;
+    Objects {
+        rate: p.rate.map(|(n, per, burst)| Rate::per(n, per).burst(burst)),
+        breaker: p.breaker.map(|(n, cooldown)| {
+            Breaker::consecutive_failures(n)
+                .cooldown(cooldown)
+                .on_open(OnOpen::Pause)
+        }),
+    }
+}
+
+/// A job on a task of its own, ended (its process killed) if the call is dropped, as on
+/// a cancel.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct Builder {
+    ctx: Arc<Ctx>,
+    settings_jobs: usize,
+    keep_order: bool,
+    inflights: HashMap<usize, Inflight>,
+}
+
+impl Builder {
+    fn inflight(&mut self, id: usize, n: usize) -> Inflight {
+        self.inflights
+            .entry(id)
+            .or_insert_with(|| Inflight::new(n))
+            .clone()
+    }
+
+    fn task(
+        &mut self,
+        p: Pipeline<Item>,
+        t: &Task,
+        rt: Arc<TaskRt>,
+        step: usize,
+        objs: &Objects,
+    ) -> Pipeline<Item> {
+        let ctx = self.ctx.clone();
+        let name = t.name.clone();
+        let stage = p
+            .try_map_async(&t.name, move |item: Item| {
+                let (ctx, rt, name) = (ctx.clone(), rt.clone(), name.clone());
+                async move {
+                    let result = if rt.command.is_some() {
+                        // Starting a process is a blocking system call: on a task of its
+                        // own it does not hold up the stage's driver (and its rate timer).
+                        let (c, r, i) = (ctx.clone(), rt.clone(), item.clone());
+                        let mut job =
+                            AbortOnDrop(tokio::spawn(async move { c.runner.call(&r, &i).await }));
+                        (&mut job.0).await.unwrap_or_else(|e| {
+                            Err(CallError {
+                                message: format!("job task ended: {e}"),
+                                ..CallError::default()
+                            })
+                        })
+                    } else {
+                        ctx.runner.call(&rt, &item).await
+                    };
+                    match result {
+                        Ok(v) => Ok(Item {
+                            value: Value::One(v),
+                            ..item
+                        }),
+                        Err(error) => Err(Failed(Box::new(Fail {
+                            item,
+                            step,
+                            stage: name,
+                            error,
+                            attempts: 1,
+                        }))),
+                    }
+                }
+            })
+            .workers(t.policies.fork.unwrap_or(self.settings_jobs))
+            .keep_input();
+        let mut stage = if self.keep_order {
+            stage
+        } else {
+            stage.unordered()
+        };
+        if let Some(r) = &objs.rate {
+            stage = stage.rate_limit(r.clone());
+        }
+        if let Some(r) = &t.policies.retry {
+            stage = stage.retry(retry_policy(r));
+        }
+        if let Some(b) = &objs.breaker {
+            stage = stage.circuit_breaker(b.clone());
+        }
+        if let Some((lo, hi)) = t.policies.adaptive {
+            stage = stage.adaptive(Adaptive::aimd(lo..=hi));
+        }
+        if let Some((id, n)) = t.policies.inflight {
+            let bound = self.inflight(id, n);
+            stage = stage.inflight(&bound);
+        }
+        stage.into_pipeline()
+    }
+
+    /// The steps of a chain; `main` marks the main chain (whose drops leave it).
+    fn steps(
+        &mut self,
+        mut p: Pipeline<Item>,
+        steps: &[Step],
+        main: bool,
+        tasks: &[Option<(Arc<TaskRt>, Objects)>],
+    ) -> Pipeline<Item> {
+        for (i, step) in steps.iter().enumerate() {
+            p = match step {
+                Step::Task(t) => {
+                    let (rt, objs) = match tasks.get(i).and_then(Option::as_ref) {
+                        Some((rt, o)) if main => (rt.clone(), o.clone()),
+                        _ => {
+                            let o = objects(t);
+                            (Arc::new(TaskRt::new(t.clone())), o)
+                        }
+                    };
+                    self.task(p, t, rt, i, &objs)
+                }
+                Step::Filter { re, keep } => {
+                    let (re, keep, ctx) = (re.clone(), *keep, self.ctx.clone());
+                    p.filter(move |item| {
+                        let pass = item.value.texts().iter().any(|t| re.is_match(t)) == keep;
+                        if !pass {
+                            ctx.done(item);
+                            if main {
+                                ctx.leave_main(item.inputs.len());
+                            }
+                        }
+                        pass
+                    })
+                }
+                Step::Dedup(window) => {
+                    let (ctx, window) = (self.ctx.clone(), *window);
+                    let mut seen: HashSet<String> = HashSet::new();
+                    let mut order: VecDeque<String> = VecDeque::new();
+                    p.filter(move |item| {
+                        let key = item.value.joined("\n");
+                        if seen.contains(&key) {
+                            ctx.done(item);
+                            if main {
+                                ctx.leave_main(item.inputs.len());
+                            }
+                            return false;
+                        }
+                        if order.len() >= window {
+                            if let Some(old) = order.pop_front() {
+                                seen.remove(&old);
+                            }
+                        }
+                        seen.insert(key.clone());
+                        order.push_back(key);
+                        true
+                    })
+                }
+                Step::Batch(n, wait) => p.batch(*n, *wait).map(|items: Vec<Item>| {
+                    let seq = items.first().map_or(0, |i| i.seq);
+                    let mut inputs = Vec::new();
+                    let mut values = Vec::new();
+                    for it in items {
+                        inputs.extend(it.inputs.iter().cloned());
+                        values.extend(it.value.texts().iter().cloned());
+                    }
+                    Item {
+                        seq,
+                        inputs: Arc::new(inputs),
+                        value: Value::Many(values),
+                    }
+                }),
+            };
+        }
+        p
+    }
+
+    /// Ends `p` in `sink` (recording each item done).
+    fn sink(&self, g: Graph, p: Pipeline<Item>, sink: &Option<Sink>) -> Result<Graph, String> {
+        let out = Arc::new(match sink {
+            None | Some(Sink::Print) => Out::Stdout,
+            Some(Sink::Discard) => Out::Discard,
+            Some(Sink::File(path)) => Out::open(path)?,
+            Some(Sink::Jsonl(path)) => Out::open(path)?,
+        });
+        let jsonl = matches!(sink, Some(Sink::Jsonl(_)));
+        let ctx = self.ctx.clone();
+        Ok(g.for_each(p, move |item: Item| {
+            let line = if jsonl {
+                let mut v =
+                    serde_json::json!({ "seq": item.seq, "output": item.value.joined("\n") });
+                if let Some(o) = v.as_object_mut() {
+                    if item.inputs.len() == 1 {
+                        o.insert("input".into(), item.inputs[0].clone().into());
+                    } else {
+                        o.insert("inputs".into(), item.inputs.to_vec().into());
+                    }
+                }
+                Some(v.to_string())
+            } else if matches!(*out, Out::Discard) {
+                None
+            } else {
+                Some(item.value.joined("\n"))
+            };
+            if let Some(l) = line {
+                out.line(l);
+            }
+            ctx.done(&item);
+            std::future::ready(())
+        }))
+    }
+
+    /// Ends the failures in `sink`: each one counted, recorded and written.
+    fn fail_sink(&self, g: Graph, p: Pipeline<Fail>, sink: &Sink) -> Result<Graph, String> {
+        let out = Arc::new(match sink {
+            Sink::Print => Out::Stdout,
+            Sink::Discard => Out::Discard,
+            Sink::File(path) | Sink::Jsonl(path) => Out::open(path)?,
+        });
+        let as_inputs = matches!(sink, Sink::File(_) | Sink::Print);
+        let ctx = self.ctx.clone();
+        Ok(g.for_each(p, move |fail: Fail| {
+            if as_inputs {
+                // The inputs alone, one per line: ready to be fed to another run.
+                ctx.failures.fetch_add(1, Relaxed);
+                if let Some(s) = &ctx.state {
+                    s.failed(&fail.item.inputs, &fail.error.message);
+                }
+                for i in fail.item.inputs.iter() {
+                    out.line(i.clone());
+                }
+            } else {
+                ctx.final_failure(&fail, Some(&out));
+            }
+            std::future::ready(())
+        }))
+    }
+}
+
+/// Runs a plan to the end (or to Ctrl-C).
+pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
+    // Inputs: the state file says what is done and what failed.
+    let (state, done_before, failed_before) = match &settings.state {
+        Some(path) => {
+            let (s, d, f) = State::open(path)?;
+            (Some(s), d, f)
+        }
+        None => {
+            if settings.retry_failed {
+                return Err("--retry-failed needs --state FILE".into());
+            }
+            (None, HashSet::new(), Vec::new())
+        }
+    };
+    let source = if settings.retry_failed {
+        Source::Args(failed_before)
+    } else {
+        plan.source.clone()
+    };
+    let (reader, total) = open_source(&source, settings.progress).await?;
+    let joblog = match &settings.joblog {
+        Some(path) => Some(
+            std::fs::File::create(path).map_err(|e| format!("--joblog {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    let max_workers = plan
+        .main_tasks()
+        .map(|t| t.policies.fork.unwrap_or(settings.jobs))
+        .max()
+        .unwrap_or(settings.jobs);
+    let main_steps: HashMap<String, usize> = plan
+        .main
+        .steps
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| match s {
+            Step::Task(t) => Some((t.name.clone(), i)),
+            _ => None,
+        })
+        .collect();
+    let (err_tx, err_rx) = mpsc::unbounded_channel::<Fail>();
+    let ctx = Arc::new(Ctx {
+        runner: Runner::new(max_workers, joblog)?,
+        state,
+        dead: DeadFile {
+            path: settings.dead_letter.clone(),
+            file: Mutex::new(None),
+            written: AtomicU64::new(0),
+        },
+        failures: AtomicU64::new(0),
+        emitted: AtomicU64::new(0),
+        left: AtomicU64::new(0),
+        source_done: AtomicBool::new(false),
+        err_tx: Mutex::new(plan.error.is_some().then_some(err_tx)),
+        main_steps,
+    });
+
+    // The source: skips inputs done in an earlier run, counts what it produces.
+    let skipped = Arc::new(AtomicU64::new(0));
+    let reader = Arc::new(tokio::sync::Mutex::new(reader));
+    let done_count = done_before.len() as u64;
+    let done_before = Arc::new(done_before);
+    let stop_source = Arc::new(AtomicBool::new(false));
+    let src = {
+        let (ctx, skipped, stop) = (ctx.clone(), skipped.clone(), stop_source.clone());
+        let seq = Arc::new(AtomicU64::new(0));
+        Pipeline::try_from_fn(move || {
+            let (ctx, skipped, reader, done_before, seq, stop) = (
+                ctx.clone(),
+                skipped.clone(),
+                reader.clone(),
+                done_before.clone(),
+                seq.clone(),
+                stop.clone(),
+            );
+            async move {
+                let mut r = reader.lock().await;
+                loop {
+                    if stop.load(Relaxed) {
+                        ctx.source_done.store(true, Relaxed);
+                        ctx.maybe_close();
+                        return Ok(None);
+                    }
+                    let next = r.next().await;
+                    let n = seq.fetch_add(1, Relaxed) + 1;
+                    match next {
+                        Ok(Some(input)) if done_before.contains(&input) => {
+                            skipped.fetch_add(1, Relaxed);
+                        }
+                        Ok(Some(input)) => {
+                            ctx.emitted.fetch_add(1, Relaxed);
+                            return Ok(Some(Item::new(n, input)));
+                        }
+                        Ok(None) => {
+                            ctx.source_done.store(true, Relaxed);
+                            ctx.maybe_close();
+                            return Ok(None);
+                        }
+                        Err(e) => {
+                            ctx.source_done.store(true, Relaxed);
+                            ctx.maybe_close();
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let src = if settings.progress {
+        let mut opts = ProgressOptions::new();
+        if let Some(t) = total {
+            opts = opts.total(t.saturating_sub(done_count));
+        }
+        src.progress_with(opts)
+    } else {
+        src
+    };
+
+    // The main chain, its tasks built once (the error continuation reuses them).
+    let tasks: Vec<Option<(Arc<TaskRt>, Objects)>> = plan
+        .main
+        .steps
+        .iter()
+        .map(|s| match s {
+            Step::Task(t) => Some((Arc::new(TaskRt::new(t.clone())), objects(t))),
+            _ => None,
+        })
+        .collect();
+    let mut b = Builder {
+        ctx: ctx.clone(),
+        settings_jobs: settings.jobs,
+        keep_order: settings.keep_order,
+        inflights: HashMap::new(),
+    };
+    let main = b.steps(src, &plan.main.steps, true, &tasks);
+    let main = {
+        let ctx = ctx.clone();
+        main.inspect(move |item| ctx.leave_main(item.inputs.len()))
+    };
+
+    let mut graph = Graph::new();
+    if !plan.branched {
+        graph = b.sink(graph, main, &plan.main.sink)?;
+    } else {
+        let success = plan.success.clone().unwrap_or_default();
+        let mut ok_path = main;
+        if let Some(arm) = &plan.error {
+            let rx = Arc::new(tokio::sync::Mutex::new(err_rx));
+            let failures = Pipeline::from_fn(move || {
+                let rx = rx.clone();
+                async move { rx.lock().await.recv().await }
+            });
+            match &arm.retry {
+                None => {
+                    let sink = arm.chain.sink.clone().unwrap_or(Sink::Print);
+                    graph = b.fail_sink(graph, failures, &sink)?;
+                }
+                Some(r) => {
+                    let recovered = retry_arm(&mut b, failures, r, &plan, &tasks, settings.jobs);
+                    if arm.chain.steps.is_empty() && arm.chain.sink.is_none() {
+                        ok_path = ok_path.merge_with(recovered);
+                    } else {
+                        let p = b.steps(recovered, &arm.chain.steps, false, &[]);
+                        graph = b.sink(graph, p, &arm.chain.sink)?;
+                    }
+                }
+            }
+        }
+        let p = b.steps(ok_path, &success.steps, false, &[]);
+        graph = b.sink(graph, p, &success.sink)?;
+    }
+
+    let on_fail = ctx.clone();
+    let handle = graph
+        .dead_letter(DeadLetter::callback(move |f| on_fail.on_failure(f)))
+        .spawn();
+
+    // Ctrl-C (or SIGTERM): stop pulling inputs, finish the jobs in flight, report; a
+    // second one cancels.
+    let control = handle.control();
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let signals = {
+        let interrupted = interrupted.clone();
+        let stop_source = stop_source.clone();
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let mut n = 0;
+            loop {
+                let term_recv = async {
+                    match term.as_mut() {
+                        Some(t) => {
+                            t.recv().await;
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term_recv => {}
+                }
+                n += 1;
+                interrupted.store(true, Relaxed);
+                if n == 1 {
+                    eprintln!(
+                        "\nflowline: stopping: no new inputs, finishing the jobs in flight (again to cancel)"
+                    );
+                    stop_source.store(true, Relaxed);
+                    control.stop();
+                } else {
+                    eprintln!("\nflowline: cancelling");
+                    control.cancel();
+                    return;
+                }
+            }
+        })
+    };
+    let result = handle.join().await;
+    signals.abort();
+    // Failures still queued for a continuation that stopped pulling end in the dead-letter
+    // file: never lost.
+    if let Ok(mut g) = ctx.err_tx.lock() {
+        g.take();
+    }
+    if let Some(s) = &ctx.state {
+        s.flush();
+        s.close();
+    }
+    if let Some(j) = &ctx.runner.joblog {
+        if let Ok(mut f) = j.lock() {
+            let _ = f.flush();
+        }
+    }
+    let report = match &result {
+        Ok(r) => Some(r.clone()),
+        Err(e) => e.report().cloned(),
+    };
+    if !settings.quiet {
+        if let Some(r) = &report {
+            eprintln!("{r}");
+        }
+    }
+    let cancelled = matches!(result, Err(flowline::Error::Cancelled { .. }));
+    if let Err(e) = &result {
+        if !cancelled {
+            return Err(format!("{e}"));
+        }
+    }
+    let failures = ctx.failures.load(Relaxed);
+    let dead = ctx.dead.written.load(Relaxed);
+    if !settings.quiet {
+        let skipped = skipped.load(Relaxed);
+        let mut line = format!(
+            "flowline: {} inputs, {failures} failed",
+            ctx.emitted.load(Relaxed)
+        );
+        if skipped > 0 {
+            line.push_str(&format!(", {skipped} skipped (done in an earlier run)"));
+        }
+        if dead > 0 {
+            line.push_str(&format!(
+                "; failures written to {}",
+                settings.dead_letter.display()
+            ));
+        }
+        eprintln!("{line}");
+    }
+    Ok(Outcome {
+        failures,
+        interrupted: interrupted.load(Relaxed) || cancelled,
+    })
+}
+
+/// `error:retry(..)`: runs the failed task, and the steps of the main chain after it,
+/// again, with flowline's retry; shares the main tasks' rate limit and breaker.
+fn retry_arm(
+    b: &mut Builder,
+    failures: Pipeline<Fail>,
+    r: &RetrySpec,
+    plan: &Plan,
+    tasks: &[Option<(Arc<TaskRt>, Objects)>],
+    jobs: usize,
+) -> Pipeline<Item> {
+    let steps = Arc::new(plan.main.steps.clone());
+    let tasks_rt: Arc<Vec<Option<Arc<TaskRt>>>> = Arc::new(
+        tasks
+            .iter()
+            .map(|t| t.as_ref().map(|(rt, _)| rt.clone()))
+            .collect(),
+    );
+    let ctx = b.ctx.clone();
+    let workers = plan
+        .main_tasks()
+        .last()
+        .and_then(|t| t.policies.fork)
+        .unwrap_or(jobs);
+    let mut stage = failures
+        .try_map_async("error:retry", move |fail: Fail| {
+            let (ctx, steps, tasks) = (ctx.clone(), steps.clone(), tasks_rt.clone());
+            async move {
+                let mut item = fail.item;
+                for i in fail.step..steps.len() {
+                    match (&steps[i], tasks.get(i).and_then(Option::as_ref)) {
+                        (Step::Task(t), Some(rt)) => match ctx.runner.call(rt, &item).await {
+                            Ok(v) => item.value = Value::One(v),
+                            Err(error) => {
+                                return Err(Failed(Box::new(Fail {
+                                    item,
+                                    step: i,
+                                    stage: t.name.clone(),
+                                    error,
+                                    attempts: 1,
+                                })));
+                            }
+                        },
+                        (Step::Filter { re, keep }, _)
+                            if item.value.texts().iter().any(|t| re.is_match(t)) != *keep =>
+                        {
+                            ctx.done(&item);
+                            return Ok(None);
+                        }
+                        // A single item is not batched or deduplicated again.
+                        _ => {}
+                    }
+                }
+                Ok(Some(item))
+            }
+        })
+        .workers(workers)
+        .keep_input()
+        .unordered()
+        .retry(retry_policy(r));
+    let objs = tasks.iter().flatten().map(|(_, o)| o);
+    if let Some(rate) = objs.clone().find_map(|o| o.rate.clone()) {
+        stage = stage.rate_limit(rate);
+    }
+    if let Some(br) = objs.clone().find_map(|o| o.breaker.clone()) {
+        stage = stage.circuit_breaker(br);
+    }
+    stage.filter_map(|x| x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Policies, TaskKind};
+    use std::time::Duration;
+
+    fn task(p: Policies) -> Task {
+        Task {
+            name: "t".into(),
+            kind: TaskKind::Sh("true".into()),
+            policies: p,
+        }
+    }
+
+    /// `rate(4/s)` as built for a task: 9 calls take 2 s on the paused clock.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn rate_stage_paces_calls() {
+        let o = objects(&task(Policies {
+            rate: Some((4, Duration::from_secs(1), 1)),
+            ..Policies::default()
+        }));
+        let t = tokio::time::Instant::now();
+        let out = Pipeline::from_iter(0..9u32)
+            .map_async("t", |x| async move { x })
+            .workers(8)
+            .rate_limit(o.rate.unwrap())
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(out.len(), 9);
+        assert_eq!(t.elapsed(), Duration::from_secs(2));
+    }
+
+    /// `retry(3, 100ms..100ms)`: 4 attempts, then the failure, on the paused clock.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn retry_stage_backs_off_and_gives_up() {
+        let r = RetrySpec {
+            retries: 3,
+            min: Duration::from_millis(100),
+            max: Duration::from_millis(100),
+        };
+        let calls = Arc::new(AtomicU64::new(0));
+        let c = calls.clone();
+        let t = tokio::time::Instant::now();
+        let report = Pipeline::from_iter([1u32])
+            .try_map_async("t", move |_| {
+                c.fetch_add(1, Relaxed);
+                async { Err::<u32, _>("down") }
+            })
+            .retry(retry_policy(&r))
+            .run()
+            .await
+            .unwrap();
+        assert_eq!(calls.load(Relaxed), 4);
+        assert_eq!(report.failure_sample[0].attempts, 4);
+        // Full jitter: each wait is at most the 100 ms cap.
+        assert!(t.elapsed() <= Duration::from_millis(300));
+    }
+
+    /// A `Retry-After` from the server replaces the backoff.
+    #[test]
+    fn retry_reads_retry_after() {
+        let r = retry_policy(&RetrySpec {
+            retries: 1,
+            min: Duration::from_millis(1),
+            max: Duration::from_millis(1),
+        });
+        let err = flowline::ItemError::user(Failed(Box::new(Fail {
+            item: Item::new(1, "x".into()),
+            step: 0,
+            stage: "http".into(),
+            error: CallError {
+                retry_after: Some(Duration::from_secs(3)),
+                ..CallError::default()
+            },
+            attempts: 1,
+        })));
+        assert_eq!(r.hint_of(&err), Some(Duration::from_secs(3)));
+    }
+}

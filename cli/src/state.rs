@@ -1,0 +1,173 @@
+//! `--state FILE`: which inputs are done and which failed, in SQLite, keyed by the input
+//! text (not its position), so that a rerun over a changed or reordered input still skips
+//! exactly the inputs already done.
+//!
+//! An input is written `done` only after its output was written (the sinks write
+//! unbuffered), and writes are committed in batches by one thread: a SIGKILL loses at most
+//! the last batch, whose inputs then run again (at least once, never lost).
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, params};
+
+const DONE: i64 = 1;
+const FAILED: i64 = 2;
+
+enum Msg {
+    Mark(Vec<String>, i64, String),
+    Flush(mpsc::Sender<()>),
+}
+
+/// The state file, open for one run.
+pub struct State {
+    tx: Mutex<Option<mpsc::Sender<Msg>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn open(path: &Path) -> Result<Connection, String> {
+    let conn = Connection::open(path)
+        .map_err(|e| format!("--state {}: cannot open: {e}", path.display()))?;
+    conn.busy_timeout(Duration::from_secs(10))
+        .and_then(|_| {
+            conn.execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = NORMAL;
+                 CREATE TABLE IF NOT EXISTS flowline_cli_jobs (
+                     input      TEXT    NOT NULL PRIMARY KEY,
+                     status     INTEGER NOT NULL,   -- 1 done, 2 failed
+                     error      TEXT    NOT NULL,
+                     updated_ms INTEGER NOT NULL
+                 );",
+            )
+        })
+        .map_err(|e| format!("--state {}: not a usable state file: {e}", path.display()))?;
+    Ok(conn)
+}
+
+impl State {
+    /// Opens (or creates) the state file; returns it with the inputs done and the inputs
+    /// failed so far (the failed ones in the order they were first recorded).
+    pub fn open(path: &Path) -> Result<(State, HashSet<String>, Vec<String>), String> {
+        let conn = open(path)?;
+        let read = |status: i64| -> Result<Vec<String>, String> {
+            let mut st = conn
+                .prepare("SELECT input FROM flowline_cli_jobs WHERE status = ?1 ORDER BY rowid")
+                .map_err(|e| e.to_string())?;
+            let rows = st
+                .query_map([status], |r| r.get::<_, String>(0))
+                .map_err(|e| e.to_string())?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("--state {}: {e}", path.display()))
+        };
+        let done: HashSet<String> = read(DONE)?.into_iter().collect();
+        let failed = read(FAILED)?;
+        let (tx, rx) = mpsc::channel();
+        let writer = std::thread::Builder::new()
+            .name("flowline-state".into())
+            .spawn(move || write_loop(conn, rx))
+            .map_err(|e| format!("cannot start the state writer: {e}"))?;
+        Ok((
+            State {
+                tx: Mutex::new(Some(tx)),
+                writer: Mutex::new(Some(writer)),
+            },
+            done,
+            failed,
+        ))
+    }
+
+    fn send(&self, m: Msg) {
+        if let Ok(g) = self.tx.lock() {
+            if let Some(tx) = g.as_ref() {
+                let _ = tx.send(m);
+            }
+        }
+    }
+
+    /// Marks inputs done.
+    pub fn done(&self, inputs: &[String]) {
+        self.send(Msg::Mark(inputs.to_vec(), DONE, String::new()));
+    }
+
+    /// Marks inputs failed, with why.
+    pub fn failed(&self, inputs: &[String], error: &str) {
+        self.send(Msg::Mark(inputs.to_vec(), FAILED, error.to_string()));
+    }
+
+    /// Waits until everything sent so far is committed.
+    pub fn flush(&self) {
+        let (tx, rx) = mpsc::channel();
+        self.send(Msg::Flush(tx));
+        let _ = rx.recv_timeout(Duration::from_secs(30));
+    }
+
+    /// Commits what is left and closes the file.
+    pub fn close(&self) {
+        if let Ok(mut g) = self.tx.lock() {
+            g.take();
+        }
+        if let Some(h) = self.writer.lock().ok().and_then(|mut g| g.take()) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Msg>) {
+    let mut pending: Vec<(String, i64, String)> = Vec::new();
+    let mut waiting: Vec<mpsc::Sender<()>> = Vec::new();
+    let mut last = Instant::now();
+    loop {
+        let msg = rx.recv_timeout(Duration::from_millis(100));
+        let closed = matches!(msg, Err(mpsc::RecvTimeoutError::Disconnected));
+        match msg {
+            Ok(Msg::Mark(inputs, status, error)) => {
+                pending.extend(inputs.into_iter().map(|i| (i, status, error.clone())));
+            }
+            Ok(Msg::Flush(tx)) => waiting.push(tx),
+            Err(_) => {}
+        }
+        let due = last.elapsed() >= Duration::from_millis(100) || pending.len() >= 4096;
+        if (due || closed || !waiting.is_empty()) && !pending.is_empty() {
+            if let Err(e) = commit(&mut conn, &pending) {
+                eprintln!("flowline: --state: cannot record progress: {e}");
+            }
+            pending.clear();
+            last = Instant::now();
+        }
+        for w in waiting.drain(..) {
+            let _ = w.send(());
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
+fn commit(conn: &mut Connection, rows: &[(String, i64, String)]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        // A done input stays done: a later failure of the same text (a duplicate input)
+        // does not undo it.
+        let mut st = tx.prepare_cached(
+            "INSERT INTO flowline_cli_jobs (input, status, error, updated_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(input) DO UPDATE SET status = excluded.status, error = excluded.error, updated_ms = excluded.updated_ms
+             WHERE flowline_cli_jobs.status != 1 OR excluded.status = 1",
+        )?;
+        let now = now_ms();
+        for (input, status, error) in rows {
+            st.execute(params![input, status, error, now])?;
+        }
+    }
+    tx.commit()
+}

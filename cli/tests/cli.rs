@@ -1,0 +1,585 @@
+//! End to end: the built `flowline` binary, real processes, a local HTTP server.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flowline");
+
+fn flowline(dir: &Path, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("flowline runs");
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin.as_bytes()).expect("write stdin");
+    drop(input);
+    child.wait_with_output().expect("flowline ends")
+}
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn sorted_lines(s: &str) -> Vec<String> {
+    let mut v: Vec<String> = s.lines().map(String::from).collect();
+    v.sort();
+    v
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+#[test]
+fn sh_with_placeholder_and_keep_order() {
+    let d = tmp();
+    let o = flowline(
+        d.path(),
+        &["-q", "-k", "seq(1..20) | fork(4) | sh(\"echo n={} s{#}\")"],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    let want: Vec<String> = (1..=20).map(|i| format!("n={i} s{i}")).collect();
+    assert_eq!(out(&o).lines().collect::<Vec<_>>(), want);
+}
+
+#[test]
+fn sh_reads_the_item_on_stdin_and_lines_come_from_stdin() {
+    let d = tmp();
+    let o = flowline(d.path(), &["-q", "sh(\"tr a-z A-Z\")"], "ab\ncd\n");
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert_eq!(sorted_lines(&out(&o)), ["AB", "CD"]);
+}
+
+#[test]
+fn shell_quoting_keeps_hostile_inputs_as_data() {
+    let d = tmp();
+    let o = flowline(
+        d.path(),
+        &[
+            "-q",
+            "-k",
+            "sh(\"printf '%s\\n' {} | wc -c\")",
+            ":::",
+            "a'b; rm -rf x",
+            "$(id)",
+        ],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert_eq!(
+        out(&o).lines().map(str::trim).collect::<Vec<_>>(),
+        ["14", "6"]
+    );
+}
+
+#[test]
+fn lines_file_filter_reject_dedup_and_file_sink() {
+    let d = tmp();
+    std::fs::write(
+        d.path().join("in.txt"),
+        "apple\nbanana\napple\ncherry\navocado\n",
+    )
+    .unwrap();
+    let o = flowline(
+        d.path(),
+        &[
+            "-q",
+            "-k",
+            "lines(in.txt) | dedup | filter(\"^a\") | reject(\"cado\") | file(out.txt)",
+        ],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("out.txt")).unwrap(),
+        "apple\n"
+    );
+}
+
+#[test]
+fn batch_gives_n_items_to_one_command() {
+    let d = tmp();
+    let o = flowline(
+        d.path(),
+        &["-q", "-k", "seq(1..7) | batch(3, 50ms) | sh(\"echo {}\")"],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert_eq!(out(&o), "1 2 3\n4 5 6\n7\n");
+}
+
+#[test]
+fn jsonl_and_discard_sinks() {
+    let d = tmp();
+    let o = flowline(
+        d.path(),
+        &[
+            "-q",
+            "-k",
+            "args(x, y) | sh(\"echo got {}\") | jsonl(o.jsonl)",
+        ],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    let text = std::fs::read_to_string(d.path().join("o.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows[0]["input"], "x");
+    assert_eq!(rows[1]["output"], "got y");
+    let o = flowline(
+        d.path(),
+        &["-q", "seq(1..5) | sh(\"echo {}\") | discard"],
+        "",
+    );
+    assert_eq!((o.status.code(), out(&o)), (Some(0), String::new()));
+}
+
+#[test]
+fn failures_go_to_the_dead_letter_file_with_exit_code_and_stderr() {
+    let d = tmp();
+    let o = flowline(
+        d.path(),
+        &[
+            "-q",
+            "seq(1..4) | fork(2) | sh(\"echo oops {} >&2; exit {}\")",
+        ],
+        "",
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "exit status = failures; {}",
+        err(&o)
+    );
+    let text = std::fs::read_to_string(d.path().join("flowline-failed.jsonl")).unwrap();
+    let mut rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    rows.sort_by_key(|r| r["exit"].as_i64());
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows[2]["input"], "3");
+    assert_eq!(rows[2]["exit"], 3);
+    assert_eq!(rows[2]["stderr"], "oops 3");
+    assert_eq!(rows[2]["stage"], "sh");
+}
+
+#[test]
+fn exit_status_is_capped_at_101() {
+    let d = tmp();
+    let o = flowline(d.path(), &["-q", "seq(1..120) | fork(8) | sh(false)"], "");
+    assert_eq!(o.status.code(), Some(101));
+}
+
+#[test]
+fn retry_policy_retries_with_backoff() {
+    let d = tmp();
+    // Each input fails once (its marker file is missing), then succeeds.
+    let o = flowline(
+        d.path(),
+        &[
+            "-q",
+            "-k",
+            "seq(1..3) | retry(2, 10ms..20ms) | sh(\"test -e m{} || { touch m{}; exit 1; }; echo ok {}\")",
+        ],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert_eq!(out(&o), "ok 1\nok 2\nok 3\n");
+}
+
+#[test]
+fn branch_error_retry_rejoins_success_and_error_sink_takes_failures() {
+    let d = tmp();
+    let o = flowline(
+        d.path(),
+        &[
+            "-q",
+            "seq(1..6) | fork(3) | sh(\"test -e m{} || { touch m{}; exit 1; }; echo ok {}\") | branch | error:retry(3, 10ms..20ms) success:print",
+        ],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert_eq!(sorted_lines(&out(&o)).len(), 6);
+
+    let o = flowline(
+        d.path(),
+        &[
+            "-q",
+            "seq(1..6) | sh(\"case {} in *[13579]) exit 1;; esac\") | branch | error:jsonl(bad.jsonl) success:file(good.txt)",
+        ],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", err(&o));
+    let bad = std::fs::read_to_string(d.path().join("bad.jsonl")).unwrap();
+    assert_eq!(bad.lines().count(), 3);
+    assert!(bad.contains("\"exit\":1"));
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("good.txt"))
+            .unwrap()
+            .lines()
+            .count(),
+        3
+    );
+    assert!(!d.path().join("flowline-failed.jsonl").exists());
+}
+
+#[test]
+fn timeout_kills_a_slow_command() {
+    let d = tmp();
+    let t = Instant::now();
+    let o = flowline(
+        d.path(),
+        &[
+            "-q",
+            "seq(1..2) | fork(2) | sh(\"sleep 10\") | timeout(200ms)",
+        ],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let text = std::fs::read_to_string(d.path().join("flowline-failed.jsonl")).unwrap();
+    assert!(text.contains("timed out after 200ms"), "{text}");
+}
+
+#[test]
+fn joblog_in_gnu_parallel_format() {
+    let d = tmp();
+    let o = flowline(
+        d.path(),
+        &[
+            "-q",
+            "--joblog",
+            "log.tsv",
+            "seq(1..3) | sh(\"sh -c 'exit 0'\")",
+        ],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    let log = std::fs::read_to_string(d.path().join("log.tsv")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(
+        lines[0],
+        "Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand"
+    );
+    assert_eq!(lines.len(), 4);
+    let f: Vec<&str> = lines[1].split('\t').collect();
+    assert_eq!(f.len(), 9);
+    assert_eq!((f[1], f[6], f[7]), (":", "0", "0"));
+}
+
+#[test]
+fn state_skips_done_inputs_and_retry_failed_runs_only_failures() {
+    let d = tmp();
+    // Odd inputs fail until the `fixed` file exists.
+    let pipe = "seq(1..6) | sh(\"test -e fixed || case {} in *[13579]) exit 1;; esac; echo {}\")";
+    let o = flowline(d.path(), &["-q", "--state", "s.db", pipe], "");
+    assert_eq!(o.status.code(), Some(3));
+    assert_eq!(sorted_lines(&out(&o)), ["2", "4", "6"]);
+    // A rerun skips the done inputs: only the failures run (and fail) again.
+    let o = flowline(d.path(), &["--state", "s.db", pipe], "");
+    assert_eq!(o.status.code(), Some(3));
+    assert!(out(&o).is_empty());
+    assert!(err(&o).contains("3 skipped"), "{}", err(&o));
+    std::fs::write(d.path().join("fixed"), "").unwrap();
+    let o = flowline(
+        d.path(),
+        &["-q", "--state", "s.db", "--retry-failed", pipe],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert_eq!(sorted_lines(&out(&o)), ["1", "3", "5"]);
+    let o = flowline(d.path(), &["-q", "--state", "s.db", pipe], "");
+    assert_eq!((o.status.code(), out(&o)), (Some(0), String::new()));
+}
+
+#[test]
+fn resume_after_sigkill_loses_nothing_and_skips_done() {
+    let d = tmp();
+    let pipe = "seq(1..300) | fork(4) | sh(\"sleep 0.02; echo {}\") | file(out.txt)";
+    let mut child = Command::new(BIN)
+        .args(["-q", "--state", "s.db", pipe])
+        .current_dir(d.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let first = std::fs::read_to_string(d.path().join("out.txt")).unwrap_or_default();
+    let n1 = first.lines().count();
+    assert!(n1 > 0 && n1 < 300, "killed mid-run: {n1} done");
+    let o = flowline(d.path(), &["-q", "--state", "s.db", pipe], "");
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    let all = std::fs::read_to_string(d.path().join("out.txt")).unwrap();
+    let mut seen: Vec<u32> = all.lines().map(|l| l.parse().unwrap()).collect();
+    let total = seen.len();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen, (1..=300).collect::<Vec<_>>(), "no input lost");
+    // The second run did only what the first had not recorded (a few in flight or in
+    // the last uncommitted batch may run twice).
+    assert!(
+        total - n1 < 300 - n1 / 2,
+        "first {n1}, second {}",
+        total - n1
+    );
+}
+
+#[test]
+fn sql_source_pages_by_key() {
+    let d = tmp();
+    let db = d.path().join("jobs.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch("CREATE TABLE jobs (id INTEGER PRIMARY KEY, name TEXT);")
+        .unwrap();
+    for i in 1..=2500 {
+        conn.execute(
+            "INSERT INTO jobs VALUES (?1, ?2)",
+            rusqlite::params![i, format!("n{i}")],
+        )
+        .unwrap();
+    }
+    drop(conn);
+    let o = flowline(
+        d.path(),
+        &[
+            "-q",
+            "sql(jobs.db, \"SELECT id, name FROM jobs WHERE id % 5 = 0\", id) | sh(\"cat\")",
+        ],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    let lines = sorted_lines(&out(&o));
+    assert_eq!(lines.len(), 500);
+    assert!(lines.contains(&"2500\tn2500".to_string()));
+}
+
+/// A tiny HTTP/1.1 server with keep-alive: answers `200 <path>` once `healthy_after` has
+/// passed since it started, `503` before; counts both.
+struct Server {
+    port: u16,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+}
+
+fn server(healthy_after: Duration) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (ok2, failed2) = (ok.clone(), failed.clone());
+    let start = Instant::now();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let (ok, failed) = (ok2.clone(), failed2.clone());
+            std::thread::spawn(move || serve(conn, start, healthy_after, &ok, &failed));
+        }
+    });
+    Server { port, ok, failed }
+}
+
+fn serve(
+    conn: TcpStream,
+    start: Instant,
+    healthy_after: Duration,
+    ok: &AtomicU64,
+    failed: &AtomicU64,
+) {
+    let mut w = conn.try_clone().unwrap();
+    let mut r = BufReader::new(conn);
+    loop {
+        let mut request = String::new();
+        if r.read_line(&mut request).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            if h == "\r\n" {
+                break;
+            }
+            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; len];
+        let _ = r.read_exact(&mut body);
+        let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
+        let resp = if start.elapsed() >= healthy_after {
+            ok.fetch_add(1, Relaxed);
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{path}",
+                path.len()
+            )
+        } else {
+            failed.fetch_add(1, Relaxed);
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\ndown".to_string()
+        };
+        if w.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn http_stage_with_a_connection_pool() {
+    let d = tmp();
+    let s = server(Duration::ZERO);
+    let pipe = format!(
+        "seq(1..200) | fork(8) | http(GET, \"http://127.0.0.1:{}/users/{{}}\")",
+        s.port
+    );
+    let o = flowline(d.path(), &["-q", &pipe], "");
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    let lines = sorted_lines(&out(&o));
+    assert_eq!(lines.len(), 200);
+    assert!(lines.contains(&"/users/17".to_string()));
+    assert_eq!(s.ok.load(Relaxed), 200);
+}
+
+#[test]
+fn breaker_pauses_the_input_against_a_failing_server() {
+    let d = tmp();
+    // Down for 1.5 s, then up. Without a breaker all 300 requests fail within that time;
+    // with breaker(3, 500ms) the input pauses after 3 failures and only probes go out.
+    let s = server(Duration::from_millis(1500));
+    let pipe = format!(
+        "seq(1..300) | fork(4) | breaker(3, 500ms) | http(http://127.0.0.1:{}/{{}}) | discard",
+        s.port
+    );
+    let o = flowline(d.path(), &["-q", &pipe], "");
+    let failed = s.failed.load(Relaxed);
+    assert!(
+        failed <= 20,
+        "503s sent while the breaker was open: {failed}"
+    );
+    assert_eq!(o.status.code(), Some(failed as i32), "{}", err(&o));
+    assert_eq!(s.ok.load(Relaxed) + failed, 300);
+    let dead = std::fs::read_to_string(d.path().join("flowline-failed.jsonl")).unwrap();
+    assert_eq!(dead.lines().count() as u64, failed);
+    assert!(dead.contains("\"exit\":503"));
+}
+
+#[test]
+fn parse_errors_show_position_and_caret() {
+    let d = tmp();
+    let o = flowline(
+        d.path(),
+        &["seq(1..3) | fork(4) | sh(\"echo {}\" | print"],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(255));
+    let e = err(&o);
+    assert!(
+        e.contains("expected `,` or `)` in the arguments of `sh`"),
+        "{e}"
+    );
+    assert!(
+        e.contains(
+            "  seq(1..3) | fork(4) | sh(\"echo {}\" | print\n                                     ^"
+        ),
+        "{e}"
+    );
+    let o = flowline(d.path(), &["check", "seq(1..3) | rate(NaN/s) | sh(x)"], "");
+    assert_eq!(o.status.code(), Some(255));
+    let e = err(&o);
+    assert!(e.contains("stage `rate`: rate `NaN/s`"), "{e}");
+    assert!(e.contains("\n                   ^"), "{e}");
+    let o = flowline(
+        d.path(),
+        &[
+            "check",
+            "seq(1..3) | fork(2) | sh(x) | branch | error:retry(3) success:print",
+        ],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(0));
+    assert!(out(&o).starts_with("ok\n"));
+}
+
+#[test]
+fn hostile_values_are_errors_not_panics() {
+    let d = tmp();
+    for pipe in [
+        "seq(1..3) | timeout(1e999s) | sh(x)",
+        "seq(1..3) | fork(99999999999999999999999) | sh(x)",
+        "seq(1..3) | rate(1/0ms) | sh(x)",
+        "seq(1..3) | retry(0) | sh(x)",
+        "seq(-9223372036854775808..9223372036854775807, 9223372036854775807) | discard",
+        "seq(1..3) | batch(1, inf) | sh(x)",
+    ] {
+        let o = flowline(d.path(), &["-q", pipe], "");
+        let code = o.status.code();
+        assert!(
+            code == Some(255) || code == Some(0),
+            "{pipe}: {code:?} {}",
+            err(&o)
+        );
+        assert!(!err(&o).contains("panicked"), "{pipe}: {}", err(&o));
+    }
+}
+
+#[test]
+fn help_shows_recipes() {
+    let o = Command::new(BIN).arg("--help").output().unwrap();
+    let h = out(&o);
+    assert!(h.contains("xargs -P8 -n1 gzip"), "{h}");
+    assert!(h.contains("parallel --retry-failed"), "{h}");
+}
+
+#[test]
+fn progress_lines_when_not_a_terminal() {
+    let d = tmp();
+    let o = flowline(
+        d.path(),
+        &["--progress", "seq(1..50) | sh(\"sleep 0.03\") | discard"],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(0));
+    let e = err(&o);
+    assert!(e.contains("progress final"), "{e}");
+    assert!(e.contains("total=50"), "{e}");
+}
+
+#[test]
+fn ctrl_c_stops_gracefully_with_a_report() {
+    let d = tmp();
+    let child = Command::new(BIN)
+        .args(["seq(1..100000) | fork(2) | sh(\"sleep 0.05\") | discard"])
+        .current_dir(d.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let t = Instant::now();
+    let o = child.wait_with_output().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(o.status.code(), Some(130));
+    let e = err(&o);
+    assert!(e.contains("stopping"), "{e}");
+    assert!(e.contains("run stopped") || e.contains("delivered"), "{e}");
+}
