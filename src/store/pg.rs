@@ -212,27 +212,48 @@ fn is_transient(e: &tokio_postgres::Error) -> bool {
     }
 }
 
-/// Runs `attempt` until it succeeds, fails for good, or `retry_for` has passed since the
-/// first failure; waits 20 ms, 40 ms, … up to 1 s between attempts.
+/// Waits between attempts: 20 ms, 40 ms, … up to 1 s, for at most `retry_for` after the
+/// first failure.
+pub(crate) struct Backoff {
+    retry_for: Duration,
+    started: Option<tokio::time::Instant>,
+    wait: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(retry_for: Duration) -> Self {
+        Backoff {
+            retry_for,
+            started: None,
+            wait: Duration::from_millis(20),
+        }
+    }
+
+    /// Waits before the next attempt, or gives the error back when the failure is not
+    /// transient or the window has passed.
+    pub(crate) async fn wait_or_fail(&mut self, f: Failed) -> Result<(), BoxError> {
+        let first = *self.started.get_or_insert_with(tokio::time::Instant::now);
+        if !f.transient || first.elapsed() + self.wait > self.retry_for {
+            return Err(f.error);
+        }
+        tracing::warn!(error = %f.error, retry_in = ?self.wait, "PostgreSQL call failed; retrying");
+        tokio::time::sleep(self.wait).await;
+        self.wait = (self.wait * 2).min(Duration::from_secs(1));
+        Ok(())
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or the retry window has passed.
 pub(crate) async fn retrying<T, F, Fut>(retry_for: Duration, mut attempt: F) -> Result<T, BoxError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Failed>>,
 {
-    let mut started: Option<tokio::time::Instant> = None;
-    let mut wait = Duration::from_millis(20);
+    let mut backoff = Backoff::new(retry_for);
     loop {
         match attempt().await {
             Ok(v) => return Ok(v),
-            Err(f) => {
-                let first = *started.get_or_insert_with(tokio::time::Instant::now);
-                if !f.transient || first.elapsed() + wait > retry_for {
-                    return Err(f.error);
-                }
-                tracing::warn!(error = %f.error, retry_in = ?wait, "PostgreSQL call failed; retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(1));
-            }
+            Err(f) => backoff.wait_or_fail(f).await?,
         }
     }
 }

@@ -290,7 +290,8 @@ impl PgStore {
     /// Async, so it runs in an async stage. Getting a connection is retried like every
     /// store call; the transaction itself is tried once (the effect runs at most once per
     /// call): a stage's [`retry`](crate::AsyncStage::retry) may try again, and a key
-    /// already committed then fails the call instead of writing the effect twice.
+    /// already committed then fails the call instead of writing the effect twice. An error
+    /// of the effect itself comes back as it was (`downcast_ref` finds it).
     ///
     /// ```no_run
     /// use flowline::prelude::*;
@@ -324,14 +325,37 @@ impl PgStore {
         E: Into<BoxError>,
     {
         let table = &*self.table;
-        let mut client = retrying(self.retry_for, || async {
-            self.pool.get().await.map_err(|e| pool_failed(table, e))
-        })
-        .await?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|e| sql_failed(table, "commit_with (BEGIN)", e).error)?;
+        let mut backoff = pg::Backoff::new(self.retry_for);
+        loop {
+            let mut client = retrying(self.retry_for, || async {
+                self.pool.get().await.map_err(|e| pool_failed(table, e))
+            })
+            .await?;
+            // A connection that dropped since it was last used fails here, before the
+            // effect has run: try again on another.
+            let tx = match client.transaction().await {
+                Ok(tx) => tx,
+                Err(e) => {
+                    backoff
+                        .wait_or_fail(sql_failed(table, "commit_with (BEGIN)", e))
+                        .await?;
+                    continue;
+                }
+            };
+            return self.effect_and_keys(tx, keys, effect).await;
+        }
+    }
+
+    async fn effect_and_keys<R, E>(
+        &self,
+        tx: deadpool_postgres::Transaction<'_>,
+        keys: &[String],
+        effect: impl AsyncFnOnce(&tokio_postgres::Transaction<'_>) -> Result<R, E>,
+    ) -> Result<R, BoxError>
+    where
+        E: Into<BoxError>,
+    {
+        let table = &*self.table;
         let out = effect(&tx).await.map_err(Into::into)?;
         let wanted: HashSet<&str> = keys.iter().map(String::as_str).collect();
         if !wanted.is_empty() {
