@@ -11,7 +11,7 @@
 //!     lease      BIGINT   NOT NULL,   -- which reserve call took it (a retried call knows its own)
 //!     expires_ms BIGINT   NOT NULL,   -- reservation expiry, Unix ms on the server's clock
 //!     PRIMARY KEY (scope, key)
-//! );
+//! ) WITH (fillfactor = 50);   -- room on each page: marking a key done is a HOT update
 //! ```
 //!
 //! Expiry is measured on the server's clock, the one clock every worker shares.
@@ -156,8 +156,10 @@ impl PgStore {
                  lease      BIGINT   NOT NULL,
                  expires_ms BIGINT   NOT NULL,
                  PRIMARY KEY (scope, key)
-             )"
+             ) WITH (fillfactor = 50)"
         );
+        // fillfactor 50: each row is updated once, reserved to done; with room left on its
+        // page the update is HOT (no new index entry), about 6 times cheaper.
         pg::create_table(&pool, &table, options.retry_for, &ddl).await?;
         // $1 scope, $2 holder, $3 ttl ms, $4 keys, $5 `name#` of a named holder, $6 lease.
         // A key is taken when it is new, its reservation expired, it is this very call's
@@ -359,12 +361,12 @@ impl PgStore {
         let out = effect(&tx).await.map_err(Into::into)?;
         let wanted: HashSet<&str> = keys.iter().map(String::as_str).collect();
         if !wanted.is_empty() {
-            let stmt = tx
-                .prepare_cached(&self.sql.mark_done)
-                .await
-                .map_err(|e| sql_failed(table, "commit_with (UPDATE … RETURNING)", e).error)?;
+            // Planned on each call (see `keys_statement`).
             let rows = tx
-                .query(&stmt, &[&&*self.scope, &keys, &&*self.holder])
+                .query(
+                    self.sql.mark_done.as_str(),
+                    &[&&*self.scope, &keys, &&*self.holder],
+                )
                 .await
                 .map_err(|e| sql_failed(table, "commit_with (UPDATE … RETURNING)", e).error)?;
             let mut marked = HashSet::with_capacity(rows.len());
@@ -399,12 +401,12 @@ impl PgStore {
         let table = &*self.table;
         retrying(self.retry_for, || async {
             let client = self.pool.get().await.map_err(|e| pool_failed(table, e))?;
-            let stmt = client
-                .prepare_cached(sql)
-                .await
-                .map_err(|e| sql_failed(table, name, e))?;
+            // Not a cached statement: a plan cached while the table was small (just created
+            // or truncated) scans the whole table for `key = ANY(..)` long after it has
+            // grown, which made each call cost in proportion to the table. Planned per call,
+            // the primary key is used.
             client
-                .execute(&stmt, &[&&*self.scope, &keys, &&*self.holder])
+                .execute(sql, &[&&*self.scope, &keys, &&*self.holder])
                 .await
                 .map_err(|e| sql_failed(table, name, e))
         })
@@ -462,17 +464,14 @@ impl PgStore {
             }
             // Why the others were not taken: done, or someone else's.
             let what = "reserve (SELECT state)";
-            let stmt = client
-                .prepare_cached(&self.sql.states)
-                .await
-                .map_err(|e| sql_failed(table, what, e))?;
             let rest: Vec<&str> = distinct
                 .iter()
                 .copied()
                 .filter(|k| !taken.contains(*k))
                 .collect();
             let states = client
-                .query(&stmt, &[&&*self.scope, &rest])
+                // Planned per call, as in `keys_statement`.
+                .query(self.sql.states.as_str(), &[&&*self.scope, &rest])
                 .await
                 .map_err(|e| sql_failed(table, what, e))?;
             let states: Vec<(String, i16)> = states
