@@ -506,7 +506,8 @@ impl<T: Send + 'static> Pipeline<T> {
     /// one being handed out. The cursor after a page is committed once every item of that
     /// page and of all pages before it has finished — delivered, dropped by a filter, or
     /// failed into the dead letters — so a rerun after a crash skips nothing; it may repeat
-    /// the items that were in flight. A fetch error ends the source like
+    /// the items that were in flight. After a graceful stop ([`Handle::stop`](crate::Handle::stop))
+    /// the page begun is handed out to its end, so a rerun repeats nothing. A fetch error ends the source like
     /// [`try_from_fn`](Pipeline::try_from_fn); the checkpoint stays at the last safe page.
     ///
     /// ```
