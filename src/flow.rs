@@ -118,6 +118,106 @@ pub trait Flow: IntoPipeline {
         crate::ops::inspect::inspect(self.into_pipeline(), f)
     }
 
+    /// Runs a user-written [`Operator`](crate::Operator), fused into the task before it like
+    /// `map` and `filter`. The engine counts each item passed, dropped or failed by what the
+    /// operator did with it, and moves completion tickets (cursor checkpoints, idempotency)
+    /// along, so a custom operator keeps the accounting of the built-in ones.
+    ///
+    /// When the operator returns [`Step::Done`](crate::Step::Done), the sources that feed
+    /// only this stage stop being pulled: the sources of its own upstream, across async
+    /// stages, buffers, `merge` and `zip`. A source of another pipeline of the same
+    /// [`Graph`](crate::Graph) goes on, and so does a source behind a split (`branch`,
+    /// `route`, `broadcast`) whose other outputs lead elsewhere: they still want its items,
+    /// so this stage drops what reaches it (after `partition`, whose lanes all lead here, the
+    /// source does stop). The run ends normally ([`RunOutcome::Completed`](crate::RunOutcome)).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    ///
+    /// /// Passes items until their running sum would exceed a budget.
+    /// struct Budget(u64);
+    ///
+    /// impl Operator<u64> for Budget {
+    ///     type Output = u64;
+    ///     fn push(&mut self, x: u64, out: &mut Out<'_, u64>) -> Result<Step, BoxError> {
+    ///         if x > self.0 {
+    ///             return Ok(Step::Done);
+    ///         }
+    ///         self.0 -= x;
+    ///         out.push(x);
+    ///         Ok(Step::Continue)
+    ///     }
+    ///     fn name(&self) -> &'static str { "budget" }
+    /// }
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (out, report) = Pipeline::from_iter(1..).via(Budget(10)).collect_with_report().await.unwrap();
+    /// assert_eq!(out, vec![1, 2, 3, 4]);              // 5 would exceed it: the source stops
+    /// assert!(report.is_balanced());
+    /// # }
+    /// ```
+    fn via<Op>(self, op: Op) -> Pipeline<Op::Output>
+    where
+        Op: crate::Operator<Self::Item>,
+    {
+        crate::ops::operator::via(self.into_pipeline(), op)
+    }
+
+    /// Threads a state through the items (like `StreamExt::scan`): `f` gets the state and an
+    /// item and returns the output, or `None` to end the stream, as in `StreamExt::scan`. The
+    /// item that returned `None` and every later one are counted as dropped, and the sources
+    /// feeding this stage stop (see [`via`](Flow::via)). To skip an item without ending,
+    /// return `Some(None)` and follow with `.filter_map(|x| x)`.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter(1..=10u32)
+    ///     .scan(0, |sum, x| { *sum += x; (*sum <= 10).then_some(*sum) })
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out, vec![1, 3, 6, 10]);
+    /// # }
+    /// ```
+    fn scan<S, U, F>(self, init: S, f: F) -> Pipeline<U>
+    where
+        S: Send + 'static,
+        U: Send + 'static,
+        F: FnMut(&mut S, Self::Item) -> Option<U> + Send + 'static,
+    {
+        self.via(crate::ops::scan::Scan::new(init, f))
+    }
+
+    /// Lets the first `n` items through, then stops pulling the sources that feed this stage
+    /// (see [`via`](Flow::via)); the items already on their way are counted as dropped.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter(0..).take(3).collect().await.unwrap();   // endless source
+    /// assert_eq!(out, vec![0, 1, 2]);
+    /// # }
+    /// ```
+    fn take(self, n: u64) -> Pipeline<Self::Item> {
+        self.via(crate::ops::take::Take { left: n })
+    }
+
+    /// Lets items through while `pred` accepts them; at the first it refuses, stops pulling
+    /// the sources that feed this stage (see [`via`](Flow::via)). That item and the ones
+    /// still on their way are counted as dropped.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter([1, 2, 7, 3]).take_while(|x| *x < 5).collect().await.unwrap();
+    /// assert_eq!(out, vec![1, 2]);
+    /// # }
+    /// ```
+    fn take_while<F>(self, pred: F) -> Pipeline<Self::Item>
+    where
+        F: FnMut(&Self::Item) -> bool + Send + 'static,
+    {
+        self.via(crate::ops::take::TakeWhile(pred))
+    }
+
     /// An async stage named `name`: `f` is called for each item, with `workers(n)` calls in
     /// flight (default 1), in order unless `.unordered()`. A panic in `f` fails the item.
     ///
@@ -258,6 +358,40 @@ pub trait Flow: IntoPipeline {
             "collect",
             |r, v| (v, r),
         )
+    }
+
+    /// Runs the pipeline into a sink written outside this crate (a [`BatchSink`](crate::BatchSink):
+    /// a batched database writer, a queue producer). Await it for the sink's output and the
+    /// report; the returned [`Run`] takes the run's options and, for a sink whose output is
+    /// `()`, can be [`spawn`](Run::spawn)ed. A batch the sink fails (an `Err` or a panic)
+    /// fails each of its items into the dead letters under the sink's name.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    ///
+    /// struct Sum(u64);
+    ///
+    /// impl BatchSink<u64> for Sum {
+    ///     type Output = u64;
+    ///     async fn write(&mut self, batch: Vec<u64>) -> Result<(), BoxError> {
+    ///         self.0 += batch.iter().sum::<u64>();
+    ///         Ok(())
+    ///     }
+    ///     fn finish(self) -> u64 { self.0 }
+    /// }
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (sum, report) = Pipeline::from_iter(1..=10u64).into_sink(Sum(0)).await.unwrap();
+    /// assert_eq!((sum, report.delivered()), (55, 10));
+    /// # }
+    /// ```
+    fn into_sink<S>(
+        self,
+        sink: S,
+    ) -> Run<Self::Item, crate::runtime::batch_sink::IntoSink<S>, (S::Output, Report)>
+    where
+        S: crate::BatchSink<Self::Item>,
+    {
+        crate::runtime::batch_sink::into_sink(self.into_pipeline(), sink)
     }
 
     /// Starts the run and returns a stream of what comes out. Dropping the stream cancels

@@ -83,6 +83,7 @@ pub use ops::debounce::Debounce;
 pub use ops::dedup::Window;
 pub use ops::idempotent::Idempotent;
 pub use ops::map_async::{AsyncStage, Fallible, Infallible, StageFn};
+pub use ops::operator::{Operator, Out, Step};
 pub use ops::throttle::Throttle;
 pub use plan::{ErrorPolicy, IntoPipeline, Pipeline, RunOptions};
 pub use policy::adaptive::Adaptive;
@@ -91,6 +92,7 @@ pub use policy::inflight::Inflight;
 pub use policy::rate::Rate;
 pub use policy::retry::{Retry, RetryAfter, RetryBudget};
 pub use report::{LatencySummary, Report, RunOutcome, StageReport};
+pub use runtime::batch_sink::BatchSink;
 pub use runtime::handle::{Handle, ItemStream};
 pub use runtime::run::Run;
 pub use source::{CursorOptions, Page};
@@ -123,8 +125,9 @@ pub use topology::graph::{Collected, Graph};
 /// Everything a pipeline author needs: `use flowline::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        Adaptive, Breaker, BreakerState, Collected, DeadLetter, Error, ErrorPolicy, Failure, Flow,
-        Graph, Handle, Inflight, IntoPipeline, ItemError, Loader, OnOpen, Pipeline, Rate, Report,
-        Retry, RetryAfter, RetryBudget, RunOptions, RunOutcome, Throttle, Window,
+        Adaptive, BatchSink, BoxError, Breaker, BreakerState, Collected, DeadLetter, Error,
+        ErrorPolicy, Failure, Flow, Graph, Handle, Inflight, IntoPipeline, ItemError, Loader,
+        OnOpen, Operator, Out, Pipeline, Rate, Report, Retry, RetryAfter, RetryBudget, RunOptions,
+        RunOutcome, Step, Throttle, Window,
     };
 }

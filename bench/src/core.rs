@@ -26,6 +26,9 @@ pub fn run(only: Option<&str>) {
     if want("hops8") {
         hops8();
     }
+    if want("hops8_floor") {
+        hops8_floor();
+    }
     if want("workers16") {
         workers16();
     }
@@ -127,6 +130,72 @@ fn hops8() {
         ns_per_item(b, N),
         "ns/item",
         serde_json::json!({"n": N, "reps": REPS}),
+    );
+}
+
+/// Items per chunk in the floor pipeline: flowline's chunk size.
+const FLOOR_CHUNK: usize = 512;
+
+/// The floor of a chunked design: the shape of [`flowline_hops`] written by hand, with
+/// nothing but the work and the channels. The source task fills `Vec<u64>` chunks of
+/// [`FLOOR_CHUNK`]; each of the next seven tasks applies one `step` in place and passes the
+/// chunk on; the calling task applies the last `step` and folds. Eight spawned tasks and
+/// eight bounded channels of `1024 / FLOOR_CHUNK` chunks, as `buffer(1024)` makes them.
+async fn floor_hops(n: u64) {
+    const CHANNEL_CHUNKS: usize = 1024 / FLOOR_CHUNK;
+    let (tx0, mut rx) = mpsc::channel::<Vec<u64>>(CHANNEL_CHUNKS);
+    tokio::spawn(async move {
+        let mut next = 0u64;
+        while next < n {
+            let end = (next + FLOOR_CHUNK as u64).min(n);
+            let chunk: Vec<u64> = (next..end).collect();
+            next = end;
+            if tx0.send(chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    for k in 0..7u64 {
+        let (tx, next) = mpsc::channel::<Vec<u64>>(CHANNEL_CHUNKS);
+        let mut input = rx;
+        tokio::spawn(async move {
+            while let Some(mut chunk) = input.recv().await {
+                for x in chunk.iter_mut() {
+                    *x = step(*x, k);
+                }
+                if tx.send(chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        rx = next;
+    }
+    let mut acc = 0u64;
+    while let Some(chunk) = rx.recv().await {
+        for x in chunk {
+            acc ^= step(x, 7);
+        }
+    }
+    black_box(acc);
+}
+
+fn hops8_floor() {
+    let rt = runtime();
+    let (f, b) = alternate(
+        REPS,
+        || time(&rt, || flowline_hops(N)),
+        || time(&rt, || floor_hops(N)),
+    );
+    emit(
+        "core",
+        "hops8_floor",
+        ns_per_item(f, N),
+        ns_per_item(b, N),
+        "ns/item",
+        serde_json::json!({
+            "n": N, "reps": REPS, "chunk": FLOOR_CHUNK,
+            "channel_chunks": 1024 / FLOOR_CHUNK, "goal_ratio": 2.0,
+        }),
     );
 }
 

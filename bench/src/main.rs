@@ -7,6 +7,7 @@
 //! cargo run --release -p flowline-bench -- core hops8      # one case
 //! cargo run --release -p flowline-bench -- source progress_overhead
 //! cargo run --release -p flowline-bench -- source cursor_pg    # starts its own PostgreSQL
+//! cargo run --release -p flowline-bench -- batch batch
 //! cargo run --release -p flowline-bench -- flow 3          # flow, 3 s per rate case
 //! cargo run --release -p flowline-bench -- flow adaptive   # cases named adaptive*
 //! ```
@@ -33,7 +34,7 @@ fn main() {
     match suite {
         "core" => core::run(case),
         "source" => source::run(case),
-        "batch" => batch::run(),
+        "batch" => batch::run(case),
         "flow" => flow::run(&args[1..]),
         "topology" => topology::run(),
         other => {

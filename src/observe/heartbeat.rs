@@ -4,10 +4,11 @@
 
 use std::time::Duration;
 
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::MissedTickBehavior;
 
 use crate::plan::Pipeline;
 use crate::report::Report;
+use crate::runtime::time::interval_from_now;
 
 pub(crate) fn heartbeat<T: Send + 'static>(
     mut p: Pipeline<T>,
@@ -18,7 +19,7 @@ pub(crate) fn heartbeat<T: Send + 'static>(
         return p;
     }
     super::observe(p, move |run, started| async move {
-        let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
+        let mut ticks = interval_from_now(every);
         // A late tick (a busy runtime) is not made up for with a burst of beats.
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {

@@ -18,10 +18,11 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::MissedTickBehavior;
 
 use crate::plan::Pipeline;
 use crate::report::StageReport;
+use crate::runtime::time::interval_from_now;
 
 type Out = Arc<Mutex<Box<dyn Write + Send>>>;
 
@@ -256,7 +257,7 @@ pub(crate) fn progress<T: Send + 'static>(
     let total = opts.total.or(p.settings.total);
     super::observe(p, move |run, started| async move {
         let draw = Draw::open(&opts, total);
-        let mut ticks = tokio::time::interval_at(Instant::now() + opts.every, opts.every);
+        let mut ticks = interval_from_now(opts.every);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             let fin = tokio::select! {

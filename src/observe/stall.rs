@@ -19,6 +19,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::error::Error;
 use crate::plan::Pipeline;
+use crate::runtime::time::interval_from_now;
 
 /// What the stall watchdog saw.
 ///
@@ -138,7 +139,7 @@ pub(crate) fn stall_after<T: Send + 'static>(
             .store(true, std::sync::atomic::Ordering::Relaxed);
         async move {
             let period = d / 4;
-            let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+            let mut ticks = interval_from_now(period);
             ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
             let mut stages: Vec<Watch> = Vec::new();
             let mut all = Watch {

@@ -26,10 +26,14 @@ use crate::error::Error;
 use crate::plan::Pipeline;
 use crate::report::StageStats;
 use crate::runtime::chunk::{Chunk, Outcome, Ticket};
+use crate::runtime::time::after;
 use crate::runtime::{ChunkSource, Upstream};
 
 /// Decides whether an item joins the current batch (the dedup variant drops repeated keys).
 pub(crate) trait Admit<T>: Send + 'static {
+    /// Every item joins: the batcher then moves an untracked chunk's items in runs, without
+    /// asking per item.
+    const ALL: bool = false;
     fn admit(&mut self, item: &T) -> bool;
     /// The current batch was closed.
     fn clear(&mut self);
@@ -39,6 +43,7 @@ pub(crate) trait Admit<T>: Send + 'static {
 pub(crate) struct AdmitAll;
 
 impl<T> Admit<T> for AdmitAll {
+    const ALL: bool = true;
     #[inline]
     fn admit(&mut self, _: &T) -> bool {
         true
@@ -125,8 +130,8 @@ struct Batcher<T, A> {
     size: usize,
     cap: usize,
     max_wait: Duration,
-    /// One timer for the stage, re-armed once per batch (created on first use, inside the
-    /// run's runtime).
+    /// One timer for the stage, re-armed at most once per batch and only when the stage
+    /// waits for input (created on first use, inside the run's runtime).
     timer: Option<Pin<Box<Sleep>>>,
     armed: Option<Instant>,
     ended: bool,
@@ -134,7 +139,10 @@ struct Batcher<T, A> {
 }
 
 impl<T: Send + 'static, A: Admit<T>> Batcher<T, A> {
-    /// Whether the open batch's deadline has passed (registers for a wake-up if not).
+    /// Whether the open batch's deadline has passed; if not, arms the timer to wake the
+    /// task at the deadline. Called only when the stage is about to wait for input: while
+    /// input keeps coming, a clock read decides (see `poll_chunk`), and the timer, whose
+    /// arming takes the timer driver's lock, stays untouched.
     fn poll_due(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(due) = self.open.due else {
             return false;
@@ -149,35 +157,59 @@ impl<T: Send + 'static, A: Admit<T>> Batcher<T, A> {
         timer.as_mut().poll(cx).is_ready()
     }
 
+    /// Closes the open batch into `out`; returns how many inputs it held.
+    fn close(&mut self, out: &mut Chunk<Vec<T>>) -> usize {
+        let n = self.open.close(out, self.cap);
+        self.admit.clear();
+        n
+    }
+
     fn take(&mut self, chunk: Chunk<T>, out: &mut Chunk<Vec<T>>) -> usize {
         StageStats::add(&self.stats.received, chunk.len());
+        // The items of a chunk arrived together, when it was pulled: one clock read per
+        // chunk serves every batch it opens.
+        let mut now = None;
         let mut inputs = 0usize;
+        if A::ALL && chunk.tickets.is_empty() {
+            // Runs of items move into the open batch in one `extend` each: no per-item call,
+            // branch or ticket.
+            let mut items = chunk.items.into_iter();
+            while items.len() > 0 {
+                if self.open.items.is_empty() {
+                    let at = *now.get_or_insert_with(Instant::now);
+                    self.open.due = Some(after(at, self.max_wait));
+                }
+                let room = self.size - self.open.items.len();
+                self.open.items.extend(items.by_ref().take(room));
+                if self.open.items.len() >= self.size {
+                    inputs += self.close(out);
+                }
+            }
+            return inputs;
+        }
+        let Chunk { items, tickets } = chunk;
+        let tracked = !tickets.is_empty();
+        let mut tickets = tickets.into_iter();
         let mut dropped = 0usize;
-        let mut add = |item: T, ticket: Ticket| {
+        for item in items {
+            let ticket = if tracked { tickets.next() } else { None };
             if !self.admit.admit(&item) {
                 dropped += 1;
-                ticket.finish(Outcome::Done);
-                return;
+                if let Some(t) = ticket {
+                    t.finish(Outcome::Done);
+                }
+                continue;
             }
             if self.open.items.is_empty() {
-                self.open.due = Some(Instant::now() + self.max_wait);
+                let at = *now.get_or_insert_with(Instant::now);
+                self.open.due = Some(after(at, self.max_wait));
             }
             self.open.items.push(item);
-            if ticket.is_some() {
-                self.open.tickets.push(ticket);
+            if let Some(t) = ticket.filter(Ticket::is_some) {
+                self.open.tickets.push(t);
             }
             if self.open.items.len() >= self.size {
-                inputs += self.open.close(out, self.cap);
-                self.admit.clear();
-            }
-        };
-        if chunk.tickets.is_empty() {
-            for item in chunk.items {
-                add(item, Ticket::none());
-            }
-        } else {
-            for (item, ticket) in chunk.into_pairs() {
-                add(item, ticket);
+                inputs += self.close(out);
             }
         }
         StageStats::add(&self.stats.dropped, dropped);
@@ -195,9 +227,8 @@ impl<T: Send + 'static, A: Admit<T>> ChunkSource<Vec<T>> for Batcher<T, A> {
         let mut yield_now = true;
         for _ in 0..CHUNKS_BEFORE_YIELD {
             // The deadline first: items pulled now arrived after it.
-            if self.poll_due(cx) {
-                inputs += self.open.close(&mut out, self.cap);
-                self.admit.clear();
+            if self.open.due.is_some_and(|due| due <= Instant::now()) {
+                inputs += self.close(&mut out);
                 yield_now = false;
                 break;
             }
@@ -216,7 +247,11 @@ impl<T: Send + 'static, A: Admit<T>> ChunkSource<Vec<T>> for Batcher<T, A> {
                     break;
                 }
                 Poll::Pending => {
-                    // The timer was polled for the current batch just before: it will wake us.
+                    // Waiting for input: the timer wakes us at the deadline, unless it has
+                    // just passed.
+                    if self.poll_due(cx) {
+                        inputs += self.close(&mut out);
+                    }
                     yield_now = false;
                     break;
                 }
@@ -271,6 +306,29 @@ mod tests {
         let b = report.stage("batch").unwrap();
         assert_eq!((b.received, b.passed, b.emitted), (10, 10, 3));
         assert!(report.is_balanced());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batches_span_and_split_input_chunks_in_order() {
+        // sizes below, between and above the chunk size: batches cut across chunks
+        for size in [3usize, 100, 700, 1500] {
+            let n = 5000u32;
+            let (out, report) = Pipeline::from_iter(0..n)
+                .batch(size, Duration::from_secs(60))
+                .collect_with_report()
+                .await
+                .unwrap();
+            let want: Vec<Vec<u32>> = (0..n)
+                .collect::<Vec<_>>()
+                .chunks(size)
+                .map(<[u32]>::to_vec)
+                .collect();
+            assert_eq!(out, want, "size {size}");
+            let b = report.stage("batch").unwrap();
+            assert_eq!((b.received, b.passed), (n as u64, n as u64));
+            assert_eq!(b.emitted, want.len() as u64);
+            assert!(report.is_balanced());
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -10,7 +10,7 @@ use crate::plan::Pipeline;
 use crate::report::StageStats;
 use crate::runtime::chunk::{CHUNK_CAP, Chunk};
 use crate::runtime::hop::hop;
-use crate::runtime::{RunCtx, Upstream, next_chunk_unless_cancelled, send_counted};
+use crate::runtime::{CancelWatch, RunCtx, Upstream};
 
 pub(crate) fn buffer<T: Send + 'static>(mut p: Pipeline<T>, n: usize) -> Pipeline<T> {
     if n == 0 {
@@ -39,15 +39,15 @@ pub(crate) async fn pump<T: Send + 'static>(
     stats: Arc<StageStats>,
     run: Arc<RunCtx>,
 ) {
-    let cancel = run.cancel.clone();
+    let mut cancel = CancelWatch::new(&run.cancel);
     loop {
-        let Some(next) = next_chunk_unless_cancelled(&mut up, &cancel).await else {
+        let Some(next) = cancel.next_chunk(&mut up).await else {
             break;
         };
         let Some(chunk) = next else { return };
         let n = chunk.len();
         StageStats::add(&stats.received, n);
-        if !send_counted(&tx, chunk, n, &stats, &cancel).await {
+        if !cancel.send_counted(&tx, chunk, n, &stats).await {
             break;
         }
         tokio::task::consume_budget().await;

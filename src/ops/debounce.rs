@@ -19,6 +19,7 @@ use crate::Pipeline;
 use crate::report::StageStats;
 use crate::runtime::chunk::{Chunk, Outcome, Ticket};
 use crate::runtime::hop::{HOP_CHUNKS, hop};
+use crate::runtime::time::after;
 use crate::runtime::{RunCtx, Upstream, next_chunk, send_counted};
 
 /// A debounce stage being configured; returned by [`Flow::debounce`] and
@@ -144,9 +145,9 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
                 old.finish(Outcome::Done);
                 p.item = item;
                 self.due.remove(&(p.due, p.seq));
-                let mut due = now + t.quiet;
+                let mut due = after(now, t.quiet);
                 if let Some(m) = t.max_wait {
-                    due = due.min(p.first + m);
+                    due = due.min(after(p.first, m));
                 }
                 p.due = due;
                 p.seq = seq;
@@ -154,9 +155,9 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
                 true
             }
             None => {
-                let mut due = now + t.quiet;
+                let mut due = after(now, t.quiet);
                 if let Some(m) = t.max_wait {
-                    due = due.min(now + m);
+                    due = due.min(after(now, m));
                 }
                 self.due.insert((due, seq), key.clone());
                 self.pending.insert(

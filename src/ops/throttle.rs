@@ -13,6 +13,7 @@ use tokio::time::{Instant, Sleep};
 use crate::plan::Pipeline;
 use crate::report::StageStats;
 use crate::runtime::chunk::{Chunk, Outcome, Ticket};
+use crate::runtime::time::{FAR, after};
 use crate::runtime::{ChunkSource, Upstream};
 
 /// Which item of an interval a [`throttle`](crate::Flow::throttle) lets through.
@@ -22,6 +23,8 @@ pub enum Throttle {
     #[default]
     Leading,
     /// The first item opens an interval; when it ends, the latest item seen in it passes.
+    /// An interval too long to end within any run (30 years or more, `Duration::MAX`) ends
+    /// when the input does, so its last item is not held forever.
     Trailing,
 }
 
@@ -50,7 +53,10 @@ impl<T: Send + 'static> Throttled<T> {
             let n = chunk.len();
             let mut out = Chunk::default();
             for (item, ticket) in chunk.into_pairs() {
-                if self.last_pass.is_none_or(|l| now >= l + self.interval) {
+                if self
+                    .last_pass
+                    .is_none_or(|l| now >= after(l, self.interval))
+                {
                     self.last_pass = Some(now);
                     out.push(item, ticket);
                 } else {
@@ -92,7 +98,7 @@ impl<T: Send + 'static> Throttled<T> {
                             }
                         }
                         if self.window_end.is_none() {
-                            self.window_end = Some(Instant::now() + self.interval);
+                            self.window_end = Some(after(Instant::now(), self.interval));
                         }
                         self.stats.chunk(n, 0, 0, replaced, 0);
                     }
@@ -102,6 +108,13 @@ impl<T: Send + 'static> Throttled<T> {
             }
             if pulled {
                 continue;
+            }
+            if self.up_done && self.interval >= FAR {
+                // An interval that cannot end within a run ends with the input.
+                self.window_end = self.window_end.map(|_| Instant::now());
+                if self.latest.is_some() {
+                    continue;
+                }
             }
             match self.window_end {
                 None if self.up_done => return Poll::Ready(None),
@@ -207,6 +220,18 @@ mod tests {
         let t = report.1.stage("throttle").unwrap();
         assert_eq!((t.received, t.passed, t.dropped), (10, 4, 6));
         assert!(report.1.is_balanced());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endless_trailing_interval_ends_with_the_input() {
+        let start = tokio::time::Instant::now();
+        let out = ticking()
+            .throttle(Duration::MAX, Throttle::Trailing)
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(out, vec![9]);
+        assert_eq!(start.elapsed(), Duration::from_millis(90));
     }
 
     #[tokio::test]

@@ -231,6 +231,55 @@ impl<U> Emit<U> {
     }
 }
 
+/// The per-item bookkeeping of [`process`], for an operator that drives its own loop over a
+/// chunk (the public `Operator` route, whose items may also fail by an error or end the
+/// stage's input): outputs of the current input share its ticket, as in `process`.
+impl<U> Emit<U> {
+    pub(crate) fn for_chunk(n: usize, tracked: bool) -> Self {
+        Emit {
+            items: Vec::with_capacity(n),
+            tickets: if tracked {
+                Vec::with_capacity(n)
+            } else {
+                Vec::new()
+            },
+            tracked,
+            current: Ticket::none(),
+        }
+    }
+
+    /// Makes `ticket` the one the next outputs share; returns how many outputs there are
+    /// so far (to tell whether this input produced any, or to undo its outputs).
+    pub(crate) fn begin(&mut self, ticket: Ticket) -> usize {
+        self.current = ticket;
+        self.items.len()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Finishes the current input's own hold on its ticket (its outputs keep theirs).
+    pub(crate) fn end(&mut self, outcome: Outcome) {
+        std::mem::take(&mut self.current).finish(outcome);
+    }
+
+    /// Discards the outputs pushed since `mark` (the current input failed).
+    pub(crate) fn undo(&mut self, mark: usize) {
+        self.items.truncate(mark);
+        if self.tracked {
+            self.tickets.truncate(mark);
+        }
+    }
+
+    pub(crate) fn into_chunk(self) -> Chunk<U> {
+        Chunk {
+            items: self.items,
+            tickets: self.tickets,
+        }
+    }
+}
+
 /// What a fused operator did with one chunk.
 pub(crate) struct Processed<U> {
     pub(crate) chunk: Chunk<U>,

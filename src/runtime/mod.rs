@@ -1,6 +1,7 @@
 //! The machinery under a pipeline: the run context shared by all tasks, how stages are built
 //! into tasks, and the chunk streams that join them.
 
+pub(crate) mod batch_sink;
 pub(crate) mod chunk;
 pub(crate) mod fused;
 pub(crate) mod gate;
@@ -8,6 +9,7 @@ pub(crate) mod handle;
 pub(crate) mod hop;
 pub(crate) mod run;
 pub(crate) mod sink;
+pub(crate) mod time;
 pub(crate) mod ttl_map;
 
 use std::collections::HashMap;
@@ -93,6 +95,115 @@ pub(crate) async fn send_counted<T>(
     StageStats::add(&stats.passed, passed);
     StageStats::add(&stats.emitted, n);
     true
+}
+
+/// One task's watch on the run's cancellation, for a loop that checks it at every receive
+/// and send of a chunk.
+///
+/// A `CancellationToken::cancelled()` made afresh for each of them takes the token's lock to
+/// check it, registers a waiter under a second lock and removes it again when dropped; every
+/// task of the run shares the run's token, so at every chunk the tasks contended for those
+/// locks across threads. A watch registers one waiter with the token, once, whose wake-up
+/// raises a flag of the watch's own: a check is one atomic load, and the task's waker is
+/// handed over only when the task is about to wait.
+pub(crate) struct CancelWatch {
+    flag: Arc<CancelFlag>,
+    /// The waiter registered with the token (polled once, with the flag's waker): kept alive
+    /// so that the token's cancellation reaches the flag.
+    _wait: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+/// Raised by the token's wake-up; wakes the task that last waited on it.
+struct CancelFlag {
+    cancelled: std::sync::atomic::AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for CancelFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.cancelled
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl CancelWatch {
+    pub(crate) fn new(cancel: &CancellationToken) -> Self {
+        let flag = Arc::new(CancelFlag {
+            cancelled: std::sync::atomic::AtomicBool::new(false),
+            task: futures_util::task::AtomicWaker::new(),
+        });
+        let waker = std::task::Waker::from(flag.clone());
+        let mut wait = Box::pin(cancel.clone().cancelled_owned());
+        if wait
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_ready()
+        {
+            std::task::Wake::wake_by_ref(&flag);
+        }
+        CancelWatch { flag, _wait: wait }
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.flag
+            .cancelled
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Polls `op` unless the run is cancelled (`None`), cancellation first, as a biased
+    /// `select!` would: once the run is cancelled, `op` is not polled again.
+    fn poll_unless_cancelled<R>(
+        &self,
+        cx: &mut Context<'_>,
+        op: impl FnOnce(&mut Context<'_>) -> Poll<R>,
+    ) -> Poll<Option<R>> {
+        if self.is_cancelled() {
+            return Poll::Ready(None);
+        }
+        match op(cx) {
+            Poll::Ready(r) => Poll::Ready(Some(r)),
+            Poll::Pending => {
+                // Registered before the second look: a cancel after that look wakes the task.
+                self.flag.task.register(cx.waker());
+                if self.is_cancelled() {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
+    }
+
+    /// [`next_chunk_unless_cancelled`] on this watch.
+    pub(crate) async fn next_chunk<T>(&mut self, up: &mut Upstream<T>) -> Option<Option<Chunk<T>>> {
+        std::future::poll_fn(|cx| self.poll_unless_cancelled(cx, |cx| up.poll_chunk(cx))).await
+    }
+
+    /// [`send_counted`] on this watch.
+    pub(crate) async fn send_counted<T>(
+        &mut self,
+        tx: &tokio::sync::mpsc::Sender<Chunk<T>>,
+        chunk: Chunk<T>,
+        passed: usize,
+        stats: &StageStats,
+    ) -> bool {
+        let n = chunk.len();
+        let mut send = std::pin::pin!(tx.send(chunk));
+        let sent =
+            std::future::poll_fn(|cx| self.poll_unless_cancelled(cx, |cx| send.as_mut().poll(cx)))
+                .await;
+        if !matches!(sent, Some(Ok(()))) {
+            return false;
+        }
+        StageStats::add(&stats.passed, passed);
+        StageStats::add(&stats.emitted, n);
+        true
+    }
 }
 
 /// State shared by every task of one run.
@@ -260,5 +371,75 @@ impl Build {
     /// pays no thread hand-off to start them or to hear that they have ended.
     pub(crate) fn observe(&mut self, task: impl Future<Output = ()> + Send + 'static) {
         self.observers.push(Box::pin(task));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn stats() -> StageStats {
+        StageStats::new(Arc::from("s"), "s")
+    }
+
+    #[tokio::test]
+    async fn a_watch_made_after_the_cancel_sees_it_before_polling_the_upstream() {
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let (tx, rx) = hop::hop::<u32>(1);
+        tx.send(Chunk::untracked(vec![1])).await.unwrap();
+        let mut up: Upstream<u32> = Box::new(rx);
+        let mut watch = CancelWatch::new(&cancel);
+        assert!(watch.next_chunk(&mut up).await.is_none());
+        assert!(!watch.send_counted(&tx, Chunk::default(), 0, &stats()).await);
+    }
+
+    #[tokio::test]
+    async fn a_cancel_wakes_a_task_waiting_for_a_chunk() {
+        let cancel = CancellationToken::new();
+        let (tx, rx) = hop::hop::<u32>(1);
+        let c = cancel.clone();
+        let waiting = tokio::spawn(async move {
+            let mut up: Upstream<u32> = Box::new(rx);
+            let mut watch = CancelWatch::new(&c);
+            let first = watch.next_chunk(&mut up).await.map(|c| c.map(|c| c.items));
+            let second = watch.next_chunk(&mut up).await.map(|c| c.map(|c| c.items));
+            (first, second)
+        });
+        tx.send(Chunk::untracked(vec![7])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        cancel.cancel();
+        let (first, second) = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken by the cancel")
+            .unwrap();
+        assert_eq!(first, Some(Some(vec![7])));
+        assert_eq!(second, None);
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn a_cancel_wakes_a_task_waiting_to_send_and_nothing_is_counted() {
+        let cancel = CancellationToken::new();
+        let (tx, _rx) = hop::hop::<u32>(1);
+        tx.send(Chunk::untracked(vec![1])).await.unwrap();
+        let s = Arc::new(stats());
+        let (c, s2) = (cancel.clone(), s.clone());
+        let waiting = tokio::spawn(async move {
+            let mut watch = CancelWatch::new(&c);
+            watch
+                .send_counted(&tx, Chunk::untracked(vec![2, 3]), 2, &s2)
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        cancel.cancel();
+        let sent = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken by the cancel")
+            .unwrap();
+        assert!(!sent);
+        assert_eq!(s.passed.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(s.emitted.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 }

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::runtime::time::after;
+
 pub(crate) struct TtlMap<K, V> {
     map: HashMap<K, (V, Instant, u64)>,
     /// Keys in insertion order, with the stamp of the insertion (a re-inserted key leaves a
@@ -50,13 +52,13 @@ impl<K: Hash + Eq + Clone, V> TtlMap<K, V> {
     pub(crate) fn insert(&mut self, key: K, value: V, now: Instant) {
         self.stamp += 1;
         let expires = match self.ttl {
-            Some(ttl) => now + ttl,
+            Some(ttl) => after(now, ttl),
             None => now,
         };
         self.map.insert(key.clone(), (value, expires, self.stamp));
         self.order.push_back((key, self.stamp));
         self.evict(now);
-        if self.order.len() > 2 * self.capacity + 64 {
+        if self.order.len() > self.capacity.saturating_mul(2).saturating_add(64) {
             // Many re-inserts left stale entries: rebuild the queue from the live ones.
             let mut live: Vec<(K, u64)> = self
                 .map

@@ -16,6 +16,7 @@ pub use cursor::{CursorOptions, Page};
 use crate::error::ItemError;
 use crate::report::{OwnedCounts, StageStats};
 use crate::runtime::chunk::{CHUNK_CAP, Chunk, Ticket};
+use crate::runtime::gate::SourceStop;
 use crate::runtime::{ChunkSource, RunCtx};
 
 /// What a puller says after one call.
@@ -63,26 +64,42 @@ pub(crate) struct Source<P> {
     counts: OwnedCounts,
     run: Arc<RunCtx>,
     done: bool,
+    /// This source's own switch, thrown by a stage downstream that wants no more input.
+    stop: SourceStop,
 }
 
 impl<P> Source<P> {
     pub(crate) fn new(pull: P, stats: Arc<StageStats>, run: Arc<RunCtx>) -> Self {
+        let stop = run.gate.register_source();
         Source {
             pull,
             stats,
             counts: OwnedCounts::default(),
             run,
             done: false,
+            stop,
         }
+    }
+
+    /// After a `Pending`: a stage may have stopped this source between its check and the
+    /// registration of the waker (the switch is thrown under the gate's lock, and the waker
+    /// registered under it, so one of the two sees the other).
+    fn stopped_while_registering(&mut self) -> bool {
+        if self.stop.is_stopped() {
+            self.done = true;
+        }
+        self.done
     }
 }
 
 impl<T: Send + 'static, P: Pull<T>> ChunkSource<T> for Source<P> {
     fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk<T>>> {
-        if self.done {
+        if self.done || self.stop.is_stopped() {
+            self.done = true;
             return Poll::Ready(None);
         }
         let (admitted, metered) = match self.run.gate.poll_admit(cx, CHUNK_CAP) {
+            Poll::Pending if self.stopped_while_registering() => return Poll::Ready(None),
             Poll::Pending => return Poll::Pending,
             Poll::Ready(a) => a,
         };
@@ -107,6 +124,9 @@ impl<T: Send + 'static, P: Pull<T>> ChunkSource<T> for Source<P> {
             Ok(Poll::Pending) => {
                 // Waiting on the source's own input: let `stop` wake us too.
                 self.run.gate.register(cx.waker());
+                if self.stopped_while_registering() {
+                    return Poll::Ready(None);
+                }
                 return Poll::Pending;
             }
             Ok(Poll::Ready(Ok(Pulled::More))) => {}

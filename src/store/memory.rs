@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{Reservation, Store, StoreFuture};
+use crate::runtime::time::after;
 
 #[derive(Clone, Copy)]
 enum Entry {
@@ -178,7 +179,7 @@ impl Store for MemoryStore {
                         Entry::Reserved {
                             holder: me,
                             name: my_name,
-                            until: now + ttl,
+                            until: after(now, ttl),
                         },
                     );
                     Reservation::Reserved

@@ -317,7 +317,9 @@ impl Store for SqliteStore {
         keys: &'a [String],
         ttl: Duration,
     ) -> StoreFuture<'a, Vec<Reservation>> {
-        let ttl_ms = ttl.as_millis() as i64;
+        // Capped like every timer of the crate, so `Duration::MAX` means "never expires"
+        // and the expiry column cannot overflow.
+        let ttl_ms = ttl.min(crate::runtime::time::FAR).as_millis() as i64;
         let name = self.name.clone();
         self.blocking(keys, move |tx, scope, holder, now, keys| {
             let earlier_life =

@@ -87,8 +87,13 @@ impl<T: Send + 'static> Fork<T> {
                 }
             }
         };
+        // The split's sources feed every output: a stage that wants no more input may stop
+        // them only if all the outputs lead to it (see `Gate::exclusive_since`).
+        let id = Arc::as_ptr(self) as usize;
         if let Some(plan) = plan {
+            let mark = b.run.gate.mark();
             let ends = plan(b).into_iter().map(Some).collect();
+            b.run.gate.shared_since(mark, id, self.labels.len());
             *self.lock() = State::Built {
                 run: Arc::downgrade(&b.run),
                 ends,
@@ -96,6 +101,7 @@ impl<T: Send + 'static> Fork<T> {
             let fork = self.clone();
             b.check(move || fork.all_taken());
         }
+        b.run.gate.took(id);
         let mut state = self.lock();
         let end = match &mut *state {
             State::Built { run, ends } if Weak::ptr_eq(run, &Arc::downgrade(&b.run)) => {

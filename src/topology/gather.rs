@@ -23,6 +23,7 @@ use crate::plan::{IntoPipeline, Pipeline, Settings};
 use crate::report::StageStats;
 use crate::runtime::chunk::{Chunk, Outcome, Ticket};
 use crate::runtime::hop::{HOP_CHUNKS, hop};
+use crate::runtime::time::after;
 use crate::runtime::{
     RunCtx, Upstream, next_chunk_unless_cancelled, send_counted, send_unless_cancelled,
 };
@@ -409,7 +410,7 @@ fn take<K: Hash + Eq + Clone, P>(
     let open = st.open.entry(key.clone()).or_insert_with(|| {
         st.seq += 1;
         st.expiry
-            .push_back((Instant::now() + cfg.timeout, key.clone(), st.seq));
+            .push_back((after(Instant::now(), cfg.timeout), key.clone(), st.seq));
         Open {
             parts: (0..n).map(|_| None).collect(),
             have: 0,
