@@ -361,12 +361,12 @@ impl PgStore {
         let out = effect(&tx).await.map_err(Into::into)?;
         let wanted: HashSet<&str> = keys.iter().map(String::as_str).collect();
         if !wanted.is_empty() {
-            // Planned on each call (see `keys_statement`).
+            let stmt = tx
+                .prepare_cached(&self.sql.mark_done)
+                .await
+                .map_err(|e| sql_failed(table, "commit_with (UPDATE … RETURNING)", e).error)?;
             let rows = tx
-                .query(
-                    self.sql.mark_done.as_str(),
-                    &[&&*self.scope, &keys, &&*self.holder],
-                )
+                .query(&stmt, &[&&*self.scope, &keys, &&*self.holder])
                 .await
                 .map_err(|e| sql_failed(table, "commit_with (UPDATE … RETURNING)", e).error)?;
             let mut marked = HashSet::with_capacity(rows.len());
@@ -401,12 +401,12 @@ impl PgStore {
         let table = &*self.table;
         retrying(self.retry_for, || async {
             let client = self.pool.get().await.map_err(|e| pool_failed(table, e))?;
-            // Not a cached statement: a plan cached while the table was small (just created
-            // or truncated) scans the whole table for `key = ANY(..)` long after it has
-            // grown, which made each call cost in proportion to the table. Planned per call,
-            // the primary key is used.
+            let stmt = client
+                .prepare_cached(sql)
+                .await
+                .map_err(|e| sql_failed(table, name, e))?;
             client
-                .execute(sql, &[&&*self.scope, &keys, &&*self.holder])
+                .execute(&stmt, &[&&*self.scope, &keys, &&*self.holder])
                 .await
                 .map_err(|e| sql_failed(table, name, e))
         })
@@ -464,14 +464,17 @@ impl PgStore {
             }
             // Why the others were not taken: done, or someone else's.
             let what = "reserve (SELECT state)";
+            let stmt = client
+                .prepare_cached(&self.sql.states)
+                .await
+                .map_err(|e| sql_failed(table, what, e))?;
             let rest: Vec<&str> = distinct
                 .iter()
                 .copied()
                 .filter(|k| !taken.contains(*k))
                 .collect();
             let states = client
-                // Planned per call, as in `keys_statement`.
-                .query(self.sql.states.as_str(), &[&&*self.scope, &rest])
+                .query(&stmt, &[&&*self.scope, &rest])
                 .await
                 .map_err(|e| sql_failed(table, what, e))?;
             let states: Vec<(String, i16)> = states
