@@ -90,6 +90,18 @@ mod store;
 mod topology;
 
 pub use dead_letter::DeadLetter;
+/// The connection pool the `postgres` stores use, re-exported for
+/// [`PgStore::from_pool`] and [`PgCheckpoints::from_pool`].
+///
+/// ```no_run
+/// # #[tokio::main] async fn main() -> Result<(), flowline::BoxError> {
+/// let store = flowline::PgStore::connect("postgresql://flowline@localhost/app").await?;
+/// let pool: flowline::deadpool_postgres::Pool = store.pool().clone();
+/// # let _ = pool; Ok(()) }
+/// ```
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use deadpool_postgres;
 pub use error::{BoxError, ConfigProblem, Error, FailedInput, Failure, ItemError};
 pub use flow::Flow;
 pub use loader::{LoadError, Loader};
@@ -112,12 +124,29 @@ pub use runtime::batch_sink::BatchSink;
 pub use runtime::handle::{Control, Handle, ItemStream};
 pub use runtime::run::Run;
 pub use source::{CursorOptions, Page};
+#[cfg(feature = "postgres")]
+pub use store::PgStore;
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
 pub use store::checkpoint::{CheckpointStore, MemoryCheckpoints};
+#[cfg(feature = "postgres")]
+pub use store::checkpoint_postgres::PgCheckpoints;
 #[cfg(feature = "sqlite")]
 pub use store::checkpoint_sqlite::SqliteCheckpoints;
+#[cfg(feature = "postgres")]
+pub use store::pg::PgOptions;
 pub use store::{MemoryStore, Reservation, Store, StoreFuture};
+/// The PostgreSQL client the `postgres` stores are built on, re-exported so that an effect
+/// given to [`PgStore::commit_with`] names the same `Transaction` type.
+///
+/// ```no_run
+/// # async fn f(tx: &flowline::tokio_postgres::Transaction<'_>) -> Result<(), flowline::tokio_postgres::Error> {
+/// tx.execute("insert into sent (id) values ($1)", &[&1i64]).await?;
+/// # Ok(()) }
+/// ```
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use tokio_postgres;
 pub use topology::gather::{Gather, Gathered, Incomplete};
 pub use topology::graph::{Collected, Graph};
 

@@ -6,6 +6,7 @@
 //! cargo run --release -p flowline-bench -- core            # every case of a suite
 //! cargo run --release -p flowline-bench -- core hops8      # one case
 //! cargo run --release -p flowline-bench -- source progress_overhead
+//! cargo run --release -p flowline-bench -- source cursor_pg    # starts its own PostgreSQL
 //! cargo run --release -p flowline-bench -- batch batch
 //! cargo run --release -p flowline-bench -- flow 3          # flow, 3 s per rate case
 //! cargo run --release -p flowline-bench -- flow adaptive   # cases named adaptive*
@@ -16,7 +17,11 @@ mod batch;
 mod cli;
 mod core;
 mod flow;
+#[path = "../../tests/support/pg.rs"]
+#[allow(dead_code)]
+mod pg_server;
 mod source;
+mod source_pg;
 mod topology;
 mod util;
 

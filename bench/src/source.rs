@@ -179,4 +179,7 @@ pub fn run(only: Option<&str>) {
     if want("progress_overhead") {
         progress_overhead();
     }
+    if want("cursor_pg") || want("exactly_once_pg") {
+        crate::source_pg::run(only);
+    }
 }

@@ -313,6 +313,9 @@ type Fetching<T, C, E> = Pin<Box<dyn Future<Output = Result<Page<T, C>, E>> + Se
 struct Fetched<T> {
     items: VecDeque<T>,
     ticket: Ticket,
+    /// Some of its items are out: after a graceful stop the rest go out too, so that the
+    /// page ends and its cursor is committed (a rerun then repeats none of them).
+    begun: bool,
 }
 
 enum Start {
@@ -372,6 +375,7 @@ where
                     }
                 }
             } else {
+                page.begun |= k > 0;
                 self.tickets.extend((0..k).map(|_| page.ticket.clone()));
             }
         }
@@ -409,6 +413,7 @@ where
                 self.pages.push_back(Fetched {
                     items: page.items.into(),
                     ticket,
+                    begun: false,
                 });
                 Ok(true)
             }
@@ -468,6 +473,26 @@ where
         }
     }
 
+    fn poll_finish(
+        &mut self,
+        _cx: &mut Context<'_>,
+        max: usize,
+        out: &mut Vec<T>,
+    ) -> Poll<Result<Pulled, ItemError>> {
+        // Only the page begun is owed: pages read ahead and not started end cancelled when
+        // the puller drops, and the watermark stops right after the begun one.
+        if self.pages.front().is_some_and(|p| p.begun) {
+            let ahead = self.pages.split_off(1);
+            self.emit(max, out);
+            let more = !self.pages.is_empty();
+            self.pages.extend(ahead);
+            if more {
+                return Poll::Ready(Ok(Pulled::More));
+            }
+        }
+        Poll::Ready(Ok(Pulled::End))
+    }
+
     fn take_tickets(&mut self) -> Vec<Ticket> {
         std::mem::take(&mut self.tickets)
     }
@@ -482,7 +507,8 @@ impl<T: Send + 'static> Pipeline<T> {
     /// one being handed out. The cursor after a page is committed once every item of that
     /// page and of all pages before it has finished — delivered, dropped by a filter, or
     /// failed into the dead letters — so a rerun after a crash skips nothing; it may repeat
-    /// the items that were in flight. A fetch error ends the source like
+    /// the items that were in flight. After a graceful stop ([`Handle::stop`](crate::Handle::stop))
+    /// the page begun is handed out to its end, so a rerun repeats nothing. A fetch error ends the source like
     /// [`try_from_fn`](Pipeline::try_from_fn); the checkpoint stays at the last safe page.
     ///
     /// ```
@@ -829,6 +855,50 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("checkpoint `t`"), "{err}");
+    }
+
+    /// A graceful stop in the middle of a page hands out the rest of that page (and no
+    /// page after it), so the page ends, its cursor is committed, and a rerun repeats
+    /// nothing: every item is delivered exactly once over the two runs.
+    #[tokio::test(start_paused = true)]
+    async fn a_graceful_stop_finishes_the_begun_page_so_a_rerun_repeats_nothing() {
+        let store = MemoryCheckpoints::new();
+        let seen: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
+        let run = |seen: Arc<std::sync::Mutex<Vec<u64>>>| {
+            // Pages of 1,000, handed out in chunks of at most 512: the stop lands inside
+            // a page.
+            Pipeline::from_cursor(
+                store.clone(),
+                "t",
+                sized_pages(10_000, 1000, Arc::default()),
+            )
+            .map_async("work", move |x| {
+                let seen = seen.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    seen.lock().unwrap().push(x);
+                    x
+                }
+            })
+            .workers(4)
+            .unordered()
+        };
+        let h = run(seen.clone()).spawn();
+        while seen.lock().unwrap().len() < 2500 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        h.stop();
+        let first = h.join().await.unwrap();
+        assert_eq!(first.outcome, RunOutcome::Stopped);
+        let done = seen.lock().unwrap().len() as u64;
+        assert_eq!(done % 1000, 0, "stopped mid-page: {done} items");
+        assert!((3000..10_000).contains(&done), "{done}");
+        assert_eq!(store.get("t"), Some(done.to_string()));
+
+        run(seen.clone()).run().await.unwrap();
+        let mut all = seen.lock().unwrap().clone();
+        all.sort_unstable();
+        assert_eq!(all, (0..10_000).collect::<Vec<_>>(), "repeated or skipped");
     }
 
     #[tokio::test]

@@ -37,6 +37,19 @@ pub(crate) trait Pull<T>: Send {
         out: &mut Vec<T>,
     ) -> Poll<Result<Pulled, ItemError>>;
 
+    /// After a graceful stop (the gate admits nothing more): append up to `max` items that
+    /// the source still owes so that the run ends on a clean resume point — the rest of a
+    /// page it has begun handing out (the cursor source) — then `End`. The default owes
+    /// nothing.
+    fn poll_finish(
+        &mut self,
+        _cx: &mut Context<'_>,
+        _max: usize,
+        _out: &mut Vec<T>,
+    ) -> Poll<Result<Pulled, ItemError>> {
+        Poll::Ready(Ok(Pulled::End))
+    }
+
     /// The tickets of the items the last `poll_pull` appended (one per item, in order), for
     /// a source that tracks completion (the cursor source); the default tracks nothing.
     fn take_tickets(&mut self) -> Vec<Ticket> {
@@ -90,13 +103,19 @@ impl<T: Send + 'static, P: Pull<T>> ChunkSource<T> for Source<P> {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(a) => a,
         };
-        if admitted == 0 {
-            self.done = true;
-            return Poll::Ready(None);
-        }
-        let mut items = Vec::with_capacity(admitted.min(CHUNK_CAP));
+        // Stopped: nothing new is pulled, but what the source owes is still handed out.
+        let finishing = admitted == 0;
+        let mut items = Vec::with_capacity(if finishing {
+            0
+        } else {
+            admitted.min(CHUNK_CAP)
+        });
         let pulled = catch_unwind(AssertUnwindSafe(|| {
-            self.pull.poll_pull(cx, admitted, &mut items)
+            if finishing {
+                self.pull.poll_finish(cx, CHUNK_CAP, &mut items)
+            } else {
+                self.pull.poll_pull(cx, admitted, &mut items)
+            }
         }));
         if metered && items.len() < admitted {
             self.run.gate.refund((admitted - items.len()) as u64);

@@ -12,7 +12,12 @@ use crate::runtime::time::after;
 
 #[derive(Clone, Copy)]
 enum Entry {
-    Reserved { holder: u64, until: Instant },
+    Reserved {
+        holder: u64,
+        /// The holder's name (0: unnamed), interned.
+        name: u64,
+        until: Instant,
+    },
     Done,
 }
 
@@ -33,6 +38,8 @@ enum Entry {
 pub struct MemoryStore {
     entries: Arc<Mutex<HashMap<String, Entry>>>,
     holder: u64,
+    /// The interned name of a named holder (0: unnamed).
+    name: u64,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -55,6 +62,15 @@ fn next_holder() -> u64 {
     HOLDERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// One number per holder name in this process, so that entries stay `Copy`.
+fn intern(name: &str) -> u64 {
+    static NAMES: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
+    let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    let names = names.get_or_insert_with(HashMap::new);
+    let next = names.len() as u64 + 1;
+    *names.entry(name.to_string()).or_insert(next)
+}
+
 impl MemoryStore {
     /// An empty store.
     ///
@@ -73,6 +89,7 @@ impl MemoryStore {
         MemoryStore {
             entries: Arc::default(),
             holder: next_holder(),
+            name: 0,
         }
     }
 
@@ -94,7 +111,31 @@ impl MemoryStore {
         MemoryStore {
             entries: self.entries.clone(),
             holder: next_holder(),
+            name: 0,
         }
+    }
+
+    /// Names this handle's holder, as `SqliteStore::holder` does: a
+    /// handle with the same name (a worker restarted within the process) takes back the
+    /// reservations an earlier handle of that name still held; the same key twice under
+    /// one handle is still busy.
+    ///
+    /// ```
+    /// use flowline::{MemoryStore, Reservation, Store};
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let state = MemoryStore::new();
+    /// let k = vec!["row-1".to_string()];
+    /// let crashed = state.handle().holder("worker-1");
+    /// crashed.reserve(&k, Duration::from_secs(600)).await.unwrap();
+    /// let restarted = state.handle().holder("worker-1");
+    /// assert_eq!(restarted.reserve(&k, Duration::from_secs(600)).await.unwrap(), vec![Reservation::Reserved]);
+    /// # }
+    /// ```
+    pub fn holder(mut self, name: &str) -> Self {
+        self.holder = next_holder();
+        self.name = intern(name);
+        self
     }
 
     fn update(&self, keys: &[String], f: impl Fn(Option<Entry>) -> Option<Entry>) {
@@ -120,17 +161,25 @@ impl Store for MemoryStore {
         ttl: Duration,
     ) -> StoreFuture<'a, Vec<Reservation>> {
         let now = Instant::now();
+        let (me, my_name) = (self.holder, self.name);
+        // A reservation from an earlier handle of this named holder is ours again.
+        let earlier_life = |holder: u64, name: u64| my_name != 0 && name == my_name && holder != me;
         let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let out = keys
             .iter()
             .map(|k| match map.get(k) {
                 Some(Entry::Done) => Reservation::AlreadyDone,
-                Some(Entry::Reserved { until, .. }) if *until > now => Reservation::Busy,
+                Some(Entry::Reserved {
+                    until,
+                    holder,
+                    name,
+                }) if *until > now && !earlier_life(*holder, *name) => Reservation::Busy,
                 _ => {
                     map.insert(
                         k.clone(),
                         Entry::Reserved {
-                            holder: self.holder,
+                            holder: me,
+                            name: my_name,
                             until: after(now, ttl),
                         },
                     );

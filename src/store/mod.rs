@@ -3,9 +3,15 @@
 //! keys live in `flowline_idempotency`; checkpoints can live beside them).
 
 pub(crate) mod checkpoint;
+#[cfg(feature = "postgres")]
+pub(crate) mod checkpoint_postgres;
 #[cfg(feature = "sqlite")]
 pub(crate) mod checkpoint_sqlite;
 mod memory;
+#[cfg(feature = "postgres")]
+pub(crate) mod pg;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
@@ -16,6 +22,8 @@ use std::time::Duration;
 use crate::error::BoxError;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::PgStore;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
