@@ -56,7 +56,7 @@ struct Sample {
 }
 
 #[derive(Default)]
-struct Window {
+struct Tally {
     samples: usize,
     ok: u32,
     rtt_sum: Duration,
@@ -68,7 +68,7 @@ struct State {
     limit: f64,
     /// Vegas: doubling until the first sign of a queue (like TCP slow start).
     slow_start: bool,
-    window: Window,
+    window: Tally,
     rtt_min: Option<Duration>,
     /// Vegas: the queue estimated in the previous window (0 before the first).
     last_queued: f64,
@@ -81,6 +81,8 @@ struct Inner {
     overload_if: Option<Predicate>,
     limit: AtomicUsize,
     state: Mutex<State>,
+    /// An option given to an algorithm that has none (rejected rather than lost).
+    stray: Option<(&'static str, String)>,
 }
 
 /// An adaptive concurrency limit for an async stage
@@ -124,11 +126,12 @@ impl Adaptive {
             min,
             max,
             overload_if: None,
+            stray: None,
             limit: AtomicUsize::new(initial),
             state: Mutex::new(State {
                 limit: initial as f64,
                 slow_start: true,
-                window: Window::default(),
+                window: Tally::default(),
                 rtt_min: None,
                 last_queued: 0.0,
             }),
@@ -174,11 +177,12 @@ impl Adaptive {
             min,
             max,
             overload_if,
+            stray: self.0.stray.clone(),
             limit: AtomicUsize::new(limit),
             state: Mutex::new(State {
                 limit: limit as f64,
                 slow_start: true,
-                window: Window::default(),
+                window: Tally::default(),
                 rtt_min: None,
                 last_queued: 0.0,
             }),
@@ -227,6 +231,8 @@ impl Adaptive {
                     backoff,
                     latency_limit: Some(limit),
                 };
+            } else {
+                i.stray = Some(("adaptive.latency_limit", format!("{limit:?}")));
             }
         })
     }
@@ -245,6 +251,8 @@ impl Adaptive {
                     backoff: factor,
                     latency_limit,
                 };
+            } else {
+                i.stray = Some(("adaptive.backoff", format!("{factor}")));
             }
         })
     }
@@ -270,7 +278,11 @@ impl Adaptive {
                 "max must be at least min",
             ));
         }
-        if let Algo::Aimd { backoff, .. } = i.algo {
+        if let Algo::Aimd {
+            backoff,
+            latency_limit,
+        } = i.algo
+        {
             if !(backoff > 0.0 && backoff < 1.0) {
                 return Some((
                     "adaptive.backoff",
@@ -278,6 +290,16 @@ impl Adaptive {
                     "must be within 0..1",
                 ));
             }
+            if latency_limit.is_some_and(|l| l.is_zero()) {
+                return Some((
+                    "adaptive.latency_limit",
+                    "0ns".into(),
+                    "must be more than zero",
+                ));
+            }
+        }
+        if let Some((option, value)) = &i.stray {
+            return Some((option, value.clone(), "only AIMD has this option"));
         }
         None
     }
@@ -312,7 +334,7 @@ impl Adaptive {
         }
     }
 
-    fn next_limit(&self, s: &mut State, w: &Window) -> f64 {
+    fn next_limit(&self, s: &mut State, w: &Tally) -> f64 {
         let limit = s.limit;
         let used = w.max_inflight as f64 * 2.0 >= limit;
         let avg = if w.ok > 0 && !w.rtt_sum.is_zero() {

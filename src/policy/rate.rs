@@ -156,6 +156,14 @@ impl Rate {
         if i.burst == 0 {
             return Some(("burst", "0".into(), "must be at least 1"));
         }
+        if i.interval > crate::runtime::time::FAR {
+            // A run would wait forever for its second item: a mistake, not a meaning.
+            return Some((
+                "rate",
+                format!("{} per {:?}", i.count, i.period),
+                "at least one item per 30 years",
+            ));
+        }
         None
     }
 

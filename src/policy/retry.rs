@@ -64,6 +64,8 @@ pub struct Retry {
     hint: Option<Hint>,
     budget: Option<RetryBudget>,
     pause_source: bool,
+    /// A factor given to a backoff that has none (rejected, so that it is not lost silently).
+    stray_factor: Option<f64>,
 }
 
 impl fmt::Debug for Retry {
@@ -90,6 +92,7 @@ impl Retry {
             hint: None,
             budget: None,
             pause_source: false,
+            stray_factor: None,
         }
     }
 
@@ -134,8 +137,11 @@ impl Retry {
     /// assert_eq!(r.delay_for(3), Duration::from_millis(90));
     /// ```
     pub fn factor(mut self, factor: f64) -> Self {
-        if let Backoff::Exponential { base, .. } = self.backoff {
-            self.backoff = Backoff::Exponential { base, factor };
+        match self.backoff {
+            Backoff::Exponential { base, .. } => {
+                self.backoff = Backoff::Exponential { base, factor }
+            }
+            _ => self.stray_factor = Some(factor),
         }
         self
     }
@@ -284,10 +290,12 @@ impl Retry {
         }
     }
 
-    /// The delay before retry `k` for error `e`; `rand` is a uniform draw in `[0, 1)`.
+    /// The delay before retry `k` for error `e`; `rand` is a uniform draw in `[0, 1)`. A
+    /// hint is outside input (a server's `Retry-After`): it is capped by `max_delay`, and
+    /// the wait is capped like every timer of the crate, so a hostile hint cannot overflow.
     fn next_delay(&self, k: u32, e: &ItemError, rand: f64) -> Duration {
         if let Some(h) = self.hint_of(e) {
-            return h;
+            return self.max_delay.map_or(h, |cap| h.min(cap));
         }
         let d = self.delay_for(k);
         if self.jitter { d.mul_f64(rand) } else { d }
@@ -301,6 +309,26 @@ impl Retry {
             if !(factor >= 1.0 && factor.is_finite()) {
                 return Some(("retry.factor", format!("{factor}"), "must be a number ≥ 1"));
             }
+        }
+        if let Some(f) = self.stray_factor {
+            return Some((
+                "retry.factor",
+                format!("{f}"),
+                "only an exponential backoff has a factor",
+            ));
+        }
+        match self.backoff {
+            Backoff::Exponential { base, .. } | Backoff::Fibonacci(base) if base.is_zero() => {
+                return Some((
+                    "retry.base",
+                    "0ns".into(),
+                    "must be more than zero (Retry::constant(Duration::ZERO) retries at once)",
+                ));
+            }
+            _ => {}
+        }
+        if self.max_delay == Some(Duration::ZERO) {
+            return Some(("retry.max_delay", "0ns".into(), "must be more than zero"));
         }
         if self.max_elapsed == Some(Duration::ZERO) {
             return Some(("retry.max_elapsed", "0ns".into(), "must be more than zero"));
@@ -370,7 +398,8 @@ impl RetryPolicy for Retrying {
         }
         let rand = self.next_rand();
         let cfg = &self.cfg;
-        let at = Instant::now() + cfg.next_delay(f.attempts, f.error, rand);
+        let at =
+            crate::runtime::time::after(Instant::now(), cfg.next_delay(f.attempts, f.error, rand));
         if let (Some(limit), Some(first)) = (cfg.max_elapsed, f.first_at) {
             if at.duration_since(first) > limit {
                 return None;

@@ -223,14 +223,17 @@ async fn committer(
         }
         let next = w.lock().to_commit.take();
         if let Some(cursor) = next {
-            next_at = Some(Instant::now() + every);
+            next_at = Some(crate::runtime::time::after(Instant::now(), every));
             if let Err(e) = store.commit(&name, &cursor).await {
                 // Not a loss: the previous checkpoint stands and a rerun replays more.
                 tracing::error!(checkpoint = %name, error = %e, "checkpoint commit failed");
                 if all_ended {
                     return;
                 }
-                next_at = Some(Instant::now() + every.max(RETRY_FAILED_COMMIT));
+                next_at = Some(crate::runtime::time::after(
+                    Instant::now(),
+                    every.max(RETRY_FAILED_COMMIT),
+                ));
                 let mut m = w.lock();
                 if m.to_commit.is_none() {
                     m.to_commit = Some(cursor);
