@@ -297,14 +297,7 @@ impl Error {
         value: impl fmt::Debug,
         reason: &'static str,
     ) -> Self {
-        Error::Config {
-            problems: vec![ConfigProblem {
-                stage: stage.to_string(),
-                option,
-                value: format!("{value:?}"),
-                reason,
-            }],
-        }
+        Error::config_text(stage, option, format!("{value:?}"), reason)
     }
 
     /// [`Error::config`] with the value already written out.

@@ -302,16 +302,7 @@ pub(crate) fn process<T, U, const AT_MOST_ONE: bool>(
 ) -> Processed<U> {
     let n = chunk.items.len();
     let tracked = chunk.is_tracked();
-    let mut emit = Emit {
-        items: Vec::with_capacity(n),
-        tickets: if tracked {
-            Vec::with_capacity(n)
-        } else {
-            Vec::new()
-        },
-        tracked,
-        current: Ticket::none(),
-    };
+    let mut emit = Emit::for_chunk(n, tracked);
     let mut items = chunk.items.into_iter();
     let mut tickets = chunk.tickets.into_iter();
     let mut passed = 0usize;
