@@ -20,7 +20,7 @@ use crate::report::StageStats;
 use crate::runtime::chunk::{Chunk, Outcome, Ticket};
 use crate::runtime::hop::{HOP_CHUNKS, hop};
 use crate::runtime::time::after;
-use crate::runtime::{RunCtx, Upstream, next_chunk, send_counted};
+use crate::runtime::{CancelWatch, RunCtx, Upstream, next_chunk};
 
 /// A debounce stage being configured; returned by [`Flow::debounce`](crate::Flow::debounce)
 /// and [`Flow::debounce_by`](crate::Flow::debounce_by). Add [`max_wait`](Debounce::max_wait),
@@ -204,6 +204,7 @@ async fn debouncer<T, K, F>(
     F: FnMut(&T) -> K + Send + 'static,
 {
     let cancel = run.cancel.clone();
+    let mut watch = CancelWatch::new(&cancel);
     let mut state = State {
         pending: HashMap::new(),
         due: BTreeMap::new(),
@@ -238,7 +239,7 @@ async fn debouncer<T, K, F>(
         }
         if !out.is_empty() {
             let n = out.len();
-            if !send_counted(&tx, out, n, &stats, &cancel).await {
+            if !watch.send_counted(&tx, out, n, &stats).await {
                 break;
             }
         }

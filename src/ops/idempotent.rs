@@ -24,7 +24,7 @@ use crate::error::{Failure, ItemError};
 use crate::report::StageStats;
 use crate::runtime::chunk::{Chunk, Outcome, Ticket};
 use crate::runtime::hop::{HOP_CHUNKS, hop};
-use crate::runtime::{RunCtx, Upstream, next_chunk_unless_cancelled, send_counted};
+use crate::runtime::{CancelWatch, RunCtx, Upstream};
 use crate::store::{Reservation, Store};
 
 /// How long a reservation lasts unless [`Idempotent::ttl`] says otherwise.
@@ -121,8 +121,9 @@ async fn reserver<T, K, F>(
     K: Display + 'static,
 {
     let cancel = run.cancel.clone();
+    let mut watch = CancelWatch::new(&cancel);
     loop {
-        let Some(next) = next_chunk_unless_cancelled(&mut up, &cancel).await else {
+        let Some(next) = watch.next_chunk(&mut up).await else {
             break;
         };
         let Some(chunk) = next else { return };
@@ -174,7 +175,7 @@ async fn reserver<T, K, F>(
         StageStats::add(&stats.dropped, skipped);
         if !out.is_empty() {
             let m = out.len();
-            if !send_counted(&tx, out, m, &stats, &cancel).await {
+            if !watch.send_counted(&tx, out, m, &stats).await {
                 break;
             }
         }

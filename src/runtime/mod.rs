@@ -50,53 +50,6 @@ pub(crate) fn next_chunk<T>(up: &mut Upstream<T>) -> impl Future<Output = Option
     std::future::poll_fn(move |cx| up.poll_chunk(cx))
 }
 
-/// The next chunk of `up` unless the run is cancelled first: `None` means cancelled,
-/// `Some(None)` that `up` has ended.
-pub(crate) async fn next_chunk_unless_cancelled<T>(
-    up: &mut Upstream<T>,
-    cancel: &CancellationToken,
-) -> Option<Option<Chunk<T>>> {
-    tokio::select! {
-        biased;
-        _ = cancel.cancelled() => None,
-        c = next_chunk(up) => Some(c),
-    }
-}
-
-/// Sends `item` unless the run is cancelled first. `false` means cancelled or the receiver is
-/// gone: either way the task stops, and what it held counts as unfinished in its stage (it
-/// was received and never passed on).
-pub(crate) async fn send_unless_cancelled<T>(
-    tx: &tokio::sync::mpsc::Sender<T>,
-    item: T,
-    cancel: &CancellationToken,
-) -> bool {
-    tokio::select! {
-        biased;
-        _ = cancel.cancelled() => false,
-        r = tx.send(item) => r.is_ok(),
-    }
-}
-
-/// Sends `chunk` on unless the run is cancelled first, and counts it in `stats`: `passed`
-/// inputs (what produced the chunk) and the chunk's items as emitted. `false` as in
-/// [`send_unless_cancelled`]; nothing is counted then.
-pub(crate) async fn send_counted<T>(
-    tx: &tokio::sync::mpsc::Sender<Chunk<T>>,
-    chunk: Chunk<T>,
-    passed: usize,
-    stats: &StageStats,
-    cancel: &CancellationToken,
-) -> bool {
-    let n = chunk.len();
-    if !send_unless_cancelled(tx, chunk, cancel).await {
-        return false;
-    }
-    StageStats::add(&stats.passed, passed);
-    StageStats::add(&stats.emitted, n);
-    true
-}
-
 /// One task's watch on the run's cancellation, for a loop that checks it at every receive
 /// and send of a chunk.
 ///
@@ -179,12 +132,26 @@ impl CancelWatch {
         }
     }
 
-    /// [`next_chunk_unless_cancelled`] on this watch.
+    /// The next chunk of `up` unless the run is cancelled first: `None` means cancelled,
+    /// `Some(None)` that `up` has ended.
     pub(crate) async fn next_chunk<T>(&mut self, up: &mut Upstream<T>) -> Option<Option<Chunk<T>>> {
         std::future::poll_fn(|cx| self.poll_unless_cancelled(cx, |cx| up.poll_chunk(cx))).await
     }
 
-    /// [`send_counted`] on this watch.
+    /// Sends `item` unless the run is cancelled first. `false` means cancelled or the
+    /// receiver is gone: either way the task stops, and what it held counts as unfinished in
+    /// its stage (it was received and never passed on).
+    pub(crate) async fn send<T>(&mut self, tx: &tokio::sync::mpsc::Sender<T>, item: T) -> bool {
+        let mut send = std::pin::pin!(tx.send(item));
+        let sent =
+            std::future::poll_fn(|cx| self.poll_unless_cancelled(cx, |cx| send.as_mut().poll(cx)))
+                .await;
+        matches!(sent, Some(Ok(())))
+    }
+
+    /// Sends `chunk` on unless the run is cancelled first, and counts it in `stats`: `passed`
+    /// inputs (what produced the chunk) and the chunk's items as emitted. `false` as in
+    /// [`send`](CancelWatch::send); nothing is counted then.
     pub(crate) async fn send_counted<T>(
         &mut self,
         tx: &tokio::sync::mpsc::Sender<Chunk<T>>,
@@ -193,11 +160,7 @@ impl CancelWatch {
         stats: &StageStats,
     ) -> bool {
         let n = chunk.len();
-        let mut send = std::pin::pin!(tx.send(chunk));
-        let sent =
-            std::future::poll_fn(|cx| self.poll_unless_cancelled(cx, |cx| send.as_mut().poll(cx)))
-                .await;
-        if !matches!(sent, Some(Ok(()))) {
+        if !self.send(tx, chunk).await {
             return false;
         }
         StageStats::add(&stats.passed, passed);

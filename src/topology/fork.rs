@@ -19,7 +19,7 @@ use crate::error::{Error, Failure, ItemError};
 use crate::plan::{Pipeline, Settings};
 use crate::report::StageStats;
 use crate::runtime::chunk::{CHUNK_CAP, Chunk, Ticket};
-use crate::runtime::{Build, ChunkSource, RunCtx, Upstream, next_chunk_unless_cancelled};
+use crate::runtime::{Build, CancelWatch, ChunkSource, RunCtx, Upstream};
 
 /// Builds the upstream and the router of a split; returns one end per output. Every output
 /// of a split has the split's item type (`branch_result` splits `Result`s and unwraps each
@@ -249,11 +249,11 @@ pub(crate) async fn router<T: Send + 'static>(
     copies: bool,
     mut split: impl FnMut(Chunk<T>, &mut Vec<Chunk<T>>, &StageStats, &RunCtx) + Send,
 ) {
-    let cancel = run.cancel.clone();
+    let mut watch = CancelWatch::new(&run.cancel);
     let mut open: Vec<Option<mpsc::Sender<Chunk<T>>>> = lanes.into_iter().map(Some).collect();
     let mut parts: Vec<Chunk<T>> = Vec::new();
     'run: loop {
-        let Some(next) = next_chunk_unless_cancelled(&mut up, &cancel).await else {
+        let Some(next) = watch.next_chunk(&mut up).await else {
             break;
         };
         let Some(chunk) = next else { return };
@@ -287,13 +287,10 @@ pub(crate) async fn router<T: Send + 'static>(
             }
             let k = part.len();
             let Some(tx) = lane else { continue };
-            let ok = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break 'run,
-                r = tx.send(part) => r.is_ok(),
-            };
-            if ok {
+            if watch.send(tx, part).await {
                 sent += k;
+            } else if run.cancel.is_cancelled() {
+                break 'run;
             } else {
                 *lane = None;
             }

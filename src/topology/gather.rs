@@ -24,9 +24,7 @@ use crate::report::StageStats;
 use crate::runtime::chunk::{Chunk, Outcome, Ticket};
 use crate::runtime::hop::{HOP_CHUNKS, hop};
 use crate::runtime::time::after;
-use crate::runtime::{
-    RunCtx, Upstream, next_chunk_unless_cancelled, send_counted, send_unless_cancelled,
-};
+use crate::runtime::{CancelWatch, RunCtx, Upstream};
 
 /// What happens to an object whose parts did not all arrive within the timeout (or before
 /// the part pipelines ended).
@@ -283,14 +281,14 @@ async fn drain_part<K: Send + 'static, P: Send + 'static>(
     stats: Arc<StageStats>,
     run: Arc<RunCtx>,
 ) {
-    let cancel = run.cancel.clone();
+    let mut watch = CancelWatch::new(&run.cancel);
     loop {
-        let Some(next) = next_chunk_unless_cancelled(&mut up, &cancel).await else {
+        let Some(next) = watch.next_chunk(&mut up).await else {
             break;
         };
         let Some(chunk) = next else { return };
         let n = chunk.len();
-        if !send_unless_cancelled(&tx, (index, chunk), &cancel).await {
+        if !watch.send(&tx, (index, chunk)).await {
             StageStats::add(&stats.received, n);
             break;
         }
@@ -323,6 +321,7 @@ async fn gatherer<K, P>(
     P: Send + 'static,
 {
     let cancel = run.cancel.clone();
+    let mut watch = CancelWatch::new(&cancel);
     let mut st = State {
         open: HashMap::new(),
         expiry: VecDeque::new(),
@@ -349,7 +348,7 @@ async fn gatherer<K, P>(
             }
         }
         if !out.is_empty() {
-            if !send_counted(&tx, out, parts_out, &stats, &cancel).await {
+            if !watch.send_counted(&tx, out, parts_out, &stats).await {
                 break;
             }
             continue;
@@ -374,7 +373,7 @@ async fn gatherer<K, P>(
                 }
                 if out.is_empty() {
                     StageStats::add(&stats.passed, n_parts);
-                } else if !send_counted(&tx, out, n_parts, &stats, &cancel).await {
+                } else if !watch.send_counted(&tx, out, n_parts, &stats).await {
                     break;
                 }
             }
