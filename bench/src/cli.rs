@@ -3,7 +3,8 @@
 //! user would.
 //!
 //! - `cli_jobs`: 2,000 `true` jobs, 4 at a time (ratio against `xargs -P4`; GNU parallel
-//!   in the field `parallel`).
+//!   in the field `parallel`; `floor`: the same processes spawned and awaited by 4 bare
+//!   threads, the cost no runner avoids).
 //! - `cli_http`: 20,000 GETs against a local server started here (ratio against
 //!   `xargs -P16 curl`).
 //! - `cli_rate`: 1,000 jobs at `rate(100/s)`: the rate kept (`error_pct`) and the most job
@@ -112,7 +113,9 @@ fn jobs(bin: &Path) {
     } else {
         None
     };
+    let floor = spawn_floor(N, 4);
     let ms = |d: Duration| d.as_secs_f64() * 1000.0 / f64::from(N);
+    let round = |x: f64| (x * 1000.0).round() / 1000.0;
     emit(
         "cli",
         "cli_jobs",
@@ -123,10 +126,34 @@ fn jobs(bin: &Path) {
             "jobs": N,
             "slots": 4,
             "baseline_tool": "xargs -P4 -n1",
-            "parallel": parallel.map(|p| (ms(p) * 1000.0).round() / 1000.0),
-            "vs_parallel": parallel.map(|p| (f.as_secs_f64() / p.as_secs_f64() * 1000.0).round() / 1000.0),
+            "parallel": parallel.map(|p| round(ms(p))),
+            "vs_parallel": parallel.map(|p| round(f.as_secs_f64() / p.as_secs_f64())),
+            "floor": round(ms(floor)),
+            "floor_vs_parallel": parallel.map(|p| round(floor.as_secs_f64() / p.as_secs_f64())),
         }),
     );
+}
+
+/// What no job runner can beat here: `n` bare `true` processes, `slots` at a time, each
+/// slot a thread that only spawns and waits (std's `posix_spawn`, no shell, no output).
+fn spawn_floor(n: u32, slots: u32) -> Duration {
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..slots {
+            s.spawn(move || {
+                for _ in 0..n / slots {
+                    let st = Command::new("true")
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .expect("true runs");
+                    assert!(st.success());
+                }
+            });
+        }
+    });
+    t.elapsed()
 }
 
 /// A small HTTP/1.1 server with keep-alive on its own runtime: `200` with the path.
