@@ -1,6 +1,6 @@
 //! # flowline-postgres
 //!
-//! PostgreSQL stores for [flowline](flowline) pipelines, shared by workers on several
+//! PostgreSQL stores for [flowline] pipelines, shared by workers on several
 //! machines, over a connection pool:
 //!
 //! - [`PgCheckpoints`]: a [`CheckpointStore`](flowline::CheckpointStore), where

@@ -1,6 +1,6 @@
 //! # flowline-sqlite
 //!
-//! SQLite stores for [flowline](flowline) pipelines, in one embedded file (no server):
+//! SQLite stores for [flowline] pipelines, in one embedded file (no server):
 //!
 //! - [`SqliteCheckpoints`]: a [`CheckpointStore`](flowline::CheckpointStore), where
 //!   [`Pipeline::from_cursor`](flowline::Pipeline::from_cursor) keeps the cursor it resumes
