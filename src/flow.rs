@@ -400,7 +400,7 @@ pub trait Flow: IntoPipeline {
     ///
     /// ```
     /// use flowline::prelude::*;
-    /// use futures::StreamExt;
+    /// use futures_util::StreamExt;
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// let mut s = Pipeline::from_iter(0..3).map(|x| x * 2).into_stream();
     /// let mut got = vec![];

@@ -35,13 +35,13 @@
 //! | run at most *n* requests per second, no burst | [`.rate_limit(Rate::per_second(n))`](AsyncStage::rate_limit) on the stage ([`Rate::per_second`], [`Rate::per`]) |
 //! | … with bursts of up to *b* | [`.rate_limit(Rate::per_second(n).burst(b))`](Rate::burst) |
 //! | pause the job on an error and retry after a sleep | [`.retry(Retry::exponential(base).pause_source())`](Retry::pause_source): the source pulls nothing while an item waits; when the backend is down, [`.circuit_breaker(Breaker::consecutive_failures(k))`](AsyncStage::circuit_breaker) pauses the source until a probe succeeds ([`OnOpen::Pause`], the default) |
-//! | stream rows from SQL by cursor pagination, resume after a crash | [`Pipeline::from_cursor`] with a checkpoint store ([`MemoryCheckpoints`], `SqliteCheckpoints`); pages are [`Page`]s, [`CursorOptions`] for read-ahead; `examples/sql_cursor.rs` |
+//! | stream rows from SQL by cursor pagination, resume after a crash | [`Pipeline::from_cursor`] with a checkpoint store ([`MemoryCheckpoints`], `flowline_sqlite::SqliteCheckpoints`, `flowline_postgres::PgCheckpoints`); pages are [`Page`]s, [`CursorOptions`] for read-ahead; `stores/sqlite/examples/sql_cursor.rs` |
 //! | batch, dedup and look up (ids → one batched fetch) | [`Flow::dedup_by`] (TTL or last-*n* [`Window`]), [`Flow::batch`], [`Flow::batch_dedup_by`]; a dataloader any stage can call: [`Loader`] |
 //! | wait for the results of several pipelines for one object | [`Gather`]: one [`part`](Gather::part) per pipeline, joined by key, with a timeout ([`Incomplete`]) |
 //! | `generator \| fork(10) \| task1 \| task2 \| branch \| error:retry success:print` | [`Pipeline::from_iter`], [`.map_async("task1", ..).workers(10)`](Flow::map_async), again for `task2`, [`.branch_result()`](Flow::branch_result), a retrying stage on the `Err` side, and both ends in one [`Graph`]; `examples/seed_pipe.rs` |
 //! | fail a call that takes too long | [`.timeout(d)`](AsyncStage::timeout) |
 //! | scale the number of workers to what the backend takes | [`.adaptive(Adaptive::vegas(min..=max))`](AsyncStage::adaptive) |
-//! | skip items already done by an earlier run | [`Flow::idempotent`] over a [`Store`] ([`MemoryStore`], `SqliteStore`) |
+//! | skip items already done by an earlier run | [`Flow::idempotent`] over a [`Store`] ([`MemoryStore`], `flowline_sqlite::SqliteStore`, `flowline_postgres::PgStore`) |
 //! | debounce or throttle | [`Flow::debounce`], [`Flow::debounce_by`], [`Flow::throttle`] |
 //! | pause, resume, step or stop a running job | [`Flow::spawn`] → [`Handle`] |
 //! | see progress, a heartbeat, a stall | [`Flow::progress`], [`Flow::heartbeat`], [`Flow::stall_after`] |
@@ -50,9 +50,19 @@
 //! ## Features
 //!
 //! - `jsonl` (default): [`DeadLetter::jsonl`], failures appended to a JSON-lines file.
-//! - `sqlite`: `SqliteStore` (idempotency keys) and `SqliteCheckpoints` (cursor checkpoints)
-//!   in one embedded SQLite file.
 //! - `progress`: [`Flow::progress`] draws bars on a terminal; without it, plain lines.
+//!
+//! ## Stores
+//!
+//! The stores that keep state across runs in a database are crates of their own, so that a
+//! pipeline that needs none builds no database driver:
+//!
+//! - `flowline-sqlite`: `SqliteCheckpoints` (cursor checkpoints) and `SqliteStore`
+//!   (idempotency keys) in one embedded SQLite file;
+//! - `flowline-postgres`: `PgCheckpoints` and `PgStore` in PostgreSQL tables over a
+//!   connection pool, shared by workers on several machines (`PgOptions`).
+//!
+//! Any other store implements [`CheckpointStore`] or [`Store`].
 //!
 //! ## How it runs
 //!
@@ -90,18 +100,6 @@ mod store;
 mod topology;
 
 pub use dead_letter::DeadLetter;
-/// The connection pool the `postgres` stores use, re-exported for
-/// [`PgStore::from_pool`] and [`PgCheckpoints::from_pool`].
-///
-/// ```no_run
-/// # #[tokio::main] async fn main() -> Result<(), flowline::BoxError> {
-/// let store = flowline::PgStore::connect("postgresql://flowline@localhost/app").await?;
-/// let pool: flowline::deadpool_postgres::Pool = store.pool().clone();
-/// # let _ = pool; Ok(()) }
-/// ```
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use deadpool_postgres;
 pub use error::{BoxError, ConfigProblem, Error, FailedInput, Failure, ItemError};
 pub use flow::Flow;
 pub use loader::{LoadError, Loader};
@@ -124,29 +122,8 @@ pub use runtime::batch_sink::BatchSink;
 pub use runtime::handle::{Control, Handle, ItemStream};
 pub use runtime::run::Run;
 pub use source::{CursorOptions, Page};
-#[cfg(feature = "postgres")]
-pub use store::PgStore;
-#[cfg(feature = "sqlite")]
-pub use store::SqliteStore;
 pub use store::checkpoint::{CheckpointStore, MemoryCheckpoints};
-#[cfg(feature = "postgres")]
-pub use store::checkpoint_postgres::PgCheckpoints;
-#[cfg(feature = "sqlite")]
-pub use store::checkpoint_sqlite::SqliteCheckpoints;
-#[cfg(feature = "postgres")]
-pub use store::pg::PgOptions;
 pub use store::{MemoryStore, Reservation, Store, StoreFuture};
-/// The PostgreSQL client the `postgres` stores are built on, re-exported so that an effect
-/// given to [`PgStore::commit_with`] names the same `Transaction` type.
-///
-/// ```no_run
-/// # async fn f(tx: &flowline::tokio_postgres::Transaction<'_>) -> Result<(), flowline::tokio_postgres::Error> {
-/// tx.execute("insert into sent (id) values ($1)", &[&1i64]).await?;
-/// # Ok(()) }
-/// ```
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use tokio_postgres;
 pub use topology::gather::{Gather, Gathered, Incomplete};
 pub use topology::graph::{Collected, Graph};
 

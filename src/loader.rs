@@ -466,7 +466,7 @@ mod tests {
             let l = l.clone();
             tokio::spawn(async move { (i % 100, l.load(i % 100).await) })
         });
-        let answers = futures::future::join_all(loads).await;
+        let answers = futures_util::future::join_all(loads).await;
         // 100 distinct keys fill exactly one batch of max_batch = 100: one call, and every
         // later load of a key joins the in-flight call.
         assert_eq!(l.batch_calls(), 1);

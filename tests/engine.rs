@@ -206,10 +206,10 @@ async fn a_busy_consumer_does_not_starve_the_stage() {
     assert_eq!(done.expect("flowline must not deadlock"), 50);
 
     // The same shape with buffer_unordered hangs: this is what the test guards against.
-    use futures::StreamExt;
+    use futures_util::StreamExt;
     let lock = Arc::new(tokio::sync::Mutex::new(()));
     let stage_lock = lock.clone();
-    let baseline = futures::stream::iter(0..50u32)
+    let baseline = futures_util::stream::iter(0..50u32)
         .map(move |i| {
             let l = stage_lock.clone();
             async move {
@@ -420,8 +420,13 @@ async fn dead_letters_reach_a_channel_and_a_callback() {
 #[cfg(feature = "jsonl")]
 #[tokio::test]
 async fn dead_letters_are_written_to_a_jsonl_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("failed.jsonl");
+    // A file of this process's own in the system's temp folder (no temp-dir crate needed):
+    // the sink appends, so a leftover of an earlier run is removed first.
+    let path = std::env::temp_dir().join(format!(
+        "flowline-dead-letters-{}.jsonl",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&path);
     Pipeline::from_iter(["1", "x", "3", "y"])
         .try_map_async("parse", |s| async move { s.parse::<u32>() })
         .keep_input()
@@ -441,6 +446,7 @@ async fn dead_letters_are_written_to_a_jsonl_file() {
     assert_eq!(lines[0]["stage"], "parse");
     assert_eq!(lines[0]["kind"], "user");
     assert_eq!(lines[0]["attempts"], 1);
+    std::fs::remove_file(&path).unwrap();
 }
 
 #[tokio::test]
@@ -519,7 +525,7 @@ async fn snapshot_shows_live_counters() {
 
 #[tokio::test]
 async fn source_kinds_all_deliver_everything() {
-    use futures::StreamExt;
+    use futures_util::StreamExt;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         for i in 0..1000u32 {
@@ -530,7 +536,7 @@ async fn source_kinds_all_deliver_everything() {
         Pipeline::from_channel(rx).collect().await.unwrap(),
         (0..1000).collect::<Vec<_>>()
     );
-    let s = futures::stream::iter(0..1000u32).then(|x| async move {
+    let s = futures_util::stream::iter(0..1000u32).then(|x| async move {
         tokio::task::yield_now().await;
         x
     });

@@ -12,7 +12,7 @@ use flowline::{
     ConfigProblem, CursorOptions, Gather, MemoryCheckpoints, MemoryStore, Page, ProgressOptions,
     StallAction,
 };
-use futures::FutureExt as _;
+use futures_util::FutureExt as _;
 
 type Case = Pin<Box<dyn Future<Output = Result<Report, Error>> + Send>>;
 

@@ -17,7 +17,7 @@ mod batch;
 mod cli;
 mod core;
 mod flow;
-#[path = "../../tests/support/pg.rs"]
+#[path = "../../testsuite/tests/support/pg.rs"]
 #[allow(dead_code)]
 mod pg_server;
 mod source;

@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flowline::prelude::*;
-use flowline::{Page, ProgressOptions, SqliteCheckpoints};
+use flowline::{Page, ProgressOptions};
+use flowline_sqlite::SqliteCheckpoints;
 use rusqlite::{Connection, params};
 
 use crate::util::{alternate, emit, ns_per_item, peak_rss_mib, reset_peak_rss, runtime, time};

@@ -1,5 +1,5 @@
 //! Suite `source`, PostgreSQL cases, on a cluster the bench starts itself (as the tests do,
-//! `tests/support/pg.rs`), or the server of `FLOWLINE_PG_URL`.
+//! `testsuite/tests/support/pg.rs`), or the server of `FLOWLINE_PG_URL`.
 //!
 //! - `cursor_pg`: rows through `Pipeline::from_cursor` over a PostgreSQL table (keyset pages
 //!   of 1,000, checkpoints in PostgreSQL, a trivial stage) against a hand-written keyset loop
@@ -14,10 +14,11 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use flowline::deadpool_postgres::Pool;
+use flowline::Page;
 use flowline::prelude::*;
-use flowline::tokio_postgres::{self, NoTls};
-use flowline::{Page, PgCheckpoints, PgOptions, PgStore};
+use flowline_postgres::deadpool_postgres::Pool;
+use flowline_postgres::tokio_postgres::{self, NoTls};
+use flowline_postgres::{PgCheckpoints, PgOptions, PgStore};
 
 use crate::util::{alternate, emit, ns_per_item, runtime};
 

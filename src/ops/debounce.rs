@@ -260,7 +260,7 @@ mod tests {
     /// Items whose value is their arrival time (ms from the start); the input ends at `end`.
     fn arrivals(times: &'static [u64], end: u64) -> Pipeline<u64> {
         let start = Instant::now();
-        let stream = futures::stream::unfold(0usize, move |i| async move {
+        let stream = futures_util::stream::unfold(0usize, move |i| async move {
             if i < times.len() {
                 tokio::time::sleep_until(start + Duration::from_millis(times[i])).await;
                 Some((times[i], i + 1))

@@ -181,7 +181,7 @@ mod tests {
 
     /// Items 0..10, one every 10 ms (item k at k·10 ms).
     fn ticking() -> Pipeline<u32> {
-        let s = futures::stream::unfold(0u32, |k| async move {
+        let s = futures_util::stream::unfold(0u32, |k| async move {
             if k == 10 {
                 return None;
             }

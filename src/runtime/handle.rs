@@ -183,7 +183,7 @@ impl Drop for Handle {
 ///
 /// ```
 /// use flowline::prelude::*;
-/// use futures::StreamExt;
+/// use futures_util::StreamExt;
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let s = Pipeline::from_iter(0..5).into_stream();
 /// let firsts: Vec<_> = s.take(2).collect().await;

@@ -218,7 +218,7 @@ impl<T: Send + 'static> Run<T, sink::Discard, Report> {
     ///
     /// ```
     /// use flowline::prelude::*;
-    /// use futures::StreamExt;
+    /// use futures_util::StreamExt;
     /// use std::time::Duration;
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// let mut s = Pipeline::from_iter(0..3).run().deadline(Duration::from_secs(5)).into_stream();

@@ -755,7 +755,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn finishing_a_stream_early_does_not_wait_for_unread_items() {
-        use futures::StreamExt;
+        use futures_util::StreamExt;
         let store = MemoryCheckpoints::new();
         let mut s = Pipeline::from_cursor(store.clone(), "t", pages(20_000, Arc::default()))
             .map_async("work", |x| async move { x })

@@ -37,7 +37,7 @@ impl<T: Send + 'static> Pipeline<T> {
     /// ```
     /// use flowline::prelude::*;
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// let s = futures::stream::iter(vec!["a", "b"]);
+    /// let s = futures_util::stream::iter(vec!["a", "b"]);
     /// let out = Pipeline::from_stream(s).collect().await.unwrap();
     /// assert_eq!(out, vec!["a", "b"]);
     /// # }

@@ -115,7 +115,7 @@ impl MemoryStore {
         }
     }
 
-    /// Names this handle's holder, as `SqliteStore::holder` does: a
+    /// Names this handle's holder, as `flowline_sqlite::SqliteStore::holder` does: a
     /// handle with the same name (a worker restarted within the process) takes back the
     /// reservations an earlier handle of that name still held; the same key twice under
     /// one handle is still busy.

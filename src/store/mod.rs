@@ -1,19 +1,10 @@
-//! Stores that keep state across runs (idempotency keys, checkpoints). One SQLite file can
-//! hold every kind of state: each kind has its own table, prefixed `flowline_` (idempotency
-//! keys live in `flowline_idempotency`; checkpoints can live beside them).
+//! Stores that keep state across runs (idempotency keys, checkpoints): the traits and the
+//! in-memory stores. The database stores are crates of their own (`flowline-sqlite`,
+//! `flowline-postgres`), built on the same traits; each kind of state has its own table,
+//! prefixed `flowline_`, so one database can hold every kind.
 
 pub(crate) mod checkpoint;
-#[cfg(feature = "postgres")]
-pub(crate) mod checkpoint_postgres;
-#[cfg(feature = "sqlite")]
-pub(crate) mod checkpoint_sqlite;
 mod memory;
-#[cfg(feature = "postgres")]
-pub(crate) mod pg;
-#[cfg(feature = "postgres")]
-mod postgres;
-#[cfg(feature = "sqlite")]
-mod sqlite;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,10 +13,6 @@ use std::time::Duration;
 use crate::error::BoxError;
 
 pub use memory::MemoryStore;
-#[cfg(feature = "postgres")]
-pub use postgres::PgStore;
-#[cfg(feature = "sqlite")]
-pub use sqlite::SqliteStore;
 
 /// A boxed future, as returned by the methods of [`Store`] (which stays object safe).
 ///

@@ -506,13 +506,13 @@ mod tests {
     /// `(key, part)` pairs, pair `i` arriving at `times[i]` ms.
     fn arrivals(pairs: Vec<(u32, &'static str, u64)>) -> Pipeline<(u32, String)> {
         let start = Instant::now();
-        let stream = futures::stream::iter(pairs).then(move |(k, p, t)| async move {
+        let stream = futures_util::stream::iter(pairs).then(move |(k, p, t)| async move {
             tokio::time::sleep_until(start + Duration::from_millis(t)).await;
             (k, p.to_string())
         });
         Pipeline::from_stream(stream)
     }
-    use futures::StreamExt as _;
+    use futures_util::StreamExt as _;
 
     #[tokio::test(start_paused = true)]
     async fn complete_objects_are_emitted_when_the_last_part_arrives() {

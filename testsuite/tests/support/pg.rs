@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use flowline::tokio_postgres;
+use flowline_postgres::tokio_postgres;
 
 /// A running server; dropping it stops the server it started and removes its files.
 pub struct PgServer {

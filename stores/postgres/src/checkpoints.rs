@@ -1,4 +1,4 @@
-//! `PgCheckpoints`: checkpoints in a PostgreSQL table (feature `postgres`), shared by the
+//! `PgCheckpoints`: checkpoints in a PostgreSQL table shared by the
 //! workers of several machines.
 //!
 //! ```sql
@@ -17,10 +17,9 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 
-use super::StoreFuture;
-use super::checkpoint::CheckpointStore;
+use flowline::{BoxError, CheckpointStore, StoreFuture};
+
 use super::pg::{self, PgOptions, pool_failed, retrying, sql_failed};
-use crate::error::BoxError;
 
 const STORE: &str = "PgCheckpoints";
 
@@ -34,14 +33,14 @@ struct Sql {
 /// missing. Cheap to clone; clones share the pool.
 ///
 /// ```no_run
-/// use flowline::{CheckpointStore, PgCheckpoints};
+/// use flowline::CheckpointStore;
+/// use flowline_postgres::PgCheckpoints;
 /// # #[tokio::main] async fn main() -> Result<(), flowline::BoxError> {
 /// let store = PgCheckpoints::connect("postgresql://flowline@localhost/app").await?;
 /// store.commit("orders", "1000").await?;
 /// assert_eq!(store.load("orders").await?.as_deref(), Some("1000"));
 /// # Ok(()) }
 /// ```
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 #[derive(Clone)]
 pub struct PgCheckpoints {
     pool: Pool,
@@ -64,7 +63,7 @@ impl PgCheckpoints {
     ///
     /// ```no_run
     /// # #[tokio::main] async fn main() -> Result<(), flowline::BoxError> {
-    /// let store = flowline::PgCheckpoints::connect("postgresql://flowline@localhost/app").await?;
+    /// let store = flowline_postgres::PgCheckpoints::connect("postgresql://flowline@localhost/app").await?;
     /// # let _ = store; Ok(()) }
     /// ```
     pub async fn connect(url: &str) -> Result<Self, BoxError> {
@@ -75,7 +74,7 @@ impl PgCheckpoints {
     /// retry window.
     ///
     /// ```no_run
-    /// use flowline::{PgCheckpoints, PgOptions};
+    /// use flowline_postgres::{PgCheckpoints, PgOptions};
     /// # #[tokio::main] async fn main() -> Result<(), flowline::BoxError> {
     /// let opts = PgOptions::new().table("etl_checkpoints").pool_size(2);
     /// let store = PgCheckpoints::connect_with("postgresql://flowline@localhost/app", opts).await?;
@@ -92,7 +91,7 @@ impl PgCheckpoints {
     /// to reach a server through TLS); creates the table if missing.
     ///
     /// ```no_run
-    /// use flowline::{PgCheckpoints, PgOptions, PgStore};
+    /// use flowline_postgres::{PgCheckpoints, PgOptions, PgStore};
     /// # #[tokio::main] async fn main() -> Result<(), flowline::BoxError> {
     /// let keys = PgStore::connect("postgresql://flowline@localhost/app").await?;
     /// let checkpoints = PgCheckpoints::from_pool(keys.pool().clone(), PgOptions::new()).await?;
@@ -132,7 +131,7 @@ impl PgCheckpoints {
     ///
     /// ```no_run
     /// # #[tokio::main] async fn main() -> Result<(), flowline::BoxError> {
-    /// let store = flowline::PgCheckpoints::connect("postgresql://flowline@localhost/app").await?;
+    /// let store = flowline_postgres::PgCheckpoints::connect("postgresql://flowline@localhost/app").await?;
     /// let client = store.pool().get().await?;
     /// client.batch_execute("select 1").await?;
     /// # Ok(()) }

@@ -1,5 +1,5 @@
-//! [`SqliteStore`]: idempotency state in one SQLite file, created on first use (feature
-//! `sqlite`). Calls run on tokio's blocking pool, one transaction per chunk of keys.
+//! [`SqliteStore`]: idempotency state in one SQLite file, created on first use.
+//! Calls run on tokio's blocking pool, one transaction per chunk of keys.
 //!
 //! Schema (tables are prefixed `flowline_` so that other state, such as cursor
 //! checkpoints, can share the file):
@@ -22,11 +22,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Reservation, Store, StoreFuture};
-use crate::error::BoxError;
+use flowline::{BoxError, Reservation, Store, StoreFuture};
 
 const RESERVED: i64 = 0;
 const DONE: i64 = 1;
+/// The longest reservation: thirty years, the horizon flowline caps its timers at. A longer
+/// `ttl` (up to `Duration::MAX`) would overflow the expiry, an `i64` of Unix milliseconds.
+const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
 
 struct Inner {
     conn: Mutex<Connection>,
@@ -39,7 +41,7 @@ struct Inner {
 ///
 /// ```
 /// use flowline::prelude::*;
-/// use flowline::SqliteStore;
+/// use flowline_sqlite::SqliteStore;
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let dir = tempfile::tempdir().unwrap();
 /// let store = SqliteStore::open(dir.path().join("state.db")).unwrap();
@@ -49,7 +51,6 @@ struct Inner {
 /// # }
 /// ```
 #[derive(Clone)]
-#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub struct SqliteStore {
     inner: Arc<Inner>,
     scope: Arc<str>,
@@ -102,7 +103,8 @@ impl SqliteStore {
     /// The file and its table are created on first use.
     ///
     /// ```
-    /// use flowline::{Reservation, SqliteStore, Store};
+    /// use flowline::{Reservation, Store};
+    /// use flowline_sqlite::SqliteStore;
     /// use std::time::Duration;
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// let dir = tempfile::tempdir().unwrap();
@@ -144,7 +146,8 @@ impl SqliteStore {
     /// The same file, keys kept apart under `scope` (one scope per pipeline sharing a file).
     ///
     /// ```
-    /// use flowline::{Reservation, SqliteStore, Store};
+    /// use flowline::{Reservation, Store};
+    /// use flowline_sqlite::SqliteStore;
     /// use std::time::Duration;
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// let dir = tempfile::tempdir().unwrap();
@@ -164,7 +167,8 @@ impl SqliteStore {
     /// Another holder on the same connection (as a second process would be).
     ///
     /// ```
-    /// use flowline::{Reservation, SqliteStore, Store};
+    /// use flowline::{Reservation, Store};
+    /// use flowline_sqlite::SqliteStore;
     /// use std::time::Duration;
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// let dir = tempfile::tempdir().unwrap();
@@ -193,7 +197,8 @@ impl SqliteStore {
     /// name of its own.
     ///
     /// ```
-    /// use flowline::{Reservation, SqliteStore, Store};
+    /// use flowline::{Reservation, Store};
+    /// use flowline_sqlite::SqliteStore;
     /// use std::time::Duration;
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// let dir = tempfile::tempdir().unwrap();
@@ -222,13 +227,13 @@ impl SqliteStore {
     /// both happen or neither. When an item's effect is a write to the same database (a row
     /// of one of your tables), this makes it exactly-once across crashes: a key is done if
     /// and only if its effect is there, and a done key is never processed again. Each key
-    /// must be reserved by this holder (as [`idempotent`](crate::Flow::idempotent) does
+    /// must be reserved by this holder (as [`idempotent`](flowline::Flow::idempotent) does
     /// when the item enters); if one is not, nothing is written and the call fails.
     /// Blocking: call it from a synchronous stage or `spawn_blocking`.
     ///
     /// ```
     /// use flowline::prelude::*;
-    /// use flowline::SqliteStore;
+    /// use flowline_sqlite::SqliteStore;
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// let dir = tempfile::tempdir().unwrap();
     /// let store = SqliteStore::open(dir.path().join("state.db")).unwrap();
@@ -323,7 +328,7 @@ impl Store for SqliteStore {
     ) -> StoreFuture<'a, Vec<Reservation>> {
         // Capped like every timer of the crate, so `Duration::MAX` means "never expires"
         // and the expiry column cannot overflow.
-        let ttl_ms = ttl.min(crate::runtime::time::FAR).as_millis() as i64;
+        let ttl_ms = ttl.min(FAR).as_millis() as i64;
         let name = self.name.clone();
         self.blocking(keys, move |tx, scope, holder, now, keys| {
             let earlier_life =
@@ -378,7 +383,7 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::prelude::*;
+    use flowline::prelude::*;
     use std::collections::HashMap;
 
     fn keys(k: &[&str]) -> Vec<String> {

@@ -4,7 +4,7 @@
 //! row is skipped, and only the rows that were in flight are processed twice.
 //!
 //! ```text
-//! cargo run --example sql_cursor --features sqlite -- <db> [rows] [stop_after] [--exactly-once]
+//! cargo run -p flowline-sqlite --example sql_cursor -- <db> [rows] [stop_after] [--exactly-once]
 //! ```
 //!
 //! - `db`: the SQLite file (created if missing) holding `items` and the checkpoints.
@@ -24,7 +24,8 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use flowline::prelude::*;
-use flowline::{CursorOptions, Page, SqliteCheckpoints, SqliteStore};
+use flowline::{CursorOptions, Page};
+use flowline_sqlite::{SqliteCheckpoints, SqliteStore};
 use futures::StreamExt;
 use rusqlite::{Connection, params};
 

@@ -1,4 +1,4 @@
-//! [`PgStore`]: idempotency state in a PostgreSQL table (feature `postgres`), shared by
+//! [`PgStore`]: idempotency state in a PostgreSQL table, shared by
 //! workers on several machines. Each call on a chunk of keys is one statement (one round
 //! trip), retried on another connection when its connection dropped.
 //!
@@ -23,9 +23,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::Pool;
 
+use flowline::{BoxError, Reservation, Store, StoreFuture};
+
 use super::pg::{self, PgOptions, pool_failed, retrying, sql_failed};
-use super::{Reservation, Store, StoreFuture};
-use crate::error::BoxError;
 
 const STORE: &str = "PgStore";
 /// The server's clock, in Unix ms, fixed for the statement.
@@ -40,21 +40,20 @@ struct Sql {
 }
 
 /// A [`Store`] in a PostgreSQL table (default `flowline_idempotency`), created if missing.
-/// Cheap to clone; clones are one holder. Mirrors [`SqliteStore`](crate::SqliteStore):
+/// Cheap to clone; clones are one holder. Mirrors `flowline_sqlite::SqliteStore`:
 /// scopes, holders, expiry, named holders that take back an earlier life's reservations —
 /// and [`commit_with`](PgStore::commit_with), async here, writes an effect and its keys in
 /// one transaction.
 ///
 /// ```no_run
 /// use flowline::prelude::*;
-/// use flowline::PgStore;
+/// use flowline_postgres::PgStore;
 /// # #[tokio::main] async fn main() -> Result<(), flowline::BoxError> {
 /// let store = PgStore::connect("postgresql://flowline@localhost/app").await?.scope("orders");
 /// let report = Pipeline::from_iter([1, 2, 3]).idempotent(store, |id| *id).run().await?;
 /// println!("{report}");   // a second run of the same ids delivers nothing
 /// # Ok(()) }
 /// ```
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
@@ -103,7 +102,8 @@ impl PgStore {
     /// with a pool of its own, creates `flowline_idempotency` if missing; scope `default`.
     ///
     /// ```no_run
-    /// use flowline::{PgStore, Reservation, Store};
+    /// use flowline::{Reservation, Store};
+    /// use flowline_postgres::PgStore;
     /// use std::time::Duration;
     /// # #[tokio::main] async fn main() -> Result<(), flowline::BoxError> {
     /// let store = PgStore::connect("postgresql://flowline@localhost/app").await?;
@@ -119,7 +119,7 @@ impl PgStore {
     /// window.
     ///
     /// ```no_run
-    /// use flowline::{PgOptions, PgStore};
+    /// use flowline_postgres::{PgOptions, PgStore};
     /// # #[tokio::main] async fn main() -> Result<(), flowline::BoxError> {
     /// let opts = PgOptions::new().table("orders_keys");
     /// let store = PgStore::connect_with("postgresql://flowline@localhost/app", opts).await?;
@@ -135,7 +135,7 @@ impl PgStore {
     /// effects, or reaching a server through TLS); creates the table if missing.
     ///
     /// ```no_run
-    /// use flowline::{PgCheckpoints, PgOptions, PgStore};
+    /// use flowline_postgres::{PgCheckpoints, PgOptions, PgStore};
     /// # #[tokio::main] async fn main() -> Result<(), flowline::BoxError> {
     /// let checkpoints = PgCheckpoints::connect("postgresql://flowline@localhost/app").await?;
     /// let keys = PgStore::from_pool(checkpoints.pool().clone(), PgOptions::new()).await?;
@@ -208,7 +208,7 @@ impl PgStore {
     ///
     /// ```no_run
     /// # #[tokio::main] async fn main() -> Result<(), flowline::BoxError> {
-    /// let store = flowline::PgStore::connect("postgresql://flowline@localhost/app").await?;
+    /// let store = flowline_postgres::PgStore::connect("postgresql://flowline@localhost/app").await?;
     /// let orders = store.clone().scope("orders");
     /// let refunds = store.scope("refunds");
     /// # let _ = (orders, refunds); Ok(()) }
@@ -222,7 +222,8 @@ impl PgStore {
     /// distinct from this one's.
     ///
     /// ```no_run
-    /// use flowline::{PgStore, Reservation, Store};
+    /// use flowline::{Reservation, Store};
+    /// use flowline_postgres::PgStore;
     /// use std::time::Duration;
     /// # #[tokio::main] async fn main() -> Result<(), flowline::BoxError> {
     /// let store = PgStore::connect("postgresql://flowline@localhost/app").await?;
@@ -247,7 +248,8 @@ impl PgStore {
     /// (the machine and worker number, say).
     ///
     /// ```no_run
-    /// use flowline::{PgStore, Reservation, Store};
+    /// use flowline::{Reservation, Store};
+    /// use flowline_postgres::PgStore;
     /// use std::time::Duration;
     /// # #[tokio::main] async fn main() -> Result<(), flowline::BoxError> {
     /// let url = "postgresql://flowline@localhost/app";
@@ -272,7 +274,7 @@ impl PgStore {
     ///
     /// ```no_run
     /// # #[tokio::main] async fn main() -> Result<(), flowline::BoxError> {
-    /// let store = flowline::PgStore::connect("postgresql://flowline@localhost/app").await?;
+    /// let store = flowline_postgres::PgStore::connect("postgresql://flowline@localhost/app").await?;
     /// let client = store.pool().get().await?;
     /// let rows = client.query("select id from items where id > $1 order by id limit 100", &[&0i64]).await?;
     /// # let _ = rows; Ok(()) }
@@ -285,19 +287,19 @@ impl PgStore {
     /// neither. When an item's effect is a write to the same database, this makes it
     /// exactly-once across crashes: a key is done if and only if its effect is there, and a
     /// done key is never processed again. Each key must be reserved by this holder (as
-    /// [`idempotent`](crate::Flow::idempotent) does when the item enters); if one is not
+    /// [`idempotent`](flowline::Flow::idempotent) does when the item enters); if one is not
     /// (its reservation expired and was taken over, or an earlier attempt already
     /// committed it), nothing is written and the call fails.
     ///
     /// Async, so it runs in an async stage. Getting a connection is retried like every
     /// store call; the transaction itself is tried once (the effect runs at most once per
-    /// call): a stage's [`retry`](crate::AsyncStage::retry) may try again, and a key
+    /// call): a stage's [`retry`](flowline::AsyncStage::retry) may try again, and a key
     /// already committed then fails the call instead of writing the effect twice. An error
     /// of the effect itself comes back as it was (`downcast_ref` finds it).
     ///
     /// ```no_run
     /// use flowline::prelude::*;
-    /// use flowline::PgStore;
+    /// use flowline_postgres::PgStore;
     /// # #[tokio::main] async fn main() -> Result<(), flowline::BoxError> {
     /// let store = PgStore::connect("postgresql://flowline@localhost/app").await?.holder("worker-1");
     /// let effects = store.clone();

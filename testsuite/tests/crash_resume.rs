@@ -11,7 +11,7 @@
 //! inside the test.
 
 #[allow(dead_code, unreachable_pub)]
-#[path = "../examples/sql_cursor.rs"]
+#[path = "../../stores/sqlite/examples/sql_cursor.rs"]
 mod sql_cursor;
 
 use std::process::{Command, Stdio};

@@ -1,4 +1,4 @@
-//! What the PostgreSQL stores share (feature `postgres`): the connection pool, the options,
+//! What the PostgreSQL stores share: the connection pool, the options,
 //! table names checked as SQL identifiers, retries of calls whose connection dropped, and
 //! errors that name the table and the statement.
 //!
@@ -11,14 +11,14 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 
-use crate::error::BoxError;
+use flowline::BoxError;
 
 /// Options of [`PgStore`](crate::PgStore) and [`PgCheckpoints`](crate::PgCheckpoints): the
 /// table, the pool size when the store opens its own pool, and how long a call whose
 /// connection dropped is retried.
 ///
 /// ```
-/// use flowline::PgOptions;
+/// use flowline_postgres::PgOptions;
 /// use std::time::Duration;
 /// let opts = PgOptions::new()
 ///     .table("orders_keys")
@@ -26,7 +26,6 @@ use crate::error::BoxError;
 ///     .retry_for(Duration::from_secs(10));
 /// # let _ = opts;
 /// ```
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 #[derive(Debug, Clone)]
 pub struct PgOptions {
     pub(crate) table: Option<String>,
@@ -49,7 +48,7 @@ impl PgOptions {
     /// `flowline_checkpoints`), a pool of 4 connections, calls retried for 5 s.
     ///
     /// ```
-    /// let opts = flowline::PgOptions::new();
+    /// let opts = flowline_postgres::PgOptions::new();
     /// # let _ = opts;
     /// ```
     pub fn new() -> Self {
@@ -62,7 +61,7 @@ impl PgOptions {
     /// names the option and the value; a name is never spliced into SQL unchecked.
     ///
     /// ```
-    /// let opts = flowline::PgOptions::new().table("etl.checkpoints");
+    /// let opts = flowline_postgres::PgOptions::new().table("etl.checkpoints");
     /// # let _ = opts;
     /// ```
     pub fn table(mut self, name: &str) -> Self {
@@ -74,7 +73,7 @@ impl PgOptions {
     /// zero). Ignored by `from_pool`.
     ///
     /// ```
-    /// let opts = flowline::PgOptions::new().pool_size(8);
+    /// let opts = flowline_postgres::PgOptions::new().pool_size(8);
     /// # let _ = opts;
     /// ```
     pub fn pool_size(mut self, n: usize) -> Self {
@@ -87,7 +86,7 @@ impl PgOptions {
     /// error from the server about the statement itself is never retried.
     ///
     /// ```
-    /// let opts = flowline::PgOptions::new().retry_for(std::time::Duration::from_secs(30));
+    /// let opts = flowline_postgres::PgOptions::new().retry_for(std::time::Duration::from_secs(30));
     /// # let _ = opts;
     /// ```
     pub fn retry_for(mut self, d: Duration) -> Self {

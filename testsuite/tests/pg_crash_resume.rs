@@ -9,14 +9,14 @@
 //! `FLOWLINE_PG_URL`.
 
 #[allow(dead_code, unreachable_pub)]
-#[path = "../examples/pg_cursor.rs"]
+#[path = "../../stores/postgres/examples/pg_cursor.rs"]
 mod pg_cursor;
 mod support;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flowline::tokio_postgres;
+use flowline_postgres::tokio_postgres;
 
 const ROWS: i64 = 50_000;
 const CHILD: &str = "FLOWLINE_PG_CHILD";

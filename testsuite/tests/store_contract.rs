@@ -131,7 +131,6 @@ async fn memory_stores_keep_the_contract() {
     checkpoint_contract(Arc::new(flowline::MemoryCheckpoints::new())).await;
 }
 
-#[cfg(feature = "sqlite")]
 #[tokio::test]
 async fn sqlite_stores_keep_the_contract() {
     let dir = tempfile::tempdir().unwrap();
@@ -139,7 +138,9 @@ async fn sqlite_stores_keep_the_contract() {
     let p = path.clone();
     // Each holder on a connection of its own, as separate processes would be.
     let open: Open = Box::new(move |name| {
-        let s = flowline::SqliteStore::open(&p).unwrap().scope("contract");
+        let s = flowline_sqlite::SqliteStore::open(&p)
+            .unwrap()
+            .scope("contract");
         let s = match name {
             Some(n) => s.holder(n),
             None => s,
@@ -147,14 +148,13 @@ async fn sqlite_stores_keep_the_contract() {
         Box::pin(async move { Arc::new(s) as Arc<dyn Store> })
     });
     idempotency_contract(open).await;
-    let cp = flowline::SqliteCheckpoints::open(&path).unwrap();
+    let cp = flowline_sqlite::SqliteCheckpoints::open(&path).unwrap();
     checkpoint_contract(Arc::new(cp)).await;
 }
 
-#[cfg(feature = "postgres")]
 #[tokio::test]
 async fn postgres_stores_keep_the_contract() {
-    use flowline::{PgCheckpoints, PgOptions, PgStore};
+    use flowline_postgres::{PgCheckpoints, PgOptions, PgStore};
     let mut server = support::pg::PgServer::start();
     let url = server.database();
     let base = PgStore::connect(&url).await.unwrap().scope("contract");

@@ -10,14 +10,13 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::StoreFuture;
-use super::checkpoint::CheckpointStore;
-use crate::error::BoxError;
+use flowline::{BoxError, CheckpointStore, StoreFuture};
 
 /// Checkpoints kept in a SQLite file.
 ///
 /// ```
-/// use flowline::{CheckpointStore, SqliteCheckpoints};
+/// use flowline::CheckpointStore;
+/// use flowline_sqlite::SqliteCheckpoints;
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let dir = tempfile::tempdir().unwrap();
 /// let path = dir.path().join("state.db");
@@ -29,7 +28,6 @@ use crate::error::BoxError;
 /// # }
 /// ```
 #[derive(Clone)]
-#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub struct SqliteCheckpoints {
     conn: Arc<Mutex<Connection>>,
 }
@@ -45,7 +43,7 @@ impl SqliteCheckpoints {
     ///
     /// ```
     /// let dir = tempfile::tempdir().unwrap();
-    /// let store = flowline::SqliteCheckpoints::open(dir.path().join("c.db")).unwrap();
+    /// let store = flowline_sqlite::SqliteCheckpoints::open(dir.path().join("c.db")).unwrap();
     /// # let _ = store;
     /// ```
     pub fn open(path: impl AsRef<Path>) -> Result<Self, BoxError> {

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! FLOWLINE_PG_URL=postgresql://postgres@127.0.0.1:5432/app \
-//!   cargo run --example pg_cursor --features postgres -- [--url URL] [--rows N] [--stop-after N] [--exactly-once]
+//!   cargo run -p flowline-postgres --example pg_cursor -- [--url URL] [--rows N] [--stop-after N] [--exactly-once]
 //! ```
 //!
 //! - `--url`: the server (default: `FLOWLINE_PG_URL`).
@@ -20,7 +20,8 @@
 use std::time::Duration;
 
 use flowline::prelude::*;
-use flowline::{CursorOptions, Page, PgCheckpoints, PgOptions, PgStore};
+use flowline::{CursorOptions, Page};
+use flowline_postgres::{PgCheckpoints, PgOptions, PgStore};
 use futures::StreamExt;
 
 const PAGE: i64 = 1000;
@@ -80,7 +81,7 @@ type BoxError = flowline::BoxError;
 
 /// Creates `items` with `rows` rows if it is empty, and the effects table.
 pub async fn create_tables(
-    pool: &flowline::deadpool_postgres::Pool,
+    pool: &flowline_postgres::deadpool_postgres::Pool,
     rows: i64,
 ) -> Result<(), BoxError> {
     let client = pool.get().await?;
@@ -107,7 +108,7 @@ pub async fn create_tables(
 
 /// One page of rows after `after`.
 async fn fetch_page(
-    pool: &flowline::deadpool_postgres::Pool,
+    pool: &flowline_postgres::deadpool_postgres::Pool,
     after: i64,
 ) -> Result<Page<(i64, String), i64>, BoxError> {
     let client = pool.get().await?;

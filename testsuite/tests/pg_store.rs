@@ -8,14 +8,15 @@ mod support;
 use std::time::Duration;
 
 use flowline::prelude::*;
-use flowline::{CheckpointStore, Page, PgCheckpoints, PgOptions, PgStore, Reservation, Store};
+use flowline::{CheckpointStore, Page, Reservation, Store};
+use flowline_postgres::{PgCheckpoints, PgOptions, PgStore};
 
 fn keys(k: &[&str]) -> Vec<String> {
     k.iter().map(|s| s.to_string()).collect()
 }
 
 /// Ends every connection of the stores (they all name themselves `flowline`).
-async fn drop_connections(admin: &flowline::deadpool_postgres::Pool) -> i64 {
+async fn drop_connections(admin: &flowline_postgres::deadpool_postgres::Pool) -> i64 {
     let c = admin.get().await.unwrap();
     let rows = c
         .query(
@@ -142,7 +143,7 @@ async fn postgres_stores_under_faults() {
         .batch_execute("CREATE TABLE sent (id BIGINT NOT NULL CHECK (id <> 13))")
         .await
         .unwrap();
-    let sent = |admin: flowline::deadpool_postgres::Pool| async move {
+    let sent = |admin: flowline_postgres::deadpool_postgres::Pool| async move {
         let c = admin.get().await.unwrap();
         let r = c.query_one("SELECT count(*) FROM sent", &[]).await.unwrap();
         r.get::<_, i64>(0)
@@ -158,7 +159,9 @@ async fn postgres_stores_under_faults() {
         .await
         .unwrap_err();
     // The effect's own error comes back as it was (here a tokio_postgres::Error).
-    let db = e.downcast_ref::<flowline::tokio_postgres::Error>().unwrap();
+    let db = e
+        .downcast_ref::<flowline_postgres::tokio_postgres::Error>()
+        .unwrap();
     let db = db.as_db_error().unwrap();
     assert!(db.message().contains("sent_id_check"), "{db}");
     assert_eq!(sent(admin.clone()).await, 0);
