@@ -86,23 +86,25 @@ pub struct PgStore {
     name: Option<Arc<str>>,
     /// Keys this holder marked done in [`commit_with`](PgStore::commit_with) that the
     /// `idempotent` stage has not committed yet: its commit of them has nothing to write.
-    done_here: Arc<DoneHere>,
+    done_here: Arc<KeySet>,
     /// Reserve without writing a lease (see [`optimistic`](PgStore::optimistic)).
     optimistic: bool,
     /// Optimistic holders: the keys this handle took and has not committed or released.
-    held: Arc<DoneHere>,
+    held: Arc<KeySet>,
 }
 
-/// The keys [`PgStore::commit_with`] marked done, until [`Store::commit`] or
-/// [`Store::release`] is called for them. Bounded: a key forgotten early only costs its
-/// commit a statement that finds it already done.
+/// A set of keys a handle keeps in this process: those [`PgStore::commit_with`] marked
+/// done, until [`Store::commit`] or [`Store::release`] is called for them (bounded by
+/// [`remember`](KeySet::remember): a key forgotten early only costs its commit a statement
+/// that finds it already done), or those an optimistic holder took.
 #[derive(Default)]
-struct DoneHere(std::sync::Mutex<HashSet<String>>);
+struct KeySet(std::sync::Mutex<HashSet<String>>);
 
-/// Keys remembered at most by [`DoneHere`] (a batch of effects in flight is far fewer).
+/// Keys remembered at most by [`KeySet::remember`] (a batch of effects in flight is far
+/// fewer).
 const DONE_HERE_MAX: usize = 1 << 16;
 
-impl DoneHere {
+impl KeySet {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
