@@ -9,6 +9,10 @@
 //!   table) written in one transaction with the rows' idempotency keys (`idempotent` +
 //!   `PgStore::commit_with`), checkpoints in PostgreSQL, against a hand-written keyset loop
 //!   that writes, per page and in one transaction, the effects, the keys and the cursor.
+//!   `flowline` is an [`optimistic`](PgStore::optimistic) store, the one worker of its
+//!   scope like the loop (each key written once); `leased` is the default store, which
+//!   writes a lease per key when it reserves and marks it done in the effect's
+//!   transaction (`leased_ratio` against the same baseline).
 //!   Rows: `FLOWLINE_BENCH_PG_EO_ROWS` (default 200,000).
 
 use std::hint::black_box;
@@ -268,10 +272,13 @@ fn exactly_once_pg(url: &str) {
     let cps = rt
         .block_on(PgCheckpoints::connect_with(url, PgOptions::new()))
         .expect("checkpoints");
-    let keys = rt
+    let leased = rt
         .block_on(PgStore::from_pool(cps.pool().clone(), PgOptions::new()))
         .expect("keys")
         .scope("bench");
+    // The one worker of its scope, as the baseline is: no lease, each key written once,
+    // done, in the effect's transaction.
+    let keys = leased.handle().optimistic();
     let mut rep = 0;
     let timed = |f: &mut dyn FnMut()| {
         rt.block_on(reset(url));
@@ -279,9 +286,10 @@ fn exactly_once_pg(url: &str) {
         f();
         t.elapsed()
     };
-    let (f, b) = {
+    let (f, b, l) = {
         let mut fl = Vec::new();
         let mut bl = Vec::new();
+        let mut ll = Vec::new();
         for _ in 0..REPS {
             rep += 1;
             let name = format!("eo-{rep}");
@@ -289,15 +297,24 @@ fn exactly_once_pg(url: &str) {
                 rt.block_on(flowline_exactly_once(&cps, &keys, &name, rows))
             }));
             bl.push(timed(&mut || rt.block_on(baseline_exactly_once(url, rows))));
+            let name = format!("eo-leased-{rep}");
+            ll.push(timed(&mut || {
+                rt.block_on(flowline_exactly_once(&cps, &leased, &name, rows))
+            }));
         }
-        (crate::util::median(&mut fl), crate::util::median(&mut bl))
+        (
+            crate::util::median(&mut fl),
+            crate::util::median(&mut bl),
+            crate::util::median(&mut ll),
+        )
     };
     let rate = |d: Duration| rows as f64 / d.as_secs_f64();
+    let per = |d: Duration| ns_per_item(d, rows as u64);
     emit(
         "source",
         "exactly_once_pg",
-        ns_per_item(f, rows as u64),
-        ns_per_item(b, rows as u64),
+        per(f),
+        per(b),
         "ns/item",
         serde_json::json!({
             "rows": rows,
@@ -305,6 +322,9 @@ fn exactly_once_pg(url: &str) {
             "reps": REPS,
             "flowline_rows_per_s": rate(f).round(),
             "baseline_rows_per_s": rate(b).round(),
+            // With a lease per key (the default, for workers that may share keys).
+            "leased": (per(l) * 1000.0).round() / 1000.0,
+            "leased_ratio": (per(l) / per(b) * 1000.0).round() / 1000.0,
         }),
     );
 }

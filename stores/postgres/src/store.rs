@@ -15,6 +15,14 @@
 //! ```
 //!
 //! Expiry is measured on the server's clock, the one clock every worker shares.
+//!
+//! Every statement on a chunk of keys finds each key through the primary key, one look-up
+//! per key: its cost follows the keys, not the size of the table. The writes do so through
+//! `ON CONFLICT`, whose look-ups are the unique index's own; they are prepared once. The
+//! reads (and the updates and deletes that read first) probe each key under `LIMIT 1`
+//! (see `probe`) and are planned for each call with the table as it is (an unnamed
+//! statement, still one round trip): a prepared plan made while the table was empty
+//! would scan it for every key once it has grown.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -22,6 +30,12 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::Pool;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::types::Type;
+
+/// Parameter types of statements planned for each call (`query_typed`).
+const TEXT: Type = Type::TEXT;
+const TEXT_ARRAY: Type = Type::TEXT_ARRAY;
 
 use flowline::{BoxError, Reservation, Store, StoreFuture};
 
@@ -37,6 +51,10 @@ struct Sql {
     commit: String,
     release: String,
     mark_done: String,
+    /// Optimistic holders: which keys are done, and which are held by a live lease.
+    check: String,
+    /// Optimistic holders: the keys written done, in one write each.
+    write_done: String,
 }
 
 /// A [`Store`] in a PostgreSQL table (default `flowline_idempotency`), created if missing.
@@ -60,10 +78,82 @@ pub struct PgStore {
     table: Arc<str>,
     sql: Arc<Sql>,
     retry_for: Duration,
-    scope: Arc<str>,
-    holder: Arc<str>,
+    // `String`, not `str`: a `&String` is a statement parameter as it is.
+    scope: Arc<String>,
+    holder: Arc<String>,
     /// `name#` when the holder was named: reservations of an earlier life are ours.
     name: Option<Arc<str>>,
+    /// Keys this holder marked done in [`commit_with`](PgStore::commit_with) that the
+    /// `idempotent` stage has not committed yet: its commit of them has nothing to write.
+    done_here: Arc<KeySet>,
+    /// Reserve without writing a lease (see [`optimistic`](PgStore::optimistic)).
+    optimistic: bool,
+    /// Optimistic holders: the keys this handle took and has not committed or released.
+    held: Arc<KeySet>,
+}
+
+/// A set of keys a handle keeps in this process: those [`PgStore::commit_with`] marked
+/// done, until [`Store::commit`] or [`Store::release`] is called for them (bounded by
+/// [`remember`](KeySet::remember): a key forgotten early only costs its commit a statement
+/// that finds it already done), or those an optimistic holder took.
+#[derive(Default)]
+struct KeySet(std::sync::Mutex<HashSet<String>>);
+
+/// Keys remembered at most by [`KeySet::remember`] (a batch of effects in flight is far
+/// fewer).
+const DONE_HERE_MAX: usize = 1 << 16;
+
+impl KeySet {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember(&self, keys: &[String]) {
+        let mut set = self.lock();
+        if set.len() + keys.len() > DONE_HERE_MAX {
+            set.clear();
+        }
+        if keys.len() <= DONE_HERE_MAX {
+            set.extend(keys.iter().cloned());
+        }
+    }
+
+    /// Takes `key` unless it is held already.
+    fn insert(&self, key: &str) -> bool {
+        let mut set = self.lock();
+        !set.contains(key) && set.insert(key.to_string())
+    }
+
+    /// The first of `keys` not held, if any.
+    fn missing<'k>(&self, keys: &'k [String]) -> Option<&'k String> {
+        let set = self.lock();
+        keys.iter().find(|k| !set.contains(k.as_str()))
+    }
+
+    /// The keys not marked done here; those that were are forgotten.
+    fn take_others<'k>(&self, keys: &'k [String]) -> Vec<&'k String> {
+        let mut set = self.lock();
+        if set.is_empty() {
+            return keys.iter().collect();
+        }
+        keys.iter().filter(|k| !set.remove(k.as_str())).collect()
+    }
+
+    /// The keys held here, forgotten as they are returned.
+    fn take_held<'k>(&self, keys: &[&'k String]) -> Vec<&'k String> {
+        let mut set = self.lock();
+        keys.iter()
+            .copied()
+            .filter(|k| set.remove(k.as_str()))
+            .collect()
+    }
+
+    fn forget(&self, keys: &[String]) {
+        let mut set = self.lock();
+        for k in keys {
+            set.remove(k.as_str());
+        }
+    }
 }
 
 impl std::fmt::Debug for PgStore {
@@ -76,14 +166,14 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
-fn new_holder() -> Arc<str> {
+fn new_holder() -> Arc<String> {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos();
     let n = N.fetch_add(1, Ordering::Relaxed);
-    Arc::from(format!("{}-{nanos}-{n}", std::process::id()))
+    Arc::new(format!("{}-{nanos}-{n}", std::process::id()))
 }
 
 /// A number for each reserve call of this process: with the holder, it tells a retried
@@ -95,6 +185,25 @@ fn next_lease() -> i64 {
 
 fn table_name(options: &PgOptions) -> &str {
     options.table.as_deref().unwrap_or("flowline_idempotency")
+}
+
+/// The row of key `k.key` in scope `$1`, found through the primary key, one key at a
+/// time. A `key = ANY($2)` condition would leave the plan to the statistics: before the
+/// table has any (a new table, or one just emptied), the planner takes `scope = $1` alone
+/// for selective, reads every key of the scope and filters, and each call costs time in
+/// proportion to the table. A probe under `LIMIT 1` in a lateral join is not flattened:
+/// each key is one look-up in the unique index, whatever the statistics say.
+fn probe(table: &str, columns: &str) -> String {
+    format!("SELECT {columns} FROM {table} WHERE scope = $1 AND key = k.key LIMIT 1")
+}
+
+/// The row addresses of keys `$2` in scope `$1`, each found by a [`probe`]: a statement
+/// on `ctid = ANY(…)` reads those rows and no others.
+fn ctids(table: &str) -> String {
+    format!(
+        "SELECT t.ctid FROM unnest($2::text[]) AS k(key) CROSS JOIN LATERAL ({}) AS t",
+        probe(table, "ctid")
+    )
 }
 
 impl PgStore {
@@ -179,17 +288,49 @@ impl PgStore {
         );
         let sql = Sql {
             reserve,
-            states: format!("SELECT key, state FROM {table} WHERE scope = $1 AND key = ANY($2)"),
+            states: format!(
+                "SELECT k.key, t.state FROM unnest($2::text[]) AS k(key)
+                 CROSS JOIN LATERAL ({PROBE}) AS t",
+                PROBE = probe(&table, "state")
+            ),
             commit: format!(
                 "UPDATE {table} SET state = 1
-                 WHERE scope = $1 AND key = ANY($2) AND holder = $3 AND state = 0"
+                 WHERE ctid = ANY(ARRAY({ctids})) AND holder = $3 AND state = 0",
+                ctids = ctids(&table)
             ),
             release: format!(
-                "DELETE FROM {table} WHERE scope = $1 AND key = ANY($2) AND holder = $3 AND state = 0"
+                "DELETE FROM {table}
+                 WHERE ctid = ANY(ARRAY({ctids})) AND holder = $3 AND state = 0",
+                ctids = ctids(&table)
             ),
+            // Keys not reserved at all are inserted with lease -1 (no reserve call has it),
+            // which tells them apart; the call then fails and the transaction rolls back.
             mark_done: format!(
-                "UPDATE {table} SET state = 1
-                 WHERE scope = $1 AND key = ANY($2) AND holder = $3 AND state = 0
+                "INSERT INTO {table} AS t (scope, key, state, holder, lease, expires_ms)
+                 SELECT $1, k, 1, $3, -1, 0 FROM unnest($2::text[]) AS k
+                 ON CONFLICT (scope, key) DO UPDATE SET state = 1
+                    WHERE t.holder = $3 AND t.state = 0
+                 RETURNING key, lease"
+            ),
+            // $1 scope, $2 keys, $3 holder, $4 `name#` of a named holder. A lease is no
+            // obstacle when it expired or an earlier life of this named holder took it.
+            check: format!(
+                "SELECT k.key, t.state = 1,
+                        t.expires_ms <= {NOW_MS}
+                        OR ($4::text IS NOT NULL AND t.holder <> $3 AND starts_with(t.holder, $4))
+                 FROM unnest($2::text[]) AS k(key)
+                 CROSS JOIN LATERAL ({PROBE}) AS t",
+                PROBE = probe(&table, "state, holder, expires_ms")
+            ),
+            write_done: format!(
+                "INSERT INTO {table} AS t (scope, key, state, holder, lease, expires_ms)
+                 SELECT $1, k, 1, $3, 0, 0 FROM unnest($2::text[]) AS k
+                 ON CONFLICT (scope, key) DO UPDATE
+                    SET state = 1, holder = excluded.holder, lease = 0, expires_ms = 0
+                    WHERE t.state = 0 AND (
+                          t.holder = $3
+                       OR t.expires_ms <= {NOW_MS}
+                       OR ($4::text IS NOT NULL AND starts_with(t.holder, $4)))
                  RETURNING key"
             ),
         };
@@ -198,9 +339,12 @@ impl PgStore {
             table: Arc::from(table),
             sql: Arc::new(sql),
             retry_for: options.retry_for,
-            scope: Arc::from("default"),
+            scope: Arc::new("default".to_string()),
             holder: new_holder(),
             name: None,
+            done_here: Arc::default(),
+            optimistic: false,
+            held: Arc::default(),
         })
     }
 
@@ -214,7 +358,9 @@ impl PgStore {
     /// # let _ = (orders, refunds); Ok(()) }
     /// ```
     pub fn scope(mut self, scope: &str) -> Self {
-        self.scope = Arc::from(scope);
+        self.scope = Arc::new(scope.to_string());
+        self.done_here = Arc::default();
+        self.held = Arc::default();
         self
     }
 
@@ -237,6 +383,8 @@ impl PgStore {
         PgStore {
             holder: new_holder(),
             name: None,
+            done_here: Arc::default(),
+            held: Arc::default(),
             ..self.clone()
         }
     }
@@ -265,8 +413,43 @@ impl PgStore {
         // `name#<unique id>`: a reservation under the same name from another life is taken
         // back; one from this life (the same key twice in a run) is still busy.
         let prefix: Arc<str> = Arc::from(format!("{name}#"));
-        self.holder = Arc::from(format!("{prefix}{}", new_holder()));
+        self.holder = Arc::new(format!("{prefix}{}", new_holder()));
         self.name = Some(prefix);
+        self.done_here = Arc::default();
+        self.held = Arc::default();
+        self
+    }
+
+    /// Reserves without writing a lease: `reserve` only reads which keys are done (they
+    /// are [`AlreadyDone`](Reservation::AlreadyDone)) or held by another holder's live
+    /// reservation ([`Busy`](Reservation::Busy)); the keys it takes are held by this
+    /// handle in this process. Each key is then written once, done: by
+    /// [`commit_with`](PgStore::commit_with) in the effect's transaction, or by `commit`.
+    /// Half the writes of a reservation followed by its commit, and nothing is left behind
+    /// by a crash.
+    ///
+    /// For a holder that is the only one working on its scope's keys (one worker, or
+    /// workers on disjoint key ranges). Other holders do not see its keys as taken: if two
+    /// holders take the same key at once, `commit_with` still lets only one effect through
+    /// (the other call fails and writes nothing), but an effect outside the database,
+    /// followed by `commit`, may run twice.
+    ///
+    /// ```no_run
+    /// use flowline::{PgStore, Reservation, Store};
+    /// use std::time::Duration;
+    /// # #[tokio::main] async fn main() -> Result<(), flowline::BoxError> {
+    /// let store = PgStore::connect("postgresql://flowline@localhost/app").await?.optimistic();
+    /// let k = vec!["row-1".to_string()];
+    /// assert_eq!(store.reserve(&k, Duration::from_secs(60)).await?, vec![Reservation::Reserved]);
+    /// let n = store
+    ///     .commit_with(&k, async |tx| tx.execute("insert into sent (id) values (1)", &[]).await)
+    ///     .await?;
+    /// assert_eq!(store.reserve(&k, Duration::from_secs(60)).await?, vec![Reservation::AlreadyDone]);
+    /// # let _ = n; Ok(()) }
+    /// ```
+    pub fn optimistic(mut self) -> Self {
+        self.optimistic = true;
+        self.held = Arc::default();
         self
     }
 
@@ -360,55 +543,88 @@ impl PgStore {
         E: Into<BoxError>,
     {
         let table = &*self.table;
+        if self.optimistic {
+            if let Some(key) = self.held.missing(keys) {
+                return Err(self.not_reserved(Some(key)));
+            }
+        }
         let out = effect(&tx).await.map_err(Into::into)?;
-        let wanted: HashSet<&str> = keys.iter().map(String::as_str).collect();
-        if !wanted.is_empty() {
-            let stmt = tx
-                .prepare_cached(&self.sql.mark_done)
-                .await
-                .map_err(|e| sql_failed(table, "commit_with (UPDATE … RETURNING)", e).error)?;
-            let rows = tx
-                .query(&stmt, &[&&*self.scope, &keys, &&*self.holder])
-                .await
-                .map_err(|e| sql_failed(table, "commit_with (UPDATE … RETURNING)", e).error)?;
+        if !keys.is_empty() {
+            let name = self.name.as_deref();
+            let rows = if self.optimistic {
+                let what = "commit_with (INSERT … ON CONFLICT)";
+                let [scope, keys, holder] = self.keys_params(&keys);
+                let stmt = tx
+                    .prepare_cached(&self.sql.write_done)
+                    .await
+                    .map_err(|e| sql_failed(table, what, e).error)?;
+                tx.query(&stmt, &[scope, keys, holder, &name])
+                    .await
+                    .map_err(|e| sql_failed(table, what, e).error)?
+            } else {
+                let what = "commit_with (INSERT … ON CONFLICT)";
+                let stmt = tx
+                    .prepare_cached(&self.sql.mark_done)
+                    .await
+                    .map_err(|e| sql_failed(table, what, e).error)?;
+                tx.query(&stmt, &self.keys_params(&keys))
+                    .await
+                    .map_err(|e| sql_failed(table, what, e).error)?
+            };
             let mut marked = HashSet::with_capacity(rows.len());
             for row in &rows {
-                if let Ok(k) = row.try_get::<_, &str>(0) {
-                    marked.insert(k.to_string());
+                // Lease -1: a key no reserve call had, inserted by the statement itself.
+                let inserted = !self.optimistic && row.try_get::<_, i64>(1).ok() == Some(-1);
+                if let (Ok(k), false) = (row.try_get::<_, &str>(0), inserted) {
+                    marked.insert(k);
                 }
             }
-            if let Some(key) = keys.iter().find(|k| !marked.contains(*k)) {
+            if let Some(key) = keys.iter().find(|k| !marked.contains(k.as_str())) {
                 // Dropping `tx` rolls the effect back.
-                return Err(format!(
-                    "key {key:?} is not reserved by this holder ({}): effect not written",
-                    self.holder
-                )
-                .into());
+                return Err(self.not_reserved(Some(key)));
             }
         }
         tx.commit()
             .await
             .map_err(|e| sql_failed(table, "commit_with (COMMIT)", e).error)?;
+        if self.optimistic {
+            self.held.forget(keys);
+        }
+        self.done_here.remember(keys);
         Ok(out)
     }
 
-    /// Runs `sql` with `keys` as `$2` after the scope, retried on another connection when
-    /// the connection dropped.
+    fn not_reserved(&self, key: Option<&String>) -> BoxError {
+        format!(
+            "key {:?} is not reserved by this holder ({}): effect not written",
+            key.map_or("", String::as_str),
+            self.holder
+        )
+        .into()
+    }
+
+    /// `$1` scope, `$2` keys, `$3` holder.
+    fn keys_params<'p, K: ToSql + Sync>(&'p self, keys: &'p K) -> [&'p (dyn ToSql + Sync); 3] {
+        [&*self.scope, keys, &*self.holder]
+    }
+
+    /// Runs `sql` on `keys` (`$1` scope, `$2` keys, `$3` holder), retried on another
+    /// connection when the connection dropped.
     async fn keys_statement(
         &self,
         name: &'static str,
         sql: &str,
-        keys: &[String],
+        keys: &[&String],
     ) -> Result<(), BoxError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
         let table = &*self.table;
         retrying(self.retry_for, || async {
             let client = self.pool.get().await.map_err(|e| pool_failed(table, e))?;
-            let stmt = client
-                .prepare_cached(sql)
-                .await
-                .map_err(|e| sql_failed(table, name, e))?;
+            let [scope, keys, holder] = self.keys_params(&keys);
             client
-                .execute(&stmt, &[&&*self.scope, &keys, &&*self.holder])
+                .execute_typed(sql, &[(scope, TEXT), (keys, TEXT_ARRAY), (holder, TEXT)])
                 .await
                 .map_err(|e| sql_failed(table, name, e))
         })
@@ -423,6 +639,9 @@ impl PgStore {
     ) -> Result<Vec<Reservation>, BoxError> {
         if keys.is_empty() {
             return Ok(Vec::new());
+        }
+        if self.optimistic {
+            return self.reserve_optimistic(keys).await;
         }
         // A key twice in one call is reserved once; its later copies are busy, as a second
         // copy in flight would be.
@@ -466,17 +685,16 @@ impl PgStore {
             }
             // Why the others were not taken: done, or someone else's.
             let what = "reserve (SELECT state)";
-            let stmt = client
-                .prepare_cached(&self.sql.states)
-                .await
-                .map_err(|e| sql_failed(table, what, e))?;
             let rest: Vec<&str> = distinct
                 .iter()
                 .copied()
                 .filter(|k| !taken.contains(*k))
                 .collect();
             let states = client
-                .query(&stmt, &[&&*self.scope, &rest])
+                .query_typed(
+                    &self.sql.states,
+                    &[(&*self.scope, TEXT), (&rest, TEXT_ARRAY)],
+                )
                 .await
                 .map_err(|e| sql_failed(table, what, e))?;
             let states: Vec<(String, i16)> = states
@@ -514,6 +732,98 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// [`reserve`](Store::reserve) of an [`optimistic`](PgStore::optimistic) holder: one
+    /// read, no write.
+    async fn reserve_optimistic(&self, keys: &[String]) -> Result<Vec<Reservation>, BoxError> {
+        let mut seen = HashSet::with_capacity(keys.len());
+        let distinct: Vec<&str> = keys
+            .iter()
+            .map(String::as_str)
+            .filter(|k| seen.insert(*k))
+            .collect();
+        let name = self.name.as_deref();
+        let table = &*self.table;
+        let rows = retrying(self.retry_for, || async {
+            let client = self.pool.get().await.map_err(|e| pool_failed(table, e))?;
+            let [scope, ks, holder] = self.keys_params(&distinct);
+            let params = [
+                (scope, TEXT),
+                (ks, TEXT_ARRAY),
+                (holder, TEXT),
+                (&name, TEXT),
+            ];
+            client
+                .query_typed(&self.sql.check, &params)
+                .await
+                .map_err(|e| sql_failed(table, "reserve (SELECT)", e))
+        })
+        .await?;
+        // Keys found: done, or under a lease that is no obstacle, or held by another.
+        let mut found = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let (Ok(key), Ok(done), Ok(free)) = (
+                row.try_get::<_, &str>(0),
+                row.try_get::<_, bool>(1),
+                row.try_get::<_, Option<bool>>(2),
+            ) else {
+                continue;
+            };
+            let r = if done {
+                Some(Reservation::AlreadyDone)
+            } else if free == Some(true) {
+                None
+            } else {
+                Some(Reservation::Busy)
+            };
+            found.insert(key, r);
+        }
+        let mut first = HashSet::with_capacity(keys.len());
+        Ok(keys
+            .iter()
+            .map(|k| {
+                let known = found.get(k.as_str()).copied().flatten();
+                if !first.insert(k.as_str()) {
+                    // A later copy in the same call: busy, as a second copy in flight.
+                    return known.unwrap_or(Reservation::Busy);
+                }
+                match known {
+                    Some(r) => r,
+                    // Free; busy when this handle holds it already (a duplicate in flight).
+                    None if self.held.insert(k) => Reservation::Reserved,
+                    None => Reservation::Busy,
+                }
+            })
+            .collect())
+    }
+
+    /// `commit` of an [`optimistic`](PgStore::optimistic) holder: the keys it holds,
+    /// written done.
+    async fn write_done(&self, keys: &[&String]) -> Result<(), BoxError> {
+        let mine = self.held.take_held(keys);
+        if mine.is_empty() {
+            return Ok(());
+        }
+        let name = self.name.as_deref();
+        let table = &*self.table;
+        retrying(self.retry_for, || async {
+            let client = self.pool.get().await.map_err(|e| pool_failed(table, e))?;
+            let what = "commit (INSERT … ON CONFLICT)";
+            let stmt = client
+                .prepare_cached(&self.sql.write_done)
+                .await
+                .map_err(|e| sql_failed(table, what, e))?;
+            let [scope, ks, holder] = self.keys_params(&mine);
+            client
+                .execute(&stmt, &[scope, ks, holder, &name])
+                .await
+                .map_err(|e| sql_failed(table, what, e))
+        })
+        .await
+        .map(|_| ())
+    }
+}
+
 impl Store for PgStore {
     fn reserve<'a>(
         &'a self,
@@ -525,10 +835,28 @@ impl Store for PgStore {
 
     fn commit<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
         // A key whose reservation was taken over is left alone: its new holder decides.
-        Box::pin(self.keys_statement("commit (UPDATE)", &self.sql.commit, keys))
+        Box::pin(async move {
+            // Keys marked done by `commit_with` are done already: nothing to write.
+            let rest = self.done_here.take_others(keys);
+            if self.optimistic {
+                return self.write_done(&rest).await;
+            }
+            self.keys_statement("commit (UPDATE)", &self.sql.commit, &rest)
+                .await
+        })
     }
 
     fn release<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
-        Box::pin(self.keys_statement("release (DELETE)", &self.sql.release, keys))
+        Box::pin(async move {
+            // A key done by `commit_with` stays done: only the others are released.
+            let rest = self.done_here.take_others(keys);
+            if self.optimistic {
+                // Nothing was written for them: forgetting them releases them.
+                self.held.take_held(&rest);
+                return Ok(());
+            }
+            self.keys_statement("release (DELETE)", &self.sql.release, &rest)
+                .await
+        })
     }
 }
