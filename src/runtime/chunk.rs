@@ -211,6 +211,15 @@ impl<T> Chunk<T> {
     }
 }
 
+/// Lets go of the tickets of discarded outputs without a mark of their own: the input they
+/// came from reports its outcome (failed) through its own hold. Dropped, they would count as
+/// cancelled, which outranks failed.
+fn let_go(tickets: impl Iterator<Item = Ticket>) {
+    for t in tickets {
+        t.finish(Outcome::Done);
+    }
+}
+
 /// Where a fused operator puts what it produces for the current input item.
 pub(crate) struct Emit<U> {
     items: Vec<U>,
@@ -267,7 +276,7 @@ impl<U> Emit<U> {
     pub(crate) fn undo(&mut self, mark: usize) {
         self.items.truncate(mark);
         if self.tracked {
-            self.tickets.truncate(mark);
+            let_go(self.tickets.drain(mark..));
         }
     }
 
@@ -342,7 +351,7 @@ pub(crate) fn process<T, U, const AT_MOST_ONE: bool>(
                 } else {
                     emit.items.truncate(mark);
                     if tracked {
-                        emit.tickets.truncate(mark);
+                        let_go(emit.tickets.drain(mark..));
                         std::mem::take(&mut emit.current).finish(Outcome::Failed);
                     }
                 }
