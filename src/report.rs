@@ -55,6 +55,10 @@ pub struct StageStats {
     pub(crate) dropped: AtomicU64,
     pub(crate) failed: AtomicU64,
     pub(crate) retried: AtomicU64,
+    /// Items counted where a run left them: in a stage's buffers, calls or queues when the
+    /// run was cancelled. Counted, never derived from the other counters, so that an item a
+    /// stage lost (neither passed on, dropped, failed, nor held) shows as an imbalance.
+    pub(crate) unfinished: AtomicU64,
     latency: Mutex<Option<Histogram<u64>>>,
     /// When the oldest call still in flight started, as nanoseconds after the run's epoch
     /// plus one (0: none, or not tracked). Kept only while a stall watchdog asks.
@@ -72,6 +76,7 @@ impl StageStats {
             dropped: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             retried: AtomicU64::new(0),
+            unfinished: AtomicU64::new(0),
             latency: Mutex::new(None),
             oldest_call: AtomicU64::new(0),
         }
@@ -82,6 +87,20 @@ impl StageStats {
         if n > 0 {
             counter.fetch_add(n as u64, Relaxed);
         }
+    }
+
+    /// Counts `n` items the stage still held when it ended: they stay unfinished.
+    #[inline]
+    pub(crate) fn left(&self, n: usize) {
+        Self::add(&self.unfinished, n);
+    }
+
+    /// Counts `n` items thrown away from the queues in front of the stage when the run was
+    /// cancelled: received by the stage, and left unfinished in it.
+    #[inline]
+    pub(crate) fn discarded(&self, n: usize) {
+        Self::add(&self.received, n);
+        Self::add(&self.unfinished, n);
     }
 
     /// Counts one processed chunk of a 1:1 (or 1:n) operator.
@@ -145,7 +164,11 @@ impl StageStats {
         local.reset();
     }
 
-    pub(crate) fn snapshot(&self) -> StageReport {
+    /// The stage's counts. While the run goes on (`ended` false), `unfinished` is what is
+    /// in flight: received and not yet passed, dropped or failed. Once every task of the run
+    /// has ended, it is what the stages counted as left behind, so that
+    /// [`StageReport::is_balanced`] checks every item's end rather than restating it.
+    pub(crate) fn snapshot(&self, ended: bool) -> StageReport {
         let received = self.received.load(Relaxed);
         let passed = self.passed.load(Relaxed);
         let dropped = self.dropped.load(Relaxed);
@@ -165,7 +188,11 @@ impl StageStats {
             dropped,
             failed,
             retried: self.retried.load(Relaxed),
-            unfinished: received.saturating_sub(passed + dropped + failed),
+            unfinished: if ended {
+                self.unfinished.load(Relaxed)
+            } else {
+                received.saturating_sub(passed + dropped + failed)
+            },
             latency,
         }
     }
@@ -213,7 +240,10 @@ impl LatencySummary {
 ///
 /// For every stage `received = passed + dropped + failed + unfinished`; `unfinished` is zero
 /// when the run completed, and counts the items that were inside the stage (or queued in
-/// front of it) when a run was cancelled. `emitted` is the number of outputs, which differs
+/// front of it) when a run was cancelled. In a finished run's report each stage counts its
+/// unfinished items where it left them (they are not the remainder of the other counts), so
+/// an item that vanished shows as an unbalanced stage; in a live snapshot `unfinished` is
+/// what is in flight. `emitted` is the number of outputs, which differs
 /// from `passed` only for stages that change the number of items (`flat_map`, batches).
 ///
 /// ```
@@ -244,7 +274,9 @@ pub struct StageReport {
     pub failed: u64,
     /// Retry attempts made (not counted in `received`).
     pub retried: u64,
-    /// Items still inside the stage: in flight during a run, cancelled after a cancelled run.
+    /// Items still inside the stage: in flight during a run (a live snapshot), and once the
+    /// run has ended the items the stage held or had queued in front of it when the run was
+    /// cancelled (counted where they were left).
     pub unfinished: u64,
     /// Latency of the stage's calls (async stages).
     pub latency: Option<LatencySummary>,

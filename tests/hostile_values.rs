@@ -226,6 +226,24 @@ fn cases() -> Vec<(&'static str, Expect, Case)> {
             .run()
             .into_future()
     );
+    case!(
+        "idempotent busy_wait(ZERO)",
+        Runs,
+        src()
+            .idempotent(MemoryStore::new(), |x| *x)
+            .busy_wait(ZERO)
+            .run()
+            .into_future()
+    );
+    case!(
+        "idempotent busy_wait(MAX)",
+        Runs,
+        src()
+            .idempotent(MemoryStore::new(), |x| *x)
+            .busy_wait(MAX)
+            .run()
+            .into_future()
+    );
     // Rates.
     case!(
         "pace per_second(0)",

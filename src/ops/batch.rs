@@ -273,8 +273,10 @@ impl<T: Send + 'static, A: Admit<T>> ChunkSource<Vec<T>> for Batcher<T, A> {
 
     fn discard(&mut self) -> usize {
         // The open batch's items were counted received; they stay unfinished.
-        let queued = self.up.discard();
-        StageStats::add(&self.stats.received, queued);
+        self.stats.left(self.open.items.len());
+        self.open.items.clear();
+        self.open.tickets.clear();
+        self.stats.discarded(self.up.discard());
         0
     }
 }

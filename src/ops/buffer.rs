@@ -48,11 +48,12 @@ pub(crate) async fn pump<T: Send + 'static>(
         let n = chunk.len();
         StageStats::add(&stats.received, n);
         if !cancel.send_counted(&tx, chunk, n, &stats).await {
+            stats.left(n);
             break;
         }
         tokio::task::consume_budget().await;
     }
-    StageStats::add(&stats.received, up.discard());
+    stats.discarded(up.discard());
 }
 
 #[cfg(test)]

@@ -240,6 +240,7 @@ async fn debouncer<T, K, F>(
         if !out.is_empty() {
             let n = out.len();
             if !watch.send_counted(&tx, out, n, &stats).await {
+                stats.left(n);
                 break;
             }
         }
@@ -248,7 +249,8 @@ async fn debouncer<T, K, F>(
         }
         tokio::task::consume_budget().await;
     }
-    StageStats::add(&stats.received, up.discard());
+    stats.left(state.pending.len());
+    stats.discarded(up.discard());
 }
 
 #[cfg(test)]

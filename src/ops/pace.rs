@@ -60,9 +60,8 @@ impl<T: Send + 'static> ChunkSource<T> for RateLimited<T> {
 
     fn discard(&mut self) -> usize {
         // Held items were counted as received: they stay unfinished.
-        self.held = Chunk::default();
-        let queued = self.up.discard();
-        StageStats::add(&self.stats.received, queued);
+        self.stats.left(std::mem::take(&mut self.held).len());
+        self.stats.discarded(self.up.discard());
         0
     }
 }

@@ -144,9 +144,8 @@ impl<T: Send + 'static> ChunkSource<T> for Throttled<T> {
 
     fn discard(&mut self) -> usize {
         // A held trailing item was counted as received: it stays unfinished.
-        self.latest = None;
-        let queued = self.up.discard();
-        StageStats::add(&self.stats.received, queued);
+        self.stats.left(self.latest.take().map_or(0, |_| 1));
+        self.stats.discarded(self.up.discard());
         0
     }
 }

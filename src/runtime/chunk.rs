@@ -39,10 +39,12 @@ struct TicketInner {
 impl Drop for TicketInner {
     fn drop(&mut self) {
         let marks = *self.marks.get_mut();
-        let outcome = if marks & FAILED != 0 {
-            Outcome::Failed
-        } else if marks & CANCELLED != 0 {
+        // Not processed outranks failed: a page (or batch) with one failed item and one
+        // cancelled one has not finished, and a checkpoint must stay before it.
+        let outcome = if marks & CANCELLED != 0 {
             Outcome::Cancelled
+        } else if marks & FAILED != 0 {
+            Outcome::Failed
         } else {
             Outcome::Done
         };
@@ -57,7 +59,7 @@ impl Drop for TicketInner {
 
 /// A completion ticket: shared by every item derived from one tracked input (a `flat_map`
 /// clones it, a batch holds its parts' tickets as parents). When the last holder lets go, the
-/// callback runs once with the worst outcome any holder reported. A ticket dropped without
+/// callback runs once with the worst outcome any holder reported (cancelled, then failed, then done). A ticket dropped without
 /// [`Ticket::finish`] counts as cancelled, so an item lost on an unexpected path can never
 /// be mistaken for a finished one.
 #[derive(Default)]
@@ -209,6 +211,15 @@ impl<T> Chunk<T> {
     }
 }
 
+/// Lets go of the tickets of discarded outputs without a mark of their own: the input they
+/// came from reports its outcome (failed) through its own hold. Dropped, they would count as
+/// cancelled, which outranks failed.
+fn let_go(tickets: impl Iterator<Item = Ticket>) {
+    for t in tickets {
+        t.finish(Outcome::Done);
+    }
+}
+
 /// Where a fused operator puts what it produces for the current input item.
 pub(crate) struct Emit<U> {
     items: Vec<U>,
@@ -265,7 +276,7 @@ impl<U> Emit<U> {
     pub(crate) fn undo(&mut self, mark: usize) {
         self.items.truncate(mark);
         if self.tracked {
-            self.tickets.truncate(mark);
+            let_go(self.tickets.drain(mark..));
         }
     }
 
@@ -340,7 +351,7 @@ pub(crate) fn process<T, U, const AT_MOST_ONE: bool>(
                 } else {
                     emit.items.truncate(mark);
                     if tracked {
-                        emit.tickets.truncate(mark);
+                        let_go(emit.tickets.drain(mark..));
                         std::mem::take(&mut emit.current).finish(Outcome::Failed);
                     }
                 }
@@ -494,6 +505,18 @@ mod tests {
         assert!(seen.lock().unwrap().is_empty(), "one holder is still alive");
         b.finish(Outcome::Done);
         assert_eq!(*seen.lock().unwrap(), vec![Outcome::Failed]);
+    }
+
+    #[test]
+    fn a_cancelled_holder_outranks_a_failed_one() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let page = Ticket::new(move |o| s.lock().unwrap().push(o));
+        let (a, b) = (page.clone(), page.clone());
+        drop(page);
+        a.finish(Outcome::Failed);
+        drop(b);
+        assert_eq!(*seen.lock().unwrap(), vec![Outcome::Cancelled]);
     }
 
     #[test]

@@ -85,6 +85,7 @@ where
     fn discard(&mut self) -> usize {
         let queued = self.up.discard();
         self.counts.chunk(&self.stats, queued, 0, 0, 0, 0);
+        self.stats.left(queued);
         0
     }
 }

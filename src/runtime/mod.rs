@@ -243,12 +243,22 @@ impl RunCtx {
             .collect()
     }
 
+    /// Every stage's counts while the run goes on (`unfinished`: in flight).
     pub(crate) fn snapshot_stages(&self) -> Vec<crate::report::StageReport> {
+        self.stages(false)
+    }
+
+    /// Every stage's counts once every task has ended (`unfinished`: counted where left).
+    pub(crate) fn final_stages(&self) -> Vec<crate::report::StageReport> {
+        self.stages(true)
+    }
+
+    fn stages(&self, ended: bool) -> Vec<crate::report::StageReport> {
         self.stats
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|s| s.snapshot())
+            .map(|s| s.snapshot(ended))
             .collect()
     }
 }

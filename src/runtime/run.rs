@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use crate::plan::{Pipeline, RunOptions};
-use crate::report::{Report, RunOutcome, StageStats};
+use crate::report::{Report, RunOutcome};
 use crate::runtime::chunk::Chunk;
 use crate::runtime::handle::{Handle, ItemStream};
 use crate::runtime::sink;
@@ -278,17 +278,18 @@ async fn execute_in<T: Send + 'static, K: Sink<T>>(
     }
 
     let main = async {
+        let in_hand = sink::InHand::default();
         let drive = async {
             while let Some(chunk) = next_chunk(&mut up).await {
-                StageStats::add(&stats.received, chunk.len());
-                sink.consume(chunk, &stats, &run).await;
+                in_hand.consume(&mut sink, chunk, &stats, &run).await;
                 tokio::task::consume_budget().await;
             }
         };
         let end = drive_until(&run, deadline, drive).await;
         if end != End::Drained {
             run.cancel.cancel();
-            StageStats::add(&stats.received, up.discard());
+            in_hand.cut_short(&stats);
+            stats.discarded(up.discard());
         }
         drop(up);
         (end, None)
@@ -412,7 +413,7 @@ pub(crate) async fn conclude(
         End::Drained => RunOutcome::Completed,
     };
     let report = Box::new(Report {
-        stages: run.snapshot_stages(),
+        stages: run.final_stages(),
         elapsed: started.elapsed(),
         outcome,
         failures: run.dead.count(),

@@ -24,6 +24,48 @@ pub trait Sink<T>: Send + 'static {
     fn finish(self) -> Self::Output;
 }
 
+/// The chunk a sink is consuming, so that a run cancelled in the middle of it counts what the
+/// sink had not delivered or failed by then as left in it.
+#[derive(Default)]
+pub(crate) struct InHand {
+    items: std::sync::atomic::AtomicUsize,
+    /// The sink's `passed + failed` before the chunk.
+    settled_before: std::sync::atomic::AtomicU64,
+}
+
+impl InHand {
+    fn settled(stats: &StageStats) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        stats.passed.load(Relaxed) + stats.failed.load(Relaxed)
+    }
+
+    /// Counts `chunk` received by the sink and consumes it.
+    pub(crate) async fn consume<T, K: Sink<T>>(
+        &self,
+        sink: &mut K,
+        chunk: Chunk<T>,
+        stats: &StageStats,
+        run: &RunCtx,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        StageStats::add(&stats.received, chunk.len());
+        self.settled_before.store(Self::settled(stats), Relaxed);
+        self.items.store(chunk.len(), Relaxed);
+        sink.consume(chunk, stats, run).await;
+        self.items.store(0, Relaxed);
+    }
+
+    /// The consuming was cut short: counts what the sink had not settled as left in it.
+    pub(crate) fn cut_short(&self, stats: &StageStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.items.swap(0, Relaxed);
+        if n > 0 {
+            let done = Self::settled(stats).saturating_sub(self.settled_before.load(Relaxed));
+            stats.left(n.saturating_sub(done as usize));
+        }
+    }
+}
+
 /// `run()`: counts and drops.
 pub struct Discard;
 
@@ -97,6 +139,9 @@ impl<T: Send + 'static> Sink<T> for Forward<T> {
         let n = chunk.len();
         if self.0.send(chunk).await.is_ok() {
             StageStats::add(&stats.passed, n);
+        } else {
+            // The stream was dropped (which cancels the run): the chunk never reached it.
+            stats.left(n);
         }
     }
     fn finish(self) {}

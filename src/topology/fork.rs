@@ -252,7 +252,7 @@ pub(crate) async fn router<T: Send + 'static>(
     let mut watch = CancelWatch::new(&run.cancel);
     let mut open: Vec<Option<mpsc::Sender<Chunk<T>>>> = lanes.into_iter().map(Some).collect();
     let mut parts: Vec<Chunk<T>> = Vec::new();
-    'run: loop {
+    loop {
         let Some(next) = watch.next_chunk(&mut up).await else {
             break;
         };
@@ -281,18 +281,30 @@ pub(crate) async fn router<T: Send + 'static>(
             }
         }
         let mut sent = 0usize;
+        // Items a split did not send (the lane was gone, or the run was cancelled first).
+        let mut unsent = 0usize;
+        // The items that went on to the parts (a split may have failed or dropped some).
+        let mut routed = 0usize;
+        let mut cancelled = false;
         for (lane, part) in open.iter_mut().zip(parts.drain(..)) {
+            let k = part.len();
+            routed = if copies { k } else { routed + k };
             if part.is_empty() {
                 continue;
             }
-            let k = part.len();
-            let Some(tx) = lane else { continue };
-            if watch.send(tx, part).await {
-                sent += k;
-            } else if run.cancel.is_cancelled() {
-                break 'run;
-            } else {
-                *lane = None;
+            match lane {
+                Some(tx) if !cancelled => {
+                    if watch.send(tx, part).await {
+                        sent += k;
+                    } else if run.cancel.is_cancelled() {
+                        cancelled = true;
+                        unsent += k;
+                    } else {
+                        *lane = None;
+                        unsent += k;
+                    }
+                }
+                _ => unsent += k,
             }
         }
         // A split passes what it sent (items for a closed lane stay unfinished); a broadcast
@@ -302,8 +314,17 @@ pub(crate) async fn router<T: Send + 'static>(
             (true, 0) => 0,
             (true, _) => n,
         };
+        let left = match (copies, sent) {
+            (false, _) => unsent,
+            (true, 0) => routed,
+            (true, _) => 0,
+        };
         StageStats::add(&stats.passed, passed);
         StageStats::add(&stats.emitted, sent);
+        stats.left(left);
+        if cancelled {
+            break;
+        }
         if ended {
             return;
         }
@@ -312,5 +333,5 @@ pub(crate) async fn router<T: Send + 'static>(
         }
         tokio::task::consume_budget().await;
     }
-    StageStats::add(&stats.received, up.discard());
+    stats.discarded(up.discard());
 }

@@ -289,12 +289,12 @@ async fn drain_part<K: Send + 'static, P: Send + 'static>(
         let Some(chunk) = next else { return };
         let n = chunk.len();
         if !watch.send(&tx, (index, chunk)).await {
-            StageStats::add(&stats.received, n);
+            stats.discarded(n);
             break;
         }
     }
     // What is queued in this part's pipeline counts as received (unfinished) by the gather.
-    StageStats::add(&stats.received, up.discard());
+    stats.discarded(up.discard());
 }
 
 struct Open<P> {
@@ -349,6 +349,7 @@ async fn gatherer<K, P>(
         }
         if !out.is_empty() {
             if !watch.send_counted(&tx, out, parts_out, &stats).await {
+                stats.left(parts_out);
                 break;
             }
             continue;
@@ -374,6 +375,7 @@ async fn gatherer<K, P>(
                 if out.is_empty() {
                     StageStats::add(&stats.passed, n_parts);
                 } else if !watch.send_counted(&tx, out, n_parts, &stats).await {
+                    stats.left(n_parts);
                     break;
                 }
             }
@@ -389,9 +391,11 @@ async fn gatherer<K, P>(
         }
     }
     // Cancelled: what was taken in and what waits in the channel stays unfinished.
+    let open: usize = st.open.values().map(|o| o.have).sum();
+    stats.left(open + backlog.len());
     parts.close();
     while let Ok((_, c)) = parts.try_recv() {
-        StageStats::add(&stats.received, c.len());
+        stats.discarded(c.len());
     }
 }
 

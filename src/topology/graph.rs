@@ -332,11 +332,11 @@ async fn drive_sink<T: Send + 'static, K: Sink<T>>(
     deliver: impl FnOnce(K::Output) + Send,
 ) {
     let cancel = run.cancel.clone();
+    let in_hand = crate::runtime::sink::InHand::default();
     let drained = {
         let drive = async {
             while let Some(chunk) = next_chunk(&mut up).await {
-                StageStats::add(&stats.received, chunk.len());
-                sink.consume(chunk, &stats, &run).await;
+                in_hand.consume(&mut sink, chunk, &stats, &run).await;
                 tokio::task::consume_budget().await;
             }
         };
@@ -347,7 +347,8 @@ async fn drive_sink<T: Send + 'static, K: Sink<T>>(
         }
     };
     if !drained {
-        StageStats::add(&stats.received, up.discard());
+        in_hand.cut_short(&stats);
+        stats.discarded(up.discard());
     }
     drop(up);
     deliver(sink.finish());

@@ -149,7 +149,12 @@ impl<A: Send + 'static, B: Send + 'static> ChunkSource<(A, B)> for Zip<A, B> {
         // Cancelled: what the zip holds stays unfinished here; count what is queued upstream.
         let queued = if self.a_done { 0 } else { self.a.discard() }
             + if self.b_done { 0 } else { self.b.discard() };
-        StageStats::add(&self.stats.received, queued);
+        self.stats.discarded(queued);
+        self.stats.left(self.left.len() + self.right.len());
+        self.left.clear();
+        self.right.clear();
+        self.a_done = true;
+        self.b_done = true;
         self.ended = true;
         0
     }

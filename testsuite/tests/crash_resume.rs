@@ -4,7 +4,10 @@
 //! the checkpoint the killed run had committed, and be no more than its in-flight window.
 //!
 //! With `--exactly-once` (effects written in one transaction with their idempotency keys),
-//! the same crash leaves every row processed exactly once: zero duplicate effects.
+//! the same crash leaves every row processed exactly once: zero duplicate effects. The same
+//! holds with the idempotency store's default holder (a new one per process): the restarted
+//! process waits for the keys the killed one had reserved until their reservations expire,
+//! and never passes them over as done.
 //!
 //! The child is this test binary itself, re-run with `FLOWLINE_CRASH_CHILD` set, calling the
 //! example's own `run` (the example file is compiled in below), so no extra cargo build runs
@@ -21,12 +24,22 @@ const ROWS: i64 = 100_000;
 const ENV: &str = "FLOWLINE_CRASH_CHILD";
 /// Set (to anything) for a child that runs with `--exactly-once`.
 const EXACTLY_ONCE: &str = "FLOWLINE_CRASH_EXACTLY_ONCE";
+/// Set (to anything) for a child that runs the exactly-once pipeline with the store's
+/// default holder and a short reservation TTL.
+const DEFAULT_HOLDER: &str = "FLOWLINE_CRASH_DEFAULT_HOLDER";
+/// The reservation TTL of the default-holder child: how long a restarted process waits for
+/// the keys the killed one had reserved.
+const SHORT_TTL: Duration = Duration::from_secs(2);
 
 /// The child's entry: does nothing unless run by `sql_cursor_survives_sigkill`.
 #[test]
 fn crash_child_entry() {
     let Ok(db) = std::env::var(ENV) else { return };
     let rt = tokio::runtime::Runtime::new().unwrap();
+    if std::env::var(DEFAULT_HOLDER).is_ok() {
+        rt.block_on(default_holder_child(&db));
+        return;
+    }
     let mut args = vec![db, ROWS.to_string()];
     if std::env::var(EXACTLY_ONCE).is_ok() {
         args.push("--exactly-once".to_string());
@@ -35,10 +48,70 @@ fn crash_child_entry() {
     rt.block_on(sql_cursor::run(args)).unwrap();
 }
 
-fn child(db: &str, exactly_once: bool) -> std::process::Child {
+/// The `--exactly-once` pipeline of the example, but with the idempotency store's default
+/// holder (none named) and a short reservation TTL.
+async fn default_holder_child(db: &str) {
+    use flowline::prelude::*;
+    use flowline::{CursorOptions, Page};
+    use flowline_sqlite::{SqliteCheckpoints, SqliteStore};
+    sql_cursor::create_table(db, ROWS).unwrap();
+    let reader = std::sync::Arc::new(std::sync::Mutex::new(
+        rusqlite::Connection::open(db).unwrap(),
+    ));
+    let fetch = move |after: Option<i64>| {
+        let reader = reader.clone();
+        async move {
+            let after = after.unwrap_or(0);
+            tokio::task::spawn_blocking(move || {
+                let conn = reader.lock().unwrap();
+                let mut q =
+                    conn.prepare("select id from items where id > ?1 order by id limit 1000")?;
+                let ids: Vec<i64> = q
+                    .query_map([after], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                Ok::<_, rusqlite::Error>(match ids.last() {
+                    Some(&last) if ids.len() == 1000 => Page::next(ids, last),
+                    Some(&last) => Page::end_at(ids, last),
+                    None => Page::end(ids),
+                })
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let checkpoints = SqliteCheckpoints::open(db).unwrap();
+    let each_page = CursorOptions::new().commit_every(Duration::ZERO);
+    let keys = SqliteStore::open(db).unwrap().scope("default_holder");
+    let written = keys.clone();
+    let report = Pipeline::from_cursor_with(checkpoints, "items", each_page, fetch)
+        .idempotent(keys, |id| *id)
+        .ttl(SHORT_TTL)
+        .map_async("process", |id: i64| async move {
+            tokio::task::yield_now().await;
+            id
+        })
+        .workers(8)
+        .unordered()
+        .map(move |id| {
+            written
+                .commit_with(&[id.to_string()], |tx| {
+                    tx.execute("insert into processed_rows (id) values (?1)", [id])
+                })
+                .expect("write the row's effect");
+        })
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(report.failures, 0, "{report}");
+}
+
+fn child_with(db: &str, exactly_once: bool, default_holder: bool) -> std::process::Child {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     if exactly_once {
         cmd.env(EXACTLY_ONCE, "1");
+    }
+    if default_holder {
+        cmd.env(DEFAULT_HOLDER, "1");
     }
     cmd.args([
         "crash_child_entry",
@@ -92,6 +165,11 @@ fn sql_cursor_with_idempotency_keys_has_zero_duplicate_effects_after_sigkill() {
     crash_and_resume(true);
 }
 
+#[test]
+fn the_default_idempotency_holder_gives_every_row_one_effect_after_sigkill() {
+    crash_and_resume_with(true, true);
+}
+
 fn effects_so_far(db: &str, exactly_once: bool) -> i64 {
     if exactly_once {
         let c = rusqlite::Connection::open(db).unwrap();
@@ -103,6 +181,10 @@ fn effects_so_far(db: &str, exactly_once: bool) -> i64 {
 }
 
 fn crash_and_resume(exactly_once: bool) {
+    crash_and_resume_with(exactly_once, false);
+}
+
+fn crash_and_resume_with(exactly_once: bool, default_holder: bool) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("rows.db").to_string_lossy().into_owned();
     sql_cursor::create_table(&db, ROWS).unwrap();
@@ -116,7 +198,7 @@ fn crash_and_resume(exactly_once: bool) {
     let kill_after = 5_000 + seed % 45_000;
     eprintln!("killing after about {kill_after} rows (seed {seed})");
 
-    let mut first = child(&db, exactly_once);
+    let mut first = child_with(&db, exactly_once, default_holder);
     let started = Instant::now();
     loop {
         if effects_so_far(&db, exactly_once) >= kill_after {
@@ -141,7 +223,9 @@ fn crash_and_resume(exactly_once: bool) {
         "killed too late to test anything"
     );
 
-    let status = child(&db, exactly_once).wait().unwrap();
+    let status = child_with(&db, exactly_once, default_holder)
+        .wait()
+        .unwrap();
     assert!(status.success());
 
     let all = processed(&db, exactly_once);

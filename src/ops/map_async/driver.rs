@@ -93,8 +93,10 @@ pub(super) async fn drive<T, U, S>(
         _ = cancel.cancelled() => true,
         _ = std::future::poll_fn(|cx| driver.poll_drive(cx)) => false,
     };
+    // Cancelled, or the next stage is gone: what the stage holds is left unfinished.
+    stats.left(driver.held());
     if cancelled {
-        StageStats::add(&stats.received, driver.up.discard());
+        stats.discarded(driver.up.discard());
     }
     stats.merge_latency(&mut driver.hist);
 }
@@ -503,6 +505,20 @@ where
         }
     }
 
+    /// The items the stage holds: received and not yet passed on, dropped or failed.
+    fn held(&self) -> usize {
+        let finished_in_order = self
+            .reorder
+            .iter()
+            .filter(|d| matches!(d, Some(Done::Ok(..))))
+            .count();
+        self.waiting.len()
+            + self.inflight.len()
+            + self.backoff.len()
+            + finished_in_order
+            + self.out.len()
+    }
+
     /// Sends `out` if the hop has room. `Ready(Err)` means the downstream is gone.
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, ()>> {
         if self.out.is_empty() {
@@ -512,7 +528,11 @@ where
             Poll::Ready(Ok(())) => {
                 let chunk = std::mem::take(&mut self.out);
                 let n = chunk.len();
-                if self.tx.send_item(chunk).is_err() {
+                if let Err(e) = self.tx.send_item(chunk) {
+                    // Kept, so that the stage counts it as left in it.
+                    if let Some(chunk) = e.into_inner() {
+                        self.out = chunk;
+                    }
                     return Poll::Ready(Err(()));
                 }
                 StageStats::add(&self.stats.passed, n);
