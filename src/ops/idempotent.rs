@@ -18,7 +18,8 @@
 //! letters. It is never counted as done: a cursor's checkpoint stays behind it, and the
 //! report shows it. A reservation expires after its TTL (default 10 minutes, `.ttl(d)`), so
 //! a crashed run does not block its keys forever, and with the default wait a restarted run
-//! takes them over once they expire.
+//! takes them over once they expire. A graceful stop does not wait for busy keys: their items
+//! are left unfinished (the checkpoint stays before them) and a rerun takes them up.
 //!
 //! An item that waited comes out after the items that did not: the stage keeps input order
 //! only among items whose keys were free.
@@ -26,6 +27,7 @@
 use std::collections::VecDeque;
 use std::fmt::Display;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -213,8 +215,12 @@ impl<T: Send + 'static> Reserver<T> {
         let mut watch = CancelWatch::new(&cancel);
         let mut up_done = false;
         loop {
-            if up_done && self.busy.is_empty() {
-                return;
+            // A graceful stop finishes the work in hand, not a wait on another holder's keys
+            // (which may last the whole TTL): the items still waiting are left unfinished, so
+            // a cursor's checkpoint stays before them and a rerun takes them up.
+            if up_done && (self.busy.is_empty() || self.run.stop_requested.load(Ordering::Relaxed))
+            {
+                break;
             }
             let pull = !up_done && self.busy.len() < MAX_BUSY;
             let next = match self.recheck {
@@ -632,6 +638,32 @@ mod tests {
         let s = report.stage("idempotent").unwrap();
         assert_eq!((s.received, s.passed, s.unfinished), (10, 5, 5));
         assert!(report.is_balanced());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_leaves_the_items_waiting_for_busy_keys_unfinished_without_waiting_out_the_ttl()
+    {
+        let store = MemoryStore::new();
+        crashed_holder(&store, 0..5).await;
+        let handle = Pipeline::from_iter(0..10u32)
+            .idempotent(store.clone(), |x| *x)
+            .run()
+            .spawn();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let stopped = tokio::time::Instant::now();
+        handle.stop();
+        let report = handle.join().await.unwrap();
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "no wait for the TTL"
+        );
+        assert_eq!(report.outcome, crate::RunOutcome::Stopped);
+        let s = report.stage("idempotent").unwrap();
+        assert_eq!((s.received, s.passed, s.unfinished), (10, 5, 5));
+        assert!(report.is_balanced());
+        // The waiting keys were not committed: a rerun takes them up once they are free.
+        let r = store.reserve(&keys(0..5), Duration::from_secs(1)).await;
+        assert!(r.unwrap().iter().all(|a| *a == Reservation::Busy));
     }
 
     #[tokio::test]
