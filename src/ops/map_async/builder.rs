@@ -268,7 +268,8 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
 
     /// Retries failed calls (see [`Retry`]). An item waiting for its next attempt sits in a
     /// delay queue inside the stage and does not take a worker; with
-    /// [`Retry::pause_source`] the run's source is paused while it waits. Needs `T: Clone`:
+    /// [`Retry::pause_source`] the job pauses while it waits (the run's source pulls nothing and
+    /// the stage starts no new item). Needs `T: Clone`:
     /// each attempt gets a copy of the input. The failure of an item that ran out of
     /// attempts records how many were made (`Failure::attempts`); each retry is counted in
     /// the stage's `retried`.

@@ -55,6 +55,7 @@ pub(super) async fn drive<T, U, S>(
 {
     let admissions: Vec<Box<dyn Admission>> =
         options.policies.iter().map(|p| p.admission()).collect();
+    let retry = options.retry.as_ref().map(|r| r.stage());
     let mut driver = Driver {
         up,
         up_done: false,
@@ -84,7 +85,8 @@ pub(super) async fn drive<T, U, S>(
         granted: 0,
         next_call: 0,
         pause: None,
-        retry: options.retry.as_ref().map(|r| r.stage()),
+        pause_job: retry.as_ref().is_some_and(|r| r.pauses_source()),
+        retry,
         backoff: Backoff::default(),
     };
     let cancel = run.cancel.clone();
@@ -213,6 +215,8 @@ struct Driver<T, U, S: StageFn<T, U>> {
     /// Held while an admission wants the run's source paused.
     pause: Option<GateHold>,
     retry: Option<Box<dyn RetryPolicy>>,
+    /// The retry pauses the job: no first attempt starts while an item is in backoff.
+    pause_job: bool,
     backoff: Backoff<T>,
 }
 
@@ -248,9 +252,18 @@ where
             || ((self.next_seq - self.next_emit) as usize - self.backoff.len()) < limit
     }
 
+    /// Whether new items wait: an item of a stage whose retry pauses the job is in backoff,
+    /// so nothing new starts (the source is held too) until its wait is over.
+    fn job_paused(&self) -> bool {
+        self.pause_job && !self.backoff.heap.is_empty()
+    }
+
     /// How many items could start now (pulls a chunk if none is waiting).
     fn available(&mut self, cx: &mut Context<'_>) -> usize {
         let due = self.backoff.due.len();
+        if self.job_paused() {
+            return due;
+        }
         if self.waiting.is_empty() && !self.up_done && (due > 0 || self.backoff.len() < MAX_PARKED)
         {
             match self.up.poll_chunk(cx) {
@@ -269,6 +282,9 @@ where
     fn pop_input(&mut self) -> Option<(T, Meta)> {
         if let Some(d) = self.backoff.due.pop_front() {
             return Some(d);
+        }
+        if self.job_paused() {
+            return None;
         }
         let (item, ticket) = self.waiting.pop_front()?;
         let seq = self.next_seq;
