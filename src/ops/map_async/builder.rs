@@ -27,6 +27,8 @@ pub(super) struct Options {
     /// Admission policies, in the order they were given: the order a call passes them.
     pub(super) policies: Vec<Arc<dyn Policy>>,
     pub(super) retry: Option<Retry>,
+    /// Ordered stages: the most items started and not yet emitted (`None`: the default).
+    pub(super) window: Option<usize>,
 }
 
 /// An async stage being configured: options set here apply to this stage only. Any
@@ -118,6 +120,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
                 timeout: None,
                 policies: Vec::new(),
                 retry: None,
+                window: None,
             },
             keep: None,
             copy: None,
@@ -166,6 +169,37 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
     /// ```
     pub fn unordered(mut self) -> Self {
         self.options.ordered = false;
+        self
+    }
+
+    /// An ordered stage's reorder window: at most `n` items started and not yet emitted
+    /// (default: the larger of 4 × the limit on calls in flight and 512). A finished item
+    /// waits in the window until every item before it is out, so one slow call, a timeout or
+    /// an item in retry backoff holds back only what fits in the window: the other workers
+    /// keep starting items until it is full. The cost is memory: up to `n` finished outputs
+    /// (`U`) held at once. A window smaller than `workers` also bounds the calls in flight.
+    /// Must be at least 1; only for ordered stages.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let t = tokio::time::Instant::now();
+    /// let out = Pipeline::from_iter(0..100u64)
+    ///     .map_async("io", |x| async move {
+    ///         let ms = if x == 0 { 1000 } else { 10 };     // the first call is slow
+    ///         tokio::time::sleep(Duration::from_millis(ms)).await;
+    ///         x
+    ///     })
+    ///     .workers(4)
+    ///     .ordered_window(1000)
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out, (0..100).collect::<Vec<_>>());       // in order
+    /// assert_eq!(t.elapsed(), Duration::from_millis(1000)); // the rest ran meanwhile
+    /// # }
+    /// ```
+    pub fn ordered_window(mut self, n: usize) -> Self {
+        self.options.window = Some(n);
         self
     }
 
@@ -359,6 +393,21 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
                 "must be at least 1",
             ));
         }
+        match options.window {
+            Some(0) => upstream.settings.errors.push(Error::config(
+                &name,
+                "ordered_window",
+                0usize,
+                "must be at least 1",
+            )),
+            Some(n) if !options.ordered => upstream.settings.errors.push(Error::config(
+                &name,
+                "ordered_window",
+                n,
+                "applies to ordered stages only (this one is unordered)",
+            )),
+            _ => {}
+        }
         if options.timeout == Some(Duration::ZERO) {
             upstream.settings.errors.push(Error::config(
                 &name,
@@ -446,6 +495,68 @@ mod tests {
             .unwrap();
         assert_eq!(report.failures, 5);
         assert_eq!(bound.in_flight(), 0);
+    }
+
+    /// An ordered stage of 100 items, 4 workers, 10 ms calls, where item 0 fails once
+    /// after 10 ms and backs off 1 s: the output and the call starts during the backoff.
+    async fn ordered_around_a_backoff(window: Option<usize>) -> (Vec<u32>, usize) {
+        let t0 = Instant::now();
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let s = starts.clone();
+        let failed = Arc::new(AtomicU32::new(0));
+        let mut stage = Pipeline::from_iter(0..100u32)
+            .try_map_async("api", move |x| {
+                s.lock().unwrap().push(t0.elapsed().as_millis() as u64);
+                let fail = x == 0 && failed.fetch_add(1, SeqCst) == 0;
+                async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    if fail { Err("503") } else { Ok(x) }
+                }
+            })
+            .workers(4)
+            .retry(Retry::constant(Duration::from_secs(1)));
+        if let Some(n) = window {
+            stage = stage.ordered_window(n);
+        }
+        let out = stage.collect().await.unwrap();
+        let during = starts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| (10..1010).contains(*t))
+            .count();
+        (out, during)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ordered_stage_keeps_working_while_one_item_backs_off() {
+        // Items 1..=3 start with item 0; the other 96 all start during its backoff.
+        let (out, during) = ordered_around_a_backoff(None).await;
+        assert_eq!(out, (0..100).collect::<Vec<_>>());
+        assert_eq!(during, 96);
+        // A window of 8 holds items 0..=7: items 4..=7 start, then the stage waits.
+        let (out, during) = ordered_around_a_backoff(Some(8)).await;
+        assert_eq!(out, (0..100).collect::<Vec<_>>());
+        assert_eq!(during, 4);
+    }
+
+    #[tokio::test]
+    async fn a_bad_ordered_window_is_named() {
+        let err = Pipeline::from_iter(0..3u32)
+            .map_async("api", |x| async move { x })
+            .ordered_window(0)
+            .run()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("ordered_window = 0"), "{err}");
+        let err = Pipeline::from_iter(0..3u32)
+            .map_async("api", |x| async move { x })
+            .unordered()
+            .ordered_window(8)
+            .run()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("ordered stages only"), "{err}");
     }
 
     #[tokio::test(start_paused = true)]

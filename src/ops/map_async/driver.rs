@@ -37,6 +37,8 @@ const MERGE_EVERY: u64 = 64;
 const MERGE_INTERVAL: Duration = Duration::from_millis(100);
 /// The most items a stage keeps in retry backoff before it stops taking new ones.
 const MAX_PARKED: usize = 4 * CHUNK_CAP;
+/// The least reorder window of an ordered stage without `ordered_window`.
+const DEFAULT_WINDOW: usize = CHUNK_CAP;
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn drive<T, U, S>(
@@ -69,6 +71,7 @@ pub(super) async fn drive<T, U, S>(
         waiting_calls: None,
         workers: options.workers.max(1),
         ordered: options.ordered,
+        window: options.window,
         next_seq: 0,
         next_emit: 0,
         reorder: VecDeque::new(),
@@ -191,6 +194,8 @@ struct Driver<T, U, S: StageFn<T, U>> {
     waiting_calls: Option<BTreeSet<(Instant, u64)>>,
     workers: usize,
     ordered: bool,
+    /// `ordered_window`, if given.
+    window: Option<usize>,
     next_seq: u64,
     /// Ordered mode: the sequence number of `reorder[0]`.
     next_emit: u64,
@@ -238,18 +243,24 @@ where
     }
 
     /// Whether another call may start. Calls in flight count against the limit; an ordered
-    /// stage also bounds its reorder window (items started and not yet emitted, less those
-    /// in retry backoff, which take no worker). A retry whose backoff is over is already in
-    /// the window, so only the calls in flight bound it — else a finished item waiting for
-    /// it to be emitted could hold its place forever.
+    /// stage also bounds its reorder window (items started and not yet emitted, whether in
+    /// flight, finished, or waiting to be tried again). The window is its own bound, larger
+    /// than the workers by default, so that one item held back (a slow call, a backoff)
+    /// does not stop the others. An item to be tried again is already in the window, so
+    /// only the calls in flight bound it — else a finished item waiting for it to be
+    /// emitted could hold its place forever.
     fn can_start(&self) -> bool {
         let limit = self.limit();
         if self.out.len() >= CHUNK_CAP || self.inflight.len() >= limit {
             return false;
         }
-        !self.ordered
-            || !self.backoff.due.is_empty()
-            || ((self.next_seq - self.next_emit) as usize - self.backoff.len()) < limit
+        if !self.ordered || !self.backoff.due.is_empty() {
+            return true;
+        }
+        let window = self
+            .window
+            .unwrap_or_else(|| limit.saturating_mul(4).max(DEFAULT_WINDOW));
+        ((self.next_seq - self.next_emit) as usize) < window
     }
 
     /// Whether new items wait: an item of a stage whose retry pauses the job is in backoff,
