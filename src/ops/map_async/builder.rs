@@ -18,6 +18,7 @@ use crate::runtime::hop::{HOP_CHUNKS, hop};
 
 use super::call::StageFn;
 use super::driver::drive;
+use super::routed::{Failed, Route, Routed, route};
 
 #[derive(Debug, Clone)]
 pub(super) struct Options {
@@ -96,6 +97,8 @@ pub struct AsyncStage<T, U, S> {
     keep: Option<fn(&T) -> FailedInput>,
     /// Set by `retry` (which needs `T: Clone`): a copy of the input for the next attempt.
     copy: Option<fn(&T) -> T>,
+    /// Set by `results`: makes a failed item's output.
+    route: Option<Route<T, U>>,
     _out: PhantomData<fn() -> U>,
 }
 
@@ -124,6 +127,48 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
             },
             keep: None,
             copy: None,
+            route: None,
+            _out: PhantomData,
+        }
+    }
+
+    /// Emits each item's outcome instead of sending failures to the dead letters: `Ok`
+    /// with the output, or `Err` with a [`Failed`] — the input, the error, the stage and
+    /// the attempts — once the item has no attempt left (after [`retry`](AsyncStage::retry)
+    /// and a pausing breaker have had their turn). A failed item is then an item of the
+    /// pipeline like any other, counted once, as emitted; a branch handles it (the seed's
+    /// `branch | error:retry success:print`). Needs `T: Clone`: each call gets a copy of
+    /// the input, so that a failure can carry it.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (ok, failed) = Pipeline::from_iter(["1", "x", "3"])
+    ///     .try_map_async("parse", |s| async move { s.parse::<u32>() })
+    ///     .results()
+    ///     .branch_result();
+    /// let (oks, errs) = (Collected::new(), Collected::new());
+    /// let report = Graph::new()
+    ///     .collect(ok, &oks)
+    ///     .collect(failed.map(|f| format!("{}: {}", f.input, f.error)), &errs)
+    ///     .run().await.unwrap();
+    /// assert_eq!(oks.take(), vec![1, 3]);
+    /// assert_eq!(errs.take(), vec!["x: invalid digit found in string".to_string()]);
+    /// assert_eq!((report.delivered(), report.failures), (3, 0));
+    /// # }
+    /// ```
+    pub fn results(self) -> AsyncStage<T, Result<U, Failed<T>>, Routed<S, U>>
+    where
+        T: Clone,
+    {
+        AsyncStage {
+            upstream: self.upstream,
+            name: self.name,
+            call: Routed::new(self.call),
+            options: self.options,
+            keep: self.keep,
+            copy: Some(T::clone),
+            route: Some(route::<T, U>),
             _out: PhantomData,
         }
     }
@@ -330,8 +375,10 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
     }
 
     /// Guards the calls with a circuit breaker (see [`Breaker`]; clones share one state).
-    /// While it is open the stage pauses the run's source ([`OnOpen::Pause`](crate::OnOpen::Pause))
-    /// or fails items fast ([`OnOpen::FailFast`](crate::OnOpen::FailFast)). A gate: see
+    /// While it is open the stage pauses the job ([`OnOpen::Pause`](crate::OnOpen::Pause):
+    /// the source pulls nothing, no call starts, and the items whose calls failed wait and
+    /// are tried again) or fails items fast ([`OnOpen::FailFast`](crate::OnOpen::FailFast)).
+    /// Needs `T: Clone`: each call gets a copy of the input, for another attempt. A gate: see
     /// [the order of the flow-control options](AsyncStage#the-order-of-the-flow-control-options).
     ///
     /// ```
@@ -346,7 +393,11 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
     /// assert_eq!((report.delivered(), breaker.state()), (100, BreakerState::Closed));
     /// # }
     /// ```
-    pub fn circuit_breaker(self, breaker: Breaker) -> Self {
+    pub fn circuit_breaker(mut self, breaker: Breaker) -> Self
+    where
+        T: Clone,
+    {
+        self.copy = Some(T::clone);
         self.policy(breaker)
     }
 
@@ -383,6 +434,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
             options,
             keep,
             copy,
+            route,
             ..
         } = self;
         if options.workers == 0 {
@@ -431,7 +483,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
             let stats = b.stage(&name, "async");
             let (tx, rx) = hop(HOP_CHUNKS);
             let run = b.run.clone();
-            b.spawn(drive(up, call, options, keep, copy, stats, run, tx));
+            b.spawn(drive(up, call, options, keep, copy, route, stats, run, tx));
             Box::new(rx) as Upstream<U>
         })
     }

@@ -18,7 +18,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::PollSender;
 
 use crate::error::{FailedInput, Failure, ItemError};
-use crate::policy::{Admission, Failed, Finished, RetryPolicy, Verdict};
+use crate::policy::{Admission, Failed, Finished, Held, RetryPolicy, Verdict};
 use crate::report::{StageStats, latency_histogram};
 use crate::runtime::chunk::{CHUNK_CAP, Chunk, Outcome, Ticket};
 use crate::runtime::gate::GateHold;
@@ -26,6 +26,7 @@ use crate::runtime::{RunCtx, Upstream};
 
 use super::builder::Options;
 use super::call::{Call, Completion, Meta, Slot, StageFn, make, poll_slot};
+use super::routed::{Route, with_attempt};
 
 /// Time one call in this many (latency percentiles come from this sample).
 const SAMPLE_EVERY: u64 = 8;
@@ -47,6 +48,7 @@ pub(super) async fn drive<T, U, S>(
     options: Options,
     keep: Option<fn(&T) -> FailedInput>,
     copy: Option<fn(&T) -> T>,
+    route: Option<Route<T, U>>,
     stats: Arc<StageStats>,
     run: Arc<RunCtx>,
     tx: tokio::sync::mpsc::Sender<Chunk<U>>,
@@ -65,6 +67,7 @@ pub(super) async fn drive<T, U, S>(
         call,
         keep,
         copy,
+        route,
         timeout: options.timeout,
         inflight: FuturesUnordered::new(),
         spare: None,
@@ -88,6 +91,7 @@ pub(super) async fn drive<T, U, S>(
         granted: 0,
         next_call: 0,
         pause: None,
+        held: VecDeque::new(),
         pause_job: retry.as_ref().is_some_and(|r| r.pauses_source()),
         retry,
         backoff: Backoff::default(),
@@ -184,6 +188,8 @@ struct Driver<T, U, S: StageFn<T, U>> {
     call: S,
     keep: Option<fn(&T) -> FailedInput>,
     copy: Option<fn(&T) -> T>,
+    /// `results`: a failed item becomes an output.
+    route: Option<Route<T, U>>,
     timeout: Option<Duration>,
     inflight: FuturesUnordered<Waiting<T, U, S>>,
     /// The slot of the last call that finished at its first poll, reused by the next call.
@@ -220,6 +226,8 @@ struct Driver<T, U, S: StageFn<T, U>> {
     /// Held while an admission wants the run's source paused.
     pause: Option<GateHold>,
     retry: Option<Box<dyn RetryPolicy>>,
+    /// Items whose failed call an admission holds to be tried again (a pausing breaker).
+    held: VecDeque<(T, Meta, ItemError)>,
     /// The retry pauses the job: no first attempt starts while an item is in backoff.
     pause_job: bool,
     backoff: Backoff<T>,
@@ -324,7 +332,13 @@ where
         }
         let again = self.copy.map(|c| c(&item));
         let call = &self.call;
-        let fut = match make(|| call.call(item)) {
+        // A stage that can try an item again tells the call which attempt it makes.
+        let made = if again.is_some() {
+            with_attempt(meta.attempts, || make(|| call.call(item)))
+        } else {
+            make(|| call.call(item))
+        };
+        let fut = match made {
             Ok(fut) => fut,
             Err(e) => return self.complete(meta, Err(e), None, again, true),
         };
@@ -383,8 +397,7 @@ where
     /// Fails the next item with `CircuitOpen` (refused by an admission).
     fn refuse(&mut self) {
         if let Some((item, meta)) = self.pop_input() {
-            drop(item);
-            self.complete(meta, Err(ItemError::CircuitOpen), None, None, false);
+            self.complete(meta, Err(ItemError::CircuitOpen), None, Some(item), false);
         }
     }
 
@@ -404,6 +417,53 @@ where
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Whether an admission holds the item of a failed call to be tried again.
+    fn holds(&mut self, meta: &Meta, error: &ItemError, latency: Option<Duration>) -> bool {
+        let finished = Finished {
+            call: meta.call,
+            error: Some(error),
+            latency,
+            in_flight: self.inflight.len() + 1,
+            attempts: meta.attempts,
+        };
+        let mut hold = false;
+        for a in &mut self.admissions {
+            hold |= a.hold(&finished);
+        }
+        hold
+    }
+
+    /// Decides on the items held for an admission (a pausing breaker): tried again, failed,
+    /// or kept. `idle`: nothing else in the stage can decide it (an undecided hold goes
+    /// again). True if they moved.
+    fn poll_held(&mut self, cx: &mut Context<'_>, idle: bool) -> bool {
+        let mut verdict = Held::Fail;
+        for a in &mut self.admissions {
+            verdict = match (verdict, a.poll_held(cx)) {
+                (Held::Wait, _) | (_, Held::Wait) => Held::Wait,
+                (Held::Undecided, _) | (_, Held::Undecided) => Held::Undecided,
+                (Held::Again, _) | (_, Held::Again) => Held::Again,
+                _ => Held::Fail,
+            };
+        }
+        match verdict {
+            Held::Wait => false,
+            Held::Undecided if !idle => false,
+            Held::Undecided | Held::Again => {
+                for (item, meta, _) in self.held.drain(..) {
+                    self.backoff.due.push_back((item, meta));
+                }
+                true
+            }
+            Held::Fail => {
+                while let Some((item, meta, error)) = self.held.pop_front() {
+                    self.complete(meta, Err(error), None, Some(item), false);
+                }
+                true
+            }
         }
     }
 
@@ -437,10 +497,15 @@ where
     }
 
     /// Parks a failed call's item for another attempt if the retry policy allows; else
-    /// gives its meta back.
-    fn park(&mut self, meta: Meta, error: &ItemError, again: Option<T>) -> Option<Meta> {
+    /// gives its meta and its copy back.
+    fn park(
+        &mut self,
+        meta: Meta,
+        error: &ItemError,
+        again: Option<T>,
+    ) -> Option<(Meta, Option<T>)> {
         let Some(r) = self.retry.as_mut() else {
-            return Some(meta);
+            return Some((meta, again));
         };
         let failed = Failed {
             attempts: meta.attempts,
@@ -448,10 +513,10 @@ where
             error,
         };
         let Some(at) = r.again(&failed) else {
-            return Some(meta);
+            return Some((meta, again));
         };
         let Some(item) = again else {
-            return Some(meta);
+            return Some((meta, again));
         };
         if r.pauses_source() && self.backoff.hold.is_none() {
             self.backoff.hold = Some(self.run.gate.hold());
@@ -488,21 +553,33 @@ where
                 error: result.as_ref().err(),
                 latency,
                 in_flight: self.inflight.len() + 1,
+                attempts: meta.attempts,
             };
             for a in &mut self.admissions {
                 a.finished(&finished);
             }
         }
-        let mut meta = meta;
+        let (mut meta, mut again) = (meta, again);
         if let (true, true, Err(e)) = (self.retry.is_some(), called, &result) {
             match self.park(meta, e, again) {
-                Some(back) => meta = back,
+                Some(back) => (meta, again) = back,
                 None => return,
             }
         }
-        let slot = match result {
-            Ok(u) => Done::Ok(u, meta.ticket),
-            Err(error) => {
+        let (result, again) = match (called, again, result) {
+            (true, Some(item), Err(error)) if self.holds(&meta, &error, latency) => {
+                self.held.push_back((item, meta, error));
+                return;
+            }
+            (_, again, result) => (result, again),
+        };
+        let slot = match (result, self.route, again) {
+            (Ok(u), _, _) => Done::Ok(u, meta.ticket),
+            (Err(error), Some(route), Some(input)) => {
+                let out = route(input, error, meta.attempts, &self.stats.name);
+                Done::Ok(out, meta.ticket)
+            }
+            (Err(error), _, _) => {
                 StageStats::add(&self.stats.failed, 1);
                 let input = meta.take_input();
                 meta.ticket.finish(Outcome::Failed);
@@ -598,6 +675,9 @@ where
             if !self.backoff.heap.is_empty() {
                 progress |= self.poll_backoff(cx);
             }
+            if !self.held.is_empty() {
+                progress |= self.poll_held(cx, false);
+            }
             // The admission the next call waits for, if any.
             let mut waits_on = None;
             while self.can_start() {
@@ -638,9 +718,13 @@ where
                     progress |= self.poll_pause(cx);
                 }
             }
+            if !progress && !self.held.is_empty() && self.inflight.is_empty() {
+                progress |= self.poll_held(cx, true);
+            }
             if self.up_done
                 && self.waiting.is_empty()
                 && self.inflight.is_empty()
+                && self.held.is_empty()
                 && self.backoff.len() == 0
                 && self.reorder.is_empty()
                 && self.out.is_empty()
