@@ -25,25 +25,22 @@ async fn main() -> Result<(), Error> {
             job + 1
         })
         .workers(10) // fork(10)
-        .map_async("task2", |job| async move {
-            task2(job, 1).await.map_err(|_| job)
-        })
+        .try_map_async("task2", |job| task2(job, flowline::attempt()))
         .workers(10)
+        .results() // a failure is an item too: Err(Failed { input, error, stage, attempts })
         .branch_result(); // branch
 
-    // error:retry — call task2 again, up to 3 more attempts; what still fails is dead-lettered.
+    // error:retry — the library's retry: up to 3 more attempts with a backoff; the call
+    // learns its attempt (counting the one made in task2). What still fails is a dead
+    // letter, with its input, error and attempts.
     let retried = failed
-        .try_map_async("retry", |job| async move {
-            let mut last = String::new();
-            for attempt in 2..=4 {
-                match task2(job, attempt).await {
-                    Ok(v) => return Ok(v),
-                    Err(e) => last = e,
-                }
-            }
-            Err(last)
+        .inspect(|f| eprintln!("retrying: {f}"))
+        .try_map_async("retry", |f: Failed<u64>| {
+            task2(f.input, f.attempts + flowline::attempt())
         })
-        .workers(4);
+        .workers(4)
+        .retry(Retry::exponential(Duration::from_millis(5)).max_attempts(3))
+        .keep_input();
 
     // success:print — the successes of both paths.
     let report = Graph::new()
@@ -55,6 +52,7 @@ async fn main() -> Result<(), Error> {
         .await?;
     eprintln!("{report}");
     assert_eq!(report.delivered(), 100);
+    assert_eq!(report.failures, 0);
     assert!(report.is_balanced());
     Ok(())
 }

@@ -34,7 +34,7 @@
 //! | run at most *n* requests in flight | [`.map_async(..).workers(n)`](AsyncStage::workers); one bound shared by several stages or pipelines: [`.inflight(&limit)`](AsyncStage::inflight) with an [`Inflight::new(n)`](Inflight::new) |
 //! | run at most *n* requests per second, no burst | [`.rate_limit(Rate::per_second(n))`](AsyncStage::rate_limit) on the stage ([`Rate::per_second`], [`Rate::per`]) |
 //! | … with bursts of up to *b* | [`.rate_limit(Rate::per_second(n).burst(b))`](Rate::burst) |
-//! | pause the job on an error and retry after a sleep | [`.retry(Retry::exponential(base).pause_source())`](Retry::pause_source): the source pulls nothing while an item waits; when the backend is down, [`.circuit_breaker(Breaker::consecutive_failures(k))`](AsyncStage::circuit_breaker) pauses the source until a probe succeeds ([`OnOpen::Pause`], the default) |
+//! | pause the job on an error and retry after a sleep | [`.retry(Retry::exponential(base).pause_source())`](Retry::pause_source): the source pulls nothing and the stage starts no new item while an item waits; when the backend is down, [`.circuit_breaker(Breaker::consecutive_failures(k))`](AsyncStage::circuit_breaker) pauses the job until a probe succeeds ([`OnOpen::Pause`], the default; the calls that failed are tried again, so an outage that ends costs no item; [`Breaker::counts`] says which errors are the backend's) |
 //! | stream rows from SQL by cursor pagination, resume after a crash | [`Pipeline::from_cursor`] with a checkpoint store ([`MemoryCheckpoints`], `flowline_sqlite::SqliteCheckpoints`, `flowline_postgres::PgCheckpoints`); pages are [`Page`]s, [`CursorOptions`] for read-ahead; `stores/sqlite/examples/sql_cursor.rs` |
 //! | batch, dedup and look up (ids → one batched fetch) | [`Flow::dedup_by`] (TTL or last-*n* [`Window`]), [`Flow::batch`], [`Flow::batch_dedup_by`]; a dataloader any stage can call: [`Loader`] |
 //! | wait for the results of several pipelines for one object | [`Gather`]: one [`part`](Gather::part) per pipeline, joined by key, with a timeout ([`Incomplete`]) |
@@ -108,7 +108,7 @@ pub use observe::stall::{Stall, StallAction};
 pub use ops::debounce::Debounce;
 pub use ops::dedup::Window;
 pub use ops::idempotent::Idempotent;
-pub use ops::map_async::{AsyncStage, Fallible, Infallible, StageFn};
+pub use ops::map_async::{AsyncStage, Failed, Fallible, Infallible, Routed, StageFn, attempt};
 pub use ops::operator::{Operator, Out, Step};
 pub use ops::throttle::Throttle;
 pub use plan::{ErrorPolicy, IntoPipeline, Pipeline, RunOptions};
@@ -137,8 +137,8 @@ pub struct ReadmeDoctests;
 pub mod prelude {
     pub use crate::{
         Adaptive, BatchSink, BoxError, Breaker, BreakerState, Collected, DeadLetter, Error,
-        ErrorPolicy, Failure, Flow, Graph, Handle, Inflight, IntoPipeline, ItemError, Loader,
-        OnOpen, Operator, Out, Pipeline, Rate, Report, Retry, RetryAfter, RetryBudget, RunOptions,
-        RunOutcome, Step, Throttle, Window,
+        ErrorPolicy, Failed, Failure, Flow, Graph, Handle, Inflight, IntoPipeline, ItemError,
+        Loader, OnOpen, Operator, Out, Pipeline, Rate, Report, Retry, RetryAfter, RetryBudget,
+        RunOptions, RunOutcome, Step, Throttle, Window,
     };
 }

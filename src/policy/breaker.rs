@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
-use crate::policy::{Admission, Finished, Invalid, Policy, Verdict};
+use crate::error::ItemError;
+use crate::policy::{Admission, Finished, Held, Invalid, Policy, Verdict};
 
 /// The state of a circuit breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,8 +41,12 @@ impl fmt::Display for BreakerState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum OnOpen {
-    /// Hold the items and pause the run's source until a probe succeeds (the default):
-    /// nothing fails, the pipeline waits for the backend.
+    /// Pause the job until a probe succeeds (the default): the run's source pulls nothing,
+    /// the stage starts no call, and the items whose calls failed while the breaker opened
+    /// (the calls that tripped it, calls that ended after it opened, failed probes) are not
+    /// failed: they wait for the breaker and are tried again. An outage that ends costs no
+    /// item. The bound for an item that keeps failing is
+    /// [`Breaker::hold_attempts`].
     #[default]
     Pause,
     /// Fail each item at once with [`ItemError::CircuitOpen`](crate::ItemError::CircuitOpen)
@@ -75,6 +80,11 @@ pub struct BreakerReport {
 }
 
 type OnChange = Arc<dyn Fn(BreakerState, BreakerState) + Send + Sync>;
+type Classifier = Arc<dyn Fn(&ItemError) -> bool + Send + Sync>;
+
+/// Attempts an item may make in all while a pausing breaker holds it (see
+/// [`Breaker::hold_attempts`]).
+const HOLD_ATTEMPTS: u32 = 10;
 
 struct State {
     state: BreakerState,
@@ -111,6 +121,9 @@ struct Inner {
     probes: u32,
     on_open: OnOpen,
     on_change: Option<OnChange>,
+    /// Which errors count as failures (`None`: every error but `CircuitOpen`).
+    counts: Option<Classifier>,
+    hold_attempts: u32,
     /// `BreakerState as u8`: lets a closed breaker admit a call with one load.
     fast: AtomicU8,
     rejected: AtomicU64,
@@ -175,6 +188,8 @@ impl Breaker {
             probes: 1,
             on_open: OnOpen::Pause,
             on_change: None,
+            counts: None,
+            hold_attempts: HOLD_ATTEMPTS,
             fast: AtomicU8::new(0),
             rejected: AtomicU64::new(0),
             state: Mutex::new(State::closed()),
@@ -213,6 +228,8 @@ impl Breaker {
             probes: shared.probes,
             on_open: shared.on_open,
             on_change: shared.on_change.clone(),
+            counts: shared.counts.clone(),
+            hold_attempts: shared.hold_attempts,
             fast: AtomicU8::new(0),
             rejected: AtomicU64::new(0),
             state: Mutex::new(State::closed()),
@@ -269,6 +286,49 @@ impl Breaker {
         self.modify(|i| i.on_open = mode)
     }
 
+    /// Which errors count as failures toward tripping the breaker (default: every error
+    /// but [`ItemError::CircuitOpen`]). An error that does not count shows that the backend
+    /// answered (a "404 not found" is the item's own failure, not an outage): it counts as a
+    /// success, and a pausing breaker never holds its item.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let breaker = Breaker::consecutive_failures(2)
+    ///     .counts(|e| !e.to_string().starts_with("404"));
+    /// let report = Pipeline::from_iter(0..10u32)
+    ///     .try_map_async("api", |_| async { Err::<u32, _>("404 not found") })
+    ///     .circuit_breaker(breaker.clone())
+    ///     .run().await.unwrap();
+    /// assert_eq!(report.failures, 10);                   // each item's own failure
+    /// assert_eq!(breaker.report().opened, 0);            // the backend is fine
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn counts(self, f: impl Fn(&ItemError) -> bool + Send + Sync + 'static) -> Self {
+        let f: Classifier = Arc::new(f);
+        self.modify(|i| i.counts = Some(f))
+    }
+
+    /// In pause mode: the attempts an item may make in all while the breaker holds it
+    /// (default 10, at least 1). An item whose failure counts is held while the breaker is
+    /// open or until the breaker shows the failure was the item's own (a later call
+    /// succeeded while it stayed closed: the item then fails). A held item is tried again
+    /// when calls may go through (held items take turns as probes); at its `n`-th attempt
+    /// a failure fails it, so an item that trips the breaker each time it closes ends in
+    /// the dead letters after `n` attempts. Each held item's turn as a probe spends one
+    /// attempt: an outage is waited out without a loss as long as it is shorter than about
+    /// `(n − 1) × held items × cooldown`.
+    ///
+    /// ```
+    /// let b = flowline::Breaker::consecutive_failures(5).hold_attempts(3);
+    /// # let _ = b;
+    /// ```
+    #[must_use]
+    pub fn hold_attempts(self, n: u32) -> Self {
+        self.modify(|i| i.hold_attempts = n)
+    }
+
     /// Calls `f(from, to)` on every state change (synchronously; keep it short).
     ///
     /// ```
@@ -300,6 +360,18 @@ impl Breaker {
 
     fn mode(&self) -> OnOpen {
         self.0.on_open
+    }
+
+    /// Whether `e` counts as a failure.
+    fn is_failure(&self, e: &ItemError) -> bool {
+        match &self.0.counts {
+            Some(f) => f(e),
+            None => !matches!(e, ItemError::CircuitOpen),
+        }
+    }
+
+    fn opened(&self) -> u64 {
+        self.lock().report.opened
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -345,6 +417,9 @@ impl Breaker {
         }
         if self.0.probes == 0 {
             return Some(("breaker.probes", "0".into(), "must be at least 1"));
+        }
+        if self.0.hold_attempts == 0 {
+            return Some(("breaker.hold_attempts", "0".into(), "must be at least 1"));
         }
         None
     }
@@ -513,6 +588,8 @@ impl Policy for Breaker {
             sleep: None,
             outcomes: Vec::new(),
             probes: Vec::new(),
+            holding: None,
+            answered: false,
         })
     }
 }
@@ -527,6 +604,11 @@ struct Guard {
     outcomes: Vec<(bool, bool)>,
     /// Calls let through as probes and not finished yet (at most `probes` of them).
     probes: Vec<u64>,
+    /// While the stage holds items for this breaker: how many times it had opened when
+    /// the first of them was held.
+    holding: Option<u64>,
+    /// A call succeeded (or failed in a way that does not count) since items were held.
+    answered: bool,
 }
 
 impl Guard {
@@ -571,7 +653,10 @@ impl Admission for Guard {
     }
 
     fn finished(&mut self, call: &Finished<'_>) {
-        let failed = call.error.is_some();
+        let failed = call.error.is_some_and(|e| self.breaker.is_failure(e));
+        if !failed {
+            self.answered = true;
+        }
         let probe = match self.probes.iter().position(|&p| p == call.call) {
             Some(i) => {
                 self.probes.swap_remove(i);
@@ -583,6 +668,46 @@ impl Admission for Guard {
         if failed || probe {
             self.report();
         }
+    }
+
+    fn hold(&mut self, call: &Finished<'_>) -> bool {
+        let counts = call.error.is_some_and(|e| self.breaker.is_failure(e));
+        if self.breaker.mode() != OnOpen::Pause
+            || !counts
+            || call.attempts >= self.breaker.0.hold_attempts
+        {
+            return false;
+        }
+        if self.holding.is_none() {
+            // `finished` has reported this failure: if it tripped the breaker, that counts.
+            self.holding = Some(
+                self.breaker.opened() - u64::from(self.breaker.state() != BreakerState::Closed),
+            );
+            self.answered = false;
+        }
+        true
+    }
+
+    /// Held items go again once the breaker opened since they were held and lets calls
+    /// through now; they fail if it stayed closed and answered another call meanwhile.
+    fn poll_held(&mut self, cx: &mut Context<'_>) -> Held {
+        let Some(mark) = self.holding else {
+            return Held::Fail;
+        };
+        self.report();
+        let opened = self.breaker.opened() > mark || self.breaker.state() != BreakerState::Closed;
+        let decided = if opened {
+            match self.breaker.blocked(cx.waker()) {
+                None => Held::Again,
+                Some(_) => return Held::Wait,
+            }
+        } else if self.answered {
+            Held::Fail
+        } else {
+            return Held::Undecided;
+        };
+        self.holding = None;
+        decided
     }
 
     /// Pause: the source stops as soon as the breaker opens, and goes on when a call may go
@@ -773,13 +898,8 @@ mod tests {
                     (HalfOpen, Closed, 1004)
                 ]
             );
-            assert_eq!((report.failures, report.delivered()), (3, 7)); // held, not failed
-            assert!(
-                report
-                    .failure_sample
-                    .iter()
-                    .all(|f| f.error.kind() == "user")
-            );
+            // The three calls that tripped it were held and tried again: nothing failed.
+            assert_eq!((report.failures, report.delivered()), (0, 10));
             assert_eq!(b.report().rejected, 0);
             assert!(report.is_balanced());
         }
@@ -809,7 +929,106 @@ mod tests {
                     (HalfOpen, Closed)
                 ]
             );
-            assert_eq!((report.failures, report.delivered()), (4, 6));
+            assert_eq!((report.failures, report.delivered()), (0, 10));
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn an_outage_that_ends_costs_no_item() {
+            let t0 = Instant::now();
+            let calls = Arc::new(Mutex::new(Vec::new()));
+            let c = calls.clone();
+            let breaker = Breaker::consecutive_failures(3).cooldown(Duration::from_secs(1));
+            let out = Collected::new();
+            let report = Graph::new()
+                .collect(
+                    Pipeline::from_iter(0..40u32)
+                        .try_map_async("api", move |x| {
+                            let at = t0.elapsed().as_millis() as u64;
+                            c.lock().unwrap().push(at);
+                            async move {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                                if at < 2500 { Err("503") } else { Ok(x) }
+                            }
+                        })
+                        .workers(4)
+                        .circuit_breaker(breaker.clone()),
+                    &out,
+                )
+                .run()
+                .await
+                .unwrap();
+            assert_eq!(out.take(), (0..40).collect::<Vec<_>>());
+            assert_eq!((report.failures, report.delivered()), (0, 40));
+            assert!(report.is_balanced());
+            // Four calls failed at once; one probe a second until the backend was back.
+            let calls = calls.lock().unwrap().clone();
+            assert_eq!(calls[..7], [0, 0, 0, 0, 1010, 2020, 3030]);
+            assert_eq!(calls.len(), 40 + 6);
+            assert_eq!(breaker.state(), BreakerState::Closed);
+        }
+
+        /// Item 5 always fails; the others succeed. Returns the report and the calls made
+        /// for item 5.
+        async fn one_bad_item(breaker: Breaker) -> (Report, u32) {
+            let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+            let c = calls.clone();
+            let report = Pipeline::from_iter(0..10u32)
+                .try_map_async("api", move |x| {
+                    if x == 5 {
+                        c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        if x == 5 { Err("500") } else { Ok(x) }
+                    }
+                })
+                .circuit_breaker(breaker)
+                .run()
+                .await
+                .unwrap();
+            assert!(report.is_balanced());
+            let n = calls.load(std::sync::atomic::Ordering::SeqCst);
+            (report, n)
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn an_item_that_keeps_failing_fails_after_hold_attempts() {
+            // It trips the breaker each time: held, then a failed probe, then it fails.
+            let b = Breaker::consecutive_failures(1)
+                .cooldown(Duration::from_secs(1))
+                .hold_attempts(3);
+            let (report, calls) = one_bad_item(b.clone()).await;
+            assert_eq!((report.failures, report.delivered(), calls), (1, 9, 3));
+            assert_eq!(report.failure_sample[0].attempts, 3);
+            assert_eq!(b.state(), BreakerState::Closed);
+            // It does not trip it: the next item's success shows the failure is its own.
+            let b = Breaker::consecutive_failures(3).cooldown(Duration::from_secs(1));
+            let (report, calls) = one_bad_item(b.clone()).await;
+            assert_eq!((report.failures, report.delivered(), calls), (1, 9, 1));
+            assert_eq!(b.report().opened, 0);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn errors_that_do_not_count_never_open_it() {
+            let b = Breaker::consecutive_failures(2)
+                .cooldown(Duration::from_secs(1))
+                .counts(|e| !e.to_string().starts_with("404"));
+            let report = Pipeline::from_iter(0..10u32)
+                .try_map_async("api", |x| async move {
+                    if x % 2 == 0 {
+                        Err::<u32, _>("404 not found")
+                    } else {
+                        Err("404 gone")
+                    }
+                })
+                .circuit_breaker(b.clone())
+                .run()
+                .await
+                .unwrap();
+            assert_eq!(report.failures, 10);
+            assert!(report.failure_sample.iter().all(|f| f.attempts == 1));
+            assert_eq!((b.report().opened, b.state()), (0, BreakerState::Closed));
+            assert!(b.clone().hold_attempts(0).check().is_some());
         }
 
         #[tokio::test(start_paused = true)]

@@ -58,6 +58,21 @@ pub(crate) struct Finished<'a> {
     pub(crate) latency: Option<Duration>,
     /// Calls of this stage in flight when it finished, itself included.
     pub(crate) in_flight: usize,
+    /// Attempts the item has made, this one included.
+    pub(crate) attempts: u32,
+}
+
+/// What a stage does now with the items an admission asked it to hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Held {
+    /// Keep them: calls may not go through yet (the admission wakes the stage).
+    Wait,
+    /// Not known yet; keep them unless the stage has nothing else that could decide it.
+    Undecided,
+    /// Try them again (they pass the admissions like any call).
+    Again,
+    /// Fail them with their errors.
+    Fail,
 }
 
 /// One policy's state inside one stage. The driver calls it from its own poll loop, so
@@ -79,6 +94,18 @@ pub(crate) trait Admission: Send {
 
     /// A call this admission let through has ended.
     fn finished(&mut self, _call: &Finished<'_>) {}
+
+    /// A call failed (and no retry takes it): whether the stage should hold its item to
+    /// be tried again rather than fail it (a breaker in pause mode). Asked after
+    /// [`finished`](Admission::finished).
+    fn hold(&mut self, _call: &Finished<'_>) -> bool {
+        false
+    }
+
+    /// While items are held: what to do with them now (`cx` is woken when that may change).
+    fn poll_held(&mut self, _cx: &mut Context<'_>) -> Held {
+        Held::Fail
+    }
 
     /// Called once per turn of the driver: reports what was batched, and says whether the
     /// run's source should be paused now (if so, `cx` is woken when that may change).

@@ -239,12 +239,32 @@ impl Retry {
         self
     }
 
-    /// Pauses the run's source while any item of this stage is in backoff: nothing new is
-    /// pulled until the wait ends ("stop the generator while the retry sleeps").
+    /// Pauses the job while any item of this stage is in backoff ("pause the job on error,
+    /// and retry after sleep"): the run's source pulls nothing, and the stage starts no new
+    /// item — items it has already received wait too. Calls already in flight finish; when
+    /// the backoff is over, the waiting item is tried again and the job goes on.
     ///
     /// ```
-    /// let r = flowline::Retry::constant(std::time::Duration::from_secs(1)).pause_source();
-    /// # let _ = r;
+    /// use flowline::prelude::*;
+    /// use std::sync::{Arc, Mutex};
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let t0 = tokio::time::Instant::now();
+    /// let starts = Arc::new(Mutex::new(Vec::new()));
+    /// let s = starts.clone();
+    /// Pipeline::from_iter(0..3u32)
+    ///     .try_map_async("api", move |x| {
+    ///         let mut starts = s.lock().unwrap();
+    ///         starts.push((x, t0.elapsed().as_millis()));
+    ///         let fail = starts.len() == 1;                  // the very first call fails
+    ///         async move { if fail { Err("503") } else { Ok(x) } }
+    ///     })
+    ///     .workers(3)
+    ///     .retry(Retry::constant(Duration::from_secs(1)).pause_source())
+    ///     .run().await.unwrap();
+    /// // Items 1 and 2 were ready at once, yet nothing starts until item 0's retry.
+    /// assert_eq!(*starts.lock().unwrap(), vec![(0, 0), (0, 1000), (1, 1000), (2, 1000)]);
+    /// # }
     /// ```
     pub fn pause_source(mut self) -> Self {
         self.pause_source = true;
@@ -835,6 +855,51 @@ mod tests {
             assert_eq!(report.delivered(), 20);
             let pulls = pulls.lock().unwrap().clone();
             pulls.into_iter().filter(|t| *t > 10 && *t < 510).collect()
+        }
+
+        /// Call starts (time, item) of a stage whose item 0 fails once after 10 ms and
+        /// backs off 500 ms; the other items are all buffered in the stage from the start.
+        async fn starts_around_a_backoff(pause: bool) -> Vec<(u64, u32)> {
+            let t0 = Instant::now();
+            let starts = Arc::new(Mutex::new(Vec::new()));
+            let s = starts.clone();
+            let failed = Arc::new(AtomicU32::new(0));
+            let mut retry = Retry::constant(Duration::from_millis(500));
+            if pause {
+                retry = retry.pause_source();
+            }
+            let out = Pipeline::from_iter(0..100u32)
+                .try_map_async("api", move |x| {
+                    s.lock().unwrap().push((t0.elapsed().as_millis() as u64, x));
+                    let fail = x == 0 && failed.fetch_add(1, SeqCst) == 0;
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        if fail { Err("503") } else { Ok(x) }
+                    }
+                })
+                .workers(4)
+                .retry(retry)
+                .collect()
+                .await
+                .unwrap();
+            assert_eq!(out, (0..100).collect::<Vec<_>>());
+            starts.lock().unwrap().clone()
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn pause_source_starts_no_new_item_during_the_backoff() {
+            let during = |starts: &[(u64, u32)]| {
+                starts.iter().filter(|(t, _)| (10..510).contains(t)).count()
+            };
+            assert!(
+                during(&starts_around_a_backoff(false).await) > 0,
+                "without it, buffered items keep starting"
+            );
+            let starts = starts_around_a_backoff(true).await;
+            assert_eq!(during(&starts), 0, "{starts:?}");
+            // At the backoff's end the failed item goes first, then the job goes on.
+            assert_eq!(starts[4], (510, 0));
+            assert_eq!(starts.len(), 101);
         }
 
         #[tokio::test(start_paused = true)]

@@ -18,6 +18,7 @@ use crate::runtime::hop::{HOP_CHUNKS, hop};
 
 use super::call::StageFn;
 use super::driver::drive;
+use super::routed::{Failed, Route, Routed, route};
 
 #[derive(Debug, Clone)]
 pub(super) struct Options {
@@ -27,6 +28,8 @@ pub(super) struct Options {
     /// Admission policies, in the order they were given: the order a call passes them.
     pub(super) policies: Vec<Arc<dyn Policy>>,
     pub(super) retry: Option<Retry>,
+    /// Ordered stages: the most items started and not yet emitted (`None`: the default).
+    pub(super) window: Option<usize>,
 }
 
 /// An async stage being configured: options set here apply to this stage only. Any
@@ -94,6 +97,8 @@ pub struct AsyncStage<T, U, S> {
     keep: Option<fn(&T) -> FailedInput>,
     /// Set by `retry` (which needs `T: Clone`): a copy of the input for the next attempt.
     copy: Option<fn(&T) -> T>,
+    /// Set by `results`: makes a failed item's output.
+    route: Option<Route<T, U>>,
     _out: PhantomData<fn() -> U>,
 }
 
@@ -118,9 +123,52 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
                 timeout: None,
                 policies: Vec::new(),
                 retry: None,
+                window: None,
             },
             keep: None,
             copy: None,
+            route: None,
+            _out: PhantomData,
+        }
+    }
+
+    /// Emits each item's outcome instead of sending failures to the dead letters: `Ok`
+    /// with the output, or `Err` with a [`Failed`] — the input, the error, the stage and
+    /// the attempts — once the item has no attempt left (after [`retry`](AsyncStage::retry)
+    /// and a pausing breaker have had their turn). A failed item is then an item of the
+    /// pipeline like any other, counted once, as emitted; a branch handles it (the seed's
+    /// `branch | error:retry success:print`). Needs `T: Clone`: each call gets a copy of
+    /// the input, so that a failure can carry it.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (ok, failed) = Pipeline::from_iter(["1", "x", "3"])
+    ///     .try_map_async("parse", |s| async move { s.parse::<u32>() })
+    ///     .results()
+    ///     .branch_result();
+    /// let (oks, errs) = (Collected::new(), Collected::new());
+    /// let report = Graph::new()
+    ///     .collect(ok, &oks)
+    ///     .collect(failed.map(|f| format!("{}: {}", f.input, f.error)), &errs)
+    ///     .run().await.unwrap();
+    /// assert_eq!(oks.take(), vec![1, 3]);
+    /// assert_eq!(errs.take(), vec!["x: invalid digit found in string".to_string()]);
+    /// assert_eq!((report.delivered(), report.failures), (3, 0));
+    /// # }
+    /// ```
+    pub fn results(self) -> AsyncStage<T, Result<U, Failed<T>>, Routed<S, U>>
+    where
+        T: Clone,
+    {
+        AsyncStage {
+            upstream: self.upstream,
+            name: self.name,
+            call: Routed::new(self.call),
+            options: self.options,
+            keep: self.keep,
+            copy: Some(T::clone),
+            route: Some(route::<T, U>),
             _out: PhantomData,
         }
     }
@@ -166,6 +214,37 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
     /// ```
     pub fn unordered(mut self) -> Self {
         self.options.ordered = false;
+        self
+    }
+
+    /// An ordered stage's reorder window: at most `n` items started and not yet emitted
+    /// (default: the larger of 4 × the limit on calls in flight and 512). A finished item
+    /// waits in the window until every item before it is out, so one slow call, a timeout or
+    /// an item in retry backoff holds back only what fits in the window: the other workers
+    /// keep starting items until it is full. The cost is memory: up to `n` finished outputs
+    /// (`U`) held at once. A window smaller than `workers` also bounds the calls in flight.
+    /// Must be at least 1; only for ordered stages.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let t = tokio::time::Instant::now();
+    /// let out = Pipeline::from_iter(0..100u64)
+    ///     .map_async("io", |x| async move {
+    ///         let ms = if x == 0 { 1000 } else { 10 };     // the first call is slow
+    ///         tokio::time::sleep(Duration::from_millis(ms)).await;
+    ///         x
+    ///     })
+    ///     .workers(4)
+    ///     .ordered_window(1000)
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out, (0..100).collect::<Vec<_>>());       // in order
+    /// assert_eq!(t.elapsed(), Duration::from_millis(1000)); // the rest ran meanwhile
+    /// # }
+    /// ```
+    pub fn ordered_window(mut self, n: usize) -> Self {
+        self.options.window = Some(n);
         self
     }
 
@@ -268,7 +347,8 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
 
     /// Retries failed calls (see [`Retry`]). An item waiting for its next attempt sits in a
     /// delay queue inside the stage and does not take a worker; with
-    /// [`Retry::pause_source`] the run's source is paused while it waits. Needs `T: Clone`:
+    /// [`Retry::pause_source`] the job pauses while it waits (the run's source pulls nothing and
+    /// the stage starts no new item). Needs `T: Clone`:
     /// each attempt gets a copy of the input. The failure of an item that ran out of
     /// attempts records how many were made (`Failure::attempts`); each retry is counted in
     /// the stage's `retried`.
@@ -295,8 +375,10 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
     }
 
     /// Guards the calls with a circuit breaker (see [`Breaker`]; clones share one state).
-    /// While it is open the stage pauses the run's source ([`OnOpen::Pause`](crate::OnOpen::Pause))
-    /// or fails items fast ([`OnOpen::FailFast`](crate::OnOpen::FailFast)). A gate: see
+    /// While it is open the stage pauses the job ([`OnOpen::Pause`](crate::OnOpen::Pause):
+    /// the source pulls nothing, no call starts, and the items whose calls failed wait and
+    /// are tried again) or fails items fast ([`OnOpen::FailFast`](crate::OnOpen::FailFast)).
+    /// Needs `T: Clone`: each call gets a copy of the input, for another attempt. A gate: see
     /// [the order of the flow-control options](AsyncStage#the-order-of-the-flow-control-options).
     ///
     /// ```
@@ -311,7 +393,11 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
     /// assert_eq!((report.delivered(), breaker.state()), (100, BreakerState::Closed));
     /// # }
     /// ```
-    pub fn circuit_breaker(self, breaker: Breaker) -> Self {
+    pub fn circuit_breaker(mut self, breaker: Breaker) -> Self
+    where
+        T: Clone,
+    {
+        self.copy = Some(T::clone);
         self.policy(breaker)
     }
 
@@ -348,6 +434,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
             options,
             keep,
             copy,
+            route,
             ..
         } = self;
         if options.workers == 0 {
@@ -357,6 +444,21 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
                 0usize,
                 "must be at least 1",
             ));
+        }
+        match options.window {
+            Some(0) => upstream.settings.errors.push(Error::config(
+                &name,
+                "ordered_window",
+                0usize,
+                "must be at least 1",
+            )),
+            Some(n) if !options.ordered => upstream.settings.errors.push(Error::config(
+                &name,
+                "ordered_window",
+                n,
+                "applies to ordered stages only (this one is unordered)",
+            )),
+            _ => {}
         }
         if options.timeout == Some(Duration::ZERO) {
             upstream.settings.errors.push(Error::config(
@@ -381,7 +483,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
             let stats = b.stage(&name, "async");
             let (tx, rx) = hop(HOP_CHUNKS);
             let run = b.run.clone();
-            b.spawn(drive(up, call, options, keep, copy, stats, run, tx));
+            b.spawn(drive(up, call, options, keep, copy, route, stats, run, tx));
             Box::new(rx) as Upstream<U>
         })
     }
@@ -445,6 +547,68 @@ mod tests {
             .unwrap();
         assert_eq!(report.failures, 5);
         assert_eq!(bound.in_flight(), 0);
+    }
+
+    /// An ordered stage of 100 items, 4 workers, 10 ms calls, where item 0 fails once
+    /// after 10 ms and backs off 1 s: the output and the call starts during the backoff.
+    async fn ordered_around_a_backoff(window: Option<usize>) -> (Vec<u32>, usize) {
+        let t0 = Instant::now();
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let s = starts.clone();
+        let failed = Arc::new(AtomicU32::new(0));
+        let mut stage = Pipeline::from_iter(0..100u32)
+            .try_map_async("api", move |x| {
+                s.lock().unwrap().push(t0.elapsed().as_millis() as u64);
+                let fail = x == 0 && failed.fetch_add(1, SeqCst) == 0;
+                async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    if fail { Err("503") } else { Ok(x) }
+                }
+            })
+            .workers(4)
+            .retry(Retry::constant(Duration::from_secs(1)));
+        if let Some(n) = window {
+            stage = stage.ordered_window(n);
+        }
+        let out = stage.collect().await.unwrap();
+        let during = starts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| (10..1010).contains(*t))
+            .count();
+        (out, during)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ordered_stage_keeps_working_while_one_item_backs_off() {
+        // Items 1..=3 start with item 0; the other 96 all start during its backoff.
+        let (out, during) = ordered_around_a_backoff(None).await;
+        assert_eq!(out, (0..100).collect::<Vec<_>>());
+        assert_eq!(during, 96);
+        // A window of 8 holds items 0..=7: items 4..=7 start, then the stage waits.
+        let (out, during) = ordered_around_a_backoff(Some(8)).await;
+        assert_eq!(out, (0..100).collect::<Vec<_>>());
+        assert_eq!(during, 4);
+    }
+
+    #[tokio::test]
+    async fn a_bad_ordered_window_is_named() {
+        let err = Pipeline::from_iter(0..3u32)
+            .map_async("api", |x| async move { x })
+            .ordered_window(0)
+            .run()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("ordered_window = 0"), "{err}");
+        let err = Pipeline::from_iter(0..3u32)
+            .map_async("api", |x| async move { x })
+            .unordered()
+            .ordered_window(8)
+            .run()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("ordered stages only"), "{err}");
     }
 
     #[tokio::test(start_paused = true)]

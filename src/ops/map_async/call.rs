@@ -16,7 +16,7 @@ use tokio::time::{Instant, Sleep};
 use crate::error::{BoxError, FailedInput, ItemError};
 use crate::runtime::chunk::Ticket;
 
-mod sealed {
+pub(super) mod sealed {
     /// Keeps [`StageFn`](super::StageFn) implemented by this crate's wrappers only.
     pub trait Sealed {}
 }

@@ -18,7 +18,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::PollSender;
 
 use crate::error::{FailedInput, Failure, ItemError};
-use crate::policy::{Admission, Failed, Finished, RetryPolicy, Verdict};
+use crate::policy::{Admission, Failed, Finished, Held, RetryPolicy, Verdict};
 use crate::report::{StageStats, latency_histogram};
 use crate::runtime::chunk::{CHUNK_CAP, Chunk, Outcome, Ticket};
 use crate::runtime::gate::GateHold;
@@ -26,6 +26,7 @@ use crate::runtime::{RunCtx, Upstream};
 
 use super::builder::Options;
 use super::call::{Call, Completion, Meta, Slot, StageFn, make, poll_slot};
+use super::routed::{Route, with_attempt};
 
 /// Time one call in this many (latency percentiles come from this sample).
 const SAMPLE_EVERY: u64 = 8;
@@ -37,6 +38,8 @@ const MERGE_EVERY: u64 = 64;
 const MERGE_INTERVAL: Duration = Duration::from_millis(100);
 /// The most items a stage keeps in retry backoff before it stops taking new ones.
 const MAX_PARKED: usize = 4 * CHUNK_CAP;
+/// The least reorder window of an ordered stage without `ordered_window`.
+const DEFAULT_WINDOW: usize = CHUNK_CAP;
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn drive<T, U, S>(
@@ -45,6 +48,7 @@ pub(super) async fn drive<T, U, S>(
     options: Options,
     keep: Option<fn(&T) -> FailedInput>,
     copy: Option<fn(&T) -> T>,
+    route: Option<Route<T, U>>,
     stats: Arc<StageStats>,
     run: Arc<RunCtx>,
     tx: tokio::sync::mpsc::Sender<Chunk<U>>,
@@ -55,6 +59,7 @@ pub(super) async fn drive<T, U, S>(
 {
     let admissions: Vec<Box<dyn Admission>> =
         options.policies.iter().map(|p| p.admission()).collect();
+    let retry = options.retry.as_ref().map(|r| r.stage());
     let mut driver = Driver {
         up,
         up_done: false,
@@ -62,12 +67,14 @@ pub(super) async fn drive<T, U, S>(
         call,
         keep,
         copy,
+        route,
         timeout: options.timeout,
         inflight: FuturesUnordered::new(),
         spare: None,
         waiting_calls: None,
         workers: options.workers.max(1),
         ordered: options.ordered,
+        window: options.window,
         next_seq: 0,
         next_emit: 0,
         reorder: VecDeque::new(),
@@ -84,7 +91,9 @@ pub(super) async fn drive<T, U, S>(
         granted: 0,
         next_call: 0,
         pause: None,
-        retry: options.retry.as_ref().map(|r| r.stage()),
+        held: VecDeque::new(),
+        pause_job: retry.as_ref().is_some_and(|r| r.pauses_source()),
+        retry,
         backoff: Backoff::default(),
     };
     let cancel = run.cancel.clone();
@@ -181,6 +190,8 @@ struct Driver<T, U, S: StageFn<T, U>> {
     call: S,
     keep: Option<fn(&T) -> FailedInput>,
     copy: Option<fn(&T) -> T>,
+    /// `results`: a failed item becomes an output.
+    route: Option<Route<T, U>>,
     timeout: Option<Duration>,
     inflight: FuturesUnordered<Waiting<T, U, S>>,
     /// The slot of the last call that finished at its first poll, reused by the next call.
@@ -191,6 +202,8 @@ struct Driver<T, U, S: StageFn<T, U>> {
     waiting_calls: Option<BTreeSet<(Instant, u64)>>,
     workers: usize,
     ordered: bool,
+    /// `ordered_window`, if given.
+    window: Option<usize>,
     next_seq: u64,
     /// Ordered mode: the sequence number of `reorder[0]`.
     next_emit: u64,
@@ -215,6 +228,10 @@ struct Driver<T, U, S: StageFn<T, U>> {
     /// Held while an admission wants the run's source paused.
     pause: Option<GateHold>,
     retry: Option<Box<dyn RetryPolicy>>,
+    /// Items whose failed call an admission holds to be tried again (a pausing breaker).
+    held: VecDeque<(T, Meta, ItemError)>,
+    /// The retry pauses the job: no first attempt starts while an item is in backoff.
+    pause_job: bool,
     backoff: Backoff<T>,
 }
 
@@ -236,23 +253,38 @@ where
     }
 
     /// Whether another call may start. Calls in flight count against the limit; an ordered
-    /// stage also bounds its reorder window (items started and not yet emitted, less those
-    /// in retry backoff, which take no worker). A retry whose backoff is over is already in
-    /// the window, so only the calls in flight bound it — else a finished item waiting for
-    /// it to be emitted could hold its place forever.
+    /// stage also bounds its reorder window (items started and not yet emitted, whether in
+    /// flight, finished, or waiting to be tried again). The window is its own bound, larger
+    /// than the workers by default, so that one item held back (a slow call, a backoff)
+    /// does not stop the others. An item to be tried again is already in the window, so
+    /// only the calls in flight bound it — else a finished item waiting for it to be
+    /// emitted could hold its place forever.
     fn can_start(&self) -> bool {
         let limit = self.limit();
         if self.out.len() >= CHUNK_CAP || self.inflight.len() >= limit {
             return false;
         }
-        !self.ordered
-            || !self.backoff.due.is_empty()
-            || ((self.next_seq - self.next_emit) as usize - self.backoff.len()) < limit
+        if !self.ordered || !self.backoff.due.is_empty() {
+            return true;
+        }
+        let window = self
+            .window
+            .unwrap_or_else(|| limit.saturating_mul(4).max(DEFAULT_WINDOW));
+        ((self.next_seq - self.next_emit) as usize) < window
+    }
+
+    /// Whether new items wait: an item of a stage whose retry pauses the job is in backoff,
+    /// so nothing new starts (the source is held too) until its wait is over.
+    fn job_paused(&self) -> bool {
+        self.pause_job && !self.backoff.heap.is_empty()
     }
 
     /// How many items could start now (pulls a chunk if none is waiting).
     fn available(&mut self, cx: &mut Context<'_>) -> usize {
         let due = self.backoff.due.len();
+        if self.job_paused() {
+            return due;
+        }
         if self.waiting.is_empty() && !self.up_done && (due > 0 || self.backoff.len() < MAX_PARKED)
         {
             match self.up.poll_chunk(cx) {
@@ -271,6 +303,9 @@ where
     fn pop_input(&mut self) -> Option<(T, Meta)> {
         if let Some(d) = self.backoff.due.pop_front() {
             return Some(d);
+        }
+        if self.job_paused() {
+            return None;
         }
         let (item, ticket) = self.waiting.pop_front()?;
         let seq = self.next_seq;
@@ -299,7 +334,13 @@ where
         }
         let again = self.copy.map(|c| c(&item));
         let call = &self.call;
-        let fut = match make(|| call.call(item)) {
+        // A stage that can try an item again tells the call which attempt it makes.
+        let made = if again.is_some() {
+            with_attempt(meta.attempts, || make(|| call.call(item)))
+        } else {
+            make(|| call.call(item))
+        };
+        let fut = match made {
             Ok(fut) => fut,
             Err(e) => return self.complete(meta, Err(e), None, again, true),
         };
@@ -358,8 +399,7 @@ where
     /// Fails the next item with `CircuitOpen` (refused by an admission).
     fn refuse(&mut self) {
         if let Some((item, meta)) = self.pop_input() {
-            drop(item);
-            self.complete(meta, Err(ItemError::CircuitOpen), None, None, false);
+            self.complete(meta, Err(ItemError::CircuitOpen), None, Some(item), false);
         }
     }
 
@@ -379,6 +419,53 @@ where
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Whether an admission holds the item of a failed call to be tried again.
+    fn holds(&mut self, meta: &Meta, error: &ItemError, latency: Option<Duration>) -> bool {
+        let finished = Finished {
+            call: meta.call,
+            error: Some(error),
+            latency,
+            in_flight: self.inflight.len() + 1,
+            attempts: meta.attempts,
+        };
+        let mut hold = false;
+        for a in &mut self.admissions {
+            hold |= a.hold(&finished);
+        }
+        hold
+    }
+
+    /// Decides on the items held for an admission (a pausing breaker): tried again, failed,
+    /// or kept. `idle`: nothing else in the stage can decide it (an undecided hold goes
+    /// again). True if they moved.
+    fn poll_held(&mut self, cx: &mut Context<'_>, idle: bool) -> bool {
+        let mut verdict = Held::Fail;
+        for a in &mut self.admissions {
+            verdict = match (verdict, a.poll_held(cx)) {
+                (Held::Wait, _) | (_, Held::Wait) => Held::Wait,
+                (Held::Undecided, _) | (_, Held::Undecided) => Held::Undecided,
+                (Held::Again, _) | (_, Held::Again) => Held::Again,
+                _ => Held::Fail,
+            };
+        }
+        match verdict {
+            Held::Wait => false,
+            Held::Undecided if !idle => false,
+            Held::Undecided | Held::Again => {
+                for (item, meta, _) in self.held.drain(..) {
+                    self.backoff.due.push_back((item, meta));
+                }
+                true
+            }
+            Held::Fail => {
+                while let Some((item, meta, error)) = self.held.pop_front() {
+                    self.complete(meta, Err(error), None, Some(item), false);
+                }
+                true
+            }
         }
     }
 
@@ -412,10 +499,15 @@ where
     }
 
     /// Parks a failed call's item for another attempt if the retry policy allows; else
-    /// gives its meta back.
-    fn park(&mut self, meta: Meta, error: &ItemError, again: Option<T>) -> Option<Meta> {
+    /// gives its meta and its copy back.
+    fn park(
+        &mut self,
+        meta: Meta,
+        error: &ItemError,
+        again: Option<T>,
+    ) -> Option<(Meta, Option<T>)> {
         let Some(r) = self.retry.as_mut() else {
-            return Some(meta);
+            return Some((meta, again));
         };
         let failed = Failed {
             attempts: meta.attempts,
@@ -423,10 +515,10 @@ where
             error,
         };
         let Some(at) = r.again(&failed) else {
-            return Some(meta);
+            return Some((meta, again));
         };
         let Some(item) = again else {
-            return Some(meta);
+            return Some((meta, again));
         };
         if r.pauses_source() && self.backoff.hold.is_none() {
             self.backoff.hold = Some(self.run.gate.hold());
@@ -463,21 +555,33 @@ where
                 error: result.as_ref().err(),
                 latency,
                 in_flight: self.inflight.len() + 1,
+                attempts: meta.attempts,
             };
             for a in &mut self.admissions {
                 a.finished(&finished);
             }
         }
-        let mut meta = meta;
+        let (mut meta, mut again) = (meta, again);
         if let (true, true, Err(e)) = (self.retry.is_some(), called, &result) {
             match self.park(meta, e, again) {
-                Some(back) => meta = back,
+                Some(back) => (meta, again) = back,
                 None => return,
             }
         }
-        let slot = match result {
-            Ok(u) => Done::Ok(u, meta.ticket),
-            Err(error) => {
+        let (result, again) = match (called, again, result) {
+            (true, Some(item), Err(error)) if self.holds(&meta, &error, latency) => {
+                self.held.push_back((item, meta, error));
+                return;
+            }
+            (_, again, result) => (result, again),
+        };
+        let slot = match (result, self.route, again) {
+            (Ok(u), _, _) => Done::Ok(u, meta.ticket),
+            (Err(error), Some(route), Some(input)) => {
+                let out = route(input, error, meta.attempts, &self.stats.name);
+                Done::Ok(out, meta.ticket)
+            }
+            (Err(error), _, _) => {
                 StageStats::add(&self.stats.failed, 1);
                 let input = meta.take_input();
                 meta.ticket.finish(Outcome::Failed);
@@ -515,6 +619,7 @@ where
         self.waiting.len()
             + self.inflight.len()
             + self.backoff.len()
+            + self.held.len()
             + finished_in_order
             + self.out.len()
     }
@@ -591,6 +696,9 @@ where
             if !self.backoff.heap.is_empty() {
                 progress |= self.poll_backoff(cx);
             }
+            if !self.held.is_empty() {
+                progress |= self.poll_held(cx, false);
+            }
             // The admission the next call waits for, if any.
             let mut waits_on = None;
             while self.can_start() {
@@ -631,9 +739,13 @@ where
                     progress |= self.poll_pause(cx);
                 }
             }
+            if !progress && !self.held.is_empty() && self.inflight.is_empty() {
+                progress |= self.poll_held(cx, true);
+            }
             if self.up_done
                 && self.waiting.is_empty()
                 && self.inflight.is_empty()
+                && self.held.is_empty()
                 && self.backoff.len() == 0
                 && self.reorder.is_empty()
                 && self.out.is_empty()

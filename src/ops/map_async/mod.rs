@@ -12,12 +12,14 @@
 //!
 //! - [`builder`]: [`AsyncStage`] and its options.
 //! - [`call`]: one call ([`StageFn`], the per-call future).
+//! - [`routed`]: failures as items ([`Failed`]) and the attempt number ([`attempt`]).
 //! - [`driver`]: the task loop. Flow control and resilience come from `crate::policy`
 //!   through two traits; the driver names no policy.
 
 mod builder;
 mod call;
 mod driver;
+mod routed;
 
 use std::future::Future;
 
@@ -26,6 +28,7 @@ use crate::error::BoxError;
 
 pub use builder::AsyncStage;
 pub use call::{Fallible, Infallible, StageFn};
+pub use routed::{Failed, Routed, attempt};
 
 pub(crate) fn map_async<T, U, F, Fut>(
     p: Pipeline<T>,
