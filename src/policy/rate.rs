@@ -10,7 +10,7 @@
 //! Why both: tokio's timer has a 1 ms resolution and a loaded machine wakes tasks late, so a
 //! limiter that releases one permit per wake-up delivers a fraction of the rate. A waiting
 //! caller is therefore handed every permit whose slot passed while it waited (its catch-up,
-//! bounded by [`CATCH_UP`]); the long-run rate stays exact. A catch-up alone would put a late
+//! bounded by [`CATCH_UP_SHARE`]); the long-run rate stays exact. A catch-up alone would put a late
 //! start and the start `count` slots after it (on time) into one period; the log holds that
 //! one back until the late start is one full period ago. Why not governor: it keeps its own
 //! clock, so paused-clock tests cannot drive it, and it grants one permit per wake-up.
@@ -28,11 +28,15 @@ use tokio::time::{Instant, Sleep};
 use crate::policy::{Admission, Invalid, Policy, Verdict};
 use crate::runtime::time::after;
 
-/// How far back a late wake-up may claim the slots it was owed. Covers timer granularity
-/// (1 ms) and scheduling delays on a loaded machine; a longer stall costs those slots
-/// instead of turning into a clump. The sliding bound holds whatever this is: it only trades
-/// evenness (what one wake-up may release at once) against the rate kept under load.
-const CATCH_UP: Duration = Duration::from_millis(2);
+/// How far back a late wake-up may claim the slots it was owed: [`CATCH_UP_SHARE`] of the
+/// period, at least [`CATCH_UP_MIN`]. A wake-up on a loaded machine (other threads on every
+/// core) often comes 5–20 ms late; a catch-up shorter than that loses those slots for good,
+/// a few per cent of the rate. The sliding bound holds whatever this is: it only trades
+/// evenness (what one late wake-up may release at once, at most this share of a period's
+/// items) against the rate kept under load; a longer stall costs its slots.
+const CATCH_UP_SHARE: u32 = 20;
+/// See [`CATCH_UP_SHARE`]: covers the timer's 1 ms granularity at any rate.
+const CATCH_UP_MIN: Duration = Duration::from_millis(2);
 
 /// Starts let through within `period / LOG_MERGE` of each other share one record of the log,
 /// so the log holds at most about this many records whatever the rate. A record counts its
@@ -126,6 +130,8 @@ struct Inner {
     cap: u64,
     /// See [`LOG_MERGE`].
     merge: Duration,
+    /// See [`CATCH_UP_SHARE`].
+    catch_up: Duration,
     state: Mutex<State>,
 }
 
@@ -232,6 +238,7 @@ impl Rate {
             tolerance,
             cap: count.saturating_add(burst.saturating_sub(1)),
             merge: period / LOG_MERGE,
+            catch_up: (period / CATCH_UP_SHARE).max(CATCH_UP_MIN),
             state: Mutex::new(State {
                 tat: None,
                 log: VecDeque::new(),
@@ -293,11 +300,11 @@ impl Rate {
     }
 
     /// Takes up to `want` permits at `now` for a caller that has been waiting since `since`:
-    /// each one whose slot has passed (no further back than [`CATCH_UP`]) and that keeps
+    /// each one whose slot has passed (no further back than the catch-up) and that keeps
     /// the last period within the cap. The permits granted are logged at `now`.
     fn take_at(&self, st: &mut State, now: Instant, since: Instant, want: usize) -> Grant {
         let i = &*self.0;
-        let floor = since.max(now.checked_sub(CATCH_UP).unwrap_or(now));
+        let floor = since.max(now.checked_sub(i.catch_up).unwrap_or(now));
         st.expire(now, i.period);
         let room = i.cap.saturating_sub(st.total);
         let mut granted = 0u64;
