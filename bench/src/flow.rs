@@ -113,8 +113,7 @@ async fn flowline_stage_rate(rate: u64, secs: f64) -> Vec<Instant> {
         .run()
         .await
         .expect("rate run");
-    let t = starts.lock().expect("not poisoned").clone();
-    t
+    starts.lock().expect("not poisoned").clone()
 }
 
 /// `n` threads that spin until the guard is dropped: every core stays busy.
