@@ -2,7 +2,14 @@
 //! worker counts on a simulated backend. Real clock.
 //!
 //! `cargo run --release -p flowline-bench -- flow [seconds-per-rate-case] [case-prefix]`
-//! (e.g. `flow adaptive` runs `adaptive` and `adaptive_overload` only).
+//! (e.g. `flow adaptive` runs the `adaptive*` cases only).
+//!
+//! Rate cases (`rate_1k`, `rate_10k`, `rate_100k` through `pace`; `rate_333_loaded` through
+//! an async stage's `rate_limit`, beside 4 threads that keep every core busy): `error_pct` is
+//! the achieved rate's error, `window_ratio` the largest 10 ms window over its ideal count, and
+//! `max_in_period` the most starts within any sliding second `[t, t + 1 s)` (`t` at a start),
+//! from the instants recorded as each item passed or each call started (goal: ≤ the rate).
+//! The `baseline_*` fields are governor's (burst 1), run the same way.
 //!
 //! The simulated backend has capacity 32: a server with 32 slots (a FIFO semaphore) where a
 //! call holds a slot for its service time; calls beyond 32 wait in the queue, so latency grows
@@ -13,6 +20,11 @@
 //!   by 20% per 32 calls waiting in the queue when it gets its slot
 //!   (`5 ms × (1 + 0.2 × queued / 32)`), as real services slow down under overload (memory,
 //!   locks, context switches); here excess concurrency costs throughput too.
+//! - `adaptive_instant`: the queue-only server, but 1 call in 100 is answered at once (a
+//!   cache hit: no slot, no wait), which a minimum-latency baseline would take for the
+//!   backend's latency.
+//! - `adaptive_slowdown`: the queue-only server whose service time doubles (10 ms) for the
+//!   second half of the items.
 //!
 //! Each case compares `Adaptive::vegas(1..=512).initial(4)` against a sweep of static worker
 //! counts; every configuration runs `REPS` times in a rotating order and the median items/s
@@ -47,6 +59,21 @@ fn accuracy(times: &[Instant], target: f64) -> (f64, f64, f64) {
     (achieved, error_pct, max / ideal)
 }
 
+/// The most instants within any half-open second `[t, t + 1 s)`, `t` at one of them.
+fn max_in_period(times: &[Instant]) -> usize {
+    let mut t = times.to_vec();
+    t.sort();
+    let period = Duration::from_secs(1);
+    let (mut best, mut j) = (0, 0);
+    for i in 0..t.len() {
+        while j < t.len() && t[j] < t[i] + period {
+            j += 1;
+        }
+        best = best.max(j - i);
+    }
+    best
+}
+
 async fn flowline_rate(rate: u64, secs: f64) -> Vec<Instant> {
     let n = (rate as f64 * secs) as u64 + 1;
     Pipeline::from_iter(0..n)
@@ -71,6 +98,93 @@ async fn governor_rate(rate: u64, secs: f64) -> Vec<Instant> {
     times
 }
 
+/// Call start instants of an async stage limited to `rate` with 16 workers.
+async fn flowline_stage_rate(rate: u64, secs: f64) -> Vec<Instant> {
+    let n = (rate as f64 * secs) as u64 + 1;
+    let starts = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n as usize)));
+    let s = starts.clone();
+    Pipeline::from_iter(0..n)
+        .map_async("call", move |x| {
+            s.lock().expect("not poisoned").push(Instant::now());
+            async move { x }
+        })
+        .workers(16)
+        .rate_limit(Rate::per_second(rate))
+        .run()
+        .await
+        .expect("rate run");
+    starts.lock().expect("not poisoned").clone()
+}
+
+/// `n` threads that spin until the guard is dropped: every core stays busy.
+struct Busy {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Busy {
+    fn start(n: usize) -> Busy {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
+                    }
+                })
+            })
+            .collect();
+        Busy { stop, threads }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn rate_line(case: &str, rate: u64, secs: f64, f: &[Instant], g: &[Instant]) {
+    let (fa, fe, fw) = accuracy(f, rate as f64);
+    let (ga, ge, gw) = accuracy(g, rate as f64);
+    println!(
+        "{}",
+        json!({"suite": "flow", "case": case, "flowline": fa.round(), "baseline": ga.round(),
+               "unit": "items/s", "ratio": fa / ga, "target": rate, "seconds": secs,
+               "error_pct": fe, "window_ratio": fw, "max_in_period": max_in_period(f),
+               "baseline_error_pct": ge, "baseline_window_ratio": gw,
+               "baseline_max_in_period": max_in_period(g)})
+    );
+}
+
+/// What the simulated server does besides queueing.
+#[derive(Clone, Copy)]
+struct Scenario {
+    /// Service-time growth per `CAPACITY` queued calls (0 for the queue-only model).
+    contention: f64,
+    /// Every `instant`-th call is answered at once (0: none).
+    instant: u64,
+    /// The second half of the items takes twice the service time.
+    slows_half_way: bool,
+}
+
+impl Scenario {
+    const fn queue(contention: f64) -> Self {
+        Scenario {
+            contention,
+            instant: 0,
+            slows_half_way: false,
+        }
+    }
+}
+
 /// The simulated server: `CAPACITY` slots, `SERVICE` per call, a FIFO queue in front.
 struct Backend {
     slots: Semaphore,
@@ -78,25 +192,42 @@ struct Backend {
     queued: AtomicUsize,
     /// Service-time growth per `CAPACITY` queued calls (0 for the queue-only model).
     contention: f64,
+    instant: u64,
+    slow_from: u64,
 }
 
 const CAPACITY: usize = 32;
 const SERVICE: Duration = Duration::from_millis(5);
 
 impl Backend {
-    fn new(contention: f64) -> Arc<Self> {
+    fn new(s: Scenario, items: u64) -> Arc<Self> {
         Arc::new(Backend {
             slots: Semaphore::new(CAPACITY),
             queued: AtomicUsize::new(0),
-            contention,
+            contention: s.contention,
+            instant: s.instant,
+            // Half way through this run's items (static sweeps run fewer items).
+            slow_from: if s.slows_half_way {
+                items / 2
+            } else {
+                u64::MAX
+            },
         })
     }
 
     async fn call(&self, x: u64) -> u64 {
+        if self.instant > 0 && x % self.instant == self.instant / 2 {
+            return x;
+        }
         self.queued.fetch_add(1, SeqCst);
         let slot = self.slots.acquire().await.expect("never closed");
         let queued = self.queued.fetch_sub(1, SeqCst) - 1;
-        let service = SERVICE.mul_f64(1.0 + self.contention * queued as f64 / CAPACITY as f64);
+        let base = if x >= self.slow_from {
+            SERVICE * 2
+        } else {
+            SERVICE
+        };
+        let service = base.mul_f64(1.0 + self.contention * queued as f64 / CAPACITY as f64);
         tokio::time::sleep(service).await;
         drop(slot);
         x
@@ -105,8 +236,8 @@ impl Backend {
 
 /// Items/s through the backend with `workers` calls at most in flight, or an adaptive limit,
 /// and the adaptive limit at the end.
-async fn throughput(items: u64, contention: f64, workers: Option<usize>) -> (f64, usize) {
-    let backend = Backend::new(contention);
+async fn throughput(items: u64, scenario: Scenario, workers: Option<usize>) -> (f64, usize) {
+    let backend = Backend::new(scenario, items);
     let limit = Adaptive::vegas(1..=512).initial(4);
     let trace = std::env::var_os("FLOWLINE_BENCH_TRACE").is_some() && workers.is_none();
     let tracer = trace.then(|| {
@@ -161,7 +292,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 const REPS: usize = 3;
 const SWEEP: [usize; 9] = [4, 16, 24, 32, 40, 48, 64, 128, 256];
 
-async fn adaptive_case(case: &str, contention: f64) {
+async fn adaptive_case(case: &str, scenario: Scenario) {
     // None = adaptive; each repetition starts one configuration later (warm-up and drift
     // fall on every configuration alike).
     let configs: Vec<Option<usize>> = std::iter::once(None)
@@ -172,7 +303,7 @@ async fn adaptive_case(case: &str, contention: f64) {
     for rep in 0..REPS {
         for k in 0..configs.len() {
             let i = (k + rep * 3) % configs.len();
-            let (r, limit) = throughput(items_for(configs[i]), contention, configs[i]).await;
+            let (r, limit) = throughput(items_for(configs[i]), scenario, configs[i]).await;
             runs[i].push(r);
             if i == 0 {
                 limits.push(limit);
@@ -195,7 +326,8 @@ async fn adaptive_case(case: &str, contention: f64) {
         json!({"suite": "flow", "case": case, "flowline": adaptive.round(), "baseline": best.1.round(),
                "unit": "items/s", "ratio": adaptive / best.1, "best_static_workers": best.0,
                "vs_static_4": adaptive / of(4), "vs_static_256": adaptive / of(256),
-               "sweep": sweep, "items": ITEMS, "reps": REPS, "contention": contention,
+               "sweep": sweep, "items": ITEMS, "reps": REPS, "contention": scenario.contention,
+               "instant_every": scenario.instant, "service_doubles_half_way": scenario.slows_half_way,
                "adaptive_final_limits": limits})
     );
 }
@@ -209,25 +341,46 @@ pub fn run(args: &[String]) {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        for (case, rate) in [("rate_1k", 1_000u64), ("rate_10k", 10_000), ("rate_100k", 100_000)] {
+        for (case, rate) in [
+            ("rate_1k", 1_000u64),
+            ("rate_10k", 10_000),
+            ("rate_100k", 100_000),
+        ] {
             if !wanted(case) {
                 continue;
             }
             let f = flowline_rate(rate, secs).await;
             let g = governor_rate(rate, secs).await;
-            let (fa, fe, fw) = accuracy(&f, rate as f64);
-            let (ga, ge, gw) = accuracy(&g, rate as f64);
-            println!(
-                "{}",
-                json!({"suite": "flow", "case": case, "flowline": fa.round(), "baseline": ga.round(),
-                       "unit": "items/s", "ratio": fa / ga, "target": rate, "seconds": secs,
-                       "error_pct": fe, "window_ratio": fw,
-                       "baseline_error_pct": ge, "baseline_window_ratio": gw})
-            );
+            rate_line(case, rate, secs, &f, &g);
         }
-        for (case, contention) in [("adaptive", 0.0), ("adaptive_overload", 0.2)] {
+        if wanted("rate_333_loaded") {
+            let busy = Busy::start(4);
+            let f = flowline_stage_rate(333, secs).await;
+            let g = governor_rate(333, secs).await;
+            drop(busy);
+            rate_line("rate_333_loaded", 333, secs, &f, &g);
+        }
+        let cases = [
+            ("adaptive", Scenario::queue(0.0)),
+            ("adaptive_overload", Scenario::queue(0.2)),
+            (
+                "adaptive_instant",
+                Scenario {
+                    instant: 100,
+                    ..Scenario::queue(0.0)
+                },
+            ),
+            (
+                "adaptive_slowdown",
+                Scenario {
+                    slows_half_way: true,
+                    ..Scenario::queue(0.0)
+                },
+            ),
+        ];
+        for (case, scenario) in cases {
             if wanted(case) {
-                adaptive_case(case, contention).await;
+                adaptive_case(case, scenario).await;
             }
         }
     });

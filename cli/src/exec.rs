@@ -246,8 +246,19 @@ impl Runner {
 
     /// One call of `task` on `item`: the new value, or why it failed.
     pub async fn call(&self, task: &TaskRt, item: &Item) -> Result<String, CallError> {
-        let started = SystemTime::now();
-        let clock = std::time::Instant::now();
+        self.call_from(task, item, (SystemTime::now(), std::time::Instant::now()))
+            .await
+    }
+
+    /// [`call`](Runner::call) for a job that the stage started at `started` (wall clock,
+    /// monotonic): the joblog's start time is when the stage let the job through, not when
+    /// the task running it got a thread.
+    pub async fn call_from(
+        &self,
+        task: &TaskRt,
+        item: &Item,
+        (started, clock): (SystemTime, std::time::Instant),
+    ) -> Result<String, CallError> {
         let mut log = LogLine::default();
         let work = async {
             match (&task.spec.kind, &task.command) {

@@ -535,8 +535,10 @@ impl Builder {
                         // Starting a process is a blocking system call: on a task of its
                         // own it does not hold up the stage's driver (and its rate timer).
                         let (c, r, i) = (ctx.clone(), rt.clone(), item.clone());
-                        let mut job =
-                            AbortOnDrop(tokio::spawn(async move { c.runner.call(&r, &i).await }));
+                        let at = (std::time::SystemTime::now(), std::time::Instant::now());
+                        let mut job = AbortOnDrop(tokio::spawn(async move {
+                            c.runner.call_from(&r, &i, at).await
+                        }));
                         (&mut job.0).await.unwrap_or_else(|e| {
                             Err(CallError {
                                 message: format!("job task ended: {e}"),

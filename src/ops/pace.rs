@@ -86,6 +86,7 @@ pub(crate) fn pace<T: Send + 'static>(mut p: Pipeline<T>, rate: Rate) -> Pipelin
 
 #[cfg(test)]
 mod tests {
+    use crate::policy::rate::tests::{max_in_period, stall_every};
     use crate::prelude::*;
     use std::time::Duration;
 
@@ -129,6 +130,38 @@ mod tests {
             "{:?}",
             per_ms.values().max()
         );
+        assert_eq!(max_in_period(&out, Duration::from_secs(1)), 100_000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn late_wakes_never_let_n_plus_one_into_a_sliding_period() {
+        let stall = stall_every(Duration::from_millis(30), Duration::from_millis(3));
+        let start = tokio::time::Instant::now();
+        let out = Pipeline::from_iter(0..121u32)
+            .pace(Rate::per_second(20))
+            .map(move |_| start.elapsed())
+            .collect()
+            .await
+            .unwrap();
+        stall.abort();
+        assert_eq!(max_in_period(&out, Duration::from_secs(1)), 20);
+        let last = *out.last().unwrap();
+        assert!(last <= Duration::from_millis(6_010), "{last:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_then_never_more_than_n_plus_b_minus_1_per_period() {
+        let stall = stall_every(Duration::from_millis(30), Duration::from_millis(3));
+        let start = tokio::time::Instant::now();
+        let out = Pipeline::from_iter(0..64u32)
+            .pace(Rate::per_second(10).burst(4))
+            .map(move |_| start.elapsed())
+            .collect()
+            .await
+            .unwrap();
+        stall.abort();
+        assert_eq!(out[..4], [Duration::ZERO; 4]);
+        assert_eq!(max_in_period(&out, Duration::from_secs(1)), 13);
     }
 
     #[tokio::test(start_paused = true)]

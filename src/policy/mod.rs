@@ -81,7 +81,8 @@ pub(crate) enum Held {
 /// Protocol: for each call, the driver polls its admissions in order with the same `call` id
 /// until each has answered `Go`; an answer is kept until the call starts (a later admission
 /// may make it wait, it does not ask the earlier ones again). If one refuses, the earlier ones
-/// are told with [`cancel`](Admission::cancel). Every call that started ends with one
+/// are told with [`cancel`](Admission::cancel). A call that every one let through is announced
+/// with [`started`](Admission::started) as it starts. Every call that started ends with one
 /// [`finished`](Admission::finished) on every admission.
 pub(crate) trait Admission: Send {
     /// Leave to start call `call`. `want` is how many calls could start now, for a policy
@@ -91,6 +92,9 @@ pub(crate) trait Admission: Send {
     /// A `Go` given for `call` will not be used (a later admission refused it): give back
     /// what must be given back. What was spent (a rate permit) stays spent.
     fn cancel(&mut self, _call: u64) {}
+
+    /// Call `call`, which every admission let through, starts now.
+    fn started(&mut self, _call: u64) {}
 
     /// A call this admission let through has ended.
     fn finished(&mut self, _call: &Finished<'_>) {}

@@ -1,12 +1,21 @@
-//! `Rate`: a GCRA rate limiter on tokio's clock, shareable by several stages and pipelines.
+//! `Rate`: a rate limiter on tokio's clock, shareable by several stages and pipelines.
 //!
-//! Why not governor: governor keeps its own clock, so paused-clock tests cannot drive it, and
-//! it grants one permit per wake-up. tokio's timer has a 1 ms resolution, so at 10,000/s a
-//! limiter that releases one permit per wake-up delivers a fraction of the rate. This one
-//! hands a waiting caller every permit whose slot has passed while it waited (bounded by
-//! [`CATCH_UP`]), so the long-run rate is exact and no burst beyond what was asked for is
-//! ever released to a caller that was not already waiting.
+//! Two rules, both kept for every start:
+//! - spacing (GCRA): starts are `period / count` apart, `burst` of them may go at once after
+//!   an idle time;
+//! - the sliding bound: never more than `count + burst - 1` starts (`count` without a burst)
+//!   in any window of one period, measured on the instants the starts were let through.
+//!   A log of the last period's starts enforces it.
+//!
+//! Why both: tokio's timer has a 1 ms resolution and a loaded machine wakes tasks late, so a
+//! limiter that releases one permit per wake-up delivers a fraction of the rate. A waiting
+//! caller is therefore handed every permit whose slot passed while it waited (its catch-up,
+//! bounded by [`CATCH_UP_SHARE`]); the long-run rate stays exact. A catch-up alone would put a late
+//! start and the start `count` slots after it (on time) into one period; the log holds that
+//! one back until the late start is one full period ago. Why not governor: it keeps its own
+//! clock, so paused-clock tests cannot drive it, and it grants one permit per wake-up.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -17,13 +26,97 @@ use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
 use crate::policy::{Admission, Invalid, Policy, Verdict};
+use crate::runtime::time::after;
 
-/// How far back a late wake-up may claim the slots it was owed. Covers timer granularity
-/// (1 ms) and ordinary scheduling delays, and no more: what a late wake-up releases at once
-/// is at most 2 ms of the rate, so any 10 ms window holds at most 1.2× its share, and a
-/// longer stall costs those slots instead of turning into a burst. (10 ms here let a
-/// 3 ms scheduling hiccup on a loaded machine put 1.35× the rate into one window.)
-const CATCH_UP: Duration = Duration::from_millis(2);
+/// How far back a late wake-up may claim the slots it was owed: [`CATCH_UP_SHARE`] of the
+/// period, at least [`CATCH_UP_MIN`]. A wake-up on a loaded machine (other threads on every
+/// core) often comes 5–20 ms late; a catch-up shorter than that loses those slots for good,
+/// a few per cent of the rate. The sliding bound holds whatever this is: it only trades
+/// evenness (what one late wake-up may release at once, at most this share of a period's
+/// items) against the rate kept under load; a longer stall costs its slots.
+const CATCH_UP_SHARE: u32 = 20;
+/// See [`CATCH_UP_SHARE`]: covers the timer's 1 ms granularity at any rate.
+const CATCH_UP_MIN: Duration = Duration::from_millis(2);
+
+/// Starts let through within `period / LOG_MERGE` of each other share one record of the log,
+/// so the log holds at most about this many records whatever the rate. A record counts its
+/// starts at the latest of them (never earlier than they were), so the bound stays strict;
+/// the cost is at most `period / LOG_MERGE` of extra wait, once per period.
+const LOG_MERGE: u32 = 2048;
+
+/// Starts let through at about one instant.
+struct Record {
+    /// The first start in it.
+    opened: Instant,
+    /// The last start in it: the instant all of them count at.
+    at: Instant,
+    count: u64,
+}
+
+struct State {
+    /// The theoretical arrival time of the next permit (GCRA's TAT).
+    tat: Option<Instant>,
+    /// The starts of the last period, oldest first.
+    log: VecDeque<Record>,
+    /// The id of `log[0]` (records are numbered in order).
+    first: u64,
+    /// Starts in the log.
+    total: u64,
+}
+
+impl State {
+    /// Forgets the starts that are one full period old at `now`.
+    fn expire(&mut self, now: Instant, period: Duration) {
+        while let Some(r) = self.log.front() {
+            if after(r.at, period) > now {
+                break;
+            }
+            self.total -= r.count;
+            self.log.pop_front();
+            self.first += 1;
+        }
+    }
+
+    /// Logs `count` starts at `now`; returns the id of their record.
+    fn push(&mut self, now: Instant, count: u64, merge: Duration) -> u64 {
+        self.total += count;
+        if let Some(b) = self.log.back_mut() {
+            let at = now.max(b.at);
+            if at < b.opened + merge {
+                b.at = at;
+                b.count += count;
+                return self.first + self.log.len() as u64 - 1;
+            }
+        }
+        let at = self.log.back().map_or(now, |b| now.max(b.at));
+        self.log.push_back(Record {
+            opened: at,
+            at,
+            count,
+        });
+        self.first + self.log.len() as u64 - 1
+    }
+
+    /// Takes up to `count` starts out of record `id` (if it is still in the log).
+    fn remove(&mut self, id: u64, count: u64) {
+        if let Some(r) = id
+            .checked_sub(self.first)
+            .and_then(|i| self.log.get_mut(i as usize))
+        {
+            let n = count.min(r.count);
+            r.count -= n;
+            self.total -= n;
+        }
+    }
+
+    /// When the oldest start in the log is one period old.
+    fn frees_at(&self, period: Duration) -> Option<Instant> {
+        self.log
+            .iter()
+            .find(|r| r.count > 0)
+            .map(|r| after(r.at, period))
+    }
+}
 
 struct Inner {
     count: u64,
@@ -33,13 +126,33 @@ struct Inner {
     interval: Duration,
     /// How far ahead of its slot a permit may go: `(burst - 1) * interval`.
     tolerance: Duration,
-    /// The theoretical arrival time of the next permit (GCRA's TAT).
-    tat: Mutex<Option<Instant>>,
+    /// Starts allowed in any window of one period: `count + burst - 1`.
+    cap: u64,
+    /// See [`LOG_MERGE`].
+    merge: Duration,
+    /// See [`CATCH_UP_SHARE`].
+    catch_up: Duration,
+    state: Mutex<State>,
 }
 
-/// A rate: at most `count` items per `period`, evenly spaced (GCRA). Without
-/// [`burst`](Rate::burst) no two items are closer than `period / count`; a rate limit delays
-/// items, it never drops them.
+/// What one take granted.
+struct Grant {
+    /// Permits granted (0: wait until `next`).
+    n: usize,
+    /// When the next permit may be due.
+    next: Instant,
+    /// The log record the granted permits were counted in.
+    record: u64,
+    /// The TAT right after this grant.
+    tat: Option<Instant>,
+}
+
+/// A rate: at most `count` items per `period`, evenly spaced. Without
+/// [`burst`](Rate::burst) items are `period / count` apart and no window of one period (a
+/// sliding one, starting anywhere) ever holds more than `count` of them, however late the
+/// runtime wakes; with a burst `b`, `b` may pass at once after an idle time and no window
+/// of one period holds more than `count + b - 1`. A rate limit delays items, it never drops
+/// them.
 ///
 /// A `Rate` is a handle: clones share one budget, so a `Rate` given to two stages (or two
 /// pipelines) holds their sum to the rate. It runs on tokio's clock, so it works (exactly)
@@ -96,7 +209,8 @@ impl Rate {
     }
 
     /// Lets up to `burst` items pass at once after an idle time (default 1: no burst). The
-    /// long-run rate is unchanged. Configure before cloning: the result is a new budget.
+    /// long-run rate is unchanged; a window of one period holds at most `count + burst - 1`
+    /// items. Configure before cloning: the result is a new budget.
     ///
     /// ```
     /// let r = flowline::Rate::per_second(100).burst(20);
@@ -122,7 +236,15 @@ impl Rate {
             burst,
             interval,
             tolerance,
-            tat: Mutex::new(None),
+            cap: count.saturating_add(burst.saturating_sub(1)),
+            merge: period / LOG_MERGE,
+            catch_up: (period / CATCH_UP_SHARE).max(CATCH_UP_MIN),
+            state: Mutex::new(State {
+                tat: None,
+                log: VecDeque::new(),
+                first: 0,
+                total: 0,
+            }),
         }))
     }
 
@@ -167,52 +289,118 @@ impl Rate {
         None
     }
 
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Takes up to `want` permits at `now` for a caller that has been waiting since `since`.
-    /// Returns how many were granted and when the next one is due.
-    fn take(&self, now: Instant, since: Instant, want: usize) -> (usize, Instant) {
+    #[cfg(test)]
+    fn take(&self, now: Instant, since: Instant, want: usize) -> Grant {
+        self.take_at(&mut self.state(), now, since, want)
+    }
+
+    /// Takes up to `want` permits at `now` for a caller that has been waiting since `since`:
+    /// each one whose slot has passed (no further back than the catch-up) and that keeps
+    /// the last period within the cap. The permits granted are logged at `now`.
+    fn take_at(&self, st: &mut State, now: Instant, since: Instant, want: usize) -> Grant {
         let i = &*self.0;
-        let floor = since.max(now.checked_sub(CATCH_UP).unwrap_or(now));
-        let mut tat = i.tat.lock().unwrap_or_else(|p| p.into_inner());
-        let mut granted = 0;
-        loop {
-            let t = tat.unwrap_or(floor);
+        let floor = since.max(now.checked_sub(i.catch_up).unwrap_or(now));
+        st.expire(now, i.period);
+        let room = i.cap.saturating_sub(st.total);
+        let mut granted = 0u64;
+        let next = loop {
+            let t = st.tat.unwrap_or(floor);
             // The earliest time this permit conforms, for a caller waiting since `floor`.
             let slot = t.checked_sub(i.tolerance).unwrap_or(t).max(floor);
-            if granted == want || slot > now {
-                return (granted, slot);
+            if granted == room {
+                // Full: the next permit waits for the oldest start to be a period old too.
+                // An empty log with no room is a rate of 0 per period: nothing ever passes.
+                break match st.frees_at(i.period) {
+                    Some(f) => f.max(slot),
+                    None => after(now, crate::runtime::time::FAR),
+                };
             }
-            *tat = Some(t.max(slot) + i.interval);
+            if granted as usize == want || slot > now {
+                break slot;
+            }
+            st.tat = Some(t.max(slot) + i.interval);
             granted += 1;
+        };
+        let record = if granted > 0 {
+            st.push(now, granted, i.merge)
+        } else {
+            0
+        };
+        Grant {
+            n: granted as usize,
+            next,
+            record,
+            tat: st.tat,
         }
     }
 
-    /// Polls for up to `want` (≥ 1) permits; `Ready(n)` with `1 ≤ n ≤ want`.
-    pub(crate) fn poll_take(
-        &self,
-        cx: &mut Context<'_>,
-        want: usize,
-        w: &mut RateWait,
-    ) -> Poll<usize> {
+    /// Polls for up to `want` (≥ 1) permits; `Ready` with `1 ≤ n ≤ want`.
+    fn poll_grant(&self, cx: &mut Context<'_>, want: usize, w: &mut RateWait) -> Poll<Grant> {
         loop {
-            let now = Instant::now();
-            let since = *w.since.get_or_insert(now);
-            let (n, next) = self.take(now, since, want.max(1));
-            if n > 0 {
+            let g = {
+                let mut st = self.state();
+                // Read under the lock: the instant logged is never before one a concurrent
+                // caller logged, and the start follows it at once.
+                let now = Instant::now();
+                let since = *w.since.get_or_insert(now);
+                self.take_at(&mut st, now, since, want.max(1))
+            };
+            if g.n > 0 {
                 // `since` stays until the caller says it is idle: while its demand goes on,
                 // a late wake-up still gets every slot it was owed, across chunk boundaries.
-                return Poll::Ready(n);
+                return Poll::Ready(g);
             }
             let sleep = w
                 .sleep
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(next)));
-            sleep.as_mut().reset(next);
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(g.next)));
+            sleep.as_mut().reset(g.next);
             if sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
         }
     }
 
-    /// Waits for one permit.
+    /// Polls for up to `want` (≥ 1) permits, to be used at once; `Ready(n)` with
+    /// `1 ≤ n ≤ want`.
+    pub(crate) fn poll_take(
+        &self,
+        cx: &mut Context<'_>,
+        want: usize,
+        w: &mut RateWait,
+    ) -> Poll<usize> {
+        self.poll_grant(cx, want, w).map(|g| g.n)
+    }
+
+    /// A permit of record `record` is used only now: it counts from now.
+    fn restamp(&self, record: u64) -> u64 {
+        let mut st = self.state();
+        let now = Instant::now();
+        st.remove(record, 1);
+        st.expire(now, self.0.period);
+        st.push(now, 1, self.0.merge)
+    }
+
+    /// `count` permits of record `record` will not be used: they no longer count, and if
+    /// no one has taken a permit since (`tat` unchanged), their slots are free again.
+    fn give_back(&self, record: u64, count: usize, tat: Option<Instant>) {
+        let mut st = self.state();
+        st.remove(record, count as u64);
+        if st.tat == tat {
+            let back = self
+                .0
+                .interval
+                .saturating_mul(count.min(u32::MAX as usize) as u32);
+            st.tat = tat.map(|t| t.checked_sub(back).unwrap_or(t));
+        }
+    }
+
+    /// Waits for one permit. (A rate that a stage would reject, such as 0 per second, is
+    /// not checked here: 0 per second lets nothing through.)
     ///
     /// ```
     /// use flowline::Rate;
@@ -254,37 +442,88 @@ impl Policy for Rate {
             rate: self.clone(),
             wait: RateWait::default(),
             granted: 0,
+            record: 0,
+            tat: None,
+            handed: None,
         })
     }
 }
 
+/// A permit handed to a call that has not started yet.
+struct Handed {
+    call: u64,
+    record: u64,
+    /// Taken in the same turn as the call starts, with no other call started in between:
+    /// the instant it was logged at is the call's start.
+    fresh: bool,
+}
+
 /// A rate as one stage uses it: permits are taken in batches (as many as could start), and
-/// the ones not used yet are kept for the next calls.
+/// the ones not used yet are kept for the next calls of the same turn. A permit counts from
+/// the instant its call starts: one used after other calls started, or after the call
+/// waited for a later admission, is logged again when the call starts; the ones left when
+/// the stage goes idle are given back.
 struct Permits {
     rate: Rate,
     wait: RateWait,
     granted: usize,
+    record: u64,
+    tat: Option<Instant>,
+    handed: Option<Handed>,
 }
 
 impl Admission for Permits {
-    fn poll_admit(&mut self, cx: &mut Context<'_>, _call: u64, want: usize) -> Poll<Verdict> {
-        if self.granted == 0 {
-            match self.rate.poll_take(cx, want, &mut self.wait) {
-                Poll::Ready(n) => self.granted = n,
+    fn poll_admit(&mut self, cx: &mut Context<'_>, call: u64, want: usize) -> Poll<Verdict> {
+        let fresh = self.granted == 0;
+        if fresh {
+            match self.rate.poll_grant(cx, want, &mut self.wait) {
+                Poll::Ready(g) => {
+                    self.granted = g.n;
+                    self.record = g.record;
+                    self.tat = g.tat;
+                }
                 Poll::Pending => return Poll::Pending,
             }
         }
         self.granted -= 1;
+        self.handed = Some(Handed {
+            call,
+            record: self.record,
+            fresh,
+        });
         Poll::Ready(Verdict::Go)
+    }
+
+    fn cancel(&mut self, call: u64) {
+        // The permit is spent (the call was refused by a later admission), logged when taken.
+        if self.handed.as_ref().is_some_and(|h| h.call == call) {
+            self.handed = None;
+        }
+    }
+
+    fn started(&mut self, call: u64) {
+        if let Some(h) = self.handed.take() {
+            if h.call == call && !h.fresh {
+                self.rate.restamp(h.record);
+            }
+        }
     }
 
     fn idle(&mut self) {
         self.wait.idle();
+        if let Some(h) = &mut self.handed {
+            // Its call waits for another admission: it starts later than it was logged.
+            h.fresh = false;
+        }
+        if self.granted > 0 {
+            self.rate.give_back(self.record, self.granted, self.tat);
+            self.granted = 0;
+        }
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
@@ -313,20 +552,75 @@ mod tests {
     fn a_late_wake_claims_every_owed_slot_but_no_more() {
         let r = Rate::per_second(100_000); // 10 µs apart
         let t0 = Instant::now();
-        assert_eq!(r.take(t0, t0, 1000).0, 1);
+        assert_eq!(r.take(t0, t0, 1000).n, 1);
         // Woken 1 ms late, waiting since t0: 100 slots passed (t0+10µs ..= t0+1ms).
         let now = t0 + Duration::from_millis(1);
-        assert_eq!(r.take(now, t0, 1000).0, 100);
-        assert_eq!(r.take(now, now, 1000).0, 0);
+        assert_eq!(r.take(now, t0, 1000).n, 100);
+        assert_eq!(r.take(now, now, 1000).n, 0);
     }
 
     #[test]
     fn an_idle_limiter_does_not_bank_a_burst() {
         let r = Rate::per_second(1000);
         let t0 = Instant::now();
-        assert_eq!(r.take(t0, t0, 10).0, 1);
+        assert_eq!(r.take(t0, t0, 10).n, 1);
         let later = t0 + Duration::from_secs(5);
-        assert_eq!(r.take(later, later, 10).0, 1);
+        assert_eq!(r.take(later, later, 10).n, 1);
+    }
+
+    /// The most starts within any half-open period `[t, t + period)`, `t` at a start.
+    pub(crate) fn max_in_period(times: &[Duration], period: Duration) -> usize {
+        let mut t = times.to_vec();
+        t.sort();
+        let (mut best, mut j) = (0, 0);
+        for i in 0..t.len() {
+            while j < t.len() && t[j] < t[i] + period {
+                j += 1;
+            }
+            best = best.max(j - i);
+        }
+        best
+    }
+
+    /// Stalls the runtime: every `every` of its own time, the clock jumps `by` at once, so
+    /// timers due inside the jump fire late (a loaded machine, a coarse timer).
+    pub(crate) fn stall_every(every: Duration, by: Duration) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                tokio::time::advance(by).await;
+            }
+        })
+    }
+
+    /// When each of `n` acquires returned (since the start), with the runtime stalled.
+    async fn acquire_times(rate: &Rate, n: usize) -> Vec<Duration> {
+        let stall = stall_every(Duration::from_millis(30), Duration::from_millis(3));
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        for _ in 0..n {
+            rate.acquire().await;
+            out.push(t0.elapsed());
+        }
+        stall.abort();
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn late_wakes_never_let_n_plus_one_into_a_sliding_period() {
+        let times = acquire_times(&Rate::per_second(20), 121).await;
+        assert_eq!(max_in_period(&times, Duration::from_secs(1)), 20);
+        // 6 s of the rate (120 gaps of 50 ms) with the stalls costing a few ms at most.
+        let last = *times.last().unwrap();
+        assert!(last <= Duration::from_millis(6_010), "{last:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_then_the_rate_never_more_than_n_plus_b_minus_1_per_period() {
+        let times = acquire_times(&Rate::per_second(10).burst(4), 64).await;
+        assert_eq!(times[..4], [Duration::ZERO; 4]);
+        assert_eq!(times[4], Duration::from_millis(100));
+        assert_eq!(max_in_period(&times, Duration::from_secs(1)), 13);
     }
 
     #[test]
@@ -408,6 +702,68 @@ mod tests {
             times.sort();
             // 100 calls in 100 distinct 10 ms slots: never two at once, none early.
             assert_eq!(times, (0..100).map(|k| k * 10).collect::<Vec<u64>>());
+        }
+
+        /// A call that records when it started (since `t0`).
+        fn stamp(
+            t0: Instant,
+            log: Arc<Mutex<Vec<Duration>>>,
+        ) -> impl Fn(u32) -> std::future::Ready<u32> + Send + Clone + 'static {
+            move |x| {
+                log.lock().unwrap().push(t0.elapsed());
+                std::future::ready(x)
+            }
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_stage_holds_n_per_sliding_period_despite_late_wakes() {
+            let stall = super::stall_every(Duration::from_millis(30), Duration::from_millis(3));
+            let t0 = Instant::now();
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let report = Pipeline::from_iter(0..121u32)
+                .map_async("call", stamp(t0, log.clone()))
+                .workers(8)
+                .rate_limit(Rate::per_second(20))
+                .run()
+                .await
+                .unwrap();
+            stall.abort();
+            assert_eq!(report.delivered(), 121);
+            let times = log.lock().unwrap().clone();
+            assert_eq!(super::max_in_period(&times, Duration::from_secs(1)), 20);
+            let last = *times.iter().max().unwrap();
+            assert!(last <= Duration::from_millis(6_010), "{last:?}");
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_call_held_by_a_later_limit_counts_from_when_it_starts() {
+            // Call 0 holds the only in-flight slot for 150 ms: the rate lets call 1 through
+            // at 100 ms, but it starts at 150 ms; 10 calls later the rate must count from
+            // then, or [150 ms, 1150 ms) holds 11 starts.
+            let t0 = Instant::now();
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let l = log.clone();
+            let bound = Inflight::new(1);
+            Pipeline::from_iter(0..25u32)
+                .map_async("call", move |x| {
+                    l.lock().unwrap().push(t0.elapsed());
+                    async move {
+                        if x == 0 {
+                            tokio::time::sleep(Duration::from_millis(150)).await;
+                        }
+                        x
+                    }
+                })
+                .workers(8)
+                .rate_limit(Rate::per_second(10))
+                .inflight(&bound)
+                .run()
+                .await
+                .unwrap();
+            let times = log.lock().unwrap().clone();
+            assert_eq!(times[..3], [0, 150, 200].map(Duration::from_millis));
+            assert_eq!(times[11], Duration::from_millis(1150));
+            assert_eq!(super::max_in_period(&times, Duration::from_secs(1)), 10);
         }
 
         #[tokio::test]

@@ -393,6 +393,9 @@ where
         }
         self.granted = 0;
         self.next_call += 1;
+        for a in &mut self.admissions {
+            a.started(call);
+        }
         Admitted::Go
     }
 
