@@ -461,7 +461,8 @@ fn http_stage_with_a_connection_pool() {
 fn breaker_pauses_the_input_against_a_failing_server() {
     let d = tmp();
     // Down for 1.5 s, then up. Without a breaker all 300 requests fail within that time;
-    // with breaker(3, 500ms) the input pauses after 3 failures and only probes go out.
+    // with breaker(3, 500ms) the input pauses after 3 failures and only probes go out, and
+    // the requests that failed are sent again once it is up: the outage costs no job.
     let s = server(Duration::from_millis(1500));
     let pipe = format!(
         "seq(1..300) | fork(4) | breaker(3, 500ms) | http(http://127.0.0.1:{}/{{}}) | discard",
@@ -473,11 +474,11 @@ fn breaker_pauses_the_input_against_a_failing_server() {
         failed <= 20,
         "503s sent while the breaker was open: {failed}"
     );
-    assert_eq!(o.status.code(), Some(failed as i32), "{}", err(&o));
-    assert_eq!(s.ok.load(Relaxed) + failed, 300);
-    let dead = std::fs::read_to_string(d.path().join("flowline-failed.jsonl")).unwrap();
-    assert_eq!(dead.lines().count() as u64, failed);
-    assert!(dead.contains("\"exit\":503"));
+    assert!(failed >= 3, "the breaker opened on failures: {failed}");
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert_eq!(s.ok.load(Relaxed), 300);
+    let dead = std::fs::read_to_string(d.path().join("flowline-failed.jsonl")).unwrap_or_default();
+    assert_eq!(dead.lines().count(), 0, "{dead}");
 }
 
 #[test]
