@@ -435,7 +435,8 @@ impl PgStore {
     /// followed by `commit`, may run twice.
     ///
     /// ```no_run
-    /// use flowline::{PgStore, Reservation, Store};
+    /// use flowline::{Reservation, Store};
+    /// use flowline_postgres::PgStore;
     /// use std::time::Duration;
     /// # #[tokio::main] async fn main() -> Result<(), flowline::BoxError> {
     /// let store = PgStore::connect("postgresql://flowline@localhost/app").await?.optimistic();
