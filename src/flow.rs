@@ -658,6 +658,11 @@ pub trait Flow: IntoPipeline {
     /// *starts calls* ("at most n requests per second"), use [`AsyncStage::rate_limit`] right
     /// under the stage instead: it limits the calls themselves, retries included.
     ///
+    /// An item counts against the rate until the pace is pulled again, after the operators
+    /// fused behind it (`map`, `filter`, `inspect`, ...) have handled it: a timestamp taken
+    /// there never shows more than the rate in any window of one period, however late the
+    /// thread ran.
+    ///
     /// ```
     /// use flowline::prelude::*;
     /// use std::time::Duration;

@@ -1,5 +1,6 @@
 //! `pace(rate)`: items pass at most at `rate`, delayed, never dropped.
-//! Fused into the task that pulls it; permits are taken for a whole chunk at a time.
+//! Fused into the task that pulls it; permits are taken for a whole chunk at a time and count
+//! from the next pull, when the operators fused after it have handled the chunk.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -42,6 +43,7 @@ impl<T: Send + 'static> ChunkSource<T> for RateLimited<T> {
                     self.held = c;
                 }
                 other => {
+                    self.rate.settle(&mut self.wait);
                     self.wait.idle();
                     return other;
                 }

@@ -4,8 +4,9 @@
 //! - spacing (GCRA): starts are `period / count` apart, `burst` of them may go at once after
 //!   an idle time;
 //! - the sliding bound: never more than `count + burst - 1` starts (`count` without a burst)
-//!   in any window of one period, measured on the instants the starts were let through.
-//!   A log of the last period's starts enforces it.
+//!   in any window of one period, measured on the instants the starts were let through (a
+//!   call's start; for a `pace`, the end of the handling of its items by the operators
+//!   fused after it). A log of the last period's starts enforces it.
 //!
 //! Why both: tokio's timer has a 1 ms resolution and a loaded machine wakes tasks late, so a
 //! limiter that releases one permit per wake-up delivers a fraction of the rate. A waiting
@@ -107,6 +108,20 @@ impl State {
             r.count -= n;
             self.total -= n;
         }
+    }
+
+    /// `count` starts of record `id` happen only at `now`: they count from then.
+    fn restamp(
+        &mut self,
+        id: u64,
+        count: u64,
+        now: Instant,
+        period: Duration,
+        merge: Duration,
+    ) -> u64 {
+        self.remove(id, count);
+        self.expire(now, period);
+        self.push(now, count, merge)
     }
 
     /// When the oldest start in the log is one period old.
@@ -347,6 +362,9 @@ impl Rate {
                 // Read under the lock: the instant logged is never before one a concurrent
                 // caller logged, and the start follows it at once.
                 let now = Instant::now();
+                if let Some((record, count)) = w.handed.take() {
+                    st.restamp(record, count, now, self.0.period, self.0.merge);
+                }
                 let since = *w.since.get_or_insert(now);
                 self.take_at(&mut st, now, since, want.max(1))
             };
@@ -365,24 +383,36 @@ impl Rate {
         }
     }
 
-    /// Polls for up to `want` (≥ 1) permits, to be used at once; `Ready(n)` with
-    /// `1 ≤ n ≤ want`.
+    /// Polls for up to `want` (≥ 1) permits for items handed on at once; `Ready(n)` with
+    /// `1 ≤ n ≤ want`. The permits count from the caller's next poll (or
+    /// [`settle`](Rate::settle)), see [`RateWait::handed`].
     pub(crate) fn poll_take(
         &self,
         cx: &mut Context<'_>,
         want: usize,
         w: &mut RateWait,
     ) -> Poll<usize> {
-        self.poll_grant(cx, want, w).map(|g| g.n)
+        self.poll_grant(cx, want, w).map(|g| {
+            w.handed = Some((g.record, g.n as u64));
+            g.n
+        })
     }
 
     /// A permit of record `record` is used only now: it counts from now.
     fn restamp(&self, record: u64) -> u64 {
         let mut st = self.state();
         let now = Instant::now();
-        st.remove(record, 1);
-        st.expire(now, self.0.period);
-        st.push(now, 1, self.0.merge)
+        st.restamp(record, 1, now, self.0.period, self.0.merge)
+    }
+
+    /// The permits handed out by the last [`poll_take`](Rate::poll_take) of `w` count from
+    /// now: the caller is done with their items (see [`RateWait::handed`]).
+    pub(crate) fn settle(&self, w: &mut RateWait) {
+        if let Some((record, count)) = w.handed.take() {
+            let mut st = self.state();
+            let now = Instant::now();
+            st.restamp(record, count, now, self.0.period, self.0.merge);
+        }
     }
 
     /// `count` permits of record `record` will not be used: they no longer count, and if
@@ -422,6 +452,15 @@ impl Rate {
 pub(crate) struct RateWait {
     since: Option<Instant>,
     sleep: Option<Pin<Box<Sleep>>>,
+    /// The record and count of the permits [`Rate::poll_take`] handed out last. Their items
+    /// go on to the operators fused after the caller, which handle them (and whatever the
+    /// user measures there: a call's start, a timestamp) before the caller is polled again.
+    /// Counting the permits from the grant would let any delay between grant and handling
+    /// (a preempted thread, the rest of a chunk) put `count + 1` handlings into one period
+    /// even though the grants were strictly spaced: when the log is full, the next grant
+    /// comes exactly one period after the oldest. Counting them from the next poll makes
+    /// the bound hold for what happens downstream too.
+    handed: Option<(u64, u64)>,
 }
 
 impl RateWait {
@@ -546,6 +585,46 @@ pub(crate) mod tests {
         assert_eq!(t.elapsed(), Duration::ZERO);
         r.acquire().await;
         assert_eq!(t.elapsed(), Duration::from_millis(100));
+    }
+
+    /// Takes up to `want` permits as a pace does; returns how many and when.
+    async fn pace_take(r: &Rate, w: &mut RateWait, want: usize) -> (usize, Instant) {
+        let n = std::future::poll_fn(|cx| r.poll_take(cx, want, w)).await;
+        (n, Instant::now())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pace_permit_counts_until_its_items_are_handled() {
+        let r = Rate::per(2, Duration::from_millis(100)); // 50 ms apart, 2 per 100 ms
+        let mut w = RateWait::default();
+        let t0 = Instant::now();
+        assert_eq!(pace_take(&r, &mut w, 1).await.0, 1);
+        // The operators after the pace handle the item 30 ms later (a late thread): a
+        // timestamp taken there reads 30 ms.
+        tokio::time::advance(Duration::from_millis(30)).await;
+        let (n, at) = pace_take(&r, &mut w, 1).await;
+        assert_eq!((n, at - t0), (1, Duration::from_millis(50)));
+        // Counted from the grant, the third would pass at 100 ms: 3 handlings (30, 50, 100)
+        // in [30, 130). Counted from its handling it waits for 130 ms.
+        let (n, at) = pace_take(&r, &mut w, 1).await;
+        assert_eq!((n, at - t0), (1, Duration::from_millis(130)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_settled_pace_counts_its_permits_from_the_settling() {
+        let r = Rate::per(1, Duration::from_millis(100));
+        let mut w = RateWait::default();
+        let t0 = Instant::now();
+        pace_take(&r, &mut w, 1).await;
+        // Its item is handled by 40 ms, when the pace finds its input empty.
+        tokio::time::advance(Duration::from_millis(40)).await;
+        r.settle(&mut w);
+        w.idle();
+        // More input at 60 ms: the slot is at 100 ms, the log holds the first until 140 ms
+        // (not 100: counted from the grant; not 160: counted from this pull).
+        tokio::time::advance(Duration::from_millis(20)).await;
+        let (_, at) = pace_take(&r, &mut w, 1).await;
+        assert_eq!(at - t0, Duration::from_millis(140));
     }
 
     #[test]
