@@ -34,8 +34,10 @@ pub(crate) fn prepare(mut errors: Vec<Error>, options: &RunOptions) -> Result<Ar
 }
 
 /// A run about to start: a plan, the sink it ends in, and the run's options. Await it to run
-/// to the end in the calling task, or [`spawn`](Run::spawn) it to steer it through a
-/// [`Handle`]. Returned by the terminals of [`Flow`](crate::Flow): `run`, `collect`,
+/// to the end, or [`spawn`](Run::spawn) it to steer it through a [`Handle`]. Awaited on a
+/// multi-thread runtime, the run is a task of the runtime's workers (its sink beside its
+/// stages, even when awaited from `block_on`); on a current-thread runtime it runs in the
+/// awaiting task. Dropping the future cancels the run either way. Returned by the terminals of [`Flow`](crate::Flow): `run`, `collect`,
 /// `collect_with_report`, `for_each`.
 ///
 /// The options are the run's, not a stage's: a deadline for the whole run, what a failure
@@ -246,52 +248,57 @@ impl<T: Send + 'static, K: Sink<T>, O: Send + 'static> IntoFuture for Run<T, K, 
     type IntoFuture = Pin<Box<dyn Future<Output = Result<O, Error>> + Send>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        on_workers(self.execute())
+        Box::pin(self.execute())
     }
 }
 
-/// Runs `run` as a task of the runtime's workers when the runtime has several, else in place.
+/// Drives `sink_loop` (a run's sink pulling from its last stage) as a task of the runtime's
+/// workers when the run has stage tasks and the runtime has several workers, else in place.
 ///
 /// Why: a run awaited from `block_on` (as in `#[tokio::main]`'s `main`) would drive its sink
 /// on the thread that called `block_on`, which is not one of the runtime's workers, and
 /// every chunk a stage hands to the sink would have to wake that thread through the OS (a
 /// futex, an interrupt between cores on a VM): 30–60 ns per item measured here for a
 /// trivial 16-worker stage. As a task, the sink is woken in the queue of the worker that
-/// made the chunk.
-pub(crate) fn on_workers<O: Send + 'static>(
-    run: impl Future<Output = Result<O, Error>> + Send + 'static,
-) -> Pin<Box<dyn Future<Output = Result<O, Error>> + Send>> {
+/// made the chunk. A run without stage tasks hands nothing across threads and stays in
+/// place, where it runs without the scheduler between its chunks.
+async fn beside_the_stages<R: Send + 'static>(
+    has_tasks: bool,
+    sink_loop: impl Future<Output = R> + Send + 'static,
+) -> Result<R, Error> {
     use tracing::Instrument as _;
     match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            Box::pin(OnWorkers(h.spawn(run.in_current_span())))
+        Ok(h) if has_tasks && h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            OnWorkers(h.spawn(sink_loop.in_current_span())).await
         }
-        _ => Box::pin(run),
+        _ => Ok(sink_loop.await),
     }
 }
 
-/// A run spawned by [`on_workers`]: dropping it cancels the run, as dropping the run's own
-/// future does; a panic in it resumes in the caller.
-struct OnWorkers<O>(tokio::task::JoinHandle<Result<O, Error>>);
+/// A sink loop spawned by [`beside_the_stages`]: dropping it ends the loop, as dropping the
+/// loop itself would; a panic in it resumes in the caller.
+struct OnWorkers<R>(tokio::task::JoinHandle<R>);
 
-impl<O> Drop for OnWorkers<O> {
+impl<R> Drop for OnWorkers<R> {
     fn drop(&mut self) {
         self.0.abort();
     }
 }
 
-impl<O> Future for OnWorkers<O> {
-    type Output = Result<O, Error>;
+impl<R> Future for OnWorkers<R> {
+    type Output = Result<R, Error>;
 
     fn poll(
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         self.0.poll_unpin(cx).map(|joined| match joined {
-            Ok(out) => out,
+            Ok(out) => Ok(out),
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             // Only a runtime shutting down cancels the task while it is awaited.
-            Err(e) => Err(Error::Internal(format!("the run's task ended early: {e}"))),
+            Err(e) => Err(Error::Internal(format!(
+                "the run's sink task ended early: {e}"
+            ))),
         })
     }
 }
@@ -323,27 +330,46 @@ async fn execute_in<T: Send + 'static, K: Sink<T>>(
         return Err(e);
     }
 
-    let main = async {
-        let in_hand = sink::InHand::default();
-        let drive = async {
-            while let Some(chunk) = next_chunk(&mut up).await {
-                in_hand.consume(&mut sink, chunk, &stats, &run).await;
-                tokio::task::consume_budget().await;
+    let sink_loop = {
+        let run = run.clone();
+        async move {
+            let in_hand = sink::InHand::default();
+            let drive = async {
+                while let Some(chunk) = next_chunk(&mut up).await {
+                    in_hand.consume(&mut sink, chunk, &stats, &run).await;
+                    tokio::task::consume_budget().await;
+                }
+            };
+            let end = drive_until(&run, deadline, drive).await;
+            if end != End::Drained {
+                run.cancel.cancel();
+                in_hand.cut_short(&stats);
+                stats.discarded(up.discard());
             }
-        };
-        let end = drive_until(&run, deadline, drive).await;
-        if end != End::Drained {
-            run.cancel.cancel();
-            in_hand.cut_short(&stats);
-            stats.discarded(up.discard());
+            drop(up);
+            (end, sink)
         }
-        drop(up);
-        (end, None)
+    };
+    let has_tasks = spawned.has_tasks();
+    let mut sink = None;
+    let main = async {
+        match beside_the_stages(has_tasks, sink_loop).await {
+            Ok((end, s)) => {
+                sink = Some(s);
+                (end, None)
+            }
+            Err(e) => {
+                run.cancel.cancel();
+                (End::Cancelled, Some(e.to_string()))
+            }
+        }
     };
     let (end, internal) = spawned.drive(&run, main).await;
-    conclude(&run, end, internal, started, deadline)
-        .await
-        .map(|report| (report, sink.finish()))
+    let report = conclude(&run, end, internal, started, deadline).await?;
+    match sink {
+        Some(sink) => Ok((report, sink.finish())),
+        None => Err(Error::Internal("the run's sink was lost".into())),
+    }
 }
 
 /// The tasks a build spawned (the run's stages) and its observers (which end after them).
@@ -361,6 +387,11 @@ impl Spawned {
             observers: std::mem::take(&mut b.observers),
         };
         (checked, spawned)
+    }
+
+    /// True if the build spawned tasks (stages that run beside the sink).
+    pub(crate) fn has_tasks(&self) -> bool {
+        !self.tasks.is_empty()
     }
 
     /// Ends a plan that failed its checks before it ran: cancels and joins every task (the
@@ -496,12 +527,26 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_awaited_run_drives_its_sink_on_the_runtimes_workers() {
+    async fn an_awaited_run_drives_its_sink_beside_its_stages_on_the_workers() {
         // The test's body runs in `block_on`, on the test's own thread.
         let caller = std::thread::current().id();
         let report = Pipeline::from_iter(0..3)
+            .map_async("call", |x| async move { x })
             .for_each(move |_| async move {
                 assert_ne!(std::thread::current().id(), caller);
+            })
+            .await
+            .unwrap();
+        assert_eq!((report.delivered(), report.failures), (3, 0));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_without_stage_tasks_stays_in_place() {
+        let caller = std::thread::current().id();
+        let report = Pipeline::from_iter(0..3)
+            .map(|x| x + 1)
+            .for_each(move |_| async move {
+                assert_eq!(std::thread::current().id(), caller);
             })
             .await
             .unwrap();
@@ -541,6 +586,7 @@ mod tests {
             .inspect(move |_| {
                 p.fetch_add(1, Ordering::Relaxed);
             })
+            .map_async("call", |x| async move { x })
             .for_each(move |_| {
                 let _keep = &guard;
                 async {}
