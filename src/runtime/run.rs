@@ -35,9 +35,9 @@ pub(crate) fn prepare(mut errors: Vec<Error>, options: &RunOptions) -> Result<Ar
 
 /// A run about to start: a plan, the sink it ends in, and the run's options. Await it to run
 /// to the end, or [`spawn`](Run::spawn) it to steer it through a [`Handle`]. Awaited on a
-/// multi-thread runtime, the run is a task of the runtime's workers (its sink beside its
-/// stages, even when awaited from `block_on`); on a current-thread runtime it runs in the
-/// awaiting task. Dropping the future cancels the run either way. Returned by the terminals of [`Flow`](crate::Flow): `run`, `collect`,
+/// multi-thread runtime, a run with stage tasks drives its sink as a task of the runtime's
+/// workers, beside its stages, even when awaited from `block_on`; otherwise the sink runs
+/// in the awaiting task. Dropping the future cancels the run either way. Returned by the terminals of [`Flow`](crate::Flow): `run`, `collect`,
 /// `collect_with_report`, `for_each`.
 ///
 /// The options are the run's, not a stage's: a deadline for the whole run, what a failure
