@@ -877,27 +877,7 @@ mod tests {
         /// capacity calls wait in the queue (latency grows, throughput does not), never an
         /// error. Returns the limits the stage ran with, one per call, and the run's time.
         async fn settle_queue(limit: Adaptive, items: u32) -> (Vec<usize>, Duration) {
-            let slots = Arc::new(tokio::sync::Semaphore::new(C));
-            let seen = Arc::new(Mutex::new(Vec::new()));
-            let (s, l) = (seen.clone(), limit.clone());
-            let t = tokio::time::Instant::now();
-            Pipeline::from_iter(0..items)
-                .map_async("backend", move |x| {
-                    let (slots, seen, limit) = (slots.clone(), s.clone(), l.clone());
-                    async move {
-                        seen.lock().unwrap().push(limit.limit());
-                        let _slot = slots.acquire().await.unwrap();
-                        tokio::time::sleep(BASE).await;
-                        x
-                    }
-                })
-                .unordered()
-                .adaptive(limit)
-                .run()
-                .await
-                .unwrap();
-            let seen = seen.lock().unwrap().clone();
-            (seen, t.elapsed())
+            serve(limit, items, |_| Some(BASE)).await
         }
 
         /// The queueing server of [`settle_queue`] where `service(x)` is call `x`'s service
