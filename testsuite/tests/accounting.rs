@@ -215,16 +215,21 @@ fn check(
     Ok(())
 }
 
+/// A runtime on tokio's paused clock, as every case runs on.
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
 
     #[test]
     fn every_item_is_accounted_for_exactly_once(c in case()) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
+        let rt = paused_runtime();
         rt.block_on(run_case(c))?;
     }
 }
@@ -661,11 +666,7 @@ proptest! {
 
     #[test]
     fn every_item_is_accounted_for_through_policies_stores_and_cursors(c in policy_case()) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
+        let rt = paused_runtime();
         rt.block_on(run_policy_case(c))?;
     }
 }
