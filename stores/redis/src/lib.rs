@@ -1,0 +1,3 @@
+//! Redis for flowline.
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
