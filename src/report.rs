@@ -212,7 +212,9 @@ pub(crate) fn latency_histogram() -> Histogram<u64> {
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LatencySummary {
-    /// How many calls were timed (a sample of all calls).
+    /// How many calls the percentiles stand for: close to the stage's calls. A busy stage
+    /// times only some of its calls (all of its first 1,024, then one in 8, past 65,536 one
+    /// in 64), each counted for the calls it stands for.
     pub samples: u64,
     /// Median.
     pub p50: Duration,

@@ -9,6 +9,7 @@ pub(crate) mod handle;
 pub(crate) mod hop;
 pub(crate) mod run;
 pub(crate) mod sink;
+pub(crate) mod tail;
 pub(crate) mod time;
 pub(crate) mod ttl_map;
 
@@ -41,6 +42,13 @@ pub(crate) trait ChunkSource<T>: Send {
     /// Throws away whatever is queued upstream; returns how many items the caller must
     /// count as received (and so unfinished).
     fn discard(&mut self) -> usize;
+
+    /// Asked by a consumer that never waits between pulls (the sinks of `run()` and
+    /// `collect()`) before the run starts: a stage that would run as a task of its own may
+    /// run inside the consumer's task instead (see [`tail`]). True if it will.
+    fn pull_in(&mut self) -> bool {
+        false
+    }
 }
 
 pub(crate) type Upstream<T> = Box<dyn ChunkSource<T>>;
@@ -187,6 +195,9 @@ pub struct RunCtx {
     pub(crate) ended: CancellationToken,
     /// The run's time origin, for instants stored as integers (call ages).
     pub(crate) epoch: tokio::time::Instant,
+    /// A panic of a stage driven inside another task (a pulled-in [`tail`]): the run's
+    /// internal error, as a panic of a spawned task is.
+    pub(crate) panicked: Mutex<Option<String>>,
     /// A stall watchdog wants the age of the oldest call of each async stage.
     pub(crate) watch_calls: std::sync::atomic::AtomicBool,
 }
@@ -204,6 +215,7 @@ impl RunCtx {
             stop_requested: std::sync::atomic::AtomicBool::new(false),
             ended: CancellationToken::new(),
             epoch: tokio::time::Instant::now(),
+            panicked: Mutex::new(None),
             watch_calls: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -220,6 +232,14 @@ impl RunCtx {
             self.cancel.cancel();
         }
         self.dead.record(failure);
+    }
+
+    /// A stage driven inside another task panicked: the first message is the run's error.
+    pub(crate) fn internal(&self, message: String) {
+        let mut slot = self.panicked.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(message);
+        }
     }
 
     /// The source failed: remember why and stop pulling (what was pulled still finishes).
@@ -273,6 +293,8 @@ type Check = Box<dyn FnOnce() -> Result<(), crate::Error> + Send>;
 pub(crate) struct Build {
     pub(crate) run: Arc<RunCtx>,
     pub(crate) tasks: JoinSet<()>,
+    /// Stage tasks spawned once the plan is built, unless their consumer pulls them in.
+    pub(crate) deferred: Vec<tail::Slot>,
     /// Run-level observers: they end on `run.ended`, after the stage tasks.
     pub(crate) observers: Vec<Observer>,
     names: HashMap<String, usize>,
@@ -286,6 +308,7 @@ impl Build {
         Build {
             run,
             tasks: JoinSet::new(),
+            deferred: Vec::new(),
             observers: Vec::new(),
             names: HashMap::new(),
             checks: Vec::new(),
@@ -336,6 +359,19 @@ impl Build {
     /// ends; the run awaits them all before it returns.
     pub(crate) fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
         self.tasks.spawn(task);
+    }
+
+    /// A stage task that feeds the chunks of `rx`, as the upstream of the next stage: the
+    /// task is spawned once the whole plan is built, unless the consumer pulls it in
+    /// ([`ChunkSource::pull_in`]) before then.
+    pub(crate) fn spawn_tail<T: Send + 'static>(
+        &mut self,
+        task: impl Future<Output = ()> + Send + 'static,
+        rx: hop::HopRx<T>,
+    ) -> Upstream<T> {
+        let slot: tail::Slot = Arc::new(Mutex::new(Some(Box::pin(task))));
+        self.deferred.push(slot.clone());
+        Box::new(tail::Tail::new(rx, slot, self.run.clone()))
     }
 
     /// Adds a run-level observer: it must end soon after `run.ended` fires, which happens

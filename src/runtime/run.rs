@@ -321,6 +321,9 @@ async fn execute_in<T: Send + 'static, K: Sink<T>>(
     let Pipeline { build, .. } = p;
     let mut b = Build::new(run.clone());
     let mut up = build(&mut b);
+    if K::NEVER_WAITS {
+        up.pull_in();
+    }
     let stats = b.stage(sink_name, "sink");
     let (checked, spawned) = Spawned::take(b);
     if let Err(e) = checked {
@@ -365,6 +368,12 @@ async fn execute_in<T: Send + 'static, K: Sink<T>>(
         }
     };
     let (end, internal) = spawned.drive(&run, main).await;
+    let internal = internal.or_else(|| {
+        run.panicked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    });
     let report = conclude(&run, end, internal, started, deadline).await?;
     match sink {
         Some(sink) => Ok((report, sink.finish())),
@@ -382,6 +391,11 @@ impl Spawned {
     /// Takes the tasks out of a finished build, with the result of the plan's checks.
     pub(crate) fn take(mut b: Build) -> (Result<(), Error>, Spawned) {
         let checked = b.run_checks();
+        for slot in std::mem::take(&mut b.deferred) {
+            if let Some(task) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                b.tasks.spawn(task);
+            }
+        }
         let spawned = Spawned {
             tasks: std::mem::take(&mut b.tasks),
             observers: std::mem::take(&mut b.observers),
@@ -574,6 +588,37 @@ mod tests {
                 let _ = tx.send(());
             }
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sink_that_never_waits_drives_the_last_async_stage_in_place() {
+        // `collect` only stores what it gets: it pulls the stage in, so the calls run
+        // where the run is awaited, with no task and no thread between them and the sink.
+        let caller = std::thread::current().id();
+        let threads = Pipeline::from_iter(0..2_000)
+            .map_async("call", |_| async { std::thread::current().id() })
+            .workers(16)
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(threads.len(), 2_000);
+        assert!(threads.iter().all(|t| *t == caller));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stage_before_another_stage_keeps_its_own_task() {
+        // Only the stage right before the sink is pulled in: the first one runs as a task
+        // of its own and hands its chunks to the second through a hop.
+        let tasks = Pipeline::from_iter(0..100)
+            .map_async("first", |_| async { tokio::task::try_id() })
+            .map_async("second", |t| async move { (t, tokio::task::try_id()) })
+            .collect()
+            .await
+            .unwrap();
+        let (first, second) = tasks[0];
+        assert!(first.is_some() && second.is_some());
+        assert_ne!(first, second);
+        assert!(tasks.iter().all(|t| *t == (first, second)));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,6 +15,9 @@ use crate::runtime::chunk::{Chunk, Outcome};
 /// the sink counts `passed` (delivered) and `failed`.
 pub trait Sink<T>: Send + 'static {
     type Output: Send + 'static;
+    /// `consume` never awaits anything: the sink's task may drive the last stage itself
+    /// (see [`tail`](crate::runtime::tail)).
+    const NEVER_WAITS: bool = false;
     fn consume(
         &mut self,
         chunk: Chunk<T>,
@@ -71,6 +74,7 @@ pub struct Discard;
 
 impl<T: Send + 'static> Sink<T> for Discard {
     type Output = ();
+    const NEVER_WAITS: bool = true;
     async fn consume(&mut self, chunk: Chunk<T>, stats: &StageStats, _run: &RunCtx) {
         let n = chunk.len();
         drop(chunk.into_items(Outcome::Done));
@@ -84,6 +88,7 @@ pub struct Collect<T>(pub(crate) Vec<T>);
 
 impl<T: Send + 'static> Sink<T> for Collect<T> {
     type Output = Vec<T>;
+    const NEVER_WAITS: bool = true;
     async fn consume(&mut self, chunk: Chunk<T>, stats: &StageStats, _run: &RunCtx) {
         let n = chunk.len();
         self.0.extend(chunk.into_items(Outcome::Done));
