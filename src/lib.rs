@@ -108,7 +108,11 @@ pub use observe::stall::{Stall, StallAction};
 pub use ops::debounce::Debounce;
 pub use ops::dedup::Window;
 pub use ops::idempotent::Idempotent;
-pub use ops::map_async::{AsyncStage, Failed, Fallible, Infallible, Routed, StageFn, attempt};
+pub use ops::map_async::{
+    AsyncStage, Failed, Fallible, FallibleWith, Infallible, InfallibleWith, Routed, StageFn, attempt,
+};
+#[cfg(feature = "tower")]
+pub use ops::map_async::ServiceCall;
 pub use ops::operator::{Operator, Out, Step};
 pub use ops::throttle::Throttle;
 pub use plan::{ErrorPolicy, IntoPipeline, Pipeline, RunOptions};
@@ -116,6 +120,8 @@ pub use policy::adaptive::Adaptive;
 pub use policy::breaker::{Breaker, BreakerReport, BreakerState, OnOpen};
 pub use policy::inflight::Inflight;
 pub use policy::rate::Rate;
+#[cfg(feature = "tower")]
+pub use policy::rate_layer::RateLimited;
 pub use policy::retry::{Retry, RetryAfter, RetryBudget};
 pub use report::{LatencySummary, Report, RunOutcome, StageReport};
 pub use runtime::batch_sink::BatchSink;
