@@ -139,7 +139,10 @@ impl FailedInput {
         FailedInput(Arc::new(Kept {
             value: Box::new(value),
             text: std::sync::OnceLock::new(),
-            show: |v| v.downcast_ref::<T>().map_or_else(String::new, |v| format!("{v:?}")),
+            show: |v| {
+                v.downcast_ref::<T>()
+                    .map_or_else(String::new, |v| format!("{v:?}"))
+            },
             #[cfg(feature = "jsonl")]
             json: None,
         }))

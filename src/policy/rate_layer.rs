@@ -175,7 +175,9 @@ mod tests {
         });
         let calls = async move {
             for i in 0..6 {
-                std::future::poll_fn(|cx| plain.poll_ready(cx)).await.unwrap();
+                std::future::poll_fn(|cx| plain.poll_ready(cx))
+                    .await
+                    .unwrap();
                 plain.call(i).await.unwrap();
             }
         };
@@ -244,7 +246,9 @@ mod tests {
             },
         });
         let waiting = tokio::spawn(async move {
-            std::future::poll_fn(|cx| gated.poll_ready(cx)).await.unwrap();
+            std::future::poll_fn(|cx| gated.poll_ready(cx))
+                .await
+                .unwrap();
             gated.call(0).await.unwrap();
         });
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -166,10 +166,8 @@ mod tests {
     struct TempPath(PathBuf);
     impl TempPath {
         fn new(name: &str) -> Self {
-            let p = std::env::temp_dir().join(format!(
-                "flowline-{}-{name}.jsonl",
-                std::process::id()
-            ));
+            let p =
+                std::env::temp_dir().join(format!("flowline-{}-{name}.jsonl", std::process::id()));
             let _ = std::fs::remove_file(&p);
             TempPath(p)
         }
@@ -181,12 +179,13 @@ mod tests {
     }
 
     /// A stage that fails the orders whose id is in `down`; inputs kept as JSON.
-    fn checkout(
-        p: Pipeline<(u32, String)>,
-        down: fn(u32) -> bool,
-    ) -> impl Flow<Item = String> {
+    fn checkout(p: Pipeline<(u32, String)>, down: fn(u32) -> bool) -> impl Flow<Item = String> {
         p.try_map_async("checkout", move |(id, sku): (u32, String)| async move {
-            if down(id) { Err(format!("order {id}: 503")) } else { Ok(format!("{id}:{sku}")) }
+            if down(id) {
+                Err(format!("order {id}: 503"))
+            } else {
+                Ok(format!("{id}:{sku}"))
+            }
         })
         .keep_input_json()
     }
@@ -203,7 +202,10 @@ mod tests {
         assert_eq!((report.delivered(), report.failures), (6, 4));
         let text = std::fs::read_to_string(&path.0).unwrap();
         assert!(
-            text.lines().next().unwrap().contains(r#""input":[0,"sku \"0\""],"input_format":"json""#),
+            text.lines()
+                .next()
+                .unwrap()
+                .contains(r#""input":[0,"sku \"0\""],"input_format":"json""#),
             "{text}"
         );
         // The service is back: every failure passes now.
@@ -211,7 +213,10 @@ mod tests {
             .collect()
             .await
             .unwrap();
-        assert_eq!(replayed, vec!["0:sku \"0\"", "3:sku \"3\"", "6:sku \"6\"", "9:sku \"9\""]);
+        assert_eq!(
+            replayed,
+            vec!["0:sku \"0\"", "3:sku \"3\"", "6:sku \"6\"", "9:sku \"9\""]
+        );
     }
 
     async fn replay_error(lines: &str) -> (String, u64) {
@@ -232,13 +237,22 @@ mod tests {
     async fn a_line_that_cannot_be_replayed_stops_the_source_at_its_number() {
         let good = r#"{"stage":"s","input":[1,"a"],"input_format":"json"}"#;
         let (msg, delivered) = replay_error(&format!("{good}\n\n{{\"stage\": tru\n{good}\n")).await;
-        assert!(msg.contains(".jsonl:3: not a dead letter (not JSON"), "{msg}");
+        assert!(
+            msg.contains(".jsonl:3: not a dead letter (not JSON"),
+            "{msg}"
+        );
         assert_eq!(delivered, 1);
         let (msg, _) = replay_error(&format!("{good}\n[1, 2]\n")).await;
-        assert!(msg.contains(":2: not a dead letter (no `input_format`)"), "{msg}");
+        assert!(
+            msg.contains(":2: not a dead letter (no `input_format`)"),
+            "{msg}"
+        );
         let wrong = r#"{"stage":"s","input":{"id":1},"input_format":"json"}"#;
         let (msg, _) = replay_error(&format!("{wrong}\n")).await;
-        assert!(msg.contains(":1: the input that failed at stage `s` is not an item"), "{msg}");
+        assert!(
+            msg.contains(":1: the input that failed at stage `s` is not an item"),
+            "{msg}"
+        );
         let (msg, delivered) = replay_error(&"x".repeat(17 << 20)).await;
         assert!(msg.contains(":1: line longer than"), "{msg}");
         assert_eq!(delivered, 0);
@@ -255,7 +269,10 @@ mod tests {
             .await
             .unwrap();
         let text = std::fs::read_to_string(&path.0).unwrap();
-        assert!(text.contains(r#""input":"(1, \"a\")","input_format":"debug""#), "{text}");
+        assert!(
+            text.contains(r#""input":"(1, \"a\")","input_format":"debug""#),
+            "{text}"
+        );
         let err = Pipeline::<(u32, String)>::from_dead_letters(&path.0)
             .run()
             .await
@@ -270,7 +287,10 @@ mod tests {
 
         let not_kept = r#"{"stage":"pay","input":null,"input_format":null}"#;
         let (msg, _) = replay_error(&format!("{not_kept}\n")).await;
-        assert!(msg.contains(":1: the failure at stage `pay` kept no input"), "{msg}");
+        assert!(
+            msg.contains(":1: the failure at stage `pay` kept no input"),
+            "{msg}"
+        );
     }
 
     #[tokio::test]

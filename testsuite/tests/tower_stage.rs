@@ -57,7 +57,10 @@ async fn a_service_builder_stack_is_a_stage() {
     assert_eq!(t0.elapsed(), Duration::from_millis(60));
     assert_eq!((report.delivered(), report.failures), (5, 1));
     let failed = &report.failure_sample[0];
-    assert_eq!(failed.input.as_ref().unwrap().downcast_ref::<u64>(), Some(&100));
+    assert_eq!(
+        failed.input.as_ref().unwrap().downcast_ref::<u64>(),
+        Some(&100)
+    );
     // tower's own error type, kept through the stage.
     let source = failed.error.source().unwrap();
     assert!(source.is::<tower::timeout::error::Elapsed>(), "{source:?}");

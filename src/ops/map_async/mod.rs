@@ -113,7 +113,11 @@ mod tests {
         async fn get_user(&self, id: u32) -> Result<String, String> {
             self.calls.fetch_add(1, SeqCst);
             tokio::task::yield_now().await;
-            if id == 0 { Err("no user 0".into()) } else { Ok(format!("user-{id}")) }
+            if id == 0 {
+                Err("no user 0".into())
+            } else {
+                Ok(format!("user-{id}"))
+            }
         }
     }
 

@@ -107,7 +107,10 @@ where
 {
     type Future = futures_util::future::MapOk<S::Future, fn(U) -> Result<U, Failed<T>>>;
     #[inline]
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), crate::BoxError>> {
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), crate::BoxError>> {
         self.0.poll_ready(cx)
     }
     #[inline]

@@ -129,7 +129,10 @@ mod tests {
                 self.unready_calls.fetch_add(1, SeqCst);
             }
             self.ready = false;
-            self.log.lock().unwrap().push(self.t0.elapsed().as_millis() as u64);
+            self.log
+                .lock()
+                .unwrap()
+                .push(self.t0.elapsed().as_millis() as u64);
             Box::pin(async move {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 Ok(x)
@@ -181,7 +184,11 @@ mod tests {
         type Error = PoolClosed;
         type Future = std::future::Ready<Result<u32, PoolClosed>>;
         fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), PoolClosed>> {
-            Poll::Ready(if self.left == 0 { Err(PoolClosed) } else { Ok(()) })
+            Poll::Ready(if self.left == 0 {
+                Err(PoolClosed)
+            } else {
+                Ok(())
+            })
         }
         fn call(&mut self, x: u32) -> Self::Future {
             self.left -= 1;
@@ -209,11 +216,22 @@ mod tests {
             err.to_string(),
             "stage `api` failed: its service cannot take calls: connection pool closed"
         );
-        let Error::Stage { stage, error, report } = &err else {
+        let Error::Stage {
+            stage,
+            error,
+            report,
+        } = &err
+        else {
             panic!("{err:?}")
         };
         assert_eq!(stage, "api");
-        assert!(error.source().unwrap().downcast_ref::<PoolClosed>().is_some());
+        assert!(
+            error
+                .source()
+                .unwrap()
+                .downcast_ref::<PoolClosed>()
+                .is_some()
+        );
         assert_eq!(report.outcome, RunOutcome::StageFailed);
         assert!(report.is_balanced(), "{report}");
         // Items 0 and 2 passed, 1 and 3 failed in their calls, every other item pulled
@@ -243,7 +261,13 @@ mod tests {
         assert_eq!((report.delivered(), report.failures), (2, 2));
         let error = &report.failure_sample[0].error;
         assert!(matches!(error, ItemError::User(_)));
-        assert!(error.source().unwrap().downcast_ref::<PoolClosed>().is_some());
+        assert!(
+            error
+                .source()
+                .unwrap()
+                .downcast_ref::<PoolClosed>()
+                .is_some()
+        );
     }
 
     /// Fails each item's first call; the calls of item 3 take 1 s.
@@ -296,6 +320,9 @@ mod tests {
         // The rate lets a call start every 50 ms, retries due first: 0 at 0 ms, 1 at 50,
         // 0 again at 100, 1 again at 150, 2 at 200, then 3 at 250 ms; it times out three
         // times (500 ms) with two backoffs (100 ms) between.
-        assert_eq!(t0.elapsed(), Duration::from_millis(250 + 500 + 100 + 500 + 100 + 500));
+        assert_eq!(
+            t0.elapsed(),
+            Duration::from_millis(250 + 500 + 100 + 500 + 100 + 500)
+        );
     }
 }
