@@ -123,6 +123,10 @@ pub struct FailedInput(Arc<Kept>);
 
 type AnyValue = dyn Any + Send + Sync;
 
+/// Writes a kept value as JSON.
+#[cfg(feature = "jsonl")]
+type ToJson = fn(&AnyValue) -> Result<serde_json::Value, serde_json::Error>;
+
 struct Kept {
     value: Box<AnyValue>,
     /// `show(value)`, made on first use.
@@ -130,7 +134,7 @@ struct Kept {
     show: fn(&AnyValue) -> String,
     /// The value as JSON, for an input kept to be replayed (`keep_input_json`).
     #[cfg(feature = "jsonl")]
-    json: Option<fn(&AnyValue) -> Result<serde_json::Value, serde_json::Error>>,
+    json: Option<ToJson>,
 }
 
 impl FailedInput {
