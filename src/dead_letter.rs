@@ -95,8 +95,31 @@ impl DeadLetter {
     }
 
     /// Appends every failure to a JSON-lines file (created if missing): one object per line
-    /// with `stage`, `error`, `kind`, `attempts`, `input` (the `Debug` text of a kept input,
-    /// or null) and `at_ms` (Unix time). Writes are buffered and flushed when the run ends.
+    /// with `stage`, `error`, `kind`, `attempts`, `input`, `input_format` and `at_ms` (Unix
+    /// time). Writes are buffered and flushed when the run ends.
+    ///
+    /// `input` is what the stage kept of the item: with
+    /// [`keep_input_json`](crate::AsyncStage::keep_input_json) the item itself as JSON
+    /// (`"input_format": "json"`), which [`Pipeline::from_dead_letters`](crate::Pipeline::from_dead_letters)
+    /// reads back to run the failures again; with [`keep_input`](crate::AsyncStage::keep_input)
+    /// its `Debug` text, for a person to read (`"input_format": "debug"`); else `null`.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let path = std::env::temp_dir().join(format!("flowline-doc-{}.jsonl", std::process::id()));
+    /// # let _ = std::fs::remove_file(&path);
+    /// Pipeline::from_iter([1u32, 2, 3])
+    ///     .try_map_async("odd", |x| async move { if x % 2 == 1 { Ok(x) } else { Err("even") } })
+    ///     .keep_input_json()
+    ///     .run()
+    ///     .dead_letter(DeadLetter::jsonl(&path))
+    ///     .await.unwrap();
+    /// let line = std::fs::read_to_string(&path).unwrap();
+    /// assert!(line.contains(r#""input":2,"input_format":"json""#), "{line}");
+    /// # std::fs::remove_file(&path).unwrap();
+    /// # }
+    /// ```
     #[cfg(feature = "jsonl")]
     #[cfg_attr(docsrs, doc(cfg(feature = "jsonl")))]
     pub fn jsonl(path: impl Into<std::path::PathBuf>) -> Self {
@@ -185,12 +208,20 @@ impl DeadLetters {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_millis() as u64)
                     .unwrap_or(0);
+                let (input, format) = match &failure.input {
+                    None => (serde_json::Value::Null, serde_json::Value::Null),
+                    Some(i) => match i.to_json() {
+                        Some(Ok(json)) => (json, "json".into()),
+                        _ => (i.debug().into(), "debug".into()),
+                    },
+                };
                 let line = serde_json::json!({
                     "stage": &*failure.stage,
                     "error": failure.error.to_string(),
                     "kind": failure.error.kind(),
                     "attempts": failure.attempts,
-                    "input": failure.input.as_ref().map(|i| i.debug().to_string()),
+                    "input": input,
+                    "input_format": format,
                     "at_ms": at_ms,
                 });
                 let mut w = w.lock().unwrap_or_else(|p| p.into_inner());

@@ -109,7 +109,8 @@ pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
     }
 }
 
-/// The input of a failed item, kept when the stage was asked to `keep_input()`.
+/// The input of a failed item, kept when the stage was asked to `keep_input()` (or
+/// `keep_input_json()`). Its text is written out only if the item fails.
 ///
 /// ```
 /// use flowline::FailedInput;
@@ -118,34 +119,93 @@ pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
 /// assert_eq!(input.downcast_ref::<u64>(), Some(&42));
 /// ```
 #[derive(Clone)]
-pub struct FailedInput {
-    debug: String,
-    value: Arc<dyn Any + Send + Sync>,
+pub struct FailedInput(Arc<Kept>);
+
+type AnyValue = dyn Any + Send + Sync;
+
+/// Writes a kept value as JSON.
+#[cfg(feature = "jsonl")]
+type ToJson = fn(&AnyValue) -> Result<serde_json::Value, serde_json::Error>;
+
+struct Kept {
+    value: Box<AnyValue>,
+    /// `show(value)`, made on first use.
+    text: std::sync::OnceLock<String>,
+    show: fn(&AnyValue) -> String,
+    /// The value as JSON, for an input kept to be replayed (`keep_input_json`).
+    #[cfg(feature = "jsonl")]
+    json: Option<ToJson>,
 }
 
 impl FailedInput {
-    /// Keeps `value` and its `Debug` text.
+    /// Keeps `value`; its text (what dead-letter files and logs show) is its `Debug` text.
     pub fn new<T: fmt::Debug + Send + Sync + 'static>(value: T) -> Self {
-        FailedInput {
-            debug: format!("{value:?}"),
-            value: Arc::new(value),
-        }
+        FailedInput(Arc::new(Kept {
+            value: Box::new(value),
+            text: std::sync::OnceLock::new(),
+            show: |v| {
+                v.downcast_ref::<T>()
+                    .map_or_else(String::new, |v| format!("{v:?}"))
+            },
+            #[cfg(feature = "jsonl")]
+            json: None,
+        }))
     }
 
-    /// The input's `Debug` text (what dead-letter files and logs show).
+    /// Keeps `value` as JSON: a dead-letter file ([`DeadLetter::jsonl`](crate::DeadLetter::jsonl))
+    /// holds it as a JSON value that [`Pipeline::from_dead_letters`](crate::Pipeline::from_dead_letters)
+    /// reads back. Its text is its JSON.
+    ///
+    /// ```
+    /// use flowline::FailedInput;
+    /// let input = FailedInput::json(vec![1u32, 2]);
+    /// assert_eq!(input.debug(), "[1,2]");
+    /// assert_eq!(input.downcast_ref::<Vec<u32>>(), Some(&vec![1, 2]));
+    /// ```
+    #[cfg(feature = "jsonl")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "jsonl")))]
+    pub fn json<T: serde_core::Serialize + Send + Sync + 'static>(value: T) -> Self {
+        fn to_json<T: serde_core::Serialize + 'static>(
+            v: &AnyValue,
+        ) -> Result<serde_json::Value, serde_json::Error> {
+            match v.downcast_ref::<T>() {
+                Some(v) => serde_json::to_value(v),
+                None => Ok(serde_json::Value::Null),
+            }
+        }
+        FailedInput(Arc::new(Kept {
+            value: Box::new(value),
+            text: std::sync::OnceLock::new(),
+            show: |v| match to_json::<T>(v) {
+                Ok(json) => json.to_string(),
+                Err(e) => format!("(cannot be written as JSON: {e})"),
+            },
+            json: Some(to_json::<T>),
+        }))
+    }
+
+    /// The input's text (what dead-letter files and logs show): its `Debug` text, or its
+    /// JSON for an input kept as JSON.
     pub fn debug(&self) -> &str {
-        &self.debug
+        self.0.text.get_or_init(|| (self.0.show)(&*self.0.value))
+    }
+
+    /// The input as JSON, if it was kept as JSON: `None` for a `Debug`-only input,
+    /// `Some(Err)` if it cannot be written as JSON (a map with non-string keys).
+    #[cfg(feature = "jsonl")]
+    pub(crate) fn to_json(&self) -> Option<Result<serde_json::Value, serde_json::Error>> {
+        self.0.json.map(|f| f(&*self.0.value))
     }
 
     /// The input itself, if it is a `T`.
     pub fn downcast_ref<T: 'static>(&self) -> Option<&T> {
-        self.value.downcast_ref()
+        self.0.value.downcast_ref()
     }
 }
 
 impl fmt::Debug for FailedInput {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.debug)
+        f.write_str(self.debug())
     }
 }
 
@@ -249,6 +309,20 @@ pub enum Error {
         /// What happened up to that point; the items already pulled were finished.
         report: Box<Report>,
     },
+    /// A stage could make no more calls: its [`tower::Service`](https://docs.rs/tower)
+    /// failed in `poll_ready`, which means it will never take a call again. The sources
+    /// stopped; the items already pulled failed at that stage with `error` (each one in the
+    /// dead letters), and the items before the stage finished.
+    #[error("stage `{stage}` failed: its service cannot take calls: {error}")]
+    Stage {
+        /// The stage's name.
+        stage: String,
+        /// The service's error.
+        #[source]
+        error: ItemError,
+        /// What happened up to that point.
+        report: Box<Report>,
+    },
     /// The run was cancelled with [`Handle::cancel`](crate::Handle::cancel).
     #[error("run cancelled")]
     Cancelled {
@@ -285,6 +359,7 @@ impl Error {
         match self {
             Error::ItemFailed { report, .. }
             | Error::Source { report, .. }
+            | Error::Stage { report, .. }
             | Error::Cancelled { report }
             | Error::DeadlineExceeded { report, .. } => Some(report),
             _ => None,

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::error::BoxError;
-use crate::ops::map_async::{AsyncStage, Fallible, Infallible};
+use crate::ops::map_async::{AsyncStage, Fallible, FallibleWith, Infallible, InfallibleWith};
 use crate::plan::{IntoPipeline, Pipeline};
 use crate::report::Report;
 use crate::runtime::handle::{Handle, ItemStream};
@@ -264,6 +264,140 @@ pub trait Flow: IntoPipeline {
         Fut: Future<Output = Result<U, E>> + Send + 'static,
     {
         crate::ops::map_async::try_map_async(self.into_pipeline(), name, f)
+    }
+
+    /// [`map_async`](Flow::map_async) with a shared state: `f` gets its own clone of
+    /// `state` with each item, so the closure needs no `let api = api.clone()` before its
+    /// `async move`. Give an `Arc` (or a handle that is cheap to clone, such as a connection
+    /// pool or an HTTP client): every call then shares the one value behind it.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::sync::Arc;
+    ///
+    /// struct Api { prefix: String }
+    /// impl Api {
+    ///     async fn get_user(&self, id: u32) -> String { format!("{}{id}", self.prefix) }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let api = Arc::new(Api { prefix: "user-".into() });
+    /// let out = Pipeline::from_iter(1..=3u32)
+    ///     .map_async_with("fetch", api, |api, id| async move { api.get_user(id).await })
+    ///     .workers(2)
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out, vec!["user-1", "user-2", "user-3"]);
+    /// # }
+    /// ```
+    fn map_async_with<U, S, F, Fut>(
+        self,
+        name: &str,
+        state: S,
+        f: F,
+    ) -> AsyncStage<Self::Item, U, InfallibleWith<S, F, Fut>>
+    where
+        U: Send + 'static,
+        S: Clone + Send + 'static,
+        F: Fn(S, Self::Item) -> Fut + Send + 'static,
+        Fut: Future<Output = U> + Send + 'static,
+    {
+        crate::ops::map_async::map_async_with(self.into_pipeline(), name, state, f)
+    }
+
+    /// [`try_map_async`](Flow::try_map_async) with a shared state, cloned for each call (see
+    /// [`map_async_with`](Flow::map_async_with)).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::collections::HashMap;
+    /// use std::sync::Arc;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let users = Arc::new(HashMap::from([(1u32, "ann"), (2, "bob")]));
+    /// let report = Pipeline::from_iter([1u32, 2, 3])
+    ///     .try_map_async_with("lookup", users, |users, id| async move {
+    ///         users.get(&id).copied().ok_or(format!("no user {id}"))
+    ///     })
+    ///     .run().await.unwrap();
+    /// assert_eq!((report.delivered(), report.failures), (2, 1));
+    /// # }
+    /// ```
+    fn try_map_async_with<U, E, S, F, Fut>(
+        self,
+        name: &str,
+        state: S,
+        f: F,
+    ) -> AsyncStage<Self::Item, U, FallibleWith<S, F, Fut>>
+    where
+        U: Send + 'static,
+        E: Into<BoxError> + 'static,
+        S: Clone + Send + 'static,
+        F: Fn(S, Self::Item) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<U, E>> + Send + 'static,
+    {
+        crate::ops::map_async::try_map_async_with(self.into_pipeline(), name, state, f)
+    }
+
+    /// A [`tower::Service`](tower_service::Service) as an async stage named `name`: each
+    /// item is a request, each response an output, and an error fails the item with the
+    /// service's own error ([`ItemError::User`](crate::ItemError::User), whose
+    /// [`source`](std::error::Error::source) downcasts to it). Every option of an async stage
+    /// applies ([`workers`](AsyncStage::workers), [`retry`](AsyncStage::retry),
+    /// [`timeout`](AsyncStage::timeout), [`rate_limit`](AsyncStage::rate_limit), …), beside
+    /// the service's own layers.
+    ///
+    /// The stage keeps one instance of the service (it need not be `Clone`): before each
+    /// call it waits for `poll_ready` on that instance, then calls the same instance. While
+    /// `poll_ready` is `Pending` no call starts (the calls in flight go on, and the stage
+    /// pulls nothing more: back-pressure); the service's readiness (a concurrency limit, a
+    /// `Buffer`) bounds the calls in flight as well as `workers`. The stage's `timeout`
+    /// times the call, not the wait for readiness. Readiness is asked before the stage's
+    /// gates, so a rate permit is taken only when the call can start.
+    ///
+    /// An error from `poll_ready` means the service can never take a call again: the
+    /// stage makes no more calls, the sources stop, each item already pulled fails at this
+    /// stage with that error (in the dead letters, like any failure), and the run ends with
+    /// [`Error::Stage`](crate::Error::Stage) naming the stage and the error.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::task::{Context, Poll};
+    ///
+    /// // Usually a `tower::ServiceBuilder` stack or a client's service.
+    /// struct Double;
+    /// impl tower_service::Service<u32> for Double {
+    ///     type Response = u32;
+    ///     type Error = std::convert::Infallible;
+    ///     type Future = std::future::Ready<Result<u32, Self::Error>>;
+    ///     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+    ///         Poll::Ready(Ok(()))
+    ///     }
+    ///     fn call(&mut self, x: u32) -> Self::Future {
+    ///         std::future::ready(Ok(x * 2))
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter(1..=3u32)
+    ///     .call_service("double", Double)
+    ///     .workers(4)
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out, vec![2, 4, 6]);
+    /// # }
+    /// ```
+    #[cfg(feature = "tower")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+    fn call_service<Svc>(
+        self,
+        name: &str,
+        service: Svc,
+    ) -> AsyncStage<Self::Item, Svc::Response, crate::ServiceCall<Svc>>
+    where
+        Svc: tower_service::Service<Self::Item> + Send + 'static,
+        Svc::Response: Send + 'static,
+        Svc::Error: Into<BoxError> + 'static,
+        Svc::Future: Send + 'static,
+    {
+        crate::ops::map_async::call_service(self.into_pipeline(), name, service)
     }
 
     /// An explicit async boundary: the stages before it run on their own task and may work

@@ -39,6 +39,9 @@
 //! | batch, dedup and look up (ids → one batched fetch) | [`Flow::dedup_by`] (TTL or last-*n* [`Window`]), [`Flow::batch`], [`Flow::batch_dedup_by`]; a dataloader any stage can call: [`Loader`] |
 //! | wait for the results of several pipelines for one object | [`Gather`]: one [`part`](Gather::part) per pipeline, joined by key, with a timeout ([`Incomplete`]) |
 //! | `generator \| fork(10) \| task1 \| task2 \| branch \| error:retry success:print` | [`Pipeline::from_iter`], [`.map_async("task1", ..).workers(10)`](Flow::map_async), again for `task2`, [`.branch_result()`](Flow::branch_result), a retrying stage on the `Err` side, and both ends in one [`Graph`]; `examples/seed_pipe.rs` |
+//! | call a `tower::Service` (a `ServiceBuilder` stack) per item | `Flow::call_service` (feature `tower`); one rate for stages and plain service calls: a [`Rate`] is a `tower::Layer` (`RateLimited`) |
+//! | call a shared client (`Arc<Api>`) without cloning it in the closure | [`Flow::map_async_with`], [`Flow::try_map_async_with`] |
+//! | run the failed items again later | [`.keep_input_json()`](AsyncStage::keep_input_json) with [`DeadLetter::jsonl`], then [`Pipeline::from_dead_letters`] |
 //! | fail a call that takes too long | [`.timeout(d)`](AsyncStage::timeout) |
 //! | scale the number of workers to what the backend takes | [`.adaptive(Adaptive::vegas(min..=max))`](AsyncStage::adaptive) |
 //! | skip items already done by an earlier run | [`Flow::idempotent`] over a [`Store`] ([`MemoryStore`], `flowline_sqlite::SqliteStore`, `flowline_postgres::PgStore`) |
@@ -51,6 +54,8 @@
 //!
 //! - `jsonl` (default): [`DeadLetter::jsonl`], failures appended to a JSON-lines file.
 //! - `progress`: [`Flow::progress`] draws bars on a terminal; without it, plain lines.
+//! - `tower`: `Flow::call_service` (a `tower::Service` as a stage) and [`Rate`] as a
+//!   `tower::Layer`; depends on tower's two trait crates (`tower-service`, `tower-layer`) only.
 //!
 //! ## Stores
 //!
@@ -108,7 +113,12 @@ pub use observe::stall::{Stall, StallAction};
 pub use ops::debounce::Debounce;
 pub use ops::dedup::Window;
 pub use ops::idempotent::Idempotent;
-pub use ops::map_async::{AsyncStage, Failed, Fallible, Infallible, Routed, StageFn, attempt};
+#[cfg(feature = "tower")]
+pub use ops::map_async::ServiceCall;
+pub use ops::map_async::{
+    AsyncStage, Failed, Fallible, FallibleWith, Infallible, InfallibleWith, Routed, StageFn,
+    attempt,
+};
 pub use ops::operator::{Operator, Out, Step};
 pub use ops::throttle::Throttle;
 pub use plan::{ErrorPolicy, IntoPipeline, Pipeline, RunOptions};
@@ -116,6 +126,8 @@ pub use policy::adaptive::Adaptive;
 pub use policy::breaker::{Breaker, BreakerReport, BreakerState, OnOpen};
 pub use policy::inflight::Inflight;
 pub use policy::rate::Rate;
+#[cfg(feature = "tower")]
+pub use policy::rate_layer::RateLimited;
 pub use policy::retry::{Retry, RetryAfter, RetryBudget};
 pub use report::{LatencySummary, Report, RunOutcome, StageReport};
 pub use runtime::batch_sink::BatchSink;

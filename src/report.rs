@@ -312,6 +312,9 @@ pub enum RunOutcome {
     DeadlineExceeded,
     /// The source failed; the items already pulled finished.
     SourceFailed,
+    /// A stage could make no more calls (its tower service failed in `poll_ready`): the
+    /// sources stopped, and the items already pulled finished (failed at that stage).
+    StageFailed,
 }
 
 impl fmt::Display for RunOutcome {
@@ -323,6 +326,7 @@ impl fmt::Display for RunOutcome {
             RunOutcome::Cancelled => "cancelled",
             RunOutcome::DeadlineExceeded => "deadline exceeded",
             RunOutcome::SourceFailed => "source failed",
+            RunOutcome::StageFailed => "stage failed",
         })
     }
 }

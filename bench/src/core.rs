@@ -35,6 +35,9 @@ pub fn run(only: Option<&str>) {
     if want("sleep100") {
         sleep100();
     }
+    if want("tower_stage") {
+        tower_stage();
+    }
     if want("rss10m") {
         rss10m();
     }
@@ -231,6 +234,67 @@ fn workers16() {
         ns_per_item(b, N),
         "ns/item",
         serde_json::json!({"n": N, "reps": REPS}),
+    );
+}
+
+/// A trivial `tower::Service`: always ready, answers at once.
+struct StepService;
+
+impl tower::Service<u64> for StepService {
+    type Response = u64;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<u64, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, x: u64) -> Self::Future {
+        std::future::ready(Ok(step(x, 1)))
+    }
+}
+
+/// A service as a stage (`call_service`) against the same call as a closure stage
+/// (`map_async`): the cost of the readiness check and the service's call.
+fn tower_stage() {
+    let rt = runtime();
+    let (f, b) = alternate(
+        REPS,
+        || {
+            time(&rt, || async {
+                let r = Pipeline::from_iter(0..N)
+                    .call_service("trivial", StepService)
+                    .workers(16)
+                    .unordered()
+                    .run()
+                    .await
+                    .unwrap();
+                black_box(r);
+            })
+        },
+        || {
+            time(&rt, || async {
+                let r = Pipeline::from_iter(0..N)
+                    .map_async("trivial", |x| async move { step(x, 1) })
+                    .workers(16)
+                    .unordered()
+                    .run()
+                    .await
+                    .unwrap();
+                black_box(r);
+            })
+        },
+    );
+    emit(
+        "core",
+        "tower_stage",
+        ns_per_item(f, N),
+        ns_per_item(b, N),
+        "ns/item",
+        serde_json::json!({"n": N, "reps": REPS, "workers": 16, "goal_ratio": 1.2}),
     );
 }
 

@@ -16,6 +16,8 @@ pub(crate) mod adaptive;
 pub(crate) mod breaker;
 pub(crate) mod inflight;
 pub(crate) mod rate;
+#[cfg(feature = "tower")]
+pub(crate) mod rate_layer;
 pub(crate) mod retry;
 
 use std::fmt;

@@ -398,8 +398,16 @@ impl Rate {
         })
     }
 
+    /// Polls for one permit for a caller that starts its call later (a tower service
+    /// between `poll_ready` and `call`); `Ready` with the record to pass to
+    /// [`restamp`](Rate::restamp) when the call starts.
+    #[cfg(feature = "tower")]
+    pub(crate) fn poll_permit(&self, cx: &mut Context<'_>, w: &mut RateWait) -> Poll<u64> {
+        self.poll_grant(cx, 1, w).map(|g| g.record)
+    }
+
     /// A permit of record `record` is used only now: it counts from now.
-    fn restamp(&self, record: u64) -> u64 {
+    pub(crate) fn restamp(&self, record: u64) -> u64 {
         let mut st = self.state();
         let now = Instant::now();
         st.restamp(record, 1, now, self.0.period, self.0.merge)

@@ -188,6 +188,8 @@ pub struct RunCtx {
     pub(crate) policy: ErrorPolicy,
     pub(crate) first_failure: Mutex<Option<Failure>>,
     pub(crate) source_error: Mutex<Option<(String, ItemError)>>,
+    /// A stage whose call can never be made again (a tower service failed in `poll_ready`).
+    pub(crate) stage_error: Mutex<Option<(String, ItemError)>>,
     /// `Handle::stop` was called (the report says `Stopped` rather than `Completed`).
     pub(crate) stop_requested: std::sync::atomic::AtomicBool,
     /// Fired once every stage task has ended; run-level observers (progress, heartbeat,
@@ -212,6 +214,7 @@ impl RunCtx {
             policy,
             first_failure: Mutex::new(None),
             source_error: Mutex::new(None),
+            stage_error: Mutex::new(None),
             stop_requested: std::sync::atomic::AtomicBool::new(false),
             ended: CancellationToken::new(),
             epoch: tokio::time::Instant::now(),
@@ -245,6 +248,17 @@ impl RunCtx {
     /// The source failed: remember why and stop pulling (what was pulled still finishes).
     pub(crate) fn source_failed(&self, stage: &str, error: ItemError) {
         let mut slot = self.source_error.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some((stage.to_string(), error));
+        }
+        drop(slot);
+        self.gate.stop();
+    }
+
+    /// A stage can make no more calls: remember why and stop the sources (what was pulled
+    /// still finishes: it fails at that stage).
+    pub(crate) fn stage_failed(&self, stage: &str, error: ItemError) {
+        let mut slot = self.stage_error.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             *slot = Some((stage.to_string(), error));
         }

@@ -496,9 +496,15 @@ pub(crate) async fn conclude(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take();
+    let stage_error = run
+        .stage_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
     let outcome = match end {
         End::Cancelled => RunOutcome::Cancelled,
         End::Deadline => RunOutcome::DeadlineExceeded,
+        End::Drained if stage_error.is_some() => RunOutcome::StageFailed,
         End::Drained if source_error.is_some() => RunOutcome::SourceFailed,
         End::Drained if run.stop_requested.load(Ordering::Relaxed) => RunOutcome::Stopped,
         End::Drained => RunOutcome::Completed,
@@ -522,13 +528,18 @@ pub(crate) async fn conclude(
             deadline: deadline.unwrap_or_default(),
             report,
         }),
-        End::Drained => match source_error {
-            Some((stage, error)) => Err(Error::Source {
+        End::Drained => match (stage_error, source_error) {
+            (Some((stage, error)), _) => Err(Error::Stage {
                 stage,
                 error,
                 report,
             }),
-            None => Ok(*report),
+            (None, Some((stage, error))) => Err(Error::Source {
+                stage,
+                error,
+                report,
+            }),
+            (None, None) => Ok(*report),
         },
     }
 }

@@ -3,6 +3,8 @@
 
 mod cursor;
 mod from_channel;
+#[cfg(feature = "jsonl")]
+mod from_dead_letters;
 mod from_fn;
 mod from_iter;
 mod from_stream;

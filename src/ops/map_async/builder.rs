@@ -273,6 +273,8 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
 
     /// Keep each item's input so that a failure carries it to the dead letters (its `Debug`
     /// text, and the value for [`FailedInput::downcast_ref`]). Costs one `clone` per item.
+    /// To run the failures again from a dead-letter file, keep it as JSON instead
+    /// ([`keep_input_json`](AsyncStage::keep_input_json)).
     ///
     /// ```
     /// use flowline::prelude::*;
@@ -294,6 +296,33 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
         T: Clone + fmt::Debug + Sync,
     {
         self.keep = Some(|t: &T| FailedInput::new(t.clone()));
+        self
+    }
+
+    /// Keep each item's input as JSON so that a failure carries it to the dead letters in a
+    /// form that can be run again: a [`DeadLetter::jsonl`](crate::DeadLetter::jsonl) file
+    /// holds the item itself, and [`Pipeline::from_dead_letters`] reads the file back into a
+    /// pipeline. Use it for items that are `Serialize` (`keep_input` keeps their `Debug` text,
+    /// for a person to read). Costs one `clone` per item; the JSON is written only for the
+    /// items that fail.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let report = Pipeline::from_iter([1u32, 2])
+    ///     .try_map_async("check", |x| async move { if x == 2 { Err("no") } else { Ok(x) } })
+    ///     .keep_input_json()
+    ///     .run().await.unwrap();
+    /// assert_eq!(report.failure_sample[0].input.as_ref().unwrap().debug(), "2");
+    /// # }
+    /// ```
+    #[cfg(feature = "jsonl")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "jsonl")))]
+    pub fn keep_input_json(mut self) -> Self
+    where
+        T: Clone + serde_core::Serialize + Sync,
+    {
+        self.keep = Some(|t: &T| FailedInput::json(t.clone()));
         self
     }
 

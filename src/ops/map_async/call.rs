@@ -39,8 +39,15 @@ pub(super) mod sealed {
 pub trait StageFn<T, U>: sealed::Sealed + Send + 'static {
     /// The call's future.
     type Future: Future<Output = Result<U, BoxError>> + Send + 'static;
-    /// Starts the call for one item.
-    fn call(&self, item: T) -> Self::Future;
+    /// Whether the next call may start (a [`tower::Service`](https://docs.rs/tower)'s
+    /// `poll_ready`): `Pending` holds the stage's next call back, an error means no call
+    /// can ever be made. A closure is always ready.
+    #[inline]
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+    /// Starts the call for one item (after `poll_ready` said it may).
+    fn call(&mut self, item: T) -> Self::Future;
 }
 
 /// An infallible async function (`map_async`). Named in [`AsyncStage`](crate::AsyncStage)'s
@@ -64,7 +71,7 @@ where
 {
     type Future = futures_util::future::Map<Fut, fn(U) -> Result<U, BoxError>>;
     #[inline]
-    fn call(&self, item: T) -> Self::Future {
+    fn call(&mut self, item: T) -> Self::Future {
         (self.0)(item).map(Ok as fn(U) -> Result<U, BoxError>)
     }
 }
@@ -91,8 +98,63 @@ where
 {
     type Future = futures_util::future::MapErr<Fut, fn(E) -> BoxError>;
     #[inline]
-    fn call(&self, item: T) -> Self::Future {
+    fn call(&mut self, item: T) -> Self::Future {
         (self.0)(item).map_err(Into::into as fn(E) -> BoxError)
+    }
+}
+
+/// An infallible async function with a shared state (`map_async_with`): the state is
+/// cloned for each call. Named in [`AsyncStage`](crate::AsyncStage)'s type only.
+#[doc(hidden)]
+pub struct InfallibleWith<S, F, Fut>(S, F, PhantomData<fn() -> Fut>);
+
+impl<S, F, Fut> InfallibleWith<S, F, Fut> {
+    pub(super) fn new(state: S, f: F) -> Self {
+        InfallibleWith(state, f, PhantomData)
+    }
+}
+
+impl<S, F, Fut> sealed::Sealed for InfallibleWith<S, F, Fut> {}
+
+impl<T, U, S, F, Fut> StageFn<T, U> for InfallibleWith<S, F, Fut>
+where
+    S: Clone + Send + 'static,
+    F: Fn(S, T) -> Fut + Send + 'static,
+    Fut: Future<Output = U> + Send + 'static,
+    U: Send + 'static,
+{
+    type Future = futures_util::future::Map<Fut, fn(U) -> Result<U, BoxError>>;
+    #[inline]
+    fn call(&mut self, item: T) -> Self::Future {
+        (self.1)(self.0.clone(), item).map(Ok as fn(U) -> Result<U, BoxError>)
+    }
+}
+
+/// A fallible async function with a shared state (`try_map_async_with`): the state is
+/// cloned for each call. Named in [`AsyncStage`](crate::AsyncStage)'s type only.
+#[doc(hidden)]
+pub struct FallibleWith<S, F, Fut>(S, F, PhantomData<fn() -> Fut>);
+
+impl<S, F, Fut> FallibleWith<S, F, Fut> {
+    pub(super) fn new(state: S, f: F) -> Self {
+        FallibleWith(state, f, PhantomData)
+    }
+}
+
+impl<S, F, Fut> sealed::Sealed for FallibleWith<S, F, Fut> {}
+
+impl<T, U, E, S, F, Fut> StageFn<T, U> for FallibleWith<S, F, Fut>
+where
+    S: Clone + Send + 'static,
+    F: Fn(S, T) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<U, E>> + Send + 'static,
+    E: Into<BoxError> + 'static,
+    U: Send + 'static,
+{
+    type Future = futures_util::future::MapErr<Fut, fn(E) -> BoxError>;
+    #[inline]
+    fn call(&mut self, item: T) -> Self::Future {
+        (self.1)(self.0.clone(), item).map_err(Into::into as fn(E) -> BoxError)
     }
 }
 

@@ -6,6 +6,7 @@
 //! and a [`RetryPolicy`]; a stage without any pays one branch per item for them.
 
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -104,6 +105,7 @@ pub(super) async fn drive<T, U, S>(
         pause_job: retry.as_ref().is_some_and(|r| r.pauses_source()),
         retry,
         backoff: Backoff::default(),
+        dead: None,
     };
     let cancel = run.cancel.clone();
     let cancelled = tokio::select! {
@@ -242,6 +244,9 @@ struct Driver<T, U, S: StageFn<T, U>> {
     /// The retry pauses the job: no first attempt starts while an item is in backoff.
     pause_job: bool,
     backoff: Backoff<T>,
+    /// Why the call can never be made (its service failed in `poll_ready`): every item left
+    /// fails with it, without a call.
+    dead: Option<ItemError>,
 }
 
 impl<T, U, S> Driver<T, U, S>
@@ -342,7 +347,7 @@ where
             }
         }
         let again = self.copy.map(|c| c(&item));
-        let call = &self.call;
+        let call = &mut self.call;
         // A stage that can try an item again tells the call which attempt it makes.
         let made = if again.is_some() {
             with_attempt(meta.attempts, || make(|| call.call(item)))
@@ -408,10 +413,32 @@ where
         Admitted::Go
     }
 
+    /// Whether the next call may start: the call's own readiness (a tower service's
+    /// `poll_ready`), a panic there counted as its error.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ItemError>> {
+        let call = &mut self.call;
+        match catch_unwind(AssertUnwindSafe(|| call.poll_ready(cx))) {
+            Ok(Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
+            Ok(Poll::Ready(Err(e))) => Poll::Ready(Err(ItemError::User(Arc::from(e)))),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(ItemError::from_panic(&*panic))),
+        }
+    }
+
     /// Fails the next item with `CircuitOpen` (refused by an admission).
     fn refuse(&mut self) {
-        if let Some((item, meta)) = self.pop_input() {
-            self.complete(meta, Err(ItemError::CircuitOpen), None, Some(item), false);
+        self.fail_next(ItemError::CircuitOpen);
+    }
+
+    /// Fails the next item without a call, keeping its input as a call would have.
+    fn fail_next(&mut self, error: ItemError) {
+        if let Some((item, mut meta)) = self.pop_input() {
+            if let Some(keep) = self.keep {
+                if !meta.has_input() {
+                    meta.set_input(keep(&item));
+                }
+            }
+            self.complete(meta, Err(error), None, Some(item), false);
         }
     }
 
@@ -724,7 +751,21 @@ where
                 if available == 0 {
                     break;
                 }
-                if self.admissions.is_empty() {
+                // The call itself must be ready before the gates let it through, so that a
+                // permit is taken right when the call can start.
+                if self.dead.is_none() {
+                    match self.poll_ready(cx) {
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(error)) => {
+                            self.run.stage_failed(&self.stats.name, error.clone());
+                            self.dead = Some(error);
+                        }
+                        Poll::Pending => break,
+                    }
+                }
+                if let Some(error) = &self.dead {
+                    self.fail_next(error.clone());
+                } else if self.admissions.is_empty() {
                     if let Some((item, meta)) = self.pop_input() {
                         self.start(item, meta, cx);
                     }

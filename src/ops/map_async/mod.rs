@@ -13,6 +13,7 @@
 //! - [`builder`]: [`AsyncStage`] and its options.
 //! - [`call`]: one call ([`StageFn`], the per-call future).
 //! - [`routed`]: failures as items ([`Failed`]) and the attempt number ([`attempt`]).
+//! - `service` (feature `tower`): a `tower::Service` as the call.
 //! - [`driver`]: the task loop. Flow control and resilience come from `crate::policy`
 //!   through two traits; the driver names no policy.
 
@@ -20,6 +21,8 @@ mod builder;
 mod call;
 mod driver;
 mod routed;
+#[cfg(feature = "tower")]
+mod service;
 
 use std::future::Future;
 
@@ -27,8 +30,12 @@ use crate::Pipeline;
 use crate::error::BoxError;
 
 pub use builder::AsyncStage;
-pub use call::{Fallible, Infallible, StageFn};
+pub use call::{Fallible, FallibleWith, Infallible, InfallibleWith, StageFn};
 pub use routed::{Failed, Routed, attempt};
+#[cfg(feature = "tower")]
+pub use service::ServiceCall;
+#[cfg(feature = "tower")]
+pub(crate) use service::call_service;
 
 pub(crate) fn map_async<T, U, F, Fut>(
     p: Pipeline<T>,
@@ -57,4 +64,91 @@ where
     Fut: Future<Output = Result<U, E>> + Send + 'static,
 {
     AsyncStage::new(p, name, Fallible::new(f))
+}
+
+pub(crate) fn map_async_with<T, U, S, F, Fut>(
+    p: Pipeline<T>,
+    name: &str,
+    state: S,
+    f: F,
+) -> AsyncStage<T, U, InfallibleWith<S, F, Fut>>
+where
+    T: Send + 'static,
+    U: Send + 'static,
+    S: Clone + Send + 'static,
+    F: Fn(S, T) -> Fut + Send + 'static,
+    Fut: Future<Output = U> + Send + 'static,
+{
+    AsyncStage::new(p, name, InfallibleWith::new(state, f))
+}
+
+pub(crate) fn try_map_async_with<T, U, E, S, F, Fut>(
+    p: Pipeline<T>,
+    name: &str,
+    state: S,
+    f: F,
+) -> AsyncStage<T, U, FallibleWith<S, F, Fut>>
+where
+    T: Send + 'static,
+    U: Send + 'static,
+    E: Into<BoxError> + 'static,
+    S: Clone + Send + 'static,
+    F: Fn(S, T) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<U, E>> + Send + 'static,
+{
+    AsyncStage::new(p, name, FallibleWith::new(state, f))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::prelude::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+
+    struct Api {
+        calls: AtomicU32,
+    }
+
+    impl Api {
+        async fn get_user(&self, id: u32) -> Result<String, String> {
+            self.calls.fetch_add(1, SeqCst);
+            tokio::task::yield_now().await;
+            if id == 0 {
+                Err("no user 0".into())
+            } else {
+                Ok(format!("user-{id}"))
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stage_with_state_shares_one_value_and_needs_no_clone() {
+        let api = Arc::new(Api {
+            calls: AtomicU32::new(0),
+        });
+        // The closure calls the state as it comes: no `let api = api.clone()` before the
+        // `async move`.
+        let report = Pipeline::from_iter(0..10u32)
+            .try_map_async_with("fetch", api.clone(), |api, id| async move {
+                api.get_user(id).await
+            })
+            .workers(4)
+            .run()
+            .await
+            .unwrap();
+        assert_eq!((report.delivered(), report.failures), (9, 1));
+        // Every call reached the one `Api`, and the stage kept no copy of the handle.
+        assert_eq!(api.calls.load(SeqCst), 10);
+        assert_eq!(Arc::strong_count(&api), 1);
+
+        let out = Pipeline::from_iter(1..=3u32)
+            .map_async_with("fetch", api.clone(), |api, id| async move {
+                api.get_user(id).await.unwrap()
+            })
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(out, vec!["user-1", "user-2", "user-3"]);
+        assert_eq!(api.calls.load(SeqCst), 13);
+    }
 }

@@ -107,7 +107,14 @@ where
 {
     type Future = futures_util::future::MapOk<S::Future, fn(U) -> Result<U, Failed<T>>>;
     #[inline]
-    fn call(&self, item: T) -> Self::Future {
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), crate::BoxError>> {
+        self.0.poll_ready(cx)
+    }
+    #[inline]
+    fn call(&mut self, item: T) -> Self::Future {
         self.0
             .call(item)
             .map_ok(Ok as fn(U) -> Result<U, Failed<T>>)
