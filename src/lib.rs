@@ -140,7 +140,7 @@ pub mod prelude {
     pub use crate::{
         Adaptive, BatchSink, BoxError, Breaker, BreakerState, Collected, DeadLetter, Error,
         ErrorPolicy, Failed, Failure, Flow, Graph, Handle, Inflight, IntoPipeline, ItemError,
-        Limit, Loader, OnOpen, Operator, Out, Pipeline, Rate, Report, Retry, RetryAfter, RetryBudget,
-        RunOptions, RunOutcome, Step, Throttle, Window,
+        Limit, Loader, OnOpen, Operator, Out, Pipeline, Rate, Report, Retry, RetryAfter,
+        RetryBudget, RunOptions, RunOutcome, Step, Throttle, Window,
     };
 }

@@ -78,4 +78,4 @@
 mod limit;
 
 pub use limit::inflight::{InflightLease, RedisInflight};
-pub use limit::rate::RedisRate;
+pub use limit::rate::{RateGrant, RedisRate};

@@ -373,7 +373,10 @@ mod tests {
             bad(RedisInflight::new(&c, "db", 0)),
             ("redis_inflight", "0".into())
         );
-        assert_eq!(bad(RedisInflight::new(&c, "db", usize::MAX)).0, "redis_inflight");
+        assert_eq!(
+            bad(RedisInflight::new(&c, "db", usize::MAX)).0,
+            "redis_inflight"
+        );
         assert_eq!(
             bad(RedisInflight::new(&c, "db", 2).lease(Duration::ZERO)),
             ("lease", "0ns".into())

@@ -24,6 +24,13 @@ const CATCH_UP_MIN: Duration = Duration::from_millis(2);
 /// Starts granted within `period / LOG_MERGE` of each other share one record of the log
 /// (counted at the latest of them), so the log holds about this many records at most.
 const LOG_MERGE: u32 = 2048;
+/// Each grant stays in the log for `period + period / SLACK_SHARE` (5 ms of a second). A
+/// grant is made on the server's clock but its call starts one reply later on the caller's,
+/// and that delay varies (a busy network, a preempted thread): grants exactly `count` per
+/// period would let a delay longer than the one after it put `count + 1` call starts into
+/// one period. The slack absorbs such jitter up to its length, at the cost of at most
+/// `1 / SLACK_SHARE` of the rate (0.5 %), and only while the log is full.
+const SLACK_SHARE: u32 = 200;
 /// A process that asks again within this time of its last grant is still waiting (its
 /// demand goes on), so it keeps its claim to the slots that passed meanwhile; one that asks
 /// later starts afresh and is owed nothing (an idle process never comes back to a burst).
@@ -33,8 +40,8 @@ const DEMAND_GAP: Duration = Duration::from_millis(2);
 /// permit, and `total`, the starts in the log) and a list, the log of the last period's
 /// starts, oldest first, as `opened:at:count` records. Times are the server's `TIME`, in
 /// microseconds. ARGV: interval, tolerance ((burst - 1) × interval), period, cap
-/// (count + burst - 1), catch-up, how long the caller has waited, merge; all microseconds
-/// but the cap. Replies `{1, 0}` (granted) or `{0, wait}` (ask again in `wait` µs).
+/// (count + burst - 1), catch-up, how long the caller has waited, merge, the log's slack
+/// (see [`SLACK_SHARE`]); all microseconds but the cap. Replies `{1, 0}` (granted) or `{0, wait}` (ask again in `wait` µs).
 ///
 /// The two rules of flowline's `Rate`, kept for every start: GCRA spacing (a permit conforms
 /// from `tat - tolerance`, and a caller waiting since `floor` is owed the slots since then),
@@ -51,6 +58,7 @@ local cap = tonumber(ARGV[4])
 local catch = tonumber(ARGV[5])
 local waited = tonumber(ARGV[6])
 local merge = tonumber(ARGV[7])
+local held = period + tonumber(ARGV[8])
 local st = redis.call('HMGET', KEYS[1], 'tat', 'total')
 local tat = tonumber(st[1])
 local total = tonumber(st[2]) or 0
@@ -67,7 +75,7 @@ while true do
   local o, a, c = parse(head)
   if not c then
     redis.call('LPOP', KEYS[2])
-  elseif a + period > now then
+  elseif a + held > now then
     break
   else
     redis.call('LPOP', KEYS[2])
@@ -81,7 +89,7 @@ local slot = math.max(t0 - tol, floor)
 if total >= cap then
   local o, a, c = parse(redis.call('LINDEX', KEYS[2], 0))
   redis.call('HSET', KEYS[1], 'total', string.format('%d', total))
-  return {0, math.max(a + period, slot) - now}
+  return {0, math.max(a + held, slot) - now}
 end
 if slot > now then
   return {0, slot - now}
@@ -105,10 +113,10 @@ if not merged then
 end
 total = total + 1
 redis.call('HSET', KEYS[1], 'tat', string.format('%d', tat), 'total', string.format('%d', total))
-local ttl = math.floor((math.max(tat - now, 0) + period) / 1000) + 1000
+local ttl = math.floor((math.max(tat - now, 0) + held) / 1000) + 1000
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
-return {1, 0}
+return {1, now}
 ";
 
 struct Inner {
@@ -236,8 +244,8 @@ impl RedisRate {
     }
 
     /// The script's arguments but the wait, in microseconds: interval, tolerance, period,
-    /// cap, catch-up, merge.
-    fn args(&self) -> [u64; 6] {
+    /// cap, catch-up, merge, slack.
+    fn args(&self) -> [u64; 7] {
         let i = &self.0;
         let us = |d: Duration| d.as_micros().min(u64::MAX as u128) as u64;
         let interval = us(self.interval());
@@ -249,6 +257,7 @@ impl RedisRate {
             i.count.saturating_add(i.burst.saturating_sub(1)),
             us(catch_up),
             us(i.period / LOG_MERGE),
+            us(i.period / SLACK_SHARE),
         ]
     }
 
@@ -266,9 +275,9 @@ impl RedisRate {
         *demand = Some((since, Instant::now()));
     }
 
-    /// Asks the server once: `Ok(None)` granted, `Ok(Some(wait))` ask again after `wait`.
-    async fn ask(&self, waited: Duration) -> Result<Option<Duration>, BoxError> {
-        let [interval, tolerance, period, cap, catch_up, merge] = self.args();
+    /// Asks the server once: `Ok(Ok(grant))` granted, `Ok(Err(wait))` ask again after `wait`.
+    async fn ask(&self, waited: Duration) -> Result<Result<RateGrant, Duration>, BoxError> {
+        let [interval, tolerance, period, cap, catch_up, merge, slack] = self.args();
         let mut con = self.0.conn.get().await?;
         let reply: redis::Value = self
             .0
@@ -282,31 +291,59 @@ impl RedisRate {
             .arg(catch_up)
             .arg(waited.as_micros().min(u64::MAX as u128) as u64)
             .arg(merge)
+            .arg(slack)
             .invoke_async(&mut con)
             .await?;
         match two_ints("rate", reply)? {
-            (1, _) => Ok(None),
-            (0, wait) => Ok(Some(wait_us(wait, self.0.period))),
+            (1, at) if at >= 0 => Ok(Ok(RateGrant {
+                at: Duration::from_micros(at as u64),
+            })),
+            (0, wait) => Ok(Err(wait_us(wait, self.0.period * 2))),
             _ => Err("unexpected reply from Redis to the rate script: not 0 or 1".into()),
         }
     }
 }
 
+/// A call's leave from a [`RedisRate`]: it holds nothing (a rate's permit is spent when
+/// granted), and says when the server granted it.
+///
+/// ```no_run
+/// use flowline::Limit;
+/// # #[tokio::main] async fn main() -> Result<(), flowline::BoxError> {
+/// let redis = redis::Client::open("redis://127.0.0.1/")?;
+/// let rate = flowline_redis::RedisRate::per_second(&redis, "api", 10);
+/// let grant = rate.acquire().await?;
+/// println!("granted at {:?} since 1970 on the server's clock", grant.server_time());
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateGrant {
+    at: Duration,
+}
+
+impl RateGrant {
+    /// When the server granted it: its `TIME`, since the Unix epoch. The instant the rate
+    /// counts the call at; the same clock for every process.
+    pub fn server_time(&self) -> Duration {
+        self.at
+    }
+}
+
 impl Limit for RedisRate {
-    type Permit = ();
+    type Permit = RateGrant;
 
     /// Waits for a permit: asks the script, sleeps as long as it says, asks again.
-    fn acquire(&self) -> impl Future<Output = Result<(), BoxError>> + Send + 'static {
+    fn acquire(&self) -> impl Future<Output = Result<RateGrant, BoxError>> + Send + 'static {
         let me = self.clone();
         async move {
             let since = me.since(Instant::now());
             loop {
                 match me.ask(since.elapsed()).await? {
-                    None => {
+                    Ok(grant) => {
                         me.granted(since);
-                        return Ok(());
+                        return Ok(grant);
                     }
-                    Some(wait) => tokio::time::sleep(wait).await,
+                    Err(wait) => tokio::time::sleep(wait).await,
                 }
             }
         }
@@ -338,7 +375,10 @@ impl Limit for RedisRate {
         if i.burst == 0 {
             return Err(problem("burst", "0".into(), "must be at least 1"));
         }
-        if self.interval().saturating_mul(i.burst.min(u32::MAX as u64) as u32) > FAR
+        if self
+            .interval()
+            .saturating_mul(i.burst.min(u32::MAX as u64) as u32)
+            > FAR
             || i.burst > u32::MAX as u64
         {
             return Err(problem(

@@ -43,12 +43,23 @@ impl Server {
 
     /// Starts the server again on its port (after [`stop`](Server::stop)).
     pub fn restart(&mut self) {
-        assert!(self.spawn(), "redis-server did not come back on {}", self.port);
+        assert!(
+            self.spawn(),
+            "redis-server did not come back on {}",
+            self.port
+        );
     }
 
     fn spawn(&mut self) -> bool {
         let child = Command::new(binary())
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
             .args(["--appendonly", "no", "--dir"])
             .arg(self.dir.path())
             .stdout(Stdio::null())
