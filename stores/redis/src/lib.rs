@@ -34,14 +34,18 @@
 //!
 //! **Clock.** Every instant is the server's (`TIME`, in microseconds), read inside the
 //! script: the processes' own clocks never enter, so machines whose clocks disagree share a
-//! rate exactly. A call counts from the instant the server granted it. The local `Rate`
-//! counts a permit from the instant its call starts (a call held after its grant, by a later
-//! gate or a late thread, is counted again when it starts), because one clock sees both;
-//! across processes no clock sees a call start, so the shared bound is exact on the grant
-//! instants, and a call starts one reply later (well under a millisecond on a LAN). A
-//! process that stalls between a grant and its call (a preempted thread) starts that call
-//! late, closer to the next ones; so give a shared rate as the **last** gate of a stage, or
-//! a grant may wait for the gates after it.
+//! rate exactly. A call counts from the instant the server granted it
+//! ([`RateGrant::server_time`]). The local `Rate` counts a permit from the instant its call
+//! starts (a call held after its grant, by a later gate or a late thread, is counted again
+//! when it starts), because one clock sees both; across processes no clock sees a call
+//! start, and a second round trip to report it would be late by a reply too. So the script
+//! keeps each grant in its log for a period and a slack of 1/200 of it (5 ms of a second):
+//! calls that start one reply after their grants, however that delay varies up to the
+//! slack, still keep the bound. The slack costs at most 0.5 % of the rate, and only while
+//! the log is full. A process stalled longer than that between a grant and its call (a
+//! preempted thread on an overloaded machine) can start `n + 1` calls in a period of its
+//! own clock; the grants never exceed `n`. Give a shared rate as the **last** gate of a
+//! stage, or a grant may wait for the gates after it.
 //!
 //! **When Redis is down** (refused, timed out after 1 s, a wrong type at a key, a reply of
 //! the wrong shape): the acquire fails, the stage logs it (`tracing`, `warn`) and asks again
