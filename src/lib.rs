@@ -32,6 +32,7 @@
 //! | I want to… | Use |
 //! |---|---|
 //! | run at most *n* requests in flight | [`.map_async(..).workers(n)`](AsyncStage::workers); one bound shared by several stages or pipelines: [`.inflight(&limit)`](AsyncStage::inflight) with an [`Inflight::new(n)`](Inflight::new) |
+//! | share one rate or in-flight bound between processes or machines | [`.limit(l)`](AsyncStage::limit) with `flowline_redis::RedisRate` / `RedisInflight`, or any [`Limit`] |
 //! | run at most *n* requests per second, no burst | [`.rate_limit(Rate::per_second(n))`](AsyncStage::rate_limit) on the stage ([`Rate::per_second`], [`Rate::per`]) |
 //! | … with bursts of up to *b* | [`.rate_limit(Rate::per_second(n).burst(b))`](Rate::burst) |
 //! | pause the job on an error and retry after a sleep | [`.retry(Retry::exponential(base).pause_source())`](Retry::pause_source): the source pulls nothing and the stage starts no new item while an item waits; when the backend is down, [`.circuit_breaker(Breaker::consecutive_failures(k))`](AsyncStage::circuit_breaker) pauses the job until a probe succeeds ([`OnOpen::Pause`], the default; the calls that failed are tried again, so an outage that ends costs no item; [`Breaker::counts`] says which errors are the backend's) |
@@ -125,6 +126,7 @@ pub use plan::{ErrorPolicy, IntoPipeline, Pipeline, RunOptions};
 pub use policy::adaptive::Adaptive;
 pub use policy::breaker::{Breaker, BreakerReport, BreakerState, OnOpen};
 pub use policy::inflight::Inflight;
+pub use policy::limit::Limit;
 pub use policy::rate::Rate;
 #[cfg(feature = "tower")]
 pub use policy::rate_layer::RateLimited;
@@ -150,7 +152,7 @@ pub mod prelude {
     pub use crate::{
         Adaptive, BatchSink, BoxError, Breaker, BreakerState, Collected, DeadLetter, Error,
         ErrorPolicy, Failed, Failure, Flow, Graph, Handle, Inflight, IntoPipeline, ItemError,
-        Loader, OnOpen, Operator, Out, Pipeline, Rate, Report, Retry, RetryAfter, RetryBudget,
-        RunOptions, RunOutcome, Step, Throttle, Window,
+        Limit, Loader, OnOpen, Operator, Out, Pipeline, Rate, Report, Retry, RetryAfter,
+        RetryBudget, RunOptions, RunOutcome, Step, Throttle, Window,
     };
 }

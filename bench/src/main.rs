@@ -10,6 +10,7 @@
 //! cargo run --release -p flowline-bench -- batch batch
 //! cargo run --release -p flowline-bench -- flow 3          # flow, 3 s per rate case
 //! cargo run --release -p flowline-bench -- flow adaptive   # cases named adaptive*
+//! cargo run --release -p flowline-bench -- scale redis_rate3  # 3 processes, one RedisRate
 //! cargo run --release -p flowline-bench -- cli             # the flowline command vs xargs / parallel / curl
 //! ```
 
@@ -20,6 +21,10 @@ mod flow;
 #[path = "../../testsuite/tests/support/pg.rs"]
 #[allow(dead_code)]
 mod pg_server;
+#[path = "../../stores/redis/tests/limit_server/mod.rs"]
+#[allow(dead_code)]
+mod redis_server;
+mod scale_rate;
 mod source;
 mod source_pg;
 mod topology;
@@ -31,6 +36,10 @@ fn main() {
         core::rss_child(args.get(1).map(String::as_str).unwrap_or("flowline"));
         return;
     }
+    if args.first().map(String::as_str) == Some("--rate-child") && args.len() == 3 {
+        scale_rate::child(&args[1], &args[2]);
+        return;
+    }
     let suite = args.first().map(String::as_str).unwrap_or("core");
     let case = args.get(1).map(String::as_str);
     match suite {
@@ -40,8 +49,11 @@ fn main() {
         "flow" => flow::run(&args[1..]),
         "topology" => topology::run(),
         "cli" => cli::run(case),
+        "scale" => scale_rate::run(case),
         other => {
-            eprintln!("unknown suite `{other}`; suites: core, source, batch, flow, topology, cli");
+            eprintln!(
+                "unknown suite `{other}`; suites: core, source, batch, flow, topology, cli, scale"
+            );
             std::process::exit(2);
         }
     }

@@ -10,11 +10,14 @@
 //! - [`RetryPolicy`]: asked when a call fails whether (and when) to try again.
 //!
 //! A new policy is a value implementing [`Policy`] (its per-stage [`Admission`] comes from
-//! it), in a file of its own, plus one builder method that hands it to the stage.
+//! it), in a file of its own, plus one builder method that hands it to the stage. From
+//! outside the crate, a gate is a [`Limit`](limit::Limit) (an async acquire and a permit held
+//! while the call runs), adapted to an [`Admission`] in `limit.rs`.
 
 pub(crate) mod adaptive;
 pub(crate) mod breaker;
 pub(crate) mod inflight;
+pub(crate) mod limit;
 pub(crate) mod rate;
 #[cfg(feature = "tower")]
 pub(crate) mod rate_layer;

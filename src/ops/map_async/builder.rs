@@ -11,6 +11,7 @@ use crate::policy::Policy;
 use crate::policy::adaptive::Adaptive;
 use crate::policy::breaker::Breaker;
 use crate::policy::inflight::Inflight;
+use crate::policy::limit::{External, Limit};
 use crate::policy::rate::Rate;
 use crate::policy::retry::Retry;
 use crate::runtime::hop::{HOP_CHUNKS, hop};
@@ -53,7 +54,8 @@ pub(super) struct Options {
 /// ## The order of the flow-control options
 ///
 /// [`rate_limit`](AsyncStage::rate_limit), [`inflight`](AsyncStage::inflight),
-/// [`circuit_breaker`](AsyncStage::circuit_breaker) and [`adaptive`](AsyncStage::adaptive)
+/// [`limit`](AsyncStage::limit), [`circuit_breaker`](AsyncStage::circuit_breaker) and
+/// [`adaptive`](AsyncStage::adaptive)
 /// are gates a call passes before it starts, **in the order they were given**. A call waits
 /// at the first gate that is closed, holding what the gates before it granted; when a gate
 /// refuses (a fail-fast open breaker), what the gates before it granted is spent: a rate
@@ -371,6 +373,39 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
     /// ```
     pub fn inflight(self, bound: &Inflight) -> Self {
         self.policy(bound.clone())
+    }
+
+    /// Also passes each call through a [`Limit`] implemented outside flowline (a rate or an
+    /// in-flight bound shared by several processes through a server): the call starts once
+    /// the limit's `acquire` has granted it a permit, and the permit is dropped when the call
+    /// ends. An acquire that fails is retried with backoff; no item is failed for it (see
+    /// [`Limit`]). A gate: see
+    /// [the order of the flow-control options](AsyncStage#the-order-of-the-flow-control-options).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::sync::Arc;
+    ///
+    /// #[derive(Debug)]
+    /// struct Ticket(Arc<tokio::sync::Semaphore>);
+    /// impl Limit for Ticket {
+    ///     type Permit = tokio::sync::OwnedSemaphorePermit;
+    ///     fn acquire(&self) -> impl Future<Output = Result<Self::Permit, BoxError>> + Send + 'static {
+    ///         let sem = self.0.clone();
+    ///         async move { Ok(sem.acquire_owned().await?) }
+    ///     }
+    /// }
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter(0..10u32)
+    ///     .map_async("db", |x| async move { x })
+    ///     .workers(8)
+    ///     .limit(Ticket(Arc::new(tokio::sync::Semaphore::new(2))))
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out.len(), 10);
+    /// # }
+    /// ```
+    pub fn limit(self, limit: impl Limit) -> Self {
+        self.policy(External(Arc::new(limit)))
     }
 
     /// Retries failed calls (see [`Retry`]). An item waiting for its next attempt sits in a
