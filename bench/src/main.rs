@@ -20,6 +20,7 @@ mod flow;
 #[path = "../../testsuite/tests/support/pg.rs"]
 #[allow(dead_code)]
 mod pg_server;
+mod scale;
 mod source;
 mod source_pg;
 mod topology;
@@ -31,6 +32,10 @@ fn main() {
         core::rss_child(args.get(1).map(String::as_str).unwrap_or("flowline"));
         return;
     }
+    if args.first().map(String::as_str) == Some("--scale-worker") {
+        scale::worker(&args[1..]);
+        return;
+    }
     let suite = args.first().map(String::as_str).unwrap_or("core");
     let case = args.get(1).map(String::as_str);
     match suite {
@@ -40,8 +45,9 @@ fn main() {
         "flow" => flow::run(&args[1..]),
         "topology" => topology::run(),
         "cli" => cli::run(case),
+        "scale" => scale::run(case),
         other => {
-            eprintln!("unknown suite `{other}`; suites: core, source, batch, flow, topology, cli");
+            eprintln!("unknown suite `{other}`; suites: core, source, batch, flow, topology, cli, scale");
             std::process::exit(2);
         }
     }

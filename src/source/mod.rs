@@ -6,12 +6,14 @@ mod from_channel;
 mod from_fn;
 mod from_iter;
 mod from_stream;
+mod tracked;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 pub use cursor::{CursorOptions, Page};
+pub use tracked::{Completion, ItemEnd};
 
 use crate::error::ItemError;
 use crate::report::{OwnedCounts, StageStats};
