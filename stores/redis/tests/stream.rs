@@ -142,8 +142,9 @@ async fn failed_and_poison_entries_end_in_the_dead_letter_stream() {
     let url = server.url();
     fill(&url, "s", 10).await;
     let o = || opts().max_deliveries(2).reclaim(false);
-    // Job 3 fails; job 7 hangs (the run is cancelled with it) three lives in a row.
-    for life in 0..3 {
+    // Job 3 fails; job 7 hangs (the run is cancelled with it) two lives in a row; its
+    // third delivery is one too many.
+    for life in 0..2 {
         let h = RedisStream::new(&url, "s", "g", "c1", o())
             .unwrap()
             .pipeline()
@@ -155,6 +156,7 @@ async fn failed_and_poison_entries_end_in_the_dead_letter_stream() {
                 }
             })
             .workers(4)
+            .unordered()
             .spawn();
         tokio::time::sleep(Duration::from_millis(400)).await;
         h.cancel();
@@ -185,7 +187,7 @@ async fn failed_and_poison_entries_end_in_the_dead_letter_stream() {
     let (_, poison) = &dead[1];
     assert_eq!(poison["job"], "7");
     assert_eq!(poison["flowline.reason"], "max_deliveries");
-    assert_eq!(poison["flowline.deliveries"], "4");
+    assert_eq!(poison["flowline.deliveries"], "3");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,8 +201,16 @@ async fn a_long_item_is_kept_by_its_live_owner_and_taken_from_a_dead_one() {
             .block(Duration::from_millis(50))
             .min_idle(min_idle)
     };
-    // A holds the only entry for 5 × min_idle; B, reclaiming, must not get it.
-    let a = RedisStream::new(&url, "s", "g", "a", o())
+    let b_seen: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let b = |seen: Arc<Mutex<Vec<u64>>>| {
+        RedisStream::new(&url, "s", "g", "b", o())
+            .unwrap()
+            .pipeline()
+            .inspect(move |e| seen.lock().unwrap().push(e.deliveries()))
+            .spawn()
+    };
+    // A holds the only entry for 5 × min_idle while B, reclaiming, runs beside it.
+    let a = RedisStream::new(&url, "s", "g", "a", o().stop_when_drained(true))
         .unwrap()
         .pipeline()
         .map_async("long", move |e| async move {
@@ -208,18 +218,21 @@ async fn a_long_item_is_kept_by_its_live_owner_and_taken_from_a_dead_one() {
             e.deliveries()
         })
         .collect();
-    let b_seen: Arc<Mutex<Vec<u64>>> = Arc::default();
-    let bs = b_seen.clone();
-    let b = RedisStream::new(&url, "s", "g", "b", o())
+    let a = tokio::spawn(a.into_future());
+    while pending(&url, "s").await.1.get("a") != Some(&1) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let live_b = b(b_seen.clone());
+    let a_out = tokio::time::timeout(min_idle * 20, a)
+        .await
+        .expect("A hung")
         .unwrap()
-        .pipeline()
-        .inspect(move |e| bs.lock().unwrap().push(e.deliveries()))
-        .spawn();
-    let a_out = a.await.unwrap();
-    assert_eq!(a_out, vec![1]);
-    tokio::time::sleep(min_idle * 2).await;
+        .unwrap();
+    assert_eq!(a_out, vec![1], "A's entry was delivered again");
     assert!(b_seen.lock().unwrap().is_empty(), "stolen from a live owner");
     assert_eq!(pending(&url, "s").await.0, 0);
+    live_b.cancel();
+    let _ = live_b.join().await;
 
     // Now A dies with a new entry in flight (cancelled: its lease is no longer renewed).
     fill(&url, "s", 1).await;
@@ -228,19 +241,21 @@ async fn a_long_item_is_kept_by_its_live_owner_and_taken_from_a_dead_one() {
         .pipeline()
         .map_async("hang", |_e| std::future::pending::<()>())
         .spawn();
-    // B may read the new entry first; wait until someone holds it.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    while pending(&url, "s").await.1.get("a") != Some(&1) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     dead_a.cancel();
     let _ = dead_a.join().await;
     let t = std::time::Instant::now();
+    let new_b = b(b_seen.clone());
     while b_seen.lock().unwrap().is_empty() {
         assert!(t.elapsed() < min_idle * 10, "a dead owner's entry was never reclaimed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let seen = b_seen.lock().unwrap().clone();
-    assert!(seen == vec![2] || seen == vec![1], "{seen:?}");
-    b.cancel();
-    let _ = b.join().await;
+    assert_eq!(*b_seen.lock().unwrap(), vec![2]);
+    new_b.cancel();
+    let _ = new_b.join().await;
+    assert_eq!(pending(&url, "s").await.0, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
