@@ -47,7 +47,9 @@ fn main() {
         "cli" => cli::run(case),
         "scale" => scale::run(case),
         other => {
-            eprintln!("unknown suite `{other}`; suites: core, source, batch, flow, topology, cli, scale");
+            eprintln!(
+                "unknown suite `{other}`; suites: core, source, batch, flow, topology, cli, scale"
+            );
             std::process::exit(2);
         }
     }

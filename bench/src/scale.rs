@@ -135,8 +135,10 @@ async fn hand_loop(url: &str, stream: &str) -> u64 {
             .group("g", "c")
             .count(BATCH)
             .block(10);
-        let reply: redis::streams::StreamReadReply =
-            c.xread_options(&[stream], &[">"], &opts).await.expect("read");
+        let reply: redis::streams::StreamReadReply = c
+            .xread_options(&[stream], &[">"], &opts)
+            .await
+            .expect("read");
         let ids: Vec<String> = reply
             .keys
             .into_iter()
@@ -186,7 +188,11 @@ pub fn worker(args: &[String]) {
                     let mut p = redis::pipe();
                     p.hincr("effects", job, 1).ignore();
                     if e.deliveries() > 1 {
-                        p.cmd("SET").arg("first_reclaim").arg(unix_ms()).arg("NX").ignore();
+                        p.cmd("SET")
+                            .arg("first_reclaim")
+                            .arg(unix_ms())
+                            .arg("NX")
+                            .ignore();
                     }
                     p.query_async::<()>(&mut c).await
                 }
@@ -229,7 +235,9 @@ fn redis_kill() {
         let mut c = conn(&url).await;
         let effects: std::collections::HashMap<u64, u64> =
             c.hgetall("effects").await.expect("effects");
-        let lost = (0..KILL_ENTRIES).filter(|j| !effects.contains_key(j)).count();
+        let lost = (0..KILL_ENTRIES)
+            .filter(|j| !effects.contains_key(j))
+            .count();
         let dup: u64 = effects.values().map(|n| n.saturating_sub(1)).sum();
         let first: Option<i64> = c.get("first_reclaim").await.expect("first_reclaim");
         (lost, dup, first.map(|t| t - killed_at))

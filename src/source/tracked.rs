@@ -196,7 +196,10 @@ mod tests {
         let ends = ends.clone();
         futures_util::stream::iter((0..n).map(move |i| {
             let ends = ends.clone();
-            Ok((i, Completion::new(move |e| ends.lock().unwrap().push((i, e)))))
+            Ok((
+                i,
+                Completion::new(move |e| ends.lock().unwrap().push((i, e))),
+            ))
         }))
     }
 
@@ -251,9 +254,10 @@ mod tests {
     #[tokio::test]
     async fn an_error_fails_the_run_after_the_items_before_it() {
         let ends: Ends = Arc::default();
-        let items = tracked(3, &ends).chain(futures_util::stream::iter([Err(
-            "stream broke".to_string(),
-        )]));
+        let items =
+            tracked(3, &ends).chain(futures_util::stream::iter([
+                Err("stream broke".to_string()),
+            ]));
         let err = Pipeline::from_tracked(items, async {})
             .run()
             .await
@@ -268,9 +272,10 @@ mod tests {
         let ends: Ends = Arc::default();
         Pipeline::from_tracked(tracked(2, &ends), async {})
             .flat_map(|x| vec![x; 3])
-            .try_map_async("odd", |x| async move {
-                if x == 1 { Err("one") } else { Ok(x) }
-            })
+            .try_map_async(
+                "odd",
+                |x| async move { if x == 1 { Err("one") } else { Ok(x) } },
+            )
             .run()
             .await
             .unwrap();

@@ -50,7 +50,12 @@ async fn main() -> Result<(), BoxError> {
         for start in (0..n).step_by(1000) {
             let mut p = redis::pipe();
             for i in start..(start + 1000).min(n) {
-                p.cmd("XADD").arg("jobs").arg("*").arg("job").arg(i).ignore();
+                p.cmd("XADD")
+                    .arg("jobs")
+                    .arg("*")
+                    .arg("job")
+                    .arg(i)
+                    .ignore();
             }
             p.query_async::<()>(&mut c).await?;
         }
@@ -63,11 +68,16 @@ async fn main() -> Result<(), BoxError> {
         let effects: std::collections::HashMap<u64, u64> = c.hgetall("effects").await?;
         let lost = (0..total).filter(|j| !effects.contains_key(j)).count();
         let dup: u64 = effects.values().map(|n| n.saturating_sub(1)).sum();
-        println!("jobs {total}, ran {}, lost {lost}, duplicates {dup}", effects.len());
+        println!(
+            "jobs {total}, ran {}, lost {lost}, duplicates {dup}",
+            effects.len()
+        );
         return Ok(());
     }
     let Some(name) = arg(&args, "--worker") else {
-        eprintln!("usage: redis_workers [--url URL] (--fill N | --worker NAME [--work-ms MS] [--min-idle-ms MS] [--idempotent] | --check)");
+        eprintln!(
+            "usage: redis_workers [--url URL] (--fill N | --worker NAME [--work-ms MS] [--min-idle-ms MS] [--idempotent] | --check)"
+        );
         std::process::exit(2);
     };
     let work = Duration::from_millis(arg(&args, "--work-ms").map_or(Ok(5), |s| s.parse())?);
@@ -79,7 +89,9 @@ async fn main() -> Result<(), BoxError> {
         .stop_when_drained(true);
     let source = RedisStream::new(&url, "jobs", "workers", &name, opts)?;
     let job = |e: &flowline_redis::StreamEntry| -> u64 {
-        e.get_str("job").and_then(|s| s.parse().ok()).unwrap_or(u64::MAX)
+        e.get_str("job")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(u64::MAX)
     };
     let mut p = source.pipeline();
     if args.iter().any(|a| a == "--idempotent") {

@@ -45,7 +45,10 @@ pub(crate) async fn run(sh: Arc<Shared>) {
     loop {
         let (acks, dead) = {
             let mut st = sh.lock();
-            (std::mem::take(&mut st.to_ack), std::mem::take(&mut st.to_dead))
+            (
+                std::mem::take(&mut st.to_ack),
+                std::mem::take(&mut st.to_dead),
+            )
         };
         if acks.is_empty() && dead.is_empty() {
             if sh.all_ended() {
@@ -105,7 +108,10 @@ async fn flush(
     };
     for chunk in dead.chunks(500) {
         let mut call = script.prepare_invoke();
-        call.key(&sh.stream).key(&sh.dead).arg(&sh.group).arg(&sh.consumer);
+        call.key(&sh.stream)
+            .key(&sh.dead)
+            .arg(&sh.group)
+            .arg(&sh.consumer);
         for (id, n, why) in chunk {
             call.arg(id).arg(*n).arg(*why);
         }

@@ -32,7 +32,9 @@ pub struct RedisCheckpoints {
 
 impl std::fmt::Debug for RedisCheckpoints {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisCheckpoints").field("key", &self.key).finish_non_exhaustive()
+        f.debug_struct("RedisCheckpoints")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
     }
 }
 
@@ -77,7 +79,11 @@ impl CheckpointStore for RedisCheckpoints {
     fn load<'a>(&'a self, name: &'a str) -> StoreFuture<'a, Option<String>> {
         Box::pin(async move {
             let mut c = self.conn().await?;
-            let v: Option<String> = redis::cmd("HGET").arg(&*self.key).arg(name).query_async(&mut c).await?;
+            let v: Option<String> = redis::cmd("HGET")
+                .arg(&*self.key)
+                .arg(name)
+                .query_async(&mut c)
+                .await?;
             Ok(v)
         })
     }
@@ -85,7 +91,12 @@ impl CheckpointStore for RedisCheckpoints {
     fn commit<'a>(&'a self, name: &'a str, cursor: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let mut c = self.conn().await?;
-            let _: i64 = redis::cmd("HSET").arg(&*self.key).arg(name).arg(cursor).query_async(&mut c).await?;
+            let _: i64 = redis::cmd("HSET")
+                .arg(&*self.key)
+                .arg(name)
+                .arg(cursor)
+                .query_async(&mut c)
+                .await?;
             Ok(())
         })
     }
@@ -93,7 +104,11 @@ impl CheckpointStore for RedisCheckpoints {
     fn clear<'a>(&'a self, name: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let mut c = self.conn().await?;
-            let _: i64 = redis::cmd("HDEL").arg(&*self.key).arg(name).query_async(&mut c).await?;
+            let _: i64 = redis::cmd("HDEL")
+                .arg(&*self.key)
+                .arg(name)
+                .query_async(&mut c)
+                .await?;
             Ok(())
         })
     }

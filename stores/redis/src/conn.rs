@@ -78,10 +78,8 @@ mod tests {
         assert!(!is_transient(&wrong));
         let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
         assert!(is_transient(&io));
-        let loading = RedisError::from((
-            ErrorKind::Server(ServerErrorKind::BusyLoading),
-            "LOADING",
-        ));
+        let loading =
+            RedisError::from((ErrorKind::Server(ServerErrorKind::BusyLoading), "LOADING"));
         assert!(is_transient(&loading));
     }
 

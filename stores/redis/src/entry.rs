@@ -238,7 +238,13 @@ mod tests {
     fn nonsense_replies_are_errors_not_panics() {
         assert_eq!(read_reply(Value::Nil).unwrap().len(), 0);
         assert!(read_reply(Value::Int(3)).is_err());
-        assert!(read_reply(Value::Array(vec![Value::Array(vec![b("s"), Value::Int(1)])])).is_err());
+        assert!(
+            read_reply(Value::Array(vec![Value::Array(vec![
+                b("s"),
+                Value::Int(1)
+            ])]))
+            .is_err()
+        );
         assert!(entries(Value::Array(vec![Value::Array(vec![])])).is_err());
         assert!(entries(Value::Array(vec![Value::Okay])).is_err());
     }

@@ -64,7 +64,10 @@ pub(crate) async fn run(sh: Arc<Shared>) {
             match call.invoke_async::<Vec<String>>(c).await {
                 Ok(lost) => {
                     let held = sh.lock();
-                    let lost: Vec<&String> = lost.iter().filter(|id| held.held.contains_key(*id)).collect();
+                    let lost: Vec<&String> = lost
+                        .iter()
+                        .filter(|id| held.held.contains_key(*id))
+                        .collect();
                     if !lost.is_empty() {
                         tracing::warn!(stream = %sh.stream, consumer = %sh.consumer, n = lost.len(), "entries in flight were taken over by another consumer");
                     }

@@ -88,7 +88,7 @@ pub mod test_server;
 
 pub use checkpoints::RedisCheckpoints;
 pub use entry::StreamEntry;
-pub use sink::StreamSink;
-pub use store::RedisStore;
 pub use options::StreamOptions;
+pub use sink::StreamSink;
 pub use source::RedisStream;
+pub use store::RedisStore;

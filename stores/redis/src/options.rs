@@ -199,7 +199,11 @@ impl StreamOptions {
             bad("batch", self.batch.to_string(), "must be 1 to 100000");
         }
         if self.block < Duration::from_millis(1) || self.block > LONGEST {
-            bad("block", format!("{:?}", self.block), "must be 1 ms to a year");
+            bad(
+                "block",
+                format!("{:?}", self.block),
+                "must be 1 ms to a year",
+            );
         }
         if self.min_idle < Duration::from_millis(30) || self.min_idle > LONGEST {
             bad(
@@ -296,7 +300,15 @@ mod tests {
         for ok in ["0", "$", "1700000000000-0", "12"] {
             assert!(valid_start(ok), "{ok}");
         }
-        for bad in ["", "-", "1-", "a-1", "1-2-3", ">", "99999999999999999999999-0"] {
+        for bad in [
+            "",
+            "-",
+            "1-",
+            "a-1",
+            "1-2-3",
+            ">",
+            "99999999999999999999999-0",
+        ] {
             assert!(!valid_start(bad), "{bad}");
         }
         assert!(StreamOptions::new().validate().is_ok());

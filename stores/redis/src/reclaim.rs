@@ -14,7 +14,9 @@ use crate::conn::{self, Backoff};
 use crate::entry;
 use crate::source::Shared;
 
-type Feed = tokio::sync::mpsc::Sender<Result<(crate::StreamEntry, flowline::Completion), flowline::BoxError>>;
+type Feed = tokio::sync::mpsc::Sender<
+    Result<(crate::StreamEntry, flowline::Completion), flowline::BoxError>,
+>;
 
 /// How often the pending entries are scanned: a quarter of `min_idle`, between 10 ms and
 /// 1 s, so a dead consumer's entries run again within `min_idle` plus at most a second.
@@ -115,7 +117,10 @@ mod tests {
 
     #[test]
     fn the_scan_interval_stays_within_its_bounds() {
-        assert_eq!(interval(Duration::from_millis(30)), Duration::from_millis(10));
+        assert_eq!(
+            interval(Duration::from_millis(30)),
+            Duration::from_millis(10)
+        );
         assert_eq!(interval(Duration::from_secs(2)), Duration::from_millis(500));
         assert_eq!(interval(Duration::from_secs(3600)), Duration::from_secs(1));
     }

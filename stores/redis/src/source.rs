@@ -252,7 +252,9 @@ impl Shared {
                 Read::Entry(e) => e,
             };
             if n > self.opts.max_deliveries {
-                self.lock().to_dead.push((e.id().to_string(), n, "max_deliveries"));
+                self.lock()
+                    .to_dead
+                    .push((e.id().to_string(), n, "max_deliveries"));
                 self.ack_wake.notify_one();
                 continue;
             }

@@ -185,7 +185,12 @@ impl RedisStore {
         Ok(c.clone())
     }
 
-    async fn call(&self, which: usize, extra: &[String], keys: &[String]) -> Result<redis::Value, BoxError> {
+    async fn call(
+        &self,
+        which: usize,
+        extra: &[String],
+        keys: &[String],
+    ) -> Result<redis::Value, BoxError> {
         let mut c = self.conn().await?;
         let mut inv = self.inner.scripts[which].prepare_invoke();
         inv.key(&*self.key).arg(&*self.holder);
@@ -200,7 +205,11 @@ impl RedisStore {
 }
 
 impl Store for RedisStore {
-    fn reserve<'a>(&'a self, keys: &'a [String], ttl: Duration) -> StoreFuture<'a, Vec<Reservation>> {
+    fn reserve<'a>(
+        &'a self,
+        keys: &'a [String],
+        ttl: Duration,
+    ) -> StoreFuture<'a, Vec<Reservation>> {
         Box::pin(async move {
             if keys.is_empty() {
                 return Ok(Vec::new());

@@ -81,7 +81,8 @@ impl RedisServer {
                 let mut buf = [0u8; 64];
                 let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
                 if c.write_all(b"PING\r\n").is_ok()
-                    && c.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+                    && c.read(&mut buf)
+                        .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
                 {
                     return;
                 }

@@ -24,7 +24,12 @@ async fn fill(url: &str, stream: &str, n: usize) {
     let mut c = conn(url).await;
     let mut p = redis::pipe();
     for i in 0..n {
-        p.cmd("XADD").arg(stream).arg("*").arg("job").arg(i).ignore();
+        p.cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg("job")
+            .arg(i)
+            .ignore();
     }
     p.query_async::<()>(&mut c).await.unwrap();
 }
@@ -87,7 +92,11 @@ async fn entries_are_acknowledged_only_after_their_items_finish() {
     assert_eq!(total, 50, "acknowledged before finishing");
     gate.add_permits(10);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(pending(&url, "s").await.0, 40, "finished items not acknowledged");
+    assert_eq!(
+        pending(&url, "s").await.0,
+        40,
+        "finished items not acknowledged"
+    );
     gate.add_permits(1000);
     let report = h.join().await.unwrap();
     assert_eq!(report.delivered(), 50);
@@ -162,7 +171,10 @@ async fn failed_and_poison_entries_end_in_the_dead_letter_stream() {
         h.cancel();
         let _ = h.join().await;
         let (total, _) = pending(&url, "s").await;
-        assert_eq!(total, 1, "life {life}: only the hanging entry stays pending");
+        assert_eq!(
+            total, 1,
+            "life {life}: only the hanging entry stays pending"
+        );
     }
     let report = RedisStream::new(&url, "s", "g", "c1", o())
         .unwrap()
@@ -173,12 +185,23 @@ async fn failed_and_poison_entries_end_in_the_dead_letter_stream() {
     assert_eq!(report.delivered(), 0);
     assert_eq!(pending(&url, "s").await.0, 0);
     let mut c = conn(&url).await;
-    let dead: Vec<(String, HashMap<String, String>)> = c.xrange_all("s:dead").await.map(|r: redis::streams::StreamRangeReply| {
-        r.ids.into_iter().map(|e| {
-            let m = e.map.into_iter().map(|(k, v)| (k, redis::from_redis_value(v).unwrap())).collect();
-            (e.id, m)
-        }).collect()
-    }).unwrap();
+    let dead: Vec<(String, HashMap<String, String>)> = c
+        .xrange_all("s:dead")
+        .await
+        .map(|r: redis::streams::StreamRangeReply| {
+            r.ids
+                .into_iter()
+                .map(|e| {
+                    let m = e
+                        .map
+                        .into_iter()
+                        .map(|(k, v)| (k, redis::from_redis_value(v).unwrap()))
+                        .collect();
+                    (e.id, m)
+                })
+                .collect()
+        })
+        .unwrap();
     assert_eq!(dead.len(), 2, "{dead:?}");
     let (_, failed) = &dead[0];
     assert_eq!(failed["job"], "3");
@@ -229,7 +252,10 @@ async fn a_long_item_is_kept_by_its_live_owner_and_taken_from_a_dead_one() {
         .unwrap()
         .unwrap();
     assert_eq!(a_out, vec![1], "A's entry was delivered again");
-    assert!(b_seen.lock().unwrap().is_empty(), "stolen from a live owner");
+    assert!(
+        b_seen.lock().unwrap().is_empty(),
+        "stolen from a live owner"
+    );
     assert_eq!(pending(&url, "s").await.0, 0);
     live_b.cancel();
     let _ = live_b.join().await;
@@ -249,7 +275,10 @@ async fn a_long_item_is_kept_by_its_live_owner_and_taken_from_a_dead_one() {
     let t = std::time::Instant::now();
     let new_b = b(b_seen.clone());
     while b_seen.lock().unwrap().is_empty() {
-        assert!(t.elapsed() < min_idle * 10, "a dead owner's entry was never reclaimed");
+        assert!(
+            t.elapsed() < min_idle * 10,
+            "a dead owner's entry was never reclaimed"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(*b_seen.lock().unwrap(), vec![2]);
