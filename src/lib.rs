@@ -135,7 +135,7 @@ pub use report::{LatencySummary, Report, RunOutcome, StageReport};
 pub use runtime::batch_sink::BatchSink;
 pub use runtime::handle::{Control, Handle, ItemStream};
 pub use runtime::run::Run;
-pub use source::{CursorOptions, Page};
+pub use source::{Completion, CursorOptions, ItemEnd, Page};
 pub use store::checkpoint::{CheckpointStore, MemoryCheckpoints};
 pub use store::{MemoryStore, Reservation, Store, StoreFuture};
 pub use topology::gather::{Gather, Gathered, Incomplete};

@@ -21,9 +21,7 @@ mod flow;
 #[path = "../../testsuite/tests/support/pg.rs"]
 #[allow(dead_code)]
 mod pg_server;
-#[path = "../../stores/redis/tests/limit_server/mod.rs"]
-#[allow(dead_code)]
-mod redis_server;
+mod scale;
 mod scale_rate;
 mod source;
 mod source_pg;
@@ -40,6 +38,10 @@ fn main() {
         scale_rate::child(&args[1], &args[2]);
         return;
     }
+    if args.first().map(String::as_str) == Some("--scale-worker") {
+        scale::worker(&args[1..]);
+        return;
+    }
     let suite = args.first().map(String::as_str).unwrap_or("core");
     let case = args.get(1).map(String::as_str);
     match suite {
@@ -49,7 +51,7 @@ fn main() {
         "flow" => flow::run(&args[1..]),
         "topology" => topology::run(),
         "cli" => cli::run(case),
-        "scale" => scale_rate::run(case),
+        "scale" => scale::run(case),
         other => {
             eprintln!(
                 "unknown suite `{other}`; suites: core, source, batch, flow, topology, cli, scale"

@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use flowline::prelude::*;
 use flowline_redis::{RateGrant, RedisRate};
 
-use crate::redis_server::Server;
 use crate::util::emit;
+use flowline_redis::test_server::RedisServer as Server;
 
 const RATE: u64 = 1_000;
 const SECS: f64 = 5.0;
@@ -98,7 +98,7 @@ fn max_in_period(t: &mut [u64], period_us: u64) -> usize {
 }
 
 fn redis_rate3() {
-    let server = Server::start();
+    let server = Server::start(false);
     let dir = tempfile::tempdir().expect("temp dir");
     let exe = std::env::current_exe().expect("own path");
     let children: Vec<_> = (0..3)

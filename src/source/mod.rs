@@ -8,12 +8,14 @@ mod from_dead_letters;
 mod from_fn;
 mod from_iter;
 mod from_stream;
+mod tracked;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 pub use cursor::{CursorOptions, Page};
+pub use tracked::{Completion, ItemEnd};
 
 use crate::error::ItemError;
 use crate::report::{OwnedCounts, StageStats};

@@ -1,5 +1,5 @@
-//! One contract for every store: the same checks run against the memory, SQLite and
-//! PostgreSQL stores, for idempotency ([`Store`]) and checkpoints ([`CheckpointStore`]).
+//! One contract for every store: the same checks run against the memory, SQLite,
+//! PostgreSQL and Redis stores, for idempotency ([`Store`]) and checkpoints ([`CheckpointStore`]).
 //!
 //! Idempotency: reserve, commit, release; a done key is `AlreadyDone`; a key another holder
 //! reserved is `Busy` and its commit or release by anyone else changes nothing; an expired
@@ -180,5 +180,24 @@ async fn postgres_stores_keep_the_contract() {
     let cp = PgCheckpoints::connect_with(&url, PgOptions::new().table("contract_checkpoints"))
         .await
         .unwrap();
+    checkpoint_contract(Arc::new(cp)).await;
+}
+
+#[tokio::test]
+async fn redis_stores_keep_the_contract() {
+    use flowline_redis::{RedisCheckpoints, RedisStore};
+    let server = flowline_redis::test_server::RedisServer::start(false);
+    let url = server.url();
+    let base = RedisStore::open(&url).unwrap().scope("contract");
+    // Each holder on a store opened anew, as on another machine, or a handle of the base.
+    let open: Open = Box::new(move |name| {
+        let s = match name {
+            Some(n) => RedisStore::open(&url).unwrap().scope("contract").holder(n),
+            None => base.handle(),
+        };
+        Box::pin(async move { Arc::new(s) as Arc<dyn Store> })
+    });
+    idempotency_contract(open).await;
+    let cp = RedisCheckpoints::open(&server.url()).unwrap();
     checkpoint_contract(Arc::new(cp)).await;
 }

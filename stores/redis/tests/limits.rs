@@ -1,15 +1,13 @@
 //! The shared limits against a real redis-server (each test starts its own).
 
-mod limit_server;
-
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flowline::prelude::*;
 use flowline::{Limit, Rate};
+use flowline_redis::test_server::RedisServer as Server;
 use flowline_redis::{RateGrant, RedisInflight, RedisRate};
-use limit_server::Server;
 use tokio::time::Instant;
 
 /// The most starts within any half-open window `[t, t + period)`, `t` at a start.
@@ -44,7 +42,7 @@ async fn times<F: std::future::Future<Output = ()>>(
 /// The same sequence through the local `Rate` and through a `RedisRate`: the same schedule
 /// (never early, late by no more than a loaded machine's wake-up) and the same sliding bound.
 async fn same_as_local(count: u64, burst: u64, n: usize, name: &str) {
-    let server = Server::start();
+    let server = Server::start(false);
     let local = Rate::per_second(count).burst(burst);
     let shared = RedisRate::per_second(&server.client(), name, count).burst(burst);
     let l = times(n, || local.acquire()).await;
@@ -80,7 +78,7 @@ async fn with_a_burst_b_pass_at_once_then_the_rate_like_the_local_one() {
 
 #[tokio::test]
 async fn an_idle_shared_rate_does_not_bank_a_burst() {
-    let server = Server::start();
+    let server = Server::start(false);
     let rate = RedisRate::per_second(&server.client(), "idle", 20);
     rate.acquire().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -96,7 +94,7 @@ async fn an_idle_shared_rate_does_not_bank_a_burst() {
 
 #[tokio::test]
 async fn a_flushed_script_is_loaded_again() {
-    let server = Server::start();
+    let server = Server::start(false);
     let rate = RedisRate::per_second(&server.client(), "flush", 1000);
     rate.acquire().await.unwrap();
     let mut con = server
@@ -122,7 +120,7 @@ async fn a_flushed_script_is_loaded_again() {
 
 #[tokio::test]
 async fn a_wrong_type_at_the_key_is_an_error_then_the_stage_waits_for_it_to_be_fixed() {
-    let server = Server::start();
+    let server = Server::start(false);
     let mut con = server
         .client()
         .get_multiplexed_async_connection()
@@ -162,9 +160,9 @@ async fn a_wrong_type_at_the_key_is_an_error_then_the_stage_waits_for_it_to_be_f
 
 #[tokio::test]
 async fn while_redis_is_down_no_call_starts_and_no_item_is_lost() {
-    let mut server = Server::start();
+    let mut server = Server::start(false);
     let client = server.client();
-    server.stop();
+    server.kill();
     let made = Arc::new(AtomicUsize::new(0));
     let m = made.clone();
     let run = tokio::spawn(async move {
@@ -193,7 +191,7 @@ async fn while_redis_is_down_no_call_starts_and_no_item_is_lost() {
 
 #[tokio::test]
 async fn a_bad_setting_fails_the_run_before_it_starts() {
-    let server = Server::start();
+    let server = Server::start(false);
     let err = Pipeline::from_iter(0..3u32)
         .map_async("api", |x| async move { x })
         .limit(RedisRate::per_second(&server.client(), "api", 0))
@@ -210,7 +208,7 @@ async fn a_bad_setting_fails_the_run_before_it_starts() {
 
 #[tokio::test]
 async fn a_shared_inflight_bound_holds_across_handles_and_every_permit_comes_back() {
-    let server = Server::start();
+    let server = Server::start(false);
     let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let call = {
         let (now, peak) = (now.clone(), peak.clone());
@@ -259,7 +257,7 @@ async fn a_shared_inflight_bound_holds_across_handles_and_every_permit_comes_bac
 
 #[tokio::test]
 async fn a_dead_holders_permits_come_back_after_the_lease_and_not_before() {
-    let server = Server::start();
+    let server = Server::start(false);
     let url = server.url();
     // A "process" that takes both permits and dies: its runtime (and its renewals) stop,
     // its permits are never given back.
@@ -291,7 +289,7 @@ async fn a_dead_holders_permits_come_back_after_the_lease_and_not_before() {
 
 #[tokio::test]
 async fn a_live_holder_keeps_its_permits_past_the_lease() {
-    let server = Server::start();
+    let server = Server::start(false);
     let holder = RedisInflight::new(&server.client(), "live", 2).lease(Duration::from_millis(300));
     let other = RedisInflight::new(&server.client(), "live", 2).lease(Duration::from_millis(300));
     let held = [
@@ -384,7 +382,7 @@ async fn rate_child() {
 
 #[tokio::test]
 async fn three_processes_share_one_rate() {
-    let server = Server::start();
+    let server = Server::start(false);
     let dir = tempfile::tempdir().unwrap();
     let (rate, secs) = (1000u64, 3.0);
     let exe = std::env::current_exe().unwrap();

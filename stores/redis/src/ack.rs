@@ -1,0 +1,130 @@
+//! The acknowledger: acknowledges entries whose items finished (`XACK`, all that ended
+//! since the last call in one command), and moves failed, poison and unreadable entries to
+//! the dead-letter stream. The move is one script: the entry's fields, with its id, source
+//! stream, delivery count and reason, are added to the dead-letter stream and the entry is
+//! acknowledged, atomically; an entry no longer pending (a retried call after a lost reply)
+//! is not moved twice.
+//!
+//! A failed call is retried with backoff; once the run has ended it gives up after the
+//! source's `drain_timeout`, leaving the rest pending (run again later, never lost).
+
+use std::sync::Arc;
+
+use redis::Value;
+use tokio::time::Instant;
+
+use crate::conn::{self, Backoff};
+use crate::source::Shared;
+
+const DEAD: &str = r"
+local moved = 0
+for i = 3, #ARGV, 3 do
+  local id = ARGV[i]
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if p[1] then
+    local out = {'flowline.id', id, 'flowline.stream', KEYS[1],
+                 'flowline.deliveries', ARGV[i + 1], 'flowline.reason', ARGV[i + 2],
+                 'flowline.consumer', ARGV[2]}
+    local e = redis.call('XRANGE', KEYS[1], id, id)
+    if e[1] then
+      for _, v in ipairs(e[1][2]) do out[#out + 1] = v end
+    end
+    redis.call('XADD', KEYS[2], '*', unpack(out))
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+    moved = moved + 1
+  end
+end
+return moved
+";
+
+pub(crate) async fn run(sh: Arc<Shared>) {
+    let script = redis::Script::new(DEAD);
+    let mut conn = None;
+    let mut backoff = Backoff::new();
+    let mut ended_at: Option<Instant> = None;
+    loop {
+        let (acks, dead) = {
+            let mut st = sh.lock();
+            (
+                std::mem::take(&mut st.to_ack),
+                std::mem::take(&mut st.to_dead),
+            )
+        };
+        if acks.is_empty() && dead.is_empty() {
+            if sh.all_ended() {
+                let idle = {
+                    let st = sh.lock();
+                    st.to_ack.is_empty() && st.to_dead.is_empty()
+                };
+                if idle {
+                    return;
+                }
+                continue;
+            }
+            sh.ack_wake.notified().await;
+            continue;
+        }
+        let result = flush(&sh, &script, &mut conn, &acks, &dead).await;
+        match result {
+            Ok(()) => backoff.reset(),
+            Err(e) => {
+                let transient = conn::is_transient(&e);
+                if sh.all_ended() {
+                    let at = *ended_at.get_or_insert_with(Instant::now);
+                    if !transient || at.elapsed() > sh.opts.drain_timeout {
+                        tracing::error!(stream = %sh.stream, error = %e, left = acks.len() + dead.len(),
+                            "cannot acknowledge; the entries stay pending and run again");
+                        return;
+                    }
+                }
+                if transient {
+                    tracing::warn!(stream = %sh.stream, error = %e, "acknowledging failed; retrying");
+                } else {
+                    tracing::error!(stream = %sh.stream, error = %e, "acknowledging failed");
+                }
+                {
+                    let mut st = sh.lock();
+                    st.to_ack.extend(acks);
+                    st.to_dead.extend(dead);
+                }
+                backoff.wait().await;
+            }
+        }
+    }
+}
+
+async fn flush(
+    sh: &Shared,
+    script: &redis::Script,
+    conn: &mut Option<redis::aio::ConnectionManager>,
+    acks: &[String],
+    dead: &[(String, u64, &'static str)],
+) -> Result<(), redis::RedisError> {
+    if conn.is_none() {
+        *conn = Some(conn::connect(&sh.client, std::time::Duration::from_secs(10)).await?);
+    }
+    let Some(c) = conn.as_mut() else {
+        return Ok(());
+    };
+    for chunk in dead.chunks(500) {
+        let mut call = script.prepare_invoke();
+        call.key(&sh.stream)
+            .key(&sh.dead)
+            .arg(&sh.group)
+            .arg(&sh.consumer);
+        for (id, n, why) in chunk {
+            call.arg(id).arg(*n).arg(*why);
+        }
+        let _: Value = call.invoke_async(c).await?;
+        tracing::warn!(stream = %sh.stream, dead = %sh.dead, n = chunk.len(), "entries moved to the dead letters");
+    }
+    for chunk in acks.chunks(10_000) {
+        let _: Value = redis::cmd("XACK")
+            .arg(&sh.stream)
+            .arg(&sh.group)
+            .arg(chunk)
+            .query_async(c)
+            .await?;
+    }
+    Ok(())
+}

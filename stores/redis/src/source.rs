@@ -1,0 +1,514 @@
+//! [`RedisStream`]: a pipeline source reading a Redis stream through a consumer group.
+//!
+//! Four loops run beside the pipeline, sharing one [`Shared`] state:
+//! - the reader (this file) first re-reads this consumer's own pending entries (a
+//!   restarted consumer resumes), then blocks for new ones on a connection of its own;
+//! - the reclaimer (`reclaim.rs`) takes other consumers' entries idle past `min_idle`;
+//! - the lease keeper (`lease.rs`) renews the entries this consumer holds;
+//! - the acknowledger (`ack.rs`) acknowledges entries whose items finished, and moves
+//!   failed and poison entries to the dead-letter stream.
+//!
+//! An entry's end is learned from flowline's item completion ([`Completion`]): the same
+//! ticket the cursor source's checkpoint watermark uses.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use flowline::{BoxError, Completion, ConfigProblem, Error, ItemEnd, Pipeline};
+use redis::Value;
+use redis::aio::ConnectionManager;
+use tokio::sync::{Notify, mpsc};
+
+use crate::conn::{self, Backoff};
+use crate::entry::{self, Read, StreamEntry};
+use crate::options::StreamOptions;
+
+type Feed = mpsc::Sender<Result<(StreamEntry, Completion), BoxError>>;
+
+/// A Redis stream read through a consumer group, as the source of a pipeline.
+///
+/// Every entry is acknowledged (`XACK`, in batches) only once its item has finished:
+/// delivered, dropped by an operator, or failed *and* written to the dead-letter stream.
+/// An item cancelled with its run is not acknowledged: it stays pending, and this consumer
+/// re-reads it when it starts again under the same name, or another consumer takes it over
+/// after `min_idle`. So an entry is never lost; it may run twice only when a consumer dies
+/// (or is cut off past `min_idle`) with it in flight.
+///
+/// ```no_run
+/// use flowline::prelude::*;
+/// use flowline_redis::{RedisStream, StreamOptions};
+/// # #[tokio::main] async fn main() -> Result<(), flowline::Error> {
+/// let source = RedisStream::new("redis://127.0.0.1/", "jobs", "workers", "worker-1",
+///                               StreamOptions::new())?;
+/// let report = source
+///     .pipeline()
+///     .map_async("work", |entry| async move { entry.get_str("url").map(str::len) })
+///     .workers(16)
+///     .run()
+///     .await?;
+/// println!("{report}");
+/// # Ok(()) }
+/// ```
+pub struct RedisStream {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RedisStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStream")
+            .field("stream", &self.shared.stream)
+            .field("group", &self.shared.group)
+            .field("consumer", &self.shared.consumer)
+            .finish_non_exhaustive()
+    }
+}
+
+fn problem(option: &'static str, value: &str, reason: &'static str) -> ConfigProblem {
+    ConfigProblem {
+        stage: "redis stream".into(),
+        option,
+        value: format!("{value:?}"),
+        reason,
+    }
+}
+
+impl RedisStream {
+    /// A source on `stream` at the server `url`, reading as `consumer` of `group` (the group
+    /// is created, with the stream, if missing). Consumers sharing a job share the group;
+    /// each needs a name of its own that stays the same across its restarts. Names and
+    /// options are checked here, every problem at once; nothing connects until the run.
+    ///
+    /// ```
+    /// use flowline_redis::{RedisStream, StreamOptions};
+    /// let err = RedisStream::new("redis://127.0.0.1/", "", "g", "c", StreamOptions::new())
+    ///     .unwrap_err();
+    /// assert!(err.to_string().contains("stream"), "{err}");
+    /// ```
+    pub fn new(
+        url: &str,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        options: StreamOptions,
+    ) -> Result<RedisStream, Error> {
+        let mut problems = match options.validate() {
+            Ok(()) => Vec::new(),
+            Err(Error::Config { problems }) => problems,
+            Err(other) => return Err(other),
+        };
+        let client = redis::Client::open(url);
+        if let Err(e) = &client {
+            let _ = e;
+            problems.push(problem("url", url, "must be a redis:// URL"));
+        }
+        for (option, value) in [("stream", stream), ("group", group), ("consumer", consumer)] {
+            if value.is_empty() {
+                problems.push(problem(option, value, "must not be empty"));
+            }
+        }
+        let dead = options
+            .dead_letter
+            .clone()
+            .unwrap_or_else(|| format!("{stream}:dead"));
+        if dead == stream {
+            problems.push(problem(
+                "dead_letter_stream",
+                &dead,
+                "must differ from the stream read",
+            ));
+        }
+        match client {
+            Ok(client) if problems.is_empty() => Ok(RedisStream {
+                shared: Arc::new(Shared {
+                    client,
+                    stream: stream.into(),
+                    group: group.into(),
+                    consumer: consumer.into(),
+                    dead,
+                    opts: options,
+                    state: Mutex::new(State::default()),
+                    ack_wake: Notify::new(),
+                    lease_wake: Notify::new(),
+                    stop_feeding: Notify::new(),
+                    feeding_done: AtomicBool::new(false),
+                }),
+            }),
+            _ => Err(Error::Config { problems }),
+        }
+    }
+
+    /// The pipeline reading this source. Build it once per run.
+    ///
+    /// ```no_run
+    /// use flowline::prelude::*;
+    /// # async fn f(source: flowline_redis::RedisStream) {
+    /// let report = source.pipeline().run().await.unwrap();
+    /// # }
+    /// ```
+    pub fn pipeline(self) -> Pipeline<StreamEntry> {
+        let (tx, mut rx) = mpsc::channel(self.shared.opts.batch);
+        let stream = futures_util::stream::poll_fn(move |cx: &mut Context<'_>| -> Poll<_> {
+            rx.poll_recv(cx)
+        });
+        Pipeline::from_tracked(stream, run(self.shared, tx))
+    }
+}
+
+/// The loops, until the source is gone and every entry handed out has ended.
+async fn run(sh: Arc<Shared>, tx: Feed) {
+    let feeders = {
+        let sh = sh.clone();
+        async move {
+            let reclaim = crate::reclaim::run(sh.clone(), tx.clone());
+            tokio::join!(read(sh.clone(), tx), reclaim);
+            sh.feeding_done.store(true, Ordering::Release);
+            sh.ack_wake.notify_one();
+            sh.lease_wake.notify_one();
+        }
+    };
+    tokio::join!(
+        feeders,
+        crate::lease::run(sh.clone()),
+        crate::ack::run(sh.clone())
+    );
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    /// The entries handed out and not yet ended, with their delivery counts.
+    pub(crate) held: HashMap<String, u64>,
+    /// Ended and to be acknowledged.
+    pub(crate) to_ack: Vec<String>,
+    /// To be written to the dead-letter stream and acknowledged: id, deliveries, reason.
+    pub(crate) to_dead: Vec<(String, u64, &'static str)>,
+}
+
+/// What the loops of one source share.
+pub(crate) struct Shared {
+    pub(crate) client: redis::Client,
+    pub(crate) stream: String,
+    pub(crate) group: String,
+    pub(crate) consumer: String,
+    pub(crate) dead: String,
+    pub(crate) opts: StreamOptions,
+    pub(crate) state: Mutex<State>,
+    pub(crate) ack_wake: Notify,
+    pub(crate) lease_wake: Notify,
+    /// The reader has ended: the reclaimer ends too.
+    pub(crate) stop_feeding: Notify,
+    pub(crate) feeding_done: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Nothing will be handed out any more and everything handed out has ended.
+    pub(crate) fn all_ended(&self) -> bool {
+        self.feeding_done.load(Ordering::Acquire) && self.lock().held.is_empty()
+    }
+
+    fn ended(&self, id: String, end: ItemEnd) {
+        let mut st = self.lock();
+        let deliveries = st.held.remove(&id).unwrap_or(1);
+        match end {
+            ItemEnd::Done => st.to_ack.push(id),
+            ItemEnd::Failed => st.to_dead.push((id, deliveries, "failed")),
+            // Stays pending: this consumer re-reads it on restart, another takes it over.
+            ItemEnd::Cancelled => {}
+        }
+        let empty = st.held.is_empty();
+        drop(st);
+        if end != ItemEnd::Cancelled {
+            self.ack_wake.notify_one();
+        }
+        if empty {
+            self.ack_wake.notify_one();
+            self.lease_wake.notify_one();
+        }
+    }
+
+    /// Hands entries to the pipeline (`counts`: their delivery counts, when known). Poison
+    /// entries and unreadable ones go to the dead letters instead; an entry already held
+    /// (read again by the reclaimer) is skipped. `Err` when the pipeline is gone.
+    pub(crate) async fn hand_out(
+        self: &Arc<Self>,
+        reads: Vec<Read>,
+        counts: &HashMap<String, u64>,
+        tx: &Feed,
+    ) -> Result<(), ()> {
+        for read in reads {
+            let n = counts.get(read.id()).copied().unwrap_or(1);
+            let mut e = match read {
+                Read::Bad(id, why) => {
+                    self.lock().to_dead.push((id, n, why));
+                    self.ack_wake.notify_one();
+                    continue;
+                }
+                Read::Entry(e) => e,
+            };
+            if n > self.opts.max_deliveries {
+                self.lock()
+                    .to_dead
+                    .push((e.id().to_string(), n, "max_deliveries"));
+                self.ack_wake.notify_one();
+                continue;
+            }
+            {
+                let mut st = self.lock();
+                if st.held.contains_key(e.id()) {
+                    continue;
+                }
+                st.held.insert(e.id().to_string(), n);
+            }
+            e.set_deliveries(n);
+            let sh = self.clone();
+            let id = e.id().to_string();
+            let c = Completion::new(move |end| sh.ended(id, end));
+            // A closed channel hands the pair back, dropped here: the completion reports
+            // cancelled and the entry stays pending.
+            tx.send(Ok((e, c))).await.map_err(|_| ())?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` until it succeeds, retrying what may succeed later (with backoff; the
+    /// connection reconnects by itself) while `go_on` holds. A missing group is created
+    /// again (the server came back without it). `Err` with the error that is not worth a
+    /// retry, or the last one when `go_on` stopped holding.
+    pub(crate) async fn retry<T, F, Fut>(
+        &self,
+        conn: &ConnectionManager,
+        what: &'static str,
+        go_on: impl Fn() -> bool,
+        mut f: F,
+    ) -> Result<T, redis::RedisError>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
+    {
+        let mut backoff = Backoff::new();
+        loop {
+            match f(conn.clone()).await {
+                Ok(v) => return Ok(v),
+                Err(e) if conn::is_nogroup(&e) => {
+                    tracing::warn!(stream = %self.stream, group = %self.group, "group missing: creating it again");
+                    if let Err(e2) = self.ensure_group(conn.clone()).await {
+                        if !conn::is_transient(&e2) || !go_on() {
+                            return Err(e2);
+                        }
+                    }
+                    backoff.wait().await;
+                }
+                Err(e) if conn::is_transient(&e) && go_on() => {
+                    tracing::warn!(stream = %self.stream, error = %e, "redis {what} failed; retrying");
+                    backoff.wait().await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Creates the group (and the stream) unless it exists.
+    pub(crate) async fn ensure_group(
+        &self,
+        mut conn: ConnectionManager,
+    ) -> Result<(), redis::RedisError> {
+        let r: Result<Value, _> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg(&self.opts.start_id)
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Delivery counts of this consumer's pending entries from `first` to `last`.
+    pub(crate) async fn counts(
+        &self,
+        conn: &ConnectionManager,
+        first: &str,
+        last: &str,
+        n: usize,
+        go_on: impl Fn() -> bool,
+    ) -> Result<HashMap<String, u64>, redis::RedisError> {
+        let v: Value = self
+            .retry(conn, "XPENDING", go_on, |mut c| async move {
+                redis::cmd("XPENDING")
+                    .arg(&self.stream)
+                    .arg(&self.group)
+                    .arg(first)
+                    .arg(last)
+                    .arg(n)
+                    .arg(&self.consumer)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let mut out = HashMap::with_capacity(n);
+        for row in entry::items(v).unwrap_or_default() {
+            let row = entry::items(row).unwrap_or_default();
+            if let (Some(id), Some(count)) = (
+                row.first().and_then(entry::text),
+                row.get(3).and_then(entry::int),
+            ) {
+                out.insert(id, u64::try_from(count).unwrap_or(1));
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many entries are pending in the whole group.
+    async fn group_pending(
+        &self,
+        conn: &ConnectionManager,
+        go_on: impl Fn() -> bool,
+    ) -> Result<i64, redis::RedisError> {
+        let v: Value = self
+            .retry(conn, "XPENDING", go_on, |mut c| async move {
+                redis::cmd("XPENDING")
+                    .arg(&self.stream)
+                    .arg(&self.group)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(entry::items(v)
+            .and_then(|a| a.first().and_then(entry::int))
+            .unwrap_or(0))
+    }
+}
+
+fn fail(e: impl std::fmt::Display, sh: &Shared) -> BoxError {
+    format!(
+        "redis stream `{}` (group `{}`, consumer `{}`): {e}",
+        sh.stream, sh.group, sh.consumer
+    )
+    .into()
+}
+
+/// The reader: this consumer's own pending entries first, then new ones.
+async fn read(sh: Arc<Shared>, tx: Feed) {
+    let result = read_inner(&sh, &tx).await;
+    if let Err(e) = result {
+        let _ = tx.send(Err(e)).await;
+    }
+    sh.stop_feeding.notify_one();
+}
+
+async fn read_inner(sh: &Arc<Shared>, tx: &Feed) -> Result<(), BoxError> {
+    let go_on = || !tx.is_closed();
+    // Blocking reads hold their connection: this one is the reader's alone, and a call may
+    // take the block time and then some.
+    let timeout = sh.opts.block + Duration::from_secs(5);
+    let mut backoff = Backoff::new();
+    let conn = loop {
+        match conn::connect(&sh.client, timeout).await {
+            Ok(c) => break c,
+            Err(e) if conn::is_transient(&e) && go_on() => {
+                tracing::warn!(stream = %sh.stream, error = %e, "cannot reach redis; retrying");
+                backoff.wait().await;
+            }
+            Err(e) => return Err(fail(e, sh)),
+        }
+    };
+    sh.retry(&conn, "XGROUP CREATE", go_on, |c| sh.ensure_group(c))
+        .await
+        .map_err(|e| fail(e, sh))?;
+
+    // Own pending entries, oldest first: what an earlier life of this consumer left.
+    let mut after = "0".to_string();
+    loop {
+        let v: Value = sh
+            .retry(&conn, "XREADGROUP", go_on, |mut c| {
+                let after = after.clone();
+                async move {
+                    redis::cmd("XREADGROUP")
+                        .arg("GROUP")
+                        .arg(&sh.group)
+                        .arg(&sh.consumer)
+                        .arg("COUNT")
+                        .arg(sh.opts.batch)
+                        .arg("STREAMS")
+                        .arg(&sh.stream)
+                        .arg(after)
+                        .query_async(&mut c)
+                        .await
+                }
+            })
+            .await
+            .map_err(|e| fail(e, sh))?;
+        let reads = entry::read_reply(v).map_err(|e| fail(e, sh))?;
+        let (Some(first), Some(last)) = (reads.first(), reads.last()) else {
+            break;
+        };
+        let (first, last) = (first.id().to_string(), last.id().to_string());
+        let counts = sh
+            .counts(&conn, &first, &last, reads.len(), go_on)
+            .await
+            .map_err(|e| fail(e, sh))?;
+        after = last;
+        if sh.hand_out(reads, &counts, tx).await.is_err() {
+            return Ok(());
+        }
+    }
+
+    let block_ms = sh.opts.block.as_millis().to_string();
+    let none = HashMap::new();
+    loop {
+        let call = sh.retry(&conn, "XREADGROUP", go_on, |mut c| {
+            let block_ms = block_ms.clone();
+            async move {
+                redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(&sh.group)
+                    .arg(&sh.consumer)
+                    .arg("COUNT")
+                    .arg(sh.opts.batch)
+                    .arg("BLOCK")
+                    .arg(block_ms)
+                    .arg("STREAMS")
+                    .arg(&sh.stream)
+                    .arg(">")
+                    .query_async::<Value>(&mut c)
+                    .await
+            }
+        });
+        // The pipeline went away: stop now, not after the block time. Entries the read
+        // may still bring stay pending for this consumer's next life or a reclaim.
+        let v = tokio::select! {
+            v = call => v.map_err(|e| fail(e, sh))?,
+            _ = tx.closed() => return Ok(()),
+        };
+        let reads = entry::read_reply(v).map_err(|e| fail(e, sh))?;
+        if reads.is_empty() {
+            if sh.opts.stop_when_drained
+                && sh.lock().held.is_empty()
+                && sh
+                    .group_pending(&conn, go_on)
+                    .await
+                    .map_err(|e| fail(e, sh))?
+                    == 0
+            {
+                return Ok(());
+            }
+            if !go_on() {
+                return Ok(());
+            }
+            continue;
+        }
+        if sh.hand_out(reads, &none, tx).await.is_err() {
+            return Ok(());
+        }
+    }
+}
