@@ -138,11 +138,11 @@ pub use runtime::run::Run;
 pub use source::{CursorOptions, Page};
 pub use store::checkpoint::{CheckpointStore, MemoryCheckpoints};
 pub use store::{MemoryStore, Reservation, Store, StoreFuture};
-pub use topology::gather::{Gather, Gathered, Incomplete};
-pub use topology::graph::{Collected, Graph};
 /// The token that cancels a run from outside ([`RunOptions::cancel_on`]) and that a running
 /// one gives out ([`Handle::cancellation_token`]): tokio-util's.
 pub use tokio_util::sync::CancellationToken;
+pub use topology::gather::{Gather, Gathered, Incomplete};
+pub use topology::graph::{Collected, Graph};
 
 // The README's code blocks are compiled and run as doc tests, so the README cannot drift from
 // the API. Its example writes dead letters with `DeadLetter::jsonl`, hence the feature.

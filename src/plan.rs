@@ -215,12 +215,7 @@ impl RunOptions {
     /// The problems of these options, in `errors`.
     pub(crate) fn check(&self, errors: &mut Vec<Error>) {
         if self.name.as_deref() == Some("") {
-            errors.push(Error::config(
-                "run",
-                "name",
-                "",
-                "must not be empty",
-            ));
+            errors.push(Error::config("run", "name", "", "must not be empty"));
         }
         if self.deadline.is_some_and(|d| d.is_zero()) {
             errors.push(Error::config(

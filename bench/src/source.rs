@@ -198,7 +198,11 @@ fn metrics_overhead() {
     with();
     without();
     let (with, without) = alternate(METRICS_REPS, with, without);
-    assert!(exposition.render().contains("flowline_stage_sent_items_total"));
+    assert!(
+        exposition
+            .render()
+            .contains("flowline_stage_sent_items_total")
+    );
     emit(
         "source",
         "metrics_overhead",

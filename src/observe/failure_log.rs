@@ -222,9 +222,16 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(report.failures, 40);
-        assert_eq!(report.failure_sample.len(), 40, "the report keeps its sample");
+        assert_eq!(
+            report.failure_sample.len(),
+            40,
+            "the report keeps its sample"
+        );
         let got = lines(&capture.take());
-        let counts: Vec<_> = got.iter().map(|(s, n, r, _)| (s.as_str(), *n, r.as_str())).collect();
+        let counts: Vec<_> = got
+            .iter()
+            .map(|(s, n, r, _)| (s.as_str(), *n, r.as_str()))
+            .collect();
         assert_eq!(
             counts,
             vec![
@@ -251,7 +258,10 @@ mod tests {
             .timeout(Duration::from_secs(1))
             .keep_input()
             .retry(Retry::constant(Duration::from_millis(10)).max_attempts(2))
-            .try_map_async("b", |x| async move { Err::<u32, _>(format!("{x} refused")) })
+            .try_map_async(
+                "b",
+                |x| async move { Err::<u32, _>(format!("{x} refused")) },
+            )
             .run()
             .await
             .unwrap();
@@ -266,7 +276,12 @@ mod tests {
                     "timeout 2, error 4".to_string(),
                     "timed out after 1s (after 2 attempts) (input: 0)".to_string()
                 ),
-                ("b".to_string(), 4, "error 4".to_string(), "2 refused".to_string()),
+                (
+                    "b".to_string(),
+                    4,
+                    "error 4".to_string(),
+                    "2 refused".to_string()
+                ),
             ]
         );
     }

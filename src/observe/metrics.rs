@@ -192,11 +192,8 @@ impl Exporter {
     /// Brings every metric up to the stages' counters (`ended`: the run is over, nothing is
     /// in flight any more).
     fn export(&mut self, run: &RunCtx, ended: bool) {
-        let stats: Vec<Arc<StageStats>> = run
-            .stats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let stats: Vec<Arc<StageStats>> =
+            run.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for s in &stats[self.stages.len().min(stats.len())..] {
             self.stages.push(StageMetrics::new(&run.name, s));
         }
@@ -211,11 +208,11 @@ impl Exporter {
             m.latency(s.latency_histogram());
         }
         for (stage, reasons) in run.failure_log.totals() {
-            if let Some(m) = self.stages.iter_mut().find(|m| {
-                m.labels
-                    .get(1)
-                    .is_some_and(|l| l.value() == &*stage)
-            }) {
+            if let Some(m) = self
+                .stages
+                .iter_mut()
+                .find(|m| m.labels.get(1).is_some_and(|l| l.value() == &*stage))
+            {
                 for (reason, n) in reasons.iter() {
                     m.failed(reason, n);
                 }
@@ -227,11 +224,7 @@ impl Exporter {
                 let Some((name, value)) = p.gauge() else {
                     continue;
                 };
-                let gauge = match self
-                    .policies
-                    .iter()
-                    .find(|(s, j, _)| s == stage && *j == i)
-                {
+                let gauge = match self.policies.iter().find(|(s, j, _)| s == stage && *j == i) {
                     Some((_, _, g)) => g,
                     None => {
                         let labels = [
@@ -390,14 +383,26 @@ mod tests {
                 .load(Relaxed)
         };
         // call: 100 in, 10 errors and 10 timeouts after 3 attempts each, 80 out.
-        assert_eq!(keep.counter("flowline_stage_received_items_total", "call"), 100);
+        assert_eq!(
+            keep.counter("flowline_stage_received_items_total", "call"),
+            100
+        );
         assert_eq!(keep.counter("flowline_stage_sent_items_total", "call"), 80);
         assert_eq!((failed("error"), failed("timeout")), (10, 10));
         assert_eq!(keep.counter("flowline_stage_retries_total", "call"), 40);
         // filter: the 40 odd ones dropped.
-        assert_eq!(keep.counter("flowline_stage_dropped_items_total", "filter"), 40);
-        assert_eq!(keep.counter("flowline_stage_sent_items_total", "filter"), 40);
-        assert_eq!(keep.counter("flowline_stage_received_items_total", "sink"), 40);
+        assert_eq!(
+            keep.counter("flowline_stage_dropped_items_total", "filter"),
+            40
+        );
+        assert_eq!(
+            keep.counter("flowline_stage_sent_items_total", "filter"),
+            40
+        );
+        assert_eq!(
+            keep.counter("flowline_stage_received_items_total", "sink"),
+            40
+        );
         assert_eq!(keep.gauge("flowline_stage_in_flight", "call"), 0.0);
         assert_eq!(
             keep.gauge("flowline_adaptive_limit", "store"),

@@ -392,7 +392,11 @@ impl Build {
     }
 
     /// Keeps an async stage's admission policies for the run's gauges.
-    pub(crate) fn policies(&mut self, stage: &StageStats, policies: &[Arc<dyn crate::policy::Policy>]) {
+    pub(crate) fn policies(
+        &mut self,
+        stage: &StageStats,
+        policies: &[Arc<dyn crate::policy::Policy>],
+    ) {
         if !policies.is_empty() {
             self.run
                 .policies

@@ -652,10 +652,7 @@ mod tests {
                     .into_iter()
                     .map(|i| {
                         let s = &c.spans[i];
-                        let label = s
-                            .field("stage")
-                            .or(s.field("pipeline"))
-                            .unwrap_or_default();
+                        let label = s.field("stage").or(s.field("pipeline")).unwrap_or_default();
                         (s.name, label.to_string())
                     })
                     .collect()
@@ -702,7 +699,11 @@ mod tests {
             .collect();
         assert_eq!(
             kinds,
-            vec![("source", "source"), ("fetch", "async"), ("for_each", "sink")]
+            vec![
+                ("source", "source"),
+                ("fetch", "async"),
+                ("for_each", "sink")
+            ]
         );
     }
 

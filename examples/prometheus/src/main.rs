@@ -36,7 +36,11 @@ async fn job(orders: u64, ctrl_c: bool) -> Result<Report, Error> {
         .adaptive(Adaptive::aimd(1..=16))
         .run()
         .name("orders");
-    if ctrl_c { run.stop_on_ctrl_c().await } else { run.await }
+    if ctrl_c {
+        run.stop_on_ctrl_c().await
+    } else {
+        run.await
+    }
 }
 
 #[tokio::main]

@@ -625,10 +625,13 @@ mod tests {
         let capture = crate::observe::capture::Capture::default();
         let _guard = tracing::subscriber::set_default(capture.clone());
         let report = Pipeline::from_iter(0..3u32)
-            .try_map_async("api", |x| async move {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                tracing::info!("inside");
-                if x == 1 && attempt() == 1 { Err("503") } else { Ok(x) }
+            .try_map_async("api", |x| {
+                let fail = x == 1 && crate::attempt() == 1;
+                async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    tracing::info!("inside");
+                    if fail { Err("503") } else { Ok(x) }
+                }
             })
             .workers(2)
             .retry(Retry::constant(Duration::from_millis(10)))
