@@ -292,7 +292,10 @@ mod tests {
     /// A recorder that keeps every metric by (name, stage, reason) (a test's own, so that
     /// flowline's tests need no recorder crate).
     #[derive(Default, Clone)]
-    struct Keep(Arc<Mutex<BTreeMap<(String, String, String), Arc<Value>>>>);
+    struct Keep(Arc<Mutex<BTreeMap<Name, Arc<Value>>>>);
+
+    /// (metric, stage, reason).
+    type Name = (String, String, String);
 
     impl Keep {
         fn value(&self, key: &Key) -> Arc<Value> {

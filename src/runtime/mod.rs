@@ -169,6 +169,9 @@ impl CancelWatch {
     }
 }
 
+/// An async stage's name and admission policies.
+pub(crate) type StagePolicies = (Arc<str>, Vec<Arc<dyn crate::policy::Policy>>);
+
 /// State shared by every task of one run.
 pub struct RunCtx {
     /// Cancels everything now.
@@ -200,7 +203,7 @@ pub struct RunCtx {
     pub(crate) ctrl_c: bool,
     /// The admission policies of each async stage, for gauges (an adaptive limit, a
     /// breaker's state).
-    pub(crate) policies: Mutex<Vec<(Arc<str>, Vec<Arc<dyn crate::policy::Policy>>)>>,
+    pub(crate) policies: Mutex<Vec<StagePolicies>>,
 }
 
 impl RunCtx {
