@@ -21,7 +21,8 @@ enum Target {
 }
 
 /// Where a run sends its failed items. Whatever the target, every failure is also counted in
-/// the [`Report`] (with a sample of the first ones) and logged with `tracing` at `warn`.
+/// the [`Report`] (with a sample of the first ones) and logged with `tracing` at `warn`, summed
+/// per stage: one line per stage every 5 s at most, with the count by reason and a sample.
 ///
 /// ```
 /// use flowline::prelude::*;
@@ -186,7 +187,6 @@ impl DeadLetters {
 
     pub(crate) fn record(&self, failure: Failure) {
         self.count.fetch_add(1, Relaxed);
-        tracing::warn!(stage = %failure.stage, attempts = failure.attempts, error = %failure.error, "item failed");
         {
             let mut sample = self.sample.lock().unwrap_or_else(|p| p.into_inner());
             if sample.len() < Report::FAILURE_SAMPLE {

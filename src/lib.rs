@@ -47,7 +47,11 @@
 //! | scale the number of workers to what the backend takes | [`.adaptive(Adaptive::vegas(min..=max))`](AsyncStage::adaptive) |
 //! | skip items already done by an earlier run | [`Flow::idempotent`] over a [`Store`] ([`MemoryStore`], `flowline_sqlite::SqliteStore`, `flowline_postgres::PgStore`) |
 //! | debounce or throttle | [`Flow::debounce`], [`Flow::debounce_by`], [`Flow::throttle`] |
-//! | pause, resume, step or stop a running job | [`Flow::spawn`] → [`Handle`] |
+//! | pause, resume, step or stop a running job | [`Flow::spawn`] → [`Handle`]; from other tasks: [`Handle::control`] → [`Control`] (cloneable) |
+//! | cancel a run with my service's shutdown token | [`Run::cancel_on`] ([`RunOptions::cancel_on`]); a running job's own token: [`Handle::cancellation_token`] |
+//! | stop on Ctrl-C and still get the report | [`Run::stop_on_ctrl_c`] (feature `signal`): the first stops gracefully, a second cancels |
+//! | see the run in my traces and logs | `tracing` spans: `run{pipeline}` (under the span current where the run starts), `stage{stage, kind}` per stage task, `call{seq, attempt, outcome}` with [`AsyncStage::trace_calls`]; failures are logged as one `WARN` line per stage and 5 s with counts by reason and a sample |
+//! | export metrics to Prometheus | feature `metrics`: per-stage counters and gauges through the `metrics` facade, labelled `pipeline` ([`Run::name`]) and `stage`; the application installs the exporter (`examples/prometheus/`) |
 //! | see progress, a heartbeat, a stall | [`Flow::progress`], [`Flow::heartbeat`], [`Flow::stall_after`] |
 //! | make several calls at once inside one step | not a pipeline's job: `tokio::try_join!` (or a `JoinSet`) inside the stage's closure |
 //!
@@ -57,6 +61,16 @@
 //! - `progress`: [`Flow::progress`] draws bars on a terminal; without it, plain lines.
 //! - `tower`: `Flow::call_service` (a `tower::Service` as a stage) and [`Rate`] as a
 //!   `tower::Layer`; depends on tower's two trait crates (`tower-service`, `tower-layer`) only.
+//! - `metrics`: per-stage metrics through the [`metrics`](https://docs.rs/metrics) facade:
+//!   `flowline_stage_received_items_total`, `flowline_stage_sent_items_total`,
+//!   `flowline_stage_failed_items_total` (label `reason`: `error`, `timeout`, `panic`,
+//!   `circuit_open`), `flowline_stage_dropped_items_total`, `flowline_stage_retries_total`,
+//!   the gauges `flowline_stage_in_flight`, `flowline_adaptive_limit`,
+//!   `flowline_breaker_state` (0 closed, 1 half-open, 2 open) and the histogram
+//!   `flowline_stage_call_duration_seconds` (the sampled calls of the report's percentiles),
+//!   all labelled `pipeline` and `stage`. They are brought up to the stages' own counters
+//!   every second and when the run ends (exact then), so the stages' hot path pays nothing.
+//! - `signal`: [`Run::stop_on_ctrl_c`].
 //!
 //! ## Stores
 //!
@@ -138,6 +152,9 @@ pub use runtime::run::Run;
 pub use source::{Completion, CursorOptions, ItemEnd, Page};
 pub use store::checkpoint::{CheckpointStore, MemoryCheckpoints};
 pub use store::{MemoryStore, Reservation, Store, StoreFuture};
+/// The token that cancels a run from outside ([`RunOptions::cancel_on`]) and that a running
+/// one gives out ([`Handle::cancellation_token`]): tokio-util's.
+pub use tokio_util::sync::CancellationToken;
 pub use topology::gather::{Gather, Gathered, Incomplete};
 pub use topology::graph::{Collected, Graph};
 

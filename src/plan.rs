@@ -97,9 +97,19 @@ pub struct RunOptions {
     pub(crate) deadline: Option<Duration>,
     pub(crate) policy: ErrorPolicy,
     pub(crate) dead_letter: DeadLetter,
+    /// The run's name (`None`: [`RunOptions::DEFAULT_NAME`]).
+    pub(crate) name: Option<std::sync::Arc<str>>,
+    /// A token from outside whose cancellation cancels the run.
+    pub(crate) cancel: Option<tokio_util::sync::CancellationToken>,
+    /// Ctrl-C stops the run (once) and cancels it (twice).
+    pub(crate) ctrl_c: bool,
 }
 
 impl RunOptions {
+    /// The name of a run that was given none: the `pipeline` label of its metrics and the
+    /// `pipeline` field of its span.
+    pub const DEFAULT_NAME: &'static str = "flowline";
+
     /// The defaults: no deadline, [`ErrorPolicy::Continue`], dead letters kept in the report.
     ///
     /// ```
@@ -147,8 +157,66 @@ impl RunOptions {
         self
     }
 
+    /// Names the run (default [`RunOptions::DEFAULT_NAME`]): the `pipeline` field of the
+    /// run's `tracing` span and the `pipeline` label of its metrics, so that several
+    /// pipelines of one process can be told apart. Must not be empty.
+    ///
+    /// ```
+    /// let o = flowline::RunOptions::new().name("orders");
+    /// # let _ = o;
+    /// ```
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(std::sync::Arc::from(name.into()));
+        self
+    }
+
+    /// Cancels the run when `token` is cancelled, as [`Handle::cancel`](crate::Handle::cancel)
+    /// would: the items in flight are counted unfinished and the run returns
+    /// [`Error::Cancelled`] with its report. The run's own token
+    /// ([`Handle::cancellation_token`](crate::Handle::cancellation_token)) is a child of
+    /// `token`: cancelling the run does not cancel `token`.
+    ///
+    /// ```
+    /// use flowline::CancellationToken;
+    /// let shutdown = CancellationToken::new();
+    /// let o = flowline::RunOptions::new().cancel_on(shutdown.clone());
+    /// # let _ = o;
+    /// ```
+    pub fn cancel_on(mut self, token: tokio_util::sync::CancellationToken) -> Self {
+        self.cancel = Some(token);
+        self
+    }
+
+    /// Stops the run on Ctrl-C (SIGINT): the first stops it gracefully, as
+    /// [`Handle::stop`](crate::Handle::stop) (nothing more is pulled, what is in flight
+    /// finishes, the run returns its report with [`RunOutcome::Stopped`](crate::RunOutcome));
+    /// a second cancels it, as [`Handle::cancel`](crate::Handle::cancel). While the run
+    /// lasts, Ctrl-C no longer ends the process (tokio's handler stays installed for the
+    /// rest of the process: a later Ctrl-C must be handled by the program).
+    ///
+    /// ```
+    /// let o = flowline::RunOptions::new().stop_on_ctrl_c();
+    /// # let _ = o;
+    /// ```
+    #[cfg(feature = "signal")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "signal")))]
+    pub fn stop_on_ctrl_c(mut self) -> Self {
+        self.ctrl_c = true;
+        self
+    }
+
+    /// The run's name.
+    pub(crate) fn run_name(&self) -> std::sync::Arc<str> {
+        self.name
+            .clone()
+            .unwrap_or_else(|| std::sync::Arc::from(Self::DEFAULT_NAME))
+    }
+
     /// The problems of these options, in `errors`.
     pub(crate) fn check(&self, errors: &mut Vec<Error>) {
+        if self.name.as_deref() == Some("") {
+            errors.push(Error::config("run", "name", "", "must not be empty"));
+        }
         if self.deadline.is_some_and(|d| d.is_zero()) {
             errors.push(Error::config(
                 "run",

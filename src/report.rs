@@ -164,6 +164,15 @@ impl StageStats {
         local.reset();
     }
 
+    /// A copy of the stage's latency histogram (nanoseconds), if any call was timed.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn latency_histogram(&self) -> Option<Histogram<u64>> {
+        self.latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The stage's counts. While the run goes on (`ended` false), `unfinished` is what is
     /// in flight: received and not yet passed, dropped or failed. Once every task of the run
     /// has ended, it is what the stages counted as left behind, so that

@@ -115,3 +115,113 @@ async fn resume_drops_unused_step_permits() {
     h.resume();
     assert_eq!(h.join().await.unwrap().delivered(), 100);
 }
+
+/// An endless pipeline of 10 ms calls, 4 at a time.
+fn endless() -> Pipeline<u64> {
+    Pipeline::from_iter(0..u64::MAX)
+        .map_async("work", |x| async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            x
+        })
+        .workers(4)
+        .into_pipeline()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_handed_in_cancels_the_run_and_every_item_is_accounted_for() {
+    let shutdown = flowline::CancellationToken::new();
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1005)).await;
+        s.cancel();
+    });
+    let t0 = tokio::time::Instant::now();
+    let err = endless().run().cancel_on(shutdown).await.unwrap_err();
+    assert_eq!(t0.elapsed(), Duration::from_millis(1005));
+    let Error::Cancelled { report } = err else {
+        panic!("{err}")
+    };
+    assert_eq!(report.outcome, RunOutcome::Cancelled);
+    assert!(report.is_balanced(), "{report}");
+    let work = report.stage("work").unwrap();
+    // 100 rounds of 4 calls passed; the 4 calls in flight (and the items waiting for a
+    // worker) were counted, unfinished.
+    assert_eq!(work.passed, 400);
+    assert!(work.unfinished >= 4, "{report}");
+    assert_eq!(work.received, work.passed + work.unfinished);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelling_the_run_leaves_the_token_handed_in_alone() {
+    let shutdown = flowline::CancellationToken::new();
+    let h = endless().run().cancel_on(shutdown.clone()).spawn();
+    let out = h.cancellation_token();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.cancel();
+    assert!(
+        out.is_cancelled(),
+        "the run's own token says it was cancelled"
+    );
+    assert!(matches!(h.join().await, Err(Error::Cancelled { .. })));
+    assert!(!shutdown.is_cancelled());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_token_given_out_is_cancelled_with_the_run_and_cancels_it() {
+    // Cancelled with the run: by a deadline.
+    let h = endless().run().deadline(Duration::from_secs(1)).spawn();
+    let token = h.cancellation_token();
+    assert!(!token.is_cancelled());
+    let beside = tokio::spawn(async move {
+        token.cancelled().await;
+        tokio::time::Instant::now()
+    });
+    let t0 = tokio::time::Instant::now();
+    assert!(matches!(
+        h.join().await,
+        Err(Error::DeadlineExceeded { .. })
+    ));
+    assert_eq!(beside.await.unwrap() - t0, Duration::from_secs(1));
+
+    // A run that completes leaves it alone.
+    let h = Pipeline::from_iter(0..10u32).spawn();
+    let token = h.cancellation_token();
+    assert_eq!(h.join().await.unwrap().delivered(), 10);
+    assert!(!token.is_cancelled());
+
+    // Cancelling it cancels the run.
+    let h = endless().spawn();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.cancellation_token().cancel();
+    let Err(Error::Cancelled { report }) = h.join().await else {
+        panic!("not cancelled")
+    };
+    assert!(report.is_balanced(), "{report}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cloned_control_steers_the_run_from_other_tasks() {
+    let h = endless().spawn();
+    let control = h.control();
+    let (pauser, stopper) = (control.clone(), control.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        pauser.pause();
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(h.is_paused(), "paused by a clone");
+    let frozen = control.snapshot().stages[0].received;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(control.snapshot().stages[0].received, frozen);
+    control.resume();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(control.snapshot().stages[0].received > frozen);
+    tokio::spawn(async move { stopper.stop() });
+    let report = h.join().await.unwrap();
+    assert_eq!(report.outcome, RunOutcome::Stopped);
+    assert!(report.is_balanced(), "{report}");
+    assert_eq!(report.stage("work").unwrap().unfinished, 0);
+    // Once the run has ended, a control does nothing (and does not panic).
+    control.cancel();
+    control.stop();
+}

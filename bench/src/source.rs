@@ -7,6 +7,9 @@
 //!   being reset before each run.
 //! - `progress_overhead`: a 1,000,000-item pipeline with `.progress()` (plain lines, to a
 //!   sink writer) against the same pipeline without, alternating, median of each.
+//! - `metrics_overhead`: a 1,000,000-item pipeline (an async stage, a filter) run with a
+//!   Prometheus recorder installed (flowline's `metrics` feature exporting to it) against
+//!   the same run with no recorder, alternating, median of each. Goal: ratio ≤ 1.05.
 
 use std::hint::black_box;
 use std::sync::{Arc, Mutex};
@@ -22,6 +25,7 @@ use crate::util::{alternate, emit, ns_per_item, peak_rss_mib, reset_peak_rss, ru
 const PAGE: i64 = 1000;
 const CURSOR_REPS: usize = 7;
 const PROGRESS_REPS: usize = 21;
+const METRICS_REPS: usize = 21;
 
 fn page(conn: &Connection, after: i64) -> rusqlite::Result<Vec<(i64, String)>> {
     let mut q =
@@ -171,6 +175,44 @@ fn progress_overhead() {
     );
 }
 
+fn metrics_overhead() {
+    const N: u64 = 1_000_000;
+    let rt = runtime();
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let exposition = recorder.handle();
+    let job = || async {
+        let r = Pipeline::from_iter(0..N)
+            .map_async("call", |x: u64| async move { x.wrapping_mul(3) })
+            .workers(16)
+            .filter(|x| x % 2 == 0)
+            .run()
+            .name("bench")
+            .await
+            .expect("run");
+        assert_eq!(r.delivered(), N / 2);
+    };
+    // The recorder is the thread's own (the run's exporter runs in the task that drives the
+    // run, on this thread), so runs without it see none.
+    let with = || metrics::with_local_recorder(&recorder, || time(&rt, job));
+    let without = || time(&rt, job);
+    with();
+    without();
+    let (with, without) = alternate(METRICS_REPS, with, without);
+    assert!(
+        exposition
+            .render()
+            .contains("flowline_stage_sent_items_total")
+    );
+    emit(
+        "source",
+        "metrics_overhead",
+        ns_per_item(with, N),
+        ns_per_item(without, N),
+        "ns/item",
+        serde_json::json!({"items": N, "reps": METRICS_REPS, "goal_ratio": 1.05}),
+    );
+}
+
 /// Runs every case of the suite, or only `only`.
 pub fn run(only: Option<&str>) {
     let want = |c: &str| only.is_none_or(|o| o == c);
@@ -179,6 +221,9 @@ pub fn run(only: Option<&str>) {
     }
     if want("progress_overhead") {
         progress_overhead();
+    }
+    if want("metrics_overhead") {
+        metrics_overhead();
     }
     if want("cursor_pg") || want("exactly_once_pg") {
         crate::source_pg::run(only);

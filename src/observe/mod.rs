@@ -1,9 +1,17 @@
-//! Run-level observers: progress, heartbeat, stall watchdog.
+//! Run-level observers: progress, heartbeat, stall watchdog, the failure log, Ctrl-C,
+//! metrics.
 //!
 //! Each is a task of the run that looks at the stages' counters on a schedule (never per
 //! item) and ends when the run ends, after one last look at the final counters.
 
+#[cfg(test)]
+pub(crate) mod capture;
+#[cfg(feature = "signal")]
+pub(crate) mod ctrl_c;
+pub(crate) mod failure_log;
 pub(crate) mod heartbeat;
+#[cfg(feature = "metrics")]
+pub(crate) mod metrics;
 pub(crate) mod progress;
 pub(crate) mod stall;
 

@@ -555,6 +555,10 @@ impl Policy for Adaptive {
             samples: Vec::new(),
         })
     }
+
+    fn gauge(&self) -> Option<(&'static str, f64)> {
+        Some(("flowline_adaptive_limit", self.limit() as f64))
+    }
 }
 
 /// An adaptive limit as one stage uses it: it admits every call (the stage keeps its calls in

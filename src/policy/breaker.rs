@@ -582,6 +582,16 @@ impl Policy for Breaker {
         self.check()
     }
 
+    /// 0 closed, 1 half-open, 2 open.
+    fn gauge(&self) -> Option<(&'static str, f64)> {
+        let state = match self.state() {
+            BreakerState::Closed => 0.0,
+            BreakerState::HalfOpen => 1.0,
+            BreakerState::Open => 2.0,
+        };
+        Some(("flowline_breaker_state", state))
+    }
+
     fn admission(&self) -> Box<dyn Admission> {
         Box::new(Guard {
             breaker: self.clone(),

@@ -42,6 +42,12 @@ pub(crate) trait Policy: fmt::Debug + Send + Sync {
     /// This policy's state for one stage (clones of a shared value share what they share,
     /// e.g. a rate's budget; the returned state is the stage's own).
     fn admission(&self) -> Box<dyn Admission>;
+
+    /// A gauge of this policy's state, as (metric name, value), for the run's metrics.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    fn gauge(&self) -> Option<(&'static str, f64)> {
+        None
+    }
 }
 
 /// What an admission says about the next call.

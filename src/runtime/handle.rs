@@ -13,7 +13,6 @@ use tokio::task::JoinHandle;
 
 use crate::dead_letter::{DeadLetter, DeadLetters};
 use crate::error::Error;
-use crate::plan::ErrorPolicy;
 use crate::report::{Report, RunOutcome};
 use crate::runtime::RunCtx;
 use crate::runtime::chunk::{Chunk, Outcome, Ticket};
@@ -66,9 +65,11 @@ impl Handle {
         run: Arc<RunCtx>,
         task: impl Future<Output = Result<Report, Error>> + Send + 'static,
     ) -> Handle {
+        use tracing::Instrument as _;
+        let span = run.span.clone();
         Handle {
             run,
-            state: State::Running(tokio::spawn(task)),
+            state: State::Running(tokio::spawn(task.instrument(span))),
             started: tokio::time::Instant::now(),
         }
     }
@@ -77,7 +78,7 @@ impl Handle {
     pub(crate) fn not_started(e: Error) -> Handle {
         Handle {
             run: Arc::new(RunCtx::new(
-                ErrorPolicy::Continue,
+                &crate::RunOptions::default(),
                 DeadLetters::open(&DeadLetter::report())
                     .expect("the report target cannot fail to open"),
             )),
@@ -90,6 +91,31 @@ impl Handle {
     /// items that were in flight are counted as unfinished.
     pub fn cancel(&self) {
         self.run.cancel.cancel();
+    }
+
+    /// The run's cancellation token: cancelled when the run is cancelled (by
+    /// [`cancel`](Handle::cancel), a deadline, [`ErrorPolicy::Stop`](crate::ErrorPolicy), a
+    /// token given with [`RunOptions::cancel_on`](crate::RunOptions::cancel_on), a dropped
+    /// handle), and cancelling it cancels the run. For work beside the run that must end
+    /// with it, or to cancel the run from code that only takes a token. A run that ends
+    /// otherwise (completed, stopped) leaves it as it was.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let handle = Pipeline::from_iter(0..u64::MAX)
+    ///     .map_async("tick", |x| async move { tokio::time::sleep(Duration::from_millis(10)).await; x })
+    ///     .spawn();
+    /// let token = handle.cancellation_token();
+    /// let beside = tokio::spawn(async move { token.cancelled().await; "run cancelled" });
+    /// handle.cancel();
+    /// assert!(matches!(handle.join().await, Err(Error::Cancelled { .. })));
+    /// assert_eq!(beside.await.unwrap(), "run cancelled");
+    /// # }
+    /// ```
+    pub fn cancellation_token(&self) -> tokio_util::sync::CancellationToken {
+        self.run.cancel.clone()
     }
 
     /// Stops pulling the source; what is in flight finishes, and `join` returns the report
@@ -155,6 +181,7 @@ impl Handle {
     pub fn control(&self) -> Control {
         Control {
             run: self.run.clone(),
+            started: self.started,
         }
     }
 
@@ -265,15 +292,39 @@ impl<T: Send + 'static> Stream for ItemStream<T> {
     }
 }
 
-/// Stops or cancels a run from anywhere; from [`Handle::control`].
+/// Steers a run from anywhere: a cheap, cloneable part of a [`Handle`] (from
+/// [`Handle::control`]) for code that must stop, pause or watch the run while another task
+/// awaits [`Handle::join`]. It does not keep the run alive (dropping it cancels nothing)
+/// and does nothing once the run has ended.
+///
+/// ```
+/// use flowline::prelude::*;
+/// use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// let handle = Pipeline::from_iter(0..u64::MAX)
+///     .map_async("tick", |x| async move { tokio::time::sleep(Duration::from_millis(10)).await; x })
+///     .spawn();
+/// let (a, b) = (handle.control(), handle.control());
+/// a.pause();
+/// assert!(b.is_paused());
+/// b.resume();
+/// tokio::time::sleep(Duration::from_secs(1)).await;
+/// a.stop();
+/// let report = handle.join().await.unwrap();
+/// assert_eq!(report.outcome, RunOutcome::Stopped);
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Control {
     run: Arc<RunCtx>,
+    started: tokio::time::Instant,
 }
 
 impl fmt::Debug for Control {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Control").finish_non_exhaustive()
+        f.debug_struct("Control")
+            .field("paused", &self.is_paused())
+            .finish_non_exhaustive()
     }
 }
 
@@ -287,5 +338,35 @@ impl Control {
     /// As [`Handle::cancel`]: stop now.
     pub fn cancel(&self) {
         self.run.cancel.cancel();
+    }
+
+    /// As [`Handle::pause`]: hold the source.
+    pub fn pause(&self) {
+        self.run.gate.pause();
+    }
+
+    /// As [`Handle::resume`]: release a paused source.
+    pub fn resume(&self) {
+        self.run.gate.resume();
+    }
+
+    /// As [`Handle::step`]: while paused, let exactly `n` more items out of the source.
+    pub fn step(&self, n: u64) {
+        self.run.gate.step(n);
+    }
+
+    /// As [`Handle::is_paused`].
+    pub fn is_paused(&self) -> bool {
+        self.run.gate.is_paused()
+    }
+
+    /// As [`Handle::snapshot`]: the counters of every stage right now.
+    pub fn snapshot(&self) -> Report {
+        crate::observe::snapshot(&self.run, self.started)
+    }
+
+    /// As [`Handle::cancellation_token`]: the run's token.
+    pub fn cancellation_token(&self) -> tokio_util::sync::CancellationToken {
+        self.run.cancel.clone()
     }
 }

@@ -177,6 +177,9 @@ impl CancelWatch {
     }
 }
 
+/// An async stage's name and admission policies.
+pub(crate) type StagePolicies = (Arc<str>, Vec<Arc<dyn crate::policy::Policy>>);
+
 /// State shared by every task of one run.
 pub struct RunCtx {
     /// Cancels everything now.
@@ -202,16 +205,34 @@ pub struct RunCtx {
     pub(crate) panicked: Mutex<Option<String>>,
     /// A stall watchdog wants the age of the oldest call of each async stage.
     pub(crate) watch_calls: std::sync::atomic::AtomicBool,
+    /// The run's name (`RunOptions::name`): its span's and its metrics' `pipeline`.
+    pub(crate) name: Arc<str>,
+    /// The run's span, a child of the span current where the run was started; every
+    /// stage task's span is its child.
+    pub(crate) span: tracing::Span,
+    /// Failures summed per stage and interval for the log (one line per stage and interval).
+    pub(crate) failure_log: crate::observe::failure_log::FailureLog,
+    /// Ctrl-C stops the run, a second one cancels it (`RunOptions::stop_on_ctrl_c`).
+    pub(crate) ctrl_c: bool,
+    /// The admission policies of each async stage, for gauges (an adaptive limit, a
+    /// breaker's state).
+    pub(crate) policies: Mutex<Vec<StagePolicies>>,
 }
 
 impl RunCtx {
-    pub(crate) fn new(policy: ErrorPolicy, dead: DeadLetters) -> Self {
+    pub(crate) fn new(options: &crate::RunOptions, dead: DeadLetters) -> Self {
+        let name = options.run_name();
+        let span = tracing::info_span!(target: "flowline", "run", pipeline = %name);
+        let cancel = match &options.cancel {
+            // A child: cancelling the run leaves the caller's token alone.
+            Some(outside) => outside.child_token(),
+            None => CancellationToken::new(),
+        };
         RunCtx {
-            cancel: CancellationToken::new(),
+            cancel,
             gate: Arc::new(Gate::new()),
             stats: Mutex::new(Vec::new()),
             dead,
-            policy,
             first_failure: Mutex::new(None),
             source_error: Mutex::new(None),
             stage_error: Mutex::new(None),
@@ -220,6 +241,12 @@ impl RunCtx {
             epoch: tokio::time::Instant::now(),
             panicked: Mutex::new(None),
             watch_calls: std::sync::atomic::AtomicBool::new(false),
+            name,
+            span,
+            failure_log: crate::observe::failure_log::FailureLog::new(),
+            ctrl_c: options.ctrl_c,
+            policies: Mutex::new(Vec::new()),
+            policy: options.policy,
         }
     }
 
@@ -234,6 +261,7 @@ impl RunCtx {
             drop(first);
             self.cancel.cancel();
         }
+        self.failure_log.record(&failure);
         self.dead.record(failure);
     }
 
@@ -315,18 +343,31 @@ pub(crate) struct Build {
     /// Run after every part of the plan is built, before the run is driven: a part that can
     /// only be judged once the whole graph exists (a branch left without a sink) checks here.
     checks: Vec<Check>,
+    /// The span of the stage registered last: the tasks spawned for it run in it.
+    span: tracing::Span,
 }
 
 impl Build {
+    /// A build of `run`, with the run-level observers every run has (the failure log, and
+    /// what the run's options ask for: Ctrl-C, metrics).
     pub(crate) fn new(run: Arc<RunCtx>) -> Self {
-        Build {
+        let mut b = Build {
+            span: run.span.clone(),
             run,
             tasks: JoinSet::new(),
             deferred: Vec::new(),
             observers: Vec::new(),
             names: HashMap::new(),
             checks: Vec::new(),
+        };
+        b.observe(crate::observe::failure_log::flusher(b.run.clone()));
+        #[cfg(feature = "signal")]
+        if b.run.ctrl_c {
+            b.observe(crate::observe::ctrl_c::watch(b.run.clone()));
         }
+        #[cfg(feature = "metrics")]
+        b.observe(crate::observe::metrics::export(b.run.clone()));
+        b
     }
 
     /// Adds a check made once the whole plan is built.
@@ -360,6 +401,13 @@ impl Build {
         } else {
             Arc::from(format!("{name}#{n}"))
         };
+        self.span = tracing::info_span!(
+            target: "flowline",
+            parent: &self.run.span,
+            "stage",
+            stage = %unique,
+            kind,
+        );
         let stats = Arc::new(StageStats::new(unique, kind));
         self.run
             .stats
@@ -369,10 +417,33 @@ impl Build {
         stats
     }
 
-    /// Spawns one of the run's tasks. Every task watches `run.cancel` and ends when the run
-    /// ends; the run awaits them all before it returns.
+    /// Spawns one of the run's tasks, in the span of the stage registered last (the stage
+    /// the task belongs to: a stage registers itself, then spawns its tasks). Every task
+    /// watches `run.cancel` and ends when the run ends; the run awaits them all before it
+    /// returns.
     pub(crate) fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
-        self.tasks.spawn(task);
+        use tracing::Instrument as _;
+        self.tasks.spawn(task.instrument(self.span.clone()));
+    }
+
+    /// The span of the stage registered last (for a task the run drives itself: a sink).
+    pub(crate) fn stage_span(&self) -> tracing::Span {
+        self.span.clone()
+    }
+
+    /// Keeps an async stage's admission policies for the run's gauges.
+    pub(crate) fn policies(
+        &mut self,
+        stage: &StageStats,
+        policies: &[Arc<dyn crate::policy::Policy>],
+    ) {
+        if !policies.is_empty() {
+            self.run
+                .policies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((stage.name.clone(), policies.to_vec()));
+        }
     }
 
     /// A stage task that feeds the chunks of `rx`, as the upstream of the next stage: the
@@ -383,6 +454,9 @@ impl Build {
         task: impl Future<Output = ()> + Send + 'static,
         rx: hop::HopRx<T>,
     ) -> Upstream<T> {
+        use tracing::Instrument as _;
+        // In the stage's span wherever it runs: as a task, or pulled into the sink's.
+        let task = task.instrument(self.span.clone());
         let slot: tail::Slot = Arc::new(Mutex::new(Some(Box::pin(task))));
         self.deferred.push(slot.clone());
         Box::new(tail::Tail::new(rx, slot, self.run.clone()))

@@ -30,7 +30,7 @@ pub(crate) fn prepare(mut errors: Vec<Error>, options: &RunOptions) -> Result<Ar
         return Err(e);
     }
     let dead = DeadLetters::open(&options.dead_letter)?;
-    Ok(Arc::new(RunCtx::new(options.policy, dead)))
+    Ok(Arc::new(RunCtx::new(options, dead)))
 }
 
 /// A run about to start: a plan, the sink it ends in, and the run's options. Await it to run
@@ -152,6 +152,73 @@ impl<T: Send + 'static, K: Sink<T>, O: Send + 'static> Run<T, K, O> {
         self
     }
 
+    /// Names the run: the `pipeline` field of its `tracing` span and the `pipeline` label
+    /// of its metrics (default `"flowline"`). See [`RunOptions::name`].
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let report = Pipeline::from_iter(0..3).run().name("orders").await.unwrap();
+    /// assert_eq!(report.delivered(), 3);
+    /// # }
+    /// ```
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.options = self.options.name(name);
+        self
+    }
+
+    /// Cancels the run when `token` is cancelled (a service shutting down, say): the run
+    /// returns [`Error::Cancelled`] with its report, the items in flight counted
+    /// unfinished. See [`RunOptions::cancel_on`].
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::CancellationToken;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let shutdown = CancellationToken::new();
+    /// let s = shutdown.clone();
+    /// tokio::spawn(async move { tokio::time::sleep(Duration::from_secs(1)).await; s.cancel() });
+    /// let err = Pipeline::from_iter(0..u64::MAX)
+    ///     .map_async("tick", |x| async move { tokio::time::sleep(Duration::from_millis(10)).await; x })
+    ///     .run()
+    ///     .cancel_on(shutdown)
+    ///     .await
+    ///     .unwrap_err();
+    /// let Error::Cancelled { report } = err else { panic!("{err}") };
+    /// assert!(report.is_balanced());
+    /// # }
+    /// ```
+    pub fn cancel_on(mut self, token: tokio_util::sync::CancellationToken) -> Self {
+        self.options = self.options.cancel_on(token);
+        self
+    }
+
+    /// Stops the run on Ctrl-C: the first stops it gracefully and the run returns its report
+    /// ([`RunOutcome::Stopped`]); a second cancels it. See [`RunOptions::stop_on_ctrl_c`].
+    ///
+    /// ```no_run
+    /// use flowline::prelude::*;
+    /// # #[tokio::main] async fn main() {
+    /// let report = Pipeline::from_iter(0..u64::MAX)
+    ///     .map_async("work", |x| async move { x })
+    ///     .run()
+    ///     .stop_on_ctrl_c()
+    ///     .await;
+    /// match report {
+    ///     Ok(report) => println!("{report}"),                      // Ctrl-C once
+    ///     Err(Error::Cancelled { report }) => println!("{report}"), // twice
+    ///     Err(e) => eprintln!("{e}"),
+    /// }
+    /// # }
+    /// ```
+    #[cfg(feature = "signal")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "signal")))]
+    pub fn stop_on_ctrl_c(mut self) -> Self {
+        self.options = self.options.stop_on_ctrl_c();
+        self
+    }
+
     /// Replaces every run option with `options` (options kept and reused across runs).
     ///
     /// ```
@@ -176,8 +243,12 @@ impl<T: Send + 'static, K: Sink<T>, O: Send + 'static> Run<T, K, O> {
             options,
             conclude,
         } = self;
+        use tracing::Instrument as _;
         let run = prepare(std::mem::take(&mut plan.settings.errors), &options)?;
-        let (report, out) = execute_in(run, plan, sink, sink_name, options.deadline).await?;
+        let span = run.span.clone();
+        let (report, out) = execute_in(run, plan, sink, sink_name, options.deadline)
+            .instrument(span)
+            .await?;
         Ok(conclude(report, out))
     }
 }
@@ -325,6 +396,7 @@ async fn execute_in<T: Send + 'static, K: Sink<T>>(
         up.pull_in();
     }
     let stats = b.stage(sink_name, "sink");
+    let sink_span = b.stage_span();
     let (checked, spawned) = Spawned::take(b);
     if let Err(e) = checked {
         // The plan is unsound (e.g. a branch left without a sink): end what was built.
@@ -353,6 +425,7 @@ async fn execute_in<T: Send + 'static, K: Sink<T>>(
             (end, sink)
         }
     };
+    let sink_loop = tracing::Instrument::instrument(sink_loop, sink_span);
     let has_tasks = spawned.has_tasks();
     let mut sink = None;
     let main = async {
@@ -588,6 +661,97 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((report.delivered(), report.failures), (3, 0));
+    }
+
+    /// The names of the spans from the one an event named `message` happened in up to the
+    /// root, with each span's `stage`/`pipeline` field, for every such event.
+    fn ancestry_of(
+        c: &crate::observe::capture::Captured,
+        message: &str,
+    ) -> Vec<Vec<(&'static str, String)>> {
+        c.events
+            .iter()
+            .filter(|e| e.field("message") == Some(message))
+            .map(|e| {
+                c.ancestry(e.span.expect("the event is in a span"))
+                    .into_iter()
+                    .map(|i| {
+                        let s = &c.spans[i];
+                        let label = s.field("stage").or(s.field("pipeline")).unwrap_or_default();
+                        (s.name, label.to_string())
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn stage_tasks_run_in_their_spans_under_the_run_under_the_callers_span() {
+        use tracing::Instrument as _;
+        let capture = crate::observe::capture::Capture::default();
+        let _guard = tracing::subscriber::set_default(capture.clone());
+        let caller = tracing::info_span!("request");
+        let report = async {
+            Pipeline::from_iter(0..3u32)
+                .map_async("fetch", |x| async move {
+                    tracing::info!("calling");
+                    x
+                })
+                .workers(2)
+                .for_each(|_| async { tracing::info!("storing") })
+                .name("orders")
+                .await
+                .unwrap()
+        }
+        .instrument(caller)
+        .await;
+        assert_eq!(report.delivered(), 3);
+        let c = capture.take();
+        let expected = |stage: &str| {
+            vec![
+                ("stage", stage.to_string()),
+                ("run", "orders".to_string()),
+                ("request", String::new()),
+            ]
+        };
+        assert_eq!(ancestry_of(&c, "calling"), vec![expected("fetch"); 3]);
+        assert_eq!(ancestry_of(&c, "storing"), vec![expected("for_each"); 3]);
+        let kinds: Vec<_> = c
+            .spans
+            .iter()
+            .filter(|s| s.name == "stage")
+            .map(|s| (s.field("stage").unwrap(), s.field("kind").unwrap()))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("source", "source"),
+                ("fetch", "async"),
+                ("for_each", "sink")
+            ]
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_spawned_run_keeps_the_span_current_where_it_was_spawned() {
+        let capture = crate::observe::capture::Capture::default();
+        let _guard = tracing::subscriber::set_default(capture.clone());
+        let handle = tracing::info_span!("request").in_scope(|| {
+            Pipeline::from_iter(0..2u32)
+                .map_async("fetch", |x| async move {
+                    tracing::info!("calling");
+                    x
+                })
+                .spawn()
+        });
+        // Joined outside the caller's span: the run's tasks still belong to it.
+        assert_eq!(handle.join().await.unwrap().delivered(), 2);
+        let c = capture.take();
+        let names: Vec<Vec<_>> = ancestry_of(&c, "calling")
+            .into_iter()
+            .map(|a| a.into_iter().map(|(n, _)| n).collect())
+            .collect();
+        assert_eq!(names, vec![vec!["stage", "run", "request"]; 2]);
     }
 
     /// Tells when it is dropped.

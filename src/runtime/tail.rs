@@ -102,7 +102,7 @@ mod tests {
 
     fn run_ctx() -> Arc<RunCtx> {
         Arc::new(RunCtx::new(
-            crate::ErrorPolicy::Continue,
+            &crate::RunOptions::new(),
             DeadLetters::open(&crate::DeadLetter::report()).unwrap(),
         ))
     }

@@ -158,7 +158,11 @@ impl Graph {
             let up = build(b);
             let stats = b.stage(name, "sink");
             let run = b.run.clone();
-            Box::pin(drive_sink(up, sink, stats, run, deliver)) as Driver
+            let span = b.stage_span();
+            Box::pin(tracing::Instrument::instrument(
+                drive_sink(up, sink, stats, run, deliver),
+                span,
+            )) as Driver
         }));
         self
     }
@@ -299,8 +303,10 @@ impl Graph {
     /// # }
     /// ```
     pub async fn run(self) -> Result<Report, Error> {
+        use tracing::Instrument as _;
         let (run, ends, deadline) = self.prepare()?;
-        execute(run, ends, deadline).await
+        let span = run.span.clone();
+        execute(run, ends, deadline).instrument(span).await
     }
 
     /// Starts the graph in the background and returns its [`Handle`] (cancel, stop, pause,

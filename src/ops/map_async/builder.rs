@@ -30,6 +30,8 @@ pub(super) struct Options {
     pub(super) retry: Option<Retry>,
     /// Ordered stages: the most items started and not yet emitted (`None`: the default).
     pub(super) window: Option<usize>,
+    /// A `tracing` span per call (`trace_calls`).
+    pub(super) trace_calls: bool,
 }
 
 /// An async stage being configured: options set here apply to this stage only. Any
@@ -125,6 +127,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
                 policies: Vec::new(),
                 retry: None,
                 window: None,
+                trace_calls: false,
             },
             keep: None,
             copy: None,
@@ -270,6 +273,30 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
     /// ```
     pub fn timeout(mut self, limit: Duration) -> Self {
         self.options.timeout = Some(limit);
+        self
+    }
+
+    /// Makes a `tracing` span for each call (each attempt of an item): `call`, with the
+    /// item's place in input order (`seq`), the `attempt` (1 for the first), and the
+    /// `outcome` once it ended (`ok`, `error`, `timeout`, `panic`), a child of the stage's
+    /// span; the call's future runs in it, so the spans and events of the code it calls nest
+    /// under it. Off by default: a span per item costs the subscriber's time per item.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let out = Pipeline::from_iter(0..3u32)
+    ///     .map_async("fetch", |id| async move {
+    ///         tracing::debug!(id, "fetching");    // inside `run:stage:call`
+    ///         id
+    ///     })
+    ///     .trace_calls()
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out, vec![0, 1, 2]);
+    /// # }
+    /// ```
+    pub fn trace_calls(mut self) -> Self {
+        self.options.trace_calls = true;
         self
     }
 
@@ -544,6 +571,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
         }
         upstream.then(move |b, up| {
             let stats = b.stage(&name, "async");
+            b.policies(&stats, &options.policies);
             let (tx, rx) = hop(HOP_CHUNKS);
             let run = b.run.clone();
             b.spawn_tail(
@@ -672,6 +700,71 @@ mod tests {
         let (out, during) = ordered_around_a_backoff(Some(8)).await;
         assert_eq!(out, (0..100).collect::<Vec<_>>());
         assert_eq!(during, 4);
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn trace_calls_makes_a_span_per_attempt_under_the_stage() {
+        let capture = crate::observe::capture::Capture::default();
+        let _guard = tracing::subscriber::set_default(capture.clone());
+        let report = Pipeline::from_iter(0..3u32)
+            .try_map_async("api", |x| {
+                let fail = x == 1 && crate::attempt() == 1;
+                async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    tracing::info!("inside");
+                    if fail { Err("503") } else { Ok(x) }
+                }
+            })
+            .workers(2)
+            .retry(Retry::constant(Duration::from_millis(10)))
+            .trace_calls()
+            .run()
+            .await
+            .unwrap();
+        assert_eq!(report.delivered(), 3);
+        let c = capture.take();
+        let mut calls: Vec<_> = c
+            .spans
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.name == "call")
+            .map(|(i, s)| {
+                let parent = &c.spans[s.parent.unwrap()];
+                (
+                    s.field("seq").unwrap().to_string(),
+                    s.field("attempt").unwrap().to_string(),
+                    s.field("outcome").unwrap().to_string(),
+                    parent.field("stage").unwrap().to_string(),
+                    // The events of the call's code are in the call's span.
+                    c.events.iter().filter(|e| e.span == Some(i)).count(),
+                )
+            })
+            .collect();
+        calls.sort();
+        let call = |seq: &str, attempt: &str, outcome: &str| {
+            (seq.into(), attempt.into(), outcome.into(), "api".into(), 1)
+        };
+        assert_eq!(
+            calls,
+            vec![
+                call("0", "1", "ok"),
+                call("1", "1", "error"),
+                call("1", "2", "ok"),
+                call("2", "1", "ok"),
+            ]
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn without_trace_calls_no_call_span_is_made() {
+        let capture = crate::observe::capture::Capture::default();
+        let _guard = tracing::subscriber::set_default(capture.clone());
+        Pipeline::from_iter(0..3u32)
+            .map_async("api", |x| async move { x })
+            .run()
+            .await
+            .unwrap();
+        assert!(capture.take().spans.iter().all(|s| s.name != "call"));
     }
 
     #[tokio::test]

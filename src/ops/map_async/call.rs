@@ -180,6 +180,8 @@ struct Rare {
     input: Option<FailedInput>,
     /// When the running attempt began waiting (while a stall watchdog looks at calls).
     waiting_since: Option<Instant>,
+    /// The running attempt's span (`trace_calls`).
+    span: Option<tracing::Span>,
 }
 
 impl Meta {
@@ -215,6 +217,21 @@ impl Meta {
 
     pub(super) fn take_input(&mut self) -> Option<FailedInput> {
         self.rare.as_mut().and_then(|r| r.input.take())
+    }
+
+    pub(super) fn set_span(&mut self, span: tracing::Span) {
+        self.rare().span = Some(span);
+    }
+
+    fn span(&self) -> Option<&tracing::Span> {
+        self.rare.as_ref().and_then(|r| r.span.as_ref())
+    }
+
+    /// Ends the running attempt's span, if it has one, with the attempt's outcome.
+    pub(super) fn end_span(&mut self, outcome: &'static str) {
+        if let Some(span) = self.rare.as_mut().and_then(|r| r.span.take()) {
+            span.record("outcome", outcome);
+        }
     }
 
     pub(super) fn take_waiting_since(&mut self) -> Option<Instant> {
@@ -315,6 +332,12 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completion<T, U>> {
         let this = self.get_mut();
+        let _in_span = this
+            .meta
+            .as_ref()
+            .and_then(Meta::span)
+            .cloned()
+            .map(tracing::Span::entered);
         let result = match poll_slot(&mut this.slot, cx) {
             Poll::Ready(r) => r,
             Poll::Pending => {

@@ -78,6 +78,7 @@ pub(super) async fn drive<T, U, S>(
         keep,
         copy,
         route,
+        trace_calls: options.trace_calls,
         timeout: options.timeout,
         inflight: FuturesUnordered::new(),
         spare: None,
@@ -203,6 +204,8 @@ struct Driver<T, U, S: StageFn<T, U>> {
     copy: Option<fn(&T) -> T>,
     /// `results`: a failed item becomes an output.
     route: Option<Route<T, U>>,
+    /// A span per call.
+    trace_calls: bool,
     timeout: Option<Duration>,
     inflight: FuturesUnordered<Waiting<T, U, S>>,
     /// The slot of the last call that finished at its first poll, reused by the next call.
@@ -347,6 +350,21 @@ where
             }
         }
         let again = self.copy.map(|c| c(&item));
+        // In the call's span (`trace_calls`): making the future, its first poll here, and
+        // every later poll (`Call::poll`).
+        let _in_span = if self.trace_calls {
+            let span = tracing::info_span!(
+                target: "flowline",
+                "call",
+                seq = meta.seq,
+                attempt = meta.attempts,
+                outcome = tracing::field::Empty,
+            );
+            meta.set_span(span.clone());
+            Some(span.entered())
+        } else {
+            None
+        };
         let call = &mut self.call;
         // A stage that can try an item again tells the call which attempt it makes.
         let made = if again.is_some() {
@@ -580,6 +598,13 @@ where
         again: Option<T>,
         called: bool,
     ) {
+        let mut meta = meta;
+        if self.trace_calls {
+            meta.end_span(match &result {
+                Ok(_) => "ok",
+                Err(e) => crate::observe::failure_log::reason(e),
+            });
+        }
         if let Some(l) = latency {
             let weight = if self.times_calls {
                 1

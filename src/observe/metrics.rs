@@ -1,0 +1,463 @@
+//! Metrics through the `metrics` facade (feature `metrics`): the application installs the
+//! recorder it wants (e.g. `metrics-exporter-prometheus`), flowline only emits.
+//!
+//! Every metric has the labels `pipeline` (the run's name, [`RunOptions::name`]) and
+//! `stage` (the stage's unique name in the run):
+//!
+//! | metric | type | what |
+//! |---|---|---|
+//! | `flowline_stage_received_items_total` | counter | items that entered the stage |
+//! | `flowline_stage_sent_items_total` | counter | items the stage sent on (its outputs) |
+//! | `flowline_stage_failed_items_total` | counter | items that failed, label `reason`: `error`, `timeout`, `panic`, `circuit_open` |
+//! | `flowline_stage_dropped_items_total` | counter | items the stage dropped by design (filtered, deduplicated, throttled) |
+//! | `flowline_stage_retries_total` | counter | retry attempts |
+//! | `flowline_stage_in_flight` | gauge | items inside the stage (received, not yet out) |
+//! | `flowline_adaptive_limit` | gauge | an adaptive stage's limit on calls in flight |
+//! | `flowline_breaker_state` | gauge | a breaker's state: 0 closed, 1 half-open, 2 open |
+//! | `flowline_stage_call_duration_seconds` | histogram | call latency of async stages, from the sampled calls the report's percentiles use |
+//!
+//! The stages keep their counters anyway (for the report, progress and snapshots). The
+//! exporter reads them on a schedule ([`EVERY`]) and once more when the run has ended, and
+//! adds what changed to the metrics: the stages' hot path pays nothing for metrics (no
+//! second set of counters, no facade call per item or per chunk), and the totals are exact
+//! when the run ends.
+//!
+//! [`RunOptions::name`]: crate::RunOptions::name
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use metrics::{Counter, Gauge, Label};
+
+use crate::report::StageStats;
+use crate::runtime::RunCtx;
+use crate::runtime::time::interval_from_now;
+
+/// How often the metrics are brought up to date while a run goes on.
+pub(crate) const EVERY: Duration = Duration::from_secs(1);
+
+const RECEIVED: &str = "flowline_stage_received_items_total";
+const SENT: &str = "flowline_stage_sent_items_total";
+const FAILED: &str = "flowline_stage_failed_items_total";
+const DROPPED: &str = "flowline_stage_dropped_items_total";
+const RETRIES: &str = "flowline_stage_retries_total";
+const IN_FLIGHT: &str = "flowline_stage_in_flight";
+const DURATION: &str = "flowline_stage_call_duration_seconds";
+
+/// Exports the run's metrics until it ends (a run-level observer).
+pub(crate) async fn export(run: Arc<RunCtx>) {
+    describe();
+    let mut exporter = Exporter::default();
+    let mut ticks = interval_from_now(EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = run.ended.cancelled() => break,
+            _ = ticks.tick() => exporter.export(&run, false),
+        }
+    }
+    exporter.export(&run, true);
+}
+
+fn describe() {
+    use metrics::Unit;
+    metrics::describe_counter!(RECEIVED, Unit::Count, "Items that entered the stage.");
+    metrics::describe_counter!(SENT, Unit::Count, "Items the stage sent on.");
+    metrics::describe_counter!(
+        FAILED,
+        Unit::Count,
+        "Items that failed in the stage, by reason."
+    );
+    metrics::describe_counter!(
+        DROPPED,
+        Unit::Count,
+        "Items the stage dropped by design (filtered, deduplicated, throttled)."
+    );
+    metrics::describe_counter!(RETRIES, Unit::Count, "Retry attempts of the stage.");
+    metrics::describe_gauge!(IN_FLIGHT, Unit::Count, "Items inside the stage.");
+    metrics::describe_gauge!(
+        "flowline_adaptive_limit",
+        Unit::Count,
+        "The adaptive limit on the stage's calls in flight."
+    );
+    metrics::describe_gauge!(
+        "flowline_breaker_state",
+        "The stage's circuit breaker: 0 closed, 1 half-open, 2 open."
+    );
+    metrics::describe_histogram!(
+        DURATION,
+        Unit::Seconds,
+        "Call latency of the stage (a sample of its calls)."
+    );
+}
+
+/// A counter and the total it was last brought to.
+struct Total {
+    counter: Counter,
+    sent: u64,
+}
+
+impl Total {
+    fn new(name: &'static str, labels: &[Label]) -> Self {
+        Total {
+            counter: metrics::counter!(name, labels.iter()),
+            sent: 0,
+        }
+    }
+
+    fn to(&mut self, total: u64) {
+        if total > self.sent {
+            self.counter.increment(total - self.sent);
+            self.sent = total;
+        }
+    }
+}
+
+/// One stage's metrics.
+struct StageMetrics {
+    labels: Vec<Label>,
+    received: Total,
+    sent: Total,
+    dropped: Total,
+    retries: Total,
+    in_flight: Gauge,
+    /// By reason.
+    failed: Vec<(&'static str, Total)>,
+    duration: metrics::Histogram,
+    /// The latency histogram as last exported (what is new is the difference).
+    latency: Option<Histogram<u64>>,
+}
+
+impl StageMetrics {
+    fn new(pipeline: &Arc<str>, stage: &StageStats) -> Self {
+        let labels = vec![
+            Label::new("pipeline", pipeline.to_string()),
+            Label::new("stage", stage.name.to_string()),
+        ];
+        StageMetrics {
+            received: Total::new(RECEIVED, &labels),
+            sent: Total::new(SENT, &labels),
+            dropped: Total::new(DROPPED, &labels),
+            retries: Total::new(RETRIES, &labels),
+            in_flight: metrics::gauge!(IN_FLIGHT, labels.iter()),
+            failed: Vec::new(),
+            duration: metrics::histogram!(DURATION, labels.iter()),
+            latency: None,
+            labels,
+        }
+    }
+
+    fn failed(&mut self, reason: &'static str, total: u64) {
+        let i = match self.failed.iter().position(|(r, _)| *r == reason) {
+            Some(i) => i,
+            None => {
+                let mut labels = self.labels.clone();
+                labels.push(Label::from_static_parts("reason", reason));
+                self.failed.push((reason, Total::new(FAILED, &labels)));
+                self.failed.len() - 1
+            }
+        };
+        self.failed[i].1.to(total);
+    }
+
+    /// Records the calls timed since the last export into the histogram.
+    fn latency(&mut self, now: Option<Histogram<u64>>) {
+        let Some(now) = now else { return };
+        let mut new = now.clone();
+        if let Some(before) = &self.latency {
+            if new.subtract(before).is_err() {
+                return;
+            }
+        }
+        for v in new.iter_recorded() {
+            let seconds = v.value_iterated_to() as f64 / 1e9;
+            self.duration
+                .record_many(seconds, v.count_at_value() as usize);
+        }
+        self.latency = Some(now);
+    }
+}
+
+#[derive(Default)]
+struct Exporter {
+    /// In the order of the run's stages.
+    stages: Vec<StageMetrics>,
+    /// The gauges of the stages' policies, registered once.
+    policies: Vec<(Arc<str>, usize, Gauge)>,
+}
+
+impl Exporter {
+    /// Brings every metric up to the stages' counters (`ended`: the run is over, nothing is
+    /// in flight any more).
+    fn export(&mut self, run: &RunCtx, ended: bool) {
+        let stats: Vec<Arc<StageStats>> =
+            run.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for s in &stats[self.stages.len().min(stats.len())..] {
+            self.stages.push(StageMetrics::new(&run.name, s));
+        }
+        for (s, m) in stats.iter().zip(self.stages.iter_mut()) {
+            let r = s.snapshot(false);
+            m.received.to(r.received);
+            m.sent.to(r.emitted);
+            m.dropped.to(r.dropped);
+            m.retries.to(r.retried);
+            m.in_flight
+                .set(if ended { 0.0 } else { r.unfinished as f64 });
+            m.latency(s.latency_histogram());
+        }
+        for (stage, reasons) in run.failure_log.totals() {
+            if let Some(m) = self
+                .stages
+                .iter_mut()
+                .find(|m| m.labels.get(1).is_some_and(|l| l.value() == &*stage))
+            {
+                for (reason, n) in reasons.iter() {
+                    m.failed(reason, n);
+                }
+            }
+        }
+        let policies = run.policies.lock().unwrap_or_else(|p| p.into_inner());
+        for (stage, list) in policies.iter() {
+            for (i, p) in list.iter().enumerate() {
+                let Some((name, value)) = p.gauge() else {
+                    continue;
+                };
+                let gauge = match self.policies.iter().find(|(s, j, _)| s == stage && *j == i) {
+                    Some((_, _, g)) => g,
+                    None => {
+                        let labels = [
+                            Label::new("pipeline", run.name.to_string()),
+                            Label::new("stage", stage.to_string()),
+                        ];
+                        let g = metrics::gauge!(name, labels.iter());
+                        self.policies.push((stage.clone(), i, g));
+                        &self.policies[self.policies.len() - 1].2
+                    }
+                };
+                gauge.set(value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::prelude::*;
+    use metrics::{
+        Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata,
+        Recorder, SharedString, Unit,
+    };
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    /// One metric's value: a counter's total, a gauge's value, a histogram's samples.
+    #[derive(Default)]
+    struct Value {
+        counter: AtomicU64,
+        gauge: Mutex<f64>,
+        samples: Mutex<Vec<f64>>,
+    }
+
+    impl CounterFn for Value {
+        fn increment(&self, n: u64) {
+            self.counter.fetch_add(n, Relaxed);
+        }
+        fn absolute(&self, n: u64) {
+            self.counter.fetch_max(n, Relaxed);
+        }
+    }
+
+    impl GaugeFn for Value {
+        fn increment(&self, v: f64) {
+            *self.gauge.lock().unwrap() += v;
+        }
+        fn decrement(&self, v: f64) {
+            *self.gauge.lock().unwrap() -= v;
+        }
+        fn set(&self, v: f64) {
+            *self.gauge.lock().unwrap() = v;
+        }
+    }
+
+    impl HistogramFn for Value {
+        fn record(&self, v: f64) {
+            self.samples.lock().unwrap().push(v);
+        }
+    }
+
+    /// A recorder that keeps every metric by (name, stage, reason) (a test's own, so that
+    /// flowline's tests need no recorder crate).
+    #[derive(Default, Clone)]
+    struct Keep(Arc<Mutex<BTreeMap<Name, Arc<Value>>>>);
+
+    /// (metric, stage, reason).
+    type Name = (String, String, String);
+
+    impl Keep {
+        fn value(&self, key: &Key) -> Arc<Value> {
+            let label = |n: &str| {
+                key.labels()
+                    .find(|l| l.key() == n)
+                    .map(|l| l.value().to_string())
+                    .unwrap_or_default()
+            };
+            assert_eq!(label("pipeline"), "known", "{key:?}");
+            let k = (key.name().to_string(), label("stage"), label("reason"));
+            self.0.lock().unwrap().entry(k).or_default().clone()
+        }
+
+        fn get(&self, name: &str, stage: &str, reason: &str) -> Arc<Value> {
+            let k = (name.to_string(), stage.to_string(), reason.to_string());
+            let all = self.0.lock().unwrap();
+            all.get(&k)
+                .unwrap_or_else(|| panic!("no {k:?} in {:?}", all.keys()))
+                .clone()
+        }
+
+        fn counter(&self, name: &str, stage: &str) -> u64 {
+            self.get(name, stage, "").counter.load(Relaxed)
+        }
+
+        fn gauge(&self, name: &str, stage: &str) -> f64 {
+            *self.get(name, stage, "").gauge.lock().unwrap()
+        }
+    }
+
+    impl Recorder for Keep {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::from_arc(self.value(key))
+        }
+        fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::from_arc(self.value(key))
+        }
+        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::from_arc(self.value(key))
+        }
+    }
+
+    /// Runs `f` on a current-thread runtime on tokio's paused clock, with `keep` as the
+    /// thread's recorder.
+    fn with<F: std::future::Future>(keep: &Keep, f: impl FnOnce() -> F) -> F::Output {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        metrics::with_local_recorder(keep, || rt.block_on(f()))
+    }
+
+    #[test]
+    fn a_run_exports_its_exact_counts() {
+        let keep = Keep::default();
+        let adaptive = Adaptive::aimd(1..=8);
+        let a = adaptive.clone();
+        let report = with(&keep, || async move {
+            Pipeline::from_iter(0..100u64)
+                .try_map_async("call", |x| async move {
+                    match x % 10 {
+                        0 => Err("503"),                   // fails every attempt
+                        5 => std::future::pending().await, // times out every attempt
+                        _ => Ok(x),
+                    }
+                })
+                .workers(4)
+                .timeout(Duration::from_secs(1))
+                .retry(Retry::constant(Duration::from_millis(10)).max_attempts(3))
+                .filter(|x| x % 2 == 0)
+                .map_async("store", |x| async move { x })
+                .adaptive(a)
+                .circuit_breaker(Breaker::consecutive_failures(1000))
+                .run()
+                .name("known")
+                .await
+                .unwrap()
+        });
+        assert_eq!(report.failures, 20);
+        let failed = |reason| {
+            keep.get("flowline_stage_failed_items_total", "call", reason)
+                .counter
+                .load(Relaxed)
+        };
+        // call: 100 in, 10 errors and 10 timeouts after 3 attempts each, 80 out.
+        assert_eq!(
+            keep.counter("flowline_stage_received_items_total", "call"),
+            100
+        );
+        assert_eq!(keep.counter("flowline_stage_sent_items_total", "call"), 80);
+        assert_eq!((failed("error"), failed("timeout")), (10, 10));
+        assert_eq!(keep.counter("flowline_stage_retries_total", "call"), 40);
+        // filter: the 40 odd ones dropped.
+        assert_eq!(
+            keep.counter("flowline_stage_dropped_items_total", "filter"),
+            40
+        );
+        assert_eq!(
+            keep.counter("flowline_stage_sent_items_total", "filter"),
+            40
+        );
+        assert_eq!(
+            keep.counter("flowline_stage_received_items_total", "sink"),
+            40
+        );
+        assert_eq!(keep.gauge("flowline_stage_in_flight", "call"), 0.0);
+        assert_eq!(
+            keep.gauge("flowline_adaptive_limit", "store"),
+            adaptive.limit() as f64
+        );
+        assert_eq!(keep.gauge("flowline_breaker_state", "store"), 0.0);
+        // Every call the report timed is in the histogram, once.
+        let samples = keep
+            .get("flowline_stage_call_duration_seconds", "call", "")
+            .samples
+            .lock()
+            .unwrap()
+            .len() as u64;
+        assert_eq!(
+            samples,
+            report.stage("call").unwrap().latency.unwrap().samples
+        );
+        assert!(samples > 0);
+        for s in &report.stages {
+            let received = keep.counter("flowline_stage_received_items_total", &s.name);
+            assert_eq!(received, s.received, "{}", s.name);
+        }
+    }
+
+    #[test]
+    fn counters_follow_a_run_and_add_up_over_runs() {
+        let keep = Keep::default();
+        let run = || {
+            Pipeline::from_iter(0..30u64)
+                .map_async("tick", |x| async move {
+                    tokio::time::sleep(Duration::from_millis(130)).await;
+                    x
+                })
+                .run()
+                .name("known")
+        };
+        let k = keep.clone();
+        with(&keep, || async move {
+            let handle = run().spawn();
+            // At 1.5 s the export of 1 s has seen the 7 calls done by then (one in 130 ms).
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            assert_eq!(k.counter("flowline_stage_sent_items_total", "tick"), 7);
+            let received = k.counter("flowline_stage_received_items_total", "tick");
+            assert_eq!(
+                k.gauge("flowline_stage_in_flight", "tick"),
+                (received - 7) as f64
+            );
+            handle.join().await.unwrap();
+            assert_eq!(k.counter("flowline_stage_sent_items_total", "tick"), 30);
+            // A second run of the same pipeline adds to the same counters.
+            run().await.unwrap();
+            assert_eq!(k.counter("flowline_stage_sent_items_total", "tick"), 60);
+        });
+    }
+}
