@@ -83,7 +83,12 @@ struct CustomerService {
 
 impl CustomerService {
     /// `attempt` varies the outcome of a transient fault, as a real retry would.
-    async fn tier(&self, customer: u64, order: u64, attempt: u32) -> Result<&'static str, ServiceError> {
+    async fn tier(
+        &self,
+        customer: u64,
+        order: u64,
+        attempt: u32,
+    ) -> Result<&'static str, ServiceError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         if customer % 500 == 7 {
             return Err(ServiceError::UnknownCustomer(customer));

@@ -726,8 +726,12 @@ impl fmt::Display for Report {
         let mut layout = None;
         for (short, gap) in [(false, 2), (false, 1), (true, 1)] {
             let rows = self.cells(short);
-            let widths: [usize; 9] =
-                std::array::from_fn(|c| rows.iter().map(|r| r.1[c].chars().count()).max().unwrap_or(0));
+            let widths: [usize; 9] = std::array::from_fn(|c| {
+                rows.iter()
+                    .map(|r| r.1[c].chars().count())
+                    .max()
+                    .unwrap_or(0)
+            });
             let rest: usize = widths.iter().map(|w| w + gap).sum();
             let room = max.saturating_sub(rest);
             let names = name_len(&rows);
@@ -759,12 +763,12 @@ impl fmt::Display for Report {
     }
 }
 
-// `Serialize` written out rather than derived: the derive macro would add `serde_derive` and
-// a second `syn` to every build with the feature, for four small structs whose JSON names
-// differ from their fields anyway ("in", "ok", "out").
+// `Serialize` written out rather than derived: the derive macro would add `serde` and
+// `serde_derive` (and a second `syn`) to every build with the feature, for a few small
+// structs whose JSON names differ from their fields anyway ("in", "ok", "out").
 #[cfg(feature = "serde")]
 mod json {
-    use serde::ser::{Serialize, SerializeMap, SerializeSeq, SerializeStruct, Serializer};
+    use serde_core::ser::{Serialize, SerializeMap, SerializeSeq, SerializeStruct, Serializer};
 
     use super::{FailureReasons, LatencySummary, Report, RunOutcome, StageReport};
     use crate::error::Failure;
@@ -1030,8 +1034,17 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         // The two long names stay apart: elided in the middle, their ends kept.
         let first = lines[3].split_whitespace().next().unwrap();
-        assert!(first.starts_with("enrich-with-the…") && first.ends_with("region-v2"), "{text}");
-        assert!(lines[4].split_whitespace().next().unwrap().ends_with("-v2#2"));
+        assert!(
+            first.starts_with("enrich-with-the…") && first.ends_with("region-v2"),
+            "{text}"
+        );
+        assert!(
+            lines[4]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .ends_with("-v2#2")
+        );
         assert!(lines[4].contains(" a-use…name "), "{}", lines[4]);
         // Counts stay exact while they fit.
         assert_eq!(lines[3].split_whitespace().nth(2), Some("20000"));
@@ -1046,7 +1059,10 @@ mod tests {
         let r = Report {
             failures: u64::MAX,
             elapsed: Duration::MAX,
-            ..report(vec![stage("source", "source", u64::MAX), stage("sink", "sink", u64::MAX)])
+            ..report(vec![
+                stage("source", "source", u64::MAX),
+                stage("sink", "sink", u64::MAX),
+            ])
         };
         let text = r.to_string();
         assert!(widest(&text) <= 100, "{text}");
@@ -1058,13 +1074,26 @@ mod tests {
 
     #[test]
     fn numbers_keep_three_significant_digits() {
-        let got: Vec<String> = [0.0, 0.5, 7.421, 74.21, 742.1, 999.4, 999.6, 7421.0, 12e6, f64::NAN]
-            .iter()
-            .map(|&v| si(v))
-            .collect();
+        let got: Vec<String> = [
+            0.0,
+            0.5,
+            7.421,
+            74.21,
+            742.1,
+            999.4,
+            999.6,
+            7421.0,
+            12e6,
+            f64::NAN,
+        ]
+        .iter()
+        .map(|&v| si(v))
+        .collect();
         assert_eq!(
             got,
-            ["0", "0.50", "7.42", "74.2", "742", "999", "1.00k", "7.42k", "12.0M", "0"]
+            [
+                "0", "0.50", "7.42", "74.2", "742", "999", "1.00k", "7.42k", "12.0M", "0"
+            ]
         );
         assert_eq!(si_count(999), "999");
         assert_eq!(si_count(1_234), "1.23k");
@@ -1080,7 +1109,10 @@ mod tests {
     #[cfg(feature = "jsonl")]
     #[test]
     fn json_has_the_tables_names_and_the_reasons() {
-        let mut r = report(vec![stage("source", "source", 3), stage("fetch", "async", 3)]);
+        let mut r = report(vec![
+            stage("source", "source", 3),
+            stage("fetch", "async", 3),
+        ]);
         r.stages[1].latency = Some(LatencySummary {
             samples: 3,
             p50: Duration::from_millis(4),

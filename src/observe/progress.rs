@@ -165,9 +165,9 @@ fn line(tag: &str, elapsed: Duration, total: Option<u64>, stages: &[StageReport]
 
 /// Finished items: delivered at the last stage (the sink), or dropped or failed anywhere.
 fn finished(stages: &[StageReport]) -> u64 {
-    let ended = stages
-        .iter()
-        .fold(0u64, |a, s| a.saturating_add(s.dropped).saturating_add(s.failed));
+    let ended = stages.iter().fold(0u64, |a, s| {
+        a.saturating_add(s.dropped).saturating_add(s.failed)
+    });
     ended.saturating_add(stages.last().map_or(0, |s| s.passed))
 }
 
@@ -218,7 +218,11 @@ fn bar_text(width: usize, elapsed: Duration, total: Option<u64>, stages: &[Stage
                 continue;
             }
             if gap {
-                out.push_str(if out.is_empty() { "… › " } else { " › … › " });
+                out.push_str(if out.is_empty() {
+                    "… › "
+                } else {
+                    " › … › "
+                });
             } else if !out.is_empty() {
                 out.push_str(" › ");
             }
@@ -520,13 +524,21 @@ mod tests {
              sink 1.00k"
         );
         let unknown = bar_text(200, secs, None, &stages());
-        assert!(unknown.starts_with("1.04k done 520/s · 40 failed"), "{unknown}");
+        assert!(
+            unknown.starts_with("1.04k done 520/s · 40 failed"),
+            "{unknown}"
+        );
         assert!(!unknown.contains("eta"), "{unknown}");
         // Done: no ETA left to show.
         let fin = bar_text(200, secs, Some(1_040), &stages());
         assert!(fin.starts_with("1.04k/1.04k 520/s · 40"), "{fin}");
         // Nothing done yet, no time gone: no rate to divide by.
-        let idle = bar_text(200, Duration::ZERO, Some(10), &[stage("source", "source", 0, 0)]);
+        let idle = bar_text(
+            200,
+            Duration::ZERO,
+            Some(10),
+            &[stage("source", "source", 0, 0)],
+        );
         assert_eq!(idle, "0/10 0/s | source 0");
     }
 
