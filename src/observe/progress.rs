@@ -323,17 +323,21 @@ impl Draw {
             // The counts, rate and ETA are in the message, written here (indicatif's own
             // `{per_sec}` and `{eta}` print many decimals, and its `{pos}/{len}` an empty
             // "n/n" bar when the total is unknown). `wide_msg` cuts what is still too long.
-            let (bar, template) = match total {
+            // A short bar on a narrow terminal leaves the counts their room.
+            let bar_len = (term_width() / 8).clamp(10, 30);
+            let (bar, template, fixed) = match total {
                 Some(t) => (
                     indicatif::ProgressBar::new(t),
-                    "{elapsed_precise} [{bar:20}] {wide_msg}",
+                    format!("{{elapsed_precise}} [{{bar:{bar_len}}}] {{wide_msg}}"),
+                    BAR_FIXED + bar_len + 3,
                 ),
                 None => (
                     indicatif::ProgressBar::new_spinner(),
-                    "{spinner} {elapsed_precise} {wide_msg}",
+                    "{spinner} {elapsed_precise} {wide_msg}".to_string(),
+                    BAR_FIXED + 2,
                 ),
             };
-            let style = indicatif::ProgressStyle::with_template(template)
+            let style = indicatif::ProgressStyle::with_template(&template)
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
                 .progress_chars("#>-");
             bar.set_style(style);
@@ -341,7 +345,7 @@ impl Draw {
             if total.is_none() {
                 bar.enable_steady_tick(Duration::from_millis(120));
             }
-            return Draw::Bar(bar, BAR_FIXED + if total.is_some() { 23 } else { 2 });
+            return Draw::Bar(bar, fixed);
         }
         let _ = total;
         Draw::Lines(Arc::new(Mutex::new(Box::new(std::io::stderr()))))
