@@ -1,18 +1,26 @@
-//! The main job: enrich 20,000 orders through a flaky, slow service — 32 calls in flight,
-//! a timeout per call, failures kept in a dead-letter file, and a report of every stage.
+//! The main job: enrich 20,000 orders through a flaky, slow customer service — 64 calls in
+//! flight under the service's rate limit, a timeout per call, retries with backoff for what
+//! is worth retrying, a live bar on a terminal, failures kept in a dead-letter file, and a
+//! report of every stage at the end.
 //!
 //! ```sh
-//! cargo run --release --example quickstart
+//! cargo run --release --example quickstart --features progress   # the bar needs the feature
+//! cargo run --release --example quickstart -- --json              # the report as JSON
 //! ```
 //!
 //! The "database" is a generated table paged 500 rows at a time (the source is pulled: a
-//! page is read only when the pipeline has room); the "service" answers in 1–8 ms, fails 3%
-//! of calls and hangs on 0.5% of them, which the 50 ms timeout turns into failures.
+//! page is read only when the pipeline has room). The "service" takes 10,000 calls a second,
+//! answers in 1–8 ms, fails 3% of calls with a 503 and hangs on 0.5% of them (the 50 ms
+//! timeout turns those into failures): both pass on a retry. It answers 404 for the
+//! customers it does not know, which no retry fixes, so those are not retried: the failures
+//! left at the end, in the dead-letter file, are the orders that stay failed.
 
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use flowline::ProgressOptions;
 use flowline::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -27,6 +35,26 @@ struct Enriched {
     order: Order,
     tier: &'static str,
 }
+
+/// What the service answers instead of a tier.
+#[derive(Debug)]
+enum ServiceError {
+    /// 503: busy; the next call may well pass.
+    Unavailable,
+    /// 404: this customer does not exist; asking again changes nothing.
+    UnknownCustomer(u64),
+}
+
+impl std::fmt::Display for ServiceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServiceError::Unavailable => f.write_str("503 service unavailable"),
+            ServiceError::UnknownCustomer(c) => write!(f, "404 no customer {c}"),
+        }
+    }
+}
+
+impl std::error::Error for ServiceError {}
 
 /// A deterministic pseudo-random number for `x` (splitmix64), so every run sees the same data.
 fn mix(x: u64) -> u64 {
@@ -54,15 +82,24 @@ struct CustomerService {
 }
 
 impl CustomerService {
-    async fn tier(&self, customer: u64, attempt_salt: u64) -> Result<&'static str, String> {
+    /// `attempt` varies the outcome of a transient fault, as a real retry would.
+    async fn tier(
+        &self,
+        customer: u64,
+        order: u64,
+        attempt: u32,
+    ) -> Result<&'static str, ServiceError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        let r = mix(customer ^ attempt_salt);
+        if customer % 500 == 7 {
+            return Err(ServiceError::UnknownCustomer(customer));
+        }
+        let r = mix(order ^ (u64::from(attempt) << 40));
         if r % 200 == 0 {
             tokio::time::sleep(Duration::from_secs(30)).await; // hangs
         }
         tokio::time::sleep(Duration::from_millis(1 + r % 8)).await;
         if r % 100 < 3 {
-            return Err(format!("503 from customer service for customer {customer}"));
+            return Err(ServiceError::Unavailable);
         }
         Ok(match customer % 10 {
             0 => "gold",
@@ -72,15 +109,27 @@ impl CustomerService {
     }
 }
 
+/// A failure worth another call: anything but an unknown customer.
+fn worth_retrying(e: &ItemError) -> bool {
+    let unknown = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<ServiceError>())
+        .is_some_and(|s| matches!(s, ServiceError::UnknownCustomer(_)));
+    !unknown && matches!(e, ItemError::User(_) | ItemError::Timeout(_))
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     const TOTAL: u64 = 20_000;
     const PAGE: u64 = 500;
+    let json = std::env::args().any(|a| a == "--json");
     let service = Arc::new(CustomerService {
         calls: AtomicU64::new(0),
     });
     let dead_letters = std::env::temp_dir().join("flowline-quickstart-failed.jsonl");
     let _ = std::fs::remove_file(&dead_letters);
+
+    // Metrics: an application that exports them installs its recorder (a Prometheus
+    // exporter, say) here, before the run; the stages report to whatever is installed.
 
     // The source pages through the table with keyset pagination.
     let mut after = 0u64;
@@ -96,18 +145,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let svc = service.clone();
     let revenue = Arc::new(AtomicU64::new(0));
     let total_revenue = revenue.clone();
-    let report = pages
+    let mut plan = pages
         .flat_map(|page| page)
         .filter(|order| order.cents > 0)
         .try_map_async("customer-tier", move |order: Order| {
             let svc = svc.clone();
+            let attempt = flowline::attempt();
             async move {
-                let tier = svc.tier(order.customer, order.id).await?;
-                Ok::<_, String>(Enriched { order, tier })
+                let tier = svc.tier(order.customer, order.id, attempt).await?;
+                Ok::<_, ServiceError>(Enriched { order, tier })
             }
         })
-        .workers(32)
+        .workers(64)
+        .rate_limit(Rate::per_second(10_000).burst(64)) // what the service allows
         .timeout(Duration::from_millis(50))
+        .retry(
+            Retry::exponential(Duration::from_millis(10))
+                .max_attempts(5)
+                .jitter()
+                .retry_if(worth_retrying),
+        )
         .keep_input()
         .unordered()
         .map(|e| {
@@ -116,7 +173,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             } else {
                 e.order.cents / 2
             }
-        })
+        });
+    // A live bar when someone watches (stderr is a terminal and the `progress` feature is
+    // on); no bar, no progress lines in a log or in CI.
+    if cfg!(feature = "progress") && std::io::stderr().is_terminal() {
+        plan = plan.progress_with(
+            ProgressOptions::new()
+                .total(TOTAL)
+                .every(Duration::from_millis(100)),
+        );
+    }
+    let report = plan
         .for_each(move |cents| {
             let revenue = revenue.clone();
             async move {
@@ -126,14 +193,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .dead_letter(DeadLetter::jsonl(&dead_letters))
         .await?;
 
-    println!("{report}");
-    println!(
-        "service calls: {}, weighted revenue: {:.2}, dead letters: {} (in {})",
-        service.calls.load(Ordering::Relaxed),
-        total_revenue.load(Ordering::Relaxed) as f64 / 100.0,
-        report.failures,
-        dead_letters.display()
-    );
+    if json {
+        println!("{}", report.to_json());
+    } else {
+        println!("{report}");
+        println!(
+            "service calls: {}, weighted revenue: {:.2}, dead letters: {} (in {})",
+            service.calls.load(Ordering::Relaxed),
+            total_revenue.load(Ordering::Relaxed) as f64 / 100.0,
+            report.failures,
+            dead_letters.display()
+        );
+    }
     let stage = report
         .stage("customer-tier")
         .expect("the stage is in the report");
@@ -146,6 +217,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         report.delivered() + report.failures,
         TOTAL,
         "nothing was lost"
+    );
+    // Retries took care of the 503s and the hangs: what is left failed for good.
+    assert!(
+        report
+            .failure_sample
+            .iter()
+            .all(|f| f.error.to_string().starts_with("404")),
+        "only unknown customers stay failed"
     );
     Ok(())
 }

@@ -22,7 +22,7 @@
 //!     .await
 //!     .unwrap();
 //! assert_eq!(report.failures, 10);           // kept, counted and logged: never dropped
-//! assert!(report.is_balanced());             // in = out + dropped + failed, per stage
+//! assert!(report.is_balanced());             // in = ok + dropped + failed, per stage
 //! println!("{report}");
 //! # }
 //! ```
@@ -57,7 +57,9 @@
 //!
 //! ## Features
 //!
-//! - `jsonl` (default): [`DeadLetter::jsonl`], failures appended to a JSON-lines file.
+//! - `jsonl` (default): [`DeadLetter::jsonl`], failures appended to a JSON-lines file, and
+//!   [`Report::to_json`]; turns on `serde`.
+//! - `serde`: [`Report`] is `Serialize` (written out, no derive macro in the build).
 //! - `progress`: [`Flow::progress`] draws bars on a terminal; without it, plain lines.
 //! - `tower`: `Flow::call_service` (a `tower::Service` as a stage) and [`Rate`] as a
 //!   `tower::Layer`; depends on tower's two trait crates (`tower-service`, `tower-layer`) only.
@@ -145,7 +147,7 @@ pub use policy::rate::Rate;
 #[cfg(feature = "tower")]
 pub use policy::rate_layer::RateLimited;
 pub use policy::retry::{Retry, RetryAfter, RetryBudget};
-pub use report::{LatencySummary, Report, RunOutcome, StageReport};
+pub use report::{FailureReasons, LatencySummary, Report, RunOutcome, StageReport};
 pub use runtime::batch_sink::BatchSink;
 pub use runtime::handle::{Control, Handle, ItemStream};
 pub use runtime::run::Run;

@@ -1,10 +1,19 @@
-//! `.progress()`: live per-stage counts, rate, and ETA when the total is known.
+//! `.progress()`: live per-stage counts, rate, failures and retries, and ETA when the total
+//! is known.
 //!
-//! On a terminal (stderr, with the `progress` feature) it draws an indicatif bar; anywhere
-//! else it writes one plain line per interval, made to be parsed:
+//! On a terminal (stderr, with the `progress` feature) it draws one line that fits the
+//! terminal's width: a bar with ETA when the total is known, a spinner without one when it is
+//! not, then the stages, elided (`…`) rather than wrapped when they do not all fit:
 //!
 //! ```text
-//! progress elapsed_ms=2000 done=512 total=1000 rate=256.0 eta_ms=1906 | source in=768 ok=768 dropped=0 failed=0 | work in=768 ok=512 dropped=0 failed=0 | sink in=512 ok=512 dropped=0 failed=0
+//! 00:00:02 [######--------------] 7.23k/20.0k 3.61k/s eta 4s · 41 failed · 230 retries | source 40 › customer-tier 7.23k (41 failed) › … › sink 7.18k
+//! ⠙ 00:00:02 7.23k done 3.61k/s · 41 failed · 230 retries | source 15 › customer-tier 7.23k (41 failed) › … › sink 7.18k
+//! ```
+//!
+//! Anywhere else it writes one plain line per interval, made to be parsed:
+//!
+//! ```text
+//! progress elapsed_ms=2000 done=512 total=1000 rate=256.0 eta_ms=1906 | source in=768 ok=768 dropped=0 failed=0 retried=0 | work in=768 ok=512 dropped=0 failed=0 retried=9 | sink in=512 ok=512 dropped=0 failed=0 retried=0
 //! ```
 //!
 //! `done` counts finished items (delivered at the sink, or dropped or failed at any stage),
@@ -21,7 +30,7 @@ use std::time::Duration;
 use tokio::time::MissedTickBehavior;
 
 use crate::plan::Pipeline;
-use crate::report::StageReport;
+use crate::report::{StageReport, elide, fmt_duration, si, si_count};
 use crate::runtime::time::interval_from_now;
 
 type Out = Arc<Mutex<Box<dyn Write + Send>>>;
@@ -141,12 +150,13 @@ fn line(tag: &str, elapsed: Duration, total: Option<u64>, stages: &[StageReport]
     for st in stages {
         let _ = write!(
             s,
-            " | {} in={} ok={} dropped={} failed={}",
+            " | {} in={} ok={} dropped={} failed={} retried={}",
             st.name.replace(char::is_whitespace, "_"),
             st.received,
             st.passed,
             st.dropped,
-            st.failed
+            st.failed,
+            st.retried
         );
     }
     s.push('\n');
@@ -155,8 +165,97 @@ fn line(tag: &str, elapsed: Duration, total: Option<u64>, stages: &[StageReport]
 
 /// Finished items: delivered at the last stage (the sink), or dropped or failed anywhere.
 fn finished(stages: &[StageReport]) -> u64 {
-    let ended: u64 = stages.iter().map(|s| s.dropped + s.failed).sum();
-    ended + stages.last().map_or(0, |s| s.passed)
+    let ended = stages.iter().fold(0u64, |a, s| {
+        a.saturating_add(s.dropped).saturating_add(s.failed)
+    });
+    ended.saturating_add(stages.last().map_or(0, |s| s.passed))
+}
+
+/// The bar's text after its fixed part (elapsed time, and the bar itself or a spinner), in
+/// at most `width` characters: the totals first, then as many stages as fit. Stages with
+/// failures, async stages (where the time goes) and the sink are kept before the others;
+/// a gap where stages were left out shows as `…`.
+#[cfg_attr(not(feature = "progress"), allow(dead_code))]
+fn bar_text(width: usize, elapsed: Duration, total: Option<u64>, stages: &[StageReport]) -> String {
+    let done = finished(stages);
+    let secs = elapsed.as_secs_f64();
+    let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
+    let mut head = match total {
+        Some(t) => {
+            let mut h = format!("{}/{} {}/s", si_count(done.min(t)), si_count(t), si(rate));
+            if rate > 0.0 && done < t {
+                let eta = Duration::try_from_secs_f64((t - done) as f64 / rate);
+                h.push_str(&format!(" eta {}", eta.map_or("-".into(), fmt_duration)));
+            }
+            h
+        }
+        None => format!("{} done {}/s", si_count(done), si(rate)),
+    };
+    let failed = stages.iter().fold(0u64, |a, s| a.saturating_add(s.failed));
+    if failed > 0 {
+        head.push_str(&format!(" · {} failed", si_count(failed)));
+    }
+    let retries = stages.iter().fold(0u64, |a, s| a.saturating_add(s.retried));
+    if retries > 0 {
+        head.push_str(&format!(" · {} retries", si_count(retries)));
+    }
+    let entries: Vec<String> = stages
+        .iter()
+        .map(|s| {
+            let mut e = format!("{} {}", elide(&s.name, 18), si_count(s.emitted));
+            if s.failed > 0 {
+                e.push_str(&format!(" ({} failed)", si_count(s.failed)));
+            }
+            e
+        })
+        .collect();
+    let render = |keep: &[bool]| {
+        let mut out = String::new();
+        let mut gap = false;
+        for (e, &k) in entries.iter().zip(keep) {
+            if !k {
+                gap = true;
+                continue;
+            }
+            if gap {
+                out.push_str(if out.is_empty() {
+                    "… › "
+                } else {
+                    " › … › "
+                });
+            } else if !out.is_empty() {
+                out.push_str(" › ");
+            }
+            gap = false;
+            out.push_str(e);
+        }
+        if gap && !out.is_empty() {
+            out.push_str(" › …");
+        }
+        out
+    };
+    let mut order: Vec<usize> = (0..stages.len()).collect();
+    let last = stages.len().saturating_sub(1);
+    order.sort_by_key(|&i| {
+        let s = &stages[i];
+        (s.failed == 0, s.kind != "async", i != last, i)
+    });
+    let room = width.saturating_sub(head.chars().count() + " | ".len());
+    let mut keep = vec![false; stages.len()];
+    for i in order {
+        keep[i] = true;
+        if render(&keep).chars().count() > room {
+            keep[i] = false;
+        }
+    }
+    let tail = render(&keep);
+    if !tail.is_empty() {
+        format!("{head} | {tail}")
+    } else if !stages.is_empty() && room >= 1 {
+        format!("{head} | …")
+    } else {
+        elide(&head, width)
+    }
 }
 
 /// Every bar of the process, so log lines can be written above all of them at once.
@@ -197,8 +296,21 @@ impl Write for StderrAboveProgress {
 
 enum Draw {
     Lines(Out),
+    /// The bar, and how many columns its fixed part takes (all but the message).
     #[cfg(feature = "progress")]
-    Bar(indicatif::ProgressBar),
+    Bar(indicatif::ProgressBar, usize),
+}
+
+/// The columns of `{elapsed_precise} ` before a bar's message.
+#[cfg(feature = "progress")]
+const BAR_FIXED: usize = 9;
+
+/// The terminal's width in columns (80 when it cannot be told).
+#[cfg(feature = "progress")]
+fn term_width() -> usize {
+    console::Term::stderr()
+        .size_checked()
+        .map_or(80, |(_, cols)| usize::from(cols))
 }
 
 impl Draw {
@@ -208,16 +320,32 @@ impl Draw {
         }
         #[cfg(feature = "progress")]
         if !opts.plain && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            let bar = match total {
-                Some(t) => indicatif::ProgressBar::new(t),
-                None => indicatif::ProgressBar::new_spinner(),
+            // The counts, rate and ETA are in the message, written here (indicatif's own
+            // `{per_sec}` and `{eta}` print many decimals, and its `{pos}/{len}` an empty
+            // "n/n" bar when the total is unknown). `wide_msg` cuts what is still too long.
+            // A short bar on a narrow terminal leaves the counts their room.
+            let bar_len = (term_width() / 8).clamp(10, 30);
+            let (bar, template, fixed) = match total {
+                Some(t) => (
+                    indicatif::ProgressBar::new(t),
+                    format!("{{elapsed_precise}} [{{bar:{bar_len}}}] {{wide_msg}}"),
+                    BAR_FIXED + bar_len + 3,
+                ),
+                None => (
+                    indicatif::ProgressBar::new_spinner(),
+                    "{spinner} {elapsed_precise} {wide_msg}".to_string(),
+                    BAR_FIXED + 2,
+                ),
             };
-            let style = indicatif::ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            let style = indicatif::ProgressStyle::with_template(&template)
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("#>-");
             bar.set_style(style);
-            return Draw::Bar(bars().add(bar));
+            let bar = bars().add(bar);
+            if total.is_none() {
+                bar.enable_steady_tick(Duration::from_millis(120));
+            }
+            return Draw::Bar(bar, fixed);
         }
         let _ = total;
         Draw::Lines(Arc::new(Mutex::new(Box::new(std::io::stderr()))))
@@ -233,13 +361,13 @@ impl Draw {
                 let _ = w.flush();
             }
             #[cfg(feature = "progress")]
-            Draw::Bar(bar) => {
-                bar.set_position(finished(stages));
-                let msg: Vec<String> = stages
-                    .iter()
-                    .map(|s| format!("{} {}/{}", s.name, s.passed, s.received))
-                    .collect();
-                bar.set_message(msg.join(" · "));
+            Draw::Bar(bar, fixed) => {
+                let done = finished(stages);
+                bar.set_position(total.map_or(done, |t| done.min(t)));
+                // One column spare: a line as wide as the terminal makes some terminals
+                // wrap, and the bar would then redraw below a stale copy of itself.
+                let width = term_width().saturating_sub(fixed + 1);
+                bar.set_message(bar_text(width, elapsed, total, stages));
                 if fin {
                     bar.finish();
                 }
@@ -361,6 +489,81 @@ mod tests {
                 (st.received, st.passed, st.dropped, st.failed)
             );
         }
+    }
+
+    fn stage(name: &str, kind: &'static str, emitted: u64, failed: u64) -> StageReport {
+        StageReport {
+            name: name.into(),
+            kind,
+            received: emitted + failed,
+            passed: emitted,
+            emitted,
+            dropped: 0,
+            failed,
+            failed_by: crate::FailureReasons::default(),
+            retried: failed * 2,
+            unfinished: 0,
+            latency: None,
+        }
+    }
+
+    fn stages() -> Vec<StageReport> {
+        vec![
+            stage("source", "source", 2_000, 0),
+            stage("look-up-the-customer-in-the-eu-region", "async", 2_000, 0),
+            stage("charge-the-card", "async", 1_960, 40),
+            stage("filter", "filter", 1_307, 0),
+            stage("sink", "sink", 1_000, 0),
+        ]
+    }
+
+    #[test]
+    fn the_bar_says_done_rate_eta_failures_and_retries() {
+        let secs = Duration::from_secs(2);
+        let known = bar_text(200, secs, Some(2_000), &stages());
+        assert_eq!(
+            known,
+            "1.04k/2.00k 520/s eta 1.85s · 40 failed · 80 retries | source 2.00k › \
+             look-up-t…u-region 2.00k › charge-the-card 1.96k (40 failed) › filter 1.31k › \
+             sink 1.00k"
+        );
+        let unknown = bar_text(200, secs, None, &stages());
+        assert!(
+            unknown.starts_with("1.04k done 520/s · 40 failed"),
+            "{unknown}"
+        );
+        assert!(!unknown.contains("eta"), "{unknown}");
+        // Done: no ETA left to show.
+        let fin = bar_text(200, secs, Some(1_040), &stages());
+        assert!(fin.starts_with("1.04k/1.04k 520/s · 40"), "{fin}");
+        // Nothing done yet, no time gone: no rate to divide by.
+        let idle = bar_text(
+            200,
+            Duration::ZERO,
+            Some(10),
+            &[stage("source", "source", 0, 0)],
+        );
+        assert_eq!(idle, "0/10 0/s | source 0");
+    }
+
+    #[test]
+    fn stages_that_do_not_fit_are_elided_failures_and_async_first() {
+        let all = stages();
+        for width in [0, 10, 40, 60, 80, 120] {
+            let text = bar_text(width, Duration::from_secs(2), None, &all);
+            assert!(text.chars().count() <= width, "{width}: {text}");
+        }
+        let text = bar_text(80, Duration::from_secs(2), None, &all);
+        // The stage that failed items does not fit: the async one does.
+        assert_eq!(
+            text,
+            "1.04k done 520/s · 40 failed · 80 retries | … › look-up-t…u-region 2.00k › …"
+        );
+        let text = bar_text(100, Duration::from_secs(2), None, &all);
+        assert_eq!(
+            text,
+            "1.04k done 520/s · 40 failed · 80 retries | … › charge-the-card 1.96k (40 failed) › … › sink 1.00k"
+        );
     }
 
     #[tokio::test]

@@ -261,6 +261,7 @@ impl RunCtx {
             drop(first);
             self.cancel.cancel();
         }
+        self.count_reason(&failure);
         self.failure_log.record(&failure);
         self.dead.record(failure);
     }
@@ -270,6 +271,20 @@ impl RunCtx {
         let mut slot = self.panicked.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             *slot = Some(message);
+        }
+    }
+
+    /// Counts the failure's reason at its stage. Looked up by name (the stages pass theirs,
+    /// shared, so the pointer usually matches first): one short scan per failed item, so that
+    /// none of the places that fail items needs to know.
+    fn count_reason(&self, failure: &Failure) {
+        let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let stage = stats
+            .iter()
+            .find(|s| Arc::ptr_eq(&s.name, &failure.stage))
+            .or_else(|| stats.iter().find(|s| s.name == failure.stage));
+        if let Some(s) = stage {
+            s.failed_because(&failure.error);
         }
     }
 
