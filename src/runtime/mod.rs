@@ -206,6 +206,7 @@ pub struct RunCtx {
     /// A stall watchdog wants the age of the oldest call of each async stage.
     pub(crate) watch_calls: std::sync::atomic::AtomicBool,
     /// The run's name (`RunOptions::name`): its span's and its metrics' `pipeline`.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     pub(crate) name: Arc<str>,
     /// The run's span, a child of the span current where the run was started; every
     /// stage task's span is its child.
@@ -213,6 +214,7 @@ pub struct RunCtx {
     /// Failures summed per stage and interval for the log (one line per stage and interval).
     pub(crate) failure_log: crate::observe::failure_log::FailureLog,
     /// Ctrl-C stops the run, a second one cancels it (`RunOptions::stop_on_ctrl_c`).
+    #[cfg_attr(not(feature = "signal"), allow(dead_code))]
     pub(crate) ctrl_c: bool,
     /// The admission policies of each async stage, for gauges (an adaptive limit, a
     /// breaker's state).

@@ -141,8 +141,9 @@ impl<T: Send + 'static> Pipeline<T> {
     /// use std::sync::{Arc, Mutex};
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// let ends = Arc::new(Mutex::new(Vec::new()));
-    /// let items = (1..=4u32).map(|i| {
-    ///     let ends = ends.clone();
+    /// let record = ends.clone();
+    /// let items = (1..=4u32).map(move |i| {
+    ///     let ends = record.clone();
     ///     Ok::<_, String>((i, Completion::new(move |e| ends.lock().unwrap().push((i, e)))))
     /// });
     /// let report = Pipeline::from_tracked(futures_util::stream::iter(items), async {})

@@ -52,7 +52,7 @@ impl<F> StreamSink<F> {
     /// A sink adding to `stream` at `url`; `fields` turns an item into the entry's fields.
     ///
     /// ```
-    /// let err = flowline_redis::StreamSink::new("redis://127.0.0.1/", "", |_: &u8| vec![])
+    /// let err = flowline_redis::StreamSink::new("redis://127.0.0.1/", "", |_: &u8| Vec::<(String, String)>::new())
     ///     .unwrap_err();
     /// assert!(err.to_string().contains("stream"));
     /// ```
@@ -92,7 +92,7 @@ impl<F> StreamSink<F> {
     /// removed, so a few more may stay). At least 1.
     ///
     /// ```
-    /// let sink = flowline_redis::StreamSink::new("redis://127.0.0.1/", "s", |_: &u8| vec![])
+    /// let sink = flowline_redis::StreamSink::new("redis://127.0.0.1/", "s", |_: &u8| Vec::<(String, String)>::new())
     ///     .unwrap()
     ///     .max_len(10_000)
     ///     .unwrap();

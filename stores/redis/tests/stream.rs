@@ -34,15 +34,19 @@ async fn fill(url: &str, stream: &str, n: usize) {
     p.query_async::<()>(&mut c).await.unwrap();
 }
 
-/// Pending entries of the group: total, and per consumer.
+/// Pending entries of the group: total, and per consumer (none before the group exists).
 async fn pending(url: &str, stream: &str) -> (i64, HashMap<String, i64>) {
     let mut c = conn(url).await;
-    let v: redis::Value = redis::cmd("XPENDING")
+    let v: redis::Value = match redis::cmd("XPENDING")
         .arg(stream)
         .arg("g")
         .query_async(&mut c)
         .await
-        .unwrap();
+    {
+        Ok(v) => v,
+        Err(e) if e.code() == Some("NOGROUP") => return (0, HashMap::new()),
+        Err(e) => panic!("XPENDING: {e}"),
+    };
     let redis::Value::Array(parts) = v else {
         panic!("{v:?}")
     };
