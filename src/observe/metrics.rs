@@ -14,7 +14,7 @@
 //! | `flowline_stage_in_flight` | gauge | items inside the stage (received, not yet out) |
 //! | `flowline_adaptive_limit` | gauge | an adaptive stage's limit on calls in flight |
 //! | `flowline_breaker_state` | gauge | a breaker's state: 0 closed, 1 half-open, 2 open |
-//! | `flowline_stage_call_duration_seconds` | histogram | call latency of async stages, from the sampled calls the report's percentiles use |
+//! | `flowline_stage_call_duration_seconds` | histogram | call latency of async stages, from the sampled calls the report's percentiles use (at most about 1,024 a second per stage) |
 //!
 //! The stages keep their counters anyway (for the report, progress and snapshots). The
 //! exporter reads them on a schedule ([`EVERY`]) and once more when the run has ended, and
@@ -162,7 +162,11 @@ impl StageMetrics {
         self.failed[i].1.to(total);
     }
 
-    /// Records the calls timed since the last export into the histogram.
+    /// Records the calls timed since the last export into the histogram: all of them, or
+    /// for a busy stage a sample of [`MAX_EXPORTED`] in the same proportions. An exporter
+    /// records a value at a time (`record_many` of a Prometheus histogram is a loop), so
+    /// handing it a million calls a second would cost more than the calls; the number of
+    /// calls is in the counters.
     fn latency(&mut self, now: Option<Histogram<u64>>) {
         let Some(now) = now else { return };
         let mut new = now.clone();
@@ -171,14 +175,19 @@ impl StageMetrics {
                 return;
             }
         }
+        let scale = (MAX_EXPORTED as f64 / new.len().max(1) as f64).min(1.0);
         for v in new.iter_recorded() {
             let seconds = v.value_iterated_to() as f64 / 1e9;
-            self.duration
-                .record_many(seconds, v.count_at_value() as usize);
+            let n = (v.count_at_value() as f64 * scale).ceil() as usize;
+            self.duration.record_many(seconds, n);
         }
         self.latency = Some(now);
     }
 }
+
+/// The most latency samples a stage hands the exporter per export (once a second), give
+/// or take one per distinct value.
+const MAX_EXPORTED: u64 = 1_024;
 
 #[derive(Default)]
 struct Exporter {
@@ -354,6 +363,33 @@ mod tests {
     }
 
     #[test]
+    fn a_busy_stage_exports_a_bounded_sample_of_its_call_times() {
+        let keep = Keep::default();
+        let report = with(&keep, || async move {
+            Pipeline::from_iter(0..50_000u64)
+                .map_async("call", |x| async move { x })
+                .run()
+                .name("known")
+                .await
+                .unwrap()
+        });
+        let timed = report.stage("call").unwrap().latency.unwrap().samples;
+        assert!(timed > 40_000, "{timed}");
+        let exported = keep
+            .get("flowline_stage_call_duration_seconds", "call", "")
+            .samples
+            .lock()
+            .unwrap()
+            .len() as u64;
+        // One export (the run is shorter than a second): the sample, plus at most one more
+        // per distinct value (instant calls take a handful of distinct times).
+        assert!(
+            (1..=super::MAX_EXPORTED + 64).contains(&exported),
+            "{exported}"
+        );
+    }
+
+    #[test]
     fn a_run_exports_its_exact_counts() {
         let keep = Keep::default();
         let adaptive = Adaptive::aimd(1..=8);
@@ -412,7 +448,7 @@ mod tests {
             adaptive.limit() as f64
         );
         assert_eq!(keep.gauge("flowline_breaker_state", "store"), 0.0);
-        // Every call the report timed is in the histogram, once.
+        // Fewer calls than an export samples: every call the report timed is there, once.
         let samples = keep
             .get("flowline_stage_call_duration_seconds", "call", "")
             .samples
