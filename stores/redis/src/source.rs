@@ -203,6 +203,22 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// `XREADGROUP` of this consumer for a batch after `after` (`0`: its own pending
+    /// entries; `>`: new ones), blocking `block` ms when given.
+    fn read_group(&self, block: Option<&str>, after: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(self.opts.batch);
+        if let Some(ms) = block {
+            cmd.arg("BLOCK").arg(ms);
+        }
+        cmd.arg("STREAMS").arg(&self.stream).arg(after);
+        cmd
+    }
+
     pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -432,19 +448,7 @@ async fn read_inner(sh: &Arc<Shared>, tx: &Feed) -> Result<(), BoxError> {
         let v: Value = sh
             .retry(&conn, "XREADGROUP", go_on, |mut c| {
                 let after = after.clone();
-                async move {
-                    redis::cmd("XREADGROUP")
-                        .arg("GROUP")
-                        .arg(&sh.group)
-                        .arg(&sh.consumer)
-                        .arg("COUNT")
-                        .arg(sh.opts.batch)
-                        .arg("STREAMS")
-                        .arg(&sh.stream)
-                        .arg(after)
-                        .query_async(&mut c)
-                        .await
-                }
+                async move { sh.read_group(None, &after).query_async(&mut c).await }
             })
             .await
             .map_err(|e| fail(e, sh))?;
@@ -469,17 +473,7 @@ async fn read_inner(sh: &Arc<Shared>, tx: &Feed) -> Result<(), BoxError> {
         let call = sh.retry(&conn, "XREADGROUP", go_on, |mut c| {
             let block_ms = block_ms.clone();
             async move {
-                redis::cmd("XREADGROUP")
-                    .arg("GROUP")
-                    .arg(&sh.group)
-                    .arg(&sh.consumer)
-                    .arg("COUNT")
-                    .arg(sh.opts.batch)
-                    .arg("BLOCK")
-                    .arg(block_ms)
-                    .arg("STREAMS")
-                    .arg(&sh.stream)
-                    .arg(">")
+                sh.read_group(Some(&block_ms), ">")
                     .query_async::<Value>(&mut c)
                     .await
             }
