@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::dead_letter::{DeadLetter, DeadLetters};
 use crate::error::Error;
-use crate::report::{Report, RunOutcome};
+use crate::report::Report;
 use crate::runtime::RunCtx;
 use crate::runtime::chunk::{Chunk, Outcome, Ticket};
 
@@ -46,9 +46,9 @@ enum State {
 /// # }
 /// ```
 pub struct Handle {
-    run: Arc<RunCtx>,
+    /// The steering every handle shares with its [`Control`]s.
+    ctl: Control,
     state: State,
-    started: tokio::time::Instant,
 }
 
 impl fmt::Debug for Handle {
@@ -68,29 +68,33 @@ impl Handle {
         use tracing::Instrument as _;
         let span = run.span.clone();
         Handle {
-            run,
+            ctl: Control {
+                run,
+                started: tokio::time::Instant::now(),
+            },
             state: State::Running(tokio::spawn(task.instrument(span))),
-            started: tokio::time::Instant::now(),
         }
     }
 
     /// A handle on a run that could not start.
     pub(crate) fn not_started(e: Error) -> Handle {
         Handle {
-            run: Arc::new(RunCtx::new(
-                &crate::RunOptions::default(),
-                DeadLetters::open(&DeadLetter::report())
-                    .expect("the report target cannot fail to open"),
-            )),
+            ctl: Control {
+                run: Arc::new(RunCtx::new(
+                    &crate::RunOptions::default(),
+                    DeadLetters::open(&DeadLetter::report())
+                        .expect("the report target cannot fail to open"),
+                )),
+                started: tokio::time::Instant::now(),
+            },
             state: State::NotStarted(e),
-            started: tokio::time::Instant::now(),
         }
     }
 
     /// Stops the run now. `join` then returns [`Error::Cancelled`] with the report; the
     /// items that were in flight are counted as unfinished.
     pub fn cancel(&self) {
-        self.run.cancel.cancel();
+        self.ctl.cancel();
     }
 
     /// The run's cancellation token: cancelled when the run is cancelled (by
@@ -115,46 +119,39 @@ impl Handle {
     /// # }
     /// ```
     pub fn cancellation_token(&self) -> tokio_util::sync::CancellationToken {
-        self.run.cancel.clone()
+        self.ctl.cancellation_token()
     }
 
     /// Stops pulling the source; what is in flight finishes, and `join` returns the report
-    /// with [`RunOutcome::Stopped`].
+    /// with [`RunOutcome::Stopped`](crate::RunOutcome::Stopped).
     pub fn stop(&self) {
-        self.run.stop_requested.store(true, Ordering::Relaxed);
-        self.run.gate.stop();
+        self.ctl.stop();
     }
 
     /// Pauses the source: nothing more is pulled until `resume` (or `step`); items already
     /// pulled go on and finish.
     pub fn pause(&self) {
-        self.run.gate.pause();
+        self.ctl.pause();
     }
 
     /// Resumes a paused source.
     pub fn resume(&self) {
-        self.run.gate.resume();
+        self.ctl.resume();
     }
 
     /// While paused, lets exactly `n` more items out of the source.
     pub fn step(&self, n: u64) {
-        self.run.gate.step(n);
+        self.ctl.step(n);
     }
 
     /// Whether the source is paused (by `pause`, or held by a stage).
     pub fn is_paused(&self) -> bool {
-        self.run.gate.is_paused()
+        self.ctl.is_paused()
     }
 
     /// The counters of every stage right now.
     pub fn snapshot(&self) -> Report {
-        Report {
-            stages: self.run.snapshot_stages(),
-            elapsed: self.started.elapsed(),
-            outcome: RunOutcome::Running,
-            failures: self.run.dead.count(),
-            failure_sample: Vec::new(),
-        }
+        self.ctl.snapshot()
     }
 
     /// A cloneable remote for this run's [`stop`](Handle::stop) and
@@ -179,10 +176,7 @@ impl Handle {
     /// # }
     /// ```
     pub fn control(&self) -> Control {
-        Control {
-            run: self.run.clone(),
-            started: self.started,
-        }
+        self.ctl.clone()
     }
 
     /// Waits for the run to end and returns its report.
@@ -200,7 +194,7 @@ impl Handle {
 impl Drop for Handle {
     fn drop(&mut self) {
         if matches!(self.state, State::Running(_)) {
-            self.run.cancel.cancel();
+            self.ctl.run.cancel.cancel();
         }
     }
 }
