@@ -39,6 +39,9 @@ pub(super) mod sealed {
 pub trait StageFn<T, U>: sealed::Sealed + Send + 'static {
     /// The call's future.
     type Future: Future<Output = Result<U, BoxError>> + Send + 'static;
+    /// Whether `poll_ready` is always ready (a closure): the driver then never asks.
+    #[doc(hidden)]
+    const ALWAYS_READY: bool = false;
     /// Whether the next call may start (a [`tower::Service`](https://docs.rs/tower)'s
     /// `poll_ready`): `Pending` holds the stage's next call back, an error means no call
     /// can ever be made. A closure is always ready.
@@ -70,6 +73,7 @@ where
     U: Send + 'static,
 {
     type Future = futures_util::future::Map<Fut, fn(U) -> Result<U, BoxError>>;
+    const ALWAYS_READY: bool = true;
     #[inline]
     fn call(&mut self, item: T) -> Self::Future {
         (self.0)(item).map(Ok as fn(U) -> Result<U, BoxError>)
@@ -97,6 +101,7 @@ where
     U: Send + 'static,
 {
     type Future = futures_util::future::MapErr<Fut, fn(E) -> BoxError>;
+    const ALWAYS_READY: bool = true;
     #[inline]
     fn call(&mut self, item: T) -> Self::Future {
         (self.0)(item).map_err(Into::into as fn(E) -> BoxError)
@@ -124,6 +129,7 @@ where
     U: Send + 'static,
 {
     type Future = futures_util::future::Map<Fut, fn(U) -> Result<U, BoxError>>;
+    const ALWAYS_READY: bool = true;
     #[inline]
     fn call(&mut self, item: T) -> Self::Future {
         (self.1)(self.0.clone(), item).map(Ok as fn(U) -> Result<U, BoxError>)
@@ -152,6 +158,7 @@ where
     U: Send + 'static,
 {
     type Future = futures_util::future::MapErr<Fut, fn(E) -> BoxError>;
+    const ALWAYS_READY: bool = true;
     #[inline]
     fn call(&mut self, item: T) -> Self::Future {
         (self.1)(self.0.clone(), item).map_err(Into::into as fn(E) -> BoxError)

@@ -70,7 +70,15 @@ pub(super) async fn drive<T, U, S>(
     let admissions: Vec<Box<dyn Admission>> =
         options.policies.iter().map(|p| p.admission()).collect();
     let retry = options.retry.as_ref().map(|r| r.stage());
+    let plain = S::ALWAYS_READY
+        && admissions.is_empty()
+        && retry.is_none()
+        && keep.is_none()
+        && copy.is_none()
+        && route.is_none()
+        && !options.trace_calls;
     let mut driver = Driver {
+        plain,
         up,
         up_done: false,
         waiting: VecDeque::new(),
@@ -195,6 +203,9 @@ impl<T> Backoff<T> {
 type Waiting<T, U, S> = Call<<S as StageFn<T, U>>::Future, T>;
 
 struct Driver<T, U, S: StageFn<T, U>> {
+    /// No policy, retry, kept input, result routing or call span, and a call that is always
+    /// ready: items start in [`Driver::start_plain`]'s tight loop.
+    plain: bool,
     up: Upstream<T>,
     up_done: bool,
     /// Received, not yet started (at most one chunk).
@@ -588,6 +599,110 @@ where
         None
     }
 
+    /// Records a timed call's latency with the weight of the calls it stands for.
+    fn record_latency(&mut self, seq: u64, latency: Duration) {
+        let weight = if self.times_calls {
+            1
+        } else {
+            sample_stride(seq)
+        };
+        let nanos = latency.as_nanos().min(u64::MAX as u128) as u64;
+        let _ = self.hist.record_n(nanos, weight);
+        self.timed += 1;
+        if self.timed % MERGE_EVERY == 0 && self.merged_at.elapsed() >= MERGE_INTERVAL {
+            self.merged_at = Instant::now();
+            self.stats.merge_latency(&mut self.hist);
+        }
+    }
+
+    /// Starts calls of a plain stage while the limits allow and input waits: the work of
+    /// `pop_input`, `start` and `complete` for the common case in one loop, without the
+    /// per-item questions a plain stage always answers the same way. A call ready at its
+    /// first poll in input order goes straight to `out`; any other takes the general path
+    /// (`complete`, the in-flight set). True if an item started.
+    fn start_plain(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut started = false;
+        loop {
+            if !self.can_start() || (self.waiting.is_empty() && self.available(cx) == 0) {
+                return started;
+            }
+            let Some((item, ticket)) = self.waiting.pop_front() else {
+                return started;
+            };
+            started = true;
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            // Ordered: nothing started before it is still out, so it may go out at once.
+            let in_order = !self.ordered || self.reorder.is_empty();
+            let call = &mut self.call;
+            let fut = match make(|| call.call(item)) {
+                Ok(fut) => fut,
+                Err(e) => {
+                    self.plain_slow(seq, ticket, Err(e), None);
+                    continue;
+                }
+            };
+            let mut slot = match self.spare.take() {
+                Some(mut slot) => {
+                    slot.as_mut().set(Some(fut));
+                    slot
+                }
+                None => Box::pin(Some(fut)),
+            };
+            let start = (seq % sample_stride(seq) == 0).then(Instant::now);
+            match poll_slot(&mut slot, cx) {
+                Poll::Ready(result) => {
+                    self.spare = Some(slot);
+                    let latency = start.map(|s| s.elapsed());
+                    match result {
+                        Ok(u) if in_order => {
+                            if let Some(l) = latency {
+                                self.record_latency(seq, l);
+                            }
+                            self.out.push(u, ticket);
+                            if self.ordered {
+                                self.next_emit += 1;
+                            }
+                        }
+                        result => self.plain_slow(seq, ticket, result, latency),
+                    }
+                }
+                Poll::Pending => {
+                    if self.ordered {
+                        self.reorder.push_back(None);
+                    }
+                    let mut meta = Meta::new(seq, ticket);
+                    meta.attempts = 1;
+                    let mut call = Call::waiting(slot, meta, None, self.timeout, start);
+                    if let Some(waiting) = self.waiting_calls.as_mut() {
+                        let at = Instant::now();
+                        if let Some(seq) = call.mark_waiting(at) {
+                            waiting.insert((at, seq));
+                        }
+                    }
+                    self.inflight.push(call);
+                }
+            }
+        }
+    }
+
+    /// A plain stage's call that finished at once but cannot go straight out (it failed,
+    /// or an earlier item is still in flight): the general path.
+    fn plain_slow(
+        &mut self,
+        seq: u64,
+        ticket: Ticket,
+        result: Result<U, ItemError>,
+        latency: Option<Duration>,
+    ) {
+        if self.ordered {
+            self.reorder.push_back(None);
+        }
+        let mut meta = Meta::new(seq, ticket);
+        meta.attempts = 1;
+        self.complete(meta, result, latency, None, true);
+    }
+
     /// Accounts for a finished call (or an item refused without one: `called` false), and
     /// emits its result, fails it, or parks it for another attempt.
     fn complete(
@@ -606,18 +721,7 @@ where
             });
         }
         if let Some(l) = latency {
-            let weight = if self.times_calls {
-                1
-            } else {
-                sample_stride(meta.seq)
-            };
-            let nanos = l.as_nanos().min(u64::MAX as u128) as u64;
-            let _ = self.hist.record_n(nanos, weight);
-            self.timed += 1;
-            if self.timed % MERGE_EVERY == 0 && self.merged_at.elapsed() >= MERGE_INTERVAL {
-                self.merged_at = Instant::now();
-                self.stats.merge_latency(&mut self.hist);
-            }
+            self.record_latency(meta.seq, l);
         }
         if !self.admissions.is_empty() && called {
             let finished = Finished {
@@ -769,9 +873,12 @@ where
             if !self.held.is_empty() {
                 progress |= self.poll_held(cx, false);
             }
+            if self.plain {
+                progress |= self.start_plain(cx);
+            }
             // The admission the next call waits for, if any.
             let mut waits_on = None;
-            while self.can_start() {
+            while !self.plain && self.can_start() {
                 let available = self.available(cx);
                 if available == 0 {
                     break;
@@ -841,5 +948,65 @@ where
                 return Poll::Pending;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::prelude::*;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    /// A plain stage (no policy, no retry) over 3,000 items whose calls are ready at once,
+    /// wait (every 7th), fail (every 97th), or panic when made (100) or when polled (200):
+    /// returns what came out, in order, and the report.
+    async fn plain_mix(ordered: bool) -> (Vec<u32>, Report) {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let seen = out.clone();
+        let stage = Pipeline::from_iter(0..3_000u32)
+            .try_map_async("mix", |x| {
+                assert_ne!(x, 100, "panics when made");
+                async move {
+                    assert_ne!(x, 200, "panics when polled");
+                    if x % 7 == 0 {
+                        tokio::time::sleep(Duration::from_millis(u64::from(x % 5) + 1)).await;
+                    }
+                    if x % 97 == 0 { Err("bad") } else { Ok(x) }
+                }
+            })
+            .workers(8);
+        let stage = if ordered { stage } else { stage.unordered() };
+        let report = stage
+            .inspect(move |x| seen.lock().unwrap().push(*x))
+            .run()
+            .await
+            .unwrap();
+        let out = out.lock().unwrap().clone();
+        (out, report)
+    }
+
+    fn expected() -> Vec<u32> {
+        (0..3_000u32)
+            .filter(|x| x % 97 != 0 && *x != 100 && *x != 200)
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_plain_ordered_stage_mixes_quick_and_waiting_calls_in_input_order() {
+        let (out, report) = plain_mix(true).await;
+        assert_eq!(out, expected());
+        assert_eq!(report.failures, 3_000 - expected().len() as u64);
+        assert!(report.is_balanced());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_plain_unordered_stage_accounts_for_every_item() {
+        let (mut out, report) = plain_mix(false).await;
+        // Unordered: a waiting call does not hold the quick ones behind it.
+        assert_ne!(out, expected());
+        out.sort_unstable();
+        assert_eq!(out, expected());
+        assert_eq!(report.failures, 3_000 - expected().len() as u64);
+        assert!(report.is_balanced());
     }
 }

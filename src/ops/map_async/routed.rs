@@ -106,6 +106,7 @@ where
     U: Send + 'static,
 {
     type Future = futures_util::future::MapOk<S::Future, fn(U) -> Result<U, Failed<T>>>;
+    const ALWAYS_READY: bool = S::ALWAYS_READY;
     #[inline]
     fn poll_ready(
         &mut self,
