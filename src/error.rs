@@ -279,32 +279,27 @@ impl fmt::Display for Failure {
 /// assert!(err.to_string().contains("workers = 0"));
 /// # }
 /// ```
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
     /// Options with values they cannot take, every one of them at once. Raised before
     /// anything runs.
-    #[error("invalid configuration: {}", ConfigProblem::list(problems))]
     Config {
         /// Each option that was rejected, in the order the plan was written.
         problems: Vec<ConfigProblem>,
     },
     /// `ErrorPolicy::Stop`: the first failed item aborted the run.
-    #[error("run stopped on the first failure: {failure}")]
     ItemFailed {
         /// The failure that stopped the run.
-        #[source]
         failure: Failure,
         /// What happened up to that point.
         report: Box<Report>,
     },
     /// The source itself failed (its generator returned an error or panicked).
-    #[error("source `{stage}` failed: {error}")]
     Source {
         /// The source's name.
         stage: String,
         /// Why it failed.
-        #[source]
         error: ItemError,
         /// What happened up to that point; the items already pulled were finished.
         report: Box<Report>,
@@ -313,24 +308,20 @@ pub enum Error {
     /// failed in `poll_ready`, which means it will never take a call again. The sources
     /// stopped; the items already pulled failed at that stage with `error` (each one in the
     /// dead letters), and the items before the stage finished.
-    #[error("stage `{stage}` failed: its service cannot take calls: {error}")]
     Stage {
         /// The stage's name.
         stage: String,
         /// The service's error.
-        #[source]
         error: ItemError,
         /// What happened up to that point.
         report: Box<Report>,
     },
     /// The run was cancelled with [`Handle::cancel`](crate::Handle::cancel).
-    #[error("run cancelled")]
     Cancelled {
         /// What happened up to that point.
         report: Box<Report>,
     },
     /// The run's `deadline` passed before it finished.
-    #[error("deadline of {deadline:?} exceeded")]
     DeadlineExceeded {
         /// The deadline that was set.
         deadline: Duration,
@@ -338,14 +329,54 @@ pub enum Error {
         report: Box<Report>,
     },
     /// Writing dead letters failed (e.g. the JSONL file could not be opened).
-    #[error("dead-letter target failed: {0}")]
     DeadLetter(String),
     /// flowline needs a tokio runtime and none was running.
-    #[error("no tokio runtime: flowline runs on tokio, call it from within a runtime")]
     NoRuntime,
     /// An internal task of flowline failed; this is a bug in flowline.
-    #[error("internal error (a bug in flowline): {0}")]
     Internal(String),
+}
+
+// Written out rather than derived: the crate's two error types do not justify a proc-macro
+// crate (and a second copy of `syn`) in every user's first build.
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Config { problems } => {
+                write!(
+                    f,
+                    "invalid configuration: {}",
+                    ConfigProblem::list(problems)
+                )
+            }
+            Error::ItemFailed { failure, .. } => {
+                write!(f, "run stopped on the first failure: {failure}")
+            }
+            Error::Source { stage, error, .. } => write!(f, "source `{stage}` failed: {error}"),
+            Error::Stage { stage, error, .. } => write!(
+                f,
+                "stage `{stage}` failed: its service cannot take calls: {error}"
+            ),
+            Error::Cancelled { .. } => f.write_str("run cancelled"),
+            Error::DeadlineExceeded { deadline, .. } => {
+                write!(f, "deadline of {deadline:?} exceeded")
+            }
+            Error::DeadLetter(e) => write!(f, "dead-letter target failed: {e}"),
+            Error::NoRuntime => f.write_str(
+                "no tokio runtime: flowline runs on tokio, call it from within a runtime",
+            ),
+            Error::Internal(e) => write!(f, "internal error (a bug in flowline): {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::ItemFailed { failure, .. } => Some(failure),
+            Error::Source { error, .. } | Error::Stage { error, .. } => Some(error),
+            _ => None,
+        }
+    }
 }
 
 impl Error {

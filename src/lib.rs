@@ -49,7 +49,7 @@
 //! | debounce or throttle | [`Flow::debounce`], [`Flow::debounce_by`], [`Flow::throttle`] |
 //! | pause, resume, step or stop a running job | [`Flow::spawn`] → [`Handle`]; from other tasks: [`Handle::control`] → [`Control`] (cloneable) |
 //! | cancel a run with my service's shutdown token | [`Run::cancel_on`] ([`RunOptions::cancel_on`]); a running job's own token: [`Handle::cancellation_token`] |
-//! | stop on Ctrl-C and still get the report | [`Run::stop_on_ctrl_c`] (feature `signal`): the first stops gracefully, a second cancels |
+//! | stop on Ctrl-C and still get the report | [`Run::stop_on_signal`]`(tokio::signal::ctrl_c)`: the first stops gracefully, a second cancels |
 //! | see the run in my traces and logs | `tracing` spans: `run{pipeline}` (under the span current where the run starts), `stage{stage, kind}` per stage task, `call{seq, attempt, outcome}` with [`AsyncStage::trace_calls`]; failures are logged as one `WARN` line per stage and 5 s with counts by reason and a sample |
 //! | export metrics to Prometheus | feature `metrics`: per-stage counters and gauges through the `metrics` facade, labelled `pipeline` ([`Run::name`]) and `stage`; the application installs the exporter (`examples/prometheus/`) |
 //! | see progress, a heartbeat, a stall | [`Flow::progress`], [`Flow::heartbeat`], [`Flow::stall_after`] |
@@ -72,7 +72,6 @@
 //!   `flowline_stage_call_duration_seconds` (the sampled calls of the report's percentiles),
 //!   all labelled `pipeline` and `stage`. They are brought up to the stages' own counters
 //!   every second and when the run ends (exact then), so the stages' hot path pays nothing.
-//! - `signal`: [`Run::stop_on_ctrl_c`].
 //!
 //! ## Stores
 //!

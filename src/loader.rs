@@ -31,19 +31,28 @@ use crate::runtime::ttl_map::TtlMap;
 /// let e = LoadError::Batch(std::sync::Arc::from(flowline::BoxError::from("db down")));
 /// assert_eq!(e.to_string(), "batch call failed: db down");
 /// ```
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum LoadError {
     /// The batch call failed; every load waiting on it gets this.
-    #[error("batch call failed: {0}")]
     Batch(Arc<BoxError>),
     /// The batch call answered an error for this key.
-    #[error("{0}")]
     Key(Arc<BoxError>),
     /// The batch function panicked.
-    #[error("batch call panicked: {0}")]
     Panicked(String),
 }
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoadError::Batch(e) => write!(f, "batch call failed: {e}"),
+            LoadError::Key(e) => write!(f, "{e}"),
+            LoadError::Panicked(e) => write!(f, "batch call panicked: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for LoadError {}
 
 type Answer<V> = Result<Option<V>, LoadError>;
 type BatchResult<K, V> = Result<HashMap<K, Result<V, BoxError>>, BoxError>;

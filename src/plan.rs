@@ -101,8 +101,35 @@ pub struct RunOptions {
     pub(crate) name: Option<std::sync::Arc<str>>,
     /// A token from outside whose cancellation cancels the run.
     pub(crate) cancel: Option<tokio_util::sync::CancellationToken>,
-    /// Ctrl-C stops the run (once) and cancels it (twice).
-    pub(crate) ctrl_c: bool,
+    /// A signal that stops the run (once) and cancels it (twice).
+    pub(crate) signal: Option<Signal>,
+}
+
+/// The listener of [`RunOptions::stop_on_signal`]: makes one wait for the signal each time
+/// it is called.
+#[derive(Clone)]
+pub(crate) struct Signal(
+    #[allow(clippy::type_complexity)]
+    std::sync::Arc<
+        dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>
+            + Send
+            + Sync,
+    >,
+);
+
+impl Signal {
+    /// Waits for the next signal.
+    pub(crate) fn next(
+        &self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Signal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Signal")
+    }
 }
 
 impl RunOptions {
@@ -187,21 +214,48 @@ impl RunOptions {
         self
     }
 
-    /// Stops the run on Ctrl-C (SIGINT): the first stops it gracefully, as
-    /// [`Handle::stop`](crate::Handle::stop) (nothing more is pulled, what is in flight
-    /// finishes, the run returns its report with [`RunOutcome::Stopped`](crate::RunOutcome));
-    /// a second cancels it, as [`Handle::cancel`](crate::Handle::cancel). While the run
-    /// lasts, Ctrl-C no longer ends the process (tokio's handler stays installed for the
-    /// rest of the process: a later Ctrl-C must be handled by the program).
+    /// Stops the run when a signal comes: `signal()` waits for it. The first signal stops
+    /// the run gracefully, as [`Handle::stop`](crate::Handle::stop) (nothing more is pulled,
+    /// what is in flight finishes, the run returns its report with
+    /// [`RunOutcome::Stopped`](crate::RunOutcome)); `signal` is called again at once, and a
+    /// second signal cancels the run, as [`Handle::cancel`](crate::Handle::cancel).
+    ///
+    /// Ctrl-C is `.stop_on_signal(tokio::signal::ctrl_c)` (tokio's `signal` feature);
+    /// SIGTERM on unix is `.stop_on_signal(|| async {
+    /// signal(SignalKind::terminate())?.recv().await; Ok(()) })`. An error from `signal`
+    /// means it cannot be listened for: it is logged and the run goes on. While tokio
+    /// listens for Ctrl-C, Ctrl-C no longer ends the process, for the rest of the process.
     ///
     /// ```
-    /// let o = flowline::RunOptions::new().stop_on_ctrl_c();
-    /// # let _ = o;
+    /// use flowline::prelude::*;
+    /// use std::sync::Arc;
+    /// use tokio::sync::Notify;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// // A signal of the program's own: raised after the first 1,000 items.
+    /// let signal = Arc::new(Notify::new());
+    /// let raise = signal.clone();
+    /// let options = RunOptions::new().stop_on_signal(move || {
+    ///     let signal = signal.clone();
+    ///     async move {
+    ///         signal.notified().await;
+    ///         Ok(())
+    ///     }
+    /// });
+    /// let report = Pipeline::from_iter(0..u64::MAX)
+    ///     .inspect(move |&x| if x == 1_000 { raise.notify_one() })
+    ///     .run()
+    ///     .options(options)
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!(report.outcome, RunOutcome::Stopped);
+    /// # }
     /// ```
-    #[cfg(feature = "signal")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "signal")))]
-    pub fn stop_on_ctrl_c(mut self) -> Self {
-        self.ctrl_c = true;
+    pub fn stop_on_signal<F, Fut>(mut self, signal: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::io::Result<()>> + Send + 'static,
+    {
+        self.signal = Some(Signal(std::sync::Arc::new(move || Box::pin(signal()))));
         self
     }
 

@@ -1,4 +1,5 @@
-//! Run-level observers: progress, heartbeat, stall watchdog, the failure log, Ctrl-C,
+//! Run-level observers: progress, heartbeat, stall watchdog, the failure log, a signal
+//! (Ctrl-C),
 //! metrics.
 //!
 //! Each is a task of the run that looks at the stages' counters on a schedule (never per
@@ -6,13 +7,12 @@
 
 #[cfg(test)]
 pub(crate) mod capture;
-#[cfg(feature = "signal")]
-pub(crate) mod ctrl_c;
 pub(crate) mod failure_log;
 pub(crate) mod heartbeat;
 #[cfg(feature = "metrics")]
 pub(crate) mod metrics;
 pub(crate) mod progress;
+pub(crate) mod signal;
 pub(crate) mod stall;
 
 use std::future::Future;

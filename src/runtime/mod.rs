@@ -213,9 +213,8 @@ pub struct RunCtx {
     pub(crate) span: tracing::Span,
     /// Failures summed per stage and interval for the log (one line per stage and interval).
     pub(crate) failure_log: crate::observe::failure_log::FailureLog,
-    /// Ctrl-C stops the run, a second one cancels it (`RunOptions::stop_on_ctrl_c`).
-    #[cfg_attr(not(feature = "signal"), allow(dead_code))]
-    pub(crate) ctrl_c: bool,
+    /// A signal stops the run, a second one cancels it (`RunOptions::stop_on_signal`).
+    pub(crate) signal: Option<crate::plan::Signal>,
     /// The admission policies of each async stage, for gauges (an adaptive limit, a
     /// breaker's state).
     pub(crate) policies: Mutex<Vec<StagePolicies>>,
@@ -246,7 +245,7 @@ impl RunCtx {
             name,
             span,
             failure_log: crate::observe::failure_log::FailureLog::new(),
-            ctrl_c: options.ctrl_c,
+            signal: options.signal.clone(),
             policies: Mutex::new(Vec::new()),
             policy: options.policy,
         }
@@ -378,9 +377,8 @@ impl Build {
             checks: Vec::new(),
         };
         b.observe(crate::observe::failure_log::flusher(b.run.clone()));
-        #[cfg(feature = "signal")]
-        if b.run.ctrl_c {
-            b.observe(crate::observe::ctrl_c::watch(b.run.clone()));
+        if let Some(signal) = b.run.signal.clone() {
+            b.observe(crate::observe::signal::watch(b.run.clone(), signal));
         }
         #[cfg(feature = "metrics")]
         b.observe(crate::observe::metrics::export(b.run.clone()));

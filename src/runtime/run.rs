@@ -194,28 +194,39 @@ impl<T: Send + 'static, K: Sink<T>, O: Send + 'static> Run<T, K, O> {
         self
     }
 
-    /// Stops the run on Ctrl-C: the first stops it gracefully and the run returns its report
-    /// ([`RunOutcome::Stopped`]); a second cancels it. See [`RunOptions::stop_on_ctrl_c`].
+    /// Stops the run when a signal comes: the first stops it gracefully and the run
+    /// returns its report ([`RunOutcome::Stopped`]); a second cancels it. Ctrl-C is
+    /// `.stop_on_signal(tokio::signal::ctrl_c)`. See [`RunOptions::stop_on_signal`].
     ///
-    /// ```no_run
+    /// ```
     /// use flowline::prelude::*;
-    /// # #[tokio::main] async fn main() {
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// // A signal that comes after 10 ms (a program's own; Ctrl-C in a real one).
     /// let report = Pipeline::from_iter(0..u64::MAX)
-    ///     .map_async("work", |x| async move { x })
+    ///     .map_async("work", |x| async move {
+    ///         tokio::time::sleep(Duration::from_millis(1)).await;
+    ///         x
+    ///     })
     ///     .run()
-    ///     .stop_on_ctrl_c()
+    ///     .stop_on_signal(|| async {
+    ///         tokio::time::sleep(Duration::from_millis(10)).await;
+    ///         Ok(())
+    ///     })
     ///     .await;
     /// match report {
-    ///     Ok(report) => println!("{report}"),                      // Ctrl-C once
-    ///     Err(Error::Cancelled { report }) => println!("{report}"), // twice
-    ///     Err(e) => eprintln!("{e}"),
+    ///     Ok(report) => assert_eq!(report.outcome, RunOutcome::Stopped), // once
+    ///     Err(Error::Cancelled { report }) => println!("{report}"),      // twice
+    ///     Err(e) => panic!("{e}"),
     /// }
     /// # }
     /// ```
-    #[cfg(feature = "signal")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "signal")))]
-    pub fn stop_on_ctrl_c(mut self) -> Self {
-        self.options = self.options.stop_on_ctrl_c();
+    pub fn stop_on_signal<F, Fut>(mut self, signal: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+    {
+        self.options = self.options.stop_on_signal(signal);
         self
     }
 

@@ -37,7 +37,7 @@ async fn job(orders: u64, ctrl_c: bool) -> Result<Report, Error> {
         .run()
         .name("orders");
     if ctrl_c {
-        run.stop_on_ctrl_c().await
+        run.stop_on_signal(tokio::signal::ctrl_c).await
     } else {
         run.await
     }

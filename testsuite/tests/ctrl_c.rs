@@ -1,4 +1,4 @@
-//! `stop_on_ctrl_c` against real SIGINTs: a child process (this test binary, re-run with
+//! `stop_on_signal(tokio::signal::ctrl_c)` against real SIGINTs: a child process (this test binary, re-run with
 //! `FLOWLINE_CTRL_C_CHILD` set) runs an endless pipeline with the option on, and the test
 //! sends it SIGINT once (a graceful stop: the run returns its report, every pulled item
 //! finished) or twice (a cancel: the run returns `Cancelled`, its items in flight counted).
@@ -36,7 +36,7 @@ fn ctrl_c_child_entry() {
             })
             .workers(4)
             .run()
-            .stop_on_ctrl_c()
+            .stop_on_signal(tokio::signal::ctrl_c)
             .await
     });
     let (outcome, report) = match result {
