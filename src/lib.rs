@@ -67,7 +67,8 @@
 //!   `flowline_stage_received_items_total`, `flowline_stage_sent_items_total`,
 //!   `flowline_stage_failed_items_total` (label `reason`: `error`, `timeout`, `panic`,
 //!   `circuit_open`), `flowline_stage_dropped_items_total`, `flowline_stage_retries_total`,
-//!   the gauges `flowline_stage_in_flight`, `flowline_adaptive_limit`,
+//!   the gauges `flowline_stage_in_flight`, `flowline_stage_queue_depth` (items a stage sent
+//!   on, waiting in the queue to the next stage), `flowline_adaptive_limit`,
 //!   `flowline_breaker_state` (0 closed, 1 half-open, 2 open) and the histogram
 //!   `flowline_stage_call_duration_seconds` (the sampled calls of the report's percentiles),
 //!   all labelled `pipeline` and `stage`. They are brought up to the stages' own counters

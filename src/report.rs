@@ -66,6 +66,10 @@ pub struct StageStats {
     /// When the oldest call still in flight started, as nanoseconds after the run's epoch
     /// plus one (0: none, or not tracked). Kept only while a stall watchdog asks.
     oldest_call: AtomicU64,
+    /// Of the items this stage sent on through a queue (a hop), how many the next stage has
+    /// taken; `u64::MAX` while the stage sends into no queue (its items go on in the same
+    /// task). Counted by the queue's reader, per chunk.
+    taken_on: AtomicU64,
 }
 
 impl StageStats {
@@ -83,7 +87,30 @@ impl StageStats {
             unfinished: AtomicU64::new(0),
             latency: Mutex::new(None),
             oldest_call: AtomicU64::new(0),
+            taken_on: AtomicU64::new(u64::MAX),
         }
+    }
+
+    /// The stage sends its items on through a queue, whose reader counts what it takes.
+    pub(crate) fn sends_through_queue(&self) {
+        let _ = self
+            .taken_on
+            .compare_exchange(u64::MAX, 0, Relaxed, Relaxed);
+    }
+
+    /// Counts `n` items the next stage took from this stage's queue.
+    #[inline]
+    pub(crate) fn taken_on(&self, n: usize) {
+        Self::add(&self.taken_on, n);
+    }
+
+    /// Items this stage sent on that wait in the queue to the next stage, not yet taken
+    /// (`None`: the stage sends into no queue). The stage counts what it sent after the
+    /// send, so the figure may briefly read low, never high.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn queued(&self) -> Option<u64> {
+        let taken = self.taken_on.load(Relaxed);
+        (taken != u64::MAX).then(|| self.emitted.load(Relaxed).saturating_sub(taken))
     }
 
     #[inline]

@@ -12,6 +12,7 @@
 //! | `flowline_stage_dropped_items_total` | counter | items the stage dropped by design (filtered, deduplicated, throttled) |
 //! | `flowline_stage_retries_total` | counter | retry attempts |
 //! | `flowline_stage_in_flight` | gauge | items inside the stage (received, not yet out) |
+//! | `flowline_stage_queue_depth` | gauge | items the stage sent on that wait in the queue to the next stage (a stage whose items go on in the same task has none) |
 //! | `flowline_adaptive_limit` | gauge | an adaptive stage's limit on calls in flight |
 //! | `flowline_breaker_state` | gauge | a breaker's state: 0 closed, 1 half-open, 2 open |
 //! | `flowline_stage_call_duration_seconds` | histogram | call latency of async stages, from the sampled calls the report's percentiles use (at most about 1,024 a second per stage) |
@@ -43,6 +44,7 @@ const FAILED: &str = "flowline_stage_failed_items_total";
 const DROPPED: &str = "flowline_stage_dropped_items_total";
 const RETRIES: &str = "flowline_stage_retries_total";
 const IN_FLIGHT: &str = "flowline_stage_in_flight";
+const QUEUE_DEPTH: &str = "flowline_stage_queue_depth";
 const DURATION: &str = "flowline_stage_call_duration_seconds";
 
 /// Exports the run's metrics until it ends (a run-level observer).
@@ -77,6 +79,11 @@ fn describe() {
     );
     metrics::describe_counter!(RETRIES, Unit::Count, "Retry attempts of the stage.");
     metrics::describe_gauge!(IN_FLIGHT, Unit::Count, "Items inside the stage.");
+    metrics::describe_gauge!(
+        QUEUE_DEPTH,
+        Unit::Count,
+        "Items the stage sent on, waiting in the queue to the next stage."
+    );
     metrics::describe_gauge!(
         "flowline_adaptive_limit",
         Unit::Count,
@@ -123,6 +130,8 @@ struct StageMetrics {
     dropped: Total,
     retries: Total,
     in_flight: Gauge,
+    /// Registered once the stage is seen to send through a queue.
+    queue_depth: Option<Gauge>,
     /// By reason.
     failed: Vec<(&'static str, Total)>,
     duration: metrics::Histogram,
@@ -142,6 +151,7 @@ impl StageMetrics {
             dropped: Total::new(DROPPED, &labels),
             retries: Total::new(RETRIES, &labels),
             in_flight: metrics::gauge!(IN_FLIGHT, labels.iter()),
+            queue_depth: None,
             failed: Vec::new(),
             duration: metrics::histogram!(DURATION, labels.iter()),
             latency: None,
@@ -214,6 +224,12 @@ impl Exporter {
             m.retries.to(r.retried);
             m.in_flight
                 .set(if ended { 0.0 } else { r.unfinished as f64 });
+            if let Some(queued) = s.queued() {
+                let labels = &m.labels;
+                m.queue_depth
+                    .get_or_insert_with(|| metrics::gauge!(QUEUE_DEPTH, labels.iter()))
+                    .set(if ended { 0.0 } else { queued as f64 });
+            }
             m.latency(s.latency_histogram());
         }
         for (stage, reasons) in run.failure_log.totals() {
@@ -494,6 +510,39 @@ mod tests {
             // A second run of the same pipeline adds to the same counters.
             run().await.unwrap();
             assert_eq!(k.counter("flowline_stage_sent_items_total", "tick"), 60);
+        });
+    }
+
+    #[test]
+    fn the_queue_before_a_slow_stage_shows_its_depth() {
+        let keep = Keep::default();
+        let k = keep.clone();
+        with(&keep, || async move {
+            let handle = Pipeline::from_iter(0..3_000u64)
+                .map_async("fast", |x| async move { x })
+                .map_async("slow", |x| async move {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    x
+                })
+                .filter(|_| true)
+                .run()
+                .name("known")
+                .spawn();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            // "slow" took one chunk of 512 and works through it; "fast" filled the queue
+            // between them (4 chunks of 512) and waits.
+            assert_eq!(k.gauge("flowline_stage_queue_depth", "fast"), 2_048.0);
+            // The sink takes what "slow" sends at once; the filter, fused into the sink's
+            // task, has no queue of its own.
+            assert_eq!(k.gauge("flowline_stage_queue_depth", "slow"), 0.0);
+            assert!(k.counter("flowline_stage_sent_items_total", "slow") > 0);
+            let has_queue = |stage: &str| {
+                let key = ("flowline_stage_queue_depth".into(), stage.into(), "".into());
+                k.0.lock().unwrap().contains_key(&key)
+            };
+            assert!(!has_queue("filter"));
+            handle.join().await.unwrap();
+            assert_eq!(k.gauge("flowline_stage_queue_depth", "fast"), 0.0);
         });
     }
 }

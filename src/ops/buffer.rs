@@ -24,7 +24,7 @@ pub(crate) fn buffer<T: Send + 'static>(mut p: Pipeline<T>, n: usize) -> Pipelin
     let chunks = n.div_ceil(CHUNK_CAP).max(1);
     p.then(move |b, up| {
         let stats = b.stage("buffer", "buffer");
-        let (tx, rx) = hop(chunks);
+        let (tx, rx) = hop(chunks, &stats);
         let run = b.run.clone();
         b.spawn(pump(up, tx, stats, run));
         Box::new(rx) as Upstream<T>

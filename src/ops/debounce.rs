@@ -105,7 +105,7 @@ where
         } = self;
         p.then(move |b, up| {
             let stats = b.stage(name, "debounce");
-            let (tx, rx) = hop(HOP_CHUNKS);
+            let (tx, rx) = hop(HOP_CHUNKS, &stats);
             let run = b.run.clone();
             let timing = Timing { quiet, max_wait };
             b.spawn(debouncer(up, tx, stats, run, key, timing));

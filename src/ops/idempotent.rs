@@ -145,7 +145,7 @@ where
             let store: Arc<dyn Store> = Arc::new(store);
             let (done_tx, done_rx) = mpsc::unbounded_channel();
             b.spawn(committer(store.clone(), done_rx));
-            let (tx, rx) = hop(HOP_CHUNKS);
+            let (tx, rx) = hop(HOP_CHUNKS, &stats);
             let stage = Reserver {
                 stats,
                 run: b.run.clone(),

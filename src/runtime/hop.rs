@@ -1,24 +1,34 @@
 //! A hop: the bounded channel between two segments, carrying chunks.
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::sync::mpsc;
 
+use crate::report::StageStats;
 use crate::runtime::ChunkSource;
 use crate::runtime::chunk::{CHUNK_CAP, Chunk};
 
 /// Chunks a hop holds by default (so at most `4 × CHUNK_CAP` items wait in it).
 pub(crate) const HOP_CHUNKS: usize = 4;
 
-pub(crate) fn hop<T: Send + 'static>(chunks: usize) -> (mpsc::Sender<Chunk<T>>, HopRx<T>) {
+/// A hop of `chunks` chunks that `feeder` sends into (it counts what it sent as
+/// `emitted`); the reader counts what it took in `feeder`, so the queue's depth is known.
+pub(crate) fn hop<T: Send + 'static>(
+    chunks: usize,
+    feeder: &Arc<StageStats>,
+) -> (mpsc::Sender<Chunk<T>>, HopRx<T>) {
     let (tx, rx) = mpsc::channel(chunks.max(1));
-    (tx, HopRx { rx })
+    feeder.sends_through_queue();
+    let feeder = feeder.clone();
+    (tx, HopRx { rx, feeder })
 }
 
 /// The receiving end of a hop. It merges chunks that are already waiting (up to
 /// `CHUNK_CAP` items) so that small chunks do not stay small, but never waits to fill one.
 pub(crate) struct HopRx<T> {
     rx: mpsc::Receiver<Chunk<T>>,
+    feeder: Arc<StageStats>,
 }
 
 impl<T: Send + 'static> ChunkSource<T> for HopRx<T> {
@@ -33,6 +43,7 @@ impl<T: Send + 'static> ChunkSource<T> for HopRx<T> {
                 Err(_) => break,
             }
         }
+        self.feeder.taken_on(chunk.len());
         Poll::Ready(Some(chunk))
     }
 

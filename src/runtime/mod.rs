@@ -499,7 +499,13 @@ mod tests {
     async fn a_watch_made_after_the_cancel_sees_it_before_polling_the_upstream() {
         let cancel = CancellationToken::new();
         cancel.cancel();
-        let (tx, rx) = hop::hop::<u32>(1);
+        let (tx, rx) = hop::hop::<u32>(
+            1,
+            &Arc::new(crate::report::StageStats::new(
+                Arc::from("upstream"),
+                "test",
+            )),
+        );
         tx.send(Chunk::untracked(vec![1])).await.unwrap();
         let mut up: Upstream<u32> = Box::new(rx);
         let mut watch = CancelWatch::new(&cancel);
@@ -510,7 +516,13 @@ mod tests {
     #[tokio::test]
     async fn a_cancel_wakes_a_task_waiting_for_a_chunk() {
         let cancel = CancellationToken::new();
-        let (tx, rx) = hop::hop::<u32>(1);
+        let (tx, rx) = hop::hop::<u32>(
+            1,
+            &Arc::new(crate::report::StageStats::new(
+                Arc::from("upstream"),
+                "test",
+            )),
+        );
         let c = cancel.clone();
         let waiting = tokio::spawn(async move {
             let mut up: Upstream<u32> = Box::new(rx);
@@ -534,7 +546,13 @@ mod tests {
     #[tokio::test]
     async fn a_cancel_wakes_a_task_waiting_to_send_and_nothing_is_counted() {
         let cancel = CancellationToken::new();
-        let (tx, _rx) = hop::hop::<u32>(1);
+        let (tx, _rx) = hop::hop::<u32>(
+            1,
+            &Arc::new(crate::report::StageStats::new(
+                Arc::from("upstream"),
+                "test",
+            )),
+        );
         tx.send(Chunk::untracked(vec![1])).await.unwrap();
         let s = Arc::new(stats());
         let (c, s2) = (cancel.clone(), s.clone());

@@ -107,10 +107,17 @@ mod tests {
         ))
     }
 
+    fn feeder() -> Arc<crate::report::StageStats> {
+        Arc::new(crate::report::StageStats::new(
+            Arc::from("upstream"),
+            "test",
+        ))
+    }
+
     #[tokio::test]
     async fn a_pulled_in_task_that_panics_is_the_runs_internal_error_and_cancels_it() {
         let run = run_ctx();
-        let (tx, rx) = hop::<u32>(1);
+        let (tx, rx) = hop::<u32>(1, &feeder());
         let task: Task = Box::pin(async move {
             let _keep = tx;
             panic!("driver bug");
@@ -127,7 +134,7 @@ mod tests {
     #[tokio::test]
     async fn a_task_left_in_its_slot_is_not_polled_by_the_consumer() {
         let run = run_ctx();
-        let (tx, rx) = hop::<u32>(1);
+        let (tx, rx) = hop::<u32>(1, &feeder());
         let polled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let p = polled.clone();
         let task: Task = Box::pin(async move {
@@ -149,7 +156,7 @@ mod tests {
     #[tokio::test]
     async fn discarding_a_pulled_in_task_lets_it_end_and_counts_the_queue() {
         let run = run_ctx();
-        let (tx, rx) = hop::<u32>(4);
+        let (tx, rx) = hop::<u32>(4, &feeder());
         let cancel = run.cancel.clone();
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let e = ended.clone();

@@ -256,7 +256,7 @@ where
                     b.spawn(drain_part(i, up, tx, stats, run));
                 }
                 drop(parts_tx);
-                let (tx, rx) = hop(HOP_CHUNKS);
+                let (tx, rx) = hop(HOP_CHUNKS, &stats);
                 let run = b.run.clone();
                 b.spawn(gatherer(parts_rx, tx, stats, run, cfg));
                 Box::new(rx) as Upstream<Gathered<K, P>>

@@ -35,7 +35,7 @@ pub(crate) fn merge<T: Send + 'static>(inputs: Vec<Pipeline<T>>) -> Pipeline<T> 
         build: Box::new(move |b| {
             let ups: Vec<Upstream<T>> = builds.into_iter().map(|build| build(b)).collect();
             let stats = b.stage("merge", "merge");
-            let (tx, rx) = hop(HOP_CHUNKS.max(n));
+            let (tx, rx) = hop(HOP_CHUNKS.max(n), &stats);
             for up in ups {
                 let run = b.run.clone();
                 b.spawn(pump(up, tx.clone(), stats.clone(), run));

@@ -47,7 +47,7 @@ where
         let mut txs = Vec::with_capacity(n);
         let mut ends: Vec<Upstream<T>> = Vec::with_capacity(n);
         for _ in 0..n {
-            let (tx, rx) = hop::<T>(HOP_CHUNKS);
+            let (tx, rx) = hop::<T>(HOP_CHUNKS, &stats);
             txs.push(tx);
             ends.push(Box::new(rx) as Upstream<T>);
         }
