@@ -24,6 +24,7 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::conn::{self, Backoff};
 use crate::entry::{self, Read, StreamEntry};
+use crate::names;
 use crate::options::StreamOptions;
 
 type Feed = mpsc::Sender<Result<(StreamEntry, Completion), BoxError>>;
@@ -79,13 +80,22 @@ impl RedisStream {
     /// A source on `stream` at the server `url`, reading as `consumer` of `group` (the group
     /// is created, with the stream, if missing). Consumers sharing a job share the group;
     /// each needs a name of its own that stays the same across its restarts. Names and
-    /// options are checked here, every problem at once; nothing connects until the run.
+    /// options are checked here, every problem at once, each naming the option and the
+    /// value; nothing connects until the run. A stream is 1 to 1024 bytes, a group or a
+    /// consumer 1 to 256, none with spaces or control characters; a `{` in a stream opens
+    /// a hash tag that must close and not be empty, and a dead-letter stream given with
+    /// [`StreamOptions::dead_letter_stream`] must share the stream's hash tag.
     ///
     /// ```
     /// use flowline_redis::{RedisStream, StreamOptions};
     /// let err = RedisStream::new("redis://127.0.0.1/", "", "g", "c", StreamOptions::new())
     ///     .unwrap_err();
     /// assert!(err.to_string().contains("stream"), "{err}");
+    /// let opts = StreamOptions::new().dead_letter_stream("dead");
+    /// let err = RedisStream::new("redis://127.0.0.1/", "{jobs}", "g", "worker 1\n", opts)
+    ///     .unwrap_err()
+    ///     .to_string();
+    /// assert!(err.contains("consumer") && err.contains("dead_letter_stream"), "{err}");
     /// ```
     pub fn new(
         url: &str,
@@ -100,25 +110,44 @@ impl RedisStream {
             Err(other) => return Err(other),
         };
         let client = redis::Client::open(url);
-        if let Err(e) = &client {
-            let _ = e;
+        if client.is_err() {
             problems.push(problem("url", url, "must be a redis:// URL"));
         }
-        for (option, value) in [("stream", stream), ("group", group), ("consumer", consumer)] {
-            if value.is_empty() {
-                problems.push(problem(option, value, "must not be empty"));
+        if let Some(why) = names::bad_key(stream) {
+            problems.push(problem("stream", stream, why));
+        }
+        for (option, value) in [("group", group), ("consumer", consumer)] {
+            if let Some(why) = names::bad_name(value) {
+                problems.push(problem(option, value, why));
             }
         }
         let dead = options
             .dead_letter
             .clone()
             .unwrap_or_else(|| format!("{stream}:dead"));
-        if dead == stream {
-            problems.push(problem(
-                "dead_letter_stream",
-                &dead,
-                "must differ from the stream read",
-            ));
+        // An empty one is reported by the options; the default is good when the stream is.
+        if options
+            .dead_letter
+            .as_deref()
+            .is_some_and(|d| !d.is_empty())
+        {
+            if let Some(why) = names::bad_key(&dead) {
+                problems.push(problem("dead_letter_stream", &dead, why));
+            } else if dead == stream {
+                problems.push(problem(
+                    "dead_letter_stream",
+                    &dead,
+                    "must differ from the stream read",
+                ));
+            } else if names::hash_tag(stream).is_some()
+                && names::hash_tag(stream) != names::hash_tag(&dead)
+            {
+                problems.push(problem(
+                    "dead_letter_stream",
+                    &dead,
+                    "must have the stream's hash tag: the move to the dead letters is one script, on one Cluster slot",
+                ));
+            }
         }
         match client {
             Ok(client) if problems.is_empty() => Ok(RedisStream {
@@ -441,6 +470,23 @@ async fn read_inner(sh: &Arc<Shared>, tx: &Feed) -> Result<(), BoxError> {
     sh.retry(&conn, "XGROUP CREATE", go_on, |c| sh.ensure_group(c))
         .await
         .map_err(|e| fail(e, sh))?;
+    // A dead-letter key of another type would hold failed entries pending for ever: say so
+    // before the first entry runs.
+    let kind: String = sh
+        .retry(&conn, "TYPE", go_on, |mut c| async move {
+            redis::cmd("TYPE").arg(&sh.dead).query_async(&mut c).await
+        })
+        .await
+        .map_err(|e| fail(e, sh))?;
+    if kind != "stream" && kind != "none" {
+        return Err(fail(
+            format!(
+                "the dead-letter stream `{}` holds a {kind}, not a stream (WRONGTYPE)",
+                sh.dead
+            ),
+            sh,
+        ));
+    }
 
     // Own pending entries, oldest first: what an earlier life of this consumer left.
     let mut after = "0".to_string();
