@@ -106,7 +106,7 @@ async fn main() -> Result<(), BoxError> {
             .pipeline()
             .idempotent(store, |e| e.id().to_string())
             .ttl(min_idle / 2)
-            .map_async("work", move |e| {
+            .try_map_async("work", move |e| {
                 let store = commits.clone();
                 async move {
                     tokio::time::sleep(work).await;
@@ -121,7 +121,7 @@ async fn main() -> Result<(), BoxError> {
     } else {
         source
             .pipeline()
-            .map_async("work", move |e| {
+            .try_map_async("work", move |e| {
                 let mut c = effects.clone();
                 async move {
                     tokio::time::sleep(work).await;

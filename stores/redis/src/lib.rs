@@ -83,7 +83,7 @@
 //!     .pipeline()
 //!     .idempotent(keys, |e| e.id().to_string())
 //!     .ttl(Duration::from_secs(30))
-//!     .map_async("send", move |e| {
+//!     .try_map_async("send", move |e| {
 //!         let commits = commits.clone();
 //!         async move {
 //!             let key = e.id().to_string();

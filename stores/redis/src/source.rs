@@ -280,43 +280,59 @@ impl Shared {
     /// Hands entries to the pipeline (`counts`: their delivery counts, when known). Poison
     /// entries and unreadable ones go to the dead letters instead; an entry already held
     /// (read again by the reclaimer) is skipped. `Err` when the pipeline is gone.
+    ///
+    /// The whole batch is held (its leases renewed) before the first entry is handed out:
+    /// a busy pipeline may take longer than `min_idle` to take a batch, and an entry read
+    /// but still waiting here must not be taken over by another consumer.
     pub(crate) async fn hand_out(
         self: &Arc<Self>,
         reads: Vec<Read>,
         counts: &HashMap<String, u64>,
         tx: &Feed,
     ) -> Result<(), ()> {
-        for read in reads {
-            let n = counts.get(read.id()).copied().unwrap_or(1);
-            let mut e = match read {
-                Read::Bad(id, why) => {
-                    self.lock().to_dead.push((id, n, why));
-                    self.ack_wake.notify_one();
+        let mut batch = Vec::with_capacity(reads.len());
+        let mut dead = false;
+        {
+            let mut st = self.lock();
+            for read in reads {
+                let n = counts.get(read.id()).copied().unwrap_or(1);
+                let mut e = match read {
+                    Read::Bad(id, why) => {
+                        st.to_dead.push((id, n, why));
+                        dead = true;
+                        continue;
+                    }
+                    Read::Entry(e) => e,
+                };
+                if n > self.opts.max_deliveries {
+                    st.to_dead.push((e.id().to_string(), n, "max_deliveries"));
+                    dead = true;
                     continue;
                 }
-                Read::Entry(e) => e,
-            };
-            if n > self.opts.max_deliveries {
-                self.lock()
-                    .to_dead
-                    .push((e.id().to_string(), n, "max_deliveries"));
-                self.ack_wake.notify_one();
-                continue;
-            }
-            {
-                let mut st = self.lock();
                 if st.held.contains_key(e.id()) {
                     continue;
                 }
                 st.held.insert(e.id().to_string(), n);
+                e.set_deliveries(n);
+                batch.push(e);
             }
-            e.set_deliveries(n);
+        }
+        if dead {
+            self.ack_wake.notify_one();
+        }
+        let mut batch = batch.into_iter();
+        while let Some(e) = batch.next() {
             let sh = self.clone();
             let id = e.id().to_string();
             let c = Completion::new(move |end| sh.ended(id, end));
             // A closed channel hands the pair back, dropped here: the completion reports
-            // cancelled and the entry stays pending.
-            tx.send(Ok((e, c))).await.map_err(|_| ())?;
+            // cancelled and the entry stays pending; so do the entries not handed out.
+            if tx.send(Ok((e, c))).await.is_err() {
+                for e in batch {
+                    self.ended(e.id().to_string(), ItemEnd::Cancelled);
+                }
+                return Err(());
+            }
         }
         Ok(())
     }

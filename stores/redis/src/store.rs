@@ -199,8 +199,10 @@ impl RedisStore {
     /// ```
     pub fn scope(mut self, scope: &str) -> Self {
         self.key = hash_key(scope);
-        self.bad_scope = crate::limit::bad_name(scope)
-            .map(|why| Arc::from(format!("redis store: scope {scope:?} {why}")));
+        self.bad_scope = crate::limit::bad_name(scope).map(|why| {
+            let why = why.replace("the limit's keys", "the store's keys");
+            Arc::from(format!("redis store: scope {scope:?} {why}"))
+        });
         self
     }
 
@@ -269,7 +271,7 @@ impl RedisStore {
     ///     // Reservations expire before a dead worker's entries are reclaimed.
     ///     .idempotent(store, |e| e.id().to_string())
     ///     .ttl(std::time::Duration::from_secs(15))
-    ///     .map_async("count", move |e| {
+    ///     .try_map_async("count", move |e| {
     ///         let store = effects.clone();
     ///         async move {
     ///             let mut effect = redis::pipe();

@@ -613,3 +613,50 @@ async fn a_broken_dead_letter_stream_holds_back_only_the_failed_entries() {
     let (total, per) = pending(&url, "s").await;
     assert_eq!((total, per.get("c1")), (1, Some(&1)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_read_but_waiting_for_a_busy_pipeline_are_not_taken_over() {
+    let server = RedisServer::start(false);
+    let url = server.url();
+    fill(&url, "s", 200).await;
+    let o = || {
+        StreamOptions::new()
+            .batch(40)
+            .block(Duration::from_millis(50))
+            .min_idle(Duration::from_millis(150))
+            .stop_when_drained(true)
+    };
+    // 10 ms per entry, one at a time: a batch read while the pipeline is full waits for it
+    // some 400 ms, far past `min_idle`, while the other consumer reclaims.
+    let worker = |name: &str| {
+        let run = RedisStream::new(&url, "s", "g", name, o())
+            .unwrap()
+            .pipeline()
+            .map_async("slow", |e| async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                (job(&e), e.deliveries())
+            })
+            .collect();
+        tokio::spawn(run.into_future())
+    };
+    let a = worker("a");
+    while pending(&url, "s").await.1.get("a").is_none_or(|n| *n <= 40) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let b = worker("b");
+    let mut got = Vec::new();
+    for w in [a, b] {
+        let out = tokio::time::timeout(Duration::from_secs(30), w)
+            .await
+            .expect("a worker hung");
+        got.extend(out.unwrap().unwrap());
+    }
+    let again: Vec<_> = got.iter().filter(|g| g.1 > 1).collect();
+    assert!(
+        again.is_empty(),
+        "taken over from a live consumer: {again:?}"
+    );
+    let mut jobs: Vec<u64> = got.iter().map(|g| g.0).collect();
+    jobs.sort_unstable();
+    assert_eq!(jobs, (0..200).collect::<Vec<_>>());
+}

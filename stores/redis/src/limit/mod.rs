@@ -36,7 +36,7 @@ pub(crate) fn bad_name(name: &str) -> Option<&'static str> {
         return Some("at most 200 bytes");
     }
     if name.contains(['{', '}']) {
-        return Some("must not contain `{` or `}`: the name is the hash tag of its keys");
+        return Some("must not contain `{` or `}`: the name is the hash tag of the limit's keys");
     }
     if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Some("no spaces or control characters");
