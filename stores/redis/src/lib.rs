@@ -49,8 +49,13 @@
 //! with it under one hash tag — the stream `{jobs}`, its dead letters `{jobs}:dead`
 //! ([`StreamOptions::dead_letter_stream`]), checkpoints `{jobs}:checkpoints`
 //! ([`RedisCheckpoints::key`]); the idempotency keys of a scope are one hash,
-//! `flowline:{scope}:idempotency`. The scripts (dead-lettering, lease renewal, reservations)
-//! then touch one slot each. One stream is one node's throughput: to go past it, shard the
+//! `flowline:{scope}:idempotency`, so a scope named like the stream's tag (`jobs`) puts
+//! them on its slot, and the keys an effect given to [`RedisStore::commit_with`] writes
+//! take the same tag (`{jobs}:totals`). The scripts (dead-lettering, lease renewal,
+//! reservations, effects with their commits) then touch one slot each. A source checks
+//! this before it runs: a stream's hash tag must close and not be empty, and a dead-letter
+//! stream given by name must carry the stream's tag (else a configuration error naming
+//! it). One stream is one node's throughput: to go past it, shard the
 //! job over several streams (`{jobs-0}`, `{jobs-1}`, ...) with a source per stream.
 //!
 //! **Limits**:
@@ -107,6 +112,10 @@
 //! - Acknowledgements survive a Redis restart only as far as its persistence does: run Redis
 //!   with AOF (`appendfsync everysec` repeats at most a second of work after a crash of the
 //!   server; `always` repeats none). Without persistence a restart loses the stream itself.
+//! - Every part connects to one server (`redis::Client`): a Cluster client, which follows
+//!   `MOVED` redirects, is not wired in. On a Redis Cluster, point a job's source, sink and
+//!   stores at the node (or its failover address) that holds the job's hash tag; a
+//!   resharding that moves the slot fails the calls with `MOVED` until the address changes.
 //! - A failed item's dead letter holds the entry's fields, id, delivery count and reason;
 //!   the error text goes to the run's own [`DeadLetter`](flowline::DeadLetter) target.
 //!
