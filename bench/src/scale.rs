@@ -9,10 +9,11 @@
 //!   entries of 2 ms work each, 16 in flight per worker; one is SIGKILLed after a second.
 //!   Each effect is written with its idempotency key in one script
 //!   (`RedisStore::commit_with`, behind an idempotent stage keyed by entry id). Fields:
-//!   `lost` (entries whose effect is missing), `duplicates` (deliveries past the first),
-//!   `duplicate_effects` (effects applied past the first: 0 expected), `reclaim_s` (from the
-//!   kill to the first of its entries delivered elsewhere; `min_idle` is 2 s), and the run's
-//!   wall time as `flowline` (no baseline).
+//!   `lost` (entries whose effect is missing), `duplicates` (runs of the work past the
+//!   first: entries the killed worker had started and not committed), `duplicate_effects`
+//!   (effects applied past the first: 0 expected), `reclaim_s` (from the kill to the first
+//!   of its entries run elsewhere; `min_idle` is 2 s), and the run's wall time as
+//!   `flowline` (no baseline).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -193,12 +194,16 @@ pub fn worker(args: &[String]) {
         RedisStream::new(&url, "jobs", "g", &name, opts)
             .expect("options")
             .pipeline()
-            .try_map_async("seen", move |e| {
+            // A dead worker's reservations expire before its entries are reclaimed.
+            .idempotent(store, |e| e.id().to_string())
+            .ttl(MIN_IDLE / 2)
+            .try_map_async("work", move |e| {
                 let mut c = effects.clone();
+                let store = commits.clone();
                 async move {
                     let job = job(&e);
                     let mut p = redis::pipe();
-                    p.hincr("deliveries", job, 1).ignore();
+                    p.hincr("runs", job, 1).ignore();
                     if e.deliveries() > 1 {
                         p.cmd("SET")
                             .arg("first_reclaim")
@@ -206,19 +211,10 @@ pub fn worker(args: &[String]) {
                             .arg("NX")
                             .ignore();
                     }
-                    p.query_async::<()>(&mut c).await.map(|()| e)
-                }
-            })
-            .workers(16)
-            // A dead worker's reservations expire before its entries are reclaimed.
-            .idempotent(store, |e| e.id().to_string())
-            .ttl(MIN_IDLE / 2)
-            .try_map_async("work", move |e| {
-                let store = commits.clone();
-                async move {
+                    p.query_async::<()>(&mut c).await?;
                     tokio::time::sleep(Duration::from_millis(2)).await;
                     let mut effect = redis::pipe();
-                    effect.hincr("effects", job(&e), 1);
+                    effect.hincr("effects", job, 1);
                     store.commit_with(&[e.id().to_string()], &effect).await
                 }
             })
@@ -260,8 +256,7 @@ fn redis_kill() {
         let mut c = conn(&url).await;
         let effects: std::collections::HashMap<u64, u64> =
             c.hgetall("effects").await.expect("effects");
-        let deliveries: std::collections::HashMap<u64, u64> =
-            c.hgetall("deliveries").await.expect("deliveries");
+        let runs: std::collections::HashMap<u64, u64> = c.hgetall("runs").await.expect("runs");
         let lost = (0..KILL_ENTRIES)
             .filter(|j| !effects.contains_key(j))
             .count();
@@ -271,7 +266,7 @@ fn redis_kill() {
         let first: Option<i64> = c.get("first_reclaim").await.expect("first_reclaim");
         (
             lost,
-            (past_first(&deliveries), past_first(&effects)),
+            (past_first(&runs), past_first(&effects)),
             first.map(|t| t - killed_at),
         )
     });

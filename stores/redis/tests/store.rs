@@ -241,3 +241,28 @@ async fn wrong_types_and_bad_values_at_the_keys_are_errors() {
     assert!(err.to_string().contains("WRONGTYPE"), "{err}");
     assert!(cp.commit("p", "1").await.is_err());
 }
+
+#[tokio::test]
+async fn checkpoints_commit_load_and_clear_by_name() {
+    let server = RedisServer::start(false);
+    let url = server.url();
+    let cp = RedisCheckpoints::open(&url)
+        .unwrap()
+        .key("{jobs}:checkpoints");
+    assert_eq!(cp.load("a").await.unwrap(), None);
+    cp.commit("a", "10").await.unwrap();
+    cp.commit("b", "7").await.unwrap();
+    cp.commit("a", "20").await.unwrap();
+    // Another process (another handle) sees the last commit of each name.
+    let other = RedisCheckpoints::open(&url)
+        .unwrap()
+        .key("{jobs}:checkpoints");
+    assert_eq!(other.load("a").await.unwrap().as_deref(), Some("20"));
+    assert_eq!(other.load("b").await.unwrap().as_deref(), Some("7"));
+    other.clear("a").await.unwrap();
+    assert_eq!(cp.load("a").await.unwrap(), None);
+    assert_eq!(cp.load("b").await.unwrap().as_deref(), Some("7"));
+    // Another key is other checkpoints.
+    let elsewhere = RedisCheckpoints::open(&url).unwrap();
+    assert_eq!(elsewhere.load("b").await.unwrap(), None);
+}
