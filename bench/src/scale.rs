@@ -7,16 +7,20 @@
 //!   entries/s, ratio = flowline time / loop time.
 //! - `redis_kill`: 3 worker processes (this binary again, `--scale-worker`) share 20,000
 //!   entries of 2 ms work each, 16 in flight per worker; one is SIGKILLed after a second.
-//!   Fields: `lost` (entries never run), `duplicates` (runs past the first), `reclaim_s`
-//!   (from the kill to the first of its entries run elsewhere; `min_idle` is 2 s), and the
-//!   run's wall time as `flowline` (no baseline).
+//!   Each effect is written with its idempotency key in one script
+//!   (`RedisStore::commit_with`, behind an idempotent stage keyed by entry id). Fields:
+//!   `lost` (entries whose effect is missing), `duplicates` (runs of the work past the
+//!   first: entries the killed worker had started and not committed), `duplicate_effects`
+//!   (effects applied past the first: 0 expected), `reclaim_s` (from the kill to the first
+//!   of its entries run elsewhere; `min_idle` is 2 s), and the run's wall time as
+//!   `flowline` (no baseline).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use flowline::prelude::*;
 use flowline_redis::test_server::RedisServer;
-use flowline_redis::{RedisStream, StreamOptions};
+use flowline_redis::{RedisStore, RedisStream, StreamEntry, StreamOptions};
 use redis::AsyncCommands;
 
 use crate::util::{alternate, emit, ns_per_item, runtime};
@@ -167,6 +171,10 @@ fn unix_ms() -> i64 {
 const KILL_ENTRIES: u64 = 20_000;
 const MIN_IDLE: Duration = Duration::from_secs(2);
 
+fn job(e: &StreamEntry) -> u64 {
+    e.get_str("job").and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
 /// One worker process of `redis_kill`: `--scale-worker URL NAME`.
 pub fn worker(args: &[String]) {
     let (url, name) = (args[0].clone(), args[1].clone());
@@ -178,16 +186,24 @@ pub fn worker(args: &[String]) {
             .block(Duration::from_millis(50))
             .min_idle(MIN_IDLE)
             .stop_when_drained(true);
+        let store = RedisStore::open(&url)
+            .expect("url")
+            .scope("jobs")
+            .holder(&name);
+        let commits = store.clone();
         RedisStream::new(&url, "jobs", "g", &name, opts)
             .expect("options")
             .pipeline()
-            .map_async("work", move |e| {
+            // A dead worker's reservations expire before its entries are reclaimed.
+            .idempotent(store, |e| e.id().to_string())
+            .ttl(MIN_IDLE / 2)
+            .try_map_async("work", move |e| {
                 let mut c = effects.clone();
+                let store = commits.clone();
                 async move {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                    let job: u64 = e.get_str("job").and_then(|s| s.parse().ok()).unwrap_or(0);
+                    let job = job(&e);
                     let mut p = redis::pipe();
-                    p.hincr("effects", job, 1).ignore();
+                    p.hincr("runs", job, 1).ignore();
                     if e.deliveries() > 1 {
                         p.cmd("SET")
                             .arg("first_reclaim")
@@ -195,7 +211,11 @@ pub fn worker(args: &[String]) {
                             .arg("NX")
                             .ignore();
                     }
-                    p.query_async::<()>(&mut c).await
+                    p.query_async::<()>(&mut c).await?;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    let mut effect = redis::pipe();
+                    effect.hincr("effects", job, 1);
+                    store.commit_with(&[e.id().to_string()], &effect).await
                 }
             })
             .workers(16)
@@ -236,13 +256,21 @@ fn redis_kill() {
         let mut c = conn(&url).await;
         let effects: std::collections::HashMap<u64, u64> =
             c.hgetall("effects").await.expect("effects");
+        let runs: std::collections::HashMap<u64, u64> = c.hgetall("runs").await.expect("runs");
         let lost = (0..KILL_ENTRIES)
             .filter(|j| !effects.contains_key(j))
             .count();
-        let dup: u64 = effects.values().map(|n| n.saturating_sub(1)).sum();
+        let past_first = |m: &std::collections::HashMap<u64, u64>| -> u64 {
+            m.values().map(|n| n.saturating_sub(1)).sum()
+        };
         let first: Option<i64> = c.get("first_reclaim").await.expect("first_reclaim");
-        (lost, dup, first.map(|t| t - killed_at))
+        (
+            lost,
+            (past_first(&runs), past_first(&effects)),
+            first.map(|t| t - killed_at),
+        )
     });
+    let (dup, dup_effects) = dup;
     emit(
         "scale",
         "redis_kill",
@@ -252,6 +280,7 @@ fn redis_kill() {
         serde_json::json!({
             "lost": lost,
             "duplicates": dup,
+            "duplicate_effects": dup_effects,
             "reclaim_s": reclaim_ms.map(|ms| ms as f64 / 1000.0),
             "min_idle_s": MIN_IDLE.as_secs_f64(),
             "entries": KILL_ENTRIES,

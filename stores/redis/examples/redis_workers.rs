@@ -15,8 +15,10 @@
 //! A worker reads the stream `jobs` in the group `workers`, "works" for `--work-ms` per job
 //! (default 5), records the job in the hash `effects` (count per job) and exits when the job
 //! is drained. `--check` prints how many jobs ran, how many were lost (never ran) and how many
-//! ran more than once (only the jobs a killed worker had in flight). `--idempotent` skips a job
-//! another worker already finished, through the Redis idempotency store.
+//! ran more than once (only the jobs a killed worker had in flight). With `--idempotent` on
+//! every worker, each job's effect is written together with its idempotency key, in one
+//! script (`RedisStore::commit_with`), and a job whose key is done is skipped: `--check`
+//! then reports 0 duplicates, a worker killed or not.
 
 use std::time::Duration;
 
@@ -44,6 +46,8 @@ async fn main() -> Result<(), BoxError> {
             .del("jobs")
             .ignore()
             .del("effects")
+            .ignore()
+            .del("flowline:{jobs}:idempotency")
             .ignore()
             .query_async(&mut c)
             .await?;
@@ -93,25 +97,42 @@ async fn main() -> Result<(), BoxError> {
             .and_then(|s| s.parse().ok())
             .unwrap_or(u64::MAX)
     };
-    let mut p = source.pipeline();
-    if args.iter().any(|a| a == "--idempotent") {
+    let effects = client.get_multiplexed_async_connection().await?;
+    let report = if args.iter().any(|a| a == "--idempotent") {
         // Reservations must expire before a dead worker's entries are reclaimed.
         let store = RedisStore::open(&url)?.scope("jobs").holder(&name);
-        p = p.idempotent(store, job).ttl(min_idle / 2).into_pipeline();
-    }
-    let effects = client.get_multiplexed_async_connection().await?;
-    let report = p
-        .map_async("work", move |e| {
-            let mut c = effects.clone();
-            async move {
-                tokio::time::sleep(work).await;
-                let _: i64 = c.hincr("effects", job(&e), 1).await?;
-                Ok::<_, redis::RedisError>(())
-            }
-        })
-        .workers(16)
-        .run()
-        .await?;
+        let commits = store.clone();
+        source
+            .pipeline()
+            .idempotent(store, |e| e.id().to_string())
+            .ttl(min_idle / 2)
+            .try_map_async("work", move |e| {
+                let store = commits.clone();
+                async move {
+                    tokio::time::sleep(work).await;
+                    let mut effect = redis::pipe();
+                    effect.hincr("effects", job(&e), 1);
+                    store.commit_with(&[e.id().to_string()], &effect).await
+                }
+            })
+            .workers(16)
+            .run()
+            .await?
+    } else {
+        source
+            .pipeline()
+            .try_map_async("work", move |e| {
+                let mut c = effects.clone();
+                async move {
+                    tokio::time::sleep(work).await;
+                    let _: i64 = c.hincr("effects", job(&e), 1).await?;
+                    Ok::<_, redis::RedisError>(())
+                }
+            })
+            .workers(16)
+            .run()
+            .await?
+    };
     println!("{name}: {report}");
     Ok(())
 }

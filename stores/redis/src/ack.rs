@@ -64,7 +64,8 @@ pub(crate) async fn run(sh: Arc<Shared>) {
             sh.ack_wake.notified().await;
             continue;
         }
-        let result = flush(&sh, &script, &mut conn, &acks, &dead).await;
+        let (mut acks, mut dead) = (acks, dead);
+        let result = flush(&sh, &script, &mut conn, &mut acks, &mut dead).await;
         match result {
             Ok(()) => backoff.reset(),
             Err(e) => {
@@ -93,12 +94,15 @@ pub(crate) async fn run(sh: Arc<Shared>) {
     }
 }
 
+/// Acknowledges `acks`, then moves `dead`; what succeeded is taken out of both, so a retry
+/// sends only the rest (a wrong type at the dead-letter stream holds back only the entries
+/// to be moved there).
 async fn flush(
     sh: &Shared,
     script: &redis::Script,
     conn: &mut Option<redis::aio::ConnectionManager>,
-    acks: &[String],
-    dead: &[(String, u64, &'static str)],
+    acks: &mut Vec<String>,
+    dead: &mut Vec<(String, u64, &'static str)>,
 ) -> Result<(), redis::RedisError> {
     if conn.is_none() {
         *conn = Some(conn::connect(&sh.client, std::time::Duration::from_secs(10)).await?);
@@ -106,25 +110,29 @@ async fn flush(
     let Some(c) = conn.as_mut() else {
         return Ok(());
     };
-    for chunk in dead.chunks(500) {
+    while !acks.is_empty() {
+        let n = acks.len().min(10_000);
+        let _: Value = redis::cmd("XACK")
+            .arg(&sh.stream)
+            .arg(&sh.group)
+            .arg(&acks[..n])
+            .query_async(c)
+            .await?;
+        acks.drain(..n);
+    }
+    while !dead.is_empty() {
+        let n = dead.len().min(500);
         let mut call = script.prepare_invoke();
         call.key(&sh.stream)
             .key(&sh.dead)
             .arg(&sh.group)
             .arg(&sh.consumer);
-        for (id, n, why) in chunk {
-            call.arg(id).arg(*n).arg(*why);
+        for (id, count, why) in &dead[..n] {
+            call.arg(id).arg(*count).arg(*why);
         }
         let _: Value = call.invoke_async(c).await?;
-        tracing::warn!(stream = %sh.stream, dead = %sh.dead, n = chunk.len(), "entries moved to the dead letters");
-    }
-    for chunk in acks.chunks(10_000) {
-        let _: Value = redis::cmd("XACK")
-            .arg(&sh.stream)
-            .arg(&sh.group)
-            .arg(chunk)
-            .query_async(c)
-            .await?;
+        dead.drain(..n);
+        tracing::warn!(stream = %sh.stream, dead = %sh.dead, n, "entries moved to the dead letters");
     }
     Ok(())
 }

@@ -165,7 +165,10 @@ fn entry(v: Value) -> Option<Read> {
     let mut out = Vec::with_capacity(flat.len() / 2);
     let mut it = flat.into_iter();
     while let (Some(k), Some(v)) = (it.next(), it.next()) {
-        match (text(&k), bytes(v)) {
+        // A field name that is not UTF-8 cannot be a `String` without changing it: the entry
+        // goes to the dead letters, which keep its bytes as they are.
+        let k = bytes(k).and_then(|b| String::from_utf8(b).ok());
+        match (k, bytes(v)) {
             (Some(k), Some(v)) => out.push((k, v)),
             _ => return Some(Read::Bad(id, "malformed")),
         }
@@ -224,10 +227,21 @@ mod tests {
                 Value::Array(vec![b("2-0"), Value::Nil]),
                 Value::Array(vec![b("3-0"), Value::Array(vec![b("odd")])]),
                 Value::Array(vec![b("4-0"), Value::Array(vec![b("k"), Value::Nil])]),
+                Value::Array(vec![
+                    b("5-0"),
+                    Value::Array(vec![Value::BulkString(vec![0xff]), b("v")]),
+                ]),
+                Value::Array(vec![
+                    b("6-0"),
+                    Value::Array(vec![b("k"), Value::BulkString(vec![0xff])]),
+                ]),
             ]),
         ])]);
         let got = read_reply(reply).unwrap();
-        assert_eq!(got.len(), 4);
+        assert_eq!(got.len(), 6);
+        assert!(matches!(&got[4], Read::Bad(id, "malformed") if id == "5-0"));
+        // A value is bytes: not UTF-8 is the stage's to judge.
+        assert!(matches!(&got[5], Read::Entry(e) if e.get("k") == Some(&[0xff][..])));
         assert!(matches!(&got[0], Read::Entry(e) if e.get_str("k") == Some("v")));
         assert!(matches!(&got[1], Read::Bad(id, "deleted") if id == "2-0"));
         assert!(matches!(&got[2], Read::Bad(id, "malformed") if id == "3-0"));

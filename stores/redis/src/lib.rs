@@ -12,7 +12,8 @@
 //! - [`StreamSink`]: a pipeline that ends in a stream (`XADD`, pipelined per batch), so stages
 //!   chain across processes.
 //! - [`RedisStore`] (idempotency keys) and [`RedisCheckpoints`] (cursor checkpoints), the
-//!   same traits as the SQLite and PostgreSQL stores.
+//!   same traits as the SQLite and PostgreSQL stores; [`RedisStore::commit_with`] writes an
+//!   effect in Redis together with its key, for effects applied exactly once.
 //! - [`RedisRate`] and [`RedisInflight`]: a rate and an in-flight bound shared by every
 //!   process, given to a stage where the local `Rate` and `Inflight` go (see below).
 //!
@@ -48,22 +49,73 @@
 //! with it under one hash tag — the stream `{jobs}`, its dead letters `{jobs}:dead`
 //! ([`StreamOptions::dead_letter_stream`]), checkpoints `{jobs}:checkpoints`
 //! ([`RedisCheckpoints::key`]); the idempotency keys of a scope are one hash,
-//! `flowline:{scope}:idempotency`. The scripts (dead-lettering, lease renewal, reservations)
-//! then touch one slot each. One stream is one node's throughput: to go past it, shard the
+//! `flowline:{scope}:idempotency`, so a scope named like the stream's tag (`jobs`) puts
+//! them on its slot, and the keys an effect given to [`RedisStore::commit_with`] writes
+//! take the same tag (`{jobs}:totals`). The scripts (dead-lettering, lease renewal,
+//! reservations, effects with their commits) then touch one slot each. A source checks
+//! this before it runs: a stream's hash tag must close and not be empty, and a dead-letter
+//! stream given by name must carry the stream's tag (else a configuration error naming
+//! it). One stream is one node's throughput: to go past it, shard the
 //! job over several streams (`{jobs-0}`, `{jobs-1}`, ...) with a source per stream.
 //!
 //! **Limits**:
 //! - Delivery is at least once. An entry runs twice when its consumer dies (or is cut off
 //!   from Redis longer than `min_idle`) with it in flight, or when the acknowledgement is lost
-//!   with the process; the window is the entries in flight. For effects done once, key the
-//!   stage with [`Flow::idempotent`](flowline::Flow::idempotent) over a [`RedisStore`] whose
-//!   reservation `ttl` is shorter than `min_idle` (so a reclaimed entry's reservation has
-//!   expired), or make the effect itself idempotent.
+//!   with the process; the window is the entries in flight.
+//! - **Effects once**: key the stage with [`Flow::idempotent`](flowline::Flow::idempotent)
+//!   over a [`RedisStore`] whose reservation `ttl` is shorter than `min_idle` (so a reclaimed
+//!   entry's reservation has expired), and write an effect that is a Redis write with
+//!   [`RedisStore::commit_with`]: the effect and the key's commit are one script, applied only
+//!   by the key's current holder. A worker killed after it is applied leaves the key done
+//!   (the entry is skipped where it is reclaimed); killed before, it left nothing. Tested
+//!   with three worker processes, one SIGKILLed: zero effects applied twice.
+//! - Effects **outside Redis** (an HTTP call, a mail, another database) stay at least once:
+//!   no script can take them back. Do the outside effect first and commit its key right
+//!   after (`commit_with` with no command, or the idempotent stage's own commit at the
+//!   item's end); only an item whose worker died between the two repeats the effect, so
+//!   give the outside service the entry id as its idempotency key when it takes one:
+//!
+//! ```no_run
+//! use flowline::prelude::*;
+//! use flowline_redis::{RedisStore, RedisStream, StreamOptions};
+//! use std::time::Duration;
+//! # async fn send_mail(to: &str, idempotency_key: &str) -> Result<(), flowline::BoxError> { Ok(()) }
+//! # #[tokio::main] async fn main() -> Result<(), flowline::Error> {
+//! let opts = StreamOptions::new().min_idle(Duration::from_secs(60));
+//! let keys = RedisStore::open("redis://10.0.0.5/").unwrap().scope("mail").holder("worker-1");
+//! let commits = keys.clone();
+//! RedisStream::new("redis://10.0.0.5/", "{mail}", "senders", "worker-1", opts)?
+//!     .pipeline()
+//!     .idempotent(keys, |e| e.id().to_string())
+//!     .ttl(Duration::from_secs(30))
+//!     .try_map_async("send", move |e| {
+//!         let commits = commits.clone();
+//!         async move {
+//!             let key = e.id().to_string();
+//!             // At least once: repeated only if this worker dies before the next line.
+//!             send_mail(e.get_str("to").unwrap_or_default(), &key).await?;
+//!             // Exactly once, with the key: a Redis counter of what was sent.
+//!             let mut effect = redis::pipe();
+//!             effect.incr("{mail}:sent", 1);
+//!             commits.commit_with(&[key], &effect).await?;
+//!             Ok::<_, flowline::BoxError>(())
+//!         }
+//!     })
+//!     .workers(16)
+//!     .run()
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
 //! - `min_idle` must exceed the longest pause of a live worker (a GC-free Rust process rarely
 //!   pauses, but a machine can be cut off); leases are renewed every `min_idle / 3`.
 //! - Acknowledgements survive a Redis restart only as far as its persistence does: run Redis
 //!   with AOF (`appendfsync everysec` repeats at most a second of work after a crash of the
 //!   server; `always` repeats none). Without persistence a restart loses the stream itself.
+//! - Every part connects to one server (`redis::Client`): a Cluster client, which follows
+//!   `MOVED` redirects, is not wired in. On a Redis Cluster, point a job's source, sink and
+//!   stores at the node (or its failover address) that holds the job's hash tag; a
+//!   resharding that moves the slot fails the calls with `MOVED` until the address changes.
 //! - A failed item's dead letter holds the entry's fields, id, delivery count and reason;
 //!   the error text goes to the run's own [`DeadLetter`](flowline::DeadLetter) target.
 //!
@@ -157,6 +209,7 @@ mod conn;
 mod entry;
 mod lease;
 mod limit;
+mod names;
 mod options;
 mod reclaim;
 mod sink;

@@ -67,12 +67,12 @@ impl<F> StreamSink<F> {
                 reason: "must be a redis:// URL",
             });
         }
-        if stream.is_empty() {
+        if let Some(why) = crate::names::bad_key(stream) {
             problems.push(ConfigProblem {
                 stage: "redis sink".into(),
                 option: "stream",
-                value: "\"\"".into(),
-                reason: "must not be empty",
+                value: format!("{stream:?}"),
+                reason: why,
             });
         }
         match client {

@@ -24,6 +24,7 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::conn::{self, Backoff};
 use crate::entry::{self, Read, StreamEntry};
+use crate::names;
 use crate::options::StreamOptions;
 
 type Feed = mpsc::Sender<Result<(StreamEntry, Completion), BoxError>>;
@@ -79,13 +80,22 @@ impl RedisStream {
     /// A source on `stream` at the server `url`, reading as `consumer` of `group` (the group
     /// is created, with the stream, if missing). Consumers sharing a job share the group;
     /// each needs a name of its own that stays the same across its restarts. Names and
-    /// options are checked here, every problem at once; nothing connects until the run.
+    /// options are checked here, every problem at once, each naming the option and the
+    /// value; nothing connects until the run. A stream is 1 to 1024 bytes, a group or a
+    /// consumer 1 to 256, none with spaces or control characters; a `{` in a stream opens
+    /// a hash tag that must close and not be empty, and a dead-letter stream given with
+    /// [`StreamOptions::dead_letter_stream`] must share the stream's hash tag.
     ///
     /// ```
     /// use flowline_redis::{RedisStream, StreamOptions};
     /// let err = RedisStream::new("redis://127.0.0.1/", "", "g", "c", StreamOptions::new())
     ///     .unwrap_err();
     /// assert!(err.to_string().contains("stream"), "{err}");
+    /// let opts = StreamOptions::new().dead_letter_stream("dead");
+    /// let err = RedisStream::new("redis://127.0.0.1/", "{jobs}", "g", "worker 1\n", opts)
+    ///     .unwrap_err()
+    ///     .to_string();
+    /// assert!(err.contains("consumer") && err.contains("dead_letter_stream"), "{err}");
     /// ```
     pub fn new(
         url: &str,
@@ -100,25 +110,44 @@ impl RedisStream {
             Err(other) => return Err(other),
         };
         let client = redis::Client::open(url);
-        if let Err(e) = &client {
-            let _ = e;
+        if client.is_err() {
             problems.push(problem("url", url, "must be a redis:// URL"));
         }
-        for (option, value) in [("stream", stream), ("group", group), ("consumer", consumer)] {
-            if value.is_empty() {
-                problems.push(problem(option, value, "must not be empty"));
+        if let Some(why) = names::bad_key(stream) {
+            problems.push(problem("stream", stream, why));
+        }
+        for (option, value) in [("group", group), ("consumer", consumer)] {
+            if let Some(why) = names::bad_name(value) {
+                problems.push(problem(option, value, why));
             }
         }
         let dead = options
             .dead_letter
             .clone()
             .unwrap_or_else(|| format!("{stream}:dead"));
-        if dead == stream {
-            problems.push(problem(
-                "dead_letter_stream",
-                &dead,
-                "must differ from the stream read",
-            ));
+        // An empty one is reported by the options; the default is good when the stream is.
+        if options
+            .dead_letter
+            .as_deref()
+            .is_some_and(|d| !d.is_empty())
+        {
+            if let Some(why) = names::bad_key(&dead) {
+                problems.push(problem("dead_letter_stream", &dead, why));
+            } else if dead == stream {
+                problems.push(problem(
+                    "dead_letter_stream",
+                    &dead,
+                    "must differ from the stream read",
+                ));
+            } else if names::hash_tag(stream).is_some()
+                && names::hash_tag(stream) != names::hash_tag(&dead)
+            {
+                problems.push(problem(
+                    "dead_letter_stream",
+                    &dead,
+                    "must have the stream's hash tag: the move to the dead letters is one script, on one Cluster slot",
+                ));
+            }
         }
         match client {
             Ok(client) if problems.is_empty() => Ok(RedisStream {
@@ -251,43 +280,59 @@ impl Shared {
     /// Hands entries to the pipeline (`counts`: their delivery counts, when known). Poison
     /// entries and unreadable ones go to the dead letters instead; an entry already held
     /// (read again by the reclaimer) is skipped. `Err` when the pipeline is gone.
+    ///
+    /// The whole batch is held (its leases renewed) before the first entry is handed out:
+    /// a busy pipeline may take longer than `min_idle` to take a batch, and an entry read
+    /// but still waiting here must not be taken over by another consumer.
     pub(crate) async fn hand_out(
         self: &Arc<Self>,
         reads: Vec<Read>,
         counts: &HashMap<String, u64>,
         tx: &Feed,
     ) -> Result<(), ()> {
-        for read in reads {
-            let n = counts.get(read.id()).copied().unwrap_or(1);
-            let mut e = match read {
-                Read::Bad(id, why) => {
-                    self.lock().to_dead.push((id, n, why));
-                    self.ack_wake.notify_one();
+        let mut batch = Vec::with_capacity(reads.len());
+        let mut dead = false;
+        {
+            let mut st = self.lock();
+            for read in reads {
+                let n = counts.get(read.id()).copied().unwrap_or(1);
+                let mut e = match read {
+                    Read::Bad(id, why) => {
+                        st.to_dead.push((id, n, why));
+                        dead = true;
+                        continue;
+                    }
+                    Read::Entry(e) => e,
+                };
+                if n > self.opts.max_deliveries {
+                    st.to_dead.push((e.id().to_string(), n, "max_deliveries"));
+                    dead = true;
                     continue;
                 }
-                Read::Entry(e) => e,
-            };
-            if n > self.opts.max_deliveries {
-                self.lock()
-                    .to_dead
-                    .push((e.id().to_string(), n, "max_deliveries"));
-                self.ack_wake.notify_one();
-                continue;
-            }
-            {
-                let mut st = self.lock();
                 if st.held.contains_key(e.id()) {
                     continue;
                 }
                 st.held.insert(e.id().to_string(), n);
+                e.set_deliveries(n);
+                batch.push(e);
             }
-            e.set_deliveries(n);
+        }
+        if dead {
+            self.ack_wake.notify_one();
+        }
+        let mut batch = batch.into_iter();
+        while let Some(e) = batch.next() {
             let sh = self.clone();
             let id = e.id().to_string();
             let c = Completion::new(move |end| sh.ended(id, end));
             // A closed channel hands the pair back, dropped here: the completion reports
-            // cancelled and the entry stays pending.
-            tx.send(Ok((e, c))).await.map_err(|_| ())?;
+            // cancelled and the entry stays pending; so do the entries not handed out.
+            if tx.send(Ok((e, c))).await.is_err() {
+                for e in batch {
+                    self.ended(e.id().to_string(), ItemEnd::Cancelled);
+                }
+                return Err(());
+            }
         }
         Ok(())
     }
@@ -441,6 +486,23 @@ async fn read_inner(sh: &Arc<Shared>, tx: &Feed) -> Result<(), BoxError> {
     sh.retry(&conn, "XGROUP CREATE", go_on, |c| sh.ensure_group(c))
         .await
         .map_err(|e| fail(e, sh))?;
+    // A dead-letter key of another type would hold failed entries pending for ever: say so
+    // before the first entry runs.
+    let kind: String = sh
+        .retry(&conn, "TYPE", go_on, |mut c| async move {
+            redis::cmd("TYPE").arg(&sh.dead).query_async(&mut c).await
+        })
+        .await
+        .map_err(|e| fail(e, sh))?;
+    if kind != "stream" && kind != "none" {
+        return Err(fail(
+            format!(
+                "the dead-letter stream `{}` holds a {kind}, not a stream (WRONGTYPE)",
+                sh.dead
+            ),
+            sh,
+        ));
+    }
 
     // Own pending entries, oldest first: what an earlier life of this consumer left.
     let mut after = "0".to_string();

@@ -367,3 +367,296 @@ async fn a_sink_stream_chains_two_pipelines() {
     assert_eq!(n, 300);
     assert_eq!(pending(&url, "in").await.0, 0);
 }
+
+#[test]
+fn bad_names_are_refused_at_once_naming_option_and_value() {
+    let opts = StreamOptions::new()
+        .batch(0)
+        .dead_letter_stream("{other}:dead");
+    let err = RedisStream::new("nope://", "{jobs}", "", "worker 1\n", opts).unwrap_err();
+    let flowline::Error::Config { problems } = &err else {
+        panic!("not a config error: {err}")
+    };
+    let got: Vec<(&str, &str)> = problems
+        .iter()
+        .map(|p| (p.option, p.value.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("batch", "0"),
+            ("url", "\"nope://\""),
+            ("group", "\"\""),
+            ("consumer", "\"worker 1\\n\""),
+            ("dead_letter_stream", "\"{other}:dead\""),
+        ],
+        "{err}"
+    );
+    assert!(problems[4].reason.contains("hash tag"), "{err}");
+    for (stream, why) in [
+        ("{jobs", "without a `}`"),
+        ("{}jobs", "empty hash tag"),
+        ("jobs\r", "spaces"),
+        (&"j".repeat(1025)[..], "1024"),
+    ] {
+        let err = RedisStream::new("redis://127.0.0.1/", stream, "g", "c", StreamOptions::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("stream") && err.contains(why),
+            "{stream:?}: {err}"
+        );
+    }
+    let long = "c".repeat(257);
+    let err = RedisStream::new("redis://127.0.0.1/", "s", "g", &long, StreamOptions::new())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("consumer") && err.contains("256"), "{err}");
+    // A dead-letter stream under the stream's hash tag, and untagged names, are fine.
+    let tagged = StreamOptions::new().dead_letter_stream("failed:{jobs}");
+    assert!(RedisStream::new("redis://127.0.0.1/", "{jobs}", "g", "c", tagged).is_ok());
+    let plain = StreamOptions::new().dead_letter_stream("failed");
+    assert!(RedisStream::new("redis://127.0.0.1/", "jobs", "g", "c", plain).is_ok());
+    let err = StreamSink::new("redis://127.0.0.1/", "out\n", |_: &u8| {
+        Vec::<(String, Vec<u8>)>::new()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("stream") && err.contains("\"out\\n\""),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_types_at_the_dead_letter_and_sink_keys_are_clear_errors() {
+    let server = RedisServer::start(false);
+    let url = server.url();
+    fill(&url, "s", 3).await;
+    let mut c = conn(&url).await;
+    let _: () = c.set("s:dead", "a string").await.unwrap();
+    let err = RedisStream::new(&url, "s", "g", "c1", opts())
+        .unwrap()
+        .pipeline()
+        .run()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("dead-letter stream `s:dead` holds a string") && err.contains("`s`"),
+        "{err}"
+    );
+    // Nothing ran, nothing was acknowledged.
+    assert_eq!(pending(&url, "s").await.0, 0);
+    let n: usize = c.xlen("s").await.unwrap();
+    assert_eq!(n, 3);
+
+    let _: () = c.set("out", "a string").await.unwrap();
+    let sink = StreamSink::new(&url, "out", |x: &u32| {
+        vec![("n".to_string(), x.to_string().into_bytes())]
+    })
+    .unwrap();
+    let (written, report) = Pipeline::from_iter(0..10u32).into_sink(sink).await.unwrap();
+    assert_eq!(written, 0);
+    assert_eq!(report.delivered(), 0);
+    let failures = format!("{:?}", report.failure_sample);
+    assert!(failures.contains("WRONGTYPE"), "{failures}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_entries_end_in_the_dead_letter_stream() {
+    let server = RedisServer::start(false);
+    let url = server.url();
+    let mut c = conn(&url).await;
+    let add = |fields: Vec<(Vec<u8>, Vec<u8>)>| {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg("s").arg("*");
+        for (k, v) in fields {
+            cmd.arg(k).arg(v);
+        }
+        cmd
+    };
+    let b = |s: &str| s.as_bytes().to_vec();
+    let entries = [
+        vec![(b("job"), b("1"))],
+        vec![(b("other"), b("x"))], // the field the stage needs is missing
+        vec![(b("job"), vec![0xff, 0xfe])], // not UTF-8
+        vec![(vec![0xff], b("2"))], // a field name that is not UTF-8
+        vec![(b("job"), b("seven"))], // not a number
+        vec![(b("job"), b("3"))],   // deleted while pending, below
+    ];
+    let mut ids = Vec::new();
+    for e in entries {
+        let id: String = add(e).query_async(&mut c).await.unwrap();
+        ids.push(id);
+    }
+    // A first life takes every entry and hangs on them; the last one is deleted meanwhile.
+    // (The entry with a field name that is not UTF-8 goes to the dead letters at once.)
+    let h = RedisStream::new(&url, "s", "g", "c1", opts().reclaim(false))
+        .unwrap()
+        .pipeline()
+        .map_async("hang", |_e| std::future::pending::<()>())
+        .workers(10)
+        .spawn();
+    let taken = async {
+        while pending(&url, "s").await.0 + c.clone().xlen::<_, i64>("s:dead").await.unwrap() < 6 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), taken)
+        .await
+        .expect("the first life never took every entry");
+    h.cancel();
+    let _ = h.join().await;
+    let _: i64 = c.xdel("s", &[&ids[5]]).await.unwrap();
+
+    let ran: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let r2 = ran.clone();
+    let report = RedisStream::new(&url, "s", "g", "c1", opts())
+        .unwrap()
+        .pipeline()
+        .try_map_async("parse", move |e| {
+            let ran = r2.clone();
+            async move {
+                let text = e.get("job").ok_or("no `job` field")?;
+                let text = std::str::from_utf8(text).map_err(|_| "`job` is not UTF-8")?;
+                let job: u64 = text.parse().map_err(|_| "`job` is not a number")?;
+                ran.lock().unwrap().push(job);
+                Ok::<_, &str>(job)
+            }
+        })
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(report.delivered(), 1);
+    assert_eq!(*ran.lock().unwrap(), vec![1]);
+    assert_eq!(pending(&url, "s").await.0, 0, "every entry was settled");
+
+    let dead: redis::Value = redis::cmd("XRANGE")
+        .arg("s:dead")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let dead: Vec<(String, Vec<Vec<u8>>)> = redis::from_redis_value(dead).unwrap();
+    let mut reasons: HashMap<String, (String, Vec<Vec<u8>>)> = HashMap::new();
+    for (_, flat) in dead {
+        let get = |name: &str| {
+            flat.chunks(2)
+                .find(|kv| kv[0] == name.as_bytes())
+                .map(|kv| String::from_utf8_lossy(&kv[1]).into_owned())
+                .unwrap()
+        };
+        reasons.insert(get("flowline.id"), (get("flowline.reason"), flat.clone()));
+    }
+    assert_eq!(reasons.len(), 5, "{reasons:?}");
+    for (i, why) in [
+        (1, "failed"),
+        (2, "failed"),
+        (3, "malformed"),
+        (4, "failed"),
+        (5, "deleted"),
+    ] {
+        assert_eq!(reasons[&ids[i]].0, why, "entry {i}");
+    }
+    // The dead letters keep the entries' bytes as they were.
+    let (_, flat) = &reasons[&ids[3]];
+    assert!(flat.chunks(2).any(|kv| kv[0] == [0xff] && kv[1] == b"2"));
+    let (_, flat) = &reasons[&ids[2]];
+    assert!(
+        flat.chunks(2)
+            .any(|kv| kv[0] == b"job" && kv[1] == [0xff, 0xfe])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_dead_letter_stream_holds_back_only_the_failed_entries() {
+    let server = RedisServer::start(false);
+    let url = server.url();
+    fill(&url, "s", 10).await;
+    let c = conn(&url).await;
+    let h = RedisStream::new(
+        &url,
+        "s",
+        "g",
+        "c1",
+        opts().stop_when_drained(false).reclaim(false),
+    )
+    .unwrap()
+    .pipeline()
+    .try_map_async("work", move |e| {
+        let mut c = c.clone();
+        async move {
+            if job(&e) == 3 {
+                // Something else takes the dead-letter key mid-run.
+                let _: () = c.set("s:dead", "a string").await.unwrap();
+                return Err("three fails");
+            }
+            Ok(job(&e))
+        }
+    })
+    .spawn();
+    let settled = async {
+        while pending(&url, "s").await.0 != 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let t = tokio::time::timeout(Duration::from_secs(20), settled).await;
+    h.cancel();
+    let _ = h.join().await;
+    assert!(
+        t.is_ok(),
+        "finished entries were held back with the failed one"
+    );
+    // The failed entry stays pending (run again later), never lost.
+    let (total, per) = pending(&url, "s").await;
+    assert_eq!((total, per.get("c1")), (1, Some(&1)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_read_but_waiting_for_a_busy_pipeline_are_not_taken_over() {
+    let server = RedisServer::start(false);
+    let url = server.url();
+    fill(&url, "s", 200).await;
+    let o = || {
+        StreamOptions::new()
+            .batch(40)
+            .block(Duration::from_millis(50))
+            .min_idle(Duration::from_millis(150))
+            .stop_when_drained(true)
+    };
+    // 10 ms per entry, one at a time: a batch read while the pipeline is full waits for it
+    // some 400 ms, far past `min_idle`, while the other consumer reclaims.
+    let worker = |name: &str| {
+        let run = RedisStream::new(&url, "s", "g", name, o())
+            .unwrap()
+            .pipeline()
+            .map_async("slow", |e| async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                (job(&e), e.deliveries())
+            })
+            .collect();
+        tokio::spawn(run.into_future())
+    };
+    let a = worker("a");
+    while pending(&url, "s").await.1.get("a").is_none_or(|n| *n <= 40) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let b = worker("b");
+    let mut got = Vec::new();
+    for w in [a, b] {
+        let out = tokio::time::timeout(Duration::from_secs(30), w)
+            .await
+            .expect("a worker hung");
+        got.extend(out.unwrap().unwrap());
+    }
+    let again: Vec<_> = got.iter().filter(|g| g.1 > 1).collect();
+    assert!(
+        again.is_empty(),
+        "taken over from a live consumer: {again:?}"
+    );
+    let mut jobs: Vec<u64> = got.iter().map(|g| g.0).collect();
+    jobs.sort_unstable();
+    assert_eq!(jobs, (0..200).collect::<Vec<_>>());
+}

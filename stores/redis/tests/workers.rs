@@ -1,6 +1,8 @@
 //! Three worker processes on one stream, one SIGKILLed mid-run: every entry runs, none is
-//! lost, and only entries the killed worker had started run twice. The workers are this test
-//! binary run again (`worker_child`, which does nothing unless `FLOWLINE_REDIS_WORKER` is set).
+//! lost, only entries the killed worker had been handed are delivered twice, and every
+//! effect is applied exactly once (written with its idempotency key by
+//! `RedisStore::commit_with`). The workers are this test binary run again (`worker_child`,
+//! which does nothing unless `FLOWLINE_REDIS_WORKER` is set).
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Command, Stdio};
@@ -8,7 +10,7 @@ use std::time::Duration;
 
 use flowline::prelude::*;
 use flowline_redis::test_server::RedisServer;
-use flowline_redis::{RedisStream, StreamOptions};
+use flowline_redis::{RedisStore, RedisStream, StreamOptions};
 use redis::AsyncCommands;
 
 const N: u64 = 3000;
@@ -21,8 +23,10 @@ async fn conn(url: &str) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
-/// A worker: records each job it starts (`started:<name>`) and, after 2 ms of work, each
-/// effect (`effects`, a count per job).
+/// A worker: records each entry it is handed (`delivered:<name>`), skips the entries whose
+/// key another worker already did (the idempotent stage), and for the others applies the
+/// effect (`effects`, a count per job) with the key's commit in one script, then works on for
+/// 20 ms: a kill then finds effects done and their items still in flight.
 #[test]
 fn worker_child() {
     let Ok(spec) = std::env::var("FLOWLINE_REDIS_WORKER") else {
@@ -35,24 +39,38 @@ fn worker_child() {
         .unwrap();
     rt.block_on(async {
         let c = conn(url).await;
+        let min_idle = Duration::from_millis(500);
         let opts = StreamOptions::new()
             .batch(50)
             .block(Duration::from_millis(50))
-            .min_idle(Duration::from_millis(500))
+            .min_idle(min_idle)
             .stop_when_drained(true);
-        let name2 = name.to_string();
+        let store = RedisStore::open(url).unwrap().scope("jobs").holder(name);
+        let effects = store.clone();
+        let delivered = format!("delivered:{name}");
         RedisStream::new(url, "jobs", "g", name, opts)
             .unwrap()
             .pipeline()
-            .map_async("work", move |e| {
+            .map_async("seen", move |e| {
                 let mut c = c.clone();
-                let started = format!("started:{name2}");
+                let delivered = delivered.clone();
                 async move {
-                    let job: u64 = e.get_str("job").unwrap().parse().unwrap();
-                    let _: () = c.rpush(&started, job).await?;
+                    let _: () = c.rpush(&delivered, job(&e)).await.unwrap();
+                    e
+                }
+            })
+            // A dead worker's reservations expire before its entries are reclaimed.
+            .idempotent(store, |e| e.id().to_string())
+            .ttl(min_idle / 2)
+            .try_map_async("work", move |e| {
+                let store = effects.clone();
+                async move {
                     tokio::time::sleep(Duration::from_millis(2)).await;
-                    let _: i64 = c.hincr("effects", job, 1).await?;
-                    Ok::<_, redis::RedisError>(())
+                    let mut effect = redis::pipe();
+                    effect.hincr("effects", job(&e), 1);
+                    store.commit_with(&[e.id().to_string()], &effect).await?;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Ok::<_, flowline::BoxError>(())
                 }
             })
             .workers(8)
@@ -62,21 +80,20 @@ fn worker_child() {
     });
 }
 
+fn job(e: &flowline_redis::StreamEntry) -> u64 {
+    e.get_str("job").unwrap().parse().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_worker_processes_one_killed_lose_nothing() {
+async fn three_worker_processes_one_killed_lose_nothing_and_repeat_no_effect() {
     let server = RedisServer::start(false);
     let url = server.url();
     let mut c = conn(&url).await;
     let mut p = redis::pipe();
     for i in 0..N {
-        p.cmd("XADD")
-            .arg("jobs")
-            .arg("*")
-            .arg("job")
-            .arg(i)
-            .ignore();
+        p.cmd("XADD").arg("jobs").arg("*").arg("job").arg(i);
     }
-    p.query_async::<()>(&mut c).await.unwrap();
+    let ids: Vec<String> = p.query_async(&mut c).await.unwrap();
     let exe = std::env::current_exe().unwrap();
     let mut kids: Vec<_> = ["w1", "w2", "w3"]
         .iter()
@@ -91,7 +108,7 @@ async fn three_worker_processes_one_killed_lose_nothing() {
         .collect();
     // Kill w2 once it has done some work.
     loop {
-        let n: usize = c.llen("started:w2").await.unwrap();
+        let n: usize = c.llen("delivered:w2").await.unwrap();
         if n >= 100 {
             break;
         }
@@ -99,6 +116,24 @@ async fn three_worker_processes_one_killed_lose_nothing() {
     }
     kids[1].kill().unwrap();
     let _ = kids[1].wait();
+    // The killed worker's in-flight window: what it was handed and had not acknowledged.
+    // Nothing is reclaimed before `min_idle` (500 ms) has passed.
+    let window: Vec<(String, String, i64, i64)> = redis::cmd("XPENDING")
+        .arg("jobs")
+        .arg("g")
+        .arg("-")
+        .arg("+")
+        .arg(N)
+        .arg("w2")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let in_flight: HashSet<u64> = window
+        .iter()
+        .filter_map(|(id, ..)| ids.iter().position(|i| i == id))
+        .map(|j| j as u64)
+        .collect();
+    assert_eq!(in_flight.len(), window.len());
     for (i, k) in kids.iter_mut().enumerate() {
         if i != 1 {
             assert!(k.wait().unwrap().success(), "worker {i} failed");
@@ -107,21 +142,39 @@ async fn three_worker_processes_one_killed_lose_nothing() {
     let effects: HashMap<u64, u64> = c.hgetall("effects").await.unwrap();
     let lost: Vec<u64> = (0..N).filter(|j| !effects.contains_key(j)).collect();
     assert!(lost.is_empty(), "lost {} entries: {lost:?}", lost.len());
-    let started_by_killed: HashSet<u64> = c
-        .lrange::<_, Vec<u64>>("started:w2", 0, -1)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
-    for (job, n) in &effects {
-        if *n > 1 {
-            assert!(
-                started_by_killed.contains(job),
-                "job {job} ran {n} times but the killed worker never started it"
-            );
-            assert_eq!(*n, 2, "job {job} ran {n} times");
+    let repeated: Vec<(&u64, &u64)> = effects.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(
+        repeated.is_empty(),
+        "{} effects applied more than once: {repeated:?}",
+        repeated.len()
+    );
+
+    let mut deliveries: HashMap<u64, u64> = HashMap::new();
+    for name in ["w1", "w2", "w3"] {
+        let jobs: Vec<u64> = c.lrange(format!("delivered:{name}"), 0, -1).await.unwrap();
+        for j in jobs {
+            *deliveries.entry(j).or_default() += 1;
         }
     }
+    let mut again = 0;
+    for (job, n) in &deliveries {
+        if *n > 1 {
+            again += 1;
+            assert!(
+                in_flight.contains(job),
+                "job {job} was delivered {n} times but was not in the killed worker's window"
+            );
+            assert_eq!(*n, 2, "job {job} was delivered {n} times");
+        }
+    }
+    // The kill found entries in flight: the test exercised a takeover.
+    assert!(
+        again > 0,
+        "no entry of the killed worker was delivered again"
+    );
+
+    let dead: usize = c.xlen("jobs:dead").await.unwrap();
+    assert_eq!(dead, 0, "items failed");
     let v: redis::Value = redis::cmd("XPENDING")
         .arg("jobs")
         .arg("g")
