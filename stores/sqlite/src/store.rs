@@ -331,8 +331,14 @@ impl Store for SqliteStore {
         let ttl_ms = ttl.min(FAR).as_millis() as i64;
         let name = self.name.clone();
         self.blocking(keys, move |tx, scope, holder, now, keys| {
-            let earlier_life =
-                |h: &str| h != holder && name.as_deref().is_some_and(|n| h.starts_with(n));
+            // `name#id`: the holder `w1#2#id` is not an earlier life of `w1`.
+            let earlier_life = |h: &str| {
+                h != holder
+                    && name
+                        .as_deref()
+                        .and_then(|n| h.strip_prefix(n))
+                        .is_some_and(|id| !id.contains('#'))
+            };
             let mut get = tx.prepare_cached(
                 "SELECT state, expires_ms, holder FROM flowline_idempotency WHERE scope = ?1 AND key = ?2",
             )?;
@@ -429,6 +435,19 @@ mod tests {
         let other = SqliteStore::open(&path).unwrap().holder("w10");
         assert_eq!(
             other.reserve(&k, ttl).await.unwrap(),
+            vec![Reservation::Busy]
+        );
+        // `w1#2` is another worker, not a life of `w1`: `w1` does not take its keys.
+        let k3 = keys(&["k3"]);
+        let hashed = SqliteStore::open(&path).unwrap().holder("w1#2");
+        hashed.reserve(&k3, ttl).await.unwrap();
+        assert_eq!(
+            SqliteStore::open(&path)
+                .unwrap()
+                .holder("w1")
+                .reserve(&k3, ttl)
+                .await
+                .unwrap(),
             vec![Reservation::Busy]
         );
         let restarted = SqliteStore::open(&path).unwrap().holder("w1");
