@@ -98,6 +98,12 @@ async fn idempotency_contract(open: Open) {
     assert_eq!(other.reserve(&k7, long).await.unwrap(), vec![Busy]);
     restarted.commit(&k7).await.unwrap();
     assert_eq!(other.reserve(&k7, long).await.unwrap(), vec![AlreadyDone]);
+    // A name with `#` in it is a worker of its own: `w1#2` is no life of `w1`.
+    let k8 = keys(&["k8"]);
+    let hashed = open(Some("w1#2")).await;
+    assert_eq!(hashed.reserve(&k8, long).await.unwrap(), vec![Reserved]);
+    let w1 = open(Some("w1")).await;
+    assert_eq!(w1.reserve(&k8, long).await.unwrap(), vec![Busy]);
 }
 
 async fn checkpoint_contract(store: Arc<dyn CheckpointStore>) {

@@ -283,7 +283,7 @@ impl PgStore {
                 WHERE t.state = 0 AND (
                       t.expires_ms <= {NOW_MS}
                    OR (t.holder = $2 AND t.lease = $6)
-                   OR ($5::text IS NOT NULL AND t.holder <> $2 AND starts_with(t.holder, $5)))
+                   OR ($5::text IS NOT NULL AND t.holder <> $2 AND (starts_with(t.holder, $5) AND strpos(substr(t.holder, length($5) + 1), '#') = 0)))
              RETURNING key"
         );
         let sql = Sql {
@@ -317,7 +317,7 @@ impl PgStore {
             check: format!(
                 "SELECT k.key, t.state = 1,
                         t.expires_ms <= {NOW_MS}
-                        OR ($4::text IS NOT NULL AND t.holder <> $3 AND starts_with(t.holder, $4))
+                        OR ($4::text IS NOT NULL AND t.holder <> $3 AND (starts_with(t.holder, $4) AND strpos(substr(t.holder, length($4) + 1), '#') = 0))
                  FROM unnest($2::text[]) AS k(key)
                  CROSS JOIN LATERAL ({PROBE}) AS t",
                 PROBE = probe(&table, "state, holder, expires_ms")
@@ -330,7 +330,7 @@ impl PgStore {
                     WHERE t.state = 0 AND (
                           t.holder = $3
                        OR t.expires_ms <= {NOW_MS}
-                       OR ($4::text IS NOT NULL AND starts_with(t.holder, $4)))
+                       OR ($4::text IS NOT NULL AND (starts_with(t.holder, $4) AND strpos(substr(t.holder, length($4) + 1), '#') = 0)))
                  RETURNING key"
             ),
         };
