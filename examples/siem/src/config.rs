@@ -109,7 +109,7 @@ mod tests {
     fn bad_values_name_the_option_and_value() {
         for (args, opt, value) in [
             (&["--queue", "0"][..], "--queue", "0"),
-            (&["--queue", "-3"][..], "--queue", "-3"),
+            (&["--queue=-3"][..], "--queue", "-3"),
             (&["--batch", "99999999999999999999"][..], "--batch", "99999999999999999999"),
             (&["--alert-threshold", "11"][..], "--alert-threshold", "11"),
             (&["--listen", "nowhere"][..], "--listen", "nowhere"),
