@@ -42,7 +42,8 @@ pub struct Config {
     /// How long a batch waits to fill, in milliseconds.
     #[arg(long, default_value_t = 5, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub batch_wait_ms: u64,
-    /// Events a websocket client may be behind before it is cut off.
+    /// Events a websocket client may be behind before it is cut off (at least `--batch`:
+    /// a stored batch is broadcast at once).
     #[arg(long, default_value_t = 4096, value_name = "N", value_parser = parse_count)]
     pub ws_buffer: usize,
     /// How long one write to a websocket client may take before it is cut off, in milliseconds.

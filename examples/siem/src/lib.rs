@@ -63,7 +63,8 @@ fn prometheus() -> PrometheusHandle {
 pub struct Summary {
     /// The events pipeline's report (none for the naive service).
     pub events: Option<Report>,
-    /// The alert lane's report (none for the naive service).
+    /// The alert lane's report (none for the naive service, or when the lane had to be
+    /// cancelled with alerts still held).
     pub alerts: Option<Report>,
 }
 
@@ -94,6 +95,14 @@ impl Service {
     /// Opens the database, starts the fake notifier if no URL is given, the pipelines and
     /// the HTTP server.
     pub async fn start(cfg: Config) -> Result<Service, StartError> {
+        if cfg.ws_buffer < cfg.batch {
+            // A stored batch is broadcast at once: a smaller buffer would cut off every
+            // client at the first full batch.
+            return Err(StartError(format!(
+                "--ws-buffer {} must be at least --batch {}",
+                cfg.ws_buffer, cfg.batch
+            )));
+        }
         let open = |what: &str| {
             store::open(&cfg.db, cfg.accounts).map_err(|e| {
                 StartError(format!("--db {}: cannot open ({what}): {e}", cfg.db.display()))
@@ -229,24 +238,26 @@ impl Service {
         let alert_control = p.alerts.control();
         let mut alerts_join = Box::pin(p.alerts.join());
         let alerts = match tokio::time::timeout(Duration::from_secs(5), &mut alerts_join).await {
-            Ok(r) => r,
+            Ok(r) => r.ok(),
             Err(_) => {
-                // The notifier is still down: what is left stays pending for the next start.
+                // The notifier is still down: what is left stays pending for the next
+                // start. A breaker holding its alerts may not let a graceful stop through:
+                // then the lane is cancelled (nothing of it is lost: the alerts are rows).
                 alert_control.stop();
                 match tokio::time::timeout(Duration::from_secs(2), &mut alerts_join).await {
-                    Ok(r) => r,
+                    Ok(r) => r.ok(),
                     Err(_) => {
                         alert_control.cancel();
-                        alerts_join.await
+                        let _ = alerts_join.await;
+                        None
                     }
                 }
             }
-        }
-        .map_err(|e| e.to_string())?;
+        };
         drop(self.notifier);
         Ok(Summary {
             events: Some(events),
-            alerts: Some(alerts),
+            alerts,
         })
     }
 }
