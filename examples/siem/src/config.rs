@@ -79,6 +79,18 @@ impl Config {
     pub fn defaults() -> Config {
         Config::parse_from(["flowline-siem"])
     }
+
+    /// Parses options as on the command line (without the program name), for a service
+    /// started from code.
+    ///
+    /// ```
+    /// let cfg = flowline_siem::Config::from_args(["--naive", "--queue", "16"]).unwrap();
+    /// assert!(cfg.naive && cfg.queue == 16);
+    /// assert!(flowline_siem::Config::from_args(["--queue", "x"]).unwrap_err().contains("--queue"));
+    /// ```
+    pub fn from_args<'a>(args: impl IntoIterator<Item = &'a str>) -> Result<Config, String> {
+        Config::try_parse_from(std::iter::once("flowline-siem").chain(args)).map_err(|e| e.to_string())
+    }
 }
 
 fn parse_count(s: &str) -> Result<usize, String> {

@@ -145,8 +145,9 @@ pub struct Event {
     /// The API key it was posted with (the pipeline's account lookup key); not sent out.
     #[serde(skip)]
     pub api_key: String,
-    /// The account, filled in by the lookup stage.
-    pub account: Option<Account>,
+    /// The account, filled in by the lookup stage (shared with the loader's cache, not
+    /// copied per event).
+    pub account: Option<std::sync::Arc<Account>>,
     /// What happened.
     pub kind: String,
     /// 0 to [`MAX_SEVERITY`].

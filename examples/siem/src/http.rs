@@ -51,7 +51,7 @@ pub struct Intake {
     /// The pipeline's bounded input.
     pub queue: mpsc::Sender<Event>,
     /// API key → account, cached.
-    pub loader: Loader<String, Account>,
+    pub loader: Loader<String, Arc<Account>>,
 }
 
 /// `POST /events` of the flowline service, with the body limit.

@@ -155,7 +155,9 @@ impl Service {
                 async move {
                     tokio::task::spawn_blocking(move || {
                         let conn = reader.lock().map_err(|_| "lock poisoned".to_string())?;
-                        store::accounts_by_key(&conn, &keys).map_err(|e| e.to_string())
+                        store::accounts_by_key(&conn, &keys)
+                            .map(|found| found.into_iter().map(|(k, a)| (k, Arc::new(a))).collect::<HashMap<_, _>>())
+                            .map_err(|e| e.to_string())
                     })
                     .await
                     .map_err(|e| e.to_string())?

@@ -64,7 +64,7 @@ async fn post_event(State(s): State<Naive>, headers: HeaderMap, body: Bytes) -> 
         Err(e) => return bad_body(e),
     };
     let mut e = Event::accepted(incoming, key.to_string());
-    e.account = Some(account);
+    e.account = Some(std::sync::Arc::new(account));
     e.status = "enriched";
     e.alert = e.severity >= s.threshold;
     let alert = if e.alert {

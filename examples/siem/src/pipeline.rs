@@ -1,8 +1,8 @@
 //! The two flowline pipelines behind `POST /events`.
 //!
-//! Events: `from_channel` (the bounded queue the HTTP handler `try_send`s into) → account
-//! (through the [`Loader`]: concurrent lookups coalesce into one query, answers cached) →
-//! enrich → batch → persist (one transaction per batch, `INSERT OR IGNORE` by event id) →
+//! Events: `from_channel` (the bounded queue the HTTP handler `try_send`s into) → batch →
+//! account (through the [`Loader`]: lookups coalesce into one query, answers cached) →
+//! enrich → persist (one transaction per batch, `INSERT OR IGNORE` by event id) →
 //! broadcast to the websocket hub. Every stage keeps input order, so the clients see each
 //! account's events in the order they were accepted.
 //!
@@ -20,6 +20,8 @@ use flowline::prelude::*;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
+use std::sync::Arc;
+
 use crate::event::{Account, Event};
 use crate::notifier::NotifierClient;
 use crate::store::{self, AlertOutcome, Db};
@@ -39,7 +41,7 @@ pub struct Pipelines {
 pub fn start(
     cfg: &Config,
     queue: mpsc::Receiver<Event>,
-    loader: Loader<String, Account>,
+    loader: Loader<String, Arc<Account>>,
     db: Db,
     hub: Hub,
     notifier: NotifierClient,
@@ -51,24 +53,30 @@ pub fn start(
     }
     let threshold = cfg.alert_threshold;
     let events = Pipeline::from_channel(queue)
-        // Lookups of cached accounts answer at once; the workers let a batch of misses
-        // wait for one query without holding up the rest.
-        .map_async_with("account", loader, |loader, mut e: Event| async move {
-            match loader.load(e.api_key.clone()).await {
-                Ok(account) => e.account = account,
-                // The key was checked at the door; a lookup failing now (the database
-                // busy) must not lose the event: it is stored without account details.
-                Err(_) => metrics::counter!("siem_account_lookup_errors_total").increment(1),
-            }
-            e
-        })
-        .workers(256)
-        .map(move |mut e| {
-            e.status = "enriched";
-            e.alert = e.severity >= threshold;
-            e
-        })
+        // Batched from the start: every stage after this one works a batch per call, so its
+        // per-call cost (a lock, a task hop, a transaction) is paid once per batch.
         .batch(cfg.batch, Duration::from_millis(cfg.batch_wait_ms))
+        .map_async_with("account", loader, |loader, mut batch: Vec<Event>| async move {
+            // One lock of the loader for the batch; cached accounts answer at once, the
+            // misses go to the database together.
+            let keys = batch.iter().map(|e| e.api_key.clone()).collect();
+            for (e, account) in batch.iter_mut().zip(loader.load_many(keys).await) {
+                match account {
+                    Ok(account) => e.account = account,
+                    // The key was checked at the door; a lookup failing now (the database
+                    // busy) must not lose the event: it is stored without account details.
+                    Err(_) => metrics::counter!("siem_account_lookup_errors_total").increment(1),
+                }
+            }
+            batch
+        })
+        .map(move |mut batch: Vec<Event>| {
+            for e in &mut batch {
+                e.status = "enriched";
+                e.alert = e.severity >= threshold;
+            }
+            batch
+        })
         .try_map_async_with("persist", db.clone(), |db, batch: Vec<Event>| async move {
             // SQLite is blocking: off the async workers.
             tokio::task::spawn_blocking(move || {

@@ -1,5 +1,5 @@
-//! The SQLite file: accounts, events (primary key = the client's event id, so that a
-//! repeated post is stored once) and the alerts outbox.
+//! The SQLite file: accounts, events (unique by the client's event id, so that a repeated
+//! post is stored once) and the alerts outbox.
 //!
 //! Both services (flowline's and the naive one) open it the same way: WAL journal and
 //! `synchronous = NORMAL` (a commit is durable at the next checkpoint, not fsynced per
@@ -37,14 +37,18 @@ pub fn open(path: &Path, demo_accounts: u32) -> rusqlite::Result<Connection> {
              name TEXT NOT NULL,
              contact TEXT NOT NULL
          );
+         -- Rows are appended in arrival order (rowid); the client's id is a unique key
+         -- beside them. Keyed by the id itself, rows would land all over the tree and a
+         -- commit would write a page per row.
          CREATE TABLE IF NOT EXISTS events (
-             id TEXT PRIMARY KEY,
+             seq INTEGER PRIMARY KEY,
+             id TEXT NOT NULL UNIQUE,
              account_id INTEGER NOT NULL,
              kind TEXT NOT NULL,
              severity INTEGER NOT NULL,
              message TEXT NOT NULL,
              received_ms INTEGER NOT NULL
-         ) WITHOUT ROWID;
+         );
          CREATE TABLE IF NOT EXISTS alerts (
              event_id TEXT PRIMARY KEY,
              status TEXT NOT NULL,
@@ -165,15 +169,15 @@ pub fn pending_alerts(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<E
         "SELECT e.id, e.kind, e.severity, e.message, e.received_ms, a.id, a.name, a.contact
          FROM alerts p JOIN events e ON e.id = p.event_id
          LEFT JOIN accounts a ON a.id = e.account_id
-         WHERE p.status = 'pending' ORDER BY e.received_ms LIMIT ?1",
+         WHERE p.status = 'pending' ORDER BY e.seq LIMIT ?1",
     )?;
     let rows = stmt.query_map([limit as i64], |r| {
         let account = match r.get::<_, Option<i64>>(5)? {
-            Some(id) => Some(Account {
+            Some(id) => Some(std::sync::Arc::new(Account {
                 id,
                 name: r.get(6)?,
                 contact: r.get(7)?,
-            }),
+            })),
             None => None,
         };
         Ok(Event {
