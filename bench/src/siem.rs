@@ -7,6 +7,8 @@
 //! arrival at a websocket client; `lost` counts events answered 202 but not stored, or not
 //! delivered to some client. Same database settings for both (WAL, synchronous=NORMAL),
 //! same fake notifier (20 ms per notification, 1 event in 100 alerts).
+//! `FLOWLINE_BENCH_SIEM_REPS=n` runs n alternating rounds (median reported);
+//! `FLOWLINE_BENCH_SIEM_REPORT=1` prints the events pipeline's report of each flowline run.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -88,18 +90,26 @@ async fn load(naive: bool, run_for: Duration) -> Outcome {
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("siem.db");
     let mut args = vec![
-        "--listen", "127.0.0.1:0",
-        "--db", db.to_str().expect("utf-8 path"),
-        "--alert-threshold", "9",
-        "--notifier-delay-ms", "20",
-        "--alert-rate", "1000",
-        "--accounts", "64",
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        db.to_str().expect("utf-8 path"),
+        "--alert-threshold",
+        "9",
+        "--notifier-delay-ms",
+        "20",
+        "--alert-rate",
+        "1000",
+        "--accounts",
+        "64",
     ];
     if naive {
         args.push("--naive");
     }
     let cfg = flowline_siem::Config::from_args(args).expect("options");
-    let service = flowline_siem::Service::start(cfg).await.expect("service starts");
+    let service = flowline_siem::Service::start(cfg)
+        .await
+        .expect("service starts");
     let addr = service.addr();
     let start = Instant::now();
 

@@ -16,7 +16,11 @@ use clap::Parser;
 /// assert!(err.to_string().contains("--queue"));
 /// ```
 #[derive(Debug, Clone, Parser)]
-#[command(name = "flowline-siem", version, about = "A toy SIEM on flowline: POST events, watch them live over a websocket")]
+#[command(
+    name = "flowline-siem",
+    version,
+    about = "A toy SIEM on flowline: POST events, watch them live over a websocket"
+)]
 pub struct Config {
     /// Address to listen on (port 0: any free port; the address is printed at start).
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
@@ -89,7 +93,8 @@ impl Config {
     /// assert!(flowline_siem::Config::from_args(["--queue", "x"]).unwrap_err().contains("--queue"));
     /// ```
     pub fn from_args<'a>(args: impl IntoIterator<Item = &'a str>) -> Result<Config, String> {
-        Config::try_parse_from(std::iter::once("flowline-siem").chain(args)).map_err(|e| e.to_string())
+        Config::try_parse_from(std::iter::once("flowline-siem").chain(args))
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -123,10 +128,18 @@ mod tests {
         for (args, opt, value) in [
             (&["--queue", "0"][..], "--queue", "0"),
             (&["--queue=-3"][..], "--queue", "-3"),
-            (&["--batch", "99999999999999999999"][..], "--batch", "99999999999999999999"),
+            (
+                &["--batch", "99999999999999999999"][..],
+                "--batch",
+                "99999999999999999999",
+            ),
             (&["--alert-threshold", "11"][..], "--alert-threshold", "11"),
             (&["--listen", "nowhere"][..], "--listen", "nowhere"),
-            (&["--notifier-url", "ftp://x"][..], "--notifier-url", "ftp://x"),
+            (
+                &["--notifier-url", "ftp://x"][..],
+                "--notifier-url",
+                "ftp://x",
+            ),
             (&["--alert-rate", "0"][..], "--alert-rate", "0"),
         ] {
             let e = err(args);

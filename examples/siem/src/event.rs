@@ -211,14 +211,35 @@ mod tests {
         assert_eq!(field_of(r#"{"id":7,"kind":"k","severity":1}"#), "id");
         assert_eq!(field_of(r#"{"id":"a","severity":1}"#), "kind");
         assert_eq!(field_of(r#"{"id":"a","kind":"k"}"#), "severity");
-        assert_eq!(field_of(r#"{"id":"a","kind":"k","severity":11}"#), "severity");
-        assert_eq!(field_of(r#"{"id":"a","kind":"k","severity":-1}"#), "severity");
-        assert_eq!(field_of(r#"{"id":"a","kind":"k","severity":1.5}"#), "severity");
-        assert_eq!(field_of(r#"{"id":"a","kind":"k","severity":1e300}"#), "severity");
-        assert_eq!(field_of(r#"{"id":"a","kind":"k","severity":1,"message":[]}"#), "message");
-        assert_eq!(field_of(r#"{"id":"a","kind":"k","severity":1,"sevrity":2}"#), "body");
+        assert_eq!(
+            field_of(r#"{"id":"a","kind":"k","severity":11}"#),
+            "severity"
+        );
+        assert_eq!(
+            field_of(r#"{"id":"a","kind":"k","severity":-1}"#),
+            "severity"
+        );
+        assert_eq!(
+            field_of(r#"{"id":"a","kind":"k","severity":1.5}"#),
+            "severity"
+        );
+        assert_eq!(
+            field_of(r#"{"id":"a","kind":"k","severity":1e300}"#),
+            "severity"
+        );
+        assert_eq!(
+            field_of(r#"{"id":"a","kind":"k","severity":1,"message":[]}"#),
+            "message"
+        );
+        assert_eq!(
+            field_of(r#"{"id":"a","kind":"k","severity":1,"sevrity":2}"#),
+            "body"
+        );
         let long = "x".repeat(MAX_ID_LEN + 1);
-        assert_eq!(field_of(&format!(r#"{{"id":"{long}","kind":"k","severity":1}}"#)), "id");
+        assert_eq!(
+            field_of(&format!(r#"{{"id":"{long}","kind":"k","severity":1}}"#)),
+            "id"
+        );
     }
 
     #[test]

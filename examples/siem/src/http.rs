@@ -63,13 +63,20 @@ pub fn events_route(intake: Intake, body_limit: usize) -> Router {
 }
 
 /// An error answer: JSON `{"error": ..., "field": ...}`, with `Retry-After` when given.
-pub fn reject(status: StatusCode, error: &str, field: Option<&str>, retry_after: Option<u32>) -> Response {
+pub fn reject(
+    status: StatusCode,
+    error: &str,
+    field: Option<&str>,
+    retry_after: Option<u32>,
+) -> Response {
     let body = serde_json::json!({ "error": error, "field": field });
     let mut resp = (status, axum::Json(body)).into_response();
     if let Some(secs) = retry_after {
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
-    metrics::counter!("siem_events_rejected_total", "status" => status.as_str().to_string()).increment(1);
+    metrics::counter!("siem_events_rejected_total", "status" => status.as_str().to_string())
+        .increment(1);
     resp
 }
 
@@ -88,18 +95,32 @@ pub fn api_key(headers: &HeaderMap) -> Option<&str> {
 
 /// The answer once the service is shutting down.
 pub fn shutting_down() -> Response {
-    reject(StatusCode::SERVICE_UNAVAILABLE, "shutting down", None, Some(5))
+    reject(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shutting down",
+        None,
+        Some(5),
+    )
 }
 
 /// The answer to a missing or unknown key.
 pub fn unauthorized() -> Response {
-    reject(StatusCode::UNAUTHORIZED, "unknown API key", Some("x-api-key"), None)
+    reject(
+        StatusCode::UNAUTHORIZED,
+        "unknown API key",
+        Some("x-api-key"),
+        None,
+    )
 }
 
 /// The answer for an accepted event.
 pub fn accepted(id: &str) -> Response {
     metrics::counter!("siem_events_accepted_total").increment(1);
-    (StatusCode::ACCEPTED, axum::Json(serde_json::json!({ "id": id }))).into_response()
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({ "id": id })),
+    )
+        .into_response()
 }
 
 async fn post_event(State(s): State<Intake>, headers: HeaderMap, body: Bytes) -> Response {
@@ -114,7 +135,14 @@ async fn post_event(State(s): State<Intake>, headers: HeaderMap, body: Bytes) ->
     match s.loader.load(key.to_string()).await {
         Ok(Some(_)) => {}
         Ok(None) => return unauthorized(),
-        Err(_) => return reject(StatusCode::SERVICE_UNAVAILABLE, "account lookup failed", None, Some(1)),
+        Err(_) => {
+            return reject(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "account lookup failed",
+                None,
+                Some(1),
+            );
+        }
     }
     let incoming = match Incoming::parse(&body) {
         Ok(i) => i,
@@ -125,7 +153,12 @@ async fn post_event(State(s): State<Intake>, headers: HeaderMap, body: Bytes) ->
     // bounded and the client knows to back off.
     match s.queue.try_send(Event::accepted(incoming, key.to_string())) {
         Ok(()) => accepted(&id),
-        Err(TrySendError::Full(_)) => reject(StatusCode::TOO_MANY_REQUESTS, "pipeline full", None, Some(1)),
+        Err(TrySendError::Full(_)) => reject(
+            StatusCode::TOO_MANY_REQUESTS,
+            "pipeline full",
+            None,
+            Some(1),
+        ),
         Err(TrySendError::Closed(_)) => shutting_down(),
     }
 }

@@ -105,7 +105,10 @@ impl Service {
         }
         let open = |what: &str| {
             store::open(&cfg.db, cfg.accounts).map_err(|e| {
-                StartError(format!("--db {}: cannot open ({what}): {e}", cfg.db.display()))
+                StartError(format!(
+                    "--db {}: cannot open ({what}): {e}",
+                    cfg.db.display()
+                ))
             })
         };
         let writer = Arc::new(Mutex::new(open("writer")?));
@@ -156,7 +159,12 @@ impl Service {
                     tokio::task::spawn_blocking(move || {
                         let conn = reader.lock().map_err(|_| "lock poisoned".to_string())?;
                         store::accounts_by_key(&conn, &keys)
-                            .map(|found| found.into_iter().map(|(k, a)| (k, Arc::new(a))).collect::<HashMap<_, _>>())
+                            .map(|found| {
+                                found
+                                    .into_iter()
+                                    .map(|(k, a)| (k, Arc::new(a)))
+                                    .collect::<HashMap<_, _>>()
+                            })
                             .map_err(|e| e.to_string())
                     })
                     .await
@@ -166,7 +174,9 @@ impl Service {
             .and_then(|l| l.cache(100_000, Duration::from_secs(60)))
             .map_err(|e| StartError(e.to_string()))?;
             let requeue = {
-                let conn = writer.lock().map_err(|_| StartError("lock poisoned".into()))?;
+                let conn = writer
+                    .lock()
+                    .map_err(|_| StartError("lock poisoned".into()))?;
                 store::pending_alerts(&conn, cfg.alert_queue)
                     .map_err(|e| StartError(format!("--db {}: {e}", cfg.db.display())))?
             };

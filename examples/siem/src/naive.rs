@@ -57,7 +57,14 @@ async fn post_event(State(s): State<Naive>, headers: HeaderMap, body: Bytes) -> 
     let account = match account {
         Ok(Some(a)) => a,
         Ok(None) => return unauthorized(),
-        Err(_) => return reject(StatusCode::SERVICE_UNAVAILABLE, "account lookup failed", None, Some(1)),
+        Err(_) => {
+            return reject(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "account lookup failed",
+                None,
+                Some(1),
+            );
+        }
     };
     let incoming = match Incoming::parse(&body) {
         Ok(i) => i,
@@ -96,6 +103,11 @@ async fn post_event(State(s): State<Naive>, headers: HeaderMap, body: Bytes) -> 
             accepted(&e.id)
         }
         Ok(false) => accepted(&e.id),
-        Err(err) => reject(StatusCode::SERVICE_UNAVAILABLE, &err.to_string(), None, Some(1)),
+        Err(err) => reject(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &err.to_string(),
+            None,
+            Some(1),
+        ),
     }
 }

@@ -56,20 +56,26 @@ pub fn start(
         // Batched from the start: every stage after this one works a batch per call, so its
         // per-call cost (a lock, a task hop, a transaction) is paid once per batch.
         .batch(cfg.batch, Duration::from_millis(cfg.batch_wait_ms))
-        .map_async_with("account", loader, |loader, mut batch: Vec<Event>| async move {
-            // One lock of the loader for the batch; cached accounts answer at once, the
-            // misses go to the database together.
-            let keys = batch.iter().map(|e| e.api_key.clone()).collect();
-            for (e, account) in batch.iter_mut().zip(loader.load_many(keys).await) {
-                match account {
-                    Ok(account) => e.account = account,
-                    // The key was checked at the door; a lookup failing now (the database
-                    // busy) must not lose the event: it is stored without account details.
-                    Err(_) => metrics::counter!("siem_account_lookup_errors_total").increment(1),
+        .map_async_with(
+            "account",
+            loader,
+            |loader, mut batch: Vec<Event>| async move {
+                // One lock of the loader for the batch; cached accounts answer at once, the
+                // misses go to the database together.
+                let keys = batch.iter().map(|e| e.api_key.clone()).collect();
+                for (e, account) in batch.iter_mut().zip(loader.load_many(keys).await) {
+                    match account {
+                        Ok(account) => e.account = account,
+                        // The key was checked at the door; a lookup failing now (the database
+                        // busy) must not lose the event: it is stored without account details.
+                        Err(_) => {
+                            metrics::counter!("siem_account_lookup_errors_total").increment(1)
+                        }
+                    }
                 }
-            }
-            batch
-        })
+                batch
+            },
+        )
         .map(move |mut batch: Vec<Event>| {
             for e in &mut batch {
                 e.status = "enriched";
@@ -80,7 +86,9 @@ pub fn start(
         .try_map_async_with("persist", db.clone(), |db, batch: Vec<Event>| async move {
             // SQLite is blocking: off the async workers.
             tokio::task::spawn_blocking(move || {
-                let mut conn = db.lock().map_err(|_| "database lock poisoned".to_string())?;
+                let mut conn = db
+                    .lock()
+                    .map_err(|_| "database lock poisoned".to_string())?;
                 let new = store::insert_batch(&mut conn, &batch).map_err(|e| e.to_string())?;
                 Ok::<_, String>(batch.into_iter().zip(new).collect::<Vec<_>>())
             })
@@ -165,14 +173,20 @@ pub fn start(
             }
         })
         .batch(64, Duration::from_millis(100))
-        .try_map_async_with("alert_outcome", db, |db, outcomes: Vec<AlertOutcome>| async move {
-            tokio::task::spawn_blocking(move || {
-                let mut conn = db.lock().map_err(|_| "database lock poisoned".to_string())?;
-                store::record_alerts(&mut conn, &outcomes).map_err(|e| e.to_string())
-            })
-            .await
-            .map_err(|e| e.to_string())?
-        })
+        .try_map_async_with(
+            "alert_outcome",
+            db,
+            |db, outcomes: Vec<AlertOutcome>| async move {
+                tokio::task::spawn_blocking(move || {
+                    let mut conn = db
+                        .lock()
+                        .map_err(|_| "database lock poisoned".to_string())?;
+                    store::record_alerts(&mut conn, &outcomes).map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| e.to_string())?
+            },
+        )
         .retry(Retry::exponential(Duration::from_millis(20)).max_attempts(8))
         .run()
         .name("siem_alerts")

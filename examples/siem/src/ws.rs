@@ -27,7 +27,11 @@ pub struct ClientLimits {
 }
 
 /// Serves one client until it leaves, falls behind or the hub closes.
-pub async fn serve_client(socket: WebSocket, mut events: broadcast::Receiver<Utf8Bytes>, limits: ClientLimits) {
+pub async fn serve_client(
+    socket: WebSocket,
+    mut events: broadcast::Receiver<Utf8Bytes>,
+    limits: ClientLimits,
+) {
     metrics::gauge!("siem_ws_clients").increment(1.0);
     let (mut tx, mut rx) = socket.split();
     let close = loop {

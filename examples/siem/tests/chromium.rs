@@ -14,7 +14,12 @@ use tokio_tungstenite::tungstenite::Message;
 fn chromium() -> Option<String> {
     ["chromium", "chromium-browser"]
         .into_iter()
-        .find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .find(|c| {
+            Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
         .map(String::from)
 }
 
@@ -38,7 +43,11 @@ impl Cdp {
         self.next += 1;
         let id = self.next;
         self.ws
-            .send(Message::Text(json!({"id": id, "method": method, "params": params}).to_string().into()))
+            .send(Message::Text(
+                json!({"id": id, "method": method, "params": params})
+                    .to_string()
+                    .into(),
+            ))
             .await
             .unwrap();
         loop {
@@ -57,7 +66,12 @@ impl Cdp {
     }
 
     async fn eval(&mut self, expr: &str) -> Value {
-        let v = self.call("Runtime.evaluate", json!({"expression": expr, "returnByValue": true})).await;
+        let v = self
+            .call(
+                "Runtime.evaluate",
+                json!({"expression": expr, "returnByValue": true}),
+            )
+            .await;
         v["result"]["result"]["value"].clone()
     }
 
@@ -69,7 +83,10 @@ impl Cdp {
             if got == want {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "{expr}: {got} after 20 s, want {want}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{expr}: {got} after 20 s, want {want}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -79,7 +96,10 @@ impl Cdp {
 async fn a_posted_event_appears_on_the_page() {
     let Some(bin) = chromium() else {
         // `scripts/test` installs it; CI must run this test.
-        assert!(std::env::var_os("CI").is_none(), "chromium is missing and CI is set");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "chromium is missing and CI is set"
+        );
         println!("skipped: no chromium binary (scripts/test installs Debian's `chromium`)");
         return;
     };
@@ -104,10 +124,10 @@ async fn a_posted_event_appears_on_the_page() {
     // "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/ID"
     let browser_ws = tokio::task::spawn_blocking(move || {
         let mut lines = BufReader::new(stderr).lines();
-        let found = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .find_map(|l| l.split_once("DevTools listening on ").map(|(_, u)| u.trim().to_string()));
+        let found = lines.by_ref().map_while(Result::ok).find_map(|l| {
+            l.split_once("DevTools listening on ")
+                .map(|(_, u)| u.trim().to_string())
+        });
         // Keep draining, so that the browser never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
         found
@@ -115,7 +135,14 @@ async fn a_posted_event_appears_on_the_page() {
     .await
     .unwrap()
     .expect("chromium printed no DevTools address");
-    let port = browser_ws.split(':').nth(2).unwrap().split('/').next().unwrap().to_string();
+    let port = browser_ws
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
     let targets: Value = reqwest::get(format!("http://127.0.0.1:{port}/json/list"))
         .await
         .unwrap()
@@ -132,11 +159,19 @@ async fn a_posted_event_appears_on_the_page() {
         .to_string();
     let (ws, _) = tokio_tungstenite::connect_async(page_ws).await.unwrap();
     let mut cdp = Cdp { ws, next: 0 };
-    cdp.call("Page.navigate", json!({"url": format!("{}/", siem.base)})).await;
-    cdp.wait_for("document.body ? document.body.dataset.ws : null", json!("open")).await;
+    cdp.call("Page.navigate", json!({"url": format!("{}/", siem.base)}))
+        .await;
+    cdp.wait_for(
+        "document.body ? document.body.dataset.ws : null",
+        json!("open"),
+    )
+    .await;
 
     let status = siem
-        .post("key-1", r#"{"id":"chrome-1","kind":"port_scan","severity":9,"message":"hello from the test"}"#)
+        .post(
+            "key-1",
+            r#"{"id":"chrome-1","kind":"port_scan","severity":9,"message":"hello from the test"}"#,
+        )
         .await
         .status();
     assert_eq!(status, 202);
@@ -145,7 +180,9 @@ async fn a_posted_event_appears_on_the_page() {
         json!(true),
     )
     .await;
-    let row = cdp.eval("document.getElementById('event-chrome-1').innerText").await;
+    let row = cdp
+        .eval("document.getElementById('event-chrome-1').innerText")
+        .await;
     assert!(row.as_str().unwrap().contains("account 1"), "{row}");
     drop(cdp);
     siem.service.shutdown().await.unwrap();

@@ -20,7 +20,9 @@ async fn every_accepted_event_is_stored_once_and_reaches_every_client_in_order_p
         let siem = &siem;
         async move {
             for i in 0..per_account {
-                let status = siem.post_event(&format!("key-{a}"), &format!("a{a}-{i}"), (i % 11) as u8).await;
+                let status = siem
+                    .post_event(&format!("key-{a}"), &format!("a{a}-{i}"), (i % 11) as u8)
+                    .await;
                 assert_eq!(status, 202);
             }
         }
@@ -37,7 +39,10 @@ async fn every_accepted_event_is_stored_once_and_reaches_every_client_in_order_p
             let (acct, seq) = id.split_once('-').unwrap();
             let seq: usize = seq.parse().unwrap();
             let expected = next.entry(acct.to_string()).or_default();
-            assert_eq!(seq, *expected, "account {acct}: out of order or repeated at {id}");
+            assert_eq!(
+                seq, *expected,
+                "account {acct}: out of order or repeated at {id}"
+            );
             *expected += 1;
             assert_eq!(e["account"]["name"], format!("account {}", &acct[1..]));
             assert_eq!(e["status"], "stored");
@@ -76,7 +81,10 @@ async fn bad_key_bad_body_and_big_body_are_refused() {
         assert_eq!(v["field"], field, "{body}: {v}");
         assert!(v["error"].as_str().unwrap().starts_with(field), "{v}");
     }
-    let big = format!(r#"{{"id":"x","kind":"k","severity":1,"message":"{}"}}"#, "x".repeat(2000));
+    let big = format!(
+        r#"{{"id":"x","kind":"k","severity":1,"message":"{}"}}"#,
+        "x".repeat(2000)
+    );
     assert_eq!(siem.post("key-1", &big).await.status(), 413);
     siem.service.shutdown().await.unwrap();
     assert_eq!(flowline_siem::counts(&siem.db).unwrap()["events"], 0);
@@ -92,7 +100,12 @@ async fn a_full_pipeline_answers_429_with_retry_after_and_loses_nothing_accepted
     let mut accepted = 0u64;
     let mut refused = None;
     for i in 0..20_000 {
-        let resp = siem.post("key-1", &format!(r#"{{"id":"o{i}","kind":"k","severity":1}}"#)).await;
+        let resp = siem
+            .post(
+                "key-1",
+                &format!(r#"{{"id":"o{i}","kind":"k","severity":1}}"#),
+            )
+            .await;
         match resp.status().as_u16() {
             202 => accepted += 1,
             429 => {
@@ -136,9 +149,25 @@ async fn metrics_and_page_are_served() {
     let mut ws = siem.ws().await;
     assert_eq!(siem.post_event("key-1", "m2", 1).await, 202);
     support::read_events(&mut ws, 1).await;
-    let page = siem.http.get(&siem.base).send().await.unwrap().text().await.unwrap();
+    let page = siem
+        .http
+        .get(&siem.base)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(page.contains("new WebSocket"));
-    let text = siem.http.get(format!("{}/metrics", siem.base)).send().await.unwrap().text().await.unwrap();
+    let text = siem
+        .http
+        .get(format!("{}/metrics", siem.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(text.contains("siem_events_accepted_total"), "{text}");
     siem.service.shutdown().await.unwrap();
 }

@@ -12,14 +12,27 @@ async fn sigterm_under_load_stores_every_accepted_event() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("siem.db");
     let mut child = Command::new(env!("CARGO_BIN_EXE_flowline-siem"))
-        .args(["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap(), "--queue", "256"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            db.to_str().unwrap(),
+            "--queue",
+            "256",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let base = line.trim().strip_prefix("listening on ").expect(&line).to_string();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect(&line)
+        .to_string();
 
     let accepted = Arc::new(AtomicU64::new(0));
     let http = reqwest::Client::new();
@@ -32,7 +45,10 @@ async fn sigterm_under_load_stores_every_accepted_event() {
                 let resp = http
                     .post(format!("{base}/events"))
                     .header("x-api-key", format!("key-{}", c % 4 + 1))
-                    .body(format!(r#"{{"id":"t{c}-{i}","kind":"k","severity":{}}}"#, i % 11))
+                    .body(format!(
+                        r#"{{"id":"t{c}-{i}","kind":"k","severity":{}}}"#,
+                        i % 11
+                    ))
                     .send()
                     .await;
                 match resp.map(|r| r.status().as_u16()) {
@@ -51,9 +67,15 @@ async fn sigterm_under_load_stores_every_accepted_event() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before = accepted.load(Ordering::SeqCst);
     assert!(before > 100, "only {before} accepted before SIGTERM");
-    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(killed.success());
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "{status}");
     for c in clients {
         assert_eq!(c.await.unwrap(), 0, "an unexpected status");

@@ -9,14 +9,25 @@ use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_cut_off_and_the_others_get_everything() {
-    let siem = support::start(&["--ws-buffer", "256", "--batch", "64", "--ws-write-timeout-ms", "300", "--alert-threshold", "10"]).await;
+    let siem = support::start(&[
+        "--ws-buffer",
+        "256",
+        "--batch",
+        "64",
+        "--ws-write-timeout-ms",
+        "300",
+        "--alert-threshold",
+        "10",
+    ])
+    .await;
     // The slow client's socket takes little: a small receive buffer, never read.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(siem.service.addr()).await.unwrap();
-    let (mut slow, _) = tokio_tungstenite::client_async(format!("ws://{}/ws", siem.service.addr()), stream)
-        .await
-        .unwrap();
+    let (mut slow, _) =
+        tokio_tungstenite::client_async(format!("ws://{}/ws", siem.service.addr()), stream)
+            .await
+            .unwrap();
     let mut fast = vec![siem.ws().await, siem.ws().await];
     let n = 3_000;
     let message = "x".repeat(2_000);
@@ -48,8 +59,20 @@ async fn a_client_that_never_reads_is_cut_off_and_the_others_get_everything() {
     .await
     .expect("the slow client was never cut off");
     assert!(got < n, "the slow client got all {n} events ({ended})");
-    let text = siem.http.get(format!("{}/metrics", siem.base)).send().await.unwrap().text().await.unwrap();
-    assert!(text.lines().any(|l| l.starts_with("siem_ws_cut_off_total") && !l.ends_with(" 0")), "{text}");
+    let text = siem
+        .http
+        .get(format!("{}/metrics", siem.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("siem_ws_cut_off_total") && !l.ends_with(" 0")),
+        "{text}"
+    );
     siem.service.shutdown().await.unwrap();
     assert_eq!(flowline_siem::counts(&siem.db).unwrap()["events"], n as u64);
 }

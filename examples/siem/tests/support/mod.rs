@@ -23,9 +23,17 @@ pub struct Siem {
 pub async fn start(args: &[&str]) -> Siem {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("siem.db");
-    let mut all = vec!["flowline-siem", "--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()];
+    let mut all = vec![
+        "flowline-siem",
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        db.to_str().unwrap(),
+    ];
     all.extend_from_slice(args);
-    let service = Service::start(Config::try_parse_from(all).unwrap()).await.unwrap();
+    let service = Service::start(Config::try_parse_from(all).unwrap())
+        .await
+        .unwrap();
     let base = format!("http://{}", service.addr());
     Siem {
         service,
@@ -49,7 +57,9 @@ impl Siem {
     }
 
     pub async fn post_event(&self, key: &str, id: &str, severity: u8) -> u16 {
-        let body = format!(r#"{{"id":"{id}","kind":"login_failed","severity":{severity},"message":"m {id}"}}"#);
+        let body = format!(
+            r#"{{"id":"{id}","kind":"login_failed","severity":{severity},"message":"m {id}"}}"#
+        );
         self.post(key, &body).await.status().as_u16()
     }
 
@@ -64,7 +74,8 @@ impl Siem {
     }
 }
 
-pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Reads events from `ws` until `n` are in (or 30 s pass): (id, account name) each.
 pub async fn read_events(ws: &mut Ws, n: usize) -> Vec<serde_json::Value> {
@@ -77,7 +88,10 @@ pub async fn read_events(ws: &mut Ws, n: usize) -> Vec<serde_json::Value> {
         match msg {
             Some(Ok(Message::Text(t))) => got.push(serde_json::from_str(&t).unwrap()),
             Some(Ok(_)) => {}
-            other => panic!("websocket ended after {} of {n} events: {other:?}", got.len()),
+            other => panic!(
+                "websocket ended after {} of {n} events: {other:?}",
+                got.len()
+            ),
         }
     }
     got
