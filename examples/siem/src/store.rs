@@ -21,8 +21,8 @@ pub type Db = Arc<Mutex<Connection>>;
 ///
 /// ```
 /// let dir = tempfile::tempdir().unwrap();
-/// let db = flowline_siem::store::open(&dir.path().join("siem.db"), 2).unwrap();
-/// let acc = flowline_siem::store::accounts_by_key(&db.lock().unwrap(), &["key-2".into()]).unwrap();
+/// let conn = flowline_siem::store::open(&dir.path().join("siem.db"), 2).unwrap();
+/// let acc = flowline_siem::store::accounts_by_key(&conn, &["key-2".into()]).unwrap();
 /// assert_eq!(acc["key-2"].name, "account 2");
 /// ```
 pub fn open(path: &Path, demo_accounts: u32) -> rusqlite::Result<Connection> {
