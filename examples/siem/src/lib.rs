@@ -77,6 +77,7 @@ pub struct Service {
     pipelines: Option<pipeline::Pipelines>,
     notifier: Option<FakeNotifier>,
     notifier_url: String,
+    checkpoint_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Why the service did not start.
@@ -140,6 +141,7 @@ impl Service {
             },
             prom: prometheus(),
         };
+        let mut checkpoint_task = None;
         let (router, pipelines) = if cfg.naive {
             let state = naive::Naive {
                 accepting: accepting.clone(),
@@ -153,6 +155,29 @@ impl Service {
             // Reads go through a connection of their own: in WAL mode they do not wait for
             // the writer.
             let reader = Arc::new(Mutex::new(open("reader")?));
+            // Checkpoints (copying the WAL into the database file, with an fsync) run on a
+            // connection of their own, once a second, rather than inside whichever commit
+            // crosses the WAL's size limit: the persist stage never waits for an fsync.
+            let checkpointer = open("checkpointer")?;
+            writer
+                .lock()
+                .map_err(|_| StartError("lock poisoned".into()))?
+                .pragma_update(None, "wal_autocheckpoint", 0)
+                .map_err(|e| StartError(format!("--db {}: {e}", cfg.db.display())))?;
+            let checkpoints = Arc::new(Mutex::new(checkpointer));
+            checkpoint_task = Some(tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    every.tick().await;
+                    let c = checkpoints.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        if let Ok(conn) = c.lock() {
+                            let _ = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)");
+                        }
+                    })
+                    .await;
+                }
+            }));
             let loader = Loader::new(256, Duration::from_millis(1), move |keys: Vec<String>| {
                 let reader = reader.clone();
                 async move {
@@ -207,6 +232,7 @@ impl Service {
             pipelines,
             notifier,
             notifier_url,
+            checkpoint_task,
         })
     }
 
@@ -235,12 +261,16 @@ impl Service {
     pub async fn shutdown(self) -> Result<Summary, String> {
         self.accepting.store(false, Ordering::Release);
         let _ = self.stop_http.send(());
+        let checkpoint_task = self.checkpoint_task;
         match self.http.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(format!("http server: {e}")),
             Err(e) => return Err(format!("http server: {e}")),
         }
         let Some(p) = self.pipelines else {
+            if let Some(t) = checkpoint_task {
+                t.abort();
+            }
             return Ok(Summary {
                 events: None,
                 alerts: None,
@@ -267,6 +297,10 @@ impl Service {
             }
         };
         drop(self.notifier);
+        // The last connection to close checkpoints what is left.
+        if let Some(t) = checkpoint_task {
+            t.abort();
+        }
         Ok(Summary {
             events: Some(events),
             alerts,
