@@ -12,6 +12,7 @@
 //! cargo run --release -p flowline-bench -- flow adaptive   # cases named adaptive*
 //! cargo run --release -p flowline-bench -- scale redis_rate3  # 3 processes, one RedisRate
 //! cargo run --release -p flowline-bench -- cli             # the flowline command vs xargs / parallel / curl
+//! cargo run --release -p flowline-bench -- siem            # the SIEM service vs its naive version
 //! ```
 
 mod batch;
@@ -23,6 +24,7 @@ mod flow;
 mod pg_server;
 mod scale;
 mod scale_rate;
+mod siem;
 mod source;
 mod source_pg;
 mod topology;
@@ -52,9 +54,10 @@ fn main() {
         "topology" => topology::run(),
         "cli" => cli::run(case),
         "scale" => scale::run(case),
+        "siem" => siem::run(case),
         other => {
             eprintln!(
-                "unknown suite `{other}`; suites: core, source, batch, flow, topology, cli, scale"
+                "unknown suite `{other}`; suites: core, source, batch, flow, topology, cli, scale, siem"
             );
             std::process::exit(2);
         }

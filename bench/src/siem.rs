@@ -1,0 +1,261 @@
+//! The SIEM service (examples/siem) under load, flowline's pipeline against the naive
+//! handler that does everything inline per request.
+//!
+//! `siem_events`: 64 connections post events for `FLOWLINE_BENCH_SIEM_SECS` seconds (10 by
+//! default) while 3 websocket clients listen. Throughput is events delivered to the clients
+//! over the time to the last delivery; latency is from the POST being sent to the event's
+//! arrival at a websocket client; `lost` counts events answered 202 but not stored, or not
+//! delivered to some client. Same database settings for both (WAL, synchronous=NORMAL),
+//! same fake notifier (20 ms per notification, 1 event in 100 alerts).
+//! `FLOWLINE_BENCH_SIEM_REPS=n` runs n alternating rounds (median reported);
+//! `FLOWLINE_BENCH_SIEM_REPORT=1` prints the events pipeline's report of each flowline run.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::util::{emit, runtime};
+
+const CONNECTIONS: usize = 64;
+const WS_CLIENTS: usize = 3;
+
+pub fn run(case: Option<&str>) {
+    match case {
+        None | Some("siem_events") => siem_events(),
+        Some(other) => {
+            eprintln!("unknown case `{other}`; cases: siem_events");
+            std::process::exit(2);
+        }
+    }
+}
+
+struct Outcome {
+    events_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    lost: u64,
+    accepted: u64,
+    refused_429: u64,
+    alerts_sent: u64,
+}
+
+fn siem_events() {
+    let secs: u64 = std::env::var("FLOWLINE_BENCH_SIEM_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let reps: usize = std::env::var("FLOWLINE_BENCH_SIEM_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let rt = runtime();
+    let (mut f, mut n) = (Vec::new(), Vec::new());
+    for _ in 0..reps.max(1) {
+        f.push(rt.block_on(load(false, Duration::from_secs(secs))));
+        n.push(rt.block_on(load(true, Duration::from_secs(secs))));
+    }
+    // The median run of each by throughput.
+    let pick = |v: &mut Vec<Outcome>| {
+        v.sort_by(|a, b| a.events_per_s.total_cmp(&b.events_per_s));
+        v.remove(v.len() / 2)
+    };
+    let (f, n) = (pick(&mut f), pick(&mut n));
+    let both = |a: f64, b: f64| serde_json::json!({ "flowline": a, "naive": b });
+    emit(
+        "siem",
+        "siem_events",
+        f.events_per_s,
+        n.events_per_s,
+        "events/s",
+        serde_json::json!({
+            "events_per_s": both(f.events_per_s.round(), n.events_per_s.round()),
+            "p50_ms": both(f.p50_ms, n.p50_ms),
+            "p99_ms": both(f.p99_ms, n.p99_ms),
+            "lost": both(f.lost as f64, n.lost as f64),
+            "accepted": both(f.accepted as f64, n.accepted as f64),
+            "refused_429": both(f.refused_429 as f64, n.refused_429 as f64),
+            "alerts_sent": both(f.alerts_sent as f64, n.alerts_sent as f64),
+            "secs": secs,
+            "connections": CONNECTIONS,
+            "ws_clients": WS_CLIENTS,
+            "goal_ratio": 3.0,
+        }),
+    );
+}
+
+async fn load(naive: bool, run_for: Duration) -> Outcome {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("siem.db");
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        db.to_str().expect("utf-8 path"),
+        "--alert-threshold",
+        "9",
+        "--notifier-delay-ms",
+        "20",
+        "--alert-rate",
+        "1000",
+        "--accounts",
+        "64",
+    ];
+    if naive {
+        args.push("--naive");
+    }
+    let cfg = flowline_siem::Config::from_args(args).expect("options");
+    let service = flowline_siem::Service::start(cfg)
+        .await
+        .expect("service starts");
+    let addr = service.addr();
+    let start = Instant::now();
+
+    let mut listeners = Vec::new();
+    for _ in 0..WS_CLIENTS {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+            .await
+            .expect("websocket");
+        listeners.push(tokio::spawn(async move {
+            let (mut got, mut lat_us, mut last) = (0u64, Vec::new(), Duration::ZERO);
+            while let Some(Ok(msg)) = ws.next().await {
+                if let Message::Text(t) = msg {
+                    let now = start.elapsed();
+                    // The id ends `-<µs since start when posted>"`: read it without
+                    // parsing the whole event (the listeners must not be the bottleneck).
+                    let sent: u64 = t
+                        .split_once(r#""id":""#)
+                        .and_then(|(_, rest)| rest.split_once('"'))
+                        .and_then(|(id, _)| id.rsplit('-').next())
+                        .and_then(|s| s.parse().ok())
+                        .expect("bench id");
+                    lat_us.push(now.as_micros() as u64 - sent);
+                    got += 1;
+                    last = now;
+                }
+            }
+            (got, lat_us, last)
+        }));
+    }
+
+    let accepted = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let mut posters = Vec::new();
+    for c in 0..CONNECTIONS {
+        let (accepted, refused) = (accepted.clone(), refused.clone());
+        posters.push(tokio::spawn(async move {
+            let mut conn = Http1::connect(addr).await;
+            let key = format!("key-{}", c + 1);
+            let mut seq = 0u64;
+            while start.elapsed() < run_for {
+                seq += 1;
+                let severity = if seq % 100 == 0 { 9 } else { seq % 8 };
+                let body = format!(
+                    r#"{{"id":"c{c}-{seq}-{}","kind":"login_failed","severity":{severity},"message":"user admin from 10.0.0.{}"}}"#,
+                    start.elapsed().as_micros(),
+                    seq % 255
+                );
+                match conn.post(&key, &body).await {
+                    202 => {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    429 => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    s => panic!("unexpected status {s}"),
+                }
+            }
+        }));
+    }
+    for p in posters {
+        p.await.expect("poster");
+    }
+    let summary = service.shutdown().await.expect("shutdown");
+    if std::env::var_os("FLOWLINE_BENCH_SIEM_REPORT").is_some() {
+        if let Some(r) = summary.events {
+            eprintln!("{r}");
+        }
+    }
+    let mut delivered_min = u64::MAX;
+    let mut lat = Vec::new();
+    let mut last = Duration::ZERO;
+    for l in listeners {
+        let (got, mut lat_us, l_last) = l.await.expect("listener");
+        delivered_min = delivered_min.min(got);
+        lat.append(&mut lat_us);
+        last = last.max(l_last);
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .map_or(f64::NAN, |us| *us as f64 / 1000.0)
+    };
+    let counts = flowline_siem::counts(&db).expect("counts");
+    let accepted = accepted.load(Ordering::Relaxed);
+    Outcome {
+        events_per_s: delivered_min as f64 / last.as_secs_f64(),
+        p50_ms: (pct(0.5) * 100.0).round() / 100.0,
+        p99_ms: (pct(0.99) * 100.0).round() / 100.0,
+        lost: accepted.saturating_sub(counts["events"].min(delivered_min)),
+        accepted,
+        refused_429: refused.load(Ordering::Relaxed),
+        alerts_sent: counts["sent"],
+    }
+}
+
+/// A minimal HTTP/1.1 keep-alive client for the load: one request at a time on one
+/// connection, the request written whole, the answer read up to its `Content-Length`.
+/// Hand-written so that the load generator costs little CPU next to the service under test
+/// (a general client such as reqwest costs about as much per request as the server).
+struct Http1 {
+    stream: tokio::io::BufStream<tokio::net::TcpStream>,
+    addr: std::net::SocketAddr,
+    head: String,
+}
+
+impl Http1 {
+    async fn connect(addr: std::net::SocketAddr) -> Http1 {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        Http1 {
+            stream: tokio::io::BufStream::new(stream),
+            addr,
+            head: String::new(),
+        }
+    }
+
+    /// Posts `body` to `/events`; the status.
+    async fn post(&mut self, key: &str, body: &str) -> u16 {
+        use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+        let req = format!(
+            "POST /events HTTP/1.1\r\nhost: {}\r\nx-api-key: {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        );
+        self.stream.write_all(req.as_bytes()).await.expect("write");
+        self.stream.flush().await.expect("flush");
+        let (mut status, mut len) = (0u16, 0usize);
+        loop {
+            self.head.clear();
+            let n = self.stream.read_line(&mut self.head).await.expect("read");
+            assert!(n > 0, "the service closed the connection");
+            let line = self.head.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some(rest) = line.strip_prefix("HTTP/1.1 ") {
+                status = rest[..3].parse().expect("status");
+            } else if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    len = value.trim().parse().expect("content-length");
+                }
+            }
+        }
+        let mut body = vec![0u8; len];
+        self.stream.read_exact(&mut body).await.expect("body");
+        status
+    }
+}

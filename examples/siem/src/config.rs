@@ -1,0 +1,149 @@
+//! Command-line options. clap checks each value and names the option in its error
+//! (`invalid value '0' for '--queue <N>': 0 is not in 1..=1000000`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// The service's settings.
+///
+/// ```
+/// use clap::Parser;
+/// let cfg = flowline_siem::Config::try_parse_from(["flowline-siem", "--queue", "8"]).unwrap();
+/// assert_eq!(cfg.queue, 8);
+/// let err = flowline_siem::Config::try_parse_from(["flowline-siem", "--queue", "0"]).unwrap_err();
+/// assert!(err.to_string().contains("--queue"));
+/// ```
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "flowline-siem",
+    version,
+    about = "A toy SIEM on flowline: POST events, watch them live over a websocket"
+)]
+pub struct Config {
+    /// Address to listen on (port 0: any free port; the address is printed at start).
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// The SQLite file (created if missing).
+    #[arg(long, default_value = "siem.db", value_name = "PATH")]
+    pub db: PathBuf,
+    /// The SMS/email gateway's base URL; without it, a fake one is started on a free port.
+    #[arg(long, value_name = "URL", value_parser = parse_http_url)]
+    pub notifier_url: Option<String>,
+    /// How long the fake notifier takes per notification, in milliseconds.
+    #[arg(long, default_value_t = 20, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub notifier_delay_ms: u64,
+    /// Events of this severity (0 to 10) or more raise an alert.
+    #[arg(long, default_value_t = 8, value_name = "SEVERITY", value_parser = clap::value_parser!(u8).range(0..=10))]
+    pub alert_threshold: u8,
+    /// Events accepted but not yet taken by the pipeline; when full, `POST /events` answers 429.
+    #[arg(long, default_value_t = 8192, value_name = "N", value_parser = parse_count)]
+    pub queue: usize,
+    /// Events written per transaction at most.
+    #[arg(long, default_value_t = 512, value_name = "N", value_parser = parse_count)]
+    pub batch: usize,
+    /// How long a batch waits to fill, in milliseconds.
+    #[arg(long, default_value_t = 5, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub batch_wait_ms: u64,
+    /// Events a websocket client may be behind before it is cut off (at least `--batch`:
+    /// a stored batch is broadcast at once).
+    #[arg(long, default_value_t = 4096, value_name = "N", value_parser = parse_count)]
+    pub ws_buffer: usize,
+    /// How long one write to a websocket client may take before it is cut off, in milliseconds.
+    #[arg(long, default_value_t = 2_000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub ws_write_timeout_ms: u64,
+    /// Notifications per second at most.
+    #[arg(long, default_value_t = 50, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub alert_rate: u64,
+    /// Alerts waiting for the notifier at most; more stay pending in the database.
+    #[arg(long, default_value_t = 1024, value_name = "N", value_parser = parse_count)]
+    pub alert_queue: usize,
+    /// How long the notifier's breaker stays open before a probe, in milliseconds.
+    #[arg(long, default_value_t = 1_000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub breaker_cooldown_ms: u64,
+    /// Demo accounts `key-1` ... `key-N` created at start.
+    #[arg(long, default_value_t = 10, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub accounts: u32,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 16 * 1024, value_name = "BYTES", value_parser = parse_count)]
+    pub body_limit: usize,
+    /// Serve the naive version instead (each request looks up, alerts, inserts and
+    /// broadcasts inline): the benchmark's baseline.
+    #[arg(long)]
+    pub naive: bool,
+}
+
+impl Config {
+    /// The defaults, as with no option given.
+    ///
+    /// ```
+    /// assert_eq!(flowline_siem::Config::defaults().alert_threshold, 8);
+    /// ```
+    pub fn defaults() -> Config {
+        Config::parse_from(["flowline-siem"])
+    }
+
+    /// Parses options as on the command line (without the program name), for a service
+    /// started from code.
+    ///
+    /// ```
+    /// let cfg = flowline_siem::Config::from_args(["--naive", "--queue", "16"]).unwrap();
+    /// assert!(cfg.naive && cfg.queue == 16);
+    /// assert!(flowline_siem::Config::from_args(["--queue", "x"]).unwrap_err().contains("--queue"));
+    /// ```
+    pub fn from_args<'a>(args: impl IntoIterator<Item = &'a str>) -> Result<Config, String> {
+        Config::try_parse_from(std::iter::once("flowline-siem").chain(args))
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn parse_count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+        Ok(n) => Err(format!("{n} is not in 1..=1000000")),
+        Err(e) => Err(format!("not a count: {e}")),
+    }
+}
+
+fn parse_http_url(s: &str) -> Result<String, String> {
+    match s.strip_prefix("http://") {
+        Some(rest) if !rest.is_empty() && !rest.starts_with('/') => Ok(s.to_string()),
+        _ => Err("must be an http:// URL with a host, such as http://127.0.0.1:9000".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(args: &[&str]) -> String {
+        let mut all = vec!["flowline-siem"];
+        all.extend_from_slice(args);
+        Config::try_parse_from(all).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn bad_values_name_the_option_and_value() {
+        for (args, opt, value) in [
+            (&["--queue", "0"][..], "--queue", "0"),
+            (&["--queue=-3"][..], "--queue", "-3"),
+            (
+                &["--batch", "99999999999999999999"][..],
+                "--batch",
+                "99999999999999999999",
+            ),
+            (&["--alert-threshold", "11"][..], "--alert-threshold", "11"),
+            (&["--listen", "nowhere"][..], "--listen", "nowhere"),
+            (
+                &["--notifier-url", "ftp://x"][..],
+                "--notifier-url",
+                "ftp://x",
+            ),
+            (&["--alert-rate", "0"][..], "--alert-rate", "0"),
+        ] {
+            let e = err(args);
+            assert!(e.contains(opt) && e.contains(value), "{args:?}: {e}");
+        }
+    }
+}

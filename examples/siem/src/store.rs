@@ -1,0 +1,235 @@
+//! The SQLite file: accounts, events (unique by the client's event id, so that a repeated
+//! post is stored once) and the alerts outbox.
+//!
+//! Both services (flowline's and the naive one) open it the same way: WAL journal,
+//! `synchronous = NORMAL` and a 64 MiB page cache (a commit is durable at the next checkpoint, not fsynced per
+//! transaction), so that a comparison measures how the work is organised, not the settings.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::event::{Account, Event};
+
+/// A connection shared by the tasks that write; SQLite has one writer at a time anyway.
+pub type Db = Arc<Mutex<Connection>>;
+
+/// Opens (creating if needed) the database at `path` with the schema and `demo_accounts`
+/// accounts `key-1` ... `key-N` (kept if they exist).
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let conn = flowline_siem::store::open(&dir.path().join("siem.db"), 2).unwrap();
+/// let acc = flowline_siem::store::accounts_by_key(&conn, &["key-2".into()]).unwrap();
+/// assert_eq!(acc["key-2"].name, "account 2");
+/// ```
+pub fn open(path: &Path, demo_accounts: u32) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    // 64 MiB of page cache (the default is 2 MiB): the id index of a few million events
+    // stays in memory instead of being read back from the OS per insert.
+    conn.pragma_update(None, "cache_size", -65536)?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS accounts (
+             id INTEGER PRIMARY KEY,
+             api_key TEXT NOT NULL UNIQUE,
+             name TEXT NOT NULL,
+             contact TEXT NOT NULL
+         );
+         -- Rows are appended in arrival order (rowid); the client's id is a unique key
+         -- beside them. Keyed by the id itself, rows would land all over the tree and a
+         -- commit would write a page per row.
+         CREATE TABLE IF NOT EXISTS events (
+             seq INTEGER PRIMARY KEY,
+             id TEXT NOT NULL UNIQUE,
+             account_id INTEGER NOT NULL,
+             kind TEXT NOT NULL,
+             severity INTEGER NOT NULL,
+             message TEXT NOT NULL,
+             received_ms INTEGER NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS alerts (
+             event_id TEXT PRIMARY KEY,
+             status TEXT NOT NULL,
+             attempts INTEGER NOT NULL DEFAULT 0,
+             error TEXT
+         ) WITHOUT ROWID;",
+    )?;
+    let tx = conn.unchecked_transaction()?;
+    for i in 1..=demo_accounts {
+        tx.execute(
+            "INSERT OR IGNORE INTO accounts (id, api_key, name, contact) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                i,
+                format!("key-{i}"),
+                format!("account {i}"),
+                format!("+1555000{i:04}")
+            ],
+        )?;
+    }
+    tx.commit()?;
+    Ok(conn)
+}
+
+/// The accounts of the given API keys (one query for all; a key not found is left out).
+pub fn accounts_by_key(
+    conn: &Connection,
+    keys: &[String],
+) -> rusqlite::Result<HashMap<String, Account>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT id, name, contact FROM accounts WHERE api_key = ?1")?;
+    let mut found = HashMap::with_capacity(keys.len());
+    for key in keys {
+        let acc = stmt
+            .query_row([key], |r| {
+                Ok(Account {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    contact: r.get(2)?,
+                })
+            })
+            .optional()?;
+        if let Some(acc) = acc {
+            found.insert(key.clone(), acc);
+        }
+    }
+    Ok(found)
+}
+
+/// Inserts one event, and a pending alert if it calls for one, unless its id is already
+/// stored; returns whether it was new. Not a transaction of its own: the caller's.
+pub fn insert_event(conn: &Connection, e: &Event) -> rusqlite::Result<bool> {
+    let account_id = e.account.as_ref().map_or(0, |a| a.id);
+    let new =
+        conn.prepare_cached(
+            "INSERT OR IGNORE INTO events (id, account_id, kind, severity, message, received_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![
+            e.id,
+            account_id,
+            e.kind,
+            e.severity,
+            e.message,
+            e.received_ms
+        ])? == 1;
+    if new && e.alert {
+        conn.prepare_cached(
+            "INSERT OR IGNORE INTO alerts (event_id, status) VALUES (?1, 'pending')",
+        )?
+        .execute([&e.id])?;
+    }
+    Ok(new)
+}
+
+/// Inserts a batch in one transaction (one commit for all: the cost of a commit is paid
+/// once per batch, not per event); returns, per event, whether it was new.
+pub fn insert_batch(conn: &mut Connection, events: &[Event]) -> rusqlite::Result<Vec<bool>> {
+    let tx = conn.transaction()?;
+    let mut new = Vec::with_capacity(events.len());
+    for e in events {
+        new.push(insert_event(&tx, e)?);
+    }
+    tx.commit()?;
+    Ok(new)
+}
+
+/// What became of an alert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertOutcome {
+    /// The event it is about.
+    pub event_id: String,
+    /// `sent` or `failed`.
+    pub status: &'static str,
+    /// Calls made.
+    pub attempts: u32,
+    /// The last error, when failed.
+    pub error: Option<String>,
+}
+
+/// Records alert outcomes in one transaction.
+pub fn record_alerts(conn: &mut Connection, outcomes: &[AlertOutcome]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO alerts (event_id, status, attempts, error) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (event_id) DO UPDATE SET status = ?2, attempts = ?3, error = ?4",
+        )?;
+        for o in outcomes {
+            stmt.execute(params![o.event_id, o.status, o.attempts, o.error])?;
+        }
+    }
+    tx.commit()
+}
+
+/// Events stored.
+pub fn count_events(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+}
+
+/// Alerts by status (`pending`, `sent`, `failed`).
+pub fn count_alerts(conn: &Connection, status: &str) -> rusqlite::Result<u64> {
+    conn.query_row(
+        "SELECT COUNT(*) FROM alerts WHERE status = ?1",
+        [status],
+        |r| r.get(0),
+    )
+}
+
+/// Alerts left pending by an earlier run (the notifier was down or the lane full when it
+/// stopped), oldest first, at most `limit`: the service sends them again at start.
+pub fn pending_alerts(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<Event>> {
+    let mut stmt = conn.prepare(
+        "SELECT e.id, e.kind, e.severity, e.message, e.received_ms, a.id, a.name, a.contact
+         FROM alerts p JOIN events e ON e.id = p.event_id
+         LEFT JOIN accounts a ON a.id = e.account_id
+         WHERE p.status = 'pending' ORDER BY e.seq LIMIT ?1",
+    )?;
+    let rows = stmt.query_map([limit as i64], |r| {
+        let account = match r.get::<_, Option<i64>>(5)? {
+            Some(id) => Some(std::sync::Arc::new(Account {
+                id,
+                name: r.get(6)?,
+                contact: r.get(7)?,
+            })),
+            None => None,
+        };
+        Ok(Event {
+            id: r.get(0)?,
+            api_key: String::new(),
+            account,
+            kind: r.get(1)?,
+            severity: r.get(2)?,
+            message: r.get(3)?,
+            received_ms: r.get(4)?,
+            status: "stored",
+            alert: true,
+        })
+    })?;
+    rows.collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Incoming;
+
+    #[test]
+    fn a_repeated_id_is_stored_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir.path().join("t.db"), 1).unwrap();
+        let inc = Incoming::parse(br#"{"id":"x","kind":"k","severity":9}"#).unwrap();
+        let mut e = Event::accepted(inc, "key-1".into());
+        e.alert = true;
+        let new = insert_batch(&mut conn, &[e.clone(), e.clone()]).unwrap();
+        assert_eq!(new, vec![true, false]);
+        assert_eq!(insert_batch(&mut conn, &[e]).unwrap(), vec![false]);
+        assert_eq!(count_events(&conn).unwrap(), 1);
+        assert_eq!(count_alerts(&conn, "pending").unwrap(), 1);
+        assert_eq!(pending_alerts(&conn, 10).unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,121 @@
+//! The notifier down for a while: alerts are retried and held by the breaker, events go on,
+//! nothing is lost, and the held alerts go out once it is back.
+
+mod support;
+
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_holds_alerts_without_stopping_events() {
+    let siem = support::start(&[
+        "--alert-threshold",
+        "5",
+        "--notifier-delay-ms",
+        "0",
+        "--alert-rate",
+        "1000",
+        "--breaker-cooldown-ms",
+        "200",
+    ])
+    .await;
+    let notifier = siem.service.fake_notifier().unwrap();
+    notifier.set_down(true);
+    let mut ws = siem.ws().await;
+    let n = 200;
+    for i in 0..n {
+        // Every other event alerts.
+        assert_eq!(
+            siem.post_event("key-2", &format!("d{i}"), if i % 2 == 0 { 9 } else { 1 })
+                .await,
+            202
+        );
+    }
+    // Events are stored and shown while the notifier is down.
+    assert_eq!(support::read_events(&mut ws, n).await.len(), n);
+    assert_eq!(siem.counts()["events"], n as u64);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let refused = notifier.refused();
+    assert!(
+        refused >= 5,
+        "the notifier was called {refused} times while down"
+    );
+    assert_eq!(notifier.delivered(), 0);
+    // The breaker holds the alerts: they neither went out nor failed.
+    assert_eq!(siem.counts()["failed"], 0);
+    // The breaker opened: flowline's gauge (brought up to date every second) says open
+    // (2) or half-open (1) for the notify stage.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = siem
+            .http
+            .get(format!("{}/metrics", siem.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let state = text
+            .lines()
+            .find(|l| l.starts_with("flowline_breaker_state") && l.contains("stage=\"notify\""))
+            .map(|l| l.rsplit(' ').next().unwrap().to_string());
+        if matches!(state.as_deref(), Some("2") | Some("1")) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "breaker state {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    notifier.set_down(false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while siem.counts()["sent"] < (n / 2) as u64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "alerts not sent after the outage: {:?}",
+            siem.counts()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(notifier.delivered(), (n / 2) as u64);
+    let c = siem.counts();
+    assert_eq!(
+        (c["sent"], c["failed"], c["pending"]),
+        ((n / 2) as u64, 0, 0)
+    );
+    siem.service.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notifier_that_is_not_listening_stops_no_event_and_alerts_stay_pending() {
+    // A port with nothing on it: bind, note, close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let siem = support::start(&[
+        "--alert-threshold",
+        "5",
+        "--notifier-url",
+        &url,
+        "--breaker-cooldown-ms",
+        "100",
+    ])
+    .await;
+    for i in 0..50 {
+        assert_eq!(siem.post_event("key-3", &format!("u{i}"), 9).await, 202);
+    }
+    let db = siem.db.clone();
+    let started = std::time::Instant::now();
+    siem.service.shutdown().await.unwrap();
+    // The drain does not wait for the notifier forever.
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let c = flowline_siem::counts(&db).unwrap();
+    assert_eq!(c["events"], 50);
+    // Every alert is accounted for: held (pending, sent at the next start) or failed.
+    assert_eq!(c["pending"] + c["failed"] + c["sent"], 50, "{c:?}");
+    assert_eq!(c["sent"], 0);
+}

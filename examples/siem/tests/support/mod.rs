@@ -1,0 +1,98 @@
+//! What the tests share: a service on a free port over a temporary database, HTTP and
+//! websocket clients.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use flowline_siem::{Config, Service};
+use futures_util::StreamExt;
+use tokio_tungstenite::tungstenite::Message;
+
+pub struct Siem {
+    pub service: Service,
+    pub db: PathBuf,
+    pub base: String,
+    pub http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts a service on 127.0.0.1:0 with the given extra options.
+pub async fn start(args: &[&str]) -> Siem {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("siem.db");
+    let mut all = vec![
+        "flowline-siem",
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        db.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    let service = Service::start(Config::try_parse_from(all).unwrap())
+        .await
+        .unwrap();
+    let base = format!("http://{}", service.addr());
+    Siem {
+        service,
+        db,
+        base,
+        http: reqwest::Client::new(),
+        _dir: dir,
+    }
+}
+
+impl Siem {
+    pub async fn post(&self, key: &str, body: &str) -> reqwest::Response {
+        self.http
+            .post(format!("{}/events", self.base))
+            .header("x-api-key", key)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn post_event(&self, key: &str, id: &str, severity: u8) -> u16 {
+        let body = format!(
+            r#"{{"id":"{id}","kind":"login_failed","severity":{severity},"message":"m {id}"}}"#
+        );
+        self.post(key, &body).await.status().as_u16()
+    }
+
+    pub async fn ws(&self) -> Ws {
+        let url = format!("ws://{}/ws", self.service.addr());
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        ws
+    }
+
+    pub fn counts(&self) -> HashMap<&'static str, u64> {
+        flowline_siem::counts(&self.db).unwrap()
+    }
+}
+
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Reads events from `ws` until `n` are in (or 30 s pass): (id, account name) each.
+pub async fn read_events(ws: &mut Ws, n: usize) -> Vec<serde_json::Value> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while got.len() < n {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} events within 30 s", got.len()));
+        match msg {
+            Some(Ok(Message::Text(t))) => got.push(serde_json::from_str(&t).unwrap()),
+            Some(Ok(_)) => {}
+            other => panic!(
+                "websocket ended after {} of {n} events: {other:?}",
+                got.len()
+            ),
+        }
+    }
+    got
+}
