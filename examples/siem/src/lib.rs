@@ -255,7 +255,7 @@ impl Service {
     /// finish; every accepted event is stored and broadcast; then the websocket clients are
     /// closed (1001). Alerts still waiting after `alert_grace` stay pending in the database.
     ///
-    /// The pipeline is not stopped with flowline's `stop_on_ctrl_c` or `Control::stop`:
+    /// The pipeline is not stopped with flowline's `stop_on_signal` or `Control::stop`:
     /// stopping its source would leave accepted events in the queue. It ends the other way:
     /// its queue's senders go with the HTTP server, and the source reads the queue dry.
     pub async fn shutdown(self) -> Result<Summary, String> {
