@@ -70,8 +70,7 @@ pub(super) async fn drive<T, U, S>(
     let admissions: Vec<Box<dyn Admission>> =
         options.policies.iter().map(|p| p.admission()).collect();
     let retry = options.retry.as_ref().map(|r| r.stage());
-    let plain = S::ALWAYS_READY
-        && admissions.is_empty()
+    let plain = admissions.is_empty()
         && retry.is_none()
         && keep.is_none()
         && copy.is_none()
@@ -203,8 +202,8 @@ impl<T> Backoff<T> {
 type Waiting<T, U, S> = Call<<S as StageFn<T, U>>::Future, T>;
 
 struct Driver<T, U, S: StageFn<T, U>> {
-    /// No policy, retry, kept input, result routing or call span, and a call that is always
-    /// ready: items start in [`Driver::start_plain`]'s tight loop.
+    /// No policy, retry, kept input, result routing or call span: items start in
+    /// [`Driver::start_plain`]'s tight loop.
     plain: bool,
     up: Upstream<T>,
     up_done: bool,
@@ -626,6 +625,19 @@ where
             if !self.can_start() || (self.waiting.is_empty() && self.available(cx) == 0) {
                 return started;
             }
+            // A service must be ready before each call; a closure always is.
+            if !S::ALWAYS_READY {
+                match self.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(error)) => {
+                        // The general path fails every item left with it.
+                        self.run.stage_failed(&self.stats.name, error.clone());
+                        self.dead = Some(error);
+                        return true;
+                    }
+                    Poll::Pending => return started,
+                }
+            }
             let Some((item, ticket)) = self.waiting.pop_front() else {
                 return started;
             };
@@ -873,12 +885,14 @@ where
             if !self.held.is_empty() {
                 progress |= self.poll_held(cx, false);
             }
-            if self.plain {
+            // A stage whose service failed leaves the plain loop: its items fail below.
+            let plain = self.plain && self.dead.is_none();
+            if plain {
                 progress |= self.start_plain(cx);
             }
             // The admission the next call waits for, if any.
             let mut waits_on = None;
-            while !self.plain && self.can_start() {
+            while !plain && self.can_start() {
                 let available = self.available(cx);
                 if available == 0 {
                     break;
