@@ -1,11 +1,11 @@
 //! The main job: enrich 20,000 orders through a flaky, slow customer service — 64 calls in
 //! flight under the service's rate limit, a timeout per call, retries with backoff for what
 //! is worth retrying, a live bar on a terminal, failures kept in a dead-letter file, and a
-//! report of every stage at the end.
+//! report of every stage at the end, and the metrics a Prometheus server would scrape.
 //!
 //! ```sh
-//! cargo run --release --example quickstart --features progress   # the bar needs the feature
-//! cargo run --release --example quickstart -- --json              # the report as JSON
+//! cargo run --release --example quickstart --features progress,metrics  # bar and metrics
+//! cargo run --release --example quickstart -- --json                     # the report as JSON
 //! ```
 //!
 //! The "database" is a generated table paged 500 rows at a time (the source is pulled: a
@@ -119,6 +119,11 @@ fn worth_retrying(e: &ItemError) -> bool {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // flowline emits metrics through the `metrics` facade; the application picks the
+    // exporter. A service serves them to Prometheus (see examples/prometheus); this job
+    // keeps them and prints them at the end.
+    #[cfg(feature = "metrics")]
+    let metrics_text = metrics_text::Recorder::install();
     const TOTAL: u64 = 20_000;
     const PAGE: u64 = 500;
     let json = std::env::args().any(|a| a == "--json");
@@ -191,6 +196,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         })
         .dead_letter(DeadLetter::jsonl(&dead_letters))
+        .name("quickstart")
         .await?;
 
     if json {
@@ -204,6 +210,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             report.failures,
             dead_letters.display()
         );
+        #[cfg(feature = "metrics")]
+        metrics_text.print();
     }
     let stage = report
         .stage("customer-tier")
@@ -227,4 +235,113 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "only unknown customers stay failed"
     );
     Ok(())
+}
+
+/// A small `metrics` recorder that keeps the latest value of every series and prints them
+/// in Prometheus' text format (what `metrics-exporter-prometheus` would serve).
+#[cfg(feature = "metrics")]
+mod metrics_text {
+    use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Default)]
+    struct Value {
+        total: AtomicU64,
+        gauge: Mutex<f64>,
+        /// A histogram's count and sum.
+        seen: Mutex<(u64, f64)>,
+    }
+
+    impl metrics::CounterFn for Value {
+        fn increment(&self, n: u64) {
+            self.total.fetch_add(n, Relaxed);
+        }
+        fn absolute(&self, n: u64) {
+            self.total.fetch_max(n, Relaxed);
+        }
+    }
+
+    impl metrics::GaugeFn for Value {
+        fn increment(&self, v: f64) {
+            *self.gauge.lock().unwrap() += v;
+        }
+        fn decrement(&self, v: f64) {
+            *self.gauge.lock().unwrap() -= v;
+        }
+        fn set(&self, v: f64) {
+            *self.gauge.lock().unwrap() = v;
+        }
+    }
+
+    impl metrics::HistogramFn for Value {
+        fn record(&self, v: f64) {
+            let mut seen = self.seen.lock().unwrap();
+            seen.0 += 1;
+            seen.1 += v;
+        }
+    }
+
+    /// Series by their text (`name{label="value",...}`) and kind.
+    #[derive(Clone, Default)]
+    pub struct Recorder(Arc<Mutex<BTreeMap<(String, Kind), Arc<Value>>>>);
+
+    #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    enum Kind {
+        Counter,
+        Gauge,
+        Histogram,
+    }
+
+    impl Recorder {
+        /// Installs a recorder for the whole process and returns a handle to print it.
+        pub fn install() -> Recorder {
+            let recorder = Recorder::default();
+            metrics::set_global_recorder(recorder.clone()).expect("no recorder yet");
+            recorder
+        }
+
+        fn series(&self, key: &Key, kind: Kind) -> Arc<Value> {
+            let labels: Vec<String> = key
+                .labels()
+                .map(|l| format!("{}=\"{}\"", l.key(), l.value()))
+                .collect();
+            let text = format!("{}{{{}}}", key.name(), labels.join(","));
+            let mut all = self.0.lock().unwrap();
+            all.entry((text, kind)).or_default().clone()
+        }
+
+        /// Prints every series, as a scrape would read it.
+        pub fn print(&self) {
+            println!("\nmetrics (what a Prometheus scrape would read):");
+            for ((text, kind), v) in self.0.lock().unwrap().iter() {
+                match kind {
+                    Kind::Counter => println!("{text} {}", v.total.load(Relaxed)),
+                    Kind::Gauge => println!("{text} {}", v.gauge.lock().unwrap()),
+                    Kind::Histogram => {
+                        let (count, sum) = *v.seen.lock().unwrap();
+                        let (name, labels) = text.split_once('{').unwrap_or((text, "}"));
+                        println!("{name}_count{{{labels} {count}");
+                        println!("{name}_sum{{{labels} {sum:.6}");
+                    }
+                }
+            }
+        }
+    }
+
+    impl metrics::Recorder for Recorder {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::from_arc(self.series(key, Kind::Counter))
+        }
+        fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::from_arc(self.series(key, Kind::Gauge))
+        }
+        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::from_arc(self.series(key, Kind::Histogram))
+        }
+    }
 }

@@ -134,7 +134,8 @@ struct StageMetrics {
     queue_depth: Option<Gauge>,
     /// By reason.
     failed: Vec<(&'static str, Total)>,
-    duration: metrics::Histogram,
+    /// Registered once the stage has timed a call (sync stages never do).
+    duration: Option<metrics::Histogram>,
     /// The latency histogram as last exported (what is new is the difference).
     latency: Option<Histogram<u64>>,
 }
@@ -153,7 +154,7 @@ impl StageMetrics {
             in_flight: metrics::gauge!(IN_FLIGHT, labels.iter()),
             queue_depth: None,
             failed: Vec::new(),
-            duration: metrics::histogram!(DURATION, labels.iter()),
+            duration: None,
             latency: None,
             labels,
         }
@@ -179,6 +180,10 @@ impl StageMetrics {
     /// calls is in the counters.
     fn latency(&mut self, now: Option<Histogram<u64>>) {
         let Some(now) = now else { return };
+        let labels = &self.labels;
+        let duration = self
+            .duration
+            .get_or_insert_with(|| metrics::histogram!(DURATION, labels.iter()));
         let mut new = now.clone();
         if let Some(before) = &self.latency {
             if new.subtract(before).is_err() {
@@ -189,7 +194,7 @@ impl StageMetrics {
         for v in new.iter_recorded() {
             let seconds = v.value_iterated_to() as f64 / 1e9;
             let n = (v.count_at_value() as f64 * scale).ceil() as usize;
-            self.duration.record_many(seconds, n);
+            duration.record_many(seconds, n);
         }
         self.latency = Some(now);
     }
@@ -476,6 +481,13 @@ mod tests {
             report.stage("call").unwrap().latency.unwrap().samples
         );
         assert!(samples > 0);
+        // A stage that makes no calls has no call-duration histogram.
+        let key = (
+            "flowline_stage_call_duration_seconds".to_string(),
+            "filter".to_string(),
+            String::new(),
+        );
+        assert!(!keep.0.lock().unwrap().contains_key(&key));
         for s in &report.stages {
             let received = keep.counter("flowline_stage_received_items_total", &s.name);
             assert_eq!(received, s.received, "{}", s.name);
