@@ -284,8 +284,10 @@ mod metrics_text {
     }
 
     /// Series by their text (`name{label="value",...}`) and kind.
+    type Series = BTreeMap<(String, Kind), Arc<Value>>;
+
     #[derive(Clone, Default)]
-    pub struct Recorder(Arc<Mutex<BTreeMap<(String, Kind), Arc<Value>>>>);
+    pub struct Recorder(Arc<Mutex<Series>>);
 
     #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
     enum Kind {
