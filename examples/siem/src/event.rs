@@ -14,11 +14,6 @@ pub const MAX_MESSAGE_LEN: usize = 4096;
 pub const MAX_SEVERITY: u8 = 10;
 
 /// What is wrong with a body, naming the field so that the client can fix it.
-///
-/// ```
-/// let e = flowline_siem::event::Incoming::parse(br#"{"id":"a","kind":"x","severity":"high"}"#).unwrap_err();
-/// assert_eq!(e.field, "severity");
-/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BadField {
     /// The field at fault (`body` when the body is not a JSON object at all).
@@ -35,11 +30,6 @@ impl std::fmt::Display for BadField {
 
 /// An event as posted: `{"id": "...", "kind": "...", "severity": 0..=10, "message": "..."}`
 /// (`message` optional). The account is not in the body: it comes from the API key.
-///
-/// ```
-/// let e = flowline_siem::event::Incoming::parse(br#"{"id":"e1","kind":"login_failed","severity":7}"#).unwrap();
-/// assert_eq!((e.id.as_str(), e.severity, e.message.as_str()), ("e1", 7, ""));
-/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Incoming {
     /// The client's id for the event: posting the same id twice stores it once.
@@ -164,13 +154,6 @@ pub struct Event {
 
 impl Event {
     /// An accepted event, before the pipeline has seen it.
-    ///
-    /// ```
-    /// use flowline_siem::event::{Event, Incoming};
-    /// let inc = Incoming::parse(br#"{"id":"e1","kind":"k","severity":1}"#).unwrap();
-    /// let e = Event::accepted(inc, "key-1".into());
-    /// assert_eq!(e.status, "accepted");
-    /// ```
     pub fn accepted(incoming: Incoming, api_key: String) -> Event {
         Event {
             id: incoming.id,
@@ -196,6 +179,23 @@ pub fn now_ms() -> i64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_bad_field_is_named() {
+        let e = Incoming::parse(br#"{"id":"a","kind":"x","severity":"high"}"#).unwrap_err();
+        assert_eq!(e.field, "severity");
+    }
+
+    #[test]
+    fn a_good_body_parses_and_is_accepted() {
+        let inc = Incoming::parse(br#"{"id":"e1","kind":"login_failed","severity":7}"#).unwrap();
+        assert_eq!(
+            (inc.id.as_str(), inc.severity, inc.message.as_str()),
+            ("e1", 7, "")
+        );
+        let e = Event::accepted(inc, "key-1".into());
+        assert_eq!(e.status, "accepted");
+    }
+
     use super::*;
 
     fn field_of(body: &str) -> &'static str {

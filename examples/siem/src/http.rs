@@ -24,8 +24,6 @@ const MAX_KEY_LEN: usize = 128;
 /// What the routes common to both services need.
 #[derive(Clone)]
 pub struct Shared {
-    /// Cleared when shutdown begins: new events are refused with 503.
-    pub accepting: Arc<AtomicBool>,
     /// The websocket fan-out.
     pub hub: Hub,
     /// Per-client limits.

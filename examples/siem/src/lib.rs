@@ -4,9 +4,11 @@
 //! gateway behind a rate limit, retries and a circuit breaker. `GET /` shows the live
 //! events, `GET /metrics` the Prometheus text.
 //!
-//! Modules: [`config`] (options), [`event`] (validation), [`http`] (routes), [`pipeline`]
-//! (the flowline part), [`store`] (SQLite), [`ws`] (the fan-out), [`notifier`] (client and a
-//! fake gateway), [`naive`] (the same service without flowline, for the benchmark).
+//! Modules: `config` (options), `event` (validation), `http` (routes), `pipeline` (the
+//! flowline part), `store` (SQLite), `ws` (the fan-out), `notifier` (client and a fake
+//! gateway), `naive` (the same service without flowline, for the benchmark). The library's
+//! public face is what a test, the benchmark and `main` need: [`Config`], [`Service`],
+//! [`Summary`] and [`counts`].
 //!
 //! ```no_run
 //! # #[tokio::main] async fn main() {
@@ -20,14 +22,14 @@
 
 #![warn(missing_docs)]
 
-pub mod config;
-pub mod event;
-pub mod http;
-pub mod naive;
-pub mod notifier;
-pub mod pipeline;
-pub mod store;
-pub mod ws;
+mod config;
+mod event;
+mod http;
+mod naive;
+mod notifier;
+mod pipeline;
+mod store;
+mod ws;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -59,6 +61,18 @@ fn prometheus() -> PrometheusHandle {
 }
 
 /// How a run of the service ended.
+///
+/// ```
+/// # #[tokio::main] async fn main() {
+/// let dir = tempfile::tempdir().unwrap();
+/// let mut cfg = flowline_siem::Config::defaults();
+/// cfg.listen = "127.0.0.1:0".parse().unwrap(); // any free port
+/// cfg.db = dir.path().join("siem.db");
+/// let service = flowline_siem::Service::start(cfg).await.unwrap();
+/// let summary = service.shutdown().await.unwrap();
+/// assert_eq!(summary.events.unwrap().delivered(), 0); // nothing was posted
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Summary {
     /// The events pipeline's report (none for the naive service).
@@ -69,6 +83,18 @@ pub struct Summary {
 }
 
 /// A running service.
+///
+/// ```
+/// # #[tokio::main] async fn main() {
+/// let dir = tempfile::tempdir().unwrap();
+/// let mut cfg = flowline_siem::Config::defaults();
+/// cfg.listen = "127.0.0.1:0".parse().unwrap(); // any free port
+/// cfg.db = dir.path().join("siem.db");
+/// let service = flowline_siem::Service::start(cfg).await.unwrap();
+/// println!("listening on http://{}", service.addr());
+/// service.shutdown().await.unwrap();
+/// # }
+/// ```
 pub struct Service {
     addr: SocketAddr,
     accepting: Arc<AtomicBool>,
@@ -81,6 +107,21 @@ pub struct Service {
 }
 
 /// Why the service did not start.
+///
+/// ```
+/// # #[tokio::main] async fn main() {
+/// let dir = tempfile::tempdir().unwrap();
+/// let mut cfg = flowline_siem::Config::defaults();
+/// cfg.listen = "127.0.0.1:0".parse().unwrap(); // any free port
+/// cfg.db = dir.path().join("siem.db");
+/// let service = flowline_siem::Service::start(cfg).await.unwrap();
+/// # drop(service);
+/// let mut bad = flowline_siem::Config::defaults();
+/// bad.db = dir.path().join("no/such/dir/siem.db");
+/// let err = flowline_siem::Service::start(bad).await.err().unwrap();
+/// assert!(!err.to_string().is_empty());
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct StartError(pub String);
 
@@ -95,6 +136,18 @@ impl std::error::Error for StartError {}
 impl Service {
     /// Opens the database, starts the fake notifier if no URL is given, the pipelines and
     /// the HTTP server.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let mut cfg = flowline_siem::Config::defaults();
+    /// cfg.listen = "127.0.0.1:0".parse().unwrap(); // any free port
+    /// cfg.db = dir.path().join("siem.db");
+    /// let service = flowline_siem::Service::start(cfg).await.unwrap();
+    /// assert_ne!(service.addr().port(), 0);
+    /// service.shutdown().await.unwrap();
+    /// # }
+    /// ```
     pub async fn start(cfg: Config) -> Result<Service, StartError> {
         if cfg.ws_buffer < cfg.batch {
             // A stored batch is broadcast at once: a smaller buffer would cut off every
@@ -134,7 +187,6 @@ impl Service {
         let accepting = Arc::new(AtomicBool::new(true));
         let (hub, _) = broadcast::channel(cfg.ws_buffer);
         let shared = http::Shared {
-            accepting: accepting.clone(),
             hub: hub.clone(),
             limits: ws::ClientLimits {
                 write_timeout: Duration::from_millis(cfg.ws_write_timeout_ms),
@@ -237,16 +289,53 @@ impl Service {
     }
 
     /// The address it listens on.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let mut cfg = flowline_siem::Config::defaults();
+    /// cfg.listen = "127.0.0.1:0".parse().unwrap(); // any free port
+    /// cfg.db = dir.path().join("siem.db");
+    /// let service = flowline_siem::Service::start(cfg).await.unwrap();
+    /// assert!(service.addr().ip().is_loopback());
+    /// service.shutdown().await.unwrap();
+    /// # }
+    /// ```
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
     /// The notifier's base URL.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let mut cfg = flowline_siem::Config::defaults();
+    /// cfg.listen = "127.0.0.1:0".parse().unwrap(); // any free port
+    /// cfg.db = dir.path().join("siem.db");
+    /// let service = flowline_siem::Service::start(cfg).await.unwrap();
+    /// // No notifier URL given: the service started its fake gateway.
+    /// assert!(service.notifier_url().starts_with("http://127.0.0.1:"));
+    /// service.shutdown().await.unwrap();
+    /// # }
+    /// ```
     pub fn notifier_url(&self) -> &str {
         &self.notifier_url
     }
 
     /// The fake notifier, when the service started one.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let mut cfg = flowline_siem::Config::defaults();
+    /// cfg.listen = "127.0.0.1:0".parse().unwrap(); // any free port
+    /// cfg.db = dir.path().join("siem.db");
+    /// let service = flowline_siem::Service::start(cfg).await.unwrap();
+    /// assert!(service.fake_notifier().is_some());
+    /// service.shutdown().await.unwrap();
+    /// # }
+    /// ```
     pub fn fake_notifier(&self) -> Option<&FakeNotifier> {
         self.notifier.as_ref()
     }
@@ -258,6 +347,18 @@ impl Service {
     /// The pipeline is not stopped with flowline's `stop_on_signal` or `Control::stop`:
     /// stopping its source would leave accepted events in the queue. It ends the other way:
     /// its queue's senders go with the HTTP server, and the source reads the queue dry.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let mut cfg = flowline_siem::Config::defaults();
+    /// cfg.listen = "127.0.0.1:0".parse().unwrap(); // any free port
+    /// cfg.db = dir.path().join("siem.db");
+    /// let service = flowline_siem::Service::start(cfg).await.unwrap();
+    /// let summary = service.shutdown().await.unwrap();
+    /// assert!(summary.events.unwrap().is_balanced());
+    /// # }
+    /// ```
     pub async fn shutdown(self) -> Result<Summary, String> {
         self.accepting.store(false, Ordering::Release);
         let _ = self.stop_http.send(());
@@ -312,8 +413,7 @@ impl Service {
 ///
 /// ```
 /// let dir = tempfile::tempdir().unwrap();
-/// let path = dir.path().join("s.db");
-/// flowline_siem::store::open(&path, 1).unwrap();
+/// let path = dir.path().join("s.db"); // a new file gets the schema
 /// assert_eq!(flowline_siem::counts(&path).unwrap()["events"], 0);
 /// ```
 pub fn counts(db: &std::path::Path) -> rusqlite::Result<HashMap<&'static str, u64>> {

@@ -18,13 +18,6 @@ pub type Db = Arc<Mutex<Connection>>;
 
 /// Opens (creating if needed) the database at `path` with the schema and `demo_accounts`
 /// accounts `key-1` ... `key-N` (kept if they exist).
-///
-/// ```
-/// let dir = tempfile::tempdir().unwrap();
-/// let conn = flowline_siem::store::open(&dir.path().join("siem.db"), 2).unwrap();
-/// let acc = flowline_siem::store::accounts_by_key(&conn, &["key-2".into()]).unwrap();
-/// assert_eq!(acc["key-2"].name, "account 2");
-/// ```
 pub fn open(path: &Path, demo_accounts: u32) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
@@ -215,6 +208,14 @@ pub fn pending_alerts(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<E
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn open_makes_the_schema_and_the_demo_accounts() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = super::open(&dir.path().join("siem.db"), 2).unwrap();
+        let acc = super::accounts_by_key(&conn, &["key-2".into()]).unwrap();
+        assert_eq!(acc["key-2"].name, "account 2");
+    }
+
     use super::*;
     use crate::event::Incoming;
 
