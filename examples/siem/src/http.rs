@@ -102,6 +102,17 @@ pub fn shutting_down() -> Response {
 }
 
 /// The answer to a missing or unknown key.
+/// 503: the account could not be looked up (the database is busy or down); try again in
+/// a second.
+pub fn lookup_failed() -> Response {
+    reject(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "account lookup failed",
+        None,
+        Some(1),
+    )
+}
+
 pub fn unauthorized() -> Response {
     reject(
         StatusCode::UNAUTHORIZED,
@@ -133,14 +144,7 @@ async fn post_event(State(s): State<Intake>, headers: HeaderMap, body: Bytes) ->
     match s.loader.load(key.to_string()).await {
         Ok(Some(_)) => {}
         Ok(None) => return unauthorized(),
-        Err(_) => {
-            return reject(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "account lookup failed",
-                None,
-                Some(1),
-            );
-        }
+        Err(_) => return lookup_failed(),
     }
     let incoming = match Incoming::parse(&body) {
         Ok(i) => i,

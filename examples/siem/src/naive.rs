@@ -15,7 +15,9 @@ use axum::response::Response;
 use axum::routing::post;
 
 use crate::event::{Event, Incoming};
-use crate::http::{accepted, api_key, bad_body, reject, shutting_down, unauthorized};
+use crate::http::{
+    accepted, api_key, bad_body, lookup_failed, reject, shutting_down, unauthorized,
+};
 use crate::notifier::NotifierClient;
 use crate::store::{self, AlertOutcome, Db};
 use crate::ws::Hub;
@@ -57,14 +59,7 @@ async fn post_event(State(s): State<Naive>, headers: HeaderMap, body: Bytes) -> 
     let account = match account {
         Ok(Some(a)) => a,
         Ok(None) => return unauthorized(),
-        Err(_) => {
-            return reject(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "account lookup failed",
-                None,
-                Some(1),
-            );
-        }
+        Err(_) => return lookup_failed(),
     };
     let incoming = match Incoming::parse(&body) {
         Ok(i) => i,

@@ -159,15 +159,7 @@ async fn metrics_and_page_are_served() {
         .await
         .unwrap();
     assert!(page.contains("new WebSocket"));
-    let text = siem
-        .http
-        .get(format!("{}/metrics", siem.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = siem.metrics().await;
     assert!(text.contains("siem_events_accepted_total"), "{text}");
     siem.service.shutdown().await.unwrap();
 }

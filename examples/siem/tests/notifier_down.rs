@@ -46,15 +46,7 @@ async fn an_outage_holds_alerts_without_stopping_events() {
     // (2) or half-open (1) for the notify stage.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let text = siem
-            .http
-            .get(format!("{}/metrics", siem.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = siem.metrics().await;
         let state = text
             .lines()
             .find(|l| l.starts_with("flowline_breaker_state") && l.contains("stage=\"notify\""))

@@ -59,15 +59,7 @@ async fn a_client_that_never_reads_is_cut_off_and_the_others_get_everything() {
     .await
     .expect("the slow client was never cut off");
     assert!(got < n, "the slow client got all {n} events ({ended})");
-    let text = siem
-        .http
-        .get(format!("{}/metrics", siem.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = siem.metrics().await;
     assert!(
         text.lines()
             .any(|l| l.starts_with("siem_ws_cut_off_total") && !l.ends_with(" 0")),

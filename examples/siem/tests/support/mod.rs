@@ -69,6 +69,18 @@ impl Siem {
         ws
     }
 
+    /// The Prometheus text of `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub fn counts(&self) -> HashMap<&'static str, u64> {
         flowline_siem::counts(&self.db).unwrap()
     }
