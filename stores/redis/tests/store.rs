@@ -2,25 +2,20 @@
 //! own: reservations, holders, expiry, and the effect written with the commit
 //! (`commit_with`) by the current holder only.
 
+mod support;
+
 use std::time::Duration;
 
 use flowline::{CheckpointStore, Reservation, Store};
 use flowline_redis::test_server::RedisServer;
 use flowline_redis::{RedisCheckpoints, RedisStore};
 use redis::AsyncCommands;
+use support::conn;
 
 const TTL: Duration = Duration::from_secs(600);
 
 fn keys(k: &[&str]) -> Vec<String> {
     k.iter().map(|s| s.to_string()).collect()
-}
-
-async fn conn(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
 }
 
 async fn count(url: &str, field: &str) -> Option<i64> {

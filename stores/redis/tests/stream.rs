@@ -3,6 +3,8 @@
 //! entries pending, resume from the own pending entries, dead letters, leases and reclaim,
 //! and a server restart mid-run.
 
+mod support;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,14 +13,7 @@ use flowline::prelude::*;
 use flowline_redis::test_server::RedisServer;
 use flowline_redis::{RedisStream, StreamEntry, StreamOptions, StreamSink};
 use redis::AsyncCommands;
-
-async fn conn(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
-}
+use support::conn;
 
 async fn fill(url: &str, stream: &str, n: usize) {
     let mut c = conn(url).await;

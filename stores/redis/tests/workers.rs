@@ -4,6 +4,8 @@
 //! `RedisStore::commit_with`). The workers are this test binary run again (`worker_child`,
 //! which does nothing unless `FLOWLINE_REDIS_WORKER` is set).
 
+mod support;
+
 use std::collections::{HashMap, HashSet};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -12,16 +14,9 @@ use flowline::prelude::*;
 use flowline_redis::test_server::RedisServer;
 use flowline_redis::{RedisStore, RedisStream, StreamOptions};
 use redis::AsyncCommands;
+use support::conn;
 
 const N: u64 = 3000;
-
-async fn conn(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
-}
 
 /// A worker: records each entry it is handed (`delivered:<name>`), skips the entries whose
 /// key another worker already did (the idempotent stage), and for the others applies the
