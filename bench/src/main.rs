@@ -14,6 +14,9 @@
 //! cargo run --release -p flowline-bench -- cli             # the flowline command vs xargs / parallel / curl
 //! cargo run --release -p flowline-bench -- siem            # the SIEM service vs its naive version
 //! ```
+//!
+//! With `FLOWLINE_BENCH_REPS=1` set, the cases that alternate print every repetition's time
+//! (milliseconds) to stderr, so the spread behind a median can be read.
 
 mod batch;
 mod cli;

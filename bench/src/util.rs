@@ -5,16 +5,60 @@ use std::time::{Duration, Instant};
 /// Runs `flowline` and `baseline` alternately `reps` times each; returns the median of each.
 pub fn alternate(
     reps: usize,
+    flowline: impl FnMut() -> Duration,
+    baseline: impl FnMut() -> Duration,
+) -> (Duration, Duration) {
+    let p = alternate_paired(reps, flowline, baseline);
+    (p.flowline, p.baseline)
+}
+
+/// What [`alternate_paired`] measured.
+pub struct Paired {
+    /// Median of flowline's runs.
+    pub flowline: Duration,
+    /// Median of the baseline's runs.
+    pub baseline: Duration,
+    /// Median of the ratios of each flowline run to the baseline run right after it.
+    pub ratio: f64,
+    /// The ratios' first decile.
+    pub ratio_p10: f64,
+    /// The ratios' last decile.
+    pub ratio_p90: f64,
+}
+
+/// [`alternate`], keeping each pair's ratio too. Where the machine's speed drifts by more
+/// than the difference a case looks for (this VM's runs of the same job vary by up to 40%
+/// over a minute), the ratio within each pair, taken a few hundred milliseconds apart,
+/// compares like with like; the ratio of the two medians mixes runs made at different speeds.
+pub fn alternate_paired(
+    reps: usize,
     mut flowline: impl FnMut() -> Duration,
     mut baseline: impl FnMut() -> Duration,
-) -> (Duration, Duration) {
+) -> Paired {
     let mut a = Vec::with_capacity(reps);
     let mut b = Vec::with_capacity(reps);
     for _ in 0..reps {
         a.push(flowline());
         b.push(baseline());
     }
-    (median(&mut a), median(&mut b))
+    if std::env::var_os("FLOWLINE_BENCH_REPS").is_some() {
+        let ms = |v: &[Duration]| v.iter().map(Duration::as_millis).collect::<Vec<_>>();
+        eprintln!("flowline ms: {:?}\nbaseline ms: {:?}", ms(&a), ms(&b));
+    }
+    let mut ratios: Vec<f64> = a
+        .iter()
+        .zip(&b)
+        .map(|(a, b)| a.as_secs_f64() / b.as_secs_f64().max(1e-12))
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
+    Paired {
+        ratio: at(0.5),
+        ratio_p10: at(0.1),
+        ratio_p90: at(0.9),
+        flowline: median(&mut a),
+        baseline: median(&mut b),
+    }
 }
 
 pub fn median(v: &mut [Duration]) -> Duration {
@@ -48,10 +92,10 @@ pub fn emit(
     let mut line = serde_json::json!({
         "suite": suite,
         "case": case,
-        "flowline": round(flowline),
-        "baseline": round(baseline),
+        "flowline": round3(flowline),
+        "baseline": round3(baseline),
         "unit": unit,
-        "ratio": round(if baseline > 0.0 { flowline / baseline } else { f64::NAN }),
+        "ratio": round3(if baseline > 0.0 { flowline / baseline } else { f64::NAN }),
     });
     if let (Some(obj), serde_json::Value::Object(more)) = (line.as_object_mut(), extra) {
         obj.extend(more);
@@ -59,7 +103,8 @@ pub fn emit(
     println!("{line}");
 }
 
-fn round(x: f64) -> f64 {
+/// `x` to three decimals, as the JSON lines print figures.
+pub fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
