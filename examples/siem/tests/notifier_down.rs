@@ -111,3 +111,57 @@ async fn a_notifier_that_is_not_listening_stops_no_event_and_alerts_stay_pending
     assert_eq!(c["pending"] + c["failed"] + c["sent"], 50, "{c:?}");
     assert_eq!(c["sent"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_left_pending_are_sent_at_the_next_start() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let down = format!("http://127.0.0.1:{port}");
+    // A lane of 4 that cannot drain: most alerts find it full and stay pending at once.
+    let siem = support::start(&[
+        "--alert-threshold",
+        "5",
+        "--notifier-url",
+        &down,
+        "--alert-queue",
+        "4",
+        "--breaker-cooldown-ms",
+        "100",
+    ])
+    .await;
+    for i in 0..30 {
+        assert_eq!(siem.post_event("key-2", &format!("p{i}"), 9).await, 202);
+        // Below the threshold: no alert, and it must not become one at the next start.
+        assert_eq!(siem.post_event("key-2", &format!("q{i}"), 1).await, 202);
+    }
+    let dir = siem.stop().await;
+    let before = flowline_siem::counts(&dir.path().join("siem.db")).unwrap();
+    assert_eq!(before["events"], 60);
+    assert_eq!(before["sent"], 0);
+    let pending = before["pending"];
+    assert!(pending > 0, "{before:?}");
+    assert_eq!(pending + before["failed"], 30, "{before:?}");
+
+    // Started again with a notifier that answers (the service's own fake one).
+    let siem = support::start_in(dir, &["--alert-threshold", "5"]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while siem.counts()["sent"] < pending {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            siem.counts()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let notifier = siem.service.fake_notifier().unwrap();
+    assert_eq!(notifier.delivered(), pending);
+    let dir = siem.stop().await;
+    let after = flowline_siem::counts(&dir.path().join("siem.db")).unwrap();
+    assert_eq!(after["events"], 60);
+    assert_eq!(after["pending"], 0, "{after:?}");
+    assert_eq!(after["sent"], pending);
+    assert_eq!(after["failed"], before["failed"]);
+}

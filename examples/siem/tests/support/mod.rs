@@ -21,7 +21,11 @@ pub struct Siem {
 
 /// Starts a service on 127.0.0.1:0 with the given extra options.
 pub async fn start(args: &[&str]) -> Siem {
-    let dir = tempfile::tempdir().unwrap();
+    start_in(tempfile::tempdir().unwrap(), args).await
+}
+
+/// Starts a service over `dir/siem.db` (a database an earlier service may have left).
+pub async fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Siem {
     let db = dir.path().join("siem.db");
     let mut all = vec![
         "flowline-siem",
@@ -83,6 +87,12 @@ impl Siem {
 
     pub fn counts(&self) -> HashMap<&'static str, u64> {
         flowline_siem::counts(&self.db).unwrap()
+    }
+
+    /// Drains and stops the service; its database directory, for a next start.
+    pub async fn stop(self) -> tempfile::TempDir {
+        self.service.shutdown().await.unwrap();
+        self._dir
     }
 }
 
