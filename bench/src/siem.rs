@@ -5,9 +5,13 @@
 //! default) while 3 websocket clients listen. Throughput is events delivered to the clients
 //! over the time to the last delivery; latency is from the POST being sent to the event's
 //! arrival at a websocket client; `lost` counts events answered 202 but not stored, or not
-//! delivered to some client. Same database settings for both (WAL, synchronous=NORMAL),
+//! delivered to some client, summed over the rounds. Same database settings for both (WAL, synchronous=NORMAL),
 //! same fake notifier (20 ms per notification, 1 event in 100 alerts).
-//! `FLOWLINE_BENCH_SIEM_REPS=n` runs n alternating rounds (median reported);
+//! Three alternating rounds (flowline, naive, flowline, ...; `FLOWLINE_BENCH_SIEM_REPS=n`
+//! for n): `ratio` is the median of the rounds' ratios, each round's flowline run against
+//! the naive run right after it (this VM's speed drifts by more than the margin over the
+//! minutes a run takes; `round_ratios` lists them all); `flowline`/`baseline` and the
+//! latency fields are each side's median round by throughput.
 //! `FLOWLINE_BENCH_SIEM_REPORT=1` prints the events pipeline's report of each flowline run.
 
 use std::sync::Arc;
@@ -50,18 +54,32 @@ fn siem_events() {
     let reps: usize = std::env::var("FLOWLINE_BENCH_SIEM_REPS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
+        .unwrap_or(3);
     let rt = runtime();
     let (mut f, mut n) = (Vec::new(), Vec::new());
     for _ in 0..reps.max(1) {
         f.push(rt.block_on(load(false, Duration::from_secs(secs))));
         n.push(rt.block_on(load(true, Duration::from_secs(secs))));
     }
+    let mut ratios: Vec<f64> = f
+        .iter()
+        .zip(&n)
+        .map(|(f, n)| f.events_per_s / n.events_per_s)
+        .collect();
+    let round_ratios: Vec<f64> = ratios
+        .iter()
+        .map(|r| (r * 1000.0).round() / 1000.0)
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let ratio = ratios[ratios.len() / 2];
     // The median run of each by throughput.
     let pick = |v: &mut Vec<Outcome>| {
         v.sort_by(|a, b| a.events_per_s.total_cmp(&b.events_per_s));
         v.remove(v.len() / 2)
     };
+    // Lost events are counted over every round, not only the median one.
+    let lost = |v: &[Outcome]| v.iter().map(|o| o.lost).sum::<u64>() as f64;
+    let (f_lost, n_lost) = (lost(&f), lost(&n));
     let (f, n) = (pick(&mut f), pick(&mut n));
     let both = |a: f64, b: f64| serde_json::json!({ "flowline": a, "naive": b });
     emit(
@@ -74,10 +92,13 @@ fn siem_events() {
             "events_per_s": both(f.events_per_s.round(), n.events_per_s.round()),
             "p50_ms": both(f.p50_ms, n.p50_ms),
             "p99_ms": both(f.p99_ms, n.p99_ms),
-            "lost": both(f.lost as f64, n.lost as f64),
+            "lost": both(f_lost, n_lost),
             "accepted": both(f.accepted as f64, n.accepted as f64),
             "refused_429": both(f.refused_429 as f64, n.refused_429 as f64),
             "alerts_sent": both(f.alerts_sent as f64, n.alerts_sent as f64),
+            "ratio": (ratio * 1000.0).round() / 1000.0,
+            "round_ratios": round_ratios,
+            "rounds": reps.max(1),
             "secs": secs,
             "connections": CONNECTIONS,
             "ws_clients": WS_CLIENTS,
