@@ -79,15 +79,19 @@ async fn an_outage_holds_alerts_without_stopping_events() {
     siem.service.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_notifier_that_is_not_listening_stops_no_event_and_alerts_stay_pending() {
-    // A port with nothing on it: bind, note, close.
+/// The URL of a port with nothing on it: bound, noted, closed.
+fn nothing_listening() -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let url = format!("http://127.0.0.1:{port}");
+    format!("http://127.0.0.1:{port}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notifier_that_is_not_listening_stops_no_event_and_alerts_stay_pending() {
+    let url = nothing_listening();
     let siem = support::start(&[
         "--alert-threshold",
         "5",
@@ -114,13 +118,8 @@ async fn a_notifier_that_is_not_listening_stops_no_event_and_alerts_stay_pending
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_left_pending_are_sent_at_the_next_start() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let down = format!("http://127.0.0.1:{port}");
-    // A lane of 4 that cannot drain: most alerts find it full and stay pending at once.
+    let down = nothing_listening();
+    // A lane of 4 that cannot drain: alerts find it full and stay pending at once.
     let siem = support::start(&[
         "--alert-threshold",
         "5",
