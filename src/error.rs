@@ -79,15 +79,17 @@ impl ItemError {
         ItemError::User(Arc::from(e.into()))
     }
 
-    /// A short name of the error's kind, as written to dead-letter files: `user`, `timeout`,
-    /// `panic`, `circuit_open`.
+    /// A short name of the error's kind: `error` (the stage's own error), `timeout`, `panic`,
+    /// `circuit_open`. The same word in dead-letter files, the failure log and the metrics'
+    /// `reason` label, so that one can be matched with the other.
     ///
     /// ```
     /// assert_eq!(flowline::ItemError::Panic("boom".into()).kind(), "panic");
+    /// assert_eq!(flowline::ItemError::user("no").kind(), "error");
     /// ```
     pub fn kind(&self) -> &'static str {
         match self {
-            ItemError::User(_) => "user",
+            ItemError::User(_) => "error",
             ItemError::Timeout(_) => "timeout",
             ItemError::Panic(_) => "panic",
             ItemError::CircuitOpen => "circuit_open",

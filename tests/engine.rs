@@ -444,7 +444,7 @@ async fn dead_letters_are_written_to_a_jsonl_file() {
     inputs.sort();
     assert_eq!(inputs, vec!["\"x\"", "\"y\""]);
     assert_eq!(lines[0]["stage"], "parse");
-    assert_eq!(lines[0]["kind"], "user");
+    assert_eq!(lines[0]["kind"], "error");
     assert_eq!(lines[0]["attempts"], 1);
     std::fs::remove_file(&path).unwrap();
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::error::{Failure, ItemError};
+use crate::error::Failure;
 use crate::runtime::RunCtx;
 
 /// How long failures are summed before their line is written.
@@ -21,14 +21,6 @@ pub(crate) const EVERY: Duration = Duration::from_secs(5);
 
 /// The longest sample a line quotes (an error or an input can be outside text of any size).
 const SAMPLE_MAX: usize = 300;
-
-/// Why an item failed, as the log and the metrics' `reason` label name it.
-pub(crate) fn reason(e: &ItemError) -> &'static str {
-    match e {
-        ItemError::User(_) => "error",
-        other => other.kind(),
-    }
-}
 
 /// Failures by reason (few reasons: a list is smaller and faster than a map).
 #[derive(Default, Clone)]
@@ -94,7 +86,7 @@ impl FailureLog {
             }
         };
         let s = &mut stages[i];
-        let why = reason(&f.error);
+        let why = f.error.kind();
         s.total.add(why);
         s.window.add(why);
         if s.sample.is_none() {

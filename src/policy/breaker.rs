@@ -1082,7 +1082,7 @@ mod tests {
                 .iter()
                 .map(|f| f.error.kind())
                 .collect();
-            assert_eq!(kinds.iter().filter(|k| **k == "user").count(), 3);
+            assert_eq!(kinds.iter().filter(|k| **k == "error").count(), 3);
             assert_eq!(kinds.iter().filter(|k| **k == "circuit_open").count(), 7);
             assert_eq!(b.report().rejected, 7);
             assert_eq!(report.stage("api").unwrap().failed, 10);

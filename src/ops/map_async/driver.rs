@@ -729,7 +729,7 @@ where
         if self.trace_calls {
             meta.end_span(match &result {
                 Ok(_) => "ok",
-                Err(e) => crate::observe::failure_log::reason(e),
+                Err(e) => e.kind(),
             });
         }
         if let Some(l) = latency {

@@ -247,7 +247,7 @@ mod tests {
         assert_eq!(
             kinds,
             vec![
-                Err((0, "user")),
+                Err((0, "error")),
                 Err((1, "circuit_open")),
                 Err((2, "circuit_open"))
             ]
