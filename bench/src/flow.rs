@@ -61,17 +61,7 @@ fn accuracy(times: &[Instant], target: f64) -> (f64, f64, f64) {
 
 /// The most instants within any half-open second `[t, t + 1 s)`, `t` at one of them.
 fn max_in_period(times: &[Instant]) -> usize {
-    let mut t = times.to_vec();
-    t.sort();
-    let period = Duration::from_secs(1);
-    let (mut best, mut j) = (0, 0);
-    for i in 0..t.len() {
-        while j < t.len() && t[j] < t[i] + period {
-            j += 1;
-        }
-        best = best.max(j - i);
-    }
-    best
+    crate::util::most_within(&mut times.to_vec(), Duration::from_secs(1))
 }
 
 async fn flowline_rate(rate: u64, secs: f64) -> Vec<Instant> {

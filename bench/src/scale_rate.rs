@@ -86,15 +86,7 @@ pub fn child(url: &str, out: &str) {
 
 /// The most starts within any half-open second, a window starting at a start.
 fn max_in_period(t: &mut [u64], period_us: u64) -> usize {
-    t.sort_unstable();
-    let (mut best, mut j) = (0, 0);
-    for i in 0..t.len() {
-        while j < t.len() && t[j] < t[i] + period_us {
-            j += 1;
-        }
-        best = best.max(j - i);
-    }
-    best
+    crate::util::most_within(t, period_us)
 }
 
 fn redis_rate3() {

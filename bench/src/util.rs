@@ -131,3 +131,37 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .expect("tokio runtime")
 }
+
+/// The most of `times` within any half-open window `[t, t + width)`, `t` at one of them
+/// (sorts `times`): what "never more than n in a period" is checked against.
+pub fn most_within<T: Ord + Copy + std::ops::Add<W, Output = T>, W: Copy>(
+    times: &mut [T],
+    width: W,
+) -> usize {
+    times.sort_unstable();
+    let (mut best, mut j) = (0, 0);
+    for i in 0..times.len() {
+        while j < times.len() && times[j] < times[i] + width {
+            j += 1;
+        }
+        best = best.max(j - i);
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::most_within;
+
+    #[test]
+    fn most_within_counts_a_half_open_window_starting_at_an_instant() {
+        // 0, 999 and 1000: [0, 1000) holds two, [999, 1999) holds two (1000 is in, 0 is not).
+        assert_eq!(most_within(&mut [1000u64, 0, 999], 1000), 2);
+        assert_eq!(most_within(&mut [5u64, 5, 5], 1), 3);
+        assert_eq!(most_within::<u64, u64>(&mut [], 1000), 0);
+        let t0 = std::time::Instant::now();
+        let ms = std::time::Duration::from_millis;
+        let mut times = [t0, t0 + ms(10), t0 + ms(1000), t0 + ms(1005)];
+        assert_eq!(most_within(&mut times, ms(1000)), 3);
+    }
+}
