@@ -317,7 +317,7 @@ const REASONS: usize = 4;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct FailureReasons {
-    /// The stage's function returned an error ([`ItemError::User`]; `user` in dead-letter files).
+    /// The stage's function returned an error ([`ItemError::User`]; `error` in dead-letter files).
     pub error: u64,
     /// The call took longer than the stage's timeout ([`ItemError::Timeout`]).
     pub timeout: u64,
