@@ -274,8 +274,7 @@ fn items_for(workers: Option<usize>) -> u64 {
 const ITEMS: u64 = 10_000;
 
 fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    crate::util::quantile(&mut v, 0.5)
 }
 
 /// Repetitions per configuration (medians are reported).

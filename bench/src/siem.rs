@@ -66,12 +66,8 @@ fn siem_events() {
         .zip(&n)
         .map(|(f, n)| f.events_per_s / n.events_per_s)
         .collect();
-    let round_ratios: Vec<f64> = ratios
-        .iter()
-        .map(|r| (r * 1000.0).round() / 1000.0)
-        .collect();
-    ratios.sort_by(f64::total_cmp);
-    let ratio = ratios[ratios.len() / 2];
+    let round_ratios: Vec<f64> = ratios.iter().copied().map(crate::util::round3).collect();
+    let ratio = crate::util::quantile(&mut ratios, 0.5);
     // The median run of each by throughput.
     let pick = |v: &mut Vec<Outcome>| {
         v.sort_by(|a, b| a.events_per_s.total_cmp(&b.events_per_s));
@@ -96,7 +92,7 @@ fn siem_events() {
             "accepted": both(f.accepted as f64, n.accepted as f64),
             "refused_429": both(f.refused_429 as f64, n.refused_429 as f64),
             "alerts_sent": both(f.alerts_sent as f64, n.alerts_sent as f64),
-            "ratio": (ratio * 1000.0).round() / 1000.0,
+            "ratio": crate::util::round3(ratio),
             "round_ratios": round_ratios,
             "rounds": reps.max(1),
             "secs": secs,

@@ -109,11 +109,10 @@ fn medians<F: std::future::Future<Output = (f64, f64)>>(
         fs.push(f);
         bs.push(b);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    (median(&mut fs), median(&mut bs))
+    (
+        crate::util::quantile(&mut fs, 0.5),
+        crate::util::quantile(&mut bs, 0.5),
+    )
 }
 
 /// Runs the suite and prints one JSON line per case.

@@ -50,15 +50,23 @@ pub fn alternate_paired(
         .zip(&b)
         .map(|(a, b)| a.as_secs_f64() / b.as_secs_f64().max(1e-12))
         .collect();
-    ratios.sort_by(f64::total_cmp);
-    let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
     Paired {
-        ratio: at(0.5),
-        ratio_p10: at(0.1),
-        ratio_p90: at(0.9),
+        ratio: quantile(&mut ratios, 0.5),
+        ratio_p10: quantile(&mut ratios, 0.1),
+        ratio_p90: quantile(&mut ratios, 0.9),
         flowline: median(&mut a),
         baseline: median(&mut b),
     }
+}
+
+/// The value at `q` (0 to 1) of `v` by rank, `NaN` for none: `0.5` is the median (the
+/// upper one of an even count, as [`median`] takes it). Sorts `v`.
+pub fn quantile(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
 pub fn median(v: &mut [Duration]) -> Duration {
@@ -151,7 +159,17 @@ pub fn most_within<T: Ord + Copy + std::ops::Add<W, Output = T>, W: Copy>(
 
 #[cfg(test)]
 mod tests {
-    use super::most_within;
+    use super::{most_within, quantile};
+
+    #[test]
+    fn quantile_takes_by_rank_and_the_upper_median_of_an_even_count() {
+        assert_eq!(quantile(&mut [3.0, 1.0, 2.0], 0.5), 2.0);
+        assert_eq!(quantile(&mut [4.0, 1.0, 3.0, 2.0], 0.5), 3.0);
+        let mut v: Vec<f64> = (1..=11).map(f64::from).rev().collect();
+        assert_eq!(quantile(&mut v, 0.1), 2.0);
+        assert_eq!(quantile(&mut v, 0.9), 10.0);
+        assert!(quantile(&mut [], 0.5).is_nan());
+    }
 
     #[test]
     fn most_within_counts_a_half_open_window_starting_at_an_instant() {

@@ -179,6 +179,8 @@ pub fn now_ms() -> i64 {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn a_bad_field_is_named() {
         let e = Incoming::parse(br#"{"id":"a","kind":"x","severity":"high"}"#).unwrap_err();
@@ -195,8 +197,6 @@ mod tests {
         let e = Event::accepted(inc, "key-1".into());
         assert_eq!(e.status, "accepted");
     }
-
-    use super::*;
 
     fn field_of(body: &str) -> &'static str {
         Incoming::parse(body.as_bytes()).unwrap_err().field

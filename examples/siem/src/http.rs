@@ -101,7 +101,6 @@ pub fn shutting_down() -> Response {
     )
 }
 
-/// The answer to a missing or unknown key.
 /// 503: the account could not be looked up (the database is busy or down); try again in
 /// a second.
 pub fn lookup_failed() -> Response {
@@ -113,6 +112,7 @@ pub fn lookup_failed() -> Response {
     )
 }
 
+/// The answer to a missing or unknown key.
 pub fn unauthorized() -> Response {
     reject(
         StatusCode::UNAUTHORIZED,

@@ -453,6 +453,13 @@ where
         }
     }
 
+    /// The service said it cannot take calls any more: the stage reports it, and every item
+    /// left fails with the same error.
+    fn service_failed(&mut self, error: ItemError) {
+        self.run.stage_failed(&self.stats.name, error.clone());
+        self.dead = Some(error);
+    }
+
     /// Fails the next item with `CircuitOpen` (refused by an admission).
     fn refuse(&mut self) {
         self.fail_next(ItemError::CircuitOpen);
@@ -631,8 +638,7 @@ where
                     Poll::Ready(Ok(())) => {}
                     Poll::Ready(Err(error)) => {
                         // The general path fails every item left with it.
-                        self.run.stage_failed(&self.stats.name, error.clone());
-                        self.dead = Some(error);
+                        self.service_failed(error);
                         return true;
                     }
                     Poll::Pending => return started,
@@ -902,10 +908,7 @@ where
                 if self.dead.is_none() {
                     match self.poll_ready(cx) {
                         Poll::Ready(Ok(())) => {}
-                        Poll::Ready(Err(error)) => {
-                            self.run.stage_failed(&self.stats.name, error.clone());
-                            self.dead = Some(error);
-                        }
+                        Poll::Ready(Err(error)) => self.service_failed(error),
                         Poll::Pending => break,
                     }
                 }
