@@ -11,6 +11,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::sync::broadcast;
+use tokio::sync::broadcast::error::TryRecvError;
 
 /// The sending side, held by the pipeline's last stage. Dropping it closes every client
 /// (close code 1001, going away) after the events before it.
@@ -26,6 +27,29 @@ pub struct ClientLimits {
     pub write_timeout: Duration,
 }
 
+/// The most events written before one flush.
+const MAX_BURST: usize = 256;
+
+/// `first` and whatever else is ready after it, up to `max` events: they go out with one
+/// flush, one syscall per burst rather than per event. `Err` (with the count missed) when
+/// the client fell further behind than the ring while its last write was waiting: the
+/// events it missed are gone, so it must be cut off, not go on without them.
+fn burst(
+    first: Utf8Bytes,
+    events: &mut broadcast::Receiver<Utf8Bytes>,
+    max: usize,
+) -> Result<Vec<Utf8Bytes>, u64> {
+    let mut out = vec![first];
+    while out.len() < max {
+        match events.try_recv() {
+            Ok(more) => out.push(more),
+            Err(TryRecvError::Lagged(missed)) => return Err(missed),
+            Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+        }
+    }
+    Ok(out)
+}
+
 /// Serves one client until it leaves, falls behind or the hub closes.
 pub async fn serve_client(
     socket: WebSocket,
@@ -38,15 +62,12 @@ pub async fn serve_client(
         tokio::select! {
             got = events.recv() => match got {
                 Ok(first) => {
-                    // Whatever else is ready goes out with it, then one flush: one syscall
-                    // per burst rather than per event.
+                    let Ok(burst) = burst(first, &mut events, MAX_BURST) else {
+                        break Some((TOO_SLOW, "too slow: fell behind the buffer"));
+                    };
                     let write = async {
-                        tx.feed(Message::Text(first)).await?;
-                        for _ in 0..255 {
-                            match events.try_recv() {
-                                Ok(more) => tx.feed(Message::Text(more)).await?,
-                                Err(_) => break,
-                            }
+                        for event in burst {
+                            tx.feed(Message::Text(event)).await?;
                         }
                         tx.flush().await
                     };
@@ -85,4 +106,38 @@ pub async fn serve_client(
         .await;
     }
     metrics::gauge!("siem_ws_clients").decrement(1.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(i: usize) -> Utf8Bytes {
+        Utf8Bytes::from(i.to_string())
+    }
+
+    #[test]
+    fn a_burst_takes_what_is_ready_up_to_the_limit() {
+        let (hub, mut rx) = broadcast::channel(16);
+        for i in 0..10 {
+            hub.send(text(i)).unwrap();
+        }
+        let first = rx.try_recv().unwrap();
+        let got = burst(first, &mut rx, 4).unwrap();
+        assert_eq!(got, (0..4).map(text).collect::<Vec<_>>());
+        let first = rx.try_recv().unwrap();
+        assert_eq!(burst(first, &mut rx, 100).unwrap().len(), 6);
+    }
+
+    #[test]
+    fn a_client_that_fell_behind_the_ring_is_told_not_given_a_gap() {
+        let (hub, mut rx) = broadcast::channel(4);
+        hub.send(text(0)).unwrap();
+        let first = rx.try_recv().unwrap();
+        // While event 0 was being written, ten more came: the ring keeps four.
+        for i in 1..=10 {
+            hub.send(text(i)).unwrap();
+        }
+        assert_eq!(burst(first, &mut rx, MAX_BURST), Err(6));
+    }
 }
