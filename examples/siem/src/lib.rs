@@ -397,6 +397,8 @@ impl Service {
                 }
             }
         };
+        // A cancelled lane stopped waiting for its last write, not the write itself.
+        p.writes.settled().await;
         drop(self.notifier);
         // The last connection to close checkpoints what is left.
         if let Some(t) = checkpoint_task {

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use crate::event::{Account, Event};
 use crate::notifier::NotifierClient;
-use crate::store::{self, AlertOutcome, Db};
+use crate::store::{self, AlertOutcome, Db, Writes};
 use crate::ws::Hub;
 
 /// The running pipelines.
@@ -35,6 +35,8 @@ pub struct Pipelines {
     /// The alert lane; it ends when the events pipeline has ended and its alerts are sent,
     /// or when stopped.
     pub alerts: Handle,
+    /// The database writes of both; a stop waits for them to settle.
+    pub writes: Writes,
 }
 
 /// Starts both pipelines on `queue` (the HTTP side holds its sender).
@@ -47,6 +49,7 @@ pub fn start(
     notifier: NotifierClient,
     requeue: Vec<Event>,
 ) -> Pipelines {
+    let writes = Writes::default();
     let (alert_tx, alert_rx) = mpsc::channel::<Event>(cfg.alert_queue);
     for e in requeue {
         let _ = alert_tx.try_send(e);
@@ -83,18 +86,19 @@ pub fn start(
             }
             batch
         })
-        .try_map_async_with("persist", db.clone(), |db, batch: Vec<Event>| async move {
-            // SQLite is blocking: off the async workers.
-            tokio::task::spawn_blocking(move || {
-                let mut conn = db
-                    .lock()
-                    .map_err(|_| "database lock poisoned".to_string())?;
-                let new = store::insert_batch(&mut conn, &batch).map_err(|e| e.to_string())?;
-                Ok::<_, String>(batch.into_iter().zip(new).collect::<Vec<_>>())
-            })
-            .await
-            .map_err(|e| e.to_string())?
-        })
+        .try_map_async_with(
+            "persist",
+            (db.clone(), writes.clone()),
+            |(db, writes), batch: Vec<Event>| async move {
+                // SQLite is blocking: off the async workers.
+                writes
+                    .run(&db, move |conn| {
+                        let new = store::insert_batch(conn, &batch)?;
+                        Ok(batch.into_iter().zip(new).collect::<Vec<_>>())
+                    })
+                    .await
+            },
+        )
         // A locked or full database is retried: an accepted event must be stored.
         .retry(
             Retry::exponential(Duration::from_millis(20))
@@ -175,21 +179,20 @@ pub fn start(
         .batch(64, Duration::from_millis(100))
         .try_map_async_with(
             "alert_outcome",
-            db,
-            |db, outcomes: Vec<AlertOutcome>| async move {
-                tokio::task::spawn_blocking(move || {
-                    let mut conn = db
-                        .lock()
-                        .map_err(|_| "database lock poisoned".to_string())?;
-                    store::record_alerts(&mut conn, &outcomes).map_err(|e| e.to_string())
-                })
-                .await
-                .map_err(|e| e.to_string())?
+            (db, writes.clone()),
+            |(db, writes), outcomes: Vec<AlertOutcome>| async move {
+                writes
+                    .run(&db, move |conn| store::record_alerts(conn, &outcomes))
+                    .await
             },
         )
         .retry(Retry::exponential(Duration::from_millis(20)).max_attempts(8))
         .run()
         .name("siem_alerts")
         .spawn();
-    Pipelines { events, alerts }
+    Pipelines {
+        events,
+        alerts,
+        writes,
+    }
 }

@@ -16,6 +16,41 @@ use crate::event::{Account, Event};
 /// A connection shared by the tasks that write; SQLite has one writer at a time anyway.
 pub type Db = Arc<Mutex<Connection>>;
 
+/// Writes to the database off the async workers, tracked so that a stop can wait for them.
+/// A stage that is cancelled stops waiting for its `spawn_blocking`, but the write goes on
+/// to its commit: the service must not call itself stopped (and a restart must not read
+/// the outbox) before that commit has landed.
+#[derive(Clone, Default)]
+pub struct Writes(Arc<tokio::sync::RwLock<()>>);
+
+impl Writes {
+    /// Runs `f` on `db` on the blocking pool; the write runs to its end even if the caller
+    /// stops waiting.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        db: &Db,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, String> {
+        // Each write holds a read guard until it ends; `settled` takes the write side.
+        let running = self.0.clone().read_owned().await;
+        let db = db.clone();
+        tokio::task::spawn_blocking(move || {
+            let _running = running;
+            let mut conn = db
+                .lock()
+                .map_err(|_| "database lock poisoned".to_string())?;
+            f(&mut conn).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Waits until every write started has ended.
+    pub async fn settled(&self) {
+        let _ = self.0.write().await;
+    }
+}
+
 /// Opens (creating if needed) the database at `path` with the schema and `demo_accounts`
 /// accounts `key-1` ... `key-N` (kept if they exist).
 pub fn open(path: &Path, demo_accounts: u32) -> rusqlite::Result<Connection> {
@@ -218,6 +253,29 @@ mod tests {
 
     use super::*;
     use crate::event::Incoming;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_whose_caller_stopped_waiting_is_settled_before_a_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let db: Db = Arc::new(Mutex::new(open(&path, 1).unwrap()));
+        let writes = Writes::default();
+        let slow = writes.run(&db, |conn| {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            conn.execute_batch("UPDATE accounts SET name = 'written'")
+        });
+        // The caller gives up (a cancelled stage); the write is on the blocking pool.
+        let gave_up = tokio::time::timeout(std::time::Duration::from_millis(20), slow).await;
+        assert!(gave_up.is_err());
+        writes.settled().await;
+        // Read as a restart would, on a connection of its own (not through the writer's
+        // lock, which the write holds while it runs).
+        let name: String = open(&path, 0)
+            .unwrap()
+            .query_row("SELECT name FROM accounts", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(name, "written");
+    }
 
     #[test]
     fn a_repeated_id_is_stored_once() {
