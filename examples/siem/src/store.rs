@@ -254,22 +254,46 @@ mod tests {
     use super::*;
     use crate::event::Incoming;
 
+    /// Polls `f` once: `Some` with its output if it was ready.
+    async fn poll_once<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut *f).poll(cx) {
+                std::task::Poll::Ready(out) => Some(out),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_write_whose_caller_stopped_waiting_is_settled_before_a_stop() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.db");
         let db: Db = Arc::new(Mutex::new(open(&path, 1).unwrap()));
         let writes = Writes::default();
-        let slow = writes.run(&db, |conn| {
-            std::thread::sleep(std::time::Duration::from_millis(300));
+        // The write says when it has started and waits to be let go: no clock involved.
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let mut slow = Box::pin(writes.run(&db, move |conn| {
+            started_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
             conn.execute_batch("UPDATE accounts SET name = 'written'")
-        });
-        // The caller gives up (a cancelled stage); the write is on the blocking pool.
-        let gave_up = tokio::time::timeout(std::time::Duration::from_millis(20), slow).await;
-        assert!(gave_up.is_err());
-        writes.settled().await;
+        }));
+        assert!(poll_once(&mut slow).await.is_none());
+        tokio::task::spawn_blocking(move || started_rx.recv().unwrap())
+            .await
+            .unwrap();
+        // The caller gives up (a cancelled stage); the write is still on the blocking pool.
+        drop(slow);
+        let mut settled = Box::pin(writes.settled());
+        assert!(
+            poll_once(&mut settled).await.is_none(),
+            "settled while a write was running"
+        );
+        go_tx.send(()).unwrap();
+        settled.await;
         // Read as a restart would, on a connection of its own (not through the writer's
-        // lock, which the write holds while it runs).
+        // lock).
         let name: String = open(&path, 0)
             .unwrap()
             .query_row("SELECT name FROM accounts", [], |r| r.get(0))
