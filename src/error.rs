@@ -318,6 +318,16 @@ pub enum Error {
         /// What happened up to that point.
         report: Box<Report>,
     },
+    /// A server the run needs (a store, a stream, a database) stayed unreachable longer
+    /// than the run's [`Outage`](crate::Outage) policy allows, or answered with a
+    /// [`Permanent`](crate::Permanent) error. The run was cancelled: the items it held are
+    /// unfinished, not failed, and no ack or checkpoint passed them, so a rerun does them.
+    Outage {
+        /// Which server, for how long, and its last error.
+        error: crate::OutageError,
+        /// What happened up to that point.
+        report: Box<Report>,
+    },
     /// The run was cancelled with [`Handle::cancel`](crate::Handle::cancel).
     Cancelled {
         /// What happened up to that point.
@@ -358,6 +368,7 @@ impl std::fmt::Display for Error {
                 f,
                 "stage `{stage}` failed: its service cannot take calls: {error}"
             ),
+            Error::Outage { error, .. } => write!(f, "run ended by an outage: {error}"),
             Error::Cancelled { .. } => f.write_str("run cancelled"),
             Error::DeadlineExceeded { deadline, .. } => {
                 write!(f, "deadline of {deadline:?} exceeded")
@@ -376,6 +387,7 @@ impl std::error::Error for Error {
         match self {
             Error::ItemFailed { failure, .. } => Some(failure),
             Error::Source { error, .. } | Error::Stage { error, .. } => Some(error),
+            Error::Outage { error, .. } => Some(error),
             _ => None,
         }
     }
@@ -394,6 +406,7 @@ impl Error {
             | Error::Source { report, .. }
             | Error::Stage { report, .. }
             | Error::Cancelled { report }
+            | Error::Outage { report, .. }
             | Error::DeadlineExceeded { report, .. } => Some(report),
             _ => None,
         }

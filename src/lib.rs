@@ -109,6 +109,7 @@
 
 mod dead_letter;
 mod error;
+mod fault;
 mod flow;
 mod loader;
 mod observe;
@@ -123,6 +124,7 @@ mod topology;
 
 pub use dead_letter::DeadLetter;
 pub use error::{BoxError, ConfigProblem, Error, FailedInput, Failure, ItemError};
+pub use fault::{Outage, OutageError, OutageWatch, Permanent, Transient, is_transient};
 pub use flow::Flow;
 pub use loader::{LoadError, Loader};
 pub use observe::progress::{ProgressOptions, StderrAboveProgress};

@@ -103,6 +103,8 @@ pub struct RunOptions {
     pub(crate) cancel: Option<tokio_util::sync::CancellationToken>,
     /// A signal that stops the run (once) and cancels it (twice).
     pub(crate) signal: Option<Signal>,
+    /// How long the run's own parts ride out a server that is down.
+    pub(crate) outage: crate::Outage,
 }
 
 /// The listener of [`RunOptions::stop_on_signal`]: makes one wait for the signal each time
@@ -157,6 +159,21 @@ impl RunOptions {
     /// ```
     pub fn deadline(mut self, limit: Duration) -> Self {
         self.deadline = Some(limit);
+        self
+    }
+
+    /// How long the run's own parts (an idempotency store, a cursor's checkpoint store and
+    /// its fetches of transient errors) ride out a server that is down before the run ends
+    /// with [`Error::Outage`](crate::Error::Outage) (default: [`Outage::default`](crate::Outage),
+    /// 5 minutes). While they wait, the job pauses; nothing fails for it.
+    ///
+    /// ```
+    /// use flowline::{Outage, RunOptions};
+    /// let o = RunOptions::new().outage(Outage::keep_trying_for(std::time::Duration::from_secs(60)));
+    /// # let _ = o;
+    /// ```
+    pub fn outage(mut self, policy: crate::Outage) -> Self {
+        self.outage = policy;
         self
     }
 

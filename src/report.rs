@@ -447,6 +447,10 @@ pub enum RunOutcome {
     /// A stage could make no more calls (its tower service failed in `poll_ready`): the
     /// sources stopped, and the items already pulled finished (failed at that stage).
     StageFailed,
+    /// A server the run needs stayed down longer than the run's
+    /// [`Outage`](crate::Outage) policy: the run was cancelled, and the items it held are
+    /// unfinished (none failed for it).
+    Outage,
 }
 
 impl RunOutcome {
@@ -458,6 +462,7 @@ impl RunOutcome {
             RunOutcome::Cancelled => "cancelled",
             RunOutcome::DeadlineExceeded => "deadline exceeded",
             RunOutcome::SourceFailed => "source failed",
+            RunOutcome::Outage => "outage",
             RunOutcome::StageFailed => "stage failed",
         }
     }

@@ -369,7 +369,7 @@ impl Retry {
     pub(crate) fn stage(&self) -> Box<dyn RetryPolicy> {
         Box::new(Retrying {
             cfg: self.clone(),
-            rng: seed(),
+            rng: crate::runtime::jitter::Jitter::new(),
             fresh: 0,
         })
     }
@@ -378,28 +378,9 @@ impl Retry {
 /// A retry policy as one stage uses it.
 struct Retrying {
     cfg: Retry,
-    rng: u64,
+    rng: crate::runtime::jitter::Jitter,
     /// First attempts not yet deposited in the retry budget.
     fresh: u64,
-}
-
-impl Retrying {
-    /// xorshift64*: a uniform draw in [0, 1) for full jitter.
-    fn next_rand(&mut self) -> f64 {
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        let x = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d);
-        (x >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-/// A seed for the retry jitter (no RNG dependency: std's randomly keyed hasher).
-fn seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(0x9e37_79b9_7f4a_7c15);
-    h.finish() | 1
 }
 
 impl RetryPolicy for Retrying {
@@ -416,7 +397,7 @@ impl RetryPolicy for Retrying {
         if f.attempts >= cfg.max_attempts || !cfg.is_retryable(f.error) {
             return None;
         }
-        let rand = self.next_rand();
+        let rand = self.rng.next();
         let cfg = &self.cfg;
         let at =
             crate::runtime::time::after(Instant::now(), cfg.next_delay(f.attempts, f.error, rand));

@@ -7,6 +7,7 @@ pub(crate) mod fused;
 pub(crate) mod gate;
 pub(crate) mod handle;
 pub(crate) mod hop;
+pub(crate) mod jitter;
 pub(crate) mod run;
 pub(crate) mod sink;
 pub(crate) mod tail;
@@ -218,6 +219,12 @@ pub struct RunCtx {
     /// The admission policies of each async stage, for gauges (an adaptive limit, a
     /// breaker's state).
     pub(crate) policies: Mutex<Vec<StagePolicies>>,
+    /// How long the run's own parts (idempotency and checkpoint stores, cursor sources) ride
+    /// out a server that is down (`RunOptions::outage`).
+    #[allow(dead_code)]
+    pub(crate) outage_policy: crate::Outage,
+    /// The outage that ended the run, if one did.
+    pub(crate) outage: Mutex<Option<crate::OutageError>>,
 }
 
 impl RunCtx {
@@ -248,7 +255,23 @@ impl RunCtx {
             signal: options.signal.clone(),
             policies: Mutex::new(Vec::new()),
             policy: options.policy,
+            outage_policy: options.outage,
+            outage: Mutex::new(None),
         }
+    }
+
+    /// A server stayed down past the outage policy: remember the first such error and cancel
+    /// the run, so that every item it holds ends unfinished (none fails for it, and no ack
+    /// or checkpoint passes them).
+    #[allow(dead_code)]
+    pub(crate) fn outage_ended(&self, error: crate::OutageError) {
+        tracing::error!(error = %error, "an outage ends the run; its items are left unfinished");
+        let mut slot = self.outage.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(error);
+        }
+        drop(slot);
+        self.cancel.cancel();
     }
 
     /// A failed item: counts nothing (the stage counts), sends it to the dead letters, and

@@ -114,6 +114,26 @@ impl<T: Send + 'static, K: Sink<T>, O: Send + 'static> Run<T, K, O> {
         self
     }
 
+    /// How long the run's own parts ride out a server that is down (see
+    /// [`RunOptions::outage`](crate::RunOptions::outage)).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::Outage;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let report = Pipeline::from_iter(0..3u32)
+    ///     .run()
+    ///     .outage(Outage::keep_trying_for(std::time::Duration::from_secs(60)))
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!(report.delivered(), 3);
+    /// # }
+    /// ```
+    pub fn outage(mut self, policy: crate::Outage) -> Self {
+        self.options = self.options.outage(policy);
+        self
+    }
+
     /// What to do when an item fails (default: [`ErrorPolicy::Continue`](crate::ErrorPolicy)).
     ///
     /// ```
@@ -585,7 +605,9 @@ pub(crate) async fn conclude(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take();
+    let outage = run.outage.lock().unwrap_or_else(|p| p.into_inner()).take();
     let outcome = match end {
+        _ if outage.is_some() => RunOutcome::Outage,
         End::Cancelled => RunOutcome::Cancelled,
         End::Deadline => RunOutcome::DeadlineExceeded,
         End::Drained if stage_error.is_some() => RunOutcome::StageFailed,
@@ -605,6 +627,9 @@ pub(crate) async fn conclude(
     }
     if let Some(failure) = first_failure {
         return Err(Error::ItemFailed { failure, report });
+    }
+    if let Some(error) = outage {
+        return Err(Error::Outage { error, report });
     }
     match end {
         End::Cancelled => Err(Error::Cancelled { report }),

@@ -241,6 +241,20 @@ impl Graph {
         self
     }
 
+    /// How long the graph's own parts ride out a server that is down (see
+    /// [`RunOptions::outage`](crate::RunOptions::outage)).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::Outage;
+    /// let graph = Graph::new().outage(Outage::forever());
+    /// # let _ = graph;
+    /// ```
+    pub fn outage(mut self, policy: crate::Outage) -> Self {
+        self.options = self.options.outage(policy);
+        self
+    }
+
     /// What to do when an item fails, anywhere in the graph.
     ///
     /// ```

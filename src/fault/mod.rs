@@ -1,0 +1,9 @@
+//! Faults of the infrastructure around a run: which errors are transient, and how long a
+//! run rides out a server that is down. See [`Outage`] and [`is_transient`].
+
+pub(crate) mod outage;
+pub(crate) mod transient;
+
+pub use outage::{Outage, OutageError, OutageWatch};
+pub(crate) use transient::chain;
+pub use transient::{Permanent, Transient, is_transient};
