@@ -116,6 +116,15 @@ impl<K, V> std::fmt::Debug for Loader<K, V> {
     }
 }
 
+impl<K, V> Loader<K, V> {
+    /// The longest `max_wait` a loader takes: one hour.
+    ///
+    /// ```
+    /// assert_eq!(flowline::Loader::<u32, u32>::MAX_WAIT.as_secs(), 3600);
+    /// ```
+    pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+}
+
 impl<K, V> Loader<K, V>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
@@ -123,7 +132,21 @@ where
 {
     /// A loader calling `f` with batches of up to `max_batch` distinct keys, gathered for at
     /// most `max_wait` after the first. `f` returns the values it found; a key it leaves out
-    /// loads as `Ok(None)`. `max_batch` must be at least 1.
+    /// loads as `Ok(None)`. `max_batch` must be at least 1 and `max_wait` more than zero and
+    /// at most [`Loader::MAX_WAIT`] (an hour; a batch that waits longer than that for keys
+    /// is a mistake, and `Duration::MAX` would park every load for good); every bad value is
+    /// named in one [`Error::Config`].
+    ///
+    /// ```
+    /// use flowline::Loader;
+    /// use std::collections::HashMap;
+    /// use std::time::Duration;
+    /// let err = Loader::new(0, Duration::ZERO, |k: Vec<u8>| async move {
+    ///     Ok::<_, String>(HashMap::<u8, u8>::new())
+    /// }).unwrap_err().to_string();
+    /// assert!(err.contains("max_batch") && err.contains("max_wait"), "{err}");
+    /// ```
+    ///
     ///
     /// ```
     /// use flowline::Loader;
@@ -182,14 +205,7 @@ where
         E: Into<BoxError> + 'static,
         KE: Into<BoxError> + 'static,
     {
-        if max_batch == 0 {
-            return Err(Error::config(
-                "loader",
-                "max_batch",
-                max_batch,
-                "must be at least 1",
-            ));
-        }
+        check(max_batch, max_wait)?;
         let call = move |keys: Vec<K>| {
             let fut = f(keys);
             Box::pin(async move {
@@ -421,6 +437,41 @@ where
     }
 }
 
+/// Every problem of a loader's settings at once.
+fn check(max_batch: usize, max_wait: Duration) -> Result<(), Error> {
+    let mut problems = Vec::new();
+    if max_batch == 0 {
+        problems.push(("max_batch", format!("{max_batch}"), "must be at least 1"));
+    }
+    if max_wait.is_zero() {
+        problems.push((
+            "max_wait",
+            format!("{max_wait:?}"),
+            "must be more than zero (a batch could not gather a second key)",
+        ));
+    } else if max_wait > Loader::<(), ()>::MAX_WAIT {
+        problems.push((
+            "max_wait",
+            format!("{max_wait:?}"),
+            "must be at most 1 hour",
+        ));
+    }
+    match problems.is_empty() {
+        true => Ok(()),
+        false => Err(Error::Config {
+            problems: problems
+                .into_iter()
+                .map(|(option, value, reason)| crate::error::ConfigProblem {
+                    stage: "loader".into(),
+                    option,
+                    value,
+                    reason,
+                })
+                .collect(),
+        }),
+    }
+}
+
 fn answer_all<K: Hash + Eq, V: Clone>(state: &mut State<K, V>, key: &K, answer: Answer<V>) {
     if let Some(waiters) = state.waiting.remove(key) {
         for w in waiters {
@@ -579,5 +630,37 @@ mod tests {
             err.to_string(),
             "invalid configuration: stage `loader`: max_batch = 0: must be at least 1"
         );
+    }
+
+    fn problems(max_batch: usize, max_wait: Duration) -> Vec<(&'static str, String)> {
+        let made = Loader::new(max_batch, max_wait, |_k: Vec<u8>| async move {
+            Ok::<HashMap<u8, u8>, String>(HashMap::new())
+        });
+        match made {
+            Ok(_) => Vec::new(),
+            Err(Error::Config { problems }) => {
+                problems.into_iter().map(|p| (p.option, p.value)).collect()
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn a_max_wait_of_zero_or_over_an_hour_is_rejected_with_every_problem_at_once() {
+        assert_eq!(
+            problems(1, Duration::ZERO),
+            vec![("max_wait", "0ns".to_string())]
+        );
+        assert_eq!(
+            problems(0, Duration::MAX),
+            vec![
+                ("max_batch", "0".to_string()),
+                ("max_wait", "18446744073709551615.999999999s".to_string())
+            ]
+        );
+        let just_over = Loader::<u8, u8>::MAX_WAIT + Duration::from_nanos(1);
+        assert_eq!(problems(1, just_over).len(), 1);
+        assert!(problems(1, Loader::<u8, u8>::MAX_WAIT).is_empty());
+        assert!(problems(usize::MAX, Duration::from_nanos(1)).is_empty());
     }
 }

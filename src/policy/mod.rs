@@ -152,6 +152,17 @@ pub(crate) struct Failed<'a> {
     pub(crate) error: &'a ItemError,
 }
 
+/// What a retry policy says about a failed call.
+pub(crate) enum Again {
+    /// Try again at this instant.
+    At(Instant),
+    /// Do not: the item fails with its error.
+    No,
+    /// Do not: the item fails with this error instead (it says why, its source is the
+    /// call's error).
+    GiveUp(ItemError),
+}
+
 /// A stage's retry state: decides whether and when a failed call is tried again. The stage
 /// keeps the waiting items (a delay queue in its driver; an item in backoff takes no worker).
 pub(crate) trait RetryPolicy: Send {
@@ -163,8 +174,8 @@ pub(crate) trait RetryPolicy: Send {
         false
     }
 
-    /// A call failed: when to try again, or `None` to give up.
-    fn again(&mut self, failed: &Failed<'_>) -> Option<Instant>;
+    /// A call failed: when to try again, or not.
+    fn again(&mut self, failed: &Failed<'_>) -> Again;
 
     /// Whether the run's source stays paused while an item of the stage waits for its next
     /// attempt.

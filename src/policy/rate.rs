@@ -437,21 +437,51 @@ impl Rate {
         }
     }
 
-    /// Waits for one permit. (A rate that a stage would reject, such as 0 per second, is
-    /// not checked here: 0 per second lets nothing through.)
+    /// Checks the rate as a stage does before a run: a count of 0, a period of zero (or less
+    /// than 1 ns per item: `1 per 0` would mean no limit at all), a burst of 0 or an interval
+    /// over 30 years are refused with [`Error::Config`](crate::Error::Config) naming the
+    /// option and the value.
+    ///
+    /// The constructors take plain integers rather than `NonZeroU64` so that
+    /// `Rate::per_second(100)` reads as it says; a bad value is caught here, by every stage
+    /// given the rate, and by [`acquire`](Rate::acquire).
+    ///
+    /// ```
+    /// use flowline::Rate;
+    /// use std::time::Duration;
+    /// assert!(Rate::per_second(10).check().is_ok());
+    /// let err = Rate::per(1, Duration::ZERO).check().unwrap_err().to_string();
+    /// assert!(err.contains("rate") && err.contains("1 per 0ns"), "{err}");
+    /// assert!(Rate::per_second(5).burst(0).check().unwrap_err().to_string().contains("burst"));
+    /// ```
+    pub fn check(&self) -> Result<(), crate::Error> {
+        match self.invalid() {
+            Some((option, value, reason)) => {
+                Err(crate::Error::config_text("Rate", option, value, reason))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for one permit. A rate a stage would refuse (see [`check`](Rate::check)) is
+    /// refused here too, at once, rather than waiting forever (0 per second) or not at all
+    /// (`1 per 0`).
     ///
     /// ```
     /// use flowline::Rate;
     /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
     /// let rate = Rate::per_second(2);
     /// let t = tokio::time::Instant::now();
-    /// for _ in 0..3 { rate.acquire().await; }
+    /// for _ in 0..3 { rate.acquire().await.unwrap(); }
     /// assert_eq!(t.elapsed(), std::time::Duration::from_secs(1));
+    /// assert!(Rate::per_second(0).acquire().await.is_err());
     /// # }
     /// ```
-    pub async fn acquire(&self) {
+    pub async fn acquire(&self) -> Result<(), crate::Error> {
+        self.check()?;
         let mut w = RateWait::default();
         std::future::poll_fn(|cx| self.poll_take(cx, 1, &mut w)).await;
+        Ok(())
     }
 }
 
@@ -578,7 +608,7 @@ pub(crate) mod tests {
         let r = Rate::per_second(50);
         let t = Instant::now();
         for _ in 0..51 {
-            r.acquire().await;
+            r.acquire().await.unwrap();
         }
         assert_eq!(t.elapsed(), Duration::from_secs(1));
     }
@@ -588,10 +618,10 @@ pub(crate) mod tests {
         let r = Rate::per_second(10).burst(5);
         let t = Instant::now();
         for _ in 0..5 {
-            r.acquire().await;
+            r.acquire().await.unwrap();
         }
         assert_eq!(t.elapsed(), Duration::ZERO);
-        r.acquire().await;
+        r.acquire().await.unwrap();
         assert_eq!(t.elapsed(), Duration::from_millis(100));
     }
 
@@ -686,7 +716,7 @@ pub(crate) mod tests {
         let t0 = Instant::now();
         let mut out = Vec::new();
         for _ in 0..n {
-            rate.acquire().await;
+            rate.acquire().await.unwrap();
             out.push(t0.elapsed());
         }
         stall.abort();
@@ -708,6 +738,36 @@ pub(crate) mod tests {
         assert_eq!(times[..4], [Duration::ZERO; 4]);
         assert_eq!(times[4], Duration::from_millis(100));
         assert_eq!(max_in_period(&times, Duration::from_secs(1)), 13);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acquire_refuses_what_a_stage_refuses_and_names_the_value() {
+        let cases = [
+            (Rate::per_second(0), "rate", "0 per 1s"),
+            (Rate::per(1, Duration::ZERO), "rate", "1 per 0ns"),
+            (
+                Rate::per(u64::MAX, Duration::from_secs(1)),
+                "rate",
+                "per 1s",
+            ),
+            (Rate::per_second(1).burst(0), "burst", "0"),
+            (
+                Rate::per(1, Duration::MAX),
+                "rate",
+                "1 per 18446744073709551615.999999999s",
+            ),
+        ];
+        for (rate, option, value) in cases {
+            // Refused at once: no wait, no hang.
+            let t = Instant::now();
+            let err = rate.acquire().await.unwrap_err();
+            assert_eq!(t.elapsed(), Duration::ZERO);
+            let crate::Error::Config { problems } = &err else {
+                panic!("{err:?}")
+            };
+            assert_eq!(problems[0].option, option, "{err}");
+            assert!(problems[0].value.contains(value), "{err}");
+        }
     }
 
     #[test]

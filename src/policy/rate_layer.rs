@@ -253,7 +253,7 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         // The gated service waits: the other caller of the budget is not held back.
-        rate.acquire().await;
+        rate.acquire().await.unwrap();
         assert_eq!(t0.elapsed(), Duration::from_millis(50));
         open.send(()).unwrap();
         waiting.await.unwrap();

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::{BoxError, ItemError};
-use crate::policy::{Failed, Invalid, RetryPolicy};
+use crate::policy::{Again, Failed, Invalid, RetryPolicy};
 
 type Predicate = Arc<dyn Fn(&ItemError) -> bool + Send + Sync>;
 type Hint = Arc<dyn Fn(&ItemError) -> Option<Duration> + Send + Sync>;
@@ -25,11 +25,17 @@ enum Backoff {
 /// A retry policy for an async stage ([`AsyncStage::retry`](crate::AsyncStage::retry)).
 ///
 /// The delay before retry `k` (1 for the first retry) is `base`, `base·factor^(k−1)` or
-/// `base·fib(k)`, capped by [`max_delay`](Retry::max_delay), made random in `[0, delay]` by
-/// [`jitter`](Retry::jitter) ("full jitter"), and replaced by the error's own hint when it
-/// has one ([`RetryAfter`]). An item is retried while its error is retryable, attempts are
-/// left, the next attempt would start within [`max_elapsed`](Retry::max_elapsed), and the
-/// [`RetryBudget`] (if any) has room. Each attempt honours the stage's `timeout`.
+/// `base·fib(k)`, capped by [`max_delay`](Retry::max_delay) (without one, by
+/// [`Retry::WAIT_CAP`], one hour), made random in `[0, delay]` by [`jitter`](Retry::jitter)
+/// ("full jitter"), and replaced by the error's own hint when it has one ([`RetryAfter`]).
+/// An item is retried while its error is retryable, attempts are left, the next attempt
+/// would start within [`max_elapsed`](Retry::max_elapsed), and the [`RetryBudget`] (if any)
+/// has room. Each attempt honours the stage's `timeout`.
+///
+/// A hint is outside input (a server's `Retry-After`), so it never parks an item for
+/// longer than the policy allows: with `max_delay` it is cut to `max_delay`; without, a hint
+/// over [`Retry::WAIT_CAP`], or one that would start the next attempt past `max_elapsed`,
+/// fails the item at once, with an error that says so (its source is the call's error).
 ///
 /// ```
 /// use flowline::prelude::*;
@@ -81,6 +87,19 @@ impl fmt::Debug for Retry {
 }
 
 impl Retry {
+    /// The longest wait before one retry when no [`max_delay`](Retry::max_delay) is given:
+    /// one hour. A computed delay (a huge base, a factor of `f64::MAX`) is cut to it; a
+    /// server's hint over it fails the item instead of parking it for longer.
+    ///
+    /// ```
+    /// use flowline::Retry;
+    /// use std::time::Duration;
+    /// let r = Retry::exponential(Duration::from_secs(1)).factor(f64::MAX);
+    /// assert_eq!(r.delay_for(2), Retry::WAIT_CAP);
+    /// assert_eq!(Retry::constant(Duration::MAX).delay_for(1), Duration::from_secs(3600));
+    /// ```
+    pub const WAIT_CAP: Duration = Duration::from_secs(3600);
+
     fn with(backoff: Backoff) -> Self {
         Retry {
             backoff,
@@ -271,7 +290,15 @@ impl Retry {
         self
     }
 
-    /// The delay before retry `k` (1 = the first retry), without jitter or hint.
+    /// The delay before retry `k` (1 = the first retry), without jitter or hint: capped by
+    /// [`max_delay`](Retry::max_delay), or else by [`Retry::WAIT_CAP`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let r = flowline::Retry::exponential(Duration::from_secs(1)).max_delay(Duration::from_secs(5));
+    /// assert_eq!(r.delay_for(2), Duration::from_secs(2));
+    /// assert_eq!(r.delay_for(60), Duration::from_secs(5));
+    /// ```
     pub fn delay_for(&self, k: u32) -> Duration {
         let k = k.max(1);
         let d = match self.backoff {
@@ -288,10 +315,12 @@ impl Retry {
                 base.saturating_mul(a.min(u32::MAX as u64) as u32)
             }
         };
-        match self.max_delay {
-            Some(cap) => d.min(cap),
-            None => d,
-        }
+        d.min(self.wait_cap())
+    }
+
+    /// The longest single wait: `max_delay`, else [`Retry::WAIT_CAP`].
+    fn wait_cap(&self) -> Duration {
+        self.max_delay.unwrap_or(Self::WAIT_CAP)
     }
 
     /// Whether `e` may be retried.
@@ -311,14 +340,18 @@ impl Retry {
     }
 
     /// The delay before retry `k` for error `e`; `rand` is a uniform draw in `[0, 1)`. A
-    /// hint is outside input (a server's `Retry-After`): it is capped by `max_delay`, and
-    /// the wait is capped like every timer of the crate, so a hostile hint cannot overflow.
-    fn next_delay(&self, k: u32, e: &ItemError, rand: f64) -> Duration {
+    /// hint is outside input (a server's `Retry-After`): cut to `max_delay` when one is
+    /// given; without, a hint over [`Retry::WAIT_CAP`] is refused (`Err` with the hint).
+    fn next_delay(&self, k: u32, e: &ItemError, rand: f64) -> Result<Duration, Duration> {
         if let Some(h) = self.hint_of(e) {
-            return self.max_delay.map_or(h, |cap| h.min(cap));
+            return match self.max_delay {
+                Some(cap) => Ok(h.min(cap)),
+                None if h > Self::WAIT_CAP => Err(h),
+                None => Ok(h),
+            };
         }
         let d = self.delay_for(k);
-        if self.jitter { d.mul_f64(rand) } else { d }
+        Ok(if self.jitter { d.mul_f64(rand) } else { d })
     }
 
     pub(crate) fn invalid(&self) -> Option<Invalid> {
@@ -392,30 +425,77 @@ impl RetryPolicy for Retrying {
         self.cfg.max_elapsed.is_some()
     }
 
-    fn again(&mut self, f: &Failed<'_>) -> Option<Instant> {
+    fn again(&mut self, f: &Failed<'_>) -> Again {
         let cfg = &self.cfg;
         if f.attempts >= cfg.max_attempts || !cfg.is_retryable(f.error) {
-            return None;
+            return Again::No;
         }
         let rand = self.rng.next();
         let cfg = &self.cfg;
-        let at =
-            crate::runtime::time::after(Instant::now(), cfg.next_delay(f.attempts, f.error, rand));
+        let delay = match cfg.next_delay(f.attempts, f.error, rand) {
+            Ok(d) => d,
+            Err(hint) => {
+                return Again::GiveUp(HintTooLong::error(hint, "the longest wait", f.error));
+            }
+        };
+        let at = crate::runtime::time::after(Instant::now(), delay);
         if let (Some(limit), Some(first)) = (cfg.max_elapsed, f.first_at) {
             if at.duration_since(first) > limit {
-                return None;
+                return match cfg.hint_of(f.error) {
+                    Some(hint) => Again::GiveUp(HintTooLong::error(hint, "max_elapsed", f.error)),
+                    None => Again::No,
+                };
             }
         }
         if let Some(b) = &cfg.budget {
             if !b.deposit_and_withdraw(std::mem::take(&mut self.fresh), true) {
-                return None;
+                return Again::No;
             }
         }
-        Some(at)
+        Again::At(at)
     }
 
     fn pauses_source(&self) -> bool {
         self.cfg.pause_source
+    }
+}
+
+/// A server asked for a wait the retry policy does not allow: the item fails with this, its
+/// source the call's own error.
+#[derive(Debug)]
+struct HintTooLong {
+    hint: Duration,
+    cap: &'static str,
+    error: ItemError,
+}
+
+impl HintTooLong {
+    fn error(hint: Duration, cap: &'static str, error: &ItemError) -> ItemError {
+        ItemError::user(HintTooLong {
+            hint,
+            cap,
+            error: error.clone(),
+        })
+    }
+}
+
+impl fmt::Display for HintTooLong {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let cap = match self.cap {
+            "max_elapsed" => "past the retry's max_elapsed".to_string(),
+            _ => format!("over the {:?} cap of one wait", Retry::WAIT_CAP),
+        };
+        write!(
+            f,
+            "not retried: the error asks to wait {:?}, {cap}: {}",
+            self.hint, self.error
+        )
+    }
+}
+
+impl std::error::Error for HintTooLong {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
     }
 }
 
@@ -598,8 +678,42 @@ mod tests {
     fn full_jitter_stays_within_the_delay() {
         let r = Retry::constant(Duration::from_millis(100)).jitter();
         let e = ItemError::user("x");
-        assert_eq!(r.next_delay(1, &e, 0.0), Duration::ZERO);
-        assert_eq!(r.next_delay(1, &e, 0.5), Duration::from_millis(50));
+        assert_eq!(r.next_delay(1, &e, 0.0), Ok(Duration::ZERO));
+        assert_eq!(r.next_delay(1, &e, 0.5), Ok(Duration::from_millis(50)));
+    }
+
+    #[test]
+    fn hostile_delays_are_capped_at_the_wait_cap() {
+        let hour = Duration::from_secs(3600);
+        // A factor of f64::MAX overflows at the second retry; a base of Duration::MAX at
+        // the first; a fibonacci base of Duration::MAX saturates.
+        let f = Retry::exponential(Duration::from_millis(1)).factor(f64::MAX);
+        assert!(f.invalid().is_none());
+        assert_eq!(f.delay_for(1), Duration::from_millis(1));
+        assert_eq!(f.delay_for(2), hour);
+        assert_eq!(f.delay_for(u32::MAX), hour);
+        assert_eq!(Retry::constant(Duration::MAX).delay_for(1), hour);
+        assert_eq!(Retry::exponential(Duration::MAX).delay_for(7), hour);
+        assert_eq!(Retry::fibonacci(Duration::MAX).delay_for(90), hour);
+        // max_delay replaces the cap, above it as below.
+        let r = Retry::constant(Duration::MAX).max_delay(2 * hour);
+        assert_eq!(r.delay_for(1), 2 * hour);
+        // NaN and infinite factors are rejected before a run.
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -1.0] {
+            let r = Retry::exponential(Duration::from_millis(1)).factor(bad);
+            assert_eq!(r.invalid().unwrap().0, "retry.factor", "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_hint_over_the_cap_is_refused_and_one_under_max_delay_is_cut() {
+        let e = ItemError::user(RetryAfter::new(Duration::from_secs(u64::MAX), "429"));
+        let r = Retry::constant(Duration::from_millis(10));
+        assert_eq!(r.next_delay(1, &e, 0.5), Err(Duration::from_secs(u64::MAX)));
+        let at_cap = ItemError::user(RetryAfter::new(Retry::WAIT_CAP, "429"));
+        assert_eq!(r.next_delay(1, &at_cap, 0.5), Ok(Retry::WAIT_CAP));
+        let cut = r.max_delay(Duration::from_secs(5));
+        assert_eq!(cut.next_delay(1, &e, 0.5), Ok(Duration::from_secs(5)));
     }
 
     #[test]
@@ -775,6 +889,114 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(*calls.lock().unwrap(), vec![0, 2000]);
+        }
+
+        /// One item whose first call answers `429` with a `RetryAfter` of `hint`: the
+        /// report, how long the run took and the call count.
+        async fn hinted(hint: Duration, retry: Retry) -> (Report, Duration, u32) {
+            let t0 = Instant::now();
+            let calls = Arc::new(AtomicU32::new(0));
+            let c = calls.clone();
+            let report = Pipeline::from_iter([1u32])
+                .try_map_async("api", move |x| {
+                    let first = c.fetch_add(1, SeqCst) == 0;
+                    async move {
+                        if first {
+                            Err(RetryAfter::new(hint, "429 Too Many Requests"))
+                        } else {
+                            Ok(x)
+                        }
+                    }
+                })
+                .retry(retry)
+                .run()
+                .await
+                .unwrap();
+            (report, t0.elapsed(), calls.load(SeqCst))
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_hint_of_u64_max_seconds_fails_the_item_at_once_with_its_reason() {
+            let hint = Duration::from_secs(u64::MAX);
+            let (report, took, calls) =
+                hinted(hint, Retry::constant(Duration::from_millis(10))).await;
+            assert_eq!((took, calls, report.failures), (Duration::ZERO, 1, 1));
+            let f = &report.failure_sample[0];
+            let text = f.error.to_string();
+            assert!(
+                text.starts_with("not retried: the error asks to wait"),
+                "{text}"
+            );
+            assert!(text.contains("over the 3600s cap of one wait"), "{text}");
+            assert!(
+                text.ends_with("429 Too Many Requests (retry after 18446744073709551615s)"),
+                "{text}"
+            );
+            assert_eq!(f.attempts, 1);
+            assert!(report.is_balanced());
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_hint_past_max_elapsed_fails_the_item_saying_so() {
+            let retry =
+                Retry::constant(Duration::from_millis(10)).max_elapsed(Duration::from_secs(60));
+            let (report, took, calls) = hinted(Duration::from_secs(61), retry).await;
+            assert_eq!((took, calls, report.failures), (Duration::ZERO, 1, 1));
+            let text = report.failure_sample[0].error.to_string();
+            assert!(text.contains("past the retry's max_elapsed"), "{text}");
+            // Within it, the hint is waited out.
+            let retry =
+                Retry::constant(Duration::from_millis(10)).max_elapsed(Duration::from_secs(60));
+            let (report, took, calls) = hinted(Duration::from_secs(59), retry).await;
+            assert_eq!(
+                (took, calls, report.delivered()),
+                (Duration::from_secs(59), 2, 1)
+            );
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_hint_over_max_delay_waits_max_delay() {
+            let retry =
+                Retry::constant(Duration::from_millis(10)).max_delay(Duration::from_secs(5));
+            let (report, took, calls) = hinted(Duration::from_secs(u64::MAX), retry).await;
+            assert_eq!(
+                (took, calls, report.delivered()),
+                (Duration::from_secs(5), 2, 1)
+            );
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_delay_of_duration_max_waits_the_cap_not_forever() {
+            let (report, took, calls) = failing(1, Retry::constant(Duration::MAX)).await;
+            assert_eq!((took, calls, report.delivered()), (Retry::WAIT_CAP, 2, 1));
+            let (report, took, calls) = failing(
+                u32::MAX,
+                Retry::exponential(Duration::from_secs(1))
+                    .factor(f64::MAX)
+                    .max_attempts(3),
+            )
+            .await;
+            // 1 s, then the factor overflows: the cap.
+            assert_eq!(calls, 3);
+            assert_eq!(took, Duration::from_secs(1) + Retry::WAIT_CAP);
+            assert_eq!(report.failures, 1);
+        }
+
+        /// One item whose first `fails` calls fail (with no hint).
+        async fn failing(fails: u32, retry: Retry) -> (Report, Duration, u32) {
+            let t0 = Instant::now();
+            let calls = Arc::new(AtomicU32::new(0));
+            let c = calls.clone();
+            let report = Pipeline::from_iter([1u32])
+                .try_map_async("api", move |x| {
+                    let n = c.fetch_add(1, SeqCst);
+                    async move { if n < fails { Err("503") } else { Ok(x) } }
+                })
+                .retry(retry)
+                .run()
+                .await
+                .unwrap();
+            (report, t0.elapsed(), calls.load(SeqCst))
         }
 
         #[tokio::test(start_paused = true)]

@@ -19,7 +19,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::PollSender;
 
 use crate::error::{FailedInput, Failure, ItemError};
-use crate::policy::{Admission, Failed, Finished, Held, RetryPolicy, Verdict};
+use crate::policy::{Admission, Again, Failed, Finished, Held, RetryPolicy, Verdict};
 use crate::report::{StageStats, latency_histogram};
 use crate::runtime::chunk::{CHUNK_CAP, Chunk, Outcome, Ticket};
 use crate::runtime::gate::GateHold;
@@ -573,26 +573,29 @@ where
     }
 
     /// Parks a failed call's item for another attempt if the retry policy allows; else
-    /// gives its meta and its copy back.
+    /// gives its meta and its copy back, with the error to fail it with instead of the
+    /// call's own, if the policy gave one.
     fn park(
         &mut self,
         meta: Meta,
         error: &ItemError,
         again: Option<T>,
-    ) -> Option<(Meta, Option<T>)> {
+    ) -> Option<(Meta, Option<T>, Option<ItemError>)> {
         let Some(r) = self.retry.as_mut() else {
-            return Some((meta, again));
+            return Some((meta, again, None));
         };
         let failed = Failed {
             attempts: meta.attempts,
             first_at: meta.first_at(),
             error,
         };
-        let Some(at) = r.again(&failed) else {
-            return Some((meta, again));
+        let at = match r.again(&failed) {
+            Again::At(at) => at,
+            Again::No => return Some((meta, again, None)),
+            Again::GiveUp(instead) => return Some((meta, again, Some(instead))),
         };
         let Some(item) = again else {
-            return Some((meta, again));
+            return Some((meta, again, None));
         };
         if r.pauses_source() && self.backoff.hold.is_none() {
             self.backoff.hold = Some(self.run.gate.hold());
@@ -753,10 +756,15 @@ where
                 a.finished(&finished);
             }
         }
-        let (mut meta, mut again) = (meta, again);
+        let (mut meta, mut again, mut result) = (meta, again, result);
         if let (true, true, Err(e)) = (self.retry.is_some(), called, &result) {
             match self.park(meta, e, again) {
-                Some(back) => (meta, again) = back,
+                Some((m, a, instead)) => {
+                    (meta, again) = (m, a);
+                    if let Some(error) = instead {
+                        result = Err(error);
+                    }
+                }
                 None => return,
             }
         }
