@@ -218,6 +218,7 @@ mod store;
 #[cfg(any(test, feature = "test-server"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-server")))]
 pub mod test_server;
+mod transient;
 
 pub use checkpoints::RedisCheckpoints;
 pub use entry::StreamEntry;
@@ -227,3 +228,4 @@ pub use options::StreamOptions;
 pub use sink::StreamSink;
 pub use source::RedisStream;
 pub use store::RedisStore;
+pub use transient::is_transient;
