@@ -43,9 +43,11 @@ return redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'CO
 ";
 
 /// The longest gap between two scans of any consumer that is not a pause of everything:
-/// half `min_idle` (scans are a quarter of it apart), and at least three scan intervals.
+/// half `min_idle` (scans are a quarter of it apart), and at least two scan intervals. A
+/// pause that takes a live owner's entries is longer than four fifths of `min_idle` (their
+/// leases are renewed every fifth), so it is always seen as one.
 pub(crate) fn pause_gap(min_idle: Duration) -> Duration {
-    (min_idle / 2).max(interval(min_idle) * 3)
+    (min_idle / 2).max(interval(min_idle) * 2)
 }
 
 type Feed = tokio::sync::mpsc::Sender<
@@ -160,12 +162,16 @@ mod tests {
     }
 
     #[test]
-    fn a_pause_is_longer_than_half_min_idle_and_than_three_scans() {
+    fn a_pause_is_longer_than_half_min_idle_and_two_scans_and_shorter_than_a_takeover() {
         assert_eq!(pause_gap(Duration::from_secs(2)), Duration::from_secs(1));
         assert_eq!(
             pause_gap(Duration::from_millis(30)),
-            Duration::from_millis(30)
+            Duration::from_millis(20)
         );
         assert_eq!(pause_gap(Duration::from_secs(60)), Duration::from_secs(30));
+        for ms in [30, 100, 2000, 10_000, 3_600_000] {
+            let min_idle = Duration::from_millis(ms);
+            assert!(pause_gap(min_idle) < min_idle * 4 / 5, "{ms}");
+        }
     }
 }
