@@ -13,6 +13,8 @@
 //! cargo run --release -p flowline-bench -- scale redis_rate3  # 3 processes, one RedisRate
 //! cargo run --release -p flowline-bench -- cli             # the flowline command vs xargs / parallel / curl
 //! cargo run --release -p flowline-bench -- siem            # the SIEM service vs its naive version
+//! cargo run --release -p flowline-bench -- faults          # servers failing around a job
+//! cargo run --release -p flowline-bench -- faults redis_kill
 //! ```
 //!
 //! With `FLOWLINE_BENCH_REPS=1` set, the cases that alternate print every repetition's time
@@ -21,6 +23,7 @@
 mod batch;
 mod cli;
 mod core;
+mod faults_redis;
 mod flow;
 #[path = "../../testsuite/tests/support/pg.rs"]
 #[allow(dead_code)]
@@ -33,6 +36,10 @@ mod source_pg;
 mod topology;
 mod util;
 
+/// Suite `faults`: one entry per server's file; each runs its own cases (all of them for
+/// no case) and leaves the others' cases alone.
+const FAULTS: &[fn(Option<&str>)] = &[faults_redis::run];
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--rss-child") {
@@ -41,6 +48,10 @@ fn main() {
     }
     if args.first().map(String::as_str) == Some("--rate-child") && args.len() == 3 {
         scale_rate::child(&args[1], &args[2]);
+        return;
+    }
+    if args.first().map(String::as_str) == Some("--faults-redis-worker") {
+        faults_redis::worker(&args[1..]);
         return;
     }
     if args.first().map(String::as_str) == Some("--scale-worker") {
@@ -58,9 +69,10 @@ fn main() {
         "cli" => cli::run(case),
         "scale" => scale::run(case),
         "siem" => siem::run(case),
+        "faults" => FAULTS.iter().for_each(|run| run(case)),
         other => {
             eprintln!(
-                "unknown suite `{other}`; suites: core, source, batch, flow, topology, cli, scale, siem"
+                "unknown suite `{other}`; suites: core, source, batch, flow, topology, cli, scale, siem, faults"
             );
             std::process::exit(2);
         }

@@ -82,6 +82,20 @@ struct TrackedPull<S> {
     stream: Pin<Box<S>>,
     tickets: Vec<Ticket>,
     failed: Option<ItemError>,
+    run: std::sync::Arc<crate::runtime::RunCtx>,
+}
+
+/// A stream's error that is an [`OutageError`](crate::OutageError) (its server stayed down
+/// past the outage policy) ends the run as an outage: the items it holds end unfinished,
+/// not failed. Any other error fails the source.
+fn source_error(run: &crate::runtime::RunCtx, e: BoxError) -> Option<ItemError> {
+    match e.downcast::<crate::OutageError>() {
+        Ok(outage) => {
+            run.outage_ended(*outage);
+            None
+        }
+        Err(e) => Some(ItemError::user(e)),
+    }
 }
 
 impl<T, E, S> Pull<T> for TrackedPull<S>
@@ -106,13 +120,15 @@ where
                 }
                 // What was appended goes out first; the error ends the source on the next
                 // call (a stream that failed is not polled again).
-                Poll::Ready(Some(Err(e))) if out.is_empty() => {
-                    return Poll::Ready(Err(ItemError::user(e)));
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    self.failed = Some(ItemError::user(e));
-                    break;
-                }
+                Poll::Ready(Some(Err(e))) => match source_error(&self.run, e.into()) {
+                    Some(e) if out.is_empty() => return Poll::Ready(Err(e)),
+                    Some(e) => {
+                        self.failed = Some(e);
+                        break;
+                    }
+                    None if out.is_empty() => return Poll::Ready(Ok(Pulled::End)),
+                    None => break,
+                },
                 Poll::Ready(None) => return Poll::Ready(Ok(Pulled::End)),
                 Poll::Pending if out.is_empty() => return Poll::Pending,
                 Poll::Pending => break,
@@ -172,6 +188,7 @@ impl<T: Send + 'static> Pipeline<T> {
                     stream: Box::pin(stream),
                     tickets: Vec::new(),
                     failed: None,
+                    run: b.run.clone(),
                 };
                 Box::new(Source::new(pull, stats, b.run.clone())) as Upstream<T>
             }),
@@ -283,5 +300,38 @@ mod tests {
         let mut ends = ends.lock().unwrap().clone();
         ends.sort_by_key(|e| e.0);
         assert_eq!(ends, vec![(0, ItemEnd::Done), (1, ItemEnd::Failed)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_error_ends_the_run_as_an_outage_with_its_items_unfinished() {
+        let ends: Ends = Arc::default();
+        let e2 = ends.clone();
+        let outage = crate::Outage::keep_trying_for(Duration::ZERO)
+            .watch("redis 127.0.0.1:1")
+            .failed("connection refused")
+            .unwrap_err();
+        let items = tracked(3, &ends)
+            .map(|r| r.map_err(crate::BoxError::from))
+            .chain(futures_util::stream::iter([Err(crate::BoxError::from(
+                outage,
+            ))]));
+        let err = Pipeline::from_tracked(items, async {})
+            .map_async("slow", |x| async move {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                x
+            })
+            .workers(3)
+            .run()
+            .await
+            .unwrap_err();
+        let crate::Error::Outage { error, report } = err else {
+            panic!("not an outage: {err}")
+        };
+        assert_eq!(error.server(), "redis 127.0.0.1:1");
+        assert_eq!(report.outcome, crate::RunOutcome::Outage);
+        assert_eq!(report.failures, 0);
+        let got = e2.lock().unwrap().clone();
+        assert_eq!(got.len(), 3);
+        assert!(got.iter().all(|(_, e)| *e == ItemEnd::Cancelled), "{got:?}");
     }
 }

@@ -3,17 +3,20 @@
 //! the dead-letter stream. The move is one script: the entry's fields, with its id, source
 //! stream, delivery count and reason, are added to the dead-letter stream and the entry is
 //! acknowledged, atomically; an entry no longer pending (a retried call after a lost reply)
-//! is not moved twice.
+//! is not moved twice, and neither is an entry another consumer took over meanwhile (its
+//! new owner runs it: a takeover is not a failure).
 //!
-//! A failed call is retried with backoff; once the run has ended it gives up after the
-//! source's `drain_timeout`, leaving the rest pending (run again later, never lost).
+//! A failed call is tried again under the source's outage policy, for as long as the run
+//! lasts: an acknowledgement is never dropped while Redis is down. Once the run has ended
+//! it gives up after the source's `drain_timeout`, leaving the rest pending (run again
+//! later, never lost).
 
 use std::sync::Arc;
 
 use redis::Value;
 use tokio::time::Instant;
 
-use crate::conn::{self, Backoff};
+use crate::conn;
 use crate::source::Shared;
 
 const DEAD: &str = r"
@@ -21,7 +24,7 @@ local moved = 0
 for i = 3, #ARGV, 3 do
   local id = ARGV[i]
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
-  if p[1] then
+  if p[1] and p[1][2] == ARGV[2] then
     local out = {'flowline.id', id, 'flowline.stream', KEYS[1],
                  'flowline.deliveries', ARGV[i + 1], 'flowline.reason', ARGV[i + 2],
                  'flowline.consumer', ARGV[2]}
@@ -40,7 +43,7 @@ return moved
 pub(crate) async fn run(sh: Arc<Shared>) {
     let script = redis::Script::new(DEAD);
     let mut conn = None;
-    let mut backoff = Backoff::new();
+    let mut watch = sh.opts.outage.watch(sh.server.clone());
     let mut ended_at: Option<Instant> = None;
     loop {
         let (acks, dead) = {
@@ -67,7 +70,9 @@ pub(crate) async fn run(sh: Arc<Shared>) {
         let (mut acks, mut dead) = (acks, dead);
         let result = flush(&sh, &script, &mut conn, &mut acks, &mut dead).await;
         match result {
-            Ok(()) => backoff.reset(),
+            Ok(()) => {
+                watch.succeeded();
+            }
             Err(e) => {
                 let transient = conn::is_transient(&e);
                 if sh.all_ended() {
@@ -88,7 +93,12 @@ pub(crate) async fn run(sh: Arc<Shared>) {
                     st.to_ack.extend(acks);
                     st.to_dead.extend(dead);
                 }
-                backoff.wait().await;
+                // Past the outage policy's limit the reader, meeting the same server, ends
+                // the run; until the source is gone the acknowledgements keep waiting.
+                let wait = watch
+                    .failed(conn::mark(e))
+                    .unwrap_or_else(|_| sh.opts.outage.backoff_range().1);
+                tokio::time::sleep(wait).await;
             }
         }
     }
@@ -118,7 +128,10 @@ async fn flush(
             .arg(&acks[..n])
             .query_async(c)
             .await?;
-        acks.drain(..n);
+        let mut st = sh.lock();
+        for id in acks.drain(..n) {
+            st.acking.remove(&id);
+        }
     }
     while !dead.is_empty() {
         let n = dead.len().min(500);
@@ -131,7 +144,11 @@ async fn flush(
             call.arg(id).arg(*count).arg(*why);
         }
         let _: Value = call.invoke_async(c).await?;
-        dead.drain(..n);
+        let mut st = sh.lock();
+        for (id, ..) in dead.drain(..n) {
+            st.acking.remove(&id);
+        }
+        drop(st);
         tracing::warn!(stream = %sh.stream, dead = %sh.dead, n, "entries moved to the dead letters");
     }
     Ok(())

@@ -1,16 +1,17 @@
 //! Connections and what to do when a call fails: which errors are worth a retry (the
 //! connection dropped, the server is restarting) and which are the caller's to see (a wrong
-//! type at the key, a bad argument), and the backoff between retries.
+//! type at the key, a bad argument), and calls tried again under an outage policy.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
+use flowline::{BoxError, Outage, OutageError, Permanent, Transient};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 
-/// The first wait after a failed call; it doubles up to [`MAX_BACKOFF`].
-pub(crate) const MIN_BACKOFF: Duration = Duration::from_millis(50);
-/// The longest wait between two tries.
-pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// The longest wait of the connection manager between two reconnection attempts.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
 
 /// A connection that reconnects by itself. `response_timeout` bounds one call: a blocking
 /// read needs more than its block time.
@@ -22,7 +23,7 @@ pub(crate) async fn connect(
         .set_response_timeout(Some(response_timeout))
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_number_of_retries(2)
-        .set_max_delay(MAX_BACKOFF);
+        .set_max_delay(MAX_RECONNECT_DELAY);
     ConnectionManager::new_with_config(client.clone(), cfg).await
 }
 
@@ -44,25 +45,44 @@ pub(crate) fn is_transient(e: &RedisError) -> bool {
     }
 }
 
+/// The server as outage errors and logs name it: `redis 127.0.0.1:6379`.
+pub(crate) fn server(client: &redis::Client) -> Arc<str> {
+    Arc::from(format!("redis {}", client.get_connection_info().addr()))
+}
+
+/// A failed call as the outage policy reads it: a transient one is marked so (tried again),
+/// any other is permanent (it ends the wait at once, with this error).
+pub(crate) fn mark(e: RedisError) -> BoxError {
+    if is_transient(&e) {
+        Box::new(Transient::new(e))
+    } else {
+        Box::new(Permanent::new(e))
+    }
+}
+
+/// Runs `op` until it succeeds, under `policy`: transient failures are tried again after
+/// the policy's waits (the connection manager reconnects meanwhile); a permanent one, or an
+/// outage past the policy's limit, is the [`OutageError`].
+pub(crate) async fn call<T, F, Fut>(
+    policy: &Outage,
+    server: &str,
+    mut op: F,
+) -> Result<T, OutageError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, RedisError>>,
+{
+    policy
+        .retry(server, || {
+            let f = op();
+            async move { f.await.map_err(mark) }
+        })
+        .await
+}
+
 /// The group was removed (or the server came back without it).
 pub(crate) fn is_nogroup(e: &RedisError) -> bool {
     e.code() == Some("NOGROUP")
-}
-
-/// Doubling waits between retries, from [`MIN_BACKOFF`] to [`MAX_BACKOFF`].
-pub(crate) struct Backoff(Duration);
-
-impl Backoff {
-    pub(crate) fn new() -> Self {
-        Backoff(MIN_BACKOFF)
-    }
-    pub(crate) fn reset(&mut self) {
-        self.0 = MIN_BACKOFF;
-    }
-    pub(crate) async fn wait(&mut self) {
-        tokio::time::sleep(self.0).await;
-        self.0 = (self.0 * 2).min(MAX_BACKOFF);
-    }
 }
 
 #[cfg(test)]
@@ -84,13 +104,50 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn backoff_doubles_up_to_its_cap() {
-        let mut b = Backoff::new();
-        let t = tokio::time::Instant::now();
-        for _ in 0..10 {
-            b.wait().await;
-        }
-        // 50+100+200+400+800+1600 ms, then 2 s four times.
-        assert_eq!(t.elapsed(), Duration::from_millis(3150 + 8000));
+    async fn a_call_rides_out_transient_errors_and_stops_at_a_permanent_one() {
+        let mut n = 0;
+        let v = call(&Outage::default(), "redis x", || {
+            n += 1;
+            let r = if n < 4 {
+                Err(RedisError::from(std::io::Error::from(
+                    std::io::ErrorKind::ConnectionRefused,
+                )))
+            } else {
+                Ok(n)
+            };
+            async move { r }
+        })
+        .await
+        .unwrap();
+        assert_eq!(v, 4);
+        let mut n = 0;
+        let err = call(&Outage::default(), "redis x", || {
+            n += 1;
+            async {
+                Err::<(), _>(RedisError::from((
+                    ErrorKind::Server(ServerErrorKind::ResponseError),
+                    "WRONGTYPE",
+                )))
+            }
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(n, 1);
+        assert!(err.is_permanent());
+        assert!(err.to_string().starts_with("redis x: "), "{err}");
+        let err = call(
+            &Outage::keep_trying_for(Duration::from_secs(2)),
+            "redis x",
+            || async {
+                Err::<(), _>(RedisError::from((
+                    ErrorKind::Server(ServerErrorKind::BusyLoading),
+                    "LOADING",
+                )))
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(!err.is_permanent());
+        assert_eq!(err.elapsed(), Duration::from_secs(2));
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use flowline::{ConfigProblem, Error};
+use flowline::{ConfigProblem, Error, Outage};
 
 /// Options of a [`RedisStream`](crate::RedisStream) source.
 ///
@@ -29,6 +29,7 @@ pub struct StreamOptions {
     pub(crate) stop_when_drained: bool,
     pub(crate) reclaim: bool,
     pub(crate) drain_timeout: Duration,
+    pub(crate) outage: Outage,
 }
 
 impl Default for StreamOptions {
@@ -43,6 +44,7 @@ impl Default for StreamOptions {
             stop_when_drained: false,
             reclaim: true,
             drain_timeout: Duration::from_secs(30),
+            outage: Outage::default(),
         }
     }
 }
@@ -174,6 +176,26 @@ impl StreamOptions {
     /// ```
     pub fn drain_timeout(mut self, d: Duration) -> Self {
         self.drain_timeout = d;
+        self
+    }
+
+    /// How long the source rides out Redis being down (default [`Outage::default`]: keep
+    /// trying for 5 minutes, waits of 50 ms doubling to 1 s, jittered). Every request of
+    /// the source is tried again under it: reads, acknowledgements, dead letters, lease
+    /// renewals, reclaims. While Redis is down the job pauses: no entry is read, acks wait
+    /// (none is dropped, none is sent for an item that did not end), and no item fails for
+    /// it. Past the limit the run ends with [`Error::Outage`](flowline::Error::Outage)
+    /// naming the server and its last error; the entries it held stay pending, for a rerun
+    /// or another consumer. Give the run's own policy here when it has one.
+    ///
+    /// ```
+    /// use flowline::Outage;
+    /// let opts = flowline_redis::StreamOptions::new()
+    ///     .outage(Outage::keep_trying_for(std::time::Duration::from_secs(60)));
+    /// # let _ = opts;
+    /// ```
+    pub fn outage(mut self, policy: Outage) -> Self {
+        self.outage = policy;
         self
     }
 

@@ -3,20 +3,20 @@
 
 use std::time::Duration;
 
-use flowline::{BatchSink, BoxError, ConfigProblem, Error};
+use flowline::{BatchSink, BoxError, ConfigProblem, Error, Outage};
 use redis::aio::ConnectionManager;
 
-use crate::conn::{self, Backoff};
-
-/// How many times a batch is tried while Redis is unreachable before its items fail.
-const TRIES: u32 = 10;
+use crate::conn;
 
 type Fields = Vec<(String, Vec<u8>)>;
 
 /// Adds every item to a stream (`XADD`, one pipelined round trip per batch), optionally
-/// trimming it to about `max_len` entries (`MAXLEN ~`). A batch the server refuses fails
-/// its items into the dead letters; a dropped connection is retried with backoff, so an
-/// entry may be added twice when the server applied a batch whose reply was lost.
+/// trimming it to about `max_len` entries (`MAXLEN ~`). A batch the server refuses (a
+/// wrong type at the key) fails its items into the dead letters. While Redis is down the
+/// batch is tried again under the sink's [`outage`](StreamSink::outage) policy and the job
+/// waits (no item fails for it); past the limit the write fails with an
+/// [`OutageError`](flowline::OutageError). An entry may be added twice when the server
+/// applied a batch whose reply was lost.
 ///
 /// ```no_run
 /// use flowline::prelude::*;
@@ -37,6 +37,8 @@ pub struct StreamSink<F> {
     fields: F,
     conn: Option<ConnectionManager>,
     written: u64,
+    server: std::sync::Arc<str>,
+    outage: Outage,
 }
 
 impl<F> std::fmt::Debug for StreamSink<F> {
@@ -77,6 +79,8 @@ impl<F> StreamSink<F> {
         }
         match client {
             Ok(client) if problems.is_empty() => Ok(StreamSink {
+                server: conn::server(&client),
+                outage: Outage::default(),
                 client,
                 stream: stream.into(),
                 max_len: None,
@@ -86,6 +90,20 @@ impl<F> StreamSink<F> {
             }),
             _ => Err(Error::Config { problems }),
         }
+    }
+
+    /// How long a batch rides out Redis being down (default [`Outage::default`]: keep
+    /// trying for 5 minutes).
+    ///
+    /// ```
+    /// let sink = flowline_redis::StreamSink::new("redis://127.0.0.1/", "s", |_: &u8| Vec::<(String, String)>::new())
+    ///     .unwrap()
+    ///     .outage(flowline::Outage::forever());
+    /// # let _ = sink;
+    /// ```
+    pub fn outage(mut self, policy: Outage) -> Self {
+        self.outage = policy;
+        self
     }
 
     /// Trims the stream to about `n` entries as it adds (`MAXLEN ~ n`: whole nodes are
@@ -138,10 +156,8 @@ where
             }
             cmd.ignore();
         }
-        let mut backoff = Backoff::new();
-        let mut tries = 0;
+        let mut watch = self.outage.watch(self.server.clone());
         loop {
-            tries += 1;
             let r = async {
                 if self.conn.is_none() {
                     self.conn = Some(conn::connect(&self.client, Duration::from_secs(10)).await?);
@@ -154,13 +170,14 @@ where
             .await;
             match r {
                 Ok(()) => {
+                    watch.succeeded();
                     self.written += batch.len() as u64;
                     return Ok(());
                 }
-                Err(e) if conn::is_transient(&e) && tries < TRIES => {
-                    tracing::warn!(stream = %self.stream, error = %e, "XADD failed; retrying");
-                    backoff.wait().await;
-                }
+                Err(e) if conn::is_transient(&e) => match watch.failed(conn::mark(e)) {
+                    Ok(wait) => tokio::time::sleep(wait).await,
+                    Err(outage) => return Err(Box::new(outage)),
+                },
                 Err(e) => return Err(format!("redis stream `{}`: {e}", self.stream).into()),
             }
         }

@@ -11,7 +11,7 @@
 //! An entry's end is learned from flowline's item completion ([`Completion`]): the same
 //! ticket the cursor source's checkpoint watermark uses.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -22,7 +22,7 @@ use redis::Value;
 use redis::aio::ConnectionManager;
 use tokio::sync::{Notify, mpsc};
 
-use crate::conn::{self, Backoff};
+use crate::conn;
 use crate::entry::{self, Read, StreamEntry};
 use crate::names;
 use crate::options::StreamOptions;
@@ -152,6 +152,7 @@ impl RedisStream {
         match client {
             Ok(client) if problems.is_empty() => Ok(RedisStream {
                 shared: Arc::new(Shared {
+                    server: Arc::from(format!("{} (stream `{stream}`)", conn::server(&client))),
                     client,
                     stream: stream.into(),
                     group: group.into(),
@@ -163,6 +164,8 @@ impl RedisStream {
                     lease_wake: Notify::new(),
                     stop_feeding: Notify::new(),
                     feeding_done: AtomicBool::new(false),
+                    reread: AtomicBool::new(false),
+                    lease_gap: Mutex::new(Duration::ZERO),
                 }),
             }),
             _ => Err(Error::Config { problems }),
@@ -203,6 +206,9 @@ async fn run(sh: Arc<Shared>, tx: Feed) {
         crate::lease::run(sh.clone()),
         crate::ack::run(sh.clone())
     );
+    let gap = *sh.lease_gap.lock().unwrap_or_else(|p| p.into_inner());
+    tracing::info!(stream = %sh.stream, consumer = %sh.consumer, longest_renewal_gap = ?gap,
+        min_idle = ?sh.opts.min_idle, "lease margin: min_idle minus the longest renewal gap");
 }
 
 #[derive(Default)]
@@ -213,10 +219,15 @@ pub(crate) struct State {
     pub(crate) to_ack: Vec<String>,
     /// To be written to the dead-letter stream and acknowledged: id, deliveries, reason.
     pub(crate) to_dead: Vec<(String, u64, &'static str)>,
+    /// Ended and not yet acknowledged (or moved): still pending in Redis, so a re-read of
+    /// this consumer's pending entries must not hand them out again.
+    pub(crate) acking: HashSet<String>,
 }
 
 /// What the loops of one source share.
 pub(crate) struct Shared {
+    /// The server and stream, as outage errors name them.
+    pub(crate) server: Arc<str>,
     pub(crate) client: redis::Client,
     pub(crate) stream: String,
     pub(crate) group: String,
@@ -229,6 +240,13 @@ pub(crate) struct Shared {
     /// The reader has ended: the reclaimer ends too.
     pub(crate) stop_feeding: Notify,
     pub(crate) feeding_done: AtomicBool,
+    /// A read or reclaim failed after it may have reached the server: entries it delivered
+    /// to this consumer are pending here unseen, so the reader reads this consumer's pending
+    /// entries again before new ones.
+    pub(crate) reread: AtomicBool,
+    /// The longest time between two renewals of the leases held (the lease margin is
+    /// `min_idle` minus it).
+    pub(crate) lease_gap: Mutex<Duration>,
 }
 
 impl Shared {
@@ -261,8 +279,14 @@ impl Shared {
         let mut st = self.lock();
         let deliveries = st.held.remove(&id).unwrap_or(1);
         match end {
-            ItemEnd::Done => st.to_ack.push(id),
-            ItemEnd::Failed => st.to_dead.push((id, deliveries, "failed")),
+            ItemEnd::Done => {
+                st.acking.insert(id.clone());
+                st.to_ack.push(id);
+            }
+            ItemEnd::Failed => {
+                st.acking.insert(id.clone());
+                st.to_dead.push((id, deliveries, "failed"));
+            }
             // Stays pending: this consumer re-reads it on restart, another takes it over.
             ItemEnd::Cancelled => {}
         }
@@ -298,18 +322,24 @@ impl Shared {
                 let n = counts.get(read.id()).copied().unwrap_or(1);
                 let mut e = match read {
                     Read::Bad(id, why) => {
+                        if st.held.contains_key(&id) || !st.acking.insert(id.clone()) {
+                            continue;
+                        }
                         st.to_dead.push((id, n, why));
                         dead = true;
                         continue;
                     }
                     Read::Entry(e) => e,
                 };
-                if n > self.opts.max_deliveries {
-                    st.to_dead.push((e.id().to_string(), n, "max_deliveries"));
-                    dead = true;
+                // Held (in flight here), or ended and waiting for its acknowledgement: a
+                // re-read or a reclaim found it pending, it is not to run again.
+                if st.held.contains_key(e.id()) || st.acking.contains(e.id()) {
                     continue;
                 }
-                if st.held.contains_key(e.id()) {
+                if n > self.opts.max_deliveries {
+                    st.acking.insert(e.id().to_string());
+                    st.to_dead.push((e.id().to_string(), n, "max_deliveries"));
+                    dead = true;
                     continue;
                 }
                 st.held.insert(e.id().to_string(), n);
@@ -337,39 +367,76 @@ impl Shared {
         Ok(())
     }
 
-    /// Runs `f` until it succeeds, retrying what may succeed later (with backoff; the
-    /// connection reconnects by itself) while `go_on` holds. A missing group is created
-    /// again (the server came back without it). `Err` with the error that is not worth a
-    /// retry, or the last one when `go_on` stopped holding.
+    /// Runs `f` until it succeeds, retrying what may succeed later under the source's
+    /// outage policy (the connection reconnects by itself) while `go_on` holds. A missing
+    /// group is created again (the server came back without it). Every failure sets
+    /// [`reread`](Shared::reread): the call may have been applied with its reply lost.
+    /// `Err` with the error not worth a retry, the last one when `go_on` stopped holding,
+    /// or an [`OutageError`](flowline::OutageError) once the outage outlasted the policy.
     pub(crate) async fn retry<T, F, Fut>(
         &self,
         conn: &ConnectionManager,
         what: &'static str,
         go_on: impl Fn() -> bool,
         mut f: F,
-    ) -> Result<T, redis::RedisError>
+    ) -> Result<T, BoxError>
     where
         F: FnMut(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
     {
-        let mut backoff = Backoff::new();
+        let mut watch = self.opts.outage.watch(self.server.clone());
         loop {
-            match f(conn.clone()).await {
-                Ok(v) => return Ok(v),
-                Err(e) if conn::is_nogroup(&e) => {
-                    tracing::warn!(stream = %self.stream, group = %self.group, "group missing: creating it again");
-                    if let Err(e2) = self.ensure_group(conn.clone()).await {
-                        if !conn::is_transient(&e2) || !go_on() {
-                            return Err(e2);
-                        }
+            let e = match f(conn.clone()).await {
+                Ok(v) => {
+                    watch.succeeded();
+                    return Ok(v);
+                }
+                Err(e) => e,
+            };
+            self.reread.store(true, Ordering::Release);
+            if conn::is_nogroup(&e) {
+                tracing::warn!(stream = %self.stream, group = %self.group, "group missing: creating it again");
+                if let Err(e2) = self.ensure_group(conn.clone()).await {
+                    if !conn::is_transient(&e2) || !go_on() {
+                        return Err(fail(e2, self));
                     }
-                    backoff.wait().await;
                 }
-                Err(e) if conn::is_transient(&e) && go_on() => {
-                    tracing::warn!(stream = %self.stream, error = %e, "redis {what} failed; retrying");
-                    backoff.wait().await;
+            } else if !conn::is_transient(&e) || !go_on() {
+                return Err(fail(e, self));
+            }
+            tracing::debug!(stream = %self.stream, error = %e, "redis {what} failed; retrying");
+            // A missing group is recreated above: worth another try whatever its kind.
+            let marked = if conn::is_nogroup(&e) {
+                Box::new(flowline::Transient::new(e))
+            } else {
+                conn::mark(e)
+            };
+            match watch.failed(marked) {
+                Ok(wait) => tokio::time::sleep(wait).await,
+                Err(outage) => return Err(Box::new(outage)),
+            }
+        }
+    }
+
+    /// A connection of its own for one loop (`timeout`: the longest a reply may take),
+    /// tried under the outage policy while `go_on` holds.
+    pub(crate) async fn connect(
+        &self,
+        timeout: Duration,
+        go_on: impl Fn() -> bool,
+    ) -> Result<ConnectionManager, BoxError> {
+        let mut watch = self.opts.outage.watch(self.server.clone());
+        loop {
+            match conn::connect(&self.client, timeout).await {
+                Ok(c) => {
+                    watch.succeeded();
+                    return Ok(c);
                 }
-                Err(e) => return Err(e),
+                Err(e) if conn::is_transient(&e) && go_on() => match watch.failed(conn::mark(e)) {
+                    Ok(wait) => tokio::time::sleep(wait).await,
+                    Err(outage) => return Err(Box::new(outage)),
+                },
+                Err(e) => return Err(fail(e, self)),
             }
         }
     }
@@ -402,7 +469,7 @@ impl Shared {
         last: &str,
         n: usize,
         go_on: impl Fn() -> bool,
-    ) -> Result<HashMap<String, u64>, redis::RedisError> {
+    ) -> Result<HashMap<String, u64>, BoxError> {
         let v: Value = self
             .retry(conn, "XPENDING", go_on, |mut c| async move {
                 redis::cmd("XPENDING")
@@ -434,7 +501,7 @@ impl Shared {
         &self,
         conn: &ConnectionManager,
         go_on: impl Fn() -> bool,
-    ) -> Result<i64, redis::RedisError> {
+    ) -> Result<i64, BoxError> {
         let v: Value = self
             .retry(conn, "XPENDING", go_on, |mut c| async move {
                 redis::cmd("XPENDING")
@@ -471,29 +538,18 @@ async fn read_inner(sh: &Arc<Shared>, tx: &Feed) -> Result<(), BoxError> {
     let go_on = || !tx.is_closed();
     // Blocking reads hold their connection: this one is the reader's alone, and a call may
     // take the block time and then some.
-    let timeout = sh.opts.block + Duration::from_secs(5);
-    let mut backoff = Backoff::new();
-    let conn = loop {
-        match conn::connect(&sh.client, timeout).await {
-            Ok(c) => break c,
-            Err(e) if conn::is_transient(&e) && go_on() => {
-                tracing::warn!(stream = %sh.stream, error = %e, "cannot reach redis; retrying");
-                backoff.wait().await;
-            }
-            Err(e) => return Err(fail(e, sh)),
-        }
-    };
+    let conn = sh
+        .connect(sh.opts.block + Duration::from_secs(5), go_on)
+        .await?;
     sh.retry(&conn, "XGROUP CREATE", go_on, |c| sh.ensure_group(c))
-        .await
-        .map_err(|e| fail(e, sh))?;
+        .await?;
     // A dead-letter key of another type would hold failed entries pending for ever: say so
     // before the first entry runs.
     let kind: String = sh
         .retry(&conn, "TYPE", go_on, |mut c| async move {
             redis::cmd("TYPE").arg(&sh.dead).query_async(&mut c).await
         })
-        .await
-        .map_err(|e| fail(e, sh))?;
+        .await?;
     if kind != "stream" && kind != "none" {
         return Err(fail(
             format!(
@@ -503,68 +559,63 @@ async fn read_inner(sh: &Arc<Shared>, tx: &Feed) -> Result<(), BoxError> {
             sh,
         ));
     }
-
-    // Own pending entries, oldest first: what an earlier life of this consumer left.
-    let mut after = "0".to_string();
-    loop {
-        let v: Value = sh
-            .retry(&conn, "XREADGROUP", go_on, |mut c| {
-                let after = after.clone();
-                async move { sh.read_group(None, &after).query_async(&mut c).await }
-            })
-            .await
-            .map_err(|e| fail(e, sh))?;
-        let reads = entry::read_reply(v).map_err(|e| fail(e, sh))?;
-        let (Some(first), Some(last)) = (reads.first(), reads.last()) else {
-            break;
-        };
-        let (first, last) = (first.id().to_string(), last.id().to_string());
-        let counts = sh
-            .counts(&conn, &first, &last, reads.len(), go_on)
-            .await
-            .map_err(|e| fail(e, sh))?;
-        after = last;
-        if sh.hand_out(reads, &counts, tx).await.is_err() {
-            return Ok(());
-        }
-    }
-
     let block_ms = sh.opts.block.as_millis().to_string();
     let none = HashMap::new();
     loop {
-        let call = sh.retry(&conn, "XREADGROUP", go_on, |mut c| {
-            let block_ms = block_ms.clone();
-            async move {
-                sh.read_group(Some(&block_ms), ">")
-                    .query_async::<Value>(&mut c)
-                    .await
-            }
-        });
-        // The pipeline went away: stop now, not after the block time. Entries the read
-        // may still bring stay pending for this consumer's next life or a reclaim.
-        let v = tokio::select! {
-            v = call => v.map_err(|e| fail(e, sh))?,
-            _ = tx.closed() => return Ok(()),
-        };
-        let reads = entry::read_reply(v).map_err(|e| fail(e, sh))?;
-        if reads.is_empty() {
-            if sh.opts.stop_when_drained
-                && sh.lock().held.is_empty()
-                && sh
-                    .group_pending(&conn, go_on)
-                    .await
-                    .map_err(|e| fail(e, sh))?
-                    == 0
-            {
+        // This consumer's own pending entries, oldest first: what an earlier life left, or
+        // what a read whose reply was lost delivered here. Those in flight are skipped.
+        sh.reread.store(false, Ordering::Release);
+        let mut after = "0".to_string();
+        loop {
+            let v: Value = sh
+                .retry(&conn, "XREADGROUP", go_on, |mut c| {
+                    let after = after.clone();
+                    async move { sh.read_group(None, &after).query_async(&mut c).await }
+                })
+                .await?;
+            let reads = entry::read_reply(v).map_err(|e| fail(e, sh))?;
+            let (Some(first), Some(last)) = (reads.first(), reads.last()) else {
+                break;
+            };
+            let (first, last) = (first.id().to_string(), last.id().to_string());
+            let counts = sh.counts(&conn, &first, &last, reads.len(), go_on).await?;
+            after = last;
+            if sh.hand_out(reads, &counts, tx).await.is_err() {
                 return Ok(());
             }
-            if !go_on() {
-                return Ok(());
-            }
-            continue;
         }
-        if sh.hand_out(reads, &none, tx).await.is_err() {
-            return Ok(());
+
+        while !sh.reread.load(Ordering::Acquire) {
+            let call = sh.retry(&conn, "XREADGROUP", go_on, |mut c| {
+                let block_ms = block_ms.clone();
+                async move {
+                    sh.read_group(Some(&block_ms), ">")
+                        .query_async::<Value>(&mut c)
+                        .await
+                }
+            });
+            // The pipeline went away: stop now, not after the block time. Entries the read
+            // may still bring stay pending for this consumer's next life or a reclaim.
+            let v = tokio::select! {
+                v = call => v?,
+                _ = tx.closed() => return Ok(()),
+            };
+            let reads = entry::read_reply(v).map_err(|e| fail(e, sh))?;
+            if reads.is_empty() {
+                if sh.opts.stop_when_drained
+                    && sh.lock().held.is_empty()
+                    && sh.group_pending(&conn, go_on).await? == 0
+                {
+                    return Ok(());
+                }
+                if !go_on() {
+                    return Ok(());
+                }
+                continue;
+            }
+            if sh.hand_out(reads, &none, tx).await.is_err() {
+                return Ok(());
+            }
         }
     }
 }

@@ -3,11 +3,17 @@
 //! `0:<expires_ms>:<holder>` while reserved). Each call is one script over a whole chunk of
 //! keys, so it is atomic and one round trip; expiry is on the server's clock (`TIME`), which
 //! every worker shares.
+//!
+//! Every call rides out Redis being down under the store's outage policy
+//! ([`RedisStore::outage`]): the connection reconnects by itself, a call is tried again
+//! while it fails for the connection or the server's state, and a call tried again after
+//! its reply was lost finds its own first try's work (a reservation of this holder, a
+//! commit already made) and answers as the first try would have.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use flowline::{BoxError, Reservation, Store, StoreFuture};
+use flowline::{BoxError, Outage, Reservation, Store, StoreFuture};
 use redis::aio::ConnectionManager;
 use tokio::sync::OnceCell;
 
@@ -21,9 +27,9 @@ const FAR_MS: u128 = 86_400 * 365 * 30 * 1000;
 const RESERVE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local holder, name, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local holder, name, ttl, again = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
 local out = {}
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local v = redis.call('HGET', KEYS[1], ARGV[i])
   local r = 0
   if v == '1' then
@@ -39,7 +45,10 @@ for i = 4, #ARGV do
     -- holder `w1#2` is not an earlier life of `w1`.
     local earlier_life = name ~= '' and h ~= holder and string.sub(h, 1, #name) == name
       and not string.find(h, '#', #name + 1, true)
-    if exp > now or h == holder then
+    if again and h == holder then
+      -- This holder's own reservation, made by a try whose reply was lost: it is ours.
+      r = 0
+    elseif exp > now or h == holder then
       if not earlier_life or h == holder then r = 2 end
     end
   end
@@ -112,6 +121,7 @@ const MAX_EFFECT_ARGS: usize = 7_000;
 
 struct Inner {
     client: redis::Client,
+    server: Arc<str>,
     conn: OnceCell<ConnectionManager>,
     scripts: [redis::Script; 4],
 }
@@ -136,6 +146,7 @@ pub struct RedisStore {
     name: Arc<str>,
     /// Why the scope cannot be used, when it cannot: every call fails with it.
     bad_scope: Option<Arc<str>>,
+    outage: Outage,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -171,6 +182,7 @@ impl RedisStore {
         let client = redis::Client::open(url).map_err(|e| format!("redis url {url:?}: {e}"))?;
         Ok(RedisStore {
             inner: Arc::new(Inner {
+                server: conn::server(&client),
                 client,
                 conn: OnceCell::new(),
                 scripts: [
@@ -184,6 +196,7 @@ impl RedisStore {
             holder: new_holder(""),
             name: Arc::from(""),
             bad_scope: None,
+            outage: Outage::default(),
         })
     }
 
@@ -203,6 +216,24 @@ impl RedisStore {
             let why = why.replace("the limit's keys", "the store's keys");
             Arc::from(format!("redis store: scope {scope:?} {why}"))
         });
+        self
+    }
+
+    /// How long a call rides out Redis being down (default [`Outage::default`]: keep
+    /// trying for 5 minutes, waits of 50 ms doubling to 1 s, jittered). A call that fails
+    /// for the connection or the server's state (`LOADING`, `READONLY`, ...) is tried again
+    /// meanwhile, so an item waits instead of failing; past the limit, or on an error of
+    /// the command itself, the call fails with an [`OutageError`](flowline::OutageError)
+    /// naming the server and the last error. Give the run's own policy here.
+    ///
+    /// ```
+    /// use flowline::Outage;
+    /// let s = flowline_redis::RedisStore::open("redis://127.0.0.1/").unwrap()
+    ///     .outage(Outage::keep_trying_for(std::time::Duration::from_secs(60)));
+    /// # let _ = s;
+    /// ```
+    pub fn outage(mut self, policy: Outage) -> Self {
+        self.outage = policy;
         self
     }
 
@@ -249,8 +280,11 @@ impl RedisStore {
     /// Redis has no rollback: a command that fails when it runs (a wrong type at its key)
     /// stops the script with an error naming it, and the commands before it stay applied
     /// while the keys stay reserved; give commands that cannot fail, or the failing one
-    /// first. A call whose reply is lost (the connection dropped) was applied once or not
-    /// at all; it is not retried here. Blocking commands and `MULTI` are refused by Redis
+    /// first. A call whose reply is lost (the connection dropped) is tried again under the
+    /// store's [`outage`](Self::outage) policy: when the first try was applied, the retry
+    /// finds the keys done and returns `Ok` with [`Value::Nil`](redis::Value::Nil) for each
+    /// command (the replies were lost with the connection); the effect is applied once
+    /// either way. Blocking commands and `MULTI` are refused by Redis
     /// inside a script. In a Redis Cluster the effect's keys must share the scope's hash
     /// tag (`{scope}`), or the server refuses the call.
     ///
@@ -323,8 +357,16 @@ impl RedisStore {
                 inv.arg(a);
             }
         }
-        let mut c = self.conn().await?;
-        let reply: redis::Value = inv.invoke_async(&mut c).await?;
+        let mut tries = 0u32;
+        let reply: redis::Value = conn::call(&self.outage, &self.inner.server, || {
+            tries += 1;
+            let inv = &inv;
+            async move {
+                let mut c = self.conn().await?;
+                inv.invoke_async(&mut c).await
+            }
+        })
+        .await?;
         let bad = || format!("commit_with: a reply of the wrong shape: {reply:?}");
         let mut parts = crate::entry::items(reply.clone())
             .ok_or_else(bad)?
@@ -340,6 +382,8 @@ impl RedisStore {
         Err(match code {
             0 => return crate::entry::items(arg.unwrap_or(redis::Value::Nil)).ok_or_else(|| bad().into()),
             -1 => format!("commit_with: key {:?} is not reserved (by holder {holder}): nothing applied", text(arg.as_ref())),
+            // A retry after a lost reply: the first try applied the effect and committed.
+            -2 if tries > 1 => return Ok(vec![redis::Value::Nil; names.len()]),
             -2 => format!("commit_with: key {:?} is already done: nothing applied", text(arg.as_ref())),
             -3 => format!(
                 "commit_with: key {:?} is reserved by another holder (the reservation of {holder} expired and was taken over): nothing applied",
@@ -358,7 +402,7 @@ impl RedisStore {
         .into())
     }
 
-    async fn conn(&self) -> Result<ConnectionManager, BoxError> {
+    async fn conn(&self) -> Result<ConnectionManager, redis::RedisError> {
         let c = self
             .inner
             .conn
@@ -367,25 +411,35 @@ impl RedisStore {
         Ok(c.clone())
     }
 
+    /// Runs script `which` on `keys` under the outage policy; `extra` gives the arguments
+    /// after the holder, knowing whether this is a retry.
     async fn call(
         &self,
         which: usize,
-        extra: &[String],
+        extra: impl Fn(bool) -> Vec<String>,
         keys: &[String],
     ) -> Result<redis::Value, BoxError> {
         if let Some(why) = &self.bad_scope {
             return Err(why.to_string().into());
         }
-        let mut c = self.conn().await?;
-        let mut inv = self.inner.scripts[which].prepare_invoke();
-        inv.key(&*self.key).arg(&*self.holder);
-        for a in extra {
-            inv.arg(a);
-        }
-        for k in keys {
-            inv.arg(k);
-        }
-        Ok(inv.invoke_async(&mut c).await?)
+        let mut tries = 0u32;
+        let v = conn::call(&self.outage, &self.inner.server, || {
+            tries += 1;
+            let mut inv = self.inner.scripts[which].prepare_invoke();
+            inv.key(&*self.key).arg(&*self.holder);
+            for a in extra(tries > 1) {
+                inv.arg(a);
+            }
+            for k in keys {
+                inv.arg(k);
+            }
+            async move {
+                let mut c = self.conn().await?;
+                inv.invoke_async(&mut c).await
+            }
+        })
+        .await?;
+        Ok(v)
     }
 }
 
@@ -400,7 +454,14 @@ impl Store for RedisStore {
                 return Ok(Vec::new());
             }
             let ttl_ms = ttl.as_millis().min(FAR_MS).to_string();
-            let v = self.call(0, &[self.name.to_string(), ttl_ms], keys).await?;
+            let extra = |again: bool| {
+                vec![
+                    self.name.to_string(),
+                    ttl_ms.clone(),
+                    u8::from(again).to_string(),
+                ]
+            };
+            let v = self.call(0, extra, keys).await?;
             let codes: Vec<i64> = redis::from_redis_value(v)?;
             if codes.len() != keys.len() {
                 return Err("reserve: a reply of the wrong length".into());
@@ -420,7 +481,7 @@ impl Store for RedisStore {
     fn commit<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             if !keys.is_empty() {
-                self.call(1, &[], keys).await?;
+                self.call(1, |_| Vec::new(), keys).await?;
             }
             Ok(())
         })
@@ -429,7 +490,7 @@ impl Store for RedisStore {
     fn release<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             if !keys.is_empty() {
-                self.call(2, &[], keys).await?;
+                self.call(2, |_| Vec::new(), keys).await?;
             }
             Ok(())
         })

@@ -131,6 +131,41 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (`SIGSTOP`): connections stay open, nothing is answered, until
+    /// [`thaw`](Self::thaw). Its clock runs on meanwhile, as a real server's would.
+    ///
+    /// ```no_run
+    /// let s = flowline_redis::test_server::RedisServer::start(false);
+    /// s.freeze();
+    /// s.thaw();
+    /// ```
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen server run again (`SIGCONT`).
+    ///
+    /// ```no_run
+    /// let s = flowline_redis::test_server::RedisServer::start(false);
+    /// s.freeze();
+    /// s.thaw();
+    /// ```
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let Some(child) = &self.child else {
+            panic!("redis-server is not running")
+        };
+        let ok = Command::new("kill")
+            .arg(sig)
+            .arg(child.id().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {} failed", child.id());
+    }
+
     /// Starts the server again on the same port and folder (after [`kill`](Self::kill));
     /// with AOF on, it comes back with every write it acknowledged.
     ///

@@ -1,7 +1,8 @@
-//! Three worker processes on one stream, one SIGKILLed mid-run: every entry runs, none is
-//! lost, only entries the killed worker had been handed are delivered twice, and every
-//! effect is applied exactly once (written with its idempotency key by
-//! `RedisStore::commit_with`). The workers are this test binary run again (`worker_child`,
+//! Three worker processes on one stream, one SIGKILLed mid-run, four threads spinning on
+//! the CPU beside them all along: every entry runs, none is lost, only entries the killed
+//! worker had been handed are delivered twice (a live worker starved of CPU keeps its
+//! entries: its leases are renewed five times per `min_idle`), and every effect is applied
+//! exactly once (written with its idempotency key by `RedisStore::commit_with`). The workers are this test binary run again (`worker_child`,
 //! which does nothing unless `FLOWLINE_REDIS_WORKER` is set).
 
 mod support;
@@ -34,7 +35,7 @@ fn worker_child() {
         .unwrap();
     rt.block_on(async {
         let c = conn(url).await;
-        let min_idle = Duration::from_millis(500);
+        let min_idle = Duration::from_secs(2);
         let opts = StreamOptions::new()
             .batch(50)
             .block(Duration::from_millis(50))
@@ -75,12 +76,47 @@ fn worker_child() {
     });
 }
 
+/// Threads that keep the CPU busy until dropped: the workers run starved, as on a loaded
+/// machine.
+struct Busy {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Busy {
+    fn spin(n: usize) -> Busy {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                    }
+                })
+            })
+            .collect();
+        Busy { stop, threads }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 fn job(e: &flowline_redis::StreamEntry) -> u64 {
     e.get_str("job").unwrap().parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_worker_processes_one_killed_lose_nothing_and_repeat_no_effect() {
+    let _busy = Busy::spin(4);
     let server = RedisServer::start(false);
     let url = server.url();
     let mut c = conn(&url).await;
@@ -112,7 +148,7 @@ async fn three_worker_processes_one_killed_lose_nothing_and_repeat_no_effect() {
     kids[1].kill().unwrap();
     let _ = kids[1].wait();
     // The killed worker's in-flight window: what it was handed and had not acknowledged.
-    // Nothing is reclaimed before `min_idle` (500 ms) has passed.
+    // Nothing is reclaimed before `min_idle` (2 s) has passed.
     let window: Vec<(String, String, i64, i64)> = redis::cmd("XPENDING")
         .arg("jobs")
         .arg("g")

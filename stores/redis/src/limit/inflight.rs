@@ -199,6 +199,22 @@ impl RedisInflight {
         RedisInflight::build(self.0.conn.clone(), &self.0.name, self.0.limit, lease)
     }
 
+    /// How long an acquire rides out Redis being down (default [`Outage::default`](flowline::Outage::default):
+    /// 5 minutes): meanwhile no call starts and no item fails; past it the acquire fails
+    /// with an [`OutageError`](flowline::OutageError).
+    ///
+    /// ```
+    /// let redis = redis::Client::open("redis://127.0.0.1/").unwrap();
+    /// let db = flowline_redis::RedisInflight::new(&redis, "db", 20).outage(flowline::Outage::forever());
+    /// # let _ = db;
+    /// ```
+    #[must_use]
+    pub fn outage(self, policy: flowline::Outage) -> Self {
+        let mut conn = self.0.conn.clone();
+        conn.outage = policy;
+        RedisInflight::build(conn, &self.0.name, self.0.limit, self.0.lease)
+    }
+
     fn build(conn: Conn, name: &str, limit: usize, lease: Duration) -> Self {
         let pid = std::process::id();
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -302,14 +318,15 @@ impl Limit for RedisInflight {
             loop {
                 // Registered before asking: a permit given back meanwhile still wakes us.
                 let freed = i.freed.notified();
-                let mut con = i.conn.get().await?;
                 let reply: redis::Value = i
-                    .acquire
-                    .key(&i.key)
-                    .arg(i.limit)
-                    .arg(i.lease.as_millis() as u64)
-                    .arg(&holder)
-                    .invoke_async(&mut con)
+                    .conn
+                    .run(|mut con| {
+                        let mut call = i.acquire.key(&i.key);
+                        call.arg(i.limit)
+                            .arg(i.lease.as_millis() as u64)
+                            .arg(&holder);
+                        async move { call.invoke_async(&mut con).await }
+                    })
                     .await?;
                 match two_ints("in-flight", reply)? {
                     (1, _) => {

@@ -11,11 +11,11 @@ pub(crate) mod rate;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flowline::{BoxError, ConfigProblem};
+use flowline::{BoxError, ConfigProblem, Outage};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-/// How long a connection attempt or a reply may take before the acquire fails (and the
-/// stage retries it with backoff): a server that hangs is a server that is down.
+/// How long a connection attempt or a reply may take before the call is tried again under
+/// the limit's outage policy: a server that hangs is a server that is down.
 const TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The longest name a limit may have: its keys stay short.
@@ -60,6 +60,8 @@ pub(crate) fn problem(option: &'static str, value: String, reason: &'static str)
 pub(crate) struct Conn {
     client: redis::Client,
     cell: Arc<tokio::sync::OnceCell<ConnectionManager>>,
+    server: Arc<str>,
+    pub(crate) outage: Outage,
 }
 
 impl Conn {
@@ -67,6 +69,8 @@ impl Conn {
         Conn {
             client: client.clone(),
             cell: Arc::new(tokio::sync::OnceCell::new()),
+            server: crate::conn::server(client),
+            outage: Outage::default(),
         }
     }
 
@@ -81,6 +85,18 @@ impl Conn {
             })
             .await
             .cloned()
+    }
+
+    /// Runs `op` until it succeeds, under the outage policy: while Redis is down the acquire
+    /// waits (no call starts); past the limit, or on an error of the script itself, it
+    /// fails with an [`OutageError`](flowline::OutageError).
+    pub(crate) async fn run<T, F, Fut>(&self, mut op: F) -> Result<T, BoxError>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let con = self.get().await?;
+        Ok(crate::conn::call(&self.outage, &self.server, || op(con.clone())).await?)
     }
 }
 

@@ -216,6 +216,23 @@ impl RedisRate {
         RedisRate::build(i.conn.clone(), &i.name, i.count, i.period, burst)
     }
 
+    /// How long an acquire rides out Redis being down (default [`Outage::default`](flowline::Outage::default):
+    /// 5 minutes): meanwhile no call starts and no item fails; past it the acquire fails
+    /// with an [`OutageError`](flowline::OutageError).
+    ///
+    /// ```
+    /// let redis = redis::Client::open("redis://127.0.0.1/").unwrap();
+    /// let r = flowline_redis::RedisRate::per_second(&redis, "api", 100).outage(flowline::Outage::forever());
+    /// # let _ = r;
+    /// ```
+    #[must_use]
+    pub fn outage(self, policy: flowline::Outage) -> Self {
+        let i = &self.0;
+        let mut conn = i.conn.clone();
+        conn.outage = policy;
+        RedisRate::build(conn, &i.name, i.count, i.period, i.burst)
+    }
+
     fn build(conn: Conn, name: &str, count: u64, period: Duration, burst: u64) -> Self {
         RedisRate(Arc::new(Inner {
             conn,
@@ -278,21 +295,23 @@ impl RedisRate {
     /// Asks the server once: `Ok(Ok(grant))` granted, `Ok(Err(wait))` ask again after `wait`.
     async fn ask(&self, waited: Duration) -> Result<Result<RateGrant, Duration>, BoxError> {
         let [interval, tolerance, period, cap, catch_up, merge, slack] = self.args();
-        let mut con = self.0.conn.get().await?;
+        let waited = waited.as_micros().min(u64::MAX as u128) as u64;
         let reply: redis::Value = self
             .0
-            .script
-            .key(&self.0.keys[0])
-            .key(&self.0.keys[1])
-            .arg(interval)
-            .arg(tolerance)
-            .arg(period)
-            .arg(cap)
-            .arg(catch_up)
-            .arg(waited.as_micros().min(u64::MAX as u128) as u64)
-            .arg(merge)
-            .arg(slack)
-            .invoke_async(&mut con)
+            .conn
+            .run(|mut con| {
+                let mut call = self.0.script.key(&self.0.keys[0]);
+                call.key(&self.0.keys[1])
+                    .arg(interval)
+                    .arg(tolerance)
+                    .arg(period)
+                    .arg(cap)
+                    .arg(catch_up)
+                    .arg(waited)
+                    .arg(merge)
+                    .arg(slack);
+                async move { call.invoke_async(&mut con).await }
+            })
             .await?;
         match two_ints("rate", reply)? {
             (1, at) if at >= 0 => Ok(Ok(RateGrant {
