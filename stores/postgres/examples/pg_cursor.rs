@@ -20,8 +20,10 @@
 use std::time::Duration;
 
 use flowline::prelude::*;
-use flowline::{CursorOptions, Page};
-use flowline_postgres::{PgCheckpoints, PgOptions, PgStore};
+use flowline::{CursorOptions, Outage, Page};
+use flowline_postgres::{
+    AlreadyCommitted, PgCheckpoints, PgOptions, PgStore, classify, is_transient,
+};
 use futures::StreamExt;
 
 const PAGE: i64 = 1000;
@@ -106,8 +108,17 @@ pub async fn create_tables(
     Ok(())
 }
 
-/// One page of rows after `after`.
+/// One page of rows after `after`. Its errors are marked transient or permanent
+/// (`classify`): a lost connection or a server restarting pauses the source under the run's
+/// outage policy until the server answers again; a bad statement ends the run.
 async fn fetch_page(
+    pool: &flowline_postgres::deadpool_postgres::Pool,
+    after: i64,
+) -> Result<Page<(i64, String), i64>, BoxError> {
+    read_page(pool, after).await.map_err(classify)
+}
+
+async fn read_page(
     pool: &flowline_postgres::deadpool_postgres::Pool,
     after: i64,
 ) -> Result<Page<(i64, String), i64>, BoxError> {
@@ -164,8 +175,16 @@ pub async fn run(args: Args) -> Result<Report, BoxError> {
                     // The effect and the keys: one transaction, both or neither.
                     Some(keys) => {
                         let names: Vec<String> = ids.iter().map(i64::to_string).collect();
-                        keys.commit_with(&names, async |tx| tx.execute(insert, &[&ids]).await)
-                            .await?;
+                        match keys
+                            .commit_with(&names, async |tx| tx.execute(insert, &[&ids]).await)
+                            .await
+                        {
+                            Ok(_) => {}
+                            // An earlier attempt wrote it; its answer was lost with its
+                            // connection.
+                            Err(e) if e.is::<AlreadyCommitted>() => {}
+                            Err(e) => return Err(e),
+                        }
                     }
                     None => {
                         pool.get().await?.execute(insert, &[&ids]).await?;
@@ -176,8 +195,16 @@ pub async fn run(args: Args) -> Result<Report, BoxError> {
         })
         .workers(4)
         .unordered()
-        // A dropped connection fails one attempt, not the rows.
-        .retry(Retry::exponential(Duration::from_millis(50)).max_attempts(5))
+        // A dropped connection, a restart or a server stopped for a while fails attempts,
+        // not the rows: they are tried again as long as the default outage policy waits
+        // for a server (5 minutes). Any other error fails the batch at once.
+        .retry(
+            Retry::exponential(Duration::from_millis(50))
+                .max_delay(Duration::from_secs(1))
+                .jitter()
+                .max_elapsed(Outage::DEFAULT_LIMIT)
+                .retry_if(is_transient),
+        )
         .into_stream();
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
@@ -206,12 +233,65 @@ pub async fn run(args: Args) -> Result<Report, BoxError> {
     Ok(rows.finish().await?)
 }
 
+/// What the run left undone, if anything: failed rows, rows left unfinished, or a run that
+/// did not reach the end of the table.
+pub fn unfinished(report: &Report) -> Option<String> {
+    let left: u64 = report.stages.iter().map(|s| s.unfinished).sum();
+    if report.failures > 0 {
+        Some(format!(
+            "{} item(s) failed (see the report); run again to retry them",
+            report.failures
+        ))
+    } else if report.outcome != RunOutcome::Completed || left > 0 {
+        Some(format!(
+            "the run ended {} with {left} item(s) unfinished; run again to finish",
+            report.outcome
+        ))
+    } else {
+        None
+    }
+}
+
+/// An error and its causes as one paragraph, each cause once.
+pub fn paragraph(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = e.source();
+    }
+    out.replace('\n', " ")
+}
+
 #[allow(dead_code)]
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
+async fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let args = Args::parse(&args)?;
-    let report = run(args).await?;
-    println!("{report}");
-    Ok(())
+    let args = match Args::parse(&args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("pg_cursor: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(args).await {
+        Ok(report) => {
+            println!("{report}");
+            match unfinished(&report) {
+                None => std::process::ExitCode::SUCCESS,
+                Some(why) => {
+                    eprintln!("pg_cursor: {why}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("pg_cursor: {}", paragraph(&*e));
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
