@@ -13,6 +13,7 @@
 //! cargo run --release -p flowline-bench -- scale redis_rate3  # 3 processes, one RedisRate
 //! cargo run --release -p flowline-bench -- cli             # the flowline command vs xargs / parallel / curl
 //! cargo run --release -p flowline-bench -- siem            # the SIEM service vs its naive version
+//! cargo run --release -p flowline-bench -- faults pg_stop5  # a run through a server fault vs none
 //! ```
 //!
 //! With `FLOWLINE_BENCH_REPS=1` set, the cases that alternate print every repetition's time
@@ -21,6 +22,7 @@
 mod batch;
 mod cli;
 mod core;
+mod faults_sql;
 mod flow;
 #[path = "../../testsuite/tests/support/pg.rs"]
 #[allow(dead_code)]
@@ -58,9 +60,10 @@ fn main() {
         "cli" => cli::run(case),
         "scale" => scale::run(case),
         "siem" => siem::run(case),
+        "faults" => faults_sql::run(case),
         other => {
             eprintln!(
-                "unknown suite `{other}`; suites: core, source, batch, flow, topology, cli, scale, siem"
+                "unknown suite `{other}`; suites: core, source, batch, flow, topology, cli, scale, siem, faults"
             );
             std::process::exit(2);
         }

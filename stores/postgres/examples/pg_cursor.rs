@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! FLOWLINE_PG_URL=postgresql://postgres@127.0.0.1:5432/app \
-//!   cargo run -p flowline-postgres --example pg_cursor -- [--url URL] [--rows N] [--stop-after N] [--exactly-once]
+//!   cargo run -p flowline-postgres --example pg_cursor -- [--url URL] [--rows N] [--stop-after N] [--exactly-once] [--rate N]
 //! ```
 //!
 //! - `--url`: the server (default: `FLOWLINE_PG_URL`).
@@ -16,6 +16,11 @@
 //!   `processed_rows`) is written in one transaction with the rows' idempotency keys
 //!   (`PgStore::commit_with`): a killed and restarted run then writes every row's effect
 //!   exactly once. Without it, a kill may write the effects of the rows in flight twice.
+//! - `--rate`: at most this many rows per second (to watch a run ride out a fault).
+//!
+//! A connection killed, a server restarted, stopped or frozen for a while pauses the run
+//! until the server answers again; nothing fails for it and nothing is skipped. The exit
+//! status is 0 only when every row was processed; an error is printed as one paragraph.
 
 use std::time::Duration;
 
@@ -38,13 +43,20 @@ pub struct Args {
     pub stop_after: Option<u64>,
     /// Effects committed with their idempotency keys.
     pub exactly_once: bool,
+    /// At most this many rows per second (to watch a run ride out a fault).
+    pub rate: Option<u64>,
+    /// Counts the rows whose effects are written, for a watcher in the same process (a
+    /// test or a benchmark of faults); not a command-line option.
+    pub progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Args {
     pub fn parse(args: &[String]) -> Result<Args, String> {
-        let usage = "usage: pg_cursor [--url URL] [--rows N] [--stop-after N] [--exactly-once]";
+        let usage =
+            "usage: pg_cursor [--url URL] [--rows N] [--stop-after N] [--exactly-once] [--rate N]";
         let mut url = std::env::var("FLOWLINE_PG_URL").ok();
-        let (mut rows, mut stop_after, mut exactly_once) = (100_000i64, None, false);
+        let (mut rows, mut stop_after, mut exactly_once, mut rate) =
+            (100_000i64, None, false, None);
         let mut it = args.iter();
         while let Some(a) = it.next() {
             let mut value = |name: &str| {
@@ -65,6 +77,15 @@ impl Args {
                     stop_after = Some(number("--stop-after", value("--stop-after")?)? as u64)
                 }
                 "--exactly-once" => exactly_once = true,
+                "--rate" => {
+                    let n = number("--rate", value("--rate")?)?;
+                    if n == 0 {
+                        return Err(format!(
+                            "--rate: 0 rows per second would never end; {usage}"
+                        ));
+                    }
+                    rate = Some(n as u64)
+                }
                 other => return Err(format!("unknown argument {other:?}; {usage}")),
             }
         }
@@ -75,6 +96,8 @@ impl Args {
             rows,
             stop_after,
             exactly_once,
+            rate,
+            progress: None,
         })
     }
 }
@@ -164,6 +187,12 @@ pub async fn run(args: Args) -> Result<Report, BoxError> {
     } else {
         None
     };
+    if let Some(rate) = args.rate {
+        source = source
+            .map_async("pace", |row| async move { row })
+            .rate_limit(Rate::per_second(rate))
+            .into_pipeline();
+    }
     let mut rows = source
         .batch(BATCH, Duration::from_millis(5))
         .try_map_async("effect", move |batch: Vec<(i64, String)>| {
@@ -221,6 +250,9 @@ pub async fn run(args: Args) -> Result<Report, BoxError> {
             next = rows.next() => match next {
                 Some(n) => {
                     seen += n as u64;
+                    if let Some(p) = &args.progress {
+                        p.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
                     if !stopping && args.stop_after.is_some_and(|n| seen >= n) {
                         rows.handle().stop();
                         stopping = true;

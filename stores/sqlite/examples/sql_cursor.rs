@@ -4,12 +4,13 @@
 //! row is skipped, and only the rows that were in flight are processed twice.
 //!
 //! ```text
-//! cargo run -p flowline-sqlite --example sql_cursor -- <db> [rows] [stop_after] [--exactly-once]
+//! cargo run -p flowline-sqlite --example sql_cursor -- <db> [rows] [stop_after] [--exactly-once] [--rate N]
 //! ```
 //!
 //! - `db`: the SQLite file (created if missing) holding `items` and the checkpoints.
 //! - `rows`: rows to put in `items` if it is empty (default 100000).
 //! - `stop_after`: stop gracefully after this many rows, as Ctrl-C does.
+//! - `--rate`: at most this many rows per second (to watch a run ride out a fault).
 //!
 //! Each processed id is appended to `<db>.processed`, one per line (a batch of rows per
 //! write), before the row counts as finished: that is the effect a crash test checks.
@@ -45,17 +46,36 @@ pub struct Args {
     pub stop_after: Option<u64>,
     /// Effects in the database, committed with their idempotency keys.
     pub exactly_once: bool,
+    /// At most this many rows per second (to watch a run ride out a fault).
+    pub rate: Option<u64>,
+    /// Counts the rows whose effects are written, for a watcher in the same process (a
+    /// test or a benchmark of faults); not a command-line option.
+    pub progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Args {
     pub fn parse(args: &[String]) -> Result<Args, String> {
-        let usage = "usage: sql_cursor <db> [rows] [stop_after] [--exactly-once]";
+        let usage = "usage: sql_cursor <db> [rows] [stop_after] [--exactly-once] [--rate N]";
         let exactly_once = args.iter().any(|a| a == "--exactly-once");
-        let args: Vec<String> = args
-            .iter()
-            .filter(|a| *a != "--exactly-once")
-            .cloned()
-            .collect();
+        let mut rate = None;
+        let mut rest = Vec::new();
+        let mut it = args.iter().filter(|a| *a != "--exactly-once");
+        while let Some(a) = it.next() {
+            if a == "--rate" {
+                let v = it.next().ok_or(format!("--rate needs a value; {usage}"))?;
+                match v.parse::<u64>() {
+                    Ok(n) if n > 0 => rate = Some(n),
+                    _ => {
+                        return Err(format!(
+                            "--rate: {v:?} is not a count of rows per second above 0; {usage}"
+                        ));
+                    }
+                }
+            } else {
+                rest.push(a.clone());
+            }
+        }
+        let args = rest;
         let db = args.first().ok_or(usage)?.clone();
         let num = |i: usize| -> Result<Option<i64>, String> {
             args.get(i)
@@ -67,6 +87,8 @@ impl Args {
             rows: num(1)?.unwrap_or(100_000),
             stop_after: num(2)?.map(|n| n as u64),
             exactly_once,
+            rate,
+            progress: None,
         })
     }
 }
@@ -181,6 +203,12 @@ pub async fn run(args: Args) -> Result<Report, BoxError> {
         Effect::Log(Mutex::new(log))
     };
     let effect = Arc::new(effect);
+    if let Some(rate) = args.rate {
+        source = source
+            .map_async("pace", |row| async move { row })
+            .rate_limit(Rate::per_second(rate))
+            .into_pipeline();
+    }
     let mut rows = source
         .map_async("process", |(id, payload): (i64, String)| async move {
             // Stand-in for real work.
@@ -227,6 +255,9 @@ pub async fn run(args: Args) -> Result<Report, BoxError> {
             next = rows.next() => match next {
                 Some(n) => {
                     seen += n as u64;
+                    if let Some(p) = &args.progress {
+                        p.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
                     if !stopping && args.stop_after.is_some_and(|n| seen >= n) {
                         rows.handle().stop();
                         stopping = true;
