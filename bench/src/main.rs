@@ -15,6 +15,7 @@
 //! cargo run --release -p flowline-bench -- siem            # the SIEM service vs its naive version
 //! cargo run --release -p flowline-bench -- faults          # servers failing around a job
 //! cargo run --release -p flowline-bench -- faults redis_kill
+//! cargo run --release -p flowline-bench -- faults pg_stop5  # a run through a server fault vs none
 //! ```
 //!
 //! With `FLOWLINE_BENCH_REPS=1` set, the cases that alternate print every repetition's time
@@ -24,6 +25,7 @@ mod batch;
 mod cli;
 mod core;
 mod faults_redis;
+mod faults_sql;
 mod flow;
 #[path = "../../testsuite/tests/support/pg.rs"]
 #[allow(dead_code)]
@@ -38,7 +40,7 @@ mod util;
 
 /// Suite `faults`: one entry per server's file; each runs its own cases (all of them for
 /// no case) and leaves the others' cases alone.
-const FAULTS: &[fn(Option<&str>)] = &[faults_redis::run];
+const FAULTS: &[fn(Option<&str>)] = &[faults_redis::run, faults_sql::run];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! FLOWLINE_PG_URL=postgresql://postgres@127.0.0.1:5432/app \
-//!   cargo run -p flowline-postgres --example pg_cursor -- [--url URL] [--rows N] [--stop-after N] [--exactly-once]
+//!   cargo run -p flowline-postgres --example pg_cursor -- [--url URL] [--rows N] [--stop-after N] [--exactly-once] [--rate N]
 //! ```
 //!
 //! - `--url`: the server (default: `FLOWLINE_PG_URL`).
@@ -16,12 +16,19 @@
 //!   `processed_rows`) is written in one transaction with the rows' idempotency keys
 //!   (`PgStore::commit_with`): a killed and restarted run then writes every row's effect
 //!   exactly once. Without it, a kill may write the effects of the rows in flight twice.
+//! - `--rate`: at most this many rows per second (to watch a run ride out a fault).
+//!
+//! A connection killed, a server restarted, stopped or frozen for a while pauses the run
+//! until the server answers again; nothing fails for it and nothing is skipped. The exit
+//! status is 0 only when every row was processed; an error is printed as one paragraph.
 
 use std::time::Duration;
 
 use flowline::prelude::*;
-use flowline::{CursorOptions, Page};
-use flowline_postgres::{PgCheckpoints, PgOptions, PgStore};
+use flowline::{CursorOptions, Outage, Page};
+use flowline_postgres::{
+    AlreadyCommitted, PgCheckpoints, PgOptions, PgStore, classify, is_transient,
+};
 use futures::StreamExt;
 
 const PAGE: i64 = 1000;
@@ -36,13 +43,20 @@ pub struct Args {
     pub stop_after: Option<u64>,
     /// Effects committed with their idempotency keys.
     pub exactly_once: bool,
+    /// At most this many rows per second (to watch a run ride out a fault).
+    pub rate: Option<u64>,
+    /// Counts the rows whose effects are written, for a watcher in the same process (a
+    /// test or a benchmark of faults); not a command-line option.
+    pub progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Args {
     pub fn parse(args: &[String]) -> Result<Args, String> {
-        let usage = "usage: pg_cursor [--url URL] [--rows N] [--stop-after N] [--exactly-once]";
+        let usage =
+            "usage: pg_cursor [--url URL] [--rows N] [--stop-after N] [--exactly-once] [--rate N]";
         let mut url = std::env::var("FLOWLINE_PG_URL").ok();
-        let (mut rows, mut stop_after, mut exactly_once) = (100_000i64, None, false);
+        let (mut rows, mut stop_after, mut exactly_once, mut rate) =
+            (100_000i64, None, false, None);
         let mut it = args.iter();
         while let Some(a) = it.next() {
             let mut value = |name: &str| {
@@ -63,6 +77,15 @@ impl Args {
                     stop_after = Some(number("--stop-after", value("--stop-after")?)? as u64)
                 }
                 "--exactly-once" => exactly_once = true,
+                "--rate" => {
+                    let n = number("--rate", value("--rate")?)?;
+                    if n == 0 {
+                        return Err(format!(
+                            "--rate: 0 rows per second would never end; {usage}"
+                        ));
+                    }
+                    rate = Some(n as u64)
+                }
                 other => return Err(format!("unknown argument {other:?}; {usage}")),
             }
         }
@@ -73,6 +96,8 @@ impl Args {
             rows,
             stop_after,
             exactly_once,
+            rate,
+            progress: None,
         })
     }
 }
@@ -106,8 +131,17 @@ pub async fn create_tables(
     Ok(())
 }
 
-/// One page of rows after `after`.
+/// One page of rows after `after`. Its errors are marked transient or permanent
+/// (`classify`): a lost connection or a server restarting pauses the source under the run's
+/// outage policy until the server answers again; a bad statement ends the run.
 async fn fetch_page(
+    pool: &flowline_postgres::deadpool_postgres::Pool,
+    after: i64,
+) -> Result<Page<(i64, String), i64>, BoxError> {
+    read_page(pool, after).await.map_err(classify)
+}
+
+async fn read_page(
     pool: &flowline_postgres::deadpool_postgres::Pool,
     after: i64,
 ) -> Result<Page<(i64, String), i64>, BoxError> {
@@ -153,6 +187,12 @@ pub async fn run(args: Args) -> Result<Report, BoxError> {
     } else {
         None
     };
+    if let Some(rate) = args.rate {
+        source = source
+            .map_async("pace", |row| async move { row })
+            .rate_limit(Rate::per_second(rate))
+            .into_pipeline();
+    }
     let mut rows = source
         .batch(BATCH, Duration::from_millis(5))
         .try_map_async("effect", move |batch: Vec<(i64, String)>| {
@@ -164,8 +204,16 @@ pub async fn run(args: Args) -> Result<Report, BoxError> {
                     // The effect and the keys: one transaction, both or neither.
                     Some(keys) => {
                         let names: Vec<String> = ids.iter().map(i64::to_string).collect();
-                        keys.commit_with(&names, async |tx| tx.execute(insert, &[&ids]).await)
-                            .await?;
+                        match keys
+                            .commit_with(&names, async |tx| tx.execute(insert, &[&ids]).await)
+                            .await
+                        {
+                            Ok(_) => {}
+                            // An earlier attempt wrote it; its answer was lost with its
+                            // connection.
+                            Err(e) if e.is::<AlreadyCommitted>() => {}
+                            Err(e) => return Err(e),
+                        }
                     }
                     None => {
                         pool.get().await?.execute(insert, &[&ids]).await?;
@@ -176,8 +224,16 @@ pub async fn run(args: Args) -> Result<Report, BoxError> {
         })
         .workers(4)
         .unordered()
-        // A dropped connection fails one attempt, not the rows.
-        .retry(Retry::exponential(Duration::from_millis(50)).max_attempts(5))
+        // A dropped connection, a restart or a server stopped for a while fails attempts,
+        // not the rows: they are tried again as long as the default outage policy waits
+        // for a server (5 minutes). Any other error fails the batch at once.
+        .retry(
+            Retry::exponential(Duration::from_millis(50))
+                .max_delay(Duration::from_secs(1))
+                .jitter()
+                .max_elapsed(Outage::DEFAULT_LIMIT)
+                .retry_if(is_transient),
+        )
         .into_stream();
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
@@ -194,6 +250,9 @@ pub async fn run(args: Args) -> Result<Report, BoxError> {
             next = rows.next() => match next {
                 Some(n) => {
                     seen += n as u64;
+                    if let Some(p) = &args.progress {
+                        p.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
                     if !stopping && args.stop_after.is_some_and(|n| seen >= n) {
                         rows.handle().stop();
                         stopping = true;
@@ -206,12 +265,65 @@ pub async fn run(args: Args) -> Result<Report, BoxError> {
     Ok(rows.finish().await?)
 }
 
+/// What the run left undone, if anything: failed rows, rows left unfinished, or a run that
+/// did not reach the end of the table.
+pub fn unfinished(report: &Report) -> Option<String> {
+    let left: u64 = report.stages.iter().map(|s| s.unfinished).sum();
+    if report.failures > 0 {
+        Some(format!(
+            "{} item(s) failed (see the report); run again to retry them",
+            report.failures
+        ))
+    } else if report.outcome != RunOutcome::Completed || left > 0 {
+        Some(format!(
+            "the run ended {} with {left} item(s) unfinished; run again to finish",
+            report.outcome
+        ))
+    } else {
+        None
+    }
+}
+
+/// An error and its causes as one paragraph, each cause once.
+pub fn paragraph(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = e.source();
+    }
+    out.replace('\n', " ")
+}
+
 #[allow(dead_code)]
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
+async fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let args = Args::parse(&args)?;
-    let report = run(args).await?;
-    println!("{report}");
-    Ok(())
+    let args = match Args::parse(&args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("pg_cursor: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(args).await {
+        Ok(report) => {
+            println!("{report}");
+            match unfinished(&report) {
+                None => std::process::ExitCode::SUCCESS,
+                Some(why) => {
+                    eprintln!("pg_cursor: {why}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("pg_cursor: {}", paragraph(&*e));
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

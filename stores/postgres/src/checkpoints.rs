@@ -10,7 +10,9 @@
 //! ```
 //!
 //! Each call is one statement (its own transaction), retried on another connection when the
-//! connection dropped: load, commit and clear are all safe to repeat.
+//! connection dropped: load, commit and clear are all safe to repeat. An error that outlasts
+//! the retries comes back marked [`Transient`](flowline::Transient) (the cursor source waits
+//! for the server under the run's outage policy) or [`Permanent`](flowline::Permanent).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -175,7 +177,8 @@ impl CheckpointStore for PgCheckpoints {
             let read = |rows: Vec<tokio_postgres::Row>| match rows.first() {
                 None => Ok(None),
                 Some(row) => row.try_get::<_, String>(0).map(Some).map_err(|e| {
-                    format!("PostgreSQL checkpoint load on table {}: {e}", self.table).into()
+                    let e = format!("PostgreSQL checkpoint load on table {}: {e}", self.table);
+                    Box::new(flowline::Permanent::new(e)) as BoxError
                 }),
             };
             self.one("checkpoint load (SELECT)", &self.sql.load, &[&name], read)

@@ -13,7 +13,16 @@
 //! - [`PgOptions`]: the table, pool size and how long to retry a dropped connection.
 //!
 //! Each call is one statement (one round trip) per chunk of keys, retried on another
-//! connection when its connection dropped. No TLS: a server that requires it is reached
+//! connection when its connection dropped.
+//!
+//! Faults of the server (a connection killed, a restart, a server stopped for a while) are
+//! not failures of items: a dead connection is replaced, a restarted server is found again,
+//! and an error the stores give back is marked [`Transient`](flowline::Transient) or
+//! [`Permanent`](flowline::Permanent), so the run's [`Outage`](flowline::Outage) policy
+//! waits for the server. [`is_transient`] tells the same of the errors of your own
+//! queries and effects (for a stage's `retry_if`), [`classify`] marks them (for a cursor
+//! source's fetch), and a [`commit_with`](PgStore::commit_with) tried again after its
+//! answer was lost says [`AlreadyCommitted`] instead of writing the effect twice. No TLS: a server that requires it is reached
 //! through a pool the caller builds, handed to `from_pool`.
 //!
 //! ```no_run
@@ -56,10 +65,12 @@
 mod checkpoints;
 mod pg;
 mod store;
+mod transient;
 
 pub use checkpoints::PgCheckpoints;
 pub use pg::PgOptions;
-pub use store::PgStore;
+pub use store::{AlreadyCommitted, PgStore};
+pub use transient::{classify, is_transient, is_transient_error};
 
 /// The connection pool the stores use, re-exported for [`PgStore::from_pool`] and
 /// [`PgCheckpoints::from_pool`].

@@ -15,6 +15,8 @@ use deadpool_postgres::{
 
 use flowline::BoxError;
 
+use crate::transient::is_transient_pg;
+
 /// Options of [`PgStore`](crate::PgStore) and [`PgCheckpoints`](crate::PgCheckpoints): the
 /// table, the pool size when the store opens its own pool, and how long a call whose
 /// connection dropped is retried.
@@ -84,8 +86,12 @@ impl PgOptions {
     }
 
     /// How long a store call is retried, with exponential backoff from 20 ms up to 1 s, when
-    /// its connection dropped or none could be made (default 5 s; zero: one attempt). An
-    /// error from the server about the statement itself is never retried.
+    /// its connection dropped or none could be made (default 5 s; zero: one attempt). A dead
+    /// connection is dropped from the pool and a new one made, so a restarted server is
+    /// found again. Past the window the error comes back marked
+    /// [`Transient`](flowline::Transient), and the run's [`Outage`](flowline::Outage) policy
+    /// goes on trying; an error from the server about the statement itself is never retried
+    /// and comes back marked [`Permanent`](flowline::Permanent).
     ///
     /// ```
     /// let opts = flowline_postgres::PgOptions::new().retry_for(std::time::Duration::from_secs(30));
@@ -164,13 +170,26 @@ pub(crate) struct Failed {
     pub(crate) transient: bool,
 }
 
+impl Failed {
+    /// The error, marked for flowline ([`flowline::Transient`] or [`flowline::Permanent`]):
+    /// the text names the table and the statement, and the marker keeps what the driver's
+    /// error said about trying again.
+    pub(crate) fn into_error(self) -> BoxError {
+        if self.transient {
+            Box::new(flowline::Transient::new(self.error))
+        } else {
+            Box::new(flowline::Permanent::new(self.error))
+        }
+    }
+}
+
 /// A failure of `statement` (a short name, never the data) on `table`.
 pub(crate) fn sql_failed(table: &str, statement: &str, e: tokio_postgres::Error) -> Failed {
-    let transient = is_transient(&e);
+    let transient = is_transient_pg(&e);
     let why = match e.as_db_error() {
         // The message and the SQLSTATE; not the detail, which may quote the row's values.
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => e.to_string(),
+        None => one_line(&e),
     };
     Failed {
         error: format!("PostgreSQL {statement} on table {table} failed: {why}").into(),
@@ -181,14 +200,14 @@ pub(crate) fn sql_failed(table: &str, statement: &str, e: tokio_postgres::Error)
 /// A pool that could not hand out a connection.
 pub(crate) fn pool_failed(table: &str, e: PoolError) -> Failed {
     let transient = match &e {
-        PoolError::Backend(e) => is_transient(e),
+        PoolError::Backend(e) => is_transient_pg(e),
         PoolError::Timeout(_) => true,
         _ => false,
     };
     let why = match &e {
         PoolError::Backend(e) => match e.as_db_error() {
             Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-            None => e.to_string(),
+            None => one_line(e),
         },
         other => other.to_string(),
     };
@@ -198,23 +217,20 @@ pub(crate) fn pool_failed(table: &str, e: PoolError) -> Failed {
     }
 }
 
-/// A dropped or refused connection, a server shutting down, or a conflict the server asks
-/// to retry: worth another attempt. A statement the server rejected is not.
-fn is_transient(e: &tokio_postgres::Error) -> bool {
-    use tokio_postgres::error::SqlState;
-    match e.code() {
-        Some(code) => {
-            let c = code.code();
-            // 08: connection exception; 57P0x: admin/crash shutdown, cannot connect now;
-            // 40001/40P01: serialization failure, deadlock.
-            c.starts_with("08")
-                || c.starts_with("57P")
-                || *code == SqlState::T_R_SERIALIZATION_FAILURE
-                || *code == SqlState::T_R_DEADLOCK_DETECTED
+/// A driver error and its causes as one line (`error connecting to server: Connection
+/// refused`), each cause once.
+fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        let text = c.to_string();
+        if !text.is_empty() && !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
         }
-        // No SQLSTATE: the socket closed, an I/O error, a timeout.
-        None => e.is_closed() || e.as_db_error().is_none(),
+        next = c.source();
     }
+    out.replace('\n', " ")
 }
 
 /// Waits between attempts: 20 ms, 40 ms, … up to 1 s, for at most `retry_for` after the
@@ -239,7 +255,7 @@ impl Backoff {
     pub(crate) async fn wait_or_fail(&mut self, f: Failed) -> Result<(), BoxError> {
         let first = *self.started.get_or_insert_with(tokio::time::Instant::now);
         if !f.transient || first.elapsed() + self.wait > self.retry_for {
-            return Err(f.error);
+            return Err(f.into_error());
         }
         tracing::warn!(error = %f.error, retry_in = ?self.wait, "PostgreSQL call failed; retrying");
         tokio::time::sleep(self.wait).await;
@@ -352,7 +368,12 @@ mod tests {
             }
         })
         .await;
-        assert_eq!(r.unwrap_err().to_string(), "syntax");
+        let e = r.unwrap_err();
+        assert_eq!(e.to_string(), "syntax");
+        assert!(
+            e.is::<flowline::Permanent>(),
+            "a statement error is marked permanent"
+        );
         assert_eq!(n, 1);
         let start = tokio::time::Instant::now();
         let r: Result<u32, BoxError> = retrying(Duration::from_secs(2), || async {
@@ -362,7 +383,11 @@ mod tests {
             })
         })
         .await;
-        assert!(r.is_err());
+        let e = r.unwrap_err();
+        assert!(
+            flowline::is_transient(&*e),
+            "past the window: still transient, for the outage policy"
+        );
         assert!(
             start.elapsed() <= Duration::from_secs(2),
             "{:?}",

@@ -90,7 +90,15 @@ pub struct PgStore {
     optimistic: bool,
     /// Optimistic holders: the keys this handle took and has not committed or released.
     held: Arc<KeySet>,
+    /// Leases of this handle's reserve calls that failed: the server may have written them
+    /// before the connection dropped, and the keys come back in a later call, which takes
+    /// them as its own instead of finding them busy until they expire.
+    failed_leases: Arc<std::sync::Mutex<std::collections::VecDeque<i64>>>,
 }
+
+/// Failed leases remembered (the oldest is forgotten first: its keys then wait out their
+/// reservation, as another holder's would).
+const FAILED_LEASES_MAX: usize = 64;
 
 /// A set of keys a handle keeps in this process: those [`PgStore::commit_with`] marked
 /// done, until [`Store::commit`] or [`Store::release`] is called for them (bounded by
@@ -270,10 +278,12 @@ impl PgStore {
         // fillfactor 50: each row is updated once, reserved to done; with room left on its
         // page the update is HOT (no new index entry), about 6 times cheaper.
         pg::create_table(&pool, &table, options.retry_for, &ddl).await?;
-        // $1 scope, $2 holder, $3 ttl ms, $4 keys, $5 `name#` of a named holder, $6 lease.
-        // A key is taken when it is new, its reservation expired, it is this very call's
-        // (a retry after a dropped connection), or an earlier life of this named holder
-        // held it. Only the keys taken come back.
+        // $1 scope, $2 holder, $3 ttl ms, $4 keys, $5 `name#` of a named holder, $6 lease,
+        // $7 leases of this handle's earlier calls that failed. A key is taken when it is
+        // new, its reservation expired, it is this very call's (a retry after a dropped
+        // connection) or a failed call's of this handle (the caller tries again the keys
+        // whose answer it never got), or an earlier life of this named holder held it. Only
+        // the keys taken come back.
         let reserve = format!(
             "INSERT INTO {table} AS t (scope, key, state, holder, lease, expires_ms)
              SELECT $1, k, 0, $2, $6, {NOW_MS} + $3 FROM unnest($4::text[]) AS k
@@ -282,7 +292,7 @@ impl PgStore {
                     expires_ms = excluded.expires_ms
                 WHERE t.state = 0 AND (
                       t.expires_ms <= {NOW_MS}
-                   OR (t.holder = $2 AND t.lease = $6)
+                   OR (t.holder = $2 AND (t.lease = $6 OR t.lease = ANY($7::bigint[])))
                    OR ($5::text IS NOT NULL AND t.holder <> $2 AND (starts_with(t.holder, $5) AND strpos(substr(t.holder, length($5) + 1), '#') = 0)))
              RETURNING key"
         );
@@ -345,6 +355,7 @@ impl PgStore {
             done_here: Arc::default(),
             optimistic: false,
             held: Arc::default(),
+            failed_leases: Arc::default(),
         })
     }
 
@@ -385,6 +396,7 @@ impl PgStore {
             name: None,
             done_here: Arc::default(),
             held: Arc::default(),
+            failed_leases: Arc::default(),
             ..self.clone()
         }
     }
@@ -417,6 +429,7 @@ impl PgStore {
         self.name = Some(prefix);
         self.done_here = Arc::default();
         self.held = Arc::default();
+        self.failed_leases = Arc::default();
         self
     }
 
@@ -558,19 +571,19 @@ impl PgStore {
                 let stmt = tx
                     .prepare_cached(&self.sql.write_done)
                     .await
-                    .map_err(|e| sql_failed(table, what, e).error)?;
+                    .map_err(|e| sql_failed(table, what, e).into_error())?;
                 tx.query(&stmt, &[scope, keys, holder, &name])
                     .await
-                    .map_err(|e| sql_failed(table, what, e).error)?
+                    .map_err(|e| sql_failed(table, what, e).into_error())?
             } else {
                 let what = "commit_with (INSERT … ON CONFLICT)";
                 let stmt = tx
                     .prepare_cached(&self.sql.mark_done)
                     .await
-                    .map_err(|e| sql_failed(table, what, e).error)?;
+                    .map_err(|e| sql_failed(table, what, e).into_error())?;
                 tx.query(&stmt, &self.keys_params(&keys))
                     .await
-                    .map_err(|e| sql_failed(table, what, e).error)?
+                    .map_err(|e| sql_failed(table, what, e).into_error())?
             };
             let mut marked = HashSet::with_capacity(rows.len());
             for row in &rows {
@@ -581,18 +594,57 @@ impl PgStore {
                 }
             }
             if let Some(key) = keys.iter().find(|k| !marked.contains(k.as_str())) {
-                // Dropping `tx` rolls the effect back.
+                // Dropping `tx` rolls the effect back. Keys this holder committed already
+                // were an earlier call's, whose answer was lost with its connection.
+                let missing: HashSet<&str> = keys
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|k| !marked.contains(k))
+                    .collect();
+                if self.done_by_this_holder(&tx, &missing).await? {
+                    if self.optimistic {
+                        self.held.forget(keys);
+                    }
+                    return Err(Box::new(AlreadyCommitted {
+                        keys: missing.len(),
+                    }));
+                }
                 return Err(self.not_reserved(Some(key)));
             }
         }
         tx.commit()
             .await
-            .map_err(|e| sql_failed(table, "commit_with (COMMIT)", e).error)?;
+            .map_err(|e| sql_failed(table, "commit_with (COMMIT)", e).into_error())?;
         if self.optimistic {
             self.held.forget(keys);
         }
         self.done_here.remember(keys);
         Ok(out)
+    }
+
+    /// Whether every key of `keys` is done, and done by this holder.
+    async fn done_by_this_holder(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        keys: &HashSet<&str>,
+    ) -> Result<bool, BoxError> {
+        let keys: Vec<&str> = keys.iter().copied().collect();
+        let sql = format!(
+            "SELECT count(*) FROM unnest($2::text[]) AS k(key)
+             CROSS JOIN LATERAL ({}) AS t WHERE t.state = 1 AND t.holder = $3",
+            probe(&self.table, "state, holder")
+        );
+        let [scope, ks, holder] = self.keys_params(&keys);
+        let row = tx
+            .query_typed(&sql, &[(scope, TEXT), (ks, TEXT_ARRAY), (holder, TEXT)])
+            .await
+            .map_err(|e| sql_failed(&self.table, "commit_with (SELECT state)", e).into_error())?;
+        let n: i64 = row.first().and_then(|r| r.try_get(0).ok()).unwrap_or(0);
+        Ok(n == keys.len() as i64)
+    }
+
+    fn failed_leases(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<i64>> {
+        self.failed_leases.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn not_reserved(&self, key: Option<&String>) -> BoxError {
@@ -654,9 +706,10 @@ impl PgStore {
             .collect();
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 4);
         let lease = next_lease();
+        let earlier: Vec<i64> = self.failed_leases().iter().copied().collect();
         let name = self.name.as_deref();
         let table = &*self.table;
-        let (taken, states) = retrying(self.retry_for, || async {
+        let answer = retrying(self.retry_for, || async {
             let client = self.pool.get().await.map_err(|e| pool_failed(table, e))?;
             let what = "reserve (INSERT … ON CONFLICT)";
             let stmt = client
@@ -673,6 +726,7 @@ impl PgStore {
                         &distinct,
                         &name,
                         &lease,
+                        &earlier,
                     ],
                 )
                 .await
@@ -704,7 +758,18 @@ impl PgStore {
                 .collect();
             Ok((taken, states))
         })
-        .await?;
+        .await;
+        let (taken, states) = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                let mut failed = self.failed_leases();
+                if failed.len() == FAILED_LEASES_MAX {
+                    failed.pop_front();
+                }
+                failed.push_back(lease);
+                return Err(e);
+            }
+        };
         let done: HashSet<&str> = states
             .iter()
             .filter(|(_, s)| *s == 1)
@@ -824,6 +889,52 @@ impl PgStore {
         .map(|_| ())
     }
 }
+
+/// The error of [`PgStore::commit_with`] when every key was committed already, by this
+/// holder: an earlier call wrote the effect and the keys, and its answer was lost with its
+/// connection. Nothing was written again; the effect is there once. A caller that tries a
+/// failed `commit_with` again takes this as success.
+///
+/// ```no_run
+/// use flowline_postgres::{AlreadyCommitted, PgStore};
+/// # #[tokio::main] async fn main() -> Result<(), flowline::BoxError> {
+/// let store = PgStore::connect("postgresql://flowline@localhost/app").await?;
+/// let keys = vec!["row-1".to_string()];
+/// match store.commit_with(&keys, async |tx| tx.execute("insert into sent values (1)", &[]).await).await {
+///     Ok(_) => {}
+///     Err(e) if e.is::<AlreadyCommitted>() => {}   // written by the earlier attempt
+///     Err(e) => return Err(e),
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct AlreadyCommitted {
+    keys: usize,
+}
+
+impl AlreadyCommitted {
+    /// How many keys the call was given that were committed already.
+    ///
+    /// ```no_run
+    /// # fn f(e: &flowline_postgres::AlreadyCommitted) { let n = e.keys(); let _ = n; }
+    /// ```
+    pub fn keys(&self) -> usize {
+        self.keys
+    }
+}
+
+impl std::fmt::Display for AlreadyCommitted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the {} key(s) were committed by this holder already (an earlier call whose answer \
+             was lost): effect not written again",
+            self.keys
+        )
+    }
+}
+
+impl std::error::Error for AlreadyCommitted {}
 
 impl Store for PgStore {
     fn reserve<'a>(

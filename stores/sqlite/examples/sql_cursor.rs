@@ -4,32 +4,40 @@
 //! row is skipped, and only the rows that were in flight are processed twice.
 //!
 //! ```text
-//! cargo run -p flowline-sqlite --example sql_cursor -- <db> [rows] [stop_after] [--exactly-once]
+//! cargo run -p flowline-sqlite --example sql_cursor -- <db> [rows] [stop_after] [--exactly-once] [--rate N]
 //! ```
 //!
 //! - `db`: the SQLite file (created if missing) holding `items` and the checkpoints.
 //! - `rows`: rows to put in `items` if it is empty (default 100000).
 //! - `stop_after`: stop gracefully after this many rows, as Ctrl-C does.
+//! - `--rate`: at most this many rows per second (to watch a run ride out a fault).
 //!
-//! Each processed id is appended to `<db>.processed`, one per line, before the row counts as
-//! finished: that is the effect a crash test checks.
+//! Each processed id is appended to `<db>.processed`, one per line (a batch of rows per
+//! write), before the row counts as finished: that is the effect a crash test checks.
 //!
 //! With `--exactly-once`, the effect is a row in the table `processed_rows` of the same file,
 //! written in one transaction with the row's idempotency key (`SqliteStore::commit_with`),
 //! and rows pass `idempotent` first: a killed and restarted run then processes every row
 //! exactly once.
+//!
+//! The file locked by another connection or process (a backup, a long write) pauses the run
+//! until the lock is gone; nothing fails for it. The exit status is 0 only when every row
+//! was processed; an error is printed as one paragraph.
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use flowline::prelude::*;
-use flowline::{CursorOptions, Page};
-use flowline_sqlite::{SqliteCheckpoints, SqliteStore};
+use flowline::{CursorOptions, Outage, Page};
+use flowline_sqlite::{SqliteCheckpoints, SqliteStore, classify, is_transient};
 use futures::StreamExt;
 use rusqlite::{Connection, params};
 
 const PAGE: i64 = 1000;
+/// Effects are written per batch of rows: one transaction (or one append) per batch.
+const BATCH: usize = 500;
 
 /// What the example is told to do.
 pub struct Args {
@@ -38,17 +46,36 @@ pub struct Args {
     pub stop_after: Option<u64>,
     /// Effects in the database, committed with their idempotency keys.
     pub exactly_once: bool,
+    /// At most this many rows per second (to watch a run ride out a fault).
+    pub rate: Option<u64>,
+    /// Counts the rows whose effects are written, for a watcher in the same process (a
+    /// test or a benchmark of faults); not a command-line option.
+    pub progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Args {
     pub fn parse(args: &[String]) -> Result<Args, String> {
-        let usage = "usage: sql_cursor <db> [rows] [stop_after] [--exactly-once]";
+        let usage = "usage: sql_cursor <db> [rows] [stop_after] [--exactly-once] [--rate N]";
         let exactly_once = args.iter().any(|a| a == "--exactly-once");
-        let args: Vec<String> = args
-            .iter()
-            .filter(|a| *a != "--exactly-once")
-            .cloned()
-            .collect();
+        let mut rate = None;
+        let mut rest = Vec::new();
+        let mut it = args.iter().filter(|a| *a != "--exactly-once");
+        while let Some(a) = it.next() {
+            if a == "--rate" {
+                let v = it.next().ok_or(format!("--rate needs a value; {usage}"))?;
+                match v.parse::<u64>() {
+                    Ok(n) if n > 0 => rate = Some(n),
+                    _ => {
+                        return Err(format!(
+                            "--rate: {v:?} is not a count of rows per second above 0; {usage}"
+                        ));
+                    }
+                }
+            } else {
+                rest.push(a.clone());
+            }
+        }
+        let args = rest;
         let db = args.first().ok_or(usage)?.clone();
         let num = |i: usize| -> Result<Option<i64>, String> {
             args.get(i)
@@ -60,6 +87,8 @@ impl Args {
             rows: num(1)?.unwrap_or(100_000),
             stop_after: num(2)?.map(|n| n as u64),
             exactly_once,
+            rate,
+            progress: None,
         })
     }
 }
@@ -100,8 +129,43 @@ fn fetch_page(conn: &Connection, after: i64) -> rusqlite::Result<Page<(i64, Stri
     })
 }
 
+/// The effect of processing rows, done before they count as finished.
+enum Effect {
+    /// Rows in `processed_rows`, in one transaction with the rows' idempotency keys.
+    Db(SqliteStore),
+    /// One line per row appended to `<db>.processed`, unbuffered.
+    Log(Mutex<std::fs::File>),
+}
+
+impl Effect {
+    /// Writes the effect of `ids` (blocking). The file locked by another connection past the
+    /// busy timeout fails before anything was written, with an error `is_transient` knows.
+    fn apply(&self, ids: &[i64]) -> Result<(), BoxError> {
+        match self {
+            Effect::Db(keys) => {
+                let names: Vec<String> = ids.iter().map(i64::to_string).collect();
+                keys.commit_with(&names, |tx| {
+                    let mut ins =
+                        tx.prepare_cached("insert into processed_rows (id) values (?1)")?;
+                    for id in ids {
+                        ins.execute([id])?;
+                    }
+                    Ok(())
+                })
+            }
+            Effect::Log(log) => {
+                let lines: String = ids.iter().map(|id| format!("{id}\n")).collect();
+                let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+                Ok(log.write_all(lines.as_bytes())?)
+            }
+        }
+    }
+}
+
+type BoxError = flowline::BoxError;
+
 /// Runs the example; returns the report.
-pub async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error + Send + Sync>> {
+pub async fn run(args: Args) -> Result<Report, BoxError> {
     create_table(&args.db, args.rows)?;
     let store = SqliteCheckpoints::open(&args.db)?;
     let reader = Arc::new(Mutex::new(Connection::open(&args.db)?));
@@ -113,41 +177,38 @@ pub async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error + Send 
                 fetch_page(&reader.lock().unwrap_or_else(|p| p.into_inner()), after)
             })
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+            .map_err(|e| flowline::Permanent::new(e.to_string()))?
+            // A locked file pauses the source under the run's outage policy; a bad
+            // statement ends the run.
+            .map_err(classify)
         }
     };
     // Commit the checkpoint each time the low watermark moves: after a crash only the pages
     // that were in flight run again. (The default spaces commits 10 ms apart, which is
     // cheaper on a fast pipeline and replays up to 10 ms more work.)
-    let commit_each_page = CursorOptions::new().commit_every(std::time::Duration::ZERO);
+    let commit_each_page = CursorOptions::new().commit_every(Duration::ZERO);
     let mut source = Pipeline::from_cursor_with(store, "items", commit_each_page, fetch);
-    // The effect of processing a row, done before the row counts as finished.
-    let mut effect: Box<dyn FnMut(i64) + Send> = if args.exactly_once {
-        // In the database, in one transaction with the row's idempotency key.
+    let effect = if args.exactly_once {
+        // In the database, in one transaction with the rows' idempotency keys.
         let keys = SqliteStore::open(&args.db)?
             .scope("sql_cursor")
             .holder("sql_cursor");
-        let written = keys.clone();
-        source = source.idempotent(keys, |row| row.0).into_pipeline();
-        Box::new(move |id| {
-            written
-                .commit_with(&[id.to_string()], |tx| {
-                    tx.execute("insert into processed_rows (id) values (?1)", [id])
-                })
-                .expect("write the row's effect");
-        })
+        source = source.idempotent(keys.clone(), |row| row.0).into_pipeline();
+        Effect::Db(keys)
     } else {
-        // One unbuffered append per row.
-        let mut log = OpenOptions::new()
+        let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(format!("{}.processed", args.db))?;
-        Box::new(move |id| {
-            log.write_all(format!("{id}\n").as_bytes())
-                .expect("append to the processed log");
-        })
+        Effect::Log(Mutex::new(log))
     };
+    let effect = Arc::new(effect);
+    if let Some(rate) = args.rate {
+        source = source
+            .map_async("pace", |row| async move { row })
+            .rate_limit(Rate::per_second(rate))
+            .into_pipeline();
+    }
     let mut rows = source
         .map_async("process", |(id, payload): (i64, String)| async move {
             // Stand-in for real work.
@@ -156,10 +217,28 @@ pub async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error + Send 
         })
         .workers(8)
         .unordered()
-        .map(move |(id, _len)| {
-            effect(id);
-            id
+        .batch(BATCH, Duration::from_millis(5))
+        .try_map_async("effect", move |batch: Vec<(i64, usize)>| {
+            let effect = effect.clone();
+            async move {
+                let ids: Vec<i64> = batch.iter().map(|r| r.0).collect();
+                let n = ids.len();
+                tokio::task::spawn_blocking(move || effect.apply(&ids))
+                    .await
+                    .map_err(|e| e.to_string())??;
+                Ok::<usize, BoxError>(n)
+            }
         })
+        // The file locked by another connection (a backup, a long write) fails attempts,
+        // not the rows: they are tried again as long as the default outage policy waits
+        // for a server (5 minutes). Any other error fails the batch at once.
+        .retry(
+            Retry::exponential(Duration::from_millis(50))
+                .max_delay(Duration::from_secs(1))
+                .jitter()
+                .max_elapsed(Outage::DEFAULT_LIMIT)
+                .retry_if(is_transient),
+        )
         .into_stream();
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
@@ -174,8 +253,11 @@ pub async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error + Send 
                 stopping = true;
             }
             next = rows.next() => match next {
-                Some(_id) => {
-                    seen += 1;
+                Some(n) => {
+                    seen += n as u64;
+                    if let Some(p) = &args.progress {
+                        p.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
                     if !stopping && args.stop_after.is_some_and(|n| seen >= n) {
                         rows.handle().stop();
                         stopping = true;
@@ -188,12 +270,65 @@ pub async fn run(args: Args) -> Result<Report, Box<dyn std::error::Error + Send 
     Ok(rows.finish().await?)
 }
 
+/// What the run left undone, if anything: failed rows, rows left unfinished, or a run that
+/// did not reach the end of the table.
+pub fn unfinished(report: &Report) -> Option<String> {
+    let left: u64 = report.stages.iter().map(|s| s.unfinished).sum();
+    if report.failures > 0 {
+        Some(format!(
+            "{} item(s) failed (see the report); run again to retry them",
+            report.failures
+        ))
+    } else if report.outcome != RunOutcome::Completed || left > 0 {
+        Some(format!(
+            "the run ended {} with {left} item(s) unfinished; run again to finish",
+            report.outcome
+        ))
+    } else {
+        None
+    }
+}
+
+/// An error and its causes as one paragraph, each cause once.
+pub fn paragraph(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = e.source();
+    }
+    out.replace('\n', " ")
+}
+
 #[allow(dead_code)]
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let args = Args::parse(&args)?;
-    let report = run(args).await?;
-    println!("{report}");
-    Ok(())
+    let args = match Args::parse(&args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("sql_cursor: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(args).await {
+        Ok(report) => {
+            println!("{report}");
+            match unfinished(&report) {
+                None => std::process::ExitCode::SUCCESS,
+                Some(why) => {
+                    eprintln!("sql_cursor: {why}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("sql_cursor: {}", paragraph(&*e));
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

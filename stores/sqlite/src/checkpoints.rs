@@ -3,7 +3,10 @@
 //! The file is created on first use with a table `flowline_checkpoints(name primary key,
 //! cursor, updated_at)`. The same file may hold other tables (the data being read, the
 //! idempotency keys). Calls are short single-row statements on one connection; they run on
-//! tokio's blocking pool so a slow disk never stalls the runtime's workers.
+//! tokio's blocking pool so a slow disk never stalls the runtime's workers. A call that finds
+//! the file locked by another connection waits up to the busy timeout, then fails with an
+//! error marked [`Transient`](flowline::Transient): the cursor source waits and tries again
+//! under the run's outage policy.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -48,6 +51,7 @@ impl SqliteCheckpoints {
     /// ```
     pub fn open(path: impl AsRef<Path>) -> Result<Self, BoxError> {
         let conn = Connection::open(path)?;
+        conn.busy_timeout(crate::BUSY_TIMEOUT)?;
         // WAL: a commit is one append, and readers of the same file are not blocked.
         let _: String = conn.query_row("pragma journal_mode = wal", [], |r| r.get(0))?;
         // In WAL mode `normal` skips the fsync per commit: a commit survives a crash of the
@@ -76,8 +80,10 @@ impl SqliteCheckpoints {
                 let c = conn.lock().unwrap_or_else(|p| p.into_inner());
                 f(&c)
             };
-            let r = tokio::task::spawn_blocking(run).await?;
-            Ok(r?)
+            let r = tokio::task::spawn_blocking(run)
+                .await
+                .map_err(|e| BoxError::from(flowline::Permanent::new(e.to_string())))?;
+            r.map_err(crate::transient::classify)
         })
     }
 }

@@ -13,6 +13,13 @@
 //! Both may share one file, beside the data being read: each keeps its own table, prefixed
 //! `flowline_`. Calls run on tokio's blocking pool, so a slow disk never stalls the runtime.
 //!
+//! The file locked by another connection or process (a backup, a long write) is not a
+//! failure of items: a call waits up to a busy timeout of 5 s, then fails with an error
+//! marked [`Transient`](flowline::Transient), and the run's [`Outage`](flowline::Outage)
+//! policy tries it again until the lock is gone. [`is_transient`] tells the same of the
+//! errors of your own statements and effects (`SQLITE_BUSY`, `SQLITE_LOCKED`), for a
+//! stage's `retry_if`; [`classify`] marks them, for a cursor source's fetch.
+//!
 //! ```
 //! use flowline::prelude::*;
 //! use flowline::Page;
@@ -58,9 +65,15 @@
 
 mod checkpoints;
 mod store;
+mod transient;
 
 pub use checkpoints::SqliteCheckpoints;
 pub use store::SqliteStore;
+pub use transient::{classify, is_transient, is_transient_error};
+
+/// How long a store call waits for a lock another connection holds before it fails with
+/// `SQLITE_BUSY` (marked transient: the run's outage policy tries again).
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The SQLite library the stores are built on, re-exported so that an effect given to
 /// [`SqliteStore::commit_with`] names the same `Transaction` type.

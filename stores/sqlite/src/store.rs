@@ -22,7 +22,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use flowline::{BoxError, Reservation, Store, StoreFuture};
+use flowline::{BoxError, Permanent, Reservation, Store, StoreFuture};
+
+use crate::transient::classify;
 
 const RESERVED: i64 = 0;
 const DONE: i64 = 1;
@@ -119,6 +121,7 @@ impl SqliteStore {
         let path = path.as_ref();
         let conn =
             Connection::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        conn.busy_timeout(crate::BUSY_TIMEOUT)?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
@@ -229,7 +232,10 @@ impl SqliteStore {
     /// and only if its effect is there, and a done key is never processed again. Each key
     /// must be reserved by this holder (as [`idempotent`](flowline::Flow::idempotent) does
     /// when the item enters); if one is not, nothing is written and the call fails.
-    /// Blocking: call it from a synchronous stage or `spawn_blocking`.
+    /// Blocking: call it from a synchronous stage or `spawn_blocking`. The file locked by
+    /// another connection past the busy timeout fails the call before the effect has run,
+    /// with an error [`is_transient`](crate::is_transient) knows: try it again. An error of
+    /// the effect itself comes back as it was.
     ///
     /// ```
     /// use flowline::prelude::*;
@@ -259,9 +265,11 @@ impl SqliteStore {
         effect: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<R>,
     ) -> Result<R, BoxError> {
         let mut conn = self.inner.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(classify)?;
         let out = effect(&tx)?;
-        if let Some(key) = mark_done(&tx, &self.scope, &self.holder, keys)? {
+        if let Some(key) = mark_done(&tx, &self.scope, &self.holder, keys).map_err(classify)? {
             // Dropping `tx` rolls the effect back.
             return Err(format!(
                 "key {key:?} is not reserved by this holder ({}): effect not written",
@@ -269,7 +277,7 @@ impl SqliteStore {
             )
             .into());
         }
-        tx.commit()?;
+        tx.commit().map_err(classify)?;
         Ok(out)
     }
 
@@ -314,8 +322,8 @@ impl SqliteStore {
                 Ok::<T, rusqlite::Error>(out)
             })
             .await
-            .map_err(|e| BoxError::from(e.to_string()))?
-            .map_err(BoxError::from)
+            .map_err(|e| BoxError::from(Permanent::new(e.to_string())))?
+            .map_err(classify)
         })
     }
 }

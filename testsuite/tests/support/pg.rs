@@ -25,6 +25,9 @@ struct Cluster {
     bin: PathBuf,
     data: PathBuf,
     as_postgres: bool,
+    /// The server's options and log file, for starting it again after a stop.
+    opts: String,
+    log: String,
     _dir: tempfile::TempDir,
 }
 
@@ -126,10 +129,12 @@ impl PgServer {
             );
         }
         let data = dir.path().join("data");
-        let cluster = Cluster {
+        let mut cluster = Cluster {
             bin,
             data: data.clone(),
             as_postgres,
+            opts: String::new(),
+            log: String::new(),
             _dir: dir,
         };
         let d = data.to_string_lossy().into_owned();
@@ -171,6 +176,8 @@ impl PgServer {
                 &["-D", &d, "-l", &log, "-o", &opts, "-w", "-t", "30", "start"],
             );
             if out.status.success() {
+                cluster.opts = opts;
+                cluster.log = log;
                 let admin = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres")
                     .parse()
                     .expect("config");
@@ -256,11 +263,171 @@ impl PgServer {
     }
 }
 
+/// Faults of the server, for the tests that a run rides them out. They need the test's own
+/// cluster (not `FLOWLINE_PG_URL`).
+impl PgServer {
+    fn cluster(&self) -> &Cluster {
+        self.own
+            .as_ref()
+            .expect("server faults need the test's own cluster: unset FLOWLINE_PG_URL")
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let c = self.cluster();
+        let d = c.data.to_string_lossy().into_owned();
+        let mut all = vec!["-D", &d, "-l", &c.log, "-w", "-t", "30"];
+        all.extend_from_slice(args);
+        let out = c.run("pg_ctl", &all);
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Whether faults can be injected (the server is the test's own).
+    pub fn is_own(&self) -> bool {
+        self.own.is_some()
+    }
+
+    /// Closes every connection to database `db` from the server's side
+    /// (`pg_terminate_backend`); returns how many.
+    pub fn terminate_connections(&self, db_url: &str) -> usize {
+        let db = db_name(db_url);
+        let config = self.admin.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let (client, conn) = config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .expect("connect to the test server");
+                let task = tokio::spawn(conn);
+                let row = client
+                    .query_one(
+                        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+                         WHERE datname = $1 AND pid <> pg_backend_pid()",
+                        &[&db],
+                    )
+                    .await
+                    .expect("pg_terminate_backend");
+                drop(client);
+                let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+                row.get::<_, i64>(0) as usize
+            })
+        })
+        .join()
+        .expect("admin thread")
+    }
+
+    /// `pg_ctl restart -m fast`: the server ends every session and starts again on the same
+    /// port.
+    pub fn restart_fast(&self) {
+        let opts = self.cluster().opts.clone();
+        self.pg_ctl(&["-m", "fast", "-o", &opts, "restart"]);
+    }
+
+    /// `pg_ctl stop -m fast`: the server ends every session and is gone until
+    /// [`start_again`](PgServer::start_again).
+    pub fn stop_fast(&self) {
+        self.pg_ctl(&["-m", "fast", "stop"]);
+    }
+
+    /// Starts the stopped server again, on the same port.
+    pub fn start_again(&self) {
+        let opts = self.cluster().opts.clone();
+        self.pg_ctl(&["-o", &opts, "start"]);
+    }
+
+    /// The server's processes: the postmaster and its children.
+    fn processes(&self) -> Vec<u32> {
+        let pid_file = self.cluster().data.join("postmaster.pid");
+        let text = std::fs::read_to_string(&pid_file).unwrap_or_default();
+        let Some(main) = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<u32>().ok())
+        else {
+            return Vec::new();
+        };
+        let mut pids = vec![main];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // `pid (comm) state ppid ...`: the command may hold spaces, the last `)` ends it.
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(main) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    /// Sends `sig` to each of `pids`; the first (the postmaster) must take it, a child may
+    /// have ended meanwhile.
+    fn signal(&self, sig: &str, pids: &[u32]) {
+        for (i, pid) in pids.iter().enumerate() {
+            let ok = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(pid.to_string())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok || i > 0, "kill -{sig} {pid} (the postmaster) failed");
+        }
+    }
+
+    /// Freezes the server (SIGSTOP to the postmaster and its children): connections stay
+    /// open and nothing answers. Returns the frozen processes, for [`thaw`](PgServer::thaw).
+    pub fn freeze(&self) -> Vec<u32> {
+        let pids = self.processes();
+        assert!(!pids.is_empty(), "no server processes to freeze");
+        self.signal("STOP", &pids);
+        pids
+    }
+
+    /// Resumes the processes [`freeze`](PgServer::freeze) stopped.
+    pub fn thaw(&self, pids: &[u32]) {
+        self.signal("CONT", pids);
+    }
+}
+
+/// The `dbname` of a `key=value` connection string.
+fn db_name(url: &str) -> String {
+    let config: tokio_postgres::Config = url.parse().expect("connection string");
+    config.get_dbname().expect("a database name").to_string()
+}
+
 impl Drop for PgServer {
     fn drop(&mut self) {
         match &self.own {
-            // The whole cluster goes; its folder is removed with the temp dir.
-            Some(cluster) => cluster.stop(),
+            // The whole cluster goes; its folder is removed with the temp dir. A server a
+            // failed test left frozen is resumed first, so that it can stop.
+            Some(cluster) => {
+                let frozen = self.processes();
+                if !frozen.is_empty() {
+                    let _ = Command::new("kill")
+                        .arg("-CONT")
+                        .args(frozen.iter().map(u32::to_string))
+                        .stderr(Stdio::null())
+                        .status();
+                }
+                cluster.stop()
+            }
             None => {
                 for db in std::mem::take(&mut self.made) {
                     let sql = format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)");

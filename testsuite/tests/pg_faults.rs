@@ -1,0 +1,208 @@
+//! Faults of a real PostgreSQL server under a running pipeline: the `pg_cursor` example with
+//! `--exactly-once` (idempotency keys, each batch's effect in one transaction with its keys)
+//! over 100,000 rows, paced at 10,000 rows/s so that the fault lands in the middle of the
+//! run, while the test's own server has its connections killed every 2 s
+//! (`pg_terminate_backend`), is restarted (`pg_ctl restart -m fast`), is stopped for 5 s
+//! then started, or is frozen (SIGSTOP) for 5 s then resumed. Each run must finish by itself
+//! (no rerun) with every row's effect written exactly once: lost 0, duplicate effects 0,
+//! failed (dead-lettered) rows 0, nothing left unfinished.
+//!
+//! Each test has a cluster of its own (the faults hit the whole server). The example's own
+//! `run` is compiled in below and runs in this process, on a runtime of its own thread.
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../stores/postgres/examples/pg_cursor.rs"]
+mod pg_cursor;
+mod support;
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use flowline::Report;
+use flowline_postgres::tokio_postgres;
+use support::pg::PgServer;
+
+const ROWS: i64 = 100_000;
+const RATE: u64 = 10_000;
+/// Longer than any run below takes (about 10 s of rows plus the fault): a run still going
+/// then has hung.
+const RUN_BOUND: Duration = Duration::from_secs(50);
+
+/// The example, started on a thread of its own; its report comes back on the channel.
+fn start(url: &str) -> mpsc::Receiver<Result<Report, String>> {
+    let args = [
+        "--url",
+        url,
+        "--rows",
+        &ROWS.to_string(),
+        "--exactly-once",
+        "--rate",
+        &RATE.to_string(),
+    ];
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let args = pg_cursor::Args::parse(&args).unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let r = rt.block_on(pg_cursor::run(args));
+        let _ = tx.send(r.map_err(|e| pg_cursor::paragraph(&*e)));
+    });
+    rx
+}
+
+/// A query on a connection of the test's own, made for the call (the server may have
+/// restarted since the last one). `None` while the server does not answer.
+fn count(url: &str, sql: &str) -> Option<i64> {
+    let (url, sql) = (url.to_string(), sql.to_string());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let connect = tokio_postgres::connect(&url, tokio_postgres::NoTls);
+            let (client, conn) = tokio::time::timeout(Duration::from_secs(2), connect)
+                .await
+                .ok()?
+                .ok()?;
+            tokio::spawn(conn);
+            let row = client.query_opt(&sql, &[]).await.ok()??;
+            row.try_get::<_, i64>(0).ok()
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+/// Waits until the run has written `rows` effects (the fault then lands mid-run).
+fn wait_for_progress(url: &str, rows: i64, run: &mpsc::Receiver<Result<Report, String>>) {
+    let until = Instant::now() + RUN_BOUND;
+    loop {
+        if count(url, "SELECT count(*) FROM processed_rows").unwrap_or(0) >= rows {
+            return;
+        }
+        if let Ok(r) = run.try_recv() {
+            panic!("the run ended before the fault: {r:?}");
+        }
+        assert!(Instant::now() < until, "no progress to {rows} rows");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The run's end, which must come by itself within the bound, complete, and with every
+/// row's effect exactly once.
+fn assert_exactly_once(url: &str, run: mpsc::Receiver<Result<Report, String>>, fault: &str) {
+    let report = match run.recv_timeout(RUN_BOUND) {
+        Ok(Ok(report)) => report,
+        Ok(Err(e)) => panic!("{fault}: the run failed: {e}"),
+        Err(_) => panic!("{fault}: the run did not finish within {RUN_BOUND:?}"),
+    };
+    assert_eq!(report.failures, 0, "{fault}: dead-lettered rows\n{report}");
+    assert_eq!(
+        pg_cursor::unfinished(&report),
+        None,
+        "{fault}: the run did not finish\n{report}"
+    );
+    let total = count(url, "SELECT count(*) FROM processed_rows").unwrap();
+    let distinct = count(url, "SELECT count(DISTINCT id) FROM processed_rows").unwrap();
+    let in_range = count(
+        url,
+        "SELECT count(DISTINCT id) FROM processed_rows WHERE id BETWEEN 1 AND 100000",
+    )
+    .unwrap();
+    assert_eq!(ROWS - in_range, 0, "{fault}: rows lost");
+    assert_eq!(total - distinct, 0, "{fault}: duplicate effects");
+    assert_eq!(distinct, ROWS, "{fault}: effects of rows that do not exist");
+    eprintln!("{fault}: {report}");
+}
+
+#[test]
+fn connections_killed_every_2s_lose_nothing_and_duplicate_nothing() {
+    let mut server = PgServer::start();
+    if !server.is_own() {
+        return;
+    }
+    let url = server.database();
+    let run = start(&url);
+    wait_for_progress(&url, 10_000, &run);
+    let mut kills = 0;
+    let mut killed = 0;
+    // Every 2 s until the run ends: about four kills in a run of ten seconds.
+    let report = loop {
+        match run.recv_timeout(Duration::from_secs(2)) {
+            Ok(r) => break r,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                killed += server.terminate_connections(&url);
+                kills += 1;
+                assert!(kills < 25, "the run did not finish under kills");
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let (tx, rx) = mpsc::channel();
+    tx.send(report).unwrap();
+    assert_exactly_once(&url, rx, "connections killed");
+    assert!(
+        kills >= 2 && killed >= 2,
+        "{kills} kills, {killed} connections"
+    );
+}
+
+#[test]
+fn a_fast_restart_loses_nothing_and_duplicates_nothing() {
+    let mut server = PgServer::start();
+    if !server.is_own() {
+        return;
+    }
+    let url = server.database();
+    let run = start(&url);
+    wait_for_progress(&url, 20_000, &run);
+    server.restart_fast();
+    assert_exactly_once(&url, run, "pg_ctl restart -m fast");
+}
+
+#[test]
+fn a_server_stopped_for_5s_loses_nothing_and_duplicates_nothing() {
+    let mut server = PgServer::start();
+    if !server.is_own() {
+        return;
+    }
+    let url = server.database();
+    let run = start(&url);
+    wait_for_progress(&url, 20_000, &run);
+    server.stop_fast();
+    let stopped = Instant::now();
+    assert_eq!(
+        count(&url, "SELECT 1::bigint"),
+        None,
+        "the server still answers"
+    );
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(stopped.elapsed()));
+    server.start_again();
+    assert_exactly_once(&url, run, "server stopped for 5 s");
+}
+
+#[test]
+fn a_server_frozen_for_5s_loses_nothing_and_duplicates_nothing() {
+    let mut server = PgServer::start();
+    if !server.is_own() {
+        return;
+    }
+    let url = server.database();
+    let run = start(&url);
+    wait_for_progress(&url, 20_000, &run);
+    let frozen = server.freeze();
+    let at = Instant::now();
+    assert_eq!(
+        count(&url, "SELECT 1::bigint"),
+        None,
+        "the frozen server answered"
+    );
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(at.elapsed()));
+    server.thaw(&frozen);
+    assert_exactly_once(&url, run, "server frozen for 5 s");
+}
