@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::AsyncWriteExt;
 
+use crate::jobs::Jobs;
 use crate::spec::{Task, TaskKind};
 
 /// What flows between stages: the current value and the inputs it came from (several after
@@ -21,6 +22,9 @@ pub struct Item {
     pub inputs: Arc<Vec<String>>,
     /// The current value: one text, or the texts of a batch.
     pub value: Value,
+    /// Not run: a stop came before its task started. It passes the later steps untouched
+    /// and ends neither done nor failed, so that a rerun with `--state` runs it.
+    pub unfinished: bool,
 }
 
 /// An item's value.
@@ -53,6 +57,7 @@ impl Item {
             seq,
             inputs: Arc::new(vec![input.clone()]),
             value: Value::One(input),
+            unfinished: false,
         }
     }
 }
@@ -225,10 +230,12 @@ impl TaskRt {
 pub struct Runner {
     pub http: reqwest::Client,
     pub joblog: Option<Mutex<std::fs::File>>,
+    /// The running processes, each in its own group.
+    pub jobs: Jobs,
 }
 
 impl Runner {
-    pub fn new(pool: usize, joblog: Option<std::fs::File>) -> Result<Runner, String> {
+    pub fn new(pool: usize, joblog: Option<std::fs::File>, jobs: Jobs) -> Result<Runner, String> {
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(pool.max(1))
             .tcp_nodelay(true)
@@ -241,7 +248,7 @@ impl Runner {
             );
             Mutex::new(f)
         });
-        Ok(Runner { http, joblog })
+        Ok(Runner { http, joblog, jobs })
     }
 
     /// One call of `task` on `item`: the new value, or why it failed.
@@ -336,12 +343,14 @@ impl Runner {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .process_group(0)
             .kill_on_drop(true);
         let mut child = command.spawn().map_err(|e| CallError {
             message: format!("cannot start `{prog}`: {e}"),
             exit: Some(127),
             ..CallError::default()
         })?;
+        let group = child.id().map(|pid| self.jobs.started(pid));
         let stdin = child.stdin.take();
         let feed = async {
             if let (Some(mut pipe), Some(data)) = (stdin, stdin_data.as_deref()) {
@@ -351,6 +360,9 @@ impl Runner {
             }
         };
         let (_, out) = tokio::join!(feed, child.wait_with_output());
+        if let Some(g) = group {
+            g.reaped();
+        }
         let out = out.map_err(|e| CallError {
             message: format!("waiting for `{prog}`: {e}"),
             ..CallError::default()
@@ -474,6 +486,7 @@ mod tests {
             seq: 3,
             inputs: Arc::new(vec![]),
             value: Value::Many(vec!["a b".into(), "c".into()]),
+            unfinished: false,
         };
         assert_eq!(Command::new("rm {}").argv(&item), ["rm", "a b", "c"]);
         assert_eq!(

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod exec;
+mod jobs;
 mod parse;
 mod run;
 mod spec;
@@ -106,6 +107,16 @@ struct Cli {
     /// No report at the end.
     #[arg(short, long)]
     quiet: bool,
+
+    /// After a first Ctrl-C / SIGTERM / SIGHUP, kill the running jobs if they have not
+    /// finished within this time (like `5s`, `2m`); by default they may run until a second
+    /// signal.
+    #[arg(long, value_name = "DURATION", value_parser = parse_grace)]
+    grace: Option<std::time::Duration>,
+}
+
+fn parse_grace(text: &str) -> Result<std::time::Duration, String> {
+    spec::parse_duration(text).map_err(|why| format!("`{text}` {why}"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -172,6 +183,13 @@ fn describe(plan: &spec::Plan) -> String {
 }
 
 fn main() -> ExitCode {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == jobs::GUARD_ARG)
+    {
+        jobs::guard_main();
+        return ExitCode::SUCCESS;
+    }
     // `::: a b c` ends the options: what follows are inputs, whatever they look like.
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let inputs = argv.iter().position(|a| a == ":::").map(|i| {
@@ -222,6 +240,7 @@ fn main() -> ExitCode {
         joblog: cli.joblog,
         dead_letter: cli.dead_letter,
         quiet: cli.quiet,
+        grace: cli.grace,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -22,7 +22,8 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
 use crate::exec::{CallError, Fail, Failed, Item, Runner, TaskRt, Value};
-use crate::spec::{Plan, RetrySpec, Sink, Source, Step, Task};
+use crate::jobs::Jobs;
+use crate::spec::{Plan, RetrySpec, Sink, Source, Step, Task, TaskKind};
 use crate::state::State;
 
 /// Command-line settings of a run.
@@ -35,6 +36,9 @@ pub struct Settings {
     pub joblog: Option<PathBuf>,
     pub dead_letter: PathBuf,
     pub quiet: bool,
+    /// After a first stop signal, how long the running jobs may take before they are
+    /// killed (`None`: until a second signal).
+    pub grace: Option<std::time::Duration>,
 }
 
 /// How a run ended.
@@ -154,6 +158,11 @@ struct Ctx {
     err_tx: Mutex<Option<mpsc::UnboundedSender<Fail>>>,
     /// Names of the main chain's tasks and their step index.
     main_steps: HashMap<String, usize>,
+    /// A stop came: no task starts a job any more.
+    stopping: AtomicBool,
+    /// Inputs that ended done or failed; the others the source produced were left
+    /// unfinished by a stop.
+    finished: AtomicU64,
 }
 
 impl Ctx {
@@ -171,6 +180,7 @@ impl Ctx {
     }
 
     fn done(&self, item: &Item) {
+        self.finished.fetch_add(item.inputs.len() as u64, Relaxed);
         if let Some(s) = &self.state {
             s.done(&item.inputs);
         }
@@ -179,6 +189,8 @@ impl Ctx {
     /// A failure that ends here: counted, recorded, written.
     fn final_failure(&self, fail: &Fail, out: Option<&Out>) {
         self.failures.fetch_add(1, Relaxed);
+        self.finished
+            .fetch_add(fail.item.inputs.len() as u64, Relaxed);
         if let Some(s) = &self.state {
             s.failed(&fail.item.inputs, &fail.error.message);
         }
@@ -531,6 +543,12 @@ impl Builder {
             .try_map_async(&t.name, move |item: Item| {
                 let (ctx, rt, name) = (ctx.clone(), rt.clone(), name.clone());
                 async move {
+                    if item.unfinished || ctx.stopping.load(Relaxed) {
+                        return Ok(Item {
+                            unfinished: true,
+                            ..item
+                        });
+                    }
                     let result = if rt.command.is_some() {
                         // Starting a process is a blocking system call: on a task of its
                         // own it does not hold up the stage's driver (and its rate timer).
@@ -612,6 +630,9 @@ impl Builder {
                 Step::Filter { re, keep } => {
                     let (re, keep, ctx) = (re.clone(), *keep, self.ctx.clone());
                     p.filter(move |item| {
+                        if item.unfinished {
+                            return true;
+                        }
                         let pass = item.value.texts().iter().any(|t| re.is_match(t)) == keep;
                         if !pass {
                             ctx.done(item);
@@ -627,6 +648,9 @@ impl Builder {
                     let mut seen: HashSet<String> = HashSet::new();
                     let mut order: VecDeque<String> = VecDeque::new();
                     p.filter(move |item| {
+                        if item.unfinished {
+                            return true;
+                        }
                         let key = item.value.joined("\n");
                         if seen.contains(&key) {
                             ctx.done(item);
@@ -649,6 +673,7 @@ impl Builder {
                     let seq = items.first().map_or(0, |i| i.seq);
                     let mut inputs = Vec::new();
                     let mut values = Vec::new();
+                    let unfinished = items.iter().any(|i| i.unfinished);
                     for it in items {
                         inputs.extend(it.inputs.iter().cloned());
                         values.extend(it.value.texts().iter().cloned());
@@ -657,6 +682,7 @@ impl Builder {
                         seq,
                         inputs: Arc::new(inputs),
                         value: Value::Many(values),
+                        unfinished,
                     }
                 }),
             };
@@ -675,6 +701,9 @@ impl Builder {
         let jsonl = matches!(sink, Some(Sink::Jsonl(_)));
         let ctx = self.ctx.clone();
         Ok(g.for_each(p, move |item: Item| {
+            if item.unfinished {
+                return std::future::ready(());
+            }
             let line = if jsonl {
                 let mut v =
                     serde_json::json!({ "seq": item.seq, "output": item.value.joined("\n") });
@@ -712,6 +741,8 @@ impl Builder {
             if as_inputs {
                 // The inputs alone, one per line: ready to be fed to another run.
                 ctx.failures.fetch_add(1, Relaxed);
+                ctx.finished
+                    .fetch_add(fail.item.inputs.len() as u64, Relaxed);
                 if let Some(s) = &ctx.state {
                     s.failed(&fail.item.inputs, &fail.error.message);
                 }
@@ -769,8 +800,14 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
         })
         .collect();
     let (err_tx, err_rx) = mpsc::unbounded_channel::<Fail>();
+    let runs_processes = plan.main_tasks().any(|t| matches!(t.kind, TaskKind::Sh(_)));
+    let jobs = if runs_processes {
+        Jobs::new()
+    } else {
+        Jobs::none()
+    };
     let ctx = Arc::new(Ctx {
-        runner: Runner::new(max_workers, joblog)?,
+        runner: Runner::new(max_workers, joblog, jobs)?,
         state,
         dead: DeadFile {
             path: settings.dead_letter.clone(),
@@ -783,6 +820,8 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
         source_done: AtomicBool::new(false),
         err_tx: Mutex::new(plan.error.is_some().then_some(err_tx)),
         main_steps,
+        stopping: AtomicBool::new(false),
+        finished: AtomicU64::new(0),
     });
 
     // The source: skips inputs done in an earlier run, counts what it produces.
@@ -905,44 +944,49 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
         .dead_letter(DeadLetter::callback(move |f| on_fail.on_failure(f)))
         .spawn();
 
-    // Ctrl-C (or SIGTERM): stop pulling inputs, finish the jobs in flight, report; a
-    // second one cancels.
+    // The first SIGINT, SIGTERM or SIGHUP: start nothing new, let the running jobs
+    // finish, report what was left; a second one (or the end of `--grace`) kills every
+    // running job's group and cancels.
     let control = handle.control();
     let interrupted = Arc::new(AtomicBool::new(false));
     let signals = {
-        let interrupted = interrupted.clone();
-        let stop_source = stop_source.clone();
+        let (interrupted, stop_source, ctx) =
+            (interrupted.clone(), stop_source.clone(), ctx.clone());
+        let grace = settings.grace;
         tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            let mut n = 0;
-            loop {
-                let term_recv = async {
-                    match term.as_mut() {
-                        Some(t) => {
-                            t.recv().await;
-                        }
-                        None => std::future::pending::<()>().await,
-                    }
-                };
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term_recv => {}
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut streams: Vec<_> = [
+                SignalKind::interrupt(),
+                SignalKind::terminate(),
+                SignalKind::hangup(),
+            ]
+            .into_iter()
+            .filter_map(|k| signal(k).ok())
+            .collect();
+            next_signal(&mut streams).await;
+            interrupted.store(true, Relaxed);
+            ctx.stopping.store(true, Relaxed);
+            stop_source.store(true, Relaxed);
+            control.stop();
+            eprintln!(
+                "\nflowline: stopping: starting nothing new, waiting for {} running job(s) (again to kill them)",
+                ctx.runner.jobs.running()
+            );
+            let deadline = async {
+                match grace {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
                 }
-                n += 1;
-                interrupted.store(true, Relaxed);
-                if n == 1 {
-                    eprintln!(
-                        "\nflowline: stopping: no new inputs, finishing the jobs in flight (again to cancel)"
-                    );
-                    stop_source.store(true, Relaxed);
-                    control.stop();
-                } else {
-                    eprintln!("\nflowline: cancelling");
-                    control.cancel();
-                    return;
-                }
+            };
+            tokio::select! {
+                _ = next_signal(&mut streams) => {}
+                _ = deadline => {}
             }
+            let killed = ctx.runner.jobs.kill_all();
+            eprintln!(
+                "\nflowline: cancelling: killed {killed} running job(s) and their process groups"
+            );
+            control.cancel();
         })
     };
     let result = handle.join().await;
@@ -984,6 +1028,15 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
             "flowline: {} inputs, {failures} failed",
             ctx.emitted.load(Relaxed)
         );
+        let unfinished = ctx
+            .emitted
+            .load(Relaxed)
+            .saturating_sub(ctx.finished.load(Relaxed));
+        if interrupted.load(Relaxed) || cancelled {
+            line.push_str(&format!(
+                ", {unfinished} left unfinished (not started; a rerun with --state runs them)"
+            ));
+        }
         if skipped > 0 {
             line.push_str(&format!(", {skipped} skipped (done in an earlier run)"));
         }
@@ -999,6 +1052,15 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
         failures,
         interrupted: interrupted.load(Relaxed) || cancelled,
     })
+}
+
+/// The next of several signals (never, without any).
+async fn next_signal(streams: &mut [tokio::signal::unix::Signal]) {
+    let waits: Vec<_> = streams.iter_mut().map(|s| Box::pin(s.recv())).collect();
+    if waits.is_empty() {
+        std::future::pending::<()>().await;
+    }
+    futures::future::select_all(waits).await;
 }
 
 /// `error:retry(..)`: runs the failed task, and the steps of the main chain after it,
@@ -1029,6 +1091,10 @@ fn retry_arm(
             let (ctx, steps, tasks) = (ctx.clone(), steps.clone(), tasks_rt.clone());
             async move {
                 let mut item = fail.item;
+                if ctx.stopping.load(Relaxed) {
+                    item.unfinished = true;
+                    return Ok(Some(item));
+                }
                 for i in fail.step..steps.len() {
                     match (&steps[i], tasks.get(i).and_then(Option::as_ref)) {
                         (Step::Task(t), Some(rt)) => match ctx.runner.call(rt, &item).await {

@@ -561,26 +561,3 @@ fn progress_lines_when_not_a_terminal() {
     assert!(e.contains("progress final"), "{e}");
     assert!(e.contains("total=50"), "{e}");
 }
-
-#[test]
-fn ctrl_c_stops_gracefully_with_a_report() {
-    let d = tmp();
-    let child = Command::new(BIN)
-        .args(["seq(1..100000) | fork(2) | sh(\"sleep 0.05\") | discard"])
-        .current_dir(d.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
-    let _ = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status();
-    let t = Instant::now();
-    let o = child.wait_with_output().unwrap();
-    assert!(t.elapsed() < Duration::from_secs(5));
-    assert_eq!(o.status.code(), Some(130));
-    let e = err(&o);
-    assert!(e.contains("stopping"), "{e}");
-    assert!(e.contains("run stopped") || e.contains("delivered"), "{e}");
-}
