@@ -25,6 +25,8 @@ pub struct Item {
     /// Not run: a stop came before its task started. It passes the later steps untouched
     /// and ends neither done nor failed, so that a rerun with `--state` runs it.
     pub unfinished: bool,
+    /// Already written to the sink, and recorded done, by the task that ends the chain.
+    pub written: bool,
 }
 
 /// An item's value.
@@ -58,6 +60,7 @@ impl Item {
             inputs: Arc::new(vec![input.clone()]),
             value: Value::One(input),
             unfinished: false,
+            written: false,
         }
     }
 }
@@ -73,6 +76,8 @@ pub struct CallError {
     pub stderr: String,
     /// A server's `Retry-After`.
     pub retry_after: Option<Duration>,
+    /// What a failed process wrote on stdout, as it wrote it.
+    pub stdout: Vec<u8>,
 }
 
 /// A failed item: what it was, where it failed, why.
@@ -113,14 +118,12 @@ fn tail(bytes: &[u8], n: usize) -> String {
     format!("...{}", &s[i..])
 }
 
-fn strip_newline(mut s: String) -> String {
-    if s.ends_with('\n') {
-        s.pop();
-        if s.ends_with('\r') {
-            s.pop();
-        }
-    }
-    s
+/// A call's output as the value of the next step: text, without the final line end (as
+/// the shell's `$(...)` does).
+pub fn text_of(bytes: &[u8]) -> String {
+    let b = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    let b = b.strip_suffix(b"\r").unwrap_or(b);
+    String::from_utf8_lossy(b).into_owned()
 }
 
 /// A command ready to run: direct (no shell needed: split into words) or through `sh -c`.
@@ -252,7 +255,7 @@ impl Runner {
     }
 
     /// One call of `task` on `item`: the new value, or why it failed.
-    pub async fn call(&self, task: &TaskRt, item: &Item) -> Result<String, CallError> {
+    pub async fn call(&self, task: &TaskRt, item: &Item) -> Result<Vec<u8>, CallError> {
         self.call_from(task, item, (SystemTime::now(), std::time::Instant::now()))
             .await
     }
@@ -265,7 +268,7 @@ impl Runner {
         task: &TaskRt,
         item: &Item,
         (started, clock): (SystemTime, std::time::Instant),
-    ) -> Result<String, CallError> {
+    ) -> Result<Vec<u8>, CallError> {
         let mut log = LogLine::default();
         let work = async {
             match (&task.spec.kind, &task.command) {
@@ -316,7 +319,12 @@ impl Runner {
         result
     }
 
-    async fn sh(&self, cmd: &Command, item: &Item, log: &mut LogLine) -> Result<String, CallError> {
+    async fn sh(
+        &self,
+        cmd: &Command,
+        item: &Item,
+        log: &mut LogLine,
+    ) -> Result<Vec<u8>, CallError> {
         let argv = cmd.argv(item);
         log.command = argv.join(" ");
         if matches!(cmd, Command::Shell(_)) {
@@ -345,10 +353,15 @@ impl Runner {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        let mut child = command.spawn().map_err(|e| CallError {
-            message: format!("cannot start `{prog}`: {e}"),
-            exit: Some(127),
-            ..CallError::default()
+        let mut child = command.spawn().map_err(|e| {
+            let message = format!("cannot start `{prog}`: {e}");
+            // What a shell would have said on the job's stderr.
+            let _ = writeln!(std::io::stderr().lock(), "flowline: {message}");
+            CallError {
+                message,
+                exit: Some(127),
+                ..CallError::default()
+            }
         })?;
         let group = child.id().map(|pid| self.jobs.started(pid));
         let stdin = child.stdin.take();
@@ -368,13 +381,12 @@ impl Runner {
             ..CallError::default()
         })?;
         log.received = out.stdout.len();
+        // A job's stderr goes to stderr as one block, whether it failed or not.
+        if !out.stderr.is_empty() {
+            let _ = std::io::stderr().lock().write_all(&out.stderr);
+        }
         if out.status.success() {
-            if !out.stderr.is_empty() {
-                let _ = std::io::stderr().write_all(&out.stderr);
-            }
-            return Ok(strip_newline(
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-            ));
+            return Ok(out.stdout);
         }
         use std::os::unix::process::ExitStatusExt;
         let (exit, signal) = (out.status.code(), out.status.signal());
@@ -389,6 +401,7 @@ impl Runner {
             signal,
             stderr: tail(&out.stderr, 4096),
             retry_after: None,
+            stdout: out.stdout,
         })
     }
 
@@ -399,7 +412,7 @@ impl Runner {
         body: Option<&str>,
         item: &Item,
         log: &mut LogLine,
-    ) -> Result<String, CallError> {
+    ) -> Result<Vec<u8>, CallError> {
         let seq = item.seq.to_string();
         let url = url
             .replace("{#}", &seq)
@@ -434,10 +447,10 @@ impl Runner {
             ..CallError::default()
         })?;
         log.received = bytes.len();
-        let text = String::from_utf8_lossy(&bytes);
         if status.is_success() {
-            return Ok(strip_newline(text.into_owned()));
+            return Ok(bytes.to_vec());
         }
+        let text = String::from_utf8_lossy(&bytes);
         let mut start = text.len().min(512);
         while !text.is_char_boundary(start) {
             start -= 1;
@@ -448,6 +461,7 @@ impl Runner {
             signal: None,
             stderr: text[..start].to_string(),
             retry_after,
+            stdout: Vec::new(),
         })
     }
 }
@@ -487,6 +501,7 @@ mod tests {
             inputs: Arc::new(vec![]),
             value: Value::Many(vec!["a b".into(), "c".into()]),
             unfinished: false,
+            written: false,
         };
         assert_eq!(Command::new("rm {}").argv(&item), ["rm", "a b", "c"]);
         assert_eq!(

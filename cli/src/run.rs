@@ -21,7 +21,7 @@ use flowline::{Failure, ProgressOptions};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
-use crate::exec::{CallError, Fail, Failed, Item, Runner, TaskRt, Value};
+use crate::exec::{CallError, Fail, Failed, Item, Runner, TaskRt, Value, text_of};
 use crate::jobs::Jobs;
 use crate::spec::{Plan, RetrySpec, Sink, Source, Step, Task, TaskKind};
 use crate::state::State;
@@ -80,6 +80,76 @@ impl Out {
             }
             Out::Discard => {}
         }
+    }
+
+    /// Bytes as they are, in one write (flushed: `--state` may mark the input done next).
+    fn bytes(&self, b: &[u8]) {
+        if b.is_empty() {
+            return;
+        }
+        match self {
+            Out::Stdout => {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(b).and_then(|_| out.flush());
+            }
+            Out::File(f) => {
+                if let Ok(mut f) = f.lock() {
+                    let _ = f.write_all(b);
+                }
+            }
+            Out::Discard => {}
+        }
+    }
+}
+
+/// A sink's writer: used by the sink stage, and by a chain's last task to write its job's
+/// output the moment the job ends.
+struct Emit {
+    out: Out,
+    jsonl: bool,
+}
+
+impl Emit {
+    fn open(sink: &Option<Sink>) -> Result<Emit, String> {
+        Ok(Emit {
+            out: match sink {
+                None | Some(Sink::Print) => Out::Stdout,
+                Some(Sink::Discard) => Out::Discard,
+                Some(Sink::File(path)) | Some(Sink::Jsonl(path)) => Out::open(path)?,
+            },
+            jsonl: matches!(sink, Some(Sink::Jsonl(_))),
+        })
+    }
+
+    /// Whether a job's output is written as its bytes (not as a JSON record).
+    fn takes_bytes(&self) -> bool {
+        !self.jsonl
+    }
+
+    /// A job's output, exactly as the job wrote it.
+    fn bytes(&self, b: &[u8]) {
+        self.out.bytes(b);
+    }
+
+    /// An item: a JSON record, or its text as a line.
+    fn item(&self, item: &Item) {
+        if matches!(self.out, Out::Discard) {
+            return;
+        }
+        let line = if self.jsonl {
+            let mut v = serde_json::json!({ "seq": item.seq, "output": item.value.joined("\n") });
+            if let Some(o) = v.as_object_mut() {
+                if item.inputs.len() == 1 {
+                    o.insert("input".into(), item.inputs[0].clone().into());
+                } else {
+                    o.insert("inputs".into(), item.inputs.to_vec().into());
+                }
+            }
+            v.to_string()
+        } else {
+            item.value.joined("\n")
+        };
+        self.out.line(line);
     }
 }
 
@@ -176,6 +246,15 @@ impl Ctx {
             if let Ok(mut g) = self.err_tx.lock() {
                 g.take();
             }
+        }
+    }
+
+    /// Records an input done and waits until that is committed (at once without
+    /// `--state`).
+    async fn done_durably(&self, item: &Item) {
+        self.finished.fetch_add(item.inputs.len() as u64, Relaxed);
+        if let Some(s) = &self.state {
+            s.done_durably(&item.inputs).await;
         }
     }
 
@@ -519,6 +598,8 @@ struct Builder {
     settings_jobs: usize,
     keep_order: bool,
     inflights: HashMap<usize, Inflight>,
+    /// The main chain's sink, when its last step may write to it directly.
+    last: Option<Arc<Emit>>,
 }
 
 impl Builder {
@@ -536,12 +617,14 @@ impl Builder {
         rt: Arc<TaskRt>,
         step: usize,
         objs: &Objects,
+        last: Option<&Arc<Emit>>,
     ) -> Pipeline<Item> {
         let ctx = self.ctx.clone();
         let name = t.name.clone();
+        let last = last.cloned();
         let stage = p
             .try_map_async(&t.name, move |item: Item| {
-                let (ctx, rt, name) = (ctx.clone(), rt.clone(), name.clone());
+                let (ctx, rt, name, last) = (ctx.clone(), rt.clone(), name.clone(), last.clone());
                 async move {
                     if item.unfinished || ctx.stopping.load(Relaxed) {
                         return Ok(Item {
@@ -567,17 +650,46 @@ impl Builder {
                         ctx.runner.call(&rt, &item).await
                     };
                     match result {
-                        Ok(v) => Ok(Item {
-                            value: Value::One(v),
-                            ..item
-                        }),
-                        Err(error) => Err(Failed(Box::new(Fail {
-                            item,
-                            step,
-                            stage: name,
-                            error,
-                            attempts: 1,
-                        }))),
+                        Ok(out) => match &last {
+                            // The chain ends here: the output is written and the input
+                            // recorded done before this worker starts another job.
+                            Some(emit) => {
+                                let item = if emit.takes_bytes() && rt.command.is_some() {
+                                    emit.bytes(&out);
+                                    item
+                                } else {
+                                    let item = Item {
+                                        value: Value::One(text_of(&out)),
+                                        ..item
+                                    };
+                                    emit.item(&item);
+                                    item
+                                };
+                                ctx.done_durably(&item).await;
+                                Ok(Item {
+                                    written: true,
+                                    ..item
+                                })
+                            }
+                            None => Ok(Item {
+                                value: Value::One(text_of(&out)),
+                                ..item
+                            }),
+                        },
+                        Err(error) => {
+                            if let Some(emit) = &last {
+                                if emit.takes_bytes() {
+                                    emit.bytes(&error.stdout);
+                                }
+                            }
+                            Err(Failed(Box::new(Fail {
+                                item,
+                                step,
+                                stage: name,
+                                error,
+                                attempts: 1,
+                            })))
+                        }
                     }
                 }
             })
@@ -625,7 +737,11 @@ impl Builder {
                             (Arc::new(TaskRt::new(t.clone())), o)
                         }
                     };
-                    self.task(p, t, rt, i, &objs)
+                    let last = match &self.last {
+                        Some(emit) if main && i + 1 == steps.len() => Some(emit.clone()),
+                        _ => None,
+                    };
+                    self.task(p, t, rt, i, &objs, last.as_ref())
                 }
                 Step::Filter { re, keep } => {
                     let (re, keep, ctx) = (re.clone(), *keep, self.ctx.clone());
@@ -683,6 +799,7 @@ impl Builder {
                         inputs: Arc::new(inputs),
                         value: Value::Many(values),
                         unfinished,
+                        written: false,
                     }
                 }),
             };
@@ -692,38 +809,18 @@ impl Builder {
 
     /// Ends `p` in `sink` (recording each item done).
     fn sink(&self, g: Graph, p: Pipeline<Item>, sink: &Option<Sink>) -> Result<Graph, String> {
-        let out = Arc::new(match sink {
-            None | Some(Sink::Print) => Out::Stdout,
-            Some(Sink::Discard) => Out::Discard,
-            Some(Sink::File(path)) => Out::open(path)?,
-            Some(Sink::Jsonl(path)) => Out::open(path)?,
-        });
-        let jsonl = matches!(sink, Some(Sink::Jsonl(_)));
+        let emit = Arc::new(Emit::open(sink)?);
+        self.sink_to(g, p, emit)
+    }
+
+    /// Ends `p` in `emit`; items a final task already wrote pass by.
+    fn sink_to(&self, g: Graph, p: Pipeline<Item>, emit: Arc<Emit>) -> Result<Graph, String> {
         let ctx = self.ctx.clone();
         Ok(g.for_each(p, move |item: Item| {
-            if item.unfinished {
-                return std::future::ready(());
+            if !item.unfinished && !item.written {
+                emit.item(&item);
+                ctx.done(&item);
             }
-            let line = if jsonl {
-                let mut v =
-                    serde_json::json!({ "seq": item.seq, "output": item.value.joined("\n") });
-                if let Some(o) = v.as_object_mut() {
-                    if item.inputs.len() == 1 {
-                        o.insert("input".into(), item.inputs[0].clone().into());
-                    } else {
-                        o.insert("inputs".into(), item.inputs.to_vec().into());
-                    }
-                }
-                Some(v.to_string())
-            } else if matches!(*out, Out::Discard) {
-                None
-            } else {
-                Some(item.value.joined("\n"))
-            };
-            if let Some(l) = line {
-                out.line(l);
-            }
-            ctx.done(&item);
             std::future::ready(())
         }))
     }
@@ -900,8 +997,17 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
         settings_jobs: settings.jobs,
         keep_order: settings.keep_order,
         inflights: HashMap::new(),
+        last: None,
     };
+    // Without a branch and in finishing order, the last task writes each output itself the
+    // moment its job ends, and records the input done before its worker takes the next.
+    let direct = !plan.branched && !settings.keep_order;
+    let main_emit = Arc::new(Emit::open(&plan.main.sink)?);
+    if direct {
+        b.last = Some(main_emit.clone());
+    }
     let main = b.steps(src, &plan.main.steps, true, &tasks);
+    b.last = None;
     let main = {
         let ctx = ctx.clone();
         main.inspect(move |item| ctx.leave_main(item.inputs.len()))
@@ -909,7 +1015,7 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
 
     let mut graph = Graph::new();
     if !plan.branched {
-        graph = b.sink(graph, main, &plan.main.sink)?;
+        graph = b.sink_to(graph, main, main_emit)?;
     } else {
         let success = plan.success.clone().unwrap_or_default();
         let mut ok_path = main;
@@ -1098,7 +1204,7 @@ fn retry_arm(
                 for i in fail.step..steps.len() {
                     match (&steps[i], tasks.get(i).and_then(Option::as_ref)) {
                         (Step::Task(t), Some(rt)) => match ctx.runner.call(rt, &item).await {
-                            Ok(v) => item.value = Value::One(v),
+                            Ok(v) => item.value = Value::One(text_of(&v)),
                             Err(error) => {
                                 return Err(Failed(Box::new(Fail {
                                     item,

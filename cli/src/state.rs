@@ -3,8 +3,12 @@
 //! exactly the inputs already done.
 //!
 //! An input is written `done` only after its output was written (the sinks write
-//! unbuffered), and writes are committed in batches by one thread: a SIGKILL loses at most
-//! the last batch, whose inputs then run again (at least once, never lost).
+//! unbuffered). One thread commits, in group commits: a job that ends the chain waits,
+//! holding its worker slot, until its input is committed ([`State::done_durably`]), so
+//! that no new job starts in that slot before it; after a SIGKILL at most the jobs in
+//! flight run again. Other marks (inputs a filter dropped, failures, outputs that went
+//! through more steps) are committed within 100 ms. The file is in WAL mode with
+//! `synchronous = NORMAL`: a commit survives a crash of `flowline`, not a power loss.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -20,6 +24,8 @@ const FAILED: i64 = 2;
 
 enum Msg {
     Mark(Vec<String>, i64, String),
+    /// Marks done and says so once committed.
+    MarkNow(Vec<String>, tokio::sync::oneshot::Sender<()>),
     Flush(mpsc::Sender<()>),
 }
 
@@ -94,6 +100,16 @@ impl State {
         self.send(Msg::Mark(inputs.to_vec(), DONE, String::new()));
     }
 
+    /// Marks inputs done; the future ends when they are committed (at once when the state
+    /// cannot be written any more: the run goes on, it was told why).
+    pub fn done_durably(&self, inputs: &[String]) -> impl std::future::Future<Output = ()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(Msg::MarkNow(inputs.to_vec(), tx));
+        async move {
+            let _ = rx.await;
+        }
+    }
+
     /// Marks inputs failed, with why.
     pub fn failed(&self, inputs: &[String], error: &str) {
         self.send(Msg::Mark(inputs.to_vec(), FAILED, error.to_string()));
@@ -126,19 +142,37 @@ fn now_ms() -> i64 {
 fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Msg>) {
     let mut pending: Vec<(String, i64, String)> = Vec::new();
     let mut waiting: Vec<mpsc::Sender<()>> = Vec::new();
+    let mut acks: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
     let mut last = Instant::now();
     loop {
-        let msg = rx.recv_timeout(Duration::from_millis(100));
-        let closed = matches!(msg, Err(mpsc::RecvTimeoutError::Disconnected));
-        match msg {
-            Ok(Msg::Mark(inputs, status, error)) => {
-                pending.extend(inputs.into_iter().map(|i| (i, status, error.clone())));
+        let mut msg = rx.recv_timeout(Duration::from_millis(100));
+        let mut closed = false;
+        // Everything already queued joins this commit: one transaction for every job that
+        // ended meanwhile.
+        loop {
+            match msg {
+                Ok(Msg::Mark(inputs, status, error)) => {
+                    pending.extend(inputs.into_iter().map(|i| (i, status, error.clone())));
+                }
+                Ok(Msg::MarkNow(inputs, ack)) => {
+                    pending.extend(inputs.into_iter().map(|i| (i, DONE, String::new())));
+                    acks.push(ack);
+                }
+                Ok(Msg::Flush(tx)) => waiting.push(tx),
+                Err(mpsc::RecvTimeoutError::Disconnected) => closed = true,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
-            Ok(Msg::Flush(tx)) => waiting.push(tx),
-            Err(_) => {}
+            if closed || pending.len() >= 4096 {
+                break;
+            }
+            msg = match rx.try_recv() {
+                Ok(m) => Ok(m),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => Err(mpsc::RecvTimeoutError::Disconnected),
+            };
         }
         let due = last.elapsed() >= Duration::from_millis(100) || pending.len() >= 4096;
-        if (due || closed || !waiting.is_empty()) && !pending.is_empty() {
+        if (due || closed || !waiting.is_empty() || !acks.is_empty()) && !pending.is_empty() {
             if let Err(e) = commit(&mut conn, &pending) {
                 eprintln!("flowline: --state: cannot record progress: {e}");
             }
@@ -147,6 +181,9 @@ fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Msg>) {
         }
         for w in waiting.drain(..) {
             let _ = w.send(());
+        }
+        for a in acks.drain(..) {
+            let _ = a.send(());
         }
         if closed {
             return;
