@@ -23,9 +23,9 @@ const DONE: i64 = 1;
 const FAILED: i64 = 2;
 
 enum Msg {
-    Mark(Vec<String>, i64, String),
+    Mark(Vec<Vec<u8>>, i64, String),
     /// Marks done and says so once committed.
-    MarkNow(Vec<String>, tokio::sync::oneshot::Sender<()>),
+    MarkNow(Vec<Vec<u8>>, tokio::sync::oneshot::Sender<()>),
     Flush(mpsc::Sender<()>),
 }
 
@@ -58,19 +58,21 @@ fn open(path: &Path) -> Result<Connection, String> {
 impl State {
     /// Opens (or creates) the state file; returns it with the inputs done and the inputs
     /// failed so far (the failed ones in the order they were first recorded).
-    pub fn open(path: &Path) -> Result<(State, HashSet<String>, Vec<String>), String> {
+    pub fn open(path: &Path) -> Result<(State, HashSet<Vec<u8>>, Vec<Vec<u8>>), String> {
         let conn = open(path)?;
-        let read = |status: i64| -> Result<Vec<String>, String> {
+        let read = |status: i64| -> Result<Vec<Vec<u8>>, String> {
             let mut st = conn
                 .prepare("SELECT input FROM flowline_cli_jobs WHERE status = ?1 ORDER BY rowid")
                 .map_err(|e| e.to_string())?;
             let rows = st
-                .query_map([status], |r| r.get::<_, String>(0))
+                .query_map([status], |r| {
+                    r.get::<_, rusqlite::types::Value>(0).map(key_bytes)
+                })
                 .map_err(|e| e.to_string())?;
             rows.collect::<Result<Vec<_>, _>>()
                 .map_err(|e| format!("--state {}: {e}", path.display()))
         };
-        let done: HashSet<String> = read(DONE)?.into_iter().collect();
+        let done: HashSet<Vec<u8>> = read(DONE)?.into_iter().collect();
         let failed = read(FAILED)?;
         let (tx, rx) = mpsc::channel();
         let writer = std::thread::Builder::new()
@@ -96,13 +98,13 @@ impl State {
     }
 
     /// Marks inputs done.
-    pub fn done(&self, inputs: &[String]) {
+    pub fn done(&self, inputs: &[Vec<u8>]) {
         self.send(Msg::Mark(inputs.to_vec(), DONE, String::new()));
     }
 
     /// Marks inputs done; the future ends when they are committed (at once when the state
     /// cannot be written any more: the run goes on, it was told why).
-    pub fn done_durably(&self, inputs: &[String]) -> impl std::future::Future<Output = ()> {
+    pub fn done_durably(&self, inputs: &[Vec<u8>]) -> impl std::future::Future<Output = ()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.send(Msg::MarkNow(inputs.to_vec(), tx));
         async move {
@@ -111,7 +113,7 @@ impl State {
     }
 
     /// Marks inputs failed, with why.
-    pub fn failed(&self, inputs: &[String], error: &str) {
+    pub fn failed(&self, inputs: &[Vec<u8>], error: &str) {
         self.send(Msg::Mark(inputs.to_vec(), FAILED, error.to_string()));
     }
 
@@ -140,7 +142,7 @@ fn now_ms() -> i64 {
 }
 
 fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Msg>) {
-    let mut pending: Vec<(String, i64, String)> = Vec::new();
+    let mut pending: Vec<(Vec<u8>, i64, String)> = Vec::new();
     let mut waiting: Vec<mpsc::Sender<()>> = Vec::new();
     let mut acks: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
     let mut last = Instant::now();
@@ -191,7 +193,7 @@ fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Msg>) {
     }
 }
 
-fn commit(conn: &mut Connection, rows: &[(String, i64, String)]) -> rusqlite::Result<()> {
+fn commit(conn: &mut Connection, rows: &[(Vec<u8>, i64, String)]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
         // A done input stays done: a later failure of the same text (a duplicate input)
@@ -203,8 +205,27 @@ fn commit(conn: &mut Connection, rows: &[(String, i64, String)]) -> rusqlite::Re
         )?;
         let now = now_ms();
         for (input, status, error) in rows {
-            st.execute(params![input, status, error, now])?;
+            st.execute(params![key_value(input), status, error, now])?;
         }
     }
     tx.commit()
+}
+
+/// An input as its key: text when it is UTF-8 (readable with `sqlite3`), else a blob.
+fn key_value(input: &[u8]) -> rusqlite::types::Value {
+    match std::str::from_utf8(input) {
+        Ok(t) => rusqlite::types::Value::Text(t.to_string()),
+        Err(_) => rusqlite::types::Value::Blob(input.to_vec()),
+    }
+}
+
+fn key_bytes(v: rusqlite::types::Value) -> Vec<u8> {
+    use rusqlite::types::Value as V;
+    match v {
+        V::Text(t) => t.into_bytes(),
+        V::Blob(b) => b,
+        V::Integer(i) => i.to_string().into_bytes(),
+        V::Real(r) => r.to_string().into_bytes(),
+        V::Null => Vec::new(),
+    }
 }

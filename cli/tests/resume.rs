@@ -17,7 +17,7 @@ fn pipe() -> String {
 
 fn flowline(dir: &Path, run: usize) -> Command {
     let mut c = Command::new(BIN);
-    c.args(["-q", "--state", "run.db", &pipe()])
+    c.args(["--quiet", "--state", "run.db", &pipe()])
         .env("RUN", run.to_string())
         .current_dir(dir)
         .stdin(Stdio::null())

@@ -133,7 +133,7 @@ fn ctrl_c_to_the_group_lets_running_jobs_finish_and_starts_nothing_new() {
     assert!(!d.path().join("flowline-failed.jsonl").exists());
 
     let o = Command::new(BIN)
-        .args(["-q", "--state", "run.db", pipe])
+        .args(["--quiet", "--state", "run.db", pipe])
         .current_dir(d.path())
         .output()
         .unwrap();
