@@ -207,7 +207,9 @@ impl Command {
             }),
             _ => false,
         });
-        if needs_shell {
+        // A shell's own commands (`exit`, `cd`, `export`, ...) exist only in a shell.
+        let first = cmd.split_whitespace().next().unwrap_or_default();
+        if needs_shell || SHELL_BUILTINS.contains(&first) {
             Command::Shell(t)
         } else {
             Command::Direct(t)
@@ -324,6 +326,14 @@ async fn pass_lines(
     }
     write(&pending);
 }
+
+/// Commands that are the shell's own, with no program of that name to run directly.
+const SHELL_BUILTINS: &[&str] = &[
+    ".", ":", "alias", "bg", "break", "cd", "command", "continue", "eval", "exec", "exit",
+    "export", "fc", "fg", "getopts", "hash", "jobs", "read", "readonly", "return", "set", "shift",
+    "source", "times", "trap", "type", "ulimit", "umask", "unalias", "unset", "wait", "if", "for",
+    "while", "until", "case", "function",
+];
 
 /// The lowest free job slot for `{%}` (1 to the number of workers), as parallel numbers
 /// them.
@@ -559,10 +569,8 @@ impl Runner {
     ) -> Result<Vec<u8>, CallError> {
         use std::os::unix::ffi::OsStrExt;
         let mut argv = cmd.argv(item, slot);
-        let shown = match cmd {
-            Command::Shell(_) => argv.last().cloned().unwrap_or_default(),
-            Command::Direct(_) => argv.join(&b' '),
-        };
+        // The command as a shell would read it, with its values quoted (as parallel shows it).
+        let shown = cmd.template().render(&item.value.args(), item.seq, slot);
         log.command = String::from_utf8_lossy(&shown).into_owned();
         let mut head = Vec::new();
         if self.opts.verbose || self.opts.dry_run {
