@@ -10,6 +10,7 @@
 mod compat;
 mod exec;
 mod jobs;
+mod linefilter;
 mod parse;
 mod run;
 mod spec;
@@ -599,6 +600,26 @@ fn setup(cli: Cli, groups: Vec<compat::Group>) -> Result<Setup, Vec<String>> {
 }
 
 fn execute(plan: spec::Plan, settings: run::Settings) -> ExitCode {
+    let plain = settings.state.is_none()
+        && !settings.progress
+        && settings.joblog.is_none()
+        && settings.delim == b'\n'
+        && settings.colsep.is_none()
+        && !settings.shuffle;
+    if let Some(lf) = linefilter::LineFilter::of(&plan).filter(|_| plain) {
+        return match lf.run() {
+            Ok(c) => {
+                if !settings.quiet {
+                    eprintln!("flowline: {} lines, {} kept", c.lines, c.kept);
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(BAD_USAGE)
+            }
+        };
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -573,3 +573,44 @@ fn progress_lines_when_not_a_terminal() {
     assert!(e.contains("progress final"), "{e}");
     assert!(e.contains("total=50"), "{e}");
 }
+
+/// `lines | filter | print` over lines that are not UTF-8 gives what `grep` gives, byte
+/// for byte; `reject` drops what it matches.
+#[test]
+fn filter_over_bytes_matches_grep() {
+    let d = tmp();
+    let mut text = Vec::new();
+    for i in 0..20_000u32 {
+        text.extend_from_slice(format!("{i}").as_bytes());
+        if i % 7 == 0 {
+            text.extend_from_slice(b"\xff\xfe");
+        }
+        text.push(b'\n');
+    }
+    text.extend_from_slice(b"no newline at the end 7");
+    std::fs::write(d.path().join("in.bin"), &text).unwrap();
+    let o = flowline(
+        d.path(),
+        &["--quiet", "lines(in.bin) | filter(\"7\") | print"],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    let g = Command::new("grep")
+        .args(["-a", "7", "in.bin"])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    assert!(!g.stdout.is_empty());
+    assert_eq!(o.stdout, g.stdout);
+    let o = flowline(
+        d.path(),
+        &["--quiet", "lines(in.bin) | filter(\"7\") | reject(\"^1\") | print"],
+        "",
+    );
+    let g = Command::new("sh")
+        .args(["-c", "grep -a 7 in.bin | grep -av '^1'"])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.stdout, g.stdout);
+}
