@@ -85,7 +85,7 @@ fn sh(script: &str) -> Duration {
 fn flowline(bin: &Path, args: &[&str]) -> Duration {
     let t = Instant::now();
     let out = Command::new(bin)
-        .arg("-q")
+        .arg("--quiet")
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -7,16 +7,20 @@
 
 #![forbid(unsafe_code)]
 
+mod compat;
 mod exec;
+mod jobs;
+mod linefilter;
 mod parse;
 mod run;
 mod spec;
 mod state;
+mod template;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
 const RECIPES: &str = "\
 Pipe: SOURCE | STAGE | ... | SINK, or ... | branch | error:... success:...
@@ -63,20 +67,19 @@ Check a pipe without running it: flowline check 'PIPE'.";
 #[command(
     name = "flowline",
     version,
-    about = "Run a pipe of stages over lines, numbers or rows: GNU parallel for API jobs, with rate limits, retries, a breaker, resume and progress.",
-    after_help = RECIPES,
-    args_conflicts_with_subcommands = true
+    about = "Run a pipe of stages over lines, numbers or rows: GNU parallel for API jobs, with rate limits, retries, a breaker, resume and progress. Also takes GNU parallel's own command line: flowline [OPTIONS] COMMAND ::: ARGS.",
+    after_help = RECIPES
 )]
 struct Cli {
-    #[command(subcommand)]
-    command: Option<Cmd>,
+    /// The pipe, e.g. 'seq(1..10) | fork(4) | sh("echo {}")'; or, as with GNU parallel, a
+    /// command and its words (`flowline -j4 gzip -9 {}`); `check PIPE` checks a pipe.
+    #[arg(trailing_var_arg = true, value_name = "PIPE | COMMAND")]
+    words: Vec<std::ffi::OsString>,
 
-    /// The pipe, e.g. 'seq(1..10) | fork(4) | sh("echo {}")'.
-    pipe: Option<String>,
-
-    /// Workers of a task with no fork(N) before it (default: the number of CPUs).
-    #[arg(short = 'j', long)]
-    jobs: Option<usize>,
+    /// Jobs at a time, for a task with no fork(N) before it: N, N% of the CPUs, +N or -N
+    /// CPUs, 0 (no limit), or a file holding one of these (default: the number of CPUs).
+    #[arg(short = 'j', long, visible_alias = "max-procs", value_name = "N")]
+    jobs: Option<String>,
 
     /// Keep the output in input order (like parallel -k); by default results go out as
     /// they finish.
@@ -84,8 +87,12 @@ struct Cli {
     keep_order: bool,
 
     /// Show progress on stderr: a bar with ETA when the number of inputs is known.
-    #[arg(long)]
+    #[arg(long, visible_alias = "bar")]
     progress: bool,
+
+    /// Show the estimated time left on stderr (a progress bar, as --progress).
+    #[arg(long)]
+    eta: bool,
 
     /// SQLite file of done and failed inputs: a rerun skips the inputs done.
     #[arg(long, value_name = "FILE")]
@@ -99,35 +106,216 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     joblog: Option<PathBuf>,
 
+    /// With --joblog: skip the jobs the joblog has (by job number), as parallel --resume.
+    #[arg(long)]
+    resume: bool,
+
+    /// With --joblog: skip the jobs the joblog has as succeeded; run the failed ones again.
+    #[arg(long)]
+    resume_failed: bool,
+
     /// Where failures that end nowhere are written (JSON lines).
     #[arg(long, value_name = "FILE", default_value = "flowline-failed.jsonl")]
     dead_letter: PathBuf,
 
     /// No report at the end.
-    #[arg(short, long)]
+    #[arg(long)]
     quiet: bool,
+
+    /// After a first Ctrl-C / SIGTERM / SIGHUP, kill the running jobs if they have not
+    /// finished within this time (like `5s`, `2m`); by default they may run until a second
+    /// signal.
+    #[arg(long, value_name = "DURATION", value_parser = parse_grace)]
+    grace: Option<std::time::Duration>,
+
+    /// Quote the command's words, so that the shell reads each as one word (parallel -q).
+    #[arg(short = 'q', long)]
+    quote: bool,
+
+    /// Read the inputs from FILE (several: combined, as `::::`).
+    #[arg(short = 'a', long = "arg-file", value_name = "FILE")]
+    arg_file: Vec<std::ffi::OsString>,
+
+    /// Inputs end with a NUL byte, not a newline.
+    #[arg(short = '0', long = "null")]
+    null: bool,
+
+    /// Split each input into the arguments {1}, {2}, ... at this regex.
+    #[arg(long, value_name = "REGEX")]
+    colsep: Option<String>,
+
+    /// N inputs per job: {1} to {N} (parallel -N).
+    #[arg(short = 'N', value_name = "N")]
+    max_replace_args: Option<usize>,
+
+    /// At most N inputs per job, all in {} (parallel -n).
+    #[arg(short = 'n', long = "max-args", value_name = "N")]
+    max_args: Option<usize>,
+
+    /// As many inputs per job as fit (parallel -X; -m likewise).
+    #[arg(short = 'X', visible_short_alias = 'm')]
+    xargs: bool,
+
+    /// Stop when jobs fail or succeed: now|soon,fail|success=N|N% (parallel --halt).
+    #[arg(long, visible_alias = "halt-on-error", value_name = "WHEN,WHAT=N")]
+    halt: Option<String>,
+
+    /// Print the commands, run nothing.
+    #[arg(long)]
+    dry_run: bool,
+
+    /// Wait this long between job starts (seconds, or with a unit).
+    #[arg(long, value_name = "DURATION")]
+    delay: Option<String>,
+
+    /// Kill a job after this long (seconds, or with a unit), or after N% of the median
+    /// run time of the jobs that succeeded so far.
+    #[arg(long, value_name = "DURATION|N%")]
+    timeout: Option<String>,
+
+    /// Run a failing job up to N times in all (parallel --retries).
+    #[arg(long, value_name = "N")]
+    retries: Option<u32>,
+
+    /// Put the arguments before each line of a job's output, and a tab.
+    #[arg(long)]
+    tag: bool,
+
+    /// Put this (replacement strings allowed) before each line of output, and a tab.
+    #[arg(long, value_name = "STR")]
+    tagstring: Option<String>,
+
+    /// Keep each job's stdout and stderr in DIR/<job number>/{stdout,stderr}.
+    #[arg(long, value_name = "DIR")]
+    results: Option<PathBuf>,
+
+    /// Run the jobs in a random order.
+    #[arg(long)]
+    shuf: bool,
+
+    /// Run the jobs with this niceness.
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    nice: Option<i32>,
+
+    /// Print each command before its output.
+    #[arg(short = 'v')]
+    verbose: bool,
+
+    /// Do not print the commands (undoes -v).
+    #[arg(long)]
+    silent: bool,
+
+    /// Pass a job's output on in whole lines as they come (lines of jobs interleave).
+    #[arg(long)]
+    line_buffer: bool,
+
+    /// Let the jobs write to the output directly (their lines may mix).
+    #[arg(short = 'u', long)]
+    ungroup: bool,
+
+    /// Accepted for GNU parallel compatibility; nothing to cite here.
+    #[arg(long, hide = true)]
+    will_cite: bool,
 }
 
-#[derive(Subcommand, Debug)]
-enum Cmd {
-    /// Check a pipe without running it, and show what each task will do.
-    Check {
-        /// The pipe.
-        pipe: String,
-    },
+fn parse_grace(text: &str) -> Result<std::time::Duration, String> {
+    spec::parse_duration(text).map_err(|why| format!("`{text}` {why}"))
+}
+
+/// The arguments with a `--` where the command starts, as parallel reads them: options
+/// until the first word that is not one (or an option's value), then the command's words,
+/// whatever they look like (`flowline -j2 grep -v x {}`: `-v` is grep's).
+fn options_then_words(argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let takes_value = |a: &clap::Arg| a.get_action().takes_values();
+    let long_takes = |name: &str| -> Option<bool> {
+        cmd.get_arguments()
+            .find(|a| {
+                a.get_long() == Some(name) || a.get_all_aliases().is_some_and(|v| v.contains(&name))
+            })
+            .map(takes_value)
+    };
+    let short_takes = |c: char| -> Option<bool> {
+        cmd.get_arguments()
+            .find(|a| {
+                a.get_short() == Some(c)
+                    || a.get_all_short_aliases().is_some_and(|v| v.contains(&c))
+            })
+            .map(takes_value)
+    };
+    let mut out = Vec::with_capacity(argv.len() + 1);
+    let mut it = argv.into_iter();
+    if let Some(prog) = it.next() {
+        out.push(prog);
+    }
+    while let Some(a) = it.next() {
+        let Some(text) = a.to_str().map(str::to_string) else {
+            out.push("--".into());
+            out.push(a);
+            break;
+        };
+        if text == "--" {
+            out.push(a);
+            break;
+        }
+        if let Some(long) = text.strip_prefix("--") {
+            out.push(a.clone());
+            if !long.contains('=') && long_takes(long) == Some(true) {
+                if let Some(v) = it.next() {
+                    out.push(v);
+                }
+            }
+            continue;
+        }
+        if text.len() > 1 && text.starts_with('-') {
+            out.push(a.clone());
+            // `-kj2`: flags, then one that takes the rest (or the next word) as its value.
+            for (i, c) in text.char_indices().skip(1) {
+                match short_takes(c) {
+                    Some(true) => {
+                        if i + c.len_utf8() == text.len() {
+                            if let Some(v) = it.next() {
+                                out.push(v);
+                            }
+                        }
+                        break;
+                    }
+                    Some(false) => continue,
+                    None => break,
+                }
+            }
+            continue;
+        }
+        out.push("--".into());
+        out.push(a);
+        break;
+    }
+    out.extend(it);
+    out
 }
 
 /// Exit status for a bad pipe or option (GNU parallel's "other error").
 const BAD_USAGE: u8 = 255;
 
-fn compile(text: &str, args: Option<Vec<String>>) -> Result<spec::Plan, String> {
-    let default_source = match args {
-        Some(args) => spec::Source::Args(args),
-        None => spec::Source::Lines(None),
-    };
+fn compile(text: &str, source: spec::Source) -> Result<spec::Plan, String> {
     parse::parse(text)
-        .and_then(|p| spec::plan(&p, default_source))
+        .and_then(|p| spec::plan(&p, source))
         .map_err(|e| e.render(text))
+}
+
+/// Whether a single word is a pipe rather than a command: it starts with the name of a
+/// stage flowline has, followed by `(`, `|` or nothing (a broken pipe still counts, so that
+/// its error is shown).
+fn is_pipe(text: &str) -> bool {
+    let t = text.trim_start();
+    let name_len = t
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+        .unwrap_or(t.len());
+    let (name, rest) = t.split_at(name_len);
+    let rest = rest.trim_start();
+    spec::all_stage_names().any(|k| k == name)
+        && (rest.is_empty() || rest.starts_with('(') || rest.starts_with('|'))
 }
 
 fn describe(plan: &spec::Plan) -> String {
@@ -172,57 +360,266 @@ fn describe(plan: &spec::Plan) -> String {
 }
 
 fn main() -> ExitCode {
-    // `::: a b c` ends the options: what follows are inputs, whatever they look like.
-    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let inputs = argv.iter().position(|a| a == ":::").map(|i| {
-        let rest = argv.split_off(i);
-        rest[1..]
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == jobs::GUARD_ARG)
+    {
+        jobs::guard_main();
+        return ExitCode::SUCCESS;
+    }
+    // Input groups end the options: what follows a `:::` is an input, whatever it is.
+    let (argv, groups) = compat::split_groups(std::env::args_os().collect());
+    let cli = match Cli::try_parse_from(options_then_words(argv)) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(BAD_USAGE),
+            };
+        }
+    };
+    match setup(cli, groups) {
+        Ok(Setup::Checked(text)) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Ok(Setup::Run(plan, settings)) => execute(*plan, *settings),
+        Err(errors) => {
+            for e in errors {
+                eprintln!("{e}");
+            }
+            ExitCode::from(BAD_USAGE)
+        }
+    }
+}
+
+enum Setup {
+    Checked(String),
+    Run(Box<spec::Plan>, Box<run::Settings>),
+}
+
+/// The plan and settings from the command line; every problem found, not just the first.
+fn setup(cli: Cli, groups: Vec<compat::Group>) -> Result<Setup, Vec<String>> {
+    let mut errors: Vec<String> = Vec::new();
+    let cpus = std::thread::available_parallelism().map_or(4, |n| n.get());
+    let jobs = match cli.jobs.as_deref().map(|j| compat::jobs(j, cpus)) {
+        None => cpus,
+        Some(Ok(n)) => n,
+        Some(Err(e)) => {
+            errors.push(format!("error: {e}"));
+            1
+        }
+    };
+    let delim = if cli.null { 0 } else { b'\n' };
+    let colsep = match cli.colsep.as_deref().map(regex::bytes::Regex::new) {
+        None => None,
+        Some(Ok(re)) => Some(re),
+        Some(Err(e)) => {
+            errors.push(format!("error: --colsep: not a valid regex: {e}"));
+            None
+        }
+    };
+    let halt = match cli.halt.as_deref().map(compat::Halt::parse) {
+        None => None,
+        Some(Ok(h)) => h,
+        Some(Err(e)) => {
+            errors.push(format!("error: {e}"));
+            None
+        }
+    };
+    let timeout = match cli.timeout.as_deref().map(compat::timeout) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => {
+            errors.push(format!("error: {e}"));
+            None
+        }
+    };
+    let delay = match cli.delay.as_deref().map(spec::parse_duration) {
+        None => None,
+        Some(Ok(d)) if !d.is_zero() => Some(d),
+        Some(Ok(_)) => None,
+        Some(Err(why)) => {
+            errors.push(format!(
+                "error: --delay `{}` {why}",
+                cli.delay.as_deref().unwrap_or_default()
+            ));
+            None
+        }
+    };
+    for (name, v) in [("-N", cli.max_replace_args), ("--max-args", cli.max_args)] {
+        if v == Some(0) || v.is_some_and(|n| n > 100_000) {
+            errors.push(format!(
+                "error: {name} `{}` must be from 1 to 100000",
+                v.unwrap_or_default()
+            ));
+        }
+    }
+    if cli.retries == Some(0) || cli.retries.is_some_and(|n| n > 1001) {
+        errors.push(format!(
+            "error: --retries `{}` must be from 1 to 1001",
+            cli.retries.unwrap_or_default()
+        ));
+    }
+    if (cli.resume || cli.resume_failed) && cli.joblog.is_none() {
+        errors.push("error: --resume and --resume-failed need --joblog FILE".into());
+    }
+    if cli.line_buffer && cli.ungroup {
+        errors.push("error: --line-buffer and -u (--ungroup) exclude each other".into());
+    }
+    if cli.words.first().is_some_and(|w| w == "check") && cli.words.len() == 2 {
+        let text = cli.words[1].to_string_lossy().into_owned();
+        return match compile(&text, spec::Source::Lines(None)) {
+            Ok(plan) => Ok(Setup::Checked(format!("ok\n{}", describe(&plan)))),
+            Err(e) => Err(vec![e]),
+        };
+    }
+
+    // The inputs: `:::` groups and `-a` files, else stdin.
+    let mut groups = groups;
+    for f in &cli.arg_file {
+        groups.insert(
+            0,
+            compat::Group {
+                files: true,
+                linked: false,
+                values: vec![f.clone()],
+            },
+        );
+    }
+    let mut source = spec::Source::Lines(None);
+    if !groups.is_empty() {
+        match compat::table(&groups, delim) {
+            Ok(mut rows) => {
+                if rows.iter().all(|r| r.len() == 1) {
+                    source =
+                        spec::Source::Args(rows.iter_mut().map(|r| r.swap_remove(0)).collect());
+                } else {
+                    source = spec::Source::Table(rows);
+                }
+            }
+            Err(e) => errors.push(format!("error: {e}")),
+        }
+    }
+
+    let pipe_text = match cli.words.as_slice() {
+        [one] => one.to_str().filter(|t| is_pipe(t)).map(str::to_string),
+        _ => None,
+    };
+    let mut plan = match pipe_text {
+        Some(text) => match compile(&text, source) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        },
+        None if cli.words.is_empty() => {
+            errors.push("error: no pipe or command given; try `flowline --help`".into());
+            None
+        }
+        None => match compat::command_text(&cli.words, cli.quote) {
+            Ok(cmd) => Some(spec::Plan::command(source, cmd)),
+            Err(e) => {
+                errors.push(format!("error: {e}"));
+                None
+            }
+        },
+    };
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let Some(mut plan) = plan.take() else {
+        return Err(vec!["error: nothing to run".into()]);
+    };
+    // Options that are policies of the first task, as its pipe stages would be.
+    let per_job = cli
+        .max_replace_args
+        .or(cli.max_args)
+        .or(cli.xargs.then_some(5000));
+    plan.apply_options(spec::Options {
+        timeout: match timeout {
+            Some(compat::Timeout::Fixed(d)) => Some(d),
+            _ => None,
+        },
+        retries: cli.retries.map(|n| n - 1),
+        delay,
+        args_per_job: per_job,
     });
-    let cli = Cli::parse_from(argv);
-    if let Some(Cmd::Check { pipe }) = &cli.command {
-        return match compile(pipe, None) {
-            Ok(plan) => {
-                print!("ok\n{}", describe(&plan));
+    let job_opts = exec::JobOpts {
+        output: if cli.ungroup {
+            exec::OutputMode::Ungrouped
+        } else if cli.line_buffer {
+            exec::OutputMode::Lines
+        } else {
+            exec::OutputMode::Grouped
+        },
+        verbose: cli.verbose && !cli.silent,
+        dry_run: cli.dry_run,
+        nice: cli.nice,
+        timeout_percent: match timeout {
+            Some(compat::Timeout::Percent(p)) => Some(p),
+            _ => None,
+        },
+        results: cli.results.clone(),
+        tag: match (&cli.tagstring, cli.tag) {
+            (Some(t), _) => Some(template::Template::parse(t)),
+            (None, true) => Some(template::Template::parse("{}")),
+            (None, false) => None,
+        },
+    };
+    Ok(Setup::Run(
+        Box::new(plan),
+        Box::new(run::Settings {
+            jobs,
+            keep_order: cli.keep_order,
+            progress: cli.progress || cli.eta,
+            state: cli.state,
+            retry_failed: cli.retry_failed,
+            joblog: cli.joblog,
+            resume: if cli.resume_failed {
+                run::Resume::Failed
+            } else if cli.resume {
+                run::Resume::Done
+            } else {
+                run::Resume::No
+            },
+            dead_letter: cli.dead_letter,
+            quiet: cli.quiet,
+            grace: cli.grace,
+            delim,
+            colsep,
+            job_opts,
+            halt,
+            shuffle: cli.shuf,
+        }),
+    ))
+}
+
+fn execute(plan: spec::Plan, settings: run::Settings) -> ExitCode {
+    let plain = settings.state.is_none()
+        && !settings.progress
+        && settings.joblog.is_none()
+        && settings.delim == b'\n'
+        && settings.colsep.is_none()
+        && !settings.shuffle;
+    if let Some(lf) = linefilter::LineFilter::of(&plan).filter(|_| plain) {
+        return match lf.run() {
+            Ok(c) => {
+                if !settings.quiet {
+                    eprintln!("flowline: {} lines, {} kept", c.lines, c.kept);
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("{e}");
+                eprintln!("error: {e}");
                 ExitCode::from(BAD_USAGE)
             }
         };
     }
-    let Some(text) = cli.pipe.as_deref() else {
-        eprintln!("error: no pipe given; try `flowline --help`");
-        return ExitCode::from(BAD_USAGE);
-    };
-    let plan = match compile(text, inputs) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(BAD_USAGE);
-        }
-    };
-    let jobs = match cli.jobs {
-        Some(0) | Some(65_537..) => {
-            eprintln!("error: --jobs must be from 1 to 65536");
-            return ExitCode::from(BAD_USAGE);
-        }
-        Some(n) => n,
-        None => std::thread::available_parallelism().map_or(4, |n| n.get()),
-    };
-    let settings = run::Settings {
-        jobs,
-        keep_order: cli.keep_order,
-        progress: cli.progress,
-        state: cli.state,
-        retry_failed: cli.retry_failed,
-        joblog: cli.joblog,
-        dead_letter: cli.dead_letter,
-        quiet: cli.quiet,
-    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -234,8 +631,7 @@ fn main() -> ExitCode {
         }
     };
     match rt.block_on(run::run(plan, settings)) {
-        Ok(o) if o.interrupted => ExitCode::from(130),
-        Ok(o) => ExitCode::from(o.failures.min(101) as u8),
+        Ok(o) => ExitCode::from(o.exit_code()),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(BAD_USAGE)

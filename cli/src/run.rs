@@ -21,8 +21,10 @@ use flowline::{Failure, ProgressOptions};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
+use crate::compat::Halt;
 use crate::exec::{CallError, Fail, Failed, Item, Runner, TaskRt, Value};
-use crate::spec::{Plan, RetrySpec, Sink, Source, Step, Task};
+use crate::jobs::Jobs;
+use crate::spec::{Plan, RetrySpec, Sink, Source, Step, Task, TaskKind};
 use crate::state::State;
 
 /// Command-line settings of a run.
@@ -35,12 +37,48 @@ pub struct Settings {
     pub joblog: Option<PathBuf>,
     pub dead_letter: PathBuf,
     pub quiet: bool,
+    /// The byte that ends an input record (`\n`; NUL with `-0`).
+    pub delim: u8,
+    /// `--colsep`: splits each input into the arguments `{1}`, `{2}`, ...
+    pub colsep: Option<regex::bytes::Regex>,
+    pub job_opts: crate::exec::JobOpts,
+    pub resume: Resume,
+    pub halt: Option<Halt>,
+    /// `--shuf`: the inputs in a random order (read them all first).
+    pub shuffle: bool,
+    /// After a first stop signal, how long the running jobs may take before they are
+    /// killed (`None`: until a second signal).
+    pub grace: Option<std::time::Duration>,
 }
 
 /// How a run ended.
 pub struct Outcome {
     pub failures: u64,
     pub interrupted: bool,
+    /// `--halt ...,fail=1` ended the run: the failing job's exit code.
+    pub halted_by: Option<i32>,
+}
+
+impl Outcome {
+    /// parallel's exit status: a halting job's own code, 130 after a stop, else the number of
+    /// failures (101 for more than 100).
+    pub fn exit_code(&self) -> u8 {
+        match self.halted_by {
+            Some(code) => code.clamp(0, 255) as u8,
+            None if self.interrupted => 130,
+            None => self.failures.min(101) as u8,
+        }
+    }
+}
+
+/// `--resume` / `--resume-failed`: which jobs of the joblog are skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    No,
+    /// Every job the joblog has.
+    Done,
+    /// The jobs the joblog has as succeeded.
+    Failed,
 }
 
 /// A line-oriented output: stdout, a file opened for appending (written unbuffered, one
@@ -62,20 +100,100 @@ impl Out {
             .map_err(|e| format!("cannot open {} for writing: {e}", path.display()))
     }
 
-    fn line(&self, mut s: String) {
-        s.push('\n');
+    fn line(&self, mut s: Vec<u8>) {
+        s.push(b'\n');
         match self {
             Out::Stdout => {
                 let mut out = std::io::stdout().lock();
-                let _ = out.write_all(s.as_bytes());
+                let _ = out.write_all(&s);
             }
             Out::File(f) => {
                 if let Ok(mut f) = f.lock() {
-                    let _ = f.write_all(s.as_bytes());
+                    let _ = f.write_all(&s);
                 }
             }
             Out::Discard => {}
         }
+    }
+
+    /// Bytes as they are, in one write (flushed: `--state` may mark the input done next).
+    fn bytes(&self, b: &[u8]) {
+        if b.is_empty() {
+            return;
+        }
+        match self {
+            Out::Stdout => {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(b).and_then(|_| out.flush());
+            }
+            Out::File(f) => {
+                if let Ok(mut f) = f.lock() {
+                    let _ = f.write_all(b);
+                }
+            }
+            Out::Discard => {}
+        }
+    }
+}
+
+/// A sink's writer: used by the sink stage, and by a chain's last task to write its job's
+/// output the moment the job ends.
+struct Emit {
+    out: Out,
+    jsonl: bool,
+    tag: Option<crate::exec::JobOpts>,
+}
+
+impl Emit {
+    fn open(sink: &Option<Sink>, opts: &crate::exec::JobOpts) -> Result<Emit, String> {
+        Ok(Emit {
+            tag: opts.tag.is_some().then(|| opts.clone()),
+            out: match sink {
+                None | Some(Sink::Print) => Out::Stdout,
+                Some(Sink::Discard) => Out::Discard,
+                Some(Sink::File(path)) | Some(Sink::Jsonl(path)) => Out::open(path)?,
+            },
+            jsonl: matches!(sink, Some(Sink::Jsonl(_))),
+        })
+    }
+
+    /// Whether a job's output is written as its bytes (not as a JSON record).
+    fn takes_bytes(&self) -> bool {
+        !self.jsonl
+    }
+
+    /// A job's output, exactly as the job wrote it.
+    fn bytes(&self, b: &[u8]) {
+        self.out.bytes(b);
+    }
+
+    /// An item: a JSON record, or its text as a line.
+    fn item(&self, item: &Item) {
+        if matches!(self.out, Out::Discard) {
+            return;
+        }
+        let line = if self.jsonl {
+            let mut v = serde_json::json!({ "seq": item.seq, "output": item.value.text("\n") });
+            if let Some(o) = v.as_object_mut() {
+                let mut inputs = item.input_texts();
+                if inputs.len() == 1 {
+                    o.insert("input".into(), inputs.swap_remove(0).into());
+                } else {
+                    o.insert("inputs".into(), inputs.into());
+                }
+            }
+            v.to_string().into_bytes()
+        } else if let Value::Output(out) = &item.value {
+            // A job's output, exactly as it was written (with --tag, each line tagged).
+            match self.tag.as_ref().and_then(|o| o.tag_of(item)) {
+                Some(t) => self.out.bytes(&crate::exec::tagged(out, &t)),
+                None => self.out.bytes(out),
+            }
+            return;
+        } else {
+            item.value.joined(b"\n")
+        };
+        self.out.line(line);
     }
 }
 
@@ -131,10 +249,11 @@ fn fail_json(f: &Fail) -> serde_json::Value {
         "attempts": f.attempts,
     });
     if let Some(o) = v.as_object_mut() {
-        if f.item.inputs.len() == 1 {
-            o.insert("input".into(), f.item.inputs[0].clone().into());
+        let mut inputs = f.item.input_texts();
+        if inputs.len() == 1 {
+            o.insert("input".into(), inputs.swap_remove(0).into());
         } else {
-            o.insert("inputs".into(), f.item.inputs.to_vec().into());
+            o.insert("inputs".into(), inputs.into());
         }
     }
     v
@@ -154,9 +273,48 @@ struct Ctx {
     err_tx: Mutex<Option<mpsc::UnboundedSender<Fail>>>,
     /// Names of the main chain's tasks and their step index.
     main_steps: HashMap<String, usize>,
+    /// A stop came: no task starts a job any more.
+    stopping: AtomicBool,
+    /// `--halt`, what it counts, and where it says to stop (`true`: now).
+    halt: Option<Halt>,
+    succeeded: AtomicU64,
+    halt_tx: mpsc::UnboundedSender<bool>,
+    halted_by: Mutex<Option<i32>>,
+    /// Inputs that ended done or failed; the others the source produced were left
+    /// unfinished by a stop.
+    finished: AtomicU64,
 }
 
 impl Ctx {
+    /// Counts a job's end against `--halt`; the first time the limit is reached, tells the
+    /// signal task to stop (soon) or cancel (now).
+    fn check_halt(&self, success: bool, exit: Option<i32>) {
+        let Some(h) = &self.halt else { return };
+        let (hits, done) = if success {
+            let s = self.succeeded.fetch_add(1, Relaxed) + 1;
+            (s, s + self.failures.load(Relaxed))
+        } else {
+            let f = self.failures.load(Relaxed);
+            (f, f + self.succeeded.load(Relaxed))
+        };
+        if success != h.on_success || !h.reached(hits, done) {
+            return;
+        }
+        if let Ok(mut g) = self.halted_by.lock() {
+            if g.is_some() || self.stopping.load(Relaxed) {
+                return;
+            }
+            // parallel exits with the failing job's code when one failure halts, else with
+            // the number of failures (success: 0).
+            *g = Some(match (success, h.limit) {
+                (false, crate::compat::Limit::Count(1)) => exit.unwrap_or(1),
+                (false, _) => hits.min(101) as i32,
+                (true, _) => 0,
+            });
+        }
+        let _ = self.halt_tx.send(h.now);
+    }
+
     fn leave_main(&self, n: usize) {
         self.left.fetch_add(n as u64, Relaxed);
         self.maybe_close();
@@ -170,7 +328,19 @@ impl Ctx {
         }
     }
 
+    /// Records an input done and waits until that is committed (at once without
+    /// `--state`).
+    async fn done_durably(&self, item: &Item) {
+        self.finished.fetch_add(item.inputs.len() as u64, Relaxed);
+        self.check_halt(true, None);
+        if let Some(s) = &self.state {
+            s.done_durably(&item.inputs).await;
+        }
+    }
+
     fn done(&self, item: &Item) {
+        self.finished.fetch_add(item.inputs.len() as u64, Relaxed);
+        self.check_halt(true, None);
         if let Some(s) = &self.state {
             s.done(&item.inputs);
         }
@@ -179,11 +349,17 @@ impl Ctx {
     /// A failure that ends here: counted, recorded, written.
     fn final_failure(&self, fail: &Fail, out: Option<&Out>) {
         self.failures.fetch_add(1, Relaxed);
+        self.check_halt(
+            false,
+            fail.error.exit.or(fail.error.signal.map(|s| 128 + s)),
+        );
+        self.finished
+            .fetch_add(fail.item.inputs.len() as u64, Relaxed);
         if let Some(s) = &self.state {
             s.failed(&fail.item.inputs, &fail.error.message);
         }
         match out {
-            Some(o) => o.line(fail_json(fail).to_string()),
+            Some(o) => o.line(fail_json(fail).to_string().into_bytes()),
             None => self.dead.write(fail),
         }
     }
@@ -228,7 +404,7 @@ fn fail_of(f: &Failure, steps: &HashMap<String, usize>) -> Fail {
                 .as_ref()
                 .and_then(|i| i.downcast_ref::<Fail>().map(|x| x.item.clone()))
         })
-        .unwrap_or_else(|| Item::new(0, "<input not kept>".into()));
+        .unwrap_or_else(|| Item::new(0, b"<input not kept>".to_vec()));
     Fail {
         item,
         step: steps.get(&*f.stage).copied().unwrap_or(0),
@@ -243,24 +419,36 @@ fn fail_of(f: &Failure, steps: &HashMap<String, usize>) -> Fail {
 
 /// The inputs, read lazily.
 enum Reader {
-    Lines(tokio::io::Lines<Box<dyn tokio::io::AsyncBufRead + Send + Unpin>>),
+    /// Records ended by `delim` (`\n`, or NUL with `-0`), the delimiter removed.
+    Lines(Box<dyn tokio::io::AsyncBufRead + Send + Unpin>, u8),
     Seq {
         next: i64,
         end: i64,
         step: i64,
         done: bool,
     },
-    List(std::vec::IntoIter<String>),
+    List(std::vec::IntoIter<Vec<u8>>),
+    Table(std::vec::IntoIter<Vec<Vec<u8>>>),
     Sql(SqlPager),
 }
 
 impl Reader {
-    async fn next(&mut self) -> Result<Option<String>, String> {
+    async fn next(&mut self) -> Result<Option<Vec<u8>>, String> {
         match self {
-            Reader::Lines(l) => l
-                .next_line()
-                .await
-                .map_err(|e| format!("reading input: {e}")),
+            Reader::Lines(r, delim) => {
+                let mut rec = Vec::new();
+                let n = r
+                    .read_until(*delim, &mut rec)
+                    .await
+                    .map_err(|e| format!("reading input: {e}"))?;
+                if n == 0 {
+                    return Ok(None);
+                }
+                if rec.last() == Some(delim) {
+                    rec.pop();
+                }
+                Ok(Some(rec))
+            }
             Reader::Seq {
                 next,
                 end,
@@ -275,11 +463,27 @@ impl Reader {
                     Some(n) => *next = n,
                     None => *done = true,
                 }
-                Ok(Some(v.to_string()))
+                Ok(Some(v.to_string().into_bytes()))
             }
             Reader::List(it) => Ok(it.next()),
+            Reader::Table(it) => Ok(it.next().map(|args| args.join(&b'\t'))),
             Reader::Sql(p) => p.next().await,
         }
+    }
+
+    /// The next input as its arguments: one, the columns `colsep` splits it into, or a
+    /// row of `:::` groups.
+    async fn next_args(
+        &mut self,
+        colsep: Option<&regex::bytes::Regex>,
+    ) -> Result<Option<Vec<Vec<u8>>>, String> {
+        if let Reader::Table(it) = self {
+            return Ok(it.next());
+        }
+        Ok(self.next().await?.map(|rec| match colsep {
+            Some(re) => re.split(&rec).map(<[u8]>::to_vec).collect(),
+            None => vec![rec],
+        }))
     }
 }
 
@@ -290,12 +494,12 @@ struct SqlPager {
     query: String,
     key: String,
     last: Option<rusqlite::types::Value>,
-    page: VecDeque<String>,
+    page: VecDeque<Vec<u8>>,
     end: bool,
 }
 
 impl SqlPager {
-    async fn next(&mut self) -> Result<Option<String>, String> {
+    async fn next(&mut self) -> Result<Option<Vec<u8>>, String> {
         if self.page.is_empty() && !self.end {
             let (db, q, key, last) = (
                 self.db.clone(),
@@ -319,7 +523,7 @@ impl SqlPager {
     }
 }
 
-type Page = (Vec<String>, Option<rusqlite::types::Value>);
+type Page = (Vec<Vec<u8>>, Option<rusqlite::types::Value>);
 
 fn sql_page(
     db: &Path,
@@ -357,50 +561,59 @@ fn sql_page(
                 last_key = Some(v.clone());
             }
             fields.push(match v {
-                V::Null => String::new(),
-                V::Integer(x) => x.to_string(),
-                V::Real(x) => x.to_string(),
-                V::Text(s) => s,
-                V::Blob(b) => String::from_utf8_lossy(&b).into_owned(),
+                V::Null => Vec::new(),
+                V::Integer(x) => x.to_string().into_bytes(),
+                V::Real(x) => x.to_string().into_bytes(),
+                V::Text(s) => s.into_bytes(),
+                V::Blob(b) => b,
             });
         }
-        out.push(fields.join("\t"));
+        out.push(fields.join(&b'\t'));
     }
     Ok((out, last_key))
 }
 
-fn count_lines(path: &Path) -> Option<u64> {
+fn count_records(path: &Path, delim: u8) -> Option<u64> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).ok()?;
     let mut buf = vec![0u8; 1 << 16];
-    let (mut n, mut last) = (0u64, b'\n');
+    let (mut n, mut last) = (0u64, delim);
     loop {
         let k = f.read(&mut buf).ok()?;
         if k == 0 {
             break;
         }
-        n += buf[..k].iter().filter(|&&b| b == b'\n').count() as u64;
+        n += memchr::memchr_iter(delim, &buf[..k]).count() as u64;
         last = buf[k - 1];
     }
-    Some(n + u64::from(last != b'\n'))
+    Some(n + u64::from(last != delim))
 }
 
 /// Opens the source: its reader and, when it is cheap to know, how many inputs it holds.
-async fn open_source(source: &Source, want_total: bool) -> Result<(Reader, Option<u64>), String> {
+async fn open_source(
+    source: &Source,
+    want_total: bool,
+    delim: u8,
+) -> Result<(Reader, Option<u64>), String> {
     Ok(match source {
         Source::Lines(None) => {
-            let r: Box<dyn tokio::io::AsyncBufRead + Send + Unpin> =
-                Box::new(tokio::io::BufReader::new(tokio::io::stdin()));
-            (Reader::Lines(r.lines()), None)
+            let r: Box<dyn tokio::io::AsyncBufRead + Send + Unpin> = Box::new(
+                tokio::io::BufReader::with_capacity(1 << 16, tokio::io::stdin()),
+            );
+            (Reader::Lines(r, delim), None)
         }
         Source::Lines(Some(path)) => {
             let f = tokio::fs::File::open(path)
                 .await
                 .map_err(|e| format!("stage `lines`: cannot open {}: {e}", path.display()))?;
-            let total = if want_total { count_lines(path) } else { None };
+            let total = if want_total {
+                count_records(path, delim)
+            } else {
+                None
+            };
             let r: Box<dyn tokio::io::AsyncBufRead + Send + Unpin> =
                 Box::new(tokio::io::BufReader::with_capacity(1 << 16, f));
-            (Reader::Lines(r.lines()), total)
+            (Reader::Lines(r, delim), total)
         }
         Source::Seq { start, end, step } => {
             let total = ((*end as i128 - *start as i128) / *step as i128 + 1) as u64;
@@ -417,6 +630,10 @@ async fn open_source(source: &Source, want_total: bool) -> Result<(Reader, Optio
         Source::Args(list) => (
             Reader::List(list.clone().into_iter()),
             Some(list.len() as u64),
+        ),
+        Source::Table(rows) => (
+            Reader::Table(rows.clone().into_iter()),
+            Some(rows.len() as u64),
         ),
         Source::Sql { db, query, key } => {
             if !db.exists() {
@@ -492,6 +709,16 @@ fn objects(t: &Task) -> Objects {
     }
 }
 
+/// A call's result as the item's value: a process's output as it wrote it; an HTTP body
+/// as one record (printed as a line).
+fn output_value(rt: &TaskRt, out: Vec<u8>) -> Value {
+    if rt.command.is_some() {
+        Value::Output(out)
+    } else {
+        Value::One(out)
+    }
+}
+
 /// A job on a task of its own, ended (its process killed) if the call is dropped, as on
 /// a cancel.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
@@ -507,6 +734,8 @@ struct Builder {
     settings_jobs: usize,
     keep_order: bool,
     inflights: HashMap<usize, Inflight>,
+    /// The main chain's sink, when its last step may write to it directly.
+    last: Option<Arc<Emit>>,
 }
 
 impl Builder {
@@ -524,13 +753,21 @@ impl Builder {
         rt: Arc<TaskRt>,
         step: usize,
         objs: &Objects,
+        last: Option<&Arc<Emit>>,
     ) -> Pipeline<Item> {
         let ctx = self.ctx.clone();
         let name = t.name.clone();
+        let last = last.cloned();
         let stage = p
             .try_map_async(&t.name, move |item: Item| {
-                let (ctx, rt, name) = (ctx.clone(), rt.clone(), name.clone());
+                let (ctx, rt, name, last) = (ctx.clone(), rt.clone(), name.clone(), last.clone());
                 async move {
+                    if item.unfinished || ctx.stopping.load(Relaxed) {
+                        return Ok(Item {
+                            unfinished: true,
+                            ..item
+                        });
+                    }
                     let result = if rt.command.is_some() {
                         // Starting a process is a blocking system call: on a task of its
                         // own it does not hold up the stage's driver (and its rate timer).
@@ -549,17 +786,39 @@ impl Builder {
                         ctx.runner.call(&rt, &item).await
                     };
                     match result {
-                        Ok(v) => Ok(Item {
-                            value: Value::One(v),
-                            ..item
-                        }),
-                        Err(error) => Err(Failed(Box::new(Fail {
-                            item,
-                            step,
-                            stage: name,
-                            error,
-                            attempts: 1,
-                        }))),
+                        Ok(out) => {
+                            let item = Item {
+                                value: output_value(&rt, out),
+                                ..item
+                            };
+                            match &last {
+                                // The chain ends here: the output is written and the input
+                                // recorded done before this worker starts another job.
+                                Some(emit) => {
+                                    emit.item(&item);
+                                    ctx.done_durably(&item).await;
+                                    Ok(Item {
+                                        written: true,
+                                        ..item
+                                    })
+                                }
+                                None => Ok(item),
+                            }
+                        }
+                        Err(error) => {
+                            if let Some(emit) = &last {
+                                if emit.takes_bytes() {
+                                    emit.bytes(&error.stdout);
+                                }
+                            }
+                            Err(Failed(Box::new(Fail {
+                                item,
+                                step,
+                                stage: name,
+                                error,
+                                attempts: 1,
+                            })))
+                        }
                     }
                 }
             })
@@ -607,12 +866,19 @@ impl Builder {
                             (Arc::new(TaskRt::new(t.clone())), o)
                         }
                     };
-                    self.task(p, t, rt, i, &objs)
+                    let last = match &self.last {
+                        Some(emit) if main && i + 1 == steps.len() => Some(emit.clone()),
+                        _ => None,
+                    };
+                    self.task(p, t, rt, i, &objs, last.as_ref())
                 }
                 Step::Filter { re, keep } => {
                     let (re, keep, ctx) = (re.clone(), *keep, self.ctx.clone());
                     p.filter(move |item| {
-                        let pass = item.value.texts().iter().any(|t| re.is_match(t)) == keep;
+                        if item.unfinished {
+                            return true;
+                        }
+                        let pass = item.value.args().iter().any(|t| re.is_match(t)) == keep;
                         if !pass {
                             ctx.done(item);
                             if main {
@@ -624,10 +890,13 @@ impl Builder {
                 }
                 Step::Dedup(window) => {
                     let (ctx, window) = (self.ctx.clone(), *window);
-                    let mut seen: HashSet<String> = HashSet::new();
-                    let mut order: VecDeque<String> = VecDeque::new();
+                    let mut seen: HashSet<Vec<u8>> = HashSet::new();
+                    let mut order: VecDeque<Vec<u8>> = VecDeque::new();
                     p.filter(move |item| {
-                        let key = item.value.joined("\n");
+                        if item.unfinished {
+                            return true;
+                        }
+                        let key = item.value.joined(b"\n");
                         if seen.contains(&key) {
                             ctx.done(item);
                             if main {
@@ -649,14 +918,20 @@ impl Builder {
                     let seq = items.first().map_or(0, |i| i.seq);
                     let mut inputs = Vec::new();
                     let mut values = Vec::new();
+                    let mut args = Vec::new();
+                    let unfinished = items.iter().any(|i| i.unfinished);
                     for it in items {
                         inputs.extend(it.inputs.iter().cloned());
-                        values.extend(it.value.texts().iter().cloned());
+                        args.extend(it.args.iter().cloned());
+                        values.extend(it.value.args().iter().cloned());
                     }
                     Item {
                         seq,
                         inputs: Arc::new(inputs),
+                        args: Arc::new(args),
                         value: Value::Many(values),
+                        unfinished,
+                        written: false,
                     }
                 }),
             };
@@ -666,35 +941,18 @@ impl Builder {
 
     /// Ends `p` in `sink` (recording each item done).
     fn sink(&self, g: Graph, p: Pipeline<Item>, sink: &Option<Sink>) -> Result<Graph, String> {
-        let out = Arc::new(match sink {
-            None | Some(Sink::Print) => Out::Stdout,
-            Some(Sink::Discard) => Out::Discard,
-            Some(Sink::File(path)) => Out::open(path)?,
-            Some(Sink::Jsonl(path)) => Out::open(path)?,
-        });
-        let jsonl = matches!(sink, Some(Sink::Jsonl(_)));
+        let emit = Arc::new(Emit::open(sink, &self.ctx.runner.opts)?);
+        self.sink_to(g, p, emit)
+    }
+
+    /// Ends `p` in `emit`; items a final task already wrote pass by.
+    fn sink_to(&self, g: Graph, p: Pipeline<Item>, emit: Arc<Emit>) -> Result<Graph, String> {
         let ctx = self.ctx.clone();
         Ok(g.for_each(p, move |item: Item| {
-            let line = if jsonl {
-                let mut v =
-                    serde_json::json!({ "seq": item.seq, "output": item.value.joined("\n") });
-                if let Some(o) = v.as_object_mut() {
-                    if item.inputs.len() == 1 {
-                        o.insert("input".into(), item.inputs[0].clone().into());
-                    } else {
-                        o.insert("inputs".into(), item.inputs.to_vec().into());
-                    }
-                }
-                Some(v.to_string())
-            } else if matches!(*out, Out::Discard) {
-                None
-            } else {
-                Some(item.value.joined("\n"))
-            };
-            if let Some(l) = line {
-                out.line(l);
+            if !item.unfinished && !item.written {
+                emit.item(&item);
+                ctx.done(&item);
             }
-            ctx.done(&item);
             std::future::ready(())
         }))
     }
@@ -712,6 +970,8 @@ impl Builder {
             if as_inputs {
                 // The inputs alone, one per line: ready to be fed to another run.
                 ctx.failures.fetch_add(1, Relaxed);
+                ctx.finished
+                    .fetch_add(fail.item.inputs.len() as u64, Relaxed);
                 if let Some(s) = &ctx.state {
                     s.failed(&fail.item.inputs, &fail.error.message);
                 }
@@ -746,12 +1006,35 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
     } else {
         plan.source.clone()
     };
-    let (reader, total) = open_source(&source, settings.progress).await?;
+    let (reader, total) = open_source(&source, settings.progress, settings.delim).await?;
+    let colsep = settings.colsep.clone();
+    let skip_seqs = match (&settings.joblog, settings.resume) {
+        (Some(path), Resume::Done | Resume::Failed) => {
+            joblog_seqs(path, settings.resume == Resume::Failed)
+        }
+        _ => HashSet::new(),
+    };
     let joblog = match &settings.joblog {
-        Some(path) => Some(
-            std::fs::File::create(path).map_err(|e| format!("--joblog {}: {e}", path.display()))?,
-        ),
+        Some(path) => {
+            let mut o = std::fs::OpenOptions::new();
+            // A resumed run adds to the joblog, as parallel does.
+            if settings.resume == Resume::No {
+                o.write(true).create(true).truncate(true);
+            } else {
+                o.append(true).create(true);
+            }
+            Some(
+                o.open(path)
+                    .map_err(|e| format!("--joblog {}: {e}", path.display()))?,
+            )
+        }
         None => None,
+    };
+    let skip_seqs = Arc::new(skip_seqs);
+    let (reader, total) = if settings.shuffle {
+        shuffled(reader).await?
+    } else {
+        (reader, total)
     };
     let max_workers = plan
         .main_tasks()
@@ -769,8 +1052,15 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
         })
         .collect();
     let (err_tx, err_rx) = mpsc::unbounded_channel::<Fail>();
+    let (halt_tx, halt_rx) = mpsc::unbounded_channel::<bool>();
+    let runs_processes = plan.main_tasks().any(|t| matches!(t.kind, TaskKind::Sh(_)));
+    let jobs = if runs_processes {
+        Jobs::new()
+    } else {
+        Jobs::none()
+    };
     let ctx = Arc::new(Ctx {
-        runner: Runner::new(max_workers, joblog)?,
+        runner: Runner::new(max_workers, joblog, jobs, settings.job_opts.clone())?,
         state,
         dead: DeadFile {
             path: settings.dead_letter.clone(),
@@ -783,6 +1073,12 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
         source_done: AtomicBool::new(false),
         err_tx: Mutex::new(plan.error.is_some().then_some(err_tx)),
         main_steps,
+        stopping: AtomicBool::new(false),
+        halt: settings.halt,
+        succeeded: AtomicU64::new(0),
+        halt_tx,
+        halted_by: Mutex::new(None),
+        finished: AtomicU64::new(0),
     });
 
     // The source: skips inputs done in an earlier run, counts what it produces.
@@ -795,6 +1091,8 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
         let (ctx, skipped, stop) = (ctx.clone(), skipped.clone(), stop_source.clone());
         let seq = Arc::new(AtomicU64::new(0));
         Pipeline::try_from_fn(move || {
+            let colsep = colsep.clone();
+            let skip_seqs = skip_seqs.clone();
             let (ctx, skipped, reader, done_before, seq, stop) = (
                 ctx.clone(),
                 skipped.clone(),
@@ -811,15 +1109,21 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
                         ctx.maybe_close();
                         return Ok(None);
                     }
-                    let next = r.next().await;
+                    let next = r.next_args(colsep.as_ref()).await;
                     let n = seq.fetch_add(1, Relaxed) + 1;
                     match next {
-                        Ok(Some(input)) if done_before.contains(&input) => {
-                            skipped.fetch_add(1, Relaxed);
-                        }
-                        Ok(Some(input)) => {
+                        Ok(Some(mut args)) => {
+                            let item = if args.len() == 1 {
+                                Item::new(n, args.swap_remove(0))
+                            } else {
+                                Item::with_args(n, args)
+                            };
+                            if done_before.contains(&item.inputs[0]) || skip_seqs.contains(&n) {
+                                skipped.fetch_add(1, Relaxed);
+                                continue;
+                            }
                             ctx.emitted.fetch_add(1, Relaxed);
-                            return Ok(Some(Item::new(n, input)));
+                            return Ok(Some(item));
                         }
                         Ok(None) => {
                             ctx.source_done.store(true, Relaxed);
@@ -861,8 +1165,17 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
         settings_jobs: settings.jobs,
         keep_order: settings.keep_order,
         inflights: HashMap::new(),
+        last: None,
     };
+    // Without a branch and in finishing order, the last task writes each output itself the
+    // moment its job ends, and records the input done before its worker takes the next.
+    let direct = !plan.branched && !settings.keep_order;
+    let main_emit = Arc::new(Emit::open(&plan.main.sink, &settings.job_opts)?);
+    if direct {
+        b.last = Some(main_emit.clone());
+    }
     let main = b.steps(src, &plan.main.steps, true, &tasks);
+    b.last = None;
     let main = {
         let ctx = ctx.clone();
         main.inspect(move |item| ctx.leave_main(item.inputs.len()))
@@ -870,7 +1183,7 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
 
     let mut graph = Graph::new();
     if !plan.branched {
-        graph = b.sink(graph, main, &plan.main.sink)?;
+        graph = b.sink_to(graph, main, main_emit)?;
     } else {
         let success = plan.success.clone().unwrap_or_default();
         let mut ok_path = main;
@@ -905,44 +1218,61 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
         .dead_letter(DeadLetter::callback(move |f| on_fail.on_failure(f)))
         .spawn();
 
-    // Ctrl-C (or SIGTERM): stop pulling inputs, finish the jobs in flight, report; a
-    // second one cancels.
+    // The first SIGINT, SIGTERM or SIGHUP: start nothing new, let the running jobs
+    // finish, report what was left; a second one (or the end of `--grace`) kills every
+    // running job's group and cancels.
     let control = handle.control();
     let interrupted = Arc::new(AtomicBool::new(false));
     let signals = {
-        let interrupted = interrupted.clone();
-        let stop_source = stop_source.clone();
+        let (interrupted, stop_source, ctx) =
+            (interrupted.clone(), stop_source.clone(), ctx.clone());
+        let grace = settings.grace;
+        let mut halt_rx = halt_rx;
         tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            let mut n = 0;
-            loop {
-                let term_recv = async {
-                    match term.as_mut() {
-                        Some(t) => {
-                            t.recv().await;
-                        }
-                        None => std::future::pending::<()>().await,
-                    }
-                };
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term_recv => {}
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut streams: Vec<_> = [
+                SignalKind::interrupt(),
+                SignalKind::terminate(),
+                SignalKind::hangup(),
+            ]
+            .into_iter()
+            .filter_map(|k| signal(k).ok())
+            .collect();
+            let now = tokio::select! {
+                _ = next_signal(&mut streams) => {
+                    interrupted.store(true, Relaxed);
+                    false
                 }
-                n += 1;
-                interrupted.store(true, Relaxed);
-                if n == 1 {
-                    eprintln!(
-                        "\nflowline: stopping: no new inputs, finishing the jobs in flight (again to cancel)"
-                    );
-                    stop_source.store(true, Relaxed);
-                    control.stop();
-                } else {
-                    eprintln!("\nflowline: cancelling");
-                    control.cancel();
-                    return;
-                }
+                now = halt_rx.recv() => now.unwrap_or(false),
+            };
+            ctx.stopping.store(true, Relaxed);
+            stop_source.store(true, Relaxed);
+            control.stop();
+            if now {
+                let killed = ctx.runner.jobs.kill_all();
+                eprintln!("flowline: --halt now: killed {killed} running job(s)");
+                control.cancel();
+                return;
             }
+            eprintln!(
+                "\nflowline: stopping: starting nothing new, waiting for {} running job(s) (again to kill them)",
+                ctx.runner.jobs.running()
+            );
+            let deadline = async {
+                match grace {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = next_signal(&mut streams) => {}
+                _ = deadline => {}
+            }
+            let killed = ctx.runner.jobs.kill_all();
+            eprintln!(
+                "\nflowline: cancelling: killed {killed} running job(s) and their process groups"
+            );
+            control.cancel();
         })
     };
     let result = handle.join().await;
@@ -984,6 +1314,15 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
             "flowline: {} inputs, {failures} failed",
             ctx.emitted.load(Relaxed)
         );
+        let unfinished = ctx
+            .emitted
+            .load(Relaxed)
+            .saturating_sub(ctx.finished.load(Relaxed));
+        if interrupted.load(Relaxed) || cancelled {
+            line.push_str(&format!(
+                ", {unfinished} left unfinished (not started; a rerun with --state runs them)"
+            ));
+        }
         if skipped > 0 {
             line.push_str(&format!(", {skipped} skipped (done in an earlier run)"));
         }
@@ -995,10 +1334,69 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
         }
         eprintln!("{line}");
     }
+    let halted_by = ctx.halted_by.lock().ok().and_then(|g| *g);
     Ok(Outcome {
         failures,
-        interrupted: interrupted.load(Relaxed) || cancelled,
+        interrupted: (interrupted.load(Relaxed) || cancelled) && halted_by.is_none(),
+        halted_by,
     })
+}
+
+/// The job numbers a joblog has (all, or with `only_ok` those that succeeded).
+fn joblog_seqs(path: &Path, only_ok: bool) -> HashSet<u64> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            let seq = f.first()?.parse().ok()?;
+            let ok = f.get(6) == Some(&"0") && f.get(7) == Some(&"0");
+            (!only_ok || ok).then_some(seq)
+        })
+        .collect()
+}
+
+/// Every input read, in a random order (`--shuf`).
+async fn shuffled(r: Reader) -> Result<(Reader, Option<u64>), String> {
+    let mut r = match r {
+        Reader::Table(rows) => {
+            let mut all = rows.collect::<Vec<_>>();
+            shuffle(&mut all);
+            let n = all.len() as u64;
+            return Ok((Reader::Table(all.into_iter()), Some(n)));
+        }
+        other => other,
+    };
+    let mut one = Vec::new();
+    while let Some(x) = r.next().await? {
+        one.push(x);
+    }
+    shuffle(&mut one);
+    let n = one.len() as u64;
+    Ok((Reader::List(one.into_iter()), Some(n)))
+}
+
+/// Fisher-Yates with xorshift seeded from the clock: an order, not a secret.
+fn shuffle<T>(v: &mut [T]) {
+    let mut x = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0x9e37_79b9, |d| d.as_nanos() as u64)
+        | 1;
+    for i in (1..v.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+}
+
+/// The next of several signals (never, without any).
+async fn next_signal(streams: &mut [tokio::signal::unix::Signal]) {
+    let waits: Vec<_> = streams.iter_mut().map(|s| Box::pin(s.recv())).collect();
+    if waits.is_empty() {
+        std::future::pending::<()>().await;
+    }
+    futures::future::select_all(waits).await;
 }
 
 /// `error:retry(..)`: runs the failed task, and the steps of the main chain after it,
@@ -1029,10 +1427,14 @@ fn retry_arm(
             let (ctx, steps, tasks) = (ctx.clone(), steps.clone(), tasks_rt.clone());
             async move {
                 let mut item = fail.item;
+                if ctx.stopping.load(Relaxed) {
+                    item.unfinished = true;
+                    return Ok(Some(item));
+                }
                 for i in fail.step..steps.len() {
                     match (&steps[i], tasks.get(i).and_then(Option::as_ref)) {
                         (Step::Task(t), Some(rt)) => match ctx.runner.call(rt, &item).await {
-                            Ok(v) => item.value = Value::One(v),
+                            Ok(v) => item.value = output_value(rt, v),
                             Err(error) => {
                                 return Err(Failed(Box::new(Fail {
                                     item,
@@ -1044,7 +1446,7 @@ fn retry_arm(
                             }
                         },
                         (Step::Filter { re, keep }, _)
-                            if item.value.texts().iter().any(|t| re.is_match(t)) != *keep =>
+                            if item.value.args().iter().any(|t| re.is_match(t)) != *keep =>
                         {
                             ctx.done(&item);
                             return Ok(None);

@@ -15,7 +15,9 @@ pub enum Source {
     /// Numbers from `start` to `end` inclusive, by `step`.
     Seq { start: i64, end: i64, step: i64 },
     /// The given words.
-    Args(Vec<String>),
+    Args(Vec<Vec<u8>>),
+    /// Inputs of several arguments each (`:::` groups combined, `:::+` linked).
+    Table(Vec<Vec<Vec<u8>>>),
     /// Rows of a SQLite query, paged by a key column.
     Sql {
         db: PathBuf,
@@ -76,7 +78,7 @@ pub struct Task {
 #[derive(Debug, Clone)]
 pub enum Step {
     Task(Task),
-    Filter { re: regex::Regex, keep: bool },
+    Filter { re: regex::bytes::Regex, keep: bool },
     Dedup(usize),
     Batch(usize, Duration),
 }
@@ -126,6 +128,72 @@ impl Plan {
             Step::Task(t) => Some(t),
             _ => None,
         })
+    }
+}
+
+/// GNU parallel's options that are policies of a task (`--timeout`, `--retries`,
+/// `--delay`) or a step before it (`-N`, `-n`, `-X`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    pub timeout: Option<Duration>,
+    /// Retries after the first attempt.
+    pub retries: Option<u32>,
+    /// Time between job starts.
+    pub delay: Option<Duration>,
+    /// Inputs per job.
+    pub args_per_job: Option<usize>,
+}
+
+impl Plan {
+    /// The plan of a command given as GNU parallel takes it: `source | sh(cmd)`.
+    pub fn command(source: Source, cmd: String) -> Plan {
+        Plan {
+            source,
+            main: Chain {
+                steps: vec![Step::Task(Task {
+                    name: "sh".into(),
+                    kind: TaskKind::Sh(cmd),
+                    policies: Policies::default(),
+                })],
+                sink: None,
+            },
+            success: None,
+            error: None,
+            branched: false,
+        }
+    }
+
+    /// Applies the options to the main chain's first task, where its own stages set
+    /// nothing else.
+    pub fn apply_options(&mut self, o: Options) {
+        let Some(first) = self
+            .main
+            .steps
+            .iter()
+            .position(|s| matches!(s, Step::Task(_)))
+        else {
+            return;
+        };
+        if let Step::Task(t) = &mut self.main.steps[first] {
+            let p = &mut t.policies;
+            if p.timeout.is_none() {
+                p.timeout = o.timeout;
+            }
+            if p.retry.is_none() {
+                p.retry = o.retries.filter(|&n| n > 0).map(|retries| RetrySpec {
+                    retries,
+                    // parallel runs a failed job again at once.
+                    min: Duration::from_millis(1),
+                    max: Duration::from_millis(1),
+                });
+            }
+            if p.rate.is_none() {
+                p.rate = o.delay.map(|d| (1, d, 1));
+            }
+        }
+        if let Some(n) = o.args_per_job {
+            self.main.steps.insert(first, Step::Batch(n, MAX_DURATION));
+        }
     }
 }
 
@@ -554,7 +622,7 @@ fn source(s: &Stage) -> Result<Source, ParseError> {
             Ok(Source::Seq { start, end, step })
         }
         "args" => Ok(Source::Args(
-            s.args.iter().map(|x| x.text.clone()).collect(),
+            s.args.iter().map(|x| x.text.clone().into_bytes()).collect(),
         )),
         "sql" => {
             a.count(3, 3, "sql(DB_FILE, \"SELECT ...\", KEY_COLUMN)")?;
@@ -742,7 +810,7 @@ fn op(s: &Stage) -> Result<Step, ParseError> {
         "filter" | "reject" => {
             a.count(1, 1, "filter(\"REGEX\")")?;
             let arg = &s.args[0];
-            let re = regex::RegexBuilder::new(&arg.text)
+            let re = regex::bytes::RegexBuilder::new(&arg.text)
                 .size_limit(1 << 20)
                 .dfa_size_limit(1 << 20)
                 .build()

@@ -3,8 +3,12 @@
 //! exactly the inputs already done.
 //!
 //! An input is written `done` only after its output was written (the sinks write
-//! unbuffered), and writes are committed in batches by one thread: a SIGKILL loses at most
-//! the last batch, whose inputs then run again (at least once, never lost).
+//! unbuffered). One thread commits, in group commits: a job that ends the chain waits,
+//! holding its worker slot, until its input is committed ([`State::done_durably`]), so
+//! that no new job starts in that slot before it; after a SIGKILL at most the jobs in
+//! flight run again. Other marks (inputs a filter dropped, failures, outputs that went
+//! through more steps) are committed within 100 ms. The file is in WAL mode with
+//! `synchronous = NORMAL`: a commit survives a crash of `flowline`, not a power loss.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -19,7 +23,9 @@ const DONE: i64 = 1;
 const FAILED: i64 = 2;
 
 enum Msg {
-    Mark(Vec<String>, i64, String),
+    Mark(Vec<Vec<u8>>, i64, String),
+    /// Marks done and says so once committed.
+    MarkNow(Vec<Vec<u8>>, tokio::sync::oneshot::Sender<()>),
     Flush(mpsc::Sender<()>),
 }
 
@@ -52,19 +58,21 @@ fn open(path: &Path) -> Result<Connection, String> {
 impl State {
     /// Opens (or creates) the state file; returns it with the inputs done and the inputs
     /// failed so far (the failed ones in the order they were first recorded).
-    pub fn open(path: &Path) -> Result<(State, HashSet<String>, Vec<String>), String> {
+    pub fn open(path: &Path) -> Result<(State, HashSet<Vec<u8>>, Vec<Vec<u8>>), String> {
         let conn = open(path)?;
-        let read = |status: i64| -> Result<Vec<String>, String> {
+        let read = |status: i64| -> Result<Vec<Vec<u8>>, String> {
             let mut st = conn
                 .prepare("SELECT input FROM flowline_cli_jobs WHERE status = ?1 ORDER BY rowid")
                 .map_err(|e| e.to_string())?;
             let rows = st
-                .query_map([status], |r| r.get::<_, String>(0))
+                .query_map([status], |r| {
+                    r.get::<_, rusqlite::types::Value>(0).map(key_bytes)
+                })
                 .map_err(|e| e.to_string())?;
             rows.collect::<Result<Vec<_>, _>>()
                 .map_err(|e| format!("--state {}: {e}", path.display()))
         };
-        let done: HashSet<String> = read(DONE)?.into_iter().collect();
+        let done: HashSet<Vec<u8>> = read(DONE)?.into_iter().collect();
         let failed = read(FAILED)?;
         let (tx, rx) = mpsc::channel();
         let writer = std::thread::Builder::new()
@@ -90,12 +98,22 @@ impl State {
     }
 
     /// Marks inputs done.
-    pub fn done(&self, inputs: &[String]) {
+    pub fn done(&self, inputs: &[Vec<u8>]) {
         self.send(Msg::Mark(inputs.to_vec(), DONE, String::new()));
     }
 
+    /// Marks inputs done; the future ends when they are committed (at once when the state
+    /// cannot be written any more: the run goes on, it was told why).
+    pub fn done_durably(&self, inputs: &[Vec<u8>]) -> impl std::future::Future<Output = ()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(Msg::MarkNow(inputs.to_vec(), tx));
+        async move {
+            let _ = rx.await;
+        }
+    }
+
     /// Marks inputs failed, with why.
-    pub fn failed(&self, inputs: &[String], error: &str) {
+    pub fn failed(&self, inputs: &[Vec<u8>], error: &str) {
         self.send(Msg::Mark(inputs.to_vec(), FAILED, error.to_string()));
     }
 
@@ -124,21 +142,39 @@ fn now_ms() -> i64 {
 }
 
 fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Msg>) {
-    let mut pending: Vec<(String, i64, String)> = Vec::new();
+    let mut pending: Vec<(Vec<u8>, i64, String)> = Vec::new();
     let mut waiting: Vec<mpsc::Sender<()>> = Vec::new();
+    let mut acks: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
     let mut last = Instant::now();
     loop {
-        let msg = rx.recv_timeout(Duration::from_millis(100));
-        let closed = matches!(msg, Err(mpsc::RecvTimeoutError::Disconnected));
-        match msg {
-            Ok(Msg::Mark(inputs, status, error)) => {
-                pending.extend(inputs.into_iter().map(|i| (i, status, error.clone())));
+        let mut msg = rx.recv_timeout(Duration::from_millis(100));
+        let mut closed = false;
+        // Everything already queued joins this commit: one transaction for every job that
+        // ended meanwhile.
+        loop {
+            match msg {
+                Ok(Msg::Mark(inputs, status, error)) => {
+                    pending.extend(inputs.into_iter().map(|i| (i, status, error.clone())));
+                }
+                Ok(Msg::MarkNow(inputs, ack)) => {
+                    pending.extend(inputs.into_iter().map(|i| (i, DONE, String::new())));
+                    acks.push(ack);
+                }
+                Ok(Msg::Flush(tx)) => waiting.push(tx),
+                Err(mpsc::RecvTimeoutError::Disconnected) => closed = true,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
-            Ok(Msg::Flush(tx)) => waiting.push(tx),
-            Err(_) => {}
+            if closed || pending.len() >= 4096 {
+                break;
+            }
+            msg = match rx.try_recv() {
+                Ok(m) => Ok(m),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => Err(mpsc::RecvTimeoutError::Disconnected),
+            };
         }
         let due = last.elapsed() >= Duration::from_millis(100) || pending.len() >= 4096;
-        if (due || closed || !waiting.is_empty()) && !pending.is_empty() {
+        if (due || closed || !waiting.is_empty() || !acks.is_empty()) && !pending.is_empty() {
             if let Err(e) = commit(&mut conn, &pending) {
                 eprintln!("flowline: --state: cannot record progress: {e}");
             }
@@ -148,13 +184,16 @@ fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Msg>) {
         for w in waiting.drain(..) {
             let _ = w.send(());
         }
+        for a in acks.drain(..) {
+            let _ = a.send(());
+        }
         if closed {
             return;
         }
     }
 }
 
-fn commit(conn: &mut Connection, rows: &[(String, i64, String)]) -> rusqlite::Result<()> {
+fn commit(conn: &mut Connection, rows: &[(Vec<u8>, i64, String)]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
         // A done input stays done: a later failure of the same text (a duplicate input)
@@ -166,8 +205,27 @@ fn commit(conn: &mut Connection, rows: &[(String, i64, String)]) -> rusqlite::Re
         )?;
         let now = now_ms();
         for (input, status, error) in rows {
-            st.execute(params![input, status, error, now])?;
+            st.execute(params![key_value(input), status, error, now])?;
         }
     }
     tx.commit()
+}
+
+/// An input as its key: text when it is UTF-8 (readable with `sqlite3`), else a blob.
+fn key_value(input: &[u8]) -> rusqlite::types::Value {
+    match std::str::from_utf8(input) {
+        Ok(t) => rusqlite::types::Value::Text(t.to_string()),
+        Err(_) => rusqlite::types::Value::Blob(input.to_vec()),
+    }
+}
+
+fn key_bytes(v: rusqlite::types::Value) -> Vec<u8> {
+    use rusqlite::types::Value as V;
+    match v {
+        V::Text(t) => t.into_bytes(),
+        V::Blob(b) => b,
+        V::Integer(i) => i.to_string().into_bytes(),
+        V::Real(r) => r.to_string().into_bytes(),
+        V::Null => Vec::new(),
+    }
 }
