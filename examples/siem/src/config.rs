@@ -19,7 +19,10 @@ use clap::Parser;
 #[command(
     name = "flowline-siem",
     version,
-    about = "A toy SIEM on flowline: POST events, watch them live over a websocket"
+    about = "A toy SIEM on flowline: POST events, watch them live over a websocket",
+    // The long help is the options' own text: the struct's doc (with its code example) is
+    // for the library's readers, not the command line.
+    long_about = None
 )]
 pub struct Config {
     /// Address to listen on (port 0: any free port; the address is printed at start).
@@ -40,12 +43,10 @@ pub struct Config {
     /// Events accepted but not yet taken by the pipeline; when full, `POST /events` answers 429.
     #[arg(long, default_value_t = 8192, value_name = "N", value_parser = parse_count)]
     pub queue: usize,
-    /// Events written per transaction at most.
+    /// Events written per transaction at most (a transaction takes whatever has arrived while
+    /// the one before was committed, up to this).
     #[arg(long, default_value_t = 512, value_name = "N", value_parser = parse_count)]
     pub batch: usize,
-    /// How long a batch waits to fill, in milliseconds.
-    #[arg(long, default_value_t = 5, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=60_000))]
-    pub batch_wait_ms: u64,
     /// Events a websocket client may be behind before it is cut off (at least `--batch`:
     /// a stored batch is broadcast at once).
     #[arg(long, default_value_t = 4096, value_name = "N", value_parser = parse_count)]
@@ -68,6 +69,22 @@ pub struct Config {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 16 * 1024, value_name = "BYTES", value_parser = parse_count)]
     pub body_limit: usize,
+    /// The token that lets a viewer see every account's events on the page, `GET /ws`,
+    /// `/api/...` (as `?token=` or `authorization: Bearer`) and `GET /metrics`. Without it one
+    /// is drawn at random and printed at start. An account's API key (`?key=`) shows that
+    /// account's events only.
+    #[arg(long, value_name = "TOKEN", value_parser = parse_token)]
+    pub viewer_token: Option<String>,
+    /// A correlation rule (repeat for more): `name=N [kind=K] by=account|source
+    /// [distinct=account|source] count=C within=DURATION severity=S`, e.g. `name=brute_force
+    /// kind=login_failed by=account count=5 within=1m severity=8`. Given rules replace the two
+    /// defaults (that one, and `name=address_on_many_accounts by=source distinct=account
+    /// count=10 within=5m severity=8`).
+    #[arg(long = "rule", value_name = "RULE", value_parser = crate::rules::Rule::parse)]
+    pub rules: Vec<crate::rules::Rule>,
+    /// No correlation rules unless given with `--rule`.
+    #[arg(long)]
+    pub no_default_rules: bool,
     /// Serve the naive version instead (each request looks up, alerts, inserts and
     /// broadcasts inline): the benchmark's baseline.
     #[arg(long)]
@@ -106,6 +123,14 @@ fn parse_count(s: &str) -> Result<usize, String> {
     }
 }
 
+fn parse_token(s: &str) -> Result<String, String> {
+    if (16..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(s.to_string())
+    } else {
+        Err("must be 16 to 128 printable ASCII characters, no spaces".into())
+    }
+}
+
 fn parse_http_url(s: &str) -> Result<String, String> {
     match s.strip_prefix("http://") {
         Some(rest) if !rest.is_empty() && !rest.starts_with('/') => Ok(s.to_string()),
@@ -141,6 +166,8 @@ mod tests {
                 "ftp://x",
             ),
             (&["--alert-rate", "0"][..], "--alert-rate", "0"),
+            (&["--viewer-token", "short"][..], "--viewer-token", "short"),
+            (&["--rule", "name=x count=0"][..], "--rule", "count `0`"),
         ] {
             let e = err(args);
             assert!(e.contains(opt) && e.contains(value), "{args:?}: {e}");

@@ -28,8 +28,9 @@ impl std::fmt::Display for BadField {
     }
 }
 
-/// An event as posted: `{"id": "...", "kind": "...", "severity": 0..=10, "message": "..."}`
-/// (`message` optional). The account is not in the body: it comes from the API key.
+/// An event as posted: `{"id": "...", "kind": "...", "severity": 0..=10, "message": "...",
+/// "time": <ms since the Unix epoch>, "source": "<IP address>"}` (`message`, `time` and
+/// `source` optional). The account is not in the body: it comes from the API key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Incoming {
     /// The client's id for the event: posting the same id twice stores it once.
@@ -40,7 +41,16 @@ pub struct Incoming {
     pub severity: u8,
     /// Free text.
     pub message: String,
+    /// When it happened, by the sender's clock (ms since the Unix epoch), if given.
+    pub time_ms: Option<i64>,
+    /// The address it came from, if given (checked to be an IP address).
+    pub source: Option<String>,
 }
+
+/// The earliest event time accepted (2000-01-01T00:00:00Z, in ms since the Unix epoch).
+pub const MIN_TIME_MS: i64 = 946_684_800_000;
+/// The latest event time accepted (2100-01-01T00:00:00Z).
+pub const MAX_TIME_MS: i64 = 4_102_444_800_000;
 
 impl Incoming {
     /// Parses and checks a body. Every field is checked for type and bounds; unknown fields
@@ -56,10 +66,9 @@ impl Incoming {
                 problem: "must be a JSON object".into(),
             });
         };
-        if let Some(k) = map
-            .keys()
-            .find(|k| !["id", "kind", "severity", "message"].contains(&k.as_str()))
-        {
+        if let Some(k) = map.keys().find(|k| {
+            !["id", "kind", "severity", "message", "time", "source"].contains(&k.as_str())
+        }) {
             return Err(BadField {
                 field: "body",
                 problem: format!("unknown field `{}`", k.chars().take(64).collect::<String>()),
@@ -107,11 +116,39 @@ impl Incoming {
             },
         };
         let message = text("message", MAX_MESSAGE_LEN, false)?;
+        let time_ms = match map.get("time") {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_i64() {
+                Some(t) if (MIN_TIME_MS..MAX_TIME_MS).contains(&t) => Some(t),
+                _ => {
+                    return Err(BadField {
+                        field: "time",
+                        problem: format!(
+                            "must be an integer of milliseconds since the Unix epoch, from {MIN_TIME_MS} (2000) to {MAX_TIME_MS} (2100)"
+                        ),
+                    });
+                }
+            },
+        };
+        let source = match map.get("source") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.len() <= 64 && s.parse::<std::net::IpAddr>().is_ok() => {
+                Some(s.clone())
+            }
+            Some(_) => {
+                return Err(BadField {
+                    field: "source",
+                    problem: "must be an IPv4 or IPv6 address as a string".into(),
+                });
+            }
+        };
         Ok(Incoming {
             id,
             kind,
             severity,
             message,
+            time_ms,
+            source,
         })
     }
 }
@@ -146,15 +183,23 @@ pub struct Event {
     pub message: String,
     /// When the service accepted it, in milliseconds since the Unix epoch.
     pub received_ms: i64,
+    /// When it happened: the sender's `time`, or `received_ms` when it gave none. The
+    /// correlation rules' windows go by it.
+    pub time_ms: i64,
+    /// The address it came from, if the sender said.
+    pub source: Option<String>,
     /// Where it is: `accepted`, `enriched`, `stored`.
     pub status: &'static str,
-    /// Whether its severity calls for an alert.
+    /// Whether it calls for an alert (its severity, or a correlation rule's match).
     pub alert: bool,
+    /// The correlation rule that made it, for an event a rule raised (none for a posted one).
+    pub rule: Option<String>,
 }
 
 impl Event {
     /// An accepted event, before the pipeline has seen it.
     pub fn accepted(incoming: Incoming, api_key: String) -> Event {
+        let received_ms = now_ms();
         Event {
             id: incoming.id,
             api_key,
@@ -162,10 +207,20 @@ impl Event {
             kind: incoming.kind,
             severity: incoming.severity,
             message: incoming.message,
-            received_ms: now_ms(),
+            received_ms,
+            time_ms: incoming.time_ms.unwrap_or(received_ms),
+            source: incoming.source,
             status: "accepted",
             alert: false,
+            rule: None,
         }
+    }
+}
+
+impl Event {
+    /// Its account's id (0 when the account is not known).
+    pub fn account_id(&self) -> i64 {
+        self.account.as_ref().map_or(0, |a| a.id)
     }
 }
 
@@ -240,6 +295,32 @@ mod tests {
             field_of(&format!(r#"{{"id":"{long}","kind":"k","severity":1}}"#)),
             "id"
         );
+    }
+
+    #[test]
+    fn time_and_source_are_checked_and_time_defaults_to_arrival() {
+        for bad in ["-1", "0", "1e20", "\"yesterday\"", "4102444800000", "1.5"] {
+            let body = format!(r#"{{"id":"a","kind":"k","severity":1,"time":{bad}}}"#);
+            assert_eq!(field_of(&body), "time", "{bad}");
+        }
+        for bad in ["\"10.0.0.256\"", "\"\"", "7", "\"host.example\""] {
+            let body = format!(r#"{{"id":"a","kind":"k","severity":1,"source":{bad}}}"#);
+            assert_eq!(field_of(&body), "source", "{bad}");
+        }
+        let inc = Incoming::parse(
+            br#"{"id":"a","kind":"k","severity":1,"time":1700000000000,"source":"::1"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (inc.time_ms, inc.source.as_deref()),
+            (Some(1_700_000_000_000), Some("::1"))
+        );
+        assert_eq!(Event::accepted(inc, "k".into()).time_ms, 1_700_000_000_000);
+        let e = Event::accepted(
+            Incoming::parse(br#"{"id":"a","kind":"k","severity":1}"#).unwrap(),
+            "k".into(),
+        );
+        assert_eq!(e.time_ms, e.received_ms);
     }
 
     #[test]

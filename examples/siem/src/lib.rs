@@ -28,6 +28,7 @@ mod http;
 mod naive;
 mod notifier;
 mod pipeline;
+mod rules;
 mod store;
 mod ws;
 
@@ -80,6 +81,9 @@ pub struct Summary {
     /// The alert lane's report (none for the naive service, or when the lane had to be
     /// cancelled with alerts still held).
     pub alerts: Option<Report>,
+    /// Alerts left pending in the database (the notifier did not take them during the
+    /// drain): sent at the next start.
+    pub alerts_pending: u64,
 }
 
 /// A running service.
@@ -98,6 +102,9 @@ pub struct Summary {
 pub struct Service {
     addr: SocketAddr,
     accepting: Arc<AtomicBool>,
+    queue: Option<http::Queue>,
+    viewer_token: Arc<str>,
+    db: std::path::PathBuf,
     stop_http: oneshot::Sender<()>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
     pipelines: Option<pipeline::Pipelines>,
@@ -149,23 +156,26 @@ impl Service {
     /// # }
     /// ```
     pub async fn start(cfg: Config) -> Result<Service, StartError> {
-        if cfg.ws_buffer < cfg.batch {
+        if cfg.ws_buffer < cfg.batch.min(512) {
             // A stored batch is broadcast at once: a smaller buffer would cut off every
             // client at the first full batch.
             return Err(StartError(format!(
-                "--ws-buffer {} must be at least --batch {}",
-                cfg.ws_buffer, cfg.batch
+                "--ws-buffer {} must be at least --batch {} (or 512)",
+                cfg.ws_buffer,
+                cfg.batch.min(512)
             )));
         }
         let open = |what: &str| {
-            store::open(&cfg.db, cfg.accounts).map_err(|e| {
-                StartError(format!(
-                    "--db {}: cannot open ({what}): {e}",
-                    cfg.db.display()
-                ))
-            })
+            store::open(&cfg.db, cfg.accounts)
+                .map(|c| Arc::new(Mutex::new(c)))
+                .map_err(|e| {
+                    StartError(format!(
+                        "--db {}: cannot open ({what}): {e}",
+                        cfg.db.display()
+                    ))
+                })
         };
-        let writer = Arc::new(Mutex::new(open("writer")?));
+        let writer = open("writer")?;
         let (notifier, notifier_url) = match &cfg.notifier_url {
             Some(url) => (None, url.clone()),
             None => {
@@ -184,53 +194,13 @@ impl Service {
             .local_addr()
             .map_err(|e| StartError(format!("--listen {}: {e}", cfg.listen)))?;
 
-        let accepting = Arc::new(AtomicBool::new(true));
-        let (hub, _) = broadcast::channel(cfg.ws_buffer);
-        let shared = http::Shared {
-            hub: hub.clone(),
-            limits: ws::ClientLimits {
-                write_timeout: Duration::from_millis(cfg.ws_write_timeout_ms),
-            },
-            prom: prometheus(),
-        };
-        let mut checkpoint_task = None;
-        let (router, pipelines) = if cfg.naive {
-            let state = naive::Naive {
-                accepting: accepting.clone(),
-                db: writer,
-                notifier: client,
-                hub,
-                threshold: cfg.alert_threshold,
-            };
-            (naive::events_route(state, cfg.body_limit), None)
-        } else {
-            // Reads go through a connection of their own: in WAL mode they do not wait for
-            // the writer.
-            let reader = Arc::new(Mutex::new(open("reader")?));
-            // Checkpoints (copying the WAL into the database file, with an fsync) run on a
-            // connection of their own, once a second, rather than inside whichever commit
-            // crosses the WAL's size limit: the persist stage never waits for an fsync.
-            let checkpointer = open("checkpointer")?;
-            writer
-                .lock()
-                .map_err(|_| StartError("lock poisoned".into()))?
-                .pragma_update(None, "wal_autocheckpoint", 0)
-                .map_err(|e| StartError(format!("--db {}: {e}", cfg.db.display())))?;
-            let checkpoints = Arc::new(Mutex::new(checkpointer));
-            checkpoint_task = Some(tokio::spawn(async move {
-                let mut every = tokio::time::interval(Duration::from_secs(1));
-                loop {
-                    every.tick().await;
-                    let c = checkpoints.clone();
-                    let _ = tokio::task::spawn_blocking(move || {
-                        if let Ok(conn) = c.lock() {
-                            let _ = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)");
-                        }
-                    })
-                    .await;
-                }
-            }));
-            let loader = Loader::new(256, Duration::from_millis(1), move |keys: Vec<String>| {
+        // Reads go through connections of their own: in WAL mode they do not wait for the
+        // writer.
+        let reader = open("reader")?;
+        let page_reader = open("page reader")?;
+        let loader = {
+            let reader = reader.clone();
+            Loader::new(256, Duration::from_millis(1), move |keys: Vec<String>| {
                 let reader = reader.clone();
                 async move {
                     tokio::task::spawn_blocking(move || {
@@ -249,23 +219,110 @@ impl Service {
                 }
             })
             .and_then(|l| l.cache(100_000, Duration::from_secs(60)))
-            .map_err(|e| StartError(e.to_string()))?;
-            let requeue = {
-                let conn = writer
-                    .lock()
-                    .map_err(|_| StartError("lock poisoned".into()))?;
-                store::pending_alerts(&conn, cfg.alert_queue)
-                    .map_err(|e| StartError(format!("--db {}: {e}", cfg.db.display())))?
+            .map_err(|e| StartError(e.to_string()))?
+        };
+        let rules = if cfg.rules.is_empty() && !cfg.no_default_rules && !cfg.naive {
+            rules::DEFAULT_RULES
+                .iter()
+                .map(|r| rules::Rule::parse(r).map_err(StartError))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            cfg.rules.clone()
+        };
+        let rules = rules::RuleSet::new(rules).shared();
+        let viewer_token: Arc<str> = match &cfg.viewer_token {
+            Some(t) => t.as_str().into(),
+            None => random_token().into(),
+        };
+
+        let accepting = Arc::new(AtomicBool::new(true));
+        let (hub, _) = broadcast::channel(cfg.ws_buffer);
+        let shared = http::Shared {
+            hub: hub.clone(),
+            limits: ws::ClientLimits {
+                write_timeout: Duration::from_millis(cfg.ws_write_timeout_ms),
+            },
+            prom: prometheus(),
+            viewers: http::Viewers {
+                token: viewer_token.clone(),
+                accounts: loader.clone(),
+            },
+            reader: page_reader,
+            rules: rules.clone(),
+        };
+        let mut checkpoint_task = None;
+        let mut queue = None;
+        let (router, pipelines) = if cfg.naive {
+            let state = naive::Naive {
+                accepting: accepting.clone(),
+                db: writer,
+                notifier: client,
+                hub,
+                threshold: cfg.alert_threshold,
+                body_limit: cfg.body_limit,
             };
+            (naive::events_route(state), None)
+        } else {
+            // Checkpoints (copying the WAL into the database file, with an fsync) run on a
+            // connection of their own, once a second, rather than inside whichever commit
+            // crosses the WAL's size limit: the persist stage never waits for an fsync.
+            let checkpoints = open("checkpointer")?;
+            writer
+                .lock()
+                .map_err(|_| StartError("lock poisoned".into()))?
+                .pragma_update(None, "wal_autocheckpoint", 0)
+                .map_err(|e| StartError(format!("--db {}: {e}", cfg.db.display())))?;
+            checkpoint_task = Some(tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    every.tick().await;
+                    let c = checkpoints.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        if let Ok(conn) = c.lock() {
+                            let _ = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)");
+                        }
+                    })
+                    .await;
+                }
+            }));
             let (queue_tx, queue_rx) = mpsc::channel(cfg.queue);
-            let pipelines =
-                pipeline::start(&cfg, queue_rx, loader.clone(), writer, hub, client, requeue);
+            let (rules_tx, rules_handle) = if rules.is_empty() {
+                (None, None)
+            } else {
+                let (tx, rx) = mpsc::channel(cfg.queue);
+                (Some(tx), Some(rx))
+            };
+            let mut pipelines = pipeline::start(
+                &cfg,
+                queue_rx,
+                pipeline::Parts {
+                    loader: loader.clone(),
+                    db: writer.clone(),
+                    outbox_reader: open("outbox reader")?,
+                    hub: hub.clone(),
+                    notifier: client,
+                    rules: rules_tx,
+                },
+            );
+            if let Some(rx) = rules_handle {
+                pipelines.rules = Some(rules::start(
+                    rules.clone(),
+                    rx,
+                    writer,
+                    pipelines.writes.clone(),
+                    hub,
+                    pipelines.outbox_wake.clone(),
+                ));
+            }
+            let q: http::Queue = Arc::new(std::sync::RwLock::new(Some(queue_tx)));
+            queue = Some(q.clone());
             let intake = http::Intake {
                 accepting: accepting.clone(),
-                queue: queue_tx,
+                queue: q,
                 loader,
+                body_limit: cfg.body_limit,
             };
-            (http::events_route(intake, cfg.body_limit), Some(pipelines))
+            (http::events_route(intake), Some(pipelines))
         };
         let app = router.merge(http::common_routes(shared));
         let (stop_http, stopped) = oneshot::channel::<()>();
@@ -279,12 +336,15 @@ impl Service {
         Ok(Service {
             addr,
             accepting,
+            queue,
             stop_http,
             http,
             pipelines,
             notifier,
             notifier_url,
+            viewer_token,
             checkpoint_task,
+            db: cfg.db.clone(),
         })
     }
 
@@ -340,13 +400,34 @@ impl Service {
         self.notifier.as_ref()
     }
 
-    /// Drains and stops: new events are refused (503) from now on; requests in progress
-    /// finish; every accepted event is stored and broadcast; then the websocket clients are
-    /// closed (1001). Alerts still waiting after `alert_grace` stay pending in the database.
+    /// The viewer token (given, or drawn at start).
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let mut cfg = flowline_siem::Config::defaults();
+    /// cfg.listen = "127.0.0.1:0".parse().unwrap(); // any free port
+    /// cfg.db = dir.path().join("siem.db");
+    /// let service = flowline_siem::Service::start(cfg).await.unwrap();
+    /// assert!(service.viewer_token().len() >= 16);
+    /// service.shutdown().await.unwrap();
+    /// # }
+    /// ```
+    pub fn viewer_token(&self) -> &str {
+        &self.viewer_token
+    }
+
+    /// Drains and stops. From the first moment new events are answered 503 with
+    /// `Retry-After` (the listener stays open through the drain: a client hears why, rather
+    /// than finding the port closed); requests already queued are stored and answered 202;
+    /// every stored event is broadcast; the alert lane gets what fits of the outbox and has
+    /// `alert_grace` to send it; then the websocket clients are closed (1001) and the
+    /// listener with them. Alerts that could not be sent stay pending in the database for
+    /// the next start ([`Summary::alerts_pending`]).
     ///
     /// The pipeline is not stopped with flowline's `stop_on_signal` or `Control::stop`:
     /// stopping its source would leave accepted events in the queue. It ends the other way:
-    /// its queue's senders go with the HTTP server, and the source reads the queue dry.
+    /// its queue's sender is dropped, and the source reads the queue dry.
     ///
     /// ```
     /// # #[tokio::main] async fn main() {
@@ -361,23 +442,39 @@ impl Service {
     /// ```
     pub async fn shutdown(self) -> Result<Summary, String> {
         self.accepting.store(false, Ordering::Release);
-        let _ = self.stop_http.send(());
-        let checkpoint_task = self.checkpoint_task;
-        match self.http.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(format!("http server: {e}")),
-            Err(e) => return Err(format!("http server: {e}")),
+        // A handler that passed the check above holds the read side until it has queued
+        // its event: taking the sender out waits for it, and no event is queued after.
+        if let Some(q) = &self.queue {
+            q.write().map_err(|_| "queue lock poisoned")?.take();
         }
+        let stop_http = |http: tokio::task::JoinHandle<std::io::Result<()>>,
+                         tx: oneshot::Sender<()>| async move {
+            let _ = tx.send(());
+            match http.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("http server: {e}")),
+                Err(e) => Err(format!("http server: {e}")),
+            }
+        };
+        let checkpoint_task = self.checkpoint_task;
         let Some(p) = self.pipelines else {
+            stop_http(self.http, self.stop_http).await?;
             if let Some(t) = checkpoint_task {
                 t.abort();
             }
             return Ok(Summary {
                 events: None,
                 alerts: None,
+                alerts_pending: 0,
             });
         };
         let events = p.events.join().await.map_err(|e| e.to_string())?;
+        if let Some(rules) = p.rules {
+            let _ = rules.join().await;
+        }
+        // The outbox gives the lane what fits, without waiting for room, and lets it end.
+        p.stop_outbox.cancel();
+        let _ = p.outbox.await;
         let alert_control = p.alerts.control();
         let mut alerts_join = Box::pin(p.alerts.join());
         let alerts = match tokio::time::timeout(Duration::from_secs(5), &mut alerts_join).await {
@@ -399,6 +496,18 @@ impl Service {
         };
         // A cancelled lane stopped waiting for its last write, not the write itself.
         p.writes.settled().await;
+        let alerts_pending = counts(&self.db)
+            .map(|c| c["pending"])
+            .map_err(|e| format!("--db {}: {e}", self.db.display()))?;
+        if alerts_pending > 0 {
+            eprintln!(
+                "flowline-siem: {alerts_pending} alerts could not be sent during the drain \
+                 (the notifier at {} did not take them); they stay pending in the database \
+                 and are sent at the next start",
+                self.notifier_url
+            );
+        }
+        stop_http(self.http, self.stop_http).await?;
         drop(self.notifier);
         // The last connection to close checkpoints what is left.
         if let Some(t) = checkpoint_task {
@@ -407,8 +516,22 @@ impl Service {
         Ok(Summary {
             events: Some(events),
             alerts,
+            alerts_pending,
         })
     }
+}
+
+/// A viewer token drawn at random: 128 bits from the standard library's hasher keys, which
+/// it draws from the operating system's random source (no crate needed for 16 bytes).
+fn random_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = String::new();
+    for i in 0..2u8 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u8(i);
+        out.push_str(&format!("{:016x}", h.finish()));
+    }
+    out
 }
 
 /// Counts for a quick look: events stored and alerts by status.

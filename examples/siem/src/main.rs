@@ -8,6 +8,16 @@ use flowline_siem::{Config, Service};
 async fn main() {
     let cfg = Config::parse();
     let db = cfg.db.clone();
+    // The signal handlers go in before the service starts, so that a signal that comes as
+    // soon as it says it is listening finds them there (without them, SIGTERM would kill the
+    // process on the spot, with no drain).
+    let signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("flowline-siem: cannot install the signal handlers: {e}");
+            std::process::exit(2);
+        }
+    };
     let service = match Service::start(cfg).await {
         Ok(s) => s,
         Err(e) => {
@@ -18,12 +28,14 @@ async fn main() {
     // The first line of stdout, for scripts and tests started on port 0.
     println!("listening on http://{}", service.addr());
     eprintln!(
-        "db {}, notifier {}; Ctrl-C or SIGTERM drains and stops",
+        "db {}, notifier {}; the page: http://{}/?token={} ; Ctrl-C or SIGTERM drains and stops",
         db.display(),
-        service.notifier_url()
+        service.notifier_url(),
+        service.addr(),
+        service.viewer_token()
     );
-    wait_for_signal().await;
-    eprintln!("shutting down: refusing new events, storing the accepted ones");
+    signals.wait().await;
+    eprintln!("shutting down: new events answered 503, storing the accepted ones");
     match service.shutdown().await {
         Ok(summary) => {
             if let Some(r) = summary.events {
@@ -43,18 +55,38 @@ async fn main() {
     }
 }
 
-async fn wait_for_signal() {
+/// SIGTERM and Ctrl-C, listened for from the moment they are installed.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Signals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Signals {})
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    async fn wait(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = &mut self;
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

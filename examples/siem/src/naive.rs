@@ -7,8 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::ws::Utf8Bytes;
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
@@ -16,11 +15,12 @@ use axum::routing::post;
 
 use crate::event::{Event, Incoming};
 use crate::http::{
-    accepted, api_key, bad_body, lookup_failed, reject, shutting_down, unauthorized,
+    accepted, api_key, bad_body, lookup_failed, not_json, read_body, reject, shutting_down,
+    unauthorized,
 };
 use crate::notifier::NotifierClient;
 use crate::store::{self, AlertOutcome, Db};
-use crate::ws::Hub;
+use crate::ws::{Hub, Msg};
 
 /// What the naive handler needs.
 #[derive(Clone)]
@@ -35,17 +35,19 @@ pub struct Naive {
     pub hub: Hub,
     /// Alert threshold.
     pub threshold: u8,
+    /// Largest body accepted.
+    pub body_limit: usize,
 }
 
 /// `POST /events`, naive.
-pub fn events_route(state: Naive, body_limit: usize) -> Router {
+pub fn events_route(state: Naive) -> Router {
     Router::new()
         .route("/events", post(post_event))
-        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
-async fn post_event(State(s): State<Naive>, headers: HeaderMap, body: Bytes) -> Response {
+async fn post_event(State(s): State<Naive>, headers: HeaderMap, body: Body) -> Response {
     if !s.accepting.load(Ordering::Acquire) {
         return shutting_down();
     }
@@ -61,6 +63,13 @@ async fn post_event(State(s): State<Naive>, headers: HeaderMap, body: Bytes) -> 
         Ok(None) => return unauthorized(),
         Err(_) => return lookup_failed(),
     };
+    if let Some(r) = not_json(&headers) {
+        return r;
+    }
+    let body = match read_body(&headers, body, s.body_limit).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let incoming = match Incoming::parse(&body) {
         Ok(i) => i,
         Err(e) => return bad_body(e),
@@ -71,12 +80,13 @@ async fn post_event(State(s): State<Naive>, headers: HeaderMap, body: Bytes) -> 
     e.alert = e.severity >= s.threshold;
     let alert = if e.alert {
         let outcome = s.notifier.send(&e).await;
-        Some(AlertOutcome {
-            event_id: e.id.clone(),
-            status: if outcome.is_ok() { "sent" } else { "failed" },
-            attempts: 1,
-            error: outcome.err(),
-        })
+        let status = if outcome.is_ok() { "sent" } else { "failed" };
+        Some(AlertOutcome::of(
+            e.clone(),
+            status,
+            1,
+            outcome.err().map(|err| err.to_string()),
+        ))
     } else {
         None
     };
@@ -93,7 +103,7 @@ async fn post_event(State(s): State<Naive>, headers: HeaderMap, body: Bytes) -> 
             metrics::counter!("siem_events_persisted_total").increment(1);
             e.status = "stored";
             if let Ok(json) = serde_json::to_string(&e) {
-                let _ = s.hub.send(Utf8Bytes::from(json));
+                let _ = s.hub.send(Msg::new(e.account_id(), json));
             }
             accepted(&e.id)
         }

@@ -45,8 +45,10 @@ impl NotifierClient {
         }
     }
 
-    /// Sends the alert of `e`.
-    pub async fn send(&self, e: &Event) -> Result<(), String> {
+    /// Sends the alert of `e`. A connection fault, a timeout, a 5xx or a 429 is
+    /// [`Transient`](flowline::Transient) (the gateway is down or busy: try again later);
+    /// another refusal is [`Permanent`](flowline::Permanent) (this alert will not go).
+    pub async fn send(&self, e: &Event) -> Result<(), flowline::BoxError> {
         let to = e.account.as_ref().map_or("", |a| a.contact.as_str());
         let body = Notification {
             event_id: &e.id,
@@ -59,11 +61,14 @@ impl NotifierClient {
             .json(&body)
             .send()
             .await
-            .map_err(|err| format!("notifier unreachable: {err}"))?;
-        if resp.status().is_success() {
+            .map_err(|err| flowline::Transient::new(format!("notifier unreachable: {err}")))?;
+        let status = resp.status();
+        if status.is_success() {
             Ok(())
+        } else if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            Err(flowline::Transient::new(format!("notifier answered {status}")).into())
         } else {
-            Err(format!("notifier answered {}", resp.status()))
+            Err(flowline::Permanent::new(format!("notifier answered {status}")).into())
         }
     }
 }

@@ -1,140 +1,143 @@
-//! The two flowline pipelines behind `POST /events`.
+//! The flowline pipelines behind `POST /events`.
 //!
-//! Events: `from_channel` (the bounded queue the HTTP handler `try_send`s into) → batch →
-//! account (through the [`Loader`]: lookups coalesce into one query, answers cached) →
-//! enrich → persist (one transaction per batch, `INSERT OR IGNORE` by event id) →
-//! broadcast to the websocket hub. Every stage keeps input order, so the clients see each
-//! account's events in the order they were accepted.
+//! Events: `from_channel` (the bounded queue the HTTP handler `try_send`s into, each event
+//! with the sender of its answer) → enrich → the [`Store`] sink: the account lookup (through
+//! the [`Loader`]: lookups coalesce into one query, answers cached), then one transaction
+//! for whatever is ready (a group commit: while one commit runs, the next batch gathers, so
+//! batches grow with the load and a quiet service commits at once), then each request is
+//! answered (`202` means the row is committed), then the stored events go to the websocket
+//! hub and to the correlation rules.
 //!
-//! Alerts: a lane of its own, fed after persist. The notifier is slow and may be down: in
-//! the events pipeline its retries and its breaker would hold up every event behind an
-//! alert. In its own lane, the rate limit, retry and breaker (which pauses the lane, holding
-//! its alerts, while the notifier is down) act on alerts only; the alert is in the database
-//! as `pending` from the moment its event is stored (same transaction), becomes `sent` or
-//! `failed`, and a pending one left by a full lane or a stop is sent again at the next start.
+//! Alerts: a lane of its own, fed from the database's outbox (an alert is a `pending` row
+//! from the moment its event is stored, in the same transaction). The notifier is slow and
+//! may be down: in the events pipeline its retries and its breaker would hold up every event
+//! behind an alert. In its own lane, the rate limit, retry and breaker (which pauses the
+//! lane, holding its alerts, while the notifier is down) act on alerts only. The lane is
+//! bounded (`--alert-queue`); the outbox reader fills it as it empties, so no alert waits for
+//! a restart, and an alert is read into the lane once per run.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use flowline::prelude::*;
-use tokio::sync::mpsc;
+use flowline::{BatchSink, Outage};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use std::sync::Arc;
-
 use crate::event::{Account, Event};
 use crate::notifier::NotifierClient;
 use crate::store::{self, AlertOutcome, Db, Writes};
-use crate::ws::Hub;
+use crate::ws::{Hub, Msg};
+
+/// An accepted event and the sender of its answer: `()` once its row is committed; dropped
+/// unsent if it could not be stored.
+pub type Posted = (Event, oneshot::Sender<()>);
 
 /// The running pipelines.
 pub struct Pipelines {
-    /// The events pipeline; it ends once every sender of its queue is dropped and what was
-    /// queued is stored and broadcast.
+    /// The events pipeline; it ends once its queue is closed and what was queued is stored
+    /// and broadcast.
     pub events: Handle,
-    /// The alert lane; it ends when the events pipeline has ended and its alerts are sent,
-    /// or when stopped.
+    /// The alert lane; it ends when the outbox reader has stopped and what it gave the lane
+    /// is sent, or when stopped.
     pub alerts: Handle,
+    /// The outbox reader; `stop_outbox` makes it read once more (what fits) and end.
+    pub outbox: tokio::task::JoinHandle<()>,
+    /// Tells the outbox reader to stop.
+    pub stop_outbox: CancellationToken,
     /// The database writes of both; a stop waits for them to settle.
     pub writes: Writes,
+    /// The correlation rules' pipeline, when rules are configured.
+    pub rules: Option<Handle>,
+    /// Wakes the outbox reader (a commit stored an alert).
+    pub outbox_wake: Arc<Notify>,
 }
 
-/// Starts both pipelines on `queue` (the HTTP side holds its sender).
-pub fn start(
-    cfg: &Config,
-    queue: mpsc::Receiver<Event>,
-    loader: Loader<String, Arc<Account>>,
-    db: Db,
-    hub: Hub,
-    notifier: NotifierClient,
-    requeue: Vec<Event>,
-) -> Pipelines {
+/// What the pipelines need besides the config.
+pub struct Parts {
+    /// API key → account, cached.
+    pub loader: Loader<String, Arc<Account>>,
+    /// The writer connection.
+    pub db: Db,
+    /// A connection for the outbox reader's reads.
+    pub outbox_reader: Db,
+    /// The websocket fan-out.
+    pub hub: Hub,
+    /// The notifier client.
+    pub notifier: NotifierClient,
+    /// Where stored events go for the correlation rules (none without rules).
+    pub rules: Option<mpsc::Sender<Event>>,
+}
+
+/// Starts the pipelines on `queue` (the HTTP side holds its sender).
+pub fn start(cfg: &Config, queue: mpsc::Receiver<Posted>, parts: Parts) -> Pipelines {
     let writes = Writes::default();
-    let (alert_tx, alert_rx) = mpsc::channel::<Event>(cfg.alert_queue);
-    for e in requeue {
-        let _ = alert_tx.try_send(e);
-    }
+    let outbox_wake = Arc::new(Notify::new());
     let threshold = cfg.alert_threshold;
+    let store = Store {
+        loader: parts.loader,
+        db: parts.db.clone(),
+        writes: writes.clone(),
+        hub: parts.hub.clone(),
+        outbox: outbox_wake.clone(),
+        rules: parts.rules,
+        per_transaction: cfg.batch,
+        outage: Outage::default(),
+    };
     let events = Pipeline::from_channel(queue)
-        // Batched from the start: every stage after this one works a batch per call, so its
-        // per-call cost (a lock, a task hop, a transaction) is paid once per batch.
-        .batch(cfg.batch, Duration::from_millis(cfg.batch_wait_ms))
-        .map_async_with(
-            "account",
-            loader,
-            |loader, mut batch: Vec<Event>| async move {
-                // One lock of the loader for the batch; cached accounts answer at once, the
-                // misses go to the database together.
-                let keys = batch.iter().map(|e| e.api_key.clone()).collect();
-                for (e, account) in batch.iter_mut().zip(loader.load_many(keys).await) {
-                    match account {
-                        Ok(account) => e.account = account,
-                        // The key was checked at the door; a lookup failing now (the database
-                        // busy) must not lose the event: it is stored without account details.
-                        Err(_) => {
-                            metrics::counter!("siem_account_lookup_errors_total").increment(1)
-                        }
-                    }
-                }
-                batch
-            },
-        )
-        .map(move |mut batch: Vec<Event>| {
-            for e in &mut batch {
-                e.status = "enriched";
-                e.alert = e.severity >= threshold;
-            }
-            batch
+        .map(move |(mut e, answer): Posted| {
+            e.status = "enriched";
+            e.alert = e.severity >= threshold;
+            (e, answer)
         })
-        .try_map_async_with(
-            "persist",
-            (db.clone(), writes.clone()),
-            |(db, writes), batch: Vec<Event>| async move {
-                // SQLite is blocking: off the async workers.
-                writes
-                    .run(&db, move |conn| {
-                        let new = store::insert_batch(conn, &batch)?;
-                        Ok(batch.into_iter().zip(new).collect::<Vec<_>>())
-                    })
-                    .await
-            },
-        )
-        // A locked or full database is retried: an accepted event must be stored.
-        .retry(
-            Retry::exponential(Duration::from_millis(20))
-                .max_attempts(12)
-                .max_delay(Duration::from_secs(2)),
-        )
-        .flat_map(|stored| stored)
-        .filter_map(|(mut e, new)| {
-            if !new {
-                // A repeated post of a stored id: stored once, shown once.
-                metrics::counter!("siem_events_duplicate_total").increment(1);
-                return None;
-            }
-            metrics::counter!("siem_events_persisted_total").increment(1);
-            e.status = "stored";
-            Some(e)
-        })
-        .inspect(move |e: &Event| {
-            if e.alert && alert_tx.try_send(e.clone()).is_err() {
-                // The lane is full (the notifier down for long): the alert stays
-                // `pending` in the database and is sent at the next start.
-                metrics::counter!("siem_alerts_total", "outcome" => "held").increment(1);
-            }
-        })
-        .for_each(move |e: Event| {
-            // No client connected is not an error: `send` fails only then.
-            if let Ok(json) = serde_json::to_string(&e) {
-                let _ = hub.send(Utf8Bytes::from(json));
-            }
-            std::future::ready(())
-        })
+        .into_sink(store)
         .name("siem_events")
         .spawn();
 
+    let (alert_tx, alert_rx) = mpsc::channel::<Event>(cfg.alert_queue);
+    let stop_outbox = CancellationToken::new();
+    let outbox = tokio::spawn(outbox(
+        parts.outbox_reader,
+        outbox_wake.clone(),
+        alert_tx,
+        stop_outbox.clone(),
+    ));
+    let alerts = alert_lane(
+        cfg,
+        alert_rx,
+        parts.db,
+        writes.clone(),
+        parts.hub,
+        parts.notifier,
+    );
+    Pipelines {
+        events,
+        alerts,
+        outbox,
+        stop_outbox,
+        writes,
+        rules: None,
+        outbox_wake,
+    }
+}
+
+/// Whether a notifier call is worth trying again (and counts against the breaker): a
+/// connection fault, a 5xx or 429, or a call that timed out.
+fn notifier_fault(e: &ItemError) -> bool {
+    e.is_transient() || matches!(e, ItemError::Timeout(_))
+}
+
+fn alert_lane(
+    cfg: &Config,
+    alert_rx: mpsc::Receiver<Event>,
+    db: Db,
+    writes: Writes,
+    hub: Hub,
+    notifier: NotifierClient,
+) -> Handle {
     let rate = Rate::per_second(cfg.alert_rate).burst(cfg.alert_rate.max(1));
-    let alerts = Pipeline::from_channel(alert_rx)
+    Pipeline::from_channel(alert_rx)
         .try_map_async_with("notify", notifier, |n, e: Event| async move {
             let attempt = flowline::attempt();
             n.send(&e).await.map(|()| (e, attempt))
@@ -147,52 +150,217 @@ pub fn start(
             Retry::exponential(Duration::from_millis(100))
                 .max_attempts(4)
                 .max_delay(Duration::from_secs(2))
-                .jitter(),
+                .jitter()
+                .retry_if(notifier_fault),
         )
-        // Open after 5 failures in a row: the lane pauses (holding its alerts, not
-        // failing them) and probes the notifier every cooldown.
+        // Open after 5 faults in a row: the lane pauses (holding its alerts, not failing
+        // them) and probes the notifier every cooldown. A refusal (4xx) is the alert's own
+        // fault and does not open it.
         .circuit_breaker(
             Breaker::consecutive_failures(5)
-                .cooldown(Duration::from_millis(cfg.breaker_cooldown_ms)),
+                .cooldown(Duration::from_millis(cfg.breaker_cooldown_ms))
+                .counts(notifier_fault),
         )
         .results()
         .map(|r| match r {
             Ok((e, attempts)) => {
                 metrics::counter!("siem_alerts_total", "outcome" => "sent").increment(1);
-                AlertOutcome {
-                    event_id: e.id,
-                    status: "sent",
-                    attempts,
-                    error: None,
-                }
+                AlertOutcome::of(e, "sent", attempts, None)
             }
             Err(f) => {
                 metrics::counter!("siem_alerts_total", "outcome" => "failed").increment(1);
-                AlertOutcome {
-                    event_id: f.input.id,
-                    status: "failed",
-                    attempts: f.attempts,
-                    error: Some(f.error.to_string()),
-                }
+                let error = f.error.to_string();
+                AlertOutcome::of(f.input, "failed", f.attempts, Some(error))
             }
         })
         .batch(64, Duration::from_millis(100))
         .try_map_async_with(
             "alert_outcome",
-            (db, writes.clone()),
+            (db, writes),
             |(db, writes), outcomes: Vec<AlertOutcome>| async move {
-                writes
-                    .run(&db, move |conn| store::record_alerts(conn, &outcomes))
-                    .await
+                Outage::default()
+                    .retry("database", || {
+                        let (db, writes, outcomes) = (db.clone(), writes.clone(), outcomes.clone());
+                        async move {
+                            writes
+                                .run(&db, move |conn| store::record_alerts(conn, &outcomes))
+                                .await
+                        }
+                    })
+                    .await?;
+                Ok::<_, flowline::BoxError>(outcomes)
             },
         )
-        .retry(Retry::exponential(Duration::from_millis(20)).max_attempts(8))
-        .run()
+        .for_each(move |outcomes: Vec<AlertOutcome>| {
+            for o in &outcomes {
+                let json = serde_json::json!({ "outcome": o }).to_string();
+                let _ = hub.send(Msg::new(o.account_id, json));
+            }
+            std::future::ready(())
+        })
         .name("siem_alerts")
-        .spawn();
-    Pipelines {
-        events,
-        alerts,
-        writes,
+        .spawn()
+}
+
+/// Feeds the alert lane from the outbox: whenever a commit stored an alert (and once at
+/// start, for what an earlier run left pending), it reads the pending alerts after its
+/// cursor, as many as the lane has room for, waiting for room when it is full. Stopped, it
+/// reads once more what fits without waiting, and ends (the lane then ends when empty);
+/// what did not fit stays pending for the next start.
+async fn outbox(reader: Db, wake: Arc<Notify>, lane: mpsc::Sender<Event>, stop: CancellationToken) {
+    let mut cursor = 0i64;
+    let mut stopping = false;
+    loop {
+        // Read until caught up with the committed rows.
+        loop {
+            let permit = if stopping {
+                match lane.try_reserve() {
+                    Ok(p) => p,
+                    Err(_) => return,
+                }
+            } else {
+                tokio::select! {
+                    p = lane.reserve() => match p {
+                        Ok(p) => p,
+                        Err(_) => return, // the lane ended (cancelled)
+                    },
+                    _ = stop.cancelled() => { stopping = true; continue; }
+                }
+            };
+            let room = lane.capacity() + 1;
+            let read = Outage::default()
+                .retry("database", || {
+                    let reader = reader.clone();
+                    async move {
+                        tokio::task::spawn_blocking(move || {
+                            let conn = reader
+                                .lock()
+                                .map_err(|_| flowline::Permanent::new("database lock poisoned"))?;
+                            store::pending_alerts_after(&conn, cursor, room)
+                                .map_err(store::classify)
+                        })
+                        .await
+                        .map_err(|e| flowline::BoxError::from(flowline::Permanent::new(e)))?
+                    }
+                })
+                .await;
+            let (events, next) = match read {
+                Ok(r) => r,
+                Err(e) => {
+                    // The pending rows stay for the next start.
+                    eprintln!("flowline-siem: outbox: {e}");
+                    return;
+                }
+            };
+            cursor = next;
+            let n = events.len();
+            let mut events = events.into_iter();
+            match events.next() {
+                Some(first) => permit.send(first),
+                None => break,
+            }
+            for e in events {
+                // Room was counted above and only this task sends.
+                let _ = lane.try_send(e);
+            }
+            if n < room {
+                break;
+            }
+        }
+        if stopping {
+            return;
+        }
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = stop.cancelled() => stopping = true,
+        }
     }
+}
+
+/// The events pipeline's sink: account lookup, one transaction, the answers, the fan-out.
+struct Store {
+    loader: Loader<String, Arc<Account>>,
+    db: Db,
+    writes: Writes,
+    hub: Hub,
+    outbox: Arc<Notify>,
+    rules: Option<mpsc::Sender<Event>>,
+    per_transaction: usize,
+    outage: Outage,
+}
+
+impl BatchSink<Posted> for Store {
+    type Output = ();
+
+    fn name(&self) -> &'static str {
+        "persist"
+    }
+
+    async fn write(&mut self, batch: Vec<Posted>) -> Result<(), flowline::BoxError> {
+        let (mut events, answers): (Vec<Event>, Vec<oneshot::Sender<()>>) =
+            batch.into_iter().unzip();
+        // One lock of the loader for the batch; cached accounts answer at once, the misses
+        // go to the database together.
+        let keys = events.iter().map(|e| e.api_key.clone()).collect();
+        for (e, account) in events.iter_mut().zip(self.loader.load_many(keys).await) {
+            match account {
+                Ok(account) => e.account = account,
+                // The key was checked at the door; a lookup failing now (the database
+                // busy) must not lose the event: it is stored without account details.
+                Err(_) => metrics::counter!("siem_account_lookup_errors_total").increment(1),
+            }
+        }
+        let events = Arc::new(events);
+        let per_tx = self.per_transaction;
+        // A busy database is waited out (the requests wait with it); an error that trying
+        // again cannot fix fails the batch: its requests are answered 503, none 202.
+        let new = self
+            .outage
+            .retry("database", || {
+                let (db, writes, events) = (self.db.clone(), self.writes.clone(), events.clone());
+                async move {
+                    writes
+                        .run(&db, move |conn| {
+                            let mut new = Vec::with_capacity(events.len());
+                            for part in events.chunks(per_tx) {
+                                new.extend(store::insert_batch(conn, part)?);
+                            }
+                            Ok(new)
+                        })
+                        .await
+                }
+            })
+            .await?;
+        // Committed: now, and only now, the requests hear 202.
+        for answer in answers {
+            let _ = answer.send(());
+        }
+        let events = Arc::try_unwrap(events).unwrap_or_else(|shared| (*shared).clone());
+        let mut alerted = false;
+        for (mut e, new) in events.into_iter().zip(new) {
+            if !new {
+                // A repeated post of a stored id: stored once, shown once.
+                metrics::counter!("siem_events_duplicate_total").increment(1);
+                continue;
+            }
+            metrics::counter!("siem_events_persisted_total").increment(1);
+            e.status = "stored";
+            alerted |= e.alert;
+            // No client connected is not an error: `send` fails only then.
+            if let Ok(json) = serde_json::to_string(&e) {
+                let _ = self.hub.send(Msg::new(e.account_id(), json));
+            }
+            if let Some(rules) = &self.rules {
+                // The rules keep up (they count in memory); waiting here is back-pressure,
+                // not a loss.
+                let _ = rules.send(e).await;
+            }
+        }
+        if alerted {
+            self.outbox.notify_one();
+        }
+        Ok(())
+    }
+
+    fn finish(self) {}
 }

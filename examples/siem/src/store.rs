@@ -26,11 +26,12 @@ pub struct Writes(Arc<tokio::sync::RwLock<()>>);
 impl Writes {
     /// Runs `f` on `db` on the blocking pool; the write runs to its end even if the caller
     /// stops waiting.
+    /// Its error is [`classify`]'d: a busy database is transient.
     pub async fn run<R: Send + 'static>(
         &self,
         db: &Db,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
-    ) -> Result<R, String> {
+    ) -> Result<R, flowline::BoxError> {
         // Each write holds a read guard until it ends; `settled` takes the write side.
         let running = self.0.clone().read_owned().await;
         let db = db.clone();
@@ -38,11 +39,11 @@ impl Writes {
             let _running = running;
             let mut conn = db
                 .lock()
-                .map_err(|_| "database lock poisoned".to_string())?;
-            f(&mut conn).map_err(|e| e.to_string())
+                .map_err(|_| flowline::Permanent::new("database lock poisoned"))?;
+            f(&mut conn).map_err(classify)
         })
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| flowline::BoxError::from(flowline::Permanent::new(e)))?
     }
 
     /// Waits until every write started has ended.
@@ -87,6 +88,10 @@ pub fn open(path: &Path, demo_accounts: u32) -> rusqlite::Result<Connection> {
              error TEXT
          ) WITHOUT ROWID;",
     )?;
+    // Columns added since the first schema: a file written by an older build gets them.
+    add_column(&conn, "events", "time_ms", "INTEGER")?;
+    add_column(&conn, "events", "source", "TEXT")?;
+    add_column(&conn, "alerts", "rule", "TEXT")?;
     let tx = conn.unchecked_transaction()?;
     for i in 1..=demo_accounts {
         tx.execute(
@@ -101,6 +106,33 @@ pub fn open(path: &Path, demo_accounts: u32) -> rusqlite::Result<Connection> {
     }
     tx.commit()?;
     Ok(conn)
+}
+
+fn add_column(conn: &Connection, table: &str, column: &str, ty: &str) -> rusqlite::Result<()> {
+    let has: bool = conn.query_row(
+        &format!("SELECT COUNT(*) > 0 FROM pragma_table_info('{table}') WHERE name = ?1"),
+        [column],
+        |r| r.get(0),
+    )?;
+    if !has {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))?;
+    }
+    Ok(())
+}
+
+/// A database error as the retrying side sees it: a busy or locked database (another
+/// writer, a checkpoint) or a file that cannot be opened for now is [`Transient`]; the
+/// rest (a constraint, a full disk, a corrupt file) is [`Permanent`]: trying again does
+/// not fix it.
+///
+/// [`Transient`]: flowline::Transient
+/// [`Permanent`]: flowline::Permanent
+pub fn classify(e: rusqlite::Error) -> flowline::BoxError {
+    use rusqlite::ErrorCode::{CannotOpen, DatabaseBusy, DatabaseLocked};
+    match e.sqlite_error_code() {
+        Some(DatabaseBusy | DatabaseLocked | CannotOpen) => Box::new(flowline::Transient::new(e)),
+        _ => Box::new(flowline::Permanent::new(e)),
+    }
 }
 
 /// The accounts of the given API keys (one query for all; a key not found is left out).
@@ -134,8 +166,9 @@ pub fn insert_event(conn: &Connection, e: &Event) -> rusqlite::Result<bool> {
     let account_id = e.account.as_ref().map_or(0, |a| a.id);
     let new =
         conn.prepare_cached(
-            "INSERT OR IGNORE INTO events (id, account_id, kind, severity, message, received_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT OR IGNORE INTO events
+                 (id, account_id, kind, severity, message, received_ms, time_ms, source)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )?
         .execute(params![
             e.id,
@@ -143,13 +176,15 @@ pub fn insert_event(conn: &Connection, e: &Event) -> rusqlite::Result<bool> {
             e.kind,
             e.severity,
             e.message,
-            e.received_ms
+            e.received_ms,
+            e.time_ms,
+            e.source
         ])? == 1;
     if new && e.alert {
         conn.prepare_cached(
-            "INSERT OR IGNORE INTO alerts (event_id, status) VALUES (?1, 'pending')",
+            "INSERT OR IGNORE INTO alerts (event_id, status, rule) VALUES (?1, 'pending', ?2)",
         )?
-        .execute([&e.id])?;
+        .execute(params![e.id, e.rule])?;
     }
     Ok(new)
 }
@@ -166,8 +201,8 @@ pub fn insert_batch(conn: &mut Connection, events: &[Event]) -> rusqlite::Result
     Ok(new)
 }
 
-/// What became of an alert.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What became of an alert (also sent to the page as it is).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct AlertOutcome {
     /// The event it is about.
     pub event_id: String,
@@ -177,6 +212,30 @@ pub struct AlertOutcome {
     pub attempts: u32,
     /// The last error, when failed.
     pub error: Option<String>,
+    /// The event's account.
+    pub account_id: i64,
+    /// The correlation rule that raised it, if a rule did.
+    pub rule: Option<String>,
+    /// The event's severity.
+    pub severity: u8,
+    /// The event's kind.
+    pub kind: String,
+}
+
+impl AlertOutcome {
+    /// The outcome of `e`'s alert.
+    pub fn of(e: Event, status: &'static str, attempts: u32, error: Option<String>) -> Self {
+        AlertOutcome {
+            account_id: e.account_id(),
+            event_id: e.id,
+            status,
+            attempts,
+            error,
+            rule: e.rule,
+            severity: e.severity,
+            kind: e.kind,
+        }
+    }
 }
 
 /// Records alert outcomes in one transaction.
@@ -208,34 +267,137 @@ pub fn count_alerts(conn: &Connection, status: &str) -> rusqlite::Result<u64> {
     )
 }
 
-/// Alerts left pending by an earlier run (the notifier was down or the lane full when it
-/// stopped), oldest first, at most `limit`: the service sends them again at start.
-pub fn pending_alerts(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<Event>> {
-    let mut stmt = conn.prepare(
-        "SELECT e.id, e.kind, e.severity, e.message, e.received_ms, a.id, a.name, a.contact
-         FROM alerts p JOIN events e ON e.id = p.event_id
-         LEFT JOIN accounts a ON a.id = e.account_id
-         WHERE p.status = 'pending' ORDER BY e.seq LIMIT ?1",
-    )?;
-    let rows = stmt.query_map([limit as i64], |r| {
-        let account = match r.get::<_, Option<i64>>(5)? {
-            Some(id) => Some(std::sync::Arc::new(Account {
-                id,
-                name: r.get(6)?,
-                contact: r.get(7)?,
-            })),
-            None => None,
-        };
-        Ok(Event {
-            id: r.get(0)?,
+/// The columns of an event row, for [`event_row`].
+const EVENT_COLUMNS: &str = "e.seq, e.id, e.kind, e.severity, e.message, e.received_ms,
+     e.time_ms, e.source, a.id, a.name, a.contact, p.status, p.rule";
+
+/// An event read back (with its alert's status and rule, when it has one).
+fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, Event)> {
+    let account = match r.get::<_, Option<i64>>(8)? {
+        Some(id) => Some(std::sync::Arc::new(Account {
+            id,
+            name: r.get(9)?,
+            contact: r.get(10)?,
+        })),
+        None => None,
+    };
+    let received_ms: i64 = r.get(5)?;
+    let status: Option<String> = r.get(11)?;
+    Ok((
+        r.get(0)?,
+        Event {
+            id: r.get(1)?,
             api_key: String::new(),
             account,
-            kind: r.get(1)?,
-            severity: r.get(2)?,
-            message: r.get(3)?,
-            received_ms: r.get(4)?,
+            kind: r.get(2)?,
+            severity: r.get(3)?,
+            message: r.get(4)?,
+            received_ms,
+            time_ms: r.get::<_, Option<i64>>(6)?.unwrap_or(received_ms),
+            source: r.get(7)?,
             status: "stored",
-            alert: true,
+            alert: status.is_some(),
+            rule: r.get(12)?,
+        },
+    ))
+}
+
+/// The outbox: alerts still `pending` whose event comes after `cursor` (an event's `seq`),
+/// oldest first, at most `limit`; and the cursor to read from next. The alert lane is fed
+/// from here only, so that an alert is sent once per run whatever the lane's size: what it
+/// has no room for stays in the database and is read when there is room.
+pub fn pending_alerts_after(
+    conn: &Connection,
+    cursor: i64,
+    limit: usize,
+) -> rusqlite::Result<(Vec<Event>, i64)> {
+    let tx = conn.unchecked_transaction()?; // one snapshot for both reads
+    let last: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?;
+    let rows = {
+        let mut stmt = tx.prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS}
+             FROM events e JOIN alerts p ON p.event_id = e.id
+             LEFT JOIN accounts a ON a.id = e.account_id
+             WHERE e.seq > ?1 AND e.seq <= ?2 AND p.status = 'pending'
+             ORDER BY e.seq LIMIT ?3"
+        ))?;
+        stmt.query_map(params![cursor, last, limit as i64], event_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+    };
+    tx.finish()?;
+    // A full page may have more after it; a short one read everything up to `last`.
+    let next = if rows.len() == limit {
+        rows.last().map_or(cursor, |(seq, _)| *seq)
+    } else {
+        last
+    };
+    Ok((rows.into_iter().map(|(_, e)| e).collect(), next))
+}
+
+/// The latest `limit` events, newest first; only `account`'s when given.
+pub fn recent_events(
+    conn: &Connection,
+    account: Option<i64>,
+    limit: usize,
+) -> rusqlite::Result<Vec<Event>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {EVENT_COLUMNS}
+         FROM events e LEFT JOIN alerts p ON p.event_id = e.id
+         LEFT JOIN accounts a ON a.id = e.account_id
+         WHERE ?1 IS NULL OR e.account_id = ?1
+         ORDER BY e.seq DESC LIMIT ?2"
+    ))?;
+    let rows = stmt.query_map(params![account, limit as i64], event_row)?;
+    rows.map(|r| r.map(|(_, e)| e)).collect()
+}
+
+/// An alert as the page shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AlertRow {
+    /// The event it is about.
+    pub event_id: String,
+    /// `pending`, `sent` or `failed`.
+    pub status: String,
+    /// Calls made to the notifier.
+    pub attempts: u32,
+    /// The last error, when failed.
+    pub error: Option<String>,
+    /// The correlation rule that raised it; none when the event's severity did.
+    pub rule: Option<String>,
+    /// The event's severity.
+    pub severity: u8,
+    /// The event's kind.
+    pub kind: String,
+    /// The account's id.
+    pub account_id: i64,
+    /// When the event was received.
+    pub received_ms: i64,
+}
+
+/// The latest `limit` alerts, newest first; only `account`'s when given.
+pub fn recent_alerts(
+    conn: &Connection,
+    account: Option<i64>,
+    limit: usize,
+) -> rusqlite::Result<Vec<AlertRow>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT p.event_id, p.status, p.attempts, p.error, p.rule, e.severity, e.kind,
+                e.account_id, e.received_ms
+         FROM alerts p JOIN events e ON e.id = p.event_id
+         WHERE ?1 IS NULL OR e.account_id = ?1
+         ORDER BY e.seq DESC LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![account, limit as i64], |r| {
+        Ok(AlertRow {
+            event_id: r.get(0)?,
+            status: r.get(1)?,
+            attempts: r.get(2)?,
+            error: r.get(3)?,
+            rule: r.get(4)?,
+            severity: r.get(5)?,
+            kind: r.get(6)?,
+            account_id: r.get(7)?,
+            received_ms: r.get(8)?,
         })
     })?;
     rows.collect()
@@ -313,6 +475,8 @@ mod tests {
         assert_eq!(insert_batch(&mut conn, &[e]).unwrap(), vec![false]);
         assert_eq!(count_events(&conn).unwrap(), 1);
         assert_eq!(count_alerts(&conn, "pending").unwrap(), 1);
-        assert_eq!(pending_alerts(&conn, 10).unwrap().len(), 1);
+        let (pending, next) = pending_alerts_after(&conn, 0, 10).unwrap();
+        assert_eq!((pending.len(), next), (1, 1));
+        assert!(pending_alerts_after(&conn, next, 10).unwrap().0.is_empty());
     }
 }

@@ -1,4 +1,6 @@
-//! `GET /ws`: every stored event, as JSON text, to every connected client.
+//! `GET /ws`: every stored event, and every alert's outcome (`{"outcome": {...}}`), as JSON
+//! text, to every connected viewer: all of them to a viewer with the viewer token, its own
+//! account's only to a viewer with an account's key.
 //!
 //! The fan-out is a `tokio::sync::broadcast` channel: sending never waits for a client, and
 //! each client may be at most `buffer` events behind (the channel's ring is the bounded
@@ -15,7 +17,52 @@ use tokio::sync::broadcast::error::TryRecvError;
 
 /// The sending side, held by the pipeline's last stage. Dropping it closes every client
 /// (close code 1001, going away) after the events before it.
-pub type Hub = broadcast::Sender<Utf8Bytes>;
+pub type Hub = broadcast::Sender<Msg>;
+
+/// One message of the hub: its JSON text and the account it belongs to (cheap to clone:
+/// the text is shared).
+#[derive(Debug, Clone)]
+pub struct Msg {
+    account: i64,
+    json: Utf8Bytes,
+}
+
+impl Msg {
+    /// `json` about `account`'s data.
+    pub fn new(account: i64, json: String) -> Msg {
+        Msg {
+            account,
+            json: Utf8Bytes::from(json),
+        }
+    }
+}
+
+/// What a viewer may see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every account's (the viewer token).
+    All,
+    /// One account's (that account's API key).
+    Account(i64),
+}
+
+impl Scope {
+    /// Whether a viewer of this scope sees data of `account`.
+    pub fn sees(self, account: i64) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Account(a) => a == account,
+        }
+    }
+
+    /// The account to filter by, if any.
+    pub fn account(self) -> Option<i64> {
+        match self {
+            Scope::All => None,
+            Scope::Account(a) => Some(a),
+        }
+    }
+}
 
 /// Close code for a client cut off for being too slow (1008: policy violation).
 pub const TOO_SLOW: u16 = 1008;
@@ -35,14 +82,25 @@ const MAX_BURST: usize = 256;
 /// the client fell further behind than the ring while its last write was waiting: the
 /// events it missed are gone, so it must be cut off, not go on without them.
 fn burst(
-    first: Utf8Bytes,
-    events: &mut broadcast::Receiver<Utf8Bytes>,
+    first: Msg,
+    events: &mut broadcast::Receiver<Msg>,
     max: usize,
+    scope: Scope,
 ) -> Result<Vec<Utf8Bytes>, u64> {
-    let mut out = vec![first];
-    while out.len() < max {
+    let mut out = Vec::new();
+    if scope.sees(first.account) {
+        out.push(first.json);
+    }
+    // Counted in messages taken, seen or not: a burst stays bounded either way.
+    let mut taken = 1;
+    while taken < max {
         match events.try_recv() {
-            Ok(more) => out.push(more),
+            Ok(more) => {
+                taken += 1;
+                if scope.sees(more.account) {
+                    out.push(more.json);
+                }
+            }
             Err(TryRecvError::Lagged(missed)) => return Err(missed),
             Err(TryRecvError::Empty | TryRecvError::Closed) => break,
         }
@@ -53,8 +111,9 @@ fn burst(
 /// Serves one client until it leaves, falls behind or the hub closes.
 pub async fn serve_client(
     socket: WebSocket,
-    mut events: broadcast::Receiver<Utf8Bytes>,
+    mut events: broadcast::Receiver<Msg>,
     limits: ClientLimits,
+    scope: Scope,
 ) {
     metrics::gauge!("siem_ws_clients").increment(1.0);
     let (mut tx, mut rx) = socket.split();
@@ -62,9 +121,12 @@ pub async fn serve_client(
         tokio::select! {
             got = events.recv() => match got {
                 Ok(first) => {
-                    let Ok(burst) = burst(first, &mut events, MAX_BURST) else {
+                    let Ok(burst) = burst(first, &mut events, MAX_BURST, scope) else {
                         break Some((TOO_SLOW, "too slow: fell behind the buffer"));
                     };
+                    if burst.is_empty() {
+                        continue;
+                    }
                     let write = async {
                         for event in burst {
                             tx.feed(Message::Text(event)).await?;
@@ -112,7 +174,11 @@ pub async fn serve_client(
 mod tests {
     use super::*;
 
-    fn text(i: usize) -> Utf8Bytes {
+    fn text(i: usize) -> Msg {
+        Msg::new(i as i64 % 2, i.to_string())
+    }
+
+    fn json(i: usize) -> Utf8Bytes {
         Utf8Bytes::from(i.to_string())
     }
 
@@ -123,10 +189,21 @@ mod tests {
             hub.send(text(i)).unwrap();
         }
         let first = rx.try_recv().unwrap();
-        let got = burst(first, &mut rx, 4).unwrap();
-        assert_eq!(got, (0..4).map(text).collect::<Vec<_>>());
+        let got = burst(first, &mut rx, 4, Scope::All).unwrap();
+        assert_eq!(got, (0..4).map(json).collect::<Vec<_>>());
         let first = rx.try_recv().unwrap();
-        assert_eq!(burst(first, &mut rx, 100).unwrap().len(), 6);
+        assert_eq!(burst(first, &mut rx, 100, Scope::All).unwrap().len(), 6);
+    }
+
+    #[test]
+    fn an_account_viewer_gets_its_own_account_only() {
+        let (hub, mut rx) = broadcast::channel(16);
+        for i in 0..10 {
+            hub.send(text(i)).unwrap();
+        }
+        let first = rx.try_recv().unwrap();
+        let got = burst(first, &mut rx, 100, Scope::Account(1)).unwrap();
+        assert_eq!(got, [1, 3, 5, 7, 9].map(json));
     }
 
     #[test]
@@ -138,6 +215,6 @@ mod tests {
         for i in 1..=10 {
             hub.send(text(i)).unwrap();
         }
-        assert_eq!(burst(first, &mut rx, MAX_BURST), Err(6));
+        assert_eq!(burst(first, &mut rx, MAX_BURST, Scope::All), Err(6));
     }
 }

@@ -159,8 +159,11 @@ async fn a_posted_event_appears_on_the_page() {
         .to_string();
     let (ws, _) = tokio_tungstenite::connect_async(page_ws).await.unwrap();
     let mut cdp = Cdp { ws, next: 0 };
-    cdp.call("Page.navigate", json!({"url": format!("{}/", siem.base)}))
-        .await;
+    cdp.call(
+        "Page.navigate",
+        json!({"url": format!("{}/?token={}", siem.base, support::TOKEN)}),
+    )
+    .await;
     cdp.wait_for(
         "document.body ? document.body.dataset.ws : null",
         json!("open"),

@@ -5,6 +5,8 @@ mod support;
 
 use std::collections::HashMap;
 
+use std::time::Duration;
+
 use futures_util::future::join_all;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,40 +88,120 @@ async fn bad_key_bad_body_and_big_body_are_refused() {
         "x".repeat(2000)
     );
     assert_eq!(siem.post("key-1", &big).await.status(), 413);
+    // A body of unknown length (chunked) is cut off at the limit too.
+    let chunks =
+        futures_util::stream::iter((0..8).map(|_| Ok::<_, std::io::Error>("x".repeat(200))));
+    let chunked = siem
+        .http
+        .post(format!("{}/events", siem.base))
+        .header("x-api-key", "key-1")
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chunked.status(), 413);
+    // Not JSON by its content type: 415, whatever the body.
+    for ty in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        None,
+    ] {
+        let mut req = siem
+            .http
+            .post(format!("{}/events", siem.base))
+            .header("x-api-key", "key-1")
+            .body(good);
+        if let Some(ty) = ty {
+            req = req.header("content-type", ty);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 415, "{ty:?}");
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["field"], "content-type");
+    }
+    let ok_with_charset = siem
+        .http
+        .post(format!("{}/events", siem.base))
+        .header("x-api-key", "key-1")
+        .header("content-type", "Application/JSON; charset=utf-8")
+        .body(r#"{"id":"cs","kind":"k","severity":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok_with_charset.status(), 202);
+    // Every refusal is counted by its status, 413 and 415 too.
+    let text = siem.metrics().await;
+    for (status, n) in [("413", 2), ("415", 3)] {
+        let line = text
+            .lines()
+            .find(|l| {
+                l.starts_with("siem_events_rejected_total")
+                    && l.contains(&format!("status=\"{status}\""))
+            })
+            .unwrap_or_else(|| panic!("no {status} count: {text}"));
+        // The recorder is the process's: other tests of this binary may count too.
+        let count: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(count >= n, "{line}");
+    }
     siem.service.shutdown().await.unwrap();
-    assert_eq!(flowline_siem::counts(&siem.db).unwrap()["events"], 0);
+    assert_eq!(flowline_siem::counts(&siem.db).unwrap()["events"], 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_pipeline_answers_429_with_retry_after_and_loses_nothing_accepted() {
-    let siem = support::start(&["--queue", "2", "--batch", "4"]).await;
+async fn a_full_pipeline_answers_429_with_retry_after_and_every_202_is_stored() {
+    let siem = std::sync::Arc::new(support::start(&["--queue", "2", "--batch", "4"]).await);
     // Another connection holds the database's write lock: the persist stage waits, the
-    // pipeline fills up behind it.
+    // requests wait for their commit, the pipeline fills up behind them.
     let blocker = rusqlite::Connection::open(&siem.db).unwrap();
     blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    let mut accepted = 0u64;
+    let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
+    let mut posts = Vec::new();
     let mut refused = None;
-    for i in 0..20_000 {
-        let resp = siem
-            .post(
-                "key-1",
-                &format!(r#"{{"id":"o{i}","kind":"k","severity":1}}"#),
-            )
-            .await;
-        match resp.status().as_u16() {
-            202 => accepted += 1,
-            429 => {
-                refused = Some(resp);
+    for i in 0..5_000 {
+        let (siem, done_tx) = (siem.clone(), done_tx.clone());
+        posts.push(tokio::spawn(async move {
+            let resp = siem
+                .post(
+                    "key-1",
+                    &format!(r#"{{"id":"o{i}","kind":"k","severity":1}}"#),
+                )
+                .await;
+            let status = resp.status().as_u16();
+            let retry = resp.headers().get("retry-after").cloned();
+            let _ = done_tx.send((status, retry));
+            status
+        }));
+        // Paced by the answers: a request is answered now only if it was refused.
+        tokio::select! {
+            Some(answer) = done.recv() => {
+                refused = Some(answer);
                 break;
             }
+            _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+        }
+    }
+    let (status, retry) = refused.expect("no request answered while the database was locked");
+    assert_eq!(
+        status, 429,
+        "answered {status} while nothing could be committed"
+    );
+    assert_eq!(retry.unwrap(), "1");
+    blocker.execute_batch("COMMIT").unwrap();
+    drop(blocker);
+    let mut accepted = 0u64;
+    for p in posts {
+        match p.await.unwrap() {
+            202 => accepted += 1,
+            429 => {}
             s => panic!("unexpected {s}"),
         }
     }
-    let refused = refused.expect("no 429 while the pipeline was blocked");
-    assert_eq!(refused.headers()["retry-after"], "1");
     assert!(accepted > 0);
-    blocker.execute_batch("COMMIT").unwrap();
-    drop(blocker);
+    // Every 202 was answered after its commit: all of them are in the file now, before
+    // any drain.
+    assert_eq!(siem.counts()["events"], accepted);
+    let siem = std::sync::Arc::into_inner(siem).unwrap();
     siem.service.shutdown().await.unwrap();
     assert_eq!(flowline_siem::counts(&siem.db).unwrap()["events"], accepted);
 }
@@ -135,6 +217,7 @@ async fn after_shutdown_begins_events_are_refused() {
     let after = http
         .post(format!("http://{addr}/events"))
         .header("x-api-key", "key-1")
+        .header("content-type", "application/json")
         .body(r#"{"id":"after","kind":"k","severity":1}"#)
         .send()
         .await;
@@ -149,16 +232,36 @@ async fn metrics_and_page_are_served() {
     let mut ws = siem.ws().await;
     assert_eq!(siem.post_event("key-1", "m2", 1).await, 202);
     support::read_events(&mut ws, 1).await;
-    let page = siem
-        .http
-        .get(&siem.base)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(page.contains("new WebSocket"));
+    let get = |path: String| {
+        let http = siem.http.clone();
+        async move { http.get(path).send().await.unwrap() }
+    };
+    // Without credentials: the sign-in form, 401; with them, the page.
+    let refused = get(siem.base.clone()).await;
+    assert_eq!(refused.status(), 401);
+    assert!(refused.text().await.unwrap().contains("Viewer token"));
+    let page = get(format!("{}/?token={}", siem.base, support::TOKEN)).await;
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("new WebSocket"));
+    let page = get(format!("{}/?key=key-1", siem.base)).await;
+    assert_eq!(page.status(), 200);
+    assert_eq!(
+        get(format!("{}/?key=key-999", siem.base)).await.status(),
+        401
+    );
+    assert_eq!(
+        get(format!("{}/?token=wrong", siem.base)).await.status(),
+        401
+    );
+    // `/metrics` takes the viewer token only (an account's key does not see the service's
+    // counts).
+    assert_eq!(get(format!("{}/metrics", siem.base)).await.status(), 401);
+    assert_eq!(
+        get(format!("{}/metrics?key=key-1", siem.base))
+            .await
+            .status(),
+        401
+    );
     let text = siem.metrics().await;
     assert!(text.contains("siem_events_accepted_total"), "{text}");
     siem.service.shutdown().await.unwrap();

@@ -164,3 +164,92 @@ async fn alerts_left_pending_are_sent_at_the_next_start() {
     assert_eq!(after["sent"], pending);
     assert_eq!(after["failed"], before["failed"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_beyond_the_lane_are_sent_while_running_once_each() {
+    // A lane of 4; the notifier is down while 40 alerts come in, so most of them find the
+    // lane full and wait in the database.
+    let siem = support::start(&[
+        "--alert-threshold",
+        "5",
+        "--notifier-delay-ms",
+        "0",
+        "--alert-rate",
+        "1000",
+        "--alert-queue",
+        "4",
+        "--breaker-cooldown-ms",
+        "100",
+    ])
+    .await;
+    let notifier = siem.service.fake_notifier().unwrap();
+    notifier.set_down(true);
+    for i in 0..40 {
+        assert_eq!(siem.post_event("key-4", &format!("l{i}"), 9).await, 202);
+    }
+    assert_eq!(siem.counts()["sent"], 0);
+    notifier.set_down(false);
+    // Back up: every one goes out, without a restart.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while siem.counts()["sent"] + siem.counts()["failed"] < 40 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "alerts still pending while the notifier is up: {:?}",
+            siem.counts()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = siem.counts();
+    assert_eq!(c["pending"], 0, "{c:?}");
+    // Sent once each: the notifier took as many as were recorded sent.
+    assert_eq!(notifier.delivered(), c["sent"]);
+    assert!(c["sent"] > 4, "{c:?}");
+    siem.service.shutdown().await.unwrap();
+}
+
+/// A notifier that takes connections and never answers: a call waits for its timeout.
+fn hanging() -> (std::net::TcpListener, String) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    (l, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_the_drain_new_events_get_503_with_retry_after_and_unsent_alerts_stay_pending() {
+    let (_held, url) = hanging();
+    let siem = support::start(&["--alert-threshold", "5", "--notifier-url", &url]).await;
+    for i in 0..3 {
+        assert_eq!(siem.post_event("key-1", &format!("h{i}"), 9).await, 202);
+    }
+    let (base, http, db) = (siem.base.clone(), siem.http.clone(), siem.db.clone());
+    let stopping = tokio::spawn(siem.service.shutdown());
+    // The drain waits for the alerts the notifier does not answer: the service is still
+    // there, and says it is stopping.
+    let mut answered_503 = 0;
+    for i in 0.. {
+        let resp = http
+            .post(format!("{base}/events"))
+            .header("x-api-key", "key-1")
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"id":"d{i}","kind":"k","severity":1}}"#))
+            .send()
+            .await
+            .expect("the listener closed during the drain");
+        match resp.status().as_u16() {
+            202 => assert_eq!(answered_503, 0, "a 202 after a 503"),
+            503 => {
+                assert_eq!(resp.headers()["retry-after"], "5");
+                answered_503 += 1;
+                if answered_503 == 5 {
+                    break;
+                }
+            }
+            s => panic!("answered {s} during the drain"),
+        }
+    }
+    assert!(!stopping.is_finished());
+    let summary = stopping.await.unwrap().unwrap();
+    let c = flowline_siem::counts(&db).unwrap();
+    assert_eq!((c["pending"], c["sent"], c["failed"]), (3, 0, 0), "{c:?}");
+    assert_eq!(summary.alerts_pending, 3);
+}

@@ -24,10 +24,12 @@ async fn a_client_that_never_reads_is_cut_off_and_the_others_get_everything() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(siem.service.addr()).await.unwrap();
-    let (mut slow, _) =
-        tokio_tungstenite::client_async(format!("ws://{}/ws", siem.service.addr()), stream)
-            .await
-            .unwrap();
+    let (mut slow, _) = tokio_tungstenite::client_async(
+        format!("ws://{}/ws?token={}", siem.service.addr(), support::TOKEN),
+        stream,
+    )
+    .await
+    .unwrap();
     let mut fast = vec![siem.ws().await, siem.ws().await];
     let n = 3_000;
     let message = "x".repeat(2_000);
