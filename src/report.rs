@@ -55,6 +55,9 @@ pub struct StageStats {
     pub(crate) dropped: AtomicU64,
     pub(crate) failed: AtomicU64,
     pub(crate) retried: AtomicU64,
+    /// Calls that failed with an error the stage's `transient_if` calls transient, tried
+    /// again after the outage waits (not attempts, not failures).
+    pub(crate) transient_retries: AtomicU64,
     /// Failed items by reason, in [`FailureReasons::NAMES`] order. Counted where every
     /// failure passes (`RunCtx::fail`), so that the stages that count `failed` need not.
     failed_by: [AtomicU64; REASONS],
@@ -83,6 +86,7 @@ impl StageStats {
             dropped: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             retried: AtomicU64::new(0),
+            transient_retries: AtomicU64::new(0),
             failed_by: Default::default(),
             unfinished: AtomicU64::new(0),
             latency: Mutex::new(None),
@@ -239,6 +243,7 @@ impl StageStats {
             dropped,
             failed,
             retried: self.retried.load(Relaxed),
+            transient_retries: self.transient_retries.load(Relaxed),
             failed_by: FailureReasons {
                 error: by(0),
                 timeout: by(1),
@@ -407,6 +412,10 @@ pub struct StageReport {
     pub failed_by: FailureReasons,
     /// Retry attempts made (not counted in `received`).
     pub retried: u64,
+    /// Calls of an async stage with [`transient_if`](crate::AsyncStage::transient_if) that
+    /// failed with a transient error (the server down) and were made again once the run's
+    /// [`Outage`](crate::Outage) wait was over: neither attempts nor failures.
+    pub transient_retries: u64,
     /// Items still inside the stage: in flight during a run (a live snapshot), and once the
     /// run has ended the items the stage held or had queued in front of it when the run was
     /// cancelled (counted where they were left).
@@ -436,7 +445,10 @@ pub enum RunOutcome {
     Running,
     /// The source ended and every item finished.
     Completed,
-    /// `Handle::stop`: the source stopped early, every pulled item finished.
+    /// A graceful stop ([`Handle::stop`](crate::Handle::stop), the first signal of
+    /// `stop_on_signal`): the sources stopped, no call started after it, the calls in
+    /// flight finished and their results went on; the items pulled and not started are
+    /// unfinished ([`Report::unfinished`]), none failed for it.
     Stopped,
     /// `Handle::cancel`, a dropped handle, or `ErrorPolicy::Stop`.
     Cancelled,
@@ -545,6 +557,23 @@ impl Report {
             .fold(0u64, |a, s| a.saturating_add(s.retried))
     }
 
+    /// Items left unfinished in all stages: in their buffers, calls or queues when the run
+    /// was cancelled, or pulled and not started when it was stopped
+    /// ([`Handle::stop`](crate::Handle::stop)). None of them failed; a rerun does them.
+    ///
+    /// ```
+    /// # use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let report = Pipeline::from_iter(0..3).run().await.unwrap();
+    /// assert_eq!(report.unfinished(), 0);
+    /// # }
+    /// ```
+    pub fn unfinished(&self) -> u64 {
+        self.stages
+            .iter()
+            .fold(0u64, |a, s| a.saturating_add(s.unfinished))
+    }
+
     /// Items delivered per second of wall time.
     pub fn items_per_second(&self) -> f64 {
         let secs = self.elapsed.as_secs_f64();
@@ -562,7 +591,8 @@ impl Report {
 
     /// The report as one line of JSON: `outcome`, `elapsed_seconds`, `delivered`, `failed`,
     /// `retried`, `items_per_second`, `balanced`, `stages` (each with `name`, `kind`, `in`,
-    /// `ok`, `out`, `dropped`, `failed`, `failed_by`, `retried`, `unfinished`, `latency`) and
+    /// `ok`, `out`, `dropped`, `failed`, `failed_by`, `retried`, `transient_retries`,
+    /// `unfinished`, `latency`) and
     /// `failure_sample`.
     ///
     /// ```
@@ -857,7 +887,7 @@ mod json {
     #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
     impl Serialize for StageReport {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            let mut m = s.serialize_struct("StageReport", 11)?;
+            let mut m = s.serialize_struct("StageReport", 12)?;
             m.serialize_field("name", &self.name)?;
             m.serialize_field("kind", self.kind)?;
             m.serialize_field("in", &self.received)?;
@@ -867,6 +897,7 @@ mod json {
             m.serialize_field("failed", &self.failed)?;
             m.serialize_field("failed_by", &self.failed_by)?;
             m.serialize_field("retried", &self.retried)?;
+            m.serialize_field("transient_retries", &self.transient_retries)?;
             m.serialize_field("unfinished", &self.unfinished)?;
             m.serialize_field("latency", &self.latency)?;
             m.end()
@@ -1048,6 +1079,7 @@ mod tests {
                 ..FailureReasons::default()
             },
             retried: n,
+            transient_retries: n,
             unfinished: n,
             latency: None,
         }
@@ -1177,9 +1209,9 @@ mod tests {
                 r#"{"outcome":"completed","elapsed_seconds":2.5,"delivered":0,"failed":3,"#,
                 r#""retried":6,"items_per_second":0.0,"balanced":false,"stages":["#,
                 r#"{"name":"source","kind":"source","in":3,"ok":3,"out":3,"dropped":3,"#,
-                r#""failed":3,"failed_by":{"error":3},"retried":3,"unfinished":3,"latency":null},"#,
+                r#""failed":3,"failed_by":{"error":3},"retried":3,"transient_retries":3,"unfinished":3,"latency":null},"#,
                 r#"{"name":"fetch","kind":"async","in":3,"ok":3,"out":3,"dropped":3,"#,
-                r#""failed":3,"failed_by":{"error":3},"retried":3,"unfinished":3,"#,
+                r#""failed":3,"failed_by":{"error":3},"retried":3,"transient_retries":3,"unfinished":3,"#,
                 r#""latency":{"samples":3,"p50_seconds":0.004,"p90_seconds":0.005,"#,
                 r#""p99_seconds":0.006,"max_seconds":0.007}}],"#,
                 r#""failure_sample":[{"stage":"fetch","reason":"timeout","#,
