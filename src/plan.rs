@@ -233,7 +233,8 @@ impl RunOptions {
 
     /// Stops the run when a signal comes: `signal()` waits for it. The first signal stops
     /// the run gracefully, as [`Handle::stop`](crate::Handle::stop) (nothing more is pulled,
-    /// what is in flight finishes, the run returns its report with
+    /// no new call starts, the calls in flight finish, the items pulled and not started end
+    /// unfinished, and the run returns its report with
     /// [`RunOutcome::Stopped`](crate::RunOutcome)); `signal` is called again at once, and a
     /// second signal cancels the run, as [`Handle::cancel`](crate::Handle::cancel).
     ///

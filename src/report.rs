@@ -58,6 +58,9 @@ pub struct StageStats {
     /// Items a window stage found late (also counted where they went: failed, or passed
     /// on a side output).
     pub(crate) late: AtomicU64,
+    /// Calls that failed with an error the stage's `transient_if` calls transient, tried
+    /// again after the outage waits (not attempts, not failures).
+    pub(crate) transient_retries: AtomicU64,
     /// Failed items by reason, in [`FailureReasons::NAMES`] order. Counted where every
     /// failure passes (`RunCtx::fail`), so that the stages that count `failed` need not.
     failed_by: [AtomicU64; REASONS],
@@ -87,6 +90,7 @@ impl StageStats {
             failed: AtomicU64::new(0),
             retried: AtomicU64::new(0),
             late: AtomicU64::new(0),
+            transient_retries: AtomicU64::new(0),
             failed_by: Default::default(),
             unfinished: AtomicU64::new(0),
             latency: Mutex::new(None),
@@ -244,6 +248,7 @@ impl StageStats {
             failed,
             retried: self.retried.load(Relaxed),
             late: self.late.load(Relaxed),
+            transient_retries: self.transient_retries.load(Relaxed),
             failed_by: FailureReasons {
                 error: by(0),
                 timeout: by(1),
@@ -416,6 +421,10 @@ pub struct StageReport {
     /// (event time behind the watermark). Not an end of its own: each is also counted where
     /// it went — `failed` (to the dead letters), or `passed` (sent on a side output).
     pub late: u64,
+    /// Calls of an async stage with [`transient_if`](crate::AsyncStage::transient_if) that
+    /// failed with a transient error (the server down) and were made again once the run's
+    /// [`Outage`](crate::Outage) wait was over: neither attempts nor failures.
+    pub transient_retries: u64,
     /// Items still inside the stage: in flight during a run (a live snapshot), and once the
     /// run has ended the items the stage held or had queued in front of it when the run was
     /// cancelled (counted where they were left).
@@ -445,7 +454,10 @@ pub enum RunOutcome {
     Running,
     /// The source ended and every item finished.
     Completed,
-    /// `Handle::stop`: the source stopped early, every pulled item finished.
+    /// A graceful stop ([`Handle::stop`](crate::Handle::stop), the first signal of
+    /// `stop_on_signal`): the sources stopped, no call started after it, the calls in
+    /// flight finished and their results went on; the items pulled and not started are
+    /// unfinished ([`Report::unfinished`]), none failed for it.
     Stopped,
     /// `Handle::cancel`, a dropped handle, or `ErrorPolicy::Stop`.
     Cancelled,
@@ -554,6 +566,23 @@ impl Report {
             .fold(0u64, |a, s| a.saturating_add(s.retried))
     }
 
+    /// Items left unfinished in all stages: in their buffers, calls or queues when the run
+    /// was cancelled, or pulled and not started when it was stopped
+    /// ([`Handle::stop`](crate::Handle::stop)). None of them failed; a rerun does them.
+    ///
+    /// ```
+    /// # use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let report = Pipeline::from_iter(0..3).run().await.unwrap();
+    /// assert_eq!(report.unfinished(), 0);
+    /// # }
+    /// ```
+    pub fn unfinished(&self) -> u64 {
+        self.stages
+            .iter()
+            .fold(0u64, |a, s| a.saturating_add(s.unfinished))
+    }
+
     /// Items delivered per second of wall time.
     pub fn items_per_second(&self) -> f64 {
         let secs = self.elapsed.as_secs_f64();
@@ -571,7 +600,8 @@ impl Report {
 
     /// The report as one line of JSON: `outcome`, `elapsed_seconds`, `delivered`, `failed`,
     /// `retried`, `items_per_second`, `balanced`, `stages` (each with `name`, `kind`, `in`,
-    /// `ok`, `out`, `dropped`, `failed`, `failed_by`, `retried`, `unfinished`, `latency`) and
+    /// `ok`, `out`, `dropped`, `failed`, `failed_by`, `retried`, `transient_retries`,
+    /// `unfinished`, `latency`) and
     /// `failure_sample`.
     ///
     /// ```
@@ -877,6 +907,7 @@ mod json {
             m.serialize_field("failed_by", &self.failed_by)?;
             m.serialize_field("retried", &self.retried)?;
             m.serialize_field("late", &self.late)?;
+            m.serialize_field("transient_retries", &self.transient_retries)?;
             m.serialize_field("unfinished", &self.unfinished)?;
             m.serialize_field("latency", &self.latency)?;
             m.end()
@@ -1059,6 +1090,7 @@ mod tests {
             },
             retried: n,
             late: 0,
+            transient_retries: n,
             unfinished: n,
             latency: None,
         }
@@ -1188,9 +1220,9 @@ mod tests {
                 r#"{"outcome":"completed","elapsed_seconds":2.5,"delivered":0,"failed":3,"#,
                 r#""retried":6,"items_per_second":0.0,"balanced":false,"stages":["#,
                 r#"{"name":"source","kind":"source","in":3,"ok":3,"out":3,"dropped":3,"#,
-                r#""failed":3,"failed_by":{"error":3},"retried":3,"unfinished":3,"latency":null},"#,
+                r#""failed":3,"failed_by":{"error":3},"retried":3,"transient_retries":3,"unfinished":3,"latency":null},"#,
                 r#"{"name":"fetch","kind":"async","in":3,"ok":3,"out":3,"dropped":3,"#,
-                r#""failed":3,"failed_by":{"error":3},"retried":3,"unfinished":3,"#,
+                r#""failed":3,"failed_by":{"error":3},"retried":3,"transient_retries":3,"unfinished":3,"#,
                 r#""latency":{"samples":3,"p50_seconds":0.004,"p90_seconds":0.005,"#,
                 r#""p99_seconds":0.006,"max_seconds":0.007}}],"#,
                 r#""failure_sample":[{"stage":"fetch","reason":"timeout","#,

@@ -503,6 +503,7 @@ mod tests {
             failed_by: crate::FailureReasons::default(),
             retried: failed * 2,
             late: 0,
+            transient_retries: 0,
             unfinished: 0,
             latency: None,
         }

@@ -5,7 +5,6 @@
 //! raised for one test without reaching every test of the process.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use crate::plan::Signal;
 use crate::runtime::RunCtx;
@@ -25,9 +24,8 @@ pub(crate) async fn watch(run: Arc<RunCtx>, signal: Signal) {
             },
         }
         if first {
-            tracing::warn!(target: "flowline", "signal: stopping, in-flight items finish (a second signal cancels)");
-            run.stop_requested.store(true, Ordering::Relaxed);
-            run.gate.stop();
+            tracing::warn!(target: "flowline", "signal: stopping; no new call starts, calls in flight finish (a second signal cancels)");
+            run.stop();
         } else {
             tracing::warn!(target: "flowline", "second signal: cancelling");
             run.cancel.cancel();
@@ -82,11 +80,14 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(report.outcome, RunOutcome::Stopped);
-        // Nothing is pulled after the signal; the first chunk, pulled before, finishes:
-        // 512 calls of 30 ms, two at a time.
+        // Nothing is pulled after the signal and no call starts: the calls started at 0,
+        // 30, 60 and 90 ms (two at a time) finish, the last at 120 ms; the rest of the
+        // first chunk, pulled before, is left unfinished.
         assert_eq!(report.stages[0].emitted, 512);
-        assert_eq!(report.delivered(), 512);
-        assert_eq!(t0.elapsed(), Duration::from_millis(256 * 30));
+        assert_eq!(report.delivered(), 8);
+        assert_eq!(report.stage("work").unwrap().unfinished, 512 - 8);
+        assert_eq!(report.unfinished(), 512 - 8);
+        assert_eq!(t0.elapsed(), Duration::from_millis(120));
         assert!(report.is_balanced());
         // A second wait was made at once, for a second signal.
         assert_eq!(waits.load(SeqCst), 2);

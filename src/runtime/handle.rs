@@ -4,7 +4,6 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use futures_core::Stream;
@@ -26,7 +25,7 @@ enum State {
 /// A run in the background. Dropping the handle cancels the run.
 ///
 /// - [`cancel`](Handle::cancel): stop now; items in flight are counted unfinished.
-/// - [`stop`](Handle::stop): stop pulling the source, finish what is in flight.
+/// - [`stop`](Handle::stop): a graceful stop: start nothing new, finish the calls in flight.
 /// - [`pause`](Handle::pause) / [`resume`](Handle::resume) / [`step`](Handle::step): hold
 ///   the source, release it, or let exactly `n` more items out while paused.
 /// - [`snapshot`](Handle::snapshot): live counters; [`join`](Handle::join): the report.
@@ -39,9 +38,11 @@ enum State {
 ///     .map_async("tick", |x| async move { tokio::time::sleep(Duration::from_millis(10)).await; x })
 ///     .spawn();
 /// tokio::time::sleep(Duration::from_millis(105)).await;
-/// handle.stop();                               // graceful: in-flight items finish
+/// handle.stop();                               // graceful: the calls in flight finish
 /// let report = handle.join().await.unwrap();
 /// assert_eq!(report.outcome, RunOutcome::Stopped);
+/// assert_eq!(report.delivered(), 11);              // started at 0, 10, ..., 100 ms
+/// assert!(report.unfinished() > 0);                // pulled, never started
 /// assert!(report.is_balanced());
 /// # }
 /// ```
@@ -122,8 +123,32 @@ impl Handle {
         self.ctl.cancellation_token()
     }
 
-    /// Stops pulling the source; what is in flight finishes, and `join` returns the report
-    /// with [`RunOutcome::Stopped`](crate::RunOutcome::Stopped).
+    /// A graceful stop: starts nothing new. The sources pull nothing more and the async
+    /// stages start no new call; the items already pulled but not started (in a stage's
+    /// buffer, waiting for a retry, a breaker or a server, in the queues between stages)
+    /// end *unfinished* — not failed, not delivered, and never marked done, so no
+    /// checkpoint or ack passes them and a rerun does them. The calls in flight finish and
+    /// their results flow on through the synchronous operators to the sinks (an async
+    /// stage after them starts no call for them: they end unfinished there). `join` returns
+    /// the report with [`RunOutcome::Stopped`](crate::RunOutcome::Stopped); its
+    /// [`unfinished`](crate::Report::unfinished) says how many were left.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let handle = Pipeline::from_iter(0..1000u32)
+    ///     .map_async("call", |x| async move { tokio::time::sleep(Duration::from_secs(1)).await; x })
+    ///     .workers(4)
+    ///     .spawn();
+    /// tokio::time::sleep(Duration::from_millis(1500)).await;
+    /// handle.stop();
+    /// let report = handle.join().await.unwrap();
+    /// assert_eq!(report.delivered(), 8);              // 4 done, 4 in flight at the stop
+    /// assert_eq!(report.unfinished(), 992);
+    /// assert_eq!(report.failures, 0);
+    /// # }
+    /// ```
     pub fn stop(&self) {
         self.ctl.stop();
     }
@@ -323,10 +348,10 @@ impl fmt::Debug for Control {
 }
 
 impl Control {
-    /// As [`Handle::stop`]: stop pulling the source, finish what is in flight.
+    /// As [`Handle::stop`]: a graceful stop; no new call starts, the calls in flight finish,
+    /// the items pulled and not started end unfinished.
     pub fn stop(&self) {
-        self.run.stop_requested.store(true, Ordering::Relaxed);
-        self.run.gate.stop();
+        self.run.stop();
     }
 
     /// As [`Handle::cancel`]: stop now.
@@ -362,5 +387,99 @@ impl Control {
     /// As [`Handle::cancellation_token`]: the run's token.
     pub fn cancellation_token(&self) -> tokio_util::sync::CancellationToken {
         self.run.cancel.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::prelude::*;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    type Log = Arc<Mutex<Vec<(u32, Duration)>>>;
+
+    /// A stage that logs each call's start (item, time since `t0`) and takes `ms`.
+    fn logged(
+        p: Pipeline<u32>,
+        name: &str,
+        ms: u64,
+        t0: Instant,
+        log: &Log,
+    ) -> AsyncStage<u32, u32, impl StageFn<u32, u32> + use<>> {
+        let log = log.clone();
+        p.map_async(name, move |x| {
+            log.lock().unwrap().push((x, t0.elapsed()));
+            async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                x
+            }
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_while_1000_items_are_buffered_starts_no_call_after_it() {
+        let t0 = Instant::now();
+        let (first, second): (Log, Log) = Default::default();
+        let a = logged(Pipeline::from_iter(0..1000u32), "a", 100, t0, &first).workers(4);
+        let b = logged(a.map(|x| x + 1), "b", 1, t0, &second).workers(4);
+        let delivered = Arc::new(Mutex::new(Vec::new()));
+        let d = delivered.clone();
+        let handle = b.inspect(move |x| d.lock().unwrap().push(*x)).spawn();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // Every item is pulled: 12 started, 988 wait in the stage and the queue before it.
+        assert_eq!(handle.snapshot().stages[0].emitted, 1000);
+        handle.stop();
+        let report = handle.join().await.unwrap();
+        assert_eq!(report.outcome, RunOutcome::Stopped);
+        // The calls in flight (started at 200 ms) finish at 300 ms; none started after.
+        assert_eq!(t0.elapsed(), Duration::from_millis(301));
+        let first = first.lock().unwrap().clone();
+        assert_eq!(first.len(), 12);
+        assert!(first.iter().all(|(_, t)| *t <= Duration::from_millis(200)));
+        let second = second.lock().unwrap().clone();
+        assert!(second.iter().all(|(_, t)| *t < Duration::from_millis(250)));
+        // Their results flow on through `b`'s calls made before the stop... and the calls
+        // in flight in `a` reach `b` after it: left there, unfinished.
+        assert_eq!(second.len(), 8, "{second:?}");
+        let a = report.stage("a").unwrap();
+        assert_eq!(
+            (a.received, a.passed, a.unfinished, a.failed),
+            (1000, 12, 988, 0)
+        );
+        let b = report.stage("b").unwrap();
+        assert_eq!((b.received, b.passed, b.unfinished), (12, 8, 4));
+        assert_eq!(*delivered.lock().unwrap(), (1..=8).collect::<Vec<_>>());
+        assert_eq!(report.unfinished(), 988 + 4);
+        assert_eq!(report.failures, 0);
+        for s in &report.stages {
+            assert!(s.is_balanced(), "{report}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_leaves_an_item_in_retry_backoff_unfinished_without_trying_it_again() {
+        let t0 = Instant::now();
+        let calls: Log = Default::default();
+        let c = calls.clone();
+        let handle = Pipeline::from_iter(0..3u32)
+            .try_map_async("api", move |x| {
+                let mut calls = c.lock().unwrap();
+                calls.push((x, t0.elapsed()));
+                let fail = x == 0;
+                async move { if fail { Err("503") } else { Ok(x) } }
+            })
+            .retry(Retry::constant(Duration::from_secs(1)).max_attempts(5))
+            .workers(3)
+            .spawn();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        handle.stop();
+        let report = handle.join().await.unwrap();
+        assert_eq!(t0.elapsed(), Duration::from_millis(500));
+        assert_eq!(calls.lock().unwrap().len(), 3, "no retry after the stop");
+        let api = report.stage("api").unwrap();
+        assert_eq!((api.passed, api.failed, api.unfinished), (2, 0, 1));
+        assert_eq!(report.delivered(), 2);
+        assert!(report.is_balanced());
     }
 }

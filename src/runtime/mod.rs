@@ -196,6 +196,11 @@ pub struct RunCtx {
     pub(crate) stage_error: Mutex<Option<(String, ItemError)>>,
     /// `Handle::stop` was called (the report says `Stopped` rather than `Completed`).
     pub(crate) stop_requested: std::sync::atomic::AtomicBool,
+    /// Fired by a graceful stop ([`RunCtx::stop`]) and by a cancel (it is a child of
+    /// `cancel`): an async stage waits on this one token instead of `cancel`, so that
+    /// hearing of a stop costs it nothing more per poll, and tells the two apart by
+    /// `cancel.is_cancelled()` when it fires.
+    pub(crate) stopping: CancellationToken,
     /// Fired once every stage task has ended; run-level observers (progress, heartbeat,
     /// stall watchdog) stop on it, after one last look at the final counters.
     pub(crate) ended: CancellationToken,
@@ -237,6 +242,7 @@ impl RunCtx {
             None => CancellationToken::new(),
         };
         RunCtx {
+            stopping: cancel.child_token(),
             cancel,
             gate: Arc::new(Gate::new()),
             stats: Mutex::new(Vec::new()),
@@ -272,6 +278,16 @@ impl RunCtx {
         }
         drop(slot);
         self.cancel.cancel();
+    }
+
+    /// A graceful stop: the sources pull nothing more, async stages start no new call (the
+    /// items they have not started end unfinished), calls in flight finish and their
+    /// results flow on.
+    pub(crate) fn stop(&self) {
+        self.stop_requested
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.gate.stop();
+        self.stopping.cancel();
     }
 
     /// A failed item: counts nothing (the stage counts), sends it to the dead letters, and

@@ -102,13 +102,13 @@ mod tests {
                 }
             })
             .spawn();
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_secs(6)).await;
         handle.stop();
         let report = handle.join().await.unwrap();
         let [fast_n, slow_n] = *seen.lock().unwrap();
-        // The slow input makes 1 item/ms (~2,000 in 2 s) and the fast one could fill the
-        // consumer (~2 items/ms: tokio timers tick in ms) on its own. Turns are taken chunk by
-        // chunk, so the slow input keeps more than half its pace and the fast one the rest.
+        // The consumer handles about 1 item/ms (tokio timers tick in ms). The fast input
+        // fills the merge's queue at once (4 chunks: its first 2 s); after that the inputs
+        // take turns chunk by chunk, so in 6 s each gets well over 1,000 items.
         assert!(
             slow_n > 1_000,
             "slow input starved: {slow_n} (fast {fast_n})"

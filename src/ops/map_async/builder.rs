@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::Pipeline;
-use crate::error::{Error, FailedInput};
+use crate::error::{Error, FailedInput, ItemError};
 use crate::policy::Policy;
 use crate::policy::adaptive::Adaptive;
 use crate::policy::breaker::Breaker;
@@ -32,6 +32,18 @@ pub(super) struct Options {
     pub(super) window: Option<usize>,
     /// A `tracing` span per call (`trace_calls`).
     pub(super) trace_calls: bool,
+    /// Which errors of the stage's calls mean its server is down (`transient_if`).
+    pub(super) transient: Option<TransientIf>,
+}
+
+/// The predicate of [`AsyncStage::transient_if`].
+#[derive(Clone)]
+pub(super) struct TransientIf(pub(super) Arc<dyn Fn(&ItemError) -> bool + Send + Sync>);
+
+impl fmt::Debug for TransientIf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TransientIf(..)")
+    }
 }
 
 /// An async stage being configured: options set here apply to this stage only. Any
@@ -128,6 +140,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
                 retry: None,
                 window: None,
                 trace_calls: false,
+                transient: None,
             },
             keep: None,
             copy: None,
@@ -460,6 +473,51 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
         T: Clone,
     {
         self.options.retry = Some(retry);
+        self.copy = Some(T::clone);
+        self
+    }
+
+    /// Rides out an outage of the stage's server: a call that fails with an error `f` calls
+    /// transient (a connection refused or reset, a server restarting: e.g.
+    /// [`ItemError::is_transient`], or a store crate's own classifier) is neither an attempt
+    /// nor a failure. The stage pauses the job — the run's source pulls nothing and the
+    /// stage starts no new call — and makes that item's call again after the waits of the
+    /// run's [`Outage`](crate::Outage) policy, one call at a time while the server is down
+    /// (a probe, like a half-open breaker). The first call that gets an answer (anything
+    /// but a transient error) ends the outage: the items that waited go first, then the job
+    /// resumes by itself. An outage longer than the policy's limit ends the run with
+    /// [`Error::Outage`](crate::Error::Outage), the waiting items unfinished, none failed.
+    ///
+    /// Other errors take the usual way ([`retry`](AsyncStage::retry), the breaker, the dead
+    /// letters). Each transient failure is counted in the stage's `transient_retries`.
+    /// Needs `T: Clone`: each call gets a copy of the input, for the next try.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let t0 = tokio::time::Instant::now();
+    /// let report = Pipeline::from_iter(0..10u32)
+    ///     .try_map_async("db", move |x| async move {
+    ///         // The server is down for the first 3 seconds.
+    ///         if t0.elapsed() < Duration::from_secs(3) {
+    ///             Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+    ///         } else {
+    ///             Ok(x)
+    ///         }
+    ///     })
+    ///     .transient_if(ItemError::is_transient)
+    ///     .run().await.unwrap();
+    /// assert_eq!((report.delivered(), report.failures), (10, 0));
+    /// assert!(report.stage("db").unwrap().transient_retries > 1);
+    /// # }
+    /// ```
+    pub fn transient_if(mut self, f: impl Fn(&ItemError) -> bool + Send + Sync + 'static) -> Self
+    where
+        T: Clone,
+    {
+        self.options.transient = Some(TransientIf(Arc::new(f)));
         self.copy = Some(T::clone);
         self
     }

@@ -28,6 +28,7 @@ use crate::runtime::{RunCtx, Upstream};
 use super::builder::Options;
 use super::call::{Call, Completion, Meta, Slot, StageFn, make, poll_slot};
 use super::routed::{Route, with_attempt};
+use super::transient::Down;
 
 /// How many calls one timed call stands for, by the call's sequence number: every one of
 /// a stage's first calls, then one in 8, then one in 64. Reading the clock twice costs
@@ -114,13 +115,29 @@ pub(super) async fn drive<T, U, S>(
         retry,
         backoff: Backoff::default(),
         dead: None,
+        down: options
+            .transient
+            .map(|t| Down::new(t, run.outage_policy.watch(stats.name.clone()))),
+        stopping: false,
     };
-    let cancel = run.cancel.clone();
-    let cancelled = tokio::select! {
+    let (cancel, stopping) = (run.cancel.clone(), run.stopping.clone());
+    // `stopping` fires on a stop and on a cancel: one wait for both, as cheap as the wait
+    // for a cancel alone.
+    let heard = tokio::select! {
         biased;
-        _ = cancel.cancelled() => true,
+        _ = stopping.cancelled() => true,
         _ = std::future::poll_fn(|cx| driver.poll_drive(cx)) => false,
     };
+    let cancelled = heard
+        && (cancel.is_cancelled() || {
+            // A graceful stop: nothing new starts, the calls in flight finish.
+            driver.stop();
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => true,
+                _ = std::future::poll_fn(|cx| driver.poll_drive(cx)) => false,
+            }
+        });
     // Cancelled, or the next stage is gone: what the stage holds is left unfinished.
     stats.left(driver.held());
     if cancelled {
@@ -133,6 +150,8 @@ pub(super) async fn drive<T, U, S>(
 enum Done<U> {
     Ok(U, Ticket),
     Failed,
+    /// Left unfinished by a stop (it was waiting to be tried again).
+    Left,
 }
 
 /// What the admissions said about the next call.
@@ -260,6 +279,10 @@ struct Driver<T, U, S: StageFn<T, U>> {
     /// Why the call can never be made (its service failed in `poll_ready`): every item left
     /// fails with it, without a call.
     dead: Option<ItemError>,
+    /// `transient_if`: the server's state, and the items waiting for it.
+    down: Option<Down<T>>,
+    /// The run is stopping: no call starts; what comes in is left unfinished.
+    stopping: bool,
 }
 
 impl<T, U, S> Driver<T, U, S>
@@ -291,7 +314,7 @@ where
         if self.out.len() >= CHUNK_CAP || self.inflight.len() >= limit {
             return false;
         }
-        if !self.ordered || !self.backoff.due.is_empty() {
+        if !self.ordered || !self.backoff.due.is_empty() || self.probe_ready() {
             return true;
         }
         let window = self
@@ -306,8 +329,24 @@ where
         self.pause_job && !self.backoff.heap.is_empty()
     }
 
+    /// Whether the stage's server is down (`transient_if`): only a probe may start.
+    fn server_down(&self) -> bool {
+        self.down.as_ref().is_some_and(|d| d.watch.is_down())
+    }
+
+    fn probe_ready(&self) -> bool {
+        self.down.as_ref().is_some_and(|d| d.ready.is_some())
+    }
+
     /// How many items could start now (pulls a chunk if none is waiting).
     fn available(&mut self, cx: &mut Context<'_>) -> usize {
+        if self.stopping {
+            self.drain_upstream(cx);
+            return 0;
+        }
+        if self.server_down() {
+            return usize::from(self.probe_ready());
+        }
         let due = self.backoff.due.len();
         if self.job_paused() {
             return due;
@@ -328,6 +367,12 @@ where
 
     /// The next item to start: a retry whose backoff is over, else a new one.
     fn pop_input(&mut self) -> Option<(T, Meta)> {
+        if self.stopping {
+            return None;
+        }
+        if let Some(d) = self.down.as_mut().filter(|d| d.watch.is_down()) {
+            return d.ready.take();
+        }
         if let Some(d) = self.backoff.due.pop_front() {
             return Some(d);
         }
@@ -597,6 +642,15 @@ where
         let Some(item) = again else {
             return Some((meta, again, None));
         };
+        if self.stopping {
+            // No call starts after a stop: the item is left unfinished, not failed.
+            self.leave(meta);
+            self.stats.left(1);
+            return None;
+        }
+        let Some(r) = self.retry.as_ref() else {
+            return None;
+        };
         if r.pauses_source() && self.backoff.hold.is_none() {
             self.backoff.hold = Some(self.run.gate.hold());
         }
@@ -757,6 +811,12 @@ where
             }
         }
         let (mut meta, mut again, mut result) = (meta, again, result);
+        if self.down.is_some() {
+            match self.ride_out(meta, result, again, called) {
+                Ok(()) => return,
+                Err(back) => (meta, result, again) = back,
+            }
+        }
         if let (true, true, Err(e)) = (self.retry.is_some(), called, &result) {
             match self.park(meta, e, again) {
                 Some((m, a, instead)) => {
@@ -770,7 +830,12 @@ where
         }
         let (result, again) = match (called, again, result) {
             (true, Some(item), Err(error)) if self.holds(&meta, &error, latency) => {
-                self.held.push_back((item, meta, error));
+                if self.stopping {
+                    self.leave(meta);
+                    self.stats.left(1);
+                } else {
+                    self.held.push_back((item, meta, error));
+                }
                 return;
             }
             (_, again, result) => (result, again),
@@ -801,6 +866,173 @@ where
             return;
         }
         self.reorder[(meta.seq - self.next_emit) as usize] = Some(slot);
+        self.emit_in_order();
+    }
+
+    /// `transient_if`: takes the item of a call that failed with a transient error, to be
+    /// tried again when the server answers (Ok), and notes an answer of the server; gives
+    /// back whatever it does not take.
+    #[allow(clippy::type_complexity)]
+    fn ride_out(
+        &mut self,
+        mut meta: Meta,
+        result: Result<U, ItemError>,
+        again: Option<T>,
+        called: bool,
+    ) -> Result<(), (Meta, Result<U, ItemError>, Option<T>)> {
+        let Some(d) = self.down.as_mut() else {
+            return Err((meta, result, again));
+        };
+        let is_probe = d.probe == Some(meta.seq);
+        if !called {
+            // Refused by an admission (a fail-fast breaker): no answer either way, but the
+            // probe's place is free for the next one.
+            if is_probe {
+                d.probe = None;
+            }
+            return Err((meta, result, again));
+        }
+        let transient = matches!(&result, Err(e) if (d.transient.0)(e));
+        let (true, Some(item)) = (transient, again.as_ref()) else {
+            // An answer (a result, or an error that is not the server being down): the
+            // server is up.
+            if d.watch.is_down() || is_probe {
+                self.server_back();
+            }
+            return Err((meta, result, again));
+        };
+        let _ = item;
+        let (Err(error), Some(item)) = (result, again) else {
+            unreachable!("checked above")
+        };
+        StageStats::add(&self.stats.transient_retries, 1);
+        // Not an attempt: the next call of the item is its attempt again.
+        meta.attempts = meta.attempts.saturating_sub(1);
+        if self.stopping {
+            self.leave(meta);
+            self.stats.left(1);
+            return Ok(());
+        }
+        if is_probe || !d.watch.is_down() {
+            // The first failure of an outage, or the probe's: the watch says how long to
+            // wait, or that the outage has lasted too long.
+            d.probe = None;
+            match d.watch.failed(error) {
+                Ok(wait) => {
+                    let at = crate::runtime::time::after(Instant::now(), wait);
+                    match d.sleep.as_mut() {
+                        Some(sleep) => sleep.as_mut().reset(at),
+                        None => d.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+                    }
+                }
+                // Cancels the run: the items waiting here end unfinished.
+                Err(outage) => self.run.outage_ended(outage),
+            }
+            if d.hold.is_none() {
+                d.hold = Some(self.run.gate.hold());
+            }
+        }
+        if is_probe {
+            d.queue.push_front((item, meta));
+        } else {
+            d.queue.push_back((item, meta));
+        }
+        Ok(())
+    }
+
+    /// The server answered: the outage is over. The items that waited for it go first (in
+    /// the order they failed), then the job resumes.
+    fn server_back(&mut self) {
+        let Some(d) = self.down.as_mut() else {
+            return;
+        };
+        d.watch.succeeded();
+        d.probe = None;
+        d.sleep = None;
+        d.hold = None;
+        let due = &mut self.backoff.due;
+        for waited in d.ready.take().into_iter().chain(d.queue.drain(..)).rev() {
+            due.push_front(waited);
+        }
+    }
+
+    /// While the server is down: when the wait is over, the first waiting item becomes the
+    /// probe. True if one did.
+    fn poll_outage(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(d) = self.down.as_mut() else {
+            return false;
+        };
+        if !d.watch.is_down() || d.probe.is_some() || d.queue.is_empty() {
+            return false;
+        }
+        if let Some(sleep) = d.sleep.as_mut() {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+        }
+        let Some((item, meta)) = d.queue.pop_front() else {
+            return false;
+        };
+        d.probe = Some(meta.seq);
+        d.ready = Some((item, meta));
+        true
+    }
+
+    /// A graceful stop: the items not started (received and not begun, waiting for a retry,
+    /// for a breaker or for the server) end unfinished here; the calls in flight finish.
+    fn stop(&mut self) {
+        self.stopping = true;
+        let mut left = self.waiting.len();
+        self.waiting.clear();
+        let mut metas: Vec<Meta> = Vec::new();
+        metas.extend(self.backoff.heap.drain().map(|p| p.meta));
+        metas.extend(self.backoff.due.drain(..).map(|(_, m)| m));
+        metas.extend(self.held.drain(..).map(|(_, m, _)| m));
+        self.backoff.hold = None;
+        if let Some(d) = self.down.as_mut() {
+            metas.extend(
+                d.ready
+                    .take()
+                    .into_iter()
+                    .chain(d.queue.drain(..))
+                    .map(|(_, m)| m),
+            );
+            d.probe = None;
+            d.sleep = None;
+            d.hold = None;
+        }
+        left += metas.len();
+        for meta in metas {
+            self.leave(meta);
+        }
+        self.stats.left(left);
+        self.emit_in_order();
+    }
+
+    /// An item started before is left unfinished (its ticket goes with it, unfinished): its
+    /// place in the output order is passed over. Counted by the caller.
+    fn leave(&mut self, meta: Meta) {
+        if self.ordered {
+            let at = (meta.seq - self.next_emit) as usize;
+            if let Some(slot) = self.reorder.get_mut(at) {
+                *slot = Some(Done::Left);
+            }
+        }
+    }
+
+    /// Stopping: what comes from upstream is received and left unfinished.
+    fn drain_upstream(&mut self, cx: &mut Context<'_>) {
+        while !self.up_done {
+            match self.up.poll_chunk(cx) {
+                Poll::Ready(Some(chunk)) => self.stats.discarded(chunk.len()),
+                Poll::Ready(None) => self.up_done = true,
+                Poll::Pending => break,
+            }
+        }
+    }
+
+    /// Ordered: sends on the results at the front of the order that are done.
+    fn emit_in_order(&mut self) {
         while let Some(Some(_)) = self.reorder.front() {
             if let Some(Some(Done::Ok(u, t))) = self.reorder.pop_front() {
                 self.out.push(u, t);
@@ -820,6 +1052,7 @@ where
             + self.inflight.len()
             + self.backoff.len()
             + self.held.len()
+            + self.down.as_ref().map_or(0, Down::len)
             + finished_in_order
             + self.out.len()
     }
@@ -899,8 +1132,12 @@ where
             if !self.held.is_empty() {
                 progress |= self.poll_held(cx, false);
             }
-            // A stage whose service failed leaves the plain loop: its items fail below.
-            let plain = self.plain && self.dead.is_none();
+            if self.server_down() {
+                progress |= self.poll_outage(cx);
+            }
+            // A stage whose service failed leaves the plain loop: its items fail below; so
+            // does a stopping one: it starts nothing.
+            let plain = self.plain && self.dead.is_none() && !self.stopping;
             if plain {
                 progress |= self.start_plain(cx);
             }
@@ -958,11 +1195,15 @@ where
             if !progress && !self.held.is_empty() && self.inflight.is_empty() {
                 progress |= self.poll_held(cx, true);
             }
+            if self.stopping && !self.up_done {
+                self.drain_upstream(cx);
+            }
             if self.up_done
                 && self.waiting.is_empty()
                 && self.inflight.is_empty()
                 && self.held.is_empty()
                 && self.backoff.len() == 0
+                && self.down.as_ref().is_none_or(|d| d.len() == 0)
                 && self.reorder.is_empty()
                 && self.out.is_empty()
             {

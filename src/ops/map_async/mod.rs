@@ -14,6 +14,7 @@
 //! - [`call`]: one call ([`StageFn`], the per-call future).
 //! - [`routed`]: failures as items ([`Failed`]) and the attempt number ([`attempt`]).
 //! - `service` (feature `tower`): a `tower::Service` as the call.
+//! - [`transient`]: riding out an outage of the stage's server (`transient_if`).
 //! - [`driver`]: the task loop. Flow control and resilience come from `crate::policy`
 //!   through two traits; the driver names no policy.
 
@@ -23,6 +24,7 @@ mod driver;
 mod routed;
 #[cfg(feature = "tower")]
 mod service;
+mod transient;
 
 use std::future::Future;
 
