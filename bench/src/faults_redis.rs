@@ -32,15 +32,17 @@ const MIN_IDLE: Duration = Duration::from_secs(2);
 const WORK: Duration = Duration::from_millis(10);
 const SAMPLE: Duration = Duration::from_millis(50);
 
-/// Runs the Redis scenarios (`case`: one of them, or `None` for all); a case of another
-/// server's file is left to it.
+/// Runs the Redis scenarios whose names start with `case` (all for `None`; `redis` for
+/// every Redis one); a case of another server's file is left to it.
 pub fn run(case: Option<&str>) {
     let cases = ["redis_kill", "redis_restart", "redis_freeze"];
-    let chosen: Vec<&str> = match case {
-        None => cases.to_vec(),
-        Some(c) if cases.contains(&c) => vec![c],
-        Some(_) => return,
-    };
+    let chosen: Vec<&str> = cases
+        .into_iter()
+        .filter(|c| case.is_none_or(|w| c.starts_with(w)))
+        .collect();
+    if chosen.is_empty() {
+        return;
+    }
     let baseline = scenario(Fault::None).wall;
     for c in chosen {
         let fault = match c {
