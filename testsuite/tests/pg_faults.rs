@@ -206,3 +206,45 @@ fn a_server_frozen_for_5s_loses_nothing_and_duplicates_nothing() {
     server.thaw(&frozen);
     assert_exactly_once(&url, run, "server frozen for 5 s");
 }
+
+/// A `commit_with` whose answer was lost is tried again: the keys are done by this holder
+/// already, so the second call writes nothing and says `AlreadyCommitted`; keys another
+/// holder committed are still "not reserved", never taken for this holder's.
+#[test]
+fn commit_with_tried_again_after_a_lost_answer_writes_the_effect_once() {
+    use flowline::Store;
+    use flowline_postgres::{AlreadyCommitted, PgStore};
+    let mut server = PgServer::start();
+    let url = server.database();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let store = PgStore::connect(&url).await.unwrap().holder("w1");
+        let client = store.pool().get().await.unwrap();
+        client
+            .batch_execute("CREATE TABLE sent (id BIGINT NOT NULL)")
+            .await
+            .unwrap();
+        let keys = vec!["a".to_string(), "b".to_string()];
+        store.reserve(&keys, Duration::from_secs(60)).await.unwrap();
+        let write = async |tx: &tokio_postgres::Transaction<'_>| {
+            tx.execute("INSERT INTO sent VALUES (1), (2)", &[]).await
+        };
+        store.commit_with(&keys, write).await.unwrap();
+        let again = store.commit_with(&keys, write).await.unwrap_err();
+        let already = again.downcast_ref::<AlreadyCommitted>();
+        assert_eq!(already.map(AlreadyCommitted::keys), Some(2), "{again}");
+        let other = store.handle();
+        let e = other.commit_with(&keys, write).await.unwrap_err();
+        assert!(!e.is::<AlreadyCommitted>(), "{e}");
+        assert!(e.to_string().contains("not reserved"), "{e}");
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM sent", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 2, "the effect was written more than once");
+    });
+}

@@ -26,9 +26,7 @@ use std::time::Duration;
 
 use flowline::prelude::*;
 use flowline::{CursorOptions, Outage, Page};
-use flowline_postgres::{
-    AlreadyCommitted, PgCheckpoints, PgOptions, PgStore, classify, is_transient,
-};
+use flowline_postgres::{AlreadyCommitted, PgCheckpoints, PgOptions, PgStore, is_transient};
 use futures::StreamExt;
 
 const PAGE: i64 = 1000;
@@ -132,13 +130,23 @@ pub async fn create_tables(
 }
 
 /// One page of rows after `after`. Its errors are marked transient or permanent
-/// (`classify`): a lost connection or a server restarting pauses the source under the run's
+/// (`Transient` or `Permanent`): a lost connection or a server restarting pauses the source under the run's
 /// outage policy until the server answers again; a bad statement ends the run.
 async fn fetch_page(
     pool: &flowline_postgres::deadpool_postgres::Pool,
     after: i64,
 ) -> Result<Page<(i64, String), i64>, BoxError> {
-    read_page(pool, after).await.map_err(classify)
+    read_page(pool, after).await.map_err(|e| {
+        let why = format!(
+            "reading the page of items after id {after}: {}",
+            paragraph(&*e)
+        );
+        if flowline_postgres::is_transient_error(&*e) {
+            Box::new(flowline::Transient::new(why)) as BoxError
+        } else {
+            Box::new(flowline::Permanent::new(why))
+        }
+    })
 }
 
 async fn read_page(

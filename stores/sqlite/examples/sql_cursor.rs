@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use flowline::prelude::*;
 use flowline::{CursorOptions, Outage, Page};
-use flowline_sqlite::{SqliteCheckpoints, SqliteStore, classify, is_transient};
+use flowline_sqlite::{SqliteCheckpoints, SqliteStore, is_transient};
 use futures::StreamExt;
 use rusqlite::{Connection, params};
 
@@ -180,7 +180,15 @@ pub async fn run(args: Args) -> Result<Report, BoxError> {
             .map_err(|e| flowline::Permanent::new(e.to_string()))?
             // A locked file pauses the source under the run's outage policy; a bad
             // statement ends the run.
-            .map_err(classify)
+            .map_err(|e| {
+                let transient = flowline_sqlite::is_transient_error(&e);
+                let why = format!("reading the page of items after id {after}: {e}");
+                if transient {
+                    Box::new(flowline::Transient::new(why)) as BoxError
+                } else {
+                    Box::new(flowline::Permanent::new(why))
+                }
+            })
         }
     };
     // Commit the checkpoint each time the low watermark moves: after a crash only the pages
