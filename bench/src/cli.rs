@@ -9,6 +9,11 @@
 //!   `xargs -P16 curl`).
 //! - `cli_rate`: 1,000 jobs at `rate(100/s)`: the rate kept (`error_pct`) and the most job
 //!   starts in any sliding second (`max_in_period`), from the joblog.
+//! - `cli_floor`: the same 2,000 jobs, the whole `flowline` command against 4 bare threads
+//!   that spawn each job with its stdout and stderr captured through pipes, as any runner
+//!   that shows a job's output must (the floor of `cli_jobs`, made fair).
+//! - `cli_filter`: `lines | filter(regex) | print` over 2,000,000 lines against `grep`,
+//!   with flowline's peak RSS (`/usr/bin/time`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -32,6 +37,106 @@ pub fn run(case: Option<&str>) {
     if want("cli_rate") {
         rate(&bin);
     }
+    if want("cli_floor") {
+        floor(&bin);
+    }
+    if want("cli_filter") {
+        filter(&bin);
+    }
+}
+
+fn floor(bin: &Path) {
+    const N: u32 = 2000;
+    let pipe = format!("seq(1..{N}) | fork(4) | sh(\"true {{}}\") | discard");
+    let p = crate::util::alternate_paired(
+        5,
+        || flowline(bin, &[&pipe]),
+        || spawn_captured(N, 4),
+    );
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0 / f64::from(N);
+    let round = |x: f64| (x * 1000.0).round() / 1000.0;
+    emit(
+        "cli",
+        "cli_floor",
+        ms(p.flowline),
+        ms(p.baseline),
+        "ms/job",
+        json!({
+            "jobs": N,
+            "slots": 4,
+            "baseline_tool": "4 threads: spawn, read stdout and stderr through pipes, wait",
+            "pair_ratio_median": round(p.ratio),
+            "pair_ratio_p10": round(p.ratio_p10),
+            "pair_ratio_p90": round(p.ratio_p90),
+        }),
+    );
+}
+
+/// `n` `true` processes, `slots` at a time, each slot a thread that spawns one with its
+/// stdout and stderr on pipes and reads both to their end (`Command::output`).
+fn spawn_captured(n: u32, slots: u32) -> Duration {
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..slots {
+            s.spawn(move || {
+                for i in 0..n / slots {
+                    let out = Command::new("true")
+                        .arg(i.to_string())
+                        .stdin(Stdio::null())
+                        .output()
+                        .expect("true runs");
+                    assert!(out.status.success());
+                }
+            });
+        }
+    });
+    t.elapsed()
+}
+
+fn filter(bin: &Path) {
+    const LINES: u32 = 2_000_000;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("lines.txt");
+    let mut text = String::with_capacity(16 * LINES as usize);
+    for i in 1..=LINES {
+        text.push_str(&i.to_string());
+        text.push('\n');
+    }
+    std::fs::write(&file, text).expect("write lines");
+    let path = file.to_str().expect("utf-8 path").to_string();
+    let pipe = format!("lines({path}) | filter(\"7$\") | print");
+    let (f, g) = alternate(
+        5,
+        || flowline(bin, &[&pipe]),
+        || sh(&format!("grep '7$' {path}")),
+    );
+    // Peak RSS of one more run, from /usr/bin/time (absent: not measured).
+    let rss_kib = Command::new("/usr/bin/time")
+        .args(["-f", "%M"])
+        .arg(bin)
+        .args(["--quiet", &pipe])
+        .stdout(Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .and_then(|l| l.trim().parse::<u64>().ok())
+        });
+    emit(
+        "cli",
+        "cli_filter",
+        f.as_secs_f64(),
+        g.as_secs_f64(),
+        "s",
+        json!({
+            "lines": LINES,
+            "regex": "7$",
+            "baseline_tool": "grep",
+            "peak_rss_mib": rss_kib.map(|k| (k as f64 / 1024.0 * 10.0).round() / 10.0),
+        }),
+    );
 }
 
 /// The release `flowline` next to this binary (same target dir), built if missing.

@@ -29,6 +29,10 @@ enum Msg {
     Flush(mpsc::Sender<()>),
 }
 
+/// An opened state file, the inputs done so far, and those failed (in the order they
+/// first failed).
+pub type Opened = (State, HashSet<Vec<u8>>, Vec<Vec<u8>>);
+
 /// The state file, open for one run.
 pub struct State {
     tx: Mutex<Option<mpsc::Sender<Msg>>>,
@@ -58,7 +62,7 @@ fn open(path: &Path) -> Result<Connection, String> {
 impl State {
     /// Opens (or creates) the state file; returns it with the inputs done and the inputs
     /// failed so far (the failed ones in the order they were first recorded).
-    pub fn open(path: &Path) -> Result<(State, HashSet<Vec<u8>>, Vec<Vec<u8>>), String> {
+    pub fn open(path: &Path) -> Result<Opened, String> {
         let conn = open(path)?;
         let read = |status: i64| -> Result<Vec<Vec<u8>>, String> {
             let mut st = conn
