@@ -13,6 +13,7 @@
 //! cargo run --release -p flowline-bench -- scale redis_rate3  # 3 processes, one RedisRate
 //! cargo run --release -p flowline-bench -- cli             # the flowline command vs xargs / parallel / curl
 //! cargo run --release -p flowline-bench -- siem            # the SIEM service vs its naive version
+//! cargo run --release -p flowline-bench -- window          # event-time windows vs hand-written loops
 //! ```
 //!
 //! With `FLOWLINE_BENCH_REPS=1` set, the cases that alternate print every repetition's time
@@ -32,6 +33,7 @@ mod source;
 mod source_pg;
 mod topology;
 mod util;
+mod window;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -58,9 +60,10 @@ fn main() {
         "cli" => cli::run(case),
         "scale" => scale::run(case),
         "siem" => siem::run(case),
+        "window" => window::run(case),
         other => {
             eprintln!(
-                "unknown suite `{other}`; suites: core, source, batch, flow, topology, cli, scale, siem"
+                "unknown suite `{other}`; suites: core, source, batch, flow, topology, cli, scale, siem, window"
             );
             std::process::exit(2);
         }
