@@ -16,6 +16,7 @@
 //! cargo run --release -p flowline-bench -- faults          # servers failing around a job
 //! cargo run --release -p flowline-bench -- faults redis_kill
 //! cargo run --release -p flowline-bench -- faults pg_stop5  # a run through a server fault vs none
+//! cargo run --release -p flowline-bench -- window          # event-time windows vs hand-written loops
 //! ```
 //!
 //! With `FLOWLINE_BENCH_REPS=1` set, the cases that alternate print every repetition's time
@@ -37,6 +38,7 @@ mod source;
 mod source_pg;
 mod topology;
 mod util;
+mod window;
 
 /// Suite `faults`: one entry per server's file; each runs its own cases (all of them for
 /// no case) and leaves the others' cases alone.
@@ -72,9 +74,10 @@ fn main() {
         "scale" => scale::run(case),
         "siem" => siem::run(case),
         "faults" => FAULTS.iter().for_each(|run| run(case)),
+        "window" => window::run(case),
         other => {
             eprintln!(
-                "unknown suite `{other}`; suites: core, source, batch, flow, topology, cli, scale, siem, faults"
+                "unknown suite `{other}`; suites: core, source, batch, flow, topology, cli, scale, siem, faults, window"
             );
             std::process::exit(2);
         }
