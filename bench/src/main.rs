@@ -43,6 +43,10 @@ fn main() {
         scale_rate::child(&args[1], &args[2]);
         return;
     }
+    if args.first().map(String::as_str) == Some("--siem-child") {
+        siem::child(&args[1..]);
+        return;
+    }
     if args.first().map(String::as_str) == Some("--scale-worker") {
         scale::worker(&args[1..]);
         return;
