@@ -831,6 +831,43 @@ pub trait Flow: IntoPipeline {
         crate::ops::throttle::throttle(self.into_pipeline(), interval, mode)
     }
 
+    /// Windowed aggregation: groups the items into windows of `kind` ([`Tumbling`],
+    /// [`Sliding`], [`Session`] or [`Count`](crate::Count)), per key or global, on processing
+    /// or event time, and emits one [`Windowed`](crate::Windowed) per window when it closes. The
+    /// returned [`Windows`](crate::Windows) takes the options (key, event time, lateness, idle
+    /// advance, bound on open windows) and ends with an aggregation (`count`, `reduce`,
+    /// `fold`, `collect_items`, `aggregate`). Late items are counted and go to the dead
+    /// letters or a side output, never dropped silently; open windows are emitted when the
+    /// input ends.
+    ///
+    /// [`Tumbling`]: crate::Tumbling
+    /// [`Sliding`]: crate::Sliding
+    /// [`Session`]: crate::Session
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::Tumbling;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let events = [("ann", 1u64), ("bob", 2), ("ann", 4), ("ann", 12)];   // (account, second)
+    /// let out = Pipeline::from_iter(events)
+    ///     .window(Tumbling::every(Duration::from_secs(10)))
+    ///         .key_by(|(account, _)| *account)
+    ///         .event_time(|(_, s)| Duration::from_secs(*s))
+    ///     .count()
+    ///     .collect().await.unwrap();
+    /// let got: Vec<(&str, u64, u64)> = out.iter().map(|w| (w.key, w.start.as_secs(), w.value)).collect();
+    /// assert_eq!(got, vec![("ann", 0, 2), ("bob", 0, 1), ("ann", 10, 1)]);
+    /// # }
+    /// ```
+    #[allow(clippy::type_complexity)]
+    fn window<W: crate::WindowKind>(
+        self,
+        kind: W,
+    ) -> crate::Windows<Self::Item, (), fn(&Self::Item), crate::ProcessingTime> {
+        crate::ops::window::window(self.into_pipeline(), kind)
+    }
+
     // ---- Topology: branch, branch on result, partition by key, broadcast, merge, zip, several sinks in one run ----
 
     /// Splits the pipeline in two: the items `predicate` accepts, and the others (a router

@@ -47,6 +47,7 @@
 //! | scale the number of workers to what the backend takes | [`.adaptive(Adaptive::vegas(min..=max))`](AsyncStage::adaptive) |
 //! | skip items already done by an earlier run | [`Flow::idempotent`] over a [`Store`] ([`MemoryStore`], `flowline_sqlite::SqliteStore`, `flowline_postgres::PgStore`) |
 //! | debounce or throttle | [`Flow::debounce`], [`Flow::debounce_by`], [`Flow::throttle`] |
+//! | count or aggregate per key per minute (tumbling, sliding, session, count windows) | [`Flow::window`] with [`Tumbling`], [`Sliding`], [`Session`], [`Count`]; [`Windows::event_time`] and [`Windows::allowed_lateness`] for event time; late items counted ([`StageReport::late`]) and dead-lettered, or on a side output ([`Windows::aggregate_with_late`]) |
 //! | pause, resume, step or stop a running job | [`Flow::spawn`] → [`Handle`]; from other tasks: [`Handle::control`] → [`Control`] (cloneable) |
 //! | cancel a run with my service's shutdown token | [`Run::cancel_on`] ([`RunOptions::cancel_on`]); a running job's own token: [`Handle::cancellation_token`] |
 //! | stop on Ctrl-C and still get the report | [`Run::stop_on_signal`]`(tokio::signal::ctrl_c)`: the first stops gracefully, a second cancels |
@@ -140,6 +141,15 @@ pub use ops::map_async::{
 };
 pub use ops::operator::{Operator, Out, Step};
 pub use ops::throttle::Throttle;
+pub use ops::window::aggregate::{Aggregate, CollectItems, CountItems, Fold, Reduce};
+pub use ops::window::count::Count;
+pub use ops::window::session::Session;
+pub use ops::window::sliding::Sliding;
+pub use ops::window::tumbling::Tumbling;
+pub use ops::window::{
+    DEFAULT_MAX_OPEN, EventTime, LateItem, OnFull, ProcessingTime, TimeOf, WindowKind, Windowed,
+    Windows,
+};
 pub use plan::{ErrorPolicy, IntoPipeline, Pipeline, RunOptions};
 pub use policy::adaptive::Adaptive;
 pub use policy::breaker::{Breaker, BreakerReport, BreakerState, OnOpen};

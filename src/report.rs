@@ -55,6 +55,9 @@ pub struct StageStats {
     pub(crate) dropped: AtomicU64,
     pub(crate) failed: AtomicU64,
     pub(crate) retried: AtomicU64,
+    /// Items a window stage found late (also counted where they went: failed, or passed
+    /// on a side output).
+    pub(crate) late: AtomicU64,
     /// Failed items by reason, in [`FailureReasons::NAMES`] order. Counted where every
     /// failure passes (`RunCtx::fail`), so that the stages that count `failed` need not.
     failed_by: [AtomicU64; REASONS],
@@ -83,6 +86,7 @@ impl StageStats {
             dropped: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             retried: AtomicU64::new(0),
+            late: AtomicU64::new(0),
             failed_by: Default::default(),
             unfinished: AtomicU64::new(0),
             latency: Mutex::new(None),
@@ -239,6 +243,7 @@ impl StageStats {
             dropped,
             failed,
             retried: self.retried.load(Relaxed),
+            late: self.late.load(Relaxed),
             failed_by: FailureReasons {
                 error: by(0),
                 timeout: by(1),
@@ -407,6 +412,10 @@ pub struct StageReport {
     pub failed_by: FailureReasons,
     /// Retry attempts made (not counted in `received`).
     pub retried: u64,
+    /// Items a window stage received after every window that would hold them had closed
+    /// (event time behind the watermark). Not an end of its own: each is also counted where
+    /// it went — `failed` (to the dead letters), or `passed` (sent on a side output).
+    pub late: u64,
     /// Items still inside the stage: in flight during a run (a live snapshot), and once the
     /// run has ended the items the stage held or had queued in front of it when the run was
     /// cancelled (counted where they were left).
@@ -857,7 +866,7 @@ mod json {
     #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
     impl Serialize for StageReport {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            let mut m = s.serialize_struct("StageReport", 11)?;
+            let mut m = s.serialize_struct("StageReport", 12)?;
             m.serialize_field("name", &self.name)?;
             m.serialize_field("kind", self.kind)?;
             m.serialize_field("in", &self.received)?;
@@ -867,6 +876,7 @@ mod json {
             m.serialize_field("failed", &self.failed)?;
             m.serialize_field("failed_by", &self.failed_by)?;
             m.serialize_field("retried", &self.retried)?;
+            m.serialize_field("late", &self.late)?;
             m.serialize_field("unfinished", &self.unfinished)?;
             m.serialize_field("latency", &self.latency)?;
             m.end()
@@ -1048,6 +1058,7 @@ mod tests {
                 ..FailureReasons::default()
             },
             retried: n,
+            late: 0,
             unfinished: n,
             latency: None,
         }

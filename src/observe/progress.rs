@@ -502,6 +502,7 @@ mod tests {
             failed,
             failed_by: crate::FailureReasons::default(),
             retried: failed * 2,
+            late: 0,
             unfinished: 0,
             latency: None,
         }

@@ -19,3 +19,4 @@ pub(crate) mod scan;
 pub(crate) mod take;
 pub(crate) mod throttle;
 pub(crate) mod unbatch;
+pub(crate) mod window;
