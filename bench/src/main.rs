@@ -58,6 +58,10 @@ fn main() {
         faults_redis::worker(&args[1..]);
         return;
     }
+    if args.first().map(String::as_str) == Some("--siem-child") {
+        siem::child(&args[1..]);
+        return;
+    }
     if args.first().map(String::as_str) == Some("--scale-worker") {
         scale::worker(&args[1..]);
         return;

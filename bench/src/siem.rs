@@ -13,6 +13,12 @@
 //! minutes a run takes; `round_ratios` lists them all); `flowline`/`baseline` and the
 //! latency fields are each side's median round by throughput.
 //! `FLOWLINE_BENCH_SIEM_REPORT=1` prints the events pipeline's report of each flowline run.
+//! Both services answer 202 once the event's row is committed, and run without correlation
+//! rules (the naive one has none).
+//!
+//! `lost_on_kill`: each service once more, in a child process of this binary, under the
+//! same load for `FLOWLINE_BENCH_SIEM_KILL_SECS` (3 by default), then SIGKILLed; the events
+//! answered 202 that are not in the database afterwards.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +31,7 @@ use crate::util::{emit, runtime};
 
 const CONNECTIONS: usize = 64;
 const WS_CLIENTS: usize = 3;
+const TOKEN: &str = "bench-viewer-token-0123456789";
 
 pub fn run(case: Option<&str>) {
     match case {
@@ -77,6 +84,12 @@ fn siem_events() {
     let lost = |v: &[Outcome]| v.iter().map(|o| o.lost).sum::<u64>() as f64;
     let (f_lost, n_lost) = (lost(&f), lost(&n));
     let (f, n) = (pick(&mut f), pick(&mut n));
+    let kill_secs: u64 = std::env::var("FLOWLINE_BENCH_SIEM_KILL_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let kill_f = rt.block_on(kill_round(false, Duration::from_secs(kill_secs)));
+    let kill_n = rt.block_on(kill_round(true, Duration::from_secs(kill_secs)));
     let both = |a: f64, b: f64| serde_json::json!({ "flowline": a, "naive": b });
     emit(
         "siem",
@@ -89,6 +102,8 @@ fn siem_events() {
             "p50_ms": both(f.p50_ms, n.p50_ms),
             "p99_ms": both(f.p99_ms, n.p99_ms),
             "lost": both(f_lost, n_lost),
+            "lost_on_kill": both(kill_f.0 as f64, kill_n.0 as f64),
+            "accepted_before_kill": both(kill_f.1 as f64, kill_n.1 as f64),
             "accepted": both(f.accepted as f64, n.accepted as f64),
             "refused_429": both(f.refused_429 as f64, n.refused_429 as f64),
             "alerts_sent": both(f.alerts_sent as f64, n.alerts_sent as f64),
@@ -103,10 +118,9 @@ fn siem_events() {
     );
 }
 
-async fn load(naive: bool, run_for: Duration) -> Outcome {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = dir.path().join("siem.db");
-    let mut args = vec![
+/// The service's options for a run over `db`.
+fn service_args(db: &std::path::Path, naive: bool) -> Vec<String> {
+    let mut args: Vec<String> = [
         "--listen",
         "127.0.0.1:0",
         "--db",
@@ -119,11 +133,97 @@ async fn load(naive: bool, run_for: Duration) -> Outcome {
         "1000",
         "--accounts",
         "64",
-    ];
+        "--viewer-token",
+        TOKEN,
+        "--no-default-rules",
+    ]
+    .map(String::from)
+    .to_vec();
     if naive {
-        args.push("--naive");
+        args.push("--naive".into());
     }
-    let cfg = flowline_siem::Config::from_args(args).expect("options");
+    args
+}
+
+/// The kill round's child process: the service with `args`, its address on the first line
+/// of stdout, until it is killed.
+pub fn child(args: &[String]) {
+    let rt = runtime();
+    rt.block_on(async {
+        let cfg =
+            flowline_siem::Config::from_args(args.iter().map(String::as_str)).expect("options");
+        let service = flowline_siem::Service::start(cfg)
+            .await
+            .expect("service starts");
+        println!("{}", service.addr());
+        std::future::pending::<()>().await;
+    });
+}
+
+/// SIGKILLs the service (in a child process) after `run_for` under load; the events
+/// answered 202 that are not stored after it, and how many were answered 202.
+async fn kill_round(naive: bool, run_for: Duration) -> (u64, u64) {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("siem.db");
+    let mut child = std::process::Command::new(std::env::current_exe().expect("own path"))
+        .arg("--siem-child")
+        .args(service_args(&db, naive))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("child starts");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("child's address");
+    let addr: std::net::SocketAddr = line.trim().parse().expect("an address");
+    let start = Instant::now();
+    let mut posters = Vec::new();
+    for c in 0..CONNECTIONS {
+        posters.push(tokio::spawn(async move {
+            let mut conn = Http1::connect(addr).await;
+            let key = format!("key-{}", c + 1);
+            let mut accepted = Vec::new();
+            for seq in 1u64.. {
+                let id = format!("k{c}-{seq}");
+                let body = format!(
+                    r#"{{"id":"{id}","kind":"login_failed","severity":{},"message":"m"}}"#,
+                    seq % 10
+                );
+                match conn.try_post(&key, &body).await {
+                    Ok(202) => accepted.push(id),
+                    Ok(429) => tokio::time::sleep(Duration::from_millis(2)).await,
+                    Ok(s) => panic!("unexpected status {s}"),
+                    // The service is gone: this request was not answered.
+                    Err(_) => break,
+                }
+            }
+            accepted
+        }));
+    }
+    tokio::time::sleep_until((start + run_for).into()).await;
+    child.kill().expect("SIGKILL");
+    child.wait().expect("child reaped");
+    let mut accepted = Vec::new();
+    for p in posters {
+        accepted.append(&mut p.await.expect("poster"));
+    }
+    let conn = rusqlite::Connection::open(&db).expect("database");
+    let mut stmt = conn
+        .prepare("SELECT 1 FROM events WHERE id = ?1")
+        .expect("query");
+    let lost = accepted
+        .iter()
+        .filter(|id| !stmt.exists([id.as_str()]).expect("query"))
+        .count() as u64;
+    (lost, accepted.len() as u64)
+}
+
+async fn load(naive: bool, run_for: Duration) -> Outcome {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("siem.db");
+    let args = service_args(&db, naive);
+    let cfg = flowline_siem::Config::from_args(args.iter().map(String::as_str)).expect("options");
     let service = flowline_siem::Service::start(cfg)
         .await
         .expect("service starts");
@@ -132,13 +232,16 @@ async fn load(naive: bool, run_for: Duration) -> Outcome {
 
     let mut listeners = Vec::new();
     for _ in 0..WS_CLIENTS {
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={TOKEN}"))
             .await
             .expect("websocket");
         listeners.push(tokio::spawn(async move {
             let (mut got, mut lat_us, mut last) = (0u64, Vec::new(), Duration::ZERO);
             while let Some(Ok(msg)) = ws.next().await {
-                if let Message::Text(t) = msg {
+                // Alerts' outcomes come on the same socket: not events.
+                if let Message::Text(t) = msg
+                    && !t.starts_with(r#"{"outcome""#)
+                {
                     let now = start.elapsed();
                     // The id ends `-<µs since start when posted>"`: read it without
                     // parsing the whole event (the listeners must not be the bottleneck).
@@ -246,19 +349,26 @@ impl Http1 {
 
     /// Posts `body` to `/events`; the status.
     async fn post(&mut self, key: &str, body: &str) -> u16 {
+        self.try_post(key, body).await.expect("the service answers")
+    }
+
+    /// Posts `body` to `/events`; the status, or the error of a connection that broke.
+    async fn try_post(&mut self, key: &str, body: &str) -> std::io::Result<u16> {
         use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
         let req = format!(
             "POST /events HTTP/1.1\r\nhost: {}\r\nx-api-key: {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
             self.addr,
             body.len()
         );
-        self.stream.write_all(req.as_bytes()).await.expect("write");
-        self.stream.flush().await.expect("flush");
+        self.stream.write_all(req.as_bytes()).await?;
+        self.stream.flush().await?;
         let (mut status, mut len) = (0u16, 0usize);
         loop {
             self.head.clear();
-            let n = self.stream.read_line(&mut self.head).await.expect("read");
-            assert!(n > 0, "the service closed the connection");
+            let n = self.stream.read_line(&mut self.head).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
             let line = self.head.trim_end();
             if line.is_empty() {
                 break;
@@ -272,7 +382,7 @@ impl Http1 {
             }
         }
         let mut body = vec![0u8; len];
-        self.stream.read_exact(&mut body).await.expect("body");
-        status
+        self.stream.read_exact(&mut body).await?;
+        Ok(status)
     }
 }
