@@ -45,7 +45,10 @@ async fn same_as_local(count: u64, burst: u64, n: usize, name: &str) {
     let server = Server::start(false);
     let local = Rate::per_second(count).burst(burst);
     let shared = RedisRate::per_second(&server.client(), name, count).burst(burst);
-    let l = times(n, || local.acquire()).await;
+    let l = times(n, || async {
+        local.acquire().await.unwrap();
+    })
+    .await;
     let r = times(n, || async {
         shared.acquire().await.unwrap();
     })
