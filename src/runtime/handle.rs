@@ -393,6 +393,7 @@ impl Control {
 #[cfg(test)]
 mod tests {
     use crate::prelude::*;
+    use crate::{AsyncStage, StageFn};
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
     use tokio::time::Instant;

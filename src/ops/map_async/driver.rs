@@ -314,13 +314,15 @@ where
         if self.out.len() >= CHUNK_CAP || self.inflight.len() >= limit {
             return false;
         }
-        if !self.ordered || !self.backoff.due.is_empty() || self.probe_ready() {
+        if !self.ordered || !self.backoff.due.is_empty() {
             return true;
         }
         let window = self
             .window
             .unwrap_or_else(|| limit.saturating_mul(4).max(DEFAULT_WINDOW));
-        ((self.next_seq - self.next_emit) as usize) < window
+        // A probe of the stage's server is already in the window (it was started before),
+        // and the window may be full of items waiting for it.
+        ((self.next_seq - self.next_emit) as usize) < window || self.probe_ready()
     }
 
     /// Whether new items wait: an item of a stage whose retry pauses the job is in backoff,
@@ -648,9 +650,7 @@ where
             self.stats.left(1);
             return None;
         }
-        let Some(r) = self.retry.as_ref() else {
-            return None;
-        };
+        let r = self.retry.as_ref()?;
         if r.pauses_source() && self.backoff.hold.is_none() {
             self.backoff.hold = Some(self.run.gate.hold());
         }

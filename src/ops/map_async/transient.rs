@@ -58,6 +58,8 @@ mod tests {
     use std::time::Duration;
     use tokio::time::Instant;
 
+    type CallLog = (u32, Duration, Duration, bool);
+
     /// A server on the paused clock, down from `down.0` to `down.1` (since the test's start):
     /// a call there fails after 1 ms with a refused connection; else it answers after 10 ms.
     /// Item `bad` (if any) is always answered with a `404` (not transient).
@@ -67,7 +69,7 @@ mod tests {
         down: (Duration, Duration),
         bad: Option<u32>,
         /// Every call: (item, start, end, answered).
-        calls: Arc<Mutex<Vec<(u32, Duration, Duration, bool)>>>,
+        calls: Arc<Mutex<Vec<CallLog>>>,
         /// Items pulled from the source, with when.
         pulls: Arc<Mutex<Vec<Duration>>>,
     }
@@ -226,6 +228,32 @@ mod tests {
         assert!(stage.unfinished >= 4, "{report}");
         assert_eq!(stage.received, stage.passed + stage.unfinished, "{report}");
         assert!(report.is_balanced(), "{report}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_while_the_server_is_down_leaves_the_waiting_items_unfinished() {
+        let server = Server::new((100, u64::MAX), None);
+        let handle = server
+            .stage(400)
+            .transient_if(ItemError::is_transient)
+            .spawn();
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        handle.stop();
+        let report = handle.join().await.unwrap();
+        assert_eq!(report.outcome, RunOutcome::Stopped);
+        let calls = server.calls.lock().unwrap().clone();
+        assert!(
+            calls.iter().all(|c| c.1 <= Duration::from_millis(1_500)),
+            "{calls:?}"
+        );
+        assert!(
+            calls.len() > 4,
+            "probes were made before the stop: {calls:?}"
+        );
+        assert_eq!(report.failures, 0);
+        let stage = report.stage("db").unwrap();
+        assert_eq!(stage.received, stage.passed + stage.unfinished, "{report}");
+        assert!(stage.unfinished >= 4 && report.is_balanced(), "{report}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,7 +2,9 @@
 //! LIMIT $2`), writes each row's effect back to the database, and checkpoints the cursor in
 //! PostgreSQL. Kill it (SIGKILL) at any point and run it again: it resumes after the last
 //! row below which everything had finished, so no row is skipped. Stop it gracefully
-//! (Ctrl-C, or `--stop-after`) and run it again: it repeats nothing.
+//! (Ctrl-C, or `--stop-after`) and run it again: no row starts after the stop, so the page
+//! begun stays uncommitted and the rerun does it again (with `--exactly-once`, no effect is
+//! written twice; without, the rows of that page done before the stop repeat).
 //!
 //! ```text
 //! FLOWLINE_PG_URL=postgresql://postgres@127.0.0.1:5432/app \
@@ -251,7 +253,7 @@ pub async fn run(args: Args) -> Result<Report, BoxError> {
         tokio::select! {
             r = &mut ctrl_c, if !stopping => {
                 r?;
-                eprintln!("stopping: finishing the page in flight");
+                eprintln!("stopping: finishing the rows in flight");
                 rows.handle().stop();
                 stopping = true;
             }
