@@ -16,34 +16,48 @@
 //! (the item then goes on), or `.busy_wait(d)` passes (default: the reservation TTL); then
 //! the item fails with an error saying whose key it waited for, and goes to the dead
 //! letters. It is never counted as done: a cursor's checkpoint stays behind it, and the
-//! report shows it. A reservation expires after its TTL (default 10 minutes, `.ttl(d)`), so
-//! a crashed run does not block its keys forever, and with the default wait a restarted run
-//! takes them over once they expire. A graceful stop does not wait for busy keys: their items
-//! are left unfinished (the checkpoint stays before them) and a rerun takes them up.
+//! report shows it. A reservation is a lease of the TTL (default 30 seconds, `.ttl(d)`),
+//! renewed every third of the TTL while its item is worked on, so a live run keeps its keys
+//! however long an item takes, and a crashed run's keys are free again within the TTL: with
+//! the default wait a restarted run takes them over once they expire. A graceful stop does
+//! not wait for busy keys: their items are left unfinished (the checkpoint stays before
+//! them) and a rerun takes them up.
+//!
+//! The store is a server the run needs, not a part of any item: a failed store call never
+//! fails an item. Every call (reserve, commit, renew, release) goes through the run's
+//! [`Outage`](crate::Outage) policy: while the store fails, the job pauses (the sources pull
+//! nothing) and the call is tried again after a growing wait; commits and releases are never
+//! dropped. An outage longer than the policy ends the run with
+//! [`Error::Outage`](crate::Error::Outage): the items it held are left unfinished, their
+//! keys are not committed, and no checkpoint passes them, so a rerun does them.
 //!
 //! An item that waited comes out after the items that did not: the stage keeps input order
 //! only among items whose keys were free.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Display;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::Permanent;
 use crate::Pipeline;
-use crate::error::{Failure, ItemError};
+use crate::error::{BoxError, Failure, ItemError};
 use crate::report::StageStats;
 use crate::runtime::chunk::{CHUNK_CAP, Chunk, Outcome, Ticket};
 use crate::runtime::hop::{HOP_CHUNKS, hop};
 use crate::runtime::time::after;
 use crate::runtime::{CancelWatch, RunCtx, Upstream, next_chunk};
+use crate::store::guarded::Guarded;
 use crate::store::{Reservation, Store};
 
-/// How long a reservation lasts unless [`Idempotent::ttl`] says otherwise.
-pub(crate) const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(600);
+/// How long a reservation lasts unless [`Idempotent::ttl`] says otherwise. Short, because
+/// it is renewed while its item is worked on: it only says how long a crashed holder's keys
+/// stay blocked.
+pub(crate) const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(30);
 
 /// An idempotent stage being configured; returned by [`Flow::idempotent`](crate::Flow::idempotent).
 ///
@@ -69,8 +83,10 @@ pub struct Idempotent<T, S, F> {
 }
 
 impl<T, S, F> Idempotent<T, S, F> {
-    /// How long a reservation lasts before another run may take the key over. It must
-    /// exceed the time an item takes to go through the pipeline. Must be more than zero.
+    /// How long a reservation lasts unless renewed (default 30 s); the stage renews the
+    /// reservations of the items it is working on every third of it, so it need not cover
+    /// the time an item takes, only a pause of the whole process (and the store's round
+    /// trip). It is how long a crashed run's keys stay blocked. Must be more than zero.
     ///
     /// ```
     /// use flowline::prelude::*;
@@ -143,13 +159,26 @@ where
         p.then(move |b, up| {
             let stats = b.stage("idempotent", "idempotent");
             let store: Arc<dyn Store> = Arc::new(store);
+            let calls = Arc::new(Guarded::new(
+                b.run.clone(),
+                format!("idempotency store of stage `{}`", stats.name),
+            ));
+            let held = Arc::new(Held::default());
             let (done_tx, done_rx) = mpsc::unbounded_channel();
-            b.spawn(committer(store.clone(), done_rx));
+            b.spawn(committer(
+                store.clone(),
+                calls.clone(),
+                held.clone(),
+                ttl,
+                done_rx,
+            ));
             let (tx, rx) = hop(HOP_CHUNKS, &stats);
             let stage = Reserver {
                 stats,
                 run: b.run.clone(),
                 store,
+                calls,
+                held,
                 ttl,
                 busy_wait,
                 done: done_tx,
@@ -188,6 +217,8 @@ struct Reserver<T> {
     stats: Arc<StageStats>,
     run: Arc<RunCtx>,
     store: Arc<dyn Store>,
+    calls: Arc<Guarded>,
+    held: Arc<Held>,
     ttl: Duration,
     busy_wait: Duration,
     done: mpsc::UnboundedSender<Finished>,
@@ -286,8 +317,9 @@ impl<T: Send + 'static> Reserver<T> {
     }
 
     /// Reserves the keys of `items` and sorts them: reserved ones into the returned chunk,
-    /// done ones dropped, busy ones kept waiting (or failed once their wait is over). `None`:
-    /// the run was cancelled meanwhile (the items are counted as left).
+    /// done ones dropped, busy ones kept waiting (or failed once their wait is over). The
+    /// reservation is retried while the store fails (the job pauses meanwhile). `None`: the
+    /// run was cancelled, or the store's outage ended it (the items are counted as left).
     async fn settle(
         &mut self,
         items: Vec<(T, Ticket, String, Instant)>,
@@ -295,33 +327,38 @@ impl<T: Send + 'static> Reserver<T> {
     ) -> Option<Chunk<T>> {
         let n = items.len();
         let keys: Vec<String> = items.iter().map(|i| i.2.clone()).collect();
-        let reserved = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => {
-                self.stats.left(n);
-                return None;
-            }
-            r = self.store.reserve(&keys, self.ttl) => r,
-        };
+        let (store, held, keys_ref, ttl) = (&self.store, &self.held, &keys, self.ttl);
+        let mut tries = 0u32;
+        let reserved = self
+            .calls
+            .call(Some(cancel), move || {
+                tries += 1;
+                let retry = tries > 1;
+                async move {
+                    let mut answers = store.reserve(keys_ref, ttl).await?;
+                    if answers.len() != n {
+                        // A store that miscounts cannot be trusted with these keys: retrying
+                        // will not fix it, and no item may be passed over on its word.
+                        return Err(BoxError::from(Permanent::new(format!(
+                            "idempotency store answered {} reservations for {n} keys",
+                            answers.len()
+                        ))));
+                    }
+                    if retry {
+                        reclaim(&**store, held, keys_ref, &mut answers, ttl).await?;
+                    }
+                    Ok(answers)
+                }
+            })
+            .await;
         drop(keys);
-        let error = match reserved {
-            Ok(a) if a.len() == n => {
-                return Some(self.sort(items, a));
+        match reserved {
+            Some(answers) => Some(self.sort(items, answers)),
+            None => {
+                self.stats.left(n);
+                None
             }
-            Ok(a) => ItemError::user(format!(
-                "idempotency store answered {} reservations for {n} keys",
-                a.len()
-            )),
-            Err(e) => ItemError::user(format!("idempotency store: {e}")),
-        };
-        StageStats::add(&self.stats.failed, n);
-        for (_, ticket, _, _) in items {
-            ticket.finish(Outcome::Failed);
-            self.run
-                .fail(Failure::new(self.stats.name.clone(), error.clone(), 1));
         }
-        self.schedule();
-        Some(Chunk::default())
     }
 
     fn sort(
@@ -336,6 +373,7 @@ impl<T: Send + 'static> Reserver<T> {
         for ((item, ticket, key, until), answer) in items.into_iter().zip(answers) {
             match answer {
                 Reservation::Reserved => {
+                    self.held.add(&key);
                     let done = self.done.clone();
                     let on_done = Box::new(move |o: Outcome| {
                         let _ = done.send((key, o));
@@ -388,12 +426,107 @@ impl<T: Send + 'static> Reserver<T> {
     }
 }
 
+/// The keys this stage has reserved and not yet committed or released: the reservations it
+/// renews. Counted, since a key released and reserved again may be in the map twice for a
+/// moment.
+#[derive(Default)]
+struct Held(Mutex<HashMap<String, u32>>);
+
+impl Held {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(&self, key: &str) {
+        *self.lock().entry(key.to_string()).or_insert(0) += 1;
+    }
+
+    fn remove(&self, keys: &[String]) {
+        let mut map = self.lock();
+        for k in keys {
+            if let Some(n) = map.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(k);
+                }
+            }
+        }
+    }
+
+    fn keys(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+}
+
+/// After a reserve that failed and was tried again: a failed call may have reserved keys
+/// before its answer was lost, and the store then answers `Busy` for them, this holder's own
+/// reservations. Those this stage does not hold for another item are asked for with a
+/// renewal, which succeeds only for this holder's reservations: they are taken as reserved
+/// (the first copy of a key in the chunk only).
+async fn reclaim(
+    store: &dyn Store,
+    held: &Held,
+    keys: &[String],
+    answers: &mut [Reservation],
+    ttl: Duration,
+) -> Result<(), BoxError> {
+    let mut mine: std::collections::HashSet<&str> = keys
+        .iter()
+        .zip(answers.iter())
+        .filter(|(_, a)| **a == Reservation::Reserved)
+        .map(|(k, _)| k.as_str())
+        .collect();
+    let ask: Vec<usize> = {
+        let in_flight = held.lock();
+        let mut seen = std::collections::HashSet::new();
+        (0..keys.len())
+            .filter(|&i| answers[i] == Reservation::Busy)
+            .filter(|&i| !in_flight.contains_key(&keys[i]) && !mine.contains(keys[i].as_str()))
+            .filter(|&i| seen.insert(keys[i].as_str()))
+            .collect()
+    };
+    if ask.is_empty() {
+        return Ok(());
+    }
+    let asked: Vec<String> = ask.iter().map(|&i| keys[i].clone()).collect();
+    let ours = store.renew(&asked, ttl).await?;
+    for (&i, ours) in ask.iter().zip(ours) {
+        if ours && mine.insert(keys[i].as_str()) {
+            answers[i] = Reservation::Reserved;
+        }
+    }
+    Ok(())
+}
+
+/// Keys per renewal call.
+const RENEW_CHUNK: usize = 1024;
+
 /// Commits the keys of items that finished well and releases the others, a batch at a
-/// time. It ends when every ticket it could hear from has finished (all senders dropped),
-/// which the run awaits: the commits are written before the run returns.
-async fn committer(store: Arc<dyn Store>, mut done: mpsc::UnboundedReceiver<Finished>) {
+/// time, and renews the reservations still held every third of the TTL. Every call is
+/// retried while the store fails, until the outage policy gives up. It ends when every
+/// ticket it could hear from has finished (all senders dropped), which the run awaits: the
+/// commits are written before the run returns.
+async fn committer(
+    store: Arc<dyn Store>,
+    calls: Arc<Guarded>,
+    held: Arc<Held>,
+    ttl: Duration,
+    mut done: mpsc::UnboundedReceiver<Finished>,
+) {
+    let every = (ttl / 3).max(Duration::from_millis(1));
+    let mut renew_at = after(Instant::now(), every);
     let mut buf = Vec::with_capacity(256);
-    while done.recv_many(&mut buf, 1024).await > 0 {
+    loop {
+        tokio::select! {
+            // The renewal first: a busy stream of finished items must not starve it.
+            biased;
+            _ = tokio::time::sleep_until(renew_at) => {
+                renew(&*store, &calls, &held, ttl).await;
+                renew_at = after(Instant::now(), every);
+                continue;
+            }
+            n = done.recv_many(&mut buf, 1024) => if n == 0 { break },
+        }
         let mut commit = Vec::new();
         let mut release = Vec::new();
         for (key, outcome) in buf.drain(..) {
@@ -402,15 +535,43 @@ async fn committer(store: Arc<dyn Store>, mut done: mpsc::UnboundedReceiver<Fini
                 Outcome::Failed | Outcome::Cancelled => release.push(key),
             }
         }
-        if !commit.is_empty() {
-            if let Err(e) = store.commit(&commit).await {
-                tracing::warn!(error = %e, keys = commit.len(), "idempotency commit failed");
+        for (keys, what) in [(commit, "commit"), (release, "release")] {
+            if keys.is_empty() {
+                continue;
             }
+            let (store, k) = (&store, &keys);
+            let written = calls
+                .call(None, move || async move {
+                    if what == "commit" {
+                        store.commit(k).await
+                    } else {
+                        store.release(k).await
+                    }
+                })
+                .await;
+            if written.is_none() {
+                tracing::error!(
+                    keys = keys.len(),
+                    "idempotency {what} not written: the store's outage ended the run"
+                );
+            }
+            held.remove(&keys);
         }
-        if !release.is_empty() {
-            if let Err(e) = store.release(&release).await {
-                tracing::warn!(error = %e, keys = release.len(), "idempotency release failed");
-            }
+    }
+}
+
+/// Renews every reservation still held, a chunk of keys per call.
+async fn renew(store: &dyn Store, calls: &Guarded, held: &Held, ttl: Duration) {
+    let keys = held.keys();
+    for chunk in keys.chunks(RENEW_CHUNK) {
+        let Some(held) = calls.call(None, || store.renew(chunk, ttl)).await else {
+            return;
+        };
+        let lost = held.iter().filter(|h| !**h).count();
+        if lost > 0 {
+            // Finished meanwhile (their commit is on its way), or taken over after a pause
+            // longer than the TTL: those items may run twice.
+            tracing::debug!(lost, "reservations no longer held at renewal");
         }
     }
 }
@@ -418,7 +579,9 @@ async fn committer(store: Arc<dyn Store>, mut done: mpsc::UnboundedReceiver<Fini
 #[cfg(test)]
 mod tests {
     use crate::prelude::*;
-    use crate::{MemoryStore, Reservation, Store};
+    use crate::{MemoryStore, Reservation, Store, StoreFuture};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
     #[tokio::test]
@@ -496,10 +659,13 @@ mod tests {
         range.map(|k| k.to_string()).collect()
     }
 
-    /// A holder that reserved keys and never finishes them: a process that crashed.
+    /// A holder that reserved keys with the default TTL and never finishes them: a process
+    /// that crashed.
     async fn crashed_holder(store: &MemoryStore, range: std::ops::Range<u32>) {
         let dead = store.handle();
-        let r = dead.reserve(&keys(range), Duration::from_secs(600)).await;
+        let r = dead
+            .reserve(&keys(range), super::DEFAULT_RESERVATION_TTL)
+            .await;
         assert!(r.unwrap().iter().all(|a| *a == Reservation::Reserved));
     }
 
@@ -522,8 +688,13 @@ mod tests {
         let s = report.stage("idempotent").unwrap();
         assert_eq!((s.passed, s.dropped, s.failed), (2000, 0, 0));
         assert!(report.is_balanced());
-        // The crashed holder's reservations ran out (600 s) before they were taken over.
-        assert!(started.elapsed() >= Duration::from_secs(600));
+        // The crashed holder's reservations ran out (30 s) before they were taken over, and
+        // no later than that.
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(30) && took < Duration::from_secs(36),
+            "{took:?}"
+        );
         let r = store.reserve(&keys(0..2000), Duration::from_secs(1)).await;
         assert!(r.unwrap().iter().all(|a| *a == Reservation::AlreadyDone));
     }
@@ -664,6 +835,255 @@ mod tests {
         // The waiting keys were not committed: a rerun takes them up once they are free.
         let r = store.reserve(&keys(0..5), Duration::from_secs(1)).await;
         assert!(r.unwrap().iter().all(|a| *a == Reservation::Busy));
+    }
+
+    /// A [`MemoryStore`] whose server can be taken down: while `down`, every call fails with
+    /// a lost connection, before or (`after_write`) after it has changed the state.
+    #[derive(Clone)]
+    struct Flaky {
+        inner: MemoryStore,
+        down: Arc<AtomicBool>,
+        after_write: bool,
+        failed: Arc<AtomicU64>,
+    }
+
+    impl Flaky {
+        fn new(inner: MemoryStore) -> Self {
+            Flaky {
+                inner,
+                down: Arc::default(),
+                after_write: false,
+                failed: Arc::default(),
+            }
+        }
+
+        fn gate<'a, T: Send + 'a>(&'a self, op: StoreFuture<'a, T>) -> StoreFuture<'a, T> {
+            Box::pin(async move {
+                let down = self.down.load(Ordering::Relaxed);
+                if down && !self.after_write {
+                    self.failed.fetch_add(1, Ordering::Relaxed);
+                    return Err(refused());
+                }
+                let r = op.await;
+                if down {
+                    self.failed.fetch_add(1, Ordering::Relaxed);
+                    return Err(refused());
+                }
+                r
+            })
+        }
+    }
+
+    fn refused() -> crate::BoxError {
+        Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        ))
+    }
+
+    impl Store for Flaky {
+        fn reserve<'a>(
+            &'a self,
+            keys: &'a [String],
+            ttl: Duration,
+        ) -> StoreFuture<'a, Vec<Reservation>> {
+            self.gate(self.inner.reserve(keys, ttl))
+        }
+        fn commit<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+            self.gate(self.inner.commit(keys))
+        }
+        fn release<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+            self.gate(self.inner.release(keys))
+        }
+        fn renew<'a>(&'a self, keys: &'a [String], ttl: Duration) -> StoreFuture<'a, Vec<bool>> {
+            self.gate(self.inner.renew(keys, ttl))
+        }
+    }
+
+    /// Takes `down` down at `from` and brings it back at `to` (paused clock).
+    fn outage(down: Arc<AtomicBool>, from: Duration, to: Option<Duration>) {
+        tokio::spawn(async move {
+            tokio::time::sleep(from).await;
+            down.store(true, Ordering::Relaxed);
+            if let Some(to) = to {
+                tokio::time::sleep(to - from).await;
+                down.store(false, Ordering::Relaxed);
+            }
+        });
+    }
+
+    /// A source of `0..n`, one item per call, counting its pulls.
+    fn counted(n: u32, pulls: Arc<AtomicU64>) -> Pipeline<u32> {
+        let mut next = 0;
+        Pipeline::from_fn(move || {
+            let item = (next < n).then_some(next);
+            next += 1;
+            pulls.fetch_add(1, Ordering::Relaxed);
+            std::future::ready(item)
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_outage_pauses_the_job_fails_nothing_and_it_resumes() {
+        for after_write in [false, true] {
+            let state = MemoryStore::new();
+            let mut store = Flaky::new(state.clone());
+            store.after_write = after_write;
+            // Down from 1 s to 11 s, with 20,000 items of 10 ms each through 8 workers (800 a second).
+            outage(
+                store.down.clone(),
+                Duration::from_secs(1),
+                Some(Duration::from_secs(11)),
+            );
+            let pulls = Arc::new(AtomicU64::new(0));
+            let p = pulls.clone();
+            let watcher = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let at_2 = p.load(Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_secs(8)).await;
+                (at_2, p.load(Ordering::Relaxed))
+            });
+            let (mut out, report) = counted(20_000, pulls)
+                .idempotent(store.clone(), |x| *x)
+                .map_async("work", |x| async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    x
+                })
+                .workers(8)
+                .collect_with_report()
+                .await
+                .unwrap();
+            let (at_2, at_10) = watcher.await.unwrap();
+            assert_eq!(at_2, at_10, "the source pulled while the store was down");
+            assert!(at_10 < 20_000, "{at_10}");
+            assert!(store.failed.load(Ordering::Relaxed) > 10);
+            assert!(
+                report.elapsed > Duration::from_secs(11),
+                "{:?}",
+                report.elapsed
+            );
+            out.sort_unstable();
+            assert_eq!(
+                out,
+                (0..20_000).collect::<Vec<_>>(),
+                "after_write {after_write}"
+            );
+            assert_eq!(
+                (report.failures, report.outcome),
+                (0, crate::RunOutcome::Completed)
+            );
+            let r = state
+                .reserve(&keys(0..20_000), Duration::from_secs(1))
+                .await;
+            assert!(
+                r.unwrap().iter().all(|a| *a == Reservation::AlreadyDone),
+                "every key committed"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_past_the_policy_ends_the_run_with_its_items_unfinished_and_uncommitted() {
+        let state = MemoryStore::new();
+        let store = Flaky::new(state.clone());
+        outage(store.down.clone(), Duration::from_secs(1), None);
+        let delivered: Arc<Mutex<Vec<u32>>> = Arc::default();
+        let d = delivered.clone();
+        let started = tokio::time::Instant::now();
+        let err = Pipeline::from_iter(0..20_000u32)
+            .idempotent(store, |x| *x)
+            .map_async("work", |x| async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                x
+            })
+            .workers(8)
+            .for_each(move |x| {
+                d.lock().unwrap().push(x);
+                async {}
+            })
+            .outage(crate::Outage::keep_trying_for(Duration::from_secs(5)))
+            .await
+            .unwrap_err();
+        let crate::Error::Outage { error, report } = &err else {
+            panic!("{err}")
+        };
+        // Given up 5 s after the first failure, which came at 1 s.
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(6) && took < Duration::from_secs(8),
+            "{took:?}"
+        );
+        assert!(
+            error
+                .to_string()
+                .starts_with("idempotency store of stage `idempotent` unreachable for 5"),
+            "{error}"
+        );
+        assert!(err.to_string().contains("connection refused"), "{err}");
+        assert_eq!(report.outcome, crate::RunOutcome::Outage);
+        assert_eq!(report.failures, 0, "nothing failed for the outage");
+        assert!(report.is_balanced());
+        let delivered = delivered.lock().unwrap().clone();
+        assert!(delivered.len() < 20_000);
+        let unfinished: u64 = report.stages.iter().map(|s| s.unfinished).sum();
+        assert!(unfinished > 0);
+        // The keys done are those of delivered items, no other: a rerun does the rest.
+        let delivered: std::collections::HashSet<u32> = delivered.into_iter().collect();
+        let answers = state
+            .reserve(&keys(0..20_000), Duration::from_secs(1))
+            .await
+            .unwrap();
+        for (k, a) in answers.iter().enumerate() {
+            if *a == Reservation::AlreadyDone {
+                assert!(
+                    delivered.contains(&(k as u32)),
+                    "{k} committed, never delivered"
+                );
+            }
+        }
+        let done = answers
+            .iter()
+            .filter(|a| **a == Reservation::AlreadyDone)
+            .count();
+        assert!(done > 0 && done < 20_000, "{done}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_item_keeps_its_key_while_renewed_and_a_crashed_one_frees_it_within_the_ttl() {
+        let store = MemoryStore::new();
+        let other = store.handle();
+        let ttl = Duration::from_secs(3);
+        let k0 = keys(0..1);
+        let o = other.clone();
+        let probe = tokio::spawn(async move {
+            // Every second for a minute, far past the TTL: the key stays the working run's.
+            let mut answers = Vec::new();
+            for _ in 0..60 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                answers.push(o.reserve(&keys(0..1), ttl).await.unwrap()[0]);
+            }
+            answers
+        });
+        let report = Pipeline::from_iter([0u32])
+            .idempotent(store.clone(), |x| *x)
+            .ttl(ttl)
+            .map_async("slow", |x| async move {
+                tokio::time::sleep(Duration::from_secs(90)).await;
+                x
+            })
+            .run()
+            .await
+            .unwrap();
+        assert_eq!(report.delivered(), 1);
+        let answers = probe.await.unwrap();
+        assert!(
+            answers.iter().all(|a| *a == Reservation::Busy),
+            "{answers:?}"
+        );
+        assert_eq!(
+            other.reserve(&k0, ttl).await.unwrap(),
+            vec![Reservation::AlreadyDone]
+        );
     }
 
     #[tokio::test]

@@ -221,7 +221,6 @@ pub struct RunCtx {
     pub(crate) policies: Mutex<Vec<StagePolicies>>,
     /// How long the run's own parts (idempotency and checkpoint stores, cursor sources) ride
     /// out a server that is down (`RunOptions::outage`).
-    #[allow(dead_code)]
     pub(crate) outage_policy: crate::Outage,
     /// The outage that ended the run, if one did.
     pub(crate) outage: Mutex<Option<crate::OutageError>>,
@@ -263,7 +262,6 @@ impl RunCtx {
     /// A server stayed down past the outage policy: remember the first such error and cancel
     /// the run, so that every item it holds ends unfinished (none fails for it, and no ack
     /// or checkpoint passes them).
-    #[allow(dead_code)]
     pub(crate) fn outage_ended(&self, error: crate::OutageError) {
         tracing::error!(error = %error, "an outage ends the run; its items are left unfinished");
         let mut slot = self.outage.lock().unwrap_or_else(|p| p.into_inner());

@@ -14,6 +14,14 @@
 //! Commits run on a task of their own (ticket callbacks are synchronous and may fire on any
 //! worker), so a slow store never slows the stages; the last watermark reached is committed
 //! before the run returns.
+//!
+//! Servers that fail are ridden out under the run's [`Outage`](crate::Outage) policy, never
+//! turned into a failure: a page fetch that fails with a transient error (see
+//! [`CursorOptions::transient_if`]) is tried again, with the same cursor, after a growing
+//! wait, while the source hands out nothing new; the checkpoint store's load and commits are
+//! retried the same way (a commit holds the run's sources paused while it fails). An outage
+//! longer than the policy ends the run with [`Error::Outage`](crate::Error::Outage): the
+//! items in flight are left unfinished and the checkpoint stays before them.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Display;
@@ -29,11 +37,13 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{Pull, Pulled, Source};
+use crate::OutageWatch;
 use crate::error::{BoxError, Error, ItemError};
 use crate::plan::{Pipeline, Settings};
-use crate::runtime::Upstream;
 use crate::runtime::chunk::{Outcome, Ticket};
+use crate::runtime::{RunCtx, Upstream};
 use crate::store::checkpoint::CheckpointStore;
+use crate::store::guarded::Guarded;
 
 /// One page of a cursor source: its items, and where the next page starts.
 ///
@@ -184,9 +194,6 @@ impl Watermark {
     }
 }
 
-/// A failed commit is tried again after this long at the least (the store may be down).
-const RETRY_FAILED_COMMIT: Duration = Duration::from_millis(100);
-
 /// Writes what the watermark reaches to the store, until every page issued has ended.
 ///
 /// Commits are at least `every` apart: the newest cursor reached meanwhile is the one
@@ -199,6 +206,7 @@ async fn committer(
     store: Arc<dyn CheckpointStore>,
     name: Arc<str>,
     every: Duration,
+    calls: Guarded,
 ) {
     let mut next_at: Option<Instant> = None;
     loop {
@@ -222,22 +230,24 @@ async fn committer(
             }
         }
         let next = w.lock().to_commit.take();
-        if let Some(cursor) = next {
+        if let Some(mut cursor) = next {
             next_at = Some(crate::runtime::time::after(Instant::now(), every));
-            if let Err(e) = store.commit(&name, &cursor).await {
-                // Not a loss: the previous checkpoint stands and a rerun replays more.
-                tracing::error!(checkpoint = %name, error = %e, "checkpoint commit failed");
-                if all_ended {
-                    return;
-                }
-                next_at = Some(crate::runtime::time::after(
-                    Instant::now(),
-                    every.max(RETRY_FAILED_COMMIT),
-                ));
-                let mut m = w.lock();
-                if m.to_commit.is_none() {
-                    m.to_commit = Some(cursor);
-                }
+            // Retried while the store fails (the sources wait meanwhile); each try writes
+            // the newest cursor the watermark has reached by then.
+            let (store, name, w) = (&store, &name, &w);
+            let written = calls
+                .call(None, || {
+                    if let Some(newer) = w.lock().to_commit.take() {
+                        cursor = newer;
+                    }
+                    let c = cursor.clone();
+                    async move { store.commit(name, &c).await }
+                })
+                .await;
+            if written.is_none() {
+                // The outage ended the run: the previous checkpoint stands, and a rerun
+                // replays from it.
+                return;
             }
             continue;
         }
@@ -248,6 +258,9 @@ async fn committer(
     }
 }
 
+/// Which fetch errors are transient (the server is down, not the request wrong).
+type Classifier = Arc<dyn Fn(&ItemError) -> bool + Send + Sync>;
+
 /// Options of a cursor source: read-ahead and how often the checkpoint is written.
 ///
 /// ```
@@ -256,11 +269,21 @@ async fn committer(
 /// let opts = CursorOptions::new().read_ahead(2).commit_every(Duration::ZERO);
 /// # let _ = opts;
 /// ```
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 #[must_use = "an option set does nothing until it is passed to a stage or source"]
 pub struct CursorOptions {
     read_ahead: usize,
     commit_every: Duration,
+    transient: Classifier,
+}
+
+impl std::fmt::Debug for CursorOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CursorOptions")
+            .field("read_ahead", &self.read_ahead)
+            .field("commit_every", &self.commit_every)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for CursorOptions {
@@ -268,6 +291,7 @@ impl Default for CursorOptions {
         CursorOptions {
             read_ahead: 1,
             commit_every: Duration::from_millis(10),
+            transient: Arc::new(ItemError::is_transient),
         }
     }
 }
@@ -309,6 +333,38 @@ impl CursorOptions {
         self.commit_every = interval;
         self
     }
+
+    /// Which page fetch errors are faults of the server rather than of the request
+    /// (default: [`ItemError::is_transient`], which sees [`Transient`](crate::Transient)
+    /// markers and lost connections anywhere in the error's causes). A transient fetch
+    /// error is tried again with the same cursor under the run's
+    /// [`Outage`](crate::Outage) policy, the source handing out nothing new meanwhile; any
+    /// other ends the source with that error.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::{CursorOptions, MemoryCheckpoints, Page};
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let mut down = 3;   // the first three fetches find the server restarting
+    /// let fetch = move |c: Option<u32>| {
+    ///     down -= 1;
+    ///     let restarting = down >= 0;
+    ///     async move {
+    ///         if restarting { return Err("57P03: the database system is starting up".to_string()) }
+    ///         let n = c.unwrap_or(0);
+    ///         Ok(if n < 3 { Page::next(vec![n], n + 1) } else { Page::end(vec![]) })
+    ///     }
+    /// };
+    /// let opts = CursorOptions::new().transient_if(|e| e.to_string().starts_with("57P03"));
+    /// let out = Pipeline::from_cursor_with(MemoryCheckpoints::new(), "n", opts, fetch)
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out, vec![0, 1, 2]);
+    /// # }
+    /// ```
+    pub fn transient_if(mut self, f: impl Fn(&ItemError) -> bool + Send + Sync + 'static) -> Self {
+        self.transient = Arc::new(f);
+        self
+    }
 }
 
 type Fetching<T, C, E> = Pin<Box<dyn Future<Output = Result<Page<T, C>, E>> + Send>>;
@@ -323,12 +379,21 @@ struct Fetched<T> {
 
 enum Start {
     Loading(crate::store::StoreFuture<'static, Option<String>>),
+    /// The load failed: tried again when this wait is over.
+    Waiting(Pin<Box<tokio::time::Sleep>>),
     Ready,
 }
 
 pub(crate) struct CursorPull<T, C, E, F> {
     fetch: F,
     name: Arc<str>,
+    store: Arc<dyn CheckpointStore>,
+    run: Arc<RunCtx>,
+    /// The fetches' and the first load's view of their servers under the outage policy.
+    watch: OutageWatch,
+    transient: Classifier,
+    /// A failed fetch is tried again when this wait is over.
+    backoff: Option<Pin<Box<tokio::time::Sleep>>>,
     start: Start,
     cursor: Option<C>,
     more: bool,
@@ -390,8 +455,85 @@ where
         }
     }
 
+    /// A call to a server failed with a transient error: the wait before the next try, or
+    /// `None` once the outage has outlasted the policy (the run is then ended by it, and
+    /// the source fetches nothing more).
+    fn failed(&mut self, error: impl Into<BoxError>) -> Option<tokio::time::Duration> {
+        match self.watch.failed(error) {
+            Ok(wait) => Some(wait),
+            Err(outage) => {
+                self.more = false;
+                self.run.outage_ended(outage);
+                None
+            }
+        }
+    }
+
+    fn succeeded(&mut self) {
+        if self.watch.is_down() {
+            self.watch.succeeded();
+        }
+    }
+
+    /// Loads the checkpoint (retried while the store fails). `Ready(Ok)`: loaded (or the
+    /// outage ended the run: nothing is fetched then).
+    fn poll_load(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ItemError>> {
+        loop {
+            match &mut self.start {
+                Start::Ready => return Poll::Ready(Ok(())),
+                Start::Waiting(sleep) => {
+                    if sleep.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    let (store, name) = (self.store.clone(), self.name.clone());
+                    self.start = Start::Loading(Box::pin(async move { store.load(&name).await }));
+                }
+                Start::Loading(load) => match load.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => {
+                        let e = format!(
+                            "loading checkpoint `{}`: {}",
+                            self.name,
+                            crate::fault::chain(&*e)
+                        );
+                        match self.failed(e) {
+                            Some(wait) => {
+                                self.start = Start::Waiting(Box::pin(tokio::time::sleep(wait)));
+                            }
+                            None => {
+                                self.start = Start::Ready;
+                                return Poll::Ready(Ok(()));
+                            }
+                        }
+                    }
+                    Poll::Ready(Ok(saved)) => {
+                        self.succeeded();
+                        self.start = Start::Ready;
+                        if let Some(s) = saved {
+                            match s.parse::<C>() {
+                                Ok(c) => self.cursor = Some(c),
+                                Err(e) => {
+                                    return Poll::Ready(Err(ItemError::user(format!(
+                                        "checkpoint `{}` holds {s:?}, which is not a cursor: {e}",
+                                        self.name
+                                    ))));
+                                }
+                            }
+                        }
+                    }
+                },
+            }
+        }
+    }
+
     /// Starts and polls page fetches while read-ahead allows. `Ok(true)`: a page arrived.
     fn poll_fetch(&mut self, cx: &mut Context<'_>) -> Result<bool, ItemError> {
+        if let Some(wait) = self.backoff.as_mut() {
+            if wait.as_mut().poll(cx).is_pending() {
+                return Ok(false);
+            }
+            self.backoff = None;
+        }
         if self.fetching.is_none() && self.more && self.pages.len() <= self.read_ahead {
             self.fetching = Some(Box::pin((self.fetch)(self.cursor.clone())));
         }
@@ -402,10 +544,25 @@ where
             Poll::Pending => Ok(false),
             Poll::Ready(Err(e)) => {
                 self.fetching = None;
-                self.more = false;
-                Err(ItemError::user(e))
+                let e = ItemError::user(e);
+                if !(self.transient)(&e) {
+                    self.more = false;
+                    return Err(e);
+                }
+                // The same page is fetched again after the wait (the cursor has not moved).
+                if let Some(wait) = self.failed(e) {
+                    let mut sleep = Box::pin(tokio::time::sleep(wait));
+                    // Polled once, so that the wait's end wakes this source.
+                    if sleep.as_mut().poll(cx).is_pending() {
+                        self.backoff = Some(sleep);
+                    } else {
+                        cx.waker().wake_by_ref();
+                    }
+                }
+                Ok(false)
             }
             Poll::Ready(Ok(page)) => {
+                self.succeeded();
                 self.fetching = None;
                 self.more = page.more;
                 let commit = page.cursor.as_ref().map(|c| c.to_string());
@@ -439,25 +596,10 @@ where
         max: usize,
         out: &mut Vec<T>,
     ) -> Poll<Result<Pulled, ItemError>> {
-        if let Start::Loading(load) = &mut self.start {
-            match load.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(ItemError::user(e))),
-                Poll::Ready(Ok(saved)) => {
-                    self.start = Start::Ready;
-                    if let Some(s) = saved {
-                        match s.parse::<C>() {
-                            Ok(c) => self.cursor = Some(c),
-                            Err(e) => {
-                                return Poll::Ready(Err(ItemError::user(format!(
-                                    "checkpoint `{}` holds {s:?}, which is not a cursor: {e}",
-                                    self.name
-                                ))));
-                            }
-                        }
-                    }
-                }
-            }
+        match self.poll_load(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {}
         }
         loop {
             self.emit(max, out);
@@ -511,8 +653,12 @@ impl<T: Send + 'static> Pipeline<T> {
     /// page and of all pages before it has finished — delivered, dropped by a filter, or
     /// failed into the dead letters — so a rerun after a crash skips nothing; it may repeat
     /// the items that were in flight. After a graceful stop ([`Handle::stop`](crate::Handle::stop))
-    /// the page begun is handed out to its end, so a rerun repeats nothing. A fetch error ends the source like
-    /// [`try_from_fn`](Pipeline::try_from_fn); the checkpoint stays at the last safe page.
+    /// the page begun is handed out to its end, so a rerun repeats nothing. A transient
+    /// fetch error (a lost connection, a server restarting: see
+    /// [`CursorOptions::transient_if`]) is tried again under the run's
+    /// [`Outage`](crate::Outage) policy; any other fetch error ends the source like
+    /// [`try_from_fn`](Pipeline::try_from_fn). Either way the checkpoint stays at the last
+    /// safe page.
     ///
     /// ```
     /// use flowline::prelude::*;
@@ -594,6 +740,7 @@ impl<T: Send + 'static> Pipeline<T> {
         let CursorOptions {
             read_ahead,
             commit_every,
+            transient,
         } = options;
         let store: Arc<dyn CheckpointStore> = Arc::new(store);
         let name: Arc<str> = Arc::from(name);
@@ -610,11 +757,13 @@ impl<T: Send + 'static> Pipeline<T> {
             build: Box::new(move |b| {
                 let stats = b.stage("source", "source");
                 let marks = Arc::new(Watermark::default());
+                let calls = Guarded::new(b.run.clone(), format!("checkpoint store of `{name}`"));
                 b.spawn(committer(
                     marks.clone(),
                     store.clone(),
                     name.clone(),
                     commit_every,
+                    calls,
                 ));
                 let load = {
                     let (store, name) = (store.clone(), name.clone());
@@ -622,7 +771,12 @@ impl<T: Send + 'static> Pipeline<T> {
                 };
                 let pull = CursorPull {
                     fetch,
+                    watch: b.run.outage_policy.watch(format!("cursor source `{name}`")),
                     name,
+                    store: store.clone(),
+                    run: b.run.clone(),
+                    transient: transient.clone(),
+                    backoff: None,
                     start: Start::Loading(load),
                     cursor: None,
                     more: true,
@@ -902,6 +1056,265 @@ mod tests {
         let mut all = seen.lock().unwrap().clone();
         all.sort_unstable();
         assert_eq!(all, (0..10_000).collect::<Vec<_>>(), "repeated or skipped");
+    }
+
+    fn reset() -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset")
+    }
+
+    /// Pages of 10 over ids 0..n, failing with a lost connection while `down(elapsed)`.
+    fn flaky_pages(
+        n: u64,
+        fetches: Arc<AtomicU64>,
+        down: impl Fn(Duration) -> bool + Send + Sync + 'static,
+    ) -> impl FnMut(Option<u64>) -> std::future::Ready<Result<Page<u64, u64>, std::io::Error>>
+    + Send
+    + 'static {
+        let start = tokio::time::Instant::now();
+        move |c| {
+            fetches.fetch_add(1, Ordering::Relaxed);
+            if down(start.elapsed()) {
+                return std::future::ready(Err(reset()));
+            }
+            let from = c.unwrap_or(0);
+            let to = (from + 10).min(n);
+            let items: Vec<u64> = (from..to).collect();
+            std::future::ready(Ok(if to < n {
+                Page::next(items, to)
+            } else {
+                Page::end_at(items, to)
+            }))
+        }
+    }
+
+    fn slow_work(p: Pipeline<u64>) -> Pipeline<u64> {
+        p.map_async("work", |x| async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            x
+        })
+        .workers(4)
+        .into_pipeline()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_transient_fetch_failure_is_ridden_out_with_nothing_lost_or_repeated() {
+        let store = MemoryCheckpoints::new();
+        let fetches = Arc::new(AtomicU64::new(0));
+        // Down from 1 s to 11 s; 1,000 items at 400 a second take 2.5 s without it.
+        let window = |t: Duration| t >= Duration::from_secs(1) && t < Duration::from_secs(11);
+        let pages = flaky_pages(1000, fetches.clone(), window);
+        let (out, report) = slow_work(Pipeline::from_cursor(store.clone(), "t", pages))
+            .collect_with_report()
+            .await
+            .unwrap();
+        assert_eq!(out, (0..1000).collect::<Vec<_>>());
+        assert_eq!(
+            (report.failures, report.outcome),
+            (0, RunOutcome::Completed)
+        );
+        assert!(
+            report.elapsed >= Duration::from_secs(11),
+            "{:?}",
+            report.elapsed
+        );
+        // The run resumed within a second of the server's return.
+        assert!(
+            report.elapsed < Duration::from_secs(14),
+            "{:?}",
+            report.elapsed
+        );
+        // 101 pages; the failed tries were spaced (about 10 s at 25 ms to 1 s apart).
+        let retries = fetches.load(Ordering::Relaxed) - 101;
+        assert!((8..40).contains(&retries), "{retries} retries");
+        assert_eq!(store.get("t").as_deref(), Some("1000"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fetch_outage_past_the_policy_ends_the_run_unfinished_behind_the_checkpoint() {
+        let store = MemoryCheckpoints::new();
+        let delivered: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
+        let d = delivered.clone();
+        // Down for good from 1 s.
+        let pages = flaky_pages(100_000, Arc::default(), |t| t >= Duration::from_secs(1));
+        let started = tokio::time::Instant::now();
+        let err = slow_work(Pipeline::from_cursor(store.clone(), "t", pages))
+            .for_each(move |x| {
+                d.lock().unwrap().push(x);
+                async {}
+            })
+            .outage(crate::Outage::keep_trying_for(Duration::from_secs(5)))
+            .await
+            .unwrap_err();
+        let Error::Outage { error, report } = &err else {
+            panic!("{err}")
+        };
+        assert!(started.elapsed() < Duration::from_secs(8));
+        assert!(
+            error
+                .to_string()
+                .starts_with("cursor source `t` unreachable for 5"),
+            "{error}"
+        );
+        assert!(error.to_string().contains("connection reset"), "{error}");
+        assert_eq!(report.failures, 0);
+        assert!(report.is_balanced());
+        let mut delivered = delivered.lock().unwrap().clone();
+        delivered.sort_unstable();
+        let first_missing = delivered
+            .iter()
+            .enumerate()
+            .find(|(i, x)| *i as u64 != **x)
+            .map_or(delivered.len() as u64, |(i, _)| i as u64);
+        let at: u64 = store.get("t").unwrap().parse().unwrap();
+        assert!(
+            at > 0 && at <= first_missing,
+            "checkpoint {at}, first undelivered {first_missing}"
+        );
+        // A rerun with the server back does the rest.
+        let out = Pipeline::from_cursor(store.clone(), "t", pages_ok(100_000))
+            .take(10)
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(out[0], at);
+    }
+
+    fn pages_ok(
+        n: u64,
+    ) -> impl FnMut(Option<u64>) -> std::future::Ready<Result<Page<u64, u64>, std::io::Error>>
+    + Send
+    + 'static {
+        flaky_pages(n, Arc::default(), |_| false)
+    }
+
+    /// Checkpoints whose server is down while `down` is set (an error before or, with
+    /// `after_write`, after the write).
+    #[derive(Clone, Default)]
+    struct FlakyCheckpoints {
+        inner: MemoryCheckpoints,
+        down: Arc<std::sync::atomic::AtomicBool>,
+        after_write: bool,
+    }
+
+    impl FlakyCheckpoints {
+        fn gate<'a, T: Send + 'a>(
+            &'a self,
+            op: crate::store::StoreFuture<'a, T>,
+        ) -> crate::store::StoreFuture<'a, T> {
+            Box::pin(async move {
+                let down = self.down.load(Ordering::Relaxed);
+                if down && !self.after_write {
+                    return Err(reset().into());
+                }
+                let r = op.await;
+                if down {
+                    return Err(reset().into());
+                }
+                r
+            })
+        }
+    }
+
+    impl CheckpointStore for FlakyCheckpoints {
+        fn load<'a>(&'a self, n: &'a str) -> crate::store::StoreFuture<'a, Option<String>> {
+            self.gate(self.inner.load(n))
+        }
+        fn commit<'a>(&'a self, n: &'a str, c: &'a str) -> crate::store::StoreFuture<'a, ()> {
+            self.gate(self.inner.commit(n, c))
+        }
+        fn clear<'a>(&'a self, n: &'a str) -> crate::store::StoreFuture<'a, ()> {
+            self.gate(self.inner.clear(n))
+        }
+    }
+
+    fn toggle(down: Arc<std::sync::atomic::AtomicBool>, from: Duration, to: Option<Duration>) {
+        down.store(from.is_zero(), Ordering::Relaxed);
+        tokio::spawn(async move {
+            tokio::time::sleep(from).await;
+            down.store(true, Ordering::Relaxed);
+            if let Some(to) = to {
+                tokio::time::sleep(to - from).await;
+                down.store(false, Ordering::Relaxed);
+            }
+        });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_checkpoint_store_outage_is_ridden_out_with_the_job_paused() {
+        for after_write in [false, true] {
+            // Down at the start (the load waits) until 2 s, and again from 3 s to 8 s.
+            let store = FlakyCheckpoints {
+                after_write,
+                ..Default::default()
+            };
+            store.inner.commit("t", "100").await.unwrap();
+            let d = store.down.clone();
+            toggle(d.clone(), Duration::ZERO, Some(Duration::from_secs(2)));
+            let fetches = Arc::new(AtomicU64::new(0));
+            let f = fetches.clone();
+            let watcher = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                toggle(d, Duration::ZERO, Some(Duration::from_secs(5)));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let at_3 = f.load(Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                (at_3, f.load(Ordering::Relaxed))
+            });
+            let opts = CursorOptions::new().commit_every(Duration::ZERO);
+            let pages = flaky_pages(2000, fetches.clone(), |_| false);
+            let (out, report) =
+                slow_work(Pipeline::from_cursor_with(store.clone(), "t", opts, pages))
+                    .collect_with_report()
+                    .await
+                    .unwrap();
+            let (at_3, at_7) = watcher.await.unwrap();
+            assert_eq!(
+                at_3, at_7,
+                "pages fetched while the checkpoint store was down"
+            );
+            assert_eq!(
+                out,
+                (100..2000).collect::<Vec<_>>(),
+                "after_write {after_write}"
+            );
+            assert_eq!(
+                (report.failures, report.outcome),
+                (0, RunOutcome::Completed)
+            );
+            assert!(report.elapsed >= Duration::from_secs(8));
+            assert_eq!(store.inner.get("t").as_deref(), Some("2000"));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_checkpoint_store_outage_past_the_policy_ends_the_run_and_keeps_the_old_checkpoint() {
+        let store = FlakyCheckpoints::default();
+        toggle(store.down.clone(), Duration::from_secs(1), None);
+        let opts = CursorOptions::new().commit_every(Duration::ZERO);
+        let err = slow_work(Pipeline::from_cursor_with(
+            store.clone(),
+            "t",
+            opts,
+            pages_ok(100_000),
+        ))
+        .run()
+        .outage(crate::Outage::keep_trying_for(Duration::from_secs(3)))
+        .await
+        .unwrap_err();
+        let Error::Outage { error, report } = &err else {
+            panic!("{err}")
+        };
+        assert!(
+            error
+                .to_string()
+                .starts_with("checkpoint store of `t` unreachable"),
+            "{error}"
+        );
+        assert_eq!(report.failures, 0);
+        assert!(report.is_balanced());
+        let at: u64 = store.inner.get("t").unwrap().parse().unwrap();
+        // About 400 items a second until it went down at 1 s.
+        assert!((300..=400).contains(&at), "{at}");
     }
 
     #[tokio::test]

@@ -207,6 +207,25 @@ impl Store for MemoryStore {
         });
         Box::pin(std::future::ready(Ok(())))
     }
+
+    fn renew<'a>(&'a self, keys: &'a [String], ttl: Duration) -> StoreFuture<'a, Vec<bool>> {
+        let me = self.holder;
+        let until = after(Instant::now(), ttl);
+        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let out = keys
+            .iter()
+            .map(|k| match map.get_mut(k) {
+                Some(Entry::Reserved {
+                    holder, until: u, ..
+                }) if *holder == me => {
+                    *u = until;
+                    true
+                }
+                _ => false,
+            })
+            .collect();
+        Box::pin(std::future::ready(Ok(out)))
+    }
 }
 
 #[cfg(test)]
@@ -240,6 +259,38 @@ mod tests {
         assert_eq!(
             a.reserve(&k, ttl).await.unwrap(),
             vec![Reservation::AlreadyDone]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewed_reservation_outlives_its_first_ttl_and_only_the_holder_renews() {
+        let a = MemoryStore::new();
+        let b = a.handle();
+        let k = keys(&["k", "gone"]);
+        let ttl = Duration::from_secs(30);
+        a.reserve(&k, ttl).await.unwrap();
+        a.release(&k[1..]).await.unwrap();
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert_eq!(a.renew(&k, ttl).await.unwrap(), vec![true, false]);
+        assert_eq!(b.renew(&k, ttl).await.unwrap(), vec![false, false]);
+        // 58 s after the reservation, 29 s after the renewal: still a's.
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert_eq!(
+            b.reserve(&k[..1], ttl).await.unwrap(),
+            vec![Reservation::Busy]
+        );
+        // Not renewed again: taken over at 30 s after the renewal, and a's renewal of it
+        // then fails.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            b.reserve(&k[..1], ttl).await.unwrap(),
+            vec![Reservation::Reserved]
+        );
+        assert_eq!(a.renew(&k[..1], ttl).await.unwrap(), vec![false]);
+        // The released key was not brought back by a's renewal.
+        assert_eq!(
+            b.reserve(&k[1..], ttl).await.unwrap(),
+            vec![Reservation::Reserved]
         );
     }
 

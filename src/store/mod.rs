@@ -4,6 +4,7 @@
 //! prefixed `flowline_`, so one database can hold every kind.
 
 pub(crate) mod checkpoint;
+pub(crate) mod guarded;
 mod memory;
 
 use std::future::Future;
@@ -50,10 +51,13 @@ pub enum Reservation {
 /// finished. Calls take a whole chunk of keys, so a store that does I/O makes one round
 /// trip per chunk, not per item.
 ///
-/// A reservation expires after its `ttl`; an expired reservation (its holder crashed, or
-/// never finished) is taken over by the next `reserve`. `commit` and `release` act only on
-/// reservations this handle holds, so a holder whose reservation was taken over cannot
-/// commit another's work.
+/// A reservation is a lease: it expires after its `ttl` unless its holder
+/// [`renew`](Store::renew)s it, and an expired reservation (its holder crashed, or never
+/// finished) is taken over by the next `reserve`. The `idempotent` stage renews the
+/// reservations of the items it is still working on every third of the TTL, so a short TTL
+/// keeps a live holder's keys and frees a crashed holder's soon. `commit`, `release` and
+/// `renew` act only on reservations this handle holds, so a holder whose reservation was
+/// taken over cannot commit another's work.
 ///
 /// ```
 /// use flowline::{MemoryStore, Reservation, Store};
@@ -79,6 +83,29 @@ pub trait Store: Send + Sync + 'static {
     /// Gives up this handle's reservations of keys (their items failed): they may be
     /// processed again.
     fn release<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()>;
+    /// Extends this handle's reservations of `keys` to `ttl` from now (a lease renewal),
+    /// including one that expired but was not taken over yet. Keys it no longer holds (taken
+    /// over by another holder, committed, released, or never reserved) are left alone.
+    /// Returns, for each key in order, whether this handle still holds it (and so renewed
+    /// it).
+    ///
+    /// ```
+    /// use flowline::{MemoryStore, Reservation, Store};
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let store = MemoryStore::new();
+    /// let other = store.handle();
+    /// let k = vec!["a".to_string(), "b".to_string()];
+    /// let ttl = Duration::from_secs(30);
+    /// store.reserve(&k[..1], ttl).await.unwrap();
+    /// other.reserve(&k[1..], ttl).await.unwrap();
+    /// tokio::time::advance(Duration::from_secs(20)).await;
+    /// assert_eq!(store.renew(&k, ttl).await.unwrap(), vec![true, false]);  // "b" is not ours
+    /// tokio::time::advance(Duration::from_secs(20)).await;                 // 40 s after reserve
+    /// assert_eq!(other.reserve(&k[..1], ttl).await.unwrap(), vec![Reservation::Busy]);
+    /// # }
+    /// ```
+    fn renew<'a>(&'a self, keys: &'a [String], ttl: Duration) -> StoreFuture<'a, Vec<bool>>;
 }
 
 impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
@@ -94,5 +121,8 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn release<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
         (**self).release(keys)
+    }
+    fn renew<'a>(&'a self, keys: &'a [String], ttl: Duration) -> StoreFuture<'a, Vec<bool>> {
+        (**self).renew(keys, ttl)
     }
 }

@@ -299,7 +299,7 @@ fn policy_case() -> impl Strategy<Value = PolicyCase> {
         prop_oneof![
             Just(Idem::None),
             Just(Idem::Memory),
-            (1u64..4).prop_map(Idem::Failing),
+            (2u64..5).prop_map(Idem::Failing),
             (2u32..7).prop_map(Idem::Busy),
         ],
         proptest::option::of(1u32..80),
@@ -384,6 +384,9 @@ impl Store for TestStore {
     }
     fn release<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
         self.inner.release(keys)
+    }
+    fn renew<'a>(&'a self, keys: &'a [String], ttl: Duration) -> StoreFuture<'a, Vec<bool>> {
+        self.inner.renew(keys, ttl)
     }
 }
 
@@ -622,9 +625,10 @@ fn check_policy_case(
                 + left_waiting,
             pulled as u64
         );
-        // With nothing to refuse items and no store trouble, the failures are exactly the
-        // items meant to fail for good (and the flaky ones the retries could not save).
-        if c.breaker.is_none() && matches!(c.idem, Idem::None | Idem::Memory) {
+        // With nothing to refuse items, the failures are exactly the items meant to fail for
+        // good (and the flaky ones the retries could not save): a store that fails some
+        // calls fails no item.
+        if c.breaker.is_none() && matches!(c.idem, Idem::None | Idem::Memory | Idem::Failing(_)) {
             let attempts = c.retry.map_or(1, |(max, _)| max);
             let expect: HashSet<u32> = (1..=pulled)
                 .filter(|x| x % c.drop_mod != 0)

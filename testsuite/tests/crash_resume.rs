@@ -5,9 +5,13 @@
 //!
 //! With `--exactly-once` (effects written in one transaction with their idempotency keys),
 //! the same crash leaves every row processed exactly once: zero duplicate effects. The same
-//! holds with the idempotency store's default holder (a new one per process): the restarted
-//! process waits for the keys the killed one had reserved until their reservations expire,
-//! and never passes them over as done.
+//! holds with the idempotency store's default holder (a new one per process) and its default
+//! reservation TTL: the restarted process makes progress at once and takes over the keys the
+//! killed one had reserved once their leases run out (within the TTL, 30 s), never passing
+//! them over as done. A lease renewed by a live process is never taken over, however long
+//! its item takes; killed, its key is free within the TTL.
+//!
+//! Every test runs with four threads spinning beside it (a loaded machine).
 //!
 //! The child is this test binary itself, re-run with `FLOWLINE_CRASH_CHILD` set, calling the
 //! example's own `run` (the example file is compiled in below), so no extra cargo build runs
@@ -16,6 +20,7 @@
 #[allow(dead_code, unreachable_pub)]
 #[path = "../../stores/sqlite/examples/sql_cursor.rs"]
 mod sql_cursor;
+mod support;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,17 +30,22 @@ const ENV: &str = "FLOWLINE_CRASH_CHILD";
 /// Set (to anything) for a child that runs with `--exactly-once`.
 const EXACTLY_ONCE: &str = "FLOWLINE_CRASH_EXACTLY_ONCE";
 /// Set (to anything) for a child that runs the exactly-once pipeline with the store's
-/// default holder and a short reservation TTL.
+/// default holder and default reservation TTL.
 const DEFAULT_HOLDER: &str = "FLOWLINE_CRASH_DEFAULT_HOLDER";
-/// The reservation TTL of the default-holder child: how long a restarted process waits for
-/// the keys the killed one had reserved.
-const SHORT_TTL: Duration = Duration::from_secs(2);
+/// Set (to anything) for a child that works on one item for a long time with a short lease.
+const LONG_ITEM: &str = "FLOWLINE_CRASH_LONG_ITEM";
+/// The lease of the long item.
+const LEASE: Duration = Duration::from_secs(1);
 
 /// The child's entry: does nothing unless run by `sql_cursor_survives_sigkill`.
 #[test]
 fn crash_child_entry() {
     let Ok(db) = std::env::var(ENV) else { return };
     let rt = tokio::runtime::Runtime::new().unwrap();
+    if std::env::var(LONG_ITEM).is_ok() {
+        rt.block_on(long_item_child(&db));
+        return;
+    }
     if std::env::var(DEFAULT_HOLDER).is_ok() {
         rt.block_on(default_holder_child(&db));
         return;
@@ -48,8 +58,26 @@ fn crash_child_entry() {
     rt.block_on(sql_cursor::run(args)).unwrap();
 }
 
+/// One item worked on for an hour under a lease of [`LEASE`], in scope `long`.
+async fn long_item_child(db: &str) {
+    use flowline::prelude::*;
+    let keys = flowline_sqlite::SqliteStore::open(db)
+        .unwrap()
+        .scope("long");
+    Pipeline::from_iter([1u32])
+        .idempotent(keys, |id| *id)
+        .ttl(LEASE)
+        .map_async("slow", |id| async move {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            id
+        })
+        .run()
+        .await
+        .unwrap();
+}
+
 /// The `--exactly-once` pipeline of the example, but with the idempotency store's default
-/// holder (none named) and a short reservation TTL.
+/// holder (none named) and its default reservation TTL.
 async fn default_holder_child(db: &str) {
     use flowline::prelude::*;
     use flowline::{CursorOptions, Page};
@@ -85,7 +113,6 @@ async fn default_holder_child(db: &str) {
     let written = keys.clone();
     let report = Pipeline::from_cursor_with(checkpoints, "items", each_page, fetch)
         .idempotent(keys, |id| *id)
-        .ttl(SHORT_TTL)
         .map_async("process", |id: i64| async move {
             tokio::task::yield_now().await;
             id
@@ -198,6 +225,7 @@ fn crash_and_resume_with(exactly_once: bool, default_holder: bool) {
     let kill_after = 5_000 + seed % 45_000;
     eprintln!("killing after about {kill_after} rows (seed {seed})");
 
+    let _busy = support::busy::BusyThreads::start(4);
     let mut first = child_with(&db, exactly_once, default_holder);
     let started = Instant::now();
     loop {
@@ -223,10 +251,30 @@ fn crash_and_resume_with(exactly_once: bool, default_holder: bool) {
         "killed too late to test anything"
     );
 
-    let status = child_with(&db, exactly_once, default_holder)
-        .wait()
-        .unwrap();
+    let mut second = child_with(&db, exactly_once, default_holder);
+    let restarted = Instant::now();
+    let mut progress = None;
+    let status = loop {
+        if progress.is_none() && effects_so_far(&db, exactly_once) > before.len() as i64 {
+            progress = Some(restarted.elapsed());
+        }
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(300),
+            "the restarted child did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
     assert!(status.success());
+    let progress = progress.unwrap_or_else(|| restarted.elapsed());
+    eprintln!(
+        "restarted run: first new effect after {progress:?}, done after {:?}",
+        restarted.elapsed()
+    );
+    // The keys the killed run held block nothing else, and themselves only for their TTL.
+    assert!(progress < Duration::from_secs(30), "{progress:?}");
 
     let all = processed(&db, exactly_once);
     let mut count = vec![0u32; ROWS as usize + 1];
@@ -258,4 +306,84 @@ fn crash_and_resume_with(exactly_once: bool, default_holder: bool) {
         dups.len()
     );
     assert_eq!(checkpoint(&db), Some(ROWS));
+}
+
+/// A live process renews the lease of the item it works on: another holder finds the key
+/// busy for many leases in a row. Killed, its key is free again within the lease.
+#[test]
+fn a_renewed_lease_is_never_taken_over_and_a_killed_holders_expires_within_its_ttl() {
+    use flowline::{Reservation, Store};
+    let _busy = support::busy::BusyThreads::start(4);
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("long.db").to_string_lossy().into_owned();
+    let other = flowline_sqlite::SqliteStore::open(&db)
+        .unwrap()
+        .scope("long");
+    let mut child = Command::new(std::env::current_exe().unwrap());
+    let mut child = child
+        .args([
+            "crash_child_entry",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ENV, &db)
+        .env(LONG_ITEM, "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let key = vec!["1".to_string()];
+    let reserved_by_child = || {
+        rusqlite::Connection::open(&db)
+            .and_then(|c| {
+                c.query_row(
+                    "select count(*) from flowline_idempotency where scope = 'long' and key = '1' and state = 0",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+            })
+            .unwrap_or(0)
+            == 1
+    };
+    let started = Instant::now();
+    while !reserved_by_child() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the child never reserved its key"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the child ended");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Five leases long, asked every 100 ms: busy every time.
+    let watched = Instant::now();
+    while watched.elapsed() < LEASE * 5 {
+        let r = rt.block_on(other.reserve(&key, LEASE)).unwrap();
+        assert_eq!(
+            r,
+            vec![Reservation::Busy],
+            "taken over after {:?}",
+            watched.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let killed = Instant::now();
+    let freed = loop {
+        if rt.block_on(other.reserve(&key, LEASE)).unwrap() == vec![Reservation::Reserved] {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "the killed holder's lease never ran out"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("the killed holder's key was free {freed:?} after the kill");
+    assert!(freed <= LEASE + Duration::from_millis(500), "{freed:?}");
 }

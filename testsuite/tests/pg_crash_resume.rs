@@ -117,6 +117,8 @@ fn seed() -> i64 {
 fn pg_cursor_exactly_once_survives_five_sigkills() {
     let mut server = support::pg::PgServer::start();
     let url = server.database();
+    // Four threads spinning beside the server and the children: a loaded machine.
+    let _busy = support::busy::BusyThreads::start(4);
     let seed = seed();
     // Five kill points, one in each stretch of ~8,000 rows, so that each life gets some way.
     let points: Vec<i64> = (0..5)

@@ -5,7 +5,8 @@
 //! reserved is `Busy` and its commit or release by anyone else changes nothing; an expired
 //! reservation is taken over and its old holder can no longer commit it; a named holder
 //! restarted under the same name takes back its earlier life's reservations, and the same
-//! key twice in one life is busy. Checkpoints: load, commit (overwrites), clear, per name.
+//! key twice in one life is busy; a holder renews its own reservations (leases) and no
+//! other's. Checkpoints: load, commit (overwrites), clear, per name.
 
 mod support;
 
@@ -82,6 +83,31 @@ async fn idempotency_contract(open: Open) {
     assert_eq!(a.reserve(&k6, long).await.unwrap(), vec![Busy]);
     b.commit(&k6).await.unwrap();
     assert_eq!(a.reserve(&k6, long).await.unwrap(), vec![AlreadyDone]);
+
+    // Renewal: a holder extends its own live reservations and no one else's; a done key,
+    // a released one, or one taken over after it expired is not brought back.
+    let k9 = keys(&["k9", "k10", "k1"]);
+    let short = Duration::from_millis(300);
+    assert_eq!(a.reserve(&k9[..1], short).await.unwrap(), vec![Reserved]);
+    assert_eq!(b.reserve(&k9[1..2], long).await.unwrap(), vec![Reserved]);
+    assert_eq!(a.renew(&[], long).await.unwrap(), Vec::<bool>::new());
+    assert_eq!(a.renew(&k9, long).await.unwrap(), vec![true, false, false]);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(b.reserve(&k9[..1], long).await.unwrap(), vec![Busy]);
+    assert_eq!(b.reserve(&k9[2..], long).await.unwrap(), vec![AlreadyDone]);
+    b.release(&k9[1..2]).await.unwrap();
+    assert_eq!(b.renew(&k9[1..2], long).await.unwrap(), vec![false]);
+    assert_eq!(a.reserve(&k9[1..2], long).await.unwrap(), vec![Reserved]);
+    let k11 = keys(&["k11"]);
+    assert_eq!(
+        a.reserve(&k11, Duration::from_millis(5)).await.unwrap(),
+        vec![Reserved]
+    );
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert_eq!(b.reserve(&k11, long).await.unwrap(), vec![Reserved]);
+    assert_eq!(a.renew(&k11, long).await.unwrap(), vec![false]);
+    assert_eq!(b.renew(&k11, long).await.unwrap(), vec![true]);
+    assert_eq!(a.reserve(&k11, long).await.unwrap(), vec![Busy]);
 
     // Holder takeover: a worker restarted under its name takes back its reservations;
     // a worker with another name (even a longer one starting alike) does not.

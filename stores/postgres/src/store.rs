@@ -971,4 +971,49 @@ impl Store for PgStore {
                 .await
         })
     }
+
+    fn renew<'a>(&'a self, keys: &'a [String], ttl: Duration) -> StoreFuture<'a, Vec<bool>> {
+        Box::pin(self.renew_keys(keys, ttl))
+    }
+}
+
+impl PgStore {
+    /// [`Store::renew`]: one `UPDATE … RETURNING key` on the keys this holder reserves (an
+    /// optimistic holder wrote no lease: it holds what it took and did not let go of).
+    async fn renew_keys(&self, keys: &[String], ttl: Duration) -> Result<Vec<bool>, BoxError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.optimistic {
+            let held = self.held.lock();
+            return Ok(keys.iter().map(|k| held.contains(k)).collect());
+        }
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 4);
+        let table = &*self.table;
+        let sql = format!(
+            "UPDATE {table} SET expires_ms = {NOW_MS} + $4
+             WHERE ctid = ANY(ARRAY({ctids})) AND holder = $3 AND state = 0
+             RETURNING key",
+            ctids = ctids(table)
+        );
+        let rows = retrying(self.retry_for, || async {
+            let client = self.pool.get().await.map_err(|e| pool_failed(table, e))?;
+            let [scope, ks, holder] = self.keys_params(&keys);
+            client
+                .query_typed(
+                    &sql,
+                    &[
+                        (scope, TEXT),
+                        (ks, TEXT_ARRAY),
+                        (holder, TEXT),
+                        (&ttl_ms, Type::INT8),
+                    ],
+                )
+                .await
+                .map_err(|e| sql_failed(table, "renew (UPDATE)", e))
+        })
+        .await?;
+        let renewed: HashSet<&str> = rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
+        Ok(keys.iter().map(|k| renewed.contains(k.as_str())).collect())
+    }
 }

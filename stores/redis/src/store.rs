@@ -434,4 +434,47 @@ impl Store for RedisStore {
             Ok(())
         })
     }
+
+    fn renew<'a>(&'a self, keys: &'a [String], ttl: Duration) -> StoreFuture<'a, Vec<bool>> {
+        /// `ARGV`: holder, ttl ms, keys. A key this holder reserves gets a new expiry on the
+        /// server's clock (`1`); any other is left alone (`0`).
+        const RENEW: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local holder, ttl = ARGV[1], tonumber(ARGV[2])
+local out = {}
+for i = 3, #ARGV do
+  local r = 0
+  if holder_of(redis.call('HGET', KEYS[1], ARGV[i])) == holder then
+    redis.call('HSET', KEYS[1], ARGV[i], '0:' .. (now + ttl) .. ':' .. holder)
+    r = 1
+  end
+  out[#out + 1] = r
+end
+return out
+";
+        static SCRIPT: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(&format!("{HOLDER}{RENEW}")));
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            if let Some(why) = &self.bad_scope {
+                return Err(why.to_string().into());
+            }
+            let mut inv = SCRIPT.prepare_invoke();
+            inv.key(&*self.key)
+                .arg(&*self.holder)
+                .arg(ttl.as_millis().min(FAR_MS).to_string());
+            for k in keys {
+                inv.arg(k);
+            }
+            let mut c = self.conn().await?;
+            let codes: Vec<i64> = inv.invoke_async(&mut c).await?;
+            if codes.len() != keys.len() {
+                return Err("renew: a reply of the wrong length".into());
+            }
+            Ok(codes.into_iter().map(|c| c == 1).collect())
+        })
+    }
 }

@@ -392,6 +392,20 @@ impl Store for SqliteStore {
             Ok(())
         })
     }
+
+    fn renew<'a>(&'a self, keys: &'a [String], ttl: Duration) -> StoreFuture<'a, Vec<bool>> {
+        let ttl_ms = ttl.min(FAR).as_millis() as i64;
+        self.blocking(keys, move |tx, scope, holder, now, keys| {
+            // Only this holder's reservations: a key taken over, done or released is not
+            // brought back.
+            let mut upd = tx.prepare_cached(
+                "UPDATE flowline_idempotency SET expires_ms = ?4 WHERE scope = ?1 AND key = ?2 AND holder = ?3 AND state = 0",
+            )?;
+            keys.iter()
+                .map(|key| Ok(upd.execute(params![scope, key, holder, now + ttl_ms])? == 1))
+                .collect()
+        })
+    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
 //! Shared by the integration tests (each test crate uses a part).
 #![allow(dead_code)]
 
+pub mod busy;
 pub mod pg;
