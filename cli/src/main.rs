@@ -26,8 +26,9 @@ const RECIPES: &str = "\
 Pipe: SOURCE | STAGE | ... | SINK, or ... | branch | error:... success:...
   sources  lines(FILE) lines(-)=stdin (the default)  seq(1..100[, step])  args(a, b)
            sql(DB, \"SELECT ...\", KEY_COLUMN)  ·  `::: a b c` after the pipe = args
-  tasks    sh(\"cmd {}\")  ({} = the item, shell-quoted; {#} = its number; without {} the
-           item goes to stdin)   http(URL) or http(METHOD, URL[, BODY])  ({} in URL/body)
+  tasks    sh(\"cmd {}\")  ({} = the item, quoted where the shell needs it; {#} {%} {.} {/}
+           {//} {/.} {1} {2.} ... as in parallel; without {} the item goes to stdin)
+           http(URL) or http(METHOD, URL[, BODY])  ({} in URL/body)
   policies fork(N)  rate(N/s[, BURST])  inflight(N)  timeout(5s)  retry(N[, 200ms..10s])
            breaker(FAILURES[, COOLDOWN])  adaptive(MIN..MAX)
            They apply to every task after them; written after the last task, to it.
@@ -37,7 +38,11 @@ Pipe: SOURCE | STAGE | ... | SINK, or ... | branch | error:... success:...
            error:SINK takes the failures; success:... goes on. Failures that end nowhere
            go to the dead-letter file (--dead-letter).
 
-Recipes (GNU parallel / xargs  =>  flowline):
+GNU parallel's command line works as it is: flowline -j4 gzip -9 {} ::: *.log
+  (:::, ::::, :::+, -a, --colsep, -0, -N/-n/-X, --halt, --timeout, --retries, --tag, -k,
+  --joblog/--resume, --dry-run, --line-buffer, -u, -q, ...: see the options below)
+
+Recipes (GNU parallel / xargs  =>  flowline pipe):
   parallel -j4 curl -fsS {} < urls.txt
       flowline 'fork(4) | sh(\"curl -fsS {}\")' < urls.txt
   xargs -P8 -n1 gzip < files.txt
@@ -59,8 +64,10 @@ Recipes (GNU parallel / xargs  =>  flowline):
   stop hammering a dead service (no equivalent):
       flowline '... | breaker(5, 10s) | http(...)'   pauses the input while open
 
-Exit status: the number of failed inputs (101 = more than 100), 130 when interrupted,
-255 for a bad pipe or option. Ctrl-C stops gracefully with a report; a second one cancels.
+Exit status: the number of failed inputs (101 = more than 100), 130 after a stop, 255 for
+a bad pipe or option. Each job runs in its own process group. The first Ctrl-C (SIGINT,
+SIGTERM, SIGHUP) starts nothing new and lets the running jobs finish (parallel's SIGHUP);
+a second one, or --grace, kills every job's group.
 Check a pipe without running it: flowline check 'PIPE'.";
 
 #[derive(Parser, Debug)]
