@@ -82,6 +82,11 @@ pub struct Config {
     /// count=10 within=5m severity=8`).
     #[arg(long = "rule", value_name = "RULE", value_parser = crate::rules::Rule::parse)]
     pub rules: Vec<crate::rules::Rule>,
+    /// How far out of order (by their own time) events may come and still count for the
+    /// rules, in milliseconds; later ones are counted late. A rule's windows close this long
+    /// after their end.
+    #[arg(long, default_value_t = 2_000, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub rule_lateness_ms: u64,
     /// No correlation rules unless given with `--rule`.
     #[arg(long)]
     pub no_default_rules: bool,

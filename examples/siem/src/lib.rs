@@ -286,12 +286,17 @@ impl Service {
                 }
             }));
             let (queue_tx, queue_rx) = mpsc::channel(cfg.queue);
-            let (rules_tx, rules_handle) = if rules.is_empty() {
-                (None, None)
-            } else {
-                let (tx, rx) = mpsc::channel(cfg.queue);
-                (Some(tx), Some(rx))
-            };
+            let outbox_wake = Arc::new(tokio::sync::Notify::new());
+            let writes = store::Writes::default();
+            let running = rules::start(
+                rules.clone(),
+                cfg.queue,
+                Duration::from_millis(cfg.rule_lateness_ms),
+                writer.clone(),
+                writes.clone(),
+                hub.clone(),
+                outbox_wake.clone(),
+            );
             let mut pipelines = pipeline::start(
                 &cfg,
                 queue_rx,
@@ -301,19 +306,12 @@ impl Service {
                     outbox_reader: open("outbox reader")?,
                     hub: hub.clone(),
                     notifier: client,
-                    rules: rules_tx,
+                    rules: running.inputs,
+                    outbox_wake,
+                    writes,
                 },
             );
-            if let Some(rx) = rules_handle {
-                pipelines.rules = Some(rules::start(
-                    rules.clone(),
-                    rx,
-                    writer,
-                    pipelines.writes.clone(),
-                    hub,
-                    pipelines.outbox_wake.clone(),
-                ));
-            }
+            pipelines.rules = running.handles;
             let q: http::Queue = Arc::new(std::sync::RwLock::new(Some(queue_tx)));
             queue = Some(q.clone());
             let intake = http::Intake {
@@ -469,7 +467,9 @@ impl Service {
             });
         };
         let events = p.events.join().await.map_err(|e| e.to_string())?;
-        if let Some(rules) = p.rules {
+        // The rules' inputs went with the events pipeline: their windows are flushed and
+        // what they match is stored.
+        for rules in p.rules {
             let _ = rules.join().await;
         }
         // The outbox gives the lane what fits, without waiting for room, and lets it end.

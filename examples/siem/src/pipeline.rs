@@ -48,10 +48,8 @@ pub struct Pipelines {
     pub stop_outbox: CancellationToken,
     /// The database writes of both; a stop waits for them to settle.
     pub writes: Writes,
-    /// The correlation rules' pipeline, when rules are configured.
-    pub rules: Option<Handle>,
-    /// Wakes the outbox reader (a commit stored an alert).
-    pub outbox_wake: Arc<Notify>,
+    /// The correlation rules' pipelines, one per rule.
+    pub rules: Vec<Handle>,
 }
 
 /// What the pipelines need besides the config.
@@ -66,14 +64,18 @@ pub struct Parts {
     pub hub: Hub,
     /// The notifier client.
     pub notifier: NotifierClient,
-    /// Where stored events go for the correlation rules (none without rules).
-    pub rules: Option<mpsc::Sender<Event>>,
+    /// Where stored events go for the correlation rules: one input per rule.
+    pub rules: Vec<mpsc::Sender<Event>>,
+    /// Wakes the outbox reader (shared with the rules, whose matches alert too).
+    pub outbox_wake: Arc<Notify>,
+    /// The database writes of every pipeline, tracked for the stop.
+    pub writes: Writes,
 }
 
 /// Starts the pipelines on `queue` (the HTTP side holds its sender).
 pub fn start(cfg: &Config, queue: mpsc::Receiver<Posted>, parts: Parts) -> Pipelines {
-    let writes = Writes::default();
-    let outbox_wake = Arc::new(Notify::new());
+    let writes = parts.writes;
+    let outbox_wake = parts.outbox_wake;
     let threshold = cfg.alert_threshold;
     let store = Store {
         loader: parts.loader,
@@ -99,7 +101,7 @@ pub fn start(cfg: &Config, queue: mpsc::Receiver<Posted>, parts: Parts) -> Pipel
     let stop_outbox = CancellationToken::new();
     let outbox = tokio::spawn(outbox(
         parts.outbox_reader,
-        outbox_wake.clone(),
+        outbox_wake,
         alert_tx,
         stop_outbox.clone(),
     ));
@@ -117,8 +119,7 @@ pub fn start(cfg: &Config, queue: mpsc::Receiver<Posted>, parts: Parts) -> Pipel
         outbox,
         stop_outbox,
         writes,
-        rules: None,
-        outbox_wake,
+        rules: Vec::new(),
     }
 }
 
@@ -284,7 +285,7 @@ struct Store {
     writes: Writes,
     hub: Hub,
     outbox: Arc<Notify>,
-    rules: Option<mpsc::Sender<Event>>,
+    rules: Vec<mpsc::Sender<Event>>,
     per_transaction: usize,
     outage: Outage,
 }
@@ -350,10 +351,10 @@ impl BatchSink<Posted> for Store {
             if let Ok(json) = serde_json::to_string(&e) {
                 let _ = self.hub.send(Msg::new(e.account_id(), json));
             }
-            if let Some(rules) = &self.rules {
-                // The rules keep up (they count in memory); waiting here is back-pressure,
-                // not a loss.
-                let _ = rules.send(e).await;
+            // The rules keep up (they count in memory); waiting here is back-pressure, not
+            // a loss.
+            for rule in &self.rules {
+                let _ = rule.send(e.clone()).await;
             }
         }
         if alerted {

@@ -7,13 +7,13 @@
 //! the rule matches when a group has `count` events (or `count` different values of
 //! `distinct`) within `within` of each other, by the events' own time.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use flowline::prelude::*;
-use flowline::{BatchSink, Outage};
+use flowline::{BatchSink, Fold, Outage, Sliding, Windowed};
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
 
@@ -181,11 +181,6 @@ impl RuleSet {
         }
     }
 
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.rules.is_empty()
-    }
-
     /// Counts a match of rule `i`.
     pub fn matched(&self, i: usize) {
         if let Some((r, n)) = self.rules.get(i) {
@@ -212,167 +207,180 @@ impl RuleSet {
     }
 }
 
-/// Groups a rule tracks at most; past it, a new group is not tracked (counted in
-/// `siem_rule_groups_refused_total`) until expired ones are swept.
-const MAX_GROUPS: usize = 100_000;
+/// Panes (per group and step) a rule's window stage holds at most; past it a new group's
+/// event fails (counted in the stage's report and `siem_rule_refused_total`), the open ones
+/// go on.
+const MAX_OPEN: usize = 200_000;
 
-/// What one group of one rule holds: its last events' (time, distinct value), at most
-/// `count` of them, and until when it is quiet after a match.
-#[derive(Debug, Default)]
-struct Group {
-    seen: VecDeque<(i64, String)>,
-    quiet_until: i64,
-    newest: i64,
+/// A rule's windows slide by a twelfth of their size (or a tenth, or not at all, when the
+/// size does not divide so): "N within W" is checked on windows of W that start every
+/// W/12, so a burst is seen within W/12 of its end, plus the lateness.
+fn step_of(within: Duration) -> Duration {
+    let ns = within.as_nanos();
+    for parts in [12u128, 10, 6, 4, 2] {
+        if ns % parts == 0 {
+            return Duration::from_nanos((ns / parts) as u64);
+        }
+    }
+    within
 }
 
-/// A rule matched: the event it raises.
+/// What a window of a rule holds: how many events, their different values of `distinct`,
+/// the span of their times, and the latest account.
+#[derive(Debug, Clone, Default)]
+pub struct Tally {
+    n: u64,
+    distinct: std::collections::HashSet<String>,
+    first_ms: i64,
+    last_ms: i64,
+    account: Option<Arc<Account>>,
+}
+
+impl Tally {
+    fn add(&mut self, e: &Event, distinct: Option<Field>) {
+        if self.n == 0 || e.time_ms < self.first_ms {
+            self.first_ms = e.time_ms;
+        }
+        self.last_ms = self.last_ms.max(e.time_ms);
+        self.n += 1;
+        if let Some(f) = distinct
+            && let Some(v) = value(e, f)
+        {
+            self.distinct.insert(v);
+        }
+        if e.account.is_some() {
+            self.account = e.account.clone();
+        }
+    }
+
+    fn merge(&mut self, other: &Tally) {
+        if other.n == 0 {
+            return;
+        }
+        if self.n == 0 || other.first_ms < self.first_ms {
+            self.first_ms = other.first_ms;
+        }
+        self.last_ms = self.last_ms.max(other.last_ms);
+        self.n += other.n;
+        self.distinct.extend(other.distinct.iter().cloned());
+        if other.account.is_some() {
+            self.account = other.account.clone();
+        }
+    }
+}
+
+/// An event's value of `f`: the account id, or the source address (none without one).
+fn value(e: &Event, f: Field) -> Option<String> {
+    match f {
+        Field::Account => Some(e.account_id().to_string()),
+        Field::Source => e.source.clone(),
+    }
+}
+
+/// A rule matched in a window.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Match {
-    /// The rule's index in its set.
-    pub rule: usize,
     /// The group's value (account id or source address).
     pub group: String,
-    /// The account of the event that completed the match.
+    /// The latest account among the window's events.
     pub account: Option<Arc<Account>>,
-    /// The first and last event times of the match.
+    /// The first and last event times of the window's events.
     pub first_ms: i64,
     /// The last.
     pub last_ms: i64,
+    /// How many it counted (events, or different values).
+    pub counted: u64,
 }
 
-/// The rules' state over the events seen so far: for each rule and group, a window of event
-/// time `within` long ending at the group's newest event.
-pub struct Matcher {
-    rules: Arc<RuleSet>,
-    groups: Vec<HashMap<String, Group>>,
+/// The stages of `rule` over `events`: the events it looks at, grouped by `by`, in sliding
+/// windows of `within` by their own time (`lateness` out of order allowed; a quiet input
+/// closes its windows after a second); a window that holds `count` (events, or different
+/// values of `distinct`) is a match. A group that matched is quiet for one window's length
+/// after the matched window, so a flood raises one alert a window, not one per step.
+pub fn matches(rule: &Rule, events: Pipeline<Event>, lateness: Duration) -> Pipeline<Match> {
+    let (kind, by, distinct, count) = (rule.kind.clone(), rule.by, rule.distinct, rule.count);
+    let mut quiet: HashMap<String, Duration> = HashMap::new();
+    events
+        .filter(move |e: &Event| {
+            kind.as_deref().is_none_or(|k| k == e.kind)
+                && value(e, by).is_some()
+                && distinct.is_none_or(|f| value(e, f).is_some())
+        })
+        .window(Sliding::new(rule.within, step_of(rule.within)))
+        .name(&format!("rule_{}", rule.name))
+        .key_by(move |e: &Event| value(e, by).unwrap_or_default())
+        .event_time(|e: &Event| Duration::from_millis(e.time_ms.max(0) as u64))
+        .allowed_lateness(lateness)
+        .idle_timeout(Duration::from_secs(1))
+        .max_open(MAX_OPEN)
+        .aggregate(
+            Fold::new(Tally::default(), move |t: &mut Tally, e: Event| {
+                t.add(&e, distinct)
+            })
+            .merge(|a: &mut Tally, b: &Tally| a.merge(b)),
+        )
+        .filter_map(move |w: Windowed<String, Tally>| {
+            let counted = match distinct {
+                Some(_) => w.value.distinct.len() as u64,
+                None => w.value.n,
+            };
+            if counted < count {
+                return None;
+            }
+            if quiet.get(&w.key).is_some_and(|until| w.start < *until) {
+                return None;
+            }
+            if quiet.len() >= MAX_OPEN {
+                // Groups whose quiet time is over are forgotten (windows come out in time
+                // order, so one that ended before this window started will not be asked
+                // about again).
+                quiet.retain(|_, until| *until > w.start);
+            }
+            quiet.insert(w.key.clone(), w.end + (w.end - w.start));
+            Some(Match {
+                group: w.key,
+                account: w.value.account,
+                first_ms: w.value.first_ms,
+                last_ms: w.value.last_ms,
+                counted,
+            })
+        })
 }
 
-impl Matcher {
-    /// No events seen yet.
-    pub fn new(rules: Arc<RuleSet>) -> Matcher {
-        let groups = rules.rules.iter().map(|_| HashMap::new()).collect();
-        Matcher { rules, groups }
-    }
-
-    /// Takes one event; the matches it completes. A group that matched is quiet (raises
-    /// nothing) for `within` after the match and starts over then, so a flood raises one
-    /// alert a window, not one per event.
-    pub fn push(&mut self, e: &Event) -> Vec<Match> {
-        let mut out = Vec::new();
-        for (i, (rule, _)) in self.rules.rules.iter().enumerate() {
-            if rule.kind.as_deref().is_some_and(|k| k != e.kind) {
-                continue;
-            }
-            let value = |f: Field| match f {
-                Field::Account => Some(e.account_id().to_string()),
-                Field::Source => e.source.clone(),
-            };
-            let Some(key) = value(rule.by) else { continue };
-            let distinct = match rule.distinct {
-                Some(f) => match value(f) {
-                    Some(v) => v,
-                    None => continue,
-                },
-                None => String::new(),
-            };
-            let within = rule.within.as_millis() as i64;
-            let groups = &mut self.groups[i];
-            if !groups.contains_key(&key) && groups.len() >= MAX_GROUPS {
-                // Sweep the groups with nothing left in their window and not quiet.
-                let t = e.time_ms;
-                groups.retain(|_, g| g.newest > t - within || g.quiet_until > t);
-                if groups.len() >= MAX_GROUPS {
-                    metrics::counter!("siem_rule_groups_refused_total", "rule" => rule.name.clone())
-                        .increment(1);
-                    continue;
-                }
-            }
-            let g = groups.entry(key.clone()).or_default();
-            if e.time_ms < g.quiet_until {
-                continue;
-            }
-            g.newest = g.newest.max(e.time_ms);
-            // Keep the window: events within `within` of the newest, in time order (an
-            // out-of-order one lands in its place; one older than the window is not kept).
-            let cutoff = g.newest - within;
-            if e.time_ms <= cutoff {
-                continue;
-            }
-            if rule.distinct.is_some() {
-                // One entry per value, at its latest time.
-                if let Some(pos) = g.seen.iter().position(|(_, v)| *v == distinct) {
-                    if g.seen[pos].0 >= e.time_ms {
-                        continue;
-                    }
-                    g.seen.remove(pos);
-                }
-            }
-            let pos = g.seen.partition_point(|(t, _)| *t <= e.time_ms);
-            g.seen.insert(pos, (e.time_ms, distinct));
-            while g.seen.front().is_some_and(|(t, _)| *t <= cutoff) {
-                g.seen.pop_front();
-            }
-            // Only the latest `count` matter: a match needs `count` within the window.
-            while g.seen.len() as u64 > rule.count {
-                g.seen.pop_front();
-            }
-            if g.seen.len() as u64 == rule.count {
-                let first_ms = g.seen.front().map_or(e.time_ms, |(t, _)| *t);
-                let last_ms = g.newest;
-                g.seen.clear();
-                g.quiet_until = last_ms + within;
-                out.push(Match {
-                    rule: i,
-                    group: key,
-                    account: e.account.clone(),
-                    first_ms,
-                    last_ms,
-                });
-            }
-        }
-        out
-    }
-
-    /// The event a match raises: stored, shown and alerted like a posted one. Its id names
-    /// the rule, the group and the match's first time, so a match stored twice is one row.
-    pub fn event_of(&self, m: &Match) -> Event {
-        let rule = &self.rules.rules[m.rule].0;
-        let what = match rule.distinct {
-            Some(f) => format!("{} different {}s", rule.count, field_name(f)),
-            None => format!(
-                "{} {}",
-                rule.count,
-                rule.kind.as_deref().unwrap_or("events")
-            ),
-        };
-        let received_ms = now_ms();
-        Event {
-            id: format!("rule:{}:{}:{}", rule.name, m.group, m.first_ms),
-            api_key: String::new(),
-            // A group by account is that account's; a group by source spans accounts and
-            // is shown to the viewer token only.
-            account: match rule.by {
-                Field::Account => m.account.clone(),
-                Field::Source => None,
-            },
-            kind: format!("rule:{}", rule.name),
-            severity: rule.severity,
-            message: format!(
-                "{what} for {} {} within {}s",
-                field_name(rule.by),
-                m.group,
-                rule.within.as_secs_f64()
-            ),
-            received_ms,
-            time_ms: m.last_ms,
-            source: match rule.by {
-                Field::Source => Some(m.group.clone()),
-                Field::Account => None,
-            },
-            status: "stored",
-            alert: true,
-            rule: Some(rule.name.clone()),
-        }
+/// The event a match raises: stored, shown and alerted like a posted one. Its id names the
+/// rule, the group and the match's first time, so a match stored twice is one row.
+pub fn event_of(rule: &Rule, m: &Match) -> Event {
+    let what = match rule.distinct {
+        Some(f) => format!("{} different {}s", m.counted, field_name(f)),
+        None => format!("{} {}", m.counted, rule.kind.as_deref().unwrap_or("events")),
+    };
+    let received_ms = now_ms();
+    Event {
+        id: format!("rule:{}:{}:{}", rule.name, m.group, m.first_ms),
+        api_key: String::new(),
+        // A group by account is that account's; a group by source spans accounts and is
+        // shown to the viewer token only.
+        account: match rule.by {
+            Field::Account => m.account.clone(),
+            Field::Source => None,
+        },
+        kind: format!("rule:{}", rule.name),
+        severity: rule.severity,
+        message: format!(
+            "{what} for {} {} within {}s",
+            field_name(rule.by),
+            m.group,
+            rule.within.as_secs_f64()
+        ),
+        received_ms,
+        time_ms: m.last_ms,
+        source: match rule.by {
+            Field::Source => Some(m.group.clone()),
+            Field::Account => None,
+        },
+        status: "stored",
+        alert: true,
+        rule: Some(rule.name.clone()),
     }
 }
 
@@ -383,36 +391,49 @@ fn field_name(f: Field) -> &'static str {
     }
 }
 
-/// The rules' pipeline: stored events in, each match's event stored (with its pending alert),
-/// broadcast, and the outbox woken.
+/// The rules' pipelines, one per rule: stored events in (from `events`, one sender per
+/// rule), each match's event stored (with its pending alert), broadcast, and the outbox
+/// woken.
+pub struct Running {
+    /// Where the events pipeline sends each stored event, per rule.
+    pub inputs: Vec<mpsc::Sender<Event>>,
+    /// The pipelines.
+    pub handles: Vec<Handle>,
+}
+
+/// Starts a pipeline per rule.
 pub fn start(
     rules: Arc<RuleSet>,
-    events: mpsc::Receiver<Event>,
+    queue: usize,
+    lateness: Duration,
     db: Db,
     writes: Writes,
     hub: Hub,
     outbox: Arc<Notify>,
-) -> Handle {
-    let mut matcher = Matcher::new(rules.clone());
-    Pipeline::from_channel(events)
-        .flat_map(move |e: Event| {
-            let found = matcher.push(&e);
-            found
-                .into_iter()
-                .map(|m| {
-                    rules.matched(m.rule);
-                    matcher.event_of(&m)
+) -> Running {
+    let mut inputs = Vec::new();
+    let mut handles = Vec::new();
+    for (i, (rule, _)) in rules.rules.iter().enumerate() {
+        let (tx, rx) = mpsc::channel(queue);
+        inputs.push(tx);
+        let (set, rule2) = (rules.clone(), rule.clone());
+        handles.push(
+            matches(rule, Pipeline::from_channel(rx), lateness)
+                .map(move |m| {
+                    set.matched(i);
+                    event_of(&rule2, &m)
                 })
-                .collect::<Vec<_>>()
-        })
-        .into_sink(Matches {
-            db,
-            writes,
-            hub,
-            outbox,
-        })
-        .name("siem_rules")
-        .spawn()
+                .into_sink(Matches {
+                    db: db.clone(),
+                    writes: writes.clone(),
+                    hub: hub.clone(),
+                    outbox: outbox.clone(),
+                })
+                .name(format!("siem_rule_{}", rule.name))
+                .spawn(),
+        );
+    }
+    Running { inputs, handles }
 }
 
 /// Stores and shows the matches' events.
@@ -504,7 +525,7 @@ mod tests {
 
     fn event(account: i64, kind: &str, time_ms: i64, source: Option<&str>) -> Event {
         let inc = crate::event::Incoming::parse(
-            format!(r#"{{"id":"e{time_ms}","kind":"{kind}","severity":1}}"#).as_bytes(),
+            format!(r#"{{"id":"e{account}-{time_ms}","kind":"{kind}","severity":1}}"#).as_bytes(),
         )
         .unwrap();
         let mut e = Event::accepted(inc, String::new());
@@ -518,37 +539,58 @@ mod tests {
         e
     }
 
-    fn matcher(rule: &str) -> Matcher {
-        Matcher::new(RuleSet::new(vec![Rule::parse(rule).unwrap()]).shared())
+    /// The matches of `rule` over `events` (in this order), and the window stage's late
+    /// count.
+    async fn run(rule: &str, events: Vec<Event>, lateness: Duration) -> (Vec<Match>, u64) {
+        let rule = Rule::parse(rule).unwrap();
+        let (out, report) = matches(&rule, Pipeline::from_iter(events), lateness)
+            .collect_with_report()
+            .await
+            .unwrap();
+        let late = report.stage(&format!("rule_{}", rule.name)).unwrap().late;
+        (out, late)
     }
 
-    const T0: i64 = 1_700_000_000_000;
+    /// A minute boundary, so that the panes (5 s) line up with the test's times.
+    const T0: i64 = 1_700_000_040_000;
 
-    #[test]
-    fn five_failures_within_a_minute_match_once_at_the_boundary() {
-        let mut m = matcher(DEFAULT_RULES[0]);
-        // Four at T0.., the fifth exactly one minute after the first: the first is then
-        // outside (the window is the minute ending at the newest event, its start excluded).
-        for i in 0..4 {
-            assert!(m.push(&event(1, "login_failed", T0 + i, None)).is_empty());
-        }
-        assert!(
-            m.push(&event(1, "login_failed", T0 + 60_000, None))
-                .is_empty()
-        );
-        // One more, late but inside: T0+1 .. T0+60_000 hold five.
-        let got = m.push(&event(1, "login_failed", T0 + 59_999, None));
+    #[tokio::test(start_paused = true)]
+    async fn five_failures_within_a_minute_match_once_and_four_do_not() {
+        let ev = |a, t| event(a, "login_failed", T0 + t, None);
+        let mut events = vec![
+            // Account 1: five within 4 s, then five more in the same minute (quiet).
+            ev(1, 0),
+            ev(1, 1_000),
+            ev(1, 2_000),
+            ev(1, 3_000),
+            ev(1, 4_000),
+            ev(1, 10_000),
+            ev(1, 11_000),
+            ev(1, 12_000),
+            ev(1, 13_000),
+            ev(1, 14_000),
+            // Account 2: four in the minute, the fifth 65 s after the first: apart.
+            ev(2, 0),
+            ev(2, 1_000),
+            ev(2, 2_000),
+            ev(2, 3_000),
+            ev(2, 65_000),
+            // Another kind does not count.
+            event(3, "login_ok", T0, None),
+            event(3, "login_ok", T0 + 1, None),
+            event(3, "login_ok", T0 + 2, None),
+            event(3, "login_ok", T0 + 3, None),
+            event(3, "login_ok", T0 + 4, None),
+        ];
+        // In time order (out of order is the next test's).
+        events.sort_by_key(|e| e.time_ms);
+        let (got, late) = run(DEFAULT_RULES[0], events, Duration::ZERO).await;
+        assert_eq!(late, 0);
         assert_eq!(got.len(), 1, "{got:?}");
-        assert_eq!((got[0].first_ms, got[0].last_ms), (T0 + 1, T0 + 60_000));
-        // Quiet for the next minute; other kinds and accounts do not count.
-        for i in 0..10 {
-            assert!(
-                m.push(&event(1, "login_failed", T0 + 60_001 + i, None))
-                    .is_empty()
-            );
-            assert!(m.push(&event(2, "login_ok", T0 + i, None)).is_empty());
-        }
-        let e = m.event_of(&got[0]);
+        assert_eq!(got[0].group, "1");
+        assert!(got[0].counted >= 5);
+        assert_eq!(got[0].first_ms, T0);
+        let e = event_of(&Rule::parse(DEFAULT_RULES[0]).unwrap(), &got[0]);
         assert_eq!(
             (e.severity, e.alert, e.rule.as_deref()),
             (8, true, Some("brute_force"))
@@ -556,42 +598,66 @@ mod tests {
         assert_eq!(e.account_id(), 1);
     }
 
-    #[test]
-    fn out_of_order_failures_within_the_window_count() {
-        let mut m = matcher(DEFAULT_RULES[0]);
-        for t in [50_000, 10_000, 30_000, 20_000] {
-            assert!(m.push(&event(3, "login_failed", T0 + t, None)).is_empty());
+    #[tokio::test(start_paused = true)]
+    async fn out_of_order_within_the_lateness_count_and_later_ones_are_late() {
+        let ev = |t| event(3, "login_failed", T0 + t, None);
+        // Newest first within 10 s of lateness: all five land, one match.
+        let (got, late) = run(
+            DEFAULT_RULES[0],
+            vec![ev(9_000), ev(8_000), ev(7_000), ev(6_000), ev(5_000)],
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!((got.len(), late), (1, 0), "{got:?}");
+        // Without lateness, after an event two minutes on, the old ones are late: counted,
+        // not matched.
+        let (got, late) = run(
+            DEFAULT_RULES[0],
+            vec![
+                ev(120_000),
+                ev(1_000),
+                ev(2_000),
+                ev(3_000),
+                ev(4_000),
+                ev(4_500),
+            ],
+            Duration::ZERO,
+        )
+        .await;
+        assert_eq!((got.len(), late), (0, 5), "{got:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_address_on_ten_accounts_matches_repeats_do_not_count() {
+        let mut events = Vec::new();
+        for a in 1..=9 {
+            for rep in 0..3 {
+                events.push(event(
+                    a,
+                    "login_failed",
+                    T0 + a * 1000 + rep,
+                    Some("10.0.0.9"),
+                ));
+            }
         }
-        // Older than a minute before the newest (50 s): not counted.
-        assert!(
-            m.push(&event(3, "login_failed", T0 - 10_001, None))
-                .is_empty()
-        );
-        assert_eq!(
-            m.push(&event(3, "login_failed", T0 + 40_000, None)).len(),
-            1
-        );
+        // Without a source, or from another address: not counted for 10.0.0.9.
+        events.push(event(10, "x", T0 + 20_000, None));
+        events.push(event(10, "x", T0 + 20_000, Some("10.0.0.8")));
+        let (got, _) = run(DEFAULT_RULES[1], events.clone(), Duration::ZERO).await;
+        assert!(got.is_empty(), "{got:?}");
+        events.push(event(10, "x", T0 + 20_001, Some("10.0.0.9")));
+        let (got, _) = run(DEFAULT_RULES[1], events, Duration::ZERO).await;
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!((got[0].group.as_str(), got[0].counted), ("10.0.0.9", 10));
+        let e = event_of(&Rule::parse(DEFAULT_RULES[1]).unwrap(), &got[0]);
+        assert_eq!((e.account_id(), e.source.as_deref()), (0, Some("10.0.0.9")));
+        assert!(e.id.starts_with("rule:address_on_many_accounts:10.0.0.9:"));
     }
 
     #[test]
-    fn one_address_on_ten_accounts_matches_repeats_do_not_count() {
-        let mut m = matcher(DEFAULT_RULES[1]);
-        for a in 1..=9 {
-            for rep in 0..3 {
-                let e = event(a, "login_failed", T0 + a * 1000 + rep, Some("10.0.0.9"));
-                assert!(m.push(&e).is_empty(), "account {a}");
-            }
-        }
-        // Without a source, or from another address: nothing.
-        assert!(m.push(&event(10, "x", T0 + 20_000, None)).is_empty());
-        assert!(
-            m.push(&event(10, "x", T0 + 20_000, Some("10.0.0.8")))
-                .is_empty()
-        );
-        let got = m.push(&event(10, "x", T0 + 20_000, Some("10.0.0.9")));
-        assert_eq!(got.len(), 1);
-        let e = m.event_of(&got[0]);
-        assert_eq!((e.account_id(), e.source.as_deref()), (0, Some("10.0.0.9")));
-        assert!(e.id.starts_with("rule:address_on_many_accounts:10.0.0.9:"));
+    fn windows_slide_by_a_divisor_of_their_size() {
+        assert_eq!(step_of(Duration::from_secs(60)), Duration::from_secs(5));
+        assert_eq!(step_of(Duration::from_secs(300)), Duration::from_secs(25));
+        assert_eq!(step_of(Duration::from_nanos(7)), Duration::from_nanos(7));
     }
 }

@@ -340,6 +340,14 @@ async fn the_page_shows_history_filters_pauses_alerts_and_rule_matches() {
     for i in 0..5 {
         assert_eq!(siem.post_event("key-4", &format!("f{i}"), 3).await, 202);
     }
+    // Event time moves on (an event two minutes ahead): the rule's windows close now.
+    let ahead = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 120_000;
+    let body = format!(r#"{{"id":"tick","kind":"login_failed","severity":1,"time":{ahead}}}"#);
+    assert_eq!(siem.post("key-1", &body).await.status(), 202);
     cdp.wait_for(
         "[...document.querySelectorAll('#events tr.rule')].length",
         json!(1),
