@@ -1317,8 +1317,9 @@ mod tests {
         assert_eq!(report.failures, 0);
         assert!(report.is_balanced());
         let at: u64 = store.inner.get("t").unwrap().parse().unwrap();
-        // About 400 items a second until it went down at 1 s.
-        assert!((300..=400).contains(&at), "{at}");
+        // Written until it went down at 1 s (about 400 items a second), never past an item
+        // that did not end.
+        assert!(at >= 300 && at <= report.delivered(), "{at}: {report}");
     }
 
     #[tokio::test]
