@@ -255,10 +255,12 @@ fn scenario(fault: Fault, aof: bool) -> Outcome {
             faults.push((at, Instant::now()));
         }
     }
-    let workers_ok = kids
+    // Every worker is waited for, a failed one or not.
+    let exits: Vec<bool> = kids
         .iter_mut()
         .map(|k| k.wait().expect("wait").success())
-        .fold(true, |a, b| a && b);
+        .collect();
+    let workers_ok = exits.iter().all(|ok| *ok);
     let wall = start.elapsed().as_secs_f64();
     sampling.abort();
     let samples = samples.lock().expect("samples").clone();
