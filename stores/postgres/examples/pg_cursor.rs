@@ -184,7 +184,11 @@ pub async fn run(args: Args) -> Result<Report, BoxError> {
     };
     // Commit the checkpoint each time the low watermark moves: after a crash only the pages
     // that were in flight run again.
-    let commit_each_page = CursorOptions::new().commit_every(Duration::ZERO);
+    // A fetch that fails with a connection error or a server restarting is tried again under
+    // the run's outage policy, the source paused meanwhile.
+    let commit_each_page = CursorOptions::new()
+        .commit_every(Duration::ZERO)
+        .transient_if(is_transient);
     let mut source = Pipeline::from_cursor_with(checkpoints, "items", commit_each_page, fetch);
     let keys = if args.exactly_once {
         // A restarted worker of the same name takes back the keys it held when it died.

@@ -194,7 +194,11 @@ pub async fn run(args: Args) -> Result<Report, BoxError> {
     // Commit the checkpoint each time the low watermark moves: after a crash only the pages
     // that were in flight run again. (The default spaces commits 10 ms apart, which is
     // cheaper on a fast pipeline and replays up to 10 ms more work.)
-    let commit_each_page = CursorOptions::new().commit_every(Duration::ZERO);
+    // A fetch that finds the file locked is tried again under the run's outage policy, the
+    // source paused meanwhile.
+    let commit_each_page = CursorOptions::new()
+        .commit_every(Duration::ZERO)
+        .transient_if(is_transient);
     let mut source = Pipeline::from_cursor_with(store, "items", commit_each_page, fetch);
     let effect = if args.exactly_once {
         // In the database, in one transaction with the rows' idempotency keys.
