@@ -604,7 +604,10 @@ fn filter_over_bytes_matches_grep() {
     assert_eq!(o.stdout, g.stdout);
     let o = flowline(
         d.path(),
-        &["--quiet", "lines(in.bin) | filter(\"7\") | reject(\"^1\") | print"],
+        &[
+            "--quiet",
+            "lines(in.bin) | filter(\"7\") | reject(\"^1\") | print",
+        ],
         "",
     );
     let g = Command::new("sh")
