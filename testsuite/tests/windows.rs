@@ -90,15 +90,16 @@ proptest! {
         let items: Vec<(u32, u8, u64)> =
             events.iter().enumerate().map(|(i, &(k, t))| (i as u32, k, t)).collect();
         let n = items.len() as u64;
-        let (out, report) = runtime().block_on(
+        let (out, report) = runtime().block_on(async {
             Pipeline::from_iter(items)
                 .window(Sliding::new(Duration::from_nanos(size), Duration::from_nanos(step)))
                 .key_by(|e: &(u32, u8, u64)| e.1)
                 .event_time(|e| Duration::from_nanos(e.2))
                 .allowed_lateness(Duration::from_nanos(lateness))
                 .aggregate(ids())
-                .collect_with_report(),
-        ).unwrap();
+                .collect_with_report()
+                .await
+        }).unwrap();
         let mut got: Vec<Win> = out
             .into_iter()
             .map(|w| {
@@ -149,14 +150,15 @@ proptest! {
         want.sort();
         let items: Vec<(u32, u8, u64)> =
             events.iter().enumerate().map(|(i, &(k, t))| (i as u32, k, t)).collect();
-        let out = runtime().block_on(
+        let out = runtime().block_on(async {
             Pipeline::from_iter(items)
                 .window(Session::gap(Duration::from_nanos(gap)))
                 .key_by(|e: &(u32, u8, u64)| e.1)
                 .event_time(|e| Duration::from_nanos(e.2))
                 .aggregate(ids())
-                .collect(),
-        ).unwrap();
+                .collect()
+                .await
+        }).unwrap();
         let mut got: Vec<Win> = out
             .into_iter()
             .map(|w| {
