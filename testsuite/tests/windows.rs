@@ -56,14 +56,22 @@ fn reference(events: &[(u8, u64)], size: u64, step: u64, lateness: u64) -> (Vec<
     (out, late)
 }
 
-fn ids() -> Fold<Vec<u32>, fn(&mut Vec<u32>, (u32, u8, u64)), fn(&mut Vec<u32>, &Vec<u32>)> {
-    fn add(v: &mut Vec<u32>, (id, _, _): (u32, u8, u64)) {
+/// An event: (id, key, time in nanoseconds).
+type Event = (u32, u8, u64);
+
+/// A fold that keeps the events' ids.
+type Ids = Fold<Vec<u32>, fn(&mut Vec<u32>, Event), fn(&mut Vec<u32>, &Vec<u32>)>;
+
+fn ids() -> Ids {
+    fn add(v: &mut Vec<u32>, (id, _, _): Event) {
         v.push(id);
     }
+    // The signature `Fold::merge` takes: the accumulator's own type.
+    #[allow(clippy::ptr_arg)]
     fn merge(a: &mut Vec<u32>, b: &Vec<u32>) {
         a.extend_from_slice(b);
     }
-    Fold::new(Vec::new(), add as fn(&mut Vec<u32>, (u32, u8, u64)))
+    Fold::new(Vec::new(), add as fn(&mut Vec<u32>, Event))
         .merge(merge as fn(&mut Vec<u32>, &Vec<u32>))
 }
 
