@@ -245,7 +245,7 @@ where
 }
 
 /// Keeps the items, in the order they arrived (behind
-/// [`Windows::collect`](crate::Windows::collect)).
+/// [`Windows::collect_items`](crate::Windows::collect_items)).
 ///
 /// ```
 /// use flowline::{Aggregate, CollectItems};
