@@ -56,14 +56,22 @@ fn reference(events: &[(u8, u64)], size: u64, step: u64, lateness: u64) -> (Vec<
     (out, late)
 }
 
-fn ids() -> Fold<Vec<u32>, fn(&mut Vec<u32>, (u32, u8, u64)), fn(&mut Vec<u32>, &Vec<u32>)> {
-    fn add(v: &mut Vec<u32>, (id, _, _): (u32, u8, u64)) {
+/// An event: (id, key, time in nanoseconds).
+type Event = (u32, u8, u64);
+
+/// A fold that keeps the events' ids.
+type Ids = Fold<Vec<u32>, fn(&mut Vec<u32>, Event), fn(&mut Vec<u32>, &Vec<u32>)>;
+
+fn ids() -> Ids {
+    fn add(v: &mut Vec<u32>, (id, _, _): Event) {
         v.push(id);
     }
+    // The signature `Fold::merge` takes: the accumulator's own type.
+    #[allow(clippy::ptr_arg)]
     fn merge(a: &mut Vec<u32>, b: &Vec<u32>) {
         a.extend_from_slice(b);
     }
-    Fold::new(Vec::new(), add as fn(&mut Vec<u32>, (u32, u8, u64)))
+    Fold::new(Vec::new(), add as fn(&mut Vec<u32>, Event))
         .merge(merge as fn(&mut Vec<u32>, &Vec<u32>))
 }
 
@@ -90,15 +98,16 @@ proptest! {
         let items: Vec<(u32, u8, u64)> =
             events.iter().enumerate().map(|(i, &(k, t))| (i as u32, k, t)).collect();
         let n = items.len() as u64;
-        let (out, report) = runtime().block_on(
+        let (out, report) = runtime().block_on(async {
             Pipeline::from_iter(items)
                 .window(Sliding::new(Duration::from_nanos(size), Duration::from_nanos(step)))
                 .key_by(|e: &(u32, u8, u64)| e.1)
                 .event_time(|e| Duration::from_nanos(e.2))
                 .allowed_lateness(Duration::from_nanos(lateness))
                 .aggregate(ids())
-                .collect_with_report(),
-        ).unwrap();
+                .collect_with_report()
+                .await
+        }).unwrap();
         let mut got: Vec<Win> = out
             .into_iter()
             .map(|w| {
@@ -149,14 +158,15 @@ proptest! {
         want.sort();
         let items: Vec<(u32, u8, u64)> =
             events.iter().enumerate().map(|(i, &(k, t))| (i as u32, k, t)).collect();
-        let out = runtime().block_on(
+        let out = runtime().block_on(async {
             Pipeline::from_iter(items)
                 .window(Session::gap(Duration::from_nanos(gap)))
                 .key_by(|e: &(u32, u8, u64)| e.1)
                 .event_time(|e| Duration::from_nanos(e.2))
                 .aggregate(ids())
-                .collect(),
-        ).unwrap();
+                .collect()
+                .await
+        }).unwrap();
         let mut got: Vec<Win> = out
             .into_iter()
             .map(|w| {

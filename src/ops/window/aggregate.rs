@@ -128,7 +128,7 @@ impl<T, F> Reduce<T, F> {
     /// The reduction by `f`.
     ///
     /// ```
-    /// let sum = flowline::Reduce::new(|a: u64, b: u64| a + b);
+    /// let sum = flowline::Reduce::<u64, _>::new(|a: u64, b: u64| a + b);
     /// # let _ = sum;
     /// ```
     pub fn new(f: F) -> Self {
@@ -245,7 +245,7 @@ where
 }
 
 /// Keeps the items, in the order they arrived (behind
-/// [`Windows::collect`](crate::Windows::collect)).
+/// [`Windows::collect_items`](crate::Windows::collect_items)).
 ///
 /// ```
 /// use flowline::{Aggregate, CollectItems};

@@ -25,8 +25,8 @@ use crate::runtime::chunk::Ticket;
 ///     .window(Count::every(3))
 ///     .reduce(|a, b| a + b)
 ///     .collect().await.unwrap();
-/// let sums: Vec<u32> = out.into_iter().map(|w| w.value).collect();
-/// assert_eq!(sums, vec![6, 15, 7]);
+/// let sums: Vec<Option<u32>> = out.into_iter().map(|w| w.value).collect();
+/// assert_eq!(sums, vec![Some(6), Some(15), Some(7)]);
 /// # }
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,5 +1,5 @@
 //! Windowed aggregation: [`Flow::window`](crate::Flow::window) with a window kind
-//! ([`Tumbling`], [`Sliding`], [`Session`], [`Count`]), configured by [`Windows`] (key, event
+//! ([`Tumbling`](crate::Tumbling), [`Sliding`](crate::Sliding), [`Session`](crate::Session), [`Count`](crate::Count)), configured by [`Windows`] (key, event
 //! time, allowed lateness, idle advance, a bound on open windows) and ended by an
 //! aggregation ([`Windows::count`], [`reduce`](Windows::reduce), [`fold`](Windows::fold),
 //! [`collect_items`](Windows::collect_items), [`aggregate`](Windows::aggregate)), which emits one
@@ -126,7 +126,7 @@ mod sealed {
     pub trait Time {}
 }
 
-/// A kind of window: [`Tumbling`], [`Sliding`], [`Session`] or [`Count`]. Given to
+/// A kind of window: [`Tumbling`](crate::Tumbling), [`Sliding`](crate::Sliding), [`Session`](crate::Session) or [`Count`](crate::Count). Given to
 /// [`Flow::window`](crate::Flow::window); implemented by those four only.
 ///
 /// ```
