@@ -8,8 +8,9 @@
 //! token or an account's key (that account only), `/metrics` with the viewer token.
 //!
 //! Modules: `config` (options), `event` (validation), `http` (routes), `pipeline` (the
-//! flowline part), `rules` (correlation rules), `store` (SQLite), `ws` (the fan-out), `notifier` (client and a fake
-//! gateway), `naive` (the same service without flowline, for the benchmark). The library's
+//! flowline part), `rules` (correlation rules), `store` (SQLite), `ws` (the fan-out),
+//! `notifier` (client and a fake gateway), `naive` (the same service without flowline, for
+//! the benchmark). The library's
 //! public face is what a test, the benchmark and `main` need: [`Config`], [`Service`],
 //! [`Summary`] and [`counts`].
 //!
