@@ -1,12 +1,16 @@
-//! The second seed's toy SIEM as a real service, on flowline: `POST /events` (API key in
-//! `x-api-key`) → account lookup → enrich → persist (SQLite, batched, idempotent by event
-//! id) → every websocket client of `GET /ws`; alerts for severe events go to an SMS/email
-//! gateway behind a rate limit, retries and a circuit breaker. `GET /` shows the live
-//! events, `GET /metrics` the Prometheus text.
+//! A toy SIEM as a real service, on flowline: `POST /events` (API key in `x-api-key`, JSON
+//! body) → account lookup → enrich → persist (SQLite, group commit, idempotent by event id;
+//! answered 202 once the row is committed) → every websocket client of `GET /ws`; alerts for
+//! severe events and for the correlation rules' matches (windows over the events' own time)
+//! go to an SMS/email gateway from the database's outbox, behind a rate limit, retries and a
+//! circuit breaker. `GET /` is the analyst's page (history, live events, alerts, counts,
+//! filter, pause), `GET /metrics` the Prometheus text; viewers authenticate with the viewer
+//! token or an account's key (that account only), `/metrics` with the viewer token.
 //!
 //! Modules: `config` (options), `event` (validation), `http` (routes), `pipeline` (the
-//! flowline part), `store` (SQLite), `ws` (the fan-out), `notifier` (client and a fake
-//! gateway), `naive` (the same service without flowline, for the benchmark). The library's
+//! flowline part), `rules` (correlation rules), `store` (SQLite), `ws` (the fan-out),
+//! `notifier` (client and a fake gateway), `naive` (the same service without flowline, for
+//! the benchmark). The library's
 //! public face is what a test, the benchmark and `main` need: [`Config`], [`Service`],
 //! [`Summary`] and [`counts`].
 //!
