@@ -896,7 +896,7 @@ mod json {
     #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
     impl Serialize for StageReport {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            let mut m = s.serialize_struct("StageReport", 14)?;
+            let mut m = s.serialize_struct("StageReport", 13)?;
             m.serialize_field("name", &self.name)?;
             m.serialize_field("kind", self.kind)?;
             m.serialize_field("in", &self.received)?;

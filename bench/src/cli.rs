@@ -48,11 +48,7 @@ pub fn run(case: Option<&str>) {
 fn floor(bin: &Path) {
     const N: u32 = 2000;
     let pipe = format!("seq(1..{N}) | fork(4) | sh(\"true {{}}\") | discard");
-    let p = crate::util::alternate_paired(
-        5,
-        || flowline(bin, &[&pipe]),
-        || spawn_captured(N, 4),
-    );
+    let p = crate::util::alternate_paired(5, || flowline(bin, &[&pipe]), || spawn_captured(N, 4));
     let ms = |d: Duration| d.as_secs_f64() * 1000.0 / f64::from(N);
     let round = |x: f64| (x * 1000.0).round() / 1000.0;
     emit(
