@@ -432,3 +432,65 @@ fn slots_stay_within_the_job_count() {
         "{slots:?}"
     );
 }
+
+/// `--timeout 300%`: once 3 jobs succeeded, a job taking over 3 times their median is
+/// killed.
+#[test]
+fn timeout_relative_to_the_median() {
+    let d = tempfile::tempdir().unwrap();
+    let o = run(
+        BIN,
+        d.path(),
+        &[
+            "-j1",
+            "-k",
+            "--timeout",
+            "300%",
+            "sleep {}; echo {}",
+            ":::",
+            "0.1",
+            "0.1",
+            "0.1",
+            "0.1",
+            "30",
+        ],
+        b"",
+    );
+    assert_eq!(o.stdout, b"0.1\n0.1\n0.1\n0.1\n");
+    assert_eq!(o.status.code(), Some(1));
+}
+
+/// Bad values are errors naming the option and the value, all of them at once, exit 255.
+#[test]
+fn bad_option_values_are_all_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let o = run(
+        BIN,
+        d.path(),
+        &[
+            "-j",
+            "x",
+            "--halt",
+            "later,fail=1",
+            "--timeout",
+            "NaN",
+            "--colsep",
+            "(",
+            "echo",
+            ":::",
+            "1",
+        ],
+        b"",
+    );
+    assert_eq!(o.status.code(), Some(255));
+    let e = String::from_utf8_lossy(&o.stderr);
+    for want in [
+        "--jobs `x`",
+        "--halt `later,fail=1`",
+        "--timeout `NaN`",
+        "--colsep",
+    ] {
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    assert!(o.stdout.is_empty());
+}
