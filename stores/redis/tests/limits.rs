@@ -59,7 +59,7 @@ async fn same_as_local(count: u64, burst: u64, n: usize, name: &str) {
         let ideal = interval * (k as u32).saturating_sub(burst as u32 - 1);
         for (what, t) in [("local", l), ("redis", r)] {
             assert!(
-                *t + Duration::from_millis(2) >= ideal && *t <= ideal + Duration::from_millis(40),
+                *t + Duration::from_millis(2) >= ideal && *t <= ideal + Duration::from_millis(100),
                 "{what} start {k} at {t:?}, ideal {ideal:?}\nlocal {l:?}\nredis {r:?}"
             );
         }
