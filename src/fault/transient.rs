@@ -45,6 +45,26 @@ impl Transient {
     pub fn into_inner(self) -> BoxError {
         self.0
     }
+
+    /// `error` marked one way or the other: wrapped in `Transient` when `transient`, else in
+    /// [`Permanent`]; its text is unchanged. What a client crate's `classify` returns once
+    /// its own classifier has looked at the error.
+    ///
+    /// ```
+    /// let e = flowline::Transient::or_permanent("connection reset", true);
+    /// assert!(flowline::is_transient(&*e));
+    /// let e = flowline::Transient::or_permanent("no such table", false);
+    /// assert!(!flowline::is_transient(&*e));
+    /// assert_eq!(e.to_string(), "no such table");
+    /// ```
+    pub fn or_permanent(error: impl Into<BoxError>, transient: bool) -> BoxError {
+        let error = error.into();
+        if transient {
+            Box::new(Transient(error))
+        } else {
+            Box::new(Permanent::new(error))
+        }
+    }
 }
 
 impl fmt::Display for Transient {

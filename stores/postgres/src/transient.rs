@@ -86,11 +86,8 @@ pub fn is_transient_error(error: &(dyn StdError + 'static)) -> bool {
 /// ```
 pub fn classify(error: impl Into<BoxError>) -> BoxError {
     let error = error.into();
-    if is_transient_error(&*error) {
-        Box::new(Transient::new(error))
-    } else {
-        Box::new(Permanent::new(error))
-    }
+    let transient = is_transient_error(&*error);
+    Transient::or_permanent(error, transient)
 }
 
 /// A tokio-postgres error: transient when the connection is gone or could not be made, or

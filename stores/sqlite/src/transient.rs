@@ -81,11 +81,8 @@ pub fn is_transient_error(error: &(dyn StdError + 'static)) -> bool {
 /// ```
 pub fn classify(error: impl Into<BoxError>) -> BoxError {
     let error = error.into();
-    if is_transient_error(&*error) {
-        Box::new(Transient::new(error))
-    } else {
-        Box::new(Permanent::new(error))
-    }
+    let transient = is_transient_error(&*error);
+    Transient::or_permanent(error, transient)
 }
 
 pub(crate) fn is_transient_sqlite(e: &rusqlite::Error) -> bool {
