@@ -17,7 +17,7 @@
 //! `redis_restart` —, once per suite run) and `ratio`; `workers_ok` (every worker exited 0).
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -183,18 +183,8 @@ fn scenario(fault: Fault, aof: bool) -> Outcome {
     let client = server.client();
     let rt = runtime();
     rt.block_on(fill(&url));
-    let exe = std::env::current_exe().expect("own path");
     let start = Instant::now();
-    let mut kids: Vec<Child> = ["w1", "w2", "w3"]
-        .iter()
-        .map(|name| {
-            Command::new(&exe)
-                .args(["--faults-redis-worker", &url, name])
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("spawn a worker")
-        })
-        .collect();
+    let mut kids: Vec<Child> = crate::util::spawn_workers("--faults-redis-worker", &url);
     let samples: Samples = Arc::default();
     let sampling = {
         let (samples, client) = (samples.clone(), client.clone());

@@ -15,7 +15,6 @@
 //!   of its entries run elsewhere; `min_idle` is 2 s), and the run's wall time as
 //!   `flowline` (no baseline).
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use flowline::prelude::*;
@@ -230,18 +229,8 @@ fn redis_kill() {
     let url = server.url();
     let rt = runtime();
     rt.block_on(fill(&url, "jobs", KILL_ENTRIES));
-    let exe = std::env::current_exe().expect("own path");
     let start = Instant::now();
-    let mut kids: Vec<_> = ["w1", "w2", "w3"]
-        .iter()
-        .map(|name| {
-            Command::new(&exe)
-                .args(["--scale-worker", &url, name])
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("spawn a worker")
-        })
-        .collect();
+    let mut kids = crate::util::spawn_workers("--scale-worker", &url);
     std::thread::sleep(Duration::from_secs(1));
     let killed_at = unix_ms();
     kids[1].kill().expect("SIGKILL");

@@ -157,6 +157,22 @@ pub fn most_within<T: Ord + Copy + std::ops::Add<W, Output = T>, W: Copy>(
     best
 }
 
+/// Three worker processes of this bench binary (`w1`, `w2`, `w3`), started with `flag` and
+/// the server's URL, their output discarded.
+pub fn spawn_workers(flag: &str, url: &str) -> Vec<std::process::Child> {
+    let exe = std::env::current_exe().expect("own path");
+    ["w1", "w2", "w3"]
+        .iter()
+        .map(|name| {
+            std::process::Command::new(&exe)
+                .args([flag, url, name])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn a worker")
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::{most_within, quantile};
