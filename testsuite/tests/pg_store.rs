@@ -105,8 +105,9 @@ async fn postgres_stores_under_faults() {
     assert!(!e.contains(secret), "the error quotes the data: {e}");
     assert_eq!(cps.load("job").await.unwrap().as_deref(), Some("10"));
 
-    // The cursor source over that store: a commit that fails keeps the old checkpoint,
-    // and the run still delivers everything.
+    // The cursor source over that store: a commit the server refuses for good (not a
+    // fault that passes) ends the run with an error naming the store, and keeps the old
+    // checkpoint, so a rerun starts from an item that really ended.
     let fetch = |c: Option<String>| async move {
         let n: u64 = c.map_or(0, |c| c.trim_start_matches('x').parse().unwrap_or(0));
         // From 30 on the cursor is too long for the constraint above.
@@ -122,11 +123,19 @@ async fn postgres_stores_under_faults() {
         })
     };
     cps.commit("src", "0").await.unwrap();
-    let report = Pipeline::from_cursor(cps.clone(), "src", fetch)
+    // The last page's cursor is always long, so the final commit is always refused.
+    let e = Pipeline::from_cursor(cps.clone(), "src", fetch)
         .run()
         .await
-        .unwrap();
-    assert_eq!(report.delivered(), 50);
+        .unwrap_err();
+    assert!(matches!(e, flowline::Error::Outage { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("checkpoint store of `src`"), "{msg}");
+    assert!(msg.contains("short_cursor"), "{msg}");
+    assert!(
+        !msg.contains("xxxxxxxxxx"),
+        "the error quotes the cursor: {msg}"
+    );
     // Commits are coalesced, so which of the short cursors got written varies; the long
     // ones never did.
     let kept = cps.load("src").await.unwrap();

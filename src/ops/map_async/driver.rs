@@ -1010,13 +1010,15 @@ where
     }
 
     /// An item started before is left unfinished (its ticket goes with it, unfinished): its
-    /// place in the output order is passed over. Counted by the caller.
+    /// place in the output order is passed over, and the results behind it that are done go
+    /// out now (no later completion may come to send them). Counted by the caller.
     fn leave(&mut self, meta: Meta) {
         if self.ordered {
             let at = (meta.seq - self.next_emit) as usize;
             if let Some(slot) = self.reorder.get_mut(at) {
                 *slot = Some(Done::Left);
             }
+            self.emit_in_order();
         }
     }
 
@@ -1274,5 +1276,56 @@ mod tests {
         assert_eq!(out, expected());
         assert_eq!(report.failures, 3_000 - expected().len() as u64);
         assert!(report.is_balanced());
+    }
+
+    /// An ordered stage stopped while its first item's call is in flight, the results behind
+    /// it already done: the first call fails after the stop, and whether its item would be
+    /// tried again (a retry) or held (a pausing breaker), it is left unfinished and the
+    /// results behind it go out; the run ends.
+    async fn stopped_with_a_failing_first_call(retry: Option<Retry>, breaker: Option<Breaker>) {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let seen = out.clone();
+        let mut work = Pipeline::from_iter(1..=3u32)
+            .try_map_async("work", |x| async move {
+                let ms = if x == 1 { 30 } else { 5 };
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                if x == 1 { Err("down") } else { Ok(x) }
+            })
+            .workers(3);
+        if let Some(retry) = retry {
+            work = work.retry(retry);
+        }
+        if let Some(breaker) = breaker {
+            work = work.circuit_breaker(breaker);
+        }
+        let handle = work
+            .for_each(move |x| {
+                seen.lock().unwrap().push(x);
+                async {}
+            })
+            .deadline(Duration::from_secs(3600))
+            .spawn();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        handle.stop();
+        let report = handle.join().await.unwrap();
+        assert_eq!(report.outcome, RunOutcome::Stopped);
+        assert_eq!(*out.lock().unwrap(), vec![2, 3]);
+        let work = report.stage("work").unwrap();
+        assert_eq!((work.passed, work.failed, work.unfinished), (2, 0, 1));
+        assert!(report.is_balanced(), "{report}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_leaves_an_item_due_for_a_retry_and_sends_the_results_behind_it() {
+        let retry = Retry::exponential(Duration::from_millis(10)).max_attempts(3);
+        stopped_with_a_failing_first_call(Some(retry), None).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_leaves_an_item_a_pausing_breaker_holds_and_sends_the_results_behind_it() {
+        let breaker = Breaker::consecutive_failures(1)
+            .cooldown(Duration::from_millis(50))
+            .on_open(OnOpen::Pause);
+        stopped_with_a_failing_first_call(None, Some(breaker)).await;
     }
 }

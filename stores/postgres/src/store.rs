@@ -586,12 +586,21 @@ impl PgStore {
                     .map_err(|e| sql_failed(table, what, e).into_error())?
             };
             let mut marked = HashSet::with_capacity(rows.len());
+            let mut inserted = None;
             for row in &rows {
                 // Lease -1: a key no reserve call had, inserted by the statement itself.
-                let inserted = !self.optimistic && row.try_get::<_, i64>(1).ok() == Some(-1);
-                if let (Ok(k), false) = (row.try_get::<_, &str>(0), inserted) {
-                    marked.insert(k);
+                let new = !self.optimistic && row.try_get::<_, i64>(1).ok() == Some(-1);
+                match (row.try_get::<_, &str>(0), new) {
+                    (Ok(k), false) => {
+                        marked.insert(k);
+                    }
+                    (Ok(k), true) => inserted = inserted.or(Some(k)),
+                    (Err(_), _) => {}
                 }
+            }
+            if let Some(key) = inserted {
+                // No reserve call had it, so no earlier call can have committed it.
+                return Err(self.not_reserved(keys.iter().find(|k| k.as_str() == key)));
             }
             if let Some(key) = keys.iter().find(|k| !marked.contains(k.as_str())) {
                 // Dropping `tx` rolls the effect back. Keys this holder committed already

@@ -165,11 +165,16 @@ impl PgServer {
             .to_string_lossy()
             .into_owned();
         // The port may be taken between finding it and the server binding it: try again.
+        // `authentication_timeout`: a shutdown waits for every connection still owing its
+        // startup packet, and under a loaded CPU a client that gave up on a connection
+        // still in the listen queue leaves one half-open (its close never reaches the
+        // server), which the default would make a restart wait 60 s for.
         for attempt in 0..5 {
             let port = free_port();
             let opts = format!(
                 "-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off \
-                 -c synchronous_commit=off -c full_page_writes=off -c max_connections=100"
+                 -c synchronous_commit=off -c full_page_writes=off -c max_connections=100 \
+                 -c authentication_timeout=5s"
             );
             let out = cluster.run(
                 "pg_ctl",
@@ -278,11 +283,35 @@ impl PgServer {
         let mut all = vec!["-D", &d, "-l", &c.log, "-w", "-t", "30"];
         all.extend_from_slice(args);
         let out = c.run("pg_ctl", &all);
-        assert!(
-            out.status.success(),
-            "pg_ctl {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if !out.status.success() {
+            let log = std::fs::read_to_string(&c.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let ps = Command::new("ps")
+                .args(["-eo", "pid,ppid,stat,wchan:20,args"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let ss = Command::new("ss")
+                .args(["-tanpe"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let port = c.opts.split_whitespace().nth(1).unwrap_or("?").to_string();
+            let ss: Vec<&str> = ss
+                .lines()
+                .filter(|l| l.contains(&format!(":{port}")))
+                .collect();
+            panic!(
+                "pg_ctl {args:?} failed: {}\nsockets:\n{}\nserver log (last lines, newest first):\n{}\nprocesses:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                ss.join("\n"),
+                tail.join("\n"),
+                ps.lines()
+                    .filter(|l| l.contains("postgres"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
     }
 
     /// Whether faults can be injected (the server is the test's own).
