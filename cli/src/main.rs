@@ -192,7 +192,7 @@ struct Cli {
     #[arg(long, value_name = "STR")]
     tagstring: Option<String>,
 
-    /// Keep each job's stdout and stderr in DIR/<job number>/{stdout,stderr}.
+    /// Keep each job's stdout and stderr in `DIR/<job number>/{stdout,stderr}`.
     #[arg(long, value_name = "DIR")]
     results: Option<PathBuf>,
 
