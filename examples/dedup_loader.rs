@@ -1,4 +1,4 @@
-//! The seed's case: user ids arrive from a stream (with many repeats), are deduplicated, and
+//! User ids arrive from a stream (with many repeats), are deduplicated, and
 //! looked up through a `Loader`, so that each batch of ids costs one call to the database.
 //!
 //! Run with `cargo run --example dedup_loader`.

@@ -134,12 +134,19 @@ fn recovery(w: &Watched, back: Duration) -> Option<f64> {
     let before = rate_at(&w.samples, k)?;
     let last = w.samples.last()?.1;
     w.samples.iter().enumerate().find_map(|(i, &(t, n))| {
+        if t < back {
+            return None;
+        }
+        // The run's last rows (the tail of the table) count as recovered: a run that ends
+        // within a window of the server's return has recovered by its end at the latest.
+        if n == last {
+            return Some((t - back).as_secs_f64());
+        }
         if t < back + WINDOW {
             return None;
         }
-        // The run's last rows (the tail of the table) count as recovered.
         let rate = rate_at(&w.samples, i)?;
-        (rate >= 0.9 * before || n == last).then(|| (t - WINDOW).saturating_sub(back).as_secs_f64())
+        (rate >= 0.9 * before).then(|| (t - WINDOW).saturating_sub(back).as_secs_f64())
     })
 }
 
@@ -217,6 +224,21 @@ fn report_line(case: &str, rows: i64, plain: &Watched, faulty: &Watched, effects
         }
     };
     let recoveries: Vec<Option<f64>> = faulty.back.iter().map(|&b| recovery(faulty, b)).collect();
+    // FLOWLINE_BENCH_TRACE=1: the progress samples around the fault, to see a slow recovery.
+    if std::env::var_os("FLOWLINE_BENCH_TRACE").is_some() {
+        if let (Some(at), Some(&back)) = (faulty.fault_at, faulty.back.last()) {
+            let near = faulty.samples.iter().filter(|(t, _)| {
+                *t + Duration::from_millis(200) >= back && *t <= back + Duration::from_secs(3)
+            });
+            let line: Vec<String> = near
+                .map(|(t, n)| format!("{:.3}:{n}", t.as_secs_f64()))
+                .collect();
+            eprintln!(
+                "{case}: fault at {at:?}, back at {back:?}; samples {}",
+                line.join(" ")
+            );
+        }
+    }
     let recovery_s = if recoveries.iter().all(Option::is_some) {
         recoveries
             .iter()

@@ -453,7 +453,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_the_seed_line() {
+    fn parses_a_pipe_with_fork_and_branch() {
         let p = parse("generator | fork(10) | task1 | task2 | branch | error:retry success:print")
             .unwrap();
         let names: Vec<_> = p.stages.iter().map(|s| s.name.as_str()).collect();

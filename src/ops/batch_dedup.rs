@@ -1,6 +1,6 @@
 //! `batch_dedup_by(size, max_wait, key)`: a batch in which each key appears once — the first
-//! item with a key is kept, later ones in the same batch are dropped (and counted). The
-//! seed's `BatchFunc`: collect ids, fetch each once per batch.
+//! item with a key is kept, later ones in the same batch are dropped (and counted). A
+//! batch function's input: collect ids, fetch each once per batch.
 
 use std::collections::HashSet;
 use std::hash::Hash;

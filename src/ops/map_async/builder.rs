@@ -153,8 +153,8 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
     /// with the output, or `Err` with a [`Failed`] — the input, the error, the stage and
     /// the attempts — once the item has no attempt left (after [`retry`](AsyncStage::retry)
     /// and a pausing breaker have had their turn). A failed item is then an item of the
-    /// pipeline like any other, counted once, as emitted; a branch handles it (the seed's
-    /// `branch | error:retry success:print`). Needs `T: Clone`: each call gets a copy of
+    /// pipeline like any other, counted once, as emitted; a branch handles it (the pipe
+    /// language's `branch | error:retry success:print`). Needs `T: Clone`: each call gets a copy of
     /// the input, so that a failure can carry it.
     ///
     /// ```
