@@ -29,6 +29,10 @@ pub(crate) struct Panes<K, Acc> {
     schedule: BTreeMap<u64, Vec<K>>,
     open: usize,
     held: u64,
+    /// The pane the last item fell in (its start, and the end of the first window holding
+    /// it): items come mostly in time order, so the next one usually falls in it too and
+    /// its two divisions are not made again. No window starts or ends inside a pane.
+    last: (u64, u64),
 }
 
 struct KeyPanes<Acc> {
@@ -42,19 +46,38 @@ struct Pane<Acc> {
     start: u64,
     acc: Acc,
     items: u64,
-    /// The items' tickets, until the pane is first in an emitted window: then one ticket
-    /// over them (`shared`), which each window that holds the pane gets a part of.
-    tickets: Vec<Ticket>,
+    /// Its items' tickets, only when the input is tracked: boxed, so that an untracked
+    /// pane is 32 bytes for a count (a key's panes are the state's memory, and the cache
+    /// misses on them its cost).
+    tickets: Option<Box<PaneTickets>>,
+}
+
+/// The items' tickets of a pane, until the pane is first in an emitted window: then one
+/// ticket over them (`shared`), which each window that holds the pane gets a part of.
+#[derive(Default)]
+struct PaneTickets {
+    items: Vec<Ticket>,
     shared: Ticket,
 }
 
 impl<Acc> Pane<Acc> {
     /// The pane's one ticket over its items, made the first time a window needs it.
     fn shared(&mut self) -> Ticket {
-        if !self.tickets.is_empty() {
-            self.shared = Ticket::with_parents(std::mem::take(&mut self.tickets), None);
+        let Some(t) = self.tickets.as_mut() else {
+            return Ticket::none();
+        };
+        if !t.items.is_empty() {
+            t.shared = Ticket::with_parents(std::mem::take(&mut t.items), None);
         }
-        self.shared.clone()
+        t.shared.clone()
+    }
+
+    /// Keeps an item's ticket (a tracked input).
+    fn keep(&mut self, ticket: &mut Ticket) {
+        if ticket.is_some() {
+            let t = self.tickets.get_or_insert_with(Box::default);
+            t.items.push(std::mem::take(ticket));
+        }
     }
 }
 
@@ -85,6 +108,7 @@ impl<K, Acc> Panes<K, Acc> {
             schedule: BTreeMap::new(),
             open: 0,
             held: 0,
+            last: (u64::MAX, 0),
         }
     }
 
@@ -137,7 +161,8 @@ where
                 self.held -= p.items;
                 out.retired += p.items;
                 if p.items > 0 {
-                    let ticket = Ticket::with_parents(p.tickets, None);
+                    let items = p.tickets.map(|t| t.items).unwrap_or_default();
+                    let ticket = Ticket::with_parents(items, None);
                     out.push(
                         window(key, start, end, p.items, agg.finish(p.acc), evicted),
                         ticket,
@@ -179,7 +204,9 @@ where
                 // Every pane was in a window before it retires: its tickets went into
                 // `shared`, whose windows now hold them.
                 p.shared().finish(Outcome::Done);
-                std::mem::take(&mut p.shared).finish(Outcome::Done);
+                if let Some(mut t) = p.tickets.take() {
+                    std::mem::take(&mut t.shared).finish(Outcome::Done);
+                }
             }
         }
         if kp.panes.is_empty() {
@@ -223,7 +250,12 @@ where
         ticket: &mut Ticket,
         max_open: usize,
     ) -> Result<(), Rejected<K, T>> {
-        let first_end = self.first_end(t);
+        let (start, first_end) = if t >= self.last.0 && t - self.last.0 < self.pane {
+            self.last
+        } else {
+            self.last = (t - t % self.pane, self.first_end(t));
+            self.last
+        };
         if first_end <= watermark {
             return Err(Rejected {
                 why: Why::Late,
@@ -231,7 +263,6 @@ where
                 item,
             });
         }
-        let start = t - t % self.pane;
         if let Some(kp) = self.keys.get_mut(&key) {
             // Usually the newest pane: searched from the back.
             let at = kp.panes.iter().rposition(|p| p.start <= start);
@@ -252,8 +283,7 @@ where
                             start,
                             acc: agg.init(),
                             items: 0,
-                            tickets: Vec::new(),
-                            shared: Ticket::none(),
+                            tickets: None,
                         },
                     );
                     self.open += 1;
@@ -266,9 +296,7 @@ where
             };
             agg.add(&mut pane.acc, item);
             pane.items += 1;
-            if ticket.is_some() {
-                pane.tickets.push(std::mem::take(ticket));
-            }
+            pane.keep(ticket);
         } else {
             if self.open >= max_open {
                 return Err(Rejected {
@@ -279,18 +307,18 @@ where
             }
             let mut acc = agg.init();
             agg.add(&mut acc, item);
-            let mut tickets = Vec::new();
-            if ticket.is_some() {
-                tickets.push(std::mem::take(ticket));
-            }
-            let mut panes = VecDeque::with_capacity(1);
-            panes.push_back(Pane {
+            let mut pane = Pane {
                 start,
                 acc,
                 items: 1,
-                tickets,
-                shared: Ticket::none(),
-            });
+                tickets: None,
+            };
+            pane.keep(ticket);
+            // Room for a window's panes and the next one at once (a key's panes stay that
+            // many once it is busy), so that the buffer is not grown and copied several times.
+            let room = (self.size / self.pane).saturating_add(1).min(64) as usize;
+            let mut panes = VecDeque::with_capacity(room);
+            panes.push_back(pane);
             self.open += 1;
             schedule(&mut self.schedule, first_end, key.clone());
             self.keys.insert(
