@@ -319,7 +319,9 @@ async fn run_case(c: Case) -> Result<(), TestCaseError> {
         prop_assert_eq!(done, !failing(r), "row {} key done: {}", r, done);
     }
     prop_assert_eq!(*passed_unfinished.lock().unwrap(), None);
-    prop_assert_eq!(saved.get("rows"), Some(c.n.to_string()), "last cursor");
+    // The last page's cursor; an empty table's only page has none, so nothing is written.
+    let last = (c.n > 0).then(|| c.n.to_string());
+    prop_assert_eq!(saved.get("rows"), last, "last cursor");
     Ok(())
 }
 
