@@ -38,8 +38,27 @@ pub(crate) struct Panes<K, Acc> {
 struct KeyPanes<Acc> {
     /// By start, oldest first (an out-of-order item inserts in place).
     panes: VecDeque<Pane<Acc>>,
+    /// The newest pane, kept in the key's map slot while items come to it: an item is
+    /// counted where its key was looked up, not in the panes' buffer (one cache miss an
+    /// item instead of two). Newer than every pane in `panes`; put back with `settle`
+    /// before anything reads `panes`.
+    newest: Option<Pane<Acc>>,
     /// The end of the next window of this key to emit.
     next_end: u64,
+}
+
+impl<Acc> KeyPanes<Acc> {
+    /// The oldest pane (the newest is newer than every one in `panes`).
+    fn oldest(&self) -> Option<&Pane<Acc>> {
+        self.panes.front().or(self.newest.as_ref())
+    }
+
+    /// Puts the newest pane back at the end of `panes`.
+    fn settle(&mut self) {
+        if let Some(p) = self.newest.take() {
+            self.panes.push_back(p);
+        }
+    }
 }
 
 struct Pane<Acc> {
@@ -142,6 +161,7 @@ where
         let Some(kp) = self.keys.get_mut(key) else {
             return;
         };
+        kp.settle();
         let before = kp.next_end;
         let tumbling = self.pane == self.size;
         while kp.next_end <= until {
@@ -264,6 +284,14 @@ where
             });
         }
         if let Some(kp) = self.keys.get_mut(&key) {
+            if let Some(p) = kp.newest.as_mut().filter(|p| p.start == start) {
+                agg.add(&mut p.acc, item);
+                p.items += 1;
+                p.keep(ticket);
+                self.held += 1;
+                return Ok(());
+            }
+            kp.settle();
             // Usually the newest pane: searched from the back.
             let at = kp.panes.iter().rposition(|p| p.start <= start);
             let pane = match at {
@@ -297,6 +325,10 @@ where
             agg.add(&mut pane.acc, item);
             pane.items += 1;
             pane.keep(ticket);
+            // The newest pane goes to the key's slot: items come mostly to it.
+            if kp.panes.back().is_some_and(|p| p.start == start) {
+                kp.newest = kp.panes.pop_back();
+            }
         } else {
             if self.open >= max_open {
                 return Err(Rejected {
@@ -317,14 +349,13 @@ where
             // Room for a window's panes and the next one at once (a key's panes stay that
             // many once it is busy), so that the buffer is not grown and copied several times.
             let room = (self.size / self.pane).saturating_add(1).min(64) as usize;
-            let mut panes = VecDeque::with_capacity(room);
-            panes.push_back(pane);
             self.open += 1;
             schedule(&mut self.schedule, first_end, key.clone());
             self.keys.insert(
                 key,
                 KeyPanes {
-                    panes,
+                    panes: VecDeque::with_capacity(room),
+                    newest: Some(pane),
                     next_end: first_end,
                 },
             );
@@ -361,7 +392,7 @@ where
             if entry.get().is_empty() {
                 entry.remove();
             }
-            let Some(front) = self.keys.get(&key).and_then(|kp| kp.panes.front()) else {
+            let Some(front) = self.keys.get(&key).and_then(KeyPanes::oldest) else {
                 continue;
             };
             let until = self.last_end(front.start);
