@@ -160,12 +160,22 @@ pub fn command_text(words: &[OsString], quote: bool) -> Result<String, String> {
 /// `-j`: `N`, `N%` of the CPUs, `+N` / `-N` CPUs more or less, `0` as many as there are
 /// inputs (here: 65,536), or a file holding one of these (read once, at the start).
 pub fn jobs(text: &str, cpus: usize) -> Result<usize, String> {
-    let bad = |why: &str| format!("--jobs `{}`: {why}", text.escape_debug());
     let t = text.trim();
     if !t.is_empty() && std::path::Path::new(t).is_file() {
+        let bad = |why: &str| format!("--jobs `{}`: {why}", text.escape_debug());
         let content = std::fs::read_to_string(t).map_err(|e| bad(&e.to_string()))?;
-        return jobs(content.trim(), cpus);
+        // The file's text is a number, never another file (a file naming itself would
+        // never end).
+        return jobs_value(content.trim(), cpus)
+            .map_err(|e| format!("{e} (read from the file `{}`)", t.escape_debug()));
     }
+    jobs_value(t, cpus)
+}
+
+/// `-j`'s value as text: `N`, `N%`, `+N`, `-N` or `0`.
+fn jobs_value(text: &str, cpus: usize) -> Result<usize, String> {
+    let bad = |why: &str| format!("--jobs `{}`: {why}", text.escape_debug());
+    let t = text.trim();
     let num = |s: &str| -> Result<i64, String> {
         s.parse::<i64>()
             .map_err(|_| bad("is not N, N%, +N, -N or a file"))
@@ -345,6 +355,17 @@ mod tests {
         assert_eq!(jobs("0", 8), Ok(65_536));
         assert!(jobs("x", 8).unwrap_err().contains("--jobs `x`"));
         assert!(jobs("99999999", 8).is_err());
+        // A file names the number; a file naming itself is an error, not a recursion.
+        let dir = tempfile::tempdir().unwrap();
+        let (four, itself) = (dir.path().join("four"), dir.path().join("itself"));
+        std::fs::write(&four, "4\n").unwrap();
+        std::fs::write(&itself, itself.to_str().unwrap()).unwrap();
+        assert_eq!(jobs(four.to_str().unwrap(), 8), Ok(4));
+        let e = jobs(itself.to_str().unwrap(), 8).unwrap_err();
+        assert!(
+            e.contains("is not N") && e.contains("read from the file"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -6,4 +6,4 @@ pub(crate) mod transient;
 
 pub use outage::{Outage, OutageError, OutageWatch};
 pub(crate) use transient::chain;
-pub use transient::{Permanent, Transient, is_transient};
+pub use transient::{Permanent, Transient, is_transient, is_transient_with};

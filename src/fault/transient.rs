@@ -128,6 +128,33 @@ impl StdError for Permanent {
 /// assert!(!flowline::is_transient(&Error::new(ErrorKind::NotFound, "no such file")));
 /// ```
 pub fn is_transient(error: &(dyn StdError + 'static)) -> bool {
+    is_transient_with(error, |_| None)
+}
+
+/// [`is_transient`] with a client's own verdict: walking `error`'s chain of causes
+/// (outermost first), a [`Permanent`] or [`Transient`] marker decides first, then `client`
+/// (`Some(transient)` for an error of its own types, `None` to go on to the cause), then a
+/// lost or refused connection's I/O error. The classifiers of the store crates are this
+/// with their driver's errors, so the markers mean the same everywhere.
+///
+/// ```
+/// use std::io::{Error, ErrorKind};
+/// #[derive(Debug)]
+/// struct Busy;
+/// impl std::fmt::Display for Busy {
+///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str("busy") }
+/// }
+/// impl std::error::Error for Busy {}
+/// let client = |e: &(dyn std::error::Error + 'static)| e.is::<Busy>().then_some(true);
+/// assert!(flowline::is_transient_with(&Busy, client));
+/// assert!(!flowline::is_transient_with(&flowline::Permanent::new(Busy), client));
+/// let lost = Error::new(ErrorKind::ConnectionReset, "reset");
+/// assert!(flowline::is_transient_with(&lost, client));
+/// ```
+pub fn is_transient_with(
+    error: &(dyn StdError + 'static),
+    client: impl Fn(&(dyn StdError + 'static)) -> Option<bool>,
+) -> bool {
     let mut next = Some(error);
     while let Some(e) = next {
         if e.is::<Permanent>() {
@@ -135,6 +162,9 @@ pub fn is_transient(error: &(dyn StdError + 'static)) -> bool {
         }
         if e.is::<Transient>() {
             return true;
+        }
+        if let Some(verdict) = client(e) {
+            return verdict;
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>()
             && is_connection_fault(io.kind())

@@ -641,6 +641,7 @@ where
             Again::No => return Some((meta, again, None)),
             Again::GiveUp(instead) => return Some((meta, again, Some(instead))),
         };
+        let pauses = r.pauses_source();
         let Some(item) = again else {
             return Some((meta, again, None));
         };
@@ -650,8 +651,7 @@ where
             self.stats.left(1);
             return None;
         }
-        let r = self.retry.as_ref()?;
-        if r.pauses_source() && self.backoff.hold.is_none() {
+        if pauses && self.backoff.hold.is_none() {
             self.backoff.hold = Some(self.run.gate.hold());
         }
         StageStats::add(&self.stats.retried, 1);

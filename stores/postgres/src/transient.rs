@@ -10,7 +10,7 @@
 use std::error::Error as StdError;
 
 use deadpool_postgres::PoolError;
-use flowline::{BoxError, ItemError, Permanent, Transient};
+use flowline::{BoxError, ItemError, Transient};
 use tokio_postgres::error::SqlState;
 
 /// Whether a stage's failure is a fault of infrastructure: somewhere in its chain a
@@ -48,28 +48,21 @@ pub fn is_transient(error: &ItemError) -> bool {
 /// assert!(!flowline_postgres::is_transient_error(&flowline::Permanent::new(e)));
 /// ```
 pub fn is_transient_error(error: &(dyn StdError + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(e) = next {
-        if e.is::<Permanent>() {
-            return false;
-        }
+    flowline::is_transient_with(error, |e| {
         if let Some(pg) = e.downcast_ref::<tokio_postgres::Error>() {
-            return is_transient_pg(pg);
+            return Some(is_transient_pg(pg));
         }
         if let Some(pool) = e.downcast_ref::<PoolError>() {
             match pool {
-                PoolError::Backend(pg) => return is_transient_pg(pg),
+                PoolError::Backend(pg) => return Some(is_transient_pg(pg)),
                 // No connection became free or could be made in time.
-                PoolError::Timeout(_) => return true,
+                PoolError::Timeout(_) => return Some(true),
                 _ => {}
             }
         }
-        if let Some(db) = e.downcast_ref::<tokio_postgres::error::DbError>() {
-            return is_transient_code(db.code());
-        }
-        next = e.source();
-    }
-    flowline::is_transient(error)
+        e.downcast_ref::<tokio_postgres::error::DbError>()
+            .map(|db| is_transient_code(db.code()))
+    })
 }
 
 /// `error`, marked for flowline: wrapped in [`flowline::Transient`] when
@@ -126,6 +119,7 @@ fn is_transient_code(code: &SqlState) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flowline::Permanent;
 
     #[test]
     fn shutdown_and_connection_codes_are_transient_and_statement_errors_are_not() {

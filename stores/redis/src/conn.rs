@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flowline::{BoxError, Outage, OutageError, Permanent, Transient};
+use flowline::{BoxError, Outage, OutageError, Transient};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 
@@ -53,11 +53,8 @@ pub(crate) fn server(client: &redis::Client) -> Arc<str> {
 /// A failed call as the outage policy reads it: a transient one is marked so (tried again),
 /// any other is permanent (it ends the wait at once, with this error).
 pub(crate) fn mark(e: RedisError) -> BoxError {
-    if is_transient(&e) {
-        Box::new(Transient::new(e))
-    } else {
-        Box::new(Permanent::new(e))
-    }
+    let transient = is_transient(&e);
+    Transient::or_permanent(e, transient)
 }
 
 /// Runs `op` until it succeeds, under `policy`: transient failures are tried again after

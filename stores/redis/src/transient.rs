@@ -1,13 +1,13 @@
 //! [`is_transient`]: whether an item's error is Redis (or the network) failing rather than
 //! the item, for the retry, breaker and stage options that take a classifier.
 
-use flowline::{ItemError, Permanent, Transient};
+use flowline::ItemError;
 
 /// Whether an item failed because Redis could not answer for now: a Redis error anywhere in
 /// the error's chain that a later try may not meet (the connection dropped, refused or timed
 /// out; the server `LOADING` its data, `READONLY` or `MASTERDOWN` in a failover, `TRYAGAIN`,
 /// `CLUSTERDOWN`), else what [`ItemError::is_transient`] says (the
-/// [`Transient`]/[`Permanent`] markers, connection-loss I/O errors). A Redis error that is
+/// [`Transient`](flowline::Transient)/[`Permanent`](flowline::Permanent) markers, connection-loss I/O errors). A Redis error that is
 /// the command's own fault (`WRONGTYPE`, a syntax error, a script error) is not transient:
 /// it is the item's failure. The outermost marker wins over what is inside it.
 ///
@@ -36,25 +36,16 @@ pub fn is_transient(error: &ItemError) -> bool {
     let ItemError::User(e) = error else {
         return error.is_transient();
     };
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&**e);
-    while let Some(e) = next {
-        if e.is::<Permanent>() {
-            return false;
-        }
-        if e.is::<Transient>() {
-            return true;
-        }
-        if let Some(r) = e.downcast_ref::<redis::RedisError>() {
-            return crate::conn::is_transient(r);
-        }
-        next = e.source();
-    }
-    error.is_transient()
+    flowline::is_transient_with(&**e, |e| {
+        e.downcast_ref::<redis::RedisError>()
+            .map(crate::conn::is_transient)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flowline::{Permanent, Transient};
     use redis::{ErrorKind, RedisError, ServerErrorKind};
 
     fn server(kind: ServerErrorKind, text: &'static str) -> RedisError {

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flowline::prelude::*;
-use flowline::{CursorOptions, Outage, Page};
+use flowline::{CursorOptions, Page};
 use flowline_sqlite::{SqliteCheckpoints, SqliteStore, is_transient};
 use futures::StreamExt;
 use rusqlite::{Connection, params};
@@ -241,16 +241,11 @@ pub async fn run(args: Args) -> Result<Report, BoxError> {
                 Ok::<usize, BoxError>(n)
             }
         })
-        // The file locked by another connection (a backup, a long write) fails attempts,
-        // not the rows: they are tried again as long as the default outage policy waits
-        // for a server (5 minutes). Any other error fails the batch at once.
-        .retry(
-            Retry::exponential(Duration::from_millis(50))
-                .max_delay(Duration::from_secs(1))
-                .jitter()
-                .max_elapsed(Outage::DEFAULT_LIMIT)
-                .retry_if(is_transient),
-        )
+        // The file locked by another connection (a backup, a long write) pauses the job (no
+        // new batch starts, one probe at a time) and the batch is tried again once the lock
+        // is gone, for as long as the run's outage policy waits (by default 5 minutes): never
+        // a failed row. Any other error fails the batch at once.
+        .transient_if(is_transient)
         .into_stream();
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);

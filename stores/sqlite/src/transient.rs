@@ -9,7 +9,7 @@
 
 use std::error::Error as StdError;
 
-use flowline::{BoxError, ItemError, Permanent, Transient};
+use flowline::{BoxError, ItemError, Transient};
 use rusqlite::ErrorCode;
 
 /// Whether a stage's failure is a fault of infrastructure: somewhere in its chain a SQLite
@@ -50,20 +50,13 @@ pub fn is_transient(error: &ItemError) -> bool {
 /// assert!(!flowline_sqlite::is_transient_error(&rusqlite::Error::InvalidQuery));
 /// ```
 pub fn is_transient_error(error: &(dyn StdError + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(e) = next {
-        if e.is::<Permanent>() {
-            return false;
-        }
+    flowline::is_transient_with(error, |e| {
         if let Some(sql) = e.downcast_ref::<rusqlite::Error>() {
-            return is_transient_sqlite(sql);
+            return Some(is_transient_sqlite(sql));
         }
-        if let Some(ffi) = e.downcast_ref::<rusqlite::ffi::Error>() {
-            return is_busy(ffi.code);
-        }
-        next = e.source();
-    }
-    flowline::is_transient(error)
+        e.downcast_ref::<rusqlite::ffi::Error>()
+            .map(|ffi| is_busy(ffi.code))
+    })
 }
 
 /// `error`, marked for flowline: wrapped in [`flowline::Transient`] when
@@ -96,6 +89,7 @@ fn is_busy(code: ErrorCode) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flowline::Permanent;
     use rusqlite::ffi;
 
     fn failure(code: i32) -> rusqlite::Error {
@@ -122,5 +116,9 @@ mod tests {
         assert!(!flowline::is_transient(&*e));
         let e = classify(failure(ffi::SQLITE_CONSTRAINT));
         assert!(e.is::<Permanent>());
+        // A Transient marker outside a statement error: the marker decides.
+        assert!(is_transient_error(&Transient::new(failure(
+            ffi::SQLITE_CONSTRAINT
+        ))));
     }
 }
