@@ -126,7 +126,8 @@ mod topology;
 pub use dead_letter::DeadLetter;
 pub use error::{BoxError, ConfigProblem, Error, FailedInput, Failure, ItemError};
 pub use fault::{
-    Outage, OutageError, OutageWatch, Permanent, Transient, is_transient, is_transient_with,
+    Outage, OutageError, OutageWatch, Permanent, Transient, error_chain, is_transient,
+    is_transient_with,
 };
 pub use flow::Flow;
 pub use loader::{LoadError, Loader};

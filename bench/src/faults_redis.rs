@@ -198,8 +198,19 @@ fn scenario(fault: Fault, aof: bool) -> Outcome {
             }
         })
     };
-    let wait_for = |n: u64| {
+    // Until `n` effects are in; the bench stops (workers killed) if every worker has exited
+    // before that or a minute has passed: a fault injected then would measure nothing.
+    let mut wait_for = |n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
         while samples.lock().expect("samples").last().map_or(0, |s| s.1) < n {
+            let all_exited = kids.iter_mut().all(|k| matches!(k.try_wait(), Ok(Some(_))));
+            if all_exited || Instant::now() > deadline {
+                for k in &mut kids {
+                    let _ = k.kill();
+                    let _ = k.wait();
+                }
+                panic!("{n} effects not reached (workers exited: {all_exited}); no fault injected");
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
     };

@@ -210,7 +210,7 @@ fn pg_run(args: pg_cursor::Args) -> impl FnOnce() -> Result<Report, String> + Se
     move || {
         crate::util::runtime()
             .block_on(pg_cursor::run(args))
-            .map_err(|e| pg_cursor::paragraph(&*e))
+            .map_err(|e| flowline::error_chain(&*e))
     }
 }
 
@@ -328,7 +328,7 @@ fn sqlite_case(rows: i64) {
         move || {
             crate::util::runtime()
                 .block_on(sql_cursor::run(args))
-                .map_err(|e| sql_cursor::paragraph(&*e))
+                .map_err(|e| flowline::error_chain(&*e))
         }
     };
     let (_, args, progress) = prepare("plain.db");

@@ -5,5 +5,4 @@ pub(crate) mod outage;
 pub(crate) mod transient;
 
 pub use outage::{Outage, OutageError, OutageWatch};
-pub(crate) use transient::chain;
-pub use transient::{Permanent, Transient, is_transient, is_transient_with};
+pub use transient::{Permanent, Transient, error_chain, is_transient, is_transient_with};

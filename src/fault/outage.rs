@@ -236,7 +236,7 @@ impl OutageWatch {
         if self.attempts == 1 {
             tracing::warn!(
                 server = %self.server,
-                error = %crate::fault::chain(&*error),
+                error = %crate::fault::error_chain(&*error),
                 "server unreachable; the job waits for it and tries again"
             );
         } else {
@@ -335,7 +335,7 @@ impl OutageError {
 
 impl fmt::Display for OutageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let last = crate::fault::chain(&*self.error);
+        let last = crate::fault::error_chain(&*self.error);
         if self.is_permanent() {
             write!(f, "{}: {last}", self.server)
         } else {

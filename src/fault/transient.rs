@@ -226,9 +226,30 @@ impl ItemError {
 }
 
 /// An error and its causes as one line, `outer: cause: cause`, leaving out a cause whose
-/// text the one before it already ends with (many errors repeat their source in their own
-/// message).
-pub(crate) fn chain(error: &(dyn StdError + 'static)) -> String {
+/// text the line already ends with (many errors repeat their source in their own message),
+/// with line breaks made spaces: what a log line or a one-line exit message wants.
+///
+/// ```
+/// use std::error::Error;
+/// use std::fmt;
+///
+/// #[derive(Debug)]
+/// struct Query(std::io::Error);
+/// impl fmt::Display for Query {
+///     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+///         f.write_str("query failed")
+///     }
+/// }
+/// impl Error for Query {
+///     fn source(&self) -> Option<&(dyn Error + 'static)> {
+///         Some(&self.0)
+///     }
+/// }
+///
+/// let e = Query(std::io::Error::other("connection reset\nby peer"));
+/// assert_eq!(flowline::error_chain(&e), "query failed: connection reset by peer");
+/// ```
+pub fn error_chain(error: &(dyn StdError + 'static)) -> String {
     let mut out = error.to_string();
     let mut next = error.source();
     while let Some(e) = next {
@@ -294,8 +315,8 @@ mod tests {
             ErrorKind::ConnectionReset,
             "reset\nby peer",
         ));
-        assert_eq!(chain(&e), "query failed: reset by peer");
+        assert_eq!(error_chain(&e), "query failed: reset by peer");
         let t = Transient::new("same");
-        assert_eq!(chain(&t), "same");
+        assert_eq!(error_chain(&t), "same");
     }
 }

@@ -494,7 +494,7 @@ where
                         let e = format!(
                             "loading checkpoint `{}`: {}",
                             self.name,
-                            crate::fault::chain(&*e)
+                            crate::fault::error_chain(&*e)
                         );
                         match self.failed(e) {
                             Some(wait) => {

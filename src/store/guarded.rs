@@ -87,7 +87,7 @@ impl Guarded {
             let wait = {
                 let mut s = self.state();
                 if s.gave_up {
-                    tracing::warn!(server = %s.watch.server(), error = %crate::fault::chain(&*error), "store call failed after the outage ended the run");
+                    tracing::warn!(server = %s.watch.server(), error = %crate::fault::error_chain(&*error), "store call failed after the outage ended the run");
                     return None;
                 }
                 match s.watch.failed(error) {

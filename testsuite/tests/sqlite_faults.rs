@@ -65,7 +65,7 @@ fn a_file_write_locked_for_8s_loses_nothing_and_duplicates_nothing() {
             .build()
             .unwrap();
         let r = rt.block_on(sql_cursor::run(args));
-        let _ = tx.send(r.map_err(|e| sql_cursor::paragraph(&*e)));
+        let _ = tx.send(r.map_err(|e| flowline::error_chain(&*e)));
     });
     // The lock lands once a fifth of the rows are done.
     let until = Instant::now() + RUN_BOUND;

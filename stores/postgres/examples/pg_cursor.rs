@@ -141,7 +141,7 @@ async fn fetch_page(
     read_page(pool, after).await.map_err(|e| {
         let why = format!(
             "reading the page of items after id {after}: {}",
-            paragraph(&*e)
+            flowline::error_chain(&*e)
         );
         if flowline_postgres::is_transient_error(&*e) {
             Box::new(flowline::Transient::new(why)) as BoxError
@@ -293,21 +293,6 @@ pub fn unfinished(report: &Report) -> Option<String> {
     }
 }
 
-/// An error and its causes as one paragraph, each cause once.
-pub fn paragraph(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = error.to_string();
-    let mut next = error.source();
-    while let Some(e) = next {
-        let text = e.to_string();
-        if !text.is_empty() && !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = e.source();
-    }
-    out.replace('\n', " ")
-}
-
 #[allow(dead_code)]
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -331,7 +316,7 @@ async fn main() -> std::process::ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("pg_cursor: {}", paragraph(&*e));
+            eprintln!("pg_cursor: {}", flowline::error_chain(&*e));
             std::process::ExitCode::FAILURE
         }
     }

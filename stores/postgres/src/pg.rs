@@ -189,7 +189,7 @@ pub(crate) fn sql_failed(table: &str, statement: &str, e: tokio_postgres::Error)
     let why = match e.as_db_error() {
         // The message and the SQLSTATE; not the detail, which may quote the row's values.
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => one_line(&e),
+        None => flowline::error_chain(&e),
     };
     Failed {
         error: format!("PostgreSQL {statement} on table {table} failed: {why}").into(),
@@ -207,7 +207,7 @@ pub(crate) fn pool_failed(table: &str, e: PoolError) -> Failed {
     let why = match &e {
         PoolError::Backend(e) => match e.as_db_error() {
             Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-            None => one_line(e),
+            None => flowline::error_chain(e),
         },
         other => other.to_string(),
     };
@@ -215,22 +215,6 @@ pub(crate) fn pool_failed(table: &str, e: PoolError) -> Failed {
         error: format!("PostgreSQL connection for table {table} failed: {why}").into(),
         transient,
     }
-}
-
-/// A driver error and its causes as one line (`error connecting to server: Connection
-/// refused`), each cause once.
-fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(c) = next {
-        let text = c.to_string();
-        if !text.is_empty() && !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = c.source();
-    }
-    out.replace('\n', " ")
 }
 
 /// Waits between attempts: 20 ms, 40 ms, … up to 1 s, for at most `retry_for` after the

@@ -296,21 +296,6 @@ pub fn unfinished(report: &Report) -> Option<String> {
     }
 }
 
-/// An error and its causes as one paragraph, each cause once.
-pub fn paragraph(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = error.to_string();
-    let mut next = error.source();
-    while let Some(e) = next {
-        let text = e.to_string();
-        if !text.is_empty() && !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = e.source();
-    }
-    out.replace('\n', " ")
-}
-
 #[allow(dead_code)]
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -334,7 +319,7 @@ async fn main() -> std::process::ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("sql_cursor: {}", paragraph(&*e));
+            eprintln!("sql_cursor: {}", flowline::error_chain(&*e));
             std::process::ExitCode::FAILURE
         }
     }
