@@ -335,6 +335,11 @@ impl Ctx {
         self.check_halt(true, None);
         if let Some(s) = &self.state {
             s.done_durably(&item.inputs).await;
+            if s.failure().is_some() {
+                // The state file cannot be written: stop starting jobs whose end would not
+                // be recorded (the run then ends with the state's error).
+                let _ = self.halt_tx.send(false);
+            }
         }
     }
 
@@ -1285,6 +1290,9 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
     if let Some(s) = &ctx.state {
         s.flush();
         s.close();
+        if let Some(why) = s.failure() {
+            return Err(why);
+        }
     }
     if let Some(j) = &ctx.runner.joblog {
         if let Ok(mut f) = j.lock() {

@@ -118,3 +118,80 @@ fn runs_of(dir: &Path) -> HashMap<usize, Vec<String>> {
     }
     m
 }
+
+/// A state file locked by another program (a backup, `sqlite3` left open in a transaction):
+/// the jobs that end wait for their mark, so nothing new starts; once the lock goes, every
+/// mark is written and the run ends by itself, each input run once.
+#[test]
+fn a_locked_state_file_pauses_the_jobs_and_loses_no_mark() {
+    use std::io::{BufRead, BufReader};
+    let d = tempfile::tempdir().unwrap();
+    // The file and its table, made by a first run over one input.
+    let first = Command::new(BIN)
+        .args(["--quiet", "--state", "run.db", "args(0) | sh(\"true\")"])
+        .current_dir(d.path())
+        .status()
+        .unwrap();
+    assert!(first.success());
+    let mut lock = rusqlite::Connection::open(d.path().join("run.db")).unwrap();
+    let tx = lock
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
+        .unwrap();
+    tx.execute("UPDATE flowline_cli_jobs SET updated_ms = 0", [])
+        .unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "--quiet",
+            "--state",
+            "run.db",
+            "seq(1..20) | fork(2) | sh(\"echo {}\")",
+        ])
+        .current_dir(d.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let printed = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let printed = printed.clone();
+        std::thread::spawn(move || {
+            for line in out.lines() {
+                printed.lock().unwrap().push(line.unwrap());
+            }
+        })
+    };
+    // Held for 3 s: the state's commits fail (1 s busy wait each) and are tried again.
+    std::thread::sleep(Duration::from_secs(3));
+    let during = printed.lock().unwrap().len();
+    assert!(
+        during <= 2,
+        "{during} jobs ended while their marks could not be written; at most the 2 in flight may"
+    );
+    tx.commit().unwrap();
+    drop(lock);
+    let st = child.wait().unwrap();
+    reader.join().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(st.code(), Some(0), "{err}");
+    assert!(err.contains("cannot record progress"), "{err}");
+    let mut got: Vec<u32> = printed
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    got.sort();
+    assert_eq!(got, (1..=20).collect::<Vec<_>>(), "each input once");
+    let c = rusqlite::Connection::open(d.path().join("run.db")).unwrap();
+    let done: i64 = c
+        .query_row(
+            "SELECT count(*) FROM flowline_cli_jobs WHERE status = 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(done, 21, "every input recorded done (and the first run's)");
+}
