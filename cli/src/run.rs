@@ -506,16 +506,8 @@ struct SqlPager {
 impl SqlPager {
     async fn next(&mut self) -> Result<Option<Vec<u8>>, String> {
         if self.page.is_empty() && !self.end {
-            let (db, q, key, last) = (
-                self.db.clone(),
-                self.query.clone(),
-                self.key.clone(),
-                self.last.clone(),
-            );
             let (rows, last) =
-                tokio::task::spawn_blocking(move || sql_page(&db, &q, &key, last, 1000))
-                    .await
-                    .map_err(|e| format!("sql: {e}"))??;
+                read_page(&self.db, &self.query, &self.key, &self.last, 1000).await?;
             if rows.len() < 1000 {
                 self.end = true;
             }
@@ -530,38 +522,84 @@ impl SqlPager {
 
 type Page = (Vec<Vec<u8>>, Option<rusqlite::types::Value>);
 
+/// The page of `n` rows after `last`. A database locked by a writer or an I/O error is an
+/// outage: the source waits and reads the page again (flowline's default policy), so no
+/// input is skipped or failed for it; a bad query or a missing table ends the run at once.
+async fn read_page(
+    db: &Path,
+    query: &str,
+    key: &str,
+    last: &Option<rusqlite::types::Value>,
+    n: usize,
+) -> Result<Page, String> {
+    flowline::Outage::default()
+        .retry("sql", || {
+            let (db, query, key, last) = (
+                db.to_path_buf(),
+                query.to_string(),
+                key.to_string(),
+                last.clone(),
+            );
+            async move {
+                tokio::task::spawn_blocking(move || sql_page(&db, &query, &key, last, n))
+                    .await
+                    .map_err(|e| -> flowline::BoxError { Box::new(flowline::Permanent::new(e)) })?
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// A SQLite error of the `sql` source: a lock or an I/O error may pass; anything else is
+/// the query's or the file's and does not heal by waiting.
+fn sql_error(e: rusqlite::Error) -> flowline::BoxError {
+    use rusqlite::ErrorCode as C;
+    let passes = matches!(
+        e.sqlite_error_code(),
+        Some(C::DatabaseBusy | C::DatabaseLocked | C::SystemIoFailure)
+    );
+    if passes {
+        Box::new(e)
+    } else {
+        Box::new(flowline::Permanent::new(e))
+    }
+}
+
 fn sql_page(
     db: &Path,
     query: &str,
     key: &str,
     last: Option<rusqlite::types::Value>,
     n: usize,
-) -> Result<Page, String> {
+) -> Result<Page, flowline::BoxError> {
     use rusqlite::types::Value as V;
     let conn =
         rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(|e| format!("sql: cannot open {}: {e}", db.display()))?;
+            .map_err(|e| flowline::Permanent::new(format!("cannot open {}: {e}", db.display())))?;
+    // A short lock (a writer's commit) is waited out here; a longer one is an outage.
+    conn.busy_timeout(std::time::Duration::from_secs(1))
+        .map_err(sql_error)?;
     let sql = match last {
         Some(_) => {
             format!("SELECT * FROM ({query}) WHERE \"{key}\" > ?1 ORDER BY \"{key}\" LIMIT {n}")
         }
         None => format!("SELECT * FROM ({query}) ORDER BY \"{key}\" LIMIT {n}"),
     };
-    let mut st = conn.prepare(&sql).map_err(|e| format!("sql: {e}"))?;
+    let mut st = conn.prepare(&sql).map_err(sql_error)?;
     let cols = st.column_count();
     let key_idx = (0..cols)
         .find(|&i| st.column_name(i).is_ok_and(|c| c == key))
-        .ok_or_else(|| format!("sql: the query has no column `{key}`"))?;
+        .ok_or_else(|| flowline::Permanent::new(format!("the query has no column `{key}`")))?;
     let params: Vec<V> = last.into_iter().collect();
     let mut rows = st
         .query(rusqlite::params_from_iter(params))
-        .map_err(|e| format!("sql: {e}"))?;
+        .map_err(sql_error)?;
     let mut out = Vec::new();
     let mut last_key = None;
-    while let Some(r) = rows.next().map_err(|e| format!("sql: {e}"))? {
+    while let Some(r) = rows.next().map_err(sql_error)? {
         let mut fields = Vec::with_capacity(cols);
         for i in 0..cols {
-            let v: V = r.get(i).map_err(|e| format!("sql: {e}"))?;
+            let v: V = r.get(i).map_err(sql_error)?;
             if i == key_idx {
                 last_key = Some(v.clone());
             }
@@ -644,11 +682,8 @@ async fn open_source(
             if !db.exists() {
                 return Err(format!("stage `sql`: no database at {}", db.display()));
             }
-            let (db2, q2, k2) = (db.clone(), query.clone(), key.clone());
             // The first page now: a bad query fails before anything runs.
-            tokio::task::spawn_blocking(move || sql_page(&db2, &q2, &k2, None, 1))
-                .await
-                .map_err(|e| e.to_string())??;
+            read_page(db, query, key, &None, 1).await?;
             let total = if want_total {
                 let (db3, q3) = (db.clone(), query.clone());
                 tokio::task::spawn_blocking(move || {
