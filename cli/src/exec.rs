@@ -269,8 +269,8 @@ pub struct JobOpts {
     /// `--timeout N%`: a job is killed after N% of the median run time of the jobs that
     /// succeeded so far (from 3 of them on).
     pub timeout_percent: Option<f64>,
-    /// `--results DIR`: each job's stdout and stderr kept in `DIR/<job number>/`.
-    pub results: Option<std::path::PathBuf>,
+    /// `--results NAME`: each job's output kept in files, in GNU parallel's layout.
+    pub results: Option<Arc<crate::results::Results>>,
     /// `--tag` / `--tagstring`: put before each line of a job's output, with a tab.
     pub tag: Option<Template>,
 }
@@ -417,20 +417,6 @@ impl Runtimes {
     }
 }
 
-/// Writes a job's stdout and stderr to `dir/<seq>/stdout` and `stderr` (`--results`).
-fn keep_results(dir: &std::path::Path, seq: u64, result: &Result<Vec<u8>, CallError>) {
-    let d = dir.join(seq.to_string());
-    if std::fs::create_dir_all(&d).is_err() {
-        return;
-    }
-    let (out, err): (&[u8], &[u8]) = match result {
-        Ok(o) => (o, b""),
-        Err(e) => (&e.stdout, e.stderr.as_bytes()),
-    };
-    let _ = std::fs::write(d.join("stdout"), out);
-    let _ = std::fs::write(d.join("stderr"), err);
-}
-
 impl Runner {
     pub fn new(
         pool: usize,
@@ -514,8 +500,17 @@ impl Runner {
         if result.is_ok() && self.opts.timeout_percent.is_some() {
             self.runtimes.record(clock.elapsed());
         }
-        if let (Some(dir), Some(_)) = (&self.opts.results, &task.command) {
-            keep_results(dir, item.seq, &result);
+        if let (Some(results), Some(_)) = (&self.opts.results, &task.command) {
+            let (stdout, stderr): (&[u8], &[u8]) = match &result {
+                Ok(o) => (o, b""),
+                Err(e) => (&e.stdout, e.stderr.as_bytes()),
+            };
+            results.keep(&crate::results::Kept {
+                seq: item.seq,
+                args: &item.args,
+                stdout,
+                stderr,
+            });
         }
         if let Some(joblog) = &self.joblog {
             let (exit, signal) = match &result {

@@ -12,6 +12,7 @@ mod exec;
 mod jobs;
 mod linefilter;
 mod parse;
+mod results;
 mod run;
 mod spec;
 mod state;
@@ -192,8 +193,9 @@ struct Cli {
     #[arg(long, value_name = "STR")]
     tagstring: Option<String>,
 
-    /// Keep each job's stdout and stderr in `DIR/<job number>/{stdout,stderr}`.
-    #[arg(long, value_name = "DIR")]
+    /// Keep each job's output in files, as parallel: `NAME/1/<arg>/{stdout,stderr,seq}`,
+    /// or, when NAME has replacement strings (`out/{1}`), in that file, `.err` and `.seq`.
+    #[arg(long, value_name = "NAME")]
     results: Option<PathBuf>,
 
     /// Run the jobs in a random order.
@@ -571,7 +573,10 @@ fn setup(cli: Cli, groups: Vec<compat::Group>) -> Result<Setup, Vec<String>> {
             Some(compat::Timeout::Percent(p)) => Some(p),
             _ => None,
         },
-        results: cli.results.clone(),
+        results: cli
+            .results
+            .as_deref()
+            .map(|r| std::sync::Arc::new(results::Results::new(r))),
         tag: match (&cli.tagstring, cli.tag) {
             (Some(t), _) => Some(template::Template::parse(t)),
             (None, true) => Some(template::Template::parse("{}")),

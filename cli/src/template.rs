@@ -133,6 +133,11 @@ impl Template {
         self.parts.iter().any(|p| matches!(p, Part::Arg { .. }))
     }
 
+    /// Whether there is any replacement string (`{#}` and `{%}` included).
+    pub fn has_replacements(&self) -> bool {
+        self.parts.iter().any(|p| !matches!(p, Part::Text(_)))
+    }
+
     /// The command line for a job, for `sh -c`: each value quoted as the shell needs.
     pub fn render(&self, args: &[Vec<u8>], seq: u64, slot: usize) -> Vec<u8> {
         self.render_with(args, seq, slot, shell_quote)
@@ -143,7 +148,8 @@ impl Template {
         self.render_with(args, seq, slot, |v| v.to_vec())
     }
 
-    fn render_with(
+    /// The command with each value passed through `quote`.
+    pub fn render_with(
         &self,
         args: &[Vec<u8>],
         seq: u64,

@@ -371,10 +371,9 @@ fn failures_are_shown() {
     );
 }
 
-/// `--line-buffer` passes whole lines as they come; `-u` lets the job write directly;
-/// `--results` keeps each job's output.
+/// `--line-buffer` passes whole lines as they come; `-u` lets the job write directly.
 #[test]
-fn line_buffer_ungroup_and_results() {
+fn line_buffer_and_ungroup() {
     let d = tempfile::tempdir().unwrap();
     for mode in ["--line-buffer", "-u"] {
         let o = run(
@@ -385,17 +384,81 @@ fn line_buffer_ungroup_and_results() {
         );
         assert_eq!(o.stdout, b"a\nb", "{mode}");
     }
-    let o = run(
-        BIN,
-        d.path(),
-        &["--results", "res", "echo", ":::", "a"],
-        b"",
-    );
-    assert_eq!(o.status.code(), Some(0));
+}
+
+/// `--results`: the same files with the same bytes as parallel's, in a folder per argument
+/// (values with `/` and `\\` escaped) and under a name with replacement strings.
+#[test]
+fn results_are_laid_out_as_parallel_lays_them_out() {
+    let d = tempfile::tempdir().unwrap();
+    let progs: &[&str] = if have_parallel() {
+        &[BIN, "parallel"]
+    } else {
+        &[BIN]
+    };
+    let mut trees = Vec::new();
+    for (i, prog) in progs.iter().enumerate() {
+        let dir = format!("res{i}");
+        let named = format!("named{i}/{{1}}-{{#}}");
+        for args in [
+            vec![
+                "--results",
+                &dir,
+                "echo {1}-{2}",
+                ":::",
+                "a",
+                "x/y",
+                "b\\c",
+                ":::",
+                "1",
+                "2",
+            ],
+            vec!["--results", &named, "echo", ":::", "a", "b"],
+        ] {
+            let o = run(prog, d.path(), &args, b"");
+            assert_eq!(
+                o.status.code(),
+                Some(0),
+                "{prog}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        trees.push(tree(&d.path().join(&dir)));
+        trees.push(tree(&d.path().join(format!("named{i}"))));
+    }
     assert_eq!(
-        std::fs::read(d.path().join("res/1/stdout")).unwrap(),
-        b"a\n"
+        std::fs::read(d.path().join("res0/1/x\\_y/2/2/stdout")).unwrap(),
+        b"x/y-2\n"
     );
+    assert_eq!(
+        std::fs::read(d.path().join("res0/1/a/2/1/seq")).unwrap(),
+        b"1"
+    );
+    assert_eq!(std::fs::read(d.path().join("named0/b-2")).unwrap(), b"b\n");
+    assert_eq!(trees[0].len(), 18, "{:?}", trees[0]);
+    if trees.len() == 4 {
+        assert_eq!(trees[0], trees[2], "folder layout differs from parallel's");
+        assert_eq!(trees[1], trees[3], "named layout differs from parallel's");
+    }
+}
+
+/// Every file below `root`: its path from `root` and its bytes.
+fn tree(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        for e in std::fs::read_dir(&p).unwrap() {
+            let e = e.unwrap().path();
+            if e.is_dir() {
+                todo.push(e);
+            } else {
+                let rel = e.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                out.push((rel, std::fs::read(&e).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 /// `{%}` is the job's slot: never more distinct slots than jobs at a time.
