@@ -273,6 +273,8 @@ pub struct JobOpts {
     pub results: Option<Arc<crate::results::Results>>,
     /// `--tag` / `--tagstring`: put before each line of a job's output, with a tab.
     pub tag: Option<Template>,
+    /// `--load` / `--memfree`: a job starts only while the machine has room.
+    pub gate: Option<crate::gate::StartGate>,
 }
 
 impl JobOpts {
@@ -481,6 +483,13 @@ impl Runner {
                 }),
             }
         };
+        // `--load` / `--memfree`: the job waits for room before it starts (and before its
+        // timeout counts).
+        if let (Some(gate), TaskKind::Sh(_), false) =
+            (&self.opts.gate, &task.spec.kind, self.opts.dry_run)
+        {
+            gate.wait().await;
+        }
         let limit = match (task.spec.policies.timeout, self.relative_limit()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

@@ -9,6 +9,7 @@
 
 mod compat;
 mod exec;
+mod gate;
 mod jobs;
 mod linefilter;
 mod parse;
@@ -201,6 +202,16 @@ struct Cli {
     /// Run the jobs in a random order.
     #[arg(long)]
     shuf: bool,
+
+    /// Start a job only while fewer than this many processes run (N, N% of the CPUs, +N,
+    /// -N), as parallel --load.
+    #[arg(long, value_name = "MAX")]
+    load: Option<String>,
+
+    /// Start a job only while this much memory is free (bytes, or 512M, 2G, 1.5g), as
+    /// parallel --memfree; a running job is never killed for it.
+    #[arg(long, value_name = "SIZE")]
+    memfree: Option<String>,
 
     /// Run the jobs with this niceness.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
@@ -447,6 +458,11 @@ fn setup(cli: Cli, groups: Vec<compat::Group>) -> Result<Setup, Vec<String>> {
             None
         }
     };
+    let gate = gate::StartGate::parse(cli.load.as_deref(), cli.memfree.as_deref(), cpus)
+        .unwrap_or_else(|e| {
+            errors.extend(e);
+            None
+        });
     let delay = match cli.delay.as_deref().map(spec::parse_duration) {
         None => None,
         Some(Ok(d)) if !d.is_zero() => Some(d),
@@ -577,6 +593,7 @@ fn setup(cli: Cli, groups: Vec<compat::Group>) -> Result<Setup, Vec<String>> {
             .results
             .as_deref()
             .map(|r| std::sync::Arc::new(results::Results::new(r))),
+        gate,
         tag: match (&cli.tagstring, cli.tag) {
             (Some(t), _) => Some(template::Template::parse(t)),
             (None, true) => Some(template::Template::parse("{}")),

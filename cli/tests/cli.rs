@@ -678,3 +678,65 @@ fn filter_over_bytes_matches_grep() {
         .unwrap();
     assert_eq!(o.stdout, g.stdout);
 }
+
+/// `--load` / `--memfree`: jobs start while the machine has room; while it has none,
+/// nothing starts (and nothing fails); bad values are named, all at once, exit 255.
+#[test]
+fn load_and_memfree_hold_job_starts() {
+    let d = tmp();
+    let o = flowline(
+        d.path(),
+        &[
+            "--quiet",
+            "--load",
+            "10000",
+            "--memfree",
+            "1k",
+            "echo",
+            ":::",
+            "a",
+            "b",
+        ],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert_eq!(sorted_lines(&out(&o)), ["a", "b"]);
+
+    // More free memory than any machine has: the job waits, it does not fail.
+    let mut child = Command::new(BIN)
+        .args([
+            "--quiet",
+            "--memfree",
+            "900T",
+            "touch",
+            "started",
+            ":::",
+            "x",
+        ])
+        .current_dir(d.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(child.try_wait().unwrap().is_none(), "the run ended");
+    assert!(
+        !d.path().join("started").exists(),
+        "a job started without room"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let o = flowline(
+        d.path(),
+        &["--load", "many", "--memfree", "3X", "echo", ":::", "a"],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(255));
+    let e = err(&o);
+    assert!(
+        e.contains("--load `many`") && e.contains("--memfree `3X`"),
+        "{e}"
+    );
+}
