@@ -1,8 +1,8 @@
-//! The seed's pipe, `generator | fork(10) | task1 | task2 | branch | error:retry success:print`,
-//! as one flowline graph: a generator, ten workers, two tasks, a branch on the result where
-//! the errors go through a retry and the successes are printed.
+//! The pipe `generator | fork(10) | task1 | task2 | branch | error:retry success:print` as
+//! one flowline graph: a generator, ten workers, two tasks, a branch on the result where the
+//! errors go through a retry and the successes are printed.
 //!
-//! Run with `cargo run --example seed_pipe`.
+//! Run with `cargo run --example branch_retry`.
 
 use flowline::prelude::*;
 use std::time::Duration;
