@@ -380,6 +380,38 @@ impl TaskRt {
     }
 }
 
+/// A job on a task of its own, ended (its process killed) if the call is dropped, as on
+/// a cancel.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One call of `task` on `item`, as a stage makes it. Starting a process is a blocking
+/// system call: on a task of its own it does not hold up the stage's driver (and its rate
+/// timer); dropping the call kills the process.
+pub async fn call_job(
+    runner: &Arc<Runner>,
+    task: &Arc<TaskRt>,
+    item: &Item,
+) -> Result<Vec<u8>, CallError> {
+    if task.command.is_none() {
+        return runner.call(task, item).await;
+    }
+    let (r, t, i) = (runner.clone(), task.clone(), item.clone());
+    let at = (SystemTime::now(), std::time::Instant::now());
+    let mut job = AbortOnDrop(tokio::spawn(async move { r.call_from(&t, &i, at).await }));
+    (&mut job.0).await.unwrap_or_else(|e| {
+        Err(CallError {
+            message: format!("job task ended: {e}"),
+            ..CallError::default()
+        })
+    })
+}
+
 /// What every call needs: the HTTP client (one pool for the run) and the joblog.
 pub struct Runner {
     pub http: reqwest::Client,
