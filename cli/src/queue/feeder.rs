@@ -241,6 +241,7 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
         queue,
     };
     let fed_before = start(&mut f, settings.quiet).await?;
+    let (outage, server) = (f.outage, f.server.clone());
 
     // The source on a task of its own, so that a slow input does not hold up the results.
     let (reader, _) = crate::run::open_source(&plan.source, false, settings.delim).await?;
@@ -267,25 +268,20 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
     let progress = Arc::new(tokio::sync::Notify::new());
     let fed = Arc::new(std::sync::atomic::AtomicU64::new(fed_before));
     let work = async {
-        let feeding = feed(f.clone(), rx, fed.clone(), progress.clone());
-        let collecting = collect(f.clone(), fed.clone(), progress.clone());
-        tokio::pin!(collecting);
         // Results are written out while the source runs; once it has ended, its count of
         // inputs is the total the results must reach.
-        let total = tokio::select! {
-            r = feeding => r?,
-            // A resumed run whose inputs were all fed and counted before.
-            r = &mut collecting => return r,
-        };
-        let total = match source.await {
-            Ok(Ok(n)) => n.max(total),
-            Ok(Err(e)) => return Err(e),
-            Err(e) => return Err(format!("the source stopped: {e}")),
-        };
-        {
-            let f = f.lock().await;
-            let key = f.queue.key("meta");
-            f.call("recording the total", |mut c| {
+        let feeding = async {
+            let last = feed(f.clone(), rx, fed.clone(), progress.clone()).await?;
+            let total = match source.await {
+                Ok(Ok(n)) => n.max(last),
+                Ok(Err(e)) => return Err(e),
+                Err(e) => return Err(format!("the source stopped: {e}")),
+            };
+            let (key, conn) = {
+                let f = f.lock().await;
+                (f.queue.key("meta"), f.conn.clone())
+            };
+            call(&outage, &server, &conn, |mut c| {
                 let key = key.clone();
                 async move {
                     redis::cmd("HSET")
@@ -296,23 +292,34 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
                         .await
                 }
             })
-            .await?;
-        }
-        fed.store(total, std::sync::atomic::Ordering::SeqCst);
-        progress.notify_waiters();
-        collecting.await
+            .await
+            .map_err(|e| format!("queue: recording the total: {e}"))?;
+            fed.store(total, std::sync::atomic::Ordering::SeqCst);
+            progress.notify_waiters();
+            Ok(())
+        };
+        let collecting = collect(f.clone(), fed.clone(), progress.clone());
+        tokio::try_join!(feeding, collecting).map(|_| ())
     };
-    tokio::select! {
-        r = work => r?,
-        () = super::stop_signal() => {
-            let f = f.lock().await;
-            eprintln!(
-                "\nflowline: stopped; the inputs fed and not ended stay in queue `{}`: run the same command again to go on",
-                f.queue.name
-            );
-            return Ok(Outcome { failures: f.failures, interrupted: true, halted_by: None });
+    let stopped = tokio::select! {
+        r = work => {
+            r?;
+            false
         }
+        () = super::stop_signal() => true,
     };
+    if stopped {
+        let f = f.lock().await;
+        eprintln!(
+            "\nflowline: stopped; the inputs fed and not ended stay in queue `{}`: run the same command again to go on",
+            f.queue.name
+        );
+        return Ok(Outcome {
+            failures: f.failures,
+            interrupted: true,
+            halted_by: None,
+        });
+    }
     let f = f.lock().await;
     finish(&f).await?;
     if !settings.quiet {
