@@ -65,6 +65,14 @@ Recipes (GNU parallel / xargs  =>  flowline pipe):
   stop hammering a dead service (no equivalent):
       flowline '... | breaker(5, 10s) | http(...)'   pauses the input while open
 
+Several machines (parallel --sshlogin, without ssh): a Redis stream is the queue.
+  flowline --queue redis://HOST[:PORT]/NAME --worker 'PIPE'    on each worker machine
+  flowline --queue redis://HOST[:PORT]/NAME 'PIPE'             feeds the inputs, prints results
+  The same PIPE everywhere; fork(N) is per worker, rate(..) and inflight(..) are shared.
+  At least once: a killed worker's jobs run again on the others after --lease (30s); the
+  feeder prints each result once and exits as a local run would. Rerun a killed feeder
+  with the same command to resume.
+
 Exit status: the number of failed inputs (101 = more than 100), 130 after a stop, 255 for
 a bad pipe or option. Each job runs in its own process group. The first Ctrl-C (SIGINT,
 SIGTERM, SIGHUP) starts nothing new and lets the running jobs finish (parallel's SIGHUP);
