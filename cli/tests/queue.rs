@@ -334,3 +334,109 @@ fn queue_argument_errors_name_the_option_and_the_value() {
         assert!(o.stdout.is_empty(), "{args:?}");
     }
 }
+
+#[test]
+fn a_feeder_killed_and_run_again_resumes_without_losing_inputs() {
+    let server = RedisServer::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let q = queue(&server, "resume");
+    let pipe = r#"seq(1..200) | fork(2) | sh("sleep 0.02; echo out-{}")"#;
+    let ws = workers(dir.path(), &q, pipe, 2);
+    let out1 = dir.path().join("out1");
+    let mut first = Command::new(BIN)
+        .args(["--queue", &q, pipe])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out1).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while std::fs::read_to_string(&out1).map_or(0, |s| s.lines().count()) < 30 {
+        assert!(t.elapsed() < Duration::from_secs(20), "nothing printed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    first.kill().unwrap(); // SIGKILL
+    assert!(first.wait().unwrap().code().is_none());
+    let printed_before = counts(&std::fs::read(&out1).unwrap());
+    assert!(printed_before.len() < 200, "the first feeder had finished");
+    let second = finish(start(dir.path(), &["--queue", &q, pipe]), "the rerun");
+    assert_eq!(
+        second.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert!(String::from_utf8_lossy(&second.stderr).contains("resuming queue"));
+    let again = counts(&second.stdout);
+    for i in 1..=200 {
+        let line = format!("out-{i}");
+        let n = printed_before.get(&line).unwrap_or(&0) + again.get(&line).unwrap_or(&0);
+        assert!(n >= 1, "{line} was never printed");
+    }
+    // What the first feeder wrote out and marked ended is not printed again; at most the
+    // batch it was writing when killed is.
+    let twice = (1..=200)
+        .filter(|i| {
+            let l = format!("out-{i}");
+            printed_before.contains_key(&l) && again.contains_key(&l)
+        })
+        .count();
+    assert!(
+        twice < printed_before.len(),
+        "the rerun printed everything again"
+    );
+    all_exit_0(ws);
+}
+
+#[test]
+fn inflight_is_shared_by_every_worker() {
+    let server = RedisServer::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let q = queue(&server, "inflight");
+    std::fs::create_dir(dir.path().join("running")).unwrap();
+    // A job counts the jobs running when it starts: with at most 2 in flight across all
+    // workers, never more than 1 other (up to 5 if each of the 3 workers had its own bound).
+    let pipe = r#"seq(1..30) | fork(4) | inflight(2) | sh("ls running | wc -l >> seen; touch running/{}; sleep 0.1; rm running/{}; echo out-{}")"#;
+    let ws = workers(dir.path(), &q, pipe, 3);
+    let out = finish(start(dir.path(), &["--queue", &q, pipe]), "the feeder");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    expect_each_once(&out, 30, "out-");
+    let seen = std::fs::read_to_string(dir.path().join("seen")).unwrap();
+    let most: usize = seen
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .max()
+        .unwrap();
+    assert!(
+        most <= 1,
+        "{most} other jobs were running: inflight(2) not shared"
+    );
+    all_exit_0(ws);
+}
+
+#[test]
+fn rate_is_shared_by_every_worker() {
+    let server = RedisServer::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let q = queue(&server, "rate");
+    let pipe = r#"seq(1..30) | fork(4) | rate(20/s) | sh("echo out-{}")"#;
+    let ws = workers(dir.path(), &q, pipe, 3);
+    let t = Instant::now();
+    let out = finish(start(dir.path(), &["--queue", &q, pipe]), "the feeder");
+    let took = t.elapsed();
+    assert_eq!(out.status.code(), Some(0));
+    expect_each_once(&out, 30, "out-");
+    // 30 calls at 20/s for all the workers together take at least 29 intervals of 50 ms
+    // (three rates of their own, a third of it).
+    assert!(
+        took >= Duration::from_millis(1450),
+        "{took:?}: rate not shared"
+    );
+    all_exit_0(ws);
+}

@@ -479,7 +479,9 @@ async fn collect(
         (
             f.queue.key("results"),
             f.queue.key("dead"),
-            f.conn.clone(),
+            // A connection of its own: a blocking read holds its connection up, and the
+            // inputs are added meanwhile.
+            super::connect(&f.queue.server)?,
             f.outage,
             f.server.clone(),
             f.queue.name.clone(),
