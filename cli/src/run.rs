@@ -1212,15 +1212,7 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
         let grace = settings.grace;
         let mut halt_rx = halt_rx;
         tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let mut streams: Vec<_> = [
-                SignalKind::interrupt(),
-                SignalKind::terminate(),
-                SignalKind::hangup(),
-            ]
-            .into_iter()
-            .filter_map(|k| signal(k).ok())
-            .collect();
+            let mut streams = stop_signals();
             let now = tokio::select! {
                 _ = next_signal(&mut streams) => {
                     interrupted.store(true, Relaxed);
@@ -1373,8 +1365,21 @@ fn shuffle<T>(v: &mut [T]) {
     }
 }
 
+/// The signals that stop a run: SIGINT, SIGTERM and SIGHUP.
+pub(crate) fn stop_signals() -> Vec<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    [
+        SignalKind::interrupt(),
+        SignalKind::terminate(),
+        SignalKind::hangup(),
+    ]
+    .into_iter()
+    .filter_map(|k| signal(k).ok())
+    .collect()
+}
+
 /// The next of several signals (never, without any).
-async fn next_signal(streams: &mut [tokio::signal::unix::Signal]) {
+pub(crate) async fn next_signal(streams: &mut [tokio::signal::unix::Signal]) {
     let waits: Vec<_> = streams.iter_mut().map(|s| Box::pin(s.recv())).collect();
     if waits.is_empty() {
         std::future::pending::<()>().await;

@@ -4,7 +4,6 @@
 //! in the feeder's dead-letter file, and the argument errors.
 
 use std::collections::BTreeMap;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -13,21 +12,35 @@ use flowline_redis::test_server::RedisServer;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flowline");
 
-fn queue(server: &RedisServer, name: &str) -> String {
-    format!("{}{name}", server.url())
+/// A server of its own (`aof`: writes kept across a restart), a folder, and the URL of
+/// the queue `name` on the server.
+fn setup(aof: bool, name: &str) -> (RedisServer, tempfile::TempDir, String) {
+    let server = RedisServer::start(aof);
+    let q = format!("{}{name}", server.url());
+    (server, tempfile::tempdir().unwrap(), q)
+}
+
+fn succeeded(out: &Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `flowline ARGS` in `dir`, reading nothing.
+fn flowline(dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args).current_dir(dir).stdin(Stdio::null());
+    c
 }
 
 /// A `flowline` process in `dir`, its output captured.
 fn start(dir: &Path, args: &[&str]) -> Child {
-    Command::new(BIN)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .expect("flowline runs")
+    let mut c = flowline(dir, args);
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.spawn().expect("flowline runs")
 }
 
 fn workers(dir: &Path, q: &str, pipe: &str, n: usize) -> Vec<Child> {
@@ -89,28 +102,19 @@ fn all_exit_0(ws: Vec<Child>) {
 
 #[test]
 fn three_workers_print_every_input_once() {
-    let server = RedisServer::start(false);
-    let dir = tempfile::tempdir().unwrap();
-    let q = queue(&server, "three");
+    let (_server, dir, q) = setup(false, "three");
     let pipe = r#"seq(1..300) | fork(4) | sh("echo out-{}")"#;
     // Workers started before the feeder wait for it.
     let ws = workers(dir.path(), &q, pipe, 3);
     let out = finish(start(dir.path(), &["--queue", &q, pipe]), "the feeder");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     expect_each_once(&out, 300, "out-");
     all_exit_0(ws);
 }
 
 #[test]
 fn parallel_syntax_and_keep_order_work_through_a_queue() {
-    let server = RedisServer::start(false);
-    let dir = tempfile::tempdir().unwrap();
-    let q = queue(&server, "compat");
+    let (_server, dir, q) = setup(false, "compat");
     let ws: Vec<Child> = (0..2)
         .map(|_| {
             start(
@@ -123,12 +127,7 @@ fn parallel_syntax_and_keep_order_work_through_a_queue() {
     let mut feeder = vec!["--queue", &q, "-k", "-j4", "echo", "x{}", ":::"];
     feeder.extend(args.iter().map(String::as_str));
     let out = finish(start(dir.path(), &feeder), "the feeder");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let want: String = (1..=20).rev().map(|i| format!("x{i}\n")).collect();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
@@ -140,9 +139,7 @@ fn parallel_syntax_and_keep_order_work_through_a_queue() {
 
 #[test]
 fn a_worker_killed_mid_run_loses_nothing() {
-    let server = RedisServer::start(false);
-    let dir = tempfile::tempdir().unwrap();
-    let q = queue(&server, "kill");
+    let (_server, dir, q) = setup(false, "kill");
     let effects = dir.path().join("effects");
     let pipe = format!(
         r#"seq(1..300) | fork(4) | sh("echo {{}} >> {}; sleep 0.05; echo out-{{}}")"#,
@@ -164,12 +161,7 @@ fn a_worker_killed_mid_run_loses_nothing() {
     );
     let _ = first.wait();
     let out = finish(feeder, "the feeder");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     expect_each_once(&out, 300, "out-");
     // At least once: every input ran; some ran twice (those the killed worker held).
     let ran = counts(std::fs::read_to_string(&effects).unwrap().as_bytes());
@@ -189,9 +181,7 @@ fn a_worker_killed_mid_run_loses_nothing() {
 #[test]
 fn redis_dropping_connections_and_restarting_loses_nothing() {
     // AOF with fsync on every write: a restarted server has every write it acknowledged.
-    let mut server = RedisServer::start(true);
-    let dir = tempfile::tempdir().unwrap();
-    let q = queue(&server, "weather");
+    let (mut server, dir, q) = setup(true, "weather");
     let pipe = r#"seq(1..300) | fork(4) | sh("sleep 0.05; echo out-{}")"#;
     let ws = workers(dir.path(), &q, pipe, 3);
     let mut feeder = start(
@@ -216,12 +206,7 @@ fn redis_dropping_connections_and_restarting_loses_nothing() {
         "the run ended before the restart"
     );
     let out = finish(feeder, "the feeder");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     expect_each_once(&out, 300, "out-");
     assert!(
         !dir.path().join("dead.jsonl").exists(),
@@ -232,9 +217,7 @@ fn redis_dropping_connections_and_restarting_loses_nothing() {
 
 #[test]
 fn a_failing_job_ends_in_the_feeders_dead_letters_as_in_a_local_run() {
-    let server = RedisServer::start(false);
-    let dir = tempfile::tempdir().unwrap();
-    let q = queue(&server, "fail");
+    let (_server, dir, q) = setup(false, "fail");
     let pipe = r#"args(1, 2, 3) | sh("if [ {} = 2 ]; then echo half; echo oops-{} >&2; exit 3; fi; echo ok-{}")"#;
     let ws = workers(dir.path(), &q, pipe, 2);
     let out = finish(
@@ -337,16 +320,11 @@ fn queue_argument_errors_name_the_option_and_the_value() {
 
 #[test]
 fn a_feeder_killed_and_run_again_resumes_without_losing_inputs() {
-    let server = RedisServer::start(false);
-    let dir = tempfile::tempdir().unwrap();
-    let q = queue(&server, "resume");
+    let (_server, dir, q) = setup(false, "resume");
     let pipe = r#"seq(1..200) | fork(2) | sh("sleep 0.02; echo out-{}")"#;
     let ws = workers(dir.path(), &q, pipe, 2);
     let out1 = dir.path().join("out1");
-    let mut first = Command::new(BIN)
-        .args(["--queue", &q, pipe])
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
+    let mut first = flowline(dir.path(), &["--queue", &q, pipe])
         .stdout(std::fs::File::create(&out1).unwrap())
         .stderr(Stdio::null())
         .spawn()
@@ -361,12 +339,7 @@ fn a_feeder_killed_and_run_again_resumes_without_losing_inputs() {
     let printed_before = counts(&std::fs::read(&out1).unwrap());
     assert!(printed_before.len() < 200, "the first feeder had finished");
     let second = finish(start(dir.path(), &["--queue", &q, pipe]), "the rerun");
-    assert_eq!(
-        second.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&second.stderr)
-    );
+    succeeded(&second);
     assert!(String::from_utf8_lossy(&second.stderr).contains("resuming queue"));
     let again = counts(&second.stdout);
     for i in 1..=200 {
@@ -391,21 +364,14 @@ fn a_feeder_killed_and_run_again_resumes_without_losing_inputs() {
 
 #[test]
 fn inflight_is_shared_by_every_worker() {
-    let server = RedisServer::start(false);
-    let dir = tempfile::tempdir().unwrap();
-    let q = queue(&server, "inflight");
+    let (_server, dir, q) = setup(false, "inflight");
     std::fs::create_dir(dir.path().join("running")).unwrap();
     // A job counts the jobs running when it starts: with at most 2 in flight across all
     // workers, never more than 1 other (up to 5 if each of the 3 workers had its own bound).
     let pipe = r#"seq(1..30) | fork(4) | inflight(2) | sh("ls running | wc -l >> seen; touch running/{}; sleep 0.1; rm running/{}; echo out-{}")"#;
     let ws = workers(dir.path(), &q, pipe, 3);
     let out = finish(start(dir.path(), &["--queue", &q, pipe]), "the feeder");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     expect_each_once(&out, 30, "out-");
     let seen = std::fs::read_to_string(dir.path().join("seen")).unwrap();
     let most: usize = seen
@@ -422,15 +388,13 @@ fn inflight_is_shared_by_every_worker() {
 
 #[test]
 fn rate_is_shared_by_every_worker() {
-    let server = RedisServer::start(false);
-    let dir = tempfile::tempdir().unwrap();
-    let q = queue(&server, "rate");
+    let (_server, dir, q) = setup(false, "rate");
     let pipe = r#"seq(1..30) | fork(4) | rate(20/s) | sh("echo out-{}")"#;
     let ws = workers(dir.path(), &q, pipe, 3);
     let t = Instant::now();
     let out = finish(start(dir.path(), &["--queue", &q, pipe]), "the feeder");
     let took = t.elapsed();
-    assert_eq!(out.status.code(), Some(0));
+    succeeded(&out);
     expect_each_once(&out, 30, "out-");
     // 30 calls at 20/s for all the workers together take at least 29 intervals of 50 ms
     // (three rates of their own, a third of it).

@@ -358,10 +358,7 @@ async fn start(f: &mut Feeder, quiet: bool) -> Result<u64, String> {
     if meta.is_empty() || meta.contains_key("finished") {
         // A new run: what an earlier, finished run left goes. The stream is emptied, not
         // deleted: workers started before the feeder are reading it in their group.
-        let keys: Vec<String> = ["results", "dead", "meta", "ended"]
-            .iter()
-            .map(|p| f.queue.key(p))
-            .collect();
+        let keys = f.queue.keys(&["results", "dead", "meta", "ended"]);
         let jobs = f.queue.key("jobs");
         f.call("clearing a finished run", |mut c| {
             let mut p = redis::pipe();
@@ -557,10 +554,7 @@ async fn collect(
 
 /// Marks the run finished (the workers exit) and lets its keys expire.
 async fn finish(f: &Feeder) -> Result<(), String> {
-    let keys: Vec<String> = ["jobs", "results", "dead", "meta", "ended"]
-        .iter()
-        .map(|p| f.queue.key(p))
-        .collect();
+    let keys = f.queue.keys(&["jobs", "results", "dead", "meta", "ended"]);
     let meta = f.queue.key("meta");
     f.call("marking the run finished", |mut c| {
         let mut p = redis::pipe();

@@ -78,6 +78,11 @@ impl Queue {
         format!("flowline:{{{}}}:{part}", self.name)
     }
 
+    /// The keys of several parts.
+    pub fn keys(&self, parts: &[&str]) -> Vec<String> {
+        parts.iter().map(|p| self.key(p)).collect()
+    }
+
     /// The name of a limit shared by the workers (`rate`, `inflight`) of this queue.
     pub fn limit_name(&self, what: &str) -> String {
         format!("{}.{what}", self.name)
@@ -174,20 +179,7 @@ fn mark(e: redis::RedisError) -> BoxError {
 
 /// The first SIGINT, SIGTERM or SIGHUP.
 pub async fn stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut streams: Vec<_> = [
-        SignalKind::interrupt(),
-        SignalKind::terminate(),
-        SignalKind::hangup(),
-    ]
-    .into_iter()
-    .filter_map(|k| signal(k).ok())
-    .collect();
-    if streams.is_empty() {
-        return std::future::pending().await;
-    }
-    let waits: Vec<_> = streams.iter_mut().map(|s| Box::pin(s.recv())).collect();
-    futures::future::select_all(waits).await;
+    crate::run::next_signal(&mut crate::run::stop_signals()).await;
 }
 
 /// The bytes of a field of a reply, when it has any.
