@@ -511,7 +511,11 @@ async fn collect(
             } else {
                 after_r = id.clone();
             }
-            match result_of(&fields, from_dead) {
+            // A position past what may have been fed is no input of this run (Redis
+            // content is outside input: it must not size the feeder's memory). A batch
+            // being added may have results before its call returns, hence the margin.
+            let most = fed.load(std::sync::atomic::Ordering::SeqCst) + FEED_BATCH as u64;
+            match result_of(&fields, from_dead).filter(|(seq, _)| *seq <= most) {
                 Some((seq, ended)) => reads.push(Read {
                     seq,
                     id: (id, from_dead),
@@ -704,4 +708,91 @@ fn result_of(fields: &HashMap<String, Vec<u8>>, from_dead: bool) -> Option<(u64,
         }
     };
     Some((seq, ended))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn fields(pairs: &[(&str, &[u8])]) -> HashMap<String, Vec<u8>> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn replies_that_do_not_parse_are_left_out_not_a_panic() {
+        assert!(entries(Value::Nil).is_empty());
+        assert!(entries(Value::Int(3)).is_empty());
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                b("s"),
+                Value::Array(vec![
+                    Value::Array(vec![b("1-0"), Value::Array(vec![b("seq"), b("1")])]),
+                    Value::Array(vec![b("2-0")]),
+                    Value::Int(7),
+                    Value::Array(vec![b("3-0"), Value::Array(vec![b("odd")])]),
+                ]),
+            ]),
+            Value::Array(vec![b("only-a-name")]),
+        ]);
+        let got = entries(reply);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].2.get("seq").map(Vec::as_slice), Some(&b"1"[..]));
+        assert!(got[1].2.is_empty());
+    }
+
+    #[test]
+    fn results_without_a_valid_position_are_no_inputs() {
+        for seq in [&b""[..], b"0", b"-1", b"x", b"99999999999999999999999"] {
+            assert!(result_of(&fields(&[("seq", seq), ("k", b"ok")]), false).is_none());
+        }
+        assert!(result_of(&fields(&[("k", b"ok")]), false).is_none());
+    }
+
+    #[test]
+    fn a_result_is_read_as_a_local_run_would_write_it() {
+        let ok = fields(&[
+            ("seq", b"4"),
+            ("a0", b"x"),
+            ("k", b"ok"),
+            ("out", &[0xff, b'\n']),
+        ]);
+        let Some((4, Ended::Value(item))) = result_of(&ok, false) else {
+            panic!("not a value")
+        };
+        assert!(matches!(&item.value, ItemValue::Output(o) if o == &[0xff, b'\n']));
+        assert_eq!(item.inputs[0], b"x");
+        let two = fields(&[("seq", b"5"), ("a0", b"p"), ("a1", b"q"), ("k", b"skip")]);
+        assert!(matches!(result_of(&two, false), Some((5, Ended::Skipped))));
+        let fail = fields(&[
+            ("seq", b"6"),
+            ("a0", b"y"),
+            ("k", b"fail"),
+            ("exit", b"3"),
+            ("stderr", b"oops"),
+            ("attempts", b"nonsense"),
+        ]);
+        let Some((6, Ended::Failed(f))) = result_of(&fail, false) else {
+            panic!("not a failure")
+        };
+        assert_eq!(
+            (f.error.exit, f.error.stderr.as_str(), f.attempts),
+            (Some(3), "oops", 1)
+        );
+        let dead = fields(&[("seq", b"7"), ("flowline.reason", b"max_deliveries")]);
+        let Some((7, Ended::Failed(f))) = result_of(&dead, true) else {
+            panic!("not a failure")
+        };
+        assert!(
+            f.error.message.contains("max_deliveries"),
+            "{}",
+            f.error.message
+        );
+    }
 }
