@@ -36,6 +36,7 @@ const MAX_NAME: usize = 150;
 pub struct Queue {
     /// `redis://HOST[:PORT]/`, as the Redis client takes it.
     pub server: String,
+    /// The queue's name: the hash tag of its keys.
     pub name: String,
 }
 
