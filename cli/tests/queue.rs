@@ -404,3 +404,30 @@ fn rate_is_shared_by_every_worker() {
     );
     all_exit_0(ws);
 }
+
+#[test]
+fn filters_and_the_feeders_sink_give_what_a_local_run_gives() {
+    let (_server, dir, q) = setup(false, "sinks");
+    let pipe = r#"seq(1..40) | fork(4) | sh("echo n{}") | reject("7$") | jsonl(out.jsonl)"#;
+    let ws = workers(dir.path(), &q, pipe, 2);
+    succeeded(&finish(
+        start(dir.path(), &["--queue", &q, pipe]),
+        "the feeder",
+    ));
+    let queued = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+    std::fs::remove_file(dir.path().join("out.jsonl")).unwrap();
+    succeeded(&finish(start(dir.path(), &[pipe]), "the local run"));
+    let local = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+    let records = |text: &str| {
+        let mut v: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        v.sort_by_key(|r| r["seq"].as_u64());
+        v
+    };
+    let (a, b) = (records(&queued), records(&local));
+    assert_eq!(a.len(), 36, "{queued}");
+    assert_eq!(a, b);
+    all_exit_0(ws);
+}
