@@ -421,7 +421,13 @@ pub struct Runner {
     pub opts: JobOpts,
     /// Run times of the jobs that succeeded, for `--timeout N%`.
     runtimes: Runtimes,
+    /// Where a job's stderr goes instead of this process's stderr (a queue's worker sends
+    /// it back with the result), with the job's input number.
+    stderr_to: Option<StderrSink>,
 }
+
+/// Takes a job's stderr, with its input number.
+pub type StderrSink = Arc<dyn Fn(u64, &[u8]) + Send + Sync>;
 
 /// The last run times of successful jobs (a window of 101: the median of the recent jobs,
 /// found in constant time per job).
@@ -488,7 +494,14 @@ impl Runner {
             jobs,
             opts,
             runtimes: Runtimes::default(),
+            stderr_to: None,
         })
+    }
+
+    /// Jobs' stderr goes to `sink` rather than to this process's stderr.
+    pub fn stderr_to(mut self, sink: StderrSink) -> Runner {
+        self.stderr_to = Some(sink);
+        self
     }
 
     /// `--timeout N%` as a time, once 3 jobs have succeeded.
@@ -715,7 +728,12 @@ impl Runner {
         log.received = out.len();
         // A job's stderr goes to stderr as one block, whether it failed or not.
         if !err.is_empty() {
-            let _ = std::io::stderr().lock().write_all(&err);
+            match &self.stderr_to {
+                Some(sink) => sink(item.seq, &err),
+                None => {
+                    let _ = std::io::stderr().lock().write_all(&err);
+                }
+            }
         }
         if status.success() {
             return Ok(out);

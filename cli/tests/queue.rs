@@ -218,7 +218,7 @@ fn redis_dropping_connections_and_restarting_loses_nothing() {
 #[test]
 fn a_failing_job_ends_in_the_feeders_dead_letters_as_in_a_local_run() {
     let (_server, dir, q) = setup(false, "fail");
-    let pipe = r#"args(1, 2, 3) | sh("if [ {} = 2 ]; then echo half; echo oops-{} >&2; exit 3; fi; echo ok-{}")"#;
+    let pipe = r#"args(1, 2, 3) | sh("if [ {} = 2 ]; then echo half; echo oops-{} >&2; exit 3; fi; echo warn-{} >&2; echo ok-{}")"#;
     let ws = workers(dir.path(), &q, pipe, 2);
     let out = finish(
         start(
@@ -247,7 +247,11 @@ fn a_failing_job_ends_in_the_feeders_dead_letters_as_in_a_local_run() {
         assert_eq!(qd[field], ld[field], "{field}: {qd} vs {ld}");
     }
     assert_eq!(qd["stderr"], "oops-2");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("oops-2"));
+    // Every job's stderr comes back to the feeder's, as one block per job.
+    let err = String::from_utf8_lossy(&out.stderr);
+    for line in ["oops-2", "warn-1", "warn-3"] {
+        assert!(err.lines().any(|l| l == line), "{line} not in: {err}");
+    }
     all_exit_0(ws);
 }
 

@@ -87,8 +87,8 @@ struct Feeder {
     /// `ended[seq]`: the input's output or dead letter was written.
     ended: Vec<bool>,
     ended_count: u64,
-    /// With `-k`: results that came before their turn, with their entries' ids.
-    waiting: BTreeMap<u64, (Ended, (String, bool))>,
+    /// With `-k`: results that came before their turn.
+    waiting: BTreeMap<u64, Read>,
     /// With `-k`: the next input to write out.
     next: u64,
     failures: u64,
@@ -109,6 +109,8 @@ struct Read {
     /// The entry's id and whether it is in the dead-letter stream.
     id: (String, bool),
     ended: Ended,
+    /// What its jobs wrote on stderr.
+    stderr: Vec<u8>,
 }
 
 impl Feeder {
@@ -137,17 +139,19 @@ impl Feeder {
         }
     }
 
-    /// Writes out how an input ended.
-    fn write_out(&mut self, ended: &Ended) {
+    /// Writes out how an input ended: its output, and its jobs' stderr as one block, as a
+    /// local run does.
+    fn write_out(&mut self, ended: &Ended, stderr: &[u8]) {
+        if !stderr.is_empty() {
+            use std::io::Write;
+            let _ = std::io::stderr().lock().write_all(stderr);
+        }
         match ended {
             Ended::Value(item) => self.emit.item(item),
             Ended::Skipped => {}
             Ended::Failed(fail) => {
                 if self.emit.takes_bytes() {
                     self.emit.bytes(&fail.error.stdout);
-                }
-                if !fail.error.stderr.is_empty() {
-                    eprintln!("{}", fail.error.stderr);
                 }
                 self.dead.write(fail);
                 self.failures += 1;
@@ -168,9 +172,9 @@ impl Feeder {
                 done(&mut ids, r.id);
             } else if self.keep_order {
                 // Removed from Redis once written out, not before.
-                self.waiting.insert(r.seq, (r.ended, r.id));
+                self.waiting.insert(r.seq, r);
             } else {
-                self.write_out(&r.ended);
+                self.write_out(&r.ended, &r.stderr);
                 marks.push((r.seq, matches!(r.ended, Ended::Failed(_))));
                 self.mark(r.seq);
                 done(&mut ids, r.id);
@@ -179,11 +183,11 @@ impl Feeder {
         while self.is_ended(self.next) {
             self.next += 1;
         }
-        while let Some((e, id)) = self.waiting.remove(&self.next) {
-            self.write_out(&e);
-            marks.push((self.next, matches!(e, Ended::Failed(_))));
+        while let Some(r) = self.waiting.remove(&self.next) {
+            self.write_out(&r.ended, &r.stderr);
+            marks.push((self.next, matches!(r.ended, Ended::Failed(_))));
             self.mark(self.next);
-            done(&mut ids, id);
+            done(&mut ids, r.id);
             while self.is_ended(self.next) {
                 self.next += 1;
             }
@@ -515,17 +519,20 @@ async fn collect(
             // content is outside input: it must not size the feeder's memory). A batch
             // being added may have results before its call returns, hence the margin.
             let most = fed.load(std::sync::atomic::Ordering::SeqCst) + FEED_BATCH as u64;
+            let stderr = fields.get("errout").cloned().unwrap_or_default();
             match result_of(&fields, from_dead).filter(|(seq, _)| *seq <= most) {
                 Some((seq, ended)) => reads.push(Read {
                     seq,
                     id: (id, from_dead),
                     ended,
+                    stderr,
                 }),
                 // Not a result this feeder wrote out: removed with the next batch.
                 None => reads.push(Read {
                     seq: 0,
                     id: (id, from_dead),
                     ended: Ended::Skipped,
+                    stderr: Vec::new(),
                 }),
             }
         }

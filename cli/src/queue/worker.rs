@@ -3,16 +3,17 @@
 //! is acknowledged only once its result is written (the stream source acknowledges an
 //! entry when its item has ended, and the item ends in the results stream's sink).
 //!
-//! A job that fails (after its retries) is a result too: the failure, its exit code and
-//! stderr, for the feeder's dead-letter file. `rate(..)` and `inflight(..)` are shared by
+//! A job's stderr goes back with its result (the feeder writes it out as one block). A job
+//! that fails (after its retries) is a result too: the failure, its exit code and stderr,
+//! for the feeder's dead-letter file. `rate(..)` and `inflight(..)` are shared by
 //! every worker of the queue ([`RedisRate`], [`RedisInflight`]). A worker killed with
 //! SIGKILL leaves its entries pending; the other workers take them over after `--lease`
 //! (at least once: a job in flight on the killed worker runs again elsewhere). A worker
 //! ends when the feeder has marked the run finished, letting its running jobs finish.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flowline::prelude::*;
@@ -63,9 +64,13 @@ fn job_of(e: &StreamEntry) -> Job {
     }
 }
 
-/// The fields of a job's result, as the feeder reads them.
-fn result_fields(job: &Job) -> Vec<(String, Vec<u8>)> {
-    let mut f = vec![("seq".to_string(), job.item.seq.to_string().into_bytes())];
+/// The fields of a job's result, as the feeder reads them; `stderr`: what its jobs wrote
+/// there.
+fn result_fields(job: &Job, stderr: Vec<u8>) -> Vec<(String, Vec<u8>)> {
+    let mut f = vec![
+        ("seq".to_string(), job.item.seq.to_string().into_bytes()),
+        ("errout".to_string(), stderr),
+    ];
     for (i, a) in job.item.args.iter().enumerate() {
         f.push((format!("a{i}"), a.clone()));
     }
@@ -235,20 +240,28 @@ pub async fn run(
         .batch(reads);
     let source = RedisStream::new(&queue.server, &queue.key("jobs"), GROUP, &consumer, opts)
         .map_err(|e| format!("--queue: {e}"))?;
-    let sink = StreamSink::new(&queue.server, &queue.key("results"), result_fields)
-        .map_err(|e| format!("--queue: {e}"))?;
+
     let client = redis::Client::open(queue.server.as_str()).map_err(|e| e.to_string())?;
     let runs_processes = plan.main_tasks().any(|t| matches!(t.kind, TaskKind::Sh(_)));
-    let runner = Arc::new(Runner::new(
-        reads,
-        None,
-        if runs_processes {
-            Jobs::new()
-        } else {
-            Jobs::none()
-        },
-        settings.job_opts.clone(),
-    )?);
+    // Each job's stderr goes back with its result, for the feeder to write out.
+    let stderr: Arc<Mutex<HashMap<u64, Vec<u8>>>> = Arc::default();
+    let keep = stderr.clone();
+    let runner = Arc::new(
+        Runner::new(
+            reads,
+            None,
+            if runs_processes {
+                Jobs::new()
+            } else {
+                Jobs::none()
+            },
+            settings.job_opts.clone(),
+        )?
+        .stderr_to(Arc::new(move |seq, err| {
+            let mut m = keep.lock().unwrap_or_else(|p| p.into_inner());
+            m.entry(seq).or_default().extend_from_slice(err);
+        })),
+    );
     let mut shared = Shared {
         client,
         queue: queue.clone(),
@@ -273,6 +286,14 @@ pub async fn run(
         };
     }
 
+    let sink = StreamSink::new(&queue.server, &queue.key("results"), move |job: &Job| {
+        let err = stderr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&job.item.seq);
+        result_fields(job, err.unwrap_or_default())
+    })
+    .map_err(|e| format!("--queue: {e}"))?;
     let (finished_tx, finished) = tokio::sync::watch::channel(false);
     let watcher = tokio::spawn(watch_finished(queue.clone(), finished_tx));
     let signalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
