@@ -159,35 +159,35 @@ impl Feeder {
         }
     }
 
+    /// Writes out one input's result; notes it to be marked ended and its entry removed.
+    fn end(&mut self, r: Read, marks: &mut Vec<(u64, bool)>, ids: &mut [Vec<String>; 2]) {
+        self.write_out(&r.ended, &r.stderr);
+        marks.push((r.seq, matches!(r.ended, Ended::Failed(_))));
+        self.mark(r.seq);
+        ids[usize::from(r.id.1)].push(r.id.0);
+    }
+
     /// Writes out a batch of results (in input order with `-k`) and marks the inputs ended.
     async fn take(&mut self, reads: Vec<Read>) -> Result<(), String> {
         let mut ids: [Vec<String>; 2] = [Vec::new(), Vec::new()];
         let mut marks: Vec<(u64, bool)> = Vec::new();
-        let done =
-            |ids: &mut [Vec<String>; 2], id: (String, bool)| ids[usize::from(id.1)].push(id.0);
         for r in reads {
             if r.seq == 0 || self.is_ended(r.seq) || self.waiting.contains_key(&r.seq) {
                 // A second result of an input (its job ran twice): only the first counts.
                 // An entry without a position is no input's: removed too.
-                done(&mut ids, r.id);
+                ids[usize::from(r.id.1)].push(r.id.0);
             } else if self.keep_order {
                 // Removed from Redis once written out, not before.
                 self.waiting.insert(r.seq, r);
             } else {
-                self.write_out(&r.ended, &r.stderr);
-                marks.push((r.seq, matches!(r.ended, Ended::Failed(_))));
-                self.mark(r.seq);
-                done(&mut ids, r.id);
+                self.end(r, &mut marks, &mut ids);
             }
         }
         while self.is_ended(self.next) {
             self.next += 1;
         }
         while let Some(r) = self.waiting.remove(&self.next) {
-            self.write_out(&r.ended, &r.stderr);
-            marks.push((self.next, matches!(r.ended, Ended::Failed(_))));
-            self.mark(self.next);
-            done(&mut ids, r.id);
+            self.end(r, &mut marks, &mut ids);
             while self.is_ended(self.next) {
                 self.next += 1;
             }
