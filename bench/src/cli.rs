@@ -14,6 +14,10 @@
 //!   that shows a job's output must (the floor of `cli_jobs`, made fair).
 //! - `cli_filter`: `lines | filter(regex) | print` over 2,000,000 lines against `grep`,
 //!   with flowline's peak RSS (`/usr/bin/time`).
+//! - `cli_queue`: 2,000 `sleep 0.01` jobs through `--queue` on a `redis-server` started
+//!   here, `fork(4)` per worker: the throughput of 3 worker processes (`flowline`, jobs/s)
+//!   against 1 (`baseline`); higher is better. `lost`: inputs the feeder never got a
+//!   result for.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -26,8 +30,10 @@ use crate::util::{alternate, emit};
 
 pub fn run(case: Option<&str>) {
     let bin = flowline_binary();
-    ensure_parallel();
     let want = |c: &str| case.is_none_or(|x| c.starts_with(x));
+    if case.is_none_or(|x| !"cli_queue".starts_with(x) || x.is_empty()) {
+        ensure_parallel();
+    }
     if want("cli_jobs") {
         jobs(&bin);
     }
@@ -43,6 +49,81 @@ pub fn run(case: Option<&str>) {
     if want("cli_filter") {
         filter(&bin);
     }
+    if want("cli_queue") {
+        queue(&bin);
+    }
+}
+
+/// `cli_queue`: 3 workers against 1 on one Redis, each run a queue of its own.
+fn queue(bin: &Path) {
+    const N: u32 = 2000;
+    let server = flowline_redis::test_server::RedisServer::start(false);
+    let pipe = format!("seq(1..{N}) | fork(4) | sh(\"sleep 0.01\")");
+    let (run, lost) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+    let one = |workers: usize| {
+        run.set(run.get() + 1);
+        let name = format!("bench{}", run.get());
+        let (d, l) = queue_run(bin, &server, &name, &pipe, workers, N);
+        lost.set(lost.get() + l);
+        d
+    };
+    let (three, single) = alternate(3, || one(3), || one(1));
+    let per_s = |d: Duration| f64::from(N) / d.as_secs_f64();
+    emit(
+        "cli",
+        "cli_queue",
+        per_s(three),
+        per_s(single),
+        "jobs/s",
+        json!({
+            "jobs": N,
+            "fork_per_worker": 4,
+            "workers": 3,
+            "baseline_tool": "the same queue with 1 worker process",
+            "higher_is_better": true,
+            "goal": ">= 2.5",
+            "lost": lost.get(),
+            "lost_goal": 0,
+        }),
+    );
+}
+
+/// One run of a queue: `workers` worker processes started (and waiting) first, then the
+/// feeder; the time from the feeder's start to its end, and how many inputs it did not
+/// mark ended (read from Redis before the finished run's keys expire).
+fn queue_run(
+    bin: &Path,
+    server: &flowline_redis::test_server::RedisServer,
+    name: &str,
+    pipe: &str,
+    workers: usize,
+    n: u32,
+) -> (Duration, u64) {
+    let q = format!("{}{name}", server.url());
+    let mut ws: Vec<_> = (0..workers)
+        .map(|_| {
+            Command::new(bin)
+                .args(["--quiet", "--queue", &q, "--worker", pipe])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("a worker starts")
+        })
+        .collect();
+    // The workers connect and wait in the group before the clock starts.
+    std::thread::sleep(Duration::from_millis(300));
+    let d = flowline(bin, &["--queue", &q, pipe]);
+    for w in &mut ws {
+        let st = w.wait().expect("a worker ends");
+        assert!(st.success(), "a worker failed: {st}");
+    }
+    let mut c = server.client().get_connection().expect("redis");
+    let ended: u64 = redis::cmd("BITCOUNT")
+        .arg(format!("flowline:{{{name}}}:ended"))
+        .query(&mut c)
+        .expect("BITCOUNT");
+    (d, u64::from(n).saturating_sub(ended))
 }
 
 fn floor(bin: &Path) {

@@ -382,6 +382,38 @@ impl TaskRt {
     }
 }
 
+/// A job on a task of its own, ended (its process killed) if the call is dropped, as on
+/// a cancel.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One call of `task` on `item`, as a stage makes it. Starting a process is a blocking
+/// system call: on a task of its own it does not hold up the stage's driver (and its rate
+/// timer); dropping the call kills the process.
+pub async fn call_job(
+    runner: &Arc<Runner>,
+    task: &Arc<TaskRt>,
+    item: &Item,
+) -> Result<Vec<u8>, CallError> {
+    if task.command.is_none() {
+        return runner.call(task, item).await;
+    }
+    let (r, t, i) = (runner.clone(), task.clone(), item.clone());
+    let at = (SystemTime::now(), std::time::Instant::now());
+    let mut job = AbortOnDrop(tokio::spawn(async move { r.call_from(&t, &i, at).await }));
+    (&mut job.0).await.unwrap_or_else(|e| {
+        Err(CallError {
+            message: format!("job task ended: {e}"),
+            ..CallError::default()
+        })
+    })
+}
+
 /// What every call needs: the HTTP client (one pool for the run) and the joblog.
 pub struct Runner {
     pub http: reqwest::Client,
@@ -391,7 +423,13 @@ pub struct Runner {
     pub opts: JobOpts,
     /// Run times of the jobs that succeeded, for `--timeout N%`.
     runtimes: Runtimes,
+    /// Where a job's stderr goes instead of this process's stderr (a queue's worker sends
+    /// it back with the result), with the job's input number.
+    stderr_to: Option<StderrSink>,
 }
+
+/// Takes a job's stderr, with its input number.
+pub type StderrSink = Arc<dyn Fn(u64, &[u8]) + Send + Sync>;
 
 /// The last run times of successful jobs (a window of 101: the median of the recent jobs,
 /// found in constant time per job).
@@ -444,7 +482,14 @@ impl Runner {
             jobs,
             opts,
             runtimes: Runtimes::default(),
+            stderr_to: None,
         })
+    }
+
+    /// Jobs' stderr goes to `sink` rather than to this process's stderr.
+    pub fn stderr_to(mut self, sink: StderrSink) -> Runner {
+        self.stderr_to = Some(sink);
+        self
     }
 
     /// `--timeout N%` as a time, once 3 jobs have succeeded.
@@ -687,7 +732,12 @@ impl Runner {
         log.received = out.len();
         // A job's stderr goes to stderr as one block, whether it failed or not.
         if !err.is_empty() {
-            let _ = std::io::stderr().lock().write_all(&err);
+            match &self.stderr_to {
+                Some(sink) => sink(item.seq, &err),
+                None => {
+                    let _ = std::io::stderr().lock().write_all(&err);
+                }
+            }
         }
         if status.success() {
             return Ok(out);

@@ -13,6 +13,7 @@ mod gate;
 mod jobs;
 mod linefilter;
 mod parse;
+mod queue;
 mod results;
 mod run;
 mod spec;
@@ -65,6 +66,14 @@ Recipes (GNU parallel / xargs  =>  flowline pipe):
       flowline -k '...' / flowline --progress '...'
   stop hammering a dead service (no equivalent):
       flowline '... | breaker(5, 10s) | http(...)'   pauses the input while open
+
+Several machines (parallel --sshlogin, without ssh): a Redis stream is the queue.
+  flowline --queue redis://HOST[:PORT]/NAME --worker 'PIPE'    on each worker machine
+  flowline --queue redis://HOST[:PORT]/NAME 'PIPE'             feeds the inputs, prints results
+  The same PIPE everywhere; fork(N) is per worker, rate(..) and inflight(..) are shared.
+  At least once: a killed worker's jobs run again on the others after --lease (30s); the
+  feeder prints each result once and exits as a local run would. Rerun a killed feeder
+  with the same command to resume.
 
 Exit status: the number of failed inputs (101 = more than 100), 130 after a stop, 255 for
 a bad pipe or option. Each job runs in its own process group. The first Ctrl-C (SIGINT,
@@ -232,6 +241,21 @@ struct Cli {
     /// Let the jobs write to the output directly (their lines may mix).
     #[arg(short = 'u', long)]
     ungroup: bool,
+
+    /// Spread the job over several machines through a Redis stream: without --worker,
+    /// feed the inputs to the queue NAME and print the results the workers send back;
+    /// with --worker, run the jobs of the queue.
+    #[arg(long, value_name = "redis://HOST[:PORT]/NAME")]
+    queue: Option<String>,
+
+    /// With --queue: run the queue's jobs (on any number of machines, the same pipe).
+    #[arg(long)]
+    worker: bool,
+
+    /// With --worker: how long a worker's jobs stay its own without a sign of life; a
+    /// killed worker's jobs run on the others after this (default 30s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_grace)]
+    lease: Option<std::time::Duration>,
 
     /// Accepted for GNU parallel compatibility; nothing to cite here.
     #[arg(long, hide = true)]
@@ -407,6 +431,17 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(Setup::Run(plan, settings)) => execute(*plan, *settings),
+        Ok(Setup::Queue {
+            plan,
+            settings,
+            queue,
+            worker,
+        }) => block_on(async move {
+            match worker {
+                Some(lease) => queue::worker::run(*plan, *settings, queue, lease).await,
+                None => queue::feeder::run(*plan, *settings, queue).await,
+            }
+        }),
         Err(errors) => {
             for e in errors {
                 eprintln!("{e}");
@@ -419,6 +454,13 @@ fn main() -> ExitCode {
 enum Setup {
     Checked(String),
     Run(Box<spec::Plan>, Box<run::Settings>),
+    /// A run through a queue: its feeder, or (with the lease) a worker.
+    Queue {
+        plan: Box<spec::Plan>,
+        settings: Box<run::Settings>,
+        queue: queue::Queue,
+        worker: Option<std::time::Duration>,
+    },
 }
 
 /// The plan and settings from the command line; every problem found, not just the first.
@@ -495,6 +537,7 @@ fn setup(cli: Cli, groups: Vec<compat::Group>) -> Result<Setup, Vec<String>> {
     if cli.line_buffer && cli.ungroup {
         errors.push("error: --line-buffer and -u (--ungroup) exclude each other".into());
     }
+    let queue = queue_options(&cli, !groups.is_empty(), &mut errors);
     if cli.words.first().is_some_and(|w| w == "check") && cli.words.len() == 2 {
         let text = cli.words[1].to_string_lossy().into_owned();
         return match compile(&text, spec::Source::Lines(None)) {
@@ -560,6 +603,12 @@ fn setup(cli: Cli, groups: Vec<compat::Group>) -> Result<Setup, Vec<String>> {
     let Some(mut plan) = plan.take() else {
         return Err(vec!["error: nothing to run".into()]);
     };
+    if queue.is_some() {
+        let problems = queue::check_plan(&plan);
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+    }
     // Options that are policies of the first task, as its pipe stages would be.
     let per_job = cli
         .max_replace_args
@@ -600,32 +649,108 @@ fn setup(cli: Cli, groups: Vec<compat::Group>) -> Result<Setup, Vec<String>> {
             (None, false) => None,
         },
     };
-    Ok(Setup::Run(
-        Box::new(plan),
-        Box::new(run::Settings {
-            jobs,
-            keep_order: cli.keep_order,
-            progress: cli.progress || cli.eta,
-            state: cli.state,
-            retry_failed: cli.retry_failed,
-            joblog: cli.joblog,
-            resume: if cli.resume_failed {
-                run::Resume::Failed
-            } else if cli.resume {
-                run::Resume::Done
-            } else {
-                run::Resume::No
-            },
-            dead_letter: cli.dead_letter,
-            quiet: cli.quiet,
-            grace: cli.grace,
-            delim,
-            colsep,
-            job_opts,
-            halt,
-            shuffle: cli.shuf,
-        }),
-    ))
+    let worker = cli.worker.then(|| cli.lease.unwrap_or(DEFAULT_LEASE));
+    let settings = Box::new(run::Settings {
+        jobs,
+        keep_order: cli.keep_order,
+        progress: cli.progress || cli.eta,
+        state: cli.state,
+        retry_failed: cli.retry_failed,
+        joblog: cli.joblog,
+        resume: if cli.resume_failed {
+            run::Resume::Failed
+        } else if cli.resume {
+            run::Resume::Done
+        } else {
+            run::Resume::No
+        },
+        dead_letter: cli.dead_letter,
+        quiet: cli.quiet,
+        grace: cli.grace,
+        delim,
+        colsep,
+        job_opts,
+        halt,
+        shuffle: cli.shuf,
+    });
+    Ok(match queue {
+        Some(queue) => Setup::Queue {
+            plan: Box::new(plan),
+            settings,
+            queue,
+            worker,
+        },
+        None => Setup::Run(Box::new(plan), settings),
+    })
+}
+
+/// How long a worker's jobs stay its own without a sign of life (`--lease`).
+const DEFAULT_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The queue of `--queue`, with every problem of the queue options added to `errors`:
+/// the URL, `--worker` or `--lease` without what they need, and the options a run
+/// through a queue does not take.
+fn queue_options(cli: &Cli, inputs: bool, errors: &mut Vec<String>) -> Option<queue::Queue> {
+    let q = match &cli.queue {
+        Some(url) => match queue::Queue::parse(url) {
+            Ok(q) => Some(q),
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        },
+        None => None,
+    };
+    if cli.queue.is_none() {
+        if cli.worker {
+            errors.push("error: --worker needs --queue redis://HOST[:PORT]/NAME".into());
+        }
+        if cli.lease.is_some() {
+            errors.push("error: --lease needs --queue redis://HOST[:PORT]/NAME --worker".into());
+        }
+        return None;
+    }
+    if let Some(lease) = cli.lease {
+        if !cli.worker {
+            errors.push("error: --lease is a worker's option: give it with --worker".into());
+        }
+        let range = std::time::Duration::from_millis(100)..=std::time::Duration::from_secs(86_400);
+        if !range.contains(&lease) {
+            errors.push(format!(
+                "error: --lease `{lease:?}` must be from 100ms to 24h"
+            ));
+        }
+    }
+    if cli.worker && (inputs || !cli.arg_file.is_empty()) {
+        errors.push(
+            "error: --worker takes no inputs (`:::`, `::::`, -a): the feeder, the same command without --worker, gives them"
+                .into(),
+        );
+    }
+    let unsupported = [
+        ("--state", cli.state.is_some()),
+        ("--retry-failed", cli.retry_failed),
+        ("--joblog", cli.joblog.is_some()),
+        ("--resume", cli.resume),
+        ("--resume-failed", cli.resume_failed),
+        ("--halt", cli.halt.is_some()),
+        ("--shuf", cli.shuf),
+        ("--progress/--bar/--eta", cli.progress || cli.eta),
+        ("-u (--ungroup)", cli.ungroup),
+        ("--line-buffer", cli.line_buffer),
+        (
+            "-N/-n/-X",
+            cli.max_replace_args.is_some() || cli.max_args.is_some() || cli.xargs,
+        ),
+        ("--dry-run", cli.dry_run),
+        ("--results", cli.results.is_some()),
+    ];
+    for (flag, _) in unsupported.iter().filter(|(_, given)| *given) {
+        errors.push(format!(
+            "error: {flag} is not supported with --queue (the queue keeps the run's state in Redis)"
+        ));
+    }
+    q
 }
 
 fn execute(plan: spec::Plan, settings: run::Settings) -> ExitCode {
@@ -649,6 +774,11 @@ fn execute(plan: spec::Plan, settings: run::Settings) -> ExitCode {
             }
         };
     }
+    block_on(run::run(plan, settings))
+}
+
+/// Runs a run to its end on a runtime of its own; its exit status.
+fn block_on(run: impl std::future::Future<Output = Result<run::Outcome, String>>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -659,7 +789,7 @@ fn execute(plan: spec::Plan, settings: run::Settings) -> ExitCode {
             return ExitCode::from(BAD_USAGE);
         }
     };
-    match rt.block_on(run::run(plan, settings)) {
+    match rt.block_on(run) {
         Ok(o) => ExitCode::from(o.exit_code()),
         Err(e) => {
             eprintln!("error: {e}");

@@ -84,7 +84,7 @@ pub enum Resume {
 /// A line-oriented output: stdout, a file opened for appending (written unbuffered, one
 /// whole line per write, so `--state` never marks done an output still in a buffer), or
 /// nothing.
-enum Out {
+pub(crate) enum Out {
     Stdout,
     File(Mutex<std::fs::File>),
     Discard,
@@ -138,14 +138,14 @@ impl Out {
 
 /// A sink's writer: used by the sink stage, and by a chain's last task to write its job's
 /// output the moment the job ends.
-struct Emit {
+pub(crate) struct Emit {
     out: Out,
     jsonl: bool,
     tag: Option<crate::exec::JobOpts>,
 }
 
 impl Emit {
-    fn open(sink: &Option<Sink>, opts: &crate::exec::JobOpts) -> Result<Emit, String> {
+    pub(crate) fn open(sink: &Option<Sink>, opts: &crate::exec::JobOpts) -> Result<Emit, String> {
         Ok(Emit {
             tag: opts.tag.is_some().then(|| opts.clone()),
             out: match sink {
@@ -158,17 +158,17 @@ impl Emit {
     }
 
     /// Whether a job's output is written as its bytes (not as a JSON record).
-    fn takes_bytes(&self) -> bool {
+    pub(crate) fn takes_bytes(&self) -> bool {
         !self.jsonl
     }
 
     /// A job's output, exactly as the job wrote it.
-    fn bytes(&self, b: &[u8]) {
+    pub(crate) fn bytes(&self, b: &[u8]) {
         self.out.bytes(b);
     }
 
     /// An item: a JSON record, or its text as a line.
-    fn item(&self, item: &Item) {
+    pub(crate) fn item(&self, item: &Item) {
         if matches!(self.out, Out::Discard) {
             return;
         }
@@ -198,14 +198,22 @@ impl Emit {
 }
 
 /// The dead-letter file, opened on the first failure.
-struct DeadFile {
+pub(crate) struct DeadFile {
     path: PathBuf,
     file: Mutex<Option<std::fs::File>>,
-    written: AtomicU64,
+    pub(crate) written: AtomicU64,
 }
 
 impl DeadFile {
-    fn write(&self, fail: &Fail) {
+    pub(crate) fn new(path: PathBuf) -> DeadFile {
+        DeadFile {
+            path,
+            file: Mutex::new(None),
+            written: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn write(&self, fail: &Fail) {
         let mut g = match self.file.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -261,7 +269,7 @@ fn fail_json(f: &Fail) -> serde_json::Value {
 
 /// What the closures of the graph share.
 struct Ctx {
-    runner: Runner,
+    runner: Arc<Runner>,
     state: Option<State>,
     dead: DeadFile,
     failures: AtomicU64,
@@ -423,7 +431,7 @@ fn fail_of(f: &Failure, steps: &HashMap<String, usize>) -> Fail {
 }
 
 /// The inputs, read lazily.
-enum Reader {
+pub(crate) enum Reader {
     /// Records ended by `delim` (`\n`, or NUL with `-0`), the delimiter removed.
     Lines(Box<dyn tokio::io::AsyncBufRead + Send + Unpin>, u8),
     Seq {
@@ -478,7 +486,7 @@ impl Reader {
 
     /// The next input as its arguments: one, the columns `colsep` splits it into, or a
     /// row of `:::` groups.
-    async fn next_args(
+    pub(crate) async fn next_args(
         &mut self,
         colsep: Option<&regex::bytes::Regex>,
     ) -> Result<Option<Vec<Vec<u8>>>, String> {
@@ -494,7 +502,7 @@ impl Reader {
 
 /// Rows of a query, a page at a time, in key order: `WHERE key > last` so that a page
 /// never repeats or skips a row.
-struct SqlPager {
+pub(crate) struct SqlPager {
     db: PathBuf,
     query: String,
     key: String,
@@ -633,7 +641,7 @@ fn count_records(path: &Path, delim: u8) -> Option<u64> {
 }
 
 /// Opens the source: its reader and, when it is cheap to know, how many inputs it holds.
-async fn open_source(
+pub(crate) async fn open_source(
     source: &Source,
     want_total: bool,
     delim: u8,
@@ -716,7 +724,7 @@ async fn open_source(
     })
 }
 
-fn retry_policy(r: &RetrySpec) -> Retry {
+pub(crate) fn retry_policy(r: &RetrySpec) -> Retry {
     Retry::exponential(r.min)
         .max_delay(r.max)
         .max_attempts(r.retries.saturating_add(1))
@@ -732,12 +740,12 @@ fn retry_policy(r: &RetrySpec) -> Retry {
 /// The flowline objects of a task's policies, built once so that the error continuation
 /// shares them (its calls count against the same rate and breaker).
 #[derive(Clone, Default)]
-struct Objects {
-    rate: Option<Rate>,
-    breaker: Option<Breaker>,
+pub(crate) struct Objects {
+    pub(crate) rate: Option<Rate>,
+    pub(crate) breaker: Option<Breaker>,
 }
 
-fn objects(t: &Task) -> Objects {
+pub(crate) fn objects(t: &Task) -> Objects {
     let p = &t.policies;
     Objects {
         rate: p.rate.map(|(n, per, burst)| Rate::per(n, per).burst(burst)),
@@ -751,21 +759,11 @@ fn objects(t: &Task) -> Objects {
 
 /// A call's result as the item's value: a process's output as it wrote it; an HTTP body
 /// as one record (printed as a line).
-fn output_value(rt: &TaskRt, out: Vec<u8>) -> Value {
+pub(crate) fn output_value(rt: &TaskRt, out: Vec<u8>) -> Value {
     if rt.command.is_some() {
         Value::Output(out)
     } else {
         Value::One(out)
-    }
-}
-
-/// A job on a task of its own, ended (its process killed) if the call is dropped, as on
-/// a cancel.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -808,23 +806,7 @@ impl Builder {
                             ..item
                         });
                     }
-                    let result = if rt.command.is_some() {
-                        // Starting a process is a blocking system call: on a task of its
-                        // own it does not hold up the stage's driver (and its rate timer).
-                        let (c, r, i) = (ctx.clone(), rt.clone(), item.clone());
-                        let at = (std::time::SystemTime::now(), std::time::Instant::now());
-                        let mut job = AbortOnDrop(tokio::spawn(async move {
-                            c.runner.call_from(&r, &i, at).await
-                        }));
-                        (&mut job.0).await.unwrap_or_else(|e| {
-                            Err(CallError {
-                                message: format!("job task ended: {e}"),
-                                ..CallError::default()
-                            })
-                        })
-                    } else {
-                        ctx.runner.call(&rt, &item).await
-                    };
+                    let result = crate::exec::call_job(&ctx.runner, &rt, &item).await;
                     match result {
                         Ok(out) => {
                             let item = Item {
@@ -1100,13 +1082,14 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
         Jobs::none()
     };
     let ctx = Arc::new(Ctx {
-        runner: Runner::new(max_workers, joblog, jobs, settings.job_opts.clone())?,
+        runner: Arc::new(Runner::new(
+            max_workers,
+            joblog,
+            jobs,
+            settings.job_opts.clone(),
+        )?),
         state,
-        dead: DeadFile {
-            path: settings.dead_letter.clone(),
-            file: Mutex::new(None),
-            written: AtomicU64::new(0),
-        },
+        dead: DeadFile::new(settings.dead_letter.clone()),
         failures: AtomicU64::new(0),
         emitted: AtomicU64::new(0),
         left: AtomicU64::new(0),
@@ -1269,15 +1252,7 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
         let grace = settings.grace;
         let mut halt_rx = halt_rx;
         tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let mut streams: Vec<_> = [
-                SignalKind::interrupt(),
-                SignalKind::terminate(),
-                SignalKind::hangup(),
-            ]
-            .into_iter()
-            .filter_map(|k| signal(k).ok())
-            .collect();
+            let mut streams = stop_signals();
             let now = tokio::select! {
                 _ = next_signal(&mut streams) => {
                     interrupted.store(true, Relaxed);
@@ -1433,8 +1408,21 @@ fn shuffle<T>(v: &mut [T]) {
     }
 }
 
+/// The signals that stop a run: SIGINT, SIGTERM and SIGHUP.
+pub(crate) fn stop_signals() -> Vec<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    [
+        SignalKind::interrupt(),
+        SignalKind::terminate(),
+        SignalKind::hangup(),
+    ]
+    .into_iter()
+    .filter_map(|k| signal(k).ok())
+    .collect()
+}
+
 /// The next of several signals (never, without any).
-async fn next_signal(streams: &mut [tokio::signal::unix::Signal]) {
+pub(crate) async fn next_signal(streams: &mut [tokio::signal::unix::Signal]) {
     let waits: Vec<_> = streams.iter_mut().map(|s| Box::pin(s.recv())).collect();
     if waits.is_empty() {
         std::future::pending::<()>().await;

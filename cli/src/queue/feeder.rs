@@ -1,0 +1,805 @@
+//! The feeder: runs the pipe's source into the queue's stream, then writes out what the
+//! workers send back, as a local run would, and exits with a local run's exit code once
+//! every input it fed has ended (a result, or a dead letter).
+//!
+//! **Resuming.** Inputs are added in batches by one script that also records how many
+//! were fed (`meta.fed`, the last input's position): a batch is in the stream with its
+//! count or not at all, and a batch tried again after a lost reply is not added twice.
+//! A rerun of the feeder skips the inputs fed before (the source must give the same
+//! inputs in the same order, as with `--state`) and goes on. An input is marked ended
+//! (`ended`, a bitmap) only after its output or dead letter was written, in one script
+//! with the removal of its result: a feeder killed between the two writes the output
+//! again when rerun (at least once), and never takes an input without a result for done.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use flowline::Outage;
+use redis::Value;
+use redis::aio::ConnectionManager;
+use tokio::sync::mpsc;
+
+use super::{Queue, bytes_of, call};
+use crate::exec::{CallError, Fail, Item, Value as ItemValue};
+use crate::run::{DeadFile, Emit, Outcome, Settings};
+use crate::spec::Plan;
+
+/// Inputs fed and not yet ended, at most: the feeder waits for results past it, so that an
+/// endless source does not fill Redis.
+const WINDOW: u64 = 10_000;
+/// Inputs added per script call.
+const FEED_BATCH: usize = 500;
+/// Results read per call.
+const READ_BATCH: usize = 500;
+
+/// Adds a batch of inputs and records the last one fed, only if `fed` is still what the
+/// caller saw (so a retry after a lost reply adds nothing twice). KEYS: jobs, meta.
+/// ARGV: fed before, then per input: its position, its number of arguments, the
+/// arguments. Returns `fed` after the call.
+const FEED: &str = r"
+local fed = tonumber(redis.call('HGET', KEYS[2], 'fed') or '0')
+if fed ~= tonumber(ARGV[1]) then return fed end
+local i = 2
+while i <= #ARGV do
+  local n = tonumber(ARGV[i + 1])
+  local e = {'seq', ARGV[i]}
+  for j = 1, n do
+    e[#e + 1] = 'a' .. (j - 1)
+    e[#e + 1] = ARGV[i + 1 + j]
+  end
+  redis.call('XADD', KEYS[1], '*', unpack(e))
+  fed = tonumber(ARGV[i])
+  i = i + 2 + n
+end
+redis.call('HSET', KEYS[2], 'fed', fed)
+return fed
+";
+
+/// Marks inputs ended and removes their results. KEYS: ended, meta, results, dead.
+/// ARGV: the number of result ids, the ids, the number of dead-letter ids, the ids, then
+/// per input its position and `1` if it failed. A failure is counted once, however often
+/// the call is tried.
+const ENDED: &str = r"
+local i = 1
+for k = 3, 4 do
+  local n = tonumber(ARGV[i])
+  if n > 0 then redis.call('XDEL', KEYS[k], unpack(ARGV, i + 1, i + n)) end
+  i = i + 1 + n
+end
+while i <= #ARGV do
+  if redis.call('SETBIT', KEYS[1], ARGV[i], 1) == 0 and ARGV[i + 1] == '1' then
+    redis.call('HINCRBY', KEYS[2], 'failed', 1)
+  end
+  i = i + 2
+end
+return 1
+";
+
+/// What the feeder knows of the queue.
+struct Feeder {
+    queue: Queue,
+    conn: ConnectionManager,
+    outage: Outage,
+    server: String,
+    emit: Emit,
+    dead: DeadFile,
+    keep_order: bool,
+    /// `ended[seq]`: the input's output or dead letter was written.
+    ended: Vec<bool>,
+    ended_count: u64,
+    /// With `-k`: results that came before their turn.
+    waiting: BTreeMap<u64, Read>,
+    /// With `-k`: the next input to write out.
+    next: u64,
+    failures: u64,
+}
+
+/// How an input ended, as a worker (or the stream source) reported it.
+enum Ended {
+    /// A job's output (`Output`) or a request's body (`One`).
+    Value(Item),
+    /// Dropped by a filter: done, nothing to write.
+    Skipped,
+    Failed(Box<Fail>),
+}
+
+/// A result read, with where it came from (to remove it once written out).
+struct Read {
+    seq: u64,
+    /// The entry's id and whether it is in the dead-letter stream.
+    id: (String, bool),
+    ended: Ended,
+    /// What its jobs wrote on stderr.
+    stderr: Vec<u8>,
+}
+
+impl Feeder {
+    async fn call<T, F, Fut>(&self, what: &str, op: F) -> Result<T, String>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        call(&self.outage, &self.server, &self.conn, op)
+            .await
+            .map_err(|e| format!("queue `{}`: {what}: {e}", self.queue.name))
+    }
+
+    fn is_ended(&self, seq: u64) -> bool {
+        self.ended.get(seq as usize).copied().unwrap_or(false)
+    }
+
+    fn mark(&mut self, seq: u64) {
+        let i = seq as usize;
+        if self.ended.len() <= i {
+            self.ended.resize(i + 1, false);
+        }
+        if !self.ended[i] {
+            self.ended[i] = true;
+            self.ended_count += 1;
+        }
+    }
+
+    /// Writes out how an input ended: its output, and its jobs' stderr as one block, as a
+    /// local run does.
+    fn write_out(&mut self, ended: &Ended, stderr: &[u8]) {
+        if !stderr.is_empty() {
+            use std::io::Write;
+            let _ = std::io::stderr().lock().write_all(stderr);
+        }
+        match ended {
+            Ended::Value(item) => self.emit.item(item),
+            Ended::Skipped => {}
+            Ended::Failed(fail) => {
+                if self.emit.takes_bytes() {
+                    self.emit.bytes(&fail.error.stdout);
+                }
+                self.dead.write(fail);
+                self.failures += 1;
+            }
+        }
+    }
+
+    /// Writes out one input's result; notes it to be marked ended and its entry removed.
+    fn end(&mut self, r: Read, marks: &mut Vec<(u64, bool)>, ids: &mut [Vec<String>; 2]) {
+        self.write_out(&r.ended, &r.stderr);
+        marks.push((r.seq, matches!(r.ended, Ended::Failed(_))));
+        self.mark(r.seq);
+        ids[usize::from(r.id.1)].push(r.id.0);
+    }
+
+    /// Writes out a batch of results (in input order with `-k`) and marks the inputs ended.
+    async fn take(&mut self, reads: Vec<Read>) -> Result<(), String> {
+        let mut ids: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+        let mut marks: Vec<(u64, bool)> = Vec::new();
+        for r in reads {
+            if r.seq == 0 || self.is_ended(r.seq) || self.waiting.contains_key(&r.seq) {
+                // A second result of an input (its job ran twice): only the first counts.
+                // An entry without a position is no input's: removed too.
+                ids[usize::from(r.id.1)].push(r.id.0);
+            } else if self.keep_order {
+                // Removed from Redis once written out, not before.
+                self.waiting.insert(r.seq, r);
+            } else {
+                self.end(r, &mut marks, &mut ids);
+            }
+        }
+        while self.is_ended(self.next) {
+            self.next += 1;
+        }
+        while let Some(r) = self.waiting.remove(&self.next) {
+            self.end(r, &mut marks, &mut ids);
+            while self.is_ended(self.next) {
+                self.next += 1;
+            }
+        }
+        if marks.is_empty() && ids.iter().all(Vec::is_empty) {
+            return Ok(());
+        }
+        let script = redis::Script::new(ENDED);
+        let keys = [
+            self.queue.key("ended"),
+            self.queue.key("meta"),
+            self.queue.key("results"),
+            self.queue.key("dead"),
+        ];
+        self.call("marking inputs ended", |mut c| {
+            let mut inv = script.prepare_invoke();
+            for k in &keys {
+                inv.key(k);
+            }
+            for list in &ids {
+                inv.arg(list.len());
+                for id in list {
+                    inv.arg(id);
+                }
+            }
+            for (seq, failed) in &marks {
+                inv.arg(*seq).arg(u8::from(*failed));
+            }
+            async move { inv.invoke_async::<Value>(&mut c).await }
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+/// What the source hands to the feeding loop: an input's position and arguments.
+type Input = (u64, Vec<Vec<u8>>);
+
+/// Runs the feeder to the end (or to a signal).
+pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome, String> {
+    let conn = super::connect(&queue.server)?;
+    let server = queue.label();
+    let mut f = Feeder {
+        emit: Emit::open(&plan.main.sink, &settings.job_opts)?,
+        dead: DeadFile::new(settings.dead_letter.clone()),
+        keep_order: settings.keep_order,
+        ended: Vec::new(),
+        ended_count: 0,
+        waiting: BTreeMap::new(),
+        next: 1,
+        failures: 0,
+        outage: Outage::default(),
+        server,
+        conn,
+        queue,
+    };
+    let fed_before = start(&mut f, settings.quiet).await?;
+    let (outage, server) = (f.outage, f.server.clone());
+
+    // The source on a task of its own, so that a slow input does not hold up the results.
+    let (reader, _) = crate::run::open_source(&plan.source, false, settings.delim).await?;
+    let (tx, rx) = mpsc::channel::<Input>(FEED_BATCH * 2);
+    let colsep = settings.colsep.clone();
+    let source = tokio::spawn(async move {
+        let mut reader = reader;
+        let mut seq = 0u64;
+        loop {
+            match reader.next_args(colsep.as_ref()).await {
+                Ok(Some(args)) => {
+                    seq += 1;
+                    if seq > fed_before && tx.send((seq, args)).await.is_err() {
+                        return Ok(seq);
+                    }
+                }
+                Ok(None) => return Ok(seq),
+                Err(e) => return Err(e),
+            }
+        }
+    });
+
+    let f = Arc::new(tokio::sync::Mutex::new(f));
+    let progress = Arc::new(tokio::sync::Notify::new());
+    let fed = Arc::new(std::sync::atomic::AtomicU64::new(fed_before));
+    let work = async {
+        // Results are written out while the source runs; once it has ended, its count of
+        // inputs is the total the results must reach.
+        let feeding = async {
+            let last = feed(f.clone(), rx, fed.clone(), progress.clone()).await?;
+            let total = match source.await {
+                Ok(Ok(n)) => n.max(last),
+                Ok(Err(e)) => return Err(e),
+                Err(e) => return Err(format!("the source stopped: {e}")),
+            };
+            let (key, conn) = {
+                let f = f.lock().await;
+                (f.queue.key("meta"), f.conn.clone())
+            };
+            call(&outage, &server, &conn, |mut c| {
+                let key = key.clone();
+                async move {
+                    redis::cmd("HSET")
+                        .arg(&key)
+                        .arg("total")
+                        .arg(total)
+                        .query_async::<Value>(&mut c)
+                        .await
+                }
+            })
+            .await
+            .map_err(|e| format!("queue: recording the total: {e}"))?;
+            fed.store(total, std::sync::atomic::Ordering::SeqCst);
+            progress.notify_waiters();
+            Ok(())
+        };
+        let collecting = collect(f.clone(), fed.clone(), progress.clone());
+        tokio::try_join!(feeding, collecting).map(|_| ())
+    };
+    let stopped = tokio::select! {
+        r = work => {
+            r?;
+            false
+        }
+        () = super::stop_signal() => true,
+    };
+    if stopped {
+        let f = f.lock().await;
+        eprintln!(
+            "\nflowline: stopped; the inputs fed and not ended stay in queue `{}`: run the same command again to go on",
+            f.queue.name
+        );
+        return Ok(Outcome {
+            failures: f.failures,
+            interrupted: true,
+            halted_by: None,
+        });
+    }
+    let f = f.lock().await;
+    finish(&f).await?;
+    if !settings.quiet {
+        let mut line = format!(
+            "flowline: {} inputs, {} failed (queue `{}`)",
+            fed.load(std::sync::atomic::Ordering::SeqCst),
+            f.failures,
+            f.queue.name
+        );
+        if f.dead.written.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            line.push_str(&format!(
+                "; failures written to {}",
+                settings.dead_letter.display()
+            ));
+        }
+        eprintln!("{line}");
+    }
+    Ok(Outcome {
+        failures: f.failures,
+        interrupted: false,
+        halted_by: None,
+    })
+}
+
+/// Starts a new run of the queue, or resumes an unfinished one; returns how many inputs
+/// were fed before.
+async fn start(f: &mut Feeder, quiet: bool) -> Result<u64, String> {
+    let meta_key = f.queue.key("meta");
+    let meta: HashMap<String, String> = f
+        .call("reading the queue", |mut c| {
+            let k = meta_key.clone();
+            async move { redis::cmd("HGETALL").arg(&k).query_async(&mut c).await }
+        })
+        .await?;
+    let num = |k: &str| meta.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    if meta.is_empty() || meta.contains_key("finished") {
+        // A new run: what an earlier, finished run left goes. The stream is emptied, not
+        // deleted: workers started before the feeder are reading it in their group.
+        let keys = f.queue.keys(&["results", "dead", "meta", "ended"]);
+        let jobs = f.queue.key("jobs");
+        f.call("clearing a finished run", |mut c| {
+            let mut p = redis::pipe();
+            p.atomic().del(&keys).ignore();
+            p.cmd("XTRIM").arg(&jobs).arg("MAXLEN").arg(0).ignore();
+            async move { p.query_async::<()>(&mut c).await }
+        })
+        .await?;
+        return Ok(0);
+    }
+    let ended_key = f.queue.key("ended");
+    let bits: Vec<u8> = f
+        .call("reading the inputs ended", |mut c| {
+            let k = ended_key.clone();
+            async move { redis::cmd("GET").arg(&k).query_async(&mut c).await }
+        })
+        .await?;
+    for (i, byte) in bits.iter().enumerate() {
+        for b in 0..8 {
+            if byte & (0x80 >> b) != 0 {
+                f.mark((i * 8 + b) as u64);
+            }
+        }
+    }
+    f.failures = num("failed");
+    let fed = num("fed");
+    while f.is_ended(f.next) {
+        f.next += 1;
+    }
+    if !quiet {
+        eprintln!(
+            "flowline: resuming queue `{}`: {fed} inputs fed before, {} of them ended",
+            f.queue.name, f.ended_count
+        );
+    }
+    Ok(fed)
+}
+
+/// Adds the source's inputs to the stream, a batch at a time; returns the last position
+/// fed.
+async fn feed(
+    f: Arc<tokio::sync::Mutex<Feeder>>,
+    mut rx: mpsc::Receiver<Input>,
+    fed: Arc<std::sync::atomic::AtomicU64>,
+    progress: Arc<tokio::sync::Notify>,
+) -> Result<u64, String> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let script = redis::Script::new(FEED);
+    let (jobs, meta, name, conn, outage, server) = {
+        let f = f.lock().await;
+        (
+            f.queue.key("jobs"),
+            f.queue.key("meta"),
+            f.queue.name.clone(),
+            f.conn.clone(),
+            f.outage,
+            f.server.clone(),
+        )
+    };
+    let mut batch: Vec<Input> = Vec::with_capacity(FEED_BATCH);
+    loop {
+        batch.clear();
+        match rx.recv().await {
+            Some(i) => batch.push(i),
+            None => return Ok(fed.load(SeqCst)),
+        }
+        while batch.len() < FEED_BATCH {
+            match rx.try_recv() {
+                Ok(i) => batch.push(i),
+                Err(_) => break,
+            }
+        }
+        // Not too far ahead of the results.
+        loop {
+            let wait = progress.notified();
+            let ended = f.lock().await.ended_count;
+            if fed.load(SeqCst).saturating_sub(ended) < WINDOW {
+                break;
+            }
+            wait.await;
+        }
+        let before = fed.load(SeqCst);
+        let last = batch.last().map_or(before, |i| i.0);
+        let now: u64 = call(&outage, &server, &conn, |mut c| {
+            let mut inv = script.prepare_invoke();
+            inv.key(&jobs).key(&meta).arg(before);
+            for (seq, args) in &batch {
+                inv.arg(*seq).arg(args.len());
+                for a in args {
+                    inv.arg(a.as_slice());
+                }
+            }
+            async move { inv.invoke_async(&mut c).await }
+        })
+        .await
+        .map_err(|e| format!("queue `{name}`: adding inputs: {e}"))?;
+        if now != last {
+            return Err(format!(
+                "queue `{name}`: another feeder is adding inputs to it ({now} fed, {last} expected); run one feeder per queue"
+            ));
+        }
+        fed.store(last, SeqCst);
+    }
+}
+
+/// Writes out results until every input fed has ended and the source is done (`fed`
+/// holds the total then, and `total` is set in `meta`).
+async fn collect(
+    f: Arc<tokio::sync::Mutex<Feeder>>,
+    fed: Arc<std::sync::atomic::AtomicU64>,
+    progress: Arc<tokio::sync::Notify>,
+) -> Result<(), String> {
+    let (results, dead, conn, outage, server, name, meta) = {
+        let f = f.lock().await;
+        (
+            f.queue.key("results"),
+            f.queue.key("dead"),
+            // A connection of its own: a blocking read holds its connection up, and the
+            // inputs are added meanwhile.
+            super::connect(&f.queue.server)?,
+            f.outage,
+            f.server.clone(),
+            f.queue.name.clone(),
+            f.queue.key("meta"),
+        )
+    };
+    let (mut after_r, mut after_d) = ("0".to_string(), "0".to_string());
+    let mut total_known = false;
+    loop {
+        let reply: Value = call(&outage, &server, &conn, |mut c| {
+            let mut cmd = redis::cmd("XREAD");
+            cmd.arg("COUNT")
+                .arg(READ_BATCH)
+                .arg("BLOCK")
+                .arg(200)
+                .arg("STREAMS")
+                .arg(&results)
+                .arg(&dead)
+                .arg(&after_r)
+                .arg(&after_d);
+            async move { cmd.query_async(&mut c).await }
+        })
+        .await
+        .map_err(|e| format!("queue `{name}`: reading results: {e}"))?;
+        let mut reads = Vec::new();
+        for (stream, id, fields) in entries(reply) {
+            let from_dead = stream == dead;
+            if from_dead {
+                after_d = id.clone();
+            } else {
+                after_r = id.clone();
+            }
+            // A position past what may have been fed is no input of this run (Redis
+            // content is outside input: it must not size the feeder's memory). A batch
+            // being added may have results before its call returns, hence the margin.
+            let most = fed.load(std::sync::atomic::Ordering::SeqCst) + FEED_BATCH as u64;
+            let stderr = fields.get("errout").cloned().unwrap_or_default();
+            match result_of(&fields, from_dead).filter(|(seq, _)| *seq <= most) {
+                Some((seq, ended)) => reads.push(Read {
+                    seq,
+                    id: (id, from_dead),
+                    ended,
+                    stderr,
+                }),
+                // Not a result this feeder wrote out: removed with the next batch.
+                None => reads.push(Read {
+                    seq: 0,
+                    id: (id, from_dead),
+                    ended: Ended::Skipped,
+                    stderr: Vec::new(),
+                }),
+            }
+        }
+        let mut g = f.lock().await;
+        if !reads.is_empty() {
+            g.take(reads).await?;
+            progress.notify_waiters();
+        }
+        if !total_known {
+            let total: Option<u64> = g
+                .call("reading the total", |mut c| {
+                    let m = meta.clone();
+                    async move {
+                        redis::cmd("HGET")
+                            .arg(&m)
+                            .arg("total")
+                            .query_async(&mut c)
+                            .await
+                    }
+                })
+                .await?;
+            total_known = total.is_some();
+        }
+        // Every input marked ended was fed: the count reaching the total is all of them.
+        if total_known && g.ended_count >= fed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+    }
+}
+
+/// Marks the run finished (the workers exit) and lets its keys expire.
+async fn finish(f: &Feeder) -> Result<(), String> {
+    let keys = f.queue.keys(&["jobs", "results", "dead", "meta", "ended"]);
+    let meta = f.queue.key("meta");
+    f.call("marking the run finished", |mut c| {
+        let mut p = redis::pipe();
+        p.atomic().hset(&meta, "finished", 1).ignore();
+        for k in &keys {
+            // A minute for the workers to see `finished` and stop.
+            p.expire(k, 60).ignore();
+        }
+        async move { p.query_async::<()>(&mut c).await }
+    })
+    .await
+}
+
+/// The entries of an `XREAD` reply: stream, id, fields. A reply is outside input: what
+/// does not parse is left out.
+fn entries(reply: Value) -> Vec<(String, String, HashMap<String, Vec<u8>>)> {
+    let mut out = Vec::new();
+    let streams: Vec<(Value, Value)> = match reply {
+        Value::Array(a) => a
+            .into_iter()
+            .filter_map(|s| match s {
+                Value::Array(mut pair) if pair.len() == 2 => {
+                    let list = pair.pop()?;
+                    Some((pair.pop()?, list))
+                }
+                _ => None,
+            })
+            .collect(),
+        Value::Map(m) => m,
+        _ => return out,
+    };
+    for (name, list) in streams {
+        let Some(name) = bytes_of(&name).map(|b| String::from_utf8_lossy(&b).into_owned()) else {
+            continue;
+        };
+        let Value::Array(list) = list else { continue };
+        for e in list {
+            let Value::Array(mut pair) = e else { continue };
+            if pair.len() != 2 {
+                continue;
+            }
+            let fields = pair.pop();
+            let Some(id) = pair
+                .pop()
+                .as_ref()
+                .and_then(bytes_of)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+            else {
+                continue;
+            };
+            let mut map = HashMap::new();
+            let flat: Vec<Value> = match fields {
+                Some(Value::Array(a)) => a,
+                Some(Value::Map(m)) => m.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+                _ => Vec::new(),
+            };
+            for kv in flat.chunks(2) {
+                if let [k, v] = kv {
+                    if let (Some(k), Some(v)) = (bytes_of(k), bytes_of(v)) {
+                        map.insert(String::from_utf8_lossy(&k).into_owned(), v);
+                    }
+                }
+            }
+            out.push((name.clone(), id, map));
+        }
+    }
+    out
+}
+
+/// An input's arguments, as the fields `a0`, `a1`, ... hold them.
+pub fn args_of(fields: &HashMap<String, Vec<u8>>) -> Vec<Vec<u8>> {
+    (0..)
+        .map_while(|i| fields.get(&format!("a{i}")).cloned())
+        .collect()
+}
+
+/// The item of an input: one argument, or several.
+pub fn item_of(seq: u64, mut args: Vec<Vec<u8>>) -> Item {
+    if args.len() == 1 {
+        Item::new(seq, args.swap_remove(0))
+    } else {
+        Item::with_args(seq, args)
+    }
+}
+
+fn text(fields: &HashMap<String, Vec<u8>>, k: &str) -> String {
+    fields
+        .get(k)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default()
+}
+
+fn num<T: std::str::FromStr>(fields: &HashMap<String, Vec<u8>>, k: &str) -> Option<T> {
+    text(fields, k).parse().ok()
+}
+
+/// How an input ended, from a result a worker wrote (or an entry the stream source moved
+/// to the dead letters); `None` for an entry without a valid position.
+fn result_of(fields: &HashMap<String, Vec<u8>>, from_dead: bool) -> Option<(u64, Ended)> {
+    let seq: u64 = num(fields, "seq").filter(|&s| s > 0)?;
+    let item = item_of(seq, args_of(fields));
+    let failed = |stage: String, error: CallError, attempts: u32| {
+        Ended::Failed(Box::new(Fail {
+            item: item.clone(),
+            step: 0,
+            stage,
+            error,
+            attempts,
+        }))
+    };
+    if from_dead {
+        let error = CallError {
+            message: format!(
+                "the queue gave up on it ({}) after {} deliveries",
+                text(fields, "flowline.reason"),
+                text(fields, "flowline.deliveries")
+            ),
+            ..CallError::default()
+        };
+        return Some((seq, failed("queue".into(), error, 0)));
+    }
+    let out = fields.get("out").cloned().unwrap_or_default();
+    let ended = match fields.get("k").map(Vec::as_slice) {
+        Some(b"ok") => {
+            let value = if fields.get("v").map(Vec::as_slice) == Some(b"one") {
+                ItemValue::One(out)
+            } else {
+                ItemValue::Output(out)
+            };
+            Ended::Value(Item { value, ..item })
+        }
+        Some(b"skip") => Ended::Skipped,
+        _ => {
+            let error = CallError {
+                message: text(fields, "err"),
+                exit: num(fields, "exit"),
+                signal: num(fields, "signal"),
+                stderr: text(fields, "stderr"),
+                retry_after: None,
+                stdout: out,
+            };
+            failed(
+                text(fields, "stage"),
+                error,
+                num(fields, "attempts").unwrap_or(1),
+            )
+        }
+    };
+    Some((seq, ended))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn fields(pairs: &[(&str, &[u8])]) -> HashMap<String, Vec<u8>> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn replies_that_do_not_parse_are_left_out_not_a_panic() {
+        assert!(entries(Value::Nil).is_empty());
+        assert!(entries(Value::Int(3)).is_empty());
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                b("s"),
+                Value::Array(vec![
+                    Value::Array(vec![b("1-0"), Value::Array(vec![b("seq"), b("1")])]),
+                    Value::Array(vec![b("2-0")]),
+                    Value::Int(7),
+                    Value::Array(vec![b("3-0"), Value::Array(vec![b("odd")])]),
+                ]),
+            ]),
+            Value::Array(vec![b("only-a-name")]),
+        ]);
+        let got = entries(reply);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].2.get("seq").map(Vec::as_slice), Some(&b"1"[..]));
+        assert!(got[1].2.is_empty());
+    }
+
+    #[test]
+    fn results_without_a_valid_position_are_no_inputs() {
+        for seq in [&b""[..], b"0", b"-1", b"x", b"99999999999999999999999"] {
+            assert!(result_of(&fields(&[("seq", seq), ("k", b"ok")]), false).is_none());
+        }
+        assert!(result_of(&fields(&[("k", b"ok")]), false).is_none());
+    }
+
+    #[test]
+    fn a_result_is_read_as_a_local_run_would_write_it() {
+        let ok = fields(&[
+            ("seq", b"4"),
+            ("a0", b"x"),
+            ("k", b"ok"),
+            ("out", &[0xff, b'\n']),
+        ]);
+        let Some((4, Ended::Value(item))) = result_of(&ok, false) else {
+            panic!("not a value")
+        };
+        assert!(matches!(&item.value, ItemValue::Output(o) if o == &[0xff, b'\n']));
+        assert_eq!(item.inputs[0], b"x");
+        let two = fields(&[("seq", b"5"), ("a0", b"p"), ("a1", b"q"), ("k", b"skip")]);
+        assert!(matches!(result_of(&two, false), Some((5, Ended::Skipped))));
+        let fail = fields(&[
+            ("seq", b"6"),
+            ("a0", b"y"),
+            ("k", b"fail"),
+            ("exit", b"3"),
+            ("stderr", b"oops"),
+            ("attempts", b"nonsense"),
+        ]);
+        let Some((6, Ended::Failed(f))) = result_of(&fail, false) else {
+            panic!("not a failure")
+        };
+        assert_eq!(
+            (f.error.exit, f.error.stderr.as_str(), f.attempts),
+            (Some(3), "oops", 1)
+        );
+        let dead = fields(&[("seq", b"7"), ("flowline.reason", b"max_deliveries")]);
+        let Some((7, Ended::Failed(f))) = result_of(&dead, true) else {
+            panic!("not a failure")
+        };
+        assert!(
+            f.error.message.contains("max_deliveries"),
+            "{}",
+            f.error.message
+        );
+    }
+}

@@ -1,0 +1,257 @@
+//! `--queue redis://HOST[:PORT]/NAME`: one job spread over several machines, with a Redis
+//! stream as its queue (GNU parallel's `--sshlogin`, without ssh).
+//!
+//! - The *feeder* (`feeder.rs`, the command without `--worker`) runs the pipe's source and
+//!   adds each input to the stream, then prints what the workers send back as a local run
+//!   would, writes the dead letters, and exits with a local run's exit code.
+//! - A *worker* (`worker.rs`, with `--worker`, on any number of machines) reads the stream
+//!   through a consumer group (flowline-redis's [`RedisStream`](flowline_redis::RedisStream):
+//!   acknowledgements after the result is written, leases, reclaim of a dead worker's
+//!   entries), runs the pipe's tasks with their policies, `rate(..)` and `inflight(..)`
+//!   shared by every worker through Redis, and writes each result to a results stream.
+//!
+//! The keys of a queue `NAME` share one hash tag, `flowline:{NAME}:...`:
+//! `jobs` (the inputs), `results` (what the workers send back), `dead` (entries the
+//! stream source gave up on), `meta` (a hash: `fed`, `failed`, `finished`) and `ended` (a
+//! bitmap of the inputs whose result the feeder has written out).
+
+pub mod feeder;
+pub mod worker;
+
+use std::time::Duration;
+
+use flowline::{BoxError, ItemError, Outage, Transient};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::spec::{Plan, Step};
+
+/// The consumer group every worker reads in.
+pub const GROUP: &str = "workers";
+
+/// The longest queue name: its limits' names (`NAME.task`) must stay within 200 bytes.
+const MAX_NAME: usize = 150;
+
+/// A queue named on the command line: the server and the queue's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queue {
+    /// `redis://HOST[:PORT]/`, as the Redis client takes it.
+    pub server: String,
+    /// The queue's name: the hash tag of its keys.
+    pub name: String,
+}
+
+impl Queue {
+    /// Reads `redis://[USER:PASSWORD@]HOST[:PORT]/NAME`; the error names the option and
+    /// the value.
+    pub fn parse(url: &str) -> Result<Queue, String> {
+        let shown = without_password(url);
+        let bad = |why: &str| format!("error: --queue `{shown}`: {why}");
+        let Some(rest) = url.strip_prefix("redis://") else {
+            return Err(bad("must be redis://HOST[:PORT]/NAME"));
+        };
+        let Some((host, name)) = rest.split_once('/') else {
+            return Err(bad(
+                "no queue NAME after the host: give redis://HOST[:PORT]/NAME",
+            ));
+        };
+        if host.is_empty() || host.rsplit('@').next().is_some_and(str::is_empty) {
+            return Err(bad("no HOST: give redis://HOST[:PORT]/NAME"));
+        }
+        if name.is_empty() {
+            return Err(bad(
+                "no queue NAME after the host: give redis://HOST[:PORT]/NAME",
+            ));
+        }
+        if let Some(why) = bad_name(name) {
+            return Err(bad(&format!("the queue NAME `{name}` {why}")));
+        }
+        let server = format!("redis://{host}/");
+        if let Err(e) = redis::Client::open(server.as_str()) {
+            return Err(bad(&format!("not a Redis address: {e}")));
+        }
+        Ok(Queue {
+            server,
+            name: name.to_string(),
+        })
+    }
+
+    /// The server as errors and logs name it: `redis HOST:PORT`, never its password.
+    pub fn label(&self) -> String {
+        let shown = without_password(&self.server);
+        format!(
+            "redis {}",
+            shown.trim_start_matches("redis://").trim_end_matches('/')
+        )
+    }
+
+    /// The key of one part of the queue.
+    pub fn key(&self, part: &str) -> String {
+        format!("flowline:{{{}}}:{part}", self.name)
+    }
+
+    /// The keys of several parts.
+    pub fn keys(&self, parts: &[&str]) -> Vec<String> {
+        parts.iter().map(|p| self.key(p)).collect()
+    }
+
+    /// The name of a limit shared by the workers (`rate`, `inflight`) of this queue.
+    pub fn limit_name(&self, what: &str) -> String {
+        format!("{}.{what}", self.name)
+    }
+}
+
+/// `url` with its password, if any, as `***`: an error message is no place for it.
+fn without_password(url: &str) -> std::borrow::Cow<'_, str> {
+    let Some(rest) = url.strip_prefix("redis://") else {
+        return url.into();
+    };
+    let host_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..host_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or("");
+            format!("redis://{user}:***{}", &rest[at..]).into()
+        }
+        None => url.into(),
+    }
+}
+
+/// Why a queue's NAME cannot be used, if it cannot: it names keys and shared limits.
+fn bad_name(name: &str) -> Option<&'static str> {
+    if name.len() > MAX_NAME {
+        return Some("is longer than 150 bytes");
+    }
+    if name
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || matches!(c, '{' | '}' | '/'))
+    {
+        return Some("may not hold spaces, control characters, `{`, `}` or `/`");
+    }
+    None
+}
+
+/// What makes no sense for a pipe run through a queue, every problem at once.
+pub fn check_plan(plan: &Plan) -> Vec<String> {
+    let mut errors = Vec::new();
+    if plan.branched {
+        errors.push(
+            "error: --queue: `branch | error:... success:...` is not supported with a queue; \
+             failures go to the feeder's dead-letter file (--dead-letter)"
+                .to_string(),
+        );
+    }
+    if plan.main_tasks().next().is_none() {
+        errors.push(
+            "error: --queue: the pipe has no task (sh(..) or http(..)) for the workers to run"
+                .to_string(),
+        );
+    }
+    for step in &plan.main.steps {
+        match step {
+            Step::Dedup(_) => errors.push(
+                "error: --queue: `dedup` is not supported with a queue (each worker sees only its own inputs)"
+                    .to_string(),
+            ),
+            Step::Batch(..) => errors.push(
+                "error: --queue: `batch` (and -n/-N/-X) is not supported with a queue: each input is one job"
+                    .to_string(),
+            ),
+            Step::Task(_) | Step::Filter { .. } => {}
+        }
+    }
+    errors
+}
+
+/// A connection that reconnects by itself, made on first use: a feeder or a worker started
+/// while Redis is down waits for it.
+pub fn connect(server: &str) -> Result<ConnectionManager, String> {
+    let shown = without_password(server);
+    let client = redis::Client::open(server).map_err(|e| format!("--queue {shown}: {e}"))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(10)))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_secs(1));
+    ConnectionManager::new_lazy_with_config(client, config)
+        .map_err(|e| format!("--queue {shown}: {e}"))
+}
+
+/// Runs `op` until Redis answers, under `outage`: a dropped connection or a server that is
+/// restarting is waited out (the connection reconnects meanwhile); an error of the command
+/// itself, or an outage past the policy's limit, is the error.
+pub async fn call<T, F, Fut>(
+    outage: &Outage,
+    server: &str,
+    conn: &ConnectionManager,
+    mut op: F,
+) -> Result<T, String>
+where
+    F: FnMut(ConnectionManager) -> Fut,
+    Fut: std::future::Future<Output = redis::RedisResult<T>>,
+{
+    outage
+        .retry(server, || {
+            let f = op(conn.clone());
+            async move { f.await.map_err(mark) }
+        })
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// A failed Redis call as an outage policy reads it: transient (tried again) or not.
+fn mark(e: redis::RedisError) -> BoxError {
+    let e = ItemError::user(e);
+    let transient = flowline_redis::is_transient(&e);
+    Transient::or_permanent(e, transient)
+}
+
+/// The first SIGINT, SIGTERM or SIGHUP.
+pub async fn stop_signal() {
+    crate::run::next_signal(&mut crate::run::stop_signals()).await;
+}
+
+/// The bytes of a field of a reply, when it has any.
+pub fn bytes_of(v: &redis::Value) -> Option<Vec<u8>> {
+    redis::from_redis_value_ref::<Vec<u8>>(v).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queue_url_names_server_and_queue() {
+        let q = Queue::parse("redis://10.0.0.5:6380/jobs").unwrap();
+        assert_eq!(q.server, "redis://10.0.0.5:6380/");
+        assert_eq!(q.name, "jobs");
+        assert_eq!(q.key("meta"), "flowline:{jobs}:meta");
+        let q = Queue::parse("redis://:secret@host/j-1").unwrap();
+        assert_eq!(q.server, "redis://:secret@host/");
+        assert_eq!(q.label(), "redis :***@host");
+    }
+
+    #[test]
+    fn bad_queue_urls_are_refused_naming_option_and_value() {
+        for (url, says) in [
+            ("http://h/jobs", "must be redis://"),
+            ("redis://h", "no queue NAME"),
+            ("redis://h/", "no queue NAME"),
+            ("redis:///jobs", "no HOST"),
+            ("redis://h/a b", "spaces"),
+            ("redis://h/{x}", "`{`"),
+            ("redis://h/a/b", "`/`"),
+            ("", "must be redis://"),
+        ] {
+            let err = Queue::parse(url).unwrap_err();
+            assert!(err.contains("--queue") && err.contains(url), "{err}");
+            assert!(err.contains(says), "{url}: {err}");
+        }
+        let err = Queue::parse("redis://u:hunter2@h/a b").unwrap_err();
+        assert!(
+            !err.contains("hunter2") && err.contains("redis://u:***@h/a b"),
+            "{err}"
+        );
+        let long = format!("redis://h/{}", "x".repeat(151));
+        assert!(Queue::parse(&long).unwrap_err().contains("150 bytes"));
+        assert!(Queue::parse(&format!("redis://h/{}", "x".repeat(150))).is_ok());
+    }
+}

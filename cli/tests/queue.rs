@@ -1,0 +1,437 @@
+//! `--queue`: one feeder and several worker processes (the real `flowline` binary) on a
+//! real `redis-server` started on a free port: every input's result printed once, a
+//! worker killed with SIGKILL or Redis dropping its connections losing nothing, failures
+//! in the feeder's dead-letter file, and the argument errors.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use flowline_redis::test_server::RedisServer;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flowline");
+
+/// A server of its own (`aof`: writes kept across a restart), a folder, and the URL of
+/// the queue `name` on the server.
+fn setup(aof: bool, name: &str) -> (RedisServer, tempfile::TempDir, String) {
+    let server = RedisServer::start(aof);
+    let q = format!("{}{name}", server.url());
+    (server, tempfile::tempdir().unwrap(), q)
+}
+
+fn succeeded(out: &Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `flowline ARGS` in `dir`, reading nothing.
+fn flowline(dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args).current_dir(dir).stdin(Stdio::null());
+    c
+}
+
+/// A `flowline` process in `dir`, its output captured.
+fn start(dir: &Path, args: &[&str]) -> Child {
+    let mut c = flowline(dir, args);
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.spawn().expect("flowline runs")
+}
+
+fn workers(dir: &Path, q: &str, pipe: &str, n: usize) -> Vec<Child> {
+    (0..n)
+        .map(|_| start(dir, &["--queue", q, "--worker", "--lease", "1s", pipe]))
+        .collect()
+}
+
+/// Waits for a process, killing it (and failing) after 60 s: a run that never ends is a
+/// bug, not slowness.
+fn finish(child: Child, what: &str) -> Output {
+    let pid = child.id();
+    let t = Instant::now();
+    let waiter = std::thread::spawn(move || child.wait_with_output().expect("wait"));
+    while !waiter.is_finished() {
+        if t.elapsed() > Duration::from_secs(60) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("{what} did not end within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    waiter.join().expect("waiter")
+}
+
+/// How often each line was printed.
+fn counts(out: &[u8]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for l in String::from_utf8_lossy(out).lines() {
+        *m.entry(l.to_string()).or_insert(0) += 1;
+    }
+    m
+}
+
+fn expect_each_once(out: &Output, n: u64, prefix: &str) {
+    let c = counts(&out.stdout);
+    for i in 1..=n {
+        assert_eq!(
+            c.get(&format!("{prefix}{i}")),
+            Some(&1),
+            "input {i} printed {:?} times; stderr: {}",
+            c.get(&format!("{prefix}{i}")),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(c.values().sum::<usize>() as u64, n, "extra lines: {c:?}");
+}
+
+fn all_exit_0(ws: Vec<Child>) {
+    for w in ws {
+        let o = finish(w, "a worker");
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "worker: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+#[test]
+fn three_workers_print_every_input_once() {
+    let (_server, dir, q) = setup(false, "three");
+    let pipe = r#"seq(1..300) | fork(4) | sh("echo out-{}")"#;
+    // Workers started before the feeder wait for it.
+    let ws = workers(dir.path(), &q, pipe, 3);
+    let out = finish(start(dir.path(), &["--queue", &q, pipe]), "the feeder");
+    succeeded(&out);
+    expect_each_once(&out, 300, "out-");
+    all_exit_0(ws);
+}
+
+#[test]
+fn parallel_syntax_and_keep_order_work_through_a_queue() {
+    let (_server, dir, q) = setup(false, "compat");
+    let ws: Vec<Child> = (0..2)
+        .map(|_| {
+            start(
+                dir.path(),
+                &["--queue", &q, "--worker", "-j4", "echo", "x{}"],
+            )
+        })
+        .collect();
+    let args: Vec<String> = (1..=20).rev().map(|i| i.to_string()).collect();
+    let mut feeder = vec!["--queue", &q, "-k", "-j4", "echo", "x{}", ":::"];
+    feeder.extend(args.iter().map(String::as_str));
+    let out = finish(start(dir.path(), &feeder), "the feeder");
+    succeeded(&out);
+    let want: String = (1..=20).rev().map(|i| format!("x{i}\n")).collect();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        want,
+        "-k: input order"
+    );
+    all_exit_0(ws);
+}
+
+#[test]
+fn a_worker_killed_mid_run_loses_nothing() {
+    let (_server, dir, q) = setup(false, "kill");
+    let effects = dir.path().join("effects");
+    let pipe = format!(
+        r#"seq(1..300) | fork(4) | sh("echo {{}} >> {}; sleep 0.05; echo out-{{}}")"#,
+        effects.display()
+    );
+    // One worker first, so that it holds jobs when it is killed.
+    let mut first = workers(dir.path(), &q, &pipe, 1).remove(0);
+    let mut feeder = start(dir.path(), &["--queue", &q, &pipe]);
+    let t = Instant::now();
+    while std::fs::read_to_string(&effects).map_or(0, |s| s.lines().count()) < 8 {
+        assert!(t.elapsed() < Duration::from_secs(20), "no job started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let others = workers(dir.path(), &q, &pipe, 2);
+    first.kill().unwrap(); // SIGKILL, with jobs in flight
+    assert!(
+        feeder.try_wait().unwrap().is_none(),
+        "the run ended before the kill"
+    );
+    let _ = first.wait();
+    let out = finish(feeder, "the feeder");
+    succeeded(&out);
+    expect_each_once(&out, 300, "out-");
+    // At least once: every input ran; some ran twice (those the killed worker held).
+    let ran = counts(std::fs::read_to_string(&effects).unwrap().as_bytes());
+    for i in 1..=300 {
+        assert!(
+            ran.get(&i.to_string()).is_some_and(|&n| n >= 1),
+            "{i} never ran"
+        );
+    }
+    assert!(
+        ran.values().any(|&n| n >= 2),
+        "no job of the killed worker ran again elsewhere"
+    );
+    all_exit_0(others);
+}
+
+#[test]
+fn redis_dropping_connections_and_restarting_loses_nothing() {
+    // AOF with fsync on every write: a restarted server has every write it acknowledged.
+    let (mut server, dir, q) = setup(true, "weather");
+    let pipe = r#"seq(1..300) | fork(4) | sh("sleep 0.05; echo out-{}")"#;
+    let ws = workers(dir.path(), &q, pipe, 3);
+    let mut feeder = start(
+        dir.path(),
+        &["--queue", &q, "--dead-letter", "dead.jsonl", pipe],
+    );
+    let client = server.client();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        let mut c = client.get_connection().unwrap();
+        let _: redis::Value = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .query(&mut c)
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    server.restart();
+    assert!(
+        feeder.try_wait().unwrap().is_none(),
+        "the run ended before the restart"
+    );
+    let out = finish(feeder, "the feeder");
+    succeeded(&out);
+    expect_each_once(&out, 300, "out-");
+    assert!(
+        !dir.path().join("dead.jsonl").exists(),
+        "an outage turned inputs into failures"
+    );
+    all_exit_0(ws);
+}
+
+#[test]
+fn a_failing_job_ends_in_the_feeders_dead_letters_as_in_a_local_run() {
+    let (_server, dir, q) = setup(false, "fail");
+    let pipe = r#"args(1, 2, 3) | sh("if [ {} = 2 ]; then echo half; echo oops-{} >&2; exit 3; fi; echo warn-{} >&2; echo ok-{}")"#;
+    let ws = workers(dir.path(), &q, pipe, 2);
+    let out = finish(
+        start(
+            dir.path(),
+            &["--queue", &q, "--dead-letter", "queue.jsonl", pipe],
+        ),
+        "the feeder",
+    );
+    let local = finish(
+        start(dir.path(), &["--dead-letter", "local.jsonl", pipe]),
+        "the local run",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), local.status.code());
+    let (mut a, mut b) = (counts(&out.stdout), counts(&local.stdout));
+    assert_eq!(a, b, "the same output as a local run");
+    a.clear();
+    b.clear();
+    let read = |f: &str| -> serde_json::Value {
+        let text = std::fs::read_to_string(dir.path().join(f)).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        serde_json::from_str(text.trim()).unwrap()
+    };
+    let (qd, ld) = (read("queue.jsonl"), read("local.jsonl"));
+    for field in ["input", "seq", "stage", "exit", "stderr", "error"] {
+        assert_eq!(qd[field], ld[field], "{field}: {qd} vs {ld}");
+    }
+    assert_eq!(qd["stderr"], "oops-2");
+    // Every job's stderr comes back to the feeder's, as one block per job.
+    let err = String::from_utf8_lossy(&out.stderr);
+    for line in ["oops-2", "warn-1", "warn-3"] {
+        assert!(err.lines().any(|l| l == line), "{line} not in: {err}");
+    }
+    all_exit_0(ws);
+}
+
+#[test]
+fn queue_argument_errors_name_the_option_and_the_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| finish(start(dir.path(), args), "flowline");
+    let pipe = r#"seq(1..3) | sh("echo {}")"#;
+    for (args, says) in [
+        (
+            vec!["--queue", "http://h/q", pipe],
+            vec!["--queue `http://h/q`", "redis://HOST[:PORT]/NAME"],
+        ),
+        (
+            vec!["--queue", "redis://h:6379", pipe],
+            vec!["--queue `redis://h:6379`", "no queue NAME"],
+        ),
+        (
+            vec!["--queue", "redis://h/a b", pipe],
+            vec!["--queue `redis://h/a b`", "spaces"],
+        ),
+        (vec!["--worker", pipe], vec!["--worker needs --queue"]),
+        (
+            vec!["--queue", "redis://h/q", "--lease", "1s", pipe],
+            vec!["--lease", "--worker"],
+        ),
+        (
+            vec!["--queue", "redis://h/q", "--worker", "--lease", "1ms", pipe],
+            vec!["--lease `1ms`"],
+        ),
+        (
+            vec!["--queue", "redis://h/q", "--worker", "echo", ":::", "a"],
+            vec!["--worker takes no inputs"],
+        ),
+        (
+            vec!["--queue", "redis://h/q", "seq(1..3) | print"],
+            vec!["no task"],
+        ),
+        (
+            vec![
+                "--queue",
+                "redis://h/q",
+                r#"seq(1..3) | sh("echo {}") | branch | error:print success:print"#,
+            ],
+            vec!["branch"],
+        ),
+        (
+            vec![
+                "--queue",
+                "redis://h/q",
+                r#"seq(1..3) | dedup | sh("echo {}")"#,
+            ],
+            vec!["dedup"],
+        ),
+        // Every problem at once.
+        (
+            vec!["--queue", "redis://h/", "--state", "s.db", "--worker", pipe],
+            vec!["no queue NAME", "--state is not supported with --queue"],
+        ),
+    ] {
+        let o = run(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(255), "{args:?}: {err}");
+        for s in says {
+            assert!(err.contains(s), "{args:?}: `{s}` not in: {err}");
+        }
+        assert!(o.stdout.is_empty(), "{args:?}");
+    }
+}
+
+#[test]
+fn a_feeder_killed_and_run_again_resumes_without_losing_inputs() {
+    let (_server, dir, q) = setup(false, "resume");
+    let pipe = r#"seq(1..200) | fork(2) | sh("sleep 0.02; echo out-{}")"#;
+    let ws = workers(dir.path(), &q, pipe, 2);
+    let out1 = dir.path().join("out1");
+    let mut first = flowline(dir.path(), &["--queue", &q, pipe])
+        .stdout(std::fs::File::create(&out1).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while std::fs::read_to_string(&out1).map_or(0, |s| s.lines().count()) < 30 {
+        assert!(t.elapsed() < Duration::from_secs(20), "nothing printed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    first.kill().unwrap(); // SIGKILL
+    assert!(first.wait().unwrap().code().is_none());
+    let printed_before = counts(&std::fs::read(&out1).unwrap());
+    assert!(printed_before.len() < 200, "the first feeder had finished");
+    let second = finish(start(dir.path(), &["--queue", &q, pipe]), "the rerun");
+    succeeded(&second);
+    assert!(String::from_utf8_lossy(&second.stderr).contains("resuming queue"));
+    let again = counts(&second.stdout);
+    for i in 1..=200 {
+        let line = format!("out-{i}");
+        let n = printed_before.get(&line).unwrap_or(&0) + again.get(&line).unwrap_or(&0);
+        assert!(n >= 1, "{line} was never printed");
+    }
+    // What the first feeder wrote out and marked ended is not printed again; at most the
+    // batch it was writing when killed is.
+    let twice = (1..=200)
+        .filter(|i| {
+            let l = format!("out-{i}");
+            printed_before.contains_key(&l) && again.contains_key(&l)
+        })
+        .count();
+    assert!(
+        twice < printed_before.len(),
+        "the rerun printed everything again"
+    );
+    all_exit_0(ws);
+}
+
+#[test]
+fn inflight_is_shared_by_every_worker() {
+    let (_server, dir, q) = setup(false, "inflight");
+    std::fs::create_dir(dir.path().join("running")).unwrap();
+    // A job counts the jobs running when it starts: with at most 2 in flight across all
+    // workers, never more than 1 other (up to 5 if each of the 3 workers had its own bound).
+    let pipe = r#"seq(1..30) | fork(4) | inflight(2) | sh("ls running | wc -l >> seen; touch running/{}; sleep 0.1; rm running/{}; echo out-{}")"#;
+    let ws = workers(dir.path(), &q, pipe, 3);
+    let out = finish(start(dir.path(), &["--queue", &q, pipe]), "the feeder");
+    succeeded(&out);
+    expect_each_once(&out, 30, "out-");
+    let seen = std::fs::read_to_string(dir.path().join("seen")).unwrap();
+    let most: usize = seen
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .max()
+        .unwrap();
+    assert!(
+        most <= 1,
+        "{most} other jobs were running: inflight(2) not shared"
+    );
+    all_exit_0(ws);
+}
+
+#[test]
+fn rate_is_shared_by_every_worker() {
+    let (_server, dir, q) = setup(false, "rate");
+    let pipe = r#"seq(1..30) | fork(4) | rate(20/s) | sh("echo out-{}")"#;
+    let ws = workers(dir.path(), &q, pipe, 3);
+    let t = Instant::now();
+    let out = finish(start(dir.path(), &["--queue", &q, pipe]), "the feeder");
+    let took = t.elapsed();
+    succeeded(&out);
+    expect_each_once(&out, 30, "out-");
+    // 30 calls at 20/s for all the workers together take at least 29 intervals of 50 ms
+    // (three rates of their own, a third of it).
+    assert!(
+        took >= Duration::from_millis(1450),
+        "{took:?}: rate not shared"
+    );
+    all_exit_0(ws);
+}
+
+#[test]
+fn filters_and_the_feeders_sink_give_what_a_local_run_gives() {
+    let (_server, dir, q) = setup(false, "sinks");
+    let pipe = r#"seq(1..40) | fork(4) | sh("echo n{}") | reject("7$") | jsonl(out.jsonl)"#;
+    let ws = workers(dir.path(), &q, pipe, 2);
+    succeeded(&finish(
+        start(dir.path(), &["--queue", &q, pipe]),
+        "the feeder",
+    ));
+    let queued = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+    std::fs::remove_file(dir.path().join("out.jsonl")).unwrap();
+    succeeded(&finish(start(dir.path(), &[pipe]), "the local run"));
+    let local = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+    let records = |text: &str| {
+        let mut v: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        v.sort_by_key(|r| r["seq"].as_u64());
+        v
+    };
+    let (a, b) = (records(&queued), records(&local));
+    assert_eq!(a.len(), 36, "{queued}");
+    assert_eq!(a, b);
+    all_exit_0(ws);
+}
