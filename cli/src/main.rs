@@ -10,6 +10,7 @@
 mod compat;
 mod exec;
 mod gate;
+mod input;
 mod jobs;
 mod linefilter;
 mod parse;

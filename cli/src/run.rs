@@ -18,11 +18,11 @@ use std::sync::{Arc, Mutex};
 
 use flowline::prelude::*;
 use flowline::{Failure, ProgressOptions};
-use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
 use crate::compat::Halt;
 use crate::exec::{CallError, Fail, Failed, Item, Runner, TaskRt, Value};
+use crate::input::{Reader, joblog_seqs, open_source, shuffled};
 use crate::jobs::Jobs;
 use crate::spec::{Plan, RetrySpec, Sink, Source, Step, Task, TaskKind};
 use crate::state::State;
@@ -430,300 +430,6 @@ fn fail_of(f: &Failure, steps: &HashMap<String, usize>) -> Fail {
     }
 }
 
-/// The inputs, read lazily.
-pub(crate) enum Reader {
-    /// Records ended by `delim` (`\n`, or NUL with `-0`), the delimiter removed.
-    Lines(Box<dyn tokio::io::AsyncBufRead + Send + Unpin>, u8),
-    Seq {
-        next: i64,
-        end: i64,
-        step: i64,
-        done: bool,
-    },
-    List(std::vec::IntoIter<Vec<u8>>),
-    Table(std::vec::IntoIter<Vec<Vec<u8>>>),
-    Sql(SqlPager),
-}
-
-impl Reader {
-    async fn next(&mut self) -> Result<Option<Vec<u8>>, String> {
-        match self {
-            Reader::Lines(r, delim) => {
-                let mut rec = Vec::new();
-                let n = r
-                    .read_until(*delim, &mut rec)
-                    .await
-                    .map_err(|e| format!("reading input: {e}"))?;
-                if n == 0 {
-                    return Ok(None);
-                }
-                if rec.last() == Some(delim) {
-                    rec.pop();
-                }
-                Ok(Some(rec))
-            }
-            Reader::Seq {
-                next,
-                end,
-                step,
-                done,
-            } => {
-                if *done || *next > *end {
-                    return Ok(None);
-                }
-                let v = *next;
-                match next.checked_add(*step) {
-                    Some(n) => *next = n,
-                    None => *done = true,
-                }
-                Ok(Some(v.to_string().into_bytes()))
-            }
-            Reader::List(it) => Ok(it.next()),
-            Reader::Table(it) => Ok(it.next().map(|args| args.join(&b'\t'))),
-            Reader::Sql(p) => p.next().await,
-        }
-    }
-
-    /// The next input as its arguments: one, the columns `colsep` splits it into, or a
-    /// row of `:::` groups.
-    pub(crate) async fn next_args(
-        &mut self,
-        colsep: Option<&regex::bytes::Regex>,
-    ) -> Result<Option<Vec<Vec<u8>>>, String> {
-        if let Reader::Table(it) = self {
-            return Ok(it.next());
-        }
-        Ok(self.next().await?.map(|rec| match colsep {
-            Some(re) => re.split(&rec).map(<[u8]>::to_vec).collect(),
-            None => vec![rec],
-        }))
-    }
-}
-
-/// Rows of a query, a page at a time, in key order: `WHERE key > last` so that a page
-/// never repeats or skips a row.
-pub(crate) struct SqlPager {
-    db: PathBuf,
-    query: String,
-    key: String,
-    last: Option<rusqlite::types::Value>,
-    page: VecDeque<Vec<u8>>,
-    end: bool,
-}
-
-impl SqlPager {
-    async fn next(&mut self) -> Result<Option<Vec<u8>>, String> {
-        if self.page.is_empty() && !self.end {
-            let (rows, last) =
-                read_page(&self.db, &self.query, &self.key, &self.last, 1000).await?;
-            if rows.len() < 1000 {
-                self.end = true;
-            }
-            if last.is_some() {
-                self.last = last;
-            }
-            self.page.extend(rows);
-        }
-        Ok(self.page.pop_front())
-    }
-}
-
-type Page = (Vec<Vec<u8>>, Option<rusqlite::types::Value>);
-
-/// The page of `n` rows after `last`. A database locked by a writer or an I/O error is an
-/// outage: the source waits and reads the page again (flowline's default policy), so no
-/// input is skipped or failed for it; a bad query or a missing table ends the run at once.
-async fn read_page(
-    db: &Path,
-    query: &str,
-    key: &str,
-    last: &Option<rusqlite::types::Value>,
-    n: usize,
-) -> Result<Page, String> {
-    flowline::Outage::default()
-        .retry("sql", || {
-            let (db, query, key, last) = (
-                db.to_path_buf(),
-                query.to_string(),
-                key.to_string(),
-                last.clone(),
-            );
-            async move {
-                tokio::task::spawn_blocking(move || sql_page(&db, &query, &key, last, n))
-                    .await
-                    .map_err(|e| -> flowline::BoxError { Box::new(flowline::Permanent::new(e)) })?
-            }
-        })
-        .await
-        .map_err(|e| e.to_string())
-}
-
-/// A SQLite error of the `sql` source: a lock or an I/O error may pass; anything else is
-/// the query's or the file's and does not heal by waiting.
-fn sql_error(e: rusqlite::Error) -> flowline::BoxError {
-    use rusqlite::ErrorCode as C;
-    let passes = matches!(
-        e.sqlite_error_code(),
-        Some(C::DatabaseBusy | C::DatabaseLocked | C::SystemIoFailure)
-    );
-    if passes {
-        Box::new(e)
-    } else {
-        Box::new(flowline::Permanent::new(e))
-    }
-}
-
-fn sql_page(
-    db: &Path,
-    query: &str,
-    key: &str,
-    last: Option<rusqlite::types::Value>,
-    n: usize,
-) -> Result<Page, flowline::BoxError> {
-    use rusqlite::types::Value as V;
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(|e| flowline::Permanent::new(format!("cannot open {}: {e}", db.display())))?;
-    // A short lock (a writer's commit) is waited out here; a longer one is an outage.
-    conn.busy_timeout(std::time::Duration::from_secs(1))
-        .map_err(sql_error)?;
-    let sql = match last {
-        Some(_) => {
-            format!("SELECT * FROM ({query}) WHERE \"{key}\" > ?1 ORDER BY \"{key}\" LIMIT {n}")
-        }
-        None => format!("SELECT * FROM ({query}) ORDER BY \"{key}\" LIMIT {n}"),
-    };
-    let mut st = conn.prepare(&sql).map_err(sql_error)?;
-    let cols = st.column_count();
-    let key_idx = (0..cols)
-        .find(|&i| st.column_name(i).is_ok_and(|c| c == key))
-        .ok_or_else(|| flowline::Permanent::new(format!("the query has no column `{key}`")))?;
-    let params: Vec<V> = last.into_iter().collect();
-    let mut rows = st
-        .query(rusqlite::params_from_iter(params))
-        .map_err(sql_error)?;
-    let mut out = Vec::new();
-    let mut last_key = None;
-    while let Some(r) = rows.next().map_err(sql_error)? {
-        let mut fields = Vec::with_capacity(cols);
-        for i in 0..cols {
-            let v: V = r.get(i).map_err(sql_error)?;
-            if i == key_idx {
-                last_key = Some(v.clone());
-            }
-            fields.push(match v {
-                V::Null => Vec::new(),
-                V::Integer(x) => x.to_string().into_bytes(),
-                V::Real(x) => x.to_string().into_bytes(),
-                V::Text(s) => s.into_bytes(),
-                V::Blob(b) => b,
-            });
-        }
-        out.push(fields.join(&b'\t'));
-    }
-    Ok((out, last_key))
-}
-
-fn count_records(path: &Path, delim: u8) -> Option<u64> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).ok()?;
-    let mut buf = vec![0u8; 1 << 16];
-    let (mut n, mut last) = (0u64, delim);
-    loop {
-        let k = f.read(&mut buf).ok()?;
-        if k == 0 {
-            break;
-        }
-        n += memchr::memchr_iter(delim, &buf[..k]).count() as u64;
-        last = buf[k - 1];
-    }
-    Some(n + u64::from(last != delim))
-}
-
-/// Opens the source: its reader and, when it is cheap to know, how many inputs it holds.
-pub(crate) async fn open_source(
-    source: &Source,
-    want_total: bool,
-    delim: u8,
-) -> Result<(Reader, Option<u64>), String> {
-    Ok(match source {
-        Source::Lines(None) => {
-            let r: Box<dyn tokio::io::AsyncBufRead + Send + Unpin> = Box::new(
-                tokio::io::BufReader::with_capacity(1 << 16, tokio::io::stdin()),
-            );
-            (Reader::Lines(r, delim), None)
-        }
-        Source::Lines(Some(path)) => {
-            let f = tokio::fs::File::open(path)
-                .await
-                .map_err(|e| format!("stage `lines`: cannot open {}: {e}", path.display()))?;
-            let total = if want_total {
-                count_records(path, delim)
-            } else {
-                None
-            };
-            let r: Box<dyn tokio::io::AsyncBufRead + Send + Unpin> =
-                Box::new(tokio::io::BufReader::with_capacity(1 << 16, f));
-            (Reader::Lines(r, delim), total)
-        }
-        Source::Seq { start, end, step } => {
-            let total = ((*end as i128 - *start as i128) / *step as i128 + 1) as u64;
-            (
-                Reader::Seq {
-                    next: *start,
-                    end: *end,
-                    step: *step,
-                    done: false,
-                },
-                Some(total),
-            )
-        }
-        Source::Args(list) => (
-            Reader::List(list.clone().into_iter()),
-            Some(list.len() as u64),
-        ),
-        Source::Table(rows) => (
-            Reader::Table(rows.clone().into_iter()),
-            Some(rows.len() as u64),
-        ),
-        Source::Sql { db, query, key } => {
-            if !db.exists() {
-                return Err(format!("stage `sql`: no database at {}", db.display()));
-            }
-            // The first page now: a bad query fails before anything runs.
-            read_page(db, query, key, &None, 1).await?;
-            let total = if want_total {
-                let (db3, q3) = (db.clone(), query.clone());
-                tokio::task::spawn_blocking(move || {
-                    rusqlite::Connection::open(&db3).ok().and_then(|c| {
-                        c.query_row(&format!("SELECT count(*) FROM ({q3})"), [], |r| {
-                            r.get::<_, i64>(0)
-                        })
-                        .ok()
-                    })
-                })
-                .await
-                .ok()
-                .flatten()
-                .map(|n| n.max(0) as u64)
-            } else {
-                None
-            };
-            (
-                Reader::Sql(SqlPager {
-                    db: db.clone(),
-                    query: query.clone(),
-                    key: key.clone(),
-                    last: None,
-                    page: VecDeque::new(),
-                    end: false,
-                }),
-                total,
-            )
-        }
-    })
-}
-
 pub(crate) fn retry_policy(r: &RetrySpec) -> Retry {
     Retry::exponential(r.min)
         .max_delay(r.max)
@@ -1010,160 +716,240 @@ impl Builder {
 
 /// Runs a plan to the end (or to Ctrl-C).
 pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
-    // Inputs: the state file says what is done and what failed.
-    let (state, done_before, failed_before) = match &settings.state {
-        Some(path) => {
-            let (s, d, f) = State::open(path)?;
-            (Some(s), d, f)
-        }
-        None => {
-            if settings.retry_failed {
-                return Err("--retry-failed needs --state FILE".into());
-            }
-            (None, HashSet::new(), Vec::new())
-        }
-    };
-    let source = if settings.retry_failed {
-        Source::Args(failed_before)
-    } else {
-        plan.source.clone()
-    };
-    let (reader, total) = open_source(&source, settings.progress, settings.delim).await?;
-    let colsep = settings.colsep.clone();
-    let skip_seqs = match (&settings.joblog, settings.resume) {
-        (Some(path), Resume::Done | Resume::Failed) => {
-            joblog_seqs(path, settings.resume == Resume::Failed)
-        }
-        _ => HashSet::new(),
-    };
-    let joblog = match &settings.joblog {
-        Some(path) => {
-            let mut o = std::fs::OpenOptions::new();
-            // A resumed run adds to the joblog, as parallel does.
-            if settings.resume == Resume::No {
-                o.write(true).create(true).truncate(true);
-            } else {
-                o.append(true).create(true);
-            }
-            Some(
-                o.open(path)
-                    .map_err(|e| format!("--joblog {}: {e}", path.display()))?,
-            )
-        }
-        None => None,
-    };
-    let skip_seqs = Arc::new(skip_seqs);
-    let (reader, total) = if settings.shuffle {
-        shuffled(reader).await?
-    } else {
-        (reader, total)
-    };
-    let max_workers = plan
-        .main_tasks()
-        .map(|t| t.policies.fork.unwrap_or(settings.jobs))
-        .max()
-        .unwrap_or(settings.jobs);
-    let main_steps: HashMap<String, usize> = plan
-        .main
-        .steps
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| match s {
-            Step::Task(t) => Some((t.name.clone(), i)),
-            _ => None,
-        })
-        .collect();
+    let inputs = Inputs::open(&plan, &settings).await?;
     let (err_tx, err_rx) = mpsc::unbounded_channel::<Fail>();
     let (halt_tx, halt_rx) = mpsc::unbounded_channel::<bool>();
-    let runs_processes = plan.main_tasks().any(|t| matches!(t.kind, TaskKind::Sh(_)));
-    let jobs = if runs_processes {
-        Jobs::new()
-    } else {
-        Jobs::none()
-    };
-    let ctx = Arc::new(Ctx {
-        runner: Arc::new(Runner::new(
-            max_workers,
-            joblog,
-            jobs,
-            settings.job_opts.clone(),
-        )?),
-        state,
-        dead: DeadFile::new(settings.dead_letter.clone()),
-        failures: AtomicU64::new(0),
-        emitted: AtomicU64::new(0),
-        left: AtomicU64::new(0),
-        source_done: AtomicBool::new(false),
-        err_tx: Mutex::new(plan.error.is_some().then_some(err_tx)),
-        main_steps,
-        stopping: AtomicBool::new(false),
-        halt: settings.halt,
-        succeeded: AtomicU64::new(0),
+    let ctx = Ctx::new(
+        &plan,
+        &settings,
+        inputs.state,
+        inputs.joblog,
+        err_tx,
         halt_tx,
-        halted_by: Mutex::new(None),
-        finished: AtomicU64::new(0),
-    });
-
-    // The source: skips inputs done in an earlier run, counts what it produces.
-    let skipped = Arc::new(AtomicU64::new(0));
-    let reader = Arc::new(tokio::sync::Mutex::new(reader));
-    let done_count = done_before.len() as u64;
-    let done_before = Arc::new(done_before);
+    )?;
     let stop_source = Arc::new(AtomicBool::new(false));
-    let src = {
-        let (ctx, skipped, stop) = (ctx.clone(), skipped.clone(), stop_source.clone());
-        let seq = Arc::new(AtomicU64::new(0));
-        Pipeline::try_from_fn(move || {
-            let colsep = colsep.clone();
-            let skip_seqs = skip_seqs.clone();
-            let (ctx, skipped, reader, done_before, seq, stop) = (
-                ctx.clone(),
-                skipped.clone(),
-                reader.clone(),
-                done_before.clone(),
-                seq.clone(),
-                stop.clone(),
-            );
-            async move {
-                let mut r = reader.lock().await;
-                loop {
-                    if stop.load(Relaxed) {
+    let skipped = Arc::new(AtomicU64::new(0));
+    let src = source(
+        &ctx,
+        &settings,
+        inputs.reader,
+        inputs.total,
+        inputs.done_before,
+        inputs.skip_seqs,
+        (stop_source.clone(), skipped.clone()),
+    );
+    let graph = graph(&plan, &settings, &ctx, src, err_rx)?;
+    let on_fail = ctx.clone();
+    let handle = graph
+        .dead_letter(DeadLetter::callback(move |f| on_fail.on_failure(f)))
+        .spawn();
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let signals = watch_signals(
+        &ctx,
+        handle.control(),
+        stop_source,
+        halt_rx,
+        settings.grace,
+        interrupted.clone(),
+    );
+    let result = handle.join().await;
+    signals.abort();
+    finish(&ctx, &settings, result, &skipped, interrupted.load(Relaxed))
+}
+
+/// What a run starts from: the source opened, the inputs an earlier run did (by input with
+/// `--state`, by job number with `--joblog --resume`), the state file and the joblog.
+struct Inputs {
+    reader: Reader,
+    /// How many inputs the source holds, when that is cheap to know.
+    total: Option<u64>,
+    done_before: HashSet<Vec<u8>>,
+    skip_seqs: HashSet<u64>,
+    state: Option<State>,
+    joblog: Option<std::fs::File>,
+}
+
+impl Inputs {
+    async fn open(plan: &Plan, settings: &Settings) -> Result<Inputs, String> {
+        // The state file says what is done and what failed.
+        let (state, done_before, failed_before) = match &settings.state {
+            Some(path) => {
+                let (s, d, f) = State::open(path)?;
+                (Some(s), d, f)
+            }
+            None => {
+                if settings.retry_failed {
+                    return Err("--retry-failed needs --state FILE".into());
+                }
+                (None, HashSet::new(), Vec::new())
+            }
+        };
+        let source = if settings.retry_failed {
+            Source::Args(failed_before)
+        } else {
+            plan.source.clone()
+        };
+        let (reader, total) = open_source(&source, settings.progress, settings.delim).await?;
+        let skip_seqs = match (&settings.joblog, settings.resume) {
+            (Some(path), Resume::Done | Resume::Failed) => {
+                joblog_seqs(path, settings.resume == Resume::Failed)
+            }
+            _ => HashSet::new(),
+        };
+        let joblog = match &settings.joblog {
+            Some(path) => {
+                let mut o = std::fs::OpenOptions::new();
+                // A resumed run adds to the joblog, as parallel does.
+                if settings.resume == Resume::No {
+                    o.write(true).create(true).truncate(true);
+                } else {
+                    o.append(true).create(true);
+                }
+                Some(
+                    o.open(path)
+                        .map_err(|e| format!("--joblog {}: {e}", path.display()))?,
+                )
+            }
+            None => None,
+        };
+        let (reader, total) = if settings.shuffle {
+            shuffled(reader).await?
+        } else {
+            (reader, total)
+        };
+        Ok(Inputs {
+            reader,
+            total,
+            done_before,
+            skip_seqs,
+            state,
+            joblog,
+        })
+    }
+}
+
+impl Ctx {
+    fn new(
+        plan: &Plan,
+        settings: &Settings,
+        state: Option<State>,
+        joblog: Option<std::fs::File>,
+        err_tx: mpsc::UnboundedSender<Fail>,
+        halt_tx: mpsc::UnboundedSender<bool>,
+    ) -> Result<Arc<Ctx>, String> {
+        let max_workers = plan
+            .main_tasks()
+            .map(|t| t.policies.fork.unwrap_or(settings.jobs))
+            .max()
+            .unwrap_or(settings.jobs);
+        let main_steps: HashMap<String, usize> = plan
+            .main
+            .steps
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                Step::Task(t) => Some((t.name.clone(), i)),
+                _ => None,
+            })
+            .collect();
+        let runs_processes = plan.main_tasks().any(|t| matches!(t.kind, TaskKind::Sh(_)));
+        let jobs = if runs_processes {
+            Jobs::new()
+        } else {
+            Jobs::none()
+        };
+        Ok(Arc::new(Ctx {
+            runner: Arc::new(Runner::new(
+                max_workers,
+                joblog,
+                jobs,
+                settings.job_opts.clone(),
+            )?),
+            state,
+            dead: DeadFile::new(settings.dead_letter.clone()),
+            failures: AtomicU64::new(0),
+            emitted: AtomicU64::new(0),
+            left: AtomicU64::new(0),
+            source_done: AtomicBool::new(false),
+            err_tx: Mutex::new(plan.error.is_some().then_some(err_tx)),
+            main_steps,
+            stopping: AtomicBool::new(false),
+            halt: settings.halt,
+            succeeded: AtomicU64::new(0),
+            halt_tx,
+            halted_by: Mutex::new(None),
+            finished: AtomicU64::new(0),
+        }))
+    }
+}
+
+/// The source as a pipeline: skips the inputs done in an earlier run (counted in `skipped`),
+/// counts what it produces, and ends when `stop` is set (a stop signal: nothing new is read).
+fn source(
+    ctx: &Arc<Ctx>,
+    settings: &Settings,
+    reader: Reader,
+    total: Option<u64>,
+    done_before: HashSet<Vec<u8>>,
+    skip_seqs: HashSet<u64>,
+    (stop, skipped): (Arc<AtomicBool>, Arc<AtomicU64>),
+) -> Pipeline<Item> {
+    let done_count = done_before.len() as u64;
+    let reader = Arc::new(tokio::sync::Mutex::new(reader));
+    let (done_before, skip_seqs) = (Arc::new(done_before), Arc::new(skip_seqs));
+    let colsep = settings.colsep.clone();
+    let ctx = ctx.clone();
+    let seq = Arc::new(AtomicU64::new(0));
+    let src = Pipeline::try_from_fn(move || {
+        let colsep = colsep.clone();
+        let skip_seqs = skip_seqs.clone();
+        let (ctx, skipped, reader, done_before, seq, stop) = (
+            ctx.clone(),
+            skipped.clone(),
+            reader.clone(),
+            done_before.clone(),
+            seq.clone(),
+            stop.clone(),
+        );
+        async move {
+            let mut r = reader.lock().await;
+            loop {
+                if stop.load(Relaxed) {
+                    ctx.source_done.store(true, Relaxed);
+                    ctx.maybe_close();
+                    return Ok(None);
+                }
+                let next = r.next_args(colsep.as_ref()).await;
+                let n = seq.fetch_add(1, Relaxed) + 1;
+                match next {
+                    Ok(Some(mut args)) => {
+                        let item = if args.len() == 1 {
+                            Item::new(n, args.swap_remove(0))
+                        } else {
+                            Item::with_args(n, args)
+                        };
+                        if done_before.contains(&item.inputs[0]) || skip_seqs.contains(&n) {
+                            skipped.fetch_add(1, Relaxed);
+                            continue;
+                        }
+                        ctx.emitted.fetch_add(1, Relaxed);
+                        return Ok(Some(item));
+                    }
+                    Ok(None) => {
                         ctx.source_done.store(true, Relaxed);
                         ctx.maybe_close();
                         return Ok(None);
                     }
-                    let next = r.next_args(colsep.as_ref()).await;
-                    let n = seq.fetch_add(1, Relaxed) + 1;
-                    match next {
-                        Ok(Some(mut args)) => {
-                            let item = if args.len() == 1 {
-                                Item::new(n, args.swap_remove(0))
-                            } else {
-                                Item::with_args(n, args)
-                            };
-                            if done_before.contains(&item.inputs[0]) || skip_seqs.contains(&n) {
-                                skipped.fetch_add(1, Relaxed);
-                                continue;
-                            }
-                            ctx.emitted.fetch_add(1, Relaxed);
-                            return Ok(Some(item));
-                        }
-                        Ok(None) => {
-                            ctx.source_done.store(true, Relaxed);
-                            ctx.maybe_close();
-                            return Ok(None);
-                        }
-                        Err(e) => {
-                            ctx.source_done.store(true, Relaxed);
-                            ctx.maybe_close();
-                            return Err(e);
-                        }
+                    Err(e) => {
+                        ctx.source_done.store(true, Relaxed);
+                        ctx.maybe_close();
+                        return Err(e);
                     }
                 }
             }
-        })
-    };
-    let src = if settings.progress {
+        }
+    });
+    if settings.progress {
         let mut opts = ProgressOptions::new();
         if let Some(t) = total {
             opts = opts.total(t.saturating_sub(done_count));
@@ -1171,8 +957,18 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
         src.progress_with(opts)
     } else {
         src
-    };
+    }
+}
 
+/// The whole graph: the main chain from `src`, then its sink, or the branch's two arms (the
+/// failures of the main chain arrive on `err_rx`).
+fn graph(
+    plan: &Plan,
+    settings: &Settings,
+    ctx: &Arc<Ctx>,
+    src: Pipeline<Item>,
+    err_rx: mpsc::UnboundedReceiver<Fail>,
+) -> Result<Graph, String> {
     // The main chain, its tasks built once (the error continuation reuses them).
     let tasks: Vec<Option<(Arc<TaskRt>, Objects)>> = plan
         .main
@@ -1206,92 +1002,97 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
 
     let mut graph = Graph::new();
     if !plan.branched {
-        graph = b.sink_to(graph, main, main_emit)?;
-    } else {
-        let success = plan.success.clone().unwrap_or_default();
-        let mut ok_path = main;
-        if let Some(arm) = &plan.error {
-            let rx = Arc::new(tokio::sync::Mutex::new(err_rx));
-            let failures = Pipeline::from_fn(move || {
-                let rx = rx.clone();
-                async move { rx.lock().await.recv().await }
-            });
-            match &arm.retry {
-                None => {
-                    let sink = arm.chain.sink.clone().unwrap_or(Sink::Print);
-                    graph = b.fail_sink(graph, failures, &sink)?;
-                }
-                Some(r) => {
-                    let recovered = retry_arm(&mut b, failures, r, &plan, &tasks, settings.jobs);
-                    if arm.chain.steps.is_empty() && arm.chain.sink.is_none() {
-                        ok_path = ok_path.merge_with(recovered);
-                    } else {
-                        let p = b.steps(recovered, &arm.chain.steps, false, &[]);
-                        graph = b.sink(graph, p, &arm.chain.sink)?;
-                    }
+        return b.sink_to(graph, main, main_emit);
+    }
+    let success = plan.success.clone().unwrap_or_default();
+    let mut ok_path = main;
+    if let Some(arm) = &plan.error {
+        let rx = Arc::new(tokio::sync::Mutex::new(err_rx));
+        let failures = Pipeline::from_fn(move || {
+            let rx = rx.clone();
+            async move { rx.lock().await.recv().await }
+        });
+        match &arm.retry {
+            None => {
+                let sink = arm.chain.sink.clone().unwrap_or(Sink::Print);
+                graph = b.fail_sink(graph, failures, &sink)?;
+            }
+            Some(r) => {
+                let recovered = retry_arm(&mut b, failures, r, plan, &tasks, settings.jobs);
+                if arm.chain.steps.is_empty() && arm.chain.sink.is_none() {
+                    ok_path = ok_path.merge_with(recovered);
+                } else {
+                    let p = b.steps(recovered, &arm.chain.steps, false, &[]);
+                    graph = b.sink(graph, p, &arm.chain.sink)?;
                 }
             }
         }
-        let p = b.steps(ok_path, &success.steps, false, &[]);
-        graph = b.sink(graph, p, &success.sink)?;
     }
+    let p = b.steps(ok_path, &success.steps, false, &[]);
+    b.sink(graph, p, &success.sink)
+}
 
-    let on_fail = ctx.clone();
-    let handle = graph
-        .dead_letter(DeadLetter::callback(move |f| on_fail.on_failure(f)))
-        .spawn();
-
-    // The first SIGINT, SIGTERM or SIGHUP: start nothing new, let the running jobs
-    // finish, report what was left; a second one (or the end of `--grace`) kills every
-    // running job's group and cancels.
-    let control = handle.control();
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let signals = {
-        let (interrupted, stop_source, ctx) =
-            (interrupted.clone(), stop_source.clone(), ctx.clone());
-        let grace = settings.grace;
-        let mut halt_rx = halt_rx;
-        tokio::spawn(async move {
-            let mut streams = stop_signals();
-            let now = tokio::select! {
-                _ = next_signal(&mut streams) => {
-                    interrupted.store(true, Relaxed);
-                    false
-                }
-                now = halt_rx.recv() => now.unwrap_or(false),
-            };
-            ctx.stopping.store(true, Relaxed);
-            stop_source.store(true, Relaxed);
-            control.stop();
-            if now {
-                let killed = ctx.runner.jobs.kill_all();
-                eprintln!("flowline: --halt now: killed {killed} running job(s)");
-                control.cancel();
-                return;
+/// The first SIGINT, SIGTERM or SIGHUP (or `--halt`): start nothing new, let the running
+/// jobs finish, report what was left; a second one (or the end of `--grace`, or `--halt
+/// now`) kills every running job's group and cancels.
+fn watch_signals(
+    ctx: &Arc<Ctx>,
+    control: flowline::Control,
+    stop_source: Arc<AtomicBool>,
+    mut halt_rx: mpsc::UnboundedReceiver<bool>,
+    grace: Option<std::time::Duration>,
+    interrupted: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let mut streams = stop_signals();
+        let now = tokio::select! {
+            _ = next_signal(&mut streams) => {
+                interrupted.store(true, Relaxed);
+                false
             }
-            eprintln!(
-                "\nflowline: stopping: starting nothing new, waiting for {} running job(s) (again to kill them)",
-                ctx.runner.jobs.running()
-            );
-            let deadline = async {
-                match grace {
-                    Some(d) => tokio::time::sleep(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = next_signal(&mut streams) => {}
-                _ = deadline => {}
-            }
+            now = halt_rx.recv() => now.unwrap_or(false),
+        };
+        ctx.stopping.store(true, Relaxed);
+        stop_source.store(true, Relaxed);
+        control.stop();
+        if now {
             let killed = ctx.runner.jobs.kill_all();
-            eprintln!(
-                "\nflowline: cancelling: killed {killed} running job(s) and their process groups"
-            );
+            eprintln!("flowline: --halt now: killed {killed} running job(s)");
             control.cancel();
-        })
-    };
-    let result = handle.join().await;
-    signals.abort();
+            return;
+        }
+        eprintln!(
+            "\nflowline: stopping: starting nothing new, waiting for {} running job(s) (again to kill them)",
+            ctx.runner.jobs.running()
+        );
+        let deadline = async {
+            match grace {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = next_signal(&mut streams) => {}
+            _ = deadline => {}
+        }
+        let killed = ctx.runner.jobs.kill_all();
+        eprintln!(
+            "\nflowline: cancelling: killed {killed} running job(s) and their process groups"
+        );
+        control.cancel();
+    })
+}
+
+/// After the graph ended: everything recorded and flushed, the report and the summary line
+/// printed, and how the run ended.
+fn finish(
+    ctx: &Ctx,
+    settings: &Settings,
+    result: Result<flowline::Report, flowline::Error>,
+    skipped: &AtomicU64,
+    interrupted: bool,
+) -> Result<Outcome, String> {
     // Failures still queued for a continuation that stopped pulling end in the dead-letter
     // file: never lost.
     if let Ok(mut g) = ctx.err_tx.lock() {
@@ -1336,7 +1137,7 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
             .emitted
             .load(Relaxed)
             .saturating_sub(ctx.finished.load(Relaxed));
-        if interrupted.load(Relaxed) || cancelled {
+        if interrupted || cancelled {
             line.push_str(&format!(
                 ", {unfinished} left unfinished (not started; a rerun with --state runs them)"
             ));
@@ -1355,57 +1156,9 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
     let halted_by = ctx.halted_by.lock().ok().and_then(|g| *g);
     Ok(Outcome {
         failures,
-        interrupted: (interrupted.load(Relaxed) || cancelled) && halted_by.is_none(),
+        interrupted: (interrupted || cancelled) && halted_by.is_none(),
         halted_by,
     })
-}
-
-/// The job numbers a joblog has (all, or with `only_ok` those that succeeded).
-fn joblog_seqs(path: &Path, only_ok: bool) -> HashSet<u64> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split('\t').collect();
-            let seq = f.first()?.parse().ok()?;
-            let ok = f.get(6) == Some(&"0") && f.get(7) == Some(&"0");
-            (!only_ok || ok).then_some(seq)
-        })
-        .collect()
-}
-
-/// Every input read, in a random order (`--shuf`).
-async fn shuffled(r: Reader) -> Result<(Reader, Option<u64>), String> {
-    let mut r = match r {
-        Reader::Table(rows) => {
-            let mut all = rows.collect::<Vec<_>>();
-            shuffle(&mut all);
-            let n = all.len() as u64;
-            return Ok((Reader::Table(all.into_iter()), Some(n)));
-        }
-        other => other,
-    };
-    let mut one = Vec::new();
-    while let Some(x) = r.next().await? {
-        one.push(x);
-    }
-    shuffle(&mut one);
-    let n = one.len() as u64;
-    Ok((Reader::List(one.into_iter()), Some(n)))
-}
-
-/// Fisher-Yates with xorshift seeded from the clock: an order, not a secret.
-fn shuffle<T>(v: &mut [T]) {
-    let mut x = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0x9e37_79b9, |d| d.as_nanos() as u64)
-        | 1;
-    for i in (1..v.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.swap(i, (x % (i as u64 + 1)) as usize);
-    }
 }
 
 /// The signals that stop a run: SIGINT, SIGTERM and SIGHUP.

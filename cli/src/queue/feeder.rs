@@ -248,7 +248,7 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
     let (outage, server) = (f.outage, f.server.clone());
 
     // The source on a task of its own, so that a slow input does not hold up the results.
-    let (reader, _) = crate::run::open_source(&plan.source, false, settings.delim).await?;
+    let (reader, _) = crate::input::open_source(&plan.source, false, settings.delim).await?;
     let (tx, rx) = mpsc::channel::<Input>(FEED_BATCH * 2);
     let colsep = settings.colsep.clone();
     let source = tokio::spawn(async move {
