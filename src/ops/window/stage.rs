@@ -723,6 +723,44 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn lateness_and_idle_timeout_without_event_time_are_refused_by_name() {
+        let err = Pipeline::from_iter(0..3u64)
+            .window(Tumbling::every(S(1)))
+            .allowed_lateness(S(5))
+            .idle_timeout(Duration::from_millis(250))
+            .count()
+            .run()
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        for part in [
+            "allowed_lateness = 5s: event time only",
+            "idle_timeout = 250ms: event time only",
+        ] {
+            assert!(text.contains(part), "{part} in {text}");
+        }
+        // with event time (given after them, too) both are fine
+        let report = Pipeline::from_iter(0..3u64)
+            .window(Tumbling::every(S(1)))
+            .allowed_lateness(S(5))
+            .idle_timeout(Duration::from_millis(250))
+            .event_time(|s| S(*s))
+            .count()
+            .run()
+            .await
+            .unwrap();
+        assert_eq!(report.stage("window").unwrap().emitted, 3);
+        // a zero lateness is the default: nothing to refuse
+        Pipeline::from_iter(0..3u64)
+            .window(Count::every(2))
+            .allowed_lateness(Duration::ZERO)
+            .count()
+            .run()
+            .await
+            .unwrap();
+    }
+
     /// Pages of 10 over ids 0..n; the cursor is the next id to read.
     fn pages(
         n: u32,
