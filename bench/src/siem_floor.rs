@@ -177,31 +177,16 @@ impl Running {
     }
 }
 
+/// A connection to `db` with the service's settings; the schema is the service's own
+/// (made by opening the file the way the service does).
 fn open(db: &Path) -> rusqlite::Connection {
+    flowline_siem::counts(db).expect("the service's schema");
     let conn = rusqlite::Connection::open(db).expect("database");
-    conn.busy_timeout(Duration::from_secs(10)).expect("pragma");
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .expect("pragma");
-    conn.pragma_update(None, "synchronous", "NORMAL")
-        .expect("pragma");
-    conn.pragma_update(None, "cache_size", -65536)
-        .expect("pragma");
-    conn.pragma_update(None, "wal_autocheckpoint", 0)
-        .expect("pragma");
     conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS events (
-             seq INTEGER PRIMARY KEY,
-             id TEXT NOT NULL UNIQUE,
-             account_id INTEGER NOT NULL,
-             kind TEXT NOT NULL,
-             severity INTEGER NOT NULL,
-             message TEXT NOT NULL,
-             received_ms INTEGER NOT NULL,
-             time_ms INTEGER,
-             source TEXT
-         );",
+        "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+         PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = 0;",
     )
-    .expect("schema");
+    .expect("settings");
     conn
 }
 
@@ -229,16 +214,16 @@ fn write_loop(
                 .expect("prepare");
             for (e, _, _) in &batch {
                 let n = stmt
-                    .execute(rusqlite::params![
-                        e.id,
+                    .execute((
+                        &e.id,
                         e.account_id,
-                        e.kind,
+                        &e.kind,
                         e.severity,
-                        e.message,
+                        &e.message,
                         e.received_ms,
                         e.time_ms,
-                        e.source
-                    ])
+                        &e.source,
+                    ))
                     .expect("insert");
                 new.push(n == 1);
             }
