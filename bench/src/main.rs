@@ -34,6 +34,7 @@ mod pg_server;
 mod scale;
 mod scale_rate;
 mod siem;
+mod siem_floor;
 mod source;
 mod source_pg;
 mod topology;

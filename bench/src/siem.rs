@@ -16,6 +16,15 @@
 //! Both services answer 202 once the event's row is committed, and run without correlation
 //! rules (the naive one has none).
 //!
+//! The floors, measured in the same rounds under the same load (bench/src/siem_floor.rs):
+//! `floor_events_per_s`, a bare service doing only what any implementation must (parse and
+//! validate, group commit to the same table with the same settings, broadcast, 202), and
+//! `floor_http_only_events_per_s`, the same without the database. `floor_ratio` and
+//! `floor_http_only_ratio` are the floors' own ratios to the naive service, computed as
+//! `ratio` is (median of the rounds); below 3, `goal_above_floor` /
+//! `goal_above_http_only_floor` say so: no organisation of the work reaches the goal on
+//! this machine then (above the HTTP-only floor, not even without a database).
+//!
 //! `lost_on_kill`: each service once more, in a child process of this binary, under the
 //! same load for `FLOWLINE_BENCH_SIEM_KILL_SECS` (3 by default), then SIGKILLed; the events
 //! answered 202 that are not in the database afterwards.
@@ -27,6 +36,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt as _;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::siem_floor::{self, Floor};
 use crate::util::{emit, runtime};
 
 const CONNECTIONS: usize = 64;
@@ -64,10 +74,31 @@ fn siem_events() {
         .unwrap_or(3);
     let rt = runtime();
     let (mut f, mut n) = (Vec::new(), Vec::new());
+    let (mut floor, mut floor_http) = (Vec::new(), Vec::new());
+    let run_for = Duration::from_secs(secs);
     for _ in 0..reps.max(1) {
-        f.push(rt.block_on(load(false, Duration::from_secs(secs))));
-        n.push(rt.block_on(load(true, Duration::from_secs(secs))));
+        f.push(rt.block_on(load(Side::Flowline, run_for)));
+        n.push(rt.block_on(load(Side::Naive, run_for)));
+        floor.push(rt.block_on(load(Side::Floor(Floor::Stored), run_for)));
+        floor_http.push(rt.block_on(load(Side::Floor(Floor::HttpOnly), run_for)));
     }
+    // Each floor against the naive run of its own round, as the ratio is: how many times
+    // the naive service's rate the floor itself reaches here.
+    let per_round = |floor: &[Outcome]| -> Vec<f64> {
+        floor
+            .iter()
+            .zip(&n)
+            .map(|(fl, n)| fl.events_per_s / n.events_per_s)
+            .collect()
+    };
+    let (mut floor_ratios, mut floor_http_ratios) = (per_round(&floor), per_round(&floor_http));
+    let floor_rates =
+        |v: &[Outcome]| -> Vec<f64> { v.iter().map(|o| o.events_per_s.round()).collect() };
+    let (floor_runs, floor_http_runs) = (floor_rates(&floor), floor_rates(&floor_http));
+    let (floor_lost, floor_http_lost) = (
+        floor.iter().map(|o| o.lost).sum::<u64>(),
+        floor_http.iter().map(|o| o.lost).sum::<u64>(),
+    );
     let mut ratios: Vec<f64> = f
         .iter()
         .zip(&n)
@@ -84,6 +115,20 @@ fn siem_events() {
     let lost = |v: &[Outcome]| v.iter().map(|o| o.lost).sum::<u64>() as f64;
     let (f_lost, n_lost) = (lost(&f), lost(&n));
     let (f, n) = (pick(&mut f), pick(&mut n));
+    let (floor, floor_http) = (pick(&mut floor), pick(&mut floor_http));
+    let goal = 3.0 * n.events_per_s;
+    let round_floor_ratios: Vec<f64> = floor_ratios
+        .iter()
+        .copied()
+        .map(crate::util::round3)
+        .collect();
+    let round_floor_http_ratios: Vec<f64> = floor_http_ratios
+        .iter()
+        .copied()
+        .map(crate::util::round3)
+        .collect();
+    let floor_ratio = crate::util::quantile(&mut floor_ratios, 0.5);
+    let floor_http_ratio = crate::util::quantile(&mut floor_http_ratios, 0.5);
     let kill_secs: u64 = std::env::var("FLOWLINE_BENCH_SIEM_KILL_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -91,6 +136,7 @@ fn siem_events() {
     let kill_f = rt.block_on(kill_round(false, Duration::from_secs(kill_secs)));
     let kill_n = rt.block_on(kill_round(true, Duration::from_secs(kill_secs)));
     let both = |a: f64, b: f64| serde_json::json!({ "flowline": a, "naive": b });
+    let both_floor = |a: f64, b: f64| serde_json::json!({ "stored": a, "http_only": b });
     emit(
         "siem",
         "siem_events",
@@ -114,6 +160,24 @@ fn siem_events() {
             "connections": CONNECTIONS,
             "ws_clients": WS_CLIENTS,
             "goal_ratio": 3.0,
+            "goal_events_per_s": goal.round(),
+            "floor_events_per_s": floor.events_per_s.round(),
+            "floor_http_only_events_per_s": floor_http.events_per_s.round(),
+            "floor_runs": floor_runs,
+            "floor_http_only_runs": floor_http_runs,
+            "floor_p50_ms": both_floor(floor.p50_ms, floor_http.p50_ms),
+            "floor_p99_ms": both_floor(floor.p99_ms, floor_http.p99_ms),
+            "floor_lost": both_floor(floor_lost as f64, floor_http_lost as f64),
+            "flowline_of_floor": crate::util::round3(f.events_per_s / floor.events_per_s),
+            // The floors' own ratios to the naive service (median of the rounds, each
+            // against its round's naive run): below 3, the goal is beyond what this machine
+            // does with no work but what every implementation must do.
+            "floor_ratio": crate::util::round3(floor_ratio),
+            "floor_http_only_ratio": crate::util::round3(floor_http_ratio),
+            "round_floor_ratios": round_floor_ratios,
+            "round_floor_http_only_ratios": round_floor_http_ratios,
+            "goal_above_floor": floor_ratio < 3.0,
+            "goal_above_http_only_floor": floor_http_ratio < 3.0,
         }),
     );
 }
@@ -219,15 +283,42 @@ async fn kill_round(naive: bool, run_for: Duration) -> (u64, u64) {
     (lost, accepted.len() as u64)
 }
 
-async fn load(naive: bool, run_for: Duration) -> Outcome {
+/// What a round runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Flowline,
+    Naive,
+    Floor(Floor),
+}
+
+/// The service under load, either kind.
+enum Server {
+    Siem(flowline_siem::Service),
+    Floor(siem_floor::Running),
+}
+
+async fn load(side: Side, run_for: Duration) -> Outcome {
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("siem.db");
-    let args = service_args(&db, naive);
-    let cfg = flowline_siem::Config::from_args(args.iter().map(String::as_str)).expect("options");
-    let service = flowline_siem::Service::start(cfg)
-        .await
-        .expect("service starts");
-    let addr = service.addr();
+    let service = match side {
+        Side::Flowline | Side::Naive => {
+            let args = service_args(&db, side == Side::Naive);
+            let cfg =
+                flowline_siem::Config::from_args(args.iter().map(String::as_str)).expect("options");
+            Server::Siem(
+                flowline_siem::Service::start(cfg)
+                    .await
+                    .expect("service starts"),
+            )
+        }
+        Side::Floor(floor) => {
+            Server::Floor(siem_floor::Running::start(floor, &db, 64, TOKEN).await)
+        }
+    };
+    let addr = match &service {
+        Server::Siem(s) => s.addr(),
+        Server::Floor(f) => f.addr(),
+    };
     let start = Instant::now();
 
     let mut listeners = Vec::new();
@@ -293,11 +384,16 @@ async fn load(naive: bool, run_for: Duration) -> Outcome {
     for p in posters {
         p.await.expect("poster");
     }
-    let summary = service.shutdown().await.expect("shutdown");
-    if std::env::var_os("FLOWLINE_BENCH_SIEM_REPORT").is_some() {
-        if let Some(r) = summary.events {
-            eprintln!("{r}");
+    match service {
+        Server::Siem(service) => {
+            let summary = service.shutdown().await.expect("shutdown");
+            if std::env::var_os("FLOWLINE_BENCH_SIEM_REPORT").is_some() {
+                if let Some(r) = summary.events {
+                    eprintln!("{r}");
+                }
+            }
         }
+        Server::Floor(floor) => floor.shutdown().await,
     }
     let mut delivered_min = u64::MAX;
     let mut lat = Vec::new();
@@ -313,16 +409,22 @@ async fn load(naive: bool, run_for: Duration) -> Outcome {
         lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
             .map_or(f64::NAN, |us| *us as f64 / 1000.0)
     };
-    let counts = flowline_siem::counts(&db).expect("counts");
+    let (stored, alerts_sent) = if side == Side::Floor(Floor::HttpOnly) {
+        // Nothing is stored: what was answered 202 must have been delivered.
+        (u64::MAX, 0)
+    } else {
+        let counts = flowline_siem::counts(&db).expect("counts");
+        (counts["events"], counts["sent"])
+    };
     let accepted = accepted.load(Ordering::Relaxed);
     Outcome {
         events_per_s: delivered_min as f64 / last.as_secs_f64(),
         p50_ms: (pct(0.5) * 100.0).round() / 100.0,
         p99_ms: (pct(0.99) * 100.0).round() / 100.0,
-        lost: accepted.saturating_sub(counts["events"].min(delivered_min)),
+        lost: accepted.saturating_sub(stored.min(delivered_min)),
         accepted,
         refused_429: refused.load(Ordering::Relaxed),
-        alerts_sent: counts["sent"],
+        alerts_sent,
     }
 }
 

@@ -245,12 +245,12 @@ async fn post_event(State(s): State<Intake>, headers: HeaderMap, body: Body) -> 
         return unauthorized();
     };
     // The key is checked here, before the event is accepted, so that the client hears 401;
-    // the same loader (cached) fills in the account in the pipeline.
-    match s.loader.load(key.to_string()).await {
-        Ok(Some(_)) => {}
+    // the account found goes with the event (the pipeline looks up only what lacks one).
+    let account = match s.loader.load(key.to_string()).await {
+        Ok(Some(account)) => account,
         Ok(None) => return unauthorized(),
         Err(_) => return lookup_failed(),
-    }
+    };
     if let Some(r) = not_json(&headers) {
         return r;
     }
@@ -263,12 +263,14 @@ async fn post_event(State(s): State<Intake>, headers: HeaderMap, body: Body) -> 
         Err(e) => return bad_body(e),
     };
     let id = incoming.id.clone();
+    let mut event = Event::accepted(incoming, key.to_string());
+    event.account = Some(account);
     let (stored_tx, stored) = oneshot::channel();
     // `try_send`: a full queue is answered at once (429), never waited on, so memory stays
     // bounded and the client knows to back off.
     let queued = match s.queue.read() {
         Ok(q) => match q.as_ref() {
-            Some(q) => q.try_send((Event::accepted(incoming, key.to_string()), stored_tx)),
+            Some(q) => q.try_send((event, stored_tx)),
             None => return shutting_down(),
         },
         Err(_) => return shutting_down(),

@@ -86,6 +86,7 @@ pub fn start(cfg: &Config, queue: mpsc::Receiver<Posted>, parts: Parts) -> Pipel
         rules: parts.rules,
         per_transaction: cfg.batch,
         outage: Outage::default(),
+        insert: Arc::new(store::insert_batch),
     };
     let events = Pipeline::from_channel(queue)
         .map(move |(mut e, answer): Posted| {
@@ -288,63 +289,27 @@ struct Store {
     rules: Vec<mpsc::Sender<Event>>,
     per_transaction: usize,
     outage: Outage,
+    /// One transaction's insert ([`store::insert_batch`]; a test puts faults in it).
+    insert: Insert,
 }
 
-impl BatchSink<Posted> for Store {
-    type Output = ();
+/// Inserts events in one transaction; per event, whether it was new.
+type Insert =
+    Arc<dyn Fn(&mut rusqlite::Connection, &[Event]) -> rusqlite::Result<Vec<bool>> + Send + Sync>;
 
-    fn name(&self) -> &'static str {
-        "persist"
-    }
-
-    async fn write(&mut self, batch: Vec<Posted>) -> Result<(), flowline::BoxError> {
-        let (mut events, answers): (Vec<Event>, Vec<oneshot::Sender<()>>) =
-            batch.into_iter().unzip();
-        // One lock of the loader for the batch; cached accounts answer at once, the misses
-        // go to the database together.
-        let keys = events.iter().map(|e| e.api_key.clone()).collect();
-        for (e, account) in events.iter_mut().zip(self.loader.load_many(keys).await) {
-            match account {
-                Ok(account) => e.account = account,
-                // The key was checked at the door; a lookup failing now (the database
-                // busy) must not lose the event: it is stored without account details.
-                Err(_) => metrics::counter!("siem_account_lookup_errors_total").increment(1),
-            }
-        }
-        let events = Arc::new(events);
-        let per_tx = self.per_transaction;
-        // A busy database is waited out (the requests wait with it); an error that trying
-        // again cannot fix fails the batch: its requests are answered 503, none 202.
-        let new = self
-            .outage
-            .retry("database", || {
-                let (db, writes, events) = (self.db.clone(), self.writes.clone(), events.clone());
-                async move {
-                    writes
-                        .run(&db, move |conn| {
-                            let mut new = Vec::with_capacity(events.len());
-                            for part in events.chunks(per_tx) {
-                                new.extend(store::insert_batch(conn, part)?);
-                            }
-                            Ok(new)
-                        })
-                        .await
-                }
-            })
-            .await?;
-        // Committed: now, and only now, the requests hear 202.
-        for answer in answers {
-            let _ = answer.send(());
-        }
-        let events = Arc::try_unwrap(events).unwrap_or_else(|shared| (*shared).clone());
+impl Store {
+    /// Sends committed events on (to the websocket hub and the correlation rules), each
+    /// one whose row is new; whether one of them calls for an alert.
+    async fn forward(&self, events: Vec<Event>, new: &[bool]) -> bool {
         let mut alerted = false;
+        let mut stored = 0;
         for (mut e, new) in events.into_iter().zip(new) {
             if !new {
                 // A repeated post of a stored id: stored once, shown once.
                 metrics::counter!("siem_events_duplicate_total").increment(1);
                 continue;
             }
-            metrics::counter!("siem_events_persisted_total").increment(1);
+            stored += 1;
             e.status = "stored";
             alerted |= e.alert;
             // No client connected is not an error: `send` fails only then.
@@ -357,11 +322,197 @@ impl BatchSink<Posted> for Store {
                 let _ = rule.send(e.clone()).await;
             }
         }
-        if alerted {
+        metrics::counter!("siem_events_persisted_total").increment(stored);
+        alerted
+    }
+}
+
+impl BatchSink<Posted> for Store {
+    type Output = ();
+
+    fn name(&self) -> &'static str {
+        "persist"
+    }
+
+    async fn write(&mut self, batch: Vec<Posted>) -> Result<(), flowline::BoxError> {
+        let (mut events, answers): (Vec<Event>, Vec<oneshot::Sender<()>>) =
+            batch.into_iter().unzip();
+        // The door looked the account up already; an event without one is looked up here,
+        // in one lock of the loader for the batch (cached accounts answer at once, the
+        // misses go to the database together).
+        let lacking: Vec<usize> = (0..events.len())
+            .filter(|&i| events[i].account.is_none())
+            .collect();
+        if !lacking.is_empty() {
+            let keys = lacking.iter().map(|&i| events[i].api_key.clone()).collect();
+            for (i, account) in lacking.into_iter().zip(self.loader.load_many(keys).await) {
+                match account {
+                    Ok(account) => events[i].account = account,
+                    // A lookup failing now (the database busy) must not lose the event: it
+                    // is stored without account details.
+                    Err(_) => metrics::counter!("siem_account_lookup_errors_total").increment(1),
+                }
+            }
+        }
+        // Each transaction is retried on its own: one committed is never written again
+        // (its rows would read as repeats and its events would not go on), and its
+        // requests hear 202 before the next one starts.
+        let events = Arc::new(events);
+        let mut answers = answers.into_iter();
+        let mut new = Vec::with_capacity(events.len());
+        let outcome = loop {
+            let from = new.len();
+            if from == events.len() {
+                break Ok(());
+            }
+            let to = (from + self.per_transaction.max(1)).min(events.len());
+            // A busy database is waited out (the requests wait with it); an error that
+            // trying again cannot fix fails the rest of the batch: its requests are
+            // answered 503, none 202.
+            let committed = self
+                .outage
+                .retry("database", || {
+                    let (db, writes, events) =
+                        (self.db.clone(), self.writes.clone(), events.clone());
+                    let insert = self.insert.clone();
+                    async move {
+                        writes
+                            .run(&db, move |conn| insert(conn, &events[from..to]))
+                            .await
+                    }
+                })
+                .await;
+            match committed {
+                Ok(part) => new.extend(part),
+                Err(e) => break Err(e),
+            }
+            // Committed: now, and only now, these requests hear 202.
+            for answer in answers.by_ref().take(to - from) {
+                let _ = answer.send(());
+            }
+        };
+        // What was committed goes on, even when a later transaction failed.
+        let mut events = Arc::try_unwrap(events).unwrap_or_else(|shared| (*shared).clone());
+        events.truncate(new.len());
+        if self.forward(events, &new).await {
             self.outbox.notify_one();
         }
-        Ok(())
+        Ok(outcome?)
     }
 
     fn finish(self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::event::Incoming;
+
+    /// A persist sink over a fresh database, `per_transaction` events a transaction, whose
+    /// second transaction's first attempt fails with `fault`; the hub's and a rule's
+    /// receiving ends.
+    fn store(
+        dir: &std::path::Path,
+        fault: i32,
+    ) -> (
+        Store,
+        tokio::sync::broadcast::Receiver<Msg>,
+        mpsc::Receiver<Event>,
+    ) {
+        let db: Db = Arc::new(Mutex::new(store::open(&dir.join("t.db"), 1).unwrap()));
+        let loader = Loader::new(16, Duration::from_millis(1), |_: Vec<String>| async {
+            Ok::<_, String>(HashMap::<String, Arc<Account>>::new())
+        })
+        .unwrap();
+        let (hub, feed) = tokio::sync::broadcast::channel(64);
+        let (rule, matched) = mpsc::channel(64);
+        let calls = AtomicUsize::new(0);
+        let insert: Insert = Arc::new(move |conn, events| {
+            if calls.fetch_add(1, Ordering::SeqCst) == 1 {
+                return Err(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(fault),
+                    None,
+                ));
+            }
+            store::insert_batch(conn, events)
+        });
+        let sink = Store {
+            loader,
+            db,
+            writes: Writes::default(),
+            hub,
+            outbox: Arc::new(Notify::new()),
+            rules: vec![rule],
+            per_transaction: 2,
+            outage: Outage::default(),
+            insert,
+        };
+        (sink, feed, matched)
+    }
+
+    /// Four posted events e1..e4 and the receivers of their answers.
+    fn posted() -> (Vec<Posted>, Vec<oneshot::Receiver<()>>) {
+        (1..=4)
+            .map(|i| {
+                let body = format!(r#"{{"id":"e{i}","kind":"k","severity":1}}"#);
+                let e = Event::accepted(Incoming::parse(body.as_bytes()).unwrap(), "key-1".into());
+                let (tx, rx) = oneshot::channel();
+                ((e, tx), rx)
+            })
+            .unzip()
+    }
+
+    fn ids(
+        feed: &mut tokio::sync::broadcast::Receiver<Msg>,
+        rule: &mut mpsc::Receiver<Event>,
+    ) -> (Vec<String>, Vec<String>) {
+        let mut shown = Vec::new();
+        while let Ok(m) = feed.try_recv() {
+            let v: serde_json::Value = serde_json::from_str(m.text()).unwrap();
+            shown.push(v["id"].as_str().unwrap().to_string());
+        }
+        let mut ruled = Vec::new();
+        while let Ok(e) = rule.try_recv() {
+            ruled.push(e.id);
+        }
+        (shown, ruled)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_second_transaction_is_retried_alone_and_the_first_goes_on_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sink, mut feed, mut rule) = store(dir.path(), rusqlite::ffi::SQLITE_BUSY);
+        let (batch, answers) = posted();
+        sink.write(batch).await.unwrap();
+        for a in answers {
+            a.await.expect("every event answered 202");
+        }
+        let all: Vec<String> = (1..=4).map(|i| format!("e{i}")).collect();
+        assert_eq!(ids(&mut feed, &mut rule), (all.clone(), all));
+        let conn = sink.db.lock().unwrap();
+        assert_eq!(store::count_events(&conn).unwrap(), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_second_transaction_leaves_the_first_answered_and_sent_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sink, mut feed, mut rule) = store(dir.path(), rusqlite::ffi::SQLITE_FULL);
+        let (batch, answers) = posted();
+        assert!(sink.write(batch).await.is_err());
+        let mut answers = answers.into_iter();
+        for a in answers.by_ref().take(2) {
+            a.await.expect("the committed events answered 202");
+        }
+        for a in answers {
+            assert!(a.await.is_err(), "an event not stored is not answered 202");
+        }
+        let first: Vec<String> = vec!["e1".into(), "e2".into()];
+        assert_eq!(ids(&mut feed, &mut rule), (first.clone(), first));
+        let conn = sink.db.lock().unwrap();
+        assert_eq!(store::count_events(&conn).unwrap(), 2);
+    }
 }

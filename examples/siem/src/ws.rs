@@ -35,6 +35,12 @@ impl Msg {
             json: Utf8Bytes::from(json),
         }
     }
+
+    /// Its JSON text.
+    #[cfg(test)]
+    pub fn text(&self) -> &str {
+        self.json.as_str()
+    }
 }
 
 /// What a viewer may see.

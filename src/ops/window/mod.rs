@@ -400,7 +400,9 @@ impl<T, K, KF, TF> Windows<T, K, KF, TF> {
 
     /// How far behind the largest event time seen an item may be and still land in its
     /// window (default zero): the watermark is that largest time minus `lateness`, so
-    /// windows also close that much later. Event time only.
+    /// windows also close that much later. Event time only: set on processing time (no
+    /// [`event_time`](Windows::event_time)), a nonzero lateness is a configuration error
+    /// naming it.
     ///
     /// ```
     /// use flowline::prelude::*;
@@ -424,7 +426,8 @@ impl<T, K, KF, TF> Windows<T, K, KF, TF> {
     /// After `idle` without an item (tokio's clock), the watermark advances with the clock,
     /// as if event time went on while the input is quiet, so the last windows of a quiet
     /// source still close. An item arriving later behind the advanced watermark is late.
-    /// Event time only; must be more than zero.
+    /// Event time only (set on processing time, a configuration error naming it); must be
+    /// more than zero.
     ///
     /// ```
     /// use flowline::prelude::*;
@@ -546,6 +549,22 @@ where
                     "sliding and session windows merge accumulators: give one \
                      (Fold::new(..).merge(..) with aggregate)",
                 ));
+            }
+        }
+        // The watermark of processing time is the clock: a lateness or an idle timeout
+        // would do nothing there, and a setting that silently does nothing hides a
+        // forgotten `event_time`.
+        if !TF::EVENT {
+            let reason = "event time only: give the items' time with event_time, or drop it";
+            if !lateness.is_zero() {
+                p.settings
+                    .errors
+                    .push(Error::config(&name, "allowed_lateness", lateness, reason));
+            }
+            if let Some(idle) = idle {
+                p.settings
+                    .errors
+                    .push(Error::config(&name, "idle_timeout", idle, reason));
             }
         }
         let config = stage::Config {

@@ -5,8 +5,12 @@
 //! window's value is its panes merged when it closes. A tumbling window is one pane and is
 //! emitted without a merge.
 //!
-//! Only panes that hold items exist, and a key exists only while it has a pane: memory
-//! follows the items of the windows that are open, not the keys ever seen. A schedule
+//! Only panes that hold items exist. A key whose last pane is emitted keeps its (empty)
+//! slot until the next close that finds more empty slots than busy ones sweeps it: a busy
+//! key's next item, usually moments away, then finds its slot and buffer still there
+//! instead of a removal, a new slot and a new buffer per key and window. Memory follows the
+//! keys of the windows that are open (at most about twice as many slots), not the keys
+//! ever seen. A schedule
 //! ordered by window end says which key has a window to emit next; an entry may be stale
 //! (the key's next window moved earlier), which costs a lookup when it comes up, never a
 //! wrong window.
@@ -29,6 +33,8 @@ pub(crate) struct Panes<K, Acc> {
     schedule: BTreeMap<u64, Vec<K>>,
     open: usize,
     held: u64,
+    /// Keys whose slot holds no pane (swept in `close` once they outnumber the busy ones).
+    idle: usize,
     /// The pane the last item fell in (its start, and the end of the first window holding
     /// it): items come mostly in time order, so the next one usually falls in it too and
     /// its two divisions are not made again. No window starts or ends inside a pane.
@@ -127,6 +133,7 @@ impl<K, Acc> Panes<K, Acc> {
             schedule: BTreeMap::new(),
             open: 0,
             held: 0,
+            idle: 0,
             last: (u64::MAX, 0),
         }
     }
@@ -161,6 +168,9 @@ where
         let Some(kp) = self.keys.get_mut(key) else {
             return;
         };
+        if kp.panes.is_empty() && kp.newest.is_none() {
+            return; // an idle slot (a stale entry of the schedule): counted idle once
+        }
         kp.settle();
         let before = kp.next_end;
         let tumbling = self.pane == self.size;
@@ -230,7 +240,9 @@ where
             }
         }
         if kp.panes.is_empty() {
-            self.keys.remove(key);
+            // Nothing scheduled: the next pane schedules the key again.
+            kp.next_end = u64::MAX;
+            self.idle += 1;
         } else if kp.next_end != before {
             schedule(&mut self.schedule, kp.next_end, key.clone());
         }
@@ -291,6 +303,9 @@ where
                 self.held += 1;
                 return Ok(());
             }
+            if kp.newest.is_none() && kp.panes.is_empty() {
+                self.idle -= 1;
+            }
             kp.settle();
             // Usually the newest pane: searched from the back.
             let at = kp.panes.iter().rposition(|p| p.start <= start);
@@ -298,6 +313,9 @@ where
                 Some(i) if kp.panes[i].start == start => &mut kp.panes[i],
                 _ => {
                     if self.open >= max_open {
+                        if kp.panes.is_empty() {
+                            self.idle += 1;
+                        }
                         return Err(Rejected {
                             why: Why::Full,
                             key,
@@ -375,6 +393,11 @@ where
                 self.emit_key(agg, &key, end, false, out);
             }
         }
+        if self.idle > self.keys.len() / 2 {
+            self.keys
+                .retain(|_, kp| !(kp.panes.is_empty() && kp.newest.is_none()));
+            self.idle = 0;
+        }
     }
 
     fn next_end(&self) -> Option<u64> {
@@ -419,6 +442,12 @@ mod tests {
     use super::*;
     use crate::CountItems;
 
+    impl<K: Hash + Eq, Acc> Panes<K, Acc> {
+        fn next_end_of(&self, key: &K) -> u64 {
+            self.keys[key].next_end
+        }
+    }
+
     fn count_state(size: u64, step: u64) -> Panes<u8, u64> {
         Panes::new(size, step)
     }
@@ -435,6 +464,47 @@ mod tests {
             100,
         )
         .map_err(|r| r.why)
+    }
+
+    #[test]
+    fn an_emptied_key_keeps_its_slot_until_idle_slots_outnumber_busy_ones() {
+        let mut s = count_state(10, 10);
+        for k in 1..=4 {
+            assert_eq!(add(&mut s, k, 0, 0), Ok(()));
+        }
+        for k in 1..=3 {
+            assert_eq!(add(&mut s, k, 12, 0), Ok(()));
+        }
+        let mut out = Emitted::default();
+        State::<u8, u64, CountItems>::close(&mut s, &mut CountItems, 10, &mut out);
+        assert_eq!(out.windows.len(), 4);
+        // key 4 is idle, one slot of four: kept, and found again by its next item
+        assert_eq!((s.keys.len(), s.idle), (4, 1));
+        assert_eq!(add(&mut s, 4, 15, 10), Ok(()));
+        assert_eq!((s.keys.len(), s.idle), (4, 0));
+        assert_eq!(s.next_end_of(&4), 20);
+        let mut out = Emitted::default();
+        State::<u8, u64, CountItems>::close(&mut s, &mut CountItems, u64::MAX, &mut out);
+        let got: Vec<(u8, u64)> = out.windows.iter().map(|w| (w.key, w.value)).collect();
+        assert_eq!(got.len(), 4);
+        assert!(got.iter().all(|&(_, c)| c == 1), "{got:?}");
+        // all idle: swept
+        assert_eq!((s.keys.len(), s.idle, s.open, s.held), (0, 0, 0, 0));
+    }
+
+    #[test]
+    fn a_stale_entry_for_an_idle_key_counts_it_idle_once() {
+        let mut s = count_state(10, 10);
+        assert_eq!(add(&mut s, 1, 25, 0), Ok(()));
+        // an earlier pane moves the key's next window earlier: two entries (10 and 30)
+        assert_eq!(add(&mut s, 1, 5, 0), Ok(()));
+        assert_eq!(add(&mut s, 2, 5, 0), Ok(()));
+        assert_eq!(add(&mut s, 3, 35, 0), Ok(()));
+        let mut out = Emitted::default();
+        State::<u8, u64, CountItems>::close(&mut s, &mut CountItems, 30, &mut out);
+        assert_eq!(out.windows.len(), 3);
+        // keys 1 and 2 idle, 3 busy: 2 > 3 / 2, swept; key 3 stays
+        assert_eq!((s.keys.len(), s.idle), (1, 0));
     }
 
     #[test]

@@ -163,7 +163,13 @@ where
                 item,
             });
         }
-        let list = self.keys.entry(key.clone()).or_default();
+        // The key is cloned only for a key not seen yet (the map keeps one, the schedule
+        // the other); a known key is looked up by reference and moved into the schedule
+        // only if its session's end moves.
+        if !self.keys.contains_key(&key) {
+            self.keys.insert(key.clone(), Vec::new());
+        }
+        let list = self.keys.get_mut(&key).expect("inserted above");
         // The sessions whose spans overlap [t, t + gap): a run of neighbours by start.
         let first = list.iter().position(|s| t < s.last + gap);
         let touching = first.map_or(0, |f| {
@@ -310,6 +316,61 @@ mod tests {
             .map(|w| (w.key, w.start.as_secs(), w.end.as_secs(), w.value))
             .collect();
         (got, report)
+    }
+
+    /// A key that counts its clones (per thread: the tests run side by side).
+    #[derive(Debug, PartialEq, Eq, Hash)]
+    struct Counted(u8);
+
+    thread_local! {
+        static CLONES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    impl Clone for Counted {
+        fn clone(&self) -> Self {
+            CLONES.with(|c| c.set(c.get() + 1));
+            Counted(self.0)
+        }
+    }
+
+    #[test]
+    fn a_known_key_is_not_cloned_and_is_rescheduled_only_when_its_end_moves() {
+        use super::super::aggregate::CountItems;
+        use super::super::state::State;
+        use crate::runtime::chunk::Ticket;
+        let mut s = super::Sessions::<Counted, u64>::new(10);
+        let mut agg = CountItems;
+        let mut add = |s: &mut super::Sessions<Counted, u64>, t: u64| {
+            let mut ticket = Ticket::none();
+            assert!(
+                State::<Counted, u64, CountItems>::add(
+                    s,
+                    &mut agg,
+                    Counted(1),
+                    t,
+                    0,
+                    t,
+                    &mut ticket,
+                    usize::MAX
+                )
+                .is_ok()
+            );
+        };
+        CLONES.with(|c| c.set(0));
+        // five items at one time: one session, one end, scheduled once
+        for _ in 0..5 {
+            add(&mut s, 3);
+        }
+        assert_eq!(CLONES.with(|c| c.get()), 1, "cloned for the map only");
+        assert_eq!(s.schedule.values().map(Vec::len).sum::<usize>(), 1);
+        // a later item moves the end: scheduled once more, still no clone
+        add(&mut s, 7);
+        assert_eq!(CLONES.with(|c| c.get()), 1);
+        assert_eq!(s.schedule.keys().copied().collect::<Vec<_>>(), vec![13, 17]);
+        // an earlier one inside the session does not move the end
+        add(&mut s, 4);
+        assert_eq!(s.schedule.values().map(Vec::len).sum::<usize>(), 2);
+        assert_eq!(CLONES.with(|c| c.get()), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -681,6 +681,14 @@ mod tests {
         );
     }
 
+    /// Asserts that `err` says every one of `parts`.
+    fn says_all(err: &crate::Error, parts: &[&str]) {
+        let text = err.to_string();
+        for part in parts {
+            assert!(text.contains(part), "{part} in {text}");
+        }
+    }
+
     #[tokio::test]
     async fn hostile_options_are_rejected_all_at_once() {
         let err = Pipeline::from_iter(0..3u64)
@@ -692,14 +700,14 @@ mod tests {
             .run()
             .await
             .unwrap_err();
-        let text = err.to_string();
-        for part in [
-            "size = 0ns: must be more than zero",
-            "idle_timeout = 0ns: must be more than zero",
-            "max_open = 0: must be at least 1",
-        ] {
-            assert!(text.contains(part), "{part} in {text}");
-        }
+        says_all(
+            &err,
+            &[
+                "size = 0ns: must be more than zero",
+                "idle_timeout = 0ns: must be more than zero",
+                "max_open = 0: must be at least 1",
+            ],
+        );
         let err = Pipeline::from_iter(0..3u64)
             .window(Session::gap(Duration::MAX))
             .count()
@@ -721,6 +729,43 @@ mod tests {
             err.to_string(),
             "invalid configuration: stage `window`: count = 0: must be at least 1"
         );
+    }
+
+    #[tokio::test]
+    async fn lateness_and_idle_timeout_without_event_time_are_refused_by_name() {
+        let refused = Pipeline::from_iter(0..3u64)
+            .window(Tumbling::every(S(1)))
+            .allowed_lateness(S(5))
+            .idle_timeout(Duration::from_millis(250))
+            .count()
+            .run()
+            .await;
+        says_all(
+            &refused.expect_err("event-time options on processing time"),
+            &[
+                "allowed_lateness = 5s: event time only",
+                "idle_timeout = 250ms: event time only",
+            ],
+        );
+        // with event time (given after them, too) both are fine
+        let report = Pipeline::from_iter(0..3u64)
+            .window(Tumbling::every(S(1)))
+            .allowed_lateness(S(5))
+            .idle_timeout(Duration::from_millis(250))
+            .event_time(|s| S(*s))
+            .count()
+            .run()
+            .await
+            .unwrap();
+        assert_eq!(report.stage("window").unwrap().emitted, 3);
+        // a zero lateness is the default: nothing to refuse
+        Pipeline::from_iter(0..3u64)
+            .window(Count::every(2))
+            .allowed_lateness(Duration::ZERO)
+            .count()
+            .run()
+            .await
+            .unwrap();
     }
 
     /// Pages of 10 over ids 0..n; the cursor is the next id to read.
