@@ -293,7 +293,7 @@ enum Side {
 
 /// The service under load, either kind.
 enum Server {
-    Siem(flowline_siem::Service),
+    Siem(Box<flowline_siem::Service>),
     Floor(siem_floor::Running),
 }
 
@@ -305,11 +305,11 @@ async fn load(side: Side, run_for: Duration) -> Outcome {
             let args = service_args(&db, side == Side::Naive);
             let cfg =
                 flowline_siem::Config::from_args(args.iter().map(String::as_str)).expect("options");
-            Server::Siem(
+            Server::Siem(Box::new(
                 flowline_siem::Service::start(cfg)
                     .await
                     .expect("service starts"),
-            )
+            ))
         }
         Side::Floor(floor) => {
             Server::Floor(siem_floor::Running::start(floor, &db, 64, TOKEN).await)
