@@ -320,11 +320,11 @@ impl<F, T> Call<F, T> {
         }
     }
 
-    /// Records `at` as the start of the call's wait; returns its sequence number.
-    pub(super) fn mark_waiting(&mut self, at: Instant) -> Option<u64> {
-        let meta = self.meta.as_mut()?;
-        meta.rare().waiting_since = Some(at);
-        Some(meta.seq)
+    /// Records `at` as the start of the call's wait.
+    pub(super) fn mark_waiting(&mut self, at: Instant) {
+        if let Some(meta) = self.meta.as_mut() {
+            meta.rare().waiting_since = Some(at);
+        }
     }
 }
 

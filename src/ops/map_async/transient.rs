@@ -1,10 +1,11 @@
 //! `transient_if`: an async stage rides out an outage of its server. The items whose calls
 //! failed with a transient error wait in [`Down`] while the job is paused; one of them at a
 //! time probes the server after the run's [`Outage`](crate::Outage) waits, and the first
-//! answer resumes the job (the driver's `ride_out`, `poll_outage`, `server_back`).
+//! answer resumes the job (the driver's `ride_out`, and [`Down::poll_probe`], [`Down::back`]).
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::task::Context;
 
 use tokio::time::Sleep;
 
@@ -12,6 +13,7 @@ use crate::runtime::gate::GateHold;
 
 use super::builder::TransientIf;
 use super::call::Meta;
+use super::retry_queue::RetryQueue;
 
 /// The stage's watch on its server, and the items waiting for it.
 pub(super) struct Down<T> {
@@ -45,6 +47,62 @@ impl<T> Down<T> {
     /// The items waiting for the server.
     pub(super) fn len(&self) -> usize {
         self.queue.len() + usize::from(self.ready.is_some())
+    }
+
+    /// Whether the server is down: only a probe may start.
+    pub(super) fn is_down(&self) -> bool {
+        self.watch.is_down()
+    }
+
+    /// The server answered: the outage is over. The items that waited for it go first (in
+    /// the order they failed), before the ones already due.
+    pub(super) fn back(&mut self, due: &mut RetryQueue<T>) {
+        self.watch.succeeded();
+        self.probe = None;
+        self.sleep = None;
+        self.hold = None;
+        for (item, meta) in self
+            .ready
+            .take()
+            .into_iter()
+            .chain(self.queue.drain(..))
+            .rev()
+        {
+            due.push_due_front(item, meta);
+        }
+    }
+
+    /// While the server is down: when the wait is over, the first waiting item becomes the
+    /// probe. True if one did.
+    pub(super) fn poll_probe(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.watch.is_down() || self.probe.is_some() || self.queue.is_empty() {
+            return false;
+        }
+        if let Some(sleep) = self.sleep.as_mut() {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+        }
+        let Some((item, meta)) = self.queue.pop_front() else {
+            return false;
+        };
+        self.probe = Some(meta.seq);
+        self.ready = Some((item, meta));
+        true
+    }
+
+    /// A graceful stop: every waiting item is let go (its meta returned, to be left
+    /// unfinished), and the source is no longer held.
+    pub(super) fn take_all(&mut self) -> Vec<Meta> {
+        self.probe = None;
+        self.sleep = None;
+        self.hold = None;
+        self.ready
+            .take()
+            .into_iter()
+            .chain(self.queue.drain(..))
+            .map(|(_, m)| m)
+            .collect()
     }
 }
 
