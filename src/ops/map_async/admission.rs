@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::error::ItemError;
 use crate::policy::{Admission, Finished, Held, Verdict};
 use crate::runtime::Gate;
 use crate::runtime::gate::GateHold;
@@ -12,11 +13,12 @@ use crate::runtime::gate::GateHold;
 use super::held::decide;
 
 /// What the admissions said about the next call.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub(super) enum Admitted {
     /// Every admission let it through: it starts under this id.
     Go(u64),
-    Refuse,
+    /// An admission refused it: the item fails with the admission's error.
+    Refuse(ItemError),
     /// Not yet: admission `usize` is what the call waits for.
     Wait(usize),
 }
@@ -28,9 +30,8 @@ pub(super) struct Chain {
     granted: usize,
     /// The id the next call is admitted under.
     next_call: u64,
-    /// Some admission sets the limit on calls in flight (instead of `workers`).
-    limited: bool,
-    /// Some admission wants every call timed.
+    /// Some admission times every call and sets the limit on calls in flight (instead of
+    /// `workers`).
     times_calls: bool,
     /// Held while an admission wants the run's source paused.
     pause: Option<GateHold>,
@@ -39,8 +40,7 @@ pub(super) struct Chain {
 impl Chain {
     pub(super) fn new(admissions: Vec<Box<dyn Admission>>) -> Self {
         Chain {
-            limited: admissions.iter().any(|a| a.limit().is_some()),
-            times_calls: admissions.iter().any(|a| a.times_calls()),
+            times_calls: admissions.iter().any(|a| a.times_calls().is_some()),
             admissions,
             granted: 0,
             next_call: 0,
@@ -59,12 +59,12 @@ impl Chain {
     /// The limit on calls in flight: the least an admission sets, else `workers`.
     #[inline]
     pub(super) fn limit(&self, workers: usize) -> usize {
-        if !self.limited {
+        if !self.times_calls {
             return workers;
         }
         self.admissions
             .iter()
-            .filter_map(|a| a.limit())
+            .filter_map(|a| a.times_calls().map(|t| t.limit()))
             .min()
             .unwrap_or(workers)
     }
@@ -77,13 +77,13 @@ impl Chain {
         while let Some(a) = self.admissions.get_mut(self.granted) {
             match a.poll_admit(cx, call, want) {
                 Poll::Ready(Verdict::Go) => self.granted += 1,
-                Poll::Ready(Verdict::Refuse) => {
+                Poll::Ready(Verdict::Refuse(error)) => {
                     for a in &mut self.admissions[..self.granted] {
                         a.cancel(call);
                     }
                     self.granted = 0;
                     self.next_call += 1;
-                    return Admitted::Refuse;
+                    return Admitted::Refuse(error);
                 }
                 Poll::Pending => return Admitted::Wait(self.granted),
             }
@@ -106,27 +106,27 @@ impl Chain {
     /// Whether an admission holds the item of a failed call to be tried again.
     pub(super) fn holds(&mut self, finished: &Finished<'_>) -> bool {
         let mut hold = false;
-        for a in &mut self.admissions {
-            hold |= a.hold(finished);
+        for h in self.admissions.iter_mut().filter_map(|a| a.holds()) {
+            hold |= h.hold(finished);
         }
         hold
     }
 
     /// What to do with the held items now.
     pub(super) fn poll_held(&mut self, cx: &mut Context<'_>) -> Held {
-        decide(
-            self.admissions
-                .iter_mut()
-                .map(|a| a.poll_held(cx))
-                .collect::<Vec<_>>(),
-        )
+        let verdicts: Vec<Held> = self
+            .admissions
+            .iter_mut()
+            .map(|a| a.holds().map_or(Held::Fail, |h| h.poll_held(cx)))
+            .collect();
+        decide(verdicts)
     }
 
     /// Every admission but the one the next call waits for is owed nothing for the time
     /// until it is asked again.
     pub(super) fn idle_but(&mut self, waits_on: Option<usize>) {
         for (i, a) in self.admissions.iter_mut().enumerate() {
-            if waits_on != Some(i) {
+            if let (true, Some(a)) = (waits_on != Some(i), a.idles()) {
                 a.idle();
             }
         }
@@ -155,6 +155,7 @@ impl Chain {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::{Idles, TimesCalls};
     use futures_util::task::noop_waker_ref;
     use std::sync::Mutex;
 
@@ -191,14 +192,26 @@ mod tests {
                 .unwrap()
                 .push(format!("{} start {call}", self.name));
         }
-        fn idle(&mut self) {
-            self.log.lock().unwrap().push(format!("{} idle", self.name));
-        }
         fn poll_pause(&mut self, _cx: &mut Context<'_>) -> bool {
             self.pause
         }
-        fn limit(&self) -> Option<usize> {
-            self.limit
+        fn idles(&mut self) -> Option<&mut dyn Idles> {
+            Some(self)
+        }
+        fn times_calls(&self) -> Option<&dyn TimesCalls> {
+            self.limit.map(|_| self as &dyn TimesCalls)
+        }
+    }
+
+    impl Idles for Scripted {
+        fn idle(&mut self) {
+            self.log.lock().unwrap().push(format!("{} idle", self.name));
+        }
+    }
+
+    impl TimesCalls for Scripted {
+        fn limit(&self) -> usize {
+            self.limit.unwrap_or(usize::MAX)
         }
     }
 
@@ -229,34 +242,44 @@ mod tests {
     fn a_leave_is_kept_while_a_later_admission_makes_the_call_wait() {
         let (mut c, log) = chain(vec![('a', vec![], None), ('b', vec![Poll::Pending], None)]);
         let mut cx = Context::from_waker(noop_waker_ref());
-        assert_eq!(c.admit(&mut cx, 3), Admitted::Wait(1));
+        assert!(matches!(c.admit(&mut cx, 3), Admitted::Wait(1)));
         assert_eq!(taken(&log), ["a ask 0 3", "b ask 0 3"]);
         c.idle_but(Some(1));
         assert_eq!(taken(&log), ["a idle"]);
         // `a` is not asked again for the same call.
-        assert_eq!(c.admit(&mut cx, 3), Admitted::Go(0));
+        assert!(matches!(c.admit(&mut cx, 3), Admitted::Go(0)));
         assert_eq!(taken(&log), ["b ask 0 3", "a start 0", "b start 0"]);
-        assert_eq!(c.admit(&mut cx, 1), Admitted::Go(1));
+        assert!(matches!(c.admit(&mut cx, 1), Admitted::Go(1)));
     }
 
     #[test]
     fn a_refusal_gives_back_the_earlier_leaves_and_moves_to_the_next_call() {
         let (mut c, log) = chain(vec![
             ('a', vec![], None),
-            ('b', vec![Poll::Ready(Verdict::Refuse)], None),
+            (
+                'b',
+                vec![Poll::Ready(Verdict::Refuse(ItemError::user("b says no")))],
+                None,
+            ),
             ('c', vec![], None),
         ]);
         let mut cx = Context::from_waker(noop_waker_ref());
-        assert_eq!(c.admit(&mut cx, 1), Admitted::Refuse);
+        // The item fails with the refusing policy's own error.
+        let Admitted::Refuse(e) = c.admit(&mut cx, 1) else {
+            panic!("refused");
+        };
+        assert_eq!(e.to_string(), "b says no");
         assert_eq!(taken(&log), ["a ask 0 1", "b ask 0 1", "a cancel 0"]);
-        assert_eq!(c.admit(&mut cx, 1), Admitted::Go(1));
+        assert!(matches!(c.admit(&mut cx, 1), Admitted::Go(1)));
     }
 
     #[test]
     fn the_least_limit_of_the_admissions_replaces_the_workers() {
         let (c, _) = chain(vec![('a', vec![], None)]);
+        assert!(!c.times_calls());
         assert_eq!(c.limit(8), 8);
         let (c, _) = chain(vec![('a', vec![], Some(5)), ('b', vec![], Some(3))]);
+        assert!(c.times_calls());
         assert_eq!(c.limit(8), 3);
         assert_eq!(c.limit(2), 3, "an adaptive limit may go above the workers");
     }

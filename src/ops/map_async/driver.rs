@@ -306,11 +306,6 @@ where
         self.dead = Some(error);
     }
 
-    /// Fails the next item with `CircuitOpen` (refused by an admission).
-    fn refuse(&mut self) {
-        self.fail_next(ItemError::CircuitOpen);
-    }
-
     /// Fails the next item without a call, keeping its input as a call would have.
     fn fail_next(&mut self, error: ItemError) {
         if let Some((item, mut meta)) = self.pop_input() {
@@ -736,7 +731,7 @@ where
                                 self.start(item, meta, cx);
                             }
                         }
-                        Admitted::Refuse => self.refuse(),
+                        Admitted::Refuse(error) => self.fail_next(error),
                         Admitted::Wait(at) => {
                             waits_on = Some(at);
                             break;
