@@ -155,6 +155,7 @@ pub use ops::window::{
 pub use plan::{ErrorPolicy, IntoPipeline, Pipeline, RunOptions};
 pub use policy::adaptive::Adaptive;
 pub use policy::breaker::{Breaker, BreakerReport, BreakerState, OnOpen};
+pub use policy::hedge::Hedge;
 pub use policy::inflight::Inflight;
 pub use policy::limit::Limit;
 pub use policy::rate::Rate;
@@ -184,8 +185,8 @@ pub struct ReadmeDoctests;
 pub mod prelude {
     pub use crate::{
         Adaptive, BatchSink, BoxError, Breaker, BreakerState, Collected, DeadLetter, Error,
-        ErrorPolicy, Failed, Failure, Flow, Graph, Handle, Inflight, IntoPipeline, ItemError,
-        Limit, Loader, OnOpen, Operator, Out, Pipeline, Rate, Report, Retry, RetryAfter,
+        ErrorPolicy, Failed, Failure, Flow, Graph, Handle, Hedge, Inflight, IntoPipeline,
+        ItemError, Limit, Loader, OnOpen, Operator, Out, Pipeline, Rate, Report, Retry, RetryAfter,
         RetryBudget, RunOptions, RunOutcome, Step, Throttle, Window,
     };
 }

@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::{FailedInput, Failure, ItemError};
+use crate::policy::hedge::{Hedge, HedgeState};
 use crate::policy::{Admission, Again, Failed, Finished, Held, RetryPolicy};
 use crate::report::StageStats;
 use crate::runtime::chunk::{CHUNK_CAP, Chunk, Outcome};
@@ -26,7 +27,7 @@ use crate::runtime::{RunCtx, Upstream};
 
 use super::admission::{Admitted, Chain};
 use super::builder::Options;
-use super::call::{Completion, Meta, StageFn, make};
+use super::call::{Call, Completion, Meta, Polled, StageFn, make};
 use super::held::HeldItems;
 use super::inflight::{First, InFlight, Launched};
 use super::input::Input;
@@ -68,6 +69,7 @@ pub(super) async fn drive<T, U, S>(
         && route.is_none()
         && !options.trace_calls;
     let chain = Chain::new(admissions);
+    let hedge = options.hedge.as_ref().map(Hedge::stage);
     let mut driver = Driver {
         plain,
         input: Input::new(up),
@@ -83,7 +85,9 @@ pub(super) async fn drive<T, U, S>(
         output: Output::new(tx),
         stats: stats.clone(),
         run: run.clone(),
-        latency: LatencySampler::new(chain.times_calls()),
+        // A hedge's percentile needs every call's latency.
+        latency: LatencySampler::new(chain.times_calls() || hedge.is_some()),
+        hedge,
         chain,
         retry_queue: RetryQueue::new(retry.as_ref().is_some_and(|r| r.pauses_source())),
         retry,
@@ -154,6 +158,8 @@ struct Driver<T, U, S: StageFn<T, U>> {
     down: Option<Down<T>>,
     /// The run is stopping: no call starts; what comes in is left unfinished.
     stopping: bool,
+    /// `hedge`: the delay before a slow call gets a second one, and the budget.
+    hedge: Option<HedgeState>,
 }
 
 impl<T, U, S> Driver<T, U, S>
@@ -280,6 +286,9 @@ where
             Ok(fut) => fut,
             Err(e) => return self.complete(meta, Err(e), None, again, true),
         };
+        if let Some(h) = self.hedge.as_mut() {
+            self.inflight.hedge_after(h.launched());
+        }
         if let Launched::Ready(result, latency, (meta, again)) =
             self.inflight.launch(fut, timed, (meta, again), cx)
         {
@@ -482,6 +491,9 @@ where
         }
         if let Some(l) = latency {
             self.latency.record(meta.seq, l, &self.stats);
+            if let (Some(h), true) = (self.hedge.as_mut(), called) {
+                h.observe(l);
+            }
         }
         if !self.chain.is_empty() && called {
             self.chain.finished(&Finished {
@@ -542,6 +554,43 @@ where
             }
         };
         self.reorder.fill(meta.seq, done, &mut self.output);
+    }
+
+    fn completed(&mut self, c: Completion<T, U>) {
+        let Completion {
+            meta,
+            result,
+            latency,
+            again,
+            called,
+        } = c;
+        self.complete(meta, result, latency, again, called);
+    }
+
+    /// A call has not answered by its hedge delay: a second call for its item starts if
+    /// the budget allows (never after a stop, nor while the service is not ready), and the
+    /// first answer wins; else the call goes on alone.
+    fn hedge(&mut self, call: Call<S::Future, T>, cx: &mut Context<'_>) {
+        let (Some(copy), Some(item)) = (self.copy, call.again()) else {
+            return self.inflight.resume(call);
+        };
+        if self.stopping
+            || (!S::ALWAYS_READY && !matches!(self.poll_ready(cx), Poll::Ready(Ok(()))))
+            || !self.hedge.as_mut().is_some_and(HedgeState::may_hedge)
+        {
+            return self.inflight.resume(call);
+        }
+        let item = copy(item);
+        let c = &mut self.call;
+        match with_attempt(call.attempts(), || make(|| c.call(item))) {
+            Ok(twin) => {
+                if let Some(done) = self.inflight.hedge(call, twin, cx) {
+                    self.completed(done);
+                }
+            }
+            // The hedge panicked when made: the call goes on alone.
+            Err(_) => self.inflight.resume(call),
+        }
     }
 
     /// `transient_if`: takes the item of a call that failed with a transient error, to be
@@ -671,15 +720,11 @@ where
                 Poll::Ready(Ok(sent)) => progress |= sent,
                 Poll::Pending => {}
             }
-            while let Poll::Ready(Some(c)) = self.inflight.poll_next(cx) {
-                let Completion {
-                    meta,
-                    result,
-                    latency,
-                    again,
-                    called,
-                } = c;
-                self.complete(meta, result, latency, again, called);
+            while let Poll::Ready(Some(polled)) = self.inflight.poll_next(cx) {
+                match polled {
+                    Polled::Done(c) => self.completed(c),
+                    Polled::HedgeDue(call) => self.hedge(call, cx),
+                }
                 progress = true;
             }
             if !self.chain.is_empty() {

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use crate::error::{BoxError, ItemError};
 use crate::runtime::chunk::Ticket;
 
-use super::call::{Call, Completion, Meta, Slot, poll_slot};
+use super::call::{Call, Completion, Meta, Polled, Slot, poll_slot};
 use super::call_ages::CallAges;
 
 /// What goes with a call into the set if it has to wait: the item's bookkeeping and the
@@ -68,6 +68,8 @@ pub(super) struct InFlight<F, T> {
     set: FuturesUnordered<Call<F, T>>,
     spare: Option<Slot<F>>,
     timeout: Option<Duration>,
+    /// How long the next launched call may take before it is due for a hedge.
+    hedge_after: Option<Duration>,
     ages: CallAges,
 }
 
@@ -77,6 +79,7 @@ impl<F, T> InFlight<F, T> {
             set: FuturesUnordered::new(),
             spare: None,
             timeout,
+            hedge_after: None,
             ages: CallAges::default(),
         }
     }
@@ -88,6 +91,11 @@ impl<F, T> InFlight<F, T> {
 
     pub(super) fn is_empty(&self) -> bool {
         self.set.is_empty()
+    }
+
+    /// The next calls launched are due for a hedge after `after` (`None`: not hedged).
+    pub(super) fn hedge_after(&mut self, after: Option<Duration>) {
+        self.hedge_after = after;
     }
 
     /// The calls' ages, for the stall watchdog.
@@ -125,7 +133,8 @@ impl<F, T> InFlight<F, T> {
             Poll::Pending => {
                 let seq = carry.seq();
                 let (meta, again) = carry.into_call();
-                let mut call = Call::waiting(slot, meta, again, self.timeout, start);
+                let mut call =
+                    Call::waiting(slot, meta, again, self.timeout, start, self.hedge_after);
                 if let Some(at) = self.ages.began(seq) {
                     call.mark_waiting(at);
                 }
@@ -135,8 +144,8 @@ impl<F, T> InFlight<F, T> {
         }
     }
 
-    /// The next call in the set to finish.
-    pub(super) fn poll_next<U>(&mut self, cx: &mut Context<'_>) -> Poll<Option<Completion<T, U>>>
+    /// The next call in the set to finish, or to be due for a hedge.
+    pub(super) fn poll_next<U>(&mut self, cx: &mut Context<'_>) -> Poll<Option<Polled<F, T, U>>>
     where
         F: Future<Output = Result<U, BoxError>>,
     {
@@ -144,14 +153,49 @@ impl<F, T> InFlight<F, T> {
             return Poll::Ready(None);
         }
         match self.set.poll_next_unpin(cx) {
-            Poll::Ready(Some(mut c)) => {
-                if let Some(at) = c.meta.take_waiting_since() {
-                    self.ages.ended(at, c.meta.seq);
-                }
-                Poll::Ready(Some(c))
+            Poll::Ready(Some(Polled::Done(mut c))) => {
+                self.ended(&mut c.meta);
+                Poll::Ready(Some(Polled::Done(c)))
             }
             other => other,
         }
+    }
+
+    fn ended(&mut self, meta: &mut Meta) {
+        if let Some(at) = meta.take_waiting_since() {
+            self.ages.ended(at, meta.seq);
+        }
+    }
+
+    /// Starts `twin` as the hedge of `call` (due for one): polled once here; if it answers
+    /// at once, that is the item's completion (and `call` is dropped: cancelled), else the
+    /// two go on together and the first to answer wins.
+    pub(super) fn hedge<U>(
+        &mut self,
+        call: Call<F, T>,
+        twin: F,
+        cx: &mut Context<'_>,
+    ) -> Option<Completion<T, U>>
+    where
+        F: Future<Output = Result<U, BoxError>>,
+    {
+        let mut slot = Box::pin(Some(twin));
+        match poll_slot(&mut slot, cx) {
+            Poll::Ready(result) => {
+                let mut c = call.finish(result)?;
+                self.ended(&mut c.meta);
+                Some(c)
+            }
+            Poll::Pending => {
+                self.set.push(call.hedged(slot));
+                None
+            }
+        }
+    }
+
+    /// A call due for a hedge goes on alone.
+    pub(super) fn resume(&mut self, call: Call<F, T>) {
+        self.set.push(call);
     }
 }
 
@@ -160,6 +204,8 @@ mod tests {
     use super::*;
     use futures_util::future::BoxFuture;
     use futures_util::task::noop_waker_ref;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 
     type Fut = BoxFuture<'static, Result<u32, BoxError>>;
 
@@ -172,6 +218,13 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(ms)).await;
             Ok(x)
         })
+    }
+
+    fn done(p: Option<Polled<Fut, u32, u32>>) -> Completion<u32, u32> {
+        match p {
+            Some(Polled::Done(c)) => c,
+            _ => panic!("a completion"),
+        }
     }
 
     fn first(seq: u64) -> First {
@@ -220,17 +273,13 @@ mod tests {
         })
         .await;
         assert_eq!(f.len(), 2);
-        let c = std::future::poll_fn(|cx| f.poll_next::<u32>(cx))
-            .await
-            .unwrap();
+        let c = done(std::future::poll_fn(|cx| f.poll_next::<u32>(cx)).await);
         assert_eq!(
             (c.meta.seq, c.meta.attempts, c.again, c.latency),
             (5, 1, None, None)
         );
         assert_eq!(c.result.unwrap(), 8);
-        let c = std::future::poll_fn(|cx| f.poll_next::<u32>(cx))
-            .await
-            .unwrap();
+        let c = done(std::future::poll_fn(|cx| f.poll_next::<u32>(cx)).await);
         assert_eq!((c.meta.seq, c.again), (4, Some(70)));
         assert_eq!(c.latency, Some(Duration::from_millis(10)));
         assert_eq!(t0.elapsed(), Duration::from_millis(10));
@@ -250,9 +299,7 @@ mod tests {
             Poll::Ready(())
         })
         .await;
-        let c = std::future::poll_fn(|cx| f.poll_next::<u32>(cx))
-            .await
-            .unwrap();
+        let c = done(std::future::poll_fn(|cx| f.poll_next::<u32>(cx)).await);
         assert!(matches!(c.result, Err(ItemError::Timeout(d)) if d == Duration::from_millis(3)));
         assert_eq!(t0.elapsed(), Duration::from_millis(3));
     }
@@ -282,5 +329,95 @@ mod tests {
             panic!("ready at once");
         };
         assert_eq!(e.kind(), "panic");
+    }
+
+    /// A future that answers `x` after `ms` and notes in `dropped` if it is dropped first.
+    fn watched(ms: u64, x: u32, dropped: Arc<AtomicBool>) -> Fut {
+        struct OnDrop(Arc<AtomicBool>, bool);
+        impl Drop for OnDrop {
+            fn drop(&mut self) {
+                if !self.1 {
+                    self.0.store(true, SeqCst);
+                }
+            }
+        }
+        Box::pin(async move {
+            let mut guard = OnDrop(dropped, false);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            guard.1 = true;
+            Ok(x)
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_call_is_due_for_a_hedge_and_the_first_answer_wins() {
+        let mut f: InFlight<Fut, u32> = InFlight::new(None);
+        f.hedge_after(Some(Duration::from_millis(5)));
+        let t0 = Instant::now();
+        let slow_dropped = Arc::new(AtomicBool::new(false));
+        let mut slow = Some(watched(100, 1, slow_dropped.clone()));
+        std::future::poll_fn(|cx| {
+            let carry = (Meta::new(0, Ticket::none()), Some(1u32));
+            let slow = slow.take().unwrap();
+            assert!(matches!(f.launch(slow, true, carry, cx), Launched::Waiting));
+            Poll::Ready(())
+        })
+        .await;
+        let Some(Polled::HedgeDue(call)) = std::future::poll_fn(|cx| f.poll_next::<u32>(cx)).await
+        else {
+            panic!("due for a hedge");
+        };
+        assert_eq!(t0.elapsed(), Duration::from_millis(5));
+        assert_eq!(call.again(), Some(&1));
+        let twin_dropped = Arc::new(AtomicBool::new(false));
+        let mut parts = Some((call, watched(1, 2, twin_dropped.clone())));
+        let none = std::future::poll_fn(|cx| {
+            let (call, twin) = parts.take().unwrap();
+            Poll::Ready(f.hedge::<u32>(call, twin, cx))
+        })
+        .await;
+        assert!(none.is_none(), "the hedge waits too");
+        let c = done(std::future::poll_fn(|cx| f.poll_next::<u32>(cx)).await);
+        // The hedge answered first (6 ms after the start): its result is the item's, timed
+        // from the first call's start; the first call is dropped, never polled again.
+        assert_eq!(c.result.unwrap(), 2);
+        assert_eq!(c.latency, Some(Duration::from_millis(6)));
+        assert!(slow_dropped.load(SeqCst) && !twin_dropped.load(SeqCst));
+        assert!(f.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_answers_before_its_hedge_is_due_is_never_hedged() {
+        let mut f: InFlight<Fut, u32> = InFlight::new(None);
+        f.hedge_after(Some(Duration::from_millis(5)));
+        std::future::poll_fn(|cx| {
+            let _ = f.launch(after(4, 1), true, first(0), cx);
+            Poll::Ready(())
+        })
+        .await;
+        let c = done(std::future::poll_fn(|cx| f.poll_next::<u32>(cx)).await);
+        assert_eq!(c.result.unwrap(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_let_go_on_alone_still_answers() {
+        let mut f: InFlight<Fut, u32> = InFlight::new(None);
+        f.hedge_after(Some(Duration::from_millis(5)));
+        let t0 = Instant::now();
+        std::future::poll_fn(|cx| {
+            let _ = f.launch(after(30, 1), true, first(0), cx);
+            Poll::Ready(())
+        })
+        .await;
+        let Some(Polled::HedgeDue(call)) = std::future::poll_fn(|cx| f.poll_next::<u32>(cx)).await
+        else {
+            panic!("due for a hedge");
+        };
+        f.resume(call);
+        let c = done(std::future::poll_fn(|cx| f.poll_next::<u32>(cx)).await);
+        assert_eq!(
+            (c.result.unwrap(), t0.elapsed()),
+            (1, Duration::from_millis(30))
+        );
     }
 }
