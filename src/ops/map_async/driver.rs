@@ -36,7 +36,7 @@ use super::output::Output;
 use super::reorder::{Done, Reorder};
 use super::retry_queue::RetryQueue;
 use super::routed::{Route, with_attempt};
-use super::transient::Down;
+use super::transient::{Down, Ridden};
 
 /// The most items a stage keeps in retry backoff before it stops taking new ones.
 const MAX_PARKED: usize = 4 * CHUNK_CAP;
@@ -505,10 +505,25 @@ where
             });
         }
         let (mut meta, mut again, mut result) = (meta, again, result);
-        if self.down.is_some() {
-            match self.ride_out(meta, result, again, called) {
-                Ok(()) => return,
-                Err(back) => (meta, result, again) = back,
+        if let Some(d) = self.down.as_mut() {
+            let (queue, stats, run) = (&mut self.retry_queue, &self.stats, &self.run);
+            match d.ride_out(
+                meta,
+                result,
+                again,
+                called,
+                self.stopping,
+                queue,
+                stats,
+                run,
+            ) {
+                Ridden::Taken => return,
+                Ridden::Left(meta) => {
+                    self.leave(meta);
+                    self.stats.left(1);
+                    return;
+                }
+                Ridden::Back(m, r, a) => (meta, result, again) = (m, r, a),
             }
         }
         if let (true, true, Err(e)) = (self.retry.is_some(), called, &result) {
@@ -591,76 +606,6 @@ where
             // The hedge panicked when made: the call goes on alone.
             Err(_) => self.inflight.resume(call),
         }
-    }
-
-    /// `transient_if`: takes the item of a call that failed with a transient error, to be
-    /// tried again when the server answers (Ok), and notes an answer of the server; gives
-    /// back whatever it does not take.
-    #[allow(clippy::type_complexity)]
-    fn ride_out(
-        &mut self,
-        mut meta: Meta,
-        result: Result<U, ItemError>,
-        again: Option<T>,
-        called: bool,
-    ) -> Result<(), (Meta, Result<U, ItemError>, Option<T>)> {
-        let Some(d) = self.down.as_mut() else {
-            return Err((meta, result, again));
-        };
-        let is_probe = d.probe == Some(meta.seq);
-        if !called {
-            // Refused by an admission (a fail-fast breaker): no answer either way, but the
-            // probe's place is free for the next one.
-            if is_probe {
-                d.probe = None;
-            }
-            return Err((meta, result, again));
-        }
-        let transient = matches!(&result, Err(e) if (d.transient.0)(e));
-        let (true, Some(_)) = (transient, again.as_ref()) else {
-            // An answer (a result, or an error that is not the server being down): the
-            // server is up.
-            if d.watch.is_down() || is_probe {
-                d.back(&mut self.retry_queue);
-            }
-            return Err((meta, result, again));
-        };
-        let (Err(error), Some(item)) = (result, again) else {
-            unreachable!("checked above")
-        };
-        StageStats::add(&self.stats.transient_retries, 1);
-        // Not an attempt: the next call of the item is its attempt again.
-        meta.attempts = meta.attempts.saturating_sub(1);
-        if self.stopping {
-            self.leave(meta);
-            self.stats.left(1);
-            return Ok(());
-        }
-        if is_probe || !d.watch.is_down() {
-            // The first failure of an outage, or the probe's: the watch says how long to
-            // wait, or that the outage has lasted too long.
-            d.probe = None;
-            match d.watch.failed(error) {
-                Ok(wait) => {
-                    let at = crate::runtime::time::after(Instant::now(), wait);
-                    match d.sleep.as_mut() {
-                        Some(sleep) => sleep.as_mut().reset(at),
-                        None => d.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
-                    }
-                }
-                // Cancels the run: the items waiting here end unfinished.
-                Err(outage) => self.run.outage_ended(outage),
-            }
-            if d.hold.is_none() {
-                d.hold = Some(self.run.gate.hold());
-            }
-        }
-        if is_probe {
-            d.queue.push_front((item, meta));
-        } else {
-            d.queue.push_back((item, meta));
-        }
-        Ok(())
     }
 
     /// A graceful stop: the items not started (received and not begun, waiting for a retry,
