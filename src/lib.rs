@@ -45,6 +45,7 @@
 //! | run the failed items again later | [`.keep_input_json()`](AsyncStage::keep_input_json) with [`DeadLetter::jsonl`], then [`Pipeline::from_dead_letters`] |
 //! | fail a call that takes too long | [`.timeout(d)`](AsyncStage::timeout) |
 //! | scale the number of workers to what the backend takes | [`.adaptive(Adaptive::vegas(min..=max))`](AsyncStage::adaptive) |
+//! | cut the tail latency of a backend with rare slow calls | [`.hedge(Hedge::percentile(0.95))`](AsyncStage::hedge): a second call for a slow one, the first answer wins, extra calls within a budget |
 //! | skip items already done by an earlier run | [`Flow::idempotent`] over a [`Store`] ([`MemoryStore`], `flowline_sqlite::SqliteStore`, `flowline_postgres::PgStore`) |
 //! | debounce or throttle | [`Flow::debounce`], [`Flow::debounce_by`], [`Flow::throttle`] |
 //! | count or aggregate per key per minute (tumbling, sliding, session, count windows) | [`Flow::window`] with [`Tumbling`], [`Sliding`], [`Session`], [`Count`]; [`Windows::event_time`] and [`Windows::allowed_lateness`] for event time; late items counted ([`StageReport::late`]) and dead-lettered, or on a side output ([`Windows::aggregate_with_late`]) |
@@ -156,6 +157,7 @@ pub use ops::window::{
 pub use plan::{ErrorPolicy, IntoPipeline, Pipeline, RunOptions};
 pub use policy::adaptive::Adaptive;
 pub use policy::breaker::{Breaker, BreakerReport, BreakerState, OnOpen};
+pub use policy::hedge::Hedge;
 pub use policy::inflight::Inflight;
 pub use policy::limit::Limit;
 pub use policy::rate::Rate;
@@ -185,8 +187,8 @@ pub struct ReadmeDoctests;
 pub mod prelude {
     pub use crate::{
         Adaptive, BatchSink, BoxError, Breaker, BreakerState, Collected, DeadLetter, Error,
-        ErrorPolicy, Failed, Failure, Flow, Graph, Handle, Inflight, IntoPipeline, ItemError,
-        Limit, Loader, OnOpen, Operator, Out, Pipeline, Rate, Report, Retry, RetryAfter,
+        ErrorPolicy, Failed, Failure, Flow, Graph, Handle, Hedge, Inflight, IntoPipeline,
+        ItemError, Limit, Loader, OnOpen, Operator, Out, Pipeline, Rate, Report, Retry, RetryAfter,
         RetryBudget, RunOptions, RunOutcome, Step, Throttle, Window,
     };
 }

@@ -26,21 +26,30 @@
 //! - `adaptive_slowdown`: the queue-only server whose service time doubles (10 ms) for the
 //!   second half of the items.
 //!
-//! Each case compares `Adaptive::vegas(1..=512).initial(4)` against a sweep of static worker
+//! - `hedge`: hedged requests. A backend where each call, at random, takes 100 ms with
+//!   probability 2 % and 1 ms otherwise; 10,000 items through an unordered stage at 16 in
+//!   flight, with `Hedge::percentile(0.95)` (its default budget: at most 10 % extra calls)
+//!   and without. An item's latency runs from its first call's start to its result. `flowline`
+//!   is the hedged p99 and `baseline` the unhedged p99 (ms); `ratio` = hedged / unhedged p99
+//!   (goal ≤ 0.3); `extra_pct` the extra calls in % of the calls (goal ≤ 6).
+//!
+//! Each adaptive case compares `Adaptive::vegas(1..=512).initial(4)` against a sweep of static worker
 //! counts; every configuration runs `REPS` times in a rotating order and the median items/s
 //! is kept. `ratio` is adaptive / the best static median; `adaptive_final_limits` is the
 //! limit each adaptive run ended with. `FLOWLINE_BENCH_TRACE=1` prints the adaptive limit
 //! every 20 ms to stderr.
 
 use std::num::NonZeroU32;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
 use flowline::prelude::*;
 use serde_json::json;
+
+use crate::util::{quantile, round3};
 
 /// Achieved rate error (%) and the largest 10 ms window over its ideal count.
 fn accuracy(times: &[Instant], target: f64) -> (f64, f64, f64) {
@@ -321,6 +330,78 @@ async fn adaptive_case(case: &str, scenario: Scenario) {
     );
 }
 
+/// A call of the `hedge` case's backend: 100 ms with probability 2 %, else 1 ms, drawn from
+/// a shared splitmix64 sequence (every call, hedges included, draws its own).
+async fn tail_call(draws: &AtomicU64, x: u64) -> u64 {
+    let mut z = draws
+        .fetch_add(0x9E37_79B9_7F4A_7C15, SeqCst)
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let slow = z % 100 < 2;
+    tokio::time::sleep(Duration::from_millis(if slow { 100 } else { 1 })).await;
+    x
+}
+
+const HEDGE_ITEMS: u64 = 10_000;
+
+/// Item latencies (ms) of one run of the `hedge` case's stage, hedged or not.
+async fn tail_run(hedge: Option<&Hedge>, seed: u64) -> Vec<f64> {
+    let started: Arc<Vec<OnceLock<Instant>>> =
+        Arc::new((0..HEDGE_ITEMS).map(|_| OnceLock::new()).collect());
+    let draws = Arc::new(AtomicU64::new(seed));
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(
+        HEDGE_ITEMS as usize,
+    )));
+    let (s, l) = (started.clone(), latencies.clone());
+    let stage = Pipeline::from_iter(0..HEDGE_ITEMS)
+        .map_async("backend", move |x| {
+            let (draws, s) = (draws.clone(), s.clone());
+            async move {
+                s[x as usize].get_or_init(Instant::now);
+                tail_call(&draws, x).await
+            }
+        })
+        .workers(16)
+        .unordered();
+    let stage = match hedge {
+        Some(h) => stage.hedge(h.clone()),
+        None => stage,
+    };
+    stage
+        .inspect(move |x| {
+            let at = started[*x as usize]
+                .get()
+                .copied()
+                .unwrap_or_else(Instant::now);
+            l.lock().unwrap().push(at.elapsed().as_secs_f64() * 1e3);
+        })
+        .run()
+        .await
+        .expect("hedge run");
+    std::mem::take(&mut *latencies.lock().unwrap())
+}
+
+async fn hedge_case() {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    let mut plain = tail_run(None, seed).await;
+    let hedge = Hedge::percentile(0.95);
+    let mut hedged = tail_run(Some(&hedge), seed ^ 0x5DEE_CE66).await;
+    let (p99, p99_plain) = (quantile(&mut hedged, 0.99), quantile(&mut plain, 0.99));
+    let extra_pct = 100.0 * hedge.extra_calls() as f64 / hedge.calls().max(1) as f64;
+    println!(
+        "{}",
+        json!({"suite": "flow", "case": "hedge", "flowline": round3(p99), "baseline": round3(p99_plain),
+               "unit": "ms p99", "ratio": round3(p99 / p99_plain), "extra_pct": round3(extra_pct),
+               "p50": round3(quantile(&mut hedged, 0.5)), "p50_baseline": round3(quantile(&mut plain, 0.5)),
+               "calls": hedge.calls(), "extra_calls": hedge.extra_calls(), "items": HEDGE_ITEMS,
+               "in_flight": 16, "hedge": "percentile(0.95)", "max_extra": 0.1})
+    );
+}
+
 pub fn run(args: &[String]) {
     let secs: f64 = args.iter().find_map(|s| s.parse().ok()).unwrap_or(3.0);
     let only = args.iter().find(|s| s.parse::<f64>().is_err());
@@ -371,6 +452,9 @@ pub fn run(args: &[String]) {
             if wanted(case) {
                 adaptive_case(case, scenario).await;
             }
+        }
+        if wanted("hedge") {
+            hedge_case().await;
         }
     });
 }

@@ -38,7 +38,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crate::error::ItemError;
-use crate::policy::{Admission, Finished, Invalid, Policy, Verdict};
+use crate::policy::{Admission, Finished, Invalid, Policy, TimesCalls, Verdict};
 
 type Predicate = Arc<dyn Fn(&ItemError) -> bool + Send + Sync>;
 
@@ -600,12 +600,14 @@ impl Admission for Limit {
         false
     }
 
-    fn limit(&self) -> Option<usize> {
-        Some(self.adaptive.limit())
+    fn times_calls(&self) -> Option<&dyn TimesCalls> {
+        Some(self)
     }
+}
 
-    fn times_calls(&self) -> bool {
-        true
+impl TimesCalls for Limit {
+    fn limit(&self) -> usize {
+        self.adaptive.limit()
     }
 }
 

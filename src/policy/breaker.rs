@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::ItemError;
-use crate::policy::{Admission, Finished, Held, Invalid, Policy, Verdict};
+use crate::policy::{Admission, Finished, Held, Holds, Invalid, Policy, Verdict};
 
 /// The state of a circuit breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -640,7 +640,7 @@ impl Admission for Guard {
                 Admit::Refused(until) => {
                     if self.breaker.mode() == OnOpen::FailFast {
                         self.breaker.count_rejected(1);
-                        return Poll::Ready(Verdict::Refuse);
+                        return Poll::Ready(Verdict::Refuse(ItemError::CircuitOpen));
                     }
                     // Paused: `poll_pause` holds the source; wait for the cooldown's end or
                     // a state change (the breaker wakes its refused callers).
@@ -680,6 +680,34 @@ impl Admission for Guard {
         }
     }
 
+    fn holds(&mut self) -> Option<&mut dyn Holds> {
+        Some(self)
+    }
+
+    /// Pause: the source stops as soon as the breaker opens, and goes on when a call may go
+    /// through again (a probe needs an item to probe with).
+    fn poll_pause(&mut self, cx: &mut Context<'_>) -> bool {
+        self.report();
+        if self.breaker.mode() != OnOpen::Pause {
+            return false;
+        }
+        // A fired timer means the cooldown is over: the second look finds it half-open.
+        for _ in 0..2 {
+            match self.breaker.blocked(cx.waker()) {
+                None => return false,
+                Some(None) => return true,
+                Some(Some(until)) => {
+                    if !poll_sleep(&mut self.sleep, until, cx) {
+                        return true;
+                    }
+                }
+            }
+        }
+        true
+    }
+}
+
+impl Holds for Guard {
     fn hold(&mut self, call: &Finished<'_>) -> bool {
         let counts = call.error.is_some_and(|e| self.breaker.is_failure(e));
         if self.breaker.mode() != OnOpen::Pause
@@ -718,28 +746,6 @@ impl Admission for Guard {
         };
         self.holding = None;
         decided
-    }
-
-    /// Pause: the source stops as soon as the breaker opens, and goes on when a call may go
-    /// through again (a probe needs an item to probe with).
-    fn poll_pause(&mut self, cx: &mut Context<'_>) -> bool {
-        self.report();
-        if self.breaker.mode() != OnOpen::Pause {
-            return false;
-        }
-        // A fired timer means the cooldown is over: the second look finds it half-open.
-        for _ in 0..2 {
-            match self.breaker.blocked(cx.waker()) {
-                None => return false,
-                Some(None) => return true,
-                Some(Some(until)) => {
-                    if !poll_sleep(&mut self.sleep, until, cx) {
-                        return true;
-                    }
-                }
-            }
-        }
-        true
     }
 }
 

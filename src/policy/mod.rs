@@ -6,7 +6,9 @@
 //! - [`Admission`]: asked for leave before each call starts (a rate permit, a shared
 //!   in-flight slot, a closed breaker), told how each call ended, and asked whether the run's
 //!   source should be paused. A stage asks its admissions in the order the options were given
-//!   on the builder; a call starts when every one of them has let it through.
+//!   on the builder; a call starts when every one of them has let it through. A refusal
+//!   carries the refusing policy's own error. What only some policies need is a small trait
+//!   of its own that a policy opts into ([`Holds`], [`TimesCalls`], [`Idles`]).
 //! - [`RetryPolicy`]: asked when a call fails whether (and when) to try again.
 //!
 //! A new policy is a value implementing [`Policy`] (its per-stage [`Admission`] comes from
@@ -16,6 +18,7 @@
 
 pub(crate) mod adaptive;
 pub(crate) mod breaker;
+pub(crate) mod hedge;
 pub(crate) mod inflight;
 pub(crate) mod limit;
 pub(crate) mod rate;
@@ -51,12 +54,13 @@ pub(crate) trait Policy: fmt::Debug + Send + Sync {
 }
 
 /// What an admission says about the next call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) enum Verdict {
     /// It may start (as far as this policy is concerned).
     Go,
-    /// It must not be made: the item fails at once (a fail-fast open breaker).
-    Refuse,
+    /// It must not be made: the item fails at once with this error, which names the policy
+    /// that refused (a fail-fast open breaker: [`ItemError::CircuitOpen`]).
+    Refuse(ItemError),
 }
 
 /// A finished call, as an admission sees it.
@@ -65,7 +69,7 @@ pub(crate) struct Finished<'a> {
     pub(crate) call: u64,
     /// Its error, if it failed.
     pub(crate) error: Option<&'a ItemError>,
-    /// How long it took, when it was timed (always, if an admission asks for it).
+    /// How long it took, when it was timed (always, if an admission times calls).
     pub(crate) latency: Option<Duration>,
     /// Calls of this stage in flight when it finished, itself included.
     pub(crate) in_flight: usize,
@@ -86,7 +90,8 @@ pub(crate) enum Held {
     Fail,
 }
 
-/// One policy's state inside one stage. The driver calls it from its own poll loop, so
+/// One policy's state inside one stage: it decides on each call (go, wait, refuse with its
+/// own reason) and observes how calls end. The driver calls it from its own poll loop, so
 /// nothing here blocks: waiting is `Poll::Pending` with the waker registered.
 ///
 /// Protocol: for each call, the driver polls its admissions in order with the same `call` id
@@ -95,6 +100,12 @@ pub(crate) enum Held {
 /// are told with [`cancel`](Admission::cancel). A call that every one let through is announced
 /// with [`started`](Admission::started) as it starts. Every call that started ends with one
 /// [`finished`](Admission::finished) on every admission.
+///
+/// What only some policies do is a trait of its own, which a policy opts into by returning
+/// itself from the matching accessor: [`Holds`] (items of failed calls held to be tried
+/// again: the pausing breaker), [`TimesCalls`] (every call timed, and the limit on calls in
+/// flight set from them: adaptive concurrency), [`Idles`] (told when the stage does not wait
+/// on it: a rate gives back what it granted ahead).
 pub(crate) trait Admission: Send {
     /// Leave to start call `call`. `want` is how many calls could start now, for a policy
     /// that grants in batches (it keeps the rest for the next calls).
@@ -110,37 +121,51 @@ pub(crate) trait Admission: Send {
     /// A call this admission let through has ended.
     fn finished(&mut self, _call: &Finished<'_>) {}
 
-    /// A call failed (and no retry takes it): whether the stage should hold its item to
-    /// be tried again rather than fail it (a breaker in pause mode). Asked after
-    /// [`finished`](Admission::finished).
-    fn hold(&mut self, _call: &Finished<'_>) -> bool {
-        false
-    }
-
-    /// While items are held: what to do with them now (`cx` is woken when that may change).
-    fn poll_held(&mut self, _cx: &mut Context<'_>) -> Held {
-        Held::Fail
-    }
-
     /// Called once per turn of the driver: reports what was batched, and says whether the
     /// run's source should be paused now (if so, `cx` is woken when that may change).
     fn poll_pause(&mut self, _cx: &mut Context<'_>) -> bool {
         false
     }
 
-    /// The stage is not waiting on this admission (no input, no room, or waiting on another):
-    /// it is owed nothing for the time until it asks again.
-    fn idle(&mut self) {}
-
-    /// A limit on this stage's calls in flight that replaces `workers(n)` (an adaptive limit).
-    fn limit(&self) -> Option<usize> {
+    /// This policy holds items of failed calls ([`Holds`]).
+    fn holds(&mut self) -> Option<&mut dyn Holds> {
         None
     }
 
-    /// Whether [`Finished::latency`] is needed for every call (else it is sampled).
-    fn times_calls(&self) -> bool {
-        false
+    /// This policy times every call and sets the limit on calls in flight ([`TimesCalls`]).
+    fn times_calls(&self) -> Option<&dyn TimesCalls> {
+        None
     }
+
+    /// This policy wants to know when the stage is not waiting on it ([`Idles`]).
+    fn idles(&mut self) -> Option<&mut dyn Idles> {
+        None
+    }
+}
+
+/// A policy that may hold the item of a failed call to be tried again, rather than let it
+/// fail (a breaker in pause mode).
+pub(crate) trait Holds {
+    /// A call failed (and no retry takes it): whether the stage should hold its item.
+    /// Asked after [`Admission::finished`].
+    fn hold(&mut self, call: &Finished<'_>) -> bool;
+
+    /// While items are held: what to do with them now (`cx` is woken when that may change).
+    fn poll_held(&mut self, cx: &mut Context<'_>) -> Held;
+}
+
+/// A policy that wants [`Finished::latency`] for every call (else it is sampled), and sets
+/// the limit on the stage's calls in flight that replaces `workers(n)` (an adaptive limit).
+pub(crate) trait TimesCalls {
+    /// The limit on calls in flight now.
+    fn limit(&self) -> usize;
+}
+
+/// A policy owed nothing for the time the stage does not wait on it (no input, no room, or
+/// waiting on another admission): a rate gives back the permits it granted ahead.
+pub(crate) trait Idles {
+    /// The stage is not waiting on this admission until it asks again.
+    fn idle(&mut self);
 }
 
 /// A failed call, as a retry policy sees it.

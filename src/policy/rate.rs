@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
-use crate::policy::{Admission, Invalid, Policy, Verdict};
+use crate::policy::{Admission, Idles, Invalid, Policy, Verdict};
 use crate::runtime::time::after;
 
 /// How far back a late wake-up may claim the slots it was owed: [`CATCH_UP_SHARE`] of the
@@ -586,6 +586,12 @@ impl Admission for Permits {
         }
     }
 
+    fn idles(&mut self) -> Option<&mut dyn Idles> {
+        Some(self)
+    }
+}
+
+impl Idles for Permits {
     fn idle(&mut self) {
         self.wait.idle();
         if let Some(h) = &mut self.handed {

@@ -10,6 +10,7 @@ use crate::error::{Error, FailedInput, ItemError};
 use crate::policy::Policy;
 use crate::policy::adaptive::Adaptive;
 use crate::policy::breaker::Breaker;
+use crate::policy::hedge::Hedge;
 use crate::policy::inflight::Inflight;
 use crate::policy::limit::{External, Limit};
 use crate::policy::rate::Rate;
@@ -34,6 +35,8 @@ pub(super) struct Options {
     pub(super) trace_calls: bool,
     /// Which errors of the stage's calls mean its server is down (`transient_if`).
     pub(super) transient: Option<TransientIf>,
+    /// A second call for an item whose call is slow (`hedge`).
+    pub(super) hedge: Option<Hedge>,
 }
 
 /// The predicate of [`AsyncStage::transient_if`].
@@ -141,6 +144,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
                 window: None,
                 trace_calls: false,
                 transient: None,
+                hedge: None,
             },
             keep: None,
             copy: None,
@@ -477,6 +481,33 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
         self
     }
 
+    /// Hedged requests (see [`Hedge`]): a call that has not answered after the hedge's
+    /// delay gets a second call for the same item; the first answer is the item's and the
+    /// other call is dropped. Each item still ends once. Needs `T: Clone`: the second call
+    /// gets a copy of the input. Hedging applies to every attempt of a stage with `retry`.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let hedge = Hedge::after(Duration::from_millis(50));
+    /// let out = Pipeline::from_iter(0..20u32)
+    ///     .map_async("lookup", |x| async move { x })
+    ///     .hedge(hedge.clone())
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out.len(), 20);
+    /// assert_eq!(hedge.extra_calls(), 0, "every call answered at once");
+    /// # }
+    /// ```
+    pub fn hedge(mut self, hedge: Hedge) -> Self
+    where
+        T: Clone,
+    {
+        self.options.hedge = Some(hedge);
+        self.copy = Some(T::clone);
+        self
+    }
+
     /// Rides out an outage of the stage's server: a call that fails with an error `f` calls
     /// transient (a connection refused or reset, a server restarting: e.g.
     /// [`ItemError::is_transient`], or a store crate's own classifier) is neither an attempt
@@ -620,8 +651,10 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
             .policies
             .iter()
             .map(|p| p.invalid())
-            .chain([options.retry.as_ref().and_then(Retry::invalid)]);
-        for (option, value, reason) in invalid.flatten() {
+            .chain([options.retry.as_ref().and_then(Retry::invalid)])
+            .flatten()
+            .chain(options.hedge.iter().flat_map(Hedge::invalid));
+        for (option, value, reason) in invalid {
             upstream
                 .settings
                 .errors

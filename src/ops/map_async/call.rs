@@ -289,7 +289,8 @@ where
 }
 
 /// A call that was not ready at its first poll, in the in-flight set: its future (in the
-/// slot it was first polled in), the stage timeout, and what comes back with it.
+/// slot it was first polled in), the stage timeout, a hedge (a second call for the same
+/// item, when the stage hedges), and what comes back with it.
 pub(super) struct Call<F, T> {
     slot: Slot<F>,
     limit: Option<Duration>,
@@ -299,45 +300,110 @@ pub(super) struct Call<F, T> {
     start: Option<Instant>,
     meta: Option<Meta>,
     again: Option<T>,
+    /// When the call is due for a hedge (a stage with `hedge`, until it is hedged).
+    hedge_at: Option<Pin<Box<Sleep>>>,
+    /// The hedge's future: whichever of the two answers first is the item's result, and
+    /// the other is dropped with the call.
+    twin: Option<Slot<F>>,
+}
+
+/// What the in-flight set gives back for a call.
+pub(super) enum Polled<F, T, U> {
+    /// The call (or its hedge) answered, or timed out.
+    Done(Completion<T, U>),
+    /// The call has not answered by its hedge delay: the stage starts a hedge
+    /// ([`Call::hedged`]) or lets it go on alone (back into the set as it is).
+    HedgeDue(Call<F, T>),
 }
 
 impl<F, T> Call<F, T> {
-    /// A call whose first poll (at `start`, if timed) found it not ready.
+    /// A call whose first poll (at `start`, if timed) found it not ready; due for a hedge
+    /// `hedge` after its start, if given.
     pub(super) fn waiting(
         slot: Slot<F>,
         meta: Meta,
         again: Option<T>,
         limit: Option<Duration>,
         start: Option<Instant>,
+        hedge: Option<Duration>,
     ) -> Self {
         Call {
             slot,
             limit,
             sleep: limit.map(|l| Box::pin(tokio::time::sleep(l))),
+            hedge_at: hedge.map(|h| {
+                let from = start.unwrap_or_else(Instant::now);
+                Box::pin(tokio::time::sleep_until(crate::runtime::time::after(
+                    from, h,
+                )))
+            }),
             start,
             meta: Some(meta),
             again,
+            twin: None,
         }
     }
 
-    /// Records `at` as the start of the call's wait; returns its sequence number.
-    pub(super) fn mark_waiting(&mut self, at: Instant) -> Option<u64> {
-        let meta = self.meta.as_mut()?;
-        meta.rare().waiting_since = Some(at);
-        Some(meta.seq)
+    /// Records `at` as the start of the call's wait.
+    pub(super) fn mark_waiting(&mut self, at: Instant) {
+        if let Some(meta) = self.meta.as_mut() {
+            meta.rare().waiting_since = Some(at);
+        }
+    }
+
+    /// The copy of the input kept for another attempt (what a hedge calls with).
+    pub(super) fn again(&self) -> Option<&T> {
+        self.again.as_ref()
+    }
+
+    /// Attempts the item has made, this one included.
+    pub(super) fn attempts(&self) -> u32 {
+        self.meta.as_ref().map_or(0, |m| m.attempts)
+    }
+
+    /// The call goes on with its hedge, `twin`, polled beside it.
+    pub(super) fn hedged(mut self, twin: Slot<F>) -> Self {
+        self.twin = Some(twin);
+        self
+    }
+
+    /// The item's completion with `result` (the call, or its hedge, answered): the other
+    /// future, if any, is dropped with the call.
+    pub(super) fn finish<U>(mut self, result: Result<U, ItemError>) -> Option<Completion<T, U>> {
+        Some(Completion {
+            meta: self.meta.take()?,
+            result,
+            latency: self.start.map(|s| s.elapsed()),
+            again: self.again.take(),
+            called: true,
+        })
+    }
+
+    /// Moves the call out of the in-flight set's place (its hedge is due).
+    fn take(&mut self) -> Self {
+        Call {
+            slot: std::mem::replace(&mut self.slot, Box::pin(None)),
+            limit: self.limit,
+            sleep: self.sleep.take(),
+            start: self.start,
+            meta: self.meta.take(),
+            again: self.again.take(),
+            hedge_at: None,
+            twin: self.twin.take(),
+        }
     }
 }
 
-// Nothing of a call is pinned in place (its future is in a box of its own).
+// Nothing of a call is pinned in place (its futures are in boxes of their own).
 impl<F, T> Unpin for Call<F, T> {}
 
 impl<F, T, U> Future for Call<F, T>
 where
     F: Future<Output = Result<U, BoxError>>,
 {
-    type Output = Completion<T, U>;
+    type Output = Polled<F, T, U>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completion<T, U>> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Polled<F, T, U>> {
         let this = self.get_mut();
         let _in_span = this
             .meta
@@ -347,26 +413,35 @@ where
             .map(tracing::Span::entered);
         let result = match poll_slot(&mut this.slot, cx) {
             Poll::Ready(r) => r,
-            Poll::Pending => {
-                let (Some(sleep), Some(limit)) = (this.sleep.as_mut(), this.limit) else {
-                    return Poll::Pending;
-                };
-                match sleep.as_mut().poll(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(()) => Err(ItemError::Timeout(limit)),
+            Poll::Pending => match this.twin.as_mut().map(|t| poll_slot(t, cx)) {
+                Some(Poll::Ready(r)) => r,
+                _ => {
+                    if let Some(at) = this.hedge_at.as_mut() {
+                        if at.as_mut().poll(cx).is_ready() {
+                            this.hedge_at = None;
+                            return Poll::Ready(Polled::HedgeDue(this.take()));
+                        }
+                    }
+                    let (Some(sleep), Some(limit)) = (this.sleep.as_mut(), this.limit) else {
+                        return Poll::Pending;
+                    };
+                    match sleep.as_mut().poll(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(()) => Err(ItemError::Timeout(limit)),
+                    }
                 }
-            }
+            },
         };
         // A call is not polled after it is ready; `meta` is there exactly once.
         let Some(meta) = this.meta.take() else {
             return Poll::Pending;
         };
-        Poll::Ready(Completion {
+        Poll::Ready(Polled::Done(Completion {
             meta,
             result,
             latency: this.start.map(|s| s.elapsed()),
             again: this.again.take(),
             called: true,
-        })
+        }))
     }
 }

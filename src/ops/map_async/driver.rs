@@ -1,52 +1,43 @@
-//! The driver task of an async stage: pulls input, starts calls within the limits, polls the
-//! calls in flight, and sends results on in input order (or as they finish), with every item
-//! accounted for.
+//! The driver task of an async stage: a short loop over the stage's parts. Each turn it sends
+//! on what is done ([`Output`]), takes the calls that finished ([`InFlight`]), lets the
+//! retries whose backoff is over ([`RetryQueue`]), the items an admission held
+//! ([`HeldItems`]) and a probe of a server that was down ([`Down`]) come due, and starts
+//! calls while the limits allow: input from the [`Input`] buffer, leave from the
+//! [`Chain`] of admissions, a place in the [`Reorder`] buffer, latency from the
+//! [`LatencySampler`]. Every item is accounted for.
 //!
-//! The driver knows its policies only as [`Admission`]s (asked in order before each call)
-//! and a [`RetryPolicy`]; a stage without any pays one branch per item for them.
+//! The driver knows its policies only as admissions and a [`RetryPolicy`]; a stage without
+//! any pays one branch per item for them, and starts its items in a tight loop
+//! ([`Driver::start_plain`]) through the same launch path as the general one.
 
-use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::stream::{FuturesUnordered, StreamExt as _};
-use hdrhistogram::Histogram;
-use tokio::time::{Instant, Sleep};
-use tokio_util::sync::PollSender;
+use tokio::time::Instant;
 
 use crate::error::{FailedInput, Failure, ItemError};
-use crate::policy::{Admission, Again, Failed, Finished, Held, RetryPolicy, Verdict};
-use crate::report::{StageStats, latency_histogram};
-use crate::runtime::chunk::{CHUNK_CAP, Chunk, Outcome, Ticket};
-use crate::runtime::gate::GateHold;
+use crate::policy::hedge::{Hedge, HedgeState};
+use crate::policy::{Admission, Again, Failed, Finished, Held, RetryPolicy};
+use crate::report::StageStats;
+use crate::runtime::chunk::{CHUNK_CAP, Chunk, Outcome};
 use crate::runtime::{RunCtx, Upstream};
 
+use super::admission::{Admitted, Chain};
 use super::builder::Options;
-use super::call::{Call, Completion, Meta, Slot, StageFn, make, poll_slot};
+use super::call::{Call, Completion, Meta, Polled, StageFn, make};
+use super::held::HeldItems;
+use super::inflight::{First, InFlight, Launched};
+use super::input::Input;
+use super::latency::LatencySampler;
+use super::output::Output;
+use super::reorder::{Done, Reorder};
+use super::retry_queue::RetryQueue;
 use super::routed::{Route, with_attempt};
-use super::transient::Down;
+use super::transient::{Down, Ridden};
 
-/// How many calls one timed call stands for, by the call's sequence number: every one of
-/// a stage's first calls, then one in 8, then one in 64. Reading the clock twice costs
-/// about as much as a trivial call, so a busy stage times few of its calls; a timed call
-/// is recorded with this weight, so the percentiles stay those of all calls.
-fn sample_stride(seq: u64) -> u64 {
-    match seq {
-        0..1_024 => 1,
-        1_024..65_536 => 8,
-        _ => 64,
-    }
-}
-/// Every this many timed calls, the driver checks whether its latency sample is due to be
-/// merged into the shared stats (for live snapshots).
-const MERGE_EVERY: u64 = 64;
-/// How stale the live latency of a stage may get. Merging adds whole histograms (thousands
-/// of buckets), so a busy stage merges on time, not on every few hundred calls.
-const MERGE_INTERVAL: Duration = Duration::from_millis(100);
 /// The most items a stage keeps in retry backoff before it stops taking new ones.
 const MAX_PARKED: usize = 4 * CHUNK_CAP;
 /// The least reorder window of an ordered stage without `ordered_window`.
@@ -77,43 +68,30 @@ pub(super) async fn drive<T, U, S>(
         && copy.is_none()
         && route.is_none()
         && !options.trace_calls;
+    let chain = Chain::new(admissions);
+    let hedge = options.hedge.as_ref().map(Hedge::stage);
     let mut driver = Driver {
         plain,
-        up,
-        up_done: false,
-        waiting: VecDeque::new(),
+        input: Input::new(up),
         call,
         keep,
         copy,
         route,
         trace_calls: options.trace_calls,
-        timeout: options.timeout,
-        inflight: FuturesUnordered::new(),
-        spare: None,
-        waiting_calls: None,
+        inflight: InFlight::new(options.timeout),
         workers: options.workers.max(1),
-        ordered: options.ordered,
         window: options.window,
-        next_seq: 0,
-        next_emit: 0,
-        reorder: VecDeque::new(),
-        out: Chunk::default(),
-        tx: PollSender::new(tx),
+        reorder: Reorder::new(options.ordered),
+        output: Output::new(tx),
         stats: stats.clone(),
         run: run.clone(),
-        hist: latency_histogram(),
-        timed: 0,
-        merged_at: Instant::now(),
-        limited: admissions.iter().any(|a| a.limit().is_some()),
-        times_calls: admissions.iter().any(|a| a.times_calls()),
-        admissions,
-        granted: 0,
-        next_call: 0,
-        pause: None,
-        held: VecDeque::new(),
-        pause_job: retry.as_ref().is_some_and(|r| r.pauses_source()),
+        // A hedge's percentile needs every call's latency.
+        latency: LatencySampler::new(chain.times_calls() || hedge.is_some()),
+        hedge,
+        chain,
+        retry_queue: RetryQueue::new(retry.as_ref().is_some_and(|r| r.pauses_source())),
         retry,
-        backoff: Backoff::default(),
+        held: HeldItems::default(),
         dead: None,
         down: options
             .transient
@@ -141,93 +119,16 @@ pub(super) async fn drive<T, U, S>(
     // Cancelled, or the next stage is gone: what the stage holds is left unfinished.
     stats.left(driver.held());
     if cancelled {
-        stats.discarded(driver.up.discard());
+        stats.discarded(driver.input.discard());
     }
-    stats.merge_latency(&mut driver.hist);
+    driver.latency.merge_into(&stats);
 }
-
-/// An ordered stage's place for a result until the ones before it are out.
-enum Done<U> {
-    Ok(U, Ticket),
-    Failed,
-    /// Left unfinished by a stop (it was waiting to be tried again).
-    Left,
-}
-
-/// What the admissions said about the next call.
-enum Admitted {
-    Go,
-    Refuse,
-    /// Not yet: admission `usize` is what the call waits for.
-    Wait(usize),
-}
-
-/// An item waiting for its next attempt.
-struct Parked<T> {
-    at: Instant,
-    id: u64,
-    item: T,
-    meta: Meta,
-}
-
-impl<T> PartialEq for Parked<T> {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.id) == (other.at, other.id)
-    }
-}
-impl<T> Eq for Parked<T> {}
-impl<T> PartialOrd for Parked<T> {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl<T> Ord for Parked<T> {
-    /// Reversed: `BinaryHeap` pops the earliest first.
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (other.at, other.id).cmp(&(self.at, self.id))
-    }
-}
-
-/// The retry delay queue.
-struct Backoff<T> {
-    heap: BinaryHeap<Parked<T>>,
-    /// Backoff over: start these before new items.
-    due: VecDeque<(T, Meta)>,
-    sleep: Option<Pin<Box<Sleep>>>,
-    next_id: u64,
-    /// Keeps the run's source paused while items wait (`Retry::pause_source`).
-    hold: Option<GateHold>,
-}
-
-impl<T> Default for Backoff<T> {
-    fn default() -> Self {
-        Backoff {
-            heap: BinaryHeap::new(),
-            due: VecDeque::new(),
-            sleep: None,
-            next_id: 0,
-            hold: None,
-        }
-    }
-}
-
-impl<T> Backoff<T> {
-    fn len(&self) -> usize {
-        self.heap.len() + self.due.len()
-    }
-}
-
-/// A call that had to wait, in the in-flight set.
-type Waiting<T, U, S> = Call<<S as StageFn<T, U>>::Future, T>;
 
 struct Driver<T, U, S: StageFn<T, U>> {
     /// No policy, retry, kept input, result routing or call span: items start in
     /// [`Driver::start_plain`]'s tight loop.
     plain: bool,
-    up: Upstream<T>,
-    up_done: bool,
-    /// Received, not yet started (at most one chunk).
-    waiting: VecDeque<(T, Ticket)>,
+    input: Input<T>,
     call: S,
     keep: Option<fn(&T) -> FailedInput>,
     copy: Option<fn(&T) -> T>,
@@ -235,47 +136,21 @@ struct Driver<T, U, S: StageFn<T, U>> {
     route: Option<Route<T, U>>,
     /// A span per call.
     trace_calls: bool,
-    timeout: Option<Duration>,
-    inflight: FuturesUnordered<Waiting<T, U, S>>,
-    /// The slot of the last call that finished at its first poll, reused by the next call.
-    spare: Option<Slot<S::Future>>,
-    /// Calls waiting in `inflight`, oldest first, kept only while a stall watchdog asks
-    /// for call ages (`RunCtx::watch_calls`): it then sees one stuck call even while the
-    /// other workers keep completing.
-    waiting_calls: Option<BTreeSet<(Instant, u64)>>,
+    inflight: InFlight<S::Future, T>,
     workers: usize,
-    ordered: bool,
     /// `ordered_window`, if given.
     window: Option<usize>,
-    next_seq: u64,
-    /// Ordered mode: the sequence number of `reorder[0]`.
-    next_emit: u64,
-    reorder: VecDeque<Option<Done<U>>>,
-    out: Chunk<U>,
-    tx: PollSender<Chunk<U>>,
+    reorder: Reorder<U>,
+    output: Output<U>,
     stats: Arc<StageStats>,
     run: Arc<RunCtx>,
-    hist: Histogram<u64>,
-    timed: u64,
-    merged_at: Instant,
+    latency: LatencySampler,
     /// The stage's policies, in the order given: a call starts when each has let it through.
-    admissions: Vec<Box<dyn Admission>>,
-    /// `admissions[..granted]` have let the next call through.
-    granted: usize,
-    /// The id the next call is admitted under.
-    next_call: u64,
-    /// Some admission sets the limit on calls in flight (instead of `workers`).
-    limited: bool,
-    /// Some admission wants every call timed.
-    times_calls: bool,
-    /// Held while an admission wants the run's source paused.
-    pause: Option<GateHold>,
+    chain: Chain,
     retry: Option<Box<dyn RetryPolicy>>,
+    retry_queue: RetryQueue<T>,
     /// Items whose failed call an admission holds to be tried again (a pausing breaker).
-    held: VecDeque<(T, Meta, ItemError)>,
-    /// The retry pauses the job: no first attempt starts while an item is in backoff.
-    pause_job: bool,
-    backoff: Backoff<T>,
+    held: HeldItems<T>,
     /// Why the call can never be made (its service failed in `poll_ready`): every item left
     /// fails with it, without a call.
     dead: Option<ItemError>,
@@ -283,6 +158,8 @@ struct Driver<T, U, S: StageFn<T, U>> {
     down: Option<Down<T>>,
     /// The run is stopping: no call starts; what comes in is left unfinished.
     stopping: bool,
+    /// `hedge`: the delay before a slow call gets a second one, and the budget.
+    hedge: Option<HedgeState>,
 }
 
 impl<T, U, S> Driver<T, U, S>
@@ -292,14 +169,7 @@ where
     S: StageFn<T, U>,
 {
     fn limit(&self) -> usize {
-        if !self.limited {
-            return self.workers;
-        }
-        self.admissions
-            .iter()
-            .filter_map(|a| a.limit())
-            .min()
-            .unwrap_or(self.workers)
+        self.chain.limit(self.workers)
     }
 
     /// Whether another call may start. Calls in flight count against the limit; an ordered
@@ -311,10 +181,10 @@ where
     /// emitted could hold its place forever.
     fn can_start(&self) -> bool {
         let limit = self.limit();
-        if self.out.len() >= CHUNK_CAP || self.inflight.len() >= limit {
+        if self.output.is_full() || self.inflight.len() >= limit {
             return false;
         }
-        if !self.ordered || !self.backoff.due.is_empty() {
+        if !self.reorder.is_ordered() || self.retry_queue.due_len() > 0 {
             return true;
         }
         let window = self
@@ -322,18 +192,12 @@ where
             .unwrap_or_else(|| limit.saturating_mul(4).max(DEFAULT_WINDOW));
         // A probe of the stage's server is already in the window (it was started before),
         // and the window may be full of items waiting for it.
-        ((self.next_seq - self.next_emit) as usize) < window || self.probe_ready()
-    }
-
-    /// Whether new items wait: an item of a stage whose retry pauses the job is in backoff,
-    /// so nothing new starts (the source is held too) until its wait is over.
-    fn job_paused(&self) -> bool {
-        self.pause_job && !self.backoff.heap.is_empty()
+        self.reorder.in_window() < window || self.probe_ready()
     }
 
     /// Whether the stage's server is down (`transient_if`): only a probe may start.
     fn server_down(&self) -> bool {
-        self.down.as_ref().is_some_and(|d| d.watch.is_down())
+        self.down.as_ref().is_some_and(Down::is_down)
     }
 
     fn probe_ready(&self) -> bool {
@@ -343,56 +207,45 @@ where
     /// How many items could start now (pulls a chunk if none is waiting).
     fn available(&mut self, cx: &mut Context<'_>) -> usize {
         if self.stopping {
-            self.drain_upstream(cx);
+            self.input.drain(cx, &self.stats);
             return 0;
         }
         if self.server_down() {
             return usize::from(self.probe_ready());
         }
-        let due = self.backoff.due.len();
-        if self.job_paused() {
+        let due = self.retry_queue.due_len();
+        if self.retry_queue.job_paused() {
             return due;
         }
-        if self.waiting.is_empty() && !self.up_done && (due > 0 || self.backoff.len() < MAX_PARKED)
-        {
-            match self.up.poll_chunk(cx) {
-                Poll::Ready(Some(chunk)) => {
-                    StageStats::add(&self.stats.received, chunk.len());
-                    self.waiting.extend(chunk.into_pairs());
-                }
-                Poll::Ready(None) => self.up_done = true,
-                Poll::Pending => {}
-            }
+        if due > 0 || self.retry_queue.len() < MAX_PARKED {
+            self.input.fill(cx, &self.stats);
         }
-        due + self.waiting.len()
+        due + self.input.len()
     }
 
-    /// The next item to start: a retry whose backoff is over, else a new one.
+    /// The next item to start: a probe of a server that is down, a retry whose backoff is
+    /// over, else a new one.
     fn pop_input(&mut self) -> Option<(T, Meta)> {
         if self.stopping {
             return None;
         }
-        if let Some(d) = self.down.as_mut().filter(|d| d.watch.is_down()) {
+        if let Some(d) = self.down.as_mut().filter(|d| d.is_down()) {
             return d.ready.take();
         }
-        if let Some(d) = self.backoff.due.pop_front() {
+        if let Some(d) = self.retry_queue.pop_due() {
             return Some(d);
         }
-        if self.job_paused() {
+        if self.retry_queue.job_paused() {
             return None;
         }
-        let (item, ticket) = self.waiting.pop_front()?;
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        if self.ordered {
-            self.reorder.push_back(None);
-        }
+        let (item, ticket) = self.input.pop()?;
+        let seq = self.reorder.next();
         Some((item, Meta::new(seq, ticket)))
     }
 
     fn start(&mut self, item: T, mut meta: Meta, cx: &mut Context<'_>) {
         meta.attempts += 1;
-        let timed = self.times_calls || meta.seq % sample_stride(meta.seq) == 0;
+        let timed = self.latency.times(meta.seq);
         if meta.attempts == 1 {
             if let Some(r) = self.retry.as_mut() {
                 r.first_attempt();
@@ -433,59 +286,14 @@ where
             Ok(fut) => fut,
             Err(e) => return self.complete(meta, Err(e), None, again, true),
         };
-        let mut slot = match self.spare.take() {
-            Some(mut slot) => {
-                slot.as_mut().set(Some(fut));
-                slot
-            }
-            None => Box::pin(Some(fut)),
-        };
-        let start = timed.then(Instant::now);
-        match poll_slot(&mut slot, cx) {
-            Poll::Ready(result) => {
-                self.spare = Some(slot);
-                let latency = start.map(|s| s.elapsed());
-                self.complete(meta, result, latency, again, true)
-            }
-            Poll::Pending => {
-                let mut call = Call::waiting(slot, meta, again, self.timeout, start);
-                if let Some(waiting) = self.waiting_calls.as_mut() {
-                    let at = Instant::now();
-                    if let Some(seq) = call.mark_waiting(at) {
-                        waiting.insert((at, seq));
-                    }
-                }
-                self.inflight.push(call)
-            }
+        if let Some(h) = self.hedge.as_mut() {
+            self.inflight.hedge_after(h.launched());
         }
-    }
-
-    /// Asks the admissions, in order, to let the next call (`call`) through. An admission's
-    /// leave is kept until the call starts; if one refuses, the ones before it are told.
-    fn admit(&mut self, cx: &mut Context<'_>, available: usize) -> Admitted {
-        let call = self.next_call;
-        let room = self.limit().saturating_sub(self.inflight.len()).max(1);
-        let want = available.min(room);
-        while let Some(a) = self.admissions.get_mut(self.granted) {
-            match a.poll_admit(cx, call, want) {
-                Poll::Ready(Verdict::Go) => self.granted += 1,
-                Poll::Ready(Verdict::Refuse) => {
-                    for a in &mut self.admissions[..self.granted] {
-                        a.cancel(call);
-                    }
-                    self.granted = 0;
-                    self.next_call += 1;
-                    return Admitted::Refuse;
-                }
-                Poll::Pending => return Admitted::Wait(self.granted),
-            }
+        if let Launched::Ready(result, latency, (meta, again)) =
+            self.inflight.launch(fut, timed, (meta, again), cx)
+        {
+            self.complete(meta, result, latency, again, true);
         }
-        self.granted = 0;
-        self.next_call += 1;
-        for a in &mut self.admissions {
-            a.started(call);
-        }
-        Admitted::Go
     }
 
     /// Whether the next call may start: the call's own readiness (a tower service's
@@ -507,11 +315,6 @@ where
         self.dead = Some(error);
     }
 
-    /// Fails the next item with `CircuitOpen` (refused by an admission).
-    fn refuse(&mut self) {
-        self.fail_next(ItemError::CircuitOpen);
-    }
-
     /// Fails the next item without a call, keeping its input as a call would have.
     fn fail_next(&mut self, error: ItemError) {
         if let Some((item, mut meta)) = self.pop_input() {
@@ -526,97 +329,41 @@ where
 
     /// Holds the run's source paused while some admission wants it. True if the pause ended.
     fn poll_pause(&mut self, cx: &mut Context<'_>) -> bool {
-        let mut wanted = false;
-        for a in &mut self.admissions {
-            wanted |= a.poll_pause(cx);
-        }
-        match (wanted, self.pause.is_some()) {
-            (true, false) => {
-                self.pause = Some(self.run.gate.hold());
-                false
-            }
-            (false, true) => {
-                self.pause = None;
-                true
-            }
-            _ => false,
-        }
+        self.chain.poll_pause(cx, &self.run.gate)
     }
 
     /// Whether an admission holds the item of a failed call to be tried again.
     fn holds(&mut self, meta: &Meta, error: &ItemError, latency: Option<Duration>) -> bool {
-        let finished = Finished {
+        self.chain.holds(&Finished {
             call: meta.call,
             error: Some(error),
             latency,
             in_flight: self.inflight.len() + 1,
             attempts: meta.attempts,
-        };
-        let mut hold = false;
-        for a in &mut self.admissions {
-            hold |= a.hold(&finished);
-        }
-        hold
+        })
     }
 
     /// Decides on the items held for an admission (a pausing breaker): tried again, failed,
     /// or kept. `idle`: nothing else in the stage can decide it (an undecided hold goes
     /// again). True if they moved.
     fn poll_held(&mut self, cx: &mut Context<'_>, idle: bool) -> bool {
-        let mut verdict = Held::Fail;
-        for a in &mut self.admissions {
-            verdict = match (verdict, a.poll_held(cx)) {
-                (Held::Wait, _) | (_, Held::Wait) => Held::Wait,
-                (Held::Undecided, _) | (_, Held::Undecided) => Held::Undecided,
-                (Held::Again, _) | (_, Held::Again) => Held::Again,
-                _ => Held::Fail,
-            };
-        }
-        match verdict {
+        match self.chain.poll_held(cx) {
             Held::Wait => false,
             Held::Undecided if !idle => false,
             Held::Undecided | Held::Again => {
-                for (item, meta, _) in self.held.drain(..) {
-                    self.backoff.due.push_back((item, meta));
+                for (item, meta, _) in self.held.take_all() {
+                    self.retry_queue.push_due(item, meta);
                 }
                 true
             }
             Held::Fail => {
-                while let Some((item, meta, error)) = self.held.pop_front() {
+                let held: Vec<_> = self.held.take_all().collect();
+                for (item, meta, error) in held {
                     self.complete(meta, Err(error), None, Some(item), false);
                 }
                 true
             }
         }
-    }
-
-    /// Moves retries whose backoff is over to `due`. True if one moved.
-    fn poll_backoff(&mut self, cx: &mut Context<'_>) -> bool {
-        let b = &mut self.backoff;
-        let mut changed = false;
-        loop {
-            let now = Instant::now();
-            while b.heap.peek().is_some_and(|p| p.at <= now) {
-                if let Some(p) = b.heap.pop() {
-                    b.due.push_back((p.item, p.meta));
-                    changed = true;
-                }
-            }
-            let Some(at) = b.heap.peek().map(|p| p.at) else {
-                b.hold = None;
-                break;
-            };
-            let sleep = b
-                .sleep
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
-            if sleep.deadline() != at {
-                sleep.as_mut().reset(at);
-            }
-            if sleep.as_mut().poll(cx).is_pending() {
-                break;
-            }
-        }
-        changed
     }
 
     /// Parks a failed call's item for another attempt if the retry policy allows; else
@@ -641,7 +388,6 @@ where
             Again::No => return Some((meta, again, None)),
             Again::GiveUp(instead) => return Some((meta, again, Some(instead))),
         };
-        let pauses = r.pauses_source();
         let Some(item) = again else {
             return Some((meta, again, None));
         };
@@ -651,42 +397,20 @@ where
             self.stats.left(1);
             return None;
         }
-        if pauses && self.backoff.hold.is_none() {
-            self.backoff.hold = Some(self.run.gate.hold());
-        }
         StageStats::add(&self.stats.retried, 1);
-        let b = &mut self.backoff;
-        let id = b.next_id;
-        b.next_id += 1;
-        b.heap.push(Parked { at, id, item, meta });
+        self.retry_queue.park(at, item, meta, &self.run.gate);
         None
-    }
-
-    /// Records a timed call's latency with the weight of the calls it stands for.
-    fn record_latency(&mut self, seq: u64, latency: Duration) {
-        let weight = if self.times_calls {
-            1
-        } else {
-            sample_stride(seq)
-        };
-        let nanos = latency.as_nanos().min(u64::MAX as u128) as u64;
-        let _ = self.hist.record_n(nanos, weight);
-        self.timed += 1;
-        if self.timed % MERGE_EVERY == 0 && self.merged_at.elapsed() >= MERGE_INTERVAL {
-            self.merged_at = Instant::now();
-            self.stats.merge_latency(&mut self.hist);
-        }
     }
 
     /// Starts calls of a plain stage while the limits allow and input waits: the work of
     /// `pop_input`, `start` and `complete` for the common case in one loop, without the
     /// per-item questions a plain stage always answers the same way. A call ready at its
-    /// first poll in input order goes straight to `out`; any other takes the general path
-    /// (`complete`, the in-flight set). True if an item started.
+    /// first poll in input order goes straight to the output; any other takes the general
+    /// path (`complete`, the in-flight set). True if an item started.
     fn start_plain(&mut self, cx: &mut Context<'_>) -> bool {
         let mut started = false;
         loop {
-            if !self.can_start() || (self.waiting.is_empty() && self.available(cx) == 0) {
+            if !self.can_start() || (self.input.is_empty() && self.available(cx) == 0) {
                 return started;
             }
             // A service must be ready before each call; a closure always is.
@@ -701,14 +425,13 @@ where
                     Poll::Pending => return started,
                 }
             }
-            let Some((item, ticket)) = self.waiting.pop_front() else {
+            let Some((item, ticket)) = self.input.pop() else {
                 return started;
             };
             started = true;
-            let seq = self.next_seq;
-            self.next_seq += 1;
+            let seq = self.reorder.assign();
             // Ordered: nothing started before it is still out, so it may go out at once.
-            let in_order = !self.ordered || self.reorder.is_empty();
+            let in_order = self.reorder.is_clear();
             let call = &mut self.call;
             let fut = match make(|| call.call(item)) {
                 Ok(fut) => fut,
@@ -717,46 +440,19 @@ where
                     continue;
                 }
             };
-            let mut slot = match self.spare.take() {
-                Some(mut slot) => {
-                    slot.as_mut().set(Some(fut));
-                    slot
-                }
-                None => Box::pin(Some(fut)),
-            };
-            let start = (seq % sample_stride(seq) == 0).then(Instant::now);
-            match poll_slot(&mut slot, cx) {
-                Poll::Ready(result) => {
-                    self.spare = Some(slot);
-                    let latency = start.map(|s| s.elapsed());
-                    match result {
-                        Ok(u) if in_order => {
-                            if let Some(l) = latency {
-                                self.record_latency(seq, l);
-                            }
-                            self.out.push(u, ticket);
-                            if self.ordered {
-                                self.next_emit += 1;
-                            }
-                        }
-                        result => self.plain_slow(seq, ticket, result, latency),
+            let timed = self.latency.times(seq);
+            match self.inflight.launch(fut, timed, First { seq, ticket }, cx) {
+                Launched::Ready(Ok(u), latency, first) if in_order => {
+                    if let Some(l) = latency {
+                        self.latency.record(seq, l, &self.stats);
                     }
+                    self.output.push(u, first.ticket);
+                    self.reorder.passed();
                 }
-                Poll::Pending => {
-                    if self.ordered {
-                        self.reorder.push_back(None);
-                    }
-                    let mut meta = Meta::new(seq, ticket);
-                    meta.attempts = 1;
-                    let mut call = Call::waiting(slot, meta, None, self.timeout, start);
-                    if let Some(waiting) = self.waiting_calls.as_mut() {
-                        let at = Instant::now();
-                        if let Some(seq) = call.mark_waiting(at) {
-                            waiting.insert((at, seq));
-                        }
-                    }
-                    self.inflight.push(call);
+                Launched::Ready(result, latency, first) => {
+                    self.plain_slow(seq, first.ticket, result, latency)
                 }
+                Launched::Waiting => self.reorder.open(),
             }
         }
     }
@@ -766,13 +462,11 @@ where
     fn plain_slow(
         &mut self,
         seq: u64,
-        ticket: Ticket,
+        ticket: crate::runtime::chunk::Ticket,
         result: Result<U, ItemError>,
         latency: Option<Duration>,
     ) {
-        if self.ordered {
-            self.reorder.push_back(None);
-        }
+        self.reorder.open();
         let mut meta = Meta::new(seq, ticket);
         meta.attempts = 1;
         self.complete(meta, result, latency, None, true);
@@ -796,25 +490,40 @@ where
             });
         }
         if let Some(l) = latency {
-            self.record_latency(meta.seq, l);
+            self.latency.record(meta.seq, l, &self.stats);
+            if let (Some(h), true) = (self.hedge.as_mut(), called) {
+                h.observe(l);
+            }
         }
-        if !self.admissions.is_empty() && called {
-            let finished = Finished {
+        if !self.chain.is_empty() && called {
+            self.chain.finished(&Finished {
                 call: meta.call,
                 error: result.as_ref().err(),
                 latency,
                 in_flight: self.inflight.len() + 1,
                 attempts: meta.attempts,
-            };
-            for a in &mut self.admissions {
-                a.finished(&finished);
-            }
+            });
         }
         let (mut meta, mut again, mut result) = (meta, again, result);
-        if self.down.is_some() {
-            match self.ride_out(meta, result, again, called) {
-                Ok(()) => return,
-                Err(back) => (meta, result, again) = back,
+        if let Some(d) = self.down.as_mut() {
+            let (queue, stats, run) = (&mut self.retry_queue, &self.stats, &self.run);
+            match d.ride_out(
+                meta,
+                result,
+                again,
+                called,
+                self.stopping,
+                queue,
+                stats,
+                run,
+            ) {
+                Ridden::Taken => return,
+                Ridden::Left(meta) => {
+                    self.leave(meta);
+                    self.stats.left(1);
+                    return;
+                }
+                Ridden::Back(m, r, a) => (meta, result, again) = (m, r, a),
             }
         }
         if let (true, true, Err(e)) = (self.retry.is_some(), called, &result) {
@@ -834,13 +543,13 @@ where
                     self.leave(meta);
                     self.stats.left(1);
                 } else {
-                    self.held.push_back((item, meta, error));
+                    self.held.push(item, meta, error);
                 }
                 return;
             }
             (_, again, result) => (result, again),
         };
-        let slot = match (result, self.route, again) {
+        let done = match (result, self.route, again) {
             (Ok(u), _, _) => Done::Ok(u, meta.ticket),
             (Err(error), Some(route), Some(input)) => {
                 let out = route(input, error, meta.attempts, &self.stats.name);
@@ -859,283 +568,121 @@ where
                 Done::Failed
             }
         };
-        if !self.ordered {
-            if let Done::Ok(u, t) = slot {
-                self.out.push(u, t);
-            }
-            return;
-        }
-        self.reorder[(meta.seq - self.next_emit) as usize] = Some(slot);
-        self.emit_in_order();
+        self.reorder.fill(meta.seq, done, &mut self.output);
     }
 
-    /// `transient_if`: takes the item of a call that failed with a transient error, to be
-    /// tried again when the server answers (Ok), and notes an answer of the server; gives
-    /// back whatever it does not take.
-    #[allow(clippy::type_complexity)]
-    fn ride_out(
-        &mut self,
-        mut meta: Meta,
-        result: Result<U, ItemError>,
-        again: Option<T>,
-        called: bool,
-    ) -> Result<(), (Meta, Result<U, ItemError>, Option<T>)> {
-        let Some(d) = self.down.as_mut() else {
-            return Err((meta, result, again));
+    fn completed(&mut self, c: Completion<T, U>) {
+        let Completion {
+            meta,
+            result,
+            latency,
+            again,
+            called,
+        } = c;
+        self.complete(meta, result, latency, again, called);
+    }
+
+    /// A call has not answered by its hedge delay: a second call for its item starts if
+    /// the budget allows (never after a stop, nor while the service is not ready), and the
+    /// first answer wins; else the call goes on alone.
+    fn hedge(&mut self, call: Call<S::Future, T>, cx: &mut Context<'_>) {
+        let (Some(copy), Some(item)) = (self.copy, call.again()) else {
+            return self.inflight.resume(call);
         };
-        let is_probe = d.probe == Some(meta.seq);
-        if !called {
-            // Refused by an admission (a fail-fast breaker): no answer either way, but the
-            // probe's place is free for the next one.
-            if is_probe {
-                d.probe = None;
-            }
-            return Err((meta, result, again));
+        if self.stopping
+            || (!S::ALWAYS_READY && !matches!(self.poll_ready(cx), Poll::Ready(Ok(()))))
+            || !self.hedge.as_mut().is_some_and(HedgeState::may_hedge)
+        {
+            return self.inflight.resume(call);
         }
-        let transient = matches!(&result, Err(e) if (d.transient.0)(e));
-        let (true, Some(item)) = (transient, again.as_ref()) else {
-            // An answer (a result, or an error that is not the server being down): the
-            // server is up.
-            if d.watch.is_down() || is_probe {
-                self.server_back();
-            }
-            return Err((meta, result, again));
-        };
-        let _ = item;
-        let (Err(error), Some(item)) = (result, again) else {
-            unreachable!("checked above")
-        };
-        StageStats::add(&self.stats.transient_retries, 1);
-        // Not an attempt: the next call of the item is its attempt again.
-        meta.attempts = meta.attempts.saturating_sub(1);
-        if self.stopping {
-            self.leave(meta);
-            self.stats.left(1);
-            return Ok(());
-        }
-        if is_probe || !d.watch.is_down() {
-            // The first failure of an outage, or the probe's: the watch says how long to
-            // wait, or that the outage has lasted too long.
-            d.probe = None;
-            match d.watch.failed(error) {
-                Ok(wait) => {
-                    let at = crate::runtime::time::after(Instant::now(), wait);
-                    match d.sleep.as_mut() {
-                        Some(sleep) => sleep.as_mut().reset(at),
-                        None => d.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
-                    }
+        let item = copy(item);
+        let c = &mut self.call;
+        match with_attempt(call.attempts(), || make(|| c.call(item))) {
+            Ok(twin) => {
+                if let Some(done) = self.inflight.hedge(call, twin, cx) {
+                    self.completed(done);
                 }
-                // Cancels the run: the items waiting here end unfinished.
-                Err(outage) => self.run.outage_ended(outage),
             }
-            if d.hold.is_none() {
-                d.hold = Some(self.run.gate.hold());
-            }
+            // The hedge panicked when made: the call goes on alone.
+            Err(_) => self.inflight.resume(call),
         }
-        if is_probe {
-            d.queue.push_front((item, meta));
-        } else {
-            d.queue.push_back((item, meta));
-        }
-        Ok(())
-    }
-
-    /// The server answered: the outage is over. The items that waited for it go first (in
-    /// the order they failed), then the job resumes.
-    fn server_back(&mut self) {
-        let Some(d) = self.down.as_mut() else {
-            return;
-        };
-        d.watch.succeeded();
-        d.probe = None;
-        d.sleep = None;
-        d.hold = None;
-        let due = &mut self.backoff.due;
-        for waited in d.ready.take().into_iter().chain(d.queue.drain(..)).rev() {
-            due.push_front(waited);
-        }
-    }
-
-    /// While the server is down: when the wait is over, the first waiting item becomes the
-    /// probe. True if one did.
-    fn poll_outage(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(d) = self.down.as_mut() else {
-            return false;
-        };
-        if !d.watch.is_down() || d.probe.is_some() || d.queue.is_empty() {
-            return false;
-        }
-        if let Some(sleep) = d.sleep.as_mut() {
-            if sleep.as_mut().poll(cx).is_pending() {
-                return false;
-            }
-        }
-        let Some((item, meta)) = d.queue.pop_front() else {
-            return false;
-        };
-        d.probe = Some(meta.seq);
-        d.ready = Some((item, meta));
-        true
     }
 
     /// A graceful stop: the items not started (received and not begun, waiting for a retry,
     /// for a breaker or for the server) end unfinished here; the calls in flight finish.
     fn stop(&mut self) {
         self.stopping = true;
-        let mut left = self.waiting.len();
-        self.waiting.clear();
-        let mut metas: Vec<Meta> = Vec::new();
-        metas.extend(self.backoff.heap.drain().map(|p| p.meta));
-        metas.extend(self.backoff.due.drain(..).map(|(_, m)| m));
-        metas.extend(self.held.drain(..).map(|(_, m, _)| m));
-        self.backoff.hold = None;
+        let mut left = self.input.clear();
+        let mut metas = self.retry_queue.take_all();
+        metas.extend(self.held.take_all().map(|(_, m, _)| m));
         if let Some(d) = self.down.as_mut() {
-            metas.extend(
-                d.ready
-                    .take()
-                    .into_iter()
-                    .chain(d.queue.drain(..))
-                    .map(|(_, m)| m),
-            );
-            d.probe = None;
-            d.sleep = None;
-            d.hold = None;
+            metas.extend(d.take_all());
         }
         left += metas.len();
         for meta in metas {
             self.leave(meta);
         }
         self.stats.left(left);
-        self.emit_in_order();
+        self.reorder.emit(&mut self.output);
     }
 
     /// An item started before is left unfinished (its ticket goes with it, unfinished): its
     /// place in the output order is passed over, and the results behind it that are done go
-    /// out now (no later completion may come to send them). Counted by the caller.
+    /// out now. Counted by the caller.
     fn leave(&mut self, meta: Meta) {
-        if self.ordered {
-            let at = (meta.seq - self.next_emit) as usize;
-            if let Some(slot) = self.reorder.get_mut(at) {
-                *slot = Some(Done::Left);
-            }
-            self.emit_in_order();
-        }
-    }
-
-    /// Stopping: what comes from upstream is received and left unfinished.
-    fn drain_upstream(&mut self, cx: &mut Context<'_>) {
-        while !self.up_done {
-            match self.up.poll_chunk(cx) {
-                Poll::Ready(Some(chunk)) => self.stats.discarded(chunk.len()),
-                Poll::Ready(None) => self.up_done = true,
-                Poll::Pending => break,
-            }
-        }
-    }
-
-    /// Ordered: sends on the results at the front of the order that are done.
-    fn emit_in_order(&mut self) {
-        while let Some(Some(_)) = self.reorder.front() {
-            if let Some(Some(Done::Ok(u, t))) = self.reorder.pop_front() {
-                self.out.push(u, t);
-            }
-            self.next_emit += 1;
-        }
+        self.reorder.leave(meta.seq, &mut self.output);
     }
 
     /// The items the stage holds: received and not yet passed on, dropped or failed.
     fn held(&self) -> usize {
-        let finished_in_order = self
-            .reorder
-            .iter()
-            .filter(|d| matches!(d, Some(Done::Ok(..))))
-            .count();
-        self.waiting.len()
+        self.input.len()
             + self.inflight.len()
-            + self.backoff.len()
+            + self.retry_queue.len()
             + self.held.len()
             + self.down.as_ref().map_or(0, Down::len)
-            + finished_in_order
-            + self.out.len()
-    }
-
-    /// Sends `out` if the hop has room. `Ready(Err)` means the downstream is gone.
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, ()>> {
-        if self.out.is_empty() {
-            return Poll::Ready(Ok(false));
-        }
-        match self.tx.poll_reserve(cx) {
-            Poll::Ready(Ok(())) => {
-                let chunk = std::mem::take(&mut self.out);
-                let n = chunk.len();
-                if let Err(e) = self.tx.send_item(chunk) {
-                    // Kept, so that the stage counts it as left in it.
-                    if let Some(chunk) = e.into_inner() {
-                        self.out = chunk;
-                    }
-                    return Poll::Ready(Err(()));
-                }
-                StageStats::add(&self.stats.passed, n);
-                StageStats::add(&self.stats.emitted, n);
-                Poll::Ready(Ok(true))
-            }
-            Poll::Ready(Err(_)) => Poll::Ready(Err(())),
-            Poll::Pending => Poll::Pending,
-        }
+            + self.reorder.held()
+            + self.output.len()
     }
 
     fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.waiting_calls.is_none() && self.run.watch_calls.load(Ordering::Relaxed) {
-            self.waiting_calls = Some(BTreeSet::new());
+        if !self.inflight.ages().is_watched() && self.run.watch_calls.load(Ordering::Relaxed) {
+            self.inflight.ages().watch();
         }
         let r = self.poll_drive_inner(cx);
-        if let Some(w) = &self.waiting_calls {
-            self.stats
-                .set_oldest_call(w.first().map(|&(at, _)| at), self.run.epoch);
+        if let Some(oldest) = self.inflight.ages().oldest() {
+            self.stats.set_oldest_call(oldest, self.run.epoch);
         }
         r
     }
 
+    /// One turn of the loop: send, take finished calls, let waiting items come due, start
+    /// calls; until nothing moves (`Pending`) or everything is done (`Ready`).
     fn poll_drive_inner(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             let mut progress = false;
-            match self.poll_flush(cx) {
+            match self.output.poll_flush(cx, &self.stats) {
                 Poll::Ready(Err(())) => return Poll::Ready(()),
                 Poll::Ready(Ok(sent)) => progress |= sent,
                 Poll::Pending => {}
             }
-            while !self.inflight.is_empty() {
-                match self.inflight.poll_next_unpin(cx) {
-                    Poll::Ready(Some(mut c)) => {
-                        if let (Some(w), Some(at)) =
-                            (self.waiting_calls.as_mut(), c.meta.take_waiting_since())
-                        {
-                            w.remove(&(at, c.meta.seq));
-                        }
-                        let Completion {
-                            meta,
-                            result,
-                            latency,
-                            again,
-                            called,
-                        } = c;
-                        self.complete(meta, result, latency, again, called);
-                        progress = true;
-                    }
-                    _ => break,
+            while let Poll::Ready(Some(polled)) = self.inflight.poll_next(cx) {
+                match polled {
+                    Polled::Done(c) => self.completed(c),
+                    Polled::HedgeDue(call) => self.hedge(call, cx),
                 }
+                progress = true;
             }
-            if !self.admissions.is_empty() {
+            if !self.chain.is_empty() {
                 progress |= self.poll_pause(cx);
             }
-            if !self.backoff.heap.is_empty() {
-                progress |= self.poll_backoff(cx);
+            if self.retry_queue.in_backoff() {
+                progress |= self.retry_queue.poll(cx);
             }
             if !self.held.is_empty() {
                 progress |= self.poll_held(cx, false);
             }
             if self.server_down() {
-                progress |= self.poll_outage(cx);
+                progress |= self.down.as_mut().is_some_and(|d| d.poll_probe(cx));
             }
             // A stage whose service failed leaves the plain loop: its items fail below; so
             // does a stopping one: it starts nothing.
@@ -1161,20 +708,20 @@ where
                 }
                 if let Some(error) = &self.dead {
                     self.fail_next(error.clone());
-                } else if self.admissions.is_empty() {
+                } else if self.chain.is_empty() {
                     if let Some((item, meta)) = self.pop_input() {
                         self.start(item, meta, cx);
                     }
                 } else {
-                    let call = self.next_call;
-                    match self.admit(cx, available) {
-                        Admitted::Go => {
+                    let room = self.limit().saturating_sub(self.inflight.len()).max(1);
+                    match self.chain.admit(cx, available.min(room)) {
+                        Admitted::Go(call) => {
                             if let Some((item, mut meta)) = self.pop_input() {
                                 meta.call = call;
                                 self.start(item, meta, cx);
                             }
                         }
-                        Admitted::Refuse => self.refuse(),
+                        Admitted::Refuse(error) => self.fail_next(error),
                         Admitted::Wait(at) => {
                             waits_on = Some(at);
                             break;
@@ -1183,12 +730,8 @@ where
                 }
                 progress = true;
             }
-            if !self.admissions.is_empty() {
-                for (i, a) in self.admissions.iter_mut().enumerate() {
-                    if waits_on != Some(i) {
-                        a.idle();
-                    }
-                }
+            if !self.chain.is_empty() {
+                self.chain.idle_but(waits_on);
                 if waits_on.is_some() {
                     // A gate that just closed (a breaker that opened) pauses the source now.
                     progress |= self.poll_pause(cx);
@@ -1197,17 +740,17 @@ where
             if !progress && !self.held.is_empty() && self.inflight.is_empty() {
                 progress |= self.poll_held(cx, true);
             }
-            if self.stopping && !self.up_done {
-                self.drain_upstream(cx);
+            if self.stopping && !self.input.is_done() {
+                self.input.drain(cx, &self.stats);
             }
-            if self.up_done
-                && self.waiting.is_empty()
+            if self.input.is_done()
+                && self.input.is_empty()
                 && self.inflight.is_empty()
                 && self.held.is_empty()
-                && self.backoff.len() == 0
+                && self.retry_queue.len() == 0
                 && self.down.as_ref().is_none_or(|d| d.len() == 0)
                 && self.reorder.is_empty()
-                && self.out.is_empty()
+                && self.output.is_empty()
             {
                 self.poll_pause(cx);
                 return Poll::Ready(());

@@ -15,12 +15,26 @@
 //! - [`routed`]: failures as items ([`Failed`]) and the attempt number ([`attempt`]).
 //! - `service` (feature `tower`): a `tower::Service` as the call.
 //! - [`transient`]: riding out an outage of the stage's server (`transient_if`).
-//! - [`driver`]: the task loop. Flow control and resilience come from `crate::policy`
-//!   through two traits; the driver names no policy.
+//! - [`driver`]: the task loop over the stage's parts. Flow control and resilience come
+//!   from `crate::policy` through two traits; the driver names no policy.
+//! - The parts, each with its tests: [`input`] (the input buffer), [`admission`] (the
+//!   admission chain), [`inflight`] (the calls in flight and the one path that launches
+//!   them), [`reorder`] (places in input order), [`retry_queue`], [`held`] (items an
+//!   admission holds), [`latency`] (the latency sampler), [`call_ages`] (for the stall
+//!   watchdog), [`output`].
 
+mod admission;
 mod builder;
 mod call;
+mod call_ages;
 mod driver;
+mod held;
+mod inflight;
+mod input;
+mod latency;
+mod output;
+mod reorder;
+mod retry_queue;
 mod routed;
 #[cfg(feature = "tower")]
 mod service;

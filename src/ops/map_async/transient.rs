@@ -1,17 +1,32 @@
 //! `transient_if`: an async stage rides out an outage of its server. The items whose calls
 //! failed with a transient error wait in [`Down`] while the job is paused; one of them at a
 //! time probes the server after the run's [`Outage`](crate::Outage) waits, and the first
-//! answer resumes the job (the driver's `ride_out`, `poll_outage`, `server_back`).
+//! answer resumes the job ([`Down::ride_out`], [`Down::poll_probe`], [`Down::back`]).
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::task::Context;
 
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
+use crate::error::ItemError;
+use crate::report::StageStats;
+use crate::runtime::RunCtx;
 use crate::runtime::gate::GateHold;
 
 use super::builder::TransientIf;
 use super::call::Meta;
+use super::retry_queue::RetryQueue;
+
+/// What [`Down::ride_out`] did with a finished call.
+pub(super) enum Ridden<T, U> {
+    /// Its item failed transiently and waits for the server.
+    Taken,
+    /// Its item failed transiently after a stop: it is left unfinished.
+    Left(Meta),
+    /// Not the server being down: the call ends as any other.
+    Back(Meta, Result<U, ItemError>, Option<T>),
+}
 
 /// The stage's watch on its server, and the items waiting for it.
 pub(super) struct Down<T> {
@@ -45,6 +60,131 @@ impl<T> Down<T> {
     /// The items waiting for the server.
     pub(super) fn len(&self) -> usize {
         self.queue.len() + usize::from(self.ready.is_some())
+    }
+
+    /// Whether the server is down: only a probe may start.
+    pub(super) fn is_down(&self) -> bool {
+        self.watch.is_down()
+    }
+
+    /// The server answered: the outage is over. The items that waited for it go first (in
+    /// the order they failed), before the ones already due.
+    pub(super) fn back(&mut self, due: &mut RetryQueue<T>) {
+        self.watch.succeeded();
+        self.probe = None;
+        self.sleep = None;
+        self.hold = None;
+        for (item, meta) in self
+            .ready
+            .take()
+            .into_iter()
+            .chain(self.queue.drain(..))
+            .rev()
+        {
+            due.push_due_front(item, meta);
+        }
+    }
+
+    /// While the server is down: when the wait is over, the first waiting item becomes the
+    /// probe. True if one did.
+    pub(super) fn poll_probe(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.watch.is_down() || self.probe.is_some() || self.queue.is_empty() {
+            return false;
+        }
+        if let Some(sleep) = self.sleep.as_mut() {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+        }
+        let Some((item, meta)) = self.queue.pop_front() else {
+            return false;
+        };
+        self.probe = Some(meta.seq);
+        self.ready = Some((item, meta));
+        true
+    }
+
+    /// Takes the item of a call that failed with a transient error, to be tried again when
+    /// the server answers, and notes an answer of the server (the items that waited go to
+    /// `due`); gives back whatever it does not take.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn ride_out<U>(
+        &mut self,
+        mut meta: Meta,
+        result: Result<U, ItemError>,
+        again: Option<T>,
+        called: bool,
+        stopping: bool,
+        due: &mut RetryQueue<T>,
+        stats: &StageStats,
+        run: &RunCtx,
+    ) -> Ridden<T, U> {
+        let is_probe = self.probe == Some(meta.seq);
+        if !called {
+            // Refused by an admission (a fail-fast breaker): no answer either way, but the
+            // probe's place is free for the next one.
+            if is_probe {
+                self.probe = None;
+            }
+            return Ridden::Back(meta, result, again);
+        }
+        let transient = matches!(&result, Err(e) if (self.transient.0)(e));
+        let (true, Some(_)) = (transient, again.as_ref()) else {
+            // An answer (a result, or an error that is not the server being down): the
+            // server is up.
+            if self.watch.is_down() || is_probe {
+                self.back(due);
+            }
+            return Ridden::Back(meta, result, again);
+        };
+        let (Err(error), Some(item)) = (result, again) else {
+            unreachable!("checked above")
+        };
+        StageStats::add(&stats.transient_retries, 1);
+        // Not an attempt: the next call of the item is its attempt again.
+        meta.attempts = meta.attempts.saturating_sub(1);
+        if stopping {
+            return Ridden::Left(meta);
+        }
+        if is_probe || !self.watch.is_down() {
+            // The first failure of an outage, or the probe's: the watch says how long to
+            // wait, or that the outage has lasted too long.
+            self.probe = None;
+            match self.watch.failed(error) {
+                Ok(wait) => {
+                    let at = crate::runtime::time::after(Instant::now(), wait);
+                    match self.sleep.as_mut() {
+                        Some(sleep) => sleep.as_mut().reset(at),
+                        None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+                    }
+                }
+                // Cancels the run: the items waiting here end unfinished.
+                Err(outage) => run.outage_ended(outage),
+            }
+            if self.hold.is_none() {
+                self.hold = Some(run.gate.hold());
+            }
+        }
+        if is_probe {
+            self.queue.push_front((item, meta));
+        } else {
+            self.queue.push_back((item, meta));
+        }
+        Ridden::Taken
+    }
+
+    /// A graceful stop: every waiting item is let go (its meta returned, to be left
+    /// unfinished), and the source is no longer held.
+    pub(super) fn take_all(&mut self) -> Vec<Meta> {
+        self.probe = None;
+        self.sleep = None;
+        self.hold = None;
+        self.ready
+            .take()
+            .into_iter()
+            .chain(self.queue.drain(..))
+            .map(|(_, m)| m)
+            .collect()
     }
 }
 
