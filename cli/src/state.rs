@@ -12,7 +12,7 @@
 //!
 //! A commit that fails (the file locked by a backup or another program, the disk briefly
 //! unwritable) is kept and tried again after a growing wait, under flowline's default
-//! [`Outage`](flowline::Outage) policy: the jobs that ended meanwhile wait in their slots,
+//! [`Outage`] policy: the jobs that ended meanwhile wait in their slots,
 //! so nothing new starts and nothing is answered done before it is written. When the file
 //! stays unwritable past the policy's limit, or the error cannot pass (not a database, a
 //! read-only file), the writer gives up: [`State::failure`] says why and the run stops.
