@@ -72,7 +72,8 @@
 //!   the gauges `flowline_stage_in_flight`, `flowline_stage_queue_depth` (items a stage sent
 //!   on, waiting in the queue to the next stage), `flowline_adaptive_limit`,
 //!   `flowline_breaker_state` (0 closed, 1 half-open, 2 open) and the histogram
-//!   `flowline_stage_call_duration_seconds` (the sampled calls of the report's percentiles),
+//!   `flowline_stage_sampled_call_duration_seconds` (the sampled calls of the report's
+//!   percentiles: its count is the sample's, not the calls'),
 //!   all labelled `pipeline` and `stage`. They are brought up to the stages' own counters
 //!   every second and when the run ends (exact then), so the stages' hot path pays nothing.
 //!

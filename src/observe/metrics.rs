@@ -15,7 +15,7 @@
 //! | `flowline_stage_queue_depth` | gauge | items the stage sent on that wait in the queue to the next stage (a stage whose items go on in the same task has none) |
 //! | `flowline_adaptive_limit` | gauge | an adaptive stage's limit on calls in flight |
 //! | `flowline_breaker_state` | gauge | a breaker's state: 0 closed, 1 half-open, 2 open |
-//! | `flowline_stage_call_duration_seconds` | histogram | call latency of async stages, from the sampled calls the report's percentiles use (at most about 1,024 a second per stage) |
+//! | `flowline_stage_sampled_call_duration_seconds` | histogram | call latency of async stages, from the sampled calls the report's percentiles use (at most about 1,024 a second per stage): its `_count` is the sample's size, not the number of calls; the call rate is about that of `flowline_stage_received_items_total` plus `flowline_stage_retries_total` |
 //!
 //! The stages keep their counters anyway (for the report, progress and snapshots). The
 //! exporter reads them on a schedule ([`EVERY`]) and once more when the run has ended, and
@@ -45,7 +45,7 @@ const DROPPED: &str = "flowline_stage_dropped_items_total";
 const RETRIES: &str = "flowline_stage_retries_total";
 const IN_FLIGHT: &str = "flowline_stage_in_flight";
 const QUEUE_DEPTH: &str = "flowline_stage_queue_depth";
-const DURATION: &str = "flowline_stage_call_duration_seconds";
+const DURATION: &str = "flowline_stage_sampled_call_duration_seconds";
 
 /// Exports the run's metrics until it ends (a run-level observer).
 pub(crate) async fn export(run: Arc<RunCtx>) {
@@ -397,7 +397,7 @@ mod tests {
         let timed = report.stage("call").unwrap().latency.unwrap().samples;
         assert!(timed > 40_000, "{timed}");
         let exported = keep
-            .get("flowline_stage_call_duration_seconds", "call", "")
+            .get("flowline_stage_sampled_call_duration_seconds", "call", "")
             .samples
             .lock()
             .unwrap()
@@ -471,7 +471,7 @@ mod tests {
         assert_eq!(keep.gauge("flowline_breaker_state", "store"), 0.0);
         // Fewer calls than an export samples: every call the report timed is there, once.
         let samples = keep
-            .get("flowline_stage_call_duration_seconds", "call", "")
+            .get("flowline_stage_sampled_call_duration_seconds", "call", "")
             .samples
             .lock()
             .unwrap()
@@ -483,7 +483,7 @@ mod tests {
         assert!(samples > 0);
         // A stage that makes no calls has no call-duration histogram.
         let key = (
-            "flowline_stage_call_duration_seconds".to_string(),
+            "flowline_stage_sampled_call_duration_seconds".to_string(),
             "filter".to_string(),
             String::new(),
         );
