@@ -806,6 +806,7 @@ pub trait Flow: IntoPipeline {
     /// assert_eq!((out.len(), t.elapsed()), (3, Duration::from_secs(1)));
     /// # }
     /// ```
+    #[doc(alias = "rate_limit")]
     fn pace(self, rate: crate::Rate) -> Pipeline<Self::Item> {
         crate::ops::pace::pace(self.into_pipeline(), rate)
     }

@@ -89,6 +89,19 @@
 //!
 //! Any other store implements [`CheckpointStore`] or [`Store`].
 //!
+//! ## Where did it go
+//!
+//! Names that moved, for code written against earlier versions:
+//!
+//! - `Flow::rate_limit` (items a second through the pipe) is [`Flow::pace`]; `rate_limit` on
+//!   an async stage ([`AsyncStage::rate_limit`]) still limits its calls.
+//! - `deadline`, `dead_letter`, `error_policy` and `name` are settings of the run, after the
+//!   terminal: `pipeline.run().deadline(d)` ([`Run::deadline`], [`Run::dead_letter`]), or
+//!   the same on a [`Graph`].
+//! - `SqliteCheckpoints` and `SqliteStore` are in the `flowline-sqlite` crate, the
+//!   PostgreSQL stores in `flowline-postgres`, the Redis source and stores in
+//!   `flowline-redis`.
+//!
 //! ## How it runs
 //!
 //! A [`Pipeline`] is a lazy plan; a terminal ([`Flow::run`], [`Flow::collect`],
