@@ -98,6 +98,9 @@
 //! - `deadline`, `dead_letter`, `error_policy` and `name` are settings of the run, after the
 //!   terminal: `pipeline.run().deadline(d)` ([`Run::deadline`], [`Run::dead_letter`]), or
 //!   the same on a [`Graph`].
+//! - The metric `flowline_stage_call_duration_seconds` is
+//!   `flowline_stage_sampled_call_duration_seconds`: it holds the report's sample of call
+//!   times, so its count is not the number of calls.
 //! - `SqliteCheckpoints` and `SqliteStore` are in the `flowline-sqlite` crate, the
 //!   PostgreSQL stores in `flowline-postgres`, the Redis source and stores in
 //!   `flowline-redis`.

@@ -31,7 +31,17 @@ use crate::util::{alternate, emit};
 pub fn run(case: Option<&str>) {
     let bin = flowline_binary();
     let want = |c: &str| case.is_none_or(|x| c.starts_with(x));
-    if case.is_none_or(|x| !"cli_queue".starts_with(x) || x.is_empty()) {
+    // Every case but cli_queue compares with GNU parallel.
+    if [
+        "cli_jobs",
+        "cli_http",
+        "cli_rate",
+        "cli_floor",
+        "cli_filter",
+    ]
+    .into_iter()
+    .any(want)
+    {
         ensure_parallel();
     }
     if want("cli_jobs") {

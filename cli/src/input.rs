@@ -109,7 +109,7 @@ impl SqlPager {
 
 type Page = (Vec<Vec<u8>>, Option<rusqlite::types::Value>);
 
-/// The page of `n` rows after `last`. A database locked by a writer or an I/O error is an
+/// The page of `n` rows after `last`. A database locked by a writer is an
 /// outage: the source waits and reads the page again (flowline's default policy), so no
 /// input is skipped or failed for it; a bad query or a missing table ends the run at once.
 async fn read_page(
@@ -137,21 +137,6 @@ async fn read_page(
         .map_err(|e| e.to_string())
 }
 
-/// A SQLite error of the `sql` source: a lock or an I/O error may pass; anything else is
-/// the query's or the file's and does not heal by waiting.
-fn sql_error(e: rusqlite::Error) -> flowline::BoxError {
-    use rusqlite::ErrorCode as C;
-    let passes = matches!(
-        e.sqlite_error_code(),
-        Some(C::DatabaseBusy | C::DatabaseLocked | C::SystemIoFailure)
-    );
-    if passes {
-        Box::new(e)
-    } else {
-        Box::new(flowline::Permanent::new(e))
-    }
-}
-
 fn sql_page(
     db: &Path,
     query: &str,
@@ -165,14 +150,14 @@ fn sql_page(
             .map_err(|e| flowline::Permanent::new(format!("cannot open {}: {e}", db.display())))?;
     // A short lock (a writer's commit) is waited out here; a longer one is an outage.
     conn.busy_timeout(std::time::Duration::from_secs(1))
-        .map_err(sql_error)?;
+        .map_err(flowline_sqlite::classify)?;
     let sql = match last {
         Some(_) => {
             format!("SELECT * FROM ({query}) WHERE \"{key}\" > ?1 ORDER BY \"{key}\" LIMIT {n}")
         }
         None => format!("SELECT * FROM ({query}) ORDER BY \"{key}\" LIMIT {n}"),
     };
-    let mut st = conn.prepare(&sql).map_err(sql_error)?;
+    let mut st = conn.prepare(&sql).map_err(flowline_sqlite::classify)?;
     let cols = st.column_count();
     let key_idx = (0..cols)
         .find(|&i| st.column_name(i).is_ok_and(|c| c == key))
@@ -180,13 +165,13 @@ fn sql_page(
     let params: Vec<V> = last.into_iter().collect();
     let mut rows = st
         .query(rusqlite::params_from_iter(params))
-        .map_err(sql_error)?;
+        .map_err(flowline_sqlite::classify)?;
     let mut out = Vec::new();
     let mut last_key = None;
-    while let Some(r) = rows.next().map_err(sql_error)? {
+    while let Some(r) = rows.next().map_err(flowline_sqlite::classify)? {
         let mut fields = Vec::with_capacity(cols);
         for i in 0..cols {
-            let v: V = r.get(i).map_err(sql_error)?;
+            let v: V = r.get(i).map_err(flowline_sqlite::classify)?;
             if i == key_idx {
                 last_key = Some(v.clone());
             }

@@ -10,12 +10,11 @@
 //! through more steps) are committed within 100 ms. The file is in WAL mode with
 //! `synchronous = NORMAL`: a commit survives a crash of `flowline`, not a power loss.
 //!
-//! A commit that fails (the file locked by a backup or another program, the disk briefly
-//! unwritable) is kept and tried again after a growing wait, under flowline's default
+//! A commit that fails because the file is locked (by a backup, another program) is kept and tried again after a growing wait, under flowline's default
 //! [`Outage`] policy: the jobs that ended meanwhile wait in their slots,
-//! so nothing new starts and nothing is answered done before it is written. When the file
-//! stays unwritable past the policy's limit, or the error cannot pass (not a database, a
-//! read-only file), the writer gives up: [`State::failure`] says why and the run stops.
+//! so nothing new starts and nothing is answered done before it is written. A lock is what
+//! passes (`flowline_sqlite::classify`); when the file stays locked past the policy's limit,
+//! or the error cannot pass (not a database, read-only, a full disk), the writer gives up: [`State::failure`] says why and the run stops.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -24,8 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use flowline::{Outage, Permanent};
-use rusqlite::{Connection, ErrorCode, params};
+use flowline::Outage;
+use rusqlite::{Connection, params};
 
 const DONE: i64 = 1;
 const FAILED: i64 = 2;
@@ -256,7 +255,7 @@ fn write_loop(
                 Err(e) => {
                     let first = !watch.is_down();
                     let text = e.to_string();
-                    match watch.failed(classify(e)) {
+                    match watch.failed(flowline_sqlite::classify(e)) {
                         Ok(wait) => {
                             if first {
                                 eprintln!(
@@ -290,21 +289,6 @@ fn write_loop(
         if closed && (pending.is_empty() || gave_up) {
             return;
         }
-    }
-}
-
-/// A failed commit as flowline's outage policy reads it: a file that is not a database, is
-/// damaged or opened read-only does not heal by waiting ([`Permanent`]); a lock, an I/O
-/// error or a full disk may pass.
-fn classify(e: rusqlite::Error) -> flowline::BoxError {
-    let permanent = matches!(
-        e.sqlite_error_code(),
-        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt | ErrorCode::ReadOnly)
-    );
-    if permanent {
-        Box::new(Permanent::new(e))
-    } else {
-        Box::new(e)
     }
 }
 

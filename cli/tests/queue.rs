@@ -233,10 +233,8 @@ fn a_failing_job_ends_in_the_feeders_dead_letters_as_in_a_local_run() {
     );
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(out.status.code(), local.status.code());
-    let (mut a, mut b) = (counts(&out.stdout), counts(&local.stdout));
+    let (a, b) = (counts(&out.stdout), counts(&local.stdout));
     assert_eq!(a, b, "the same output as a local run");
-    a.clear();
-    b.clear();
     let read = |f: &str| -> serde_json::Value {
         let text = std::fs::read_to_string(dir.path().join(f)).unwrap();
         assert_eq!(text.lines().count(), 1, "{text}");
@@ -253,6 +251,67 @@ fn a_failing_job_ends_in_the_feeders_dead_letters_as_in_a_local_run() {
         assert!(err.lines().any(|l| l == line), "{line} not in: {err}");
     }
     all_exit_0(ws);
+}
+
+/// An input whose job kills its worker every time is delivered again and again until the
+/// stream gives up on it: it then ends in the feeder's dead letters as a failure, the run
+/// ends, and the other input is printed.
+#[test]
+fn an_input_that_kills_every_worker_ends_in_the_feeders_dead_letters() {
+    let (_server, dir, q) = setup(false, "poison");
+    let pipe =
+        r#"args(ok, poison) | sh("if [ {} = poison ]; then kill -9 $PPID; sleep 5; fi; echo {}")"#;
+    let feeder = start(
+        dir.path(),
+        &["--queue", &q, "--dead-letter", "queue.jsonl", pipe],
+    );
+    let pid = feeder.id();
+    let waiter = std::thread::spawn(move || feeder.wait_with_output().expect("wait"));
+    let t = Instant::now();
+    let mut started = 0;
+    // One worker after another, each killed by the poison input it takes.
+    let bound = Duration::from_secs(60);
+    let give_up = |why: &str| {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        panic!("{why}");
+    };
+    while !waiter.is_finished() {
+        if t.elapsed() > bound || started >= 40 {
+            give_up(&format!("the feeder did not end after {started} workers"));
+        }
+        let mut w = flowline(
+            dir.path(),
+            &["--queue", &q, "--worker", "--lease", "100ms", pipe],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("worker");
+        started += 1;
+        while w.try_wait().unwrap().is_none() && !waiter.is_finished() {
+            if t.elapsed() > bound {
+                let _ = w.kill();
+                give_up("a worker lived on and the feeder did not end");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    let out = waiter.join().expect("waiter");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(counts(&out.stdout).get("ok"), Some(&1));
+    let dead = std::fs::read_to_string(dir.path().join("queue.jsonl")).unwrap();
+    assert_eq!(dead.lines().count(), 1, "{dead}");
+    assert!(
+        dead.contains("poison") && dead.contains("gave up"),
+        "{dead}"
+    );
 }
 
 #[test]

@@ -176,7 +176,7 @@ impl Hedge {
                 Delay::After(_) => None,
                 Delay::Percentile(p) => Some(p),
             },
-            window: Histogram::new(3).expect("3 significant figures is a valid precision"),
+            window: crate::report::latency_histogram(),
             max_extra: self.max_extra,
             calls: 0,
             extra: 0,
@@ -203,6 +203,11 @@ impl HedgeState {
         self.calls += 1;
         self.counts.calls.fetch_add(1, Relaxed);
         self.delay
+    }
+
+    /// Whether the stage must time its calls for this hedge (a percentile's sample).
+    pub(crate) fn needs_latency(&self) -> bool {
+        self.quantile.is_some()
     }
 
     /// A call answered in `latency` (a percentile's sample).
@@ -472,5 +477,30 @@ mod tests {
             "{err}"
         );
         assert!(!ran.load(SeqCst));
+    }
+
+    /// A hedge's second call would pass no gate: a stage with one refuses the hedge before
+    /// the run starts, instead of letting calls past its rate or in-flight limit.
+    #[tokio::test(start_paused = true)]
+    async fn a_hedge_beside_a_rate_or_inflight_limit_is_refused_by_name() {
+        let err = Pipeline::from_iter(0..3u32)
+            .map_async("call", |x| async move { x })
+            .rate_limit(crate::Rate::per_second(10))
+            .hedge(Hedge::after(Duration::from_millis(5)))
+            .run()
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("hedge") && err.contains("rate_limit"), "{err}");
+        let shared = crate::Inflight::new(2);
+        let err = Pipeline::from_iter(0..3u32)
+            .map_async("call", |x| async move { x })
+            .inflight(&shared)
+            .hedge(Hedge::after(Duration::from_millis(5)))
+            .run()
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot be combined"), "{err}");
     }
 }

@@ -235,6 +235,9 @@ pub async fn run(
         .unwrap_or(settings.jobs)
         .clamp(1, 10_000);
     let opts = StreamOptions::new()
+        // The entries the stream gives up on (delivered too often: a job that kills its
+        // worker) go where the feeder reads them, so they end as failures there.
+        .dead_letter_stream(queue.key("dead"))
         .min_idle(lease)
         .block(Duration::from_millis(200))
         .batch(reads);

@@ -485,6 +485,9 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
     /// delay gets a second call for the same item; the first answer is the item's and the
     /// other call is dropped. Each item still ends once. Needs `T: Clone`: the second call
     /// gets a copy of the input. Hedging applies to every attempt of a stage with `retry`.
+    /// The two calls of one item count as one of `workers(n)` (the budget bounds the
+    /// extra ones); a stage with `rate_limit`, `inflight`, `circuit_breaker` or `adaptive`
+    /// refuses a hedge before the run starts, as its second call would not pass them.
     ///
     /// ```
     /// use flowline::prelude::*;
@@ -645,6 +648,16 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
                 "timeout",
                 Duration::ZERO,
                 "must be more than zero",
+            ));
+        }
+        if options.hedge.is_some() && !options.policies.is_empty() {
+            // A hedge's second call is made for an item already let through: it would not
+            // pass the gates (a rate's permits, an in-flight slot, a breaker's verdict).
+            upstream.settings.errors.push(Error::config_text(
+                &name,
+                "hedge",
+                format!("{:?}", options.policies),
+                "cannot be combined with rate_limit, inflight, circuit_breaker or adaptive on one stage: a second call would not pass them",
             ));
         }
         let invalid = options

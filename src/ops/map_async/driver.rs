@@ -85,8 +85,10 @@ pub(super) async fn drive<T, U, S>(
         output: Output::new(tx),
         stats: stats.clone(),
         run: run.clone(),
-        // A hedge's percentile needs every call's latency.
-        latency: LatencySampler::new(chain.times_calls() || hedge.is_some()),
+        // A hedge's percentile needs every call's latency (a fixed delay needs none).
+        latency: LatencySampler::new(
+            chain.times_calls() || hedge.as_ref().is_some_and(HedgeState::needs_latency),
+        ),
         hedge,
         chain,
         retry_queue: RetryQueue::new(retry.as_ref().is_some_and(|r| r.pauses_source())),
