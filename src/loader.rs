@@ -441,35 +441,29 @@ where
 fn check(max_batch: usize, max_wait: Duration) -> Result<(), Error> {
     let mut problems = Vec::new();
     if max_batch == 0 {
-        problems.push(("max_batch", format!("{max_batch}"), "must be at least 1"));
+        problems.push(Error::config(
+            "loader",
+            "max_batch",
+            max_batch,
+            "must be at least 1",
+        ));
     }
     if max_wait.is_zero() {
-        problems.push((
+        problems.push(Error::config(
+            "loader",
             "max_wait",
-            format!("{max_wait:?}"),
+            max_wait,
             "must be more than zero (a batch could not gather a second key)",
         ));
     } else if max_wait > Loader::<(), ()>::MAX_WAIT {
-        problems.push((
+        problems.push(Error::config(
+            "loader",
             "max_wait",
-            format!("{max_wait:?}"),
+            max_wait,
             "must be at most 1 hour",
         ));
     }
-    match problems.is_empty() {
-        true => Ok(()),
-        false => Err(Error::Config {
-            problems: problems
-                .into_iter()
-                .map(|(option, value, reason)| crate::error::ConfigProblem {
-                    stage: "loader".into(),
-                    option,
-                    value,
-                    reason,
-                })
-                .collect(),
-        }),
-    }
+    Error::all_config(problems).map_or(Ok(()), Err)
 }
 
 fn answer_all<K: Hash + Eq, V: Clone>(state: &mut State<K, V>, key: &K, answer: Answer<V>) {

@@ -435,14 +435,14 @@ impl RetryPolicy for Retrying {
         let delay = match cfg.next_delay(f.attempts, f.error, rand) {
             Ok(d) => d,
             Err(hint) => {
-                return Again::GiveUp(HintTooLong::error(hint, "the longest wait", f.error));
+                return Again::GiveUp(HintTooLong::error(hint, Cap::OneWait, f.error));
             }
         };
         let at = crate::runtime::time::after(Instant::now(), delay);
         if let (Some(limit), Some(first)) = (cfg.max_elapsed, f.first_at) {
             if at.duration_since(first) > limit {
                 return match cfg.hint_of(f.error) {
-                    Some(hint) => Again::GiveUp(HintTooLong::error(hint, "max_elapsed", f.error)),
+                    Some(hint) => Again::GiveUp(HintTooLong::error(hint, Cap::MaxElapsed, f.error)),
                     None => Again::No,
                 };
             }
@@ -465,12 +465,21 @@ impl RetryPolicy for Retrying {
 #[derive(Debug)]
 struct HintTooLong {
     hint: Duration,
-    cap: &'static str,
+    cap: Cap,
     error: ItemError,
 }
 
+/// Which bound a server's requested wait broke.
+#[derive(Debug, Clone, Copy)]
+enum Cap {
+    /// Longer than [`Retry::WAIT_CAP`], the cap of any one wait.
+    OneWait,
+    /// The wait would end past the retry's `max_elapsed`.
+    MaxElapsed,
+}
+
 impl HintTooLong {
-    fn error(hint: Duration, cap: &'static str, error: &ItemError) -> ItemError {
+    fn error(hint: Duration, cap: Cap, error: &ItemError) -> ItemError {
         ItemError::user(HintTooLong {
             hint,
             cap,
@@ -482,8 +491,8 @@ impl HintTooLong {
 impl fmt::Display for HintTooLong {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let cap = match self.cap {
-            "max_elapsed" => "past the retry's max_elapsed".to_string(),
-            _ => format!("over the {:?} cap of one wait", Retry::WAIT_CAP),
+            Cap::MaxElapsed => "past the retry's max_elapsed".to_string(),
+            Cap::OneWait => format!("over the {:?} cap of one wait", Retry::WAIT_CAP),
         };
         write!(
             f,

@@ -27,7 +27,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::Pool;
 use tokio_postgres::types::ToSql;
@@ -92,13 +92,35 @@ pub struct PgStore {
     held: Arc<KeySet>,
     /// Leases of this handle's reserve calls that failed: the server may have written them
     /// before the connection dropped, and the keys come back in a later call, which takes
-    /// them as its own instead of finding them busy until they expire.
-    failed_leases: Arc<std::sync::Mutex<std::collections::VecDeque<i64>>>,
+    /// them as its own instead of finding them busy until they expire. Each lease is kept
+    /// with the time its reservation could last until: past it, the keys are free anyway.
+    failed_leases: Arc<std::sync::Mutex<FailedLeases>>,
 }
 
-/// Failed leases remembered (the oldest is forgotten first: its keys then wait out their
-/// reservation, as another holder's would).
+/// Failed leases remembered at most (past it the oldest is forgotten first: its keys then
+/// wait out their reservation, as another holder's would). Expired ones are dropped sooner.
 const FAILED_LEASES_MAX: usize = 64;
+
+type FailedLeases = std::collections::VecDeque<(i64, Instant)>;
+
+/// The failed leases whose reservations may still hold keys; the others are forgotten.
+fn live_leases(failed: &mut FailedLeases, now: Instant) -> Vec<i64> {
+    failed.retain(|(_, until)| *until > now);
+    failed.iter().map(|(lease, _)| *lease).collect()
+}
+
+/// Keeps a failed reserve call's lease. The server may have written it when the call
+/// began, so it holds the keys no longer than the TTL from `now`.
+fn remember_failed(failed: &mut FailedLeases, lease: i64, now: Instant, ttl: Duration) {
+    if failed.len() == FAILED_LEASES_MAX {
+        failed.pop_front();
+    }
+    // A TTL too long to add to now (Duration::MAX) keeps the lease for a century.
+    let until = now
+        .checked_add(ttl)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
+    failed.push_back((lease, until));
+}
 
 /// A set of keys a handle keeps in this process: those [`PgStore::commit_with`] marked
 /// done, until [`Store::commit`] or [`Store::release`] is called for them (bounded by
@@ -652,7 +674,7 @@ impl PgStore {
         Ok(n == keys.len() as i64)
     }
 
-    fn failed_leases(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<i64>> {
+    fn failed_leases(&self) -> std::sync::MutexGuard<'_, FailedLeases> {
         self.failed_leases.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -715,7 +737,7 @@ impl PgStore {
             .collect();
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 4);
         let lease = next_lease();
-        let earlier: Vec<i64> = self.failed_leases().iter().copied().collect();
+        let earlier = live_leases(&mut self.failed_leases(), Instant::now());
         let name = self.name.as_deref();
         let table = &*self.table;
         let answer = retrying(self.retry_for, || async {
@@ -771,11 +793,7 @@ impl PgStore {
         let (taken, states) = match answer {
             Ok(a) => a,
             Err(e) => {
-                let mut failed = self.failed_leases();
-                if failed.len() == FAILED_LEASES_MAX {
-                    failed.pop_front();
-                }
-                failed.push_back(lease);
+                remember_failed(&mut self.failed_leases(), lease, Instant::now(), ttl);
                 return Err(e);
             }
         };
@@ -1024,5 +1042,45 @@ impl PgStore {
         .await?;
         let renewed: HashSet<&str> = rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
         Ok(keys.iter().map(|k| renewed.contains(k.as_str())).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_lease_is_offered_until_its_reservation_could_have_expired() {
+        let t0 = Instant::now();
+        let mut failed = FailedLeases::new();
+        remember_failed(&mut failed, 1, t0, Duration::from_secs(10));
+        remember_failed(&mut failed, 2, t0, Duration::from_secs(60));
+        remember_failed(&mut failed, 3, t0, Duration::MAX);
+        assert_eq!(
+            live_leases(&mut failed, t0 + Duration::from_secs(9)),
+            [1, 2, 3]
+        );
+        assert_eq!(
+            live_leases(&mut failed, t0 + Duration::from_secs(10)),
+            [2, 3]
+        );
+        assert_eq!(live_leases(&mut failed, t0 + Duration::from_secs(61)), [3]);
+        assert_eq!(
+            failed.len(),
+            1,
+            "expired leases are dropped, not kept to the cap"
+        );
+    }
+
+    #[test]
+    fn past_the_cap_the_oldest_failed_lease_is_forgotten() {
+        let t0 = Instant::now();
+        let mut failed = FailedLeases::new();
+        for lease in 0..FAILED_LEASES_MAX as i64 + 3 {
+            remember_failed(&mut failed, lease, t0, Duration::from_secs(60));
+        }
+        let live = live_leases(&mut failed, t0);
+        assert_eq!(live.len(), FAILED_LEASES_MAX);
+        assert_eq!(live[0], 3);
     }
 }
