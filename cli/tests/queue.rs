@@ -494,3 +494,95 @@ fn filters_and_the_feeders_sink_give_what_a_local_run_gives() {
     assert_eq!(a, b);
     all_exit_0(ws);
 }
+
+/// `kill -STOP` / `kill -CONT` on a process.
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// A worker stopped (SIGSTOP) with jobs in flight: its leases run out and the other
+/// workers take its inputs over; once it runs again (SIGCONT) it writes the results of
+/// the jobs it held, which the feeder has already written out from the others: each
+/// input is still printed exactly once, and the resumed worker ends with the run.
+#[test]
+fn a_worker_stopped_mid_run_and_resumed_duplicates_no_output() {
+    let (_server, dir, q) = setup(false, "stopped");
+    let effects = dir.path().join("effects");
+    let pipe = format!(
+        r#"seq(1..300) | fork(3) | sh("echo {{}} >> {}; sleep 0.1; echo out-{{}}")"#,
+        effects.display()
+    );
+    let ran = || std::fs::read_to_string(&effects).map_or(0, |s| s.lines().count());
+    let first = workers(dir.path(), &q, &pipe, 1).remove(0);
+    let mut feeder = start(dir.path(), &["--queue", &q, &pipe]);
+    let t = Instant::now();
+    while ran() < 6 {
+        assert!(t.elapsed() < Duration::from_secs(20), "no job started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    signal(first.id(), "-STOP");
+    let held = ran();
+    let others = workers(dir.path(), &q, &pipe, 2);
+    // Past the lease (1 s): the others have taken the stopped worker's inputs over.
+    let t = Instant::now();
+    while ran() < held + 30 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the other workers took nothing over"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        feeder.try_wait().unwrap().is_none(),
+        "the run ended while the worker was stopped: nothing left to duplicate"
+    );
+    signal(first.id(), "-CONT");
+    let out = finish(feeder, "the feeder");
+    succeeded(&out);
+    expect_each_once(&out, 300, "out-");
+    let ran = counts(std::fs::read_to_string(&effects).unwrap().as_bytes());
+    assert!(
+        ran.values().any(|&n| n >= 2),
+        "no input of the stopped worker ran again elsewhere"
+    );
+    let mut ws = others;
+    ws.push(first);
+    all_exit_0(ws);
+}
+
+/// Redis down when the feeder and a worker start: both wait for it (under the outage
+/// policy) and, once it is up, run every input; none is turned into a failure.
+#[test]
+fn redis_down_when_the_feeder_and_a_worker_start_is_waited_for() {
+    let (mut server, dir, q) = setup(false, "late");
+    server.kill();
+    let pipe = r#"seq(1..50) | fork(4) | sh("echo out-{}")"#;
+    let mut ws = workers(dir.path(), &q, pipe, 1);
+    let mut feeder = start(
+        dir.path(),
+        &["--queue", &q, "--dead-letter", "dead.jsonl", pipe],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        feeder.try_wait().unwrap().is_none(),
+        "the feeder gave up while Redis was down"
+    );
+    assert!(
+        ws[0].try_wait().unwrap().is_none(),
+        "the worker gave up while Redis was down"
+    );
+    server.restart();
+    let out = finish(feeder, "the feeder");
+    succeeded(&out);
+    expect_each_once(&out, 50, "out-");
+    assert!(
+        !dir.path().join("dead.jsonl").exists(),
+        "the outage turned inputs into failures"
+    );
+    all_exit_0(std::mem::take(&mut ws));
+}
