@@ -586,3 +586,62 @@ fn redis_down_when_the_feeder_and_a_worker_start_is_waited_for() {
     );
     all_exit_0(std::mem::take(&mut ws));
 }
+
+/// A worker started just after a run finished (its keys still there for a minute) waits
+/// for the next run instead of ending with the old one, and runs it.
+#[test]
+fn a_worker_started_after_a_run_finished_waits_for_the_next_run() {
+    let (_server, dir, q) = setup(false, "next");
+    let pipe = r#"seq(1..20) | fork(2) | sh("echo out-{}")"#;
+    let ws = workers(dir.path(), &q, pipe, 1);
+    let out = finish(start(dir.path(), &["--queue", &q, pipe]), "the first run");
+    succeeded(&out);
+    all_exit_0(ws);
+    let mut late = workers(dir.path(), &q, pipe, 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        late[0].try_wait().unwrap().is_none(),
+        "the worker ended with the finished run"
+    );
+    let out = finish(start(dir.path(), &["--queue", &q, pipe]), "the next run");
+    succeeded(&out);
+    expect_each_once(&out, 20, "out-");
+    all_exit_0(std::mem::take(&mut late));
+}
+
+/// A worker of an old run, stopped (SIGSTOP) while it held jobs and resumed once a new run
+/// of another pipe has started on the same NAME, mixes nothing into the new run: its late
+/// results go to the old run's keys, it runs none of the new run's inputs, and it ends.
+#[test]
+fn a_late_worker_of_an_old_run_does_not_mix_with_the_new_run() {
+    let (_server, dir, q) = setup(false, "mix");
+    let effects = dir.path().join("effects");
+    let old = format!(
+        r#"seq(1..40) | fork(2) | sh("echo {{}} >> {}; sleep 0.2; echo old-{{}}")"#,
+        effects.display()
+    );
+    let new = r#"seq(1..40) | fork(2) | sh("sleep 0.1; echo new-{}")"#;
+    let stale = workers(dir.path(), &q, &old, 1).remove(0);
+    let feeder = start(dir.path(), &["--queue", &q, &old]);
+    let t = Instant::now();
+    while std::fs::read_to_string(&effects).map_or(0, |s| s.lines().count()) < 2 {
+        assert!(t.elapsed() < Duration::from_secs(20), "no job started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    signal(stale.id(), "-STOP");
+    let others = workers(dir.path(), &q, &old, 2);
+    let out = finish(feeder, "the old run");
+    succeeded(&out);
+    expect_each_once(&out, 40, "old-");
+    all_exit_0(others);
+    let ws = workers(dir.path(), &q, new, 1);
+    let feeder = start(dir.path(), &["--queue", &q, new]);
+    std::thread::sleep(Duration::from_millis(300));
+    signal(stale.id(), "-CONT");
+    let out = finish(feeder, "the new run");
+    succeeded(&out);
+    expect_each_once(&out, 40, "new-");
+    let mut ws = ws;
+    ws.push(stale);
+    all_exit_0(ws);
+}

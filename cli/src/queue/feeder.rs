@@ -198,7 +198,7 @@ impl Feeder {
         let script = redis::Script::new(ENDED);
         let keys = [
             self.queue.key("ended"),
-            self.queue.key("meta"),
+            self.queue.meta_key(),
             self.queue.key("results"),
             self.queue.key("dead"),
         ];
@@ -283,7 +283,7 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
             };
             let (key, conn) = {
                 let f = f.lock().await;
-                (f.queue.key("meta"), f.conn.clone())
+                (f.queue.meta_key(), f.conn.clone())
             };
             call(&outage, &server, &conn, |mut c| {
                 let key = key.clone();
@@ -351,7 +351,7 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
 /// Starts a new run of the queue, or resumes an unfinished one; returns how many inputs
 /// were fed before.
 async fn start(f: &mut Feeder, quiet: bool) -> Result<u64, String> {
-    let meta_key = f.queue.key("meta");
+    let meta_key = f.queue.meta_key();
     let meta: HashMap<String, String> = f
         .call("reading the queue", |mut c| {
             let k = meta_key.clone();
@@ -359,20 +359,22 @@ async fn start(f: &mut Feeder, quiet: bool) -> Result<u64, String> {
         })
         .await?;
     let num = |k: &str| meta.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    if meta.is_empty() || meta.contains_key("finished") {
-        // A new run: what an earlier, finished run left goes. The stream is emptied, not
-        // deleted: workers started before the feeder are reading it in their group.
-        let keys = f.queue.keys(&["results", "dead", "meta", "ended"]);
-        let jobs = f.queue.key("jobs");
-        f.call("clearing a finished run", |mut c| {
+    let run = meta.get("run").filter(|r| !r.is_empty());
+    let Some(run) = run.filter(|_| !meta.contains_key("finished")) else {
+        // A new run, with keys of its own: what an earlier run left expires by itself (its
+        // feeder set that when it finished), and its late workers write only there.
+        let run = super::new_run_id();
+        f.call("starting a run", |mut c| {
+            let (k, run) = (meta_key.clone(), run.clone());
             let mut p = redis::pipe();
-            p.atomic().del(&keys).ignore();
-            p.cmd("XTRIM").arg(&jobs).arg("MAXLEN").arg(0).ignore();
+            p.atomic().del(&k).ignore().hset(&k, "run", &run).ignore();
             async move { p.query_async::<()>(&mut c).await }
         })
         .await?;
+        f.queue = f.queue.with_run(&run);
         return Ok(0);
-    }
+    };
+    f.queue = f.queue.with_run(run);
     let ended_key = f.queue.key("ended");
     let bits: Vec<u8> = f
         .call("reading the inputs ended", |mut c| {
@@ -415,7 +417,7 @@ async fn feed(
         let f = f.lock().await;
         (
             f.queue.key("jobs"),
-            f.queue.key("meta"),
+            f.queue.meta_key(),
             f.queue.name.clone(),
             f.conn.clone(),
             f.outage,
@@ -486,7 +488,7 @@ async fn collect(
             f.outage,
             f.server.clone(),
             f.queue.name.clone(),
-            f.queue.key("meta"),
+            f.queue.meta_key(),
         )
     };
     let (mut after_r, mut after_d) = ("0".to_string(), "0".to_string());
@@ -565,8 +567,9 @@ async fn collect(
 
 /// Marks the run finished (the workers exit) and lets its keys expire.
 async fn finish(f: &Feeder) -> Result<(), String> {
-    let keys = f.queue.keys(&["jobs", "results", "dead", "meta", "ended"]);
-    let meta = f.queue.key("meta");
+    let mut keys = f.queue.keys(&["jobs", "results", "dead", "ended"]);
+    keys.push(f.queue.meta_key());
+    let meta = f.queue.meta_key();
     f.call("marking the run finished", |mut c| {
         let mut p = redis::pipe();
         p.atomic().hset(&meta, "finished", 1).ignore();

@@ -9,7 +9,9 @@
 //! every worker of the queue ([`RedisRate`], [`RedisInflight`]). A worker killed with
 //! SIGKILL leaves its entries pending; the other workers take them over after `--lease`
 //! (at least once: a job in flight on the killed worker runs again elsewhere). A worker
-//! ends when the feeder has marked the run finished, letting its running jobs finish.
+//! joins the queue's unfinished run (waiting for one if there is none) and ends when the
+//! feeder has marked that run finished or another run has taken the queue, letting its
+//! running jobs finish.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -228,6 +230,13 @@ pub async fn run(
     lease: Duration,
 ) -> Result<Outcome, String> {
     let consumer = consumer_name();
+    let Some(queue) = attach(&queue).await? else {
+        return Ok(Outcome {
+            failures: 0,
+            interrupted: true,
+            halted_by: None,
+        });
+    };
     let reads = plan
         .main_tasks()
         .map(|t| t.policies.fork.unwrap_or(settings.jobs))
@@ -346,23 +355,42 @@ pub async fn run(
     }
 }
 
-/// Watches the queue's `finished` mark (set by the feeder once every input has ended).
-/// Redis being down only delays the news.
+/// Waits for a run of the queue that has not finished and returns the queue with its
+/// keys; `None` on a signal. A run that finished (its keys not yet expired) is not joined:
+/// its feeder is done, and the next run has keys of its own. Redis being down is waited
+/// out.
+async fn attach(queue: &Queue) -> Result<Option<Queue>, String> {
+    let conn = super::connect(&queue.server)?;
+    let wait = async {
+        loop {
+            if let Ok((Some(run), false)) = super::run_state(&conn, queue).await {
+                return queue.with_run(&run);
+            }
+            // Soon after the feeder starts the run: a worker that reads the first inputs
+            // as they come spreads them best (and an input that kills its worker then
+            // takes fewer others with it).
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        q = wait => Ok(Some(q)),
+        () = super::stop_signal() => Ok(None),
+    }
+}
+
+/// Watches the queue's run: its end comes when the feeder has marked it finished (every
+/// input has ended), or when another run has taken the queue's NAME. Redis being down
+/// only delays the news.
 async fn watch_finished(queue: Queue, tx: tokio::sync::watch::Sender<bool>) {
     let Ok(conn) = super::connect(&queue.server) else {
         return;
     };
-    let key = queue.key("meta");
     loop {
-        let mut c = conn.clone();
-        let r: redis::RedisResult<Option<String>> = redis::cmd("HGET")
-            .arg(&key)
-            .arg("finished")
-            .query_async(&mut c)
-            .await;
-        if matches!(r, Ok(Some(_))) {
-            let _ = tx.send(true);
-            return;
+        if let Ok((run, finished)) = super::run_state(&conn, &queue).await {
+            if finished || run.as_deref() != Some(queue.run.as_str()) {
+                let _ = tx.send(true);
+                return;
+            }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
