@@ -230,12 +230,28 @@ pub async fn run(
     lease: Duration,
 ) -> Result<Outcome, String> {
     let consumer = consumer_name();
-    let Some(queue) = attach(&queue).await? else {
-        return Ok(Outcome {
-            failures: 0,
-            interrupted: true,
-            halted_by: None,
-        });
+    let queue = match attach(&queue).await? {
+        Attached::Run(q) => q,
+        Attached::Missed => {
+            if !settings.quiet {
+                eprintln!(
+                    "flowline: worker {consumer}: a run of queue `{}` finished before this worker joined it",
+                    queue.name
+                );
+            }
+            return Ok(Outcome {
+                failures: 0,
+                interrupted: false,
+                halted_by: None,
+            });
+        }
+        Attached::Signalled => {
+            return Ok(Outcome {
+                failures: 0,
+                interrupted: true,
+                halted_by: None,
+            });
+        }
     };
     let reads = plan
         .main_tasks()
@@ -355,16 +371,37 @@ pub async fn run(
     }
 }
 
-/// Waits for a run of the queue that has not finished and returns the queue with its
-/// keys; `None` on a signal. A run that finished (its keys not yet expired) is not joined:
-/// its feeder is done, and the next run has keys of its own. Redis being down is waited
-/// out.
-async fn attach(queue: &Queue) -> Result<Option<Queue>, String> {
+/// What a worker found when it looked for a run to join.
+enum Attached {
+    /// The queue, with the keys of the unfinished run it joins.
+    Run(Queue),
+    /// A run began and finished while the worker looked (its inputs were run by others).
+    Missed,
+    /// A signal came first.
+    Signalled,
+}
+
+/// Waits for a run of the queue that has not finished. A run that had finished when the
+/// worker started (its keys not yet expired) is not joined: the worker waits for the next.
+/// Another run seen finished means the worker came up during a run too short to join: it
+/// ends, as it would have with that run. Redis being down is waited out.
+async fn attach(queue: &Queue) -> Result<Attached, String> {
     let conn = super::connect(&queue.server)?;
     let wait = async {
+        // The finished run (or none) seen first.
+        let mut before: Option<Option<String>> = None;
         loop {
-            if let Ok((Some(run), false)) = super::run_state(&conn, queue).await {
-                return queue.with_run(&run);
+            match super::run_state(&conn, queue).await {
+                Ok((Some(run), false)) => return Attached::Run(queue.with_run(&run)),
+                Ok((run, true)) => {
+                    if *before.get_or_insert_with(|| run.clone()) != run {
+                        return Attached::Missed;
+                    }
+                }
+                Ok((None, false)) => {
+                    before.get_or_insert(None);
+                }
+                Err(_) => {}
             }
             // Soon after the feeder starts the run: a worker that reads the first inputs
             // as they come spreads them best (and an input that kills its worker then
@@ -373,8 +410,8 @@ async fn attach(queue: &Queue) -> Result<Option<Queue>, String> {
         }
     };
     tokio::select! {
-        q = wait => Ok(Some(q)),
-        () = super::stop_signal() => Ok(None),
+        a = wait => Ok(a),
+        () = super::stop_signal() => Ok(Attached::Signalled),
     }
 }
 
