@@ -84,14 +84,84 @@ struct Feeder {
     emit: Emit,
     dead: DeadFile,
     keep_order: bool,
-    /// `ended[seq]`: the input's output or dead letter was written.
-    ended: Vec<bool>,
-    ended_count: u64,
+    /// The inputs fed and not yet written out.
+    open: Open,
     /// With `-k`: results that came before their turn.
     waiting: BTreeMap<u64, Read>,
     /// With `-k`: the next input to write out.
     next: u64,
     failures: u64,
+}
+
+/// The inputs fed and not yet ended, and how far feeding has gone: what the feeder needs
+/// to know which results are new. Only the open inputs are held (at most the window
+/// and a batch), however long the run, instead of a mark per input ever fed.
+#[derive(Debug, Default)]
+struct Open {
+    open: std::collections::BTreeSet<u64>,
+    /// The last input fed (positions start at 1).
+    last: u64,
+}
+
+impl Open {
+    /// The most inputs a feeder leaves open: the window, a batch being added and a batch
+    /// over it.
+    const MOST: u64 = WINDOW + 2 * FEED_BATCH as u64;
+
+    /// The inputs of a resumed run: `fed` were fed, and `bits` (Redis's bitmap, bit `seq`
+    /// set for an input ended) tells which ended. `None` when more would be open than a
+    /// feeder leaves (a record that is not a feeder's).
+    fn resumed(fed: u64, bits: &[u8]) -> Option<Open> {
+        let bit = |seq: u64| {
+            let byte = usize::try_from(seq / 8).ok().and_then(|i| bits.get(i));
+            byte.is_some_and(|b| b & (0x80 >> (seq % 8)) != 0)
+        };
+        // Bits past what the bitmap holds are open: count before collecting.
+        let held = u64::try_from(bits.len())
+            .unwrap_or(u64::MAX)
+            .saturating_mul(8);
+        if fed.saturating_sub(held) > Self::MOST {
+            return None;
+        }
+        let mut open = std::collections::BTreeSet::new();
+        for seq in 1..=fed {
+            if !bit(seq) {
+                if open.len() as u64 >= Self::MOST {
+                    return None;
+                }
+                open.insert(seq);
+            }
+        }
+        Some(Open { open, last: fed })
+    }
+
+    /// Inputs up to `last` are fed (open until they end).
+    fn fed(&mut self, last: u64) {
+        while self.last < last {
+            self.last += 1;
+            self.open.insert(self.last);
+        }
+    }
+
+    /// Whether `seq` was fed and has not ended.
+    fn is_open(&self, seq: u64) -> bool {
+        self.open.contains(&seq)
+    }
+
+    /// Whether `seq` was fed and has ended.
+    fn is_ended(&self, seq: u64) -> bool {
+        (1..=self.last).contains(&seq) && !self.is_open(seq)
+    }
+
+    /// `seq` has ended; true the first time.
+    fn end(&mut self, seq: u64) -> bool {
+        self.open.remove(&seq)
+    }
+
+    /// How many inputs fed have ended.
+    fn ended_count(&self) -> u64 {
+        self.last - self.open.len() as u64
+    }
 }
 
 /// How an input ended, as a worker (or the stream source) reported it.
@@ -125,18 +195,7 @@ impl Feeder {
     }
 
     fn is_ended(&self, seq: u64) -> bool {
-        self.ended.get(seq as usize).copied().unwrap_or(false)
-    }
-
-    fn mark(&mut self, seq: u64) {
-        let i = seq as usize;
-        if self.ended.len() <= i {
-            self.ended.resize(i + 1, false);
-        }
-        if !self.ended[i] {
-            self.ended[i] = true;
-            self.ended_count += 1;
-        }
+        self.open.is_ended(seq)
     }
 
     /// Writes out how an input ended: its output, and its jobs' stderr as one block, as a
@@ -163,7 +222,7 @@ impl Feeder {
     fn end(&mut self, r: Read, marks: &mut Vec<(u64, bool)>, ids: &mut [Vec<String>; 2]) {
         self.write_out(&r.ended, &r.stderr);
         marks.push((r.seq, matches!(r.ended, Ended::Failed(_))));
-        self.mark(r.seq);
+        self.open.end(r.seq);
         ids[usize::from(r.id.1)].push(r.id.0);
     }
 
@@ -172,9 +231,10 @@ impl Feeder {
         let mut ids: [Vec<String>; 2] = [Vec::new(), Vec::new()];
         let mut marks: Vec<(u64, bool)> = Vec::new();
         for r in reads {
-            if r.seq == 0 || self.is_ended(r.seq) || self.waiting.contains_key(&r.seq) {
+            if !self.open.is_open(r.seq) || self.waiting.contains_key(&r.seq) {
                 // A second result of an input (its job ran twice): only the first counts.
-                // An entry without a position is no input's: removed too.
+                // An entry of no input fed (no position, or past the last fed) is removed
+                // too.
                 ids[usize::from(r.id.1)].push(r.id.0);
             } else if self.keep_order {
                 // Removed from Redis once written out, not before.
@@ -234,8 +294,7 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
         emit: Emit::open(&plan.main.sink, &settings.job_opts)?,
         dead: DeadFile::new(settings.dead_letter.clone()),
         keep_order: settings.keep_order,
-        ended: Vec::new(),
-        ended_count: 0,
+        open: Open::default(),
         waiting: BTreeMap::new(),
         next: 1,
         failures: 0,
@@ -382,22 +441,22 @@ async fn start(f: &mut Feeder, quiet: bool) -> Result<u64, String> {
             async move { redis::cmd("GET").arg(&k).query_async(&mut c).await }
         })
         .await?;
-    for (i, byte) in bits.iter().enumerate() {
-        for b in 0..8 {
-            if byte & (0x80 >> b) != 0 {
-                f.mark((i * 8 + b) as u64);
-            }
-        }
-    }
     f.failures = num("failed");
     let fed = num("fed");
+    f.open = Open::resumed(fed, &bits).ok_or_else(|| {
+        format!(
+            "queue `{}`: its record says {fed} inputs were fed, and more of them are open than a feeder leaves; clear it (DEL its keys) to start again",
+            f.queue.name
+        )
+    })?;
     while f.is_ended(f.next) {
         f.next += 1;
     }
     if !quiet {
         eprintln!(
             "flowline: resuming queue `{}`: {fed} inputs fed before, {} of them ended",
-            f.queue.name, f.ended_count
+            f.queue.name,
+            f.open.ended_count()
         );
     }
     Ok(fed)
@@ -440,7 +499,7 @@ async fn feed(
         // Not too far ahead of the results.
         loop {
             let wait = progress.notified();
-            let ended = f.lock().await.ended_count;
+            let ended = f.lock().await.open.ended_count();
             if fed.load(SeqCst).saturating_sub(ended) < WINDOW {
                 break;
             }
@@ -448,6 +507,8 @@ async fn feed(
         }
         let before = fed.load(SeqCst);
         let last = batch.last().map_or(before, |i| i.0);
+        // Open before the workers can see them: their results are then always this run's.
+        f.lock().await.open.fed(last);
         let now: u64 = call(&outage, &server, &conn, |mut c| {
             let mut inv = script.prepare_invoke();
             inv.key(&jobs).key(&meta).arg(before);
@@ -559,7 +620,7 @@ async fn collect(
             total_known = total.is_some();
         }
         // Every input marked ended was fed: the count reaching the total is all of them.
-        if total_known && g.ended_count >= fed.load(std::sync::atomic::Ordering::SeqCst) {
+        if total_known && g.open.ended_count() >= fed.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
         }
     }
@@ -733,6 +794,47 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_vec()))
             .collect()
+    }
+
+    /// A long run holds only its open inputs: a million fed and ended in windows leave
+    /// none held, however many there were.
+    #[test]
+    fn the_feeders_record_of_inputs_is_bounded_by_the_window() {
+        let mut o = Open::default();
+        let mut most = 0;
+        for window in 0..100u64 {
+            o.fed((window + 1) * 10_000);
+            most = most.max(o.open.len());
+            for seq in window * 10_000 + 1..=(window + 1) * 10_000 {
+                assert!(o.end(seq));
+            }
+        }
+        assert_eq!(most, 10_000);
+        assert!(o.open.is_empty());
+        assert_eq!(o.ended_count(), 1_000_000);
+        assert!(o.is_ended(1) && o.is_ended(1_000_000));
+        // Hostile positions: never fed, never ended, never counted.
+        for seq in [0, 1_000_001, u64::MAX] {
+            assert!(!o.is_ended(seq) && !o.is_open(seq) && !o.end(seq));
+        }
+        assert!(!o.end(5), "ended twice");
+        assert_eq!(o.ended_count(), 1_000_000);
+    }
+
+    #[test]
+    fn a_resumed_record_reads_the_bitmap_and_refuses_one_no_feeder_left() {
+        // Inputs 1..=10 fed; 1, 2 and 9 ended (bit `seq` from the left).
+        let bits = [0b0110_0000, 0b0100_0000];
+        let o = Open::resumed(10, &bits).unwrap();
+        assert_eq!(
+            o.open.iter().copied().collect::<Vec<_>>(),
+            [3, 4, 5, 6, 7, 8, 10]
+        );
+        assert_eq!(o.ended_count(), 3);
+        assert!(Open::resumed(u64::MAX, &bits).is_none());
+        assert!(Open::resumed(Open::MOST + 1, &[]).is_none());
+        assert!(Open::resumed(Open::MOST, &[]).is_some());
+        assert!(Open::resumed(0, &[0xff; 4]).unwrap().open.is_empty());
     }
 
     #[test]
