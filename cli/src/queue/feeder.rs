@@ -392,7 +392,7 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
             f.failures,
             f.queue.name
         );
-        if f.dead.written.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+        if f.dead.written() > 0 {
             line.push_str(&format!(
                 "; failures written to {}",
                 settings.dead_letter.display()
