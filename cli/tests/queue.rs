@@ -645,3 +645,41 @@ fn a_late_worker_of_an_old_run_does_not_mix_with_the_new_run() {
     ws.push(stale);
     all_exit_0(ws);
 }
+
+/// A feeder killed after its source ended, rerun on a source that gives more inputs (and
+/// gives them late): the rerun ends only once its own source has ended and every input,
+/// the new ones too, has been printed; what the first feeder knew of its total does not
+/// end the rerun early.
+#[test]
+fn a_rerun_whose_source_gives_more_inputs_waits_for_them() {
+    let (_server, dir, q) = setup(false, "grown");
+    let first: String = (1..=20).map(|i| format!("{i}\n")).collect();
+    let more: String = (21..=30).map(|i| format!("{i}\n")).collect();
+    std::fs::write(dir.path().join("first"), &first).unwrap();
+    std::fs::write(dir.path().join("more"), &more).unwrap();
+    let pipe = r#"sh("echo out-{}")"#;
+    // No worker yet: the first feeder feeds every input, sees its source end and waits.
+    let mut feeder = flowline(dir.path(), &["--queue", &q, pipe])
+        .stdin(std::fs::File::open(dir.path().join("first")).unwrap())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    feeder.kill().unwrap(); // SIGKILL
+    let _ = feeder.wait();
+    let ws = workers(dir.path(), &q, pipe, 1);
+    let script = format!("(cat first; sleep 2; cat more) | {BIN} --queue '{q}' '{pipe}'");
+    let rerun = Command::new("sh")
+        .args(["-c", &script])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = finish(rerun, "the rerun");
+    succeeded(&out);
+    expect_each_once(&out, 30, "out-");
+    all_exit_0(ws);
+}

@@ -330,9 +330,12 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
     let f = Arc::new(tokio::sync::Mutex::new(f));
     let progress = Arc::new(tokio::sync::Notify::new());
     let fed = Arc::new(std::sync::atomic::AtomicU64::new(fed_before));
+    let source_done = std::sync::atomic::AtomicBool::new(false);
     let work = async {
         // Results are written out while the source runs; once it has ended, its count of
-        // inputs is the total the results must reach.
+        // inputs is the total the results must reach. The total is this feeder's to know,
+        // not a record in Redis: an earlier feeder's would end a rerun whose source gave
+        // more inputs before it had fed them.
         let feeding = async {
             let last = feed(f.clone(), rx, fed.clone(), progress.clone()).await?;
             let total = match source.await {
@@ -340,28 +343,12 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
                 Ok(Err(e)) => return Err(e),
                 Err(e) => return Err(format!("the source stopped: {e}")),
             };
-            let (key, conn) = {
-                let f = f.lock().await;
-                (f.queue.meta_key(), f.conn.clone())
-            };
-            call(&outage, &server, &conn, |mut c| {
-                let key = key.clone();
-                async move {
-                    redis::cmd("HSET")
-                        .arg(&key)
-                        .arg("total")
-                        .arg(total)
-                        .query_async::<Value>(&mut c)
-                        .await
-                }
-            })
-            .await
-            .map_err(|e| format!("queue: recording the total: {e}"))?;
             fed.store(total, std::sync::atomic::Ordering::SeqCst);
+            source_done.store(true, std::sync::atomic::Ordering::SeqCst);
             progress.notify_waiters();
             Ok(())
         };
-        let collecting = collect(f.clone(), fed.clone(), progress.clone());
+        let collecting = collect(f.clone(), fed.clone(), &source_done, progress.clone());
         tokio::try_join!(feeding, collecting).map(|_| ())
     };
     let stopped = tokio::select! {
@@ -532,13 +519,14 @@ async fn feed(
 }
 
 /// Writes out results until every input fed has ended and the source is done (`fed`
-/// holds the total then, and `total` is set in `meta`).
+/// holds the total then).
 async fn collect(
     f: Arc<tokio::sync::Mutex<Feeder>>,
     fed: Arc<std::sync::atomic::AtomicU64>,
+    source_done: &std::sync::atomic::AtomicBool,
     progress: Arc<tokio::sync::Notify>,
 ) -> Result<(), String> {
-    let (results, dead, conn, outage, server, name, meta) = {
+    let (results, dead, conn, outage, server, name) = {
         let f = f.lock().await;
         (
             f.queue.key("results"),
@@ -549,11 +537,9 @@ async fn collect(
             f.outage,
             f.server.clone(),
             f.queue.name.clone(),
-            f.queue.meta_key(),
         )
     };
     let (mut after_r, mut after_d) = ("0".to_string(), "0".to_string());
-    let mut total_known = false;
     loop {
         let reply: Value = call(&outage, &server, &conn, |mut c| {
             let mut cmd = redis::cmd("XREAD");
@@ -604,23 +590,9 @@ async fn collect(
             g.take(reads).await?;
             progress.notify_waiters();
         }
-        if !total_known {
-            let total: Option<u64> = g
-                .call("reading the total", |mut c| {
-                    let m = meta.clone();
-                    async move {
-                        redis::cmd("HGET")
-                            .arg(&m)
-                            .arg("total")
-                            .query_async(&mut c)
-                            .await
-                    }
-                })
-                .await?;
-            total_known = total.is_some();
-        }
         // Every input marked ended was fed: the count reaching the total is all of them.
-        if total_known && g.open.ended_count() >= fed.load(std::sync::atomic::Ordering::SeqCst) {
+        let done = source_done.load(std::sync::atomic::Ordering::SeqCst);
+        if done && g.open.ended_count() >= fed.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
         }
     }
