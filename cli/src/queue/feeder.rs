@@ -304,7 +304,6 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
         queue,
     };
     let fed_before = start(&mut f, settings.quiet).await?;
-    let (outage, server) = (f.outage, f.server.clone());
 
     // The source on a task of its own, so that a slow input does not hold up the results.
     let (reader, _) = crate::input::open_source(&plan.source, false, settings.delim).await?;
