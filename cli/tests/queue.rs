@@ -4,7 +4,7 @@
 //! in the feeder's dead-letter file, and the argument errors.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -100,6 +100,31 @@ fn all_exit_0(ws: Vec<Child>) {
     }
 }
 
+/// A pipe over `seq(1..n)` whose jobs note their input in the file `effects` of `dir`
+/// before they sleep and print `PREFIX-INPUT`; the file and the pipe.
+fn noting_pipe(dir: &Path, n: u32, fork: u32, sleep: &str, prefix: &str) -> (PathBuf, String) {
+    let effects = dir.join("effects");
+    let pipe = format!(
+        r#"seq(1..{n}) | fork({fork}) | sh("echo {{}} >> {}; sleep {sleep}; echo {prefix}-{{}}")"#,
+        effects.display()
+    );
+    (effects, pipe)
+}
+
+/// How many lines `path` has (0 when it is not there).
+fn lines_in(path: &Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |s| s.lines().count())
+}
+
+/// Waits until `path` has `n` lines, failing after 20 s.
+fn wait_for_lines(path: &Path, n: usize, what: &str) {
+    let t = Instant::now();
+    while lines_in(path) < n {
+        assert!(t.elapsed() < Duration::from_secs(20), "{what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn three_workers_print_every_input_once() {
     let (_server, dir, q) = setup(false, "three");
@@ -140,19 +165,11 @@ fn parallel_syntax_and_keep_order_work_through_a_queue() {
 #[test]
 fn a_worker_killed_mid_run_loses_nothing() {
     let (_server, dir, q) = setup(false, "kill");
-    let effects = dir.path().join("effects");
-    let pipe = format!(
-        r#"seq(1..300) | fork(4) | sh("echo {{}} >> {}; sleep 0.05; echo out-{{}}")"#,
-        effects.display()
-    );
+    let (effects, pipe) = noting_pipe(dir.path(), 300, 4, "0.05", "out");
     // One worker first, so that it holds jobs when it is killed.
     let mut first = workers(dir.path(), &q, &pipe, 1).remove(0);
     let mut feeder = start(dir.path(), &["--queue", &q, &pipe]);
-    let t = Instant::now();
-    while std::fs::read_to_string(&effects).map_or(0, |s| s.lines().count()) < 8 {
-        assert!(t.elapsed() < Duration::from_secs(20), "no job started");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_lines(&effects, 8, "no job started");
     let others = workers(dir.path(), &q, &pipe, 2);
     first.kill().unwrap(); // SIGKILL, with jobs in flight
     assert!(
@@ -511,31 +528,15 @@ fn signal(pid: u32, sig: &str) {
 #[test]
 fn a_worker_stopped_mid_run_and_resumed_duplicates_no_output() {
     let (_server, dir, q) = setup(false, "stopped");
-    let effects = dir.path().join("effects");
-    let pipe = format!(
-        r#"seq(1..300) | fork(3) | sh("echo {{}} >> {}; sleep 0.1; echo out-{{}}")"#,
-        effects.display()
-    );
-    let ran = || std::fs::read_to_string(&effects).map_or(0, |s| s.lines().count());
+    let (effects, pipe) = noting_pipe(dir.path(), 300, 3, "0.1", "out");
     let first = workers(dir.path(), &q, &pipe, 1).remove(0);
     let mut feeder = start(dir.path(), &["--queue", &q, &pipe]);
-    let t = Instant::now();
-    while ran() < 6 {
-        assert!(t.elapsed() < Duration::from_secs(20), "no job started");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_lines(&effects, 6, "no job started");
     signal(first.id(), "-STOP");
-    let held = ran();
+    let held = lines_in(&effects);
     let others = workers(dir.path(), &q, &pipe, 2);
     // Past the lease (1 s): the others have taken the stopped worker's inputs over.
-    let t = Instant::now();
-    while ran() < held + 30 {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "the other workers took nothing over"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_lines(&effects, held + 30, "the other workers took nothing over");
     std::thread::sleep(Duration::from_millis(1500));
     assert!(
         feeder.try_wait().unwrap().is_none(),
@@ -615,19 +616,11 @@ fn a_worker_started_after_a_run_finished_waits_for_the_next_run() {
 #[test]
 fn a_late_worker_of_an_old_run_does_not_mix_with_the_new_run() {
     let (_server, dir, q) = setup(false, "mix");
-    let effects = dir.path().join("effects");
-    let old = format!(
-        r#"seq(1..40) | fork(2) | sh("echo {{}} >> {}; sleep 0.2; echo old-{{}}")"#,
-        effects.display()
-    );
+    let (effects, old) = noting_pipe(dir.path(), 40, 2, "0.2", "old");
     let new = r#"seq(1..40) | fork(2) | sh("sleep 0.1; echo new-{}")"#;
     let stale = workers(dir.path(), &q, &old, 1).remove(0);
     let feeder = start(dir.path(), &["--queue", &q, &old]);
-    let t = Instant::now();
-    while std::fs::read_to_string(&effects).map_or(0, |s| s.lines().count()) < 2 {
-        assert!(t.elapsed() < Duration::from_secs(20), "no job started");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_lines(&effects, 2, "no job started");
     signal(stale.id(), "-STOP");
     let others = workers(dir.path(), &q, &old, 2);
     let out = finish(feeder, "the old run");
