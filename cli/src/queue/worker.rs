@@ -390,6 +390,7 @@ async fn attach(queue: &Queue) -> Result<Attached, String> {
     let wait = async {
         // The finished run (or none) seen first.
         let mut before: Option<Option<String>> = None;
+        let mut polls = 0u32;
         loop {
             match super::run_state(&conn, queue).await {
                 Ok((Some(run), false)) => return Attached::Run(queue.with_run(&run)),
@@ -405,8 +406,11 @@ async fn attach(queue: &Queue) -> Result<Attached, String> {
             }
             // Soon after the feeder starts the run: a worker that reads the first inputs
             // as they come spreads them best (and an input that kills its worker then
-            // takes fewer others with it).
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // takes fewer others with it). A worker that has waited a while waits
+            // at a slower pace.
+            polls += 1;
+            let pause = if polls < 200 { 10 } else { 200 };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
         }
     };
     tokio::select! {
