@@ -142,6 +142,9 @@ mod store;
 mod topology;
 
 pub use dead_letter::DeadLetter;
+#[cfg(feature = "jsonl")]
+#[cfg_attr(docsrs, doc(cfg(feature = "jsonl")))]
+pub use dead_letter::DeadLetterFile;
 pub use error::{BoxError, ConfigProblem, Error, FailedInput, Failure, ItemError};
 pub use fault::{
     Outage, OutageError, OutageWatch, Permanent, Transient, error_chain, is_transient,

@@ -197,74 +197,60 @@ impl Emit {
     }
 }
 
-/// The dead-letter file, opened on the first failure.
-pub(crate) struct DeadFile {
-    path: PathBuf,
-    file: Mutex<Option<std::fs::File>>,
-    pub(crate) written: AtomicU64,
-}
+/// The dead-letter file (`--dead-letter`): the library's JSON-lines dead letters, with
+/// what a job's failure adds (its position, exit code or signal, stderr and inputs).
+pub(crate) struct DeadFile(flowline::DeadLetterFile);
 
 impl DeadFile {
     pub(crate) fn new(path: PathBuf) -> DeadFile {
-        DeadFile {
-            path,
-            file: Mutex::new(None),
-            written: AtomicU64::new(0),
-        }
+        DeadFile(flowline::DeadLetterFile::new(path))
     }
 
     pub(crate) fn write(&self, fail: &Fail) {
-        let mut g = match self.file.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        if g.is_none() {
-            match std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-            {
-                Ok(f) => *g = Some(f),
-                Err(e) => {
-                    // The record still reaches the user, on stderr.
-                    eprintln!(
-                        "flowline: cannot open the dead-letter file {}: {e}; failure: {}",
-                        self.path.display(),
-                        fail_json(fail)
-                    );
-                    self.written.fetch_add(1, Relaxed);
-                    return;
-                }
-            }
+        if let Err(e) = self.0.write(&failure_of(fail), fail_fields(fail)) {
+            // The record still reaches the user, on stderr.
+            eprintln!(
+                "flowline: cannot write the dead-letter file {}: {e}; failure: {}",
+                self.0.path().display(),
+                fail_json(fail)
+            );
         }
-        if let Some(f) = g.as_mut() {
-            let mut line = fail_json(fail).to_string();
-            line.push('\n');
-            let _ = f.write_all(line.as_bytes());
-        }
-        self.written.fetch_add(1, Relaxed);
+    }
+
+    /// How many failures were written (or reported on stderr when the file could not be).
+    pub(crate) fn written(&self) -> u64 {
+        self.0.written()
     }
 }
 
-fn fail_json(f: &Fail) -> serde_json::Value {
-    let mut v = serde_json::json!({
-        "seq": f.item.seq,
-        "stage": f.stage,
-        "error": f.error.message,
-        "exit": f.error.exit,
-        "signal": f.error.signal,
-        "stderr": f.error.stderr,
-        "attempts": f.attempts,
-    });
-    if let Some(o) = v.as_object_mut() {
-        let mut inputs = f.item.input_texts();
-        if inputs.len() == 1 {
-            o.insert("input".into(), inputs.swap_remove(0).into());
-        } else {
-            o.insert("inputs".into(), inputs.into());
-        }
+/// A job's failure as the library's.
+fn failure_of(f: &Fail) -> Failure {
+    Failure::new(
+        f.stage.as_str(),
+        flowline::ItemError::user(f.error.message.clone()),
+        f.attempts,
+    )
+}
+
+/// What a job's failure adds to the library's dead-letter line.
+fn fail_fields(f: &Fail) -> serde_json::Map<String, serde_json::Value> {
+    let mut o = serde_json::Map::new();
+    o.insert("seq".into(), f.item.seq.into());
+    o.insert("exit".into(), f.error.exit.into());
+    o.insert("signal".into(), f.error.signal.into());
+    o.insert("stderr".into(), f.error.stderr.clone().into());
+    let mut inputs = f.item.input_texts();
+    if inputs.len() == 1 {
+        o.insert("input".into(), inputs.swap_remove(0).into());
+    } else {
+        o.insert("inputs".into(), inputs.into());
     }
-    v
+    o
+}
+
+/// The dead-letter line of a job's failure.
+fn fail_json(f: &Fail) -> serde_json::Value {
+    flowline::DeadLetterFile::line(&failure_of(f), fail_fields(f))
 }
 
 /// What the closures of the graph share.
@@ -1126,7 +1112,7 @@ fn finish(
         }
     }
     let failures = ctx.failures.load(Relaxed);
-    let dead = ctx.dead.written.load(Relaxed);
+    let dead = ctx.dead.written();
     if !settings.quiet {
         let skipped = skipped.load(Relaxed);
         let mut line = format!(

@@ -197,44 +197,81 @@ impl Plan {
     }
 }
 
-const SOURCES: &[&str] = &["lines", "seq", "args", "sql"];
-const TASKS: &[&str] = &["sh", "http"];
-const POLICIES: &[&str] = &[
-    "fork", "rate", "inflight", "timeout", "retry", "breaker", "adaptive",
+/// What a stage is: where in a pipe it may stand and which builder reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The first stage: where the inputs come from.
+    Source,
+    /// Runs a job or a request per item.
+    Task,
+    /// Shapes the tasks after it (or the one before it, when trailing).
+    Policy,
+    /// Acts on items between tasks.
+    Op,
+    /// The last stage of a chain: where results go.
+    Sink,
+    /// Splits on the result into labelled continuations.
+    Branch,
+}
+
+/// Every stage name and its role: the one list the parser, the builders and the error
+/// messages read, so that a name is either here or refused.
+const STAGES: &[(&str, Role)] = &[
+    ("lines", Role::Source),
+    ("seq", Role::Source),
+    ("args", Role::Source),
+    ("sql", Role::Source),
+    ("sh", Role::Task),
+    ("http", Role::Task),
+    ("fork", Role::Policy),
+    ("rate", Role::Policy),
+    ("inflight", Role::Policy),
+    ("timeout", Role::Policy),
+    ("retry", Role::Policy),
+    ("breaker", Role::Policy),
+    ("adaptive", Role::Policy),
+    ("filter", Role::Op),
+    ("reject", Role::Op),
+    ("dedup", Role::Op),
+    ("batch", Role::Op),
+    ("print", Role::Sink),
+    ("jsonl", Role::Sink),
+    ("file", Role::Sink),
+    ("discard", Role::Sink),
+    ("branch", Role::Branch),
 ];
-const OPS: &[&str] = &["filter", "reject", "dedup", "batch"];
-const SINKS: &[&str] = &["print", "jsonl", "file", "discard"];
+
+/// The role of a stage name, `None` for a name that is no stage.
+fn role(name: &str) -> Option<Role> {
+    STAGES.iter().find(|(n, _)| *n == name).map(|&(_, r)| r)
+}
 
 /// Every stage name, for suggestions and help.
 pub fn all_stage_names() -> impl Iterator<Item = &'static str> {
-    SOURCES
-        .iter()
-        .chain(TASKS)
-        .chain(POLICIES)
-        .chain(OPS)
-        .chain(SINKS)
-        .copied()
-        .chain(["branch"])
+    STAGES.iter().map(|&(n, _)| n)
 }
 
 fn err(at: usize, msg: impl Into<String>) -> ParseError {
     ParseError::new(at, msg)
 }
 
+/// An unknown stage name: the error names it and lists the known ones (with the nearest
+/// first, when one is close).
 fn unknown(stage: &Stage) -> ParseError {
     let near = all_stage_names()
         .filter(|n| edit_distance(n, &stage.name) <= 2)
         .min_by_key(|n| edit_distance(n, &stage.name));
     let hint = match near {
         Some(n) => format!("; did you mean `{n}`?"),
-        None => format!(
-            "; stages are {}",
-            all_stage_names().collect::<Vec<_>>().join(", ")
-        ),
+        None => String::new(),
     };
     err(
         stage.span.start,
-        format!("unknown stage `{}`{hint}", stage.name),
+        format!(
+            "unknown stage `{}`{hint}; stages are {}",
+            stage.name,
+            all_stage_names().collect::<Vec<_>>().join(", ")
+        ),
     )
 }
 
@@ -387,7 +424,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, &'static str> {
 pub fn plan(pipe: &Pipe, default_source: Source) -> Result<Plan, ParseError> {
     let mut stages = pipe.stages.iter().peekable();
     let source = match stages.peek() {
-        Some(s) if SOURCES.contains(&s.name.as_str()) => {
+        Some(s) if role(&s.name) == Some(Role::Source) => {
             let s = stages.next().expect("peeked");
             source(s)?
         }
@@ -477,9 +514,12 @@ fn error_arm(
     } else {
         // Without a retry the failures themselves end here: only a sink can take them.
         match stages.as_slice() {
-            [s] if SINKS.contains(&s.name.as_str()) => out.chain.sink = Some(sink(s)?),
+            [s] if role(&s.name) == Some(Role::Sink) => out.chain.sink = Some(sink(s)?),
             _ => {
                 let s = stages[0];
+                if role(&s.name).is_none() {
+                    return Err(unknown(s));
+                }
                 return Err(err(
                     s.span.start,
                     format!(
@@ -521,46 +561,49 @@ fn chain(
     let mut trailing: Vec<&Stage> = Vec::new();
     for (i, s) in stages.iter().enumerate() {
         let name = s.name.as_str();
-        if SOURCES.contains(&name) {
-            return Err(err(
-                s.span.start,
-                format!("`{name}` is a source: it can only be the first stage"),
-            ));
-        }
-        if SINKS.contains(&name) {
-            if !sink_allowed {
+        match role(name) {
+            None => return Err(unknown(s)),
+            Some(Role::Source) => {
                 return Err(err(
                     s.span.start,
-                    format!(
-                        "`{name}` is a sink, and the chain goes on to a `branch`: put sinks in the continuations"
-                    ),
+                    format!("`{name}` is a source: it can only be the first stage"),
                 ));
             }
-            if i + 1 != stages.len() {
-                return Err(err(
-                    stages[i + 1].span.start,
-                    format!("`{name}` is a sink: nothing can follow it"),
-                ));
+            Some(Role::Sink) => {
+                if !sink_allowed {
+                    return Err(err(
+                        s.span.start,
+                        format!(
+                            "`{name}` is a sink, and the chain goes on to a `branch`: put sinks in the continuations"
+                        ),
+                    ));
+                }
+                if i + 1 != stages.len() {
+                    return Err(err(
+                        stages[i + 1].span.start,
+                        format!("`{name}` is a sink: nothing can follow it"),
+                    ));
+                }
+                out.sink = Some(sink(s)?);
             }
-            out.sink = Some(sink(s)?);
-            continue;
-        }
-        if POLICIES.contains(&name) {
-            policy(s, &mut scope, inflights)?;
-            trailing.push(s);
-            continue;
-        }
-        trailing.clear();
-        match name {
-            "sh" | "http" => out.steps.push(Step::Task(task(s, &scope, names)?)),
-            "filter" | "reject" | "dedup" | "batch" => out.steps.push(op(s)?),
-            "branch" => {
+            Some(Role::Policy) => {
+                policy(s, &mut scope, inflights)?;
+                trailing.push(s);
+            }
+            Some(Role::Task) => {
+                trailing.clear();
+                out.steps.push(Step::Task(task(s, &scope, names)?));
+            }
+            Some(Role::Op) => {
+                trailing.clear();
+                out.steps.push(op(s)?);
+            }
+            Some(Role::Branch) => {
                 return Err(err(
                     s.span.start,
                     "`branch` must be followed by labelled continuations",
                 ));
             }
-            _ => return Err(unknown(s)),
         }
     }
     if !trailing.is_empty() {
@@ -765,7 +808,7 @@ fn task(s: &Stage, scope: &Policies, names: &mut Names) -> Result<Task, ParseErr
             }
             TaskKind::Sh(cmd.text.clone())
         }
-        _ => {
+        "http" => {
             a.count(1, 3, "http(URL) or http(METHOD, URL[, BODY])")?;
             let (method, url, body) = match s.args.as_slice() {
                 [u] => ("GET".to_string(), u, None),
@@ -796,6 +839,7 @@ fn task(s: &Stage, scope: &Policies, names: &mut Names) -> Result<Task, ParseErr
                 body,
             }
         }
+        _ => return Err(unknown(s)),
     };
     Ok(Task {
         name: names.next(&s.name),
@@ -832,7 +876,7 @@ fn op(s: &Stage) -> Result<Step, ParseError> {
             };
             Ok(Step::Dedup(n))
         }
-        _ => {
+        "batch" => {
             a.count(1, 2, "batch(N[, WAIT])")?;
             let n = a.int(&s.args[0], "size", 1, 100_000)? as usize;
             let wait = match a.get(1) {
@@ -841,6 +885,7 @@ fn op(s: &Stage) -> Result<Step, ParseError> {
             };
             Ok(Step::Batch(n, wait))
         }
+        _ => Err(unknown(s)),
     }
 }
 
@@ -859,10 +904,11 @@ fn sink(s: &Stage) -> Result<Sink, ParseError> {
             a.count(1, 1, "jsonl(FILE)")?;
             Ok(Sink::Jsonl(a.path(&s.args[0], "file")?))
         }
-        _ => {
+        "file" => {
             a.count(1, 1, "file(PATH)")?;
             Ok(Sink::File(a.path(&s.args[0], "path")?))
         }
+        _ => Err(unknown(s)),
     }
 }
 
@@ -933,6 +979,65 @@ mod tests {
         ] {
             let e = p(text).unwrap_err();
             assert!(e.message.contains(needle), "{text}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn an_unknown_stage_is_named_and_the_known_ones_listed() {
+        for (text, name) in [
+            ("seq(3) | frobnicate(x)", "frobnicate"),
+            ("seq(3) | shh(x)", "shh"),
+            ("frob | print", "frob"),
+            ("seq(3) | sh(x) | branch | error:prnt", "prnt"),
+        ] {
+            let e = p(text).unwrap_err();
+            assert!(
+                e.message.contains(&format!("unknown stage `{name}`")),
+                "{text}: {}",
+                e.message
+            );
+            for (known, _) in STAGES {
+                assert!(e.message.contains(known), "{text}: {known} not listed");
+            }
+        }
+    }
+
+    /// Each builder takes the names of its role and refuses every other name: none falls
+    /// through to another stage (a misspelt policy read as `http`, say).
+    #[test]
+    fn every_builder_reads_exactly_the_names_of_its_role() {
+        let stage = |name: &str| Stage {
+            name: name.to_string(),
+            span: crate::parse::Span { start: 0, end: 0 },
+            args: Vec::new(),
+        };
+        let unknown_to = |role_of: Role, name: &str| -> bool {
+            let s = stage(name);
+            let e = match role_of {
+                Role::Source => source(&s).err(),
+                Role::Task => task(&s, &Policies::default(), &mut Names::default()).err(),
+                Role::Policy => policy(&s, &mut Policies::default(), &mut 0).err(),
+                Role::Op => op(&s).err(),
+                Role::Sink => sink(&s).err(),
+                Role::Branch => return name != "branch",
+            };
+            e.is_some_and(|e| e.message.starts_with("unknown stage"))
+        };
+        for &(name, r) in STAGES {
+            for other in [
+                Role::Source,
+                Role::Task,
+                Role::Policy,
+                Role::Op,
+                Role::Sink,
+                Role::Branch,
+            ] {
+                assert_eq!(
+                    unknown_to(other, name),
+                    other != r,
+                    "`{name}` ({r:?}) read by the {other:?} builder"
+                );
+            }
         }
     }
 

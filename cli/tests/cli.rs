@@ -186,6 +186,20 @@ fn failures_go_to_the_dead_letter_file_with_exit_code_and_stderr() {
     assert_eq!(rows[2]["exit"], 3);
     assert_eq!(rows[2]["stderr"], "oops 3");
     assert_eq!(rows[2]["stage"], "sh");
+    // The library's dead-letter line, with the job's fields added.
+    assert_eq!(rows[2]["kind"], "error");
+    assert_eq!(rows[2]["attempts"], 1);
+    assert_eq!(rows[2]["seq"], 3);
+    assert!(
+        rows[2]["at_ms"].as_u64().is_some_and(|t| t > 0),
+        "{}",
+        rows[2]
+    );
+    assert!(
+        rows[2]["error"].as_str().is_some_and(|e| e.contains('3')),
+        "{}",
+        rows[2]
+    );
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! in the feeder's dead-letter file, and the argument errors.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -100,6 +100,31 @@ fn all_exit_0(ws: Vec<Child>) {
     }
 }
 
+/// A pipe over `seq(1..n)` whose jobs note their input in the file `effects` of `dir`
+/// before they sleep and print `PREFIX-INPUT`; the file and the pipe.
+fn noting_pipe(dir: &Path, n: u32, fork: u32, sleep: &str, prefix: &str) -> (PathBuf, String) {
+    let effects = dir.join("effects");
+    let pipe = format!(
+        r#"seq(1..{n}) | fork({fork}) | sh("echo {{}} >> {}; sleep {sleep}; echo {prefix}-{{}}")"#,
+        effects.display()
+    );
+    (effects, pipe)
+}
+
+/// How many lines `path` has (0 when it is not there).
+fn lines_in(path: &Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |s| s.lines().count())
+}
+
+/// Waits until `path` has `n` lines, failing after 20 s.
+fn wait_for_lines(path: &Path, n: usize, what: &str) {
+    let t = Instant::now();
+    while lines_in(path) < n {
+        assert!(t.elapsed() < Duration::from_secs(20), "{what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn three_workers_print_every_input_once() {
     let (_server, dir, q) = setup(false, "three");
@@ -140,19 +165,11 @@ fn parallel_syntax_and_keep_order_work_through_a_queue() {
 #[test]
 fn a_worker_killed_mid_run_loses_nothing() {
     let (_server, dir, q) = setup(false, "kill");
-    let effects = dir.path().join("effects");
-    let pipe = format!(
-        r#"seq(1..300) | fork(4) | sh("echo {{}} >> {}; sleep 0.05; echo out-{{}}")"#,
-        effects.display()
-    );
+    let (effects, pipe) = noting_pipe(dir.path(), 300, 4, "0.05", "out");
     // One worker first, so that it holds jobs when it is killed.
     let mut first = workers(dir.path(), &q, &pipe, 1).remove(0);
     let mut feeder = start(dir.path(), &["--queue", &q, &pipe]);
-    let t = Instant::now();
-    while std::fs::read_to_string(&effects).map_or(0, |s| s.lines().count()) < 8 {
-        assert!(t.elapsed() < Duration::from_secs(20), "no job started");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_lines(&effects, 8, "no job started");
     let others = workers(dir.path(), &q, &pipe, 2);
     first.kill().unwrap(); // SIGKILL, with jobs in flight
     assert!(
@@ -492,5 +509,170 @@ fn filters_and_the_feeders_sink_give_what_a_local_run_gives() {
     let (a, b) = (records(&queued), records(&local));
     assert_eq!(a.len(), 36, "{queued}");
     assert_eq!(a, b);
+    all_exit_0(ws);
+}
+
+/// `kill -STOP` / `kill -CONT` on a process.
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// A worker stopped (SIGSTOP) with jobs in flight: its leases run out and the other
+/// workers take its inputs over; once it runs again (SIGCONT) it writes the results of
+/// the jobs it held, which the feeder has already written out from the others: each
+/// input is still printed exactly once, and the resumed worker ends with the run.
+#[test]
+fn a_worker_stopped_mid_run_and_resumed_duplicates_no_output() {
+    let (_server, dir, q) = setup(false, "stopped");
+    let (effects, pipe) = noting_pipe(dir.path(), 300, 3, "0.1", "out");
+    let first = workers(dir.path(), &q, &pipe, 1).remove(0);
+    let mut feeder = start(dir.path(), &["--queue", &q, &pipe]);
+    wait_for_lines(&effects, 6, "no job started");
+    signal(first.id(), "-STOP");
+    let held = lines_in(&effects);
+    let others = workers(dir.path(), &q, &pipe, 2);
+    // Past the lease (1 s): the others have taken the stopped worker's inputs over.
+    wait_for_lines(&effects, held + 30, "the other workers took nothing over");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        feeder.try_wait().unwrap().is_none(),
+        "the run ended while the worker was stopped: nothing left to duplicate"
+    );
+    signal(first.id(), "-CONT");
+    let out = finish(feeder, "the feeder");
+    succeeded(&out);
+    expect_each_once(&out, 300, "out-");
+    let ran = counts(std::fs::read_to_string(&effects).unwrap().as_bytes());
+    assert!(
+        ran.values().any(|&n| n >= 2),
+        "no input of the stopped worker ran again elsewhere"
+    );
+    let mut ws = others;
+    ws.push(first);
+    all_exit_0(ws);
+}
+
+/// Redis down when the feeder and a worker start: both wait for it (under the outage
+/// policy) and, once it is up, run every input; none is turned into a failure.
+#[test]
+fn redis_down_when_the_feeder_and_a_worker_start_is_waited_for() {
+    let (mut server, dir, q) = setup(false, "late");
+    server.kill();
+    let pipe = r#"seq(1..50) | fork(4) | sh("echo out-{}")"#;
+    let mut ws = workers(dir.path(), &q, pipe, 1);
+    let mut feeder = start(
+        dir.path(),
+        &["--queue", &q, "--dead-letter", "dead.jsonl", pipe],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        feeder.try_wait().unwrap().is_none(),
+        "the feeder gave up while Redis was down"
+    );
+    assert!(
+        ws[0].try_wait().unwrap().is_none(),
+        "the worker gave up while Redis was down"
+    );
+    server.restart();
+    let out = finish(feeder, "the feeder");
+    succeeded(&out);
+    expect_each_once(&out, 50, "out-");
+    assert!(
+        !dir.path().join("dead.jsonl").exists(),
+        "the outage turned inputs into failures"
+    );
+    all_exit_0(std::mem::take(&mut ws));
+}
+
+/// A worker started just after a run finished (its keys still there for a minute) waits
+/// for the next run instead of ending with the old one, and runs it.
+#[test]
+fn a_worker_started_after_a_run_finished_waits_for_the_next_run() {
+    let (_server, dir, q) = setup(false, "next");
+    let pipe = r#"seq(1..20) | fork(2) | sh("echo out-{}")"#;
+    let ws = workers(dir.path(), &q, pipe, 1);
+    let out = finish(start(dir.path(), &["--queue", &q, pipe]), "the first run");
+    succeeded(&out);
+    all_exit_0(ws);
+    let mut late = workers(dir.path(), &q, pipe, 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        late[0].try_wait().unwrap().is_none(),
+        "the worker ended with the finished run"
+    );
+    let out = finish(start(dir.path(), &["--queue", &q, pipe]), "the next run");
+    succeeded(&out);
+    expect_each_once(&out, 20, "out-");
+    all_exit_0(std::mem::take(&mut late));
+}
+
+/// A worker of an old run, stopped (SIGSTOP) while it held jobs and resumed once a new run
+/// of another pipe has started on the same NAME, mixes nothing into the new run: its late
+/// results go to the old run's keys, it runs none of the new run's inputs, and it ends.
+#[test]
+fn a_late_worker_of_an_old_run_does_not_mix_with_the_new_run() {
+    let (_server, dir, q) = setup(false, "mix");
+    let (effects, old) = noting_pipe(dir.path(), 40, 2, "0.2", "old");
+    let new = r#"seq(1..40) | fork(2) | sh("sleep 0.1; echo new-{}")"#;
+    let stale = workers(dir.path(), &q, &old, 1).remove(0);
+    let feeder = start(dir.path(), &["--queue", &q, &old]);
+    wait_for_lines(&effects, 2, "no job started");
+    signal(stale.id(), "-STOP");
+    let others = workers(dir.path(), &q, &old, 2);
+    let out = finish(feeder, "the old run");
+    succeeded(&out);
+    expect_each_once(&out, 40, "old-");
+    all_exit_0(others);
+    let ws = workers(dir.path(), &q, new, 1);
+    let feeder = start(dir.path(), &["--queue", &q, new]);
+    std::thread::sleep(Duration::from_millis(300));
+    signal(stale.id(), "-CONT");
+    let out = finish(feeder, "the new run");
+    succeeded(&out);
+    expect_each_once(&out, 40, "new-");
+    let mut ws = ws;
+    ws.push(stale);
+    all_exit_0(ws);
+}
+
+/// A feeder killed after its source ended, rerun on a source that gives more inputs (and
+/// gives them late): the rerun ends only once its own source has ended and every input,
+/// the new ones too, has been printed; what the first feeder knew of its total does not
+/// end the rerun early.
+#[test]
+fn a_rerun_whose_source_gives_more_inputs_waits_for_them() {
+    let (_server, dir, q) = setup(false, "grown");
+    let first: String = (1..=20).map(|i| format!("{i}\n")).collect();
+    let more: String = (21..=30).map(|i| format!("{i}\n")).collect();
+    std::fs::write(dir.path().join("first"), &first).unwrap();
+    std::fs::write(dir.path().join("more"), &more).unwrap();
+    let pipe = r#"sh("echo out-{}")"#;
+    // No worker yet: the first feeder feeds every input, sees its source end and waits.
+    let mut feeder = flowline(dir.path(), &["--queue", &q, pipe])
+        .stdin(std::fs::File::open(dir.path().join("first")).unwrap())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    feeder.kill().unwrap(); // SIGKILL
+    let _ = feeder.wait();
+    let ws = workers(dir.path(), &q, pipe, 1);
+    let script = format!("(cat first; sleep 2; cat more) | {BIN} --queue '{q}' '{pipe}'");
+    let rerun = Command::new("sh")
+        .args(["-c", &script])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = finish(rerun, "the rerun");
+    succeeded(&out);
+    expect_each_once(&out, 30, "out-");
     all_exit_0(ws);
 }

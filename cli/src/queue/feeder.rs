@@ -84,14 +84,84 @@ struct Feeder {
     emit: Emit,
     dead: DeadFile,
     keep_order: bool,
-    /// `ended[seq]`: the input's output or dead letter was written.
-    ended: Vec<bool>,
-    ended_count: u64,
+    /// The inputs fed and not yet written out.
+    open: Open,
     /// With `-k`: results that came before their turn.
     waiting: BTreeMap<u64, Read>,
     /// With `-k`: the next input to write out.
     next: u64,
     failures: u64,
+}
+
+/// The inputs fed and not yet ended, and how far feeding has gone: what the feeder needs
+/// to know which results are new. Only the open inputs are held (at most the window
+/// and a batch), however long the run, instead of a mark per input ever fed.
+#[derive(Debug, Default)]
+struct Open {
+    open: std::collections::BTreeSet<u64>,
+    /// The last input fed (positions start at 1).
+    last: u64,
+}
+
+impl Open {
+    /// The most inputs a feeder leaves open: the window, a batch being added and a batch
+    /// over it.
+    const MOST: u64 = WINDOW + 2 * FEED_BATCH as u64;
+
+    /// The inputs of a resumed run: `fed` were fed, and `bits` (Redis's bitmap, bit `seq`
+    /// set for an input ended) tells which ended. `None` when more would be open than a
+    /// feeder leaves (a record that is not a feeder's).
+    fn resumed(fed: u64, bits: &[u8]) -> Option<Open> {
+        let bit = |seq: u64| {
+            let byte = usize::try_from(seq / 8).ok().and_then(|i| bits.get(i));
+            byte.is_some_and(|b| b & (0x80 >> (seq % 8)) != 0)
+        };
+        // Bits past what the bitmap holds are open: count before collecting.
+        let held = u64::try_from(bits.len())
+            .unwrap_or(u64::MAX)
+            .saturating_mul(8);
+        if fed.saturating_sub(held) > Self::MOST {
+            return None;
+        }
+        let mut open = std::collections::BTreeSet::new();
+        for seq in 1..=fed {
+            if !bit(seq) {
+                if open.len() as u64 >= Self::MOST {
+                    return None;
+                }
+                open.insert(seq);
+            }
+        }
+        Some(Open { open, last: fed })
+    }
+
+    /// Inputs up to `last` are fed (open until they end).
+    fn fed(&mut self, last: u64) {
+        while self.last < last {
+            self.last += 1;
+            self.open.insert(self.last);
+        }
+    }
+
+    /// Whether `seq` was fed and has not ended.
+    fn is_open(&self, seq: u64) -> bool {
+        self.open.contains(&seq)
+    }
+
+    /// Whether `seq` was fed and has ended.
+    fn is_ended(&self, seq: u64) -> bool {
+        (1..=self.last).contains(&seq) && !self.is_open(seq)
+    }
+
+    /// `seq` has ended; true the first time.
+    fn end(&mut self, seq: u64) -> bool {
+        self.open.remove(&seq)
+    }
+
+    /// How many inputs fed have ended.
+    fn ended_count(&self) -> u64 {
+        self.last - self.open.len() as u64
+    }
 }
 
 /// How an input ended, as a worker (or the stream source) reported it.
@@ -125,18 +195,7 @@ impl Feeder {
     }
 
     fn is_ended(&self, seq: u64) -> bool {
-        self.ended.get(seq as usize).copied().unwrap_or(false)
-    }
-
-    fn mark(&mut self, seq: u64) {
-        let i = seq as usize;
-        if self.ended.len() <= i {
-            self.ended.resize(i + 1, false);
-        }
-        if !self.ended[i] {
-            self.ended[i] = true;
-            self.ended_count += 1;
-        }
+        self.open.is_ended(seq)
     }
 
     /// Writes out how an input ended: its output, and its jobs' stderr as one block, as a
@@ -163,7 +222,7 @@ impl Feeder {
     fn end(&mut self, r: Read, marks: &mut Vec<(u64, bool)>, ids: &mut [Vec<String>; 2]) {
         self.write_out(&r.ended, &r.stderr);
         marks.push((r.seq, matches!(r.ended, Ended::Failed(_))));
-        self.mark(r.seq);
+        self.open.end(r.seq);
         ids[usize::from(r.id.1)].push(r.id.0);
     }
 
@@ -172,9 +231,10 @@ impl Feeder {
         let mut ids: [Vec<String>; 2] = [Vec::new(), Vec::new()];
         let mut marks: Vec<(u64, bool)> = Vec::new();
         for r in reads {
-            if r.seq == 0 || self.is_ended(r.seq) || self.waiting.contains_key(&r.seq) {
+            if !self.open.is_open(r.seq) || self.waiting.contains_key(&r.seq) {
                 // A second result of an input (its job ran twice): only the first counts.
-                // An entry without a position is no input's: removed too.
+                // An entry of no input fed (no position, or past the last fed) is removed
+                // too.
                 ids[usize::from(r.id.1)].push(r.id.0);
             } else if self.keep_order {
                 // Removed from Redis once written out, not before.
@@ -198,7 +258,7 @@ impl Feeder {
         let script = redis::Script::new(ENDED);
         let keys = [
             self.queue.key("ended"),
-            self.queue.key("meta"),
+            self.queue.meta_key(),
             self.queue.key("results"),
             self.queue.key("dead"),
         ];
@@ -234,8 +294,7 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
         emit: Emit::open(&plan.main.sink, &settings.job_opts)?,
         dead: DeadFile::new(settings.dead_letter.clone()),
         keep_order: settings.keep_order,
-        ended: Vec::new(),
-        ended_count: 0,
+        open: Open::default(),
         waiting: BTreeMap::new(),
         next: 1,
         failures: 0,
@@ -245,7 +304,6 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
         queue,
     };
     let fed_before = start(&mut f, settings.quiet).await?;
-    let (outage, server) = (f.outage, f.server.clone());
 
     // The source on a task of its own, so that a slow input does not hold up the results.
     let (reader, _) = crate::input::open_source(&plan.source, false, settings.delim).await?;
@@ -271,9 +329,12 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
     let f = Arc::new(tokio::sync::Mutex::new(f));
     let progress = Arc::new(tokio::sync::Notify::new());
     let fed = Arc::new(std::sync::atomic::AtomicU64::new(fed_before));
+    let source_done = std::sync::atomic::AtomicBool::new(false);
     let work = async {
         // Results are written out while the source runs; once it has ended, its count of
-        // inputs is the total the results must reach.
+        // inputs is the total the results must reach. The total is this feeder's to know,
+        // not a record in Redis: an earlier feeder's would end a rerun whose source gave
+        // more inputs before it had fed them.
         let feeding = async {
             let last = feed(f.clone(), rx, fed.clone(), progress.clone()).await?;
             let total = match source.await {
@@ -281,28 +342,12 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
                 Ok(Err(e)) => return Err(e),
                 Err(e) => return Err(format!("the source stopped: {e}")),
             };
-            let (key, conn) = {
-                let f = f.lock().await;
-                (f.queue.key("meta"), f.conn.clone())
-            };
-            call(&outage, &server, &conn, |mut c| {
-                let key = key.clone();
-                async move {
-                    redis::cmd("HSET")
-                        .arg(&key)
-                        .arg("total")
-                        .arg(total)
-                        .query_async::<Value>(&mut c)
-                        .await
-                }
-            })
-            .await
-            .map_err(|e| format!("queue: recording the total: {e}"))?;
             fed.store(total, std::sync::atomic::Ordering::SeqCst);
+            source_done.store(true, std::sync::atomic::Ordering::SeqCst);
             progress.notify_waiters();
             Ok(())
         };
-        let collecting = collect(f.clone(), fed.clone(), progress.clone());
+        let collecting = collect(f.clone(), fed.clone(), &source_done, progress.clone());
         tokio::try_join!(feeding, collecting).map(|_| ())
     };
     let stopped = tokio::select! {
@@ -333,7 +378,7 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
             f.failures,
             f.queue.name
         );
-        if f.dead.written.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+        if f.dead.written() > 0 {
             line.push_str(&format!(
                 "; failures written to {}",
                 settings.dead_letter.display()
@@ -351,7 +396,7 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
 /// Starts a new run of the queue, or resumes an unfinished one; returns how many inputs
 /// were fed before.
 async fn start(f: &mut Feeder, quiet: bool) -> Result<u64, String> {
-    let meta_key = f.queue.key("meta");
+    let meta_key = f.queue.meta_key();
     let meta: HashMap<String, String> = f
         .call("reading the queue", |mut c| {
             let k = meta_key.clone();
@@ -359,20 +404,22 @@ async fn start(f: &mut Feeder, quiet: bool) -> Result<u64, String> {
         })
         .await?;
     let num = |k: &str| meta.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    if meta.is_empty() || meta.contains_key("finished") {
-        // A new run: what an earlier, finished run left goes. The stream is emptied, not
-        // deleted: workers started before the feeder are reading it in their group.
-        let keys = f.queue.keys(&["results", "dead", "meta", "ended"]);
-        let jobs = f.queue.key("jobs");
-        f.call("clearing a finished run", |mut c| {
+    let run = meta.get("run").filter(|r| !r.is_empty());
+    let Some(run) = run.filter(|_| !meta.contains_key("finished")) else {
+        // A new run, with keys of its own: what an earlier run left expires by itself (its
+        // feeder set that when it finished), and its late workers write only there.
+        let run = super::new_run_id();
+        f.call("starting a run", |mut c| {
+            let (k, run) = (meta_key.clone(), run.clone());
             let mut p = redis::pipe();
-            p.atomic().del(&keys).ignore();
-            p.cmd("XTRIM").arg(&jobs).arg("MAXLEN").arg(0).ignore();
+            p.atomic().del(&k).ignore().hset(&k, "run", &run).ignore();
             async move { p.query_async::<()>(&mut c).await }
         })
         .await?;
+        f.queue = f.queue.with_run(&run);
         return Ok(0);
-    }
+    };
+    f.queue = f.queue.with_run(run);
     let ended_key = f.queue.key("ended");
     let bits: Vec<u8> = f
         .call("reading the inputs ended", |mut c| {
@@ -380,22 +427,22 @@ async fn start(f: &mut Feeder, quiet: bool) -> Result<u64, String> {
             async move { redis::cmd("GET").arg(&k).query_async(&mut c).await }
         })
         .await?;
-    for (i, byte) in bits.iter().enumerate() {
-        for b in 0..8 {
-            if byte & (0x80 >> b) != 0 {
-                f.mark((i * 8 + b) as u64);
-            }
-        }
-    }
     f.failures = num("failed");
     let fed = num("fed");
+    f.open = Open::resumed(fed, &bits).ok_or_else(|| {
+        format!(
+            "queue `{}`: its record says {fed} inputs were fed, and more of them are open than a feeder leaves; clear it (DEL its keys) to start again",
+            f.queue.name
+        )
+    })?;
     while f.is_ended(f.next) {
         f.next += 1;
     }
     if !quiet {
         eprintln!(
             "flowline: resuming queue `{}`: {fed} inputs fed before, {} of them ended",
-            f.queue.name, f.ended_count
+            f.queue.name,
+            f.open.ended_count()
         );
     }
     Ok(fed)
@@ -415,7 +462,7 @@ async fn feed(
         let f = f.lock().await;
         (
             f.queue.key("jobs"),
-            f.queue.key("meta"),
+            f.queue.meta_key(),
             f.queue.name.clone(),
             f.conn.clone(),
             f.outage,
@@ -438,7 +485,7 @@ async fn feed(
         // Not too far ahead of the results.
         loop {
             let wait = progress.notified();
-            let ended = f.lock().await.ended_count;
+            let ended = f.lock().await.open.ended_count();
             if fed.load(SeqCst).saturating_sub(ended) < WINDOW {
                 break;
             }
@@ -446,6 +493,8 @@ async fn feed(
         }
         let before = fed.load(SeqCst);
         let last = batch.last().map_or(before, |i| i.0);
+        // Open before the workers can see them: their results are then always this run's.
+        f.lock().await.open.fed(last);
         let now: u64 = call(&outage, &server, &conn, |mut c| {
             let mut inv = script.prepare_invoke();
             inv.key(&jobs).key(&meta).arg(before);
@@ -469,13 +518,14 @@ async fn feed(
 }
 
 /// Writes out results until every input fed has ended and the source is done (`fed`
-/// holds the total then, and `total` is set in `meta`).
+/// holds the total then).
 async fn collect(
     f: Arc<tokio::sync::Mutex<Feeder>>,
     fed: Arc<std::sync::atomic::AtomicU64>,
+    source_done: &std::sync::atomic::AtomicBool,
     progress: Arc<tokio::sync::Notify>,
 ) -> Result<(), String> {
-    let (results, dead, conn, outage, server, name, meta) = {
+    let (results, dead, conn, outage, server, name) = {
         let f = f.lock().await;
         (
             f.queue.key("results"),
@@ -486,11 +536,9 @@ async fn collect(
             f.outage,
             f.server.clone(),
             f.queue.name.clone(),
-            f.queue.key("meta"),
         )
     };
     let (mut after_r, mut after_d) = ("0".to_string(), "0".to_string());
-    let mut total_known = false;
     loop {
         let reply: Value = call(&outage, &server, &conn, |mut c| {
             let mut cmd = redis::cmd("XREAD");
@@ -541,23 +589,9 @@ async fn collect(
             g.take(reads).await?;
             progress.notify_waiters();
         }
-        if !total_known {
-            let total: Option<u64> = g
-                .call("reading the total", |mut c| {
-                    let m = meta.clone();
-                    async move {
-                        redis::cmd("HGET")
-                            .arg(&m)
-                            .arg("total")
-                            .query_async(&mut c)
-                            .await
-                    }
-                })
-                .await?;
-            total_known = total.is_some();
-        }
         // Every input marked ended was fed: the count reaching the total is all of them.
-        if total_known && g.ended_count >= fed.load(std::sync::atomic::Ordering::SeqCst) {
+        let done = source_done.load(std::sync::atomic::Ordering::SeqCst);
+        if done && g.open.ended_count() >= fed.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
         }
     }
@@ -565,8 +599,9 @@ async fn collect(
 
 /// Marks the run finished (the workers exit) and lets its keys expire.
 async fn finish(f: &Feeder) -> Result<(), String> {
-    let keys = f.queue.keys(&["jobs", "results", "dead", "meta", "ended"]);
-    let meta = f.queue.key("meta");
+    let mut keys = f.queue.keys(&["jobs", "results", "dead", "ended"]);
+    keys.push(f.queue.meta_key());
+    let meta = f.queue.meta_key();
     f.call("marking the run finished", |mut c| {
         let mut p = redis::pipe();
         p.atomic().hset(&meta, "finished", 1).ignore();
@@ -730,6 +765,47 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_vec()))
             .collect()
+    }
+
+    /// A long run holds only its open inputs: a million fed and ended in windows leave
+    /// none held, however many there were.
+    #[test]
+    fn the_feeders_record_of_inputs_is_bounded_by_the_window() {
+        let mut o = Open::default();
+        let mut most = 0;
+        for window in 0..100u64 {
+            o.fed((window + 1) * 10_000);
+            most = most.max(o.open.len());
+            for seq in window * 10_000 + 1..=(window + 1) * 10_000 {
+                assert!(o.end(seq));
+            }
+        }
+        assert_eq!(most, 10_000);
+        assert!(o.open.is_empty());
+        assert_eq!(o.ended_count(), 1_000_000);
+        assert!(o.is_ended(1) && o.is_ended(1_000_000));
+        // Hostile positions: never fed, never ended, never counted.
+        for seq in [0, 1_000_001, u64::MAX] {
+            assert!(!o.is_ended(seq) && !o.is_open(seq) && !o.end(seq));
+        }
+        assert!(!o.end(5), "ended twice");
+        assert_eq!(o.ended_count(), 1_000_000);
+    }
+
+    #[test]
+    fn a_resumed_record_reads_the_bitmap_and_refuses_one_no_feeder_left() {
+        // Inputs 1..=10 fed; 1, 2 and 9 ended (bit `seq` from the left).
+        let bits = [0b0110_0000, 0b0100_0000];
+        let o = Open::resumed(10, &bits).unwrap();
+        assert_eq!(
+            o.open.iter().copied().collect::<Vec<_>>(),
+            [3, 4, 5, 6, 7, 8, 10]
+        );
+        assert_eq!(o.ended_count(), 3);
+        assert!(Open::resumed(u64::MAX, &bits).is_none());
+        assert!(Open::resumed(Open::MOST + 1, &[]).is_none());
+        assert!(Open::resumed(Open::MOST, &[]).is_some());
+        assert!(Open::resumed(0, &[0xff; 4]).unwrap().open.is_empty());
     }
 
     #[test]

@@ -10,10 +10,15 @@
 //!   entries), runs the pipe's tasks with their policies, `rate(..)` and `inflight(..)`
 //!   shared by every worker through Redis, and writes each result to a results stream.
 //!
-//! The keys of a queue `NAME` share one hash tag, `flowline:{NAME}:...`:
-//! `jobs` (the inputs), `results` (what the workers send back), `dead` (entries the
-//! stream source gave up on), `meta` (a hash: `fed`, `failed`, `finished`) and `ended` (a
-//! bitmap of the inputs whose result the feeder has written out).
+//! The keys of a queue `NAME` share one hash tag, `flowline:{NAME}:...`. One hash,
+//! `flowline:{NAME}:meta`, names the current run (`run`, an id the feeder draws when it
+//! starts a new run) and holds its counts (`fed`, `failed`, `finished`); each run has keys
+//! of its own, `flowline:{NAME}:RUN:...`: `jobs` (the inputs), `results` (what the workers
+//! send back), `dead` (entries the stream source gave up on) and `ended` (a bitmap of the
+//! inputs whose result the feeder has written out). A worker joins the run that is not
+//! finished and ends with it (or when another run has taken the NAME): a worker started
+//! just after a run finished waits for the next one, and a late worker of an old run
+//! writes only to the old run's keys, never into the new run's.
 
 pub mod feeder;
 pub mod worker;
@@ -38,6 +43,8 @@ pub struct Queue {
     pub server: String,
     /// The queue's name: the hash tag of its keys.
     pub name: String,
+    /// The run whose keys [`key`](Self::key) names (empty until the run is known).
+    pub run: String,
 }
 
 impl Queue {
@@ -72,6 +79,7 @@ impl Queue {
         Ok(Queue {
             server,
             name: name.to_string(),
+            run: String::new(),
         })
     }
 
@@ -84,9 +92,22 @@ impl Queue {
         )
     }
 
-    /// The key of one part of the queue.
+    /// The key of the queue's `meta` hash: the current run and its counts.
+    pub fn meta_key(&self) -> String {
+        format!("flowline:{{{}}}:meta", self.name)
+    }
+
+    /// The key of one part of the current run (`jobs`, `results`, `dead`, `ended`).
     pub fn key(&self, part: &str) -> String {
-        format!("flowline:{{{}}}:{part}", self.name)
+        format!("flowline:{{{}}}:{}:{part}", self.name, self.run)
+    }
+
+    /// The same queue, with the keys of run `run`.
+    pub fn with_run(&self, run: &str) -> Queue {
+        Queue {
+            run: run.to_string(),
+            ..self.clone()
+        }
     }
 
     /// The keys of several parts.
@@ -204,6 +225,31 @@ fn mark(e: redis::RedisError) -> BoxError {
     Transient::or_permanent(e, transient)
 }
 
+/// A new run's id: the clock and the process, distinct for every feeder that starts a run
+/// (two feeders of one NAME at once are refused anyway).
+pub fn new_run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{nanos:x}-{:x}", std::process::id())
+}
+
+/// The queue's current run and whether it has finished, as `meta` holds them (`None` for
+/// a queue without a run); an error when Redis does not answer.
+pub async fn run_state(
+    conn: &ConnectionManager,
+    queue: &Queue,
+) -> redis::RedisResult<(Option<String>, bool)> {
+    let mut c = conn.clone();
+    let (run, finished): (Option<String>, Option<String>) = redis::cmd("HMGET")
+        .arg(queue.meta_key())
+        .arg("run")
+        .arg("finished")
+        .query_async(&mut c)
+        .await?;
+    Ok((run.filter(|r| !r.is_empty()), finished.is_some()))
+}
+
 /// The first SIGINT, SIGTERM or SIGHUP.
 pub async fn stop_signal() {
     crate::run::next_signal(&mut crate::run::stop_signals()).await;
@@ -223,7 +269,8 @@ mod tests {
         let q = Queue::parse("redis://10.0.0.5:6380/jobs").unwrap();
         assert_eq!(q.server, "redis://10.0.0.5:6380/");
         assert_eq!(q.name, "jobs");
-        assert_eq!(q.key("meta"), "flowline:{jobs}:meta");
+        assert_eq!(q.meta_key(), "flowline:{jobs}:meta");
+        assert_eq!(q.with_run("r1").key("jobs"), "flowline:{jobs}:r1:jobs");
         let q = Queue::parse("redis://:secret@host/j-1").unwrap();
         assert_eq!(q.server, "redis://:secret@host/");
         assert_eq!(q.label(), "redis :***@host");

@@ -9,7 +9,9 @@
 //! every worker of the queue ([`RedisRate`], [`RedisInflight`]). A worker killed with
 //! SIGKILL leaves its entries pending; the other workers take them over after `--lease`
 //! (at least once: a job in flight on the killed worker runs again elsewhere). A worker
-//! ends when the feeder has marked the run finished, letting its running jobs finish.
+//! joins the queue's unfinished run (waiting for one if there is none) and ends when the
+//! feeder has marked that run finished or another run has taken the queue, letting its
+//! running jobs finish.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -228,6 +230,29 @@ pub async fn run(
     lease: Duration,
 ) -> Result<Outcome, String> {
     let consumer = consumer_name();
+    let queue = match attach(&queue).await? {
+        Attached::Run(q) => q,
+        Attached::Missed => {
+            if !settings.quiet {
+                eprintln!(
+                    "flowline: worker {consumer}: a run of queue `{}` finished before this worker joined it",
+                    queue.name
+                );
+            }
+            return Ok(Outcome {
+                failures: 0,
+                interrupted: false,
+                halted_by: None,
+            });
+        }
+        Attached::Signalled => {
+            return Ok(Outcome {
+                failures: 0,
+                interrupted: true,
+                halted_by: None,
+            });
+        }
+    };
     let reads = plan
         .main_tasks()
         .map(|t| t.policies.fork.unwrap_or(settings.jobs))
@@ -346,23 +371,67 @@ pub async fn run(
     }
 }
 
-/// Watches the queue's `finished` mark (set by the feeder once every input has ended).
-/// Redis being down only delays the news.
+/// What a worker found when it looked for a run to join.
+enum Attached {
+    /// The queue, with the keys of the unfinished run it joins.
+    Run(Queue),
+    /// A run began and finished while the worker looked (its inputs were run by others).
+    Missed,
+    /// A signal came first.
+    Signalled,
+}
+
+/// Waits for a run of the queue that has not finished. A run that had finished when the
+/// worker started (its keys not yet expired) is not joined: the worker waits for the next.
+/// Another run seen finished means the worker came up during a run too short to join: it
+/// ends, as it would have with that run. Redis being down is waited out.
+async fn attach(queue: &Queue) -> Result<Attached, String> {
+    let conn = super::connect(&queue.server)?;
+    let wait = async {
+        // The finished run (or none) seen first.
+        let mut before: Option<Option<String>> = None;
+        let mut polls = 0u32;
+        loop {
+            match super::run_state(&conn, queue).await {
+                Ok((Some(run), false)) => return Attached::Run(queue.with_run(&run)),
+                Ok((run, true)) => {
+                    if *before.get_or_insert_with(|| run.clone()) != run {
+                        return Attached::Missed;
+                    }
+                }
+                Ok((None, false)) => {
+                    before.get_or_insert(None);
+                }
+                Err(_) => {}
+            }
+            // Soon after the feeder starts the run: a worker that reads the first inputs
+            // as they come spreads them best (and an input that kills its worker then
+            // takes fewer others with it). A worker that has waited a while waits
+            // at a slower pace.
+            polls += 1;
+            let pause = if polls < 200 { 10 } else { 200 };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+    };
+    tokio::select! {
+        a = wait => Ok(a),
+        () = super::stop_signal() => Ok(Attached::Signalled),
+    }
+}
+
+/// Watches the queue's run: its end comes when the feeder has marked it finished (every
+/// input has ended), or when another run has taken the queue's NAME. Redis being down
+/// only delays the news.
 async fn watch_finished(queue: Queue, tx: tokio::sync::watch::Sender<bool>) {
     let Ok(conn) = super::connect(&queue.server) else {
         return;
     };
-    let key = queue.key("meta");
     loop {
-        let mut c = conn.clone();
-        let r: redis::RedisResult<Option<String>> = redis::cmd("HGET")
-            .arg(&key)
-            .arg("finished")
-            .query_async(&mut c)
-            .await;
-        if matches!(r, Ok(Some(_))) {
-            let _ = tx.send(true);
-            return;
+        if let Ok((run, finished)) = super::run_state(&conn, &queue).await {
+            if finished || run.as_deref() != Some(queue.run.as_str()) {
+                let _ = tx.send(true);
+                return;
+            }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
