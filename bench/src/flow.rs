@@ -423,7 +423,7 @@ fn live_call(
     t0: Instant,
     now: &Arc<AtomicUsize>,
     starts: &LiveStarts,
-) -> impl Future<Output = ()> + Send + 'static {
+) -> impl Future<Output = ()> + Send + use<> {
     let n = now.fetch_add(1, SeqCst) + 1;
     starts.lock().unwrap().push((t0.elapsed(), n));
     let now = now.clone();

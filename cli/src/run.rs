@@ -749,18 +749,19 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
         .dead_letter(DeadLetter::callback(move |f| on_fail.on_failure(f)))
         .spawn();
     ctx.live.started(handle.control());
-    let reread = (!ctx.live.is_empty()).then(|| {
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
-                return;
-            };
-            while usr1.recv().await.is_some() {
-                ctx.live.reread();
-            }
-        })
-    });
+    // SIGUSR1 reads the limit files at once. Registered here, before anything could send
+    // it: its default action ends the process.
+    let reread = (!ctx.live.is_empty())
+        .then(|| tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()))
+        .and_then(Result::ok)
+        .map(|mut usr1| {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                while usr1.recv().await.is_some() {
+                    ctx.live.reread();
+                }
+            })
+        });
     let interrupted = Arc::new(AtomicBool::new(false));
     let signals = watch_signals(
         &ctx,

@@ -317,13 +317,15 @@ mod tests {
         tokio::time::sleep(ms(1)).await;
         assert_eq!(most(150, 151), (24, 32));
         assert_eq!(bound.in_flight(), 32);
-        // Lowered below what is in flight and raised again before they end: the debt is
-        // paid from the raise, not twice.
+        // Lowered below what is in flight and raised again before any call ends: the debt
+        // is paid from the raise, not twice. 32 run; none starts until fewer than 16 do:
+        // the 8 of 100 ms end at 200 ms (24 left), the 24 of 150 ms at 250 ms; 16 start.
         bound.set_limit(4).unwrap();
         bound.set_limit(16).unwrap();
-        tokio::time::sleep(ms(99)).await; // 250 ms: the 8 of 200 ms still run
-        assert_eq!(most(151, 250).1, 16);
-        assert!(bound.in_flight() <= 16);
+        tokio::time::sleep(ms(100)).await; // 251 ms
+        assert_eq!(most(151, 250), (0, 0));
+        assert_eq!(most(250, 251), (16, 16));
+        assert_eq!(bound.in_flight(), 16);
         handle.cancel();
         let _ = handle.join().await;
         assert_eq!(bound.in_flight(), 0);
