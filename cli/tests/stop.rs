@@ -229,10 +229,16 @@ fn rewrite(path: &Path, text: &str) {
 
 fn stderr(child: Child) -> (Option<i32>, String) {
     let o = child.wait_with_output().unwrap();
-    (
-        o.status.code(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    (o.status.code(), text(&o.stderr))
+}
+
+/// A directory with `run/` for the counting jobs and a `-j` file holding `jobs`.
+fn counting_dir(jobs: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir(d.path().join("run")).unwrap();
+    let file = d.path().join("jobs.txt");
+    std::fs::write(&file, jobs).unwrap();
+    (d, file)
 }
 
 #[test]
