@@ -447,7 +447,7 @@ pub struct StageReport {
 ///     .map_async("api", |x| async move { x })
 ///     .workers(4)
 ///     .run().await.unwrap();
-/// let limits = report.stage("api").unwrap().limits.unwrap();
+/// let limits = report.stage("api").unwrap().limits.clone().unwrap();
 /// assert_eq!((limits.workers, limits.worker_changes), (Some(4), 0));
 /// # }
 /// ```

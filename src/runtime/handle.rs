@@ -186,9 +186,10 @@ impl Handle {
     ///     .workers(2)
     ///     .spawn();
     /// handle.set_workers("api", 10).unwrap();
+    /// tokio::task::yield_now().await;                  // the run's task builds its stages
     /// assert!(handle.set_workers("nope", 10).is_err());
     /// let report = handle.join().await.unwrap();
-    /// assert_eq!(report.stage("api").unwrap().limits.unwrap().workers, Some(10));
+    /// assert_eq!(report.stage("api").unwrap().limits.as_ref().unwrap().workers, Some(10));
     /// # }
     /// ```
     pub fn set_workers(&self, stage: &str, n: usize) -> Result<(), Error> {
