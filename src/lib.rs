@@ -184,7 +184,7 @@ pub use policy::rate::Rate;
 #[cfg(feature = "tower")]
 pub use policy::rate_layer::RateLimited;
 pub use policy::retry::{Retry, RetryAfter, RetryBudget};
-pub use report::{FailureReasons, LatencySummary, Report, RunOutcome, StageReport};
+pub use report::{FailureReasons, LatencySummary, LiveLimits, Report, RunOutcome, StageReport};
 pub use runtime::batch_sink::BatchSink;
 pub use runtime::handle::{Control, Handle, ItemStream};
 pub use runtime::run::Run;

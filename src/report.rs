@@ -261,6 +261,7 @@ impl StageStats {
                 received.saturating_sub(passed + dropped + failed)
             },
             latency,
+            limits: None,
         }
     }
 }
@@ -431,6 +432,65 @@ pub struct StageReport {
     pub unfinished: u64,
     /// Latency of the stage's calls (async stages).
     pub latency: Option<LatencySummary>,
+    /// An async stage's limits now, and how often they were changed while running
+    /// ([`Control::set_workers`](crate::Control::set_workers),
+    /// [`Control::set_rate`](crate::Control::set_rate)).
+    pub limits: Option<LiveLimits>,
+}
+
+/// An async stage's limits as the run left them, and how often they were changed.
+///
+/// ```
+/// use flowline::prelude::*;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let report = Pipeline::from_iter(0..3u32)
+///     .map_async("api", |x| async move { x })
+///     .workers(4)
+///     .run().await.unwrap();
+/// let limits = report.stage("api").unwrap().limits.clone().unwrap();
+/// assert_eq!((limits.workers, limits.worker_changes), (Some(4), 0));
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LiveLimits {
+    /// The most calls in flight (`None`: an adaptive stage no one has capped).
+    pub workers: Option<usize>,
+    /// The stage's limit is adaptive: `workers`, when set, caps it.
+    pub adaptive: bool,
+    /// Changes of `workers` while running.
+    pub worker_changes: u64,
+    /// The stage's rate, as (count, period), if it has one.
+    pub rate: Option<(u64, std::time::Duration)>,
+    /// Changes of the rate while running.
+    pub rate_changes: u64,
+}
+
+impl fmt::Display for LiveLimits {
+    /// `workers 8 (2 changes), rate 50 per 1s (1 change)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let changes = |n: u64| {
+            if n == 1 {
+                "1 change".to_string()
+            } else {
+                format!("{n} changes")
+            }
+        };
+        match self.workers {
+            Some(w) if self.adaptive => write!(f, "adaptive, at most {w}")?,
+            Some(w) => write!(f, "workers {w}")?,
+            None => write!(f, "adaptive")?,
+        }
+        write!(f, " ({})", changes(self.worker_changes))?;
+        if let Some((count, period)) = self.rate {
+            write!(
+                f,
+                ", rate {count} per {period:?} ({})",
+                changes(self.rate_changes)
+            )?;
+        }
+        Ok(())
+    }
 }
 
 impl StageReport {
@@ -845,6 +905,17 @@ impl fmt::Display for Report {
         for s in self.stages.iter().filter(|s| s.failed > 0) {
             writeln!(f, "{}", Self::reasons_line(s, max))?;
         }
+        // Limits only where they were changed while running: a run without changes reads
+        // as before.
+        for (s, l) in self
+            .stages
+            .iter()
+            .filter_map(|s| Some((s, s.limits.as_ref()?)))
+        {
+            if l.worker_changes + l.rate_changes > 0 {
+                writeln!(f, "limits of {}: {l}", elide(&s.name, max / 2))?;
+            }
+        }
         Ok(())
     }
 }
@@ -896,7 +967,7 @@ mod json {
     #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
     impl Serialize for StageReport {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            let mut m = s.serialize_struct("StageReport", 13)?;
+            let mut m = s.serialize_struct("StageReport", 14)?;
             m.serialize_field("name", &self.name)?;
             m.serialize_field("kind", self.kind)?;
             m.serialize_field("in", &self.received)?;
@@ -910,6 +981,27 @@ mod json {
             m.serialize_field("transient_retries", &self.transient_retries)?;
             m.serialize_field("unfinished", &self.unfinished)?;
             m.serialize_field("latency", &self.latency)?;
+            match &self.limits {
+                Some(l) => m.serialize_field("limits", &Limits(l))?,
+                None => m.skip_field("limits")?,
+            }
+            m.end()
+        }
+    }
+
+    /// `{"workers": 8, "worker_changes": 2, "rate_per_second": 50.0, "rate_changes": 1}`.
+    struct Limits<'a>(&'a super::LiveLimits);
+
+    impl Serialize for Limits<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let l = self.0;
+            let mut m = s.serialize_struct("LiveLimits", 5)?;
+            m.serialize_field("workers", &l.workers)?;
+            m.serialize_field("adaptive", &l.adaptive)?;
+            m.serialize_field("worker_changes", &l.worker_changes)?;
+            let rate = l.rate.map(|(c, p)| c as f64 / p.as_secs_f64());
+            m.serialize_field("rate_per_second", &rate)?;
+            m.serialize_field("rate_changes", &l.rate_changes)?;
             m.end()
         }
     }
@@ -1093,6 +1185,7 @@ mod tests {
             transient_retries: n,
             unfinished: n,
             latency: None,
+            limits: None,
         }
     }
 

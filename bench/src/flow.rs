@@ -33,6 +33,16 @@
 //!   is the hedged p99 and `baseline` the unhedged p99 (ms); `ratio` = hedged / unhedged p99
 //!   (goal ≤ 0.3); `extra_pct` the extra calls in % of the calls (goal ≤ 6).
 //!
+//! - `live_workers`: workers changed while running (`Control::set_workers`), 4 → 64 → 8,
+//!   each held for `LIVE_PHASE`, over calls of `LIVE_CALL` (real clock, a multi-thread
+//!   runtime). Every call notes how many calls run as it starts; `max_deviation` is the most
+//!   calls running at a start minus the limit, over the starts from one call (plus 1 ms of
+//!   timer grain) after each change to the next change (goal ≤ 1); `max_shortfall` the
+//!   limit minus the most calls running in the same spans (how far a raise was from being
+//!   used). `flowline` and `baseline` are items/s over the run; the baseline is a loop of
+//!   spawned calls behind a tokio semaphore whose permits are added (raise) or acquired and
+//!   forgotten (lowering), the usual hand-made adjustable limit.
+//!
 //! Each adaptive case compares `Adaptive::vegas(1..=512).initial(4)` against a sweep of static worker
 //! counts; every configuration runs `REPS` times in a rotating order and the median items/s
 //! is kept. `ratio` is adaptive / the best static median; `adaptive_final_limits` is the
@@ -402,6 +412,131 @@ async fn hedge_case() {
     );
 }
 
+const LIVE_CALL: Duration = Duration::from_millis(3);
+const LIVE_PHASE: Duration = Duration::from_millis(400);
+const LIVE_STEPS: [usize; 3] = [4, 64, 8];
+
+/// Each start as (time since the run began, calls running with it).
+type LiveStarts = Arc<std::sync::Mutex<Vec<(Duration, usize)>>>;
+
+fn live_call(
+    t0: Instant,
+    now: &Arc<AtomicUsize>,
+    starts: &LiveStarts,
+) -> impl Future<Output = ()> + Send + use<> {
+    let n = now.fetch_add(1, SeqCst) + 1;
+    starts.lock().unwrap().push((t0.elapsed(), n));
+    let now = now.clone();
+    async move {
+        tokio::time::sleep(LIVE_CALL).await;
+        now.fetch_sub(1, SeqCst);
+    }
+}
+
+/// (max_deviation, max_shortfall) over the spans after each change.
+fn live_deviation(starts: &[(Duration, usize)]) -> (i64, i64) {
+    let (mut over, mut short) = (i64::MIN, i64::MIN);
+    for (i, &limit) in LIVE_STEPS.iter().enumerate() {
+        let from = LIVE_PHASE * i as u32 + LIVE_CALL + Duration::from_millis(1);
+        let to = LIVE_PHASE * (i as u32 + 1);
+        let most = starts
+            .iter()
+            .filter(|(t, _)| *t >= from && *t < to)
+            .map(|(_, n)| *n as i64)
+            .max()
+            .unwrap_or(0);
+        over = over.max(most - limit as i64);
+        short = short.max(limit as i64 - most);
+    }
+    (over, short)
+}
+
+async fn live_flowline() -> (f64, i64, i64) {
+    let (t0, now, starts) = (
+        Instant::now(),
+        Arc::new(AtomicUsize::new(0)),
+        LiveStarts::default(),
+    );
+    let (n, s) = (now.clone(), starts.clone());
+    let handle = Pipeline::from_iter(0..u64::MAX)
+        .map_async("call", move |_| live_call(t0, &n, &s))
+        .workers(LIVE_STEPS[0])
+        .unordered()
+        .spawn();
+    for (i, &w) in LIVE_STEPS.iter().enumerate().skip(1) {
+        tokio::time::sleep_until((t0 + LIVE_PHASE * i as u32).into()).await;
+        handle.set_workers("call", w).expect("set_workers");
+    }
+    tokio::time::sleep_until((t0 + LIVE_PHASE * LIVE_STEPS.len() as u32).into()).await;
+    handle.stop();
+    let report = handle.join().await.expect("live run");
+    let rate = report.delivered() as f64 / t0.elapsed().as_secs_f64();
+    let (over, short) = live_deviation(&starts.lock().unwrap());
+    (rate, over, short)
+}
+
+async fn live_baseline() -> (f64, i64, i64) {
+    let (t0, now, starts) = (
+        Instant::now(),
+        Arc::new(AtomicUsize::new(0)),
+        LiveStarts::default(),
+    );
+    let sem = Arc::new(Semaphore::new(LIVE_STEPS[0]));
+    let end = t0 + LIVE_PHASE * LIVE_STEPS.len() as u32;
+    let changes = {
+        let sem = sem.clone();
+        tokio::spawn(async move {
+            let mut limit = LIVE_STEPS[0];
+            for (i, &w) in LIVE_STEPS.iter().enumerate().skip(1) {
+                tokio::time::sleep_until((t0 + LIVE_PHASE * i as u32).into()).await;
+                if w > limit {
+                    sem.add_permits(w - limit);
+                } else {
+                    let sem = sem.clone();
+                    let down = (limit - w) as u32;
+                    tokio::spawn(
+                        async move { sem.acquire_many_owned(down).await.map(|p| p.forget()) },
+                    );
+                }
+                limit = w;
+            }
+        })
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut done = 0u64;
+    while Instant::now() < end {
+        let permit = sem.clone().acquire_owned().await.expect("semaphore");
+        let call = live_call(t0, &now, &starts);
+        tasks.spawn(async move {
+            call.await;
+            drop(permit);
+        });
+        while tasks.try_join_next().is_some() {
+            done += 1;
+        }
+    }
+    while tasks.join_next().await.is_some() {
+        done += 1;
+    }
+    changes.await.expect("changes");
+    let rate = done as f64 / t0.elapsed().as_secs_f64();
+    let (over, short) = live_deviation(&starts.lock().unwrap());
+    (rate, over, short)
+}
+
+async fn live_workers_case() {
+    let (f, over, short) = live_flowline().await;
+    let (b, b_over, b_short) = live_baseline().await;
+    println!(
+        "{}",
+        json!({"suite": "flow", "case": "live_workers", "flowline": f.round(), "baseline": b.round(),
+               "unit": "items/s", "ratio": round3(f / b), "max_deviation": over,
+               "max_shortfall": short, "baseline_max_deviation": b_over,
+               "baseline_max_shortfall": b_short, "workers": LIVE_STEPS,
+               "call_ms": LIVE_CALL.as_millis(), "phase_ms": LIVE_PHASE.as_millis()})
+    );
+}
+
 pub fn run(args: &[String]) {
     let secs: f64 = args.iter().find_map(|s| s.parse().ok()).unwrap_or(3.0);
     let only = args.iter().find(|s| s.parse::<f64>().is_err());
@@ -455,6 +590,9 @@ pub fn run(args: &[String]) {
         }
         if wanted("hedge") {
             hedge_case().await;
+        }
+        if wanted("live_workers") {
+            live_workers_case().await;
         }
     });
 }

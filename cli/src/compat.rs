@@ -173,7 +173,7 @@ pub fn jobs(text: &str, cpus: usize) -> Result<usize, String> {
 }
 
 /// `-j`'s value as text: `N`, `N%`, `+N`, `-N` or `0`.
-fn jobs_value(text: &str, cpus: usize) -> Result<usize, String> {
+pub fn jobs_value(text: &str, cpus: usize) -> Result<usize, String> {
     let bad = |why: &str| format!("--jobs `{}`: {why}", text.escape_debug());
     let t = text.trim();
     let num = |s: &str| -> Result<i64, String> {

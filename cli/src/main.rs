@@ -13,6 +13,7 @@ mod gate;
 mod input;
 mod jobs;
 mod linefilter;
+mod live;
 mod parse;
 mod queue;
 mod results;
@@ -96,7 +97,8 @@ struct Cli {
     words: Vec<std::ffi::OsString>,
 
     /// Jobs at a time, for a task with no fork(N) before it: N, N% of the CPUs, +N or -N
-    /// CPUs, 0 (no limit), or a file holding one of these (default: the number of CPUs).
+    /// CPUs, 0 (no limit), or a file holding one of these, read again when a job ends if it
+    /// changed, or on SIGUSR1 (default: the number of CPUs).
     #[arg(short = 'j', long, visible_alias = "max-procs", value_name = "N")]
     jobs: Option<String>,
 
@@ -651,8 +653,15 @@ fn setup(cli: Cli, groups: Vec<compat::Group>) -> Result<Setup, Vec<String>> {
         },
     };
     let worker = cli.worker.then(|| cli.lease.unwrap_or(DEFAULT_LEASE));
+    let jobs_file = cli
+        .jobs
+        .as_deref()
+        .map(|j| std::path::PathBuf::from(j.trim()))
+        .filter(|p| p.is_file())
+        .map(|p| (p, cpus));
     let settings = Box::new(run::Settings {
         jobs,
+        jobs_file,
         keep_order: cli.keep_order,
         progress: cli.progress || cli.eta,
         state: cli.state,

@@ -30,6 +30,8 @@ use crate::state::State;
 /// Command-line settings of a run.
 pub struct Settings {
     pub jobs: usize,
+    /// `-j FILE`: the file, read again as jobs end, and the CPUs its value counts from.
+    pub jobs_file: Option<(PathBuf, usize)>,
     pub keep_order: bool,
     pub progress: bool,
     pub state: Option<PathBuf>,
@@ -277,6 +279,8 @@ struct Ctx {
     /// Inputs that ended done or failed; the others the source produced were left
     /// unfinished by a stop.
     finished: AtomicU64,
+    /// `-j FILE` and `rate(FILE)`: read again as jobs end.
+    live: crate::live::LiveFiles,
 }
 
 impl Ctx {
@@ -499,6 +503,7 @@ impl Builder {
                         });
                     }
                     let result = crate::exec::call_job(&ctx.runner, &rt, &item).await;
+                    ctx.live.job_ended();
                     match result {
                         Ok(out) => {
                             let item = Item {
@@ -729,6 +734,20 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
     let handle = graph
         .dead_letter(DeadLetter::callback(move |f| on_fail.on_failure(f)))
         .spawn();
+    ctx.live.started(handle.control());
+    // SIGUSR1 reads the limit files at once. Registered here, before anything could send
+    // it: its default action ends the process.
+    let reread = (!ctx.live.is_empty())
+        .then(|| tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()))
+        .and_then(Result::ok)
+        .map(|mut usr1| {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                while usr1.recv().await.is_some() {
+                    ctx.live.reread();
+                }
+            })
+        });
     let interrupted = Arc::new(AtomicBool::new(false));
     let signals = watch_signals(
         &ctx,
@@ -740,6 +759,9 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
     );
     let result = handle.join().await;
     signals.abort();
+    if let Some(r) = reread {
+        r.abort();
+    }
     finish(&ctx, &settings, result, &skipped, interrupted.load(Relaxed))
 }
 
@@ -839,6 +861,20 @@ impl Ctx {
             })
             .collect();
         let runs_processes = plan.main_tasks().any(|t| matches!(t.kind, TaskKind::Sh(_)));
+        let mut live = crate::live::LiveFiles::default();
+        if let Some((path, cpus)) = &settings.jobs_file {
+            let from_jobs = plan.main_tasks().filter(|t| t.policies.fork.is_none());
+            live.jobs(
+                path.clone(),
+                *cpus,
+                from_jobs.map(|t| t.name.clone()).collect(),
+            );
+        }
+        for t in plan.main_tasks() {
+            if let Some(path) = &t.policies.rate_file {
+                live.rate(path.clone(), t.name.clone());
+            }
+        }
         let jobs = if runs_processes {
             Jobs::new()
         } else {
@@ -864,6 +900,7 @@ impl Ctx {
             succeeded: AtomicU64::new(0),
             halt_tx,
             halted_by: Mutex::new(None),
+            live,
             finished: AtomicU64::new(0),
         }))
     }

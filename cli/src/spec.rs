@@ -54,6 +54,8 @@ pub struct Policies {
     pub fork: Option<usize>,
     /// Calls per period, burst.
     pub rate: Option<(u64, Duration, u64)>,
+    /// `rate(FILE)`: the file the rate is read from (again while running).
+    pub rate_file: Option<std::path::PathBuf>,
     /// Shared bound on calls in flight (its index among the pipe's `inflight` stages, and n).
     pub inflight: Option<(usize, usize)>,
     pub timeout: Option<Duration>,
@@ -389,7 +391,7 @@ impl<'a> Args<'a> {
 
 /// Durations are at most this long: longer ones are surely a typo, and they stay far from
 /// any overflow of the clock.
-const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// `250ms`, `1.5s`, `2m`, `1h`, `30` (seconds). Never panics: the number is checked for
 /// being finite and in range before it becomes a `Duration`.
@@ -717,34 +719,24 @@ fn policy(s: &Stage, p: &mut Policies, inflights: &mut usize) -> Result<(), Pars
             p.fork = Some(a.int(&s.args[0], "workers", 1, 65_536)? as usize);
         }
         "rate" => {
-            a.count(1, 2, "rate(N/s[, BURST])")?;
+            a.count(1, 2, "rate(N/s[, BURST] or FILE)")?;
             let arg = &s.args[0];
-            let (n, per) = arg
-                .text
-                .split_once('/')
-                .ok_or_else(|| a.bad(arg, "rate", "is not like `20/s` or `100/1m`"))?;
-            let count: u64 = n
-                .trim()
-                .parse()
-                .map_err(|_| a.bad(arg, "rate", "needs a whole number of calls, like `20/s`"))?;
-            if count == 0 || count > 1_000_000_000 {
-                return Err(a.bad(arg, "rate", "must allow from 1 to 1e9 calls per period"));
-            }
-            let period = match per.trim() {
-                "s" | "sec" => Duration::from_secs(1),
-                "m" | "min" => Duration::from_secs(60),
-                "h" => Duration::from_secs(3600),
-                other => parse_duration(other).map_err(|why| a.bad(arg, "rate period", why))?,
-            };
-            if period < Duration::from_millis(1) || period > MAX_DURATION {
-                return Err(a.bad(arg, "rate period", "must be from 1ms to 30 days"));
-            }
-            if period.as_nanos() / u128::from(count) == 0 {
-                return Err(a.bad(arg, "rate", "is faster than one call per nanosecond"));
-            }
-            let burst = match a.get(1) {
-                Some(b) => a.int(b, "burst", 1, 1_000_000)?,
-                None => 1,
+            let file = std::path::Path::new(arg.text.trim());
+            // `rate(FILE)`: the file holds `20/s[, BURST]`, read again while running.
+            let (count, period, burst) = if a.get(1).is_none() && file.is_file() {
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| a.bad(arg, "rate file", &e.to_string()))?;
+                p.rate_file = Some(file.to_path_buf());
+                crate::live::rate_file_value(text.trim())
+                    .map_err(|why| a.bad(arg, "rate file", &format!("holds {why}")))?
+            } else {
+                let (count, period) = crate::live::rate_value(&arg.text)
+                    .map_err(|(what, why)| a.bad(arg, what, &why))?;
+                let burst = match a.get(1) {
+                    Some(b) => a.int(b, "burst", 1, 1_000_000)?,
+                    None => 1,
+                };
+                (count, period, burst)
             };
             p.rate = Some((count, period, burst));
         }

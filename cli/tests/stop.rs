@@ -1,6 +1,7 @@
 //! Stopping a run with signals, against real processes: the first signal starts nothing
 //! new and lets the running jobs finish, a second one kills every job's whole process
-//! group, and a SIGKILL of `flowline` takes its jobs with it.
+//! group, and a SIGKILL of `flowline` takes its jobs with it. And steering a running job:
+//! limits changed through `-j FILE`, `rate(FILE)` and SIGUSR1.
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -197,4 +198,132 @@ fn sigkill_of_flowline_takes_its_jobs_with_it() {
     child.kill().unwrap();
     child.wait().unwrap();
     wait_for("every job gone", || pids.iter().all(|&p| !alive(p)));
+}
+
+/// The numbers a job wrote, one a line: how many jobs ran when it started.
+fn counts(dir: &Path) -> Vec<usize> {
+    std::fs::read_to_string(dir.join("counts"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// A job that counts the jobs running as it starts (its own file in `run/` among theirs;
+/// a job's file is gone before it ends, so the count never exceeds the jobs running).
+fn counting_job(secs: &str) -> String {
+    format!("sh(\"touch run/{{}}; ls run | wc -l >> counts; sleep {secs}; rm run/{{}}\")")
+}
+
+/// Writes `text` to `path` with a new modification time.
+fn rewrite(path: &Path, text: &str) {
+    let before = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    loop {
+        std::fs::write(path, text).unwrap();
+        if std::fs::metadata(path).and_then(|m| m.modified()).ok() != before {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn stderr(child: Child) -> (Option<i32>, String) {
+    let o = child.wait_with_output().unwrap();
+    (o.status.code(), text(&o.stderr))
+}
+
+/// A directory with `run/` for the counting jobs and a `-j` file holding `jobs`.
+fn counting_dir(jobs: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir(d.path().join("run")).unwrap();
+    let file = d.path().join("jobs.txt");
+    std::fs::write(&file, jobs).unwrap();
+    (d, file)
+}
+
+#[test]
+fn a_jobs_file_is_read_again_as_jobs_end_and_a_bad_value_keeps_the_limit() {
+    let (d, jobs) = counting_dir("2\n");
+    let pipe = format!("seq(1..60) | {}", counting_job("0.2"));
+    let child = start(d.path(), &["--quiet", "-j", "jobs.txt", &pipe]);
+    wait_for("6 jobs", || counts(d.path()).len() >= 6);
+    rewrite(&jobs, "6\n");
+    let raised_at = counts(d.path()).len();
+    wait_for("18 more jobs", || counts(d.path()).len() >= raised_at + 18);
+    // Not a -j value: a warning, and the limit stays 6.
+    rewrite(&jobs, "lots\n");
+    let bad_at = counts(d.path()).len();
+    wait_for("12 more jobs", || counts(d.path()).len() >= bad_at + 12);
+    rewrite(&jobs, "1\n");
+    let lowered_at = counts(d.path()).len();
+    let (code, err) = stderr(child);
+    assert_eq!(code, Some(0), "{err}");
+    let c = counts(d.path());
+    assert_eq!(c.len(), 60);
+    assert!(c[..raised_at].iter().all(|&n| n <= 2), "{c:?}");
+    // Raised: up to 6 at once (jobs that started as the file changed may count 2).
+    let raised = &c[raised_at..lowered_at];
+    assert!(raised.iter().all(|&n| n <= 6), "{c:?}");
+    assert!(raised.iter().any(|&n| n >= 4), "{c:?}");
+    assert!(c[bad_at + 6..lowered_at].iter().any(|&n| n >= 4), "{c:?}");
+    // Lowered: once the jobs in flight (and the ones starting as it changed) are done,
+    // one at a time.
+    assert!(c[lowered_at + 12..].iter().all(|&n| n == 1), "{c:?}");
+    assert!(
+        err.contains("jobs.txt") && err.contains("lots") && err.contains("the limit stays 6"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sigusr1_reads_the_files_again_without_waiting_for_a_job_to_end() {
+    let (d, jobs) = counting_dir("1");
+    let pipe = format!("seq(1..6) | {}", counting_job("3"));
+    let child = start(d.path(), &["--quiet", "-j", "jobs.txt", &pipe]);
+    wait_for("the first job", || counts(d.path()).len() == 1);
+    let t = Instant::now();
+    rewrite(&jobs, "3");
+    signal("USR1", i64::from(child.id()));
+    wait_for("3 jobs at once", || counts(d.path()).len() >= 3);
+    // Well before the first job's 3 s are over.
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let (code, err) = stderr(child);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(counts(d.path()).iter().all(|&n| n <= 3));
+}
+
+#[test]
+fn a_rate_file_is_read_again_as_jobs_end() {
+    let d = tempfile::tempdir().unwrap();
+    let rate = d.path().join("rate.txt");
+    std::fs::write(&rate, "5/s").unwrap();
+    let child = start(
+        d.path(),
+        &[
+            "--quiet",
+            "-j",
+            "4",
+            "seq(1..40) | rate(rate.txt) | sh(\"echo x >> counts\")",
+        ],
+    );
+    let lines = |d: &Path| {
+        std::fs::read_to_string(d.join("counts"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    wait_for("3 jobs", || lines(d.path()) >= 3);
+    // 5 a second would take 8 s for 40; 200 a second takes a fraction of one.
+    rewrite(&rate, "0/s");
+    let t = Instant::now();
+    wait_for("1 more job", || lines(d.path()) >= 4);
+    rewrite(&rate, "200/s");
+    let (code, err) = stderr(child);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(lines(d.path()), 40);
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(
+        err.contains("rate.txt") && err.contains("0/s") && err.contains("the limit stays 5/s"),
+        "{err}"
+    );
 }

@@ -13,6 +13,8 @@
 //! | `flowline_stage_retries_total` | counter | retry attempts |
 //! | `flowline_stage_in_flight` | gauge | items inside the stage (received, not yet out) |
 //! | `flowline_stage_queue_depth` | gauge | items the stage sent on that wait in the queue to the next stage (a stage whose items go on in the same task has none) |
+//! | `flowline_stage_workers` | gauge | an async stage's limit on calls in flight (its `workers`, as changed while running; for an adaptive stage the cap set while running, if any) |
+//! | `flowline_stage_rate_per_second` | gauge | an async stage's rate limit, in calls per second, as changed while running |
 //! | `flowline_adaptive_limit` | gauge | an adaptive stage's limit on calls in flight |
 //! | `flowline_breaker_state` | gauge | a breaker's state: 0 closed, 1 half-open, 2 open |
 //! | `flowline_stage_sampled_call_duration_seconds` | histogram | call latency of async stages, from the sampled calls the report's percentiles use (at most about 1,024 a second per stage): its `_count` is the sample's size, not the number of calls; the call rate is about that of `flowline_stage_received_items_total` plus `flowline_stage_retries_total` |
@@ -46,6 +48,8 @@ const RETRIES: &str = "flowline_stage_retries_total";
 const IN_FLIGHT: &str = "flowline_stage_in_flight";
 const QUEUE_DEPTH: &str = "flowline_stage_queue_depth";
 const DURATION: &str = "flowline_stage_sampled_call_duration_seconds";
+const WORKERS: &str = "flowline_stage_workers";
+const RATE: &str = "flowline_stage_rate_per_second";
 
 /// Exports the run's metrics until it ends (a run-level observer).
 pub(crate) async fn export(run: Arc<RunCtx>) {
@@ -83,6 +87,15 @@ fn describe() {
         QUEUE_DEPTH,
         Unit::Count,
         "Items the stage sent on, waiting in the queue to the next stage."
+    );
+    metrics::describe_gauge!(
+        WORKERS,
+        Unit::Count,
+        "The most calls in flight of the async stage (as changed while running)."
+    );
+    metrics::describe_gauge!(
+        RATE,
+        "The async stage's rate limit, calls per second (as changed while running)."
     );
     metrics::describe_gauge!(
         "flowline_adaptive_limit",
@@ -210,6 +223,8 @@ struct Exporter {
     stages: Vec<StageMetrics>,
     /// The gauges of the stages' policies, registered once.
     policies: Vec<(Arc<str>, usize, Gauge)>,
+    /// The gauges of the async stages' limits (workers, rate), by stage, registered once.
+    limits: Vec<(Arc<str>, &'static str, Gauge)>,
 }
 
 impl Exporter {
@@ -248,6 +263,16 @@ impl Exporter {
                 }
             }
         }
+        for stage in run.live.all() {
+            let l = stage.report();
+            let workers = l.workers.map(|w| w as f64);
+            let rate = l.rate.map(|(c, p)| c as f64 / p.as_secs_f64());
+            for (name, value) in [(WORKERS, workers), (RATE, rate)] {
+                if let Some(v) = value {
+                    self.limit_gauge(run, &stage.name, name).set(v);
+                }
+            }
+        }
         let policies = run.policies.lock().unwrap_or_else(|p| p.into_inner());
         for (stage, list) in policies.iter() {
             for (i, p) in list.iter().enumerate() {
@@ -257,18 +282,41 @@ impl Exporter {
                 let gauge = match self.policies.iter().find(|(s, j, _)| s == stage && *j == i) {
                     Some((_, _, g)) => g,
                     None => {
-                        let labels = [
-                            Label::new("pipeline", run.name.to_string()),
-                            Label::new("stage", stage.to_string()),
-                        ];
-                        let g = metrics::gauge!(name, labels.iter());
-                        self.policies.push((stage.clone(), i, g));
+                        self.policies
+                            .push((stage.clone(), i, stage_gauge(run, stage, name)));
                         &self.policies[self.policies.len() - 1].2
                     }
                 };
                 gauge.set(value);
             }
         }
+    }
+}
+
+/// A gauge of one stage of the run.
+fn stage_gauge(run: &RunCtx, stage: &str, name: &'static str) -> Gauge {
+    let labels = [
+        Label::new("pipeline", run.name.to_string()),
+        Label::new("stage", stage.to_string()),
+    ];
+    metrics::gauge!(name, labels.iter())
+}
+
+impl Exporter {
+    fn limit_gauge(&mut self, run: &RunCtx, stage: &Arc<str>, name: &'static str) -> &Gauge {
+        let i = match self
+            .limits
+            .iter()
+            .position(|(s, n, _)| s == stage && *n == name)
+        {
+            Some(i) => i,
+            None => {
+                let g = stage_gauge(run, stage, name);
+                self.limits.push((stage.clone(), name, g));
+                self.limits.len() - 1
+            }
+        };
+        &self.limits[i].2
     }
 }
 
@@ -555,6 +603,40 @@ mod tests {
             assert!(!has_queue("filter"));
             handle.join().await.unwrap();
             assert_eq!(k.gauge("flowline_stage_queue_depth", "fast"), 0.0);
+        });
+    }
+
+    #[test]
+    fn the_limits_gauges_follow_changes_while_running() {
+        let keep = Keep::default();
+        let k = keep.clone();
+        with(&keep, || async move {
+            let handle = Pipeline::from_iter(0..u64::MAX)
+                .map_async("api", |x| async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    x
+                })
+                .workers(4)
+                .rate_limit(Rate::per_second(200))
+                .run()
+                .name("known")
+                .spawn();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            assert_eq!(k.gauge("flowline_stage_workers", "api"), 4.0);
+            assert_eq!(k.gauge("flowline_stage_rate_per_second", "api"), 200.0);
+            handle.set_workers("api", 16).unwrap();
+            handle
+                .set_rate("api", &Rate::per(1, Duration::from_millis(40)))
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(k.gauge("flowline_stage_workers", "api"), 16.0);
+            assert_eq!(k.gauge("flowline_stage_rate_per_second", "api"), 25.0);
+            // A refused value changes neither the limit nor its gauge.
+            assert!(handle.set_workers("api", 0).is_err());
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(k.gauge("flowline_stage_workers", "api"), 16.0);
+            handle.stop();
+            handle.join().await.unwrap();
         });
     }
 }

@@ -506,6 +506,7 @@ mod tests {
             transient_retries: 0,
             unfinished: 0,
             latency: None,
+            limits: None,
         }
     }
 

@@ -559,6 +559,10 @@ impl Policy for Adaptive {
     fn gauge(&self) -> Option<(&'static str, f64)> {
         Some(("flowline_adaptive_limit", self.limit() as f64))
     }
+
+    fn moves_limit(&self) -> bool {
+        true
+    }
 }
 
 /// An adaptive limit as one stage uses it: it admits every call (the stage keeps its calls in

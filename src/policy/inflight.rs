@@ -1,7 +1,7 @@
 //! `Inflight`: a bound on concurrent calls, shared by every stage (and pipeline) it is given to.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use tokio::sync::Semaphore;
@@ -38,25 +38,45 @@ use crate::policy::{Admission, Finished, Invalid, Policy, Verdict};
 /// # }
 /// ```
 #[derive(Clone)]
-pub struct Inflight {
+pub struct Inflight(Arc<Shared>);
+
+/// The semaphore and its bound. A lowered bound takes the free permits out of the
+/// semaphore at once and the rest (held by calls in flight) as those calls give them back:
+/// `debt` counts them. Changes and give-backs take the lock, so that a permit given back
+/// while the bound is lowered is never handed out again.
+struct Shared {
     sem: Arc<Semaphore>,
+    bound: Mutex<Bound>,
+}
+
+struct Bound {
     limit: usize,
+    /// Permits still to be taken out as calls give them back.
+    debt: usize,
 }
 
 impl fmt::Debug for Inflight {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Inflight({} of {})", self.in_flight(), self.limit)
+        write!(f, "Inflight({} of {})", self.in_flight(), self.limit())
     }
 }
+
+/// The most calls in flight a bound may be set to while running (see [`Inflight::set_limit`]);
+/// also the most workers a stage may be set to.
+pub(crate) const MAX_LIVE: usize = 1 << 20;
 
 impl Inflight {
     /// A bound of `n` concurrent calls. `n` must be at least 1 (a stage given `Inflight::new(0)`
     /// is rejected with a configuration error).
     pub fn new(n: usize) -> Self {
-        Inflight {
+        Inflight(Arc::new(Shared {
             sem: Arc::new(Semaphore::new(n.min(Semaphore::MAX_PERMITS))),
-            limit: n,
-        }
+            bound: Mutex::new(Bound { limit: n, debt: 0 }),
+        }))
+    }
+
+    fn bound(&self) -> std::sync::MutexGuard<'_, Bound> {
+        self.0.bound.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The bound.
@@ -65,7 +85,7 @@ impl Inflight {
     /// assert_eq!(flowline::Inflight::new(4).limit(), 4);
     /// ```
     pub fn limit(&self) -> usize {
-        self.limit
+        self.bound().limit
     }
 
     /// Calls in flight now.
@@ -74,18 +94,69 @@ impl Inflight {
     /// assert_eq!(flowline::Inflight::new(4).in_flight(), 0);
     /// ```
     pub fn in_flight(&self) -> usize {
-        self.limit.saturating_sub(self.sem.available_permits())
+        let b = self.bound();
+        (b.limit + b.debt).saturating_sub(self.0.sem.available_permits())
+    }
+
+    /// Changes the bound while the stages that share it run: a raised bound lets more calls
+    /// start at once; a lowered one cancels no call in flight, it starts none until fewer
+    /// than `n` are in flight. `n` must be at least 1 and at most 2^20; anything else is
+    /// refused with [`Error::Config`](crate::Error::Config) naming the value, and the bound
+    /// stays as it was.
+    ///
+    /// ```
+    /// let db = flowline::Inflight::new(64);
+    /// db.set_limit(8).unwrap();
+    /// assert_eq!(db.limit(), 8);
+    /// assert!(db.set_limit(0).unwrap_err().to_string().contains("inflight = 0"));
+    /// assert_eq!(db.limit(), 8);
+    /// ```
+    pub fn set_limit(&self, n: usize) -> Result<(), crate::Error> {
+        if let Some((option, value, reason)) = live_invalid("inflight", n) {
+            return Err(crate::Error::config_text("Inflight", option, value, reason));
+        }
+        let mut b = self.bound();
+        if n >= b.limit {
+            let up = n - b.limit;
+            let paid = up.min(b.debt);
+            b.debt -= paid;
+            self.0.sem.add_permits(up - paid);
+        } else {
+            let down = b.limit - n;
+            let taken = self.0.sem.forget_permits(down);
+            b.debt += down - taken;
+        }
+        b.limit = n;
+        Ok(())
+    }
+
+    /// Gives back `n` permits of calls that ended: first to a lowered bound's debt.
+    fn give_back(&self, n: usize) {
+        let mut b = self.bound();
+        let paid = n.min(b.debt);
+        b.debt -= paid;
+        self.0.sem.add_permits(n - paid);
+    }
+}
+
+/// A limit set while running that is refused: 0, or more than [`MAX_LIVE`].
+pub(crate) fn live_invalid(option: &'static str, n: usize) -> Option<Invalid> {
+    match n {
+        0 => Some((option, "0".into(), "must be at least 1")),
+        n if n > MAX_LIVE => Some((option, n.to_string(), "must be at most 1048576 (2^20)")),
+        _ => None,
     }
 }
 
 impl Policy for Inflight {
     fn invalid(&self) -> Option<Invalid> {
-        (self.limit == 0).then(|| ("inflight", "0".to_string(), "must be at least 1"))
+        (self.limit() == 0).then(|| ("inflight", "0".to_string(), "must be at least 1"))
     }
 
     fn admission(&self) -> Box<dyn Admission> {
         Box::new(Slots {
-            sem: PollSemaphore::new(self.sem.clone()),
+            sem: PollSemaphore::new(self.0.sem.clone()),
+            bound: self.clone(),
             held: 0,
         })
     }
@@ -95,6 +166,7 @@ impl Policy for Inflight {
 /// counted rather than kept one per call, so that a call carries nothing of the bound's.
 struct Slots {
     sem: PollSemaphore,
+    bound: Inflight,
     held: usize,
 }
 
@@ -102,7 +174,7 @@ impl Slots {
     fn release(&mut self, n: usize) {
         if n > 0 {
             self.held -= n;
-            self.sem.add_permits(n);
+            self.bound.give_back(n);
         }
     }
 }
@@ -194,5 +266,73 @@ mod tests {
         assert_eq!(peak.load(SeqCst), 3);
         assert_eq!(t0.elapsed(), Duration::from_millis(200)); // 60 calls, 3 at a time, 10 ms each
         assert_eq!(bound.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lowered_bound_waits_out_the_calls_in_flight_and_a_raised_one_starts_at_once() {
+        use std::sync::Mutex;
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let bound = Inflight::new(64);
+        let now = Arc::new(AtomicUsize::new(0));
+        let starts: Arc<Mutex<Vec<(Duration, usize)>>> = Default::default();
+        let t0 = Instant::now();
+        let call = {
+            let (now, starts) = (now.clone(), starts.clone());
+            move |x: u64| {
+                let n = now.fetch_add(1, SeqCst) + 1;
+                starts.lock().unwrap().push((t0.elapsed(), n));
+                let now = now.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    now.fetch_sub(1, SeqCst);
+                    x
+                }
+            }
+        };
+        let handle = Pipeline::from_iter(0..u64::MAX)
+            .map_async("a", call)
+            .workers(128)
+            .unordered()
+            .inflight(&bound)
+            .spawn();
+        let ms = Duration::from_millis;
+        let most = |from: u64, to: u64| {
+            let s = starts.lock().unwrap();
+            let w: Vec<usize> = s
+                .iter()
+                .filter(|(t, _)| *t >= ms(from) && *t < ms(to))
+                .map(|(_, n)| *n)
+                .collect();
+            (w.len(), w.into_iter().max().unwrap_or(0))
+        };
+        tokio::time::sleep(ms(50)).await;
+        assert_eq!((bound.in_flight(), bound.limit()), (64, 64));
+        bound.set_limit(8).unwrap();
+        assert_eq!((bound.in_flight(), bound.limit()), (64, 8));
+        tokio::time::sleep(ms(100)).await; // 150 ms
+        // The 64 calls of 0 ms end at 100 ms; then 8 start, never more.
+        assert_eq!(most(1, 100), (0, 0));
+        assert_eq!(most(100, 150), (8, 8));
+        bound.set_limit(32).unwrap();
+        tokio::time::sleep(ms(1)).await;
+        assert_eq!(most(150, 151), (24, 32));
+        assert_eq!(bound.in_flight(), 32);
+        // Lowered below what is in flight and raised again before any call ends: the debt
+        // is paid from the raise, not twice. 32 run; none starts until fewer than 16 do:
+        // the 8 of 100 ms end at 200 ms (24 left), the 24 of 150 ms at 250 ms; 16 start.
+        bound.set_limit(4).unwrap();
+        bound.set_limit(16).unwrap();
+        tokio::time::sleep(ms(100)).await; // 251 ms
+        assert_eq!(most(151, 250), (0, 0));
+        assert_eq!(most(250, 251), (16, 16));
+        assert_eq!(bound.in_flight(), 16);
+        handle.cancel();
+        let _ = handle.join().await;
+        assert_eq!(bound.in_flight(), 0);
+        for bad in [0, (1 << 20) + 1] {
+            let err = bound.set_limit(bad).unwrap_err().to_string();
+            assert!(err.contains(&format!("inflight = {bad}")), "{err}");
+        }
+        assert_eq!(bound.limit(), 16);
     }
 }

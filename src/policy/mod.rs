@@ -51,6 +51,17 @@ pub(crate) trait Policy: fmt::Debug + Send + Sync {
     fn gauge(&self) -> Option<(&'static str, f64)> {
         None
     }
+
+    /// The rate this policy is, for a stage whose rate is changed while running.
+    fn rate(&self) -> Option<&crate::Rate> {
+        None
+    }
+
+    /// Whether this policy sets the stage's limit on calls in flight itself (adaptive
+    /// concurrency): the stage's workers then cap it.
+    fn moves_limit(&self) -> bool {
+        false
+    }
 }
 
 /// What an admission says about the next call.

@@ -21,7 +21,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
@@ -55,6 +55,10 @@ struct Record {
 }
 
 struct State {
+    params: Params,
+    /// The tasks waiting for a permit, woken when the settings change (a raised rate may
+    /// let them go sooner than the timer they sleep on).
+    waiters: Vec<Waker>,
     /// The theoretical arrival time of the next permit (GCRA's TAT).
     tat: Option<Instant>,
     /// The starts of the last period, oldest first.
@@ -133,7 +137,9 @@ impl State {
     }
 }
 
-struct Inner {
+/// A rate's settings, and what follows from them.
+#[derive(Clone, Copy)]
+struct Params {
     count: u64,
     period: Duration,
     burst: u64,
@@ -147,6 +153,32 @@ struct Inner {
     merge: Duration,
     /// See [`CATCH_UP_SHARE`].
     catch_up: Duration,
+}
+
+impl Params {
+    fn new(count: u64, period: Duration, burst: u64) -> Self {
+        let interval = if count == 0 {
+            Duration::ZERO
+        } else {
+            let nanos = period.as_nanos() / count as u128;
+            Duration::from_nanos(nanos.min(u64::MAX as u128) as u64)
+        };
+        Params {
+            count,
+            period,
+            burst,
+            interval,
+            tolerance: interval.saturating_mul(burst.saturating_sub(1).min(u32::MAX as u64) as u32),
+            cap: count.saturating_add(burst.saturating_sub(1)),
+            merge: period / LOG_MERGE,
+            catch_up: (period / CATCH_UP_SHARE).max(CATCH_UP_MIN),
+        }
+    }
+}
+
+/// The settings live under the same lock as the budget, so that [`Rate::set`] changes them
+/// between two takes, never during one.
+struct Inner {
     state: Mutex<State>,
 }
 
@@ -193,11 +225,8 @@ pub struct Rate(Arc<Inner>);
 
 impl fmt::Debug for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "Rate({} per {:?}, burst {})",
-            self.0.count, self.0.period, self.0.burst
-        )
+        let p = self.params();
+        write!(f, "Rate({} per {:?}, burst {})", p.count, p.period, p.burst)
     }
 }
 
@@ -233,28 +262,15 @@ impl Rate {
     /// ```
     #[must_use]
     pub fn burst(self, burst: u64) -> Self {
-        Rate::build(self.0.count, self.0.period, burst)
+        let p = self.params();
+        Rate::build(p.count, p.period, burst)
     }
 
     fn build(count: u64, period: Duration, burst: u64) -> Self {
-        let interval = if count == 0 {
-            Duration::ZERO
-        } else {
-            let nanos = period.as_nanos() / count as u128;
-            Duration::from_nanos(nanos.min(u64::MAX as u128) as u64)
-        };
-        let tolerance =
-            interval.saturating_mul(burst.saturating_sub(1).min(u32::MAX as u64) as u32);
         Rate(Arc::new(Inner {
-            count,
-            period,
-            burst,
-            interval,
-            tolerance,
-            cap: count.saturating_add(burst.saturating_sub(1)),
-            merge: period / LOG_MERGE,
-            catch_up: (period / CATCH_UP_SHARE).max(CATCH_UP_MIN),
             state: Mutex::new(State {
+                params: Params::new(count, period, burst),
+                waiters: Vec::new(),
                 tat: None,
                 log: VecDeque::new(),
                 first: 0,
@@ -263,19 +279,81 @@ impl Rate {
         }))
     }
 
+    fn params(&self) -> Params {
+        self.state().params
+    }
+
     /// The time between two items when no burst is allowed.
     pub fn interval(&self) -> Duration {
-        self.0.interval
+        self.params().interval
     }
 
     /// The burst size (1 = no burst).
     pub fn burst_size(&self) -> u64 {
-        self.0.burst
+        self.params().burst
+    }
+
+    /// The rate as (count, period): `count` items per `period`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// assert_eq!(flowline::Rate::per_second(5).count_per(), (5, Duration::from_secs(1)));
+    /// ```
+    pub fn count_per(&self) -> (u64, Duration) {
+        let p = self.params();
+        (p.count, p.period)
+    }
+
+    /// Changes this rate, for every stage and pipeline that shares it, while they run: from
+    /// the next permit on, the settings of `to` (count, period and burst) hold. The next
+    /// permit comes `to`'s interval after the last one (sooner for a raised rate, later for
+    /// a lowered one), but not before the change; no window of one new period starting at
+    /// or after the change holds more than `to` allows (a window across the change may hold
+    /// starts of both rates). Waiting callers are woken to see the new rate. A rate
+    /// [`check`](Rate::check) refuses is refused here, and this rate keeps its settings.
+    ///
+    /// ```
+    /// use flowline::Rate;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let api = Rate::per_second(1);
+    /// api.acquire().await.unwrap();
+    /// api.set(&Rate::per_second(100)).unwrap();
+    /// let t = tokio::time::Instant::now();
+    /// api.acquire().await.unwrap();                          // 10 ms after the last, not 1 s
+    /// assert_eq!(t.elapsed(), Duration::from_millis(10));
+    /// assert!(api.set(&Rate::per_second(0)).is_err());
+    /// assert_eq!(api.interval(), Duration::from_millis(10)); // kept
+    /// # }
+    /// ```
+    pub fn set(&self, to: &Rate) -> Result<(), crate::Error> {
+        to.check()?;
+        let new = to.params();
+        let waiters = {
+            let mut st = self.state();
+            let old = std::mem::replace(&mut st.params, new);
+            let now = Instant::now();
+            // The next permit is the new interval after the last one, and never before the
+            // change: a raised rate owes nothing for the time before it.
+            st.tat = st.tat.map(|t| match t.checked_sub(old.interval) {
+                Some(last) => (last + new.interval).max(now),
+                None => t,
+            });
+            // The windows the new rate bounds start now: the starts before the change count
+            // no more (a lowered rate would else wait out a full period of the old one's).
+            // Their records' ids fall below `first`, so a restamp of one is a no-op.
+            st.first += st.log.len() as u64;
+            st.log.clear();
+            st.total = 0;
+            std::mem::take(&mut st.waiters)
+        };
+        waiters.into_iter().for_each(Waker::wake);
+        Ok(())
     }
 
     /// The first invalid setting, as (option, value, reason).
     pub(crate) fn invalid(&self) -> Option<Invalid> {
-        let i = &self.0;
+        let i = self.params();
         if i.count == 0 {
             return Some((
                 "rate",
@@ -318,7 +396,7 @@ impl Rate {
     /// each one whose slot has passed (no further back than the catch-up) and that keeps
     /// the last period within the cap. The permits granted are logged at `now`.
     fn take_at(&self, st: &mut State, now: Instant, since: Instant, want: usize) -> Grant {
-        let i = &*self.0;
+        let i = st.params;
         let floor = since.max(now.checked_sub(i.catch_up).unwrap_or(now));
         st.expire(now, i.period);
         let room = i.cap.saturating_sub(st.total);
@@ -363,10 +441,20 @@ impl Rate {
                 // caller logged, and the start follows it at once.
                 let now = Instant::now();
                 if let Some((record, count)) = w.handed.take() {
-                    st.restamp(record, count, now, self.0.period, self.0.merge);
+                    let p = st.params;
+                    st.restamp(record, count, now, p.period, p.merge);
                 }
                 let since = *w.since.get_or_insert(now);
-                self.take_at(&mut st, now, since, want.max(1))
+                let g = self.take_at(&mut st, now, since, want.max(1));
+                // Registered under the lock: a change made after this take wakes it.
+                let me = cx.waker();
+                let known = st.waiters.iter().position(|x| x.will_wake(me));
+                match (g.n, known) {
+                    (0, None) => st.waiters.push(me.clone()),
+                    (1.., Some(i)) => drop(st.waiters.swap_remove(i)),
+                    _ => {}
+                }
+                g
             };
             if g.n > 0 {
                 // `since` stays until the caller says it is idle: while its demand goes on,
@@ -410,7 +498,8 @@ impl Rate {
     pub(crate) fn restamp(&self, record: u64) -> u64 {
         let mut st = self.state();
         let now = Instant::now();
-        st.restamp(record, 1, now, self.0.period, self.0.merge)
+        let p = st.params;
+        st.restamp(record, 1, now, p.period, p.merge)
     }
 
     /// The permits handed out by the last [`poll_take`](Rate::poll_take) of `w` count from
@@ -419,7 +508,8 @@ impl Rate {
         if let Some((record, count)) = w.handed.take() {
             let mut st = self.state();
             let now = Instant::now();
-            st.restamp(record, count, now, self.0.period, self.0.merge);
+            let p = st.params;
+            st.restamp(record, count, now, p.period, p.merge);
         }
     }
 
@@ -429,8 +519,8 @@ impl Rate {
         let mut st = self.state();
         st.remove(record, count as u64);
         if st.tat == tat {
-            let back = self
-                .0
+            let back = st
+                .params
                 .interval
                 .saturating_mul(count.min(u32::MAX as usize) as u32);
             st.tat = tat.map(|t| t.checked_sub(back).unwrap_or(t));
@@ -512,6 +602,10 @@ impl RateWait {
 impl Policy for Rate {
     fn invalid(&self) -> Option<Invalid> {
         Rate::invalid(self)
+    }
+
+    fn rate(&self) -> Option<&Rate> {
+        Some(self)
     }
 
     fn admission(&self) -> Box<dyn Admission> {
@@ -629,6 +723,43 @@ pub(crate) mod tests {
         assert_eq!(t.elapsed(), Duration::ZERO);
         r.acquire().await.unwrap();
         assert_eq!(t.elapsed(), Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_raise_wakes_a_caller_waiting_on_the_old_rate() {
+        let r = Rate::per(1, Duration::from_secs(3600));
+        r.acquire().await.unwrap();
+        let t = Instant::now();
+        let waiter = tokio::spawn({
+            let r = r.clone();
+            async move {
+                r.acquire().await.unwrap();
+                t.elapsed()
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        r.set(&Rate::per_second(10)).unwrap();
+        // Woken by the change: it goes at once (its slot, 100 ms after the last, is past).
+        assert_eq!(waiter.await.unwrap(), Duration::from_secs(1));
+        r.acquire().await.unwrap();
+        assert_eq!(t.elapsed(), Duration::from_millis(1100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_change_keeps_the_rate() {
+        let r = Rate::per_second(10).burst(3);
+        for bad in [
+            Rate::per_second(0),
+            Rate::per(5, Duration::ZERO),
+            Rate::per(u64::MAX, Duration::from_secs(1)),
+            Rate::per_second(5).burst(0),
+        ] {
+            assert!(r.set(&bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            (r.count_per(), r.burst_size()),
+            ((10, Duration::from_secs(1)), 3)
+        );
     }
 
     /// Takes up to `want` permits as a pace does; returns how many and when.

@@ -174,6 +174,47 @@ impl Handle {
         self.ctl.is_paused()
     }
 
+    /// As [`Control::set_workers`]: the most calls in flight of async stage `stage`, from
+    /// the next call on.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let handle = Pipeline::from_iter(0..100u32)
+    ///     .map_async("api", |x| async move { tokio::time::sleep(Duration::from_millis(10)).await; x })
+    ///     .workers(2)
+    ///     .spawn();
+    /// handle.set_workers("api", 10).unwrap();
+    /// tokio::task::yield_now().await;                  // the run's task builds its stages
+    /// assert!(handle.set_workers("nope", 10).is_err());
+    /// let report = handle.join().await.unwrap();
+    /// assert_eq!(report.stage("api").unwrap().limits.as_ref().unwrap().workers, Some(10));
+    /// # }
+    /// ```
+    pub fn set_workers(&self, stage: &str, n: usize) -> Result<(), Error> {
+        self.ctl.set_workers(stage, n)
+    }
+
+    /// As [`Control::set_rate`]: the rate of async stage `stage`, from the next call on.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let handle = Pipeline::from_iter(0..30u32)
+    ///     .map_async("api", |x| async move { x })
+    ///     .rate_limit(Rate::per_second(10))
+    ///     .spawn();
+    /// handle.set_rate("api", &Rate::per_second(100)).unwrap();
+    /// let t = tokio::time::Instant::now();
+    /// handle.join().await.unwrap();
+    /// assert!(t.elapsed() < std::time::Duration::from_secs(1));
+    /// # }
+    /// ```
+    pub fn set_rate(&self, stage: &str, rate: &crate::Rate) -> Result<(), Error> {
+        self.ctl.set_rate(stage, rate)
+    }
+
     /// The counters of every stage right now.
     pub fn snapshot(&self) -> Report {
         self.ctl.snapshot()
@@ -387,6 +428,77 @@ impl Control {
     /// As [`Handle::cancellation_token`]: the run's token.
     pub fn cancellation_token(&self) -> tokio_util::sync::CancellationToken {
         self.run.cancel.clone()
+    }
+
+    /// Changes the most calls in flight of the async stage named `stage` while it runs.
+    /// It holds from the next call start: a raised limit starts more calls at once; a
+    /// lowered one cancels no call in flight, it starts none until fewer than `n` run.
+    ///
+    /// On a stage with [`adaptive`](crate::AsyncStage::adaptive) concurrency, `n` caps the
+    /// adaptive limit (which goes on moving below it); the adaptive range is unchanged.
+    ///
+    /// Refused with [`Error::Config`] naming the stage and the value, the stage keeping its
+    /// limit: no async stage of that name, `n` of 0 or above 2^20.
+    ///
+    /// The run's task builds its stages when it first runs: a change made before (right
+    /// after `spawn`) has its value checked at once and applies when the stages are built;
+    /// a stage name unknown then is logged (`warn`) and the change dropped.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let handle = Pipeline::from_iter(0..u64::MAX)
+    ///     .map_async("api", |x| async move { tokio::time::sleep(Duration::from_millis(10)).await; x })
+    ///     .workers(4)
+    ///     .spawn();
+    /// let control = handle.control();
+    /// tokio::time::sleep(Duration::from_millis(50)).await;
+    /// control.set_workers("api", 64).unwrap();
+    /// let err = control.set_workers("api", 0).unwrap_err();
+    /// assert_eq!(err.to_string(), "invalid configuration: stage `api`: workers = 0: must be at least 1");
+    /// assert!(control.set_workers("apl", 8).unwrap_err().to_string().contains("apl"));
+    /// tokio::time::sleep(Duration::from_millis(100)).await;
+    /// control.stop();
+    /// let report = handle.join().await.unwrap();
+    /// let limits = report.stage("api").unwrap().limits.clone().unwrap();
+    /// assert_eq!((limits.workers, limits.worker_changes), (Some(64), 1));
+    /// # }
+    /// ```
+    pub fn set_workers(&self, stage: &str, n: usize) -> Result<(), Error> {
+        self.run.live.set_workers(stage, n)
+    }
+
+    /// Changes the rate of the async stage named `stage` (its
+    /// [`rate_limit`](crate::AsyncStage::rate_limit)) while it runs, to `rate`'s count,
+    /// period and burst: see [`Rate::set`](crate::Rate::set). A rate shared with other
+    /// stages or pipelines is one budget: it changes for all of them.
+    ///
+    /// Refused with [`Error::Config`] naming the stage and the value, the stage keeping its
+    /// rate: no async stage of that name, a stage without a rate limit, a rate
+    /// [`Rate::check`](crate::Rate::check) refuses (0, a period under 1 ns per item, an
+    /// interval over 30 years). A change made before the stages are built waits for them,
+    /// as for [`set_workers`](Control::set_workers).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// let handle = Pipeline::from_iter(0..u64::MAX)
+    ///     .map_async("api", |x| async move { x })
+    ///     .rate_limit(Rate::per_second(10))
+    ///     .spawn();
+    /// let control = handle.control();
+    /// control.set_rate("api", &Rate::per_second(50)).unwrap();
+    /// let err = control.set_rate("api", &Rate::per_second(0)).unwrap_err().to_string();
+    /// assert!(err.contains("stage `api`: rate = 0 per 1s"), "{err}");
+    /// tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    /// control.stop();
+    /// let report = handle.join().await.unwrap();
+    /// assert!((50..=52).contains(&report.delivered()), "{}", report.delivered());
+    /// # }
+    /// ```
+    pub fn set_rate(&self, stage: &str, rate: &crate::Rate) -> Result<(), Error> {
+        self.run.live.set_rate(stage, rate)
     }
 }
 

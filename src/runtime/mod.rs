@@ -8,6 +8,7 @@ pub(crate) mod gate;
 pub(crate) mod handle;
 pub(crate) mod hop;
 pub(crate) mod jitter;
+pub(crate) mod live;
 pub(crate) mod run;
 pub(crate) mod sink;
 pub(crate) mod tail;
@@ -229,6 +230,8 @@ pub struct RunCtx {
     pub(crate) outage_policy: crate::Outage,
     /// The outage that ended the run, if one did.
     pub(crate) outage: Mutex<Option<crate::OutageError>>,
+    /// The async stages' limits that [`Control`](crate::Control) may change while running.
+    pub(crate) live: live::LiveStages,
 }
 
 impl RunCtx {
@@ -262,6 +265,7 @@ impl RunCtx {
             policy: options.policy,
             outage_policy: options.outage,
             outage: Mutex::new(None),
+            live: live::LiveStages::default(),
         }
     }
 
@@ -373,7 +377,11 @@ impl RunCtx {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|s| s.snapshot(ended))
+            .map(|s| {
+                let mut r = s.snapshot(ended);
+                r.limits = self.live.find(&s.name).map(|l| l.report());
+                r
+            })
             .collect()
     }
 }
@@ -496,6 +504,23 @@ impl Build {
                 .unwrap_or_else(|p| p.into_inner())
                 .push((stage.name.clone(), policies.to_vec()));
         }
+    }
+
+    /// Makes an async stage's limits changeable while running (by its name).
+    pub(crate) fn live_stage(
+        &mut self,
+        stage: &StageStats,
+        workers: usize,
+        policies: &[Arc<dyn crate::policy::Policy>],
+    ) {
+        let rate = policies.iter().find_map(|p| p.rate().cloned());
+        let adaptive = policies.iter().any(|p| p.moves_limit());
+        self.run.live.add(Arc::new(live::LiveStage::new(
+            stage.name.clone(),
+            workers,
+            rate,
+            adaptive,
+        )));
     }
 
     /// A stage task that feeds the chunks of `rx`, as the upstream of the next stage: the

@@ -495,6 +495,7 @@ impl Spawned {
     /// Takes the tasks out of a finished build, with the result of the plan's checks.
     pub(crate) fn take(mut b: Build) -> (Result<(), Error>, Spawned) {
         let checked = b.run_checks();
+        b.run.live.built();
         for slot in std::mem::take(&mut b.deferred) {
             if let Some(task) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 b.tasks.spawn(task);

@@ -676,6 +676,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
         upstream.then(move |b, up| {
             let stats = b.stage(&name, "async");
             b.policies(&stats, &options.policies);
+            b.live_stage(&stats, options.workers, &options.policies);
             let (tx, rx) = hop(HOP_CHUNKS, &stats);
             let run = b.run.clone();
             b.spawn_tail(

@@ -79,7 +79,14 @@ pub(super) async fn drive<T, U, S>(
         route,
         trace_calls: options.trace_calls,
         inflight: InFlight::new(options.timeout),
-        workers: options.workers.max(1),
+        live: run.live.find(&stats.name).unwrap_or_else(|| {
+            Arc::new(crate::runtime::live::LiveStage::new(
+                stats.name.clone(),
+                options.workers,
+                None,
+                false,
+            ))
+        }),
         window: options.window,
         reorder: Reorder::new(options.ordered),
         output: Output::new(tx),
@@ -139,7 +146,9 @@ struct Driver<T, U, S: StageFn<T, U>> {
     /// A span per call.
     trace_calls: bool,
     inflight: InFlight<S::Future, T>,
-    workers: usize,
+    /// `workers`, as [`Control::set_workers`](crate::Control::set_workers) leaves it: read
+    /// before each call.
+    live: Arc<crate::runtime::live::LiveStage>,
     /// `ordered_window`, if given.
     window: Option<usize>,
     reorder: Reorder<U>,
@@ -171,7 +180,10 @@ where
     S: StageFn<T, U>,
 {
     fn limit(&self) -> usize {
-        self.chain.limit(self.workers)
+        // An adaptive limit may pass the workers given on the builder; a cap set while
+        // running holds it.
+        let workers = self.live.workers();
+        self.chain.limit(workers).min(workers)
     }
 
     /// Whether another call may start. Calls in flight count against the limit; an ordered
@@ -650,6 +662,7 @@ where
         if !self.inflight.ages().is_watched() && self.run.watch_calls.load(Ordering::Relaxed) {
             self.inflight.ages().watch();
         }
+        self.live.register(cx.waker());
         let r = self.poll_drive_inner(cx);
         if let Some(oldest) = self.inflight.ages().oldest() {
             self.stats.set_oldest_call(oldest, self.run.epoch);
