@@ -19,6 +19,8 @@ use crate::runtime::hop::{HOP_CHUNKS, hop};
 
 use super::call::StageFn;
 use super::driver::drive;
+use super::key_by;
+use super::keyed::KeyFn;
 use super::routed::{Failed, Route, Routed, route};
 
 #[derive(Debug, Clone)]
@@ -37,6 +39,9 @@ pub(super) struct Options {
     pub(super) transient: Option<TransientIf>,
     /// A second call for an item whose call is slow (`hedge`).
     pub(super) hedge: Option<Hedge>,
+    /// `key_by`: calls in flight per key, and items waiting behind a busy key.
+    pub(super) per_key: Option<usize>,
+    pub(super) max_waiting: Option<usize>,
 }
 
 /// The predicate of [`AsyncStage::transient_if`].
@@ -108,16 +113,18 @@ impl fmt::Debug for TransientIf {
 /// ```
 #[must_use = "a stage does nothing until the pipeline it ends is run"]
 pub struct AsyncStage<T, U, S> {
-    upstream: Pipeline<T>,
-    name: String,
-    call: S,
-    options: Options,
-    keep: Option<fn(&T) -> FailedInput>,
+    pub(super) upstream: Pipeline<T>,
+    pub(super) name: String,
+    pub(super) call: S,
+    pub(super) options: Options,
+    pub(super) keep: Option<fn(&T) -> FailedInput>,
     /// Set by `retry` (which needs `T: Clone`): a copy of the input for the next attempt.
-    copy: Option<fn(&T) -> T>,
+    pub(super) copy: Option<fn(&T) -> T>,
     /// Set by `results`: makes a failed item's output.
-    route: Option<Route<T, U>>,
-    _out: PhantomData<fn() -> U>,
+    pub(super) route: Option<Route<T, U>>,
+    /// Set by `key_by`: makes the stage's key map.
+    pub(super) key: Option<KeyFn<T>>,
+    pub(super) _out: PhantomData<fn() -> U>,
 }
 
 impl<T, U, S> fmt::Debug for AsyncStage<T, U, S> {
@@ -145,10 +152,13 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
                 trace_calls: false,
                 transient: None,
                 hedge: None,
+                per_key: None,
+                max_waiting: None,
             },
             keep: None,
             copy: None,
             route: None,
+            key: None,
             _out: PhantomData,
         }
     }
@@ -190,6 +200,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
             keep: self.keep,
             copy: Some(T::clone),
             route: Some(route::<T, U>),
+            key: self.key,
             _out: PhantomData,
         }
     }
@@ -617,6 +628,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
             keep,
             copy,
             route,
+            key,
             ..
         } = self;
         if options.workers == 0 {
@@ -666,7 +678,8 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
             .map(|p| p.invalid())
             .chain([options.retry.as_ref().and_then(Retry::invalid)])
             .flatten()
-            .chain(options.hedge.iter().flat_map(Hedge::invalid));
+            .chain(options.hedge.iter().flat_map(Hedge::invalid))
+            .chain(key_by::invalid(&options, key.is_some()));
         for (option, value, reason) in invalid {
             upstream
                 .settings
@@ -679,7 +692,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
             let (tx, rx) = hop(HOP_CHUNKS, &stats);
             let run = b.run.clone();
             b.spawn_tail(
-                drive(up, call, options, keep, copy, route, stats, run, tx),
+                drive(up, call, options, keep, copy, route, key, stats, run, tx),
                 rx,
             )
         })

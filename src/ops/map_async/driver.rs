@@ -31,6 +31,8 @@ use super::call::{Call, Completion, Meta, Polled, StageFn, make};
 use super::held::HeldItems;
 use super::inflight::{First, InFlight, Launched};
 use super::input::Input;
+use super::key_by;
+use super::keyed::{KeyFn, Keyed};
 use super::latency::LatencySampler;
 use super::output::Output;
 use super::reorder::{Done, Reorder};
@@ -51,6 +53,7 @@ pub(super) async fn drive<T, U, S>(
     keep: Option<fn(&T) -> FailedInput>,
     copy: Option<fn(&T) -> T>,
     route: Option<Route<T, U>>,
+    key: Option<KeyFn<T>>,
     stats: Arc<StageStats>,
     run: Arc<RunCtx>,
     tx: tokio::sync::mpsc::Sender<Chunk<U>>,
@@ -67,7 +70,9 @@ pub(super) async fn drive<T, U, S>(
         && keep.is_none()
         && copy.is_none()
         && route.is_none()
+        && key.is_none()
         && !options.trace_calls;
+    let keys = key.map(|k| Keyed::new(k, key_by::limits(&options)));
     let chain = Chain::new(admissions);
     let hedge = options.hedge.as_ref().map(Hedge::stage);
     let mut driver = Driver {
@@ -99,6 +104,7 @@ pub(super) async fn drive<T, U, S>(
             .transient
             .map(|t| Down::new(t, run.outage_policy.watch(stats.name.clone()))),
         stopping: false,
+        keys,
     };
     let (cancel, stopping) = (run.cancel.clone(), run.stopping.clone());
     // `stopping` fires on a stop and on a cancel: one wait for both, as cheap as the wait
@@ -162,6 +168,8 @@ struct Driver<T, U, S: StageFn<T, U>> {
     stopping: bool,
     /// `hedge`: the delay before a slow call gets a second one, and the budget.
     hedge: Option<HedgeState>,
+    /// `key_by`: the keys out and the items waiting behind them.
+    keys: Option<Keyed<T, U>>,
 }
 
 impl<T, U, S> Driver<T, U, S>
@@ -186,7 +194,9 @@ where
         if self.output.is_full() || self.inflight.len() >= limit {
             return false;
         }
-        if !self.reorder.is_ordered() || self.retry_queue.due_len() > 0 {
+        // A retry due or a keyed item ready is already in the window.
+        let placed = self.retry_queue.due_len() + self.keys.as_ref().map_or(0, Keyed::ready);
+        if !self.reorder.is_ordered() || placed > 0 {
             return true;
         }
         let window = self
@@ -219,7 +229,11 @@ where
         if self.retry_queue.job_paused() {
             return due;
         }
-        if due > 0 || self.retry_queue.len() < MAX_PARKED {
+        let pull = due > 0 || self.retry_queue.len() < MAX_PARKED;
+        if let Some(k) = self.keys.as_mut() {
+            return due + k.stage(&mut self.input, &mut self.reorder, pull, cx, &self.stats);
+        }
+        if pull {
             self.input.fill(cx, &self.stats);
         }
         due + self.input.len()
@@ -239,6 +253,9 @@ where
         }
         if self.retry_queue.job_paused() {
             return None;
+        }
+        if let Some(k) = self.keys.as_mut() {
+            return k.pop();
         }
         let (item, ticket) = self.input.pop()?;
         let seq = self.reorder.next();
@@ -551,6 +568,7 @@ where
             }
             (_, again, result) => (result, again),
         };
+        let (seq, key) = (meta.seq, meta.key);
         let done = match (result, self.route, again) {
             (Ok(u), _, _) => Done::Ok(u, meta.ticket),
             (Err(error), Some(route), Some(input)) => {
@@ -570,7 +588,10 @@ where
                 Done::Failed
             }
         };
-        self.reorder.fill(meta.seq, done, &mut self.output);
+        match self.keys.as_mut() {
+            Some(k) => k.end(key, seq, done, &mut self.reorder, &mut self.output),
+            None => self.reorder.fill(seq, done, &mut self.output),
+        }
     }
 
     fn completed(&mut self, c: Completion<T, U>) {
@@ -624,6 +645,9 @@ where
         for meta in metas {
             self.leave(meta);
         }
+        if let Some(k) = self.keys.as_mut() {
+            left += k.stop(&mut self.reorder, &mut self.output);
+        }
         self.stats.left(left);
         self.reorder.emit(&mut self.output);
     }
@@ -632,7 +656,16 @@ where
     /// place in the output order is passed over, and the results behind it that are done go
     /// out now. Counted by the caller.
     fn leave(&mut self, meta: Meta) {
-        self.reorder.leave(meta.seq, &mut self.output);
+        match self.keys.as_mut() {
+            Some(k) => k.end(
+                meta.key,
+                meta.seq,
+                Done::Left,
+                &mut self.reorder,
+                &mut self.output,
+            ),
+            None => self.reorder.leave(meta.seq, &mut self.output),
+        }
     }
 
     /// The items the stage holds: received and not yet passed on, dropped or failed.
@@ -644,6 +677,7 @@ where
             + self.down.as_ref().map_or(0, Down::len)
             + self.reorder.held()
             + self.output.len()
+            + self.keys.as_ref().map_or(0, Keyed::len)
     }
 
     fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
@@ -753,6 +787,7 @@ where
                 && self.down.as_ref().is_none_or(|d| d.len() == 0)
                 && self.reorder.is_empty()
                 && self.output.is_empty()
+                && self.keys.as_ref().is_none_or(Keyed::is_empty)
             {
                 self.poll_pause(cx);
                 return Poll::Ready(());

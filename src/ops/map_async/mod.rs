@@ -31,6 +31,8 @@ mod driver;
 mod held;
 mod inflight;
 mod input;
+mod key_by;
+mod keyed;
 mod latency;
 mod output;
 mod reorder;
