@@ -391,3 +391,148 @@ impl<T, U> fmt::Debug for Keyed<T, U> {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::chunk::Ticket;
+
+    fn map<K: Hash + Eq + Send>(
+        per_key: usize,
+        track_order: bool,
+        key: fn(&u32) -> K,
+    ) -> KeyMap<u32, K, fn(&u32) -> K> {
+        let limits = KeyLimits {
+            per_key,
+            max_waiting: usize::MAX,
+            track_order,
+        };
+        KeyMap::new(key, limits)
+    }
+
+    fn arrive<K: Hash + Eq + Send>(m: &mut KeyMap<u32, K, fn(&u32) -> K>, seq: u32) -> bool {
+        m.arrive(seq, Meta::new(u64::from(seq), Ticket::none()))
+    }
+
+    fn ready<K: Hash + Eq + Send>(m: &mut KeyMap<u32, K, fn(&u32) -> K>) -> Vec<(u32, u32)> {
+        std::iter::from_fn(|| m.pop_ready())
+            .map(|(item, meta)| (item, meta.key))
+            .collect()
+    }
+
+    #[test]
+    fn a_busy_key_keeps_its_items_waiting_in_arrival_order_and_others_go_on() {
+        let mut m = map(1, false, |x| x % 2);
+        // Items 0..6: key 0 gets 0, 2, 4; key 1 gets 1, 3, 5.
+        let started: Vec<bool> = (0..6).map(|i| arrive(&mut m, i)).collect();
+        assert_eq!(started, [true, true, false, false, false, false]);
+        assert_eq!((m.waiting(), m.keys()), (4, 2));
+        let first = ready(&mut m);
+        assert_eq!(first.iter().map(|r| r.0).collect::<Vec<_>>(), [0, 1]);
+        let mut released = Vec::new();
+        m.end(first[1].1, 1, &mut released);
+        assert_eq!(released, [1]);
+        assert_eq!(ready(&mut m).iter().map(|r| r.0).collect::<Vec<_>>(), [3]);
+        m.end(first[0].1, 0, &mut released);
+        assert_eq!(ready(&mut m).iter().map(|r| r.0).collect::<Vec<_>>(), [2]);
+        assert_eq!(m.waiting(), 2);
+    }
+
+    #[test]
+    fn per_key_two_releases_results_in_arrival_order_when_tracking() {
+        let mut m = map(2, true, |_| ());
+        for i in 0..4 {
+            assert_eq!(arrive(&mut m, i), i < 2);
+        }
+        let out = ready(&mut m);
+        let key = out[0].1;
+        let mut released = Vec::new();
+        // Item 1 ends first: held until item 0 ends; item 2 becomes ready at once.
+        m.end(key, 1, &mut released);
+        assert!(released.is_empty());
+        assert_eq!(ready(&mut m).iter().map(|r| r.0).collect::<Vec<_>>(), [2]);
+        m.end(key, 0, &mut released);
+        assert_eq!(released, [0, 1]);
+        assert_eq!(ready(&mut m).iter().map(|r| r.0).collect::<Vec<_>>(), [3]);
+        released.clear();
+        m.end(key, 2, &mut released);
+        m.end(key, 3, &mut released);
+        assert_eq!(released, [2, 3]);
+        assert_eq!(m.keys(), 0, "a key with nothing out has no entry");
+    }
+
+    /// A key whose every value hashes alike: the slots of one hash are chained.
+    #[derive(PartialEq, Eq)]
+    struct Collides(u32);
+    impl Hash for Collides {
+        fn hash<H: Hasher>(&self, state: &mut H) {
+            state.write_u64(7);
+        }
+    }
+
+    #[test]
+    fn keys_with_one_hash_stay_apart_and_leave_in_any_order() {
+        let mut m = map(1, false, |x| Collides(x % 3));
+        for i in 0..6 {
+            assert_eq!(arrive(&mut m, i), i < 3);
+        }
+        assert_eq!((m.keys(), m.index.len()), (3, 1));
+        let out = ready(&mut m);
+        let mut released = Vec::new();
+        // Ending the middle, then the head, then the tail of the chain.
+        for &(item, key) in [&out[1], &out[0], &out[2]] {
+            m.end(key, u64::from(item), &mut released);
+        }
+        let next = ready(&mut m);
+        assert_eq!(next.iter().map(|r| r.0).collect::<Vec<_>>(), [4, 3, 5]);
+        for (item, key) in next {
+            m.end(key, u64::from(item), &mut released);
+        }
+        assert_eq!((m.keys(), m.index.len(), m.waiting()), (0, 0, 0));
+        // Their slots are reused, and the key is found again by its value.
+        assert!(arrive(&mut m, 1));
+        assert!(!arrive(&mut m, 4));
+        assert_eq!(m.slots.len(), 3);
+    }
+
+    #[test]
+    fn a_million_distinct_keys_cost_only_the_keys_out() {
+        let mut m = map(1, false, |x| *x);
+        let mut out = VecDeque::new();
+        let mut released = Vec::new();
+        let mut most = 0;
+        for i in 0..1_000_000u32 {
+            assert!(arrive(&mut m, i));
+            out.extend(ready(&mut m));
+            most = most.max(m.keys());
+            if out.len() == 16 {
+                let (item, key) = out.pop_front().unwrap();
+                m.end(key, u64::from(item), &mut released);
+            }
+        }
+        assert_eq!(most, 16);
+        assert!(
+            m.slots.len() <= 16 && m.index.len() <= 16,
+            "{}",
+            m.slots.len()
+        );
+        assert!(m.index.capacity() < 64, "{}", m.index.capacity());
+        while let Some((item, key)) = out.pop_front() {
+            m.end(key, u64::from(item), &mut released);
+        }
+        assert_eq!((m.keys(), m.index.len()), (0, 0));
+        assert_eq!(released.len(), 1_000_000);
+    }
+
+    #[test]
+    fn a_stop_takes_the_waiting_and_the_ready_items() {
+        let mut m = map(1, false, |x| x % 2);
+        for i in 0..5 {
+            arrive(&mut m, i);
+        }
+        let (waiting, ready) = m.take_all();
+        let seqs = |v: &[Meta]| v.iter().map(|m| m.seq).collect::<Vec<_>>();
+        assert_eq!((seqs(&waiting), seqs(&ready)), (vec![2, 4, 3], vec![0, 1]));
+        assert_eq!((m.waiting(), m.ready()), (0, 0));
+    }
+}
