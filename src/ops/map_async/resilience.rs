@@ -119,8 +119,10 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
 #[cfg(test)]
 mod tests {
     use crate::prelude::*;
+    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
+    use tokio::time::Instant;
 
     /// An ordered stage of 100 items, 4 workers, 10 ms calls, where item 0 fails once
     /// after 10 ms and backs off 1 s: the output and the call starts during the backoff.
