@@ -11,12 +11,8 @@ use std::time::Duration;
 use flowline::prelude::*;
 use proptest::prelude::*;
 
-#[derive(Debug, Clone, Copy)]
-enum Interrupt {
-    None,
-    Cancel(u64),
-    Stop(u64),
-}
+mod support;
+use support::interrupt::{Interrupt, join, paused_runtime};
 
 #[derive(Debug, Clone)]
 struct Case {
@@ -150,23 +146,9 @@ async fn run_case(c: Case) -> Result<(), TestCaseError> {
     } else {
         stage.inspect(move |x| sink.lock().unwrap().push(*x))
     };
-    let handle = plan.spawn();
-    match c.interrupt {
-        Interrupt::None => {}
-        Interrupt::Cancel(at) => {
-            tokio::time::sleep(Duration::from_millis(at)).await;
-            handle.cancel();
-        }
-        Interrupt::Stop(at) => {
-            tokio::time::sleep(Duration::from_millis(at)).await;
-            handle.stop();
-        }
-    }
-    let report = match handle.join().await {
-        Ok(r) => r,
-        Err(Error::Cancelled { report }) => *report,
-        Err(e) => return Err(TestCaseError::fail(format!("unexpected error: {e}"))),
-    };
+    let report = join(plan.spawn(), c.interrupt)
+        .await
+        .map_err(TestCaseError::fail)?;
     let delivered = delivered.lock().unwrap().clone();
     let seen = seen.lock().unwrap();
     check(&c, &report, &delivered, &seen)
@@ -219,14 +201,6 @@ fn check(c: &Case, report: &Report, delivered: &[u32], seen: &Seen) -> Result<()
         prop_assert_eq!(delivered.len() as u64, work.passed);
     }
     Ok(())
-}
-
-fn paused_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap()
 }
 
 proptest! {

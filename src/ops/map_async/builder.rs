@@ -467,10 +467,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
 #[cfg(test)]
 mod tests {
     use crate::prelude::*;
-    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
-    use std::sync::{Arc, Mutex};
     use std::time::Duration;
-    use tokio::time::Instant;
 
     #[tokio::test(flavor = "current_thread")]
     async fn latency_samples_stand_for_every_call() {

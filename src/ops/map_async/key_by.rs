@@ -183,8 +183,7 @@ mod tests {
             .run()
             .await
             .unwrap();
-        let log = log.lock().unwrap().clone();
-        log
+        std::mem::take(&mut *log.lock().unwrap())
     }
 
     #[tokio::test(start_paused = true)]
@@ -294,11 +293,10 @@ mod tests {
         } else {
             handle.stop();
         }
-        let report = match handle.join().await {
-            Ok(r) => r,
-            Err(Error::Cancelled { report }) => *report,
-            Err(e) => panic!("{e}"),
-        };
+        let report = handle.join().await.unwrap_or_else(|e| match e {
+            Error::Cancelled { report } => *report,
+            e => panic!("{e}"),
+        });
         let out = out.lock().unwrap().clone();
         (out, report)
     }
