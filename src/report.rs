@@ -61,6 +61,8 @@ pub struct StageStats {
     /// Calls that failed with an error the stage's `transient_if` calls transient, tried
     /// again after the outage waits (not attempts, not failures).
     pub(crate) transient_retries: AtomicU64,
+    /// Items of a keyed async stage that waited behind a busy key.
+    pub(crate) key_waits: AtomicU64,
     /// Failed items by reason, in [`FailureReasons::NAMES`] order. Counted where every
     /// failure passes (`RunCtx::fail`), so that the stages that count `failed` need not.
     failed_by: [AtomicU64; REASONS],
@@ -91,6 +93,7 @@ impl StageStats {
             retried: AtomicU64::new(0),
             late: AtomicU64::new(0),
             transient_retries: AtomicU64::new(0),
+            key_waits: AtomicU64::new(0),
             failed_by: Default::default(),
             unfinished: AtomicU64::new(0),
             latency: Mutex::new(None),
@@ -249,6 +252,7 @@ impl StageStats {
             retried: self.retried.load(Relaxed),
             late: self.late.load(Relaxed),
             transient_retries: self.transient_retries.load(Relaxed),
+            key_waits: self.key_waits.load(Relaxed),
             failed_by: FailureReasons {
                 error: by(0),
                 timeout: by(1),
@@ -426,6 +430,9 @@ pub struct StageReport {
     /// failed with a transient error (the server down) and were made again once the run's
     /// [`Outage`](crate::Outage) wait was over: neither attempts nor failures.
     pub transient_retries: u64,
+    /// Items of an async stage with [`key_by`](crate::AsyncStage::key_by) that arrived while
+    /// their key was busy and waited for it (not an end: each also ends as usual).
+    pub key_waits: u64,
     /// Items still inside the stage: in flight during a run (a live snapshot), and once the
     /// run has ended the items the stage held or had queued in front of it when the run was
     /// cancelled (counted where they were left).
@@ -1183,6 +1190,7 @@ mod tests {
             retried: n,
             late: 0,
             transient_retries: n,
+            key_waits: 0,
             unfinished: n,
             latency: None,
             limits: None,

@@ -17,6 +17,7 @@
 //! cargo run --release -p flowline-bench -- faults redis_kill
 //! cargo run --release -p flowline-bench -- faults pg_stop5  # a run through a server fault vs none
 //! cargo run --release -p flowline-bench -- window          # event-time windows vs hand-written loops
+//! cargo run --release -p flowline-bench -- keyed           # key_by vs the critical path, partition, no keys
 //! ```
 //!
 //! With `FLOWLINE_BENCH_REPS=1` set, the cases that alternate print every repetition's time
@@ -28,6 +29,7 @@ mod core;
 mod faults_redis;
 mod faults_sql;
 mod flow;
+mod keyed;
 #[path = "../../testsuite/tests/support/pg.rs"]
 #[allow(dead_code)]
 mod pg_server;
@@ -80,9 +82,10 @@ fn main() {
         "siem" => siem::run(case),
         "faults" => FAULTS.iter().for_each(|run| run(case)),
         "window" => window::run(case),
+        "keyed" => keyed::run(case),
         other => {
             eprintln!(
-                "unknown suite `{other}`; suites: core, source, batch, flow, topology, cli, scale, siem, faults, window"
+                "unknown suite `{other}`; suites: core, source, batch, flow, topology, cli, scale, siem, faults, window, keyed"
             );
             std::process::exit(2);
         }

@@ -504,6 +504,7 @@ mod tests {
             retried: failed * 2,
             late: 0,
             transient_retries: 0,
+            key_waits: 0,
             unfinished: 0,
             latency: None,
             limits: None,

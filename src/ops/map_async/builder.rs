@@ -8,17 +8,14 @@ use std::time::Duration;
 use crate::Pipeline;
 use crate::error::{Error, FailedInput, ItemError};
 use crate::policy::Policy;
-use crate::policy::adaptive::Adaptive;
-use crate::policy::breaker::Breaker;
 use crate::policy::hedge::Hedge;
-use crate::policy::inflight::Inflight;
-use crate::policy::limit::{External, Limit};
-use crate::policy::rate::Rate;
 use crate::policy::retry::Retry;
 use crate::runtime::hop::{HOP_CHUNKS, hop};
 
 use super::call::StageFn;
 use super::driver::drive;
+use super::key_by;
+use super::keyed::KeyFn;
 use super::routed::{Failed, Route, Routed, route};
 
 #[derive(Debug, Clone)]
@@ -37,6 +34,9 @@ pub(super) struct Options {
     pub(super) transient: Option<TransientIf>,
     /// A second call for an item whose call is slow (`hedge`).
     pub(super) hedge: Option<Hedge>,
+    /// `key_by`: calls in flight per key, and items waiting behind a busy key.
+    pub(super) per_key: Option<usize>,
+    pub(super) max_waiting: Option<usize>,
 }
 
 /// The predicate of [`AsyncStage::transient_if`].
@@ -108,16 +108,18 @@ impl fmt::Debug for TransientIf {
 /// ```
 #[must_use = "a stage does nothing until the pipeline it ends is run"]
 pub struct AsyncStage<T, U, S> {
-    upstream: Pipeline<T>,
-    name: String,
-    call: S,
-    options: Options,
-    keep: Option<fn(&T) -> FailedInput>,
+    pub(super) upstream: Pipeline<T>,
+    pub(super) name: String,
+    pub(super) call: S,
+    pub(super) options: Options,
+    pub(super) keep: Option<fn(&T) -> FailedInput>,
     /// Set by `retry` (which needs `T: Clone`): a copy of the input for the next attempt.
-    copy: Option<fn(&T) -> T>,
+    pub(super) copy: Option<fn(&T) -> T>,
     /// Set by `results`: makes a failed item's output.
-    route: Option<Route<T, U>>,
-    _out: PhantomData<fn() -> U>,
+    pub(super) route: Option<Route<T, U>>,
+    /// Set by `key_by`: makes the stage's key map.
+    pub(super) key: Option<KeyFn<T>>,
+    pub(super) _out: PhantomData<fn() -> U>,
 }
 
 impl<T, U, S> fmt::Debug for AsyncStage<T, U, S> {
@@ -145,10 +147,13 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
                 trace_calls: false,
                 transient: None,
                 hedge: None,
+                per_key: None,
+                max_waiting: None,
             },
             keep: None,
             copy: None,
             route: None,
+            key: None,
             _out: PhantomData,
         }
     }
@@ -190,6 +195,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
             keep: self.keep,
             copy: Some(T::clone),
             route: Some(route::<T, U>),
+            key: self.key,
             _out: PhantomData,
         }
     }
@@ -371,236 +377,6 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
         self.keep = Some(|t: &T| FailedInput::json(t.clone()));
         self
     }
-
-    /// Adds an admission policy: the next gate a call passes before it starts.
-    fn policy(mut self, policy: impl Policy + 'static) -> Self {
-        self.options.policies.push(Arc::new(policy));
-        self
-    }
-
-    /// Starts calls at most at `rate` (delays, never drops). Clones of one [`Rate`] share
-    /// one budget, so the same `Rate` on two stages holds their sum to it. A gate: see
-    /// [the order of the flow-control options](AsyncStage#the-order-of-the-flow-control-options).
-    ///
-    /// ```
-    /// use flowline::prelude::*;
-    /// use std::time::Duration;
-    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
-    /// let t = tokio::time::Instant::now();
-    /// Pipeline::from_iter(0..5u32)
-    ///     .map_async("api", |x| async move { x })
-    ///     .workers(4)
-    ///     .rate_limit(Rate::per_second(4))
-    ///     .run().await.unwrap();
-    /// assert_eq!(t.elapsed(), Duration::from_secs(1));   // 5 calls, 4 gaps of 250 ms
-    /// # }
-    /// ```
-    pub fn rate_limit(self, rate: Rate) -> Self {
-        self.policy(rate)
-    }
-
-    /// Also bounds this stage's calls by a shared [`Inflight`] (every stage given the same
-    /// value counts against it). A gate: see
-    /// [the order of the flow-control options](AsyncStage#the-order-of-the-flow-control-options).
-    ///
-    /// ```
-    /// use flowline::prelude::*;
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// let db = Inflight::new(2);
-    /// let out = Pipeline::from_iter(0..10u32)
-    ///     .map_async("db", |x| async move { x })
-    ///     .workers(8)
-    ///     .inflight(&db)
-    ///     .collect().await.unwrap();
-    /// assert_eq!(out.len(), 10);
-    /// # }
-    /// ```
-    pub fn inflight(self, bound: &Inflight) -> Self {
-        self.policy(bound.clone())
-    }
-
-    /// Also passes each call through a [`Limit`] implemented outside flowline (a rate or an
-    /// in-flight bound shared by several processes through a server): the call starts once
-    /// the limit's `acquire` has granted it a permit, and the permit is dropped when the call
-    /// ends. An acquire that fails is retried with backoff; no item is failed for it (see
-    /// [`Limit`]). A gate: see
-    /// [the order of the flow-control options](AsyncStage#the-order-of-the-flow-control-options).
-    ///
-    /// ```
-    /// use flowline::prelude::*;
-    /// use std::sync::Arc;
-    ///
-    /// #[derive(Debug)]
-    /// struct Ticket(Arc<tokio::sync::Semaphore>);
-    /// impl Limit for Ticket {
-    ///     type Permit = tokio::sync::OwnedSemaphorePermit;
-    ///     fn acquire(&self) -> impl Future<Output = Result<Self::Permit, BoxError>> + Send + 'static {
-    ///         let sem = self.0.clone();
-    ///         async move { Ok(sem.acquire_owned().await?) }
-    ///     }
-    /// }
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// let out = Pipeline::from_iter(0..10u32)
-    ///     .map_async("db", |x| async move { x })
-    ///     .workers(8)
-    ///     .limit(Ticket(Arc::new(tokio::sync::Semaphore::new(2))))
-    ///     .collect().await.unwrap();
-    /// assert_eq!(out.len(), 10);
-    /// # }
-    /// ```
-    pub fn limit(self, limit: impl Limit) -> Self {
-        self.policy(External(Arc::new(limit)))
-    }
-
-    /// Retries failed calls (see [`Retry`]). An item waiting for its next attempt sits in a
-    /// delay queue inside the stage and does not take a worker; with
-    /// [`Retry::pause_source`] the job pauses while it waits (the run's source pulls nothing and
-    /// the stage starts no new item). Needs `T: Clone`:
-    /// each attempt gets a copy of the input. The failure of an item that ran out of
-    /// attempts records how many were made (`Failure::attempts`); each retry is counted in
-    /// the stage's `retried`.
-    ///
-    /// ```
-    /// use flowline::prelude::*;
-    /// use std::time::Duration;
-    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
-    /// let report = Pipeline::from_iter([1u32])
-    ///     .try_map_async("down", |_| async { Err::<u32, _>("503") })
-    ///     .retry(Retry::constant(Duration::from_millis(100)).max_attempts(4))
-    ///     .run().await.unwrap();
-    /// assert_eq!(report.failure_sample[0].attempts, 4);
-    /// assert_eq!(report.stage("down").unwrap().retried, 3);
-    /// # }
-    /// ```
-    pub fn retry(mut self, retry: Retry) -> Self
-    where
-        T: Clone,
-    {
-        self.options.retry = Some(retry);
-        self.copy = Some(T::clone);
-        self
-    }
-
-    /// Hedged requests (see [`Hedge`]): a call that has not answered after the hedge's
-    /// delay gets a second call for the same item; the first answer is the item's and the
-    /// other call is dropped. Each item still ends once. Needs `T: Clone`: the second call
-    /// gets a copy of the input. Hedging applies to every attempt of a stage with `retry`.
-    /// The two calls of one item count as one of `workers(n)` (the budget bounds the
-    /// extra ones); a stage with `rate_limit`, `inflight`, `circuit_breaker` or `adaptive`
-    /// refuses a hedge before the run starts, as its second call would not pass them.
-    ///
-    /// ```
-    /// use flowline::prelude::*;
-    /// use std::time::Duration;
-    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
-    /// let hedge = Hedge::after(Duration::from_millis(50));
-    /// let out = Pipeline::from_iter(0..20u32)
-    ///     .map_async("lookup", |x| async move { x })
-    ///     .hedge(hedge.clone())
-    ///     .collect().await.unwrap();
-    /// assert_eq!(out.len(), 20);
-    /// assert_eq!(hedge.extra_calls(), 0, "every call answered at once");
-    /// # }
-    /// ```
-    pub fn hedge(mut self, hedge: Hedge) -> Self
-    where
-        T: Clone,
-    {
-        self.options.hedge = Some(hedge);
-        self.copy = Some(T::clone);
-        self
-    }
-
-    /// Rides out an outage of the stage's server: a call that fails with an error `f` calls
-    /// transient (a connection refused or reset, a server restarting: e.g.
-    /// [`ItemError::is_transient`], or a store crate's own classifier) is neither an attempt
-    /// nor a failure. The stage pauses the job — the run's source pulls nothing and the
-    /// stage starts no new call — and makes that item's call again after the waits of the
-    /// run's [`Outage`](crate::Outage) policy, one call at a time while the server is down
-    /// (a probe, like a half-open breaker). The first call that gets an answer (anything
-    /// but a transient error) ends the outage: the items that waited go first, then the job
-    /// resumes by itself. An outage longer than the policy's limit ends the run with
-    /// [`Error::Outage`](crate::Error::Outage), the waiting items unfinished, none failed.
-    ///
-    /// Other errors take the usual way ([`retry`](AsyncStage::retry), the breaker, the dead
-    /// letters). Each transient failure is counted in the stage's `transient_retries`.
-    /// Needs `T: Clone`: each call gets a copy of the input, for the next try.
-    ///
-    /// ```
-    /// use flowline::prelude::*;
-    /// use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
-    /// use std::time::Duration;
-    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
-    /// let t0 = tokio::time::Instant::now();
-    /// let report = Pipeline::from_iter(0..10u32)
-    ///     .try_map_async("db", move |x| async move {
-    ///         // The server is down for the first 3 seconds.
-    ///         if t0.elapsed() < Duration::from_secs(3) {
-    ///             Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
-    ///         } else {
-    ///             Ok(x)
-    ///         }
-    ///     })
-    ///     .transient_if(ItemError::is_transient)
-    ///     .run().await.unwrap();
-    /// assert_eq!((report.delivered(), report.failures), (10, 0));
-    /// assert!(report.stage("db").unwrap().transient_retries > 1);
-    /// # }
-    /// ```
-    pub fn transient_if(mut self, f: impl Fn(&ItemError) -> bool + Send + Sync + 'static) -> Self
-    where
-        T: Clone,
-    {
-        self.options.transient = Some(TransientIf(Arc::new(f)));
-        self.copy = Some(T::clone);
-        self
-    }
-
-    /// Guards the calls with a circuit breaker (see [`Breaker`]; clones share one state).
-    /// While it is open the stage pauses the job ([`OnOpen::Pause`](crate::OnOpen::Pause):
-    /// the source pulls nothing, no call starts, and the items whose calls failed wait and
-    /// are tried again) or fails items fast ([`OnOpen::FailFast`](crate::OnOpen::FailFast)).
-    /// Needs `T: Clone`: each call gets a copy of the input, for another attempt. A gate: see
-    /// [the order of the flow-control options](AsyncStage#the-order-of-the-flow-control-options).
-    ///
-    /// ```
-    /// use flowline::prelude::*;
-    /// use std::time::Duration;
-    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
-    /// let breaker = Breaker::consecutive_failures(5).cooldown(Duration::from_secs(1));
-    /// let report = Pipeline::from_iter(0..100u32)
-    ///     .try_map_async("api", |x| async move { Ok::<_, String>(x) })
-    ///     .circuit_breaker(breaker.clone())
-    ///     .run().await.unwrap();
-    /// assert_eq!((report.delivered(), breaker.state()), (100, BreakerState::Closed));
-    /// # }
-    /// ```
-    pub fn circuit_breaker(mut self, breaker: Breaker) -> Self
-    where
-        T: Clone,
-    {
-        self.copy = Some(T::clone);
-        self.policy(breaker)
-    }
-
-    /// Lets the number of calls in flight follow an adaptive limit (see [`Adaptive`])
-    /// instead of a fixed `workers(n)`. A lower limit only stops new calls; calls in flight
-    /// are never cancelled. A gate too (it admits every call within its limit): see
-    /// [the order of the flow-control options](AsyncStage#the-order-of-the-flow-control-options).
-    ///
-    /// ```
-    /// use flowline::prelude::*;
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// let out = Pipeline::from_iter(0..100u32)
-    ///     .map_async("api", |x| async move { x })
-    ///     .adaptive(Adaptive::aimd(1..=32))
-    ///     .collect().await.unwrap();
-    /// assert_eq!(out.len(), 100);
-    /// # }
-    /// ```
-    pub fn adaptive(self, limit: Adaptive) -> Self {
-        self.policy(limit)
-    }
 }
 
 impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
@@ -617,6 +393,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
             keep,
             copy,
             route,
+            key,
             ..
         } = self;
         if options.workers == 0 {
@@ -666,7 +443,8 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
             .map(|p| p.invalid())
             .chain([options.retry.as_ref().and_then(Retry::invalid)])
             .flatten()
-            .chain(options.hedge.iter().flat_map(Hedge::invalid));
+            .chain(options.hedge.iter().flat_map(Hedge::invalid))
+            .chain(key_by::invalid(&options, key.is_some()));
         for (option, value, reason) in invalid {
             upstream
                 .settings
@@ -680,7 +458,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
             let (tx, rx) = hop(HOP_CHUNKS, &stats);
             let run = b.run.clone();
             b.spawn_tail(
-                drive(up, call, options, keep, copy, route, stats, run, tx),
+                drive(up, call, options, keep, copy, route, key, stats, run, tx),
                 rx,
             )
         })
@@ -690,10 +468,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
 #[cfg(test)]
 mod tests {
     use crate::prelude::*;
-    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
-    use std::sync::{Arc, Mutex};
     use std::time::Duration;
-    use tokio::time::Instant;
 
     #[tokio::test(flavor = "current_thread")]
     async fn latency_samples_stand_for_every_call() {
@@ -710,101 +485,6 @@ mod tests {
             .expect("an async stage has latency")
             .samples;
         assert_eq!(samples, 1_024 + 64_512 + 539 * 64);
-    }
-
-    /// Ten items against a backend that is down, a fail-fast breaker that opens on the
-    /// first failure, and a rate of 10/s: returns how long the run took and how many calls
-    /// were made.
-    async fn breaker_and_rate(breaker_first: bool) -> (Duration, u32) {
-        let calls = Arc::new(AtomicU32::new(0));
-        let c = calls.clone();
-        let stage = Pipeline::from_iter(0..10u32).try_map_async("api", move |_| {
-            c.fetch_add(1, SeqCst);
-            async { Err::<u32, _>("503") }
-        });
-        let breaker = Breaker::consecutive_failures(1)
-            .cooldown(Duration::from_secs(60))
-            .on_open(OnOpen::FailFast);
-        let rate = Rate::per_second(10);
-        let stage = if breaker_first {
-            stage.circuit_breaker(breaker).rate_limit(rate)
-        } else {
-            stage.rate_limit(rate).circuit_breaker(breaker)
-        };
-        let t0 = Instant::now();
-        let report = stage.run().await.unwrap();
-        assert_eq!(report.failures, 10);
-        assert!(report.is_balanced());
-        (t0.elapsed(), calls.load(SeqCst))
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn admission_follows_the_order_the_options_were_given() {
-        // Breaker first: the nine refused items never wait for a rate permit.
-        assert_eq!(breaker_and_rate(true).await, (Duration::ZERO, 1));
-        // Rate first: every item takes its permit (100 ms apart), then meets the breaker.
-        assert_eq!(
-            breaker_and_rate(false).await,
-            (Duration::from_millis(900), 1)
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_refused_call_gives_back_its_inflight_slot() {
-        // The shared slot is taken before the breaker refuses; it must not leak.
-        let bound = Inflight::new(1);
-        let report = Pipeline::from_iter(0..5u32)
-            .try_map_async("api", |_| async { Err::<u32, _>("503") })
-            .inflight(&bound)
-            .circuit_breaker(Breaker::consecutive_failures(1).on_open(OnOpen::FailFast))
-            .run()
-            .await
-            .unwrap();
-        assert_eq!(report.failures, 5);
-        assert_eq!(bound.in_flight(), 0);
-    }
-
-    /// An ordered stage of 100 items, 4 workers, 10 ms calls, where item 0 fails once
-    /// after 10 ms and backs off 1 s: the output and the call starts during the backoff.
-    async fn ordered_around_a_backoff(window: Option<usize>) -> (Vec<u32>, usize) {
-        let t0 = Instant::now();
-        let starts = Arc::new(Mutex::new(Vec::new()));
-        let s = starts.clone();
-        let failed = Arc::new(AtomicU32::new(0));
-        let mut stage = Pipeline::from_iter(0..100u32)
-            .try_map_async("api", move |x| {
-                s.lock().unwrap().push(t0.elapsed().as_millis() as u64);
-                let fail = x == 0 && failed.fetch_add(1, SeqCst) == 0;
-                async move {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    if fail { Err("503") } else { Ok(x) }
-                }
-            })
-            .workers(4)
-            .retry(Retry::constant(Duration::from_secs(1)));
-        if let Some(n) = window {
-            stage = stage.ordered_window(n);
-        }
-        let out = stage.collect().await.unwrap();
-        let during = starts
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|t| (10..1010).contains(*t))
-            .count();
-        (out, during)
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_ordered_stage_keeps_working_while_one_item_backs_off() {
-        // Items 1..=3 start with item 0; the other 96 all start during its backoff.
-        let (out, during) = ordered_around_a_backoff(None).await;
-        assert_eq!(out, (0..100).collect::<Vec<_>>());
-        assert_eq!(during, 96);
-        // A window of 8 holds items 0..=7: items 4..=7 start, then the stage waits.
-        let (out, during) = ordered_around_a_backoff(Some(8)).await;
-        assert_eq!(out, (0..100).collect::<Vec<_>>());
-        assert_eq!(during, 4);
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
@@ -889,24 +569,5 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("ordered stages only"), "{err}");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_option_given_twice_applies_both() {
-        let t0 = Instant::now();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let l = log.clone();
-        Pipeline::from_iter(0..3u32)
-            .map_async("api", move |x| {
-                l.lock().unwrap().push(t0.elapsed().as_millis() as u64);
-                async move { x }
-            })
-            .workers(4)
-            .rate_limit(Rate::per_second(100))
-            .rate_limit(Rate::per_second(10))
-            .run()
-            .await
-            .unwrap();
-        assert_eq!(*log.lock().unwrap(), vec![0, 100, 200]);
     }
 }

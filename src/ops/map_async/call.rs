@@ -175,6 +175,8 @@ pub(super) struct Meta {
     pub(super) ticket: Ticket,
     /// Attempts made (the running one included).
     pub(super) attempts: u32,
+    /// A keyed stage: the slot of the item's key in the key map.
+    pub(super) key: u32,
     rare: Option<Box<Rare>>,
 }
 
@@ -198,6 +200,7 @@ impl Meta {
             call: 0,
             ticket,
             attempts: 0,
+            key: 0,
             rare: None,
         }
     }

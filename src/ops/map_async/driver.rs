@@ -20,23 +20,28 @@ use tokio::time::Instant;
 
 use crate::error::{FailedInput, Failure, ItemError};
 use crate::policy::hedge::{Hedge, HedgeState};
-use crate::policy::{Admission, Again, Failed, Finished, Held, RetryPolicy};
+use crate::policy::{Admission, Finished, RetryPolicy};
 use crate::report::StageStats;
 use crate::runtime::chunk::{CHUNK_CAP, Chunk, Outcome};
 use crate::runtime::{RunCtx, Upstream};
 
 use super::admission::{Admitted, Chain};
 use super::builder::Options;
-use super::call::{Call, Completion, Meta, Polled, StageFn, make};
+use super::call::{Completion, Meta, Polled, StageFn, make};
 use super::held::HeldItems;
-use super::inflight::{First, InFlight, Launched};
+use super::inflight::{InFlight, Launched};
 use super::input::Input;
+use super::key_by;
+use super::keyed::{KeyFn, Keyed};
 use super::latency::LatencySampler;
 use super::output::Output;
 use super::reorder::{Done, Reorder};
 use super::retry_queue::RetryQueue;
 use super::routed::{Route, with_attempt};
 use super::transient::{Down, Ridden};
+
+mod again;
+mod plain;
 
 /// The most items a stage keeps in retry backoff before it stops taking new ones.
 const MAX_PARKED: usize = 4 * CHUNK_CAP;
@@ -51,6 +56,7 @@ pub(super) async fn drive<T, U, S>(
     keep: Option<fn(&T) -> FailedInput>,
     copy: Option<fn(&T) -> T>,
     route: Option<Route<T, U>>,
+    key: Option<KeyFn<T>>,
     stats: Arc<StageStats>,
     run: Arc<RunCtx>,
     tx: tokio::sync::mpsc::Sender<Chunk<U>>,
@@ -67,7 +73,9 @@ pub(super) async fn drive<T, U, S>(
         && keep.is_none()
         && copy.is_none()
         && route.is_none()
+        && key.is_none()
         && !options.trace_calls;
+    let keys = key.map(|k| Keyed::new(k, key_by::limits(&options)));
     let chain = Chain::new(admissions);
     let hedge = options.hedge.as_ref().map(Hedge::stage);
     let mut driver = Driver {
@@ -106,6 +114,7 @@ pub(super) async fn drive<T, U, S>(
             .transient
             .map(|t| Down::new(t, run.outage_policy.watch(stats.name.clone()))),
         stopping: false,
+        keys,
     };
     let (cancel, stopping) = (run.cancel.clone(), run.stopping.clone());
     // `stopping` fires on a stop and on a cancel: one wait for both, as cheap as the wait
@@ -171,6 +180,8 @@ struct Driver<T, U, S: StageFn<T, U>> {
     stopping: bool,
     /// `hedge`: the delay before a slow call gets a second one, and the budget.
     hedge: Option<HedgeState>,
+    /// `key_by`: the keys out and the items waiting behind them.
+    keys: Option<Keyed<T, U>>,
 }
 
 impl<T, U, S> Driver<T, U, S>
@@ -198,7 +209,9 @@ where
         if self.output.is_full() || self.inflight.len() >= limit {
             return false;
         }
-        if !self.reorder.is_ordered() || self.retry_queue.due_len() > 0 {
+        // A retry due or a keyed item ready is already in the window.
+        let placed = self.retry_queue.due_len() + self.keys.as_ref().map_or(0, Keyed::ready);
+        if !self.reorder.is_ordered() || placed > 0 {
             return true;
         }
         let window = self
@@ -231,7 +244,11 @@ where
         if self.retry_queue.job_paused() {
             return due;
         }
-        if due > 0 || self.retry_queue.len() < MAX_PARKED {
+        let pull = due > 0 || self.retry_queue.len() < MAX_PARKED;
+        if let Some(k) = self.keys.as_mut() {
+            return due + k.stage(&mut self.input, &mut self.reorder, pull, cx, &self.stats);
+        }
+        if pull {
             self.input.fill(cx, &self.stats);
         }
         due + self.input.len()
@@ -251,6 +268,9 @@ where
         }
         if self.retry_queue.job_paused() {
             return None;
+        }
+        if let Some(k) = self.keys.as_mut() {
+            return k.pop();
         }
         let (item, ticket) = self.input.pop()?;
         let seq = self.reorder.next();
@@ -341,151 +361,6 @@ where
         }
     }
 
-    /// Holds the run's source paused while some admission wants it. True if the pause ended.
-    fn poll_pause(&mut self, cx: &mut Context<'_>) -> bool {
-        self.chain.poll_pause(cx, &self.run.gate)
-    }
-
-    /// Whether an admission holds the item of a failed call to be tried again.
-    fn holds(&mut self, meta: &Meta, error: &ItemError, latency: Option<Duration>) -> bool {
-        self.chain.holds(&Finished {
-            call: meta.call,
-            error: Some(error),
-            latency,
-            in_flight: self.inflight.len() + 1,
-            attempts: meta.attempts,
-        })
-    }
-
-    /// Decides on the items held for an admission (a pausing breaker): tried again, failed,
-    /// or kept. `idle`: nothing else in the stage can decide it (an undecided hold goes
-    /// again). True if they moved.
-    fn poll_held(&mut self, cx: &mut Context<'_>, idle: bool) -> bool {
-        match self.chain.poll_held(cx) {
-            Held::Wait => false,
-            Held::Undecided if !idle => false,
-            Held::Undecided | Held::Again => {
-                for (item, meta, _) in self.held.take_all() {
-                    self.retry_queue.push_due(item, meta);
-                }
-                true
-            }
-            Held::Fail => {
-                let held: Vec<_> = self.held.take_all().collect();
-                for (item, meta, error) in held {
-                    self.complete(meta, Err(error), None, Some(item), false);
-                }
-                true
-            }
-        }
-    }
-
-    /// Parks a failed call's item for another attempt if the retry policy allows; else
-    /// gives its meta and its copy back, with the error to fail it with instead of the
-    /// call's own, if the policy gave one.
-    fn park(
-        &mut self,
-        meta: Meta,
-        error: &ItemError,
-        again: Option<T>,
-    ) -> Option<(Meta, Option<T>, Option<ItemError>)> {
-        let Some(r) = self.retry.as_mut() else {
-            return Some((meta, again, None));
-        };
-        let failed = Failed {
-            attempts: meta.attempts,
-            first_at: meta.first_at(),
-            error,
-        };
-        let at = match r.again(&failed) {
-            Again::At(at) => at,
-            Again::No => return Some((meta, again, None)),
-            Again::GiveUp(instead) => return Some((meta, again, Some(instead))),
-        };
-        let Some(item) = again else {
-            return Some((meta, again, None));
-        };
-        if self.stopping {
-            // No call starts after a stop: the item is left unfinished, not failed.
-            self.leave(meta);
-            self.stats.left(1);
-            return None;
-        }
-        StageStats::add(&self.stats.retried, 1);
-        self.retry_queue.park(at, item, meta, &self.run.gate);
-        None
-    }
-
-    /// Starts calls of a plain stage while the limits allow and input waits: the work of
-    /// `pop_input`, `start` and `complete` for the common case in one loop, without the
-    /// per-item questions a plain stage always answers the same way. A call ready at its
-    /// first poll in input order goes straight to the output; any other takes the general
-    /// path (`complete`, the in-flight set). True if an item started.
-    fn start_plain(&mut self, cx: &mut Context<'_>) -> bool {
-        let mut started = false;
-        loop {
-            if !self.can_start() || (self.input.is_empty() && self.available(cx) == 0) {
-                return started;
-            }
-            // A service must be ready before each call; a closure always is.
-            if !S::ALWAYS_READY {
-                match self.poll_ready(cx) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(error)) => {
-                        // The general path fails every item left with it.
-                        self.service_failed(error);
-                        return true;
-                    }
-                    Poll::Pending => return started,
-                }
-            }
-            let Some((item, ticket)) = self.input.pop() else {
-                return started;
-            };
-            started = true;
-            let seq = self.reorder.assign();
-            // Ordered: nothing started before it is still out, so it may go out at once.
-            let in_order = self.reorder.is_clear();
-            let call = &mut self.call;
-            let fut = match make(|| call.call(item)) {
-                Ok(fut) => fut,
-                Err(e) => {
-                    self.plain_slow(seq, ticket, Err(e), None);
-                    continue;
-                }
-            };
-            let timed = self.latency.times(seq);
-            match self.inflight.launch(fut, timed, First { seq, ticket }, cx) {
-                Launched::Ready(Ok(u), latency, first) if in_order => {
-                    if let Some(l) = latency {
-                        self.latency.record(seq, l, &self.stats);
-                    }
-                    self.output.push(u, first.ticket);
-                    self.reorder.passed();
-                }
-                Launched::Ready(result, latency, first) => {
-                    self.plain_slow(seq, first.ticket, result, latency)
-                }
-                Launched::Waiting => self.reorder.open(),
-            }
-        }
-    }
-
-    /// A plain stage's call that finished at once but cannot go straight out (it failed,
-    /// or an earlier item is still in flight): the general path.
-    fn plain_slow(
-        &mut self,
-        seq: u64,
-        ticket: crate::runtime::chunk::Ticket,
-        result: Result<U, ItemError>,
-        latency: Option<Duration>,
-    ) {
-        self.reorder.open();
-        let mut meta = Meta::new(seq, ticket);
-        meta.attempts = 1;
-        self.complete(meta, result, latency, None, true);
-    }
-
     /// Accounts for a finished call (or an item refused without one: `called` false), and
     /// emits its result, fails it, or parks it for another attempt.
     fn complete(
@@ -563,6 +438,7 @@ where
             }
             (_, again, result) => (result, again),
         };
+        let (seq, key) = (meta.seq, meta.key);
         let done = match (result, self.route, again) {
             (Ok(u), _, _) => Done::Ok(u, meta.ticket),
             (Err(error), Some(route), Some(input)) => {
@@ -582,7 +458,10 @@ where
                 Done::Failed
             }
         };
-        self.reorder.fill(meta.seq, done, &mut self.output);
+        match self.keys.as_mut() {
+            Some(k) => k.end(key, seq, done, &mut self.reorder, &mut self.output),
+            None => self.reorder.fill(seq, done, &mut self.output),
+        }
     }
 
     fn completed(&mut self, c: Completion<T, U>) {
@@ -594,32 +473,6 @@ where
             called,
         } = c;
         self.complete(meta, result, latency, again, called);
-    }
-
-    /// A call has not answered by its hedge delay: a second call for its item starts if
-    /// the budget allows (never after a stop, nor while the service is not ready), and the
-    /// first answer wins; else the call goes on alone.
-    fn hedge(&mut self, call: Call<S::Future, T>, cx: &mut Context<'_>) {
-        let (Some(copy), Some(item)) = (self.copy, call.again()) else {
-            return self.inflight.resume(call);
-        };
-        if self.stopping
-            || (!S::ALWAYS_READY && !matches!(self.poll_ready(cx), Poll::Ready(Ok(()))))
-            || !self.hedge.as_mut().is_some_and(HedgeState::may_hedge)
-        {
-            return self.inflight.resume(call);
-        }
-        let item = copy(item);
-        let c = &mut self.call;
-        match with_attempt(call.attempts(), || make(|| c.call(item))) {
-            Ok(twin) => {
-                if let Some(done) = self.inflight.hedge(call, twin, cx) {
-                    self.completed(done);
-                }
-            }
-            // The hedge panicked when made: the call goes on alone.
-            Err(_) => self.inflight.resume(call),
-        }
     }
 
     /// A graceful stop: the items not started (received and not begun, waiting for a retry,
@@ -636,6 +489,9 @@ where
         for meta in metas {
             self.leave(meta);
         }
+        if let Some(k) = self.keys.as_mut() {
+            left += k.stop(&mut self.reorder, &mut self.output);
+        }
         self.stats.left(left);
         self.reorder.emit(&mut self.output);
     }
@@ -644,7 +500,16 @@ where
     /// place in the output order is passed over, and the results behind it that are done go
     /// out now. Counted by the caller.
     fn leave(&mut self, meta: Meta) {
-        self.reorder.leave(meta.seq, &mut self.output);
+        match self.keys.as_mut() {
+            Some(k) => k.end(
+                meta.key,
+                meta.seq,
+                Done::Left,
+                &mut self.reorder,
+                &mut self.output,
+            ),
+            None => self.reorder.leave(meta.seq, &mut self.output),
+        }
     }
 
     /// The items the stage holds: received and not yet passed on, dropped or failed.
@@ -656,6 +521,7 @@ where
             + self.down.as_ref().map_or(0, Down::len)
             + self.reorder.held()
             + self.output.len()
+            + self.keys.as_ref().map_or(0, Keyed::len)
     }
 
     fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
@@ -766,6 +632,7 @@ where
                 && self.down.as_ref().is_none_or(|d| d.len() == 0)
                 && self.reorder.is_empty()
                 && self.output.is_empty()
+                && self.keys.as_ref().is_none_or(Keyed::is_empty)
             {
                 self.poll_pause(cx);
                 return Poll::Ready(());
@@ -778,112 +645,4 @@ where
 }
 
 #[cfg(test)]
-mod tests {
-    use crate::prelude::*;
-    use std::sync::{Arc, Mutex};
-    use std::time::Duration;
-
-    /// A plain stage (no policy, no retry) over 3,000 items whose calls are ready at once,
-    /// wait (every 7th), fail (every 97th), or panic when made (100) or when polled (200):
-    /// returns what came out, in order, and the report.
-    async fn plain_mix(ordered: bool) -> (Vec<u32>, Report) {
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let seen = out.clone();
-        let stage = Pipeline::from_iter(0..3_000u32)
-            .try_map_async("mix", |x| {
-                assert_ne!(x, 100, "panics when made");
-                async move {
-                    assert_ne!(x, 200, "panics when polled");
-                    if x % 7 == 0 {
-                        tokio::time::sleep(Duration::from_millis(u64::from(x % 5) + 1)).await;
-                    }
-                    if x % 97 == 0 { Err("bad") } else { Ok(x) }
-                }
-            })
-            .workers(8);
-        let stage = if ordered { stage } else { stage.unordered() };
-        let report = stage
-            .inspect(move |x| seen.lock().unwrap().push(*x))
-            .run()
-            .await
-            .unwrap();
-        let out = out.lock().unwrap().clone();
-        (out, report)
-    }
-
-    fn expected() -> Vec<u32> {
-        (0..3_000u32)
-            .filter(|x| x % 97 != 0 && *x != 100 && *x != 200)
-            .collect()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_plain_ordered_stage_mixes_quick_and_waiting_calls_in_input_order() {
-        let (out, report) = plain_mix(true).await;
-        assert_eq!(out, expected());
-        assert_eq!(report.failures, 3_000 - expected().len() as u64);
-        assert!(report.is_balanced());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_plain_unordered_stage_accounts_for_every_item() {
-        let (mut out, report) = plain_mix(false).await;
-        // Unordered: a waiting call does not hold the quick ones behind it.
-        assert_ne!(out, expected());
-        out.sort_unstable();
-        assert_eq!(out, expected());
-        assert_eq!(report.failures, 3_000 - expected().len() as u64);
-        assert!(report.is_balanced());
-    }
-
-    /// An ordered stage stopped while its first item's call is in flight, the results behind
-    /// it already done: the first call fails after the stop, and whether its item would be
-    /// tried again (a retry) or held (a pausing breaker), it is left unfinished and the
-    /// results behind it go out; the run ends.
-    async fn stopped_with_a_failing_first_call(retry: Option<Retry>, breaker: Option<Breaker>) {
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let seen = out.clone();
-        let mut work = Pipeline::from_iter(1..=3u32)
-            .try_map_async("work", |x| async move {
-                let ms = if x == 1 { 30 } else { 5 };
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                if x == 1 { Err("down") } else { Ok(x) }
-            })
-            .workers(3);
-        if let Some(retry) = retry {
-            work = work.retry(retry);
-        }
-        if let Some(breaker) = breaker {
-            work = work.circuit_breaker(breaker);
-        }
-        let handle = work
-            .for_each(move |x| {
-                seen.lock().unwrap().push(x);
-                async {}
-            })
-            .deadline(Duration::from_secs(3600))
-            .spawn();
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        handle.stop();
-        let report = handle.join().await.unwrap();
-        assert_eq!(report.outcome, RunOutcome::Stopped);
-        assert_eq!(*out.lock().unwrap(), vec![2, 3]);
-        let work = report.stage("work").unwrap();
-        assert_eq!((work.passed, work.failed, work.unfinished), (2, 0, 1));
-        assert!(report.is_balanced(), "{report}");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_stop_leaves_an_item_due_for_a_retry_and_sends_the_results_behind_it() {
-        let retry = Retry::exponential(Duration::from_millis(10)).max_attempts(3);
-        stopped_with_a_failing_first_call(Some(retry), None).await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_stop_leaves_an_item_a_pausing_breaker_holds_and_sends_the_results_behind_it() {
-        let breaker = Breaker::consecutive_failures(1)
-            .cooldown(Duration::from_millis(50))
-            .on_open(OnOpen::Pause);
-        stopped_with_a_failing_first_call(None, Some(breaker)).await;
-    }
-}
+mod tests;

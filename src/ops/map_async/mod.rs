@@ -21,19 +21,49 @@
 //!   admission chain), [`inflight`] (the calls in flight and the one path that launches
 //!   them), [`reorder`] (places in input order), [`retry_queue`], [`held`] (items an
 //!   admission holds), [`latency`] (the latency sampler), [`call_ages`] (for the stall
-//!   watchdog), [`output`].
+//!   watchdog), [`output`], [`keyed`] (the calls and waiting items of each key).
+//! - The options by role: [`gates`] (admission policies), [`resilience`] (retry, hedge,
+//!   transient errors), [`key_by`].
+//!
+//! ## Keyed concurrency
+//!
+//! [`AsyncStage::key_by`] runs at most [`per_key`](AsyncStage::per_key) calls (default 1)
+//! of one key at a time, each key's items in arrival order, while items of other keys go on
+//! up to `workers(n)`. The driver pulls a new item, hashes its key once and either starts
+//! it or puts it in its key's waiting queue; when a key's item ends (done, failed or left),
+//! the key's next item may start. Waiting items are bounded by
+//! [`max_waiting`](AsyncStage::max_waiting): at the bound the stage pulls no input, which
+//! back-pressures the source. An item in retry backoff, held by a pausing breaker or
+//! waiting out a server outage keeps its key busy, so key order survives every policy.
+//! Without `key_by` the stage has no key map and pays nothing for it.
+//!
+//! Compared with [`partition(n, key, ..)`](crate::Flow::partition): `partition` hashes
+//! keys into `n` fixed lanes, each a stage of its own; one slow key stalls every key that
+//! shares its lane, and a lane's slots go unused while it waits. `key_by` has one shared
+//! pool of workers and a waiting queue per key, so only the slow key's own items wait.
+//!
+//! With a Redis stream source (the `flowline-redis` crate's `RedisStream`), a keyed stage
+//! keeps one key's entries in the order the source hands them to this worker: the stream's
+//! order for the entries it reads, while an entry reclaimed from another consumer runs when
+//! it is reclaimed. Across workers of one consumer group nothing holds: the group hands
+//! entries to consumers without looking at keys. To keep a key's order across workers, let
+//! the key pick the worker (e.g. one stream per key range, each read by one consumer).
 
 mod admission;
 mod builder;
 mod call;
 mod call_ages;
 mod driver;
+mod gates;
 mod held;
 mod inflight;
 mod input;
+mod key_by;
+mod keyed;
 mod latency;
 mod output;
 mod reorder;
+mod resilience;
 mod retry_queue;
 mod routed;
 #[cfg(feature = "tower")]

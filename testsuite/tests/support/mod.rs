@@ -2,4 +2,5 @@
 #![allow(dead_code)]
 
 pub mod busy;
+pub mod interrupt;
 pub mod pg;
