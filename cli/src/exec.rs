@@ -683,7 +683,7 @@ impl Runner {
                 ..CallError::default()
             }
         })?;
-        let group = child.id().map(|pid| self.jobs.started(pid));
+        let group = child.id().map(|pid| self.jobs.started(pid, &log.command));
         let stdin = child.stdin.take();
         let feed = async {
             if let (Some(mut pipe), Some(data)) = (stdin, stdin_data.as_deref()) {

@@ -18,7 +18,7 @@
 //!   per job start and end. It is in its own process group too, so that a terminal's
 //!   Ctrl-C does not end it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{ChildStdin, Stdio};
@@ -32,7 +32,8 @@ pub const GUARD_ARG: &str = "__flowline-job-guard";
 
 /// The running jobs of a run.
 pub struct Jobs {
-    running: Mutex<HashSet<i32>>,
+    /// Each running job's group and its command as shown (for SIGUSR1's list).
+    running: Mutex<HashMap<i32, String>>,
     guard: Mutex<Option<ChildStdin>>,
 }
 
@@ -62,7 +63,7 @@ impl Jobs {
             }
         };
         Jobs {
-            running: Mutex::new(HashSet::new()),
+            running: Mutex::new(HashMap::new()),
             guard: Mutex::new(guard),
         }
     }
@@ -70,7 +71,7 @@ impl Jobs {
     /// A registry without a guard, for a run that starts no process.
     pub fn none() -> Jobs {
         Jobs {
-            running: Mutex::new(HashSet::new()),
+            running: Mutex::new(HashMap::new()),
             guard: Mutex::new(None),
         }
     }
@@ -85,12 +86,12 @@ impl Jobs {
         }
     }
 
-    /// Records a started job (the leader of group `pgid`); the returned token kills the
-    /// group if it is dropped before [`Started::reaped`].
-    pub fn started(&self, pgid: u32) -> Started<'_> {
+    /// Records a started job (the leader of group `pgid`, running `command`); the returned
+    /// token kills the group if it is dropped before [`Started::reaped`].
+    pub fn started(&self, pgid: u32, command: &str) -> Started<'_> {
         let pgid = pgid as i32;
         if let Ok(mut r) = self.running.lock() {
-            r.insert(pgid);
+            r.insert(pgid, command.to_string());
         }
         self.tell_guard(&format!("+{pgid}\n"));
         Started {
@@ -112,12 +113,23 @@ impl Jobs {
         self.running.lock().map_or(0, |r| r.len())
     }
 
+    /// The commands of the running jobs, by process group id (GNU parallel's answer to
+    /// SIGUSR1).
+    pub fn commands(&self) -> Vec<String> {
+        let Ok(r) = self.running.lock() else {
+            return Vec::new();
+        };
+        let mut jobs: Vec<(&i32, &String)> = r.iter().collect();
+        jobs.sort_by_key(|(g, _)| **g);
+        jobs.into_iter().map(|(_, c)| c.clone()).collect()
+    }
+
     /// Kills every running job's whole group (SIGKILL); returns how many groups.
     pub fn kill_all(&self) -> usize {
         let groups: Vec<i32> = self
             .running
             .lock()
-            .map(|r| r.iter().copied().collect())
+            .map(|r| r.keys().copied().collect())
             .unwrap_or_default();
         for &g in &groups {
             let _ = killpg(Pid::from_raw(g), Signal::SIGKILL);

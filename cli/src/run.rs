@@ -735,15 +735,20 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
         .dead_letter(DeadLetter::callback(move |f| on_fail.on_failure(f)))
         .spawn();
     ctx.live.started(handle.control());
-    // SIGUSR1 reads the limit files at once. Registered here, before anything could send
-    // it: its default action ends the process.
-    let reread = (!ctx.live.is_empty())
-        .then(|| tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()))
-        .and_then(Result::ok)
+    // SIGUSR1 lists the running jobs on stderr, as GNU parallel does, and reads the limit
+    // files at once. Registered here, before anything could send it: its default action
+    // ends the process.
+    let reread = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .ok()
         .map(|mut usr1| {
             let ctx = ctx.clone();
             tokio::spawn(async move {
                 while usr1.recv().await.is_some() {
+                    let mut err = std::io::stderr().lock();
+                    for command in ctx.runner.jobs.commands() {
+                        let _ = writeln!(err, "flowline: {command}");
+                    }
+                    drop(err);
                     ctx.live.reread();
                 }
             })

@@ -292,6 +292,42 @@ fn sigusr1_reads_the_files_again_without_waiting_for_a_job_to_end() {
     assert!(counts(d.path()).iter().all(|&n| n <= 3));
 }
 
+/// GNU parallel's SIGUSR1: the running jobs' commands on stderr, and the run goes on. A
+/// run with no limit file takes it too (the signal's default action would end it).
+#[test]
+fn sigusr1_lists_the_running_jobs_and_the_run_goes_on() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir(d.path().join("run")).unwrap();
+    let mut child = start(
+        d.path(),
+        &[
+            "--quiet",
+            "-j",
+            "3",
+            "seq(1..4) | sh(\"touch run/{}; sleep 1; echo {}\")",
+        ],
+    );
+    let err = read_along(child.stderr.take().unwrap());
+    wait_for("3 jobs running", || {
+        files_named(&d.path().join("run"), "").len() == 3
+    });
+    signal("USR1", i64::from(child.id()));
+    wait_for("3 jobs listed", || err.lock().unwrap().lines().count() >= 3);
+    let o = child.wait_with_output().unwrap();
+    let err = err.lock().unwrap().clone();
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let mut out: Vec<String> = text(&o.stdout).lines().map(String::from).collect();
+    out.sort();
+    assert_eq!(out, ["1", "2", "3", "4"], "every job ran to its end");
+    let mut listed: Vec<&str> = err.lines().collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        [1, 2, 3].map(|i| format!("flowline: touch run/{i}; sleep 1; echo {i}")),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_rate_file_is_read_again_as_jobs_end() {
     let d = tempfile::tempdir().unwrap();
