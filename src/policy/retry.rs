@@ -213,8 +213,8 @@ impl Retry {
         self
     }
 
-    /// Which errors are retried (default: user errors and timeouts; never panics or
-    /// [`ItemError::CircuitOpen`]).
+    /// Which errors are retried (default: user errors and timeouts; never panics or a
+    /// policy's refusal, [`ItemError::CircuitOpen`] or [`ItemError::Refused`]).
     ///
     /// ```
     /// use flowline::{ItemError, Retry};

@@ -70,10 +70,7 @@ impl Serialize for Sampled<'_> {
         let f = self.0;
         let mut m = s.serialize_struct("Failure", 5)?;
         m.serialize_field("stage", &*f.stage)?;
-        m.serialize_field(
-            "reason",
-            FailureReasons::NAMES[FailureReasons::index(&f.error)],
-        )?;
+        m.serialize_field("reason", f.error.kind())?;
         m.serialize_field("error", &f.error.to_string())?;
         m.serialize_field("attempts", &f.attempts)?;
         m.serialize_field("input", &f.input.as_ref().map(|i| i.debug()))?;

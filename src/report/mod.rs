@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
-use crate::error::{Failure, ItemError};
+use crate::error::Failure;
 
 pub(crate) use stats::{OwnedCounts, StageStats, latency_histogram};
 pub(crate) use table::{elide, fmt_duration, si, si_count};
@@ -51,11 +51,11 @@ impl LatencySummary {
     }
 }
 
-/// How many failure reasons a stage counts (the fields of [`FailureReasons`]).
-const REASONS: usize = 4;
-
-/// A stage's failed items by reason. The names are the ones metrics and the JSON report use
-/// (`error`, `timeout`, `panic`, `circuit_open`); their sum is the stage's `failed`.
+/// A stage's failed items by reason, keyed by name: `error` (the stage's own error),
+/// `timeout`, `panic`, `circuit_open`, and the reason of each policy that refused items
+/// ([`ItemError::Refused`](crate::ItemError::Refused)). The names are the ones dead
+/// letters, the failure log, metrics and the JSON report use
+/// ([`ItemError::kind`](crate::ItemError::kind)); their sum is the stage's `failed`.
 ///
 /// ```
 /// use flowline::prelude::*;
@@ -66,53 +66,70 @@ const REASONS: usize = 4;
 ///     .await
 ///     .unwrap();
 /// let check = report.stage("check").unwrap();
-/// assert_eq!(check.failed_by.error, 3);
+/// assert_eq!(check.failed_by.get("error"), 3);
+/// assert_eq!(check.failed_by.get("timeout"), 0);
 /// assert_eq!(check.failed_by.iter().collect::<Vec<_>>(), [("error", 3)]);
 /// # }
 /// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FailureReasons {
-    /// The stage's function returned an error ([`ItemError::User`]; `error` in dead-letter files).
-    pub error: u64,
-    /// The call took longer than the stage's timeout ([`ItemError::Timeout`]).
-    pub timeout: u64,
-    /// User code panicked ([`ItemError::Panic`]).
-    pub panic: u64,
-    /// The circuit breaker was open and failed the item without a call ([`ItemError::CircuitOpen`]).
-    pub circuit_open: u64,
+    /// The reasons that failed at least one item, flowline's own in [`NAMES`] order, then
+    /// the policies' reasons by name.
+    ///
+    /// [`NAMES`]: FailureReasons::NAMES
+    counts: Vec<(&'static str, u64)>,
 }
 
 impl FailureReasons {
-    /// Every reason's name, in the order [`iter`](FailureReasons::iter) gives them.
-    pub const NAMES: [&'static str; REASONS] = ["error", "timeout", "panic", "circuit_open"];
+    /// The reasons of flowline's own errors, in the order [`iter`](FailureReasons::iter)
+    /// gives them (before any policy's own reason).
+    pub const NAMES: [&'static str; BUILT_IN] = ["error", "timeout", "panic", "circuit_open"];
 
-    fn index(e: &ItemError) -> usize {
-        match e {
-            ItemError::User(_) => 0,
-            ItemError::Timeout(_) => 1,
-            ItemError::Panic(_) => 2,
-            ItemError::CircuitOpen => 3,
-        }
+    /// The place of a built-in reason in [`NAMES`](FailureReasons::NAMES).
+    fn index(reason: &str) -> Option<usize> {
+        Self::NAMES.iter().position(|&n| n == reason)
     }
 
-    fn counts(&self) -> [u64; REASONS] {
-        [self.error, self.timeout, self.panic, self.circuit_open]
+    /// The reasons from counts: `built_in` in [`NAMES`](FailureReasons::NAMES) order, and
+    /// the others in any order (zero counts left out).
+    fn from_counts(
+        built_in: [u64; BUILT_IN],
+        others: impl IntoIterator<Item = (&'static str, u64)>,
+    ) -> Self {
+        let mut others: Vec<(&'static str, u64)> = others.into_iter().collect();
+        others.sort_unstable_by_key(|&(name, _)| name);
+        let counts = Self::NAMES
+            .into_iter()
+            .zip(built_in)
+            .chain(others)
+            .filter(|&(_, n)| n > 0)
+            .collect();
+        FailureReasons { counts }
+    }
+
+    /// How many items failed for `reason` (0 for a reason that failed none).
+    pub fn get(&self, reason: &str) -> u64 {
+        self.counts
+            .iter()
+            .find(|(name, _)| *name == reason)
+            .map_or(0, |&(_, n)| n)
     }
 
     /// The reasons that failed at least one item, as `(name, count)`.
-    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + use<> {
-        Self::NAMES
-            .into_iter()
-            .zip(self.counts())
-            .filter(|&(_, n)| n > 0)
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        self.counts.iter().copied()
     }
 
     /// All the failures counted (saturating).
     pub fn total(&self) -> u64 {
-        self.counts().iter().fold(0u64, |a, &n| a.saturating_add(n))
+        self.counts
+            .iter()
+            .fold(0u64, |a, &(_, n)| a.saturating_add(n))
     }
 }
+
+/// How many reasons flowline's own errors give (the length of [`FailureReasons::NAMES`]).
+const BUILT_IN: usize = 4;
 
 /// The counts of one stage.
 ///
@@ -446,14 +463,10 @@ mod tests {
         let call = report.stage("call").unwrap();
         assert_eq!(call.failed, 12);
         assert_eq!(
-            call.failed_by,
-            FailureReasons {
-                error: 4,
-                timeout: 4,
-                panic: 4,
-                circuit_open: 0
-            }
+            call.failed_by.iter().collect::<Vec<_>>(),
+            [("error", 4), ("timeout", 4), ("panic", 4)]
         );
+        assert_eq!(call.failed_by.get("circuit_open"), 0);
         let down = report.stage("down").unwrap();
         assert_eq!(down.received, 8);
         assert_eq!(
@@ -484,10 +497,7 @@ mod tests {
             emitted: n,
             dropped: n,
             failed: n,
-            failed_by: FailureReasons {
-                error: n,
-                ..FailureReasons::default()
-            },
+            failed_by: FailureReasons::from_counts([n, 0, 0, 0], []),
             retried: n,
             late: 0,
             transient_retries: n,

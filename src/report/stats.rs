@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
-use super::{FailureReasons, LatencySummary, REASONS, StageReport};
+use super::{BUILT_IN, FailureReasons, LatencySummary, StageReport};
 use crate::error::ItemError;
 
 /// The counters of a stage that exactly one owner updates (a fused operator or a source:
@@ -63,7 +63,9 @@ pub struct StageStats {
     pub(crate) transient_retries: AtomicU64,
     /// Failed items by reason, in [`FailureReasons::NAMES`] order. Counted where every
     /// failure passes (`RunCtx::fail`), so that the stages that count `failed` need not.
-    failed_by: [AtomicU64; REASONS],
+    failed_by: [AtomicU64; BUILT_IN],
+    /// Failed items by the reasons of the policies that refused them (few: a list).
+    refused_by: Mutex<Vec<(&'static str, u64)>>,
     /// Items counted where a run left them: in a stage's buffers, calls or queues when the
     /// run was cancelled. Counted, never derived from the other counters, so that an item a
     /// stage lost (neither passed on, dropped, failed, nor held) shows as an imbalance.
@@ -92,6 +94,7 @@ impl StageStats {
             late: AtomicU64::new(0),
             transient_retries: AtomicU64::new(0),
             failed_by: Default::default(),
+            refused_by: Mutex::new(Vec::new()),
             unfinished: AtomicU64::new(0),
             latency: Mutex::new(None),
             oldest_call: AtomicU64::new(0),
@@ -130,7 +133,16 @@ impl StageStats {
 
     /// Counts one failed item's reason (its count in `failed` is the stage's own).
     pub(crate) fn failed_because(&self, error: &ItemError) {
-        self.failed_by[FailureReasons::index(error)].fetch_add(1, Relaxed);
+        let reason = error.kind();
+        if let Some(i) = FailureReasons::index(reason) {
+            self.failed_by[i].fetch_add(1, Relaxed);
+            return;
+        }
+        let mut refused = self.refused_by.lock().unwrap_or_else(|p| p.into_inner());
+        match refused.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => refused.push((reason, 1)),
+        }
     }
 
     /// Counts `n` items the stage still held when it ended: they stay unfinished.
@@ -232,7 +244,13 @@ impl StageStats {
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .map(LatencySummary::from_histogram);
-        let by = |i: usize| self.failed_by[i].load(Relaxed);
+        let failed_by = FailureReasons::from_counts(
+            std::array::from_fn(|i| self.failed_by[i].load(Relaxed)),
+            self.refused_by
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        );
         StageReport {
             name: self.name.to_string(),
             kind: self.kind,
@@ -249,12 +267,7 @@ impl StageStats {
             retried: self.retried.load(Relaxed),
             late: self.late.load(Relaxed),
             transient_retries: self.transient_retries.load(Relaxed),
-            failed_by: FailureReasons {
-                error: by(0),
-                timeout: by(1),
-                panic: by(2),
-                circuit_open: by(3),
-            },
+            failed_by,
             unfinished: if ended {
                 self.unfinished.load(Relaxed)
             } else {
