@@ -176,6 +176,7 @@ pub use policy::adaptive::Adaptive;
 pub use policy::breaker::{Breaker, BreakerReport, BreakerState, OnOpen};
 pub use policy::hedge::Hedge;
 pub use policy::inflight::Inflight;
+pub use policy::gcra;
 pub use policy::limit::Limit;
 pub use policy::rate::Rate;
 #[cfg(feature = "tower")]

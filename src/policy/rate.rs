@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
-use crate::policy::{Admission, Idles, Invalid, Policy, Verdict};
+use crate::policy::{Admission, Idles, Invalid, Policy, Verdict, gcra};
 use crate::runtime::time::after;
 
 /// How far back a late wake-up may claim the slots it was owed: [`CATCH_UP_SHARE`] of the
@@ -324,9 +324,9 @@ impl Rate {
         let room = i.cap.saturating_sub(st.total);
         let mut granted = 0u64;
         let next = loop {
-            let t = st.tat.unwrap_or(floor);
+            let decision = gcra::decide(st.tat, i.interval, i.tolerance, floor, now);
             // The earliest time this permit conforms, for a caller waiting since `floor`.
-            let slot = t.checked_sub(i.tolerance).unwrap_or(t).max(floor);
+            let slot = decision.conforms_at();
             if granted == room {
                 // Full: the next permit waits for the oldest start to be a period old too.
                 // An empty log with no room is a rate of 0 per period: nothing ever passes.
@@ -335,11 +335,13 @@ impl Rate {
                     None => after(now, crate::runtime::time::FAR),
                 };
             }
-            if granted as usize == want || slot > now {
-                break slot;
+            match decision {
+                gcra::Decision::Admit { tat, .. } if (granted as usize) < want => {
+                    st.tat = Some(tat);
+                    granted += 1;
+                }
+                _ => break slot,
             }
-            st.tat = Some(t.max(slot) + i.interval);
-            granted += 1;
         };
         let record = if granted > 0 {
             st.push(now, granted, i.merge)
