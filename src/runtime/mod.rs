@@ -8,6 +8,7 @@ pub(crate) mod gate;
 pub(crate) mod handle;
 pub(crate) mod hop;
 pub(crate) mod jitter;
+pub(crate) mod options;
 pub(crate) mod run;
 pub(crate) mod sink;
 pub(crate) mod tail;
@@ -220,7 +221,7 @@ pub struct RunCtx {
     /// Failures summed per stage and interval for the log (one line per stage and interval).
     pub(crate) failure_log: crate::observe::failure_log::FailureLog,
     /// A signal stops the run, a second one cancels it (`RunOptions::stop_on_signal`).
-    pub(crate) signal: Option<crate::plan::Signal>,
+    pub(crate) signal: Option<crate::runtime::options::Signal>,
     /// The admission policies of each async stage, for gauges (an adaptive limit, a
     /// breaker's state).
     pub(crate) policies: Mutex<Vec<StagePolicies>>,
