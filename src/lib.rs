@@ -140,6 +140,7 @@ mod runtime;
 mod source;
 mod store;
 mod topology;
+mod util;
 
 pub use dead_letter::DeadLetter;
 pub use error::{BoxError, ConfigProblem, Error, FailedInput, Failure, ItemError};

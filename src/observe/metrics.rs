@@ -33,7 +33,7 @@ use metrics::{Counter, Gauge, Label};
 
 use crate::report::StageStats;
 use crate::runtime::RunCtx;
-use crate::runtime::time::interval_from_now;
+use crate::util::time::interval_from_now;
 
 /// How often the metrics are brought up to date while a run goes on.
 pub(crate) const EVERY: Duration = Duration::from_secs(1);

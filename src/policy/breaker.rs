@@ -436,7 +436,7 @@ impl Breaker {
         match to {
             BreakerState::Open => {
                 s.report.opened += 1;
-                s.open_until = Some(crate::runtime::time::after(Instant::now(), self.0.cooldown));
+                s.open_until = Some(crate::util::time::after(Instant::now(), self.0.cooldown));
             }
             BreakerState::HalfOpen => {
                 s.report.half_opened += 1;

@@ -42,7 +42,7 @@ impl Clock for Instant {
     type Span = Duration;
     /// Spans capped at thirty years (`Instant + Duration::MAX` would panic).
     fn later(self, span: Duration) -> Instant {
-        crate::runtime::time::after(self, span)
+        crate::util::time::after(self, span)
     }
     fn earlier(self, span: Duration) -> Option<Instant> {
         self.checked_sub(span)
@@ -249,7 +249,7 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(tat, t0 + crate::runtime::time::FAR);
+        assert_eq!(tat, t0 + crate::util::time::FAR);
     }
 
     #[tokio::test(start_paused = true)]

@@ -27,7 +27,7 @@ use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
 use crate::policy::{Admission, Idles, Invalid, Policy, Verdict, gcra};
-use crate::runtime::time::after;
+use crate::util::time::after;
 
 /// How far back a late wake-up may claim the slots it was owed: [`CATCH_UP_SHARE`] of the
 /// period, at least [`CATCH_UP_MIN`]. A wake-up on a loaded machine (other threads on every
@@ -293,7 +293,7 @@ impl Rate {
         if i.burst == 0 {
             return Some(("burst", "0".into(), "must be at least 1"));
         }
-        if i.interval > crate::runtime::time::FAR {
+        if i.interval > crate::util::time::FAR {
             // A run would wait forever for its second item: a mistake, not a meaning.
             return Some((
                 "rate",
@@ -332,7 +332,7 @@ impl Rate {
                 // An empty log with no room is a rate of 0 per period: nothing ever passes.
                 break match st.frees_at(i.period) {
                     Some(f) => f.max(slot),
-                    None => after(now, crate::runtime::time::FAR),
+                    None => after(now, crate::util::time::FAR),
                 };
             }
             match decision {

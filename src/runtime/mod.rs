@@ -7,12 +7,11 @@ pub(crate) mod fused;
 pub(crate) mod gate;
 pub(crate) mod handle;
 pub(crate) mod hop;
-pub(crate) mod jitter;
 pub(crate) mod options;
 pub(crate) mod run;
+pub(crate) mod signal;
 pub(crate) mod sink;
 pub(crate) mod tail;
-pub(crate) mod time;
 pub(crate) mod ttl_map;
 
 use std::collections::HashMap;
@@ -416,7 +415,7 @@ impl Build {
         };
         b.observe(crate::observe::failure_log::flusher(b.run.clone()));
         if let Some(signal) = b.run.signal.clone() {
-            b.observe(crate::observe::signal::watch(b.run.clone(), signal));
+            b.observe(crate::runtime::signal::watch(b.run.clone(), signal));
         }
         #[cfg(feature = "metrics")]
         b.observe(crate::observe::metrics::export(b.run.clone()));
