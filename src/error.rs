@@ -44,6 +44,16 @@ pub enum ItemError {
     /// The stage's circuit breaker was open and set to fail fast
     /// ([`OnOpen::FailFast`](crate::OnOpen::FailFast)): the call was not made.
     CircuitOpen,
+    /// A policy of the stage refused the item: the call was not made. `reason` names the
+    /// policy that refused (`deadline`, `bulkhead`, ...); it is the word the report, the
+    /// dead letters, the failure log and the metrics' `reason` label give for the failure.
+    /// Made with [`ItemError::refused`].
+    Refused {
+        /// The refusing policy's name for the failure: a short `snake_case` word.
+        reason: &'static str,
+        /// What the policy says about it (the error's text).
+        message: Arc<str>,
+    },
 }
 
 impl fmt::Display for ItemError {
@@ -53,6 +63,7 @@ impl fmt::Display for ItemError {
             ItemError::Timeout(d) => write!(f, "timed out after {d:?}"),
             ItemError::Panic(msg) => write!(f, "panicked: {msg}"),
             ItemError::CircuitOpen => f.write_str("circuit breaker open: call not made"),
+            ItemError::Refused { message, .. } => f.write_str(message),
         }
     }
 }
@@ -79,9 +90,26 @@ impl ItemError {
         ItemError::User(Arc::from(e.into()))
     }
 
-    /// A short name of the error's kind: `error` (the stage's own error), `timeout`, `panic`,
-    /// `circuit_open`. The same word in dead-letter files, the failure log and the metrics'
-    /// `reason` label, so that one can be matched with the other.
+    /// A refusal by the policy called `reason`: the item fails without a call, counted
+    /// under `reason` (see [`kind`](ItemError::kind)).
+    ///
+    /// ```
+    /// let e = flowline::ItemError::refused("deadline", "the item's deadline has passed");
+    /// assert_eq!(e.kind(), "deadline");
+    /// assert_eq!(e.to_string(), "the item's deadline has passed");
+    /// ```
+    pub fn refused(reason: &'static str, message: impl Into<Arc<str>>) -> Self {
+        ItemError::Refused {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// Why the item failed, in one word: `error` (the stage's own error), `timeout`,
+    /// `panic`, `circuit_open`, or the reason a refusing policy gave
+    /// ([`ItemError::Refused`]). The same word in the report's counts by reason, dead-letter
+    /// files, the failure log and the metrics' `reason` label, so that one can be matched
+    /// with the other.
     ///
     /// ```
     /// assert_eq!(flowline::ItemError::Panic("boom".into()).kind(), "panic");
@@ -93,7 +121,14 @@ impl ItemError {
             ItemError::Timeout(_) => "timeout",
             ItemError::Panic(_) => "panic",
             ItemError::CircuitOpen => "circuit_open",
+            ItemError::Refused { reason, .. } => reason,
         }
+    }
+
+    /// A policy refused the item before its call: a fail-fast open breaker, or any
+    /// [`ItemError::Refused`]. No call was made, so it says nothing about the backend.
+    pub(crate) fn is_refusal(&self) -> bool {
+        matches!(self, ItemError::CircuitOpen | ItemError::Refused { .. })
     }
 
     pub(crate) fn from_panic(payload: &(dyn Any + Send)) -> Self {

@@ -140,6 +140,7 @@ mod runtime;
 mod source;
 mod store;
 mod topology;
+mod util;
 
 pub use dead_letter::DeadLetter;
 #[cfg(feature = "jsonl")]
@@ -174,9 +175,10 @@ pub use ops::window::{
     DEFAULT_MAX_OPEN, EventTime, LateItem, OnFull, ProcessingTime, TimeOf, WindowKind, Windowed,
     Windows,
 };
-pub use plan::{ErrorPolicy, IntoPipeline, Pipeline, RunOptions};
+pub use plan::{IntoPipeline, Pipeline};
 pub use policy::adaptive::Adaptive;
 pub use policy::breaker::{Breaker, BreakerReport, BreakerState, OnOpen};
+pub use policy::gcra;
 pub use policy::hedge::Hedge;
 pub use policy::inflight::Inflight;
 pub use policy::limit::Limit;
@@ -187,6 +189,7 @@ pub use policy::retry::{Retry, RetryAfter, RetryBudget};
 pub use report::{FailureReasons, LatencySummary, LiveLimits, Report, RunOutcome, StageReport};
 pub use runtime::batch_sink::BatchSink;
 pub use runtime::handle::{Control, Handle, ItemStream};
+pub use runtime::options::{ErrorPolicy, RunOptions};
 pub use runtime::run::Run;
 pub use source::{Completion, CursorOptions, ItemEnd, Page};
 pub use store::checkpoint::{CheckpointStore, MemoryCheckpoints};

@@ -60,10 +60,6 @@ impl LiveFiles {
         });
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.files.is_empty()
-    }
-
     /// The run is started: changes go to it from now on.
     pub fn started(&self, control: Control) {
         let _ = self.control.set(control);

@@ -17,8 +17,8 @@ use tokio::time::Instant;
 
 use crate::error::BoxError;
 use crate::fault::transient::is_permanent;
-use crate::runtime::jitter::Jitter;
-use crate::runtime::time::FAR;
+use crate::util::jitter::Jitter;
+use crate::util::time::FAR;
 
 /// How long a run keeps trying a server that fails, and how long it waits between tries.
 ///

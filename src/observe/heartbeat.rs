@@ -8,7 +8,7 @@ use tokio::time::MissedTickBehavior;
 
 use crate::plan::Pipeline;
 use crate::report::Report;
-use crate::runtime::time::interval_from_now;
+use crate::util::time::interval_from_now;
 
 pub(crate) fn heartbeat<T: Send + 'static>(
     mut p: Pipeline<T>,

@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `flowline_stage_received_items_total` | counter | items that entered the stage |
 //! | `flowline_stage_sent_items_total` | counter | items the stage sent on (its outputs) |
-//! | `flowline_stage_failed_items_total` | counter | items that failed, label `reason`: `error`, `timeout`, `panic`, `circuit_open` |
+//! | `flowline_stage_failed_items_total` | counter | items that failed, label `reason`: `error`, `timeout`, `panic`, `circuit_open`, or a refusing policy's own |
 //! | `flowline_stage_dropped_items_total` | counter | items the stage dropped by design (filtered, deduplicated, throttled) |
 //! | `flowline_stage_retries_total` | counter | retry attempts |
 //! | `flowline_stage_in_flight` | gauge | items inside the stage (received, not yet out) |
@@ -35,7 +35,7 @@ use metrics::{Counter, Gauge, Label};
 
 use crate::report::StageStats;
 use crate::runtime::RunCtx;
-use crate::runtime::time::interval_from_now;
+use crate::util::time::interval_from_now;
 
 /// How often the metrics are brought up to date while a run goes on.
 pub(crate) const EVERY: Duration = Duration::from_secs(1);
@@ -540,6 +540,114 @@ mod tests {
             let received = keep.counter("flowline_stage_received_items_total", &s.name);
             assert_eq!(received, s.received, "{}", s.name);
         }
+    }
+
+    /// Refuses the first `n` calls with a reason of its own ("quota"), lets the rest go.
+    #[derive(Debug)]
+    struct Quota(u64);
+
+    impl crate::policy::Policy for Quota {
+        fn invalid(&self) -> Option<crate::policy::Invalid> {
+            None
+        }
+        fn admission(&self) -> Box<dyn crate::policy::Admission> {
+            Box::new(QuotaLeft {
+                left: self.0,
+                last: None,
+            })
+        }
+    }
+
+    struct QuotaLeft {
+        left: u64,
+        /// The call last refused (a call asks until it is answered).
+        last: Option<u64>,
+    }
+
+    impl crate::policy::Admission for QuotaLeft {
+        fn poll_admit(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+            call: u64,
+            _: usize,
+        ) -> std::task::Poll<crate::policy::Verdict> {
+            if self.left > 0 && self.last != Some(call) {
+                self.left -= 1;
+                self.last = Some(call);
+                let e = ItemError::refused("quota", "over the tenant's quota");
+                return std::task::Poll::Ready(crate::policy::Verdict::Refuse(e));
+            }
+            std::task::Poll::Ready(crate::policy::Verdict::Go)
+        }
+    }
+
+    #[cfg(feature = "jsonl")]
+    #[test]
+    fn a_refusing_policy_names_the_reason_in_report_dead_letters_and_metrics() {
+        let keep = Keep::default();
+        let path = std::env::temp_dir().join(format!(
+            "flowline-refusal-{}-{:?}.jsonl",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let file = path.clone();
+        let report = with(&keep, || async move {
+            Pipeline::from_iter(0..10u64)
+                .try_map_async("call", |x| async move {
+                    if x == 9 { Err("404") } else { Ok(x) }
+                })
+                .workers(1)
+                .policy(Quota(4))
+                .run()
+                .name("known")
+                .dead_letter(DeadLetter::jsonl(&file))
+                .await
+                .unwrap()
+        });
+        let lines = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        // Report: the policy's reason beside the built-in ones, by name.
+        let call = report.stage("call").unwrap();
+        assert_eq!(call.failed, 5);
+        assert_eq!(
+            call.failed_by.iter().collect::<Vec<_>>(),
+            [("error", 1), ("quota", 4)]
+        );
+        assert_eq!(call.failed_by.get("quota"), 4);
+        assert!(
+            report
+                .to_string()
+                .contains("\nfailed at call: error 1, quota 4\n"),
+            "{report}"
+        );
+        let json = report.to_json();
+        assert!(
+            json.contains(r#""failed_by":{"error":1,"quota":4}"#),
+            "{json}"
+        );
+        assert!(json.contains(r#""reason":"quota","error":"over the tenant's quota""#));
+        // Dead letters: each line says why.
+        let kinds: Vec<String> = lines
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].to_string())
+            .collect();
+        assert_eq!(
+            kinds.iter().filter(|k| *k == "\"quota\"").count(),
+            4,
+            "{lines}"
+        );
+        assert_eq!(
+            kinds.iter().filter(|k| *k == "\"error\"").count(),
+            1,
+            "{lines}"
+        );
+        // Metrics: the reason is the label.
+        let failed = |reason| {
+            keep.get("flowline_stage_failed_items_total", "call", reason)
+                .counter
+                .load(Relaxed)
+        };
+        assert_eq!((failed("quota"), failed("error")), (4, 1));
     }
 
     #[test]

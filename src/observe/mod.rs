@@ -12,7 +12,6 @@ pub(crate) mod heartbeat;
 #[cfg(feature = "metrics")]
 pub(crate) mod metrics;
 pub(crate) mod progress;
-pub(crate) mod signal;
 pub(crate) mod stall;
 
 use std::future::Future;

@@ -31,7 +31,7 @@ use tokio::time::MissedTickBehavior;
 
 use crate::plan::Pipeline;
 use crate::report::{StageReport, elide, fmt_duration, si, si_count};
-use crate::runtime::time::interval_from_now;
+use crate::util::time::interval_from_now;
 
 type Out = Arc<Mutex<Box<dyn Write + Send>>>;
 

@@ -19,7 +19,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::error::Error;
 use crate::plan::Pipeline;
-use crate::runtime::time::interval_from_now;
+use crate::util::time::interval_from_now;
 
 /// What the stall watchdog saw.
 ///

@@ -26,8 +26,8 @@ use crate::error::Error;
 use crate::plan::Pipeline;
 use crate::report::StageStats;
 use crate::runtime::chunk::{Chunk, Outcome, Ticket};
-use crate::runtime::time::after;
 use crate::runtime::{ChunkSource, Upstream};
+use crate::util::time::after;
 
 /// Decides whether an item joins the current batch (the dedup variant drops repeated keys).
 pub(crate) trait Admit<T>: Send + 'static {

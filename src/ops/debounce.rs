@@ -19,8 +19,8 @@ use crate::Pipeline;
 use crate::report::StageStats;
 use crate::runtime::chunk::{Chunk, Outcome, Ticket};
 use crate::runtime::hop::{HOP_CHUNKS, hop};
-use crate::runtime::time::after;
 use crate::runtime::{CancelWatch, RunCtx, Upstream, next_chunk};
+use crate::util::time::after;
 
 /// A debounce stage being configured; returned by [`Flow::debounce`](crate::Flow::debounce)
 /// and [`Flow::debounce_by`](crate::Flow::debounce_by). Add [`max_wait`](Debounce::max_wait),

@@ -49,10 +49,10 @@ use crate::error::{BoxError, Failure, ItemError};
 use crate::report::StageStats;
 use crate::runtime::chunk::{CHUNK_CAP, Chunk, Outcome, Ticket};
 use crate::runtime::hop::{HOP_CHUNKS, hop};
-use crate::runtime::time::after;
 use crate::runtime::{CancelWatch, RunCtx, Upstream, next_chunk};
 use crate::store::guarded::Guarded;
 use crate::store::{Reservation, Store};
+use crate::util::time::after;
 
 /// How long a reservation lasts unless [`Idempotent::ttl`] says otherwise. Short, because
 /// it is renewed while its item is worked on: it only says how long a crashed holder's keys

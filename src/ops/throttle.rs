@@ -13,8 +13,8 @@ use tokio::time::{Instant, Sleep};
 use crate::plan::Pipeline;
 use crate::report::StageStats;
 use crate::runtime::chunk::{Chunk, Outcome, Ticket};
-use crate::runtime::time::{FAR, after};
 use crate::runtime::{ChunkSource, Upstream};
+use crate::util::time::{FAR, after};
 
 /// Which item of an interval a [`throttle`](crate::Flow::throttle) lets through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -121,7 +121,7 @@ struct Inner {
     probes: u32,
     on_open: OnOpen,
     on_change: Option<OnChange>,
-    /// Which errors count as failures (`None`: every error but `CircuitOpen`).
+    /// Which errors count as failures (`None`: every error but a policy's refusal).
     counts: Option<Classifier>,
     hold_attempts: u32,
     /// `BreakerState as u8`: lets a closed breaker admit a call with one load.
@@ -137,8 +137,9 @@ struct Inner {
 ///
 /// Every state change calls [`on_state_change`](Breaker::on_state_change) and is logged;
 /// [`report`](Breaker::report) counts them. Errors classified as
-/// [`ItemError::CircuitOpen`](crate::ItemError::CircuitOpen) (fail-fast refusals) are not
-/// counted as failures.
+/// [`ItemError::CircuitOpen`](crate::ItemError::CircuitOpen) and
+/// [`ItemError::Refused`](crate::ItemError::Refused) (a policy refused the item, no call was
+/// made) are not counted as failures.
 ///
 /// ```
 /// use flowline::prelude::*;
@@ -287,7 +288,8 @@ impl Breaker {
     }
 
     /// Which errors count as failures toward tripping the breaker (default: every error
-    /// but [`ItemError::CircuitOpen`]). An error that does not count shows that the backend
+    /// but a policy's refusal: [`ItemError::CircuitOpen`], [`ItemError::Refused`]). An error
+    /// that does not count shows that the backend
     /// answered (a "404 not found" is the item's own failure, not an outage): it counts as a
     /// success, and a pausing breaker never holds its item.
     ///
@@ -366,7 +368,7 @@ impl Breaker {
     fn is_failure(&self, e: &ItemError) -> bool {
         match &self.0.counts {
             Some(f) => f(e),
-            None => !matches!(e, ItemError::CircuitOpen),
+            None => !e.is_refusal(),
         }
     }
 
@@ -434,7 +436,7 @@ impl Breaker {
         match to {
             BreakerState::Open => {
                 s.report.opened += 1;
-                s.open_until = Some(crate::runtime::time::after(Instant::now(), self.0.cooldown));
+                s.open_until = Some(crate::util::time::after(Instant::now(), self.0.cooldown));
             }
             BreakerState::HalfOpen => {
                 s.report.half_opened += 1;

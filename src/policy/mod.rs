@@ -18,6 +18,7 @@
 
 pub(crate) mod adaptive;
 pub(crate) mod breaker;
+pub mod gcra;
 pub(crate) mod hedge;
 pub(crate) mod inflight;
 pub(crate) mod limit;
@@ -70,7 +71,8 @@ pub(crate) enum Verdict {
     /// It may start (as far as this policy is concerned).
     Go,
     /// It must not be made: the item fails at once with this error, which names the policy
-    /// that refused (a fail-fast open breaker: [`ItemError::CircuitOpen`]).
+    /// that refused (a fail-fast open breaker: [`ItemError::CircuitOpen`]; any other policy:
+    /// [`ItemError::Refused`] with its own reason), and is counted under that name.
     Refuse(ItemError),
 }
 

@@ -26,8 +26,8 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
-use crate::policy::{Admission, Idles, Invalid, Policy, Verdict};
-use crate::runtime::time::after;
+use crate::policy::{Admission, Idles, Invalid, Policy, Verdict, gcra};
+use crate::util::time::after;
 
 /// How far back a late wake-up may claim the slots it was owed: [`CATCH_UP_SHARE`] of the
 /// period, at least [`CATCH_UP_MIN`]. A wake-up on a loaded machine (other threads on every
@@ -371,7 +371,7 @@ impl Rate {
         if i.burst == 0 {
             return Some(("burst", "0".into(), "must be at least 1"));
         }
-        if i.interval > crate::runtime::time::FAR {
+        if i.interval > crate::util::time::FAR {
             // A run would wait forever for its second item: a mistake, not a meaning.
             return Some((
                 "rate",
@@ -402,22 +402,24 @@ impl Rate {
         let room = i.cap.saturating_sub(st.total);
         let mut granted = 0u64;
         let next = loop {
-            let t = st.tat.unwrap_or(floor);
+            let decision = gcra::decide(st.tat, i.interval, i.tolerance, floor, now);
             // The earliest time this permit conforms, for a caller waiting since `floor`.
-            let slot = t.checked_sub(i.tolerance).unwrap_or(t).max(floor);
+            let slot = decision.conforms_at();
             if granted == room {
                 // Full: the next permit waits for the oldest start to be a period old too.
                 // An empty log with no room is a rate of 0 per period: nothing ever passes.
                 break match st.frees_at(i.period) {
                     Some(f) => f.max(slot),
-                    None => after(now, crate::runtime::time::FAR),
+                    None => after(now, crate::util::time::FAR),
                 };
             }
-            if granted as usize == want || slot > now {
-                break slot;
+            match decision {
+                gcra::Decision::Admit { tat, .. } if (granted as usize) < want => {
+                    st.tat = Some(tat);
+                    granted += 1;
+                }
+                _ => break slot,
             }
-            st.tat = Some(t.max(slot) + i.interval);
-            granted += 1;
         };
         let record = if granted > 0 {
             st.push(now, granted, i.merge)

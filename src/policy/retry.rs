@@ -213,8 +213,8 @@ impl Retry {
         self
     }
 
-    /// Which errors are retried (default: user errors and timeouts; never panics or
-    /// [`ItemError::CircuitOpen`]).
+    /// Which errors are retried (default: user errors and timeouts; never panics or a
+    /// policy's refusal, [`ItemError::CircuitOpen`] or [`ItemError::Refused`]).
     ///
     /// ```
     /// use flowline::{ItemError, Retry};
@@ -402,7 +402,7 @@ impl Retry {
     pub(crate) fn stage(&self) -> Box<dyn RetryPolicy> {
         Box::new(Retrying {
             cfg: self.clone(),
-            rng: crate::runtime::jitter::Jitter::new(),
+            rng: crate::util::jitter::Jitter::new(),
             fresh: 0,
         })
     }
@@ -411,7 +411,7 @@ impl Retry {
 /// A retry policy as one stage uses it.
 struct Retrying {
     cfg: Retry,
-    rng: crate::runtime::jitter::Jitter,
+    rng: crate::util::jitter::Jitter,
     /// First attempts not yet deposited in the retry budget.
     fresh: u64,
 }
@@ -438,7 +438,7 @@ impl RetryPolicy for Retrying {
                 return Again::GiveUp(HintTooLong::error(hint, Cap::OneWait, f.error));
             }
         };
-        let at = crate::runtime::time::after(Instant::now(), delay);
+        let at = crate::util::time::after(Instant::now(), delay);
         if let (Some(limit), Some(first)) = (cfg.max_elapsed, f.first_at) {
             if at.duration_since(first) > limit {
                 return match cfg.hint_of(f.error) {

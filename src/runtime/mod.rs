@@ -7,12 +7,12 @@ pub(crate) mod fused;
 pub(crate) mod gate;
 pub(crate) mod handle;
 pub(crate) mod hop;
-pub(crate) mod jitter;
 pub(crate) mod live;
+pub(crate) mod options;
 pub(crate) mod run;
+pub(crate) mod signal;
 pub(crate) mod sink;
 pub(crate) mod tail;
-pub(crate) mod time;
 pub(crate) mod ttl_map;
 
 use std::collections::HashMap;
@@ -221,7 +221,7 @@ pub struct RunCtx {
     /// Failures summed per stage and interval for the log (one line per stage and interval).
     pub(crate) failure_log: crate::observe::failure_log::FailureLog,
     /// A signal stops the run, a second one cancels it (`RunOptions::stop_on_signal`).
-    pub(crate) signal: Option<crate::plan::Signal>,
+    pub(crate) signal: Option<crate::runtime::options::Signal>,
     /// The admission policies of each async stage, for gauges (an adaptive limit, a
     /// breaker's state).
     pub(crate) policies: Mutex<Vec<StagePolicies>>,
@@ -423,7 +423,7 @@ impl Build {
         };
         b.observe(crate::observe::failure_log::flusher(b.run.clone()));
         if let Some(signal) = b.run.signal.clone() {
-            b.observe(crate::observe::signal::watch(b.run.clone(), signal));
+            b.observe(crate::runtime::signal::watch(b.run.clone(), signal));
         }
         #[cfg(feature = "metrics")]
         b.observe(crate::observe::metrics::export(b.run.clone()));

@@ -9,10 +9,11 @@ use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::time::Duration;
 
-use crate::plan::{Pipeline, RunOptions};
+use crate::plan::Pipeline;
 use crate::report::{Report, RunOutcome};
 use crate::runtime::chunk::Chunk;
 use crate::runtime::handle::{Handle, ItemStream};
+use crate::runtime::options::RunOptions;
 use crate::runtime::sink;
 use futures_util::FutureExt as _;
 

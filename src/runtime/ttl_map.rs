@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::runtime::time::after;
+use crate::util::time::after;
 
 pub(crate) struct TtlMap<K, V> {
     map: HashMap<K, (V, Instant, u64)>,

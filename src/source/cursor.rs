@@ -231,7 +231,7 @@ async fn committer(
         }
         let next = w.lock().to_commit.take();
         if let Some(mut cursor) = next {
-            next_at = Some(crate::runtime::time::after(Instant::now(), every));
+            next_at = Some(crate::util::time::after(Instant::now(), every));
             // Retried while the store fails (the sources wait meanwhile); each try writes
             // the newest cursor the watermark has reached by then.
             let (store, name, w) = (&store, &name, &w);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{Reservation, Store, StoreFuture};
-use crate::runtime::time::after;
+use crate::util::time::after;
 
 #[derive(Clone, Copy)]
 enum Entry {

@@ -23,8 +23,8 @@ use crate::plan::{IntoPipeline, Pipeline, Settings};
 use crate::report::StageStats;
 use crate::runtime::chunk::{Chunk, Outcome, Ticket};
 use crate::runtime::hop::{HOP_CHUNKS, hop};
-use crate::runtime::time::after;
 use crate::runtime::{CancelWatch, RunCtx, Upstream};
+use crate::util::time::after;
 
 /// What happens to an object whose parts did not all arrive within the timeout (or before
 /// the part pipelines ended).

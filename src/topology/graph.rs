@@ -10,9 +10,10 @@ use tokio::task::JoinSet;
 
 use crate::dead_letter::DeadLetter;
 use crate::error::Error;
-use crate::plan::{ErrorPolicy, IntoPipeline, Pipeline, RunOptions, Settings};
+use crate::plan::{IntoPipeline, Pipeline, Settings};
 use crate::report::{Report, StageStats};
 use crate::runtime::handle::Handle;
+use crate::runtime::options::{ErrorPolicy, RunOptions};
 use crate::runtime::run::{End, Spawned, conclude, drive_until, prepare};
 use crate::runtime::sink::{self, Sink};
 use crate::runtime::{Build, RunCtx, next_chunk};
@@ -27,7 +28,9 @@ type Prepared = (Arc<RunCtx>, Vec<EndFn>, Option<Duration>);
 /// [`Handle`] and one [`Report`] covering every stage of every branch.
 ///
 /// A graph is a by-value builder, like a [`Pipeline`]: add sinks, set the run's options
-/// (`deadline`, `error_policy`, `dead_letter`: they apply to the whole graph), then run it.
+/// (the [`RunOptions`] of a pipeline's run, under the same names: `deadline`, `outage`,
+/// `error_policy`, `dead_letter`, `name`, `cancel_on`, `stop_on_signal`; they apply to the
+/// whole graph), then run it.
 /// Each sink is driven by a task of its own and back-pressures its branch. A branch that was
 /// split off but never given a sink fails the run before it starts with [`Error::Config`].
 ///
@@ -276,6 +279,55 @@ impl Graph {
     /// ```
     pub fn dead_letter(mut self, target: DeadLetter) -> Self {
         self.options = self.options.dead_letter(target);
+        self
+    }
+
+    /// Names the graph's run: the `pipeline` field of its `tracing` span and the `pipeline`
+    /// label of its metrics (default `"flowline"`). See [`RunOptions::name`].
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// let graph = Graph::new().name("orders");
+    /// # let _ = graph;
+    /// ```
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.options = self.options.name(name);
+        self
+    }
+
+    /// Cancels the graph's run when `token` is cancelled: every branch ends, the run
+    /// returns [`Error::Cancelled`] with its report. See [`RunOptions::cancel_on`].
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::CancellationToken;
+    /// let shutdown = CancellationToken::new();
+    /// let graph = Graph::new().cancel_on(shutdown.clone());
+    /// # let _ = graph;
+    /// ```
+    pub fn cancel_on(mut self, token: tokio_util::sync::CancellationToken) -> Self {
+        self.options = self.options.cancel_on(token);
+        self
+    }
+
+    /// Stops the graph's run when a signal comes: the first stops every branch gracefully
+    /// ([`RunOutcome::Stopped`](crate::RunOutcome)); a second cancels it. See
+    /// [`RunOptions::stop_on_signal`].
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// let graph = Graph::new().stop_on_signal(|| async {
+    ///     tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+    ///     Ok(())
+    /// });
+    /// # let _ = graph;
+    /// ```
+    pub fn stop_on_signal<F, Fut>(mut self, signal: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::io::Result<()>> + Send + 'static,
+    {
+        self.options = self.options.stop_on_signal(signal);
         self
     }
 
@@ -538,5 +590,54 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, Error::ItemFailed { .. }), "{err}");
+    }
+    #[tokio::test(start_paused = true)]
+    async fn a_graph_is_cancelled_by_its_token_and_stopped_by_its_signal() {
+        let guard = Arc::new(());
+        let token = crate::CancellationToken::new();
+        let t = token.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            t.cancel();
+        });
+        let err = build(&guard).cancel_on(token).run().await.unwrap_err();
+        let Error::Cancelled { report } = err else {
+            panic!("{err}")
+        };
+        assert_eq!(report.elapsed, Duration::from_millis(300));
+        assert!(report.is_balanced(), "{report}");
+
+        let report = build(&guard)
+            .stop_on_signal(|| async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Ok(())
+            })
+            .run()
+            .await
+            .unwrap();
+        assert_eq!(report.outcome, RunOutcome::Stopped);
+        // Stopped at 200 ms; the calls in flight (10 ms at most) finished.
+        assert!(
+            (Duration::from_millis(200)..=Duration::from_millis(210)).contains(&report.elapsed),
+            "{report}"
+        );
+        assert!(report.is_balanced(), "{report}");
+        assert_eq!(Arc::strong_count(&guard), 1);
+    }
+
+    #[tokio::test]
+    async fn a_graph_has_the_name_it_is_given_and_refuses_an_empty_one() {
+        let graph = Graph::new()
+            .discard(Pipeline::from_iter(0..3))
+            .name("orders");
+        let (run, _, _) = graph.prepare().unwrap();
+        assert_eq!(&*run.name, "orders");
+        let err = Graph::new()
+            .discard(Pipeline::from_iter(0..3))
+            .name("")
+            .run()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("name"), "{err}");
     }
 }

@@ -336,9 +336,7 @@ impl<F, T> Call<F, T> {
             sleep: limit.map(|l| Box::pin(tokio::time::sleep(l))),
             hedge_at: hedge.map(|h| {
                 let from = start.unwrap_or_else(Instant::now);
-                Box::pin(tokio::time::sleep_until(crate::runtime::time::after(
-                    from, h,
-                )))
+                Box::pin(tokio::time::sleep_until(crate::util::time::after(from, h)))
             }),
             start,
             meta: Some(meta),

@@ -17,7 +17,7 @@ use super::call::StageFn;
 
 impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S> {
     /// Adds an admission policy: the next gate a call passes before it starts.
-    fn policy(mut self, policy: impl Policy + 'static) -> Self {
+    pub(crate) fn policy(mut self, policy: impl Policy + 'static) -> Self {
         self.options.policies.push(Arc::new(policy));
         self
     }

@@ -152,7 +152,7 @@ impl<T> Down<T> {
             self.probe = None;
             match self.watch.failed(error) {
                 Ok(wait) => {
-                    let at = crate::runtime::time::after(Instant::now(), wait);
+                    let at = crate::util::time::after(Instant::now(), wait);
                     match self.sleep.as_mut() {
                         Some(sleep) => sleep.as_mut().reset(at),
                         None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),

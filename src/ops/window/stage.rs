@@ -32,8 +32,8 @@ use crate::error::{Failure, ItemError};
 use crate::plan::Pipeline;
 use crate::report::StageStats;
 use crate::runtime::chunk::{Chunk, Outcome, Ticket};
-use crate::runtime::time::after;
 use crate::runtime::{ChunkSource, RunCtx, Upstream};
+use crate::util::time::after;
 
 /// What the stage sends on: a closed window, or (on the side output) a late item.
 pub(crate) trait Emits<K, V, T>: Send + Sized + 'static {

@@ -36,6 +36,26 @@ const SLACK_SHARE: u32 = 200;
 /// later starts afresh and is owed nothing (an idle process never comes back to a burst).
 const DEMAND_GAP: Duration = Duration::from_millis(2);
 
+/// GCRA's decision in Lua, the same as [`flowline::gcra::decide`] on the server's
+/// microseconds (the tests hold the two to a table of cases): `tat` the theoretical arrival
+/// time (nil: never used), `tol` the burst tolerance, `floor` the earliest instant the
+/// caller is owed slots from. Returns `1, slot, tat after` (admitted) or `0, slot` (wait
+/// until `slot`). A macro, so that the script and its tests are built from one text.
+macro_rules! gcra_lua {
+    () => {
+        r"
+local function gcra(tat, interval, tol, floor, now)
+  local t0 = tat or floor
+  local slot = math.max(t0 - tol, floor)
+  if slot > now then
+    return 0, slot
+  end
+  return 1, slot, math.max(t0, slot) + interval
+end
+"
+    };
+}
+
 /// The rate's state is two keys: a hash (`tat`, the theoretical arrival time of the next
 /// permit, and `total`, the starts in the log) and a list, the log of the last period's
 /// starts, oldest first, as `opened:at:count` records. Times are the server's `TIME`, in
@@ -48,7 +68,9 @@ const DEMAND_GAP: Duration = Duration::from_millis(2);
 /// and the sliding bound (never more than `cap` starts in any window of one period) held by
 /// the log, which the catch-up needs: a late caller's owed slots and the on-time ones after
 /// them could otherwise fall into one period.
-const SCRIPT: &str = r"
+const SCRIPT: &str = concat!(
+    gcra_lua!(),
+    r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
@@ -84,17 +106,16 @@ while true do
 end
 if total < 0 then total = 0 end
 local floor = now - math.min(waited, catch)
-local t0 = tat or floor
-local slot = math.max(t0 - tol, floor)
+local admit, slot, next_tat = gcra(tat, interval, tol, floor, now)
 if total >= cap then
   local o, a, c = parse(redis.call('LINDEX', KEYS[2], 0))
   redis.call('HSET', KEYS[1], 'total', string.format('%d', total))
   return {0, math.max(a + held, slot) - now}
 end
-if slot > now then
+if admit == 0 then
   return {0, slot - now}
 end
-tat = math.max(t0, slot) + interval
+tat = next_tat
 local at = now
 local merged = false
 local last = redis.call('LINDEX', KEYS[2], -1)
@@ -117,7 +138,8 @@ local ttl = math.floor((math.max(tat - now, 0) + held) / 1000) + 1000
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 return {1, now}
-";
+"
+);
 
 struct Inner {
     conn: Conn,
@@ -416,6 +438,65 @@ mod tests {
 
     fn client() -> redis::Client {
         redis::Client::open("redis://127.0.0.1:1/").unwrap()
+    }
+
+    /// `decide` in Lua on a real server, for `(tat or "", interval, tol, floor, now)`:
+    /// `(admitted, slot, tat after or -1)`.
+    fn lua_decide(
+        con: &mut redis::Connection,
+        case: (Option<u64>, u64, u64, u64, u64),
+    ) -> (i64, i64, i64) {
+        let (tat, interval, tol, floor, now) = case;
+        let script = redis::Script::new(concat!(
+            gcra_lua!(),
+            r"
+local admit, slot, tat = gcra(tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]))
+return {admit, slot, tat or -1}
+"
+        ));
+        let got: Vec<i64> = script
+            .arg(tat.map_or(String::new(), |t| t.to_string()))
+            .arg(interval)
+            .arg(tol)
+            .arg(floor)
+            .arg(now)
+            .invoke(con)
+            .unwrap();
+        (got[0], got[1], got[2])
+    }
+
+    #[test]
+    fn the_script_decides_as_flowline_gcra_does() {
+        use flowline::gcra::{Decision, decide};
+        let server = crate::test_server::RedisServer::start(false);
+        let mut con = server.client().get_connection().unwrap();
+        // Microseconds of the server's clock: now about 2026, 30 years at most in a setting
+        // (what `check` lets through), all within a Lua number's exact integers (2^53).
+        let now = 1_796_000_000_000_000u64;
+        let year = 365 * 86_400 * 1_000_000u64;
+        let cases = [
+            (None, 10_000, 0, now, now),
+            (Some(now + 10_000), 10_000, 0, now, now),
+            (Some(now + 10_000), 10_000, 0, now - 2_000, now),
+            (Some(now - 5_000_000), 10_000, 0, now - 2_000, now),
+            (Some(now - 5_000), 10_000, 0, now - 20_000, now),
+            (Some(now + 190_000), 10_000, 190_000, now, now),
+            (Some(now + 200_000), 10_000, 190_000, now, now),
+            (Some(now + 30 * year), 1, 30 * year, now, now),
+            (Some(now + 30 * year + 1), 30 * year, 30 * year, now, now),
+            (None, 1, 0, 0, 0),
+            (Some(5), 1, 30 * year, 0, 0),
+            (Some(0), 0, 0, 0, 0),
+            (Some(1), 1, 0, 0, 0),
+        ];
+        for case in cases {
+            let (tat, interval, tol, floor, at) = case;
+            let rust = match decide(tat, interval, tol, floor, at) {
+                Decision::Admit { at, tat } => (1, at as i64, tat as i64),
+                Decision::Wait { until } => (0, until as i64, -1),
+            };
+            assert_eq!(lua_decide(&mut con, case), rust, "{case:?}");
+        }
     }
 
     #[test]

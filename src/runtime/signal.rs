@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use crate::plan::Signal;
 use crate::runtime::RunCtx;
+use crate::runtime::options::Signal;
 
 /// Waits for the signal while the run lasts (a run-level observer: it ends with the run).
 pub(crate) async fn watch(run: Arc<RunCtx>, signal: Signal) {
