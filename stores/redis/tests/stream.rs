@@ -787,7 +787,12 @@ async fn fresh_entries_run_side_by_side_and_suspects_run_alone() {
     };
     // A consumer takes all six fresh entries at once, then dies with them.
     let (first, most) = run("a", true);
+    let t = std::time::Instant::now();
     while most.load(std::sync::atomic::Ordering::SeqCst) < 6 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "fresh entries did not run side by side"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     first.abort();
