@@ -678,18 +678,22 @@ async fn read_inner(sh: &Arc<Shared>, tx: &Feed) -> Result<(), BoxError> {
     }
     let block_ms = sh.opts.block.as_millis().to_string();
     let none = HashMap::new();
+    let mut first_pass = true;
     loop {
         // This consumer's own pending entries, oldest first: what an earlier life left, or
         // what a read whose reply was lost delivered here. Those in flight are skipped.
-        // Re-read, each is a suspect: one at a time when they run alone, each read once
-        // no other suspect runs, so that a death counts a delivery for one entry only.
+        // Re-read, each is a suspect. An earlier life's entries, when suspects run alone,
+        // are read one at a time, each once no other suspect runs, so that a death counts
+        // a delivery for one of them only. A later pass (after a lost reply) finds mostly
+        // entries in flight here: it reads by batches.
         sh.reread.store(false, Ordering::Release);
         let mut after = "0".to_string();
-        let count = if sh.opts.isolate_suspects {
+        let count = if sh.opts.isolate_suspects && first_pass {
             1
         } else {
             sh.opts.batch
         };
+        first_pass = false;
         loop {
             if !sh.until_open(tx).await {
                 return Ok(());

@@ -714,28 +714,21 @@ async fn dead_letters(url: &str) -> Vec<HashMap<String, String>> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_poison_entry_does_not_take_its_neighbours_to_the_dead_letters() {
+/// Job 0 kills every consumer that runs it; jobs 1 and 2 are read with it in one batch.
+/// Lives follow one another, each named by `name(life)`, until one drains the stream:
+/// then job 0 alone is in the dead letters and jobs 1 and 2 ran to their end.
+async fn a_poison_entry_among_two(name: impl Fn(usize) -> String, o: StreamOptions) {
     let server = RedisServer::start(false);
     let url = server.url();
-    // Job 0 kills every consumer that runs it; jobs 1 and 2 are read with it in one batch.
     fill(&url, "s", 3).await;
-    let o = || {
-        StreamOptions::new()
-            .block(Duration::from_millis(50))
-            .min_idle(Duration::from_millis(100))
-            .max_deliveries(3)
-            .stop_when_drained(true)
-    };
     let done: Arc<Mutex<Vec<u64>>> = Arc::default();
     let mut lives = 0;
-    // Each life under a name of its own, as processes that die and are replaced.
-    while !a_life_that_dies_on_job_0(&url, &format!("c{lives}"), o(), done.clone()).await {
+    while !a_life_that_dies_on_job_0(&url, &name(lives), o.clone(), done.clone()).await {
         lives += 1;
         assert!(lives < 10, "still dying after {lives} lives");
     }
-    // Job 0 was delivered 4 times: the first life's read, and 3 reclaims (the last one
-    // over max_deliveries goes to the dead letters without running).
+    // Job 0 was delivered 4 times: the first life's read and 3 more (the last one over
+    // max_deliveries goes to the dead letters without running).
     assert_eq!(lives, 3, "lives");
     let mut done = done.lock().unwrap().clone();
     done.sort_unstable();
@@ -746,6 +739,27 @@ async fn a_poison_entry_does_not_take_its_neighbours_to_the_dead_letters() {
     assert_eq!(dead[0]["flowline.reason"], "max_deliveries");
     assert_eq!(dead[0]["flowline.deliveries"], "4");
     assert_eq!(pending(&url, "s").await.0, 0);
+}
+
+fn poison_opts() -> StreamOptions {
+    StreamOptions::new()
+        .block(Duration::from_millis(50))
+        .min_idle(Duration::from_millis(100))
+        .max_deliveries(3)
+        .stop_when_drained(true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_entry_does_not_take_its_neighbours_to_the_dead_letters() {
+    // Each life under a name of its own, as processes that die and are replaced: the
+    // entries are reclaimed.
+    a_poison_entry_among_two(|life| format!("c{life}"), poison_opts()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_entry_does_not_take_its_neighbours_along_when_its_consumer_restarts() {
+    // One name across lives: each re-reads its own pending entries.
+    a_poison_entry_among_two(|_| "c".into(), poison_opts().reclaim(false)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
