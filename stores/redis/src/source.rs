@@ -36,7 +36,9 @@ type Feed = mpsc::Sender<Result<(StreamEntry, Completion), BoxError>>;
 /// An item cancelled with its run is not acknowledged: it stays pending, and this consumer
 /// re-reads it when it starts again under the same name, or another consumer takes it over
 /// after `min_idle`. So an entry is never lost; it may run twice only when a consumer dies
-/// (or is cut off past `min_idle`) with it in flight.
+/// (or is cut off past `min_idle`) with it in flight. Such an entry runs alone when it runs
+/// again ([`StreamOptions::isolate_suspects`]): if it is the one that killed its consumer,
+/// the next death counts a delivery for it only.
 ///
 /// ```no_run
 /// use flowline::prelude::*;

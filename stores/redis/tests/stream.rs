@@ -741,6 +741,7 @@ async fn a_poison_entry_among_two(name: impl Fn(usize) -> String, o: StreamOptio
     assert_eq!(pending(&url, "s").await.0, 0);
 }
 
+/// Quick reads and takeovers, and an entry in the dead letters at its fourth delivery.
 fn poison_opts() -> StreamOptions {
     StreamOptions::new()
         .block(Duration::from_millis(50))
@@ -767,18 +768,12 @@ async fn fresh_entries_run_side_by_side_and_suspects_run_alone() {
     let server = RedisServer::start(false);
     let url = server.url();
     fill(&url, "s", 6).await;
-    let o = || {
-        StreamOptions::new()
-            .block(Duration::from_millis(50))
-            .min_idle(Duration::from_millis(100))
-            .stop_when_drained(true)
-    };
     // The most items of a run in its stage at once, and whether they were suspects.
     let run = |name: &str, hang: bool| {
         let now = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (n, m) = (now.clone(), most.clone());
-        let h = RedisStream::new(&url, "s", "g", name, o())
+        let h = RedisStream::new(&url, "s", "g", name, poison_opts())
             .unwrap()
             .pipeline()
             .map_async("work", move |e| {
