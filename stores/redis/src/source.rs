@@ -343,6 +343,10 @@ impl Shared {
     /// Waits until `pass` (called under the lock, so it may take what it found) returns
     /// true; `false` if the pipeline went away first.
     async fn gate_until(&self, tx: &Feed, mut pass: impl FnMut(&mut State) -> bool) -> bool {
+        // The common case (no suspect about) without registering as a waiter.
+        if pass(&mut self.lock()) {
+            return true;
+        }
         loop {
             let opened = self.gate.notified();
             tokio::pin!(opened);
