@@ -8,7 +8,10 @@
 //!   restarted consumer re-reads its own pending entries first; idle entries of dead
 //!   consumers are reclaimed after `min_idle` (`XAUTOCLAIM`); a live consumer renews its
 //!   in-flight entries' leases so a long call is not stolen; an entry delivered more than
-//!   `max_deliveries` times goes to the dead letters ([`StreamOptions`]).
+//!   `max_deliveries` times goes to the dead letters ([`StreamOptions`]). An entry
+//!   delivered before and not acknowledged (a suspect: it may have killed its consumer)
+//!   runs alone, so a poison entry does not take its neighbours to the dead letters with
+//!   it ([`StreamOptions::isolate_suspects`]).
 //! - [`StreamSink`]: a pipeline that ends in a stream (`XADD`, pipelined per batch), so stages
 //!   chain across processes.
 //! - [`RedisStore`] (idempotency keys) and [`RedisCheckpoints`] (cursor checkpoints), the

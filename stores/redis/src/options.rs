@@ -28,6 +28,7 @@ pub struct StreamOptions {
     pub(crate) start_id: String,
     pub(crate) stop_when_drained: bool,
     pub(crate) reclaim: bool,
+    pub(crate) isolate_suspects: bool,
     pub(crate) drain_timeout: Duration,
     pub(crate) outage: Outage,
 }
@@ -43,6 +44,7 @@ impl Default for StreamOptions {
             start_id: "0".into(),
             stop_when_drained: false,
             reclaim: true,
+            isolate_suspects: true,
             drain_timeout: Duration::from_secs(30),
             outage: Outage::default(),
         }
@@ -56,7 +58,7 @@ const LONGEST: Duration = Duration::from_secs(86_400 * 365);
 impl StreamOptions {
     /// Batches of 100 entries, blocking reads of 1 s, `min_idle` 60 s, 10 deliveries at
     /// most, the dead letters in `<stream>:dead`, a new group starting at the stream's
-    /// first entry, reclaiming on, running until stopped.
+    /// first entry, reclaiming on, suspects run alone, running until stopped.
     ///
     /// ```
     /// let opts = flowline_redis::StreamOptions::new();
@@ -163,6 +165,36 @@ impl StreamOptions {
     /// ```
     pub fn reclaim(mut self, yes: bool) -> Self {
         self.reclaim = yes;
+        self
+    }
+
+    /// Whether a *suspect* runs alone (default on). A suspect is an entry delivered before
+    /// and never acknowledged: its consumer died or stalled with it in flight (a reclaimed
+    /// entry, or one a restarted consumer re-reads). Such an entry may be the one that
+    /// killed its consumer, a poison message; run beside others, each death would count a
+    /// delivery for every neighbour too, and the innocent ones would reach
+    /// [`max_deliveries`](Self::max_deliveries) and the dead letters with it.
+    ///
+    /// So a suspect is handed to the pipeline only once everything else this consumer
+    /// handed out has ended, and nothing else is read or handed out until it ends;
+    /// suspects are reclaimed (and a restarted consumer's own pending entries re-read) one
+    /// at a time. When a suspect kills the process, only its own count rises; each innocent
+    /// neighbour runs alone once, is acknowledged, and is never a suspect again.
+    ///
+    /// A healthy stream has no suspects (a live consumer's leases keep its entries, however
+    /// slow its calls): its throughput is unchanged. After every consumer died at once
+    /// (a crash of all workers, a restart without stable names) the entries they held run
+    /// one at a time, each once, before new entries flow again at full width. A pipeline
+    /// that holds items until more arrive, with no time limit, would hold a suspect back
+    /// with them: turn this off there (a [`batch`](flowline::Flow::batch) ends its batches
+    /// after `max_wait`, so it is fine).
+    ///
+    /// ```
+    /// let opts = flowline_redis::StreamOptions::new().isolate_suspects(false);
+    /// # let _ = opts;
+    /// ```
+    pub fn isolate_suspects(mut self, yes: bool) -> Self {
+        self.isolate_suspects = yes;
         self
     }
 

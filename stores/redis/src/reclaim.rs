@@ -24,8 +24,10 @@ use crate::entry;
 use crate::source::Shared;
 
 /// `KEYS`: the stream, its scan record. `ARGV`: group, consumer, `min_idle` ms, start id,
-/// count, the longest gap between scans (ms) that is not a pause. Returns `XAUTOCLAIM`'s
-/// reply, or `{'quiet', ms}` while claims wait out a pause.
+/// count, the longest gap between scans (ms) that is not a pause, rounds. Returns
+/// `XAUTOCLAIM`'s reply, or `{'quiet', ms}` while claims wait out a pause. Up to `rounds`
+/// `XAUTOCLAIM`s run until one claims something: claiming one entry at a time (suspects
+/// that run alone) then scans as far per call as a claim of `rounds` entries would.
 const CLAIM: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -39,7 +41,13 @@ if not last or now - last > gap then
 end
 redis.call('PEXPIRE', KEYS[2], min_idle + gap)
 if quiet and now < quiet then return {'quiet', quiet - now} end
-return redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+local cursor, r = ARGV[4], nil
+for _ = 1, tonumber(ARGV[7]) do
+  r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], cursor, 'COUNT', ARGV[5])
+  if #r[2] > 0 or r[1] == '0-0' then return r end
+  cursor = r[1]
+end
+return r
 ";
 
 /// The longest gap between two scans of any consumer that is not a pause of everything:
@@ -81,6 +89,14 @@ pub(crate) async fn run(sh: Arc<Shared>, tx: Feed) {
     let every = interval(sh.opts.min_idle);
     let min_idle_ms = sh.opts.min_idle.as_millis().to_string();
     let gap_ms = pause_gap(sh.opts.min_idle).as_millis().to_string();
+    // Every entry claimed is a suspect (delivered before). Run alone, they are claimed one
+    // at a time, once no other suspect runs: a claimed entry waiting for its turn would
+    // have its delivery counted again by a death it took no part in.
+    let (count, rounds) = if sh.opts.isolate_suspects {
+        (1, sh.opts.batch)
+    } else {
+        (sh.opts.batch, 1)
+    };
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -88,6 +104,10 @@ pub(crate) async fn run(sh: Arc<Shared>, tx: Feed) {
         }
         let mut start = "0-0".to_string();
         loop {
+            tokio::select! {
+                free = sh.until_open(&tx) => if !free { return },
+                _ = sh.stop_feeding.notified() => return,
+            }
             let call = sh.retry(&conn, "XAUTOCLAIM", go_on, |mut c| {
                 let mut call = script.prepare_invoke();
                 call.key(&sh.stream)
@@ -96,8 +116,9 @@ pub(crate) async fn run(sh: Arc<Shared>, tx: Feed) {
                     .arg(&sh.consumer)
                     .arg(&min_idle_ms)
                     .arg(&start)
-                    .arg(sh.opts.batch)
-                    .arg(&gap_ms);
+                    .arg(count)
+                    .arg(&gap_ms)
+                    .arg(rounds);
                 async move { call.invoke_async::<Value>(&mut c).await }
             });
             let v = tokio::select! {

@@ -36,7 +36,9 @@ type Feed = mpsc::Sender<Result<(StreamEntry, Completion), BoxError>>;
 /// An item cancelled with its run is not acknowledged: it stays pending, and this consumer
 /// re-reads it when it starts again under the same name, or another consumer takes it over
 /// after `min_idle`. So an entry is never lost; it may run twice only when a consumer dies
-/// (or is cut off past `min_idle`) with it in flight.
+/// (or is cut off past `min_idle`) with it in flight. Such an entry runs alone when it runs
+/// again ([`StreamOptions::isolate_suspects`]): if it is the one that killed its consumer,
+/// the next death counts a delivery for it only.
 ///
 /// ```no_run
 /// use flowline::prelude::*;
@@ -162,6 +164,7 @@ impl RedisStream {
                     state: Mutex::new(State::default()),
                     ack_wake: Notify::new(),
                     lease_wake: Notify::new(),
+                    gate: Notify::new(),
                     stop_feeding: Notify::new(),
                     feeding_done: AtomicBool::new(false),
                     reread: AtomicBool::new(false),
@@ -222,6 +225,15 @@ pub(crate) struct State {
     /// Ended and not yet acknowledged (or moved): still pending in Redis, so a re-read of
     /// this consumer's pending entries must not hand them out again.
     pub(crate) acking: HashSet<String>,
+    /// Entries handed to the pipeline (or being handed) and not ended: the ones of `held`
+    /// that are past the source's gate.
+    pub(crate) running: usize,
+    /// The suspect that runs alone (or waits for the others to end before it does): while
+    /// it is set, nothing else is handed out or read.
+    pub(crate) suspect: Option<String>,
+    /// An item was cancelled: the run is ending, nothing new is read or claimed (a claim
+    /// would count a delivery of an entry that will not run).
+    pub(crate) closing: bool,
 }
 
 /// What the loops of one source share.
@@ -237,6 +249,8 @@ pub(crate) struct Shared {
     pub(crate) state: Mutex<State>,
     pub(crate) ack_wake: Notify,
     pub(crate) lease_wake: Notify,
+    /// `running` reached zero or `suspect` was cleared: waiters at the gate look again.
+    pub(crate) gate: Notify,
     /// The reader has ended: the reclaimer ends too.
     pub(crate) stop_feeding: Notify,
     pub(crate) feeding_done: AtomicBool,
@@ -250,15 +264,15 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// `XREADGROUP` of this consumer for a batch after `after` (`0`: its own pending
-    /// entries; `>`: new ones), blocking `block` ms when given.
-    fn read_group(&self, block: Option<&str>, after: &str) -> redis::Cmd {
+    /// `XREADGROUP` of this consumer for `count` entries after `after` (`0`: its own
+    /// pending entries; `>`: new ones), blocking `block` ms when given.
+    fn read_group(&self, count: usize, block: Option<&str>, after: &str) -> redis::Cmd {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&self.group)
             .arg(&self.consumer)
             .arg("COUNT")
-            .arg(self.opts.batch);
+            .arg(count);
         if let Some(ms) = block {
             cmd.arg("BLOCK").arg(ms);
         }
@@ -278,6 +292,16 @@ impl Shared {
     fn ended(&self, id: String, end: ItemEnd) {
         let mut st = self.lock();
         let deliveries = st.held.remove(&id).unwrap_or(1);
+        st.running = st.running.saturating_sub(1);
+        // A cancelled suspect keeps the gate shut: its run is ending.
+        let alone_ended = end != ItemEnd::Cancelled && st.suspect.as_deref() == Some(id.as_str());
+        if alone_ended {
+            st.suspect = None;
+        }
+        st.closing |= end == ItemEnd::Cancelled;
+        if alone_ended || st.running == 0 {
+            self.gate.notify_waiters();
+        }
         match end {
             ItemEnd::Done => {
                 st.acking.insert(id.clone());
@@ -296,14 +320,106 @@ impl Shared {
             self.ack_wake.notify_one();
         }
         if empty {
-            self.ack_wake.notify_one();
-            self.lease_wake.notify_one();
+            self.held_emptied();
         }
+    }
+
+    /// An entry held but never handed to the pipeline (it is gone): it stays pending.
+    fn not_handed(&self, id: &str) {
+        let mut st = self.lock();
+        st.held.remove(id);
+        let empty = st.held.is_empty();
+        drop(st);
+        if empty {
+            self.held_emptied();
+        }
+    }
+
+    fn held_emptied(&self) {
+        self.ack_wake.notify_one();
+        self.lease_wake.notify_one();
+    }
+
+    /// Waits until `pass` (called under the lock, so it may take what it found) returns
+    /// true; `false` if the pipeline went away first.
+    async fn gate_until(&self, tx: &Feed, mut pass: impl FnMut(&mut State) -> bool) -> bool {
+        // The common case (no suspect about) without registering as a waiter.
+        if pass(&mut self.lock()) {
+            return true;
+        }
+        loop {
+            let opened = self.gate.notified();
+            tokio::pin!(opened);
+            // Registered before the look, so a change between the two is not missed.
+            opened.as_mut().enable();
+            if pass(&mut self.lock()) {
+                return true;
+            }
+            tokio::select! {
+                _ = opened => {}
+                _ = tx.closed() => return false,
+            }
+        }
+    }
+
+    /// Waits until new entries may be read or claimed: no suspect runs or waits to run
+    /// (when suspects are isolated), and the run is not ending. `false` if the pipeline
+    /// went away first.
+    pub(crate) async fn until_open(&self, tx: &Feed) -> bool {
+        let isolate = self.opts.isolate_suspects;
+        self.gate_until(tx, |st| !st.closing && (!isolate || st.suspect.is_none()))
+            .await
+    }
+
+    /// Lets entry `id` through the gate, to be handed to the pipeline: a fresh one once no
+    /// suspect runs or waits; a suspect (`suspect`) once no other suspect does and every
+    /// entry handed out before it has ended, and it keeps the gate shut until it ends.
+    /// `false` if the pipeline went away first.
+    async fn admit(&self, id: &str, suspect: bool, tx: &Feed) -> bool {
+        if !self.opts.isolate_suspects {
+            self.lock().running += 1;
+            return true;
+        }
+        if !suspect {
+            return self
+                .gate_until(tx, |st| {
+                    let pass = st.suspect.is_none();
+                    st.running += usize::from(pass);
+                    pass
+                })
+                .await;
+        }
+        let reserved = self
+            .gate_until(tx, |st| {
+                let pass = st.suspect.is_none();
+                if pass {
+                    st.suspect = Some(id.to_string());
+                }
+                pass
+            })
+            .await;
+        if !reserved {
+            return false;
+        }
+        let alone = self
+            .gate_until(tx, |st| {
+                let pass = st.running == 0;
+                st.running += usize::from(pass);
+                pass
+            })
+            .await;
+        if !alone {
+            self.lock().suspect = None;
+            self.gate.notify_waiters();
+        }
+        alone
     }
 
     /// Hands entries to the pipeline (`counts`: their delivery counts, when known). Poison
     /// entries and unreadable ones go to the dead letters instead; an entry already held
-    /// (read again by the reclaimer) is skipped. `Err` when the pipeline is gone.
+    /// (read again by the reclaimer) is skipped. A suspect (delivered before) waits at the
+    /// gate to run alone ([`StreamOptions::isolate_suspects`]). `Err` when the pipeline is
+    /// gone.
     ///
     /// The whole batch is held (its leases renewed) before the first entry is handed out:
     /// a busy pipeline may take longer than `min_idle` to take a batch, and an entry read
@@ -352,14 +468,21 @@ impl Shared {
         }
         let mut batch = batch.into_iter();
         while let Some(e) = batch.next() {
-            let sh = self.clone();
             let id = e.id().to_string();
+            if !self.admit(&id, e.deliveries() > 1, tx).await {
+                self.not_handed(&id);
+                for e in batch {
+                    self.not_handed(e.id());
+                }
+                return Err(());
+            }
+            let sh = self.clone();
             let c = Completion::new(move |end| sh.ended(id, end));
             // A closed channel hands the pair back, dropped here: the completion reports
             // cancelled and the entry stays pending; so do the entries not handed out.
             if tx.send(Ok((e, c))).await.is_err() {
                 for e in batch {
-                    self.ended(e.id().to_string(), ItemEnd::Cancelled);
+                    self.not_handed(e.id());
                 }
                 return Err(());
             }
@@ -561,16 +684,30 @@ async fn read_inner(sh: &Arc<Shared>, tx: &Feed) -> Result<(), BoxError> {
     }
     let block_ms = sh.opts.block.as_millis().to_string();
     let none = HashMap::new();
+    let mut first_pass = true;
     loop {
         // This consumer's own pending entries, oldest first: what an earlier life left, or
         // what a read whose reply was lost delivered here. Those in flight are skipped.
+        // Re-read, each is a suspect. An earlier life's entries, when suspects run alone,
+        // are read one at a time, each once no other suspect runs, so that a death counts
+        // a delivery for one of them only. A later pass (after a lost reply) finds mostly
+        // entries in flight here: it reads by batches.
         sh.reread.store(false, Ordering::Release);
         let mut after = "0".to_string();
+        let count = if sh.opts.isolate_suspects && first_pass {
+            1
+        } else {
+            sh.opts.batch
+        };
+        first_pass = false;
         loop {
+            if !sh.until_open(tx).await {
+                return Ok(());
+            }
             let v: Value = sh
                 .retry(&conn, "XREADGROUP", go_on, |mut c| {
                     let after = after.clone();
-                    async move { sh.read_group(None, &after).query_async(&mut c).await }
+                    async move { sh.read_group(count, None, &after).query_async(&mut c).await }
                 })
                 .await?;
             let reads = entry::read_reply(v).map_err(|e| fail(e, sh))?;
@@ -586,10 +723,15 @@ async fn read_inner(sh: &Arc<Shared>, tx: &Feed) -> Result<(), BoxError> {
         }
 
         while !sh.reread.load(Ordering::Acquire) {
+            // Nothing new is read while a suspect runs alone: entries read now would wait
+            // for it, and die with it if it is a poison one.
+            if !sh.until_open(tx).await {
+                return Ok(());
+            }
             let call = sh.retry(&conn, "XREADGROUP", go_on, |mut c| {
                 let block_ms = block_ms.clone();
                 async move {
-                    sh.read_group(Some(&block_ms), ">")
+                    sh.read_group(sh.opts.batch, Some(&block_ms), ">")
                         .query_async::<Value>(&mut c)
                         .await
                 }

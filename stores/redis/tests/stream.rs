@@ -655,3 +655,169 @@ async fn entries_read_but_waiting_for_a_busy_pipeline_are_not_taken_over() {
     jobs.sort_unstable();
     assert_eq!(jobs, (0..200).collect::<Vec<_>>());
 }
+
+/// A consumer life that "dies" (its run is cancelled, nothing acknowledged, as a SIGKILL
+/// leaves it) as soon as it starts job 0; other jobs take 300 ms, so those in flight beside
+/// job 0 die with it. Returns whether the run ended by itself (drained).
+async fn a_life_that_dies_on_job_0(
+    url: &str,
+    name: &str,
+    o: StreamOptions,
+    done: Arc<Mutex<Vec<u64>>>,
+) -> bool {
+    let (dying, mut died) = tokio::sync::mpsc::unbounded_channel();
+    let h = RedisStream::new(url, "s", "g", name, o)
+        .unwrap()
+        .pipeline()
+        .map_async("work", move |e| {
+            let (dying, done) = (dying.clone(), done.clone());
+            async move {
+                if job(&e) == 0 {
+                    let _ = dying.send(());
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                done.lock().unwrap().push(job(&e));
+            }
+        })
+        .workers(4)
+        .unordered()
+        .spawn();
+    let cancel = h.cancellation_token();
+    let joined = h.join();
+    tokio::pin!(joined);
+    tokio::select! {
+        // `None`: the run ended and dropped the stage; `joined` tells how.
+        Some(()) = died.recv() => {
+            cancel.cancel();
+            let _ = joined.await;
+            false
+        }
+        r = &mut joined => {
+            r.unwrap();
+            true
+        }
+    }
+}
+
+async fn dead_letters(url: &str) -> Vec<HashMap<String, String>> {
+    let mut c = conn(url).await;
+    let r: redis::streams::StreamRangeReply = c.xrange_all("s:dead").await.unwrap();
+    r.ids
+        .into_iter()
+        .map(|e| {
+            e.map
+                .into_iter()
+                .map(|(k, v)| (k, redis::from_redis_value(v).unwrap()))
+                .collect()
+        })
+        .collect()
+}
+
+/// Job 0 kills every consumer that runs it; jobs 1 and 2 are read with it in one batch.
+/// Lives follow one another, each named by `name(life)`, until one drains the stream:
+/// then job 0 alone is in the dead letters and jobs 1 and 2 ran to their end.
+async fn a_poison_entry_among_two(name: impl Fn(usize) -> String, o: StreamOptions) {
+    let server = RedisServer::start(false);
+    let url = server.url();
+    fill(&url, "s", 3).await;
+    let done: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let mut lives = 0;
+    while !a_life_that_dies_on_job_0(&url, &name(lives), o.clone(), done.clone()).await {
+        lives += 1;
+        assert!(lives < 10, "still dying after {lives} lives");
+    }
+    // Job 0 was delivered 4 times: the first life's read and 3 more (the last one over
+    // max_deliveries goes to the dead letters without running).
+    assert_eq!(lives, 3, "lives");
+    let mut done = done.lock().unwrap().clone();
+    done.sort_unstable();
+    assert_eq!(done, [1, 2], "the innocent jobs did not run to their end");
+    let dead = dead_letters(&url).await;
+    let jobs: Vec<&str> = dead.iter().map(|d| d["job"].as_str()).collect();
+    assert_eq!(jobs, ["0"], "{dead:?}");
+    assert_eq!(dead[0]["flowline.reason"], "max_deliveries");
+    assert_eq!(dead[0]["flowline.deliveries"], "4");
+    assert_eq!(pending(&url, "s").await.0, 0);
+}
+
+/// Quick reads and takeovers, and an entry in the dead letters at its fourth delivery.
+fn poison_opts() -> StreamOptions {
+    StreamOptions::new()
+        .block(Duration::from_millis(50))
+        .min_idle(Duration::from_millis(100))
+        .max_deliveries(3)
+        .stop_when_drained(true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_entry_does_not_take_its_neighbours_to_the_dead_letters() {
+    // Each life under a name of its own, as processes that die and are replaced: the
+    // entries are reclaimed.
+    a_poison_entry_among_two(|life| format!("c{life}"), poison_opts()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_entry_does_not_take_its_neighbours_along_when_its_consumer_restarts() {
+    // One name across lives: each re-reads its own pending entries.
+    a_poison_entry_among_two(|_| "c".into(), poison_opts().reclaim(false)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_entries_run_side_by_side_and_suspects_run_alone() {
+    let server = RedisServer::start(false);
+    let url = server.url();
+    fill(&url, "s", 6).await;
+    // The most items of a run in its stage at once, and whether they were suspects.
+    let run = |name: &str, hang: bool| {
+        let now = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (n, m) = (now.clone(), most.clone());
+        let h = RedisStream::new(&url, "s", "g", name, poison_opts())
+            .unwrap()
+            .pipeline()
+            .map_async("work", move |e| {
+                let (n, m) = (n.clone(), m.clone());
+                async move {
+                    use std::sync::atomic::Ordering::SeqCst;
+                    m.fetch_max(n.fetch_add(1, SeqCst) + 1, SeqCst);
+                    if hang {
+                        std::future::pending::<()>().await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    n.fetch_sub(1, SeqCst);
+                    e.deliveries()
+                }
+            })
+            .workers(6)
+            .unordered()
+            .collect();
+        (tokio::spawn(h.into_future()), most)
+    };
+    // A consumer takes all six fresh entries at once, then dies with them.
+    let (first, most) = run("a", true);
+    let t = std::time::Instant::now();
+    while most.load(std::sync::atomic::Ordering::SeqCst) < 6 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "fresh entries did not run side by side"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.abort();
+    let _ = first.await;
+    // Its successor reclaims them: each a suspect, each run alone, each once.
+    let (second, most) = run("b", false);
+    let got = tokio::time::timeout(Duration::from_secs(20), second)
+        .await
+        .expect("hung")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, vec![2; 6]);
+    assert_eq!(
+        most.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "suspects ran side by side"
+    );
+    assert_eq!(pending(&url, "s").await.0, 0);
+}
