@@ -1,5 +1,5 @@
-//! The driver's tight loop for a plain stage (no policy, retry, kept input, result routing,
-//! key or call span): [`Driver::start_plain`].
+//! The driver's tight loops for a plain stage (no policy, retry, kept input, result routing
+//! or call span): [`Driver::start_plain`], and [`Driver::start_plain_keyed`] with `key_by`.
 
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -8,6 +8,7 @@ use crate::error::ItemError;
 
 use super::super::call::{Meta, StageFn, make};
 use super::super::inflight::{First, Launched};
+use super::super::keyed::Probe;
 use super::Driver;
 
 impl<T, U, S> Driver<T, U, S>
@@ -55,7 +56,12 @@ where
                 }
             };
             let timed = self.latency.times(seq);
-            match self.inflight.launch(fut, timed, First { seq, ticket }, cx) {
+            let first = First {
+                seq,
+                ticket,
+                key: 0,
+            };
+            match self.inflight.launch(fut, timed, first, cx) {
                 Launched::Ready(Ok(u), latency, first) if in_order => {
                     if let Some(l) = latency {
                         self.latency.record(seq, l, &self.stats);
@@ -68,6 +74,118 @@ where
                 }
                 Launched::Waiting => self.reorder.open(),
             }
+        }
+    }
+
+    /// [`start_plain`](Self::start_plain) for a keyed stage. Each new item's key is hashed
+    /// once ([`Probe`]): a busy key's item waits in its key's queue; a key with room starts
+    /// it; a key with nothing out starts it without an entry in the key map, which the key
+    /// gets only if the call does not end at once. Items made ready when their key's
+    /// previous item ended (in this turn, before this loop) start first, ahead of new
+    /// input, so a key's next call starts in the turn its previous one ended. True if an
+    /// item started or waits.
+    pub(super) fn start_plain_keyed(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut moved = false;
+        loop {
+            let Some(keys) = self.keys.as_mut() else {
+                return moved;
+            };
+            let ready = keys.ready() > 0;
+            if !ready && (keys.full() || (self.input.is_empty() && !self.pull(cx))) {
+                return moved;
+            }
+            if !self.can_start() {
+                return moved;
+            }
+            if !S::ALWAYS_READY {
+                match self.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(error)) => {
+                        self.service_failed(error);
+                        return true;
+                    }
+                    Poll::Pending => return moved,
+                }
+            }
+            moved = true;
+            let Some(keys) = self.keys.as_mut() else {
+                return moved;
+            };
+            if ready {
+                if let Some((item, meta)) = keys.pop() {
+                    self.start(item, meta, cx);
+                }
+                continue;
+            }
+            let Some((item, ticket)) = self.input.pop() else {
+                return moved;
+            };
+            let seq = self.reorder.assign();
+            let key = match keys.probe(&item, seq) {
+                Probe::Free(key) => key,
+                Probe::Start(key) => {
+                    self.reorder.open();
+                    let mut meta = Meta::new(seq, ticket);
+                    meta.key = key;
+                    self.start(item, meta, cx);
+                    continue;
+                }
+                Probe::Wait(key) => {
+                    self.reorder.open();
+                    let mut meta = Meta::new(seq, ticket);
+                    meta.key = key;
+                    keys.wait(item, meta, &self.stats);
+                    continue;
+                }
+            };
+            let in_order = self.reorder.is_clear();
+            let call = &mut self.call;
+            let made = make(|| call.call(item));
+            let launched = match made {
+                Ok(fut) => {
+                    let timed = self.latency.times(seq);
+                    let first = First { seq, ticket, key };
+                    self.inflight.launch(fut, timed, first, cx)
+                }
+                Err(e) => Launched::Ready(Err(e), None, First { seq, ticket, key }),
+            };
+            match launched {
+                Launched::Ready(Ok(u), latency, first) if in_order => {
+                    // Its key never became busy: no entry to make or remove.
+                    if let Some(l) = latency {
+                        self.latency.record(seq, l, &self.stats);
+                    }
+                    self.output.push(u, first.ticket);
+                    self.reorder.passed();
+                }
+                Launched::Ready(result, latency, first) => {
+                    self.occupy(seq, key);
+                    let mut meta = Meta::new(seq, first.ticket);
+                    meta.key = key;
+                    self.reorder.open();
+                    meta.attempts = 1;
+                    self.complete(meta, result, latency, None, true);
+                }
+                Launched::Waiting => {
+                    self.occupy(seq, key);
+                    self.reorder.open();
+                }
+            }
+        }
+    }
+
+    /// Pulls a chunk of input into an empty buffer; true if items came.
+    fn pull(&mut self, cx: &mut Context<'_>) -> bool {
+        self.input.fill(cx, &self.stats);
+        !self.input.is_empty()
+    }
+
+    /// The key of the item `seq` just launched, kept aside by its probe, gets its entry at
+    /// `key`, the slot the probe gave (and the call carries).
+    fn occupy(&mut self, seq: u64, key: u32) {
+        if let Some(k) = self.keys.as_mut() {
+            let at = k.occupy(seq);
+            debug_assert_eq!(at, key, "the slot the probe gave");
         }
     }
 
