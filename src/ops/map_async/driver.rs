@@ -214,9 +214,16 @@ where
         if !self.reorder.is_ordered() || placed > 0 {
             return true;
         }
-        let window = self
-            .window
-            .unwrap_or_else(|| limit.saturating_mul(4).max(DEFAULT_WINDOW));
+        // A keyed stage's window also holds the items waiting behind busy keys: without
+        // room for them, a key whose items lie further on in the input than the window
+        // reaches would idle while an earlier item of another key is out.
+        let window = self.window.unwrap_or_else(|| {
+            let waiting = self.keys.as_ref().map_or(0, Keyed::max_waiting);
+            limit
+                .saturating_mul(4)
+                .max(DEFAULT_WINDOW)
+                .saturating_add(waiting)
+        });
         // A probe of the stage's server is already in the window (it was started before),
         // and the window may be full of items waiting for it.
         self.reorder.in_window() < window || self.probe_ready()

@@ -409,6 +409,11 @@ impl<T, U> Keyed<T, U> {
         self.keys.pop_ready()
     }
 
+    /// The most items waiting behind busy keys (`max_waiting`).
+    pub(super) fn max_waiting(&self) -> usize {
+        self.max_waiting
+    }
+
     /// Whether the items waiting behind busy keys are at their bound (no input is taken).
     pub(super) fn full(&self) -> bool {
         self.keys.waiting() >= self.max_waiting
