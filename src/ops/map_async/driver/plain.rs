@@ -28,17 +28,8 @@ where
             if !self.can_start() || (self.input.is_empty() && self.available(cx) == 0) {
                 return started;
             }
-            // A service must be ready before each call; a closure always is.
-            if !S::ALWAYS_READY {
-                match self.poll_ready(cx) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(error)) => {
-                        // The general path fails every item left with it.
-                        self.service_failed(error);
-                        return true;
-                    }
-                    Poll::Pending => return started,
-                }
+            if let Err(moved) = self.plain_ready(cx, started) {
+                return moved;
             }
             let Some((item, ticket)) = self.input.pop() else {
                 return started;
@@ -97,15 +88,8 @@ where
             if !self.can_start() {
                 return moved;
             }
-            if !S::ALWAYS_READY {
-                match self.poll_ready(cx) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(error)) => {
-                        self.service_failed(error);
-                        return true;
-                    }
-                    Poll::Pending => return moved,
-                }
+            if let Err(moved) = self.plain_ready(cx, moved) {
+                return moved;
             }
             moved = true;
             let Some(keys) = self.keys.as_mut() else {
@@ -171,6 +155,23 @@ where
                     self.reorder.open();
                 }
             }
+        }
+    }
+
+    /// Whether the next call of a plain stage may start: a service must be ready before each
+    /// call (a closure always is). `Err`: the loop ends, with whether it moved (`moved`, or
+    /// true if the service failed: the general path then fails every item left with it).
+    fn plain_ready(&mut self, cx: &mut Context<'_>, moved: bool) -> Result<(), bool> {
+        if S::ALWAYS_READY {
+            return Ok(());
+        }
+        match self.poll_ready(cx) {
+            Poll::Ready(Ok(())) => Ok(()),
+            Poll::Ready(Err(error)) => {
+                self.service_failed(error);
+                Err(true)
+            }
+            Poll::Pending => Err(moved),
         }
     }
 
