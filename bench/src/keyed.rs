@@ -54,7 +54,7 @@ pub fn run(case: Option<&str>) {
 fn draws(n: u64, keys: u64) -> Vec<(u32, Duration)> {
     (0..n)
         .map(|i| {
-            let h = splitmix(i ^ 0x6b65_7965_64);
+            let h = splitmix(i ^ 0x006b_6579_6564);
             ((h % keys) as u32, Duration::from_micros((h >> 32) % 5_001))
         })
         .collect()
