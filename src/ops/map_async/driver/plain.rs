@@ -54,11 +54,7 @@ where
             };
             match self.inflight.launch(fut, timed, first, cx) {
                 Launched::Ready(Ok(u), latency, first) if in_order => {
-                    if let Some(l) = latency {
-                        self.latency.record(seq, l, &self.stats);
-                    }
-                    self.output.push(u, first.ticket);
-                    self.reorder.passed();
+                    self.plain_out(seq, u, latency, first.ticket);
                 }
                 Launched::Ready(result, latency, first) => {
                     self.plain_slow(seq, first.ticket, result, latency)
@@ -136,11 +132,7 @@ where
             match launched {
                 Launched::Ready(Ok(u), latency, first) if in_order => {
                     // Its key never became busy: no entry to make or remove.
-                    if let Some(l) = latency {
-                        self.latency.record(seq, l, &self.stats);
-                    }
-                    self.output.push(u, first.ticket);
-                    self.reorder.passed();
+                    self.plain_out(seq, u, latency, first.ticket);
                 }
                 Launched::Ready(result, latency, first) => {
                     self.occupy(seq, key);
@@ -188,6 +180,22 @@ where
             let at = k.occupy(seq);
             debug_assert_eq!(at, key, "the slot the probe gave");
         }
+    }
+
+    /// A plain stage's call that finished at once in input order goes straight out.
+    #[inline]
+    fn plain_out(
+        &mut self,
+        seq: u64,
+        u: U,
+        latency: Option<Duration>,
+        ticket: crate::runtime::chunk::Ticket,
+    ) {
+        if let Some(l) = latency {
+            self.latency.record(seq, l, &self.stats);
+        }
+        self.output.push(u, ticket);
+        self.reorder.passed();
     }
 
     /// A plain stage's call that finished at once but cannot go straight out (it failed,
