@@ -245,7 +245,9 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
     }
 
     /// An ordered stage's reorder window: at most `n` items started and not yet emitted
-    /// (default: the larger of 4 × the limit on calls in flight and 512). A finished item
+    /// (default: the larger of 4 × the limit on calls in flight and 512, plus
+    /// [`max_waiting`](AsyncStage::max_waiting) with `key_by`: the items waiting behind busy
+    /// keys are in the window too). A finished item
     /// waits in the window until every item before it is out, so one slow call, a timeout or
     /// an item in retry backoff holds back only what fits in the window: the other workers
     /// keep starting items until it is full. The cost is memory: up to `n` finished outputs

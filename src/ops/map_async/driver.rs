@@ -73,7 +73,7 @@ pub(super) async fn drive<T, U, S>(
         && keep.is_none()
         && copy.is_none()
         && route.is_none()
-        && key.is_none()
+        && (key.is_none() || options.transient.is_none())
         && !options.trace_calls;
     let keys = key.map(|k| Keyed::new(k, key_by::limits(&options)));
     let chain = Chain::new(admissions);
@@ -144,7 +144,7 @@ pub(super) async fn drive<T, U, S>(
 
 struct Driver<T, U, S: StageFn<T, U>> {
     /// No policy, retry, kept input, result routing or call span: items start in
-    /// [`Driver::start_plain`]'s tight loop.
+    /// [`Driver::start_plain`]'s tight loop (keyed: [`Driver::start_plain_keyed`]).
     plain: bool,
     input: Input<T>,
     call: S,
@@ -214,9 +214,16 @@ where
         if !self.reorder.is_ordered() || placed > 0 {
             return true;
         }
-        let window = self
-            .window
-            .unwrap_or_else(|| limit.saturating_mul(4).max(DEFAULT_WINDOW));
+        // A keyed stage's window also holds the items waiting behind busy keys: without
+        // room for them, a key whose items lie further on in the input than the window
+        // reaches would idle while an earlier item of another key is out.
+        let window = self.window.unwrap_or_else(|| {
+            let waiting = self.keys.as_ref().map_or(0, Keyed::max_waiting);
+            limit
+                .saturating_mul(4)
+                .max(DEFAULT_WINDOW)
+                .saturating_add(waiting)
+        });
         // A probe of the stage's server is already in the window (it was started before),
         // and the window may be full of items waiting for it.
         self.reorder.in_window() < window || self.probe_ready()
@@ -569,7 +576,11 @@ where
             // does a stopping one: it starts nothing.
             let plain = self.plain && self.dead.is_none() && !self.stopping;
             if plain {
-                progress |= self.start_plain(cx);
+                progress |= if self.keys.is_some() {
+                    self.start_plain_keyed(cx)
+                } else {
+                    self.start_plain(cx)
+                };
             }
             // The admission the next call waits for, if any.
             let mut waits_on = None;

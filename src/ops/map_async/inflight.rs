@@ -40,6 +40,8 @@ impl<T> Carry<T> for (Meta, Option<T>) {
 pub(super) struct First {
     pub(super) seq: u64,
     pub(super) ticket: Ticket,
+    /// A keyed stage: the slot its key takes if the call waits.
+    pub(super) key: u32,
 }
 
 impl<T> Carry<T> for First {
@@ -47,6 +49,7 @@ impl<T> Carry<T> for First {
     fn into_call(self) -> (Meta, Option<T>) {
         let mut meta = Meta::new(self.seq, self.ticket);
         meta.attempts = 1;
+        meta.key = self.key;
         (meta, None)
     }
     #[inline]
@@ -231,6 +234,7 @@ mod tests {
         First {
             seq,
             ticket: Ticket::none(),
+            key: 0,
         }
     }
 

@@ -347,6 +347,141 @@ mod tests {
         assert!(later <= bound + 100, "{later} pulled");
     }
 
+    /// Starts of the calls `(key, i, ms)`, each call `ms_each` long, through a keyed stage
+    /// that `with` adds its options to.
+    async fn keyed_starts(
+        items: Vec<(u32, u32)>,
+        ms_each: u64,
+        with: impl FnOnce(
+            crate::AsyncStage<(u32, u32), u32, crate::Fallible<BoxedCall, CallFut>>,
+        )
+            -> crate::AsyncStage<(u32, u32), u32, crate::Fallible<BoxedCall, CallFut>>,
+    ) -> (Vec<(u32, u32, u64)>, Report) {
+        let t0 = Instant::now();
+        let starts: Log = Arc::default();
+        let s = starts.clone();
+        let call: BoxedCall = Box::new(move |(k, i): (u32, u32)| {
+            s.lock()
+                .unwrap()
+                .push((k, i, t0.elapsed().as_millis() as u64));
+            // Key 0's first item fails at its first attempt (a stage without a copy of its
+            // input for another attempt makes only one).
+            let fails = (k, i) == (0, 0) && crate::attempt() <= 1;
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(ms_each)).await;
+                if fails { Err("503") } else { Ok(i) }
+            })
+        });
+        let stage = Pipeline::from_iter(items)
+            .try_map_async("work", call)
+            .workers(4)
+            .key_by(|(k, _)| *k);
+        let report = with(stage).run().await.unwrap();
+        let starts = starts.lock().unwrap().clone();
+        assert!(report.is_balanced(), "{report}");
+        (starts, report)
+    }
+
+    type CallFut =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<u32, &'static str>> + Send>>;
+    type BoxedCall = Box<dyn Fn((u32, u32)) -> CallFut + Send + Sync>;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pausing_breaker_holds_every_key_and_the_failed_items_key_keeps_its_order() {
+        let breaker = Breaker::consecutive_failures(1).cooldown(Duration::from_millis(100));
+        let items = vec![(0, 0), (1, 0), (0, 1), (1, 1)];
+        let (starts, report) =
+            keyed_starts(items, 10, |s| s.circuit_breaker(breaker.clone())).await;
+        // Key 0's first call fails at 10 ms: the breaker opens and pauses the whole stage,
+        // so key 1's next item waits too, although its key is free. After the cooldown the
+        // held item goes first; key 0's next item only after it.
+        let key = |k| {
+            starts
+                .iter()
+                .filter(|s| s.0 == k)
+                .map(|s| (s.1, s.2))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(key(0), [(0, 0), (0, 110), (1, 120)]);
+        assert_eq!(key(1)[0], (0, 0));
+        assert!(key(1)[1].1 >= 110, "{starts:?}");
+        assert!(!starts.iter().any(|s| s.2 > 10 && s.2 < 110), "{starts:?}");
+        assert_eq!(report.stage("work").unwrap().passed, 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limit_keeps_each_keys_order() {
+        let items = vec![(0, 0), (0, 1), (1, 0), (0, 2), (1, 1)];
+        let (starts, report) =
+            keyed_starts(items, 50, |s| s.rate_limit(Rate::per_second(10))).await;
+        // One permit per 100 ms. Key 0's second item is ready (its first ended at 50 ms)
+        // before key 1's second (150 ms), and each key's items start in their order.
+        assert_eq!(
+            starts,
+            [
+                (0, 0, 0),
+                (1, 0, 100),
+                (0, 1, 200),
+                (1, 1, 300),
+                (0, 2, 400)
+            ]
+        );
+        assert_eq!(report.stage("work").unwrap().failed, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_adaptive_limit_keeps_one_call_per_key() {
+        let items: Vec<(u32, u32)> = (0..6).flat_map(|i| (0..3).map(move |k| (k, i))).collect();
+        let limit = Adaptive::aimd(1..=8).initial(3);
+        let (starts, report) = keyed_starts(items, 10, |s| s.adaptive(limit)).await;
+        // Key 0's first item failed (an overload for the limit's taste or not, it ends):
+        // each key's items start one after another, 10 ms apart, in their order.
+        for k in 0..3 {
+            let of_key: Vec<_> = starts.iter().filter(|s| s.0 == k).collect();
+            let is: Vec<u32> = of_key.iter().map(|s| s.1).collect();
+            let want: Vec<u32> = (0..6).collect();
+            assert_eq!(is, want, "key {k}: {starts:?}");
+            for w in of_key.windows(2) {
+                assert!(w[1].2 >= w[0].2 + 10, "key {k} overlapped: {starts:?}");
+            }
+        }
+        assert_eq!(report.stage("work").unwrap().passed, 17);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_item_skipped_as_done_does_not_hold_its_key() {
+        let store = crate::MemoryStore::new();
+        let id = |(k, i): &(u32, u32)| format!("{k}/{i}");
+        Pipeline::from_iter([(0u32, 0u32)])
+            .idempotent(store.clone(), id)
+            .run()
+            .await
+            .unwrap();
+        let t0 = Instant::now();
+        let starts: Log = Arc::default();
+        let s = starts.clone();
+        let report = Pipeline::from_iter([(0u32, 0u32), (0, 1), (1, 0), (0, 2)])
+            .idempotent(store, id)
+            .map_async("work", move |(k, i)| {
+                s.lock()
+                    .unwrap()
+                    .push((k, i, t0.elapsed().as_millis() as u64));
+                async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .workers(4)
+            .key_by(|(k, _)| *k)
+            .run()
+            .await
+            .unwrap();
+        // (0, 0) is done from the first run: key 0 starts with its next item at once.
+        let starts = starts.lock().unwrap().clone();
+        assert_eq!(starts, [(0, 1, 0), (1, 0, 0), (0, 2, 10)]);
+        let dropped: u64 = report.stages.iter().map(|s| s.dropped).sum();
+        assert_eq!((report.delivered(), dropped), (3, 1));
+    }
+
     #[tokio::test]
     async fn zero_per_key_and_zero_max_waiting_are_named_together() {
         let err = Pipeline::from_iter(0..3u32)

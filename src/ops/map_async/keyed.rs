@@ -61,6 +61,27 @@ pub(super) trait Keys<T>: Send {
     fn take_all(&mut self) -> (Vec<Meta>, Vec<Meta>);
     /// Keys with an entry in the map (something out or waiting).
     fn keys(&self) -> usize;
+    /// A new item `seq` of a plain stage, its key hashed once: where it goes (see
+    /// [`Probe`]). `Free` keeps the key aside for [`occupy`](Keys::occupy); a `Wait` item
+    /// is given to [`wait`](Keys::wait).
+    fn probe(&mut self, item: &T, seq: u64) -> Probe;
+    /// The key kept aside by the last `Free` probe gets its slot (at the index the probe
+    /// gave, returned), with the item `seq` out: its call did not end at once.
+    fn occupy(&mut self, seq: u64) -> u32;
+    /// An item of a busy key (a `Wait` probe) waits in its key's queue.
+    fn wait(&mut self, item: T, meta: Meta);
+}
+
+/// Where a new item of a plain stage goes ([`Keys::probe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Probe {
+    /// Its key has no slot (nothing out, nothing waiting): it may start, and its key gets a
+    /// slot, at this index, only if its call does not end at once.
+    Free(u32),
+    /// Its key has a slot with room and nothing waiting: it took a place and may start.
+    Start(u32),
+    /// Its key is busy: it waits.
+    Wait(u32),
 }
 
 /// One key's state.
@@ -88,6 +109,9 @@ pub(super) struct KeyMap<T, K, F> {
     free: Vec<u32>,
     ready: VecDeque<(T, Meta)>,
     waiting: usize,
+    /// The key of the last `Free` probe and its hash, until it gets a slot or the next
+    /// probe replaces it.
+    aside: Option<(K, u64)>,
 }
 
 impl<T, K, F> KeyMap<T, K, F>
@@ -105,21 +129,40 @@ where
             free: Vec::new(),
             ready: VecDeque::new(),
             waiting: 0,
+            aside: None,
         }
+    }
+
+    /// The slot of `key` (hashed `hash`), if it has one.
+    fn find(&self, key: &K, hash: u64) -> Option<u32> {
+        let mut at = self.index.get(&hash).copied().unwrap_or(NONE);
+        while at != NONE {
+            let s = &self.slots[at as usize];
+            if s.key.as_ref() == Some(key) {
+                return Some(at);
+            }
+            at = s.next;
+        }
+        None
+    }
+
+    /// The index the next new slot takes.
+    fn next_slot(&self) -> u32 {
+        self.free.last().copied().unwrap_or(self.slots.len() as u32)
     }
 
     /// The slot of `key`, made if the key has none.
     fn slot_of(&mut self, key: K) -> u32 {
         let hash = self.hasher.hash_one(&key);
-        let head = self.index.get(&hash).copied().unwrap_or(NONE);
-        let mut at = head;
-        while at != NONE {
-            let s = &self.slots[at as usize];
-            if s.key.as_ref() == Some(&key) {
-                return at;
-            }
-            at = s.next;
+        match self.find(&key, hash) {
+            Some(at) => at,
+            None => self.make_slot(key, hash),
         }
+    }
+
+    /// A new slot for `key` (which has none), at [`next_slot`](Self::next_slot).
+    fn make_slot(&mut self, key: K, hash: u64) -> u32 {
+        let head = self.index.get(&hash).copied().unwrap_or(NONE);
         let slot = Slot {
             key: Some(key),
             hash,
@@ -254,6 +297,46 @@ where
     fn keys(&self) -> usize {
         self.slots.len() - self.free.len()
     }
+
+    fn probe(&mut self, item: &T, seq: u64) -> Probe {
+        let key = (self.key_of)(item);
+        let hash = self.hasher.hash_one(&key);
+        let Some(at) = self.find(&key, hash) else {
+            self.aside = Some((key, hash));
+            return Probe::Free(self.next_slot());
+        };
+        let s = &mut self.slots[at as usize];
+        if s.busy < self.limits.per_key && s.waiting.is_empty() {
+            // `make_ready`'s work without the ready queue: the caller starts it now.
+            s.busy += 1;
+            if self.limits.track_order {
+                s.out.push_back((seq, false));
+            }
+            Probe::Start(at)
+        } else {
+            Probe::Wait(at)
+        }
+    }
+
+    fn occupy(&mut self, seq: u64) -> u32 {
+        let Some((key, hash)) = self.aside.take() else {
+            return NONE;
+        };
+        let at = self.make_slot(key, hash);
+        let s = &mut self.slots[at as usize];
+        s.busy = 1;
+        if self.limits.track_order {
+            s.out.push_back((seq, false));
+        }
+        at
+    }
+
+    fn wait(&mut self, item: T, meta: Meta) {
+        self.slots[meta.key as usize]
+            .waiting
+            .push_back((item, meta));
+        self.waiting += 1;
+    }
 }
 
 /// The hasher of the index, whose keys are already hashes.
@@ -324,6 +407,33 @@ impl<T, U> Keyed<T, U> {
 
     pub(super) fn pop(&mut self) -> Option<(T, Meta)> {
         self.keys.pop_ready()
+    }
+
+    /// The most items waiting behind busy keys (`max_waiting`).
+    pub(super) fn max_waiting(&self) -> usize {
+        self.max_waiting
+    }
+
+    /// Whether the items waiting behind busy keys are at their bound (no input is taken).
+    pub(super) fn full(&self) -> bool {
+        self.keys.waiting() >= self.max_waiting
+    }
+
+    /// See [`Keys::probe`].
+    #[inline]
+    pub(super) fn probe(&mut self, item: &T, seq: u64) -> Probe {
+        self.keys.probe(item, seq)
+    }
+
+    /// See [`Keys::occupy`].
+    pub(super) fn occupy(&mut self, seq: u64) -> u32 {
+        self.keys.occupy(seq)
+    }
+
+    /// See [`Keys::wait`]; counted in the stage's `key_waits`.
+    pub(super) fn wait(&mut self, item: T, meta: Meta, stats: &StageStats) {
+        self.keys.wait(item, meta);
+        StageStats::add(&stats.key_waits, 1);
     }
 
     pub(super) fn ready(&self) -> usize {
