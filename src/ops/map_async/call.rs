@@ -272,7 +272,8 @@ pub(super) fn make<F>(make: impl FnOnce() -> F) -> Result<F, ItemError> {
 }
 
 /// Polls the future in `slot` with panic isolation.
-#[inline]
+// Always: the hot path of every call, see `InFlight::launch`.
+#[inline(always)]
 pub(super) fn poll_slot<F, U>(
     slot: &mut Slot<F>,
     cx: &mut Context<'_>,
