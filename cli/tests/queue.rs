@@ -521,6 +521,12 @@ fn signal(pid: u32, sig: &str) {
     assert!(ok, "kill {sig} {pid}");
 }
 
+/// Whether some input was noted twice in `effects` (its job ran twice).
+fn ran_twice(effects: &Path) -> bool {
+    let text = std::fs::read_to_string(effects).unwrap_or_default();
+    counts(text.as_bytes()).values().any(|&n| n >= 2)
+}
+
 /// A worker stopped (SIGSTOP) with jobs in flight: its leases run out and the other
 /// workers take its inputs over; once it runs again (SIGCONT) it writes the results of
 /// the jobs it held, which the feeder has already written out from the others: each
@@ -535,9 +541,17 @@ fn a_worker_stopped_mid_run_and_resumed_duplicates_no_output() {
     signal(first.id(), "-STOP");
     let held = lines_in(&effects);
     let others = workers(dir.path(), &q, &pipe, 2);
-    // Past the lease (1 s): the others have taken the stopped worker's inputs over.
     wait_for_lines(&effects, held + 30, "the other workers took nothing over");
-    std::thread::sleep(Duration::from_millis(1500));
+    // Past the lease (1 s): the others take the stopped worker's inputs over, and run one
+    // of them a second time.
+    let t = Instant::now();
+    while !ran_twice(&effects) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the other workers took nothing of the stopped one's over"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         feeder.try_wait().unwrap().is_none(),
         "the run ended while the worker was stopped: nothing left to duplicate"
@@ -546,9 +560,8 @@ fn a_worker_stopped_mid_run_and_resumed_duplicates_no_output() {
     let out = finish(feeder, "the feeder");
     succeeded(&out);
     expect_each_once(&out, 300, "out-");
-    let ran = counts(std::fs::read_to_string(&effects).unwrap().as_bytes());
     assert!(
-        ran.values().any(|&n| n >= 2),
+        ran_twice(&effects),
         "no input of the stopped worker ran again elsewhere"
     );
     let mut ws = others;
@@ -617,7 +630,9 @@ fn a_worker_started_after_a_run_finished_waits_for_the_next_run() {
 fn a_late_worker_of_an_old_run_does_not_mix_with_the_new_run() {
     let (_server, dir, q) = setup(false, "mix");
     let (effects, old) = noting_pipe(dir.path(), 40, 2, "0.2", "old");
-    let new = r#"seq(1..40) | fork(2) | sh("sleep 0.1; echo new-{}")"#;
+    let new_dir = dir.path().join("new");
+    std::fs::create_dir(&new_dir).unwrap();
+    let (new_effects, new) = noting_pipe(&new_dir, 40, 2, "0.1", "new");
     let stale = workers(dir.path(), &q, &old, 1).remove(0);
     let feeder = start(dir.path(), &["--queue", &q, &old]);
     wait_for_lines(&effects, 2, "no job started");
@@ -627,13 +642,15 @@ fn a_late_worker_of_an_old_run_does_not_mix_with_the_new_run() {
     succeeded(&out);
     expect_each_once(&out, 40, "old-");
     all_exit_0(others);
-    let ws = workers(dir.path(), &q, new, 1);
-    let feeder = start(dir.path(), &["--queue", &q, new]);
-    std::thread::sleep(Duration::from_millis(300));
+    let ws = workers(dir.path(), &q, &new, 1);
+    let feeder = start(dir.path(), &["--queue", &q, &new]);
+    // The new run has taken the NAME (its jobs run) before the stale worker goes on.
+    wait_for_lines(&new_effects, 1, "the new run started no job");
     signal(stale.id(), "-CONT");
     let out = finish(feeder, "the new run");
     succeeded(&out);
     expect_each_once(&out, 40, "new-");
+    assert_eq!(lines_in(&new_effects), 40, "a new input ran twice");
     let mut ws = ws;
     ws.push(stale);
     all_exit_0(ws);
