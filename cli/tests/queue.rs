@@ -601,6 +601,38 @@ fn redis_down_when_the_feeder_and_a_worker_start_is_waited_for() {
     all_exit_0(std::mem::take(&mut ws));
 }
 
+/// Redis frozen (SIGSTOP: connections open, nothing answered) for longer than the
+/// workers' lease while jobs run: the feeder and the workers wait for it, and once it
+/// answers again every input is printed once and none is turned into a failure.
+#[test]
+fn redis_frozen_mid_run_loses_nothing_and_fails_nothing() {
+    let (server, dir, q) = setup(false, "frozen");
+    let (effects, pipe) = noting_pipe(dir.path(), 200, 4, "0.05", "out");
+    let ws = workers(dir.path(), &q, &pipe, 2);
+    let mut feeder = start(
+        dir.path(),
+        &["--queue", &q, "--dead-letter", "dead.jsonl", &pipe],
+    );
+    wait_for_lines(&effects, 20, "no job started");
+    server.freeze();
+    std::thread::sleep(Duration::from_secs(3));
+    let frozen_at = lines_in(&effects);
+    server.thaw();
+    assert!(
+        feeder.try_wait().unwrap().is_none(),
+        "the feeder ended while Redis was frozen"
+    );
+    assert!(frozen_at < 200, "the run ended while Redis was frozen");
+    let out = finish(feeder, "the feeder");
+    succeeded(&out);
+    expect_each_once(&out, 200, "out-");
+    assert!(
+        !dir.path().join("dead.jsonl").exists(),
+        "the freeze turned inputs into failures"
+    );
+    all_exit_0(ws);
+}
+
 /// A worker started just after a run finished (its keys still there for a minute) waits
 /// for the next run instead of ending with the old one, and runs it.
 #[test]
