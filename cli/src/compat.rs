@@ -158,18 +158,28 @@ pub fn command_text(words: &[OsString], quote: bool) -> Result<String, String> {
 }
 
 /// `-j`: `N`, `N%` of the CPUs, `+N` / `-N` CPUs more or less, `0` as many as there are
-/// inputs (here: 65,536), or a file holding one of these (read once, at the start).
+/// inputs (here: 65,536), or a file holding one of these ([`jobs_file`]; read here for the
+/// start, and again while the run goes on by `live`).
 pub fn jobs(text: &str, cpus: usize) -> Result<usize, String> {
-    let t = text.trim();
-    if !t.is_empty() && std::path::Path::new(t).is_file() {
+    if let Some(t) = jobs_file(text) {
         let bad = |why: &str| format!("--jobs `{}`: {why}", text.escape_debug());
         let content = std::fs::read_to_string(t).map_err(|e| bad(&e.to_string()))?;
         // The file's text is a number, never another file (a file naming itself would
         // never end).
-        return jobs_value(content.trim(), cpus)
-            .map_err(|e| format!("{e} (read from the file `{}`)", t.escape_debug()));
+        return jobs_value(content.trim(), cpus).map_err(|e| {
+            format!(
+                "{e} (read from the file `{}`)",
+                t.to_string_lossy().escape_debug()
+            )
+        });
     }
-    jobs_value(t, cpus)
+    jobs_value(text.trim(), cpus)
+}
+
+/// The file `-j`'s value names, when it names one (an existing file wins over a number).
+pub fn jobs_file(text: &str) -> Option<&std::path::Path> {
+    let t = std::path::Path::new(text.trim());
+    (!t.as_os_str().is_empty() && t.is_file()).then_some(t)
 }
 
 /// `-j`'s value as text: `N`, `N%`, `+N`, `-N` or `0`.

@@ -656,9 +656,8 @@ fn setup(cli: Cli, groups: Vec<compat::Group>) -> Result<Setup, Vec<String>> {
     let jobs_file = cli
         .jobs
         .as_deref()
-        .map(|j| std::path::PathBuf::from(j.trim()))
-        .filter(|p| p.is_file())
-        .map(|p| (p, cpus));
+        .and_then(compat::jobs_file)
+        .map(|p| (p.to_path_buf(), cpus));
     let settings = Box::new(run::Settings {
         jobs,
         jobs_file,
