@@ -27,6 +27,29 @@ use crate::jobs::Jobs;
 use crate::spec::{Plan, RetrySpec, Sink, Source, Step, Task, TaskKind};
 use crate::state::State;
 
+/// SIGUSR1, as GNU parallel takes it: the commands of `runner`'s running jobs on stderr,
+/// then `also`, and the run goes on. To be called before anything could send it: the
+/// signal's default action ends the process (a feeder, which runs no job, takes it too).
+/// The task answering it, to abort at the end of the run.
+pub(crate) fn on_sigusr1(
+    runner: Option<Arc<Runner>>,
+    also: impl Fn() + Send + 'static,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let mut usr1 =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).ok()?;
+    Some(tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            if let Some(runner) = &runner {
+                let mut err = std::io::stderr().lock();
+                for command in runner.jobs.commands() {
+                    let _ = writeln!(err, "flowline: {command}");
+                }
+            }
+            also();
+        }
+    }))
+}
+
 /// Command-line settings of a run.
 pub struct Settings {
     pub jobs: usize,
@@ -735,24 +758,11 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
         .dead_letter(DeadLetter::callback(move |f| on_fail.on_failure(f)))
         .spawn();
     ctx.live.started(handle.control());
-    // SIGUSR1 lists the running jobs on stderr, as GNU parallel does, and reads the limit
-    // files at once. Registered here, before anything could send it: its default action
-    // ends the process.
-    let reread = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
-        .ok()
-        .map(|mut usr1| {
-            let ctx = ctx.clone();
-            tokio::spawn(async move {
-                while usr1.recv().await.is_some() {
-                    let mut err = std::io::stderr().lock();
-                    for command in ctx.runner.jobs.commands() {
-                        let _ = writeln!(err, "flowline: {command}");
-                    }
-                    drop(err);
-                    ctx.live.reread();
-                }
-            })
-        });
+    // SIGUSR1 also reads the limit files at once.
+    let reread = {
+        let ctx = ctx.clone();
+        on_sigusr1(Some(ctx.runner.clone()), move || ctx.live.reread())
+    };
     let interrupted = Arc::new(AtomicBool::new(false));
     let signals = watch_signals(
         &ctx,

@@ -725,3 +725,33 @@ fn a_rerun_whose_source_gives_more_inputs_waits_for_them() {
     expect_each_once(&out, 30, "out-");
     all_exit_0(ws);
 }
+
+/// SIGUSR1, as in a local run: a worker lists its running jobs on stderr and goes on, and
+/// the feeder (which runs no job) goes on too; neither is ended by the signal.
+#[test]
+fn sigusr1_lists_a_workers_running_jobs_and_ends_no_process() {
+    let (_server, dir, q) = setup(false, "usr1");
+    let (effects, pipe) = noting_pipe(dir.path(), 6, 2, "1", "out");
+    let ws = workers(dir.path(), &q, &pipe, 1);
+    let feeder = start(dir.path(), &["--queue", &q, &pipe]);
+    wait_for_lines(&effects, 2, "no job started");
+    signal(ws[0].id(), "-USR1");
+    signal(feeder.id(), "-USR1");
+    let out = finish(feeder, "the feeder");
+    succeeded(&out);
+    expect_each_once(&out, 6, "out-");
+    let w = finish(ws.into_iter().next().unwrap(), "the worker");
+    let err = String::from_utf8_lossy(&w.stderr);
+    assert_eq!(w.status.code(), Some(0), "{err}");
+    // Each listed as it ran: its command with the input put in.
+    let listed: Vec<&str> = err.lines().filter(|l| l.contains("; sleep 1;")).collect();
+    assert!((1..=2).contains(&listed.len()), "{err}");
+    for l in listed {
+        let n: u32 = l
+            .rsplit_once("out-")
+            .and_then(|(_, n)| n.parse().ok())
+            .unwrap_or_else(|| panic!("{l}"));
+        let job = format!("echo {n} >> {}; sleep 1; echo out-{n}", effects.display());
+        assert_eq!(l, format!("flowline: {job}"));
+    }
+}

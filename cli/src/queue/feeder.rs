@@ -350,6 +350,7 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
         let collecting = collect(f.clone(), fed.clone(), &source_done, progress.clone());
         tokio::try_join!(feeding, collecting).map(|_| ())
     };
+    let usr1 = crate::run::on_sigusr1(None, || {});
     let stopped = tokio::select! {
         r = work => {
             r?;
@@ -357,6 +358,9 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
         }
         () = super::stop_signal() => true,
     };
+    if let Some(u) = usr1 {
+        u.abort();
+    }
     if stopped {
         let f = f.lock().await;
         eprintln!(

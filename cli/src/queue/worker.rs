@@ -324,6 +324,7 @@ pub async fn run(
     .map_err(|e| format!("--queue: {e}"))?;
     let (finished_tx, finished) = tokio::sync::watch::channel(false);
     let watcher = tokio::spawn(watch_finished(queue.clone(), finished_tx));
+    let usr1 = crate::run::on_sigusr1(Some(runner.clone()), || {});
     let signalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let calls = Arc::new(AtomicU32::new(0));
     let stop = {
@@ -346,6 +347,9 @@ pub async fn run(
     };
     let result = p.into_sink(sink).stop_on_signal(stop).await;
     watcher.abort();
+    if let Some(u) = usr1 {
+        u.abort();
+    }
     let interrupted = signalled.load(Ordering::SeqCst);
     match result {
         Ok((written, report)) => {
