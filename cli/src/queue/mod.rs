@@ -99,6 +99,8 @@ impl Queue {
 
     /// The key of one part of the current run (`jobs`, `results`, `dead`, `ended`).
     pub fn key(&self, part: &str) -> String {
+        // A key built before the run is known would name no run's keys, silently.
+        debug_assert!(!self.run.is_empty(), "queue key `{part}` before the run");
         format!("flowline:{{{}}}:{}:{part}", self.name, self.run)
     }
 
