@@ -195,6 +195,20 @@ fn a_worker_killed_mid_run_loses_nothing() {
     all_exit_0(others);
 }
 
+/// The end of a run through a Redis outage (with `--dead-letter dead.jsonl`): the feeder
+/// prints each of the `n` inputs once, the outage turned none into a failure, and the
+/// workers exit 0.
+fn outage_lost_and_failed_nothing(feeder: Child, dir: &Path, n: u64, ws: Vec<Child>) {
+    let out = finish(feeder, "the feeder");
+    succeeded(&out);
+    expect_each_once(&out, n, "out-");
+    assert!(
+        !dir.join("dead.jsonl").exists(),
+        "the outage turned inputs into failures"
+    );
+    all_exit_0(ws);
+}
+
 #[test]
 fn redis_dropping_connections_and_restarting_loses_nothing() {
     // AOF with fsync on every write: a restarted server has every write it acknowledged.
@@ -222,14 +236,7 @@ fn redis_dropping_connections_and_restarting_loses_nothing() {
         feeder.try_wait().unwrap().is_none(),
         "the run ended before the restart"
     );
-    let out = finish(feeder, "the feeder");
-    succeeded(&out);
-    expect_each_once(&out, 300, "out-");
-    assert!(
-        !dir.path().join("dead.jsonl").exists(),
-        "an outage turned inputs into failures"
-    );
-    all_exit_0(ws);
+    outage_lost_and_failed_nothing(feeder, dir.path(), 300, ws);
 }
 
 #[test]
@@ -591,14 +598,7 @@ fn redis_down_when_the_feeder_and_a_worker_start_is_waited_for() {
         "the worker gave up while Redis was down"
     );
     server.restart();
-    let out = finish(feeder, "the feeder");
-    succeeded(&out);
-    expect_each_once(&out, 50, "out-");
-    assert!(
-        !dir.path().join("dead.jsonl").exists(),
-        "the outage turned inputs into failures"
-    );
-    all_exit_0(std::mem::take(&mut ws));
+    outage_lost_and_failed_nothing(feeder, dir.path(), 50, ws);
 }
 
 /// Redis frozen (SIGSTOP: connections open, nothing answered) for longer than the
@@ -623,14 +623,7 @@ fn redis_frozen_mid_run_loses_nothing_and_fails_nothing() {
         "the feeder ended while Redis was frozen"
     );
     assert!(frozen_at < 200, "the run ended while Redis was frozen");
-    let out = finish(feeder, "the feeder");
-    succeeded(&out);
-    expect_each_once(&out, 200, "out-");
-    assert!(
-        !dir.path().join("dead.jsonl").exists(),
-        "the freeze turned inputs into failures"
-    );
-    all_exit_0(ws);
+    outage_lost_and_failed_nothing(feeder, dir.path(), 200, ws);
 }
 
 /// A worker started just after a run finished (its keys still there for a minute) waits
