@@ -270,41 +270,17 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lowered_bound_waits_out_the_calls_in_flight_and_a_raised_one_starts_at_once() {
-        use std::sync::Mutex;
-        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        use crate::runtime::live::tests::{Starts, between, logged, ms};
         let bound = Inflight::new(64);
-        let now = Arc::new(AtomicUsize::new(0));
-        let starts: Arc<Mutex<Vec<(Duration, usize)>>> = Default::default();
+        let starts: Starts = Default::default();
         let t0 = Instant::now();
-        let call = {
-            let (now, starts) = (now.clone(), starts.clone());
-            move |x: u64| {
-                let n = now.fetch_add(1, SeqCst) + 1;
-                starts.lock().unwrap().push((t0.elapsed(), n));
-                let now = now.clone();
-                async move {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    now.fetch_sub(1, SeqCst);
-                    x
-                }
-            }
-        };
         let handle = Pipeline::from_iter(0..u64::MAX)
-            .map_async("a", call)
+            .map_async("a", logged(100, t0, &starts))
             .workers(128)
             .unordered()
             .inflight(&bound)
             .spawn();
-        let ms = Duration::from_millis;
-        let most = |from: u64, to: u64| {
-            let s = starts.lock().unwrap();
-            let w: Vec<usize> = s
-                .iter()
-                .filter(|(t, _)| *t >= ms(from) && *t < ms(to))
-                .map(|(_, n)| *n)
-                .collect();
-            (w.len(), w.into_iter().max().unwrap_or(0))
-        };
+        let most = |from, to| between(&starts, from, to);
         tokio::time::sleep(ms(50)).await;
         assert_eq!((bound.in_flight(), bound.limit()), (64, 64));
         bound.set_limit(8).unwrap();

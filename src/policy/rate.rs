@@ -21,9 +21,10 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::sync::{Notify, futures::OwnedNotified};
 use tokio::time::{Instant, Sleep};
 
 use crate::policy::{Admission, Idles, Invalid, Policy, Verdict, gcra};
@@ -56,9 +57,6 @@ struct Record {
 
 struct State {
     params: Params,
-    /// The tasks waiting for a permit, woken when the settings change (a raised rate may
-    /// let them go sooner than the timer they sleep on).
-    waiters: Vec<Waker>,
     /// The theoretical arrival time of the next permit (GCRA's TAT).
     tat: Option<Instant>,
     /// The starts of the last period, oldest first.
@@ -180,6 +178,9 @@ impl Params {
 /// between two takes, never during one.
 struct Inner {
     state: Mutex<State>,
+    /// Notified when the settings change: a raised rate may let a waiting caller go sooner
+    /// than the timer it sleeps on. A caller that stops waiting drops its registration.
+    changed: Arc<Notify>,
 }
 
 /// What one take granted.
@@ -270,12 +271,12 @@ impl Rate {
         Rate(Arc::new(Inner {
             state: Mutex::new(State {
                 params: Params::new(count, period, burst),
-                waiters: Vec::new(),
                 tat: None,
                 log: VecDeque::new(),
                 first: 0,
                 total: 0,
             }),
+            changed: Arc::new(Notify::new()),
         }))
     }
 
@@ -329,7 +330,7 @@ impl Rate {
     pub fn set(&self, to: &Rate) -> Result<(), crate::Error> {
         to.check()?;
         let new = to.params();
-        let waiters = {
+        {
             let mut st = self.state();
             let old = std::mem::replace(&mut st.params, new);
             let now = Instant::now();
@@ -345,9 +346,8 @@ impl Rate {
             st.first += st.log.len() as u64;
             st.log.clear();
             st.total = 0;
-            std::mem::take(&mut st.waiters)
-        };
-        waiters.into_iter().for_each(Waker::wake);
+        }
+        self.0.changed.notify_waiters();
         Ok(())
     }
 
@@ -448,13 +448,10 @@ impl Rate {
                 }
                 let since = *w.since.get_or_insert(now);
                 let g = self.take_at(&mut st, now, since, want.max(1));
-                // Registered under the lock: a change made after this take wakes it.
-                let me = cx.waker();
-                let known = st.waiters.iter().position(|x| x.will_wake(me));
-                match (g.n, known) {
-                    (0, None) => st.waiters.push(me.clone()),
-                    (1.., Some(i)) => drop(st.waiters.swap_remove(i)),
-                    _ => {}
+                if g.n == 0 && w.changed.is_none() {
+                    // Made under the lock: a change after this take completes it. Kept
+                    // across grants, so that a caller waits without an allocation each time.
+                    w.changed = Some(Box::pin(self.0.changed.clone().notified_owned()));
                 }
                 g
             };
@@ -462,6 +459,13 @@ impl Rate {
                 // `since` stays until the caller says it is idle: while its demand goes on,
                 // a late wake-up still gets every slot it was owed, across chunk boundaries.
                 return Poll::Ready(g);
+            }
+            if let Some(changed) = &mut w.changed
+                && changed.as_mut().poll(cx).is_ready()
+            {
+                // The settings changed since this caller's registration: take again.
+                w.changed = None;
+                continue;
             }
             let sleep = w
                 .sleep
@@ -582,6 +586,8 @@ impl Rate {
 pub(crate) struct RateWait {
     since: Option<Instant>,
     sleep: Option<Pin<Box<Sleep>>>,
+    /// Completed by [`Rate::set`]; made when the caller first has to wait.
+    changed: Option<Pin<Box<OwnedNotified>>>,
     /// The record and count of the permits [`Rate::poll_take`] handed out last. Their items
     /// go on to the operators fused after the caller, which handle them (and whatever the
     /// user measures there: a call's start, a timestamp) before the caller is polled again.

@@ -52,14 +52,11 @@ impl LiveStage {
         self.driver.register(waker);
     }
 
-    fn set_workers(&self, n: usize) -> Result<(), Error> {
-        if let Some((option, value, reason)) = live_invalid("workers", n) {
-            return Err(Error::config_text(&self.name, option, value, reason));
-        }
+    /// `n` was checked by [`LiveStages::set_workers`], the only way in.
+    fn set_workers(&self, n: usize) {
         self.workers.store(n, Relaxed);
         self.worker_changes.fetch_add(1, Relaxed);
         self.driver.wake();
-        Ok(())
     }
 
     fn set_rate(&self, to: &Rate) -> Result<(), Error> {
@@ -124,7 +121,10 @@ impl LiveStages {
         st.built = true;
         for (name, change) in std::mem::take(&mut st.pending) {
             let applied = st.stage(&name).and_then(|s| match &change {
-                Change::Workers(n) => s.set_workers(*n),
+                Change::Workers(n) => {
+                    s.set_workers(*n);
+                    Ok(())
+                }
                 Change::Rate(r) => s.set_rate(r),
             });
             if let Err(e) = applied {
@@ -151,18 +151,20 @@ impl LiveStages {
             st.pending.push((stage.to_string(), Change::Workers(n)));
             return Ok(());
         }
-        st.stage(stage)?.set_workers(n)
+        st.stage(stage)?.set_workers(n);
+        Ok(())
     }
 
     pub(crate) fn set_rate(&self, stage: &str, to: &Rate) -> Result<(), Error> {
-        to.check().map_err(|e| on_stage(e, stage))?;
         let mut st = self.lock();
-        if !st.built {
-            st.pending
-                .push((stage.to_string(), Change::Rate(to.clone())));
-            return Ok(());
+        if st.built {
+            // `Rate::set` checks the value.
+            return st.stage(stage)?.set_rate(to);
         }
-        st.stage(stage)?.set_rate(to)
+        to.check().map_err(|e| on_stage(e, stage))?;
+        st.pending
+            .push((stage.to_string(), Change::Rate(to.clone())));
+        Ok(())
     }
 }
 
@@ -198,7 +200,7 @@ fn on_stage(e: Error, stage: &str) -> Error {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use crate::prelude::*;
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     use std::sync::{Arc, Mutex};
@@ -206,10 +208,10 @@ mod tests {
     use tokio::time::Instant;
 
     /// Each call's start: (time since `t0`, calls in flight with it).
-    type Starts = Arc<Mutex<Vec<(Duration, usize)>>>;
+    pub(crate) type Starts = Arc<Mutex<Vec<(Duration, usize)>>>;
 
     /// A call of `ms` that logs its start into `starts`.
-    fn logged(
+    pub(crate) fn logged(
         ms: u64,
         t0: Instant,
         starts: &Starts,
@@ -232,12 +234,12 @@ mod tests {
         }
     }
 
-    fn ms(n: u64) -> Duration {
+    pub(crate) fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
     }
 
     /// Starts in `[from, to)`, and the most calls in flight any of them saw.
-    fn between(starts: &Starts, from: u64, to: u64) -> (usize, usize) {
+    pub(crate) fn between(starts: &Starts, from: u64, to: u64) -> (usize, usize) {
         let s = starts.lock().unwrap();
         let w: Vec<_> = s
             .iter()
