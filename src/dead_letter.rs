@@ -100,8 +100,10 @@ impl DeadLetter {
     }
 
     /// Appends every failure to a JSON-lines file (created if missing): one object per line
-    /// with `stage`, `error`, `kind`, `attempts`, `input`, `input_format` and `at_ms` (Unix
-    /// time). Writes are buffered and flushed when the run ends.
+    /// with `stage`, `error`, `kind` (why it failed: the word of
+    /// [`ItemError::kind`](crate::ItemError::kind), which the report counts by in
+    /// `failed_by` and its JSON calls `reason`), `attempts`, `input`, `input_format` and
+    /// `at_ms` (Unix time). Writes are buffered and flushed when the run ends.
     ///
     /// `input` is what the stage kept of the item: with
     /// [`keep_input_json`](crate::AsyncStage::keep_input_json) the item itself as JSON
@@ -203,6 +205,15 @@ fn jsonl_line(
         o.extend(extra);
     }
     line
+}
+
+/// Opens a JSON-lines dead-letter file to append to, created if missing.
+#[cfg(feature = "jsonl")]
+fn open_append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
 }
 
 /// A JSON-lines dead-letter file written outside a run: the lines of
@@ -307,18 +318,11 @@ impl DeadLetterFile {
         let mut line = jsonl_line(failure, extra).to_string();
         line.push('\n');
         let mut g = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if g.is_none() {
-            *g = Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.path)?,
-            );
-        }
-        match g.as_mut() {
-            Some(f) => f.write_all(line.as_bytes()),
-            None => Ok(()),
-        }
+        let file = match &mut *g {
+            Some(file) => file,
+            None => g.insert(open_append(&self.path)?),
+        };
+        file.write_all(line.as_bytes())
     }
 
     /// How many failures were written (or tried).
@@ -368,11 +372,7 @@ impl DeadLetters {
             }
             #[cfg(feature = "jsonl")]
             Target::Jsonl(path, fields) => {
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| {
+                let file = open_append(path).map_err(|e| {
                         Error::DeadLetter(format!("cannot open {}: {e}", path.display()))
                     })?;
                 Live::Jsonl(Mutex::new(std::io::BufWriter::new(file)), fields.clone())

@@ -67,7 +67,8 @@ impl Serialize for StageReport {
     }
 }
 
-/// `{"workers": 8, "worker_changes": 2, "rate_per_second": 50.0, "rate_changes": 1}`.
+/// `{"workers": 8, "adaptive": false, "worker_changes": 2, "rate_per_second": 50.0,
+/// "rate_changes": 1}`.
 struct Limits<'a>(&'a LiveLimits);
 
 impl Serialize for Limits<'_> {
@@ -135,7 +136,7 @@ mod tests {
     use std::time::Duration;
 
     use crate::error::{Failure, ItemError};
-    use crate::report::LatencySummary;
+    use crate::report::{LatencySummary, LiveLimits};
     use crate::report::tests::{report, stage};
 
     #[test]
@@ -155,6 +156,14 @@ mod tests {
             input: Some(crate::FailedInput::new(7u64)),
             ..Failure::new("fetch", ItemError::Timeout(Duration::from_secs(2)), 3)
         }];
+        r.stages[1].limits = Some(LiveLimits {
+            workers: Some(8),
+            adaptive: false,
+            worker_changes: 2,
+            rate: Some((50, Duration::from_millis(500))),
+            rate_changes: 1,
+        });
+        r.stages[1].key_waits = 4;
         assert_eq!(
             r.to_json(),
             concat!(
@@ -163,9 +172,11 @@ mod tests {
                 r#"{"name":"source","kind":"source","in":3,"ok":3,"out":3,"dropped":3,"#,
                 r#""failed":3,"failed_by":{"error":3},"retried":3,"late":0,"transient_retries":3,"key_waits":0,"unfinished":3,"latency":null},"#,
                 r#"{"name":"fetch","kind":"async","in":3,"ok":3,"out":3,"dropped":3,"#,
-                r#""failed":3,"failed_by":{"error":3},"retried":3,"late":0,"transient_retries":3,"key_waits":0,"unfinished":3,"#,
+                r#""failed":3,"failed_by":{"error":3},"retried":3,"late":0,"transient_retries":3,"key_waits":4,"unfinished":3,"#,
                 r#""latency":{"samples":3,"p50_seconds":0.004,"p90_seconds":0.005,"#,
-                r#""p99_seconds":0.006,"max_seconds":0.007}}],"#,
+                r#""p99_seconds":0.006,"max_seconds":0.007},"#,
+                r#""limits":{"workers":8,"adaptive":false,"worker_changes":2,"#,
+                r#""rate_per_second":100.0,"rate_changes":1}}],"#,
                 r#""failure_sample":[{"stage":"fetch","reason":"timeout","#,
                 r#""error":"timed out after 2s","attempts":3,"input":"7"}]}"#
             )

@@ -219,7 +219,8 @@ pub struct StageReport {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct LiveLimits {
-    /// The most calls in flight (`None`: an adaptive stage no one has capped).
+    /// The most calls in flight (`None`: no cap, as for an adaptive stage no one has
+    /// capped).
     pub workers: Option<usize>,
     /// The stage's limit is adaptive: `workers`, when set, caps it.
     pub adaptive: bool,
@@ -241,10 +242,12 @@ impl fmt::Display for LiveLimits {
                 format!("{n} changes")
             }
         };
-        match self.workers {
-            Some(w) if self.adaptive => write!(f, "adaptive, at most {w}")?,
-            Some(w) => write!(f, "workers {w}")?,
-            None => write!(f, "adaptive")?,
+        match (self.workers, self.adaptive) {
+            (Some(w), true) => write!(f, "adaptive, at most {w}")?,
+            (Some(w), false) => write!(f, "workers {w}")?,
+            (None, true) => write!(f, "adaptive")?,
+            // `workers(usize::MAX)`: no cap, and no adaptive limit either.
+            (None, false) => write!(f, "workers unlimited")?,
         }
         write!(f, " ({})", changes(self.worker_changes))?;
         if let Some((count, period)) = self.rate {
@@ -425,9 +428,9 @@ impl Report {
 
     /// The report as one line of JSON: `outcome`, `elapsed_seconds`, `delivered`, `failed`,
     /// `retried`, `items_per_second`, `balanced`, `stages` (each with `name`, `kind`, `in`,
-    /// `ok`, `out`, `dropped`, `failed`, `failed_by`, `retried`, `transient_retries`,
-    /// `unfinished`, `latency`) and
-    /// `failure_sample`.
+    /// `ok`, `out`, `dropped`, `failed`, `failed_by`, `retried`, `late`,
+    /// `transient_retries`, `key_waits`, `unfinished`, `latency`, and for an async stage
+    /// `limits`) and `failure_sample`.
     ///
     /// ```
     /// # use flowline::prelude::*;
@@ -548,6 +551,55 @@ mod tests {
             text.contains("\nfailed at down: error 2, circuit_open 6\n"),
             "{text}"
         );
+    }
+
+    #[tokio::test]
+    async fn limits_say_what_caps_the_calls() {
+        let limits = |workers, adaptive| LiveLimits {
+            workers,
+            adaptive,
+            worker_changes: 1,
+            rate: None,
+            rate_changes: 0,
+        };
+        let shown: Vec<String> = [
+            limits(Some(8), false),
+            limits(Some(8), true),
+            limits(None, true),
+            limits(None, false),
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        assert_eq!(
+            shown,
+            [
+                "workers 8 (1 change)",
+                "adaptive, at most 8 (1 change)",
+                "adaptive (1 change)",
+                "workers unlimited (1 change)",
+            ]
+        );
+        let rated = LiveLimits {
+            rate: Some((50, Duration::from_secs(1))),
+            rate_changes: 2,
+            ..limits(Some(4), false)
+        };
+        assert_eq!(
+            rated.to_string(),
+            "workers 4 (1 change), rate 50 per 1s (2 changes)"
+        );
+
+        // A stage with no cap on its calls is not adaptive for it.
+        let report = Pipeline::from_iter(0..3u32)
+            .map_async("api", |x| async move { x })
+            .workers(usize::MAX)
+            .run()
+            .await
+            .unwrap();
+        let l = report.stage("api").unwrap().limits.clone().unwrap();
+        assert_eq!((l.workers, l.adaptive), (None, false));
+        assert_eq!(l.to_string(), "workers unlimited (0 changes)");
     }
 
     pub(super) fn stage(name: &str, kind: &'static str, n: u64) -> StageReport {

@@ -591,6 +591,7 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, Error::ItemFailed { .. }), "{err}");
     }
+
     #[tokio::test(start_paused = true)]
     async fn a_graph_is_cancelled_by_its_token_and_stopped_by_its_signal() {
         let guard = Arc::new(());
@@ -639,5 +640,11 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("name"), "{err}");
+        let Error::Config { problems } = err else {
+            panic!("{err}")
+        };
+        let options: Vec<&str> = problems.iter().map(|p| p.option).collect();
+        assert_eq!(options, ["name"]);
+        assert_eq!(problems[0].value, r#""""#);
     }
 }
