@@ -205,6 +205,14 @@ impl Meta {
         }
     }
 
+    /// [`new`](Self::new) for an item of a keyed stage whose key has slot `key`.
+    pub(super) fn keyed(seq: u64, ticket: Ticket, key: u32) -> Self {
+        Meta {
+            key,
+            ..Meta::new(seq, ticket)
+        }
+    }
+
     fn rare(&mut self) -> &mut Rare {
         self.rare.get_or_insert_with(Box::default)
     }

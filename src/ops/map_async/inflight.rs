@@ -47,9 +47,8 @@ pub(super) struct First {
 impl<T> Carry<T> for First {
     #[inline]
     fn into_call(self) -> (Meta, Option<T>) {
-        let mut meta = Meta::new(self.seq, self.ticket);
+        let mut meta = Meta::keyed(self.seq, self.ticket, self.key);
         meta.attempts = 1;
-        meta.key = self.key;
         (meta, None)
     }
     #[inline]

@@ -345,6 +345,10 @@ mod tests {
         let bound = 4 + 512 * 6;
         assert!(early <= bound, "{early} pulled");
         assert!(later <= bound + 100, "{later} pulled");
+        // Exactly: the stage took one chunk and, with 4 items out of it, pulls no other (at
+        // the default max_waiting, 1024, it pulls three).
+        let chunk = crate::runtime::chunk::CHUNK_CAP as u32;
+        assert_eq!((early, later), (chunk, chunk));
     }
 
     /// Starts of the calls `(key, i, ms)`, each call `ms_each` long, through a keyed stage
@@ -405,6 +409,8 @@ mod tests {
         assert_eq!(key(0), [(0, 0), (0, 110), (1, 120)]);
         assert_eq!(key(1)[0], (0, 0));
         assert!(key(1)[1].1 >= 110, "{starts:?}");
+        // Half-open after the cooldown: key 1's item starts once the held item's call ended.
+        assert_eq!(key(1), [(0, 0), (1, 120)], "{starts:?}");
         assert!(!starts.iter().any(|s| s.2 > 10 && s.2 < 110), "{starts:?}");
         assert_eq!(report.stage("work").unwrap().passed, 4);
     }
@@ -497,6 +503,7 @@ mod tests {
             text.contains("per_key = 0") && text.contains("max_waiting = 0"),
             "{text}"
         );
+        assert!(text.contains("api"), "the stage is named: {text}");
         let err = Pipeline::from_iter(0..3u32)
             .map_async("api", |x| async move { x })
             .per_key(2)
@@ -504,5 +511,45 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("key_by only"), "{err}");
+        assert!(err.to_string().contains("per_key = 2"), "{err}");
+    }
+
+    #[test]
+    fn the_default_limits_are_the_documented_ones() {
+        let options = |workers: usize, ordered: bool| super::Options {
+            workers,
+            ordered,
+            timeout: None,
+            policies: Vec::new(),
+            retry: None,
+            window: None,
+            trace_calls: false,
+            transient: None,
+            hedge: None,
+            per_key: None,
+            max_waiting: None,
+        };
+        // `max_waiting`: the larger of 4 × workers and 1024; `per_key`: 1.
+        for (workers, max_waiting) in [
+            (1, 1024),
+            (256, 1024),
+            (1000, 4000),
+            (usize::MAX, usize::MAX),
+        ] {
+            let l = super::limits(&options(workers, true));
+            assert_eq!(
+                (l.per_key, l.max_waiting),
+                (1, max_waiting),
+                "workers {workers}"
+            );
+            assert!(!l.track_order);
+        }
+        // Results are tracked per key only on an unordered stage with several calls a key.
+        let mut o = options(8, false);
+        assert!(!super::limits(&o).track_order);
+        o.per_key = Some(2);
+        assert!(super::limits(&o).track_order);
+        o.ordered = true;
+        assert!(!super::limits(&o).track_order);
     }
 }

@@ -42,7 +42,7 @@ where
             let fut = match make(|| call.call(item)) {
                 Ok(fut) => fut,
                 Err(e) => {
-                    self.plain_slow(seq, ticket, Err(e), None);
+                    self.plain_slow(seq, ticket, 0, Err(e), None);
                     continue;
                 }
             };
@@ -57,7 +57,7 @@ where
                     self.plain_out(seq, u, latency, first.ticket);
                 }
                 Launched::Ready(result, latency, first) => {
-                    self.plain_slow(seq, first.ticket, result, latency)
+                    self.plain_slow(seq, first.ticket, 0, result, latency)
                 }
                 Launched::Waiting => self.reorder.open(),
             }
@@ -105,16 +105,12 @@ where
                 Probe::Free(key) => key,
                 Probe::Start(key) => {
                     self.reorder.open();
-                    let mut meta = Meta::new(seq, ticket);
-                    meta.key = key;
-                    self.start(item, meta, cx);
+                    self.start(item, Meta::keyed(seq, ticket, key), cx);
                     continue;
                 }
                 Probe::Wait(key) => {
                     self.reorder.open();
-                    let mut meta = Meta::new(seq, ticket);
-                    meta.key = key;
-                    keys.wait(item, meta, &self.stats);
+                    keys.wait(item, Meta::keyed(seq, ticket, key), &self.stats);
                     continue;
                 }
             };
@@ -136,11 +132,7 @@ where
                 }
                 Launched::Ready(result, latency, first) => {
                     self.occupy(seq, key);
-                    let mut meta = Meta::new(seq, first.ticket);
-                    meta.key = key;
-                    self.reorder.open();
-                    meta.attempts = 1;
-                    self.complete(meta, result, latency, None, true);
+                    self.plain_slow(seq, first.ticket, key, result, latency);
                 }
                 Launched::Waiting => {
                     self.occupy(seq, key);
@@ -199,16 +191,18 @@ where
     }
 
     /// A plain stage's call that finished at once but cannot go straight out (it failed,
-    /// or an earlier item is still in flight): the general path.
+    /// or an earlier item is still in flight): the general path. `key`: the slot of its key
+    /// (0 without `key_by`).
     pub(super) fn plain_slow(
         &mut self,
         seq: u64,
         ticket: crate::runtime::chunk::Ticket,
+        key: u32,
         result: Result<U, ItemError>,
         latency: Option<Duration>,
     ) {
         self.reorder.open();
-        let mut meta = Meta::new(seq, ticket);
+        let mut meta = Meta::keyed(seq, ticket, key);
         meta.attempts = 1;
         self.complete(meta, result, latency, None, true);
     }
