@@ -130,7 +130,7 @@ async fn flush(
             .await?;
         let mut st = sh.lock();
         for id in acks.drain(..n) {
-            st.acking.remove(&id);
+            st.acked(id);
         }
     }
     while !dead.is_empty() {
@@ -146,7 +146,7 @@ async fn flush(
         let _: Value = call.invoke_async(c).await?;
         let mut st = sh.lock();
         for (id, ..) in dead.drain(..n) {
-            st.acking.remove(&id);
+            st.acked(id);
         }
         drop(st);
         tracing::warn!(stream = %sh.stream, dead = %sh.dead, n, "entries moved to the dead letters");

@@ -108,6 +108,7 @@ pub(crate) async fn run(sh: Arc<Shared>, tx: Feed) {
                 free = sh.until_open(&tx) => if !free { return },
                 _ = sh.stop_feeding.notified() => return,
             }
+            let _read = sh.pending_read();
             let call = sh.retry(&conn, "XAUTOCLAIM", go_on, |mut c| {
                 let mut call = script.prepare_invoke();
                 call.key(&sh.stream)

@@ -40,6 +40,13 @@ type Feed = mpsc::Sender<Result<(StreamEntry, Completion), BoxError>>;
 /// again ([`StreamOptions::isolate_suspects`]): if it is the one that killed its consumer,
 /// the next death counts a delivery for it only.
 ///
+/// With [`key_by`](flowline::AsyncStage::key_by) on a stage after it, a key's entries run
+/// one at a time in stream order within this consumer (a re-read after a connection reset
+/// does not run a finished entry again). Across consumers the group hands a key's entries
+/// to whichever consumer reads next, so two consumers may run entries of one key at once,
+/// and an entry taken over from a dead consumer runs after later entries of its key; give
+/// each key its own stream where its order must hold across machines.
+///
 /// ```no_run
 /// use flowline::prelude::*;
 /// use flowline_redis::{RedisStream, StreamOptions};
@@ -214,6 +221,19 @@ async fn run(sh: Arc<Shared>, tx: Feed) {
         min_idle = ?sh.opts.min_idle, "lease margin: min_idle minus the longest renewal gap");
 }
 
+/// See [`Shared::pending_read`].
+pub(crate) struct PendingRead<'a>(&'a Shared);
+
+impl Drop for PendingRead<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.pending_reads -= 1;
+        if st.pending_reads == 0 {
+            st.acked_meanwhile.clear();
+        }
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct State {
     /// The entries handed out and not yet ended, with their delivery counts.
@@ -225,6 +245,13 @@ pub(crate) struct State {
     /// Ended and not yet acknowledged (or moved): still pending in Redis, so a re-read of
     /// this consumer's pending entries must not hand them out again.
     pub(crate) acking: HashSet<String>,
+    /// Reads out whose reply may list this consumer's own pending entries (a re-read, a
+    /// reclaim), from before the call until their entries are held.
+    pub(crate) pending_reads: usize,
+    /// Acknowledged (or moved) while such a read was out: its reply, made before the
+    /// acknowledgement took effect, may still list them as pending. Cleared when no such
+    /// read is out.
+    pub(crate) acked_meanwhile: HashSet<String>,
     /// Entries handed to the pipeline (or being handed) and not ended: the ones of `held`
     /// that are past the source's gate.
     pub(crate) running: usize,
@@ -234,6 +261,16 @@ pub(crate) struct State {
     /// An item was cancelled: the run is ending, nothing new is read or claimed (a claim
     /// would count a delivery of an entry that will not run).
     pub(crate) closing: bool,
+}
+
+impl State {
+    /// `id` is acknowledged (or moved to the dead letters): no longer pending in Redis.
+    pub(crate) fn acked(&mut self, id: String) {
+        self.acking.remove(&id);
+        if self.pending_reads > 0 {
+            self.acked_meanwhile.insert(id);
+        }
+    }
 }
 
 /// What the loops of one source share.
@@ -282,6 +319,15 @@ impl Shared {
 
     pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A read whose reply may list entries of this consumer's own that end and are
+    /// acknowledged while the reply is on its way: until the guard drops (after the reply's
+    /// entries were handed out), the acknowledger remembers what it acknowledged, so that a
+    /// finished entry is not run again.
+    pub(crate) fn pending_read(&self) -> PendingRead<'_> {
+        self.lock().pending_reads += 1;
+        PendingRead(self)
     }
 
     /// Nothing will be handed out any more and everything handed out has ended.
@@ -438,7 +484,10 @@ impl Shared {
                 let n = counts.get(read.id()).copied().unwrap_or(1);
                 let mut e = match read {
                     Read::Bad(id, why) => {
-                        if st.held.contains_key(&id) || !st.acking.insert(id.clone()) {
+                        if st.held.contains_key(&id)
+                            || st.acked_meanwhile.contains(&id)
+                            || !st.acking.insert(id.clone())
+                        {
                             continue;
                         }
                         st.to_dead.push((id, n, why));
@@ -447,9 +496,13 @@ impl Shared {
                     }
                     Read::Entry(e) => e,
                 };
-                // Held (in flight here), or ended and waiting for its acknowledgement: a
-                // re-read or a reclaim found it pending, it is not to run again.
-                if st.held.contains_key(e.id()) || st.acking.contains(e.id()) {
+                // Held (in flight here), ended and waiting for its acknowledgement, or
+                // acknowledged since the read was sent: a re-read or a reclaim found it
+                // pending, it is not to run again.
+                if st.held.contains_key(e.id())
+                    || st.acking.contains(e.id())
+                    || st.acked_meanwhile.contains(e.id())
+                {
                     continue;
                 }
                 if n > self.opts.max_deliveries {
@@ -704,6 +757,7 @@ async fn read_inner(sh: &Arc<Shared>, tx: &Feed) -> Result<(), BoxError> {
             if !sh.until_open(tx).await {
                 return Ok(());
             }
+            let _read = sh.pending_read();
             let v: Value = sh
                 .retry(&conn, "XREADGROUP", go_on, |mut c| {
                     let after = after.clone();
