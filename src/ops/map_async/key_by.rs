@@ -31,6 +31,13 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
     /// of lanes (a slow key stalls every key of its lane), here only the slow key's own
     /// items wait.
     ///
+    /// The order is the order the items come from the source. Over a Redis stream read by
+    /// a consumer group (`flowline-redis`'s `RedisStream`), that is stream order within
+    /// one consumer, connection resets included; across consumers the group splits a
+    /// key's entries between them, and an entry taken over from a dead consumer runs after
+    /// later entries of its key that were already done. Where one key's order must hold
+    /// across machines, route each key to one stream (or one consumer).
+    ///
     /// ```
     /// use flowline::prelude::*;
     /// use std::time::Duration;
