@@ -25,8 +25,7 @@ pub mod worker;
 
 use std::time::Duration;
 
-use flowline::{BoxError, ItemError, Outage, Transient};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 
 use crate::spec::{Plan, Step};
 
@@ -189,42 +188,8 @@ pub fn check_plan(plan: &Plan) -> Vec<String> {
 pub fn connect(server: &str) -> Result<ConnectionManager, String> {
     let shown = without_password(server);
     let client = redis::Client::open(server).map_err(|e| format!("--queue {shown}: {e}"))?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(Duration::from_secs(10)))
-        .set_number_of_retries(1)
-        .set_max_delay(Duration::from_secs(1));
-    ConnectionManager::new_lazy_with_config(client, config)
+    flowline_redis::connect_lazy(&client, Duration::from_secs(10))
         .map_err(|e| format!("--queue {shown}: {e}"))
-}
-
-/// Runs `op` until Redis answers, under `outage`: a dropped connection or a server that is
-/// restarting is waited out (the connection reconnects meanwhile); an error of the command
-/// itself, or an outage past the policy's limit, is the error.
-pub async fn call<T, F, Fut>(
-    outage: &Outage,
-    server: &str,
-    conn: &ConnectionManager,
-    mut op: F,
-) -> Result<T, String>
-where
-    F: FnMut(ConnectionManager) -> Fut,
-    Fut: std::future::Future<Output = redis::RedisResult<T>>,
-{
-    outage
-        .retry(server, || {
-            let f = op(conn.clone());
-            async move { f.await.map_err(mark) }
-        })
-        .await
-        .map_err(|e| e.to_string())
-}
-
-/// A failed Redis call as an outage policy reads it: transient (tried again) or not.
-fn mark(e: redis::RedisError) -> BoxError {
-    let e = ItemError::user(e);
-    let transient = flowline_redis::is_transient(&e);
-    Transient::or_permanent(e, transient)
 }
 
 /// A new run's id: the clock and the process, distinct for every feeder that starts a run
@@ -255,11 +220,6 @@ pub async fn run_state(
 /// The first SIGINT, SIGTERM or SIGHUP.
 pub async fn stop_signal() {
     crate::run::next_signal(&mut crate::run::stop_signals()).await;
-}
-
-/// The bytes of a field of a reply, when it has any.
-pub fn bytes_of(v: &redis::Value) -> Option<Vec<u8>> {
-    redis::from_redis_value_ref::<Vec<u8>>(v).ok()
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use redis::aio::ConnectionManager;
 use tokio::sync::{Notify, mpsc};
 
 use crate::conn;
-use crate::entry::{self, Read, StreamEntry};
+use crate::entry::{self, ReadEntry, StreamEntry};
 use crate::names;
 use crate::options::StreamOptions;
 
@@ -426,7 +426,7 @@ impl Shared {
     /// but still waiting here must not be taken over by another consumer.
     pub(crate) async fn hand_out(
         self: &Arc<Self>,
-        reads: Vec<Read>,
+        reads: Vec<ReadEntry>,
         counts: &HashMap<String, u64>,
         tx: &Feed,
     ) -> Result<(), ()> {
@@ -437,7 +437,7 @@ impl Shared {
             for read in reads {
                 let n = counts.get(read.id()).copied().unwrap_or(1);
                 let mut e = match read {
-                    Read::Bad(id, why) => {
+                    ReadEntry::Bad(id, why) => {
                         if st.held.contains_key(&id) || !st.acking.insert(id.clone()) {
                             continue;
                         }
@@ -445,7 +445,7 @@ impl Shared {
                         dead = true;
                         continue;
                     }
-                    Read::Entry(e) => e,
+                    ReadEntry::Entry(e) => e,
                 };
                 // Held (in flight here), or ended and waiting for its acknowledgement: a
                 // re-read or a reclaim found it pending, it is not to run again.
