@@ -20,6 +20,7 @@ mod results;
 mod run;
 mod spec;
 mod state;
+mod task_stage;
 mod template;
 
 use std::path::PathBuf;
