@@ -10,6 +10,10 @@
 //!   entries), runs the pipe's tasks with their policies, `rate(..)` and `inflight(..)`
 //!   shared by every worker through Redis, and writes each result to a results stream.
 //!
+//! Limits read from files (`-j FILE`, `rate(FILE)`), which a local run reads again as jobs
+//! end and at SIGUSR1, are refused with a queue: a worker's rate is shared by every worker
+//! through Redis, and a run through a queue reads its options once.
+//!
 //! The keys of a queue `NAME` share one hash tag, `flowline:{NAME}:...`. One hash,
 //! `flowline:{NAME}:meta`, names the current run (`run`, an id the feeder draws when it
 //! starts a new run) and holds its counts (`fed`, `failed`, `finished`); each run has keys
@@ -177,7 +181,16 @@ pub fn check_plan(plan: &Plan) -> Vec<String> {
                 "error: --queue: `batch` (and -n/-N/-X) is not supported with a queue: each input is one job"
                     .to_string(),
             ),
-            Step::Task(_) | Step::Filter { .. } => {}
+            Step::Task(t) => {
+                if let Some(file) = &t.policies.rate_file {
+                    errors.push(format!(
+                        "error: --queue: `rate({})` of `{}`: a rate read from a file is not supported with a queue (the rate is shared by every worker through Redis and not read again); give it, like `rate(20/s)`",
+                        file.display(),
+                        t.name
+                    ));
+                }
+            }
+            Step::Filter { .. } => {}
         }
     }
     errors
