@@ -70,11 +70,7 @@ where
     let stage = p
         .try_map_async(&t.name, call)
         .workers(t.policies.fork.unwrap_or(jobs));
-    let mut stage = if keep_order {
-        stage
-    } else {
-        stage.unordered()
-    };
+    let mut stage = if keep_order { stage } else { stage.unordered() };
     if let Some(g) = policies.rate {
         stage = g.apply(stage);
     }

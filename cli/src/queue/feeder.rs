@@ -564,8 +564,7 @@ async fn collect(
         .await
         .map_err(|e| format!("queue `{name}`: reading results: {e}"))?;
         let mut reads = Vec::new();
-        let reply =
-            entries(reply).map_err(|e| format!("queue `{name}`: reading results: {e}"))?;
+        let reply = entries(reply).map_err(|e| format!("queue `{name}`: reading results: {e}"))?;
         for (stream, id, fields) in reply {
             let from_dead = stream == dead;
             if from_dead {
@@ -624,12 +623,13 @@ async fn finish(f: &Feeder) -> Result<(), String> {
     .await
 }
 
+/// An entry of the results: its stream, its id and its fields.
+type Entry = (String, String, HashMap<String, Vec<u8>>);
+
 /// The entries of an `XREAD` reply: stream, id, fields. A reply is outside input: one that
 /// does not parse is an error naming what was wrong; an entry whose fields cannot be read
 /// has none (it is no result: it is removed with the next batch).
-fn entries(
-    reply: Value,
-) -> Result<Vec<(String, String, HashMap<String, Vec<u8>>)>, flowline_redis::ReplyError> {
+fn entries(reply: Value) -> Result<Vec<Entry>, flowline_redis::ReplyError> {
     let mut out = Vec::new();
     for (stream, list) in flowline_redis::parse_streams(reply)? {
         for e in list {

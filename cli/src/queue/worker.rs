@@ -28,8 +28,8 @@ use super::{GROUP, Queue};
 use crate::exec::{Fail, Failed, Item, Runner, TaskRt, Value};
 use crate::jobs::Jobs;
 use crate::run::{Outcome, Settings, objects};
-use crate::task_stage::{Gate, Policies, run_job, task_stage};
 use crate::spec::{Plan, Step, Task, TaskKind};
+use crate::task_stage::{Gate, Policies, run_job, task_stage};
 
 /// An input on its way through the worker's tasks.
 #[derive(Clone, Debug)]
