@@ -2,9 +2,11 @@
 //! NUL), a range of numbers, `:::` arguments and their combinations, or the rows of a SQL
 //! query paged by its key; and which of them a resumed run skips.
 
-use std::collections::{HashSet, VecDeque};
-use std::path::{Path, PathBuf};
+use std::collections::HashSet;
+use std::path::Path;
 
+use flowline::prelude::*;
+use flowline_sqlite::Keyset;
 use tokio::io::AsyncBufReadExt;
 
 use crate::spec::Source;
@@ -79,113 +81,64 @@ impl Reader {
     }
 }
 
-/// Rows of a query, a page at a time, in key order: `WHERE key > last` so that a page
-/// never repeats or skips a row.
+/// Rows of a query, each its columns joined by tabs, read by flowline's cursor source over
+/// flowline-sqlite's [`Keyset`]: a page at a time in key order (`WHERE key > last`, so that
+/// a page never repeats or skips a row), the next page read when this one is out. A
+/// database locked by a writer is an outage: the source waits and reads the page again
+/// (flowline's default policy), so no input is skipped or failed for it; a query that
+/// cannot run ends the run.
 pub(crate) struct SqlPager {
-    db: PathBuf,
-    query: String,
-    key: String,
-    last: Option<rusqlite::types::Value>,
-    page: VecDeque<Vec<u8>>,
-    end: bool,
+    rows: Option<flowline::ItemStream<Vec<u8>>>,
 }
 
 impl SqlPager {
+    fn open(keyset: Keyset) -> SqlPager {
+        // The cursor is kept in memory only: a resumed run skips by job number or by input.
+        let opts = flowline::CursorOptions::new().read_ahead(0);
+        let rows = Pipeline::from_cursor_with(
+            flowline::MemoryCheckpoints::new(),
+            "sql",
+            opts,
+            keyset.fetch(row_bytes),
+        )
+        .run()
+        .into_stream();
+        SqlPager { rows: Some(rows) }
+    }
+
     async fn next(&mut self) -> Result<Option<Vec<u8>>, String> {
-        if self.page.is_empty() && !self.end {
-            let (rows, last) =
-                read_page(&self.db, &self.query, &self.key, &self.last, 1000).await?;
-            if rows.len() < 1000 {
-                self.end = true;
-            }
-            if last.is_some() {
-                self.last = last;
-            }
-            self.page.extend(rows);
+        let Some(rows) = &mut self.rows else {
+            return Ok(None);
+        };
+        if let Some(row) = futures::StreamExt::next(rows).await {
+            return Ok(Some(row));
         }
-        Ok(self.page.pop_front())
+        let Some(rows) = self.rows.take() else {
+            return Ok(None);
+        };
+        match rows.finish().await {
+            Ok(_) => Ok(None),
+            Err(flowline::Error::Source { error, .. }) => Err(format!("sql: {error}")),
+            Err(e) => Err(format!("sql: {e}")),
+        }
     }
 }
 
-type Page = (Vec<Vec<u8>>, Option<rusqlite::types::Value>);
-
-/// The page of `n` rows after `last`. A database locked by a writer is an
-/// outage: the source waits and reads the page again (flowline's default policy), so no
-/// input is skipped or failed for it; a bad query or a missing table ends the run at once.
-async fn read_page(
-    db: &Path,
-    query: &str,
-    key: &str,
-    last: &Option<rusqlite::types::Value>,
-    n: usize,
-) -> Result<Page, String> {
-    flowline::Outage::default()
-        .retry("sql", || {
-            let (db, query, key, last) = (
-                db.to_path_buf(),
-                query.to_string(),
-                key.to_string(),
-                last.clone(),
-            );
-            async move {
-                tokio::task::spawn_blocking(move || sql_page(&db, &query, &key, last, n))
-                    .await
-                    .map_err(|e| -> flowline::BoxError { Box::new(flowline::Permanent::new(e)) })?
-            }
-        })
-        .await
-        .map_err(|e| e.to_string())
-}
-
-fn sql_page(
-    db: &Path,
-    query: &str,
-    key: &str,
-    last: Option<rusqlite::types::Value>,
-    n: usize,
-) -> Result<Page, flowline::BoxError> {
+/// A row as one input: its columns joined by tabs, NULL as nothing.
+fn row_bytes(r: &rusqlite::Row<'_>) -> rusqlite::Result<Vec<u8>> {
     use rusqlite::types::Value as V;
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(|e| flowline::Permanent::new(format!("cannot open {}: {e}", db.display())))?;
-    // A short lock (a writer's commit) is waited out here; a longer one is an outage.
-    conn.busy_timeout(std::time::Duration::from_secs(1))
-        .map_err(flowline_sqlite::classify)?;
-    let sql = match last {
-        Some(_) => {
-            format!("SELECT * FROM ({query}) WHERE \"{key}\" > ?1 ORDER BY \"{key}\" LIMIT {n}")
-        }
-        None => format!("SELECT * FROM ({query}) ORDER BY \"{key}\" LIMIT {n}"),
-    };
-    let mut st = conn.prepare(&sql).map_err(flowline_sqlite::classify)?;
-    let cols = st.column_count();
-    let key_idx = (0..cols)
-        .find(|&i| st.column_name(i).is_ok_and(|c| c == key))
-        .ok_or_else(|| flowline::Permanent::new(format!("the query has no column `{key}`")))?;
-    let params: Vec<V> = last.into_iter().collect();
-    let mut rows = st
-        .query(rusqlite::params_from_iter(params))
-        .map_err(flowline_sqlite::classify)?;
-    let mut out = Vec::new();
-    let mut last_key = None;
-    while let Some(r) = rows.next().map_err(flowline_sqlite::classify)? {
-        let mut fields = Vec::with_capacity(cols);
-        for i in 0..cols {
-            let v: V = r.get(i).map_err(flowline_sqlite::classify)?;
-            if i == key_idx {
-                last_key = Some(v.clone());
-            }
-            fields.push(match v {
-                V::Null => Vec::new(),
-                V::Integer(x) => x.to_string().into_bytes(),
-                V::Real(x) => x.to_string().into_bytes(),
-                V::Text(s) => s.into_bytes(),
-                V::Blob(b) => b,
-            });
-        }
-        out.push(fields.join(&b'\t'));
+    let cols = r.as_ref().column_count();
+    let mut fields = Vec::with_capacity(cols);
+    for i in 0..cols {
+        fields.push(match r.get::<_, V>(i)? {
+            V::Null => Vec::new(),
+            V::Integer(x) => x.to_string().into_bytes(),
+            V::Real(x) => x.to_string().into_bytes(),
+            V::Text(s) => s.into_bytes(),
+            V::Blob(b) => b,
+        });
     }
-    Ok((out, last_key))
+    Ok(fields.join(&b'\t'))
 }
 
 fn count_records(path: &Path, delim: u8) -> Option<u64> {
@@ -254,36 +207,20 @@ pub(crate) async fn open_source(
             if !db.exists() {
                 return Err(format!("stage `sql`: no database at {}", db.display()));
             }
-            // The first page now: a bad query fails before anything runs.
-            read_page(db, query, key, &None, 1).await?;
-            let total = if want_total {
-                let (db3, q3) = (db.clone(), query.clone());
-                tokio::task::spawn_blocking(move || {
-                    rusqlite::Connection::open(&db3).ok().and_then(|c| {
-                        c.query_row(&format!("SELECT count(*) FROM ({q3})"), [], |r| {
-                            r.get::<_, i64>(0)
-                        })
-                        .ok()
-                    })
-                })
+            let keyset = Keyset::new(db, query, key);
+            // The first row now: a bad query fails before anything runs. A lock is waited
+            // out, as the pages are.
+            let first = keyset.clone().page_size(1);
+            flowline::Outage::default()
+                .retry("sql", || first.page(None, |_| Ok(())))
                 .await
-                .ok()
-                .flatten()
-                .map(|n| n.max(0) as u64)
+                .map_err(|e| e.to_string())?;
+            let total = if want_total {
+                keyset.count().await.ok()
             } else {
                 None
             };
-            (
-                Reader::Sql(SqlPager {
-                    db: db.clone(),
-                    query: query.clone(),
-                    key: key.clone(),
-                    last: None,
-                    page: VecDeque::new(),
-                    end: false,
-                }),
-                total,
-            )
+            (Reader::Sql(SqlPager::open(keyset)), total)
         }
     })
 }

@@ -20,6 +20,7 @@ mod results;
 mod run;
 mod spec;
 mod state;
+mod task_stage;
 mod template;
 
 use std::path::PathBuf;
@@ -73,6 +74,7 @@ Several machines (parallel --sshlogin, without ssh): a Redis stream is the queue
   flowline --queue redis://HOST[:PORT]/NAME --worker 'PIPE'    on each worker machine
   flowline --queue redis://HOST[:PORT]/NAME 'PIPE'             feeds the inputs, prints results
   The same PIPE everywhere; fork(N) is per worker, rate(..) and inflight(..) are shared.
+  Limits read from files (-j FILE, rate(FILE)) are not taken with --queue.
   At least once: a killed worker's jobs run again on the others after --lease (30s); the
   feeder prints each result once and exits as a local run would. Rerun a killed feeder
   with the same command to resume.
@@ -754,6 +756,12 @@ fn queue_options(cli: &Cli, inputs: bool, errors: &mut Vec<String>) -> Option<qu
         ("--dry-run", cli.dry_run),
         ("--results", cli.results.is_some()),
     ];
+    if let Some(file) = cli.jobs.as_deref().and_then(compat::jobs_file) {
+        errors.push(format!(
+            "error: -j `{}`: a -j read from a file is not supported with --queue (a worker reads its options once); give -j N",
+            file.display()
+        ));
+    }
     for (flag, _) in unsupported.iter().filter(|(_, given)| *given) {
         errors.push(format!(
             "error: {flag} is not supported with --queue (the queue keeps the run's state in Redis)"

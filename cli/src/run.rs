@@ -26,6 +26,7 @@ use crate::input::{Reader, joblog_seqs, open_source, shuffled};
 use crate::jobs::Jobs;
 use crate::spec::{Plan, RetrySpec, Sink, Source, Step, Task, TaskKind};
 use crate::state::State;
+use crate::task_stage::{Gate, Policies, run_job, task_stage};
 
 /// SIGUSR1, as GNU parallel takes it: the commands of `runner`'s running jobs on stderr,
 /// then `also`, and the run goes on. To be called before anything could send it: the
@@ -476,16 +477,6 @@ pub(crate) fn objects(t: &Task) -> Objects {
     }
 }
 
-/// A call's result as the item's value: a process's output as it wrote it; an HTTP body
-/// as one record (printed as a line).
-pub(crate) fn output_value(rt: &TaskRt, out: Vec<u8>) -> Value {
-    if rt.command.is_some() {
-        Value::Output(out)
-    } else {
-        Value::One(out)
-    }
-}
-
 struct Builder {
     ctx: Arc<Ctx>,
     settings_jobs: usize,
@@ -513,81 +504,51 @@ impl Builder {
         last: Option<&Arc<Emit>>,
     ) -> Pipeline<Item> {
         let ctx = self.ctx.clone();
-        let name = t.name.clone();
         let last = last.cloned();
-        let stage = p
-            .try_map_async(&t.name, move |item: Item| {
-                let (ctx, rt, name, last) = (ctx.clone(), rt.clone(), name.clone(), last.clone());
-                async move {
-                    if item.unfinished || ctx.stopping.load(Relaxed) {
-                        return Ok(Item {
-                            unfinished: true,
+        let policies = Policies {
+            rate: objs.rate.clone().map(Gate::Rate),
+            inflight: t
+                .policies
+                .inflight
+                .map(|(id, n)| Gate::Inflight(self.inflight(id, n))),
+            breaker: objs.breaker.clone(),
+        };
+        let call = move |item: Item| {
+            let (ctx, rt, last) = (ctx.clone(), rt.clone(), last.clone());
+            async move {
+                if item.unfinished || ctx.stopping.load(Relaxed) {
+                    return Ok(Item {
+                        unfinished: true,
+                        ..item
+                    });
+                }
+                let result = run_job(&ctx.runner, &rt, item, step).await;
+                ctx.live.job_ended();
+                let Some(emit) = &last else {
+                    return result;
+                };
+                match result {
+                    // The chain ends here: the output is written and the input recorded
+                    // done before this worker starts another job.
+                    Ok(item) => {
+                        emit.item(&item);
+                        ctx.done_durably(&item).await;
+                        Ok(Item {
+                            written: true,
                             ..item
-                        });
+                        })
                     }
-                    let result = crate::exec::call_job(&ctx.runner, &rt, &item).await;
-                    ctx.live.job_ended();
-                    match result {
-                        Ok(out) => {
-                            let item = Item {
-                                value: output_value(&rt, out),
-                                ..item
-                            };
-                            match &last {
-                                // The chain ends here: the output is written and the input
-                                // recorded done before this worker starts another job.
-                                Some(emit) => {
-                                    emit.item(&item);
-                                    ctx.done_durably(&item).await;
-                                    Ok(Item {
-                                        written: true,
-                                        ..item
-                                    })
-                                }
-                                None => Ok(item),
-                            }
+                    Err(failed) => {
+                        if emit.takes_bytes() {
+                            emit.bytes(&failed.0.error.stdout);
                         }
-                        Err(error) => {
-                            if let Some(emit) = &last {
-                                if emit.takes_bytes() {
-                                    emit.bytes(&error.stdout);
-                                }
-                            }
-                            Err(Failed(Box::new(Fail {
-                                item,
-                                step,
-                                stage: name,
-                                error,
-                                attempts: 1,
-                            })))
-                        }
+                        Err(failed)
                     }
                 }
-            })
-            .workers(t.policies.fork.unwrap_or(self.settings_jobs))
-            .keep_input();
-        let mut stage = if self.keep_order {
-            stage
-        } else {
-            stage.unordered()
+            }
         };
-        if let Some(r) = &objs.rate {
-            stage = stage.rate_limit(r.clone());
-        }
-        if let Some(r) = &t.policies.retry {
-            stage = stage.retry(retry_policy(r));
-        }
-        if let Some(b) = &objs.breaker {
-            stage = stage.circuit_breaker(b.clone());
-        }
-        if let Some((lo, hi)) = t.policies.adaptive {
-            stage = stage.adaptive(Adaptive::aimd(lo..=hi));
-        }
-        if let Some((id, n)) = t.policies.inflight {
-            let bound = self.inflight(id, n);
-            stage = stage.inflight(&bound);
-        }
-        stage.into_pipeline()
+        let stage = task_stage(p, t, self.settings_jobs, self.keep_order, policies, call);
+        stage.keep_input().into_pipeline()
     }
 
     /// The steps of a chain; `main` marks the main chain (whose drops leave it).
@@ -1256,7 +1217,7 @@ fn retry_arm(
                 for i in fail.step..steps.len() {
                     match (&steps[i], tasks.get(i).and_then(Option::as_ref)) {
                         (Step::Task(t), Some(rt)) => match ctx.runner.call(rt, &item).await {
-                            Ok(v) => item.value = output_value(rt, v),
+                            Ok(v) => item.value = crate::task_stage::output_value(rt, v),
                             Err(error) => {
                                 return Err(Failed(Box::new(Fail {
                                     item,

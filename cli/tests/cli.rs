@@ -430,10 +430,32 @@ fn sql_source_waits_out_a_locked_database() {
         .unwrap();
     tx.execute("UPDATE jobs SET id = id WHERE id = 1", [])
         .unwrap();
+    // The rest of the output is read meanwhile, counting lines as they come.
+    let seen = Arc::new(AtomicU64::new(1));
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut rest = String::new();
+            let mut line = String::new();
+            while out.read_line(&mut line).unwrap() > 0 {
+                rest.push_str(&line);
+                line.clear();
+                seen.fetch_add(1, Relaxed);
+            }
+            rest
+        })
+    };
     std::thread::sleep(Duration::from_secs(3));
+    // The source is paused by the lock: the run has not ended, and the last page is still
+    // to come (the pages read before the lock, as the run reads ahead of its jobs, are out).
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run ended under the lock"
+    );
+    let under_lock = seen.load(Relaxed);
+    assert!(under_lock <= 2000, "{under_lock} rows out under the lock");
     tx.commit().unwrap();
-    let mut rest = String::new();
-    out.read_to_string(&mut rest).unwrap();
+    let rest = reader.join().unwrap();
     let st = child.wait().unwrap();
     let mut e = String::new();
     child.stderr.take().unwrap().read_to_string(&mut e).unwrap();

@@ -343,6 +343,8 @@ fn queue_argument_errors_name_the_option_and_the_value() {
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| finish(start(dir.path(), args), "flowline");
     let pipe = r#"seq(1..3) | sh("echo {}")"#;
+    std::fs::write(dir.path().join("rate.txt"), "5/s").unwrap();
+    std::fs::write(dir.path().join("jobs.txt"), "2").unwrap();
     for (args, says) in [
         (
             vec!["--queue", "http://h/q", pipe],
@@ -388,6 +390,19 @@ fn queue_argument_errors_name_the_option_and_the_value() {
                 r#"seq(1..3) | dedup | sh("echo {}")"#,
             ],
             vec!["dedup"],
+        ),
+        // Limits read from files are read again locally, never by a worker: refused.
+        (
+            vec![
+                "--queue",
+                "redis://h/q",
+                r#"seq(1..3) | rate(rate.txt) | sh("echo {}")"#,
+            ],
+            vec!["`rate(rate.txt)`", "not supported with a queue"],
+        ),
+        (
+            vec!["--queue", "redis://h/q", "--worker", "-j", "jobs.txt", pipe],
+            vec!["-j `jobs.txt`", "not supported with --queue"],
         ),
         // Every problem at once.
         (

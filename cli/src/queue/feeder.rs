@@ -15,11 +15,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use flowline::Outage;
+use flowline_redis::ReadEntry;
 use redis::Value;
 use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 
-use super::{Queue, bytes_of, call};
+use super::Queue;
 use crate::exec::{CallError, Fail, Item, Value as ItemValue};
 use crate::run::{DeadFile, Emit, Outcome, Settings};
 use crate::spec::Plan;
@@ -189,7 +190,8 @@ impl Feeder {
         F: FnMut(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        call(&self.outage, &self.server, &self.conn, op)
+        let mut op = op;
+        flowline_redis::call(&self.outage, &self.server, || op(self.conn.clone()))
             .await
             .map_err(|e| format!("queue `{}`: {what}: {e}", self.queue.name))
     }
@@ -499,7 +501,8 @@ async fn feed(
         let last = batch.last().map_or(before, |i| i.0);
         // Open before the workers can see them: their results are then always this run's.
         f.lock().await.open.fed(last);
-        let now: u64 = call(&outage, &server, &conn, |mut c| {
+        let now: u64 = flowline_redis::call(&outage, &server, || {
+            let mut c = conn.clone();
             let mut inv = script.prepare_invoke();
             inv.key(&jobs).key(&meta).arg(before);
             for (seq, args) in &batch {
@@ -544,7 +547,8 @@ async fn collect(
     };
     let (mut after_r, mut after_d) = ("0".to_string(), "0".to_string());
     loop {
-        let reply: Value = call(&outage, &server, &conn, |mut c| {
+        let reply: Value = flowline_redis::call(&outage, &server, || {
+            let mut c = conn.clone();
             let mut cmd = redis::cmd("XREAD");
             cmd.arg("COUNT")
                 .arg(READ_BATCH)
@@ -560,7 +564,8 @@ async fn collect(
         .await
         .map_err(|e| format!("queue `{name}`: reading results: {e}"))?;
         let mut reads = Vec::new();
-        for (stream, id, fields) in entries(reply) {
+        let reply = entries(reply).map_err(|e| format!("queue `{name}`: reading results: {e}"))?;
+        for (stream, id, fields) in reply {
             let from_dead = stream == dead;
             if from_dead {
                 after_d = id.clone();
@@ -618,60 +623,27 @@ async fn finish(f: &Feeder) -> Result<(), String> {
     .await
 }
 
-/// The entries of an `XREAD` reply: stream, id, fields. A reply is outside input: what
-/// does not parse is left out.
-fn entries(reply: Value) -> Vec<(String, String, HashMap<String, Vec<u8>>)> {
+/// An entry of the results: its stream, its id and its fields.
+type Entry = (String, String, HashMap<String, Vec<u8>>);
+
+/// The entries of an `XREAD` reply: stream, id, fields. A reply is outside input: one that
+/// does not parse is an error naming what was wrong; an entry whose fields cannot be read
+/// has none (it is no result: it is removed with the next batch).
+fn entries(reply: Value) -> Result<Vec<Entry>, flowline_redis::ReplyError> {
     let mut out = Vec::new();
-    let streams: Vec<(Value, Value)> = match reply {
-        Value::Array(a) => a
-            .into_iter()
-            .filter_map(|s| match s {
-                Value::Array(mut pair) if pair.len() == 2 => {
-                    let list = pair.pop()?;
-                    Some((pair.pop()?, list))
-                }
-                _ => None,
-            })
-            .collect(),
-        Value::Map(m) => m,
-        _ => return out,
-    };
-    for (name, list) in streams {
-        let Some(name) = bytes_of(&name).map(|b| String::from_utf8_lossy(&b).into_owned()) else {
-            continue;
-        };
-        let Value::Array(list) = list else { continue };
+    for (stream, list) in flowline_redis::parse_streams(reply)? {
         for e in list {
-            let Value::Array(mut pair) = e else { continue };
-            if pair.len() != 2 {
-                continue;
-            }
-            let fields = pair.pop();
-            let Some(id) = pair
-                .pop()
-                .as_ref()
-                .and_then(bytes_of)
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-            else {
-                continue;
-            };
-            let mut map = HashMap::new();
-            let flat: Vec<Value> = match fields {
-                Some(Value::Array(a)) => a,
-                Some(Value::Map(m)) => m.into_iter().flat_map(|(k, v)| [k, v]).collect(),
-                _ => Vec::new(),
-            };
-            for kv in flat.chunks(2) {
-                if let [k, v] = kv {
-                    if let (Some(k), Some(v)) = (bytes_of(k), bytes_of(v)) {
-                        map.insert(String::from_utf8_lossy(&k).into_owned(), v);
-                    }
-                }
-            }
-            out.push((name.clone(), id, map));
+            out.push(match e {
+                ReadEntry::Entry(e) => (
+                    stream.clone(),
+                    e.id().to_string(),
+                    e.fields().iter().cloned().collect(),
+                ),
+                ReadEntry::Bad(id, _) => (stream.clone(), id, HashMap::new()),
+            });
         }
     }
-    out
+    Ok(out)
 }
 
 /// An input's arguments, as the fields `a0`, `a1`, ... hold them.
@@ -813,25 +785,39 @@ mod tests {
     }
 
     #[test]
-    fn replies_that_do_not_parse_are_left_out_not_a_panic() {
-        assert!(entries(Value::Nil).is_empty());
-        assert!(entries(Value::Int(3)).is_empty());
-        let reply = Value::Array(vec![
+    fn replies_that_do_not_parse_are_errors_and_bad_entries_no_results() {
+        assert!(entries(Value::Nil).unwrap().is_empty());
+        let e = entries(Value::Int(3)).unwrap_err().to_string();
+        assert!(e.contains("a list of streams was expected"), "{e}");
+        let good = || {
             Value::Array(vec![
-                b("s"),
-                Value::Array(vec![
-                    Value::Array(vec![b("1-0"), Value::Array(vec![b("seq"), b("1")])]),
-                    Value::Array(vec![b("2-0")]),
-                    Value::Int(7),
-                    Value::Array(vec![b("3-0"), Value::Array(vec![b("odd")])]),
-                ]),
-            ]),
+                Value::Array(vec![b("1-0"), Value::Array(vec![b("seq"), b("1")])]),
+                Value::Array(vec![b("2-0")]),
+                Value::Array(vec![b("3-0"), Value::Array(vec![b("odd")])]),
+            ])
+        };
+        // An entry without an id, or a stream without entries, makes the reply an error.
+        let mut no_id = good();
+        if let Value::Array(list) = &mut no_id {
+            list.push(Value::Int(7));
+        }
+        let e = entries(Value::Array(vec![Value::Array(vec![b("s"), no_id])]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("an entry without an id"), "{e}");
+        let reply = Value::Array(vec![
+            Value::Array(vec![b("s"), good()]),
             Value::Array(vec![b("only-a-name")]),
         ]);
-        let got = entries(reply);
-        assert_eq!(got.len(), 2, "{got:?}");
+        let e = entries(reply).unwrap_err().to_string();
+        assert!(e.contains("a stream's name and entries"), "{e}");
+        let got = entries(Value::Array(vec![Value::Array(vec![b("s"), good()])])).unwrap();
+        assert_eq!(got.len(), 3, "{got:?}");
         assert_eq!(got[0].2.get("seq").map(Vec::as_slice), Some(&b"1"[..]));
-        assert!(got[1].2.is_empty());
+        // Entries whose fields cannot be read have none: no result of this run.
+        assert!(got[1].2.is_empty() && got[2].2.is_empty());
+        assert!(got.iter().all(|(s, ..)| s == "s"));
+        assert!(result_of(&got[2].2, false).is_none());
     }
 
     #[test]

@@ -10,6 +10,10 @@
 //!   entries), runs the pipe's tasks with their policies, `rate(..)` and `inflight(..)`
 //!   shared by every worker through Redis, and writes each result to a results stream.
 //!
+//! Limits read from files (`-j FILE`, `rate(FILE)`), which a local run reads again as jobs
+//! end and at SIGUSR1, are refused with a queue: a worker's rate is shared by every worker
+//! through Redis, and a run through a queue reads its options once.
+//!
 //! The keys of a queue `NAME` share one hash tag, `flowline:{NAME}:...`. One hash,
 //! `flowline:{NAME}:meta`, names the current run (`run`, an id the feeder draws when it
 //! starts a new run) and holds its counts (`fed`, `failed`, `finished`); each run has keys
@@ -25,8 +29,7 @@ pub mod worker;
 
 use std::time::Duration;
 
-use flowline::{BoxError, ItemError, Outage, Transient};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 
 use crate::spec::{Plan, Step};
 
@@ -178,7 +181,16 @@ pub fn check_plan(plan: &Plan) -> Vec<String> {
                 "error: --queue: `batch` (and -n/-N/-X) is not supported with a queue: each input is one job"
                     .to_string(),
             ),
-            Step::Task(_) | Step::Filter { .. } => {}
+            Step::Task(t) => {
+                if let Some(file) = &t.policies.rate_file {
+                    errors.push(format!(
+                        "error: --queue: `rate({})` of `{}`: a rate read from a file is not supported with a queue (the rate is shared by every worker through Redis and not read again); give it, like `rate(20/s)`",
+                        file.display(),
+                        t.name
+                    ));
+                }
+            }
+            Step::Filter { .. } => {}
         }
     }
     errors
@@ -189,42 +201,8 @@ pub fn check_plan(plan: &Plan) -> Vec<String> {
 pub fn connect(server: &str) -> Result<ConnectionManager, String> {
     let shown = without_password(server);
     let client = redis::Client::open(server).map_err(|e| format!("--queue {shown}: {e}"))?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(Duration::from_secs(10)))
-        .set_number_of_retries(1)
-        .set_max_delay(Duration::from_secs(1));
-    ConnectionManager::new_lazy_with_config(client, config)
+    flowline_redis::connect_lazy(&client, Duration::from_secs(10))
         .map_err(|e| format!("--queue {shown}: {e}"))
-}
-
-/// Runs `op` until Redis answers, under `outage`: a dropped connection or a server that is
-/// restarting is waited out (the connection reconnects meanwhile); an error of the command
-/// itself, or an outage past the policy's limit, is the error.
-pub async fn call<T, F, Fut>(
-    outage: &Outage,
-    server: &str,
-    conn: &ConnectionManager,
-    mut op: F,
-) -> Result<T, String>
-where
-    F: FnMut(ConnectionManager) -> Fut,
-    Fut: std::future::Future<Output = redis::RedisResult<T>>,
-{
-    outage
-        .retry(server, || {
-            let f = op(conn.clone());
-            async move { f.await.map_err(mark) }
-        })
-        .await
-        .map_err(|e| e.to_string())
-}
-
-/// A failed Redis call as an outage policy reads it: transient (tried again) or not.
-fn mark(e: redis::RedisError) -> BoxError {
-    let e = ItemError::user(e);
-    let transient = flowline_redis::is_transient(&e);
-    Transient::or_permanent(e, transient)
 }
 
 /// A new run's id: the clock and the process, distinct for every feeder that starts a run
@@ -255,11 +233,6 @@ pub async fn run_state(
 /// The first SIGINT, SIGTERM or SIGHUP.
 pub async fn stop_signal() {
     crate::run::next_signal(&mut crate::run::stop_signals()).await;
-}
-
-/// The bytes of a field of a reply, when it has any.
-pub fn bytes_of(v: &redis::Value) -> Option<Vec<u8>> {
-    redis::from_redis_value_ref::<Vec<u8>>(v).ok()
 }
 
 #[cfg(test)]

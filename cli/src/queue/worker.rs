@@ -27,8 +27,9 @@ use super::feeder::{args_of, item_of};
 use super::{GROUP, Queue};
 use crate::exec::{Fail, Failed, Item, Runner, TaskRt, Value};
 use crate::jobs::Jobs;
-use crate::run::{Outcome, Settings, objects, output_value, retry_policy};
+use crate::run::{Outcome, Settings, objects};
 use crate::spec::{Plan, Step, Task, TaskKind};
+use crate::task_stage::{Gate, Policies, run_job, task_stage};
 
 /// An input on its way through the worker's tasks.
 #[derive(Clone, Debug)]
@@ -133,7 +134,7 @@ struct Shared {
 }
 
 /// A task of the pipe as a stage of the worker.
-fn task_stage(
+fn task_step(
     p: Pipeline<Job>,
     t: &Task,
     step: usize,
@@ -142,48 +143,25 @@ fn task_stage(
     shared: &mut Shared,
 ) -> Pipeline<Job> {
     let rt = Arc::new(TaskRt::new(t.clone()));
-    let (runner, name) = (runner.clone(), t.name.clone());
-    let mut stage = p
-        .try_map_async(&t.name, move |job: Job| {
-            let (runner, rt, name) = (runner.clone(), rt.clone(), name.clone());
-            async move {
-                if !matches!(job.end, End::Open) {
-                    return Ok(job);
-                }
-                match crate::exec::call_job(&runner, &rt, &job.item).await {
-                    Ok(out) => Ok(Job {
-                        item: Item {
-                            value: output_value(&rt, out),
-                            ..job.item
-                        },
-                        end: End::Open,
-                    }),
-                    Err(error) => Err(Failed(Box::new(Fail {
-                        item: job.item,
-                        step,
-                        stage: name,
-                        error,
-                        attempts: 1,
-                    }))),
-                }
+    let runner = runner.clone();
+    let call = move |job: Job| {
+        let (runner, rt) = (runner.clone(), rt.clone());
+        async move {
+            if !matches!(job.end, End::Open) {
+                return Ok(job);
             }
-        })
-        .workers(t.policies.fork.unwrap_or(jobs))
-        .unordered();
-    if let Some((n, per, burst)) = t.policies.rate {
+            let item = run_job(&runner, &rt, job.item, step).await?;
+            Ok(Job {
+                item,
+                end: End::Open,
+            })
+        }
+    };
+    let rate = t.policies.rate.map(|(n, per, burst)| {
         let name = shared.queue.limit_name(&format!("{}.rate", t.name));
-        stage = stage.limit(RedisRate::per(&shared.client, &name, n, per).burst(burst));
-    }
-    if let Some(r) = &t.policies.retry {
-        stage = stage.retry(retry_policy(r));
-    }
-    if let Some(b) = objects(t).breaker {
-        stage = stage.circuit_breaker(b);
-    }
-    if let Some((lo, hi)) = t.policies.adaptive {
-        stage = stage.adaptive(Adaptive::aimd(lo..=hi));
-    }
-    if let Some((id, n)) = t.policies.inflight {
+        Gate::SharedRate(RedisRate::per(&shared.client, &name, n, per).burst(burst))
+    });
+    let inflight = t.policies.inflight.map(|(id, n)| {
         let name = shared.queue.limit_name(&format!("inflight{id}"));
         let client = shared.client.clone();
         let bound = shared
@@ -191,8 +169,14 @@ fn task_stage(
             .entry(id)
             .or_insert_with(|| RedisInflight::new(&client, &name, n))
             .clone();
-        stage = stage.limit(bound);
-    }
+        Gate::SharedInflight(bound)
+    });
+    let policies = Policies {
+        rate,
+        inflight,
+        breaker: objects(t).breaker,
+    };
+    let stage = task_stage(p, t, jobs, false, policies, call);
     stage.results().map(|r| match r {
         Ok(job) => job,
         Err(f) => {
@@ -298,7 +282,7 @@ pub async fn run(
     let mut p = source.pipeline().map(|e| job_of(&e));
     for (i, step) in plan.main.steps.iter().enumerate() {
         p = match step {
-            Step::Task(t) => task_stage(p, t, i, &runner, settings.jobs, &mut shared),
+            Step::Task(t) => task_step(p, t, i, &runner, settings.jobs, &mut shared),
             Step::Filter { re, keep } => {
                 let (re, keep) = (re.clone(), *keep);
                 p.map(move |mut job: Job| {

@@ -1,6 +1,7 @@
-//! Connections and what to do when a call fails: which errors are worth a retry (the
-//! connection dropped, the server is restarting) and which are the caller's to see (a wrong
-//! type at the key, a bad argument), and calls tried again under an outage policy.
+//! Connections ([`connect`], [`connect_lazy`]) and what to do when a call fails: which
+//! errors are worth a retry (the connection dropped, the server is restarting) and which are
+//! the caller's to see (a wrong type at the key, a bad argument), and calls tried again
+//! under an outage policy ([`call`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,18 +14,60 @@ use redis::{ErrorKind, RedisError, ServerErrorKind};
 /// The longest wait of the connection manager between two reconnection attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
 
-/// A connection that reconnects by itself. `response_timeout` bounds one call: a blocking
+/// How a connection waits and reconnects. `response_timeout` bounds one call: a blocking
 /// read needs more than its block time.
-pub(crate) async fn connect(
-    client: &redis::Client,
-    response_timeout: Duration,
-) -> Result<ConnectionManager, RedisError> {
-    let cfg = ConnectionManagerConfig::new()
+fn config(response_timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
         .set_response_timeout(Some(response_timeout))
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_number_of_retries(2)
-        .set_max_delay(MAX_RECONNECT_DELAY);
-    ConnectionManager::new_with_config(client.clone(), cfg).await
+        .set_max_delay(MAX_RECONNECT_DELAY)
+}
+
+/// A connection that reconnects by itself, as flowline-redis's own parts use: 2 s to
+/// connect, `response_timeout` for one call's answer (a blocking read needs more than its
+/// block time), reconnection attempts at most 1 s apart. Fails if the server cannot be
+/// reached now; [`connect_lazy`] waits for it instead.
+///
+/// ```no_run
+/// # #[tokio::main] async fn main() -> Result<(), redis::RedisError> {
+/// let client = redis::Client::open("redis://127.0.0.1:6379/")?;
+/// let mut conn = flowline_redis::connect(&client, std::time::Duration::from_secs(10)).await?;
+/// let _: () = redis::cmd("PING").query_async(&mut conn).await?;
+/// # Ok(()) }
+/// ```
+pub async fn connect(
+    client: &redis::Client,
+    response_timeout: Duration,
+) -> Result<ConnectionManager, RedisError> {
+    ConnectionManager::new_with_config(client.clone(), config(response_timeout)).await
+}
+
+/// [`connect`], made on first use: a program started while its server is down gets its
+/// connection now and its calls fail as transient until the server is up (under
+/// [`call`], they are tried again). An error only for a client that cannot make one.
+///
+/// ```
+/// use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// // Nothing listens on port 1: the connection is made anyway, and a call says why it failed.
+/// let client = redis::Client::open("redis://127.0.0.1:1/").unwrap();
+/// let conn = flowline_redis::connect_lazy(&client, Duration::from_secs(1)).unwrap();
+/// let policy = flowline::Outage::keep_trying_for(Duration::ZERO);
+/// let err = flowline_redis::call(&policy, "redis 127.0.0.1:1", || {
+///     let mut c = conn.clone();
+///     async move { redis::cmd("PING").query_async::<String>(&mut c).await }
+/// })
+/// .await
+/// .unwrap_err();
+/// assert!(!err.is_permanent(), "a server that is down is an outage: {err}");
+/// # }
+/// ```
+pub fn connect_lazy(
+    client: &redis::Client,
+    response_timeout: Duration,
+) -> Result<ConnectionManager, RedisError> {
+    ConnectionManager::new_lazy_with_config(client.clone(), config(response_timeout))
 }
 
 /// Whether a failed call may succeed if tried again: the connection dropped or timed out,
@@ -57,14 +100,32 @@ pub(crate) fn mark(e: RedisError) -> BoxError {
     Transient::or_permanent(e, transient)
 }
 
-/// Runs `op` until it succeeds, under `policy`: transient failures are tried again after
-/// the policy's waits (the connection manager reconnects meanwhile); a permanent one, or an
-/// outage past the policy's limit, is the [`OutageError`].
-pub(crate) async fn call<T, F, Fut>(
-    policy: &Outage,
-    server: &str,
-    mut op: F,
-) -> Result<T, OutageError>
+/// Runs `op` until it succeeds, under `policy`: transient failures (a dropped or refused
+/// connection, a timeout, a server `LOADING` or failing over: see
+/// [`is_transient`](crate::is_transient)) are tried again after the policy's waits, the
+/// connection reconnecting meanwhile; an error of the command itself (`WRONGTYPE`, a
+/// syntax error), or an outage past the policy's limit, is the [`OutageError`], which
+/// names `server`.
+///
+/// ```
+/// use flowline::Outage;
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// let mut tries = 0;
+/// let v = flowline_redis::call(&Outage::default(), "redis 127.0.0.1:6379", || {
+///     tries += 1;
+///     let reply = if tries < 3 {
+///         Err(redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset)))
+///     } else {
+///         Ok(tries)
+///     };
+///     async move { reply }
+/// })
+/// .await
+/// .unwrap();
+/// assert_eq!(v, 3);
+/// # }
+/// ```
+pub async fn call<T, F, Fut>(policy: &Outage, server: &str, mut op: F) -> Result<T, OutageError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, RedisError>>,

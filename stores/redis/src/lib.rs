@@ -21,6 +21,10 @@
 //!   process, given to a stage where the local `Rate` and `Inflight` go (see below).
 //! - [`is_transient`]: whether an item's error is Redis failing (a dropped connection, a
 //!   server `LOADING` or failing over) rather than the item, for the user's own effects.
+//! - For code of your own beside them: [`connect`] / [`connect_lazy`] (a connection that
+//!   reconnects by itself), [`call`] (a command tried again while the server is down, under
+//!   an [`Outage`](flowline::Outage) policy), and [`parse_streams`] / [`parse_entries`]
+//!   (`XREAD` and `XRANGE` replies read into [`StreamEntry`]s, a malformed reply an error).
 //!
 //! ```no_run
 //! use flowline::prelude::*;
@@ -273,7 +277,8 @@ pub mod test_server;
 mod transient;
 
 pub use checkpoints::RedisCheckpoints;
-pub use entry::StreamEntry;
+pub use conn::{call, connect, connect_lazy};
+pub use entry::{ReadEntry, ReplyError, StreamEntry, parse_entries, parse_streams};
 pub use limit::inflight::{InflightLease, RedisInflight};
 pub use limit::rate::{RateGrant, RedisRate};
 pub use options::StreamOptions;

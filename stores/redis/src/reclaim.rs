@@ -140,7 +140,7 @@ pub(crate) async fn run(sh: Arc<Shared>, tx: Feed) {
                 tracing::debug!(stream = %sh.stream, "every consumer paused: claims wait for their owners to renew");
                 break;
             }
-            let reads = match parts.next().map(entry::entries) {
+            let reads = match parts.next().map(entry::parse_entries) {
                 Some(Ok(r)) => r,
                 _ => {
                     tracing::error!(stream = %sh.stream, "XAUTOCLAIM: a reply that does not parse");

@@ -23,7 +23,7 @@ use redis::aio::ConnectionManager;
 use tokio::sync::{Notify, mpsc};
 
 use crate::conn;
-use crate::entry::{self, Read, StreamEntry};
+use crate::entry::{self, ReadEntry, StreamEntry};
 use crate::names;
 use crate::options::StreamOptions;
 
@@ -472,7 +472,7 @@ impl Shared {
     /// but still waiting here must not be taken over by another consumer.
     pub(crate) async fn hand_out(
         self: &Arc<Self>,
-        reads: Vec<Read>,
+        reads: Vec<ReadEntry>,
         counts: &HashMap<String, u64>,
         tx: &Feed,
     ) -> Result<(), ()> {
@@ -483,7 +483,7 @@ impl Shared {
             for read in reads {
                 let n = counts.get(read.id()).copied().unwrap_or(1);
                 let mut e = match read {
-                    Read::Bad(id, why) => {
+                    ReadEntry::Bad(id, why) => {
                         if st.held.contains_key(&id)
                             || st.acked_meanwhile.contains(&id)
                             || !st.acking.insert(id.clone())
@@ -494,7 +494,7 @@ impl Shared {
                         dead = true;
                         continue;
                     }
-                    Read::Entry(e) => e,
+                    ReadEntry::Entry(e) => e,
                 };
                 // Held (in flight here), ended and waiting for its acknowledgement, or
                 // acknowledged since the read was sent: a re-read or a reclaim found it

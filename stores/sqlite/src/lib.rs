@@ -10,7 +10,11 @@
 //!   [`commit_with`](SqliteStore::commit_with) to write an effect in the same transaction as
 //!   its keys (exactly once across crashes).
 //!
-//! Both may share one file, beside the data being read: each keeps its own table, prefixed
+//! - [`Keyset`]: the rows of a query paged by a key column, read-only, as the fetch of
+//!   [`Pipeline::from_cursor`](flowline::Pipeline::from_cursor) (its cursor, a [`Key`],
+//!   is what the checkpoint keeps).
+//!
+//! Both stores may share one file, beside the data being read: each keeps its own table, prefixed
 //! `flowline_`. Calls run on tokio's blocking pool, so a slow disk never stalls the runtime.
 //!
 //! The file locked by another connection or process (a backup, a long write) is not a
@@ -64,10 +68,12 @@
 #![forbid(unsafe_code)]
 
 mod checkpoints;
+mod keyset;
 mod store;
 mod transient;
 
 pub use checkpoints::SqliteCheckpoints;
+pub use keyset::{Key, KeyParseError, Keyset, PageFuture};
 pub use store::SqliteStore;
 pub use transient::{classify, is_transient, is_transient_error};
 
