@@ -12,6 +12,7 @@ mod exec;
 mod gate;
 mod input;
 mod jobs;
+mod key;
 mod linefilter;
 mod live;
 mod parse;
@@ -36,6 +37,9 @@ Pipe: SOURCE | STAGE | ... | SINK, or ... | branch | error:... success:...
            http(URL) or http(METHOD, URL[, BODY])  ({} in URL/body)
   policies fork(N)  rate(N/s[, BURST])  inflight(N)  timeout(5s)  retry(N[, 200ms..10s])
            breaker(FAILURES[, COOLDOWN])  adaptive(MIN..MAX)
+           key(TEMPLATE[, PER_KEY])  (in order per key: inputs whose TEMPLATE, e.g. {1},
+           renders the same run one at a time (PER_KEY at most) in input order; other keys
+           run beside them)
            They apply to every task after them; written after the last task, to it.
   ops      filter(\"REGEX\")  reject(\"REGEX\")  dedup[(WINDOW)]  batch(N[, WAIT])
   sinks    print (default)  jsonl(FILE)  file(PATH)  discard    (files are appended to)
@@ -64,6 +68,8 @@ Recipes (GNU parallel / xargs  =>  flowline pipe):
       flowline --state run.db --joblog log '...'       (keyed by the input)
   parallel --retry-failed --joblog log
       flowline --state run.db --retry-failed '...'
+  one account's updates in order, accounts in parallel (no equivalent in parallel):
+      flowline --colsep '\\t' 'lines(events.tsv) | fork(16) | key({1}) | sh(\"apply {2}\")'
   parallel -k ... / parallel --bar ...
       flowline -k '...' / flowline --progress '...'
   stop hammering a dead service (no equivalent):
@@ -197,6 +203,12 @@ struct Cli {
     /// Run a failing job up to N times in all (parallel --retries).
     #[arg(long, value_name = "N")]
     retries: Option<u32>,
+
+    /// In order per key: the jobs whose TEMPLATE (replacement strings as in the command,
+    /// e.g. `{1}` with --colsep) renders the same run one at a time, in input order; jobs
+    /// of other keys run beside them (the pipe's `key(TEMPLATE[, PER_KEY])`).
+    #[arg(long, value_name = "TEMPLATE")]
+    key: Option<String>,
 
     /// Put the arguments before each line of a job's output, and a tab.
     #[arg(long)]
@@ -537,6 +549,14 @@ fn setup(cli: Cli, groups: Vec<compat::Group>) -> Result<Setup, Vec<String>> {
     if (cli.resume || cli.resume_failed) && cli.joblog.is_none() {
         errors.push("error: --resume and --resume-failed need --joblog FILE".into());
     }
+    let key = match cli.key.as_deref().map(key::option) {
+        None => None,
+        Some(Ok(k)) => Some(k),
+        Some(Err(e)) => {
+            errors.push(e);
+            None
+        }
+    };
     if cli.line_buffer && cli.ungroup {
         errors.push("error: --line-buffer and -u (--ungroup) exclude each other".into());
     }
@@ -600,6 +620,14 @@ fn setup(cli: Cli, groups: Vec<compat::Group>) -> Result<Setup, Vec<String>> {
             }
         },
     };
+    if let (Some(k), Some(p)) = (&cli.key, &plan) {
+        if p.main_tasks().next().is_none() {
+            errors.push(format!(
+                "error: --key `{}`: the pipe has no task (sh(..) or http(..)) to key",
+                k.escape_debug()
+            ));
+        }
+    }
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -625,6 +653,7 @@ fn setup(cli: Cli, groups: Vec<compat::Group>) -> Result<Setup, Vec<String>> {
         retries: cli.retries.map(|n| n - 1),
         delay,
         args_per_job: per_job,
+        key,
     });
     let job_opts = exec::JobOpts {
         output: if cli.ungroup {
@@ -757,6 +786,13 @@ fn queue_options(cli: &Cli, inputs: bool, errors: &mut Vec<String>) -> Option<qu
     for (flag, _) in unsupported.iter().filter(|(_, given)| *given) {
         errors.push(format!(
             "error: {flag} is not supported with --queue (the queue keeps the run's state in Redis)"
+        ));
+    }
+    if let Some(k) = &cli.key {
+        errors.push(format!(
+            "error: --key `{}` is not supported with --queue: {}",
+            k.escape_debug(),
+            queue::NO_KEY
         ));
     }
     q

@@ -152,6 +152,9 @@ fn bad_name(name: &str) -> Option<&'static str> {
     None
 }
 
+/// Why a queue refuses `key(..)` and `--key`.
+pub const NO_KEY: &str = "each worker takes the queue's inputs as it is free, so the inputs of one key would run on several machines at once and out of order; run keyed pipes without --queue";
+
 /// What makes no sense for a pipe run through a queue, every problem at once.
 pub fn check_plan(plan: &Plan) -> Vec<String> {
     let mut errors = Vec::new();
@@ -167,6 +170,15 @@ pub fn check_plan(plan: &Plan) -> Vec<String> {
             "error: --queue: the pipe has no task (sh(..) or http(..)) for the workers to run"
                 .to_string(),
         );
+    }
+    for t in plan.main_tasks() {
+        if let Some(k) = &t.policies.key {
+            errors.push(format!(
+                "error: --queue: `key({})` (stage `{}`) is not supported with a queue: {NO_KEY}",
+                k.template.escape_debug(),
+                t.name
+            ));
+        }
     }
     for step in &plan.main.steps {
         match step {

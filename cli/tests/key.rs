@@ -1,0 +1,353 @@
+//! End to end: `key(TEMPLATE[, PER_KEY])` and `--key`, in order per key and concurrent
+//! across keys, with real processes that log when they start and end.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flowline");
+
+fn start(dir: &Path, args: &[&str], stdin: &str) -> Child {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("flowline runs");
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin.as_bytes()).expect("write stdin");
+    child
+}
+
+fn flowline(dir: &Path, args: &[&str], stdin: &str) -> Output {
+    start(dir, args, stdin)
+        .wait_with_output()
+        .expect("flowline ends")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Inputs `KEY\tSEQ\tSECONDS`: `keys` keys in a pseudo-random interleaving, `per` inputs
+/// each (SEQ counts per key from 1), each job sleeping a pseudo-random 0 to 19 ms.
+fn inputs(keys: u32, per: u32, seed: u64) -> String {
+    let mut state = seed;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut left: Vec<u32> = vec![per; keys as usize];
+    let mut out = String::new();
+    while left.iter().any(|&n| n > 0) {
+        let k = (next() % u64::from(keys)) as usize;
+        if left[k] == 0 {
+            continue;
+        }
+        left[k] -= 1;
+        let ms = next() % 20;
+        out.push_str(&format!("k{k}\t{}\t0.{ms:03}\n", per - left[k]));
+    }
+    out
+}
+
+/// The command of a job: notes its start and end in `log` (one append each, whole lines),
+/// sleeps its time, prints `KEY SEQ`.
+const JOB: &str = "echo start {1} {2} >> log; sleep {3}; echo end {1} {2} >> log; echo {1} {2}";
+
+/// What the log says: per key, the most of its jobs that ran at once, and the most jobs
+/// that ran at once over all keys. Asserts that each key's jobs started in input order:
+/// a job notes its start once its shell runs, so of `per_key` jobs started together the
+/// later may note first; when job `s` notes its start, at most `per_key - 1` of the
+/// key's earlier jobs have not (they are the ones in flight beside it).
+fn overlaps(log: &str, per_key: usize) -> (BTreeMap<String, usize>, usize) {
+    let mut running: HashMap<String, usize> = HashMap::new();
+    let mut started: HashMap<String, std::collections::BTreeSet<u32>> = HashMap::new();
+    let mut most: BTreeMap<String, usize> = BTreeMap::new();
+    let (mut total, mut most_total) = (0usize, 0usize);
+    for line in log.lines() {
+        let w: Vec<&str> = line.split(' ').collect();
+        let [what, key, seq] = w[..] else {
+            panic!("log line {line:?}")
+        };
+        let seq: u32 = seq.parse().expect("seq");
+        let n = running.entry(key.to_string()).or_default();
+        match what {
+            "start" => {
+                let before = started.entry(key.to_string()).or_default();
+                let not_yet = (1..seq).filter(|j| !before.contains(j)).count();
+                assert!(
+                    not_yet < per_key,
+                    "key {key}: {seq} started before {not_yet} earlier ones"
+                );
+                before.insert(seq);
+                *n += 1;
+                total += 1;
+                let m = most.entry(key.to_string()).or_default();
+                *m = (*m).max(*n);
+                most_total = most_total.max(total);
+            }
+            "end" => {
+                *n -= 1;
+                total -= 1;
+            }
+            _ => panic!("log line {line:?}"),
+        }
+    }
+    (most, most_total)
+}
+
+/// Each key's outputs, in the order they were written; asserts all `per` came, in order.
+fn outputs_in_key_order(out: &str, keys: u32, per: u32) {
+    let mut seen: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for line in out.lines() {
+        let (k, s) = line.split_once(' ').expect("KEY SEQ");
+        seen.entry(k.to_string())
+            .or_default()
+            .push(s.parse().expect("seq"));
+    }
+    assert_eq!(seen.len(), keys as usize, "{out}");
+    for (k, seqs) in seen {
+        assert_eq!(seqs, (1..=per).collect::<Vec<_>>(), "key {k}");
+    }
+}
+
+/// One run over `KEYS x PER` inputs; asserts order and the bound per key; the most jobs
+/// at once over all keys.
+fn keyed_run(args: &[&str], per_key: usize, seed: u64) -> usize {
+    const KEYS: u32 = 6;
+    const PER: u32 = 15;
+    let d = tempfile::tempdir().unwrap();
+    let o = flowline(d.path(), args, &inputs(KEYS, PER, seed));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    outputs_in_key_order(&text(&o.stdout), KEYS, PER);
+    let log = std::fs::read_to_string(d.path().join("log")).unwrap();
+    let (most, most_total) = overlaps(&log, per_key);
+    for (k, m) in &most {
+        assert!(
+            *m <= per_key,
+            "key {k}: {m} jobs at once, per_key {per_key}"
+        );
+    }
+    assert!(most_total <= 8, "{most_total} jobs at once, fork(8)");
+    most_total
+}
+
+#[test]
+fn each_keys_jobs_run_one_at_a_time_in_input_order_and_keys_run_side_by_side() {
+    let pipe = format!("fork(8) | key({{1}}) | sh(\"{JOB}\")");
+    let mut most = 0;
+    for seed in [7, 1234] {
+        most = most.max(keyed_run(&["--quiet", "--colsep", "\t", &pipe], 1, seed));
+    }
+    // Across keys the jobs did run at once: a run one job at a time passes no key test.
+    assert!(most > 1, "never more than one job at a time");
+}
+
+#[test]
+fn the_key_option_keys_a_command_as_the_stage_does() {
+    let most = keyed_run(
+        &["--quiet", "--key", "{1}", "--colsep", "\t", "-j", "8", JOB],
+        1,
+        99,
+    );
+    assert!(most > 1, "never more than one job at a time");
+}
+
+#[test]
+fn per_key_two_runs_two_of_a_key_at_once_and_keeps_their_output_in_order() {
+    let pipe = format!("fork(8) | key({{1}}, 2) | sh(\"{JOB}\")");
+    let mut most = BTreeMap::new();
+    for seed in [3, 77] {
+        let d = tempfile::tempdir().unwrap();
+        let o = flowline(
+            d.path(),
+            &["--quiet", "--colsep", "\t", &pipe],
+            &inputs(2, 20, seed),
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+        outputs_in_key_order(&text(&o.stdout), 2, 20);
+        let log = std::fs::read_to_string(d.path().join("log")).unwrap();
+        for (k, m) in overlaps(&log, 2).0 {
+            assert!(m <= 2, "key {k}: {m} jobs at once");
+            let e = most.entry(k).or_insert(0);
+            *e = m.max(*e);
+        }
+    }
+    assert!(most.values().any(|&m| m == 2), "never two of a key at once");
+}
+
+/// A key's second job ends long before its first: the output still has the first one
+/// first (unordered output keeps a key's order), while other keys go out as they end.
+#[test]
+fn a_keys_later_job_that_ends_first_waits_for_the_earlier_one_in_the_output() {
+    let d = tempfile::tempdir().unwrap();
+    let o = flowline(
+        d.path(),
+        &[
+            "--quiet",
+            "--colsep",
+            "\t",
+            &format!("fork(4) | key({{1}}, 2) | sh(\"{JOB}\")"),
+        ],
+        "a\t1\t0.5\na\t2\t0.01\nb\t1\t0.01\n",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let log = std::fs::read_to_string(d.path().join("log")).unwrap();
+    let ends: Vec<&str> = log.lines().filter(|l| l.starts_with("end a")).collect();
+    assert_eq!(ends, ["end a 2", "end a 1"], "the jobs ran side by side");
+    let out = text(&o.stdout);
+    let a: Vec<&str> = out.lines().filter(|l| l.starts_with('a')).collect();
+    assert_eq!(a, ["a 1", "a 2"]);
+    assert_eq!(out.lines().next(), Some("b 1"), "{out}");
+}
+
+#[test]
+fn keep_order_with_a_key_writes_in_input_order() {
+    let d = tempfile::tempdir().unwrap();
+    let input = inputs(4, 10, 5);
+    let o = flowline(
+        d.path(),
+        &[
+            "--quiet",
+            "-k",
+            "--colsep",
+            "\t",
+            &format!("fork(8) | key({{1}}) | sh(\"{JOB}\")"),
+        ],
+        &input,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let want: Vec<String> = input
+        .lines()
+        .map(|l| {
+            let c: Vec<&str> = l.split('\t').collect();
+            format!("{} {}", c[0], c[1])
+        })
+        .collect();
+    assert_eq!(text(&o.stdout).lines().collect::<Vec<_>>(), want);
+}
+
+/// Lines of a child's stdout as they come.
+fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// The slow key's first job runs until the test lets it end: every other key's jobs
+/// finish meanwhile, and the slow key's later jobs start only after it.
+#[test]
+fn a_slow_key_holds_back_only_its_own_jobs() {
+    let d = tempfile::tempdir().unwrap();
+    let mut input = String::from("slow\t1\n");
+    for i in 1..=10 {
+        input.push_str(&format!("a\t{i}\nb\t{i}\n"));
+        if i % 4 == 0 {
+            input.push_str(&format!("slow\t{}\n", i / 4 + 1));
+        }
+    }
+    // The slow job waits for `release` (at most 20 s, never forever).
+    let job = "echo start {1} {2} >> log; \
+               if [ {1} = slow ] && [ {2} = 1 ]; then \
+                 i=0; while [ ! -e release ] && [ $i -lt 2000 ]; do sleep 0.01; i=$((i+1)); done; \
+               fi; echo end {1} {2} >> log; echo {1} {2}";
+    let pipe = format!("fork(4) | key({{1}}) | sh(\"{job}\")");
+    let mut child = start(d.path(), &["--colsep", "\t", &pipe], &input);
+    let rx = lines_of(&mut child);
+    let mut fast = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fast.len() < 20 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                assert!(!line.starts_with("slow"), "{line} before the release");
+                fast.push(line);
+            }
+            Err(e) => panic!("the fast keys did not finish: {e}; got {fast:?}"),
+        }
+    }
+    let log = std::fs::read_to_string(d.path().join("log")).unwrap();
+    assert!(log.contains("start slow 1\n"), "{log}");
+    assert!(!log.contains("start slow 2"), "{log}");
+    std::fs::write(d.path().join("release"), "").unwrap();
+    let rest: Vec<String> = rx.iter().collect();
+    assert_eq!(rest, ["slow 1", "slow 2", "slow 3"]);
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let stderr = text(&o.stderr);
+    // slow 2 and slow 3 waited behind slow 1; some fast ones behind their key too.
+    assert!(stderr.contains("waited for their key in sh"), "{stderr}");
+}
+
+#[test]
+fn bad_keys_are_all_reported_with_the_option_and_value() {
+    let d = tempfile::tempdir().unwrap();
+    let o = flowline(
+        d.path(),
+        &[
+            "--key",
+            "",
+            "-j",
+            "x",
+            "seq(3) | key({1}, 0) | sh(\"echo {}\")",
+        ],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(255));
+    let e = text(&o.stderr);
+    for needle in [
+        "--key `` is empty",
+        "--jobs `x`",
+        "stage `key`: per_key `0` must be from 1 to 65536",
+    ] {
+        assert!(e.contains(needle), "{needle}: {e}");
+    }
+    for (args, needle) in [
+        (
+            &["seq(3) | key() | sh(x)"][..],
+            "`key` takes 1 to 2 arguments, got 0",
+        ),
+        (
+            &["seq(3) | key({1}, many) | sh(x)"],
+            "per_key `many` is not a whole number",
+        ),
+        (&["seq(3) | key({1}) | print"], "`key` has no task"),
+        (
+            &["--key", "{1}", "seq(3) | filter(x)"],
+            "--key `{1}`: the pipe has no task",
+        ),
+        (&["--key", "{%}", "echo"], "--key `{%}` uses `{%}`"),
+        (
+            &["--queue", "redis://127.0.0.1:1/q", "--key", "{1}", "echo"],
+            "--key `{1}` is not supported with --queue",
+        ),
+        (
+            &[
+                "--queue",
+                "redis://127.0.0.1:1/q",
+                "seq(3) | key({1}) | sh(x)",
+            ],
+            "`key({1})` (stage `sh`) is not supported with a queue",
+        ),
+    ] {
+        let o = flowline(d.path(), args, "");
+        assert_eq!(o.status.code(), Some(255), "{args:?}");
+        let e = text(&o.stderr);
+        assert!(e.contains(needle), "{args:?}: {e}");
+    }
+}
