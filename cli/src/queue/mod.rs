@@ -10,6 +10,9 @@
 //!   entries), runs the pipe's tasks with their policies, `rate(..)` and `inflight(..)`
 //!   shared by every worker through Redis, and writes each result to a results stream.
 //!
+//! Per-key order (`key(..)`, `--key`) is refused with a queue: each worker takes inputs
+//! as it is free, so one key's inputs would run on several machines at once.
+//!
 //! The keys of a queue `NAME` share one hash tag, `flowline:{NAME}:...`. One hash,
 //! `flowline:{NAME}:meta`, names the current run (`run`, an id the feeder draws when it
 //! starts a new run) and holds its counts (`fed`, `failed`, `finished`); each run has keys
