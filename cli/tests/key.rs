@@ -2,33 +2,14 @@
 //! across keys, with real processes that log when they start and end.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Output};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_flowline");
+mod common;
 
-fn start(dir: &Path, args: &[&str], stdin: &str) -> Child {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("flowline runs");
-    let mut input = child.stdin.take().expect("stdin");
-    input.write_all(stdin.as_bytes()).expect("write stdin");
-    child
-}
-
-fn flowline(dir: &Path, args: &[&str], stdin: &str) -> Output {
-    start(dir, args, stdin)
-        .wait_with_output()
-        .expect("flowline ends")
-}
+use common::{flowline, start};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -119,16 +100,31 @@ fn outputs_in_key_order(out: &str, keys: u32, per: u32) {
     }
 }
 
+/// `JOB` run over `input` in a folder of its own, the columns split at tabs: `opts`, then
+/// `last` (a pipe, or the command). It must succeed; its output and its jobs' log.
+fn run_jobs(opts: &[&str], last: &str, input: &str) -> (Output, String) {
+    let d = tempfile::tempdir().unwrap();
+    let mut args = vec!["--quiet", "--colsep", "\t"];
+    args.extend_from_slice(opts);
+    args.push(last);
+    let o = flowline(d.path(), &args, input);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let log = std::fs::read_to_string(d.path().join("log")).unwrap();
+    (o, log)
+}
+
+/// `JOB` as a task of 8 workers with the policy `key`.
+fn keyed(key: &str) -> String {
+    format!("fork(8) | {key} | sh(\"{JOB}\")")
+}
+
 /// One run over `KEYS x PER` inputs; asserts order and the bound per key; the most jobs
 /// at once over all keys.
-fn keyed_run(args: &[&str], per_key: usize, seed: u64) -> usize {
+fn keyed_run(opts: &[&str], last: &str, per_key: usize, seed: u64) -> usize {
     const KEYS: u32 = 6;
     const PER: u32 = 15;
-    let d = tempfile::tempdir().unwrap();
-    let o = flowline(d.path(), args, &inputs(KEYS, PER, seed));
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let (o, log) = run_jobs(opts, last, &inputs(KEYS, PER, seed));
     outputs_in_key_order(&text(&o.stdout), KEYS, PER);
-    let log = std::fs::read_to_string(d.path().join("log")).unwrap();
     let (most, most_total) = overlaps(&log, per_key);
     for (k, m) in &most {
         assert!(
@@ -142,10 +138,9 @@ fn keyed_run(args: &[&str], per_key: usize, seed: u64) -> usize {
 
 #[test]
 fn each_keys_jobs_run_one_at_a_time_in_input_order_and_keys_run_side_by_side() {
-    let pipe = format!("fork(8) | key({{1}}) | sh(\"{JOB}\")");
     let mut most = 0;
     for seed in [7, 1234] {
-        most = most.max(keyed_run(&["--quiet", "--colsep", "\t", &pipe], 1, seed));
+        most = most.max(keyed_run(&[], &keyed("key({1})"), 1, seed));
     }
     // Across keys the jobs did run at once: a run one job at a time passes no key test.
     assert!(most > 1, "never more than one job at a time");
@@ -153,28 +148,16 @@ fn each_keys_jobs_run_one_at_a_time_in_input_order_and_keys_run_side_by_side() {
 
 #[test]
 fn the_key_option_keys_a_command_as_the_stage_does() {
-    let most = keyed_run(
-        &["--quiet", "--key", "{1}", "--colsep", "\t", "-j", "8", JOB],
-        1,
-        99,
-    );
+    let most = keyed_run(&["--key", "{1}", "-j", "8"], JOB, 1, 99);
     assert!(most > 1, "never more than one job at a time");
 }
 
 #[test]
 fn per_key_two_runs_two_of_a_key_at_once_and_keeps_their_output_in_order() {
-    let pipe = format!("fork(8) | key({{1}}, 2) | sh(\"{JOB}\")");
     let mut most = BTreeMap::new();
     for seed in [3, 77] {
-        let d = tempfile::tempdir().unwrap();
-        let o = flowline(
-            d.path(),
-            &["--quiet", "--colsep", "\t", &pipe],
-            &inputs(2, 20, seed),
-        );
-        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+        let (o, log) = run_jobs(&[], &keyed("key({1}, 2)"), &inputs(2, 20, seed));
         outputs_in_key_order(&text(&o.stdout), 2, 20);
-        let log = std::fs::read_to_string(d.path().join("log")).unwrap();
         for (k, m) in overlaps(&log, 2).0 {
             assert!(m <= 2, "key {k}: {m} jobs at once");
             let e = most.entry(k).or_insert(0);
@@ -188,19 +171,11 @@ fn per_key_two_runs_two_of_a_key_at_once_and_keeps_their_output_in_order() {
 /// first (unordered output keeps a key's order), while other keys go out as they end.
 #[test]
 fn a_keys_later_job_that_ends_first_waits_for_the_earlier_one_in_the_output() {
-    let d = tempfile::tempdir().unwrap();
-    let o = flowline(
-        d.path(),
-        &[
-            "--quiet",
-            "--colsep",
-            "\t",
-            &format!("fork(4) | key({{1}}, 2) | sh(\"{JOB}\")"),
-        ],
+    let (o, log) = run_jobs(
+        &[],
+        &keyed("key({1}, 2)"),
         "a\t1\t0.5\na\t2\t0.01\nb\t1\t0.01\n",
     );
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    let log = std::fs::read_to_string(d.path().join("log")).unwrap();
     let ends: Vec<&str> = log.lines().filter(|l| l.starts_with("end a")).collect();
     assert_eq!(ends, ["end a 2", "end a 1"], "the jobs ran side by side");
     let out = text(&o.stdout);
@@ -211,20 +186,8 @@ fn a_keys_later_job_that_ends_first_waits_for_the_earlier_one_in_the_output() {
 
 #[test]
 fn keep_order_with_a_key_writes_in_input_order() {
-    let d = tempfile::tempdir().unwrap();
     let input = inputs(4, 10, 5);
-    let o = flowline(
-        d.path(),
-        &[
-            "--quiet",
-            "-k",
-            "--colsep",
-            "\t",
-            &format!("fork(8) | key({{1}}) | sh(\"{JOB}\")"),
-        ],
-        &input,
-    );
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let (o, _) = run_jobs(&["-k"], &keyed("key({1})"), &input);
     let want: Vec<String> = input
         .lines()
         .map(|l| {
