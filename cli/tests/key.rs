@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Output};
+use std::process::{Child, Command, Output};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -313,4 +313,51 @@ fn bad_keys_are_all_reported_with_the_option_and_value() {
         let e = text(&o.stderr);
         assert!(e.contains(needle), "{args:?}: {e}");
     }
+}
+
+/// Polls `cond` until it holds, at most 20 s.
+fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Inputs waiting for a busy key are bounded (4 × the jobs, at least 1024): while the one
+/// key's first job runs, the source is read that far and no further, not to its end. A
+/// stop then leaves the waiting inputs unfinished, and the run ends.
+#[test]
+fn inputs_waiting_for_a_busy_key_hold_the_source_back() {
+    let d = tempfile::tempdir().unwrap();
+    let job = "echo start {} >> log; if [ {} = 1 ]; then \
+               i=0; while [ ! -e release ] && [ $i -lt 2000 ]; do sleep 0.01; i=$((i+1)); done; \
+               fi";
+    let pipe = format!("seq(1..1000000) | fork(4) | key(one) | sh(\"{job}\") | discard");
+    let child = start(d.path(), &[&pipe], "");
+    let log = d.path().join("log");
+    wait_for("the first job", || log.exists());
+    // Time for a source without a bound to run far past it.
+    std::thread::sleep(Duration::from_millis(300));
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::write(d.path().join("release"), "").unwrap();
+    let o = child.wait_with_output().unwrap();
+    let stderr = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "start 1\n");
+    let read: u64 = stderr
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("flowline: ")?
+                .split_once(" inputs")?
+                .0
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no summary: {stderr}"));
+    assert!((2..=2048).contains(&read), "{read} inputs read: {stderr}");
 }
