@@ -78,7 +78,8 @@ Recipes (GNU parallel / xargs  =>  flowline pipe):
 Several machines (parallel --sshlogin, without ssh): a Redis stream is the queue.
   flowline --queue redis://HOST[:PORT]/NAME --worker 'PIPE'    on each worker machine
   flowline --queue redis://HOST[:PORT]/NAME 'PIPE'             feeds the inputs, prints results
-  The same PIPE everywhere; fork(N) is per worker, rate(..) and inflight(..) are shared.
+  The same PIPE everywhere; fork(N) is per worker, rate(..) and inflight(..) are shared;
+  key(..) on the first task keeps each key's jobs in order across all the workers.
   At least once: a killed worker's jobs run again on the others after --lease (30s); the
   feeder prints each result once and exits as a local run would. Rerun a killed feeder
   with the same command to resume.
@@ -634,6 +635,11 @@ fn setup(cli: Cli, groups: Vec<compat::Group>) -> Result<Setup, Vec<String>> {
     let Some(mut plan) = plan.take() else {
         return Err(vec!["error: nothing to run".into()]);
     };
+    // `--key` first, so that the queue's checks see it.
+    plan.apply_options(spec::Options {
+        key,
+        ..spec::Options::default()
+    });
     if queue.is_some() {
         let problems = queue::check_plan(&plan);
         if !problems.is_empty() {
@@ -653,7 +659,7 @@ fn setup(cli: Cli, groups: Vec<compat::Group>) -> Result<Setup, Vec<String>> {
         retries: cli.retries.map(|n| n - 1),
         delay,
         args_per_job: per_job,
-        key,
+        key: None,
     });
     let job_opts = exec::JobOpts {
         output: if cli.ungroup {
@@ -786,13 +792,6 @@ fn queue_options(cli: &Cli, inputs: bool, errors: &mut Vec<String>) -> Option<qu
     for (flag, _) in unsupported.iter().filter(|(_, given)| *given) {
         errors.push(format!(
             "error: {flag} is not supported with --queue (the queue keeps the run's state in Redis)"
-        ));
-    }
-    if let Some(k) = &cli.key {
-        errors.push(format!(
-            "error: --key `{}` is not supported with --queue: {}",
-            k.escape_debug(),
-            queue::NO_KEY
         ));
     }
     q

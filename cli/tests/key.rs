@@ -1,7 +1,7 @@
 //! End to end: `key(TEMPLATE[, PER_KEY])` and `--key`, in order per key and concurrent
 //! across keys, with real processes that log when they start and end.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output};
 use std::sync::mpsc;
@@ -9,95 +9,11 @@ use std::time::{Duration, Instant};
 
 mod common;
 
+use common::keyed::{JOB, inputs, outputs_in_key_order, overlaps};
 use common::{flowline, start};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-/// Inputs `KEY\tSEQ\tSECONDS`: `keys` keys in a pseudo-random interleaving, `per` inputs
-/// each (SEQ counts per key from 1), each job sleeping a pseudo-random 0 to 19 ms.
-fn inputs(keys: u32, per: u32, seed: u64) -> String {
-    let mut state = seed;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    let mut left: Vec<u32> = vec![per; keys as usize];
-    let mut out = String::new();
-    while left.iter().any(|&n| n > 0) {
-        let k = (next() % u64::from(keys)) as usize;
-        if left[k] == 0 {
-            continue;
-        }
-        left[k] -= 1;
-        let ms = next() % 20;
-        out.push_str(&format!("k{k}\t{}\t0.{ms:03}\n", per - left[k]));
-    }
-    out
-}
-
-/// The command of a job: notes its start and end in `log` (one append each, whole lines),
-/// sleeps its time, prints `KEY SEQ`.
-const JOB: &str = "echo start {1} {2} >> log; sleep {3}; echo end {1} {2} >> log; echo {1} {2}";
-
-/// What the log says: per key, the most of its jobs that ran at once, and the most jobs
-/// that ran at once over all keys. Asserts that each key's jobs started in input order:
-/// a job notes its start once its shell runs, so of `per_key` jobs started together the
-/// later may note first; when job `s` notes its start, at most `per_key - 1` of the
-/// key's earlier jobs have not (they are the ones in flight beside it).
-fn overlaps(log: &str, per_key: usize) -> (BTreeMap<String, usize>, usize) {
-    let mut running: HashMap<String, usize> = HashMap::new();
-    let mut started: HashMap<String, std::collections::BTreeSet<u32>> = HashMap::new();
-    let mut most: BTreeMap<String, usize> = BTreeMap::new();
-    let (mut total, mut most_total) = (0usize, 0usize);
-    for line in log.lines() {
-        let w: Vec<&str> = line.split(' ').collect();
-        let [what, key, seq] = w[..] else {
-            panic!("log line {line:?}")
-        };
-        let seq: u32 = seq.parse().expect("seq");
-        let n = running.entry(key.to_string()).or_default();
-        match what {
-            "start" => {
-                let before = started.entry(key.to_string()).or_default();
-                let not_yet = (1..seq).filter(|j| !before.contains(j)).count();
-                assert!(
-                    not_yet < per_key,
-                    "key {key}: {seq} started before {not_yet} earlier ones"
-                );
-                before.insert(seq);
-                *n += 1;
-                total += 1;
-                let m = most.entry(key.to_string()).or_default();
-                *m = (*m).max(*n);
-                most_total = most_total.max(total);
-            }
-            "end" => {
-                *n -= 1;
-                total -= 1;
-            }
-            _ => panic!("log line {line:?}"),
-        }
-    }
-    (most, most_total)
-}
-
-/// Each key's outputs, in the order they were written; asserts all `per` came, in order.
-fn outputs_in_key_order(out: &str, keys: u32, per: u32) {
-    let mut seen: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    for line in out.lines() {
-        let (k, s) = line.split_once(' ').expect("KEY SEQ");
-        seen.entry(k.to_string())
-            .or_default()
-            .push(s.parse().expect("seq"));
-    }
-    assert_eq!(seen.len(), keys as usize, "{out}");
-    for (k, seqs) in seen {
-        assert_eq!(seqs, (1..=per).collect::<Vec<_>>(), "key {k}");
-    }
 }
 
 /// `JOB` run over `input` in a folder of its own, the columns split at tabs: `opts`, then
@@ -296,16 +212,20 @@ fn bad_keys_are_all_reported_with_the_option_and_value() {
         ),
         (&["--key", "{%}", "echo"], "--key `{%}` uses `{%}`"),
         (
-            &["--queue", "redis://127.0.0.1:1/q", "--key", "{1}", "echo"],
-            "--key `{1}` is not supported with --queue",
+            &[
+                "--queue",
+                "redis://127.0.0.1:1/q",
+                "seq(3) | key({1}, 2) | sh(x)",
+            ],
+            "`key({1}, 2)`: with a queue one input of a key runs at a time",
         ),
         (
             &[
                 "--queue",
                 "redis://127.0.0.1:1/q",
-                "seq(3) | key({1}) | sh(x)",
+                "seq(3) | sh(a) | key({1}) | sh(x)",
             ],
-            "`key({1})` (stage `sh`) is not supported with a queue",
+            "`key({1})` on `sh-2`, not the first stage after the source",
         ),
     ] {
         let o = flowline(d.path(), args, "");

@@ -10,8 +10,10 @@
 //!   entries), runs the pipe's tasks with their policies, `rate(..)` and `inflight(..)`
 //!   shared by every worker through Redis, and writes each result to a results stream.
 //!
-//! Per-key order (`key(..)`, `--key`) is refused with a queue: each worker takes inputs
-//! as it is free, so one key's inputs would run on several machines at once.
+//! Per-key order (`key(..)` / `--key` on the first task, one input of a key at a time):
+//! the feeder holds an input back while an earlier input of its key is fed and not ended
+//! (`key_gate.rs`), so a key's inputs run one after another in input order across all the
+//! workers, and other keys' inputs are fed meanwhile.
 //!
 //! The keys of a queue `NAME` share one hash tag, `flowline:{NAME}:...`. One hash,
 //! `flowline:{NAME}:meta`, names the current run (`run`, an id the feeder draws when it
@@ -24,6 +26,7 @@
 //! writes only to the old run's keys, never into the new run's.
 
 pub mod feeder;
+pub mod key_gate;
 pub mod worker;
 
 use std::time::Duration;
@@ -155,9 +158,6 @@ fn bad_name(name: &str) -> Option<&'static str> {
     None
 }
 
-/// Why a queue refuses `key(..)` and `--key`.
-pub const NO_KEY: &str = "each worker takes the queue's inputs as it is free, so the inputs of one key would run on several machines at once and out of order; run keyed pipes without --queue";
-
 /// What makes no sense for a pipe run through a queue, every problem at once.
 pub fn check_plan(plan: &Plan) -> Vec<String> {
     let mut errors = Vec::new();
@@ -174,12 +174,21 @@ pub fn check_plan(plan: &Plan) -> Vec<String> {
                 .to_string(),
         );
     }
-    for t in plan.main_tasks() {
-        if let Some(k) = &t.policies.key {
+    // The feeder keys the inputs it feeds: the key must be the first step's, over the
+    // input itself, one input of a key at a time.
+    for (i, step) in plan.main.steps.iter().enumerate() {
+        let Step::Task(t) = step else { continue };
+        let Some(k) = &t.policies.key else { continue };
+        let key = k.template.escape_debug();
+        if i > 0 {
             errors.push(format!(
-                "error: --queue: `key({})` (stage `{}`) is not supported with a queue: {NO_KEY}",
-                k.template.escape_debug(),
+                "error: --queue: `key({key})` on `{}`, not the first stage after the source: with a queue only the first task can be keyed (the feeder keys the inputs it feeds)",
                 t.name
+            ));
+        } else if k.per_key > 1 {
+            errors.push(format!(
+                "error: --queue: `key({key}, {})`: with a queue one input of a key runs at a time (per_key 1)",
+                k.per_key
             ));
         }
     }

@@ -3,6 +3,8 @@
 // Each test binary uses the part it needs.
 #![allow(dead_code)]
 
+pub mod keyed;
+
 use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
