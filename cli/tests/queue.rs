@@ -774,6 +774,8 @@ fn per_key_order_holds_across_workers() {
     );
     succeeded(&out);
     outputs_in_key_order(&String::from_utf8_lossy(&out.stdout), 5, 12);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("waited for their key"), "{stderr}");
     let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
     let (most, most_total) = overlaps(&log, 1);
     assert!(most.values().all(|&m| m == 1), "{most:?}");

@@ -339,6 +339,9 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
     let fed_before = start(&mut f, settings.quiet).await?;
     let gated = KeyGate::of(&plan).map(|(gate, released)| (Arc::new(gate), released));
     f.gate = gated.as_ref().map(|(g, _)| g.clone());
+    if let Some(g) = &f.gate {
+        g.resuming(fed_before);
+    }
     // A resumed run's inputs before `fed_before`: those in flight keep their keys busy,
     // those held are fed now.
     let (open_before, held_before) = (f.open.open.clone(), f.open.held.clone());
@@ -442,6 +445,9 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
             f.failures,
             f.queue.name
         );
+        if let Some(n) = f.gate.as_ref().map(|g| g.waits()).filter(|&n| n > 0) {
+            line.push_str(&format!(", {n} waited for their key"));
+        }
         if f.dead.written() > 0 {
             line.push_str(&format!(
                 "; failures written to {}",

@@ -42,6 +42,13 @@ struct State {
     /// Per key in flight: the inputs held behind it, in input order.
     held: HashMap<Vec<u8>, VecDeque<Input>>,
     held_count: usize,
+    /// Inputs held in all (this feeder's).
+    waits: u64,
+    /// A resumed run: the inputs up to this one were fed by an earlier feeder.
+    fed_before: u64,
+    /// Those of them whose end came before the source reached them (results wait in Redis
+    /// from the start): they keep no key busy.
+    ended_early: std::collections::HashSet<u64>,
 }
 
 impl KeyGate {
@@ -71,10 +78,20 @@ impl KeyGate {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// An input fed by an earlier feeder of the run and not ended: its key is in flight.
+    /// A resumed run: an earlier feeder fed the inputs up to `fed_before`. To be told
+    /// before any input ends.
+    pub fn resuming(&self, fed_before: u64) {
+        self.state().fed_before = fed_before;
+    }
+
+    /// An input fed by an earlier feeder of the run and not ended when this one started:
+    /// its key is in flight, unless its end has come meanwhile.
     pub fn in_flight(&self, input: &Input) {
         let key = self.key_of(input);
         let mut s = self.state();
+        if s.ended_early.remove(&input.0) {
+            return;
+        }
         s.busy.insert(key.clone());
         s.of.insert(input.0, key);
     }
@@ -92,6 +109,7 @@ impl KeyGate {
                     if s.held_count < MAX_HELD {
                         q.push_back(input);
                         s.held_count += 1;
+                        s.waits += 1;
                         return None;
                     }
                 } else if !s.busy.contains(&key) {
@@ -101,6 +119,7 @@ impl KeyGate {
                 } else if s.held_count < MAX_HELD {
                     s.held.insert(key, VecDeque::from([input]));
                     s.held_count += 1;
+                    s.waits += 1;
                     return None;
                 }
             }
@@ -113,6 +132,9 @@ impl KeyGate {
     pub fn ended(&self, seq: u64) {
         let mut s = self.state();
         let Some(key) = s.of.remove(&seq) else {
+            if seq <= s.fed_before {
+                s.ended_early.insert(seq);
+            }
             return;
         };
         let Some(q) = s.held.get_mut(&key) else {
@@ -130,6 +152,11 @@ impl KeyGate {
             let _ = self.released.send(input);
             self.room.notify_waiters();
         }
+    }
+
+    /// How many inputs this feeder held for their key.
+    pub fn waits(&self) -> u64 {
+        self.state().waits
     }
 
     /// Whether no input is held (those released are in the channel by then).
@@ -178,6 +205,7 @@ mod tests {
         assert_eq!(rx.try_recv().map(|i| i.0), Ok(6));
         g.ended(6);
         assert!(g.drained() && rx.try_recv().is_err());
+        assert_eq!(g.waits(), 3);
         assert_eq!(g.admit(input(7, "a")).await.map(|i| i.0), Some(7));
         // Ends of inputs the gate never saw change nothing.
         g.ended(0);
@@ -188,10 +216,25 @@ mod tests {
     #[tokio::test]
     async fn an_input_in_flight_before_a_resume_keeps_its_key_busy() {
         let (g, mut rx) = gate("key({1}) | sh(x)");
+        g.resuming(4);
         g.in_flight(&input(3, "a"));
         assert!(g.admit(input(5, "a")).await.is_none());
         g.ended(3);
         assert_eq!(rx.try_recv().map(|i| i.0), Ok(5));
+    }
+
+    /// A resumed run reads the results waiting in Redis at once: an input's end may come
+    /// before the source reaches the input. It then keeps its key busy for nothing.
+    #[tokio::test]
+    async fn an_input_that_ended_before_the_source_reached_it_keeps_no_key_busy() {
+        let (g, _rx) = gate("key({1}) | sh(x)");
+        g.resuming(4);
+        g.ended(2);
+        g.in_flight(&input(2, "a"));
+        assert_eq!(g.admit(input(3, "a")).await.map(|i| i.0), Some(3));
+        // Past what was fed before, an unknown end is nobody's: nothing is kept.
+        g.ended(9);
+        assert!(g.state().ended_early.is_empty());
     }
 
     #[tokio::test(start_paused = true)]
