@@ -4,7 +4,8 @@
 //! most `PER_KEY` at once (default 1), start and leave in input order; inputs of other
 //! keys go on beside them. `fork(N)` / `-j` stays the bound over all keys. This is the
 //! library's [`key_by`](flowline::AsyncStage::key_by) and
-//! [`per_key`](flowline::AsyncStage::per_key) on the task's stage.
+//! [`per_key`](flowline::AsyncStage::per_key) on the task's stage. Through a queue the
+//! feeder keeps the order across workers (`queue/key_gate.rs`).
 
 use crate::exec::Item;
 use crate::template::{Part, Template};
