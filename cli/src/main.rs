@@ -12,6 +12,7 @@ mod exec;
 mod gate;
 mod input;
 mod jobs;
+mod key;
 mod linefilter;
 mod live;
 mod parse;
@@ -37,6 +38,9 @@ Pipe: SOURCE | STAGE | ... | SINK, or ... | branch | error:... success:...
            http(URL) or http(METHOD, URL[, BODY])  ({} in URL/body)
   policies fork(N)  rate(N/s[, BURST])  inflight(N)  timeout(5s)  retry(N[, 200ms..10s])
            breaker(FAILURES[, COOLDOWN])  adaptive(MIN..MAX)
+           key(TEMPLATE[, PER_KEY])  (in order per key: inputs whose TEMPLATE, e.g. {1},
+           renders the same run one at a time (PER_KEY at most) in input order; other keys
+           run beside them)
            They apply to every task after them; written after the last task, to it.
   ops      filter(\"REGEX\")  reject(\"REGEX\")  dedup[(WINDOW)]  batch(N[, WAIT])
   sinks    print (default)  jsonl(FILE)  file(PATH)  discard    (files are appended to)
@@ -65,6 +69,8 @@ Recipes (GNU parallel / xargs  =>  flowline pipe):
       flowline --state run.db --joblog log '...'       (keyed by the input)
   parallel --retry-failed --joblog log
       flowline --state run.db --retry-failed '...'
+  one account's updates in order, accounts in parallel (no equivalent in parallel):
+      flowline --colsep '\\t' 'lines(events.tsv) | fork(16) | key({1}) | sh(\"apply {2}\")'
   parallel -k ... / parallel --bar ...
       flowline -k '...' / flowline --progress '...'
   stop hammering a dead service (no equivalent):
@@ -73,7 +79,8 @@ Recipes (GNU parallel / xargs  =>  flowline pipe):
 Several machines (parallel --sshlogin, without ssh): a Redis stream is the queue.
   flowline --queue redis://HOST[:PORT]/NAME --worker 'PIPE'    on each worker machine
   flowline --queue redis://HOST[:PORT]/NAME 'PIPE'             feeds the inputs, prints results
-  The same PIPE everywhere; fork(N) is per worker, rate(..) and inflight(..) are shared.
+  The same PIPE everywhere; fork(N) is per worker, rate(..) and inflight(..) are shared;
+  key(..) on the first task keeps each key's jobs in order across all the workers.
   Limits read from files (-j FILE, rate(FILE)) are not taken with --queue.
   At least once: a killed worker's jobs run again on the others after --lease (30s); the
   feeder prints each result once and exits as a local run would. Rerun a killed feeder
@@ -199,6 +206,12 @@ struct Cli {
     /// Run a failing job up to N times in all (parallel --retries).
     #[arg(long, value_name = "N")]
     retries: Option<u32>,
+
+    /// In order per key: the jobs whose TEMPLATE (replacement strings as in the command,
+    /// e.g. `{1}` with --colsep) renders the same run one at a time, in input order; jobs
+    /// of other keys run beside them (the pipe's `key(TEMPLATE[, PER_KEY])`).
+    #[arg(long, value_name = "TEMPLATE")]
+    key: Option<String>,
 
     /// Put the arguments before each line of a job's output, and a tab.
     #[arg(long)]
@@ -539,6 +552,14 @@ fn setup(cli: Cli, groups: Vec<compat::Group>) -> Result<Setup, Vec<String>> {
     if (cli.resume || cli.resume_failed) && cli.joblog.is_none() {
         errors.push("error: --resume and --resume-failed need --joblog FILE".into());
     }
+    let key = match cli.key.as_deref().map(key::option) {
+        None => None,
+        Some(Ok(k)) => Some(k),
+        Some(Err(e)) => {
+            errors.push(e);
+            None
+        }
+    };
     if cli.line_buffer && cli.ungroup {
         errors.push("error: --line-buffer and -u (--ungroup) exclude each other".into());
     }
@@ -602,12 +623,25 @@ fn setup(cli: Cli, groups: Vec<compat::Group>) -> Result<Setup, Vec<String>> {
             }
         },
     };
+    if let (Some(k), Some(p)) = (&cli.key, &plan) {
+        if p.main_tasks().next().is_none() {
+            errors.push(format!(
+                "error: --key `{}`: the pipe has no task (sh(..) or http(..)) to key",
+                k.escape_debug()
+            ));
+        }
+    }
     if !errors.is_empty() {
         return Err(errors);
     }
     let Some(mut plan) = plan.take() else {
         return Err(vec!["error: nothing to run".into()]);
     };
+    // `--key` first, so that the queue's checks see it.
+    plan.apply_options(spec::Options {
+        key,
+        ..spec::Options::default()
+    });
     if queue.is_some() {
         let problems = queue::check_plan(&plan);
         if !problems.is_empty() {
@@ -627,6 +661,7 @@ fn setup(cli: Cli, groups: Vec<compat::Group>) -> Result<Setup, Vec<String>> {
         retries: cli.retries.map(|n| n - 1),
         delay,
         args_per_job: per_job,
+        key: None,
     });
     let job_opts = exec::JobOpts {
         output: if cli.ungroup {

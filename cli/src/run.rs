@@ -547,8 +547,12 @@ impl Builder {
                 }
             }
         };
-        let stage = task_stage(p, t, self.settings_jobs, self.keep_order, policies, call);
-        stage.keep_input().into_pipeline()
+        let mut stage =
+            task_stage(p, t, self.settings_jobs, self.keep_order, policies, call).keep_input();
+        if let Some(k) = &t.policies.key {
+            stage = stage.key_by(k.key_fn()).per_key(k.per_key);
+        }
+        stage.into_pipeline()
     }
 
     /// The steps of a chain; `main` marks the main chain (whose drops leave it).
@@ -987,7 +991,13 @@ fn graph(
     };
     // Without a branch and in finishing order, the last task writes each output itself the
     // moment its job ends, and records the input done before its worker takes the next.
-    let direct = !plan.branched && !settings.keep_order;
+    // Not when several jobs of a key run at once: a key's later job may end first, and
+    // only the stage's output holds it back for the earlier one.
+    let several_per_key = match plan.main.steps.last() {
+        Some(Step::Task(t)) => t.policies.key.as_ref().is_some_and(|k| k.per_key > 1),
+        _ => false,
+    };
+    let direct = !plan.branched && !settings.keep_order && !several_per_key;
     let main_emit = Arc::new(Emit::open(&plan.main.sink, &settings.job_opts)?);
     if direct {
         b.last = Some(main_emit.clone());
@@ -1144,6 +1154,9 @@ fn finish(
         if skipped > 0 {
             line.push_str(&format!(", {skipped} skipped (done in an earlier run)"));
         }
+        if let Some(r) = &report {
+            line.push_str(&key_waits(r));
+        }
         if dead > 0 {
             line.push_str(&format!(
                 "; failures written to {}",
@@ -1158,6 +1171,16 @@ fn finish(
         interrupted: (interrupted || cancelled) && halted_by.is_none(),
         halted_by,
     })
+}
+
+/// For the summary line: how many inputs waited behind an earlier one of their key, per
+/// keyed stage that had any (`, 12 waited for their key in sh`).
+fn key_waits(r: &flowline::Report) -> String {
+    r.stages
+        .iter()
+        .filter(|s| s.key_waits > 0)
+        .map(|s| format!(", {} waited for their key in {}", s.key_waits, s.name))
+        .collect()
 }
 
 /// The signals that stop a run: SIGINT, SIGTERM and SIGHUP.

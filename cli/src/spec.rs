@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::key::KeySpec;
 use crate::parse::{Arg, Arm, ParseError, Pipe, Stage};
 
 /// Where the items come from.
@@ -63,6 +64,8 @@ pub struct Policies {
     /// Consecutive failures, cooldown.
     pub breaker: Option<(u32, Duration)>,
     pub adaptive: Option<(usize, usize)>,
+    /// `key(TEMPLATE[, PER_KEY])`: in order per key, concurrent across keys.
+    pub key: Option<KeySpec>,
 }
 
 /// A task stage.
@@ -134,8 +137,8 @@ impl Plan {
 }
 
 /// GNU parallel's options that are policies of a task (`--timeout`, `--retries`,
-/// `--delay`) or a step before it (`-N`, `-n`, `-X`).
-#[derive(Debug, Clone, Copy, Default)]
+/// `--delay`, `--key`) or a step before it (`-N`, `-n`, `-X`).
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     pub timeout: Option<Duration>,
     /// Retries after the first attempt.
@@ -144,6 +147,8 @@ pub struct Options {
     pub delay: Option<Duration>,
     /// Inputs per job.
     pub args_per_job: Option<usize>,
+    /// `--key TEMPLATE`.
+    pub key: Option<KeySpec>,
 }
 
 impl Plan {
@@ -192,6 +197,9 @@ impl Plan {
             if p.rate.is_none() {
                 p.rate = o.delay.map(|d| (1, d, 1));
             }
+            if p.key.is_none() {
+                p.key = o.key;
+            }
         }
         if let Some(n) = o.args_per_job {
             self.main.steps.insert(first, Step::Batch(n, MAX_DURATION));
@@ -232,6 +240,7 @@ const STAGES: &[(&str, Role)] = &[
     ("retry", Role::Policy),
     ("breaker", Role::Policy),
     ("adaptive", Role::Policy),
+    ("key", Role::Policy),
     ("filter", Role::Op),
     ("reject", Role::Op),
     ("dedup", Role::Op),
@@ -608,6 +617,19 @@ fn chain(
             }
         }
     }
+    // A key written where no task of the chain takes it (`key(..) | filter(..)`) would
+    // order nothing, silently.
+    let has_task = out.steps.iter().any(|s| matches!(s, Step::Task(_)));
+    if let Some(k) = stages
+        .iter()
+        .find(|s| s.name == "key")
+        .filter(|_| !has_task)
+    {
+        return Err(err(
+            k.span.start,
+            "`key` has no task to apply to: put it before or after `sh(..)` or `http(..)`",
+        ));
+    }
     if !trailing.is_empty() {
         let last = out.steps.iter_mut().rev().find_map(|s| match s {
             Step::Task(t) => Some(t),
@@ -745,6 +767,21 @@ fn policy(s: &Stage, p: &mut Policies, inflights: &mut usize) -> Result<(), Pars
             let n = a.int(&s.args[0], "bound", 1, 1_000_000)? as usize;
             *inflights += 1;
             p.inflight = Some((*inflights, n));
+        }
+        "key" => {
+            a.count(1, 2, "key(TEMPLATE[, PER_KEY])")?;
+            let t = &s.args[0];
+            if let Some(why) = crate::key::template_problem(&t.text) {
+                return Err(a.bad(t, "template", why));
+            }
+            let per_key = match a.get(1) {
+                Some(n) => a.int(n, "per_key", 1, crate::key::MAX_PER_KEY)? as usize,
+                None => 1,
+            };
+            p.key = Some(KeySpec {
+                template: t.text.clone(),
+                per_key,
+            });
         }
         "timeout" => {
             a.count(1, 1, "timeout(5s)")?;
@@ -1073,6 +1110,8 @@ mod fuzz {
         "retry",
         "breaker",
         "adaptive",
+        "key",
+        "{1}",
         "filter",
         "reject",
         "dedup",

@@ -5,7 +5,9 @@
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-const BIN: &str = env!("CARGO_BIN_EXE_flowline");
+mod common;
+
+use common::BIN;
 
 struct Row {
     args: &'static [&'static str],
@@ -21,18 +23,9 @@ fn run(prog: &str, dir: &Path, args: &[&str], stdin: &[u8]) -> Output {
     if prog == "parallel" {
         c.arg("--will-cite");
     }
-    let mut child = c
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{prog} runs: {e}"));
-    let mut input = child.stdin.take().unwrap();
-    std::io::Write::write_all(&mut input, stdin).unwrap();
-    drop(input);
-    child.wait_with_output().unwrap()
+    common::start_with(c, dir, args, stdin)
+        .wait_with_output()
+        .unwrap()
 }
 
 fn have_parallel() -> bool {

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use flowline_redis::test_server::RedisServer;
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_flowline");
 
 /// A server of its own (`aof`: writes kept across a restart), a folder, and the URL of
@@ -44,9 +46,15 @@ fn start(dir: &Path, args: &[&str]) -> Child {
 }
 
 fn workers(dir: &Path, q: &str, pipe: &str, n: usize) -> Vec<Child> {
-    (0..n)
-        .map(|_| start(dir, &["--queue", q, "--worker", "--lease", "1s", pipe]))
-        .collect()
+    workers_with(dir, q, &[], pipe, n)
+}
+
+/// `n` workers of `pipe`, with the options `opts` too.
+fn workers_with(dir: &Path, q: &str, opts: &[&str], pipe: &str, n: usize) -> Vec<Child> {
+    let mut args = vec!["--queue", q, "--worker", "--lease", "1s"];
+    args.extend_from_slice(opts);
+    args.push(pipe);
+    (0..n).map(|_| start(dir, &args)).collect()
 }
 
 /// Waits for a process, killing it (and failing) after 60 s: a run that never ends is a
@@ -762,4 +770,88 @@ fn sigusr1_lists_a_workers_running_jobs_and_ends_no_process() {
         let job = format!("echo {n} >> {}; sleep 1; echo out-{n}", effects.display());
         assert_eq!(l, format!("flowline: {job}"));
     }
+}
+
+/// `key({1})` through a queue: the feeder holds an input back while an earlier one of its
+/// key is out, so a key's jobs run one at a time and in input order across all workers,
+/// and other keys' jobs run meanwhile, on several workers.
+#[test]
+fn per_key_order_holds_across_workers() {
+    use common::keyed::{JOB, inputs, outputs_in_key_order, overlaps};
+    let (_server, dir, q) = setup(false, "keyed");
+    std::fs::write(dir.path().join("events.tsv"), inputs(5, 12, 11)).unwrap();
+    let pipe =
+        format!(r#"lines(events.tsv) | fork(4) | key({{1}}) | sh("echo $PPID >> ran; {JOB}")"#);
+    let ws = workers_with(dir.path(), &q, &["--colsep", "\t"], &pipe, 3);
+    let out = finish(
+        start(dir.path(), &["--queue", &q, "--colsep", "\t", &pipe]),
+        "the feeder",
+    );
+    succeeded(&out);
+    outputs_in_key_order(&String::from_utf8_lossy(&out.stdout), 5, 12);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("waited for their key"), "{stderr}");
+    let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
+    let (most, most_total) = overlaps(&log, 1);
+    assert!(most.values().all(|&m| m == 1), "{most:?}");
+    assert!(most_total > 1, "never two jobs at once");
+    let ran = counts(&std::fs::read(dir.path().join("ran")).unwrap());
+    assert!(ran.len() >= 2, "the jobs ran on one worker only: {ran:?}");
+    assert_eq!(ran.values().sum::<usize>(), 60, "a job ran twice");
+    all_exit_0(ws);
+}
+
+/// A keyed feeder killed while it holds inputs back for a slow key, and run again: the
+/// rerun feeds the inputs held (Redis keeps which), behind the key's input still out, and
+/// every input runs once, each key's in order.
+#[test]
+fn a_keyed_feeder_killed_and_run_again_feeds_what_it_held() {
+    use common::keyed::{JOB, overlaps};
+    let (_server, dir, q) = setup(false, "keyed-resume");
+    let mut events = String::new();
+    for i in 1..=6 {
+        events.push_str(&format!("a\t{i}\t0.2\n"));
+        for k in ["b", "c", "d"] {
+            events.push_str(&format!("{k}\t{i}\t0.01\n"));
+        }
+    }
+    std::fs::write(dir.path().join("events.tsv"), events).unwrap();
+    let pipe = format!(r#"lines(events.tsv) | fork(4) | key({{1}}) | sh("{JOB}")"#);
+    let args = ["--queue", &q, "--colsep", "\t", &pipe];
+    let ws = workers_with(dir.path(), &q, &["--colsep", "\t"], &pipe, 2);
+    let out1 = dir.path().join("out1");
+    let mut first = flowline(dir.path(), &args)
+        .stdout(std::fs::File::create(&out1).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_lines(&out1, 10, "nothing printed");
+    first.kill().unwrap(); // SIGKILL
+    let _ = first.wait();
+    let printed_before = std::fs::read_to_string(&out1).unwrap();
+    assert!(
+        !printed_before.contains("a 6"),
+        "the first feeder held nothing"
+    );
+    let second = finish(start(dir.path(), &args), "the rerun");
+    succeeded(&second);
+    assert!(String::from_utf8_lossy(&second.stderr).contains("resuming queue"));
+    let printed = format!(
+        "{printed_before}{}",
+        String::from_utf8_lossy(&second.stdout)
+    );
+    for k in ["a", "b", "c", "d"] {
+        for i in 1..=6 {
+            assert!(
+                printed.contains(&format!("{k} {i}\n")),
+                "{k} {i} never printed"
+            );
+        }
+    }
+    // Every job started once, each key's in input order, one at a time.
+    let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
+    assert_eq!(log.lines().filter(|l| l.starts_with("start")).count(), 24);
+    let (most, _) = overlaps(&log, 1);
+    assert!(most.values().all(|&m| m == 1), "{most:?}");
+    all_exit_0(ws);
 }

@@ -11,7 +11,7 @@
 //! with the removal of its result: a feeder killed between the two writes the output
 //! again when rerun (at least once), and never takes an input without a result for done.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use flowline::Outage;
@@ -21,35 +21,48 @@ use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 
 use super::Queue;
+use super::key_gate::{Input, KeyGate};
 use crate::exec::{CallError, Fail, Item, Value as ItemValue};
 use crate::run::{DeadFile, Emit, Outcome, Settings};
 use crate::spec::Plan;
 
 /// Inputs fed and not yet ended, at most: the feeder waits for results past it, so that an
 /// endless source does not fill Redis.
-const WINDOW: u64 = 10_000;
+pub const WINDOW: u64 = 10_000;
 /// Inputs added per script call.
 const FEED_BATCH: usize = 500;
 /// Results read per call.
 const READ_BATCH: usize = 500;
 
 /// Adds a batch of inputs and records the last one fed, only if `fed` is still what the
-/// caller saw (so a retry after a lost reply adds nothing twice). KEYS: jobs, meta.
-/// ARGV: fed before, then per input: its position, its number of arguments, the
+/// caller saw (so a retry after a lost reply adds nothing twice). An input past `fed`
+/// leaves the positions it skips `held` (inputs the feeder holds back for their key, with
+/// `key(..)`); an input before it is added only if it was held, once. KEYS: jobs, meta,
+/// held. ARGV: fed before, then per input: its position, its number of arguments, the
 /// arguments. Returns `fed` after the call.
 const FEED: &str = r"
 local fed = tonumber(redis.call('HGET', KEYS[2], 'fed') or '0')
 if fed ~= tonumber(ARGV[1]) then return fed end
 local i = 2
 while i <= #ARGV do
+  local pos = tonumber(ARGV[i])
   local n = tonumber(ARGV[i + 1])
-  local e = {'seq', ARGV[i]}
-  for j = 1, n do
-    e[#e + 1] = 'a' .. (j - 1)
-    e[#e + 1] = ARGV[i + 1 + j]
+  local add = false
+  if pos > fed then
+    for p = fed + 1, pos - 1 do redis.call('SADD', KEYS[3], p) end
+    fed = pos
+    add = true
+  else
+    add = redis.call('SREM', KEYS[3], pos) == 1
   end
-  redis.call('XADD', KEYS[1], '*', unpack(e))
-  fed = tonumber(ARGV[i])
+  if add then
+    local e = {'seq', ARGV[i]}
+    for j = 1, n do
+      e[#e + 1] = 'a' .. (j - 1)
+      e[#e + 1] = ARGV[i + 1 + j]
+    end
+    redis.call('XADD', KEYS[1], '*', unpack(e))
+  end
   i = i + 2 + n
 end
 redis.call('HSET', KEYS[2], 'fed', fed)
@@ -92,6 +105,8 @@ struct Feeder {
     /// With `-k`: the next input to write out.
     next: u64,
     failures: u64,
+    /// With `key(..)`: the keys in flight, told of each input that ends.
+    gate: Option<Arc<KeyGate>>,
 }
 
 /// The inputs fed and not yet ended, and how far feeding has gone: what the feeder needs
@@ -99,7 +114,9 @@ struct Feeder {
 /// and a batch), however long the run, instead of a mark per input ever fed.
 #[derive(Debug, Default)]
 struct Open {
-    open: std::collections::BTreeSet<u64>,
+    open: BTreeSet<u64>,
+    /// Inputs before `last` held back for their key, not yet fed.
+    held: BTreeSet<u64>,
     /// The last input fed (positions start at 1).
     last: u64,
 }
@@ -109,38 +126,49 @@ impl Open {
     /// over it.
     const MOST: u64 = WINDOW + 2 * FEED_BATCH as u64;
 
-    /// The inputs of a resumed run: `fed` were fed, and `bits` (Redis's bitmap, bit `seq`
-    /// set for an input ended) tells which ended. `None` when more would be open than a
-    /// feeder leaves (a record that is not a feeder's).
-    fn resumed(fed: u64, bits: &[u8]) -> Option<Open> {
+    /// The inputs of a resumed run: `fed` were fed but those `held`, and `bits` (Redis's
+    /// bitmap, bit `seq` set for an input ended) tells which ended. `None` when more would
+    /// be open than a feeder leaves (a record that is not a feeder's).
+    fn resumed(fed: u64, bits: &[u8], held: BTreeSet<u64>) -> Option<Open> {
         let bit = |seq: u64| {
             let byte = usize::try_from(seq / 8).ok().and_then(|i| bits.get(i));
             byte.is_some_and(|b| b & (0x80 >> (seq % 8)) != 0)
         };
         // Bits past what the bitmap holds are open: count before collecting.
-        let held = u64::try_from(bits.len())
+        let in_bits = u64::try_from(bits.len())
             .unwrap_or(u64::MAX)
             .saturating_mul(8);
-        if fed.saturating_sub(held) > Self::MOST {
+        if fed.saturating_sub(in_bits) > Self::MOST {
             return None;
         }
-        let mut open = std::collections::BTreeSet::new();
+        let held: BTreeSet<u64> = held.into_iter().filter(|&s| s >= 1 && s <= fed).collect();
+        let mut open = BTreeSet::new();
         for seq in 1..=fed {
-            if !bit(seq) {
-                if open.len() as u64 >= Self::MOST {
+            if !bit(seq) && !held.contains(&seq) {
+                if (open.len() + held.len()) as u64 >= Self::MOST {
                     return None;
                 }
                 open.insert(seq);
             }
         }
-        Some(Open { open, last: fed })
+        Some(Open {
+            open,
+            held,
+            last: fed,
+        })
     }
 
-    /// Inputs up to `last` are fed (open until they end).
-    fn fed(&mut self, last: u64) {
-        while self.last < last {
-            self.last += 1;
-            self.open.insert(self.last);
+    /// The inputs at `positions` are fed (open until they end), in that order: one past
+    /// `last` leaves the positions it skips held, one before it was held.
+    fn fed(&mut self, positions: impl IntoIterator<Item = u64>) {
+        for pos in positions {
+            if pos > self.last {
+                self.held.extend(self.last + 1..pos);
+                self.last = pos;
+                self.open.insert(pos);
+            } else if self.held.remove(&pos) {
+                self.open.insert(pos);
+            }
         }
     }
 
@@ -151,7 +179,7 @@ impl Open {
 
     /// Whether `seq` was fed and has ended.
     fn is_ended(&self, seq: u64) -> bool {
-        (1..=self.last).contains(&seq) && !self.is_open(seq)
+        (1..=self.last).contains(&seq) && !self.is_open(seq) && !self.held.contains(&seq)
     }
 
     /// `seq` has ended; true the first time.
@@ -161,7 +189,7 @@ impl Open {
 
     /// How many inputs fed have ended.
     fn ended_count(&self) -> u64 {
-        self.last - self.open.len() as u64
+        self.last - (self.open.len() + self.held.len()) as u64
     }
 }
 
@@ -238,11 +266,18 @@ impl Feeder {
                 // An entry of no input fed (no position, or past the last fed) is removed
                 // too.
                 ids[usize::from(r.id.1)].push(r.id.0);
-            } else if self.keep_order {
-                // Removed from Redis once written out, not before.
-                self.waiting.insert(r.seq, r);
             } else {
-                self.end(r, &mut marks, &mut ids);
+                // The job has ended: its key's next input may be fed, whenever this one is
+                // written out.
+                if let Some(g) = &self.gate {
+                    g.ended(r.seq);
+                }
+                if self.keep_order {
+                    // Removed from Redis once written out, not before.
+                    self.waiting.insert(r.seq, r);
+                } else {
+                    self.end(r, &mut marks, &mut ids);
+                }
             }
         }
         while self.is_ended(self.next) {
@@ -285,9 +320,6 @@ impl Feeder {
     }
 }
 
-/// What the source hands to the feeding loop: an input's position and arguments.
-type Input = (u64, Vec<Vec<u8>>);
-
 /// Runs the feeder to the end (or to a signal).
 pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome, String> {
     let conn = super::connect(&queue.server)?;
@@ -300,17 +332,27 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
         waiting: BTreeMap::new(),
         next: 1,
         failures: 0,
+        gate: None,
         outage: Outage::default(),
         server,
         conn,
         queue,
     };
     let fed_before = start(&mut f, settings.quiet).await?;
+    let gated = KeyGate::of(&plan).map(|(gate, released)| (Arc::new(gate), released));
+    f.gate = gated.as_ref().map(|(g, _)| g.clone());
+    if let Some(g) = &f.gate {
+        g.resuming(fed_before);
+    }
+    // A resumed run's inputs before `fed_before`: those in flight keep their keys busy,
+    // those held are fed now.
+    let (open_before, held_before) = (f.open.open.clone(), f.open.held.clone());
 
     // The source on a task of its own, so that a slow input does not hold up the results.
     let (reader, _) = crate::input::open_source(&plan.source, false, settings.delim).await?;
     let (tx, rx) = mpsc::channel::<Input>(FEED_BATCH * 2);
     let colsep = settings.colsep.clone();
+    let gate = f.gate.clone();
     let source = tokio::spawn(async move {
         let mut reader = reader;
         let mut seq = 0u64;
@@ -318,7 +360,23 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
             match reader.next_args(colsep.as_ref()).await {
                 Ok(Some(args)) => {
                     seq += 1;
-                    if seq > fed_before && tx.send((seq, args)).await.is_err() {
+                    let input = (seq, args);
+                    let fresh = seq > fed_before || held_before.contains(&seq);
+                    let input = match &gate {
+                        Some(g) if fresh => match g.admit(input).await {
+                            Some(i) => i,
+                            None => continue,
+                        },
+                        Some(g) => {
+                            if open_before.contains(&seq) {
+                                g.in_flight(&input);
+                            }
+                            continue;
+                        }
+                        None if fresh => input,
+                        None => continue,
+                    };
+                    if tx.send(input).await.is_err() {
                         return Ok(seq);
                     }
                 }
@@ -338,7 +396,12 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
         // not a record in Redis: an earlier feeder's would end a rerun whose source gave
         // more inputs before it had fed them.
         let feeding = async {
-            let last = feed(f.clone(), rx, fed.clone(), progress.clone()).await?;
+            let inputs = Inputs {
+                source: rx,
+                gated,
+                source_done: false,
+            };
+            let last = feed(f.clone(), inputs, fed.clone(), progress.clone()).await?;
             let total = match source.await {
                 Ok(Ok(n)) => n.max(last),
                 Ok(Err(e)) => return Err(e),
@@ -384,6 +447,9 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
             f.failures,
             f.queue.name
         );
+        if let Some(n) = f.gate.as_ref().map(|g| g.waits()).filter(|&n| n > 0) {
+            line.push_str(&format!(", {n} waited for their key"));
+        }
         if f.dead.written() > 0 {
             line.push_str(&format!(
                 "; failures written to {}",
@@ -426,16 +492,19 @@ async fn start(f: &mut Feeder, quiet: bool) -> Result<u64, String> {
         return Ok(0);
     };
     f.queue = f.queue.with_run(run);
-    let ended_key = f.queue.key("ended");
-    let bits: Vec<u8> = f
-        .call("reading the inputs ended", |mut c| {
-            let k = ended_key.clone();
-            async move { redis::cmd("GET").arg(&k).query_async(&mut c).await }
+    let (ended_key, held_key) = (f.queue.key("ended"), f.queue.key("held"));
+    let (bits, held): (Vec<u8>, Vec<String>) = f
+        .call("reading the inputs ended and held", |mut c| {
+            let mut p = redis::pipe();
+            p.get(&ended_key).smembers(&held_key);
+            async move { p.query_async(&mut c).await }
         })
         .await?;
     f.failures = num("failed");
     let fed = num("fed");
-    f.open = Open::resumed(fed, &bits).ok_or_else(|| {
+    // Outside input: what is not a position is no input held.
+    let held = held.iter().filter_map(|s| s.parse().ok()).collect();
+    f.open = Open::resumed(fed, &bits, held).ok_or_else(|| {
         format!(
             "queue `{}`: its record says {fed} inputs were fed, and more of them are open than a feeder leaves; clear it (DEL its keys) to start again",
             f.queue.name
@@ -454,21 +523,65 @@ async fn start(f: &mut Feeder, quiet: bool) -> Result<u64, String> {
     Ok(fed)
 }
 
-/// Adds the source's inputs to the stream, a batch at a time; returns the last position
-/// fed.
+/// The inputs to feed: the source's, and with `key(..)` those its gate releases.
+struct Inputs {
+    source: mpsc::Receiver<Input>,
+    gated: Option<(Arc<KeyGate>, mpsc::UnboundedReceiver<Input>)>,
+    source_done: bool,
+}
+
+impl Inputs {
+    /// The next input, a released one first; `None` once the source has ended and the
+    /// gate holds nothing.
+    async fn next(&mut self) -> Option<Input> {
+        loop {
+            let Some((gate, released)) = &mut self.gated else {
+                return self.source.recv().await;
+            };
+            if self.source_done {
+                // Released inputs are sent while counted held: none is missed.
+                if gate.drained() {
+                    return released.try_recv().ok();
+                }
+                return released.recv().await;
+            }
+            tokio::select! {
+                biased;
+                i = released.recv() => return i,
+                i = self.source.recv() => match i {
+                    Some(i) => return Some(i),
+                    None => self.source_done = true,
+                },
+            }
+        }
+    }
+
+    /// An input ready now, if any.
+    fn ready(&mut self) -> Option<Input> {
+        if let Some((_, released)) = &mut self.gated {
+            if let Ok(i) = released.try_recv() {
+                return Some(i);
+            }
+        }
+        self.source.try_recv().ok()
+    }
+}
+
+/// Adds the inputs to the stream, a batch at a time; returns the last position fed.
 async fn feed(
     f: Arc<tokio::sync::Mutex<Feeder>>,
-    mut rx: mpsc::Receiver<Input>,
+    mut inputs: Inputs,
     fed: Arc<std::sync::atomic::AtomicU64>,
     progress: Arc<tokio::sync::Notify>,
 ) -> Result<u64, String> {
     use std::sync::atomic::Ordering::SeqCst;
     let script = redis::Script::new(FEED);
-    let (jobs, meta, name, conn, outage, server) = {
+    let (jobs, meta, held, name, conn, outage, server) = {
         let f = f.lock().await;
         (
             f.queue.key("jobs"),
             f.queue.meta_key(),
+            f.queue.key("held"),
             f.queue.name.clone(),
             f.conn.clone(),
             f.outage,
@@ -478,14 +591,14 @@ async fn feed(
     let mut batch: Vec<Input> = Vec::with_capacity(FEED_BATCH);
     loop {
         batch.clear();
-        match rx.recv().await {
+        match inputs.next().await {
             Some(i) => batch.push(i),
             None => return Ok(fed.load(SeqCst)),
         }
         while batch.len() < FEED_BATCH {
-            match rx.try_recv() {
-                Ok(i) => batch.push(i),
-                Err(_) => break,
+            match inputs.ready() {
+                Some(i) => batch.push(i),
+                None => break,
             }
         }
         // Not too far ahead of the results.
@@ -498,13 +611,13 @@ async fn feed(
             wait.await;
         }
         let before = fed.load(SeqCst);
-        let last = batch.last().map_or(before, |i| i.0);
+        let last = batch.iter().map(|i| i.0).fold(before, u64::max);
         // Open before the workers can see them: their results are then always this run's.
-        f.lock().await.open.fed(last);
+        f.lock().await.open.fed(batch.iter().map(|i| i.0));
         let now: u64 = flowline_redis::call(&outage, &server, || {
             let mut c = conn.clone();
             let mut inv = script.prepare_invoke();
-            inv.key(&jobs).key(&meta).arg(before);
+            inv.key(&jobs).key(&meta).key(&held).arg(before);
             for (seq, args) in &batch {
                 inv.arg(*seq).arg(args.len());
                 for a in args {
@@ -608,7 +721,7 @@ async fn collect(
 
 /// Marks the run finished (the workers exit) and lets its keys expire.
 async fn finish(f: &Feeder) -> Result<(), String> {
-    let mut keys = f.queue.keys(&["jobs", "results", "dead", "ended"]);
+    let mut keys = f.queue.keys(&["jobs", "results", "dead", "ended", "held"]);
     keys.push(f.queue.meta_key());
     let meta = f.queue.meta_key();
     f.call("marking the run finished", |mut c| {
@@ -750,7 +863,7 @@ mod tests {
         let mut o = Open::default();
         let mut most = 0;
         for window in 0..100u64 {
-            o.fed((window + 1) * 10_000);
+            o.fed(window * 10_000 + 1..=(window + 1) * 10_000);
             most = most.max(o.open.len());
             for seq in window * 10_000 + 1..=(window + 1) * 10_000 {
                 assert!(o.end(seq));
@@ -768,20 +881,47 @@ mod tests {
         assert_eq!(o.ended_count(), 1_000_000);
     }
 
+    /// With `key(..)` inputs are fed out of order: one skipped is held, neither open nor
+    /// ended, until it is fed; fed twice, it counts once.
+    #[test]
+    fn inputs_held_for_their_key_are_neither_open_nor_ended() {
+        let mut o = Open::default();
+        o.fed([1, 4, 2]);
+        assert_eq!(o.held.iter().copied().collect::<Vec<_>>(), [3]);
+        assert!(o.is_open(4) && !o.is_open(3) && !o.is_ended(3));
+        assert_eq!(o.ended_count(), 0);
+        assert!(o.end(1) && o.end(2) && o.end(4));
+        assert_eq!(o.ended_count(), 3, "3 is held, not ended");
+        o.fed([3, 3, 1]);
+        assert!(o.is_open(3) && !o.is_open(1) && o.held.is_empty());
+        assert!(o.end(3));
+        assert_eq!(o.ended_count(), 4);
+        // A resumed record: held positions are not open; those past `fed` are no inputs.
+        let o = Open::resumed(5, &[0b0100_0000], BTreeSet::from([3, 4, 9, 0])).unwrap();
+        assert_eq!(o.open.iter().copied().collect::<Vec<_>>(), [2, 5]);
+        assert_eq!(o.held.iter().copied().collect::<Vec<_>>(), [3, 4]);
+        assert_eq!(o.ended_count(), 1);
+    }
+
     #[test]
     fn a_resumed_record_reads_the_bitmap_and_refuses_one_no_feeder_left() {
         // Inputs 1..=10 fed; 1, 2 and 9 ended (bit `seq` from the left).
         let bits = [0b0110_0000, 0b0100_0000];
-        let o = Open::resumed(10, &bits).unwrap();
+        let o = Open::resumed(10, &bits, BTreeSet::new()).unwrap();
         assert_eq!(
             o.open.iter().copied().collect::<Vec<_>>(),
             [3, 4, 5, 6, 7, 8, 10]
         );
         assert_eq!(o.ended_count(), 3);
-        assert!(Open::resumed(u64::MAX, &bits).is_none());
-        assert!(Open::resumed(Open::MOST + 1, &[]).is_none());
-        assert!(Open::resumed(Open::MOST, &[]).is_some());
-        assert!(Open::resumed(0, &[0xff; 4]).unwrap().open.is_empty());
+        assert!(Open::resumed(u64::MAX, &bits, BTreeSet::new()).is_none());
+        assert!(Open::resumed(Open::MOST + 1, &[], BTreeSet::new()).is_none());
+        assert!(Open::resumed(Open::MOST, &[], BTreeSet::new()).is_some());
+        assert!(
+            Open::resumed(0, &[0xff; 4], BTreeSet::new())
+                .unwrap()
+                .open
+                .is_empty()
+        );
     }
 
     #[test]

@@ -14,6 +14,11 @@
 //! end and at SIGUSR1, are refused with a queue: a worker's rate is shared by every worker
 //! through Redis, and a run through a queue reads its options once.
 //!
+//! Per-key order (`key(..)` / `--key` on the first task, one input of a key at a time):
+//! the feeder holds an input back while an earlier input of its key is fed and not ended
+//! (`key_gate.rs`), so a key's inputs run one after another in input order across all the
+//! workers, and other keys' inputs are fed meanwhile.
+//!
 //! The keys of a queue `NAME` share one hash tag, `flowline:{NAME}:...`. One hash,
 //! `flowline:{NAME}:meta`, names the current run (`run`, an id the feeder draws when it
 //! starts a new run) and holds its counts (`fed`, `failed`, `finished`); each run has keys
@@ -25,6 +30,7 @@
 //! writes only to the old run's keys, never into the new run's.
 
 pub mod feeder;
+pub mod key_gate;
 pub mod worker;
 
 use std::time::Duration;
@@ -170,6 +176,24 @@ pub fn check_plan(plan: &Plan) -> Vec<String> {
             "error: --queue: the pipe has no task (sh(..) or http(..)) for the workers to run"
                 .to_string(),
         );
+    }
+    // The feeder keys the inputs it feeds: the key must be the first step's, over the
+    // input itself, one input of a key at a time.
+    for (i, step) in plan.main.steps.iter().enumerate() {
+        let Step::Task(t) = step else { continue };
+        let Some(k) = &t.policies.key else { continue };
+        let key = k.template.escape_debug();
+        if i > 0 {
+            errors.push(format!(
+                "error: --queue: `key({key})` on `{}`, not the first stage after the source: with a queue only the first task can be keyed (the feeder keys the inputs it feeds)",
+                t.name
+            ));
+        } else if k.per_key > 1 {
+            errors.push(format!(
+                "error: --queue: `key({key}, {})`: with a queue one input of a key runs at a time (per_key 1)",
+                k.per_key
+            ));
+        }
     }
     for step in &plan.main.steps {
         match step {
