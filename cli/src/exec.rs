@@ -365,18 +365,24 @@ impl Slots {
 pub struct TaskRt {
     pub spec: Task,
     pub command: Option<Command>,
+    /// An `http` task's URL and body, parsed once.
+    pub request: Option<(Template, Option<Template>)>,
     pub slots: Slots,
 }
 
 impl TaskRt {
     pub fn new(spec: Task) -> TaskRt {
-        let command = match &spec.kind {
-            TaskKind::Sh(cmd) => Some(Command::new(cmd)),
-            TaskKind::Http { .. } => None,
+        let (command, request) = match &spec.kind {
+            TaskKind::Sh(cmd) => (Some(Command::new(cmd)), None),
+            TaskKind::Http { url, body, .. } => (
+                None,
+                Some((Template::parse(url), body.as_deref().map(Template::parse))),
+            ),
         };
         TaskRt {
             spec,
             command,
+            request,
             slots: Slots::default(),
         }
     }
@@ -518,10 +524,7 @@ impl Runner {
         let work = async {
             match (&task.spec.kind, &task.command) {
                 (TaskKind::Sh(_), Some(cmd)) => self.sh(task, cmd, item, &mut log).await,
-                (TaskKind::Http { method, url, body }, _) => {
-                    self.http(method, url, body.as_deref(), item, &mut log)
-                        .await
-                }
+                (TaskKind::Http { method, .. }, _) => self.http(task, method, item, &mut log).await,
                 (TaskKind::Sh(_), None) => Err(CallError {
                     message: "internal: command not prepared".into(),
                     ..CallError::default()
@@ -761,16 +764,26 @@ impl Runner {
 
     async fn http(
         &self,
+        task: &TaskRt,
         method: &str,
-        url: &str,
-        body: Option<&str>,
         item: &Item,
         log: &mut LogLine,
     ) -> Result<Vec<u8>, CallError> {
-        let seq = item.seq.to_string();
-        let url = url
-            .replace("{#}", &seq)
-            .replace("{}", &item.value.text(","));
+        let Some((url, body)) = &task.request else {
+            return Err(CallError {
+                message: "internal: request not prepared".into(),
+                ..CallError::default()
+            });
+        };
+        // GNU parallel's replacement strings, values as they are (no shell quoting); `{}`
+        // joins several values by `,` in the URL and by lines in the body. Bytes that are
+        // not UTF-8 become U+FFFD here, and only here.
+        let args = item.value.args();
+        let render = |t: &Template, sep: &[u8]| {
+            String::from_utf8_lossy(&t.render_joined(&args, item.seq, 0, sep, <[u8]>::to_vec))
+                .into_owned()
+        };
+        let url = render(url, b",");
         log.command = format!("{method} {url}");
         let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| CallError {
             message: format!("bad method: {e}"),
@@ -778,7 +791,7 @@ impl Runner {
         })?;
         let mut req = self.http.request(method, &url);
         if let Some(b) = body {
-            let b = b.replace("{#}", &seq).replace("{}", &item.value.text("\n"));
+            let b = render(b, b"\n");
             log.sent = b.len();
             req = req.body(b);
         }

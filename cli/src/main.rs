@@ -35,7 +35,7 @@ Pipe: SOURCE | STAGE | ... | SINK, or ... | branch | error:... success:...
            sql(DB, \"SELECT ...\", KEY_COLUMN)  ·  `::: a b c` after the pipe = args
   tasks    sh(\"cmd {}\")  ({} = the item, quoted where the shell needs it; {#} {%} {.} {/}
            {//} {/.} {1} {2.} ... as in parallel; without {} the item goes to stdin)
-           http(URL) or http(METHOD, URL[, BODY])  ({} in URL/body)
+           http(URL) or http(METHOD, URL[, BODY])  ({}, {1}, {.}.. in URL/body)
   policies fork(N)  rate(N/s[, BURST])  inflight(N)  timeout(5s)  retry(N[, 200ms..10s])
            breaker(FAILURES[, COOLDOWN])  adaptive(MIN..MAX)
            key(TEMPLATE[, PER_KEY])  (in order per key: inputs whose TEMPLATE, e.g. {1},

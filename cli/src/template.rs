@@ -156,6 +156,19 @@ impl Template {
         slot: usize,
         quote: impl Fn(&[u8]) -> Vec<u8>,
     ) -> Vec<u8> {
+        self.render_joined(args, seq, slot, b" ", quote)
+    }
+
+    /// [`render_with`](Self::render_with), with `{}` joining several values by `sep`
+    /// (a URL's `{}` takes `1,2,3`, a request body's one value a line).
+    pub fn render_joined(
+        &self,
+        args: &[Vec<u8>],
+        seq: u64,
+        slot: usize,
+        sep: &[u8],
+        quote: impl Fn(&[u8]) -> Vec<u8>,
+    ) -> Vec<u8> {
         let mut out = Vec::new();
         for p in &self.parts {
             match p {
@@ -165,7 +178,7 @@ impl Template {
                 Part::Arg { arg: None, how } => {
                     for (i, a) in args.iter().enumerate() {
                         if i > 0 {
-                            out.push(b' ');
+                            out.extend_from_slice(sep);
                         }
                         out.extend(quote(&transform(a, *how)));
                     }
@@ -274,6 +287,16 @@ pub fn shell_quote(v: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_joins_several_values_by_its_separator_and_quotes_nothing() {
+        let args = vec![b"a b".to_vec(), b"dir/f.txt".to_vec()];
+        let t = Template::parse("http://h/{}/{1}/{2/.}?n={#}");
+        let url = t.render_joined(&args, 7, 0, b",", <[u8]>::to_vec);
+        assert_eq!(url, b"http://h/a b,dir/f.txt/a b/f?n=7");
+        let body = Template::parse("{}").render_joined(&args, 7, 0, b"\n", <[u8]>::to_vec);
+        assert_eq!(body, b"a b\ndir/f.txt");
+    }
 
     fn r(cmd: &str, args: &[&str]) -> String {
         let args: Vec<Vec<u8>> = args.iter().map(|a| a.as_bytes().to_vec()).collect();

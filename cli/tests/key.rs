@@ -281,3 +281,87 @@ fn inputs_waiting_for_a_busy_key_hold_the_source_back() {
         .unwrap_or_else(|| panic!("no summary: {stderr}"));
     assert!((2..=2048).contains(&read), "{read} inputs read: {stderr}");
 }
+
+/// An HTTP server for `GET /KEY/SEQ/SECONDS`: each request notes `start KEY SEQ` in the
+/// log, sleeps its time, notes `end KEY SEQ` and answers `KEY SEQ` (a thread per
+/// connection, keep-alive).
+fn logging_server() -> (u16, std::sync::Arc<std::sync::Mutex<String>>) {
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let log: Arc<Mutex<String>> = Arc::default();
+    let l = log.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let log = l.clone();
+            std::thread::spawn(move || {
+                let mut w = conn.try_clone().unwrap();
+                let mut r = BufReader::new(conn);
+                loop {
+                    let mut request = String::new();
+                    if r.read_line(&mut request).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut len = 0usize;
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if h == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    let _ = r.read_exact(&mut body);
+                    let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+                    let [key, seq, secs] = parts[..] else {
+                        panic!("request {request:?}")
+                    };
+                    log.lock()
+                        .unwrap()
+                        .push_str(&format!("start {key} {seq}\n"));
+                    let secs: f64 = secs.parse().unwrap_or_else(|e| panic!("{request:?}: {e}"));
+                    std::thread::sleep(Duration::from_secs_f64(secs));
+                    log.lock().unwrap().push_str(&format!("end {key} {seq}\n"));
+                    let answer = format!("{key} {seq}");
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    if w.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, log)
+}
+
+#[test]
+fn an_http_stage_keeps_each_keys_requests_in_order_one_at_a_time() {
+    const KEYS: u32 = 5;
+    const PER: u32 = 16;
+    let (port, log) = logging_server();
+    let d = tempfile::tempdir().unwrap();
+    let pipe = format!("fork(8) | key({{1}}) | http(http://127.0.0.1:{port}/{{1}}/{{2}}/{{3}})");
+    let o = flowline(
+        d.path(),
+        &["--quiet", "--colsep", "\t", &pipe],
+        &inputs(KEYS, PER, 42),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    outputs_in_key_order(&text(&o.stdout), KEYS, PER);
+    let log = log.lock().unwrap().clone();
+    let (most, most_total) = overlaps(&log, 1);
+    assert!(most.values().all(|m| *m == 1), "{most:?}");
+    assert!(most_total > 1, "the keys' requests never ran side by side");
+    assert!(most_total <= 8, "{most_total} requests at once, fork(8)");
+}
