@@ -63,6 +63,9 @@
 //!   [`Report::to_json`]; turns on `serde`.
 //! - `serde`: [`Report`] is `Serialize` (written out, no derive macro in the build).
 //! - `progress`: [`Flow::progress`] draws bars on a terminal; without it, plain lines.
+//! - `signal` (unix): `UnixSignals`, a listener for the signals that stop a run (SIGINT,
+//!   SIGTERM, SIGHUP, or any set) for [`RunOptions::stop_on_signal`]; turns on tokio's
+//!   `signal`.
 //! - `tower`: `Flow::call_service` (a `tower::Service` as a stage) and [`Rate`] as a
 //!   `tower::Layer`; depends on tower's two trait crates (`tower-service`, `tower-layer`) only.
 //! - `metrics`: per-stage metrics through the [`metrics`](https://docs.rs/metrics) facade:
@@ -156,7 +159,7 @@ pub use loader::{LoadError, Loader};
 pub use observe::progress::{ProgressOptions, StderrAboveProgress};
 pub use observe::stall::{Stall, StallAction};
 pub use ops::debounce::Debounce;
-pub use ops::dedup::Window;
+pub use ops::dedup::{Dedup, Window};
 pub use ops::idempotent::Idempotent;
 #[cfg(feature = "tower")]
 pub use ops::map_async::ServiceCall;
@@ -191,6 +194,10 @@ pub use runtime::batch_sink::BatchSink;
 pub use runtime::handle::{Control, Handle, ItemStream};
 pub use runtime::options::{ErrorPolicy, RunOptions};
 pub use runtime::run::Run;
+pub use runtime::signal::SignalStep;
+#[cfg(all(unix, feature = "signal"))]
+#[cfg_attr(docsrs, doc(cfg(all(unix, feature = "signal"))))]
+pub use runtime::unix_signals::UnixSignals;
 pub use source::{Completion, CursorOptions, ItemEnd, Page};
 pub use store::checkpoint::{CheckpointStore, MemoryCheckpoints};
 pub use store::{MemoryStore, Reservation, Store, StoreFuture};
