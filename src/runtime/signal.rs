@@ -216,13 +216,20 @@ mod tests {
         (result, steps, t0.elapsed())
     }
 
+    /// [`recorded`] with a first signal at 100 ms, a second `second` after it (if ever),
+    /// and `grace`.
+    async fn graced(
+        grace: Duration,
+        second: Option<Duration>,
+    ) -> (Result<Report, Error>, Vec<(SignalStep, u32)>, Duration) {
+        let waits = Arc::new(AtomicU32::new(0));
+        let signal = timer(Duration::from_millis(100), second, waits);
+        recorded(RunOptions::new().stop_on_signal(signal).signal_grace(grace)).await
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_grace_cancels_once_it_is_over_and_the_hook_hears_first() {
-        let waits = Arc::new(AtomicU32::new(0));
-        let options = RunOptions::new()
-            .stop_on_signal(timer(Duration::from_millis(100), None, waits.clone()))
-            .signal_grace(Duration::from_millis(400));
-        let (result, steps, elapsed) = recorded(options).await;
+        let (result, steps, elapsed) = graced(Duration::from_millis(400), None).await;
         let Err(Error::Cancelled { report }) = result else {
             panic!("{result:?}")
         };
@@ -236,11 +243,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_run_that_ends_within_the_grace_is_not_cancelled() {
-        let waits = Arc::new(AtomicU32::new(0));
-        let options = RunOptions::new()
-            .stop_on_signal(timer(Duration::from_millis(100), None, waits.clone()))
-            .signal_grace(Duration::from_millis(901));
-        let (result, steps, elapsed) = recorded(options).await;
+        let (result, steps, elapsed) = graced(Duration::from_millis(901), None).await;
         let report = result.unwrap();
         assert_eq!(report.outcome, RunOutcome::Stopped);
         assert_eq!(report.delivered(), 2);
@@ -249,40 +252,46 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_second_signal_within_the_grace_cancels_at_once() {
-        let waits = Arc::new(AtomicU32::new(0));
-        let at = Duration::from_millis(100);
-        let options = RunOptions::new()
-            .stop_on_signal(timer(at, Some(at), waits.clone()))
-            .signal_grace(Duration::from_secs(10));
-        let (result, steps, elapsed) = recorded(options).await;
-        assert!(matches!(result, Err(Error::Cancelled { .. })), "{result:?}");
-        assert_eq!(steps, [(SignalStep::Stop, 2), (SignalStep::Cancel, 2)]);
-        assert_eq!(elapsed, Duration::from_millis(200));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_zero_grace_cancels_right_after_the_stop() {
-        let waits = Arc::new(AtomicU32::new(0));
-        let options = RunOptions::new()
-            .stop_on_signal(timer(Duration::from_millis(100), None, waits.clone()))
-            .signal_grace(Duration::ZERO);
-        let (result, steps, elapsed) = recorded(options).await;
-        assert!(matches!(result, Err(Error::Cancelled { .. })), "{result:?}");
-        assert_eq!(steps, [(SignalStep::Stop, 2), (SignalStep::GraceOver, 2)]);
-        assert_eq!(elapsed, Duration::from_millis(100));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_longest_grace_is_no_grace_at_all() {
-        let waits = Arc::new(AtomicU32::new(0));
-        let options = RunOptions::new()
-            .stop_on_signal(timer(Duration::from_millis(100), None, waits.clone()))
-            .signal_grace(Duration::MAX);
-        let (result, steps, elapsed) = recorded(options).await;
-        assert_eq!(result.unwrap().outcome, RunOutcome::Stopped);
-        assert_eq!(steps, [(SignalStep::Stop, 2)]);
-        assert_eq!(elapsed, Duration::from_secs(1));
+    async fn a_second_signal_a_zero_grace_and_the_longest_grace() {
+        use SignalStep::{Cancel, GraceOver, Stop};
+        let ms = Duration::from_millis;
+        // (what, grace, second signal after the first, steps told, cancelled, ended at)
+        let rows = [
+            (
+                "a second signal within the grace cancels at once",
+                Duration::from_secs(10),
+                Some(ms(100)),
+                vec![(Stop, 2), (Cancel, 2)],
+                true,
+                ms(200),
+            ),
+            (
+                "a zero grace cancels right after the stop",
+                Duration::ZERO,
+                None,
+                vec![(Stop, 2), (GraceOver, 2)],
+                true,
+                ms(100),
+            ),
+            (
+                "the longest grace is no grace at all",
+                Duration::MAX,
+                None,
+                vec![(Stop, 2)],
+                false,
+                ms(1000),
+            ),
+        ];
+        for (what, grace, second, want, cancelled, at) in rows {
+            let (result, steps, elapsed) = graced(grace, second).await;
+            assert_eq!(
+                matches!(result, Err(Error::Cancelled { .. })),
+                cancelled,
+                "{what}: {result:?}"
+            );
+            assert_eq!(steps, want, "{what}");
+            assert_eq!(elapsed, at, "{what}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
