@@ -697,7 +697,9 @@ pub trait Flow: IntoPipeline {
     }
 
     /// Drops an item whose key already passed within `window` ([`Window::ttl`] or
-    /// [`Window::last`]); memory is bounded. Dropped duplicates are counted.
+    /// [`Window::last`]); memory is bounded. Dropped duplicates are counted; add
+    /// [`on_duplicate`](crate::Dedup::on_duplicate) to see them and
+    /// [`exempt`](crate::Dedup::exempt) to let some items pass unchecked.
     ///
     /// [`Window::ttl`]: crate::Window::ttl
     /// [`Window::last`]: crate::Window::last
@@ -712,7 +714,7 @@ pub trait Flow: IntoPipeline {
     /// assert_eq!(out, vec![1, 2, 3]);
     /// # }
     /// ```
-    fn dedup_by<K, F>(self, key: F, window: crate::Window) -> Pipeline<Self::Item>
+    fn dedup_by<K, F>(self, key: F, window: crate::Window) -> crate::Dedup<Self::Item, K, F>
     where
         K: std::hash::Hash + Eq + Clone + Send + 'static,
         F: FnMut(&Self::Item) -> K + Send + 'static,

@@ -51,7 +51,7 @@
 //! | count or aggregate per key per minute (tumbling, sliding, session, count windows) | [`Flow::window`] with [`Tumbling`], [`Sliding`], [`Session`], [`Count`]; [`Windows::event_time`] and [`Windows::allowed_lateness`] for event time; late items counted ([`StageReport::late`]) and dead-lettered, or on a side output ([`Windows::aggregate_with_late`]) |
 //! | pause, resume, step or stop a running job | [`Flow::spawn`] → [`Handle`]; from other tasks: [`Handle::control`] → [`Control`] (cloneable) |
 //! | cancel a run with my service's shutdown token | [`Run::cancel_on`] ([`RunOptions::cancel_on`]); a running job's own token: [`Handle::cancellation_token`] |
-//! | stop on Ctrl-C and still get the report | [`Run::stop_on_signal`]`(tokio::signal::ctrl_c)`: the first stops gracefully, a second cancels |
+//! | stop on Ctrl-C and still get the report | [`Run::stop_on_signal`]`(tokio::signal::ctrl_c)`: the first stops gracefully, a second cancels; SIGINT, SIGTERM and SIGHUP: `UnixSignals::stop()` (feature `signal`); a grace before the cancel: [`Run::signal_grace`]; act on each step (end child processes, say what still runs): [`Run::on_signal`] |
 //! | see the run in my traces and logs | `tracing` spans: `run{pipeline}` (under the span current where the run starts), `stage{stage, kind}` per stage task, `call{seq, attempt, outcome}` with [`AsyncStage::trace_calls`]; failures are logged as one `WARN` line per stage and 5 s with counts by reason and a sample |
 //! | export metrics to Prometheus | feature `metrics`: per-stage counters and gauges through the `metrics` facade, labelled `pipeline` ([`Run::name`]) and `stage`; the application installs the exporter (`examples/prometheus/`) |
 //! | see progress, a heartbeat, a stall | [`Flow::progress`], [`Flow::heartbeat`], [`Flow::stall_after`] |
@@ -63,6 +63,9 @@
 //!   [`Report::to_json`]; turns on `serde`.
 //! - `serde`: [`Report`] is `Serialize` (written out, no derive macro in the build).
 //! - `progress`: [`Flow::progress`] draws bars on a terminal; without it, plain lines.
+//! - `signal` (unix): `UnixSignals`, a listener for the signals that stop a run (SIGINT,
+//!   SIGTERM, SIGHUP, or any set) for [`RunOptions::stop_on_signal`]; turns on tokio's
+//!   `signal`.
 //! - `tower`: `Flow::call_service` (a `tower::Service` as a stage) and [`Rate`] as a
 //!   `tower::Layer`; depends on tower's two trait crates (`tower-service`, `tower-layer`) only.
 //! - `metrics`: per-stage metrics through the [`metrics`](https://docs.rs/metrics) facade:
@@ -156,7 +159,7 @@ pub use loader::{LoadError, Loader};
 pub use observe::progress::{ProgressOptions, StderrAboveProgress};
 pub use observe::stall::{Stall, StallAction};
 pub use ops::debounce::Debounce;
-pub use ops::dedup::Window;
+pub use ops::dedup::{Dedup, Window};
 pub use ops::idempotent::Idempotent;
 #[cfg(feature = "tower")]
 pub use ops::map_async::ServiceCall;
@@ -191,6 +194,10 @@ pub use runtime::batch_sink::BatchSink;
 pub use runtime::handle::{Control, Handle, ItemStream};
 pub use runtime::options::{ErrorPolicy, RunOptions};
 pub use runtime::run::Run;
+pub use runtime::signal::SignalStep;
+#[cfg(all(unix, feature = "signal"))]
+#[cfg_attr(docsrs, doc(cfg(all(unix, feature = "signal"))))]
+pub use runtime::unix_signals::UnixSignals;
 pub use source::{Completion, CursorOptions, ItemEnd, Page};
 pub use store::checkpoint::{CheckpointStore, MemoryCheckpoints};
 pub use store::{MemoryStore, Reservation, Store, StoreFuture};

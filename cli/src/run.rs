@@ -10,14 +10,14 @@
 //!   main chain (delivered to the branch, dropped by a filter, or failed): counted per
 //!   input, so that the run ends by itself.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use flowline::prelude::*;
-use flowline::{Failure, ProgressOptions};
+use flowline::{Failure, ProgressOptions, SignalStep};
 use tokio::sync::mpsc;
 
 use crate::compat::Halt;
@@ -596,30 +596,21 @@ impl Builder {
                     })
                 }
                 Step::Dedup(window) => {
-                    let (ctx, window) = (self.ctx.clone(), *window);
-                    let mut seen: HashSet<Vec<u8>> = HashSet::new();
-                    let mut order: VecDeque<Vec<u8>> = VecDeque::new();
-                    p.filter(move |item| {
-                        if item.unfinished {
-                            return true;
+                    // A duplicate is done as its first was; an unfinished item (left by a
+                    // stop) is not checked: it did not run, and a rerun runs it.
+                    let ctx = self.ctx.clone();
+                    p.dedup_by(
+                        |item: &Item| item.value.joined(b"\n"),
+                        Window::last(*window),
+                    )
+                    .exempt(|item| item.unfinished)
+                    .on_duplicate(move |item| {
+                        ctx.done(&item);
+                        if main {
+                            ctx.leave_main(item.inputs.len());
                         }
-                        let key = item.value.joined(b"\n");
-                        if seen.contains(&key) {
-                            ctx.done(item);
-                            if main {
-                                ctx.leave_main(item.inputs.len());
-                            }
-                            return false;
-                        }
-                        if order.len() >= window {
-                            if let Some(old) = order.pop_front() {
-                                seen.remove(&old);
-                            }
-                        }
-                        seen.insert(key.clone());
-                        order.push_back(key);
-                        true
                     })
+                    .into_pipeline()
                 }
                 Step::Batch(n, wait) => p.batch(*n, *wait).map(|items: Vec<Item>| {
                     let seq = items.first().map_or(0, |i| i.seq);
@@ -718,6 +709,15 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
         (stop_source.clone(), skipped.clone()),
     );
     let graph = graph(&plan, &settings, &ctx, src, err_rx)?;
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let graph = stop_on_signals(
+        graph,
+        &ctx,
+        stop_source,
+        halt_rx,
+        settings.grace,
+        interrupted.clone(),
+    )?;
     let on_fail = ctx.clone();
     let handle = graph
         .dead_letter(DeadLetter::callback(move |f| on_fail.on_failure(f)))
@@ -728,17 +728,7 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
         let ctx = ctx.clone();
         on_sigusr1(Some(ctx.runner.clone()), move || ctx.live.reread())
     };
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let signals = watch_signals(
-        &ctx,
-        handle.control(),
-        stop_source,
-        halt_rx,
-        settings.grace,
-        interrupted.clone(),
-    );
     let result = handle.join().await;
-    signals.abort();
     if let Some(r) = reread {
         r.abort();
     }
@@ -1041,55 +1031,90 @@ fn graph(
     b.sink(graph, p, &success.sink)
 }
 
-/// The first SIGINT, SIGTERM or SIGHUP (or `--halt`): start nothing new, let the running
-/// jobs finish, report what was left; a second one (or the end of `--grace`, or `--halt
-/// now`) kills every running job's group and cancels.
-fn watch_signals(
+/// Why the run stops, as the signal hook sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// SIGINT, SIGTERM or SIGHUP.
+    Signal,
+    /// `--halt ...` (or a state file that cannot be written): stop soon.
+    Halt,
+    /// `--halt now,...`: kill the running jobs and cancel at once.
+    HaltNow,
+}
+
+/// flowline's stop on a signal, for the CLI: the first SIGINT, SIGTERM or SIGHUP (or
+/// `--halt`) starts nothing new, lets the running jobs finish and reports what was left; a
+/// second one (or the end of `--grace`, or `--halt now`) kills every running job's group
+/// before the run is cancelled.
+fn stop_on_signals(
+    graph: Graph,
     ctx: &Arc<Ctx>,
-    control: flowline::Control,
     stop_source: Arc<AtomicBool>,
-    mut halt_rx: mpsc::UnboundedReceiver<bool>,
+    halt_rx: mpsc::UnboundedReceiver<bool>,
     grace: Option<std::time::Duration>,
     interrupted: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<()> {
+) -> Result<Graph, String> {
+    // Listening from now on: a signal that comes before the run starts is not missed.
+    let signals = crate::queue::stop_signals()?;
+    let halt_rx = Arc::new(tokio::sync::Mutex::new(halt_rx));
+    let cause: Arc<Mutex<Option<Cause>>> = Arc::default();
+    let heard = cause.clone();
+    let signal = move || {
+        let (signals, halt_rx, cause) = (signals.clone(), halt_rx.clone(), heard.clone());
+        async move {
+            let mut halt_rx = halt_rx.lock().await;
+            let before = *cause.lock().unwrap_or_else(|p| p.into_inner());
+            match before {
+                // `--halt now`: the cancel follows the stop at once.
+                Some(Cause::HaltNow) => {}
+                // After the stop, only a signal (or `--grace`) kills.
+                Some(_) => signals.recv().await,
+                None => {
+                    let first = tokio::select! {
+                        () = signals.recv() => Cause::Signal,
+                        Some(now) = halt_rx.recv() => if now { Cause::HaltNow } else { Cause::Halt },
+                    };
+                    *cause.lock().unwrap_or_else(|p| p.into_inner()) = Some(first);
+                }
+            }
+            Ok(())
+        }
+    };
     let ctx = ctx.clone();
-    tokio::spawn(async move {
-        let mut streams = stop_signals();
-        let now = tokio::select! {
-            _ = next_signal(&mut streams) => {
-                interrupted.store(true, Relaxed);
-                false
+    let hook = move |step: SignalStep| {
+        let cause = cause
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or(Cause::Signal);
+        match step {
+            SignalStep::Stop => {
+                interrupted.store(cause == Cause::Signal, Relaxed);
+                ctx.stopping.store(true, Relaxed);
+                stop_source.store(true, Relaxed);
+                if cause == Cause::HaltNow {
+                    let killed = ctx.runner.jobs.kill_all();
+                    eprintln!("flowline: --halt now: killed {killed} running job(s)");
+                } else {
+                    eprintln!(
+                        "\nflowline: stopping: starting nothing new, waiting for {} running job(s) (again to kill them)",
+                        ctx.runner.jobs.running()
+                    );
+                }
             }
-            now = halt_rx.recv() => now.unwrap_or(false),
-        };
-        ctx.stopping.store(true, Relaxed);
-        stop_source.store(true, Relaxed);
-        control.stop();
-        if now {
-            let killed = ctx.runner.jobs.kill_all();
-            eprintln!("flowline: --halt now: killed {killed} running job(s)");
-            control.cancel();
-            return;
-        }
-        eprintln!(
-            "\nflowline: stopping: starting nothing new, waiting for {} running job(s) (again to kill them)",
-            ctx.runner.jobs.running()
-        );
-        let deadline = async {
-            match grace {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
+            _ => {
+                let killed = ctx.runner.jobs.kill_all();
+                if cause != Cause::HaltNow {
+                    eprintln!(
+                        "\nflowline: cancelling: killed {killed} running job(s) and their process groups"
+                    );
+                }
             }
-        };
-        tokio::select! {
-            _ = next_signal(&mut streams) => {}
-            _ = deadline => {}
         }
-        let killed = ctx.runner.jobs.kill_all();
-        eprintln!(
-            "\nflowline: cancelling: killed {killed} running job(s) and their process groups"
-        );
-        control.cancel();
+    };
+    let graph = graph.stop_on_signal(signal).on_signal(hook);
+    Ok(match grace {
+        Some(grace) => graph.signal_grace(grace),
+        None => graph,
     })
 }
 
@@ -1181,28 +1206,6 @@ fn key_waits(r: &flowline::Report) -> String {
         .filter(|s| s.key_waits > 0)
         .map(|s| format!(", {} waited for their key in {}", s.key_waits, s.name))
         .collect()
-}
-
-/// The signals that stop a run: SIGINT, SIGTERM and SIGHUP.
-pub(crate) fn stop_signals() -> Vec<tokio::signal::unix::Signal> {
-    use tokio::signal::unix::{SignalKind, signal};
-    [
-        SignalKind::interrupt(),
-        SignalKind::terminate(),
-        SignalKind::hangup(),
-    ]
-    .into_iter()
-    .filter_map(|k| signal(k).ok())
-    .collect()
-}
-
-/// The next of several signals (never, without any).
-pub(crate) async fn next_signal(streams: &mut [tokio::signal::unix::Signal]) {
-    let waits: Vec<_> = streams.iter_mut().map(|s| Box::pin(s.recv())).collect();
-    if waits.is_empty() {
-        std::future::pending::<()>().await;
-    }
-    futures::future::select_all(waits).await;
 }
 
 /// `error:retry(..)`: runs the failed task, and the steps of the main chain after it,

@@ -187,6 +187,52 @@ fn grace_deadline_kills_jobs_still_running() {
     wait_for("every grandchild gone", || pids.iter().all(|&p| !alive(p)));
 }
 
+/// Jobs 1 and 2 sleep (their `sleep` a grandchild); job 3 fails with 7 once they run.
+const HALTING: &str = "seq(1..10) | fork(3) | sh(\"if [ {} = 3 ]; then while [ ! -e pid.1 ] || [ ! -e pid.2 ]; do sleep 0.02; done; exit 7; fi; sleep 60 & echo $! > pid.{}; wait\")";
+
+/// `--halt now`: the failure kills every running job's whole group at once, without a
+/// signal, and the run ends with the failing job's code.
+#[test]
+fn halt_now_kills_every_running_jobs_group() {
+    let d = tempfile::tempdir().unwrap();
+    let child = start(d.path(), &["--halt", "now,fail=1", HALTING]);
+    let t = Instant::now();
+    let o = child.wait_with_output().unwrap();
+    let err = text(&o.stderr);
+    assert!(t.elapsed() < Duration::from_secs(20), "{err}");
+    assert_eq!(o.status.code(), Some(7), "{err}");
+    assert!(err.contains("--halt now: killed"), "{err}");
+    assert!(!err.contains("stopping:"), "{err}");
+    let pids = job_pids(d.path());
+    assert!(pids.len() >= 2, "{err}");
+    wait_for("every grandchild gone", || pids.iter().all(|&p| !alive(p)));
+}
+
+/// `--halt soon`: the failure stops the run as a first signal would (the running jobs go
+/// on); a signal after it is the second, which kills them; the exit code stays the failing
+/// job's.
+#[test]
+fn a_signal_after_halt_soon_kills_the_running_jobs() {
+    let d = tempfile::tempdir().unwrap();
+    let mut child = start(d.path(), &["--halt", "soon,fail=1", HALTING]);
+    let stderr = read_along(child.stderr.take().unwrap());
+    wait_for("the halt is seen", || {
+        stderr.lock().unwrap().contains("stopping:")
+    });
+    let pids = job_pids(d.path());
+    assert!(pids.len() >= 2);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(pids.iter().all(|&p| alive(p)), "the halt kills nothing");
+    signal("TERM", i64::from(child.id()));
+    let status = child.wait().unwrap();
+    let err = stderr.lock().unwrap().clone();
+    assert_eq!(status.code(), Some(7), "{err}");
+    wait_for("every grandchild gone", || pids.iter().all(|&p| !alive(p)));
+    wait_for("the cancel is told", || {
+        stderr.lock().unwrap().contains("cancelling: killed")
+    });
+}
+
 /// A SIGKILL of `flowline` takes its jobs, and their children, with it.
 #[test]
 fn sigkill_of_flowline_takes_its_jobs_with_it() {

@@ -108,14 +108,89 @@ impl Window {
     }
 }
 
-/// The dedup step: one clock read and one eviction per chunk, then a per-item check. Run by
-/// the shared fused-operator machinery (`stage::fused`).
-struct DedupOp<K, F> {
+/// The items [`Dedup::exempt`] lets pass unchecked.
+type Exempt<T> = Box<dyn FnMut(&T) -> bool + Send>;
+/// What [`Dedup::on_duplicate`] is handed a dropped duplicate with.
+type OnDuplicate<T> = Box<dyn FnMut(T) + Send>;
+
+/// A dedup stage being configured; returned by [`Flow::dedup_by`](crate::Flow::dedup_by).
+/// Add [`exempt`](Dedup::exempt) or [`on_duplicate`](Dedup::on_duplicate), then go on with
+/// any operator.
+///
+/// ```
+/// use flowline::prelude::*;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let out = Pipeline::from_iter(["a", "b", "a"])
+///     .dedup_by(|s| *s, Window::last(100))
+///         .on_duplicate(|s| println!("{s} again"))
+///     .collect().await.unwrap();
+/// assert_eq!(out, vec!["a", "b"]);
+/// # }
+/// ```
+#[must_use = "a stage builder does nothing until its pipeline is run by a terminal"]
+pub struct Dedup<T, K, F> {
+    p: Pipeline<T>,
     key: F,
-    seen: TtlMap<K, ()>,
+    window: Window,
+    exempt: Option<Exempt<T>>,
+    on_duplicate: Option<OnDuplicate<T>>,
+    _key: std::marker::PhantomData<fn() -> K>,
 }
 
-impl<T, K, F> ChunkOp<T, T> for DedupOp<K, F>
+impl<T, K, F> Dedup<T, K, F> {
+    /// Lets the items for which `exempt` is true pass unchecked: their key is not taken and
+    /// not remembered, so they neither are dropped nor make a later item a duplicate (items
+    /// that only pass through the stage, such as markers).
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// // Negative numbers are markers: never dropped, never remembered.
+    /// let out = Pipeline::from_iter([-1, 1, -1, 1, 2])
+    ///     .dedup_by(|x: &i32| x.abs(), Window::last(100))
+    ///         .exempt(|x| *x < 0)
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out, vec![-1, 1, -1, 2]);
+    /// # }
+    /// ```
+    pub fn exempt(mut self, exempt: impl FnMut(&T) -> bool + Send + 'static) -> Self {
+        self.exempt = Some(Box::new(exempt));
+        self
+    }
+
+    /// Hands each dropped duplicate to `f` (to record it as done, say) before it is
+    /// dropped; it is counted as dropped either way.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::sync::{Arc, Mutex};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let dropped = Arc::new(Mutex::new(Vec::new()));
+    /// let d = dropped.clone();
+    /// let out = Pipeline::from_iter([1, 2, 1, 1])
+    ///     .dedup_by(|x| *x, Window::last(100))
+    ///         .on_duplicate(move |x| d.lock().unwrap().push(x))
+    ///     .collect().await.unwrap();
+    /// assert_eq!(out, vec![1, 2]);
+    /// assert_eq!(*dropped.lock().unwrap(), vec![1, 1]);
+    /// # }
+    /// ```
+    pub fn on_duplicate(mut self, f: impl FnMut(T) + Send + 'static) -> Self {
+        self.on_duplicate = Some(Box::new(f));
+        self
+    }
+}
+
+/// The dedup step: one clock read and one eviction per chunk, then a per-item check. Run by
+/// the shared fused-operator machinery (`stage::fused`).
+struct DedupOp<T, K, F> {
+    key: F,
+    seen: TtlMap<K, ()>,
+    exempt: Option<Exempt<T>>,
+    on_duplicate: Option<OnDuplicate<T>>,
+}
+
+impl<T, K, F> ChunkOp<T, T> for DedupOp<T, K, F>
 where
     K: Hash + Eq + Clone + Send,
     F: FnMut(&T) -> K + Send,
@@ -123,28 +198,60 @@ where
     fn apply(&mut self, chunk: Chunk<T>) -> Processed<T> {
         let now = Instant::now();
         self.seen.evict(now);
-        let (key, seen) = (&mut self.key, &mut self.seen);
+        let DedupOp {
+            key,
+            seen,
+            exempt,
+            on_duplicate,
+        } = self;
         process::<T, T, true>(chunk, &mut |item: T, out: &mut Emit<T>| {
+            if exempt.as_mut().is_some_and(|exempt| exempt(&item)) {
+                out.push(item);
+                return;
+            }
             let k = key(&item);
             if seen.get(&k, now).is_none() {
                 seen.insert(k, (), now);
                 out.push(item);
+            } else if let Some(f) = on_duplicate {
+                f(item);
             }
         })
     }
 }
 
-pub(crate) fn dedup_by<T, K, F>(mut p: Pipeline<T>, key: F, window: Window) -> Pipeline<T>
+pub(crate) fn dedup_by<T, K, F>(mut p: Pipeline<T>, key: F, window: Window) -> Dedup<T, K, F> {
+    if let Some(e) = window.check() {
+        p.settings.errors.push(e);
+    }
+    Dedup {
+        p,
+        key,
+        window,
+        exempt: None,
+        on_duplicate: None,
+        _key: std::marker::PhantomData,
+    }
+}
+
+impl<T, K, F> crate::IntoPipeline for Dedup<T, K, F>
 where
     T: Send + 'static,
     K: Hash + Eq + Clone + Send + 'static,
     F: FnMut(&T) -> K + Send + 'static,
 {
-    if let Some(e) = window.check() {
-        p.settings.errors.push(e);
+    type Item = T;
+
+    fn into_pipeline(self) -> Pipeline<T> {
+        let seen = TtlMap::new(self.window.ttl, self.window.max_keys);
+        let op = DedupOp {
+            key: self.key,
+            seen,
+            exempt: self.exempt,
+            on_duplicate: self.on_duplicate,
+        };
+        fuse(self.p, "dedup", op)
     }
-    let seen = TtlMap::new(window.ttl, window.max_keys);
-    fuse(p, "dedup", DedupOp { key, seen })
 }
 
 #[cfg(test)]
@@ -233,5 +340,55 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("window.last = 0"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn exempt_items_pass_and_are_not_remembered() {
+        // Odd numbers are exempt: 1 passes three times and never counts against a window of
+        // one key, so 2 is still remembered when it comes again.
+        let report = Pipeline::from_iter([2, 1, 1, 2, 1, 4])
+            .dedup_by(|x| *x, Window::last(1))
+            .exempt(|x| x % 2 == 1)
+            .collect_with_report()
+            .await
+            .unwrap();
+        assert_eq!(report.0, vec![2, 1, 1, 1, 4]);
+        let d = report.1.stage("dedup").unwrap();
+        assert_eq!((d.received, d.passed, d.dropped), (6, 5, 1));
+        assert!(report.1.is_balanced());
+    }
+
+    #[tokio::test]
+    async fn each_dropped_duplicate_is_handed_over_once() {
+        let dropped = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let d = dropped.clone();
+        let (out, report) = Pipeline::from_iter((0..1000u32).map(|x| x % 10))
+            .dedup_by(|x| *x, Window::last(10))
+            .on_duplicate(move |x| d.lock().unwrap().push(x))
+            .collect_with_report()
+            .await
+            .unwrap();
+        assert_eq!(out, (0..10).collect::<Vec<_>>());
+        let dropped = dropped.lock().unwrap();
+        assert_eq!(dropped.len(), 990);
+        assert_eq!(dropped[..3], [0, 1, 2]);
+        assert_eq!(report.stage("dedup").unwrap().dropped, 990);
+    }
+
+    #[tokio::test]
+    async fn an_exempt_item_is_not_handed_over_as_a_duplicate() {
+        let handed = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let h = handed.clone();
+        let out = Pipeline::from_iter([5, 5, 5])
+            .dedup_by(|x| *x, Window::last(10))
+            .exempt(|_| true)
+            .on_duplicate(move |_| {
+                h.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            })
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(out, vec![5, 5, 5]);
+        assert_eq!(handed.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 }

@@ -14,6 +14,8 @@ pub(crate) mod signal;
 pub(crate) mod sink;
 pub(crate) mod tail;
 pub(crate) mod ttl_map;
+#[cfg(all(unix, feature = "signal"))]
+pub(crate) mod unix_signals;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -221,7 +223,7 @@ pub struct RunCtx {
     /// Failures summed per stage and interval for the log (one line per stage and interval).
     pub(crate) failure_log: crate::observe::failure_log::FailureLog,
     /// A signal stops the run, a second one cancels it (`RunOptions::stop_on_signal`).
-    pub(crate) signal: Option<crate::runtime::options::Signal>,
+    pub(crate) signal: Option<signal::Watch>,
     /// The admission policies of each async stage, for gauges (an adaptive limit, a
     /// breaker's state).
     pub(crate) policies: Mutex<Vec<StagePolicies>>,
@@ -260,7 +262,11 @@ impl RunCtx {
             name,
             span,
             failure_log: crate::observe::failure_log::FailureLog::new(),
-            signal: options.signal.clone(),
+            signal: options.signal.clone().map(|signal| signal::Watch {
+                signal,
+                hook: options.signal_hook.clone(),
+                grace: options.signal_grace,
+            }),
             policies: Mutex::new(Vec::new()),
             policy: options.policy,
             outage_policy: options.outage,

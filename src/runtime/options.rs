@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::dead_letter::DeadLetter;
 use crate::error::Error;
+use crate::runtime::signal::SignalStep;
 
 /// What a run does when an item fails.
 ///
@@ -61,6 +62,10 @@ pub struct RunOptions {
     pub(crate) cancel: Option<tokio_util::sync::CancellationToken>,
     /// A signal that stops the run (once) and cancels it (twice).
     pub(crate) signal: Option<Signal>,
+    /// Told of each step a signal takes (`RunOptions::on_signal`).
+    pub(crate) signal_hook: Option<SignalHook>,
+    /// After the first signal, how long until the run is cancelled as by a second.
+    pub(crate) signal_grace: Option<Duration>,
     /// How long the run's own parts ride out a server that is down.
     pub(crate) outage: crate::Outage,
 }
@@ -83,6 +88,23 @@ impl Signal {
         &self,
     ) -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> {
         (self.0)()
+    }
+}
+
+/// The hook of [`RunOptions::on_signal`].
+#[derive(Clone)]
+pub(crate) struct SignalHook(std::sync::Arc<dyn Fn(SignalStep) + Send + Sync>);
+
+impl SignalHook {
+    /// Tells the hook of `step`.
+    pub(crate) fn tell(&self, step: SignalStep) {
+        (self.0)(step)
+    }
+}
+
+impl std::fmt::Debug for SignalHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SignalHook")
     }
 }
 
@@ -232,6 +254,79 @@ impl RunOptions {
         Fut: Future<Output = std::io::Result<()>> + Send + 'static,
     {
         self.signal = Some(Signal(std::sync::Arc::new(move || Box::pin(signal()))));
+        self
+    }
+
+    /// Calls `hook` each time a signal of [`stop_on_signal`](RunOptions::stop_on_signal)
+    /// acts: with [`SignalStep::Stop`](crate::SignalStep::Stop) for the first,
+    /// [`SignalStep::Cancel`](crate::SignalStep::Cancel) for a second and
+    /// [`SignalStep::GraceOver`](crate::SignalStep::GraceOver) when the
+    /// [`signal_grace`](RunOptions::signal_grace) ran out. The hook runs before the run is
+    /// stopped or cancelled, so that what the calls in flight started outside the process
+    /// (child processes, remote jobs) can be ended first, and a message can count what is
+    /// still running. It runs on the run's task: it must not block.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::SignalStep;
+    /// use std::sync::{Arc, Mutex};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let steps = Arc::new(Mutex::new(Vec::new()));
+    /// let seen = steps.clone();
+    /// let options = RunOptions::new()
+    ///     // A signal of the program's own, at once.
+    ///     .stop_on_signal(|| async { Ok(()) })
+    ///     .on_signal(move |step| seen.lock().unwrap().push(step));
+    /// let _ = Pipeline::from_iter(0..u64::MAX).run().options(options).await;
+    /// // Two signals came: the run was stopped, then cancelled.
+    /// assert_eq!(*steps.lock().unwrap(), [SignalStep::Stop, SignalStep::Cancel]);
+    /// # }
+    /// ```
+    pub fn on_signal(mut self, hook: impl Fn(SignalStep) + Send + Sync + 'static) -> Self {
+        self.signal_hook = Some(SignalHook(std::sync::Arc::new(hook)));
+        self
+    }
+
+    /// After the first signal of [`stop_on_signal`](RunOptions::stop_on_signal), cancels
+    /// the run if it has not ended within `grace` (on tokio's clock), as a second signal
+    /// would: the calls still in flight are given that long to finish. Zero cancels it
+    /// right after the stop. Without it, only a second signal cancels.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// // One signal, after 1 s.
+    /// let heard = AtomicBool::new(false);
+    /// let options = RunOptions::new()
+    ///     .stop_on_signal(move || {
+    ///         let first = !heard.swap(true, Ordering::Relaxed);
+    ///         async move {
+    ///             if !first {
+    ///                 std::future::pending::<()>().await;
+    ///             }
+    ///             tokio::time::sleep(Duration::from_secs(1)).await;
+    ///             Ok(())
+    ///         }
+    ///     })
+    ///     .signal_grace(Duration::from_secs(5));
+    /// // A call of a minute: stopped at 1 s, cancelled at 6 s.
+    /// let err = Pipeline::from_iter(0..u64::MAX)
+    ///     .map_async("slow", |x| async move {
+    ///         tokio::time::sleep(Duration::from_secs(60)).await;
+    ///         x
+    ///     })
+    ///     .run()
+    ///     .options(options)
+    ///     .await
+    ///     .unwrap_err();
+    /// let Error::Cancelled { report } = err else { panic!("{err}") };
+    /// assert_eq!(report.elapsed, Duration::from_secs(6));
+    /// # }
+    /// ```
+    pub fn signal_grace(mut self, grace: Duration) -> Self {
+        self.signal_grace = Some(grace);
         self
     }
 

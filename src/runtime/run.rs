@@ -251,6 +251,58 @@ impl<T: Send + 'static, K: Sink<T>, O: Send + 'static> Run<T, K, O> {
         self
     }
 
+    /// Calls `hook` each time a signal of [`stop_on_signal`](Run::stop_on_signal) acts,
+    /// before it stops or cancels the run. See [`RunOptions::on_signal`].
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::SignalStep;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let _ = Pipeline::from_iter(0..u64::MAX)
+    ///     .run()
+    ///     .stop_on_signal(|| async { Ok(()) })
+    ///     .on_signal(|step| match step {
+    ///         SignalStep::Stop => eprintln!("stopping: starting nothing new"),
+    ///         _ => eprintln!("cancelling"),
+    ///     })
+    ///     .await;
+    /// # }
+    /// ```
+    pub fn on_signal(mut self, hook: impl Fn(crate::SignalStep) + Send + Sync + 'static) -> Self {
+        self.options = self.options.on_signal(hook);
+        self
+    }
+
+    /// After the first signal of [`stop_on_signal`](Run::stop_on_signal), cancels the run
+    /// if it has not ended within `grace`. See [`RunOptions::signal_grace`].
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// // A signal now and then every hour: the grace of 5 s cancels the run first.
+    /// let err = Pipeline::from_iter(0..u64::MAX)
+    ///     .map_async("slow", |x| async move {
+    ///         tokio::time::sleep(Duration::from_secs(60)).await;
+    ///         x
+    ///     })
+    ///     .run()
+    ///     .stop_on_signal(|| async {
+    ///         tokio::time::sleep(Duration::from_secs(3600)).await;
+    ///         Ok(())
+    ///     })
+    ///     .signal_grace(Duration::from_secs(5))
+    ///     .await
+    ///     .unwrap_err();
+    /// let Error::Cancelled { report } = err else { panic!("{err}") };
+    /// assert_eq!(report.elapsed, Duration::from_secs(3605));
+    /// # }
+    /// ```
+    pub fn signal_grace(mut self, grace: std::time::Duration) -> Self {
+        self.options = self.options.signal_grace(grace);
+        self
+    }
+
     /// Replaces every run option with `options` (options kept and reused across runs).
     ///
     /// ```

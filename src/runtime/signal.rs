@@ -5,36 +5,95 @@
 //! raised for one test without reaching every test of the process.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::runtime::RunCtx;
-use crate::runtime::options::Signal;
+use crate::runtime::options::{Signal, SignalHook};
 
-/// Waits for the signal while the run lasts (a run-level observer: it ends with the run).
-pub(crate) async fn watch(run: Arc<RunCtx>, signal: Signal) {
-    for first in [true, false] {
-        // The next wait is made right after the first signal, before anything else runs,
-        // so that a second signal soon after is not missed.
-        let next = signal.next();
-        tokio::select! {
-            biased;
-            _ = run.ended.cancelled() => return,
-            heard = next => if let Err(e) = heard {
-                tracing::error!(target: "flowline", error = %e, "cannot listen for the stop signal");
-                return;
-            },
-        }
-        if first {
-            tracing::warn!(target: "flowline", "signal: stopping; no new call starts, calls in flight finish (a second signal cancels)");
-            run.stop();
-        } else {
-            tracing::warn!(target: "flowline", "second signal: cancelling");
-            run.cancel.cancel();
+/// What a stop signal does to a run, as told to the hook of
+/// [`RunOptions::on_signal`](crate::RunOptions::on_signal) before it is done.
+///
+/// ```
+/// use flowline::SignalStep;
+/// let cancels = |step: SignalStep| step != SignalStep::Stop;
+/// assert!(cancels(SignalStep::GraceOver));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SignalStep {
+    /// The first signal: the run stops gracefully (nothing new starts, the calls in flight
+    /// finish).
+    Stop,
+    /// A second signal: the run is cancelled (the calls in flight are dropped).
+    Cancel,
+    /// The [`signal_grace`](crate::RunOptions::signal_grace) after the first signal ran
+    /// out: the run is cancelled.
+    GraceOver,
+}
+
+/// What a run's signal watch is given: the signal, its hook and its grace.
+#[derive(Clone, Debug)]
+pub(crate) struct Watch {
+    pub(crate) signal: Signal,
+    pub(crate) hook: Option<SignalHook>,
+    pub(crate) grace: Option<Duration>,
+}
+
+impl Watch {
+    fn tell(&self, step: SignalStep) {
+        if let Some(hook) = &self.hook {
+            hook.tell(step);
         }
     }
 }
 
+/// Waits for the signal while the run lasts (a run-level observer: it ends with the run).
+pub(crate) async fn watch(run: Arc<RunCtx>, watch: Watch) {
+    let heard = tokio::select! {
+        biased;
+        _ = run.ended.cancelled() => return,
+        heard = watch.signal.next() => heard,
+    };
+    if let Err(e) = heard {
+        tracing::error!(target: "flowline", error = %e, "cannot listen for the stop signal");
+        return;
+    }
+    watch.tell(SignalStep::Stop);
+    tracing::warn!(target: "flowline", "signal: stopping; no new call starts, calls in flight finish (a second signal cancels)");
+    run.stop();
+    // The next wait is made right after the first signal, before anything else runs, so
+    // that a second signal soon after is not missed.
+    let next = async {
+        if let Err(e) = watch.signal.next().await {
+            tracing::error!(target: "flowline", error = %e, "cannot listen for a second signal");
+            std::future::pending::<()>().await;
+        }
+    };
+    let grace = async {
+        match watch.grace {
+            Some(grace) => tokio::time::sleep(grace).await,
+            None => std::future::pending().await,
+        }
+    };
+    let step = tokio::select! {
+        biased;
+        _ = run.ended.cancelled() => return,
+        () = next => SignalStep::Cancel,
+        () = grace => SignalStep::GraceOver,
+    };
+    watch.tell(step);
+    match step {
+        SignalStep::GraceOver => {
+            tracing::warn!(target: "flowline", "signal: the grace after the stop is over: cancelling")
+        }
+        _ => tracing::warn!(target: "flowline", "second signal: cancelling"),
+    }
+    run.cancel.cancel();
+}
+
 #[cfg(test)]
 mod tests {
+    use crate::SignalStep;
     use crate::prelude::*;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
@@ -120,5 +179,142 @@ mod tests {
             .unwrap();
         assert_eq!(report.outcome, RunOutcome::Completed);
         assert_eq!(report.delivered(), 100);
+    }
+
+    /// A run of one-second calls, two at a time, whose hook records each step and how many
+    /// calls were still in flight (not dropped) when it was told.
+    async fn recorded(
+        options: RunOptions,
+    ) -> (Result<Report, Error>, Vec<(SignalStep, u32)>, Duration) {
+        let in_flight = Arc::new(AtomicU32::new(0));
+        let steps = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (seen, counted) = (steps.clone(), in_flight.clone());
+        let options =
+            options.on_signal(move |step| seen.lock().unwrap().push((step, counted.load(SeqCst))));
+        struct Guard(Arc<AtomicU32>);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, SeqCst);
+            }
+        }
+        let t0 = tokio::time::Instant::now();
+        let result = Pipeline::from_iter(0..u64::MAX)
+            .map_async("work", move |x| {
+                let in_flight = in_flight.clone();
+                async move {
+                    in_flight.fetch_add(1, SeqCst);
+                    let _guard = Guard(in_flight);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    x
+                }
+            })
+            .workers(2)
+            .run()
+            .options(options)
+            .await;
+        let steps = steps.lock().unwrap().clone();
+        (result, steps, t0.elapsed())
+    }
+
+    /// [`recorded`] with a first signal at 100 ms, a second `second` after it (if ever),
+    /// and `grace`.
+    async fn graced(
+        grace: Duration,
+        second: Option<Duration>,
+    ) -> (Result<Report, Error>, Vec<(SignalStep, u32)>, Duration) {
+        let waits = Arc::new(AtomicU32::new(0));
+        let signal = timer(Duration::from_millis(100), second, waits);
+        recorded(RunOptions::new().stop_on_signal(signal).signal_grace(grace)).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_grace_cancels_once_it_is_over_and_the_hook_hears_first() {
+        let (result, steps, elapsed) = graced(Duration::from_millis(400), None).await;
+        let Err(Error::Cancelled { report }) = result else {
+            panic!("{result:?}")
+        };
+        // Stopped at 100 ms, cancelled at 500 ms: the two calls started at 0 ms (1 s long)
+        // were still in flight when the hook was told, each time.
+        assert_eq!(steps, [(SignalStep::Stop, 2), (SignalStep::GraceOver, 2)]);
+        assert_eq!(elapsed, Duration::from_millis(500));
+        assert_eq!(report.delivered(), 0);
+        assert!(report.is_balanced());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_that_ends_within_the_grace_is_not_cancelled() {
+        let (result, steps, elapsed) = graced(Duration::from_millis(901), None).await;
+        let report = result.unwrap();
+        assert_eq!(report.outcome, RunOutcome::Stopped);
+        assert_eq!(report.delivered(), 2);
+        assert_eq!(steps, [(SignalStep::Stop, 2)]);
+        assert_eq!(elapsed, Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_signal_a_zero_grace_and_the_longest_grace() {
+        use SignalStep::{Cancel, GraceOver, Stop};
+        let ms = Duration::from_millis;
+        // (what, grace, second signal after the first, steps told, cancelled, ended at)
+        let rows = [
+            (
+                "a second signal within the grace cancels at once",
+                Duration::from_secs(10),
+                Some(ms(100)),
+                vec![(Stop, 2), (Cancel, 2)],
+                true,
+                ms(200),
+            ),
+            (
+                "a zero grace cancels right after the stop",
+                Duration::ZERO,
+                None,
+                vec![(Stop, 2), (GraceOver, 2)],
+                true,
+                ms(100),
+            ),
+            (
+                "the longest grace is no grace at all",
+                Duration::MAX,
+                None,
+                vec![(Stop, 2)],
+                false,
+                ms(1000),
+            ),
+        ];
+        for (what, grace, second, want, cancelled, at) in rows {
+            let (result, steps, elapsed) = graced(grace, second).await;
+            assert_eq!(
+                matches!(result, Err(Error::Cancelled { .. })),
+                cancelled,
+                "{what}: {result:?}"
+            );
+            assert_eq!(steps, want, "{what}");
+            assert_eq!(elapsed, at, "{what}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_grace_holds_when_a_second_signal_cannot_be_listened_for() {
+        let waits = Arc::new(AtomicU32::new(0));
+        let counted = waits.clone();
+        let options = RunOptions::new()
+            .stop_on_signal(move || {
+                let first = counted.fetch_add(1, SeqCst) == 0;
+                async move {
+                    if first {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::other("no second signal"))
+                    }
+                }
+            })
+            .signal_grace(Duration::from_millis(300));
+        let (result, steps, elapsed) = recorded(options).await;
+        assert!(matches!(result, Err(Error::Cancelled { .. })), "{result:?}");
+        assert_eq!(steps, [(SignalStep::Stop, 2), (SignalStep::GraceOver, 2)]);
+        assert_eq!(elapsed, Duration::from_millis(400));
+        assert_eq!(waits.load(SeqCst), 2);
     }
 }

@@ -29,8 +29,8 @@ type Prepared = (Arc<RunCtx>, Vec<EndFn>, Option<Duration>);
 ///
 /// A graph is a by-value builder, like a [`Pipeline`]: add sinks, set the run's options
 /// (the [`RunOptions`] of a pipeline's run, under the same names: `deadline`, `outage`,
-/// `error_policy`, `dead_letter`, `name`, `cancel_on`, `stop_on_signal`; they apply to the
-/// whole graph), then run it.
+/// `error_policy`, `dead_letter`, `name`, `cancel_on`, `stop_on_signal`, `on_signal`,
+/// `signal_grace`; they apply to the whole graph), then run it.
 /// Each sink is driven by a task of its own and back-pressures its branch. A branch that was
 /// split off but never given a sink fails the run before it starts with [`Error::Config`].
 ///
@@ -328,6 +328,37 @@ impl Graph {
         Fut: Future<Output = std::io::Result<()>> + Send + 'static,
     {
         self.options = self.options.stop_on_signal(signal);
+        self
+    }
+
+    /// Calls `hook` each time a signal of [`stop_on_signal`](Graph::stop_on_signal) acts,
+    /// before it stops or cancels the graph's run. See [`RunOptions::on_signal`].
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::SignalStep;
+    /// let graph = Graph::new().on_signal(|step| {
+    ///     if step != SignalStep::Stop {
+    ///         eprintln!("cancelling: ending the jobs still running");
+    ///     }
+    /// });
+    /// # let _ = graph;
+    /// ```
+    pub fn on_signal(mut self, hook: impl Fn(crate::SignalStep) + Send + Sync + 'static) -> Self {
+        self.options = self.options.on_signal(hook);
+        self
+    }
+
+    /// After the first signal of [`stop_on_signal`](Graph::stop_on_signal), cancels the
+    /// graph's run if it has not ended within `grace`. See [`RunOptions::signal_grace`].
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// let graph = Graph::new().signal_grace(std::time::Duration::from_secs(30));
+    /// # let _ = graph;
+    /// ```
+    pub fn signal_grace(mut self, grace: std::time::Duration) -> Self {
+        self.options = self.options.signal_grace(grace);
         self
     }
 

@@ -416,12 +416,13 @@ pub async fn run(plan: Plan, settings: Settings, queue: Queue) -> Result<Outcome
         tokio::try_join!(feeding, collecting).map(|_| ())
     };
     let usr1 = crate::run::on_sigusr1(None, || {});
+    let signals = super::stop_signals()?;
     let stopped = tokio::select! {
         r = work => {
             r?;
             false
         }
-        () = super::stop_signal() => true,
+        () = signals.recv() => true,
     };
     if let Some(u) = usr1 {
         u.abort();

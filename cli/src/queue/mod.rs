@@ -254,9 +254,10 @@ pub async fn run_state(
     Ok((run.filter(|r| !r.is_empty()), finished.is_some()))
 }
 
-/// The first SIGINT, SIGTERM or SIGHUP.
-pub async fn stop_signal() {
-    crate::run::next_signal(&mut crate::run::stop_signals()).await;
+/// The signals that stop a run (SIGINT, SIGTERM, SIGHUP), listened for from now on.
+pub fn stop_signals() -> Result<flowline::UnixSignals, String> {
+    flowline::UnixSignals::stop()
+        .map_err(|e| format!("cannot listen for SIGINT, SIGTERM and SIGHUP: {e}"))
 }
 
 #[cfg(test)]

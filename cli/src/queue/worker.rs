@@ -214,7 +214,8 @@ pub async fn run(
     lease: Duration,
 ) -> Result<Outcome, String> {
     let consumer = consumer_name();
-    let queue = match attach(&queue).await? {
+    let signals = super::stop_signals()?;
+    let queue = match attach(&queue, &signals).await? {
         Attached::Run(q) => q,
         Attached::Missed => {
             if !settings.quiet {
@@ -314,14 +315,15 @@ pub async fn run(
     let stop = {
         let signalled = signalled.clone();
         move || {
-            let (mut finished, signalled) = (finished.clone(), signalled.clone());
+            let (mut finished, signalled, signals) =
+                (finished.clone(), signalled.clone(), signals.clone());
             // The first stop comes with the end of the run or a signal; a second (which
             // cancels, killing the running jobs) only with a signal.
             let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
             async move {
                 tokio::select! {
                     _ = finished.wait_for(|f| *f), if first => {}
-                    () = super::stop_signal() => {
+                    () = signals.recv() => {
                         signalled.store(true, Ordering::SeqCst);
                     }
                 }
@@ -373,7 +375,7 @@ enum Attached {
 /// worker started (its keys not yet expired) is not joined: the worker waits for the next.
 /// Another run seen finished means the worker came up during a run too short to join: it
 /// ends, as it would have with that run. Redis being down is waited out.
-async fn attach(queue: &Queue) -> Result<Attached, String> {
+async fn attach(queue: &Queue, signals: &flowline::UnixSignals) -> Result<Attached, String> {
     let conn = super::connect(&queue.server)?;
     let wait = async {
         // The finished run (or none) seen first.
@@ -403,7 +405,7 @@ async fn attach(queue: &Queue) -> Result<Attached, String> {
     };
     tokio::select! {
         a = wait => Ok(a),
-        () = super::stop_signal() => Ok(Attached::Signalled),
+        () = signals.recv() => Ok(Attached::Signalled),
     }
 }
 
