@@ -373,8 +373,8 @@ impl DeadLetters {
             #[cfg(feature = "jsonl")]
             Target::Jsonl(path, fields) => {
                 let file = open_append(path).map_err(|e| {
-                        Error::DeadLetter(format!("cannot open {}: {e}", path.display()))
-                    })?;
+                    Error::DeadLetter(format!("cannot open {}: {e}", path.display()))
+                })?;
                 Live::Jsonl(Mutex::new(std::io::BufWriter::new(file)), fields.clone())
             }
         };

@@ -136,8 +136,8 @@ mod tests {
     use std::time::Duration;
 
     use crate::error::{Failure, ItemError};
-    use crate::report::{LatencySummary, LiveLimits};
     use crate::report::tests::{report, stage};
+    use crate::report::{LatencySummary, LiveLimits};
 
     #[test]
     fn json_has_the_tables_names_and_the_reasons() {
