@@ -426,9 +426,12 @@ pub trait Flow: IntoPipeline {
     /// # }
     /// ```
     fn run(self) -> Run<Self::Item, sink::Discard, Report> {
-        Run::new(self.into_pipeline(), sink::Discard, "sink", |report, ()| {
-            report
-        })
+        Run::new(
+            self.into_pipeline().into_plan(),
+            sink::Discard,
+            "sink",
+            |report, ()| report,
+        )
     }
 
     /// Runs the pipeline, calling `f` for each item that comes out (one at a time, in
@@ -449,7 +452,7 @@ pub trait Flow: IntoPipeline {
         Fut: Future<Output = ()> + Send + 'static,
     {
         Run::new(
-            self.into_pipeline(),
+            self.into_pipeline().into_plan(),
             sink::ForEach(f),
             "for_each",
             |report, ()| report,
@@ -466,7 +469,7 @@ pub trait Flow: IntoPipeline {
     /// ```
     fn collect(self) -> Run<Self::Item, sink::Collect<Self::Item>, Vec<Self::Item>> {
         Run::new(
-            self.into_pipeline(),
+            self.into_pipeline().into_plan(),
             sink::Collect(Vec::new()),
             "collect",
             |_, v| v,
@@ -487,7 +490,7 @@ pub trait Flow: IntoPipeline {
         self,
     ) -> Run<Self::Item, sink::Collect<Self::Item>, (Vec<Self::Item>, Report)> {
         Run::new(
-            self.into_pipeline(),
+            self.into_pipeline().into_plan(),
             sink::Collect(Vec::new()),
             "collect",
             |r, v| (v, r),
@@ -525,7 +528,7 @@ pub trait Flow: IntoPipeline {
     where
         S: crate::BatchSink<Self::Item>,
     {
-        crate::runtime::batch_sink::into_sink(self.into_pipeline(), sink)
+        crate::runtime::batch_sink::into_sink(self.into_pipeline().into_plan(), sink)
     }
 
     /// Starts the run and returns a stream of what comes out. Dropping the stream cancels
@@ -575,7 +578,9 @@ pub trait Flow: IntoPipeline {
     /// # }
     /// ```
     fn progress(self) -> Pipeline<Self::Item> {
-        crate::observe::progress::progress(self.into_pipeline(), crate::ProgressOptions::new())
+        self.into_pipeline().observed(|plan| {
+            crate::observe::progress::progress(crate::ProgressOptions::new(), plan.total)
+        })
     }
 
     /// [`progress`](Flow::progress) with options: interval, total, plain lines, writer.
@@ -590,7 +595,8 @@ pub trait Flow: IntoPipeline {
     /// # }
     /// ```
     fn progress_with(self, options: crate::ProgressOptions) -> Pipeline<Self::Item> {
-        crate::observe::progress::progress(self.into_pipeline(), options)
+        self.into_pipeline()
+            .observed(|plan| crate::observe::progress::progress(options, plan.total))
     }
 
     /// Calls `f` with a snapshot of every stage's counters every `every`, whether items flow
@@ -611,7 +617,8 @@ pub trait Flow: IntoPipeline {
     where
         F: FnMut(&Report) + Send + 'static,
     {
-        crate::observe::heartbeat::heartbeat(self.into_pipeline(), every, f)
+        self.into_pipeline()
+            .observed(|_| crate::observe::heartbeat::heartbeat(every, f))
     }
 
     /// A stall watchdog: if no item completes anywhere for `after` (while not paused), or a
@@ -630,7 +637,8 @@ pub trait Flow: IntoPipeline {
     /// # }
     /// ```
     fn stall_after(self, after: Duration, action: crate::StallAction) -> Pipeline<Self::Item> {
-        crate::observe::stall::stall_after(self.into_pipeline(), after, action)
+        self.into_pipeline()
+            .observed(|_| crate::observe::stall::stall_after(after, action))
     }
 
     // ---- Batching, deduplication, debounce, idempotency, dataloader and gather ----

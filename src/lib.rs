@@ -133,6 +133,8 @@ mod dead_letter;
 mod error;
 mod fault;
 mod flow;
+#[cfg(test)]
+mod layers;
 mod loader;
 mod observe;
 mod ops;

@@ -5,8 +5,8 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::error::Error;
-use crate::runtime::{Build, Upstream};
-use crate::source::{Pull, Source};
+use crate::observe::Start;
+use crate::runtime::{Build, BuildFn, Plan, Upstream};
 
 /// What a plan carries besides its build step: problems found while it was written, and
 /// what is known of its size. Run-wide settings (deadline, error policy, dead letters) are
@@ -50,8 +50,6 @@ impl Settings {
     }
 }
 
-type BuildFn<T> = Box<dyn FnOnce(&mut Build) -> Upstream<T> + Send>;
-
 /// A lazy plan of a pipeline whose items are `T`. Nothing runs until a terminal
 /// ([`Flow::run`], [`Flow::for_each`], [`Flow::collect`], [`Flow::into_stream`],
 /// [`Flow::spawn`]) is awaited or called. Operators come from the [`Flow`] trait
@@ -87,17 +85,6 @@ impl<T> fmt::Debug for Pipeline<T> {
 }
 
 impl<T: Send + 'static> Pipeline<T> {
-    /// A pipeline over a puller, registered as a source stage named `name`.
-    pub(crate) fn from_pull<P: Pull<T> + 'static>(name: &'static str, pull: P) -> Pipeline<T> {
-        Pipeline {
-            build: Box::new(move |b| {
-                let stats = b.stage(name, "source");
-                Box::new(Source::new(pull, stats, b.run.clone())) as Upstream<T>
-            }),
-            settings: Settings::default(),
-        }
-    }
-
     /// Appends a step to the plan: `f` receives the upstream and returns the new one.
     pub(crate) fn then<U: Send + 'static>(
         self,
@@ -110,6 +97,33 @@ impl<T: Send + 'static> Pipeline<T> {
                 f(b, up)
             }),
             settings: self.settings,
+        }
+    }
+
+    /// Adds a run-level observer, made by `make` from what is known of the plan (its size);
+    /// a problem with the observer's options fails the run before it starts.
+    pub(crate) fn observed(
+        mut self,
+        make: impl FnOnce(&Settings) -> Result<Start, Error>,
+    ) -> Pipeline<T> {
+        match make(&self.settings) {
+            Err(e) => {
+                self.settings.errors.push(e);
+                self
+            }
+            Ok(start) => self.then(move |b, up| {
+                let task = start(b.run.clone());
+                b.observe(task);
+                up
+            }),
+        }
+    }
+
+    /// The plan as a run takes it: how to build it, and the problems found while planning.
+    pub(crate) fn into_plan(self) -> Plan<T> {
+        Plan {
+            build: self.build,
+            errors: self.settings.errors,
         }
     }
 }

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use super::RunView;
 use crate::error::Failure;
-use crate::runtime::RunCtx;
 
 /// How long failures are summed before their line is written.
 pub(crate) const EVERY: Duration = Duration::from_secs(5);
@@ -159,17 +159,17 @@ fn sample(f: &Failure) -> String {
 
 /// Writes the lines of the run's failures: an interval's line [`EVERY`] after its first
 /// failure, and what is left when the run ends (a run-level observer).
-pub(crate) async fn flusher(run: Arc<RunCtx>) {
-    let log = &run.failure_log;
+pub(crate) async fn flusher(run: Arc<dyn RunView>) {
+    let log = run.failure_log();
     loop {
         tokio::select! {
             biased;
-            _ = run.ended.cancelled() => break,
+            _ = run.ended().cancelled() => break,
             _ = log.started.notified() => {}
         }
         tokio::select! {
             biased;
-            _ = run.ended.cancelled() => break,
+            _ = run.ended().cancelled() => break,
             _ = tokio::time::sleep(EVERY) => log.flush(),
         }
     }

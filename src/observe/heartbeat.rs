@@ -4,32 +4,33 @@
 
 use std::time::Duration;
 
-use tokio::time::MissedTickBehavior;
+use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::plan::Pipeline;
+use super::{Start, snapshot};
+use crate::error::Error;
 use crate::report::Report;
 use crate::util::time::interval_from_now;
 
-pub(crate) fn heartbeat<T: Send + 'static>(
-    mut p: Pipeline<T>,
+pub(crate) fn heartbeat(
     every: Duration,
     mut f: impl FnMut(&Report) + Send + 'static,
-) -> Pipeline<T> {
-    if !p.settings.require_positive("heartbeat", "every", every) {
-        return p;
-    }
-    super::observe(p, move |run, started| async move {
-        let mut ticks = interval_from_now(every);
-        // A late tick (a busy runtime) is not made up for with a burst of beats.
-        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                biased;
-                _ = run.ended.cancelled() => return,
-                _ = ticks.tick() => f(&super::snapshot(&run, started)),
+) -> Result<Start, Error> {
+    super::require_positive("heartbeat", every)?;
+    Ok(Box::new(move |run| {
+        let started = Instant::now();
+        Box::pin(async move {
+            let mut ticks = interval_from_now(every);
+            // A late tick (a busy runtime) is not made up for with a burst of beats.
+            ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = run.ended().cancelled() => return,
+                    _ = ticks.tick() => f(&snapshot(&*run, started)),
+                }
             }
-        }
-    })
+        })
+    }))
 }
 
 #[cfg(test)]

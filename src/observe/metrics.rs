@@ -33,8 +33,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use metrics::{Counter, Gauge, Label};
 
+use super::RunView;
 use crate::report::StageStats;
-use crate::runtime::RunCtx;
 use crate::util::time::interval_from_now;
 
 /// How often the metrics are brought up to date while a run goes on.
@@ -52,7 +52,7 @@ const WORKERS: &str = "flowline_stage_workers";
 const RATE: &str = "flowline_stage_rate_per_second";
 
 /// Exports the run's metrics until it ends (a run-level observer).
-pub(crate) async fn export(run: Arc<RunCtx>) {
+pub(crate) async fn export(run: Arc<dyn RunView>) {
     describe();
     let mut exporter = Exporter::default();
     let mut ticks = interval_from_now(EVERY);
@@ -60,11 +60,11 @@ pub(crate) async fn export(run: Arc<RunCtx>) {
     loop {
         tokio::select! {
             biased;
-            _ = run.ended.cancelled() => break,
-            _ = ticks.tick() => exporter.export(&run, false),
+            _ = run.ended().cancelled() => break,
+            _ = ticks.tick() => exporter.export(&*run, false),
         }
     }
-    exporter.export(&run, true);
+    exporter.export(&*run, true);
 }
 
 fn describe() {
@@ -230,11 +230,10 @@ struct Exporter {
 impl Exporter {
     /// Brings every metric up to the stages' counters (`ended`: the run is over, nothing is
     /// in flight any more).
-    fn export(&mut self, run: &RunCtx, ended: bool) {
-        let stats: Vec<Arc<StageStats>> =
-            run.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    fn export(&mut self, run: &dyn RunView, ended: bool) {
+        let stats = run.stats();
         for s in &stats[self.stages.len().min(stats.len())..] {
-            self.stages.push(StageMetrics::new(&run.name, s));
+            self.stages.push(StageMetrics::new(run.name(), s));
         }
         for (s, m) in stats.iter().zip(self.stages.iter_mut()) {
             let r = s.snapshot(false);
@@ -252,7 +251,7 @@ impl Exporter {
             }
             m.latency(s.latency_histogram());
         }
-        for (stage, reasons) in run.failure_log.totals() {
+        for (stage, reasons) in run.failure_log().totals() {
             if let Some(m) = self
                 .stages
                 .iter_mut()
@@ -263,18 +262,16 @@ impl Exporter {
                 }
             }
         }
-        for stage in run.live.all() {
-            let l = stage.report();
+        for (stage, l) in run.limits() {
             let workers = l.workers.map(|w| w as f64);
             let rate = l.rate.map(|(c, p)| c as f64 / p.as_secs_f64());
             for (name, value) in [(WORKERS, workers), (RATE, rate)] {
                 if let Some(v) = value {
-                    self.limit_gauge(run, &stage.name, name).set(v);
+                    self.limit_gauge(run, &stage, name).set(v);
                 }
             }
         }
-        let policies = run.policies.lock().unwrap_or_else(|p| p.into_inner());
-        for (stage, list) in policies.iter() {
+        for (stage, list) in &run.policies() {
             for (i, p) in list.iter().enumerate() {
                 let Some((name, value)) = p.gauge() else {
                     continue;
@@ -294,16 +291,16 @@ impl Exporter {
 }
 
 /// A gauge of one stage of the run.
-fn stage_gauge(run: &RunCtx, stage: &str, name: &'static str) -> Gauge {
+fn stage_gauge(run: &dyn RunView, stage: &str, name: &'static str) -> Gauge {
     let labels = [
-        Label::new("pipeline", run.name.to_string()),
+        Label::new("pipeline", run.name().to_string()),
         Label::new("stage", stage.to_string()),
     ];
     metrics::gauge!(name, labels.iter())
 }
 
 impl Exporter {
-    fn limit_gauge(&mut self, run: &RunCtx, stage: &Arc<str>, name: &'static str) -> &Gauge {
+    fn limit_gauge(&mut self, run: &dyn RunView, stage: &Arc<str>, name: &'static str) -> &Gauge {
         let i = match self
             .limits
             .iter()

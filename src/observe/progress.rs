@@ -27,9 +27,10 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::time::MissedTickBehavior;
+use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::plan::Pipeline;
+use super::Start;
+use crate::error::Error;
 use crate::report::{StageReport, elide, fmt_duration, si, si_count};
 use crate::util::time::interval_from_now;
 
@@ -376,30 +377,29 @@ impl Draw {
     }
 }
 
-pub(crate) fn progress<T: Send + 'static>(
-    mut p: Pipeline<T>,
-    opts: ProgressOptions,
-) -> Pipeline<T> {
-    if !p.settings.require_positive("progress", "every", opts.every) {
-        return p;
-    }
-    let total = opts.total.or(p.settings.total);
-    super::observe(p, move |run, started| async move {
-        let draw = Draw::open(&opts, total);
-        let mut ticks = interval_from_now(opts.every);
-        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            let fin = tokio::select! {
-                biased;
-                _ = run.ended.cancelled() => true,
-                _ = ticks.tick() => false,
-            };
-            draw.show(fin, started.elapsed(), total, &run.snapshot_stages());
-            if fin {
-                return;
+/// The progress observer; `total`: what the plan knows of its size, unless the options say.
+pub(crate) fn progress(opts: ProgressOptions, total: Option<u64>) -> Result<Start, Error> {
+    super::require_positive("progress", opts.every)?;
+    let total = opts.total.or(total);
+    Ok(Box::new(move |run| {
+        let started = Instant::now();
+        Box::pin(async move {
+            let draw = Draw::open(&opts, total);
+            let mut ticks = interval_from_now(opts.every);
+            ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            loop {
+                let fin = tokio::select! {
+                    biased;
+                    _ = run.ended().cancelled() => true,
+                    _ = ticks.tick() => false,
+                };
+                draw.show(fin, started.elapsed(), total, &run.snapshot_stages());
+                if fin {
+                    return;
+                }
             }
-        }
-    })
+        })
+    }))
 }
 
 #[cfg(test)]

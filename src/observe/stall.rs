@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use tokio::time::{Instant, MissedTickBehavior};
 
+use super::Start;
 use crate::error::Error;
-use crate::plan::Pipeline;
 use crate::util::time::interval_from_now;
 
 /// What the stall watchdog saw.
@@ -121,24 +121,18 @@ struct Watch {
     reported_call: Option<(Instant, Instant)>,
 }
 
-pub(crate) fn stall_after<T: Send + 'static>(
-    mut p: Pipeline<T>,
-    d: Duration,
-    action: StallAction,
-) -> Pipeline<T> {
+pub(crate) fn stall_after(d: Duration, action: StallAction) -> Result<Start, Error> {
     if d < Duration::from_millis(4) {
-        p.settings.errors.push(Error::config(
+        return Err(Error::config(
             "stall_after",
             "after",
             d,
             "must be at least 4ms",
         ));
-        return p;
     }
-    super::observe(p, move |run, _started| {
-        run.watch_calls
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        async move {
+    Ok(Box::new(move |run| {
+        run.watch_calls();
+        Box::pin(async move {
             let period = d / 4;
             let mut ticks = interval_from_now(period);
             ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -151,7 +145,7 @@ pub(crate) fn stall_after<T: Send + 'static>(
             loop {
                 tokio::select! {
                     biased;
-                    _ = run.ended.cancelled() => return,
+                    _ = run.ended().cancelled() => return,
                     _ = ticks.tick() => {}
                 }
                 let now = Instant::now();
@@ -206,7 +200,7 @@ pub(crate) fn stall_after<T: Send + 'static>(
                         }
                     }
                 }
-                if total_done != all.done || run.gate.is_paused() {
+                if total_done != all.done || run.is_paused() {
                     all.done = total_done;
                     all.since = now;
                 } else if stalls.is_empty() && now - all.since >= d {
@@ -228,7 +222,7 @@ pub(crate) fn stall_after<T: Send + 'static>(
                         }
                         StallAction::Cancel => {
                             tracing::error!(stage = ?stall.stage, in_flight = stall.in_flight, "stall, cancelling the run: {stall}");
-                            run.cancel.cancel();
+                            run.cancel();
                         }
                     }
                 }
@@ -238,8 +232,8 @@ pub(crate) fn stall_after<T: Send + 'static>(
                     all.since = now;
                 }
             }
-        }
-    })
+        })
+    }))
 }
 
 #[cfg(test)]

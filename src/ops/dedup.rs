@@ -9,9 +9,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::Error;
+use crate::ops::fuse;
 use crate::plan::Pipeline;
 use crate::runtime::chunk::{Chunk, Emit, Processed, process};
-use crate::runtime::fused::{ChunkOp, fuse};
+use crate::runtime::fused::ChunkOp;
 use crate::runtime::ttl_map::TtlMap;
 
 /// Keys a TTL window remembers at most, unless [`Window::max_keys`] says otherwise.

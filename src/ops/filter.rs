@@ -1,8 +1,9 @@
 //! `filter`: keep the items a predicate accepts; the rest are counted as dropped.
 
+use crate::ops::fuse;
 use crate::plan::Pipeline;
 use crate::runtime::chunk::Emit;
-use crate::runtime::fused::{PerItem, fuse};
+use crate::runtime::fused::PerItem;
 
 pub(crate) fn filter<T, F>(p: Pipeline<T>, mut keep: F) -> Pipeline<T>
 where

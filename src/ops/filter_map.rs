@@ -1,8 +1,9 @@
 //! `filter_map`: transform and keep the `Some`s; `None`s are counted as dropped.
 
+use crate::ops::fuse;
 use crate::plan::Pipeline;
 use crate::runtime::chunk::Emit;
-use crate::runtime::fused::{PerItem, fuse};
+use crate::runtime::fused::PerItem;
 
 pub(crate) fn filter_map<T, U, F>(p: Pipeline<T>, mut f: F) -> Pipeline<U>
 where

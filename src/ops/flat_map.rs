@@ -1,8 +1,9 @@
 //! `flat_map`: each item becomes any number of items (from an iterator).
 
+use crate::ops::fuse;
 use crate::plan::Pipeline;
 use crate::runtime::chunk::Emit;
-use crate::runtime::fused::{PerItem, fuse};
+use crate::runtime::fused::PerItem;
 
 pub(crate) fn flat_map<T, U, I, F>(p: Pipeline<T>, mut f: F) -> Pipeline<U>
 where

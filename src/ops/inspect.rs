@@ -1,8 +1,9 @@
 //! `inspect`: look at each item as it passes (logging, metrics), without changing it.
 
+use crate::ops::fuse;
 use crate::plan::Pipeline;
 use crate::runtime::chunk::Emit;
-use crate::runtime::fused::{PerItem, fuse};
+use crate::runtime::fused::PerItem;
 
 pub(crate) fn inspect<T, F>(p: Pipeline<T>, mut f: F) -> Pipeline<T>
 where

@@ -1,7 +1,8 @@
 //! `map`: a synchronous 1:1 transformation, fused into the task before it.
 
+use crate::ops::fuse;
 use crate::plan::Pipeline;
-use crate::runtime::fused::{MapOp, fuse};
+use crate::runtime::fused::MapOp;
 
 pub(crate) fn map<T, U, F>(p: Pipeline<T>, f: F) -> Pipeline<U>
 where

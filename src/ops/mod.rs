@@ -20,3 +20,16 @@ pub(crate) mod take;
 pub(crate) mod throttle;
 pub(crate) mod unbatch;
 pub(crate) mod window;
+
+use crate::plan::Pipeline;
+use crate::runtime::fused::{ChunkOp, fused};
+
+/// Appends a fused operator named `name` to `p`: it runs in the task that pulls its input.
+pub(crate) fn fuse<T, U, Op>(p: Pipeline<T>, name: &'static str, op: Op) -> Pipeline<U>
+where
+    T: Send + 'static,
+    U: Send + 'static,
+    Op: ChunkOp<T, U> + 'static,
+{
+    p.then(move |b, up| fused(b, up, name, op))
+}

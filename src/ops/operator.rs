@@ -11,9 +11,10 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, OnceLock};
 
 use crate::error::{BoxError, ItemError};
+use crate::ops::fuse;
 use crate::plan::Pipeline;
 use crate::runtime::chunk::{Chunk, Emit, Outcome, Processed};
-use crate::runtime::fused::{ChunkOp, fuse};
+use crate::runtime::fused::ChunkOp;
 use crate::runtime::gate::SourceStop;
 
 /// What an [`Operator`] wants after an item: more input, or none.

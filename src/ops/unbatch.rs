@@ -1,7 +1,8 @@
 //! `unbatch()`: flattens batches back into items; each item keeps its batch's ticket.
 
+use crate::ops::fuse;
 use crate::plan::Pipeline;
-use crate::runtime::fused::{PerItem, fuse};
+use crate::runtime::fused::PerItem;
 
 pub(crate) fn unbatch<T: Send + 'static>(p: Pipeline<Vec<T>>) -> Pipeline<T> {
     fuse(

@@ -38,6 +38,9 @@ use crate::error::ItemError;
 /// An invalid setting, as (option, value, reason): reported as `Error::Config` before a run.
 pub(crate) type Invalid = (&'static str, String, &'static str);
 
+/// An async stage's name and admission policies.
+pub(crate) type StagePolicies = (std::sync::Arc<str>, Vec<std::sync::Arc<dyn Policy>>);
+
 /// A flow-control or resilience option as given on a stage builder: checked before the run
 /// starts, then made into the stage's own [`Admission`] when the stage is built.
 pub(crate) trait Policy: fmt::Debug + Send + Sync {

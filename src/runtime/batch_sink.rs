@@ -8,12 +8,11 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use futures_util::FutureExt as _;
 
 use crate::error::{BoxError, Failure, ItemError};
-use crate::plan::Pipeline;
 use crate::report::{Report, StageStats};
-use crate::runtime::RunCtx;
 use crate::runtime::chunk::{Chunk, Outcome};
 use crate::runtime::run::Run;
 use crate::runtime::sink::Sink;
+use crate::runtime::{Plan, RunCtx};
 
 /// Where the items of a run end, written in any crate: a batched database writer, a file, a
 /// message queue. Run a pipeline into it with [`Flow::into_sink`](crate::Flow::into_sink).
@@ -148,7 +147,7 @@ where
 }
 
 /// The run of `p` into `sink`: awaiting it gives the sink's output and the report.
-pub(crate) fn into_sink<T, S>(p: Pipeline<T>, sink: S) -> Run<T, IntoSink<S>, (S::Output, Report)>
+pub(crate) fn into_sink<T, S>(p: Plan<T>, sink: S) -> Run<T, IntoSink<S>, (S::Output, Report)>
 where
     T: Send + 'static,
     S: BatchSink<T>,

@@ -165,7 +165,16 @@ impl<T> Chunk<T> {
         !self.tickets.is_empty()
     }
 
+    /// Makes room for `n` more items (and their tickets, if tracked).
+    pub(crate) fn reserve(&mut self, n: usize) {
+        self.items.reserve(n);
+        if self.is_tracked() {
+            self.tickets.reserve(n);
+        }
+    }
+
     /// Appends one item, keeping the ticket invariant.
+    #[inline]
     pub(crate) fn push(&mut self, item: T, ticket: Ticket) {
         if ticket.is_some() && !self.is_tracked() {
             self.tickets.resize_with(self.items.len(), Ticket::none);

@@ -5,10 +5,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use crate::error::Failure;
-use crate::plan::Pipeline;
 use crate::report::{OwnedCounts, StageStats};
 use crate::runtime::chunk::{Chunk, Emit, Processed, map_chunk, process};
-use crate::runtime::{ChunkSource, RunCtx, Upstream};
+use crate::runtime::{Build, ChunkSource, RunCtx, Upstream};
 
 /// After this many chunks in a row that a filter emptied, yield to the scheduler so that a
 /// filter dropping everything from a synchronous source cannot hog its thread.
@@ -90,21 +89,24 @@ where
     }
 }
 
-/// Appends a fused operator named `name` to `p`.
-pub(crate) fn fuse<T, U, Op>(p: Pipeline<T>, name: &'static str, op: Op) -> Pipeline<U>
+/// A fused operator named `name` over `up`, registered as a stage of its own.
+pub(crate) fn fused<T, U, Op>(
+    b: &mut Build,
+    up: Upstream<T>,
+    name: &'static str,
+    op: Op,
+) -> Upstream<U>
 where
     T: Send + 'static,
     U: Send + 'static,
     Op: ChunkOp<T, U> + 'static,
 {
-    p.then(move |b, up| {
-        let stats = b.stage(name, name);
-        Box::new(Fused {
-            up,
-            op,
-            stats,
-            counts: OwnedCounts::default(),
-            run: b.run.clone(),
-        }) as Upstream<U>
+    let stats = b.stage(name, name);
+    Box::new(Fused {
+        up,
+        op,
+        stats,
+        counts: OwnedCounts::default(),
+        run: b.run.clone(),
     })
 }

@@ -422,7 +422,7 @@ impl Control {
 
     /// As [`Handle::snapshot`]: the counters of every stage right now.
     pub fn snapshot(&self) -> Report {
-        crate::observe::snapshot(&self.run, self.started)
+        crate::observe::snapshot(&*self.run, self.started)
     }
 
     /// As [`Handle::cancellation_token`]: the run's token.

@@ -28,7 +28,10 @@ use tokio_util::sync::CancellationToken;
 use crate::ErrorPolicy;
 use crate::dead_letter::DeadLetters;
 use crate::error::{Failure, ItemError};
-use crate::report::StageStats;
+use crate::observe::RunView;
+use crate::observe::failure_log::FailureLog;
+use crate::policy::StagePolicies;
+use crate::report::{StageReport, StageStats};
 use crate::runtime::chunk::Chunk;
 
 pub(crate) use gate::Gate;
@@ -56,6 +59,16 @@ pub(crate) trait ChunkSource<T>: Send {
 }
 
 pub(crate) type Upstream<T> = Box<dyn ChunkSource<T>>;
+
+/// Builds a plan into the run's tasks and returns the upstream of its last stage.
+pub(crate) type BuildFn<T> = Box<dyn FnOnce(&mut Build) -> Upstream<T> + Send>;
+
+/// A plan as a run takes it: how to build it into tasks, and the problems found while it
+/// was written (reported with the run options' own, all at once, before anything runs).
+pub(crate) struct Plan<T> {
+    pub(crate) build: BuildFn<T>,
+    pub(crate) errors: Vec<crate::Error>,
+}
 
 /// Awaits the next chunk of `up`.
 pub(crate) fn next_chunk<T>(up: &mut Upstream<T>) -> impl Future<Output = Option<Chunk<T>>> + '_ {
@@ -181,9 +194,6 @@ impl CancelWatch {
     }
 }
 
-/// An async stage's name and admission policies.
-pub(crate) type StagePolicies = (Arc<str>, Vec<Arc<dyn crate::policy::Policy>>);
-
 /// State shared by every task of one run.
 pub struct RunCtx {
     /// Cancels everything now.
@@ -221,7 +231,7 @@ pub struct RunCtx {
     /// stage task's span is its child.
     pub(crate) span: tracing::Span,
     /// Failures summed per stage and interval for the log (one line per stage and interval).
-    pub(crate) failure_log: crate::observe::failure_log::FailureLog,
+    pub(crate) failure_log: FailureLog,
     /// A signal stops the run, a second one cancels it (`RunOptions::stop_on_signal`).
     pub(crate) signal: Option<signal::Watch>,
     /// The admission policies of each async stage, for gauges (an adaptive limit, a
@@ -261,7 +271,7 @@ impl RunCtx {
             watch_calls: std::sync::atomic::AtomicBool::new(false),
             name,
             span,
-            failure_log: crate::observe::failure_log::FailureLog::new(),
+            failure_log: FailureLog::new(),
             signal: options.signal.clone().map(|signal| signal::Watch {
                 signal,
                 hook: options.signal_hook.clone(),
@@ -369,16 +379,16 @@ impl RunCtx {
     }
 
     /// Every stage's counts while the run goes on (`unfinished`: in flight).
-    pub(crate) fn snapshot_stages(&self) -> Vec<crate::report::StageReport> {
+    pub(crate) fn snapshot_stages(&self) -> Vec<StageReport> {
         self.stages(false)
     }
 
     /// Every stage's counts once every task has ended (`unfinished`: counted where left).
-    pub(crate) fn final_stages(&self) -> Vec<crate::report::StageReport> {
+    pub(crate) fn final_stages(&self) -> Vec<StageReport> {
         self.stages(true)
     }
 
-    fn stages(&self, ended: bool) -> Vec<crate::report::StageReport> {
+    fn stages(&self, ended: bool) -> Vec<StageReport> {
         self.stats
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -392,8 +402,69 @@ impl RunCtx {
     }
 }
 
-/// A run-level observer (progress, heartbeat, stall watchdog).
-pub(crate) type Observer = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+impl RunView for RunCtx {
+    fn ended(&self) -> &CancellationToken {
+        &self.ended
+    }
+
+    fn snapshot_stages(&self) -> Vec<StageReport> {
+        RunCtx::snapshot_stages(self)
+    }
+
+    fn failures(&self) -> u64 {
+        self.dead.count()
+    }
+
+    fn oldest_calls(&self) -> Vec<Option<tokio::time::Instant>> {
+        RunCtx::oldest_calls(self)
+    }
+
+    fn watch_calls(&self) {
+        self.watch_calls
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn is_paused(&self) -> bool {
+        self.gate.is_paused()
+    }
+
+    fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    fn failure_log(&self) -> &FailureLog {
+        &self.failure_log
+    }
+
+    #[cfg(feature = "metrics")]
+    fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    #[cfg(feature = "metrics")]
+    fn stats(&self) -> Vec<Arc<StageStats>> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    #[cfg(feature = "metrics")]
+    fn limits(&self) -> Vec<(Arc<str>, crate::report::LiveLimits)> {
+        self.live
+            .all()
+            .iter()
+            .map(|s| (s.name.clone(), s.report()))
+            .collect()
+    }
+
+    #[cfg(feature = "metrics")]
+    fn policies(&self) -> Vec<StagePolicies> {
+        self.policies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+pub(crate) use crate::observe::Observer;
 
 /// A check made once the whole plan is built (e.g. every branch of a split got a sink).
 type Check = Box<dyn FnOnce() -> Result<(), crate::Error> + Send>;

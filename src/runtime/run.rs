@@ -9,7 +9,6 @@ use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::time::Duration;
 
-use crate::plan::Pipeline;
 use crate::report::{Report, RunOutcome};
 use crate::runtime::chunk::Chunk;
 use crate::runtime::handle::{Handle, ItemStream};
@@ -18,7 +17,7 @@ use crate::runtime::sink;
 use futures_util::FutureExt as _;
 
 use crate::runtime::sink::Sink;
-use crate::runtime::{Build, Observer, RunCtx, next_chunk};
+use crate::runtime::{Build, Observer, Plan, RunCtx, next_chunk};
 
 /// Checks the plan and the run's options (every problem at once) and opens what the run
 /// needs, before anything runs.
@@ -62,7 +61,7 @@ pub(crate) fn prepare(mut errors: Vec<Error>, options: &RunOptions) -> Result<Ar
 /// ```
 #[must_use = "a run does nothing until it is awaited or spawned"]
 pub struct Run<T, K: Sink<T>, O> {
-    plan: Pipeline<T>,
+    plan: Plan<T>,
     sink: K,
     sink_name: &'static str,
     options: RunOptions,
@@ -80,7 +79,7 @@ impl<T, K: Sink<T>, O> std::fmt::Debug for Run<T, K, O> {
 
 impl<T: Send + 'static, K: Sink<T>, O: Send + 'static> Run<T, K, O> {
     pub(crate) fn new(
-        plan: Pipeline<T>,
+        plan: Plan<T>,
         sink: K,
         sink_name: &'static str,
         conclude: fn(Report, K::Output) -> O,
@@ -328,7 +327,7 @@ impl<T: Send + 'static, K: Sink<T>, O: Send + 'static> Run<T, K, O> {
             conclude,
         } = self;
         use tracing::Instrument as _;
-        let run = prepare(std::mem::take(&mut plan.settings.errors), &options)?;
+        let run = prepare(std::mem::take(&mut plan.errors), &options)?;
         let span = run.span.clone();
         let (report, out) = execute_in(run, plan, sink, sink_name, options.deadline)
             .instrument(span)
@@ -358,7 +357,7 @@ impl<T: Send + 'static, K: Sink<T, Output = ()>, O: Send + 'static> Run<T, K, O>
             options,
             ..
         } = self;
-        match prepare(std::mem::take(&mut plan.settings.errors), &options) {
+        match prepare(std::mem::take(&mut plan.errors), &options) {
             Ok(run) => Handle::from_run(run.clone(), async move {
                 execute_in(run, plan, sink, sink_name, options.deadline)
                     .await
@@ -467,13 +466,13 @@ pub(crate) enum End {
 
 async fn execute_in<T: Send + 'static, K: Sink<T>>(
     run: Arc<RunCtx>,
-    p: Pipeline<T>,
+    p: Plan<T>,
     mut sink: K,
     sink_name: &'static str,
     deadline: Option<Duration>,
 ) -> Result<(Report, K::Output), Error> {
     let started = tokio::time::Instant::now();
-    let Pipeline { build, .. } = p;
+    let Plan { build, .. } = p;
     let mut b = Build::new(run.clone());
     let mut up = build(&mut b);
     if K::NEVER_WAITS {

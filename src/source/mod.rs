@@ -18,10 +18,24 @@ pub use cursor::{CursorOptions, Page};
 pub use tracked::{Completion, ItemEnd};
 
 use crate::error::ItemError;
+use crate::plan::{Pipeline, Settings};
 use crate::report::{OwnedCounts, StageStats};
 use crate::runtime::chunk::{CHUNK_CAP, Chunk, Ticket};
 use crate::runtime::gate::SourceStop;
-use crate::runtime::{ChunkSource, RunCtx};
+use crate::runtime::{ChunkSource, RunCtx, Upstream};
+
+impl<T: Send + 'static> Pipeline<T> {
+    /// A pipeline over a puller, registered as a source stage named `name`.
+    pub(crate) fn from_pull<P: Pull<T> + 'static>(name: &'static str, pull: P) -> Pipeline<T> {
+        Pipeline {
+            build: Box::new(move |b| {
+                let stats = b.stage(name, "source");
+                Box::new(Source::new(pull, stats, b.run.clone())) as Upstream<T>
+            }),
+            settings: Settings::default(),
+        }
+    }
+}
 
 /// What a puller says after one call.
 pub(crate) enum Pulled {

@@ -201,6 +201,10 @@ pub(crate) fn split_chunk<T>(
     run: &RunCtx,
 ) {
     let n = lanes.len();
+    // A lane's part starts with room for a whole chunk, as an operator's output does: the
+    // router adds chunks to the parts until one is about full, so a part grown item by item
+    // from empty would be reallocated several times per hand-over.
+    let room = chunk.len();
     let mut pairs = chunk.into_pairs();
     let mut failed = 0usize;
     loop {
@@ -208,6 +212,9 @@ pub(crate) fn split_chunk<T>(
             for (item, ticket) in &mut pairs {
                 let i = pick(&item);
                 if i < n {
+                    if lanes[i].is_empty() {
+                        lanes[i].reserve(room);
+                    }
                     lanes[i].push(item, ticket);
                 } else {
                     return Some((i, ticket));
@@ -334,4 +341,28 @@ pub(crate) async fn router<T: Send + 'static>(
         tokio::task::consume_budget().await;
     }
     stats.discarded(up.discard());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dead_letter::DeadLetters;
+
+    #[test]
+    fn a_lane_that_gets_an_item_has_room_for_the_whole_chunk_and_an_idle_lane_none() {
+        let run = RunCtx::new(
+            &crate::RunOptions::new(),
+            DeadLetters::open(&crate::DeadLetter::report()).unwrap(),
+        );
+        let stats = StageStats::new(Arc::from("split"), "split");
+        let mut lanes: Vec<Chunk<u32>> = (0..4).map(|_| Chunk::default()).collect();
+        let chunk = Chunk::untracked((0..100).collect());
+        split_chunk(chunk, &mut lanes, &mut |x| (*x % 3) as usize, &stats, &run);
+        assert_eq!(
+            lanes.iter().map(Chunk::len).collect::<Vec<_>>(),
+            [34, 33, 33, 0]
+        );
+        assert!(lanes[..3].iter().all(|l| l.items.capacity() >= 100));
+        assert_eq!(lanes[3].items.capacity(), 0);
+    }
 }
