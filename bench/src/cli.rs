@@ -129,8 +129,15 @@ fn queue_run(
         assert!(st.success(), "a worker failed: {st}");
     }
     let mut c = server.client().get_connection().expect("redis");
+    // The run's keys are named by its id; they expire a minute after the run.
+    let run: Option<String> = redis::cmd("HGET")
+        .arg(format!("flowline:{{{name}}}:meta"))
+        .arg("run")
+        .query(&mut c)
+        .expect("HGET");
+    let run = run.expect("the queue's meta names its run");
     let ended: u64 = redis::cmd("BITCOUNT")
-        .arg(format!("flowline:{{{name}}}:ended"))
+        .arg(format!("flowline:{{{name}}}:{run}:ended"))
         .query(&mut c)
         .expect("BITCOUNT");
     (d, u64::from(n).saturating_sub(ended))
