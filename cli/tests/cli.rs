@@ -382,31 +382,41 @@ fn sql_source_pages_by_key() {
     assert!(lines.contains(&"2500\tn2500".to_string()));
 }
 
-/// A database locked by a writer mid-run (rollback journal: readers wait) pauses the `sql`
-/// source; it reads on when the lock goes, skipping and repeating no row. A query naming a
-/// missing column ends the run at once with a clear error.
-#[test]
-fn sql_source_waits_out_a_locked_database() {
-    let d = tmp();
-    let db = d.path().join("jobs.db");
-    let mut conn = rusqlite::Connection::open(&db).unwrap();
+/// `jobs.db` in `dir`: a table `jobs` of ids 1 to 2,500; a connection to it.
+fn jobs_db(dir: &std::path::Path) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(dir.join("jobs.db")).unwrap();
     conn.execute_batch(
         "CREATE TABLE jobs (id INTEGER PRIMARY KEY);
          WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2500)
          INSERT INTO jobs SELECT i FROM n;",
     )
     .unwrap();
-    let mut child = Command::new(BIN)
+    conn
+}
+
+/// `flowline` echoing every id of `jobs.db` in `dir`, two jobs at a time; output piped.
+fn sql_echo(dir: &std::path::Path) -> std::process::Child {
+    Command::new(BIN)
         .args([
             "--quiet",
             "sql(jobs.db, \"SELECT id FROM jobs\", id) | fork(2) | sh(\"echo {}\")",
         ])
-        .current_dir(d.path())
+        .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// A database locked by a writer mid-run (rollback journal: readers wait) pauses the `sql`
+/// source; it reads on when the lock goes, skipping and repeating no row. A query naming a
+/// missing column ends the run at once with a clear error.
+#[test]
+fn sql_source_waits_out_a_locked_database() {
+    let d = tmp();
+    let mut conn = jobs_db(d.path());
+    let mut child = sql_echo(d.path());
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut first = String::new();
     out.read_line(&mut first).unwrap();
@@ -453,30 +463,13 @@ fn sql_source_waits_out_a_locked_database() {
 #[test]
 fn sql_source_started_under_a_lock_waits_for_it() {
     let d = tmp();
-    let db = d.path().join("jobs.db");
-    let mut conn = rusqlite::Connection::open(&db).unwrap();
-    conn.execute_batch(
-        "CREATE TABLE jobs (id INTEGER PRIMARY KEY);
-         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2500)
-         INSERT INTO jobs SELECT i FROM n;",
-    )
-    .unwrap();
+    let mut conn = jobs_db(d.path());
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
         .unwrap();
     tx.execute("UPDATE jobs SET id = id WHERE id = 1", [])
         .unwrap();
-    let mut child = Command::new(BIN)
-        .args([
-            "--quiet",
-            "sql(jobs.db, \"SELECT id FROM jobs\", id) | fork(2) | sh(\"echo {}\")",
-        ])
-        .current_dir(d.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = sql_echo(d.path());
     let out = child.stdout.take().unwrap();
     let seen = Arc::new(AtomicU64::new(0));
     let reader = {
@@ -542,27 +535,7 @@ fn serve(
 ) {
     let mut w = conn.try_clone().unwrap();
     let mut r = BufReader::new(conn);
-    loop {
-        let mut request = String::new();
-        if r.read_line(&mut request).unwrap_or(0) == 0 {
-            return;
-        }
-        let mut len = 0usize;
-        loop {
-            let mut h = String::new();
-            if r.read_line(&mut h).unwrap_or(0) == 0 {
-                return;
-            }
-            if h == "\r\n" {
-                break;
-            }
-            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                len = v.trim().parse().unwrap_or(0);
-            }
-        }
-        let mut body = vec![0; len];
-        let _ = r.read_exact(&mut body);
-        let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
+    while let Some(path) = common::read_request(&mut r) {
         let resp = if start.elapsed() >= healthy_after {
             ok.fetch_add(1, Relaxed);
             format!(

@@ -286,7 +286,7 @@ fn inputs_waiting_for_a_busy_key_hold_the_source_back() {
 /// log, sleeps its time, notes `end KEY SEQ` and answers `KEY SEQ` (a thread per
 /// connection, keep-alive).
 fn logging_server() -> (u16, std::sync::Arc<std::sync::Mutex<String>>) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     use std::sync::{Arc, Mutex};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -299,35 +299,15 @@ fn logging_server() -> (u16, std::sync::Arc<std::sync::Mutex<String>>) {
             std::thread::spawn(move || {
                 let mut w = conn.try_clone().unwrap();
                 let mut r = BufReader::new(conn);
-                loop {
-                    let mut request = String::new();
-                    if r.read_line(&mut request).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let mut len = 0usize;
-                    loop {
-                        let mut h = String::new();
-                        if r.read_line(&mut h).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if h == "\r\n" {
-                            break;
-                        }
-                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                            len = v.trim().parse().unwrap_or(0);
-                        }
-                    }
-                    let mut body = vec![0; len];
-                    let _ = r.read_exact(&mut body);
-                    let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
+                while let Some(path) = common::read_request(&mut r) {
                     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
                     let [key, seq, secs] = parts[..] else {
-                        panic!("request {request:?}")
+                        panic!("request {path:?}")
                     };
                     log.lock()
                         .unwrap()
                         .push_str(&format!("start {key} {seq}\n"));
-                    let secs: f64 = secs.parse().unwrap_or_else(|e| panic!("{request:?}: {e}"));
+                    let secs: f64 = secs.parse().unwrap_or_else(|e| panic!("{path:?}: {e}"));
                     std::thread::sleep(Duration::from_secs_f64(secs));
                     log.lock().unwrap().push_str(&format!("end {key} {seq}\n"));
                     let answer = format!("{key} {seq}");

@@ -39,3 +39,28 @@ pub fn flowline(dir: &Path, args: &[&str], stdin: &str) -> Output {
         .wait_with_output()
         .expect("flowline ends")
 }
+
+/// The path of the next HTTP/1.1 request on a keep-alive connection, its headers and body
+/// read (`None` when the client closed it).
+pub fn read_request(r: &mut impl std::io::BufRead) -> Option<String> {
+    let mut request = String::new();
+    if r.read_line(&mut request).unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut len = 0usize;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).unwrap_or(0) == 0 {
+            return None;
+        }
+        if h == "\r\n" {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; len];
+    let _ = r.read_exact(&mut body);
+    Some(request.split_whitespace().nth(1).unwrap_or("/").to_string())
+}
