@@ -39,6 +39,25 @@ pub(super) struct Options {
     pub(super) max_waiting: Option<usize>,
 }
 
+impl Default for Options {
+    /// A new stage's: one worker, ordered, no policy.
+    fn default() -> Self {
+        Options {
+            workers: 1,
+            ordered: true,
+            timeout: None,
+            policies: Vec::new(),
+            retry: None,
+            window: None,
+            trace_calls: false,
+            transient: None,
+            hedge: None,
+            per_key: None,
+            max_waiting: None,
+        }
+    }
+}
+
 /// The predicate of [`AsyncStage::transient_if`].
 #[derive(Clone)]
 pub(super) struct TransientIf(pub(super) Arc<dyn Fn(&ItemError) -> bool + Send + Sync>);
@@ -137,19 +156,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
             upstream,
             name: name.to_string(),
             call,
-            options: Options {
-                workers: 1,
-                ordered: true,
-                timeout: None,
-                policies: Vec::new(),
-                retry: None,
-                window: None,
-                trace_calls: false,
-                transient: None,
-                hedge: None,
-                per_key: None,
-                max_waiting: None,
-            },
+            options: Options::default(),
             keep: None,
             copy: None,
             route: None,

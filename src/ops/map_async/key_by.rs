@@ -526,15 +526,7 @@ mod tests {
         let options = |workers: usize, ordered: bool| super::Options {
             workers,
             ordered,
-            timeout: None,
-            policies: Vec::new(),
-            retry: None,
-            window: None,
-            trace_calls: false,
-            transient: None,
-            hedge: None,
-            per_key: None,
-            max_waiting: None,
+            ..super::Options::default()
         };
         // `max_waiting`: the larger of 4 × workers and 1024; `per_key`: 1.
         for (workers, max_waiting) in [
