@@ -25,8 +25,24 @@ impl KeySpec {
     /// The key of `item`: the template rendered over the item's arguments, values as they
     /// are (no shell quoting: the key is compared, never run).
     pub fn key_fn(&self) -> impl Fn(&Item) -> Vec<u8> + Send + 'static {
-        let t = Template::parse(&self.template);
-        move |item: &Item| t.render_plain(&item.value.args(), item.seq, 0)
+        let key = self.key();
+        move |item: &Item| key.of(item.seq, &item.value.args())
+    }
+
+    /// The key of an input given as its position and arguments (the queue's feeder holds
+    /// inputs so, not as items).
+    pub fn key(&self) -> Key {
+        Key(Template::parse(&self.template))
+    }
+}
+
+/// A parsed key template.
+pub struct Key(Template);
+
+impl Key {
+    /// The key of input `seq` with arguments `args`.
+    pub fn of(&self, seq: u64, args: &[Vec<u8>]) -> Vec<u8> {
+        self.0.render_plain(args, seq, 0)
     }
 }
 

@@ -10,8 +10,7 @@ use std::sync::Mutex;
 
 use tokio::sync::{Notify, mpsc};
 
-use super::feeder::item_of;
-use crate::key::KeySpec;
+use crate::key::{Key, KeySpec};
 use crate::spec::{Plan, Step};
 
 /// An input: its position and its arguments.
@@ -21,11 +20,9 @@ pub type Input = (u64, Vec<Vec<u8>>);
 /// the window, full, always has inputs in flight whose ends make room.
 pub const MAX_HELD: usize = super::feeder::WINDOW as usize / 2;
 
-type KeyFn = Box<dyn Fn(&crate::exec::Item) -> Vec<u8> + Send + Sync>;
-
 /// The feeder's record of the keys in flight and the inputs held behind them.
 pub struct KeyGate {
-    key: KeyFn,
+    key: Key,
     state: Mutex<State>,
     /// Room for another held input.
     room: Notify,
@@ -59,10 +56,9 @@ impl KeyGate {
             return None;
         };
         let spec: &KeySpec = t.policies.key.as_ref()?;
-        let f = spec.key_fn();
         let (released, rx) = mpsc::unbounded_channel();
         let gate = KeyGate {
-            key: Box::new(f),
+            key: spec.key(),
             state: Mutex::new(State::default()),
             room: Notify::new(),
             released,
@@ -71,7 +67,7 @@ impl KeyGate {
     }
 
     fn key_of(&self, input: &Input) -> Vec<u8> {
-        (self.key)(&item_of(input.0, input.1.clone()))
+        self.key.of(input.0, &input.1)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
