@@ -76,7 +76,7 @@ fn main() {
         "source" => source::run(case),
         "batch" => batch::run(case),
         "flow" => flow::run(&args[1..]),
-        "topology" => topology::run(),
+        "topology" => topology::run(case),
         "cli" => cli::run(case),
         "scale" => scale::run(case),
         "siem" => siem::run(case),

@@ -115,11 +115,17 @@ fn medians<F: std::future::Future<Output = (f64, f64)>>(
     )
 }
 
-/// Runs the suite and prints one JSON line per case.
-pub fn run() {
+/// Runs the suite (or its case `only`) and prints one JSON line per case.
+pub fn run(only: Option<&str>) {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (f, b) = medians(&rt, partition8);
-    line("partition8", f, b, "map_async(8).unordered()");
+    let wanted = |case: &str| only.is_none_or(|o| o == case);
+    if wanted("partition8") {
+        let (f, b) = medians(&rt, partition8);
+        line("partition8", f, b, "map_async(8).unordered()");
+    }
+    if !wanted("broadcast3") {
+        return;
+    }
     let (f, b) = medians(&rt, broadcast3);
     line(
         "broadcast3",

@@ -26,8 +26,8 @@ pub(crate) use table::{elide, fmt_duration, si, si_count};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LatencySummary {
     /// How many calls the percentiles stand for: close to the stage's calls. A busy stage
-    /// times only some of its calls (all of its first 1,024, then one in 8, past 65,536 one
-    /// in 64), each counted for the calls it stands for.
+    /// times only some of its calls (all of its first 256, then one in 16, past 16,384 one
+    /// in 128), each counted for the calls it stands for.
     pub samples: u64,
     /// Median.
     pub p50: Duration,

@@ -161,7 +161,7 @@ impl<T> Chunk<T> {
         self.items.is_empty()
     }
 
-    fn is_tracked(&self) -> bool {
+    pub(crate) fn is_tracked(&self) -> bool {
         !self.tickets.is_empty()
     }
 

@@ -205,6 +205,9 @@ pub(crate) fn split_chunk<T>(
     // router adds chunks to the parts until one is about full, so a part grown item by item
     // from empty would be reallocated several times per hand-over.
     let room = chunk.len();
+    if !chunk.is_tracked() && lanes.iter().all(|l| !l.is_tracked()) {
+        return split_untracked(chunk.items, lanes, pick, room, stats, run);
+    }
     let mut pairs = chunk.into_pairs();
     let mut failed = 0usize;
     loop {
@@ -235,6 +238,47 @@ pub(crate) fn split_chunk<T>(
         if let Some(t) = ticket {
             t.finish(crate::runtime::chunk::Outcome::Failed);
         }
+        failed += 1;
+        run.fail(Failure::new(stats.name.clone(), error, 1));
+    }
+    StageStats::add(&stats.failed, failed);
+}
+
+/// [`split_chunk`] for items without tickets going to parts without tickets (every
+/// pipeline that tracks nothing): items move straight into the parts' item lists, with no
+/// per-item ticket to carry or drop.
+fn split_untracked<T>(
+    items: Vec<T>,
+    lanes: &mut [Chunk<T>],
+    pick: &mut impl FnMut(&T) -> usize,
+    room: usize,
+    stats: &StageStats,
+    run: &RunCtx,
+) {
+    let n = lanes.len();
+    let mut items = items.into_iter();
+    let mut failed = 0usize;
+    loop {
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            for item in &mut items {
+                let i = pick(&item);
+                let Some(lane) = lanes.get_mut(i) else {
+                    return Some(i);
+                };
+                if lane.items.is_empty() {
+                    lane.items.reserve(room);
+                }
+                lane.items.push(item);
+            }
+            None
+        }));
+        let error = match result {
+            Ok(None) => break,
+            Ok(Some(i)) => {
+                ItemError::user(format!("route index {i} is out of range for {n} branches"))
+            }
+            Err(payload) => ItemError::from_panic(&*payload),
+        };
         failed += 1;
         run.fail(Failure::new(stats.name.clone(), error, 1));
     }
@@ -364,5 +408,51 @@ mod tests {
         );
         assert!(lanes[..3].iter().all(|l| l.items.capacity() >= 100));
         assert_eq!(lanes[3].items.capacity(), 0);
+    }
+
+    /// Item 5 names a lane out of range and item 7 panics in `pick`: each fails alone and
+    /// routing goes on, with and without tickets (two paths).
+    #[test]
+    fn an_item_whose_lane_is_out_of_range_or_whose_pick_panics_fails_alone() {
+        use crate::runtime::chunk::Outcome;
+        use std::sync::Mutex;
+        let pick = |x: &u32| match *x {
+            5 => 9,
+            7 => panic!("no lane for 7"),
+            x => (x % 2) as usize,
+        };
+        for tracked in [false, true] {
+            let run = RunCtx::new(
+                &crate::RunOptions::new(),
+                DeadLetters::open(&crate::DeadLetter::report()).unwrap(),
+            );
+            let stats = StageStats::new(Arc::from("split"), "split");
+            let ends = Arc::new(Mutex::new(Vec::new()));
+            let mut chunk = Chunk::default();
+            for x in 0..10u32 {
+                let ends = ends.clone();
+                let ticket = if tracked {
+                    Ticket::new(move |o| ends.lock().unwrap().push((x, o)))
+                } else {
+                    Ticket::none()
+                };
+                chunk.push(x, ticket);
+            }
+            let mut lanes: Vec<Chunk<u32>> = (0..2).map(|_| Chunk::default()).collect();
+            split_chunk(chunk, &mut lanes, &mut { pick }, &stats, &run);
+            assert_eq!(lanes[0].items, [0, 2, 4, 6, 8], "tracked: {tracked}");
+            assert_eq!(lanes[1].items, [1, 3, 9], "tracked: {tracked}");
+            assert_eq!(lanes[0].is_tracked(), tracked);
+            assert_eq!(stats.failed.load(std::sync::atomic::Ordering::Relaxed), 2);
+            if tracked {
+                drop(lanes);
+                let mut ends = ends.lock().unwrap().clone();
+                ends.sort_by_key(|e| e.0);
+                // The item out of range failed; the one whose `pick` panicked was dropped
+                // with its ticket (cancelled for its owner, failed in the report).
+                assert_eq!(ends[5], (5, Outcome::Failed));
+                assert_eq!(ends[7], (7, Outcome::Cancelled));
+            }
+        }
     }
 }

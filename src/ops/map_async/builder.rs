@@ -481,7 +481,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn latency_samples_stand_for_every_call() {
-        // 100,000 calls: the first 1,024 timed, then one in 8, then one in 64, each counted
+        // 100,000 calls: the first 256 timed, then one in 16, then one in 128, each counted
         // for the calls it stands for, so the total is the number of calls to within a stride.
         let report = Pipeline::from_iter(0..100_000u32)
             .map_async("call", |x| async move { x })
@@ -493,7 +493,7 @@ mod tests {
             .latency
             .expect("an async stage has latency")
             .samples;
-        assert_eq!(samples, 1_024 + 64_512 + 539 * 64);
+        assert_eq!(samples, 256 + 16_128 + 654 * 128);
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
