@@ -1,10 +1,9 @@
 //! `merge`: several pipelines of one item type into one, fairly.
 
 use crate::error::Error;
-use crate::ops::buffer::pump;
 use crate::plan::Settings;
 use crate::runtime::Upstream;
-use crate::runtime::hop::{HOP_CHUNKS, hop};
+use crate::runtime::hop::{HOP_CHUNKS, hop, pump};
 use crate::{IntoPipeline, Pipeline};
 
 /// Merges `inputs` into one pipeline (stage `merge`). Each input is pumped by a task of its
