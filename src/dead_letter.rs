@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use crate::error::{Error, Failure};
+use crate::error::Error;
+use crate::failure::Failure;
 use crate::report::Report;
 
 type Callback = Arc<dyn Fn(&Failure) + Send + Sync>;

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::error::BoxError;
+use crate::failure::BoxError;
 use crate::ops::map_async::{AsyncStage, Fallible, FallibleWith, Infallible, InfallibleWith};
 use crate::plan::{IntoPipeline, Pipeline};
 use crate::report::Report;

@@ -1,17 +1,48 @@
-//! A test that the crate's main modules import each other in layers, never in a cycle: a
-//! module that needs another's type gets it from below, and what two modules share lives in
-//! the lower one (an observer sees its run through `observe::RunView`, not the runtime's
-//! `RunCtx`; a run takes a `runtime::Plan`, not the `plan::Pipeline` built over the runtime).
+//! A test that the crate's modules import each other in layers, never in a cycle: a module
+//! that needs another's type gets it from below, and what two modules share lives in the
+//! lower one (an observer sees its run through `observe::RunView`, not the runtime's
+//! `RunCtx`; a run takes a `runtime::Plan`, not the `plan::Pipeline` built over the runtime;
+//! the report holds `failure::Failure`s, and the run's `error::Error` holds the report).
+//!
+//! The layers, from the bottom (a module imports from the layers below its own; a new item
+//! goes in the lowest layer that has what it needs):
+//!
+//! 1. `util` (safe instants, jitter), `failure` (why an item failed: `ItemError`, `Failure`)
+//! 2. `fault` (outages, transient errors), `report` (the run's counts and failure sample)
+//! 3. `error` (what a run returns instead of a report)
+//! 4. `policy` (what a stage's options build), `dead_letter` (where failures go)
+//! 5. `observe` (watchers of a run, through `RunView`)
+//! 6. `runtime` (chunks, hops, running a plan)
+//! 7. `plan` (`Pipeline`), `store` (stores, guarded by the run's gate), `loader`
+//! 8. `source` (over plan and store), `topology` (splits and joins of pipelines)
+//! 9. `ops` (operators; a window's late side output is a topology split)
+//! 10. `flow` (every operator and terminal), and the crate root, which use everything
 //!
 //! It reads the sources: every `crate::` path outside comments and outside the test module
-//! at the end of a file, named by module or by a name the crate root re-exports.
+//! at the end of a file, named by module or by a name the crate root re-exports. Every
+//! top-level module is checked, except this test itself.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-/// The modules kept in layers (each a directory or a file under `src/`).
+/// The modules kept in layers (each a directory or a file under `src/`), from the bottom.
 const LAYERED: &[&str] = &[
-    "plan", "runtime", "observe", "policy", "source", "ops", "report", "util",
+    "util",
+    "failure",
+    "fault",
+    "report",
+    "error",
+    "policy",
+    "dead_letter",
+    "observe",
+    "runtime",
+    "plan",
+    "store",
+    "loader",
+    "source",
+    "topology",
+    "ops",
+    "flow",
 ];
 
 /// Module -> the modules its code names, each with one file that does.
@@ -140,6 +171,21 @@ fn cycle(graph: &Graph) -> Option<Vec<String>> {
         let mut path = Vec::new();
         visit(m, graph, &mut path, &mut done).then_some(path)
     })
+}
+
+#[test]
+fn every_module_but_the_crate_root_and_this_test_is_layered() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut modules: Vec<String> = std::fs::read_dir(&src)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .map(|f| f.trim_end_matches(".rs").to_string())
+        .filter(|m| m != "lib" && m != "layers")
+        .collect();
+    modules.sort();
+    let mut listed: Vec<String> = LAYERED.iter().map(|m| m.to_string()).collect();
+    listed.sort();
+    assert_eq!(modules, listed, "every module of `src/` is in `LAYERED`");
 }
 
 #[test]

@@ -131,6 +131,7 @@
 
 mod dead_letter;
 mod error;
+mod failure;
 mod fault;
 mod flow;
 #[cfg(test)]
@@ -151,7 +152,8 @@ pub use dead_letter::DeadLetter;
 #[cfg(feature = "jsonl")]
 #[cfg_attr(docsrs, doc(cfg(feature = "jsonl")))]
 pub use dead_letter::DeadLetterFile;
-pub use error::{BoxError, ConfigProblem, Error, FailedInput, Failure, ItemError};
+pub use error::{ConfigProblem, Error};
+pub use failure::{BoxError, FailedInput, Failure, ItemError};
 pub use fault::{
     Outage, OutageError, OutageWatch, Permanent, Transient, error_chain, is_transient,
     is_transient_with,

@@ -20,7 +20,8 @@ use futures_util::FutureExt as _;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::error::{BoxError, Error};
+use crate::error::Error;
+use crate::failure::BoxError;
 use crate::runtime::ttl_map::TtlMap;
 
 /// Why a load has no answer. A key the batch function did not return is not an error: the
@@ -427,7 +428,7 @@ where
                     }
                 }
                 Err(panic) => {
-                    let e = LoadError::Panicked(crate::error::panic_message(&*panic));
+                    let e = LoadError::Panicked(crate::failure::panic_message(&*panic));
                     for key in keys {
                         answer_all(&mut state, &key, Err(e.clone()));
                     }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::error::BoxError;
+use crate::failure::BoxError;
 use crate::fault::transient::is_permanent;
 use crate::util::jitter::Jitter;
 use crate::util::time::FAR;

@@ -12,7 +12,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::io::ErrorKind;
 
-use crate::error::{BoxError, ItemError};
+use crate::failure::{BoxError, ItemError};
 
 /// Marks an error as a fault of infrastructure: trying again later is expected to succeed.
 ///

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use super::RunView;
-use crate::error::Failure;
+use crate::failure::Failure;
 
 /// How long failures are summed before their line is written.
 pub(crate) const EVERY: Duration = Duration::from_secs(5);

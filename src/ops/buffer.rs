@@ -1,16 +1,11 @@
 //! `buffer(n)`: an explicit async boundary. The stages before it run in their own task and
 //! may work ahead by about `n` items while the stages after it are busy.
 
-use std::sync::Arc;
-
-use tokio::sync::mpsc;
-
 use crate::error::Error;
 use crate::plan::Pipeline;
-use crate::report::StageStats;
-use crate::runtime::chunk::{CHUNK_CAP, Chunk};
-use crate::runtime::hop::hop;
-use crate::runtime::{CancelWatch, RunCtx, Upstream};
+use crate::runtime::Upstream;
+use crate::runtime::chunk::CHUNK_CAP;
+use crate::runtime::hop::{hop, pump};
 
 pub(crate) fn buffer<T: Send + 'static>(mut p: Pipeline<T>, n: usize) -> Pipeline<T> {
     if n == 0 {
@@ -29,31 +24,6 @@ pub(crate) fn buffer<T: Send + 'static>(mut p: Pipeline<T>, n: usize) -> Pipelin
         b.spawn(pump(up, tx, stats, run));
         Box::new(rx) as Upstream<T>
     })
-}
-
-/// Moves chunks from `up` into `tx` until the upstream ends, the downstream goes away, or
-/// the run is cancelled. Counts an item `received` when pulled and `passed` once sent.
-pub(crate) async fn pump<T: Send + 'static>(
-    mut up: Upstream<T>,
-    tx: mpsc::Sender<Chunk<T>>,
-    stats: Arc<StageStats>,
-    run: Arc<RunCtx>,
-) {
-    let mut cancel = CancelWatch::new(&run.cancel);
-    loop {
-        let Some(next) = cancel.next_chunk(&mut up).await else {
-            break;
-        };
-        let Some(chunk) = next else { return };
-        let n = chunk.len();
-        StageStats::add(&stats.received, n);
-        if !cancel.send_counted(&tx, chunk, n, &stats).await {
-            stats.left(n);
-            break;
-        }
-        tokio::task::consume_budget().await;
-    }
-    stats.discarded(up.discard());
 }
 
 #[cfg(test)]

@@ -45,7 +45,7 @@ use tokio::time::Instant;
 
 use crate::Permanent;
 use crate::Pipeline;
-use crate::error::{BoxError, Failure, ItemError};
+use crate::failure::{BoxError, Failure, ItemError};
 use crate::report::StageStats;
 use crate::runtime::chunk::{CHUNK_CAP, Chunk, Outcome, Ticket};
 use crate::runtime::hop::{HOP_CHUNKS, hop};

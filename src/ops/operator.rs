@@ -10,7 +10,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, OnceLock};
 
-use crate::error::{BoxError, ItemError};
+use crate::failure::{BoxError, ItemError};
 use crate::ops::fuse;
 use crate::plan::Pipeline;
 use crate::runtime::chunk::{Chunk, Emit, Outcome, Processed};

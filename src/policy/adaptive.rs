@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::error::ItemError;
+use crate::failure::ItemError;
 use crate::policy::{Admission, Finished, Invalid, Policy, TimesCalls, Verdict};
 
 type Predicate = Arc<dyn Fn(&ItemError) -> bool + Send + Sync>;

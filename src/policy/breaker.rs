@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
-use crate::error::ItemError;
+use crate::failure::ItemError;
 use crate::policy::{Admission, Finished, Held, Holds, Invalid, Policy, Verdict};
 
 /// The state of a circuit breaker.

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use tokio::time::Sleep;
 
-use crate::error::{BoxError, ConfigProblem};
+use crate::error::ConfigProblem;
+use crate::failure::BoxError;
 use crate::policy::{Admission, Finished, Invalid, Policy, Verdict};
 
 /// The first wait after a failed acquire; each failure in a row doubles it, up to

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::error::ItemError;
+use crate::failure::ItemError;
 
 /// An invalid setting, as (option, value, reason): reported as `Error::Config` before a run.
 pub(crate) type Invalid = (&'static str, String, &'static str);

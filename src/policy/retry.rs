@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::error::{BoxError, ItemError};
+use crate::failure::{BoxError, ItemError};
 use crate::policy::{Again, Failed, Invalid, RetryPolicy};
 
 type Predicate = Arc<dyn Fn(&ItemError) -> bool + Send + Sync>;

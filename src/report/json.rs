@@ -5,7 +5,7 @@
 use serde_core::ser::{Serialize, SerializeMap, SerializeSeq, SerializeStruct, Serializer};
 
 use super::{FailureReasons, LatencySummary, LiveLimits, Report, RunOutcome, StageReport};
-use crate::error::Failure;
+use crate::failure::Failure;
 
 #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
 impl Serialize for RunOutcome {
@@ -135,7 +135,7 @@ impl Serialize for Report {
 mod tests {
     use std::time::Duration;
 
-    use crate::error::{Failure, ItemError};
+    use crate::failure::{Failure, ItemError};
     use crate::report::tests::{report, stage};
     use crate::report::{LatencySummary, LiveLimits};
 

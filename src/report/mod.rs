@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
-use crate::error::Failure;
+use crate::failure::Failure;
 
 pub(crate) use stats::{OwnedCounts, StageStats, latency_histogram};
 pub(crate) use table::{elide, fmt_duration, si, si_count};

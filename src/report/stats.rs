@@ -8,7 +8,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 
 use super::{BUILT_IN, FailureReasons, LatencySummary, StageReport};
-use crate::error::ItemError;
+use crate::failure::ItemError;
 
 /// The counters of a stage that exactly one owner updates (a fused operator or a source:
 /// whoever holds the stage by `&mut` is its only writer). The owner keeps running totals

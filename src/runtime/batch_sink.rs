@@ -7,7 +7,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use futures_util::FutureExt as _;
 
-use crate::error::{BoxError, Failure, ItemError};
+use crate::failure::{BoxError, Failure, ItemError};
 use crate::report::{Report, StageStats};
 use crate::runtime::chunk::{Chunk, Outcome};
 use crate::runtime::run::Run;

@@ -9,7 +9,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use crate::error::ItemError;
+use crate::failure::ItemError;
 
 /// The most items one chunk carries across a hop.
 pub(crate) const CHUNK_CAP: usize = 512;

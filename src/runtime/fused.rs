@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crate::error::Failure;
+use crate::failure::Failure;
 use crate::report::{OwnedCounts, StageStats};
 use crate::runtime::chunk::{Chunk, Emit, Processed, map_chunk, process};
 use crate::runtime::{Build, ChunkSource, RunCtx, Upstream};

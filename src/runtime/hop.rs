@@ -1,4 +1,5 @@
-//! A hop: the bounded channel between two segments, carrying chunks.
+//! A hop: the bounded channel between two segments, carrying chunks, and the pump that
+//! feeds one from a task of its own.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -6,8 +7,8 @@ use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 
 use crate::report::StageStats;
-use crate::runtime::ChunkSource;
 use crate::runtime::chunk::{CHUNK_CAP, Chunk};
+use crate::runtime::{CancelWatch, ChunkSource, RunCtx, Upstream};
 
 /// Chunks a hop holds by default (so at most `4 × CHUNK_CAP` items wait in it).
 pub(crate) const HOP_CHUNKS: usize = 4;
@@ -22,6 +23,31 @@ pub(crate) fn hop<T: Send + 'static>(
     feeder.sends_through_queue();
     let feeder = feeder.clone();
     (tx, HopRx { rx, feeder })
+}
+
+/// Moves chunks from `up` into `tx` until the upstream ends, the downstream goes away, or
+/// the run is cancelled. Counts an item `received` when pulled and `passed` once sent.
+pub(crate) async fn pump<T: Send + 'static>(
+    mut up: Upstream<T>,
+    tx: mpsc::Sender<Chunk<T>>,
+    stats: Arc<StageStats>,
+    run: Arc<RunCtx>,
+) {
+    let mut cancel = CancelWatch::new(&run.cancel);
+    loop {
+        let Some(next) = cancel.next_chunk(&mut up).await else {
+            break;
+        };
+        let Some(chunk) = next else { return };
+        let n = chunk.len();
+        StageStats::add(&stats.received, n);
+        if !cancel.send_counted(&tx, chunk, n, &stats).await {
+            stats.left(n);
+            break;
+        }
+        tokio::task::consume_budget().await;
+    }
+    stats.discarded(up.discard());
 }
 
 /// The receiving end of a hop. It merges chunks that are already waiting (up to

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ErrorPolicy;
 use crate::dead_letter::DeadLetters;
-use crate::error::{Failure, ItemError};
+use crate::failure::{Failure, ItemError};
 use crate::observe::RunView;
 use crate::observe::failure_log::FailureLog;
 use crate::policy::StagePolicies;

@@ -591,7 +591,7 @@ impl Spawned {
             while let Some(joined) = tasks.join_next().await {
                 if let Err(e) = joined {
                     if e.is_panic() {
-                        internal = Some(crate::error::panic_message(&*e.into_panic()));
+                        internal = Some(crate::failure::panic_message(&*e.into_panic()));
                     }
                 }
             }
@@ -607,7 +607,7 @@ impl Spawned {
         let observer_panic = observed
             .into_iter()
             .find_map(Result::err)
-            .map(|p| crate::error::panic_message(&*p));
+            .map(|p| crate::failure::panic_message(&*p));
         (end, internal.or(observer_panic))
     }
 }

@@ -6,7 +6,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use futures_util::FutureExt as _;
 use tokio::sync::mpsc;
 
-use crate::error::{Failure, ItemError};
+use crate::failure::{Failure, ItemError};
 use crate::report::StageStats;
 use crate::runtime::RunCtx;
 use crate::runtime::chunk::{Chunk, Outcome};

@@ -62,7 +62,7 @@ impl<T> Tail<T> {
             Poll::Ready(Ok(())) => self.task = None,
             Poll::Ready(Err(panic)) => {
                 self.task = None;
-                self.run.internal(crate::error::panic_message(&*panic));
+                self.run.internal(crate::failure::panic_message(&*panic));
                 self.run.cancel.cancel();
             }
         }

@@ -38,7 +38,8 @@ use tokio::time::Instant;
 
 use super::{Pull, Pulled, Source};
 use crate::OutageWatch;
-use crate::error::{BoxError, Error, ItemError};
+use crate::error::Error;
+use crate::failure::{BoxError, ItemError};
 use crate::plan::{Pipeline, Settings};
 use crate::runtime::chunk::{Outcome, Ticket};
 use crate::runtime::{RunCtx, Upstream};

@@ -5,7 +5,7 @@ use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 
 use super::{Pull, Pulled};
-use crate::error::ItemError;
+use crate::failure::ItemError;
 use crate::plan::Pipeline;
 
 pub(crate) struct ChannelPull<T>(pub(crate) mpsc::Receiver<T>);

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use serde_core::de::DeserializeOwned;
 
 use super::{Pull, Pulled};
-use crate::error::ItemError;
+use crate::failure::ItemError;
 use crate::plan::Pipeline;
 
 /// The longest line read (a dead letter's input is one item; a longer line is not one of

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use super::{Pull, Pulled};
-use crate::error::{BoxError, ItemError};
+use crate::failure::{BoxError, ItemError};
 use crate::plan::Pipeline;
 
 pub(crate) struct FnPull<F, Fut> {

@@ -3,7 +3,7 @@
 use std::task::{Context, Poll};
 
 use super::{Pull, Pulled};
-use crate::error::ItemError;
+use crate::failure::ItemError;
 use crate::plan::Pipeline;
 
 pub(crate) struct IterPull<I>(pub(crate) I);

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use futures_core::Stream;
 
 use super::{Pull, Pulled};
-use crate::error::ItemError;
+use crate::failure::ItemError;
 use crate::plan::Pipeline;
 
 pub(crate) struct StreamPull<S>(pub(crate) Pin<Box<S>>);

@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 pub use cursor::{CursorOptions, Page};
 pub use tracked::{Completion, ItemEnd};
 
-use crate::error::ItemError;
+use crate::failure::ItemError;
 use crate::plan::{Pipeline, Settings};
 use crate::report::{OwnedCounts, StageStats};
 use crate::runtime::chunk::{CHUNK_CAP, Chunk, Ticket};

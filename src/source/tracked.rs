@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use futures_core::Stream;
 
 use super::{Pull, Pulled, Source};
-use crate::error::{BoxError, ItemError};
+use crate::failure::{BoxError, ItemError};
 use crate::plan::{Pipeline, Settings};
 use crate::runtime::Upstream;
 use crate::runtime::chunk::{Outcome, Ticket};

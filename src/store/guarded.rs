@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use crate::OutageWatch;
-use crate::error::BoxError;
+use crate::failure::BoxError;
 use crate::runtime::RunCtx;
 use crate::runtime::gate::GateHold;
 

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use crate::error::BoxError;
+use crate::failure::BoxError;
 
 pub use memory::MemoryStore;
 

@@ -15,7 +15,8 @@ use std::task::{Context, Poll};
 
 use tokio::sync::mpsc;
 
-use crate::error::{Error, Failure, ItemError};
+use crate::error::Error;
+use crate::failure::{Failure, ItemError};
 use crate::plan::{Pipeline, Settings};
 use crate::report::StageStats;
 use crate::runtime::chunk::{CHUNK_CAP, Chunk, Ticket};

@@ -18,7 +18,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::error::{Error, Failure, ItemError};
+use crate::error::Error;
+use crate::failure::{Failure, ItemError};
 use crate::plan::{IntoPipeline, Pipeline, Settings};
 use crate::report::StageStats;
 use crate::runtime::chunk::{Chunk, Outcome, Ticket};

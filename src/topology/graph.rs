@@ -500,7 +500,7 @@ async fn execute(
 fn note_panic(joined: Result<(), tokio::task::JoinError>, internal: &mut Option<String>) {
     if let Err(e) = joined {
         if e.is_panic() {
-            *internal = Some(crate::error::panic_message(&*e.into_panic()));
+            *internal = Some(crate::failure::panic_message(&*e.into_panic()));
         }
     }
 }

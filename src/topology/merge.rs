@@ -4,11 +4,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use crate::error::Error;
-use crate::ops::buffer::pump;
 use crate::plan::Settings;
 use crate::report::StageStats;
 use crate::runtime::chunk::Chunk;
-use crate::runtime::hop::{HOP_CHUNKS, hop};
+use crate::runtime::hop::{HOP_CHUNKS, hop, pump};
 use crate::runtime::{ChunkSource, Upstream};
 use crate::{IntoPipeline, Pipeline};
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crate::error::ItemError;
+use crate::failure::ItemError;
 use crate::policy::{Admission, Finished, Held, Verdict};
 use crate::runtime::Gate;
 use crate::runtime::gate::GateHold;

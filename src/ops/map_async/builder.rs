@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::Pipeline;
-use crate::error::{Error, FailedInput, ItemError};
+use crate::error::Error;
+use crate::failure::{FailedInput, ItemError};
 use crate::policy::Policy;
 use crate::policy::hedge::Hedge;
 use crate::policy::retry::Retry;

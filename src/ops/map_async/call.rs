@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures_util::{FutureExt as _, TryFutureExt as _};
 use tokio::time::{Instant, Sleep};
 
-use crate::error::{BoxError, FailedInput, ItemError};
+use crate::failure::{BoxError, FailedInput, ItemError};
 use crate::runtime::chunk::Ticket;
 
 pub(super) mod sealed {

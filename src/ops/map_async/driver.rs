@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::error::{FailedInput, Failure, ItemError};
+use crate::failure::{FailedInput, Failure, ItemError};
 use crate::policy::hedge::{Hedge, HedgeState};
 use crate::policy::{Admission, Finished, RetryPolicy};
 use crate::report::StageStats;

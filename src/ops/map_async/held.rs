@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use crate::error::ItemError;
+use crate::failure::ItemError;
 use crate::policy::Held;
 
 use super::call::Meta;

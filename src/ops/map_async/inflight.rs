@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use tokio::time::Instant;
 
-use crate::error::{BoxError, ItemError};
+use crate::failure::{BoxError, ItemError};
 use crate::runtime::chunk::Ticket;
 
 use super::call::{Call, Completion, Meta, Polled, Slot, poll_slot};

@@ -125,6 +125,7 @@ mod tests {
         assert_eq!(thin.local().len(), 128);
     }
 
+    #[cfg(feature = "metrics")]
     #[tokio::test(start_paused = true)]
     async fn what_is_recorded_reaches_the_stage_stats_at_the_end() {
         let stats = StageStats::new("s".into(), "async");

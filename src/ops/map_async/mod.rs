@@ -73,7 +73,7 @@ mod transient;
 use std::future::Future;
 
 use crate::Pipeline;
-use crate::error::BoxError;
+use crate::failure::BoxError;
 
 pub use builder::AsyncStage;
 pub use call::{Fallible, FallibleWith, Infallible, InfallibleWith, StageFn};

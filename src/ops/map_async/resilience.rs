@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::error::ItemError;
+use crate::failure::ItemError;
 use crate::policy::hedge::Hedge;
 use crate::policy::retry::Retry;
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use futures_util::TryFutureExt as _;
 
-use crate::error::ItemError;
+use crate::failure::ItemError;
 
 use super::call::{StageFn, sealed};
 

@@ -14,7 +14,7 @@ use futures_util::TryFutureExt as _;
 use tower_service::Service;
 
 use crate::Pipeline;
-use crate::error::BoxError;
+use crate::failure::BoxError;
 
 use super::builder::AsyncStage;
 use super::call::{StageFn, sealed};

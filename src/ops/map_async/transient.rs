@@ -9,7 +9,7 @@ use std::task::Context;
 
 use tokio::time::{Instant, Sleep};
 
-use crate::error::ItemError;
+use crate::failure::ItemError;
 use crate::report::StageStats;
 use crate::runtime::RunCtx;
 use crate::runtime::gate::GateHold;

@@ -28,7 +28,7 @@ use super::panes::Panes;
 use super::session::Sessions;
 use super::state::{Emitted, State, Why};
 use super::{LateItem, MAX_TIME, OnFull, Spec, TimeOf, Windowed};
-use crate::error::{Failure, ItemError};
+use crate::failure::{Failure, ItemError};
 use crate::plan::Pipeline;
 use crate::report::StageStats;
 use crate::runtime::chunk::{Chunk, Outcome, Ticket};

@@ -7,7 +7,7 @@
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::error::ItemError;
+use crate::failure::ItemError;
 use crate::policy::hedge::HedgeState;
 use crate::policy::{Again, Failed, Finished, Held};
 use crate::report::StageStats;

@@ -4,7 +4,7 @@
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::error::ItemError;
+use crate::failure::ItemError;
 
 use super::super::call::{Meta, StageFn, make};
 use super::super::inflight::{First, Launched};
