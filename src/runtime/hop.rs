@@ -73,10 +73,6 @@ impl<T: Send + 'static> ChunkSource<T> for HopRx<T> {
         Poll::Ready(Some(chunk))
     }
 
-    fn is_queue(&self) -> bool {
-        true
-    }
-
     fn discard(&mut self) -> usize {
         self.rx.close();
         let mut n = 0;

@@ -56,13 +56,6 @@ pub(crate) trait ChunkSource<T>: Send {
     fn pull_in(&mut self) -> bool {
         false
     }
-
-    /// True if polling this upstream only takes what a task of its own (a stage's task, a
-    /// router) has queued: no work of the pipeline runs in the poll, so a consumer that
-    /// reads several such upstreams in one task (a merge) takes no work away from them.
-    fn is_queue(&self) -> bool {
-        false
-    }
 }
 
 pub(crate) type Upstream<T> = Box<dyn ChunkSource<T>>;

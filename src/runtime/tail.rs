@@ -86,11 +86,6 @@ impl<T: Send + 'static> ChunkSource<T> for Tail<T> {
         self.rx.discard()
     }
 
-    /// A queue while its stage runs as a task of its own (not pulled in).
-    fn is_queue(&self) -> bool {
-        self.task.is_none()
-    }
-
     fn pull_in(&mut self) -> bool {
         if self.task.is_none() {
             self.task = self.slot.lock().unwrap_or_else(|p| p.into_inner()).take();

@@ -1,28 +1,17 @@
 //! `merge`: several pipelines of one item type into one, fairly.
 
-use std::sync::Arc;
-use std::task::{Context, Poll};
-
 use crate::error::Error;
 use crate::plan::Settings;
-use crate::report::StageStats;
-use crate::runtime::chunk::Chunk;
+use crate::runtime::Upstream;
 use crate::runtime::hop::{HOP_CHUNKS, hop, pump};
-use crate::runtime::{ChunkSource, Upstream};
 use crate::{IntoPipeline, Pipeline};
 
-/// Merges `inputs` into one pipeline (stage `merge`). An input that ends in a queue (a
-/// stage running as a task of its own, a split's lane) is read directly by the merge's
-/// consumer; any other input (a source, operators fused after a queue) is pumped by a task
-/// of its own into one bounded channel, so that its work runs in parallel with the others,
-/// and that channel is read like a queue. Why not pump every input: a pump is a task and a
-/// channel more per input, so each chunk would cross two queues and wake two tasks where
-/// one does.
-///
-/// Fairness: the consumer takes the queues in turn, starting after the one it took last, so
-/// a busy input cannot starve the others; among the pumped inputs, tokio's bounded `mpsc`
-/// hands out send permits first come first served. Output order within one input is kept;
-/// across inputs, items interleave as they arrive.
+/// Merges `inputs` into one pipeline (stage `merge`). Each input is pumped by a task of its
+/// own (so the stages fused into an input run in parallel with the others) into one bounded
+/// channel. Fairness comes from that channel: tokio's bounded `mpsc` hands out send permits
+/// first come first served, so when the channel is full, an input waits behind at most one
+/// chunk of every other input: no input starves, whatever their speeds. Output order within
+/// one input is kept; across inputs, items interleave as they arrive.
 pub(crate) fn merge<T: Send + 'static>(inputs: Vec<Pipeline<T>>) -> Pipeline<T> {
     let n = inputs.len();
     let total = inputs
@@ -45,107 +34,21 @@ pub(crate) fn merge<T: Send + 'static>(inputs: Vec<Pipeline<T>>) -> Pipeline<T> 
         build: Box::new(move |b| {
             let ups: Vec<Upstream<T>> = builds.into_iter().map(|build| build(b)).collect();
             let stats = b.stage("merge", "merge");
-            let (queues, pumped): (Vec<_>, Vec<_>) = ups.into_iter().partition(|u| u.is_queue());
-            let mut queues: Vec<Option<Upstream<T>>> = queues.into_iter().map(Some).collect();
-            let pumped_none = pumped.is_empty();
-            if !pumped_none {
-                let (tx, rx) = hop(HOP_CHUNKS.max(pumped.len()), &stats);
-                for up in pumped {
-                    let run = b.run.clone();
-                    b.spawn(pump(up, tx.clone(), stats.clone(), run));
-                }
-                queues.push(Some(Box::new(rx) as Upstream<T>));
+            let (tx, rx) = hop(HOP_CHUNKS.max(n), &stats);
+            for up in ups {
+                let run = b.run.clone();
+                b.spawn(pump(up, tx.clone(), stats.clone(), run));
             }
-            let open = queues.len();
-            Box::new(Merged {
-                pumped: (!pumped_none).then_some(open - 1),
-                queues,
-                next: 0,
-                open,
-                stats,
-            }) as Upstream<T>
+            Box::new(rx) as Upstream<T>
         }),
         settings,
-    }
-}
-
-/// The consumer's side of a merge: its queues, read in turn.
-struct Merged<T> {
-    /// `None` once that queue has ended.
-    queues: Vec<Option<Upstream<T>>>,
-    /// The queue to try first at the next pull: the one after the last that gave a chunk.
-    next: usize,
-    /// Queues not ended yet.
-    open: usize,
-    /// The queue the pumps fill (the last), if any: its items were counted by the pumps as
-    /// received and passed, so the merge hands them on without counting them again.
-    pumped: Option<usize>,
-    stats: Arc<StageStats>,
-}
-
-impl<T: Send + 'static> ChunkSource<T> for Merged<T> {
-    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk<T>>> {
-        let n = self.queues.len();
-        for k in 0..n {
-            let i = (self.next + k) % n;
-            let Some(queue) = self.queues[i].as_mut() else {
-                continue;
-            };
-            // Every queue polled pending keeps this task's waker, so a chunk in any of
-            // them wakes the consumer.
-            match queue.poll_chunk(cx) {
-                Poll::Ready(Some(chunk)) => {
-                    self.next = i + 1;
-                    if self.pumped != Some(i) {
-                        let len = chunk.len();
-                        StageStats::add(&self.stats.received, len);
-                        StageStats::add(&self.stats.passed, len);
-                        StageStats::add(&self.stats.emitted, len);
-                    }
-                    return Poll::Ready(Some(chunk));
-                }
-                Poll::Ready(None) => {
-                    self.queues[i] = None;
-                    self.open -= 1;
-                }
-                Poll::Pending => {}
-            }
-        }
-        if self.open == 0 {
-            Poll::Ready(None)
-        } else {
-            Poll::Pending
-        }
-    }
-
-    /// What waits in the inputs' queues was never received by the merge: it counts those
-    /// items as received and unfinished (as its pumps do with what they hold), and hands its
-    /// consumer only what waits in its own channel, which the pumps counted as passed.
-    fn discard(&mut self) -> usize {
-        let mut own = 0;
-        for (i, queue) in self.queues.iter_mut().enumerate() {
-            let Some(queue) = queue.as_mut() else {
-                continue;
-            };
-            let k = queue.discard();
-            if self.pumped == Some(i) {
-                own += k;
-            } else {
-                self.stats.discarded(k);
-            }
-        }
-        own
-    }
-
-    fn is_queue(&self) -> bool {
-        true
     }
 }
 
 impl<T: Send + 'static> Pipeline<T> {
     /// Merges several pipelines of the same item type into one (stage `merge`). Each input
     /// runs on a task of its own; when the consumer is slower than the inputs, they take
-    /// turns chunk by chunk, so no input starves. Order within one
+    /// turns chunk by chunk (first come, first served), so no input starves. Order within one
     /// input is kept. The merged pipeline runs with the inputs' settings combined: the
     /// shortest deadline, `ErrorPolicy::Stop` if any input asked for it, and the first
     /// dead-letter target set. No inputs at all is a configuration error.
@@ -216,9 +119,9 @@ mod tests {
         assert!(report.is_balanced());
     }
 
-    /// Two stages running as tasks (read directly by the merge) and a source (pumped): the
-    /// slow stage is not starved by the fast one, and every item is accounted for once by
-    /// the merge, whether it passed or was still queued when the run stopped.
+    /// Two stages running as tasks and a source: the slow stage is not starved by the fast
+    /// ones, and every item is accounted for once by the merge, whether it passed or was
+    /// still queued when the run stopped.
     #[tokio::test(start_paused = true)]
     async fn queues_and_pumped_inputs_all_progress_and_balance() {
         let stage = |v: u8, ms: u64| {
