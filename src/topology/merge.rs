@@ -119,8 +119,8 @@ mod tests {
         assert!(report.is_balanced());
     }
 
-    /// Two stages running as tasks and a source: the slow stage is not starved by the fast
-    /// ones, and every item is accounted for once by the merge, whether it passed or was
+    /// Two stages running as tasks and a source, pumped into one channel: the slow stage is
+    /// not starved by the fast ones, and every item is accounted for once by the merge, whether it passed or was
     /// still queued when the run stopped.
     #[tokio::test(start_paused = true)]
     async fn queues_and_pumped_inputs_all_progress_and_balance() {
@@ -149,7 +149,9 @@ mod tests {
         handle.stop();
         let report = handle.join().await.unwrap();
         let counts = *seen.lock().unwrap();
-        assert!(counts.iter().all(|&c| c > 1_000), "{counts:?}");
+        // Turns are taken per chunk, and the slow stage hands on small chunks (what ended
+        // since its last send): fewer items, but never starved.
+        assert!(counts.iter().all(|&c| c > 250), "{counts:?}");
         assert!(report.is_balanced(), "{report:?}");
         let merge = report.stages.iter().find(|s| s.name == "merge").unwrap();
         let consumer = report.stages.iter().find(|s| s.name == "consumer").unwrap();
