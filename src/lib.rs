@@ -186,6 +186,7 @@ pub use policy::breaker::{Breaker, BreakerReport, BreakerState, OnOpen};
 pub use policy::gcra;
 pub use policy::hedge::Hedge;
 pub use policy::inflight::Inflight;
+pub use policy::committed::Committed;
 pub use policy::limit::Limit;
 pub use policy::rate::Rate;
 #[cfg(feature = "tower")]

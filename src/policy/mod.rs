@@ -21,6 +21,7 @@ pub(crate) mod breaker;
 pub mod gcra;
 pub(crate) mod hedge;
 pub(crate) mod inflight;
+pub(crate) mod committed;
 pub(crate) mod limit;
 pub(crate) mod rate;
 #[cfg(feature = "tower")]

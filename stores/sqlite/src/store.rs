@@ -8,9 +8,10 @@
 //! CREATE TABLE flowline_idempotency (
 //!     scope      TEXT    NOT NULL,   -- which pipeline the keys belong to
 //!     key        TEXT    NOT NULL,
-//!     state      INTEGER NOT NULL,   -- 0 reserved, 1 done
-//!     holder     TEXT    NOT NULL,   -- who holds the reservation
-//!     expires_ms INTEGER NOT NULL,   -- reservation expiry, Unix ms (wall clock: shared by processes)
+//!     state      INTEGER NOT NULL,   -- 0 reserved, 1 done, 2 failed (free to reserve again)
+//!     holder     TEXT    NOT NULL,   -- who holds the reservation (who failed it)
+//!     expires_ms INTEGER NOT NULL,   -- reservation expiry, Unix ms (wall clock: shared by
+//!                                    -- processes); when failed, the time it failed
 //!     PRIMARY KEY (scope, key)
 //! );
 //! ```
@@ -28,6 +29,8 @@ use crate::transient::classify;
 
 const RESERVED: i64 = 0;
 const DONE: i64 = 1;
+/// Failed: free to reserve again, and listed by [`SqliteStore::failed_keys`].
+const FAILED: i64 = 2;
 /// The longest reservation: thirty years, the horizon flowline caps its timers at. A longer
 /// `ttl` (up to `Duration::MAX`) would overflow the expiry, an `i64` of Unix milliseconds.
 const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
@@ -281,6 +284,40 @@ impl SqliteStore {
         Ok(out)
     }
 
+    /// The keys whose items failed (through [`Store::fail`], as the
+    /// [`idempotent`](flowline::Flow::idempotent) stage reports a failed item) and that have
+    /// not been reserved since, in this store's scope, in the order they failed (the latest
+    /// failure of each). For a run of the failures only. Blocking: it reads the file.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline_sqlite::SqliteStore;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let store = SqliteStore::open(dir.path().join("state.db")).unwrap();
+    /// let report = Pipeline::from_iter([1, 2, 3])
+    ///     .idempotent(store.clone(), |x| *x)
+    ///     .try_map_async("work", |x| async move { if x == 2 { Err("no") } else { Ok(x) } })
+    ///     .run().await.unwrap();
+    /// assert_eq!(report.failures, 1);
+    /// assert_eq!(store.failed_keys().unwrap(), vec!["2".to_string()]);
+    /// # }
+    /// ```
+    pub fn failed_keys(&self) -> Result<Vec<String>, BoxError> {
+        let conn = self.inner.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = conn
+            .prepare(
+                "SELECT key FROM flowline_idempotency WHERE scope = ?1 AND state = ?2 ORDER BY expires_ms, key",
+            )
+            .map_err(classify)?;
+        let keys = st
+            .query_map(params![&*self.scope, FAILED], |r| r.get::<_, String>(0))
+            .map_err(classify)?
+            .collect::<rusqlite::Result<Vec<String>>>()
+            .map_err(classify)?;
+        Ok(keys)
+    }
+
     #[cfg(test)]
     pub(crate) fn skew(&self, by: Duration) {
         self.inner
@@ -388,6 +425,19 @@ impl Store for SqliteStore {
             )?;
             for key in &keys {
                 del.execute(params![scope, key, holder])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn fail<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        // Kept, as failed, so that `failed_keys` can list it; free to reserve again.
+        self.blocking(keys, |tx, scope, holder, now, keys| {
+            let mut upd = tx.prepare_cached(
+                "UPDATE flowline_idempotency SET state = 2, expires_ms = ?4 WHERE scope = ?1 AND key = ?2 AND holder = ?3 AND state = 0",
+            )?;
+            for key in &keys {
+                upd.execute(params![scope, key, holder, now])?;
             }
             Ok(())
         })
