@@ -170,6 +170,29 @@ impl SqliteStore {
         self
     }
 
+    /// How long a call waits for a lock another connection or process holds before it
+    /// fails with `SQLITE_BUSY` (default 5 s), for every handle on this connection. The run's
+    /// [`Outage`](flowline::Outage) policy then tries the call again: a shorter wait makes
+    /// the outage seen (and logged) sooner.
+    ///
+    /// ```
+    /// use flowline_sqlite::SqliteStore;
+    /// use std::time::Duration;
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let store = SqliteStore::open(dir.path().join("state.db")).unwrap()
+    ///     .busy_timeout(Duration::from_secs(1))
+    ///     .unwrap();
+    /// # let _ = store;
+    /// ```
+    pub fn busy_timeout(self, wait: Duration) -> Result<Self, BoxError> {
+        self.inner
+            .conn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .busy_timeout(wait)?;
+        Ok(self)
+    }
+
     /// Another holder on the same connection (as a second process would be).
     ///
     /// ```
