@@ -576,6 +576,40 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn failed_keys_are_listed_in_the_order_they_failed_until_reserved_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let a = SqliteStore::open(&path).unwrap();
+        let other_scope = SqliteStore::open(&path).unwrap().scope("other");
+        let ttl = Duration::from_secs(60);
+        let k = keys(&["z", "y", "x", "w"]);
+        a.reserve(&k, ttl).await.unwrap();
+        other_scope.reserve(&k[..1], ttl).await.unwrap();
+        other_scope.fail(&k[..1]).await.unwrap();
+        a.fail(&k[..1]).await.unwrap();
+        a.skew(Duration::from_millis(5));
+        a.fail(&k[2..3]).await.unwrap();
+        a.skew(Duration::from_millis(5));
+        a.fail(&k[1..2]).await.unwrap();
+        a.commit(&k[3..]).await.unwrap();
+        // A handle that does not hold the key cannot fail it.
+        a.handle().fail(&k[3..]).await.unwrap();
+        assert_eq!(a.failed_keys().unwrap(), keys(&["z", "x", "y"]));
+        assert_eq!(other_scope.failed_keys().unwrap(), keys(&["z"]));
+        // Reserved again (by anyone): no longer failed; done or failed anew from there.
+        let b = a.handle();
+        assert_eq!(
+            b.reserve(&k[..3], ttl).await.unwrap(),
+            vec![Reservation::Reserved; 3]
+        );
+        assert_eq!(a.failed_keys().unwrap(), Vec::<String>::new());
+        b.commit(&k[..1]).await.unwrap();
+        b.fail(&k[1..2]).await.unwrap();
+        b.release(&k[2..3]).await.unwrap();
+        assert_eq!(a.failed_keys().unwrap(), keys(&["y"]));
+    }
+
     /// 1,000 items, stopped gracefully half way, then run again: every key is processed
     /// exactly once across both runs; an item that failed in the first run is retried.
     #[tokio::test(start_paused = true)]
