@@ -928,7 +928,9 @@ fn source(
         Some(store) => {
             let skipping = ctx.clone();
             let stage = src
-                .idempotent(store.clone(), |item: &Item| crate::state::key(&item.inputs[0]))
+                .idempotent(store.clone(), |item: &Item| {
+                    crate::state::key(&item.inputs[0])
+                })
                 // A duplicate input waits for its first, however long that job takes.
                 .busy_wait(std::time::Duration::MAX)
                 .on_skip(move |item| {
@@ -1227,7 +1229,9 @@ fn retry_arm(
     let (failures, committed) = match &b.ctx.state {
         Some(store) => {
             let stage = failures
-                .idempotent(store.clone(), |f: &Fail| crate::state::key_of(&f.item.inputs))
+                .idempotent(store.clone(), |f: &Fail| {
+                    crate::state::key_of(&f.item.inputs)
+                })
                 // The main chain's mark of the failure may not be written yet.
                 .busy_wait(std::time::Duration::MAX);
             let committed = stage.committed();

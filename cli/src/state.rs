@@ -174,7 +174,7 @@ mod tests {
             // A text input that looks like a hex key, and the bytes it would stand for.
             format!("{HEX}ff").into_bytes(),
             vec![0xff],
-            format!("{HEX}").into_bytes(),
+            HEX.as_bytes().to_vec(),
             format!("{HEX}zz").into_bytes(),
         ];
         let keys: Vec<String> = inputs.iter().map(|i| key(i)).collect();
@@ -191,12 +191,19 @@ mod tests {
     fn a_file_that_is_not_a_database_is_named_with_the_option() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("notes.txt");
-        std::fs::write(&path, "not sqlite at all, but long enough to have a header ....").unwrap();
+        std::fs::write(
+            &path,
+            "not sqlite at all, but long enough to have a header ....",
+        )
+        .unwrap();
         let Err(e) = State::open(&path) else {
             panic!("opened")
         };
         assert!(
-            e.starts_with(&format!("--state {}: not a usable state file", path.display())),
+            e.starts_with(&format!(
+                "--state {}: not a usable state file",
+                path.display()
+            )),
             "{e}"
         );
     }

@@ -338,7 +338,13 @@ fn state_keys_inputs_that_are_not_utf8_by_their_bytes() {
     let ran = || std::fs::read(d.path().join("ran")).unwrap_or_default();
     let o = flowline(d.path(), &["--quiet", "--state", "s.db", pipe], "");
     assert_eq!(o.status.code(), Some(1), "{}", err(&o));
-    assert_eq!(ran().split(|&b| b == b'\n').filter(|l| !l.is_empty()).count(), 4);
+    assert_eq!(
+        ran()
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count(),
+        4
+    );
     let o = flowline(d.path(), &["--state", "s.db", pipe], "");
     assert_eq!(o.status.code(), Some(1), "{}", err(&o));
     assert!(err(&o).contains("3 skipped"), "{}", err(&o));

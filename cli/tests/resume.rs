@@ -137,8 +137,11 @@ fn a_locked_state_file_pauses_the_jobs_and_loses_no_mark() {
     let tx = lock
         .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
         .unwrap();
-    tx.execute("UPDATE flowline_idempotency SET expires_ms = expires_ms", [])
-        .unwrap();
+    tx.execute(
+        "UPDATE flowline_idempotency SET expires_ms = expires_ms",
+        [],
+    )
+    .unwrap();
     let mut child = Command::new(BIN)
         .args([
             "--quiet",

@@ -48,8 +48,8 @@ use tokio::time::Instant;
 
 use crate::Permanent;
 use crate::Pipeline;
-use crate::policy::committed::Committed;
 use crate::error::{BoxError, Failure, ItemError};
+use crate::policy::committed::Committed;
 use crate::report::StageStats;
 use crate::runtime::chunk::{CHUNK_CAP, Chunk, Outcome, Ticket};
 use crate::runtime::hop::{HOP_CHUNKS, hop};
@@ -1168,8 +1168,11 @@ mod tests {
         inner: MemoryStore,
         delay: Duration,
         committed: Arc<AtomicU64>,
-        written: Arc<Mutex<Vec<(&'static str, Vec<String>)>>>,
+        written: Arc<Mutex<Vec<Written>>>,
     }
+
+    /// A write of [`Slow`]: its kind and its keys.
+    type Written = (&'static str, Vec<String>);
 
     impl Slow {
         fn new(delay: Duration) -> Self {
@@ -1291,7 +1294,11 @@ mod tests {
         handle.join().await.unwrap();
         let t = tokio::time::Instant::now();
         barrier.wait().await;
-        assert_eq!(t.elapsed(), Duration::ZERO, "all committed by the run's end");
+        assert_eq!(
+            t.elapsed(),
+            Duration::ZERO,
+            "all committed by the run's end"
+        );
     }
 
     /// A failed item's key goes to `Store::fail`; an item left unfinished by a stop is

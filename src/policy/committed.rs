@@ -59,7 +59,10 @@ pub struct Committed(Arc<Barrier>);
 impl std::fmt::Debug for Committed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Committed")
-            .field("ended", &*self.0.ended.lock().unwrap_or_else(|p| p.into_inner()))
+            .field(
+                "ended",
+                &*self.0.ended.lock().unwrap_or_else(|p| p.into_inner()),
+            )
             .field("settled", &*self.0.settled.borrow())
             .finish()
     }

@@ -18,10 +18,10 @@
 
 pub(crate) mod adaptive;
 pub(crate) mod breaker;
+pub(crate) mod committed;
 pub mod gcra;
 pub(crate) mod hedge;
 pub(crate) mod inflight;
-pub(crate) mod committed;
 pub(crate) mod limit;
 pub(crate) mod rate;
 #[cfg(feature = "tower")]

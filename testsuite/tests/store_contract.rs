@@ -112,7 +112,10 @@ async fn idempotency_contract(open: Open) {
     // Fail: a failed key is free to reserve again (a store may also remember it as
     // failed); only its holder's fail counts, and a failed key is not done.
     let k12 = keys(&["k12", "k13"]);
-    assert_eq!(a.reserve(&k12, long).await.unwrap(), vec![Reserved, Reserved]);
+    assert_eq!(
+        a.reserve(&k12, long).await.unwrap(),
+        vec![Reserved, Reserved]
+    );
     b.fail(&k12).await.unwrap(); // not b's: nothing
     assert_eq!(b.reserve(&k12, long).await.unwrap(), vec![Busy, Busy]);
     a.fail(&k12[..1]).await.unwrap();

@@ -501,7 +501,9 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
             let (tx, rx) = hop(HOP_CHUNKS, &stats);
             let run = b.run.clone();
             b.spawn_tail(
-                drive(up, call, options, keep, copy, (route, ends), key, stats, run, tx),
+                drive(
+                    up, call, options, keep, copy, route, ends, key, stats, run, tx,
+                ),
                 rx,
             )
         })
