@@ -499,7 +499,10 @@ impl Builder {
             breaker: objs.breaker.clone(),
             committed: self.committed.clone(),
         };
-        let ends_here = last.is_some();
+        // With `--state`, a written item ends in this stage, so that its commit is waited
+        // for before any worker starts another job; without, it passes the sink by (and the
+        // stage keeps its fast path).
+        let ends_here = last.is_some() && self.committed.is_some();
         let call = move |item: Item| {
             let (ctx, rt, last) = (ctx.clone(), rt.clone(), last.clone());
             async move {
@@ -509,13 +512,16 @@ impl Builder {
                     return result;
                 };
                 match result {
-                    // The chain ends here: the output is written, and the item ends in
-                    // this stage (`done_if`), so that `--state` commits it before any
-                    // worker starts another job.
+                    // The chain ends here: the output is written, and with `--state` the
+                    // item ends in this stage (`done_if`), committed before any worker
+                    // starts another job.
                     Ok(item) => {
                         emit.item(&item);
                         ctx.done(&item);
-                        ctx.leave_main(item.inputs.len());
+                        if ends_here {
+                            // Not seen by the chain's end, which counts the others.
+                            ctx.leave_main(item.inputs.len());
+                        }
                         Ok(Item {
                             written: true,
                             ..item
@@ -622,12 +628,14 @@ impl Builder {
         self.sink_to(g, p, emit)
     }
 
-    /// Ends `p` in `emit`.
+    /// Ends `p` in `emit`; items a final task already wrote pass by.
     fn sink_to(&self, g: Graph, p: Pipeline<Item>, emit: Arc<Emit>) -> Result<Graph, String> {
         let ctx = self.ctx.clone();
         Ok(g.for_each(p, move |item: Item| {
-            emit.item(&item);
-            ctx.done(&item);
+            if !item.written {
+                emit.item(&item);
+                ctx.done(&item);
+            }
             std::future::ready(())
         }))
     }
