@@ -363,6 +363,21 @@ fn state_keys_inputs_that_are_not_utf8_by_their_bytes() {
     assert_eq!(ran(), b"bad\xfe\n", "nothing ran again");
 }
 
+/// Under `--state`, an input that failed in the main chain and then succeeded in
+/// `error:retry(..)` is done: a rerun skips it.
+#[test]
+fn state_records_done_an_input_the_error_retry_recovered() {
+    let d = tmp();
+    let pipe = "seq(1..6) | fork(3) | sh(\"test -e m{} || { touch m{}; exit 1; }; echo ok {}\") | branch | error:retry(3, 10ms..20ms) success:print";
+    let o = flowline(d.path(), &["--quiet", "--state", "s.db", pipe], "");
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert_eq!(out(&o).lines().count(), 6, "{}", out(&o));
+    let o = flowline(d.path(), &["--state", "s.db", pipe], "");
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert!(out(&o).is_empty(), "{}", out(&o));
+    assert!(err(&o).contains("6 skipped"), "{}", err(&o));
+}
+
 /// A state file that is not a database is a usage error naming the option and the path,
 /// before any job runs.
 #[test]
