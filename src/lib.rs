@@ -185,6 +185,7 @@ pub use ops::window::{
 pub use plan::{IntoPipeline, Pipeline};
 pub use policy::adaptive::Adaptive;
 pub use policy::breaker::{Breaker, BreakerReport, BreakerState, OnOpen};
+pub use policy::committed::Committed;
 pub use policy::gcra;
 pub use policy::hedge::Hedge;
 pub use policy::inflight::Inflight;

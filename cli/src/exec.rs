@@ -27,10 +27,7 @@ pub struct Item {
     pub args: Arc<Vec<Vec<u8>>>,
     /// The current value.
     pub value: Value,
-    /// Not run: a stop came before its task started. It passes the later steps untouched
-    /// and ends neither done nor failed, so that a rerun with `--state` runs it.
-    pub unfinished: bool,
-    /// Already written to the sink, and recorded done, by the task that ends the chain.
+    /// Already written to the sink by the task that ends the chain: the item ends there.
     pub written: bool,
 }
 
@@ -85,7 +82,6 @@ impl Item {
             inputs: Arc::new(vec![input.clone()]),
             args: Arc::new(vec![input.clone()]),
             value: Value::One(input),
-            unfinished: false,
             written: false,
         }
     }
@@ -97,7 +93,6 @@ impl Item {
             inputs: Arc::new(vec![args.join(&b'\t')]),
             args: Arc::new(args.clone()),
             value: Value::Many(args),
-            unfinished: false,
             written: false,
         }
     }
@@ -866,7 +861,6 @@ mod tests {
             inputs: Arc::new(vec![]),
             args: Arc::new(vec![]),
             value: Value::Many(vec![b"a b".to_vec(), b"c".to_vec()]),
-            unfinished: false,
             written: false,
         };
         assert_eq!(

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use flowline::prelude::*;
-use flowline::{Failure, ProgressOptions, SignalStep};
+use flowline::{Committed, Failure, ProgressOptions, SignalStep};
 use tokio::sync::mpsc;
 
 use crate::compat::Halt;
@@ -25,7 +25,7 @@ use crate::exec::{CallError, Fail, Failed, Item, Runner, TaskRt, Value};
 use crate::input::{Reader, joblog_seqs, open_source, shuffled};
 use crate::jobs::Jobs;
 use crate::spec::{Plan, RetrySpec, Sink, Source, Step, Task, TaskKind};
-use crate::state::State;
+use crate::state::{State, StateStore};
 use crate::task_stage::{Gate, Policies, run_job, task_stage};
 
 /// SIGUSR1, as GNU parallel takes it: the commands of `runner`'s running jobs on stderr,
@@ -282,7 +282,10 @@ fn fail_json(f: &Fail) -> serde_json::Value {
 /// What the closures of the graph share.
 struct Ctx {
     runner: Arc<Runner>,
-    state: Option<State>,
+    /// `--state`: the idempotency store.
+    state: Option<StateStore>,
+    /// Inputs `--state` skipped as done in an earlier run (counted in `emitted` too).
+    skipped_done: AtomicU64,
     dead: DeadFile,
     failures: AtomicU64,
     /// Inputs produced by the source, and inputs that have left the main chain.
@@ -350,27 +353,10 @@ impl Ctx {
         }
     }
 
-    /// Records an input done and waits until that is committed (at once without
-    /// `--state`).
-    async fn done_durably(&self, item: &Item) {
-        self.finished.fetch_add(item.inputs.len() as u64, Relaxed);
-        self.check_halt(true, None);
-        if let Some(s) = &self.state {
-            s.done_durably(&item.inputs).await;
-            if s.failure().is_some() {
-                // The state file cannot be written: stop starting jobs whose end would not
-                // be recorded (the run then ends with the state's error).
-                let _ = self.halt_tx.send(false);
-            }
-        }
-    }
-
+    /// Counts an item done (`--state` records it as its ticket ends).
     fn done(&self, item: &Item) {
         self.finished.fetch_add(item.inputs.len() as u64, Relaxed);
         self.check_halt(true, None);
-        if let Some(s) = &self.state {
-            s.done(&item.inputs);
-        }
     }
 
     /// A failure that ends here: counted, recorded, written.
@@ -382,9 +368,6 @@ impl Ctx {
         );
         self.finished
             .fetch_add(fail.item.inputs.len() as u64, Relaxed);
-        if let Some(s) = &self.state {
-            s.failed(&fail.item.inputs, &fail.error.message);
-        }
         match out {
             Some(o) => o.line(fail_json(fail).to_string().into_bytes()),
             None => self.dead.write(fail),
@@ -484,6 +467,8 @@ struct Builder {
     inflights: HashMap<usize, Inflight>,
     /// The main chain's sink, when its last step may write to it directly.
     last: Option<Arc<Emit>>,
+    /// `--state`: the commits' barrier, which every job waits for before it starts.
+    committed: Option<Committed>,
 }
 
 impl Builder {
@@ -512,27 +497,31 @@ impl Builder {
                 .inflight
                 .map(|(id, n)| Gate::Inflight(self.inflight(id, n))),
             breaker: objs.breaker.clone(),
+            committed: self.committed.clone(),
         };
+        // With `--state`, a written item ends in this stage, so that its commit is waited
+        // for before any worker starts another job; without, it passes the sink by (and the
+        // stage keeps its fast path).
+        let ends_here = last.is_some() && self.committed.is_some();
         let call = move |item: Item| {
             let (ctx, rt, last) = (ctx.clone(), rt.clone(), last.clone());
             async move {
-                if item.unfinished || ctx.stopping.load(Relaxed) {
-                    return Ok(Item {
-                        unfinished: true,
-                        ..item
-                    });
-                }
                 let result = run_job(&ctx.runner, &rt, item, step).await;
                 ctx.live.job_ended();
                 let Some(emit) = &last else {
                     return result;
                 };
                 match result {
-                    // The chain ends here: the output is written and the input recorded
-                    // done before this worker starts another job.
+                    // The chain ends here: the output is written, and with `--state` the
+                    // item ends in this stage (`done_if`), committed before any worker
+                    // starts another job.
                     Ok(item) => {
                         emit.item(&item);
-                        ctx.done_durably(&item).await;
+                        ctx.done(&item);
+                        if ends_here {
+                            // Not seen by the chain's end, which counts the others.
+                            ctx.leave_main(item.inputs.len());
+                        }
                         Ok(Item {
                             written: true,
                             ..item
@@ -549,6 +538,9 @@ impl Builder {
         };
         let mut stage =
             task_stage(p, t, self.settings_jobs, self.keep_order, policies, call).keep_input();
+        if ends_here {
+            stage = stage.done_if(|item| item.written);
+        }
         if let Some(k) = &t.policies.key {
             stage = stage.key_by(k.key_fn()).per_key(k.per_key);
         }
@@ -582,9 +574,6 @@ impl Builder {
                 Step::Filter { re, keep } => {
                     let (re, keep, ctx) = (re.clone(), *keep, self.ctx.clone());
                     p.filter(move |item| {
-                        if item.unfinished {
-                            return true;
-                        }
                         let pass = item.value.args().iter().any(|t| re.is_match(t)) == keep;
                         if !pass {
                             ctx.done(item);
@@ -596,14 +585,12 @@ impl Builder {
                     })
                 }
                 Step::Dedup(window) => {
-                    // A duplicate is done as its first was; an unfinished item (left by a
-                    // stop) is not checked: it did not run, and a rerun runs it.
+                    // A duplicate is done as its first was.
                     let ctx = self.ctx.clone();
                     p.dedup_by(
                         |item: &Item| item.value.joined(b"\n"),
                         Window::last(*window),
                     )
-                    .exempt(|item| item.unfinished)
                     .on_duplicate(move |item| {
                         ctx.done(&item);
                         if main {
@@ -617,7 +604,6 @@ impl Builder {
                     let mut inputs = Vec::new();
                     let mut values = Vec::new();
                     let mut args = Vec::new();
-                    let unfinished = items.iter().any(|i| i.unfinished);
                     for it in items {
                         inputs.extend(it.inputs.iter().cloned());
                         args.extend(it.args.iter().cloned());
@@ -628,7 +614,6 @@ impl Builder {
                         inputs: Arc::new(inputs),
                         args: Arc::new(args),
                         value: Value::Many(values),
-                        unfinished,
                         written: false,
                     }
                 }),
@@ -647,7 +632,7 @@ impl Builder {
     fn sink_to(&self, g: Graph, p: Pipeline<Item>, emit: Arc<Emit>) -> Result<Graph, String> {
         let ctx = self.ctx.clone();
         Ok(g.for_each(p, move |item: Item| {
-            if !item.unfinished && !item.written {
+            if !item.written {
                 emit.item(&item);
                 ctx.done(&item);
             }
@@ -670,9 +655,6 @@ impl Builder {
                 ctx.failures.fetch_add(1, Relaxed);
                 ctx.finished
                     .fetch_add(fail.item.inputs.len() as u64, Relaxed);
-                if let Some(s) = &ctx.state {
-                    s.failed(&fail.item.inputs, &fail.error.message);
-                }
                 for i in fail.item.inputs.iter() {
                     out.line(i.clone());
                 }
@@ -699,16 +681,15 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
     )?;
     let stop_source = Arc::new(AtomicBool::new(false));
     let skipped = Arc::new(AtomicU64::new(0));
-    let src = source(
+    let (src, committed) = source(
         &ctx,
         &settings,
         inputs.reader,
         inputs.total,
-        inputs.done_before,
         inputs.skip_seqs,
         (stop_source.clone(), skipped.clone()),
     );
-    let graph = graph(&plan, &settings, &ctx, src, err_rx)?;
+    let graph = graph(&plan, &settings, &ctx, (src, committed), err_rx)?;
     let interrupted = Arc::new(AtomicBool::new(false));
     let graph = stop_on_signals(
         graph,
@@ -732,34 +713,35 @@ pub async fn run(plan: Plan, settings: Settings) -> Result<Outcome, String> {
     if let Some(r) = reread {
         r.abort();
     }
+    skipped.fetch_add(ctx.skipped_done.load(Relaxed), Relaxed);
     finish(&ctx, &settings, result, &skipped, interrupted.load(Relaxed))
 }
 
-/// What a run starts from: the source opened, the inputs an earlier run did (by input with
-/// `--state`, by job number with `--joblog --resume`), the state file and the joblog.
+/// What a run starts from: the source opened, the jobs an earlier run did (by job number
+/// with `--joblog --resume`; by input, `--state` skips them as they come), the state file
+/// and the joblog.
 struct Inputs {
     reader: Reader,
     /// How many inputs the source holds, when that is cheap to know.
     total: Option<u64>,
-    done_before: HashSet<Vec<u8>>,
     skip_seqs: HashSet<u64>,
-    state: Option<State>,
+    state: Option<StateStore>,
     joblog: Option<std::fs::File>,
 }
 
 impl Inputs {
     async fn open(plan: &Plan, settings: &Settings) -> Result<Inputs, String> {
-        // The state file says what is done and what failed.
-        let (state, done_before, failed_before) = match &settings.state {
+        // The state file says what failed (and, as inputs come, what is done).
+        let (state, failed_before) = match &settings.state {
             Some(path) => {
-                let (s, d, f) = State::open(path)?;
-                (Some(s), d, f)
+                let State { store, failed } = State::open(path)?;
+                (Some(store), failed)
             }
             None => {
                 if settings.retry_failed {
                     return Err("--retry-failed needs --state FILE".into());
                 }
-                (None, HashSet::new(), Vec::new())
+                (None, Vec::new())
             }
         };
         let source = if settings.retry_failed {
@@ -798,7 +780,6 @@ impl Inputs {
         Ok(Inputs {
             reader,
             total,
-            done_before,
             skip_seqs,
             state,
             joblog,
@@ -810,7 +791,7 @@ impl Ctx {
     fn new(
         plan: &Plan,
         settings: &Settings,
-        state: Option<State>,
+        state: Option<StateStore>,
         joblog: Option<std::fs::File>,
         err_tx: mpsc::UnboundedSender<Fail>,
         halt_tx: mpsc::UnboundedSender<bool>,
@@ -858,6 +839,7 @@ impl Ctx {
                 settings.job_opts.clone(),
             )?),
             state,
+            skipped_done: AtomicU64::new(0),
             dead: DeadFile::new(settings.dead_letter.clone()),
             failures: AtomicU64::new(0),
             emitted: AtomicU64::new(0),
@@ -876,31 +858,30 @@ impl Ctx {
     }
 }
 
-/// The source as a pipeline: skips the inputs done in an earlier run (counted in `skipped`),
-/// counts what it produces, and ends when `stop` is set (a stop signal: nothing new is read).
+/// The source as a pipeline: skips the jobs `--resume` says were done (counted in
+/// `skipped`), counts what it produces, and ends when `stop` is set (a stop signal: nothing
+/// new is read). With `--state`, then the idempotent stage over the state file, which skips
+/// the inputs done in an earlier run; its commits' barrier is returned for the tasks.
 fn source(
     ctx: &Arc<Ctx>,
     settings: &Settings,
     reader: Reader,
     total: Option<u64>,
-    done_before: HashSet<Vec<u8>>,
     skip_seqs: HashSet<u64>,
     (stop, skipped): (Arc<AtomicBool>, Arc<AtomicU64>),
-) -> Pipeline<Item> {
-    let done_count = done_before.len() as u64;
+) -> (Pipeline<Item>, Option<Committed>) {
     let reader = Arc::new(tokio::sync::Mutex::new(reader));
-    let (done_before, skip_seqs) = (Arc::new(done_before), Arc::new(skip_seqs));
+    let skip_seqs = Arc::new(skip_seqs);
     let colsep = settings.colsep.clone();
-    let ctx = ctx.clone();
     let seq = Arc::new(AtomicU64::new(0));
+    let source_ctx = ctx.clone();
     let src = Pipeline::try_from_fn(move || {
         let colsep = colsep.clone();
         let skip_seqs = skip_seqs.clone();
-        let (ctx, skipped, reader, done_before, seq, stop) = (
-            ctx.clone(),
+        let (ctx, skipped, reader, seq, stop) = (
+            source_ctx.clone(),
             skipped.clone(),
             reader.clone(),
-            done_before.clone(),
             seq.clone(),
             stop.clone(),
         );
@@ -921,7 +902,7 @@ fn source(
                         } else {
                             Item::with_args(n, args)
                         };
-                        if done_before.contains(&item.inputs[0]) || skip_seqs.contains(&n) {
+                        if skip_seqs.contains(&n) {
                             skipped.fetch_add(1, Relaxed);
                             continue;
                         }
@@ -942,14 +923,32 @@ fn source(
             }
         }
     });
-    if settings.progress {
+    let src = if settings.progress {
         let mut opts = ProgressOptions::new();
         if let Some(t) = total {
-            opts = opts.total(t.saturating_sub(done_count));
+            opts = opts.total(t);
         }
         src.progress_with(opts)
     } else {
         src
+    };
+    match &ctx.state {
+        Some(store) => {
+            let skipping = ctx.clone();
+            let stage = src
+                .idempotent(store.clone(), |item: &Item| {
+                    crate::state::key(&item.inputs[0])
+                })
+                // A duplicate input waits for its first, however long that job takes.
+                .busy_wait(std::time::Duration::MAX)
+                .on_skip(move |item| {
+                    skipping.skipped_done.fetch_add(1, Relaxed);
+                    skipping.leave_main(item.inputs.len());
+                });
+            let committed = stage.committed();
+            (stage.into_pipeline(), Some(committed))
+        }
+        None => (src, None),
     }
 }
 
@@ -959,7 +958,7 @@ fn graph(
     plan: &Plan,
     settings: &Settings,
     ctx: &Arc<Ctx>,
-    src: Pipeline<Item>,
+    (src, committed): (Pipeline<Item>, Option<Committed>),
     err_rx: mpsc::UnboundedReceiver<Fail>,
 ) -> Result<Graph, String> {
     // The main chain, its tasks built once (the error continuation reuses them).
@@ -978,6 +977,7 @@ fn graph(
         keep_order: settings.keep_order,
         inflights: HashMap::new(),
         last: None,
+        committed,
     };
     // Without a branch and in finishing order, the last task writes each output itself the
     // moment its job ends, and records the input done before its worker takes the next.
@@ -1132,11 +1132,12 @@ fn finish(
     if let Ok(mut g) = ctx.err_tx.lock() {
         g.take();
     }
-    if let Some(s) = &ctx.state {
-        s.flush();
-        s.close();
-        if let Some(why) = s.failure() {
-            return Err(why);
+    if let (Some(s), Err(e @ flowline::Error::Outage { .. })) = (&ctx.state, &result) {
+        // The state file could not be written past the outage policy (locked too long), or
+        // cannot be at all (read-only, full, not a database): what ended since is not
+        // recorded, and the run stopped.
+        if e.to_string().contains("idempotency store") {
+            return Err(format!("{}: cannot record progress: {e}", s.what()));
         }
     }
     if let Some(j) = &ctx.runner.joblog {
@@ -1231,15 +1232,26 @@ fn retry_arm(
         .last()
         .and_then(|t| t.policies.fork)
         .unwrap_or(jobs);
+    // With `--state`, a failure taken up again is tracked anew: done once it ends done,
+    // failed again if it fails again (the main chain marked it failed as it left).
+    let (failures, committed) = match &b.ctx.state {
+        Some(store) => {
+            let stage = failures
+                .idempotent(store.clone(), |f: &Fail| {
+                    crate::state::key_of(&f.item.inputs)
+                })
+                // The main chain's mark of the failure may not be written yet.
+                .busy_wait(std::time::Duration::MAX);
+            let committed = stage.committed();
+            (stage.into_pipeline(), Some(committed))
+        }
+        None => (failures, None),
+    };
     let mut stage = failures
         .try_map_async("error:retry", move |fail: Fail| {
             let (ctx, steps, tasks) = (ctx.clone(), steps.clone(), tasks_rt.clone());
             async move {
                 let mut item = fail.item;
-                if ctx.stopping.load(Relaxed) {
-                    item.unfinished = true;
-                    return Ok(Some(item));
-                }
                 for i in fail.step..steps.len() {
                     match (&steps[i], tasks.get(i).and_then(Option::as_ref)) {
                         (Step::Task(t), Some(rt)) => match ctx.runner.call(rt, &item).await {
@@ -1277,6 +1289,9 @@ fn retry_arm(
     }
     if let Some(br) = objs.clone().find_map(|o| o.breaker.clone()) {
         stage = stage.circuit_breaker(br);
+    }
+    if let Some(c) = committed {
+        stage = stage.limit(c);
     }
     stage.filter_map(|x| x)
 }

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use flowline::prelude::*;
-use flowline::{AsyncStage, Fallible};
+use flowline::{AsyncStage, Committed, Fallible};
 use flowline_redis::{RedisInflight, RedisRate};
 
 use crate::exec::{Fail, Failed, Item, Runner, TaskRt, Value};
@@ -45,6 +45,9 @@ pub(crate) struct Policies {
     pub(crate) rate: Option<Gate>,
     pub(crate) inflight: Option<Gate>,
     pub(crate) breaker: Option<Breaker>,
+    /// `--state`: the commits' barrier; no job starts while an input that ended is not
+    /// committed.
+    pub(crate) committed: Option<Committed>,
 }
 
 /// The stage [`task_stage`] builds.
@@ -52,8 +55,8 @@ pub(crate) type Stage<I, F, Fut> = AsyncStage<I, I, Fallible<F, Fut>>;
 
 /// Task `t` as a stage over `p`: `call` runs each input's job, on `fork(N)` workers (else
 /// `jobs`), in finishing order unless `keep_order`, with the task's rate, retry, breaker,
-/// adaptive concurrency and in-flight bound, in that order (the rate is the first gate a
-/// call passes, the in-flight bound the last).
+/// adaptive concurrency, in-flight bound and `--state`'s commit barrier, in that order (the
+/// rate is the first gate a call passes, the barrier the last).
 pub(crate) fn task_stage<I, F, Fut>(
     p: Pipeline<I>,
     t: &Task,
@@ -85,6 +88,10 @@ where
     }
     if let Some(g) = policies.inflight {
         stage = g.apply(stage);
+    }
+    // The last gate: the wait for the commits ends right before the job starts.
+    if let Some(c) = policies.committed {
+        stage = stage.limit(c);
     }
     stage
 }

@@ -321,6 +321,87 @@ fn state_skips_done_inputs_and_retry_failed_runs_only_failures() {
     assert_eq!((o.status.code(), out(&o)), (Some(0), String::new()));
 }
 
+/// Inputs that are not UTF-8 are keys of their own: done ones are skipped, and the failed
+/// one comes back byte for byte with `--retry-failed`.
+#[test]
+fn state_keys_inputs_that_are_not_utf8_by_their_bytes() {
+    let d = tmp();
+    let inputs: [&[u8]; 4] = [b"ok\xff", b"bad\xfe", b"plain", b"bad\xff"];
+    let mut file = Vec::new();
+    for i in inputs {
+        file.extend_from_slice(i);
+        file.push(b'\n');
+    }
+    std::fs::write(d.path().join("in.txt"), file).unwrap();
+    // `bad\xfe` fails until `fixed` exists; every job logs its input's bytes.
+    let pipe = "lines(in.txt) | sh(\"printf '%s\\n' {} >> ran; test -e fixed || case {} in bad*$(printf '\\376')) exit 1;; esac\")";
+    let ran = || std::fs::read(d.path().join("ran")).unwrap_or_default();
+    let o = flowline(d.path(), &["--quiet", "--state", "s.db", pipe], "");
+    assert_eq!(o.status.code(), Some(1), "{}", err(&o));
+    assert_eq!(
+        ran()
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count(),
+        4
+    );
+    let o = flowline(d.path(), &["--state", "s.db", pipe], "");
+    assert_eq!(o.status.code(), Some(1), "{}", err(&o));
+    assert!(err(&o).contains("3 skipped"), "{}", err(&o));
+    std::fs::write(d.path().join("fixed"), "").unwrap();
+    std::fs::remove_file(d.path().join("ran")).unwrap();
+    let o = flowline(
+        d.path(),
+        &["--quiet", "--state", "s.db", "--retry-failed", pipe],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert_eq!(ran(), b"bad\xfe\n", "only the failed input, as it was");
+    let o = flowline(d.path(), &["--state", "s.db", pipe], "");
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert!(err(&o).contains("4 skipped"), "{}", err(&o));
+    assert_eq!(ran(), b"bad\xfe\n", "nothing ran again");
+}
+
+/// Under `--state`, an input that failed in the main chain and then succeeded in
+/// `error:retry(..)` is done: a rerun skips it.
+#[test]
+fn state_records_done_an_input_the_error_retry_recovered() {
+    let d = tmp();
+    let pipe = "seq(1..6) | fork(3) | sh(\"test -e m{} || { touch m{}; exit 1; }; echo ok {}\") | branch | error:retry(3, 10ms..20ms) success:print";
+    let o = flowline(d.path(), &["--quiet", "--state", "s.db", pipe], "");
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert_eq!(out(&o).lines().count(), 6, "{}", out(&o));
+    let o = flowline(d.path(), &["--state", "s.db", pipe], "");
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert!(out(&o).is_empty(), "{}", out(&o));
+    assert!(err(&o).contains("6 skipped"), "{}", err(&o));
+}
+
+/// A state file that is not a database is a usage error naming the option and the path,
+/// before any job runs.
+#[test]
+fn a_state_file_that_is_not_a_database_is_a_clear_error() {
+    let d = tmp();
+    std::fs::write(
+        d.path().join("notes.txt"),
+        "these are notes, not a database; long enough for SQLite to read a header\n",
+    )
+    .unwrap();
+    let o = flowline(
+        d.path(),
+        &["--state", "notes.txt", "seq(1..3) | sh(\"touch ran.{}\")"],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(255), "{}", err(&o));
+    assert!(
+        err(&o).contains("--state notes.txt: not a usable state file"),
+        "{}",
+        err(&o)
+    );
+    assert!(!d.path().join("ran.1").exists());
+}
+
 #[test]
 fn resume_after_sigkill_loses_nothing_and_skips_done() {
     let d = tmp();
@@ -338,8 +419,12 @@ fn resume_after_sigkill_loses_nothing_and_skips_done() {
     let first = std::fs::read_to_string(d.path().join("out.txt")).unwrap_or_default();
     let n1 = first.lines().count();
     assert!(n1 > 0 && n1 < 300, "killed mid-run: {n1} done");
+    // Right after the kill: the killed run's reservations are taken back at once (the
+    // holder is named), not waited out for their 20 s lease.
+    let t = Instant::now();
     let o = flowline(d.path(), &["--quiet", "--state", "s.db", pipe], "");
     assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     let all = std::fs::read_to_string(d.path().join("out.txt")).unwrap();
     let mut seen: Vec<u32> = all.lines().map(|l| l.parse().unwrap()).collect();
     let total = seen.len();

@@ -137,8 +137,11 @@ fn a_locked_state_file_pauses_the_jobs_and_loses_no_mark() {
     let tx = lock
         .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
         .unwrap();
-    tx.execute("UPDATE flowline_cli_jobs SET updated_ms = 0", [])
-        .unwrap();
+    tx.execute(
+        "UPDATE flowline_idempotency SET expires_ms = expires_ms",
+        [],
+    )
+    .unwrap();
     let mut child = Command::new(BIN)
         .args([
             "--quiet",
@@ -188,7 +191,7 @@ fn a_locked_state_file_pauses_the_jobs_and_loses_no_mark() {
     let c = rusqlite::Connection::open(d.path().join("run.db")).unwrap();
     let done: i64 = c
         .query_row(
-            "SELECT count(*) FROM flowline_cli_jobs WHERE status = 1",
+            "SELECT count(*) FROM flowline_idempotency WHERE state = 1",
             [],
             |r| r.get(0),
         )

@@ -3,11 +3,14 @@
 //!
 //! Two-phase: the key is reserved when the item enters the stage (one store call per
 //! chunk), and committed only when the item has finished the whole pipeline successfully —
-//! delivered to the sink, or dropped by design further on. If the item fails (or the run is
-//! cancelled before it finished), the reservation is released, so the next run processes
-//! it again. This rides on the item's completion ticket: the stage wraps each item's ticket
-//! in one whose callback queues the key for a committer task, which commits and releases in
-//! batches and finishes before the run returns.
+//! delivered to the sink, or dropped by design further on. If the item fails, the store is
+//! told so ([`Store::fail`](crate::Store::fail): the reservation is released, and a store
+//! may remember the key as failed); if the run is cancelled before the item finished, the
+//! reservation is released. Either way the next run processes it again. This rides on the
+//! item's completion ticket: the stage wraps each item's ticket in one whose callback
+//! queues the key for a committer task, which writes in batches and finishes before the run
+//! returns. [`Idempotent::committed`] is the barrier of those writes: a later stage that
+//! waits on it starts no call while an item that ended is not yet written.
 //!
 //! A key that another holder has reserved (not expired) is not done: some other run is
 //! processing it, or a run that crashed left it reserved. Its item waits — the stage asks
@@ -46,6 +49,7 @@ use tokio::time::Instant;
 use crate::Permanent;
 use crate::Pipeline;
 use crate::failure::{BoxError, Failure, ItemError};
+use crate::policy::committed::Committed;
 use crate::report::StageStats;
 use crate::runtime::chunk::{CHUNK_CAP, Chunk, Outcome, Ticket};
 use crate::runtime::hop::{HOP_CHUNKS, hop};
@@ -80,7 +84,12 @@ pub struct Idempotent<T, S, F> {
     key: F,
     ttl: Duration,
     busy_wait: Option<Duration>,
+    committed: Committed,
+    on_skip: Option<OnSkip<T>>,
 }
+
+/// What `on_skip` is given: each item skipped because its key is done.
+type OnSkip<T> = Box<dyn FnMut(T) + Send>;
 
 impl<T, S, F> Idempotent<T, S, F> {
     /// How long a reservation lasts unless renewed (default 20 s, so a crashed run's keys are free well within half a minute); the stage renews the
@@ -126,6 +135,53 @@ impl<T, S, F> Idempotent<T, S, F> {
         self.busy_wait = Some(wait);
         self
     }
+
+    /// The barrier of this stage's commits: its [`wait`](Committed::wait) resolves once
+    /// every item that ended before the call has its key written to the store. As a
+    /// [`Limit`](crate::Limit) on a later stage, no call of that stage starts while an item
+    /// that ended is not yet written, so that a crash repeats at most the calls in flight.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::MemoryStore;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let stage = Pipeline::from_iter(0..10u32).idempotent(MemoryStore::new(), |x| *x);
+    /// let committed = stage.committed();
+    /// let report = stage
+    ///     .map_async("job", |x| async move { x })
+    ///     .workers(2)
+    ///     .limit(committed)
+    ///     .run().await.unwrap();
+    /// assert_eq!(report.delivered(), 10);
+    /// # }
+    /// ```
+    pub fn committed(&self) -> Committed {
+        self.committed.clone()
+    }
+
+    /// Calls `f` with each item skipped because its key is done (in this run or an earlier
+    /// one), as it is dropped.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline::MemoryStore;
+    /// use std::sync::{Arc, Mutex};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let store = MemoryStore::new();
+    /// Pipeline::from_iter([1, 2]).idempotent(store.clone(), |x| *x).run().await.unwrap();
+    /// let skipped = Arc::new(Mutex::new(Vec::new()));
+    /// let s = skipped.clone();
+    /// Pipeline::from_iter([1, 2, 3])
+    ///     .idempotent(store, |x| *x)
+    ///     .on_skip(move |x| s.lock().unwrap().push(x))
+    ///     .run().await.unwrap();
+    /// assert_eq!(*skipped.lock().unwrap(), vec![1, 2]);
+    /// # }
+    /// ```
+    pub fn on_skip(mut self, f: impl FnMut(T) + Send + 'static) -> Self {
+        self.on_skip = Some(Box::new(f));
+        self
+    }
 }
 
 pub(crate) fn idempotent<T, S, F>(p: Pipeline<T>, store: S, key: F) -> Idempotent<T, S, F> {
@@ -135,6 +191,8 @@ pub(crate) fn idempotent<T, S, F>(p: Pipeline<T>, store: S, key: F) -> Idempoten
         key,
         ttl: DEFAULT_RESERVATION_TTL,
         busy_wait: None,
+        committed: Committed::new(),
+        on_skip: None,
     }
 }
 
@@ -154,6 +212,8 @@ where
             key,
             ttl,
             busy_wait,
+            committed,
+            on_skip,
         } = self;
         let busy_wait = busy_wait.unwrap_or(ttl);
         p.then(move |b, up| {
@@ -171,6 +231,7 @@ where
                 held.clone(),
                 ttl,
                 done_rx,
+                committed.clone(),
             ));
             let (tx, rx) = hop(HOP_CHUNKS, &stats);
             let stage = Reserver {
@@ -182,6 +243,8 @@ where
                 ttl,
                 busy_wait,
                 done: done_tx,
+                committed,
+                on_skip,
                 busy: VecDeque::new(),
                 recheck: None,
                 pause: FIRST_RECHECK,
@@ -222,6 +285,8 @@ struct Reserver<T> {
     ttl: Duration,
     busy_wait: Duration,
     done: mpsc::UnboundedSender<Finished>,
+    committed: Committed,
+    on_skip: Option<OnSkip<T>>,
     busy: VecDeque<Busy<T>>,
     /// When the busy keys are asked for next.
     recheck: Option<Instant>,
@@ -374,15 +439,20 @@ impl<T: Send + 'static> Reserver<T> {
             match answer {
                 Reservation::Reserved => {
                     self.held.add(&key);
-                    let done = self.done.clone();
+                    let (done, committed) = (self.done.clone(), self.committed.clone());
                     let on_done = Box::new(move |o: Outcome| {
-                        let _ = done.send((key, o));
+                        committed.ended(|| {
+                            let _ = done.send((key, o));
+                        });
                     });
                     out.push(item, Ticket::with_parents(vec![ticket], Some(on_done)));
                 }
                 Reservation::AlreadyDone => {
                     dropped += 1;
                     ticket.finish(Outcome::Done);
+                    if let Some(f) = self.on_skip.as_mut() {
+                        f(item);
+                    }
                 }
                 Reservation::Busy if now >= until => {
                     failed += 1;
@@ -512,6 +582,7 @@ async fn committer(
     held: Arc<Held>,
     ttl: Duration,
     mut done: mpsc::UnboundedReceiver<Finished>,
+    committed: Committed,
 ) {
     let every = (ttl / 3).max(Duration::from_millis(1));
     let mut renew_at = after(Instant::now(), every);
@@ -527,25 +598,26 @@ async fn committer(
             }
             n = done.recv_many(&mut buf, 1024) => if n == 0 { break },
         }
-        let mut commit = Vec::new();
-        let mut release = Vec::new();
+        let n = buf.len();
+        let (mut commit, mut fail, mut release) = (Vec::new(), Vec::new(), Vec::new());
         for (key, outcome) in buf.drain(..) {
             match outcome {
                 Outcome::Done => commit.push(key),
-                Outcome::Failed | Outcome::Cancelled => release.push(key),
+                Outcome::Failed => fail.push(key),
+                Outcome::Cancelled => release.push(key),
             }
         }
-        for (keys, what) in [(commit, "commit"), (release, "release")] {
+        for (keys, what) in [(commit, "commit"), (fail, "fail"), (release, "release")] {
             if keys.is_empty() {
                 continue;
             }
             let (store, k) = (&store, &keys);
             let written = calls
                 .call(None, move || async move {
-                    if what == "commit" {
-                        store.commit(k).await
-                    } else {
-                        store.release(k).await
+                    match what {
+                        "commit" => store.commit(k).await,
+                        "fail" => store.fail(k).await,
+                        _ => store.release(k).await,
                     }
                 })
                 .await;
@@ -557,6 +629,8 @@ async fn committer(
             }
             held.remove(&keys);
         }
+        // Written, or given up on with the run (its outage ended it): no call waits longer.
+        committed.settled(n);
     }
 }
 
@@ -1084,6 +1158,176 @@ mod tests {
         assert_eq!(
             other.reserve(&k0, ttl).await.unwrap(),
             vec![Reservation::AlreadyDone]
+        );
+    }
+
+    /// A [`MemoryStore`] whose writes take `delay` (a slow disk), recording how many keys
+    /// each kind of write was given.
+    #[derive(Clone)]
+    struct Slow {
+        inner: MemoryStore,
+        delay: Duration,
+        committed: Arc<AtomicU64>,
+        written: Arc<Mutex<Vec<Written>>>,
+    }
+
+    /// A write of [`Slow`]: its kind and its keys.
+    type Written = (&'static str, Vec<String>);
+
+    impl Slow {
+        fn new(delay: Duration) -> Self {
+            Slow {
+                inner: MemoryStore::new(),
+                delay,
+                committed: Arc::default(),
+                written: Arc::default(),
+            }
+        }
+
+        fn write<'a>(
+            &'a self,
+            what: &'static str,
+            keys: &'a [String],
+            op: StoreFuture<'a, ()>,
+        ) -> StoreFuture<'a, ()> {
+            Box::pin(async move {
+                tokio::time::sleep(self.delay).await;
+                op.await?;
+                self.written.lock().unwrap().push((what, keys.to_vec()));
+                if what == "commit" {
+                    self.committed
+                        .fetch_add(keys.len() as u64, Ordering::SeqCst);
+                }
+                Ok(())
+            })
+        }
+    }
+
+    impl Store for Slow {
+        fn reserve<'a>(
+            &'a self,
+            keys: &'a [String],
+            ttl: Duration,
+        ) -> StoreFuture<'a, Vec<Reservation>> {
+            self.inner.reserve(keys, ttl)
+        }
+        fn commit<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+            self.write("commit", keys, self.inner.commit(keys))
+        }
+        fn release<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+            self.write("release", keys, self.inner.release(keys))
+        }
+        fn fail<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+            self.write("fail", keys, self.inner.fail(keys))
+        }
+        fn renew<'a>(&'a self, keys: &'a [String], ttl: Duration) -> StoreFuture<'a, Vec<bool>> {
+            self.inner.renew(keys, ttl)
+        }
+    }
+
+    /// 300 jobs of uneven length on 4 workers, each writing its own result, with commits
+    /// that take 3 ms: when a job starts, every job that ended before is committed, so
+    /// that the jobs started and not committed (what a crash would run again) are never
+    /// more than the 4 in flight.
+    #[tokio::test(start_paused = true)]
+    async fn a_stage_gated_by_the_commits_starts_no_job_before_the_ended_ones_are_committed() {
+        let store = Slow::new(Duration::from_millis(3));
+        let committed = store.committed.clone();
+        let stage = Pipeline::from_iter(0..300u32).idempotent(store.clone(), |x| *x);
+        let barrier = stage.committed();
+        let started = Arc::new(AtomicU64::new(0));
+        let worst = Arc::new(AtomicU64::new(0));
+        let (s, w) = (started.clone(), worst.clone());
+        let report = stage
+            .map_async("job", move |x| {
+                let n = s.fetch_add(1, Ordering::SeqCst) + 1;
+                let open = n - committed.load(Ordering::SeqCst);
+                w.fetch_max(open, Ordering::SeqCst);
+                async move {
+                    tokio::time::sleep(Duration::from_millis(1 + u64::from(x % 7))).await;
+                    x
+                }
+            })
+            .workers(4)
+            .done_if(|_| true)
+            .limit(barrier.clone())
+            .run()
+            .await
+            .unwrap();
+        assert_eq!(report.stage("job").unwrap().dropped, 300);
+        assert_eq!(store.committed.load(Ordering::SeqCst), 300);
+        let worst = worst.load(Ordering::SeqCst);
+        assert!(worst <= 4, "{worst} jobs started and not committed at once");
+    }
+
+    /// `wait` resolves at once with nothing pending, and otherwise once the items that
+    /// ended before it are committed, not the ones that end after.
+    #[tokio::test(start_paused = true)]
+    async fn wait_resolves_once_the_items_ended_before_it_are_committed() {
+        let store = Slow::new(Duration::from_secs(1));
+        let stage = Pipeline::from_iter(0..2u32).idempotent(store.clone(), |x| *x);
+        let barrier = stage.committed();
+        let t0 = tokio::time::Instant::now();
+        barrier.wait().await;
+        assert_eq!(t0.elapsed(), Duration::ZERO, "nothing pending: at once");
+        let b = barrier.clone();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let handle = stage
+            .map_async("job", |x| async move {
+                // Item 1 ends 5 s after item 0.
+                tokio::time::sleep(Duration::from_secs(5 * u64::from(x))).await;
+                x
+            })
+            .workers(2)
+            .done_if(|_| true)
+            .run()
+            .spawn();
+        let waiter = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await; // item 0 ended
+            b.wait().await;
+            s.lock().unwrap().push(t0.elapsed());
+        });
+        waiter.await.unwrap();
+        // Item 0's commit took 1 s; item 1 (ended at 5 s) was not waited for.
+        assert_eq!(*seen.lock().unwrap(), vec![Duration::from_secs(1)]);
+        handle.join().await.unwrap();
+        let t = tokio::time::Instant::now();
+        barrier.wait().await;
+        assert_eq!(
+            t.elapsed(),
+            Duration::ZERO,
+            "all committed by the run's end"
+        );
+    }
+
+    /// A failed item's key goes to `Store::fail`; an item left unfinished by a stop is
+    /// released; a done one committed.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_item_is_failed_in_the_store_and_an_unfinished_one_released() {
+        let store = Slow::new(Duration::from_millis(1));
+        let handle = Pipeline::from_iter(0..4u32)
+            .idempotent(store.clone(), |x| *x)
+            .try_map_async("job", |x| async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if x == 1 { Err("no") } else { Ok(x) }
+            })
+            .workers(2)
+            .run()
+            .spawn();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        handle.stop();
+        let report = handle.join().await.unwrap();
+        assert_eq!((report.delivered(), report.failures), (1, 1));
+        let mut written = store.written.lock().unwrap().clone();
+        written.sort();
+        assert_eq!(
+            written,
+            vec![
+                ("commit", keys(0..1)),
+                ("fail", keys(1..2)),
+                ("release", keys(2..4)),
+            ]
         );
     }
 

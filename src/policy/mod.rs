@@ -18,6 +18,7 @@
 
 pub(crate) mod adaptive;
 pub(crate) mod breaker;
+pub(crate) mod committed;
 pub mod gcra;
 pub(crate) mod hedge;
 pub(crate) mod inflight;

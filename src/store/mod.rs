@@ -106,6 +106,26 @@ pub trait Store: Send + Sync + 'static {
     /// # }
     /// ```
     fn renew<'a>(&'a self, keys: &'a [String], ttl: Duration) -> StoreFuture<'a, Vec<bool>>;
+
+    /// Gives up this handle's reservations of keys whose items *failed* (not of those left
+    /// unfinished, which are [`release`](Store::release)d): they may be processed again. A
+    /// store may also remember them as failed, to be listed for a run of the failures only
+    /// (`flowline_sqlite::SqliteStore` does). By default, the same as `release`.
+    ///
+    /// ```
+    /// use flowline::{MemoryStore, Reservation, Store};
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let store = MemoryStore::new();
+    /// let k = vec!["a".to_string()];
+    /// store.reserve(&k, Duration::from_secs(60)).await.unwrap();
+    /// store.fail(&k).await.unwrap();
+    /// assert_eq!(store.handle().reserve(&k, Duration::from_secs(60)).await.unwrap(), vec![Reservation::Reserved]);
+    /// # }
+    /// ```
+    fn fail<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        self.release(keys)
+    }
 }
 
 impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
@@ -124,5 +144,8 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn renew<'a>(&'a self, keys: &'a [String], ttl: Duration) -> StoreFuture<'a, Vec<bool>> {
         (**self).renew(keys, ttl)
+    }
+    fn fail<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        (**self).fail(keys)
     }
 }

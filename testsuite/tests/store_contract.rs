@@ -6,7 +6,7 @@
 //! reservation is taken over and its old holder can no longer commit it; a named holder
 //! restarted under the same name takes back its earlier life's reservations, and the same
 //! key twice in one life is busy; a holder renews its own reservations (leases) and no
-//! other's. Checkpoints: load, commit (overwrites), clear, per name.
+//! other's; a failed key is free again, and only its holder's fail counts. Checkpoints: load, commit (overwrites), clear, per name.
 
 mod support;
 
@@ -108,6 +108,27 @@ async fn idempotency_contract(open: Open) {
     assert_eq!(a.renew(&k11, long).await.unwrap(), vec![false]);
     assert_eq!(b.renew(&k11, long).await.unwrap(), vec![true]);
     assert_eq!(a.reserve(&k11, long).await.unwrap(), vec![Busy]);
+
+    // Fail: a failed key is free to reserve again (a store may also remember it as
+    // failed); only its holder's fail counts, and a failed key is not done.
+    let k12 = keys(&["k12", "k13"]);
+    assert_eq!(
+        a.reserve(&k12, long).await.unwrap(),
+        vec![Reserved, Reserved]
+    );
+    b.fail(&k12).await.unwrap(); // not b's: nothing
+    assert_eq!(b.reserve(&k12, long).await.unwrap(), vec![Busy, Busy]);
+    a.fail(&k12[..1]).await.unwrap();
+    a.commit(&k12[1..]).await.unwrap();
+    a.commit(&k12[..1]).await.unwrap(); // no longer reserved: nothing
+    assert_eq!(
+        b.reserve(&k12, long).await.unwrap(),
+        vec![Reserved, AlreadyDone]
+    );
+    a.fail(&k12[..1]).await.unwrap(); // b's now: nothing
+    assert_eq!(a.reserve(&k12[..1], long).await.unwrap(), vec![Busy]);
+    b.commit(&k12[..1]).await.unwrap();
+    assert_eq!(a.reserve(&k12[..1], long).await.unwrap(), vec![AlreadyDone]);
 
     // Holder takeover: a worker restarted under its name takes back its reservations;
     // a worker with another name (even a longer one starting alike) does not.

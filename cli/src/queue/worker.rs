@@ -175,6 +175,7 @@ fn task_step(
         rate,
         inflight,
         breaker: objects(t).breaker,
+        committed: None,
     };
     let stage = task_stage(p, t, jobs, false, policies, call);
     stage.results().map(|r| match r {

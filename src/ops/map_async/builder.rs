@@ -139,6 +139,8 @@ pub struct AsyncStage<T, U, S> {
     pub(super) route: Option<Route<T, U>>,
     /// Set by `key_by`: makes the stage's key map.
     pub(super) key: Option<KeyFn<T>>,
+    /// Set by `done_if`: which outputs end here, as done.
+    pub(super) ends: Option<fn(&U) -> bool>,
     pub(super) _out: PhantomData<fn() -> U>,
 }
 
@@ -162,6 +164,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
             copy: None,
             route: None,
             key: None,
+            ends: None,
             _out: PhantomData,
         }
     }
@@ -204,6 +207,8 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
             copy: Some(T::clone),
             route: Some(route::<T, U>),
             key: self.key,
+            // Given for the outputs before `results`; a routed stage's are `Result`s.
+            ends: None,
             _out: PhantomData,
         }
     }
@@ -333,6 +338,34 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> AsyncStage<T, U, S>
         self
     }
 
+    /// Ends here, as done, each output for which `done` is true: it is not sent on, and it
+    /// counts as dropped by design (like an item a `filter` drops). Its completion ticket
+    /// finishes the moment its call ends, before the stage's next call starts: an
+    /// [`idempotent`](crate::Flow::idempotent) key is committed and a cursor's checkpoint
+    /// may pass it with no wait for the stages after. For a stage that delivers its own
+    /// results (writes them itself) and so is the item's end. Given after
+    /// [`results`](AsyncStage::results), whose outputs it sees.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// // The call writes its result itself; an empty result goes on to be looked at.
+    /// let (out, report) = Pipeline::from_iter(["a", "", "b"])
+    ///     .map_async("write", |s| async move { (s, !s.is_empty()) })
+    ///     .done_if(|(_, written)| *written)
+    ///     .collect_with_report()
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!(out, vec![("", false)]);
+    /// let s = report.stage("write").unwrap();
+    /// assert_eq!((s.passed, s.dropped), (1, 2));
+    /// # }
+    /// ```
+    pub fn done_if(mut self, done: fn(&U) -> bool) -> Self {
+        self.ends = Some(done);
+        self
+    }
+
     /// Keep each item's input so that a failure carries it to the dead letters (its `Debug`
     /// text, and the value for [`FailedInput::downcast_ref`]). Costs one `clone` per item.
     /// To run the failures again from a dead-letter file, keep it as JSON instead
@@ -404,6 +437,7 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
             copy,
             route,
             key,
+            ends,
             ..
         } = self;
         if options.workers == 0 {
@@ -468,7 +502,9 @@ impl<T: Send + 'static, U: Send + 'static, S: StageFn<T, U>> crate::IntoPipeline
             let (tx, rx) = hop(HOP_CHUNKS, &stats);
             let run = b.run.clone();
             b.spawn_tail(
-                drive(up, call, options, keep, copy, route, key, stats, run, tx),
+                drive(
+                    up, call, options, keep, copy, route, ends, key, stats, run, tx,
+                ),
                 rx,
             )
         })

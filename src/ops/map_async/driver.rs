@@ -56,6 +56,7 @@ pub(super) async fn drive<T, U, S>(
     keep: Option<fn(&T) -> FailedInput>,
     copy: Option<fn(&T) -> T>,
     route: Option<Route<T, U>>,
+    ends: Option<fn(&U) -> bool>,
     key: Option<KeyFn<T>>,
     stats: Arc<StageStats>,
     run: Arc<RunCtx>,
@@ -73,6 +74,7 @@ pub(super) async fn drive<T, U, S>(
         && keep.is_none()
         && copy.is_none()
         && route.is_none()
+        && ends.is_none()
         && (key.is_none() || options.transient.is_none())
         && !options.trace_calls;
     let keys = key.map(|k| Keyed::new(k, key_by::limits(&options)));
@@ -85,6 +87,7 @@ pub(super) async fn drive<T, U, S>(
         keep,
         copy,
         route,
+        ends,
         trace_calls: options.trace_calls,
         inflight: InFlight::new(options.timeout),
         live: run.live.find(&stats.name).unwrap_or_else(|| {
@@ -152,6 +155,8 @@ struct Driver<T, U, S: StageFn<T, U>> {
     copy: Option<fn(&T) -> T>,
     /// `results`: a failed item becomes an output.
     route: Option<Route<T, U>>,
+    /// `done_if`: the outputs that end here, as done.
+    ends: Option<fn(&U) -> bool>,
     /// A span per call.
     trace_calls: bool,
     inflight: InFlight<S::Future, T>,
@@ -447,6 +452,12 @@ where
         };
         let (seq, key) = (meta.seq, meta.key);
         let done = match (result, self.route, again) {
+            // Ends here: its ticket finishes now, before another call can start.
+            (Ok(u), _, _) if self.ends.is_some_and(|ends| ends(&u)) => {
+                StageStats::add(&self.stats.dropped, 1);
+                meta.ticket.finish(Outcome::Done);
+                Done::Failed
+            }
             (Ok(u), _, _) => Done::Ok(u, meta.ticket),
             (Err(error), Some(route), Some(input)) => {
                 let out = route(input, error, meta.attempts, &self.stats.name);

@@ -10,6 +10,7 @@ use super::output::Output;
 /// An ordered stage's place for a result until the ones before it are out.
 pub(super) enum Done<U> {
     Ok(U, Ticket),
+    /// Ended in the stage (failed, or done by `done_if`): nothing goes out.
     Failed,
     /// Left unfinished by a stop (it was waiting to be tried again).
     Left,

@@ -8,9 +8,10 @@
 //! CREATE TABLE flowline_idempotency (
 //!     scope      TEXT    NOT NULL,   -- which pipeline the keys belong to
 //!     key        TEXT    NOT NULL,
-//!     state      INTEGER NOT NULL,   -- 0 reserved, 1 done
-//!     holder     TEXT    NOT NULL,   -- who holds the reservation
-//!     expires_ms INTEGER NOT NULL,   -- reservation expiry, Unix ms (wall clock: shared by processes)
+//!     state      INTEGER NOT NULL,   -- 0 reserved, 1 done, 2 failed (free to reserve again)
+//!     holder     TEXT    NOT NULL,   -- who holds the reservation (who failed it)
+//!     expires_ms INTEGER NOT NULL,   -- reservation expiry, Unix ms (wall clock: shared by
+//!                                    -- processes); when failed, the time it failed
 //!     PRIMARY KEY (scope, key)
 //! );
 //! ```
@@ -28,6 +29,8 @@ use crate::transient::classify;
 
 const RESERVED: i64 = 0;
 const DONE: i64 = 1;
+/// Failed: free to reserve again, and listed by [`SqliteStore::failed_keys`].
+const FAILED: i64 = 2;
 /// The longest reservation: thirty years, the horizon flowline caps its timers at. A longer
 /// `ttl` (up to `Duration::MAX`) would overflow the expiry, an `i64` of Unix milliseconds.
 const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
@@ -167,6 +170,29 @@ impl SqliteStore {
         self
     }
 
+    /// How long a call waits for a lock another connection or process holds before it
+    /// fails with `SQLITE_BUSY` (default 5 s), for every handle on this connection. The run's
+    /// [`Outage`](flowline::Outage) policy then tries the call again: a shorter wait makes
+    /// the outage seen (and logged) sooner.
+    ///
+    /// ```
+    /// use flowline_sqlite::SqliteStore;
+    /// use std::time::Duration;
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let store = SqliteStore::open(dir.path().join("state.db")).unwrap()
+    ///     .busy_timeout(Duration::from_secs(1))
+    ///     .unwrap();
+    /// # let _ = store;
+    /// ```
+    pub fn busy_timeout(self, wait: Duration) -> Result<Self, BoxError> {
+        self.inner
+            .conn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .busy_timeout(wait)?;
+        Ok(self)
+    }
+
     /// Another holder on the same connection (as a second process would be).
     ///
     /// ```
@@ -281,6 +307,40 @@ impl SqliteStore {
         Ok(out)
     }
 
+    /// The keys whose items failed (through [`Store::fail`], as the
+    /// [`idempotent`](flowline::Flow::idempotent) stage reports a failed item) and that have
+    /// not been reserved since, in this store's scope, in the order they failed (the latest
+    /// failure of each). For a run of the failures only. Blocking: it reads the file.
+    ///
+    /// ```
+    /// use flowline::prelude::*;
+    /// use flowline_sqlite::SqliteStore;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let store = SqliteStore::open(dir.path().join("state.db")).unwrap();
+    /// let report = Pipeline::from_iter([1, 2, 3])
+    ///     .idempotent(store.clone(), |x| *x)
+    ///     .try_map_async("work", |x| async move { if x == 2 { Err("no") } else { Ok(x) } })
+    ///     .run().await.unwrap();
+    /// assert_eq!(report.failures, 1);
+    /// assert_eq!(store.failed_keys().unwrap(), vec!["2".to_string()]);
+    /// # }
+    /// ```
+    pub fn failed_keys(&self) -> Result<Vec<String>, BoxError> {
+        let conn = self.inner.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = conn
+            .prepare(
+                "SELECT key FROM flowline_idempotency WHERE scope = ?1 AND state = ?2 ORDER BY expires_ms, key",
+            )
+            .map_err(classify)?;
+        let keys = st
+            .query_map(params![&*self.scope, FAILED], |r| r.get::<_, String>(0))
+            .map_err(classify)?
+            .collect::<rusqlite::Result<Vec<String>>>()
+            .map_err(classify)?;
+        Ok(keys)
+    }
+
     #[cfg(test)]
     pub(crate) fn skew(&self, by: Duration) {
         self.inner
@@ -388,6 +448,19 @@ impl Store for SqliteStore {
             )?;
             for key in &keys {
                 del.execute(params![scope, key, holder])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn fail<'a>(&'a self, keys: &'a [String]) -> StoreFuture<'a, ()> {
+        // Kept, as failed, so that `failed_keys` can list it; free to reserve again.
+        self.blocking(keys, |tx, scope, holder, now, keys| {
+            let mut upd = tx.prepare_cached(
+                "UPDATE flowline_idempotency SET state = 2, expires_ms = ?4 WHERE scope = ?1 AND key = ?2 AND holder = ?3 AND state = 0",
+            )?;
+            for key in &keys {
+                upd.execute(params![scope, key, holder, now])?;
             }
             Ok(())
         })
@@ -501,6 +574,40 @@ mod tests {
             other.reserve(&k, ttl).await.unwrap(),
             vec![Reservation::AlreadyDone]
         );
+    }
+
+    #[tokio::test]
+    async fn failed_keys_are_listed_in_the_order_they_failed_until_reserved_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let a = SqliteStore::open(&path).unwrap();
+        let other_scope = SqliteStore::open(&path).unwrap().scope("other");
+        let ttl = Duration::from_secs(60);
+        let k = keys(&["z", "y", "x", "w"]);
+        a.reserve(&k, ttl).await.unwrap();
+        other_scope.reserve(&k[..1], ttl).await.unwrap();
+        other_scope.fail(&k[..1]).await.unwrap();
+        a.fail(&k[..1]).await.unwrap();
+        a.skew(Duration::from_millis(5));
+        a.fail(&k[2..3]).await.unwrap();
+        a.skew(Duration::from_millis(5));
+        a.fail(&k[1..2]).await.unwrap();
+        a.commit(&k[3..]).await.unwrap();
+        // A handle that does not hold the key cannot fail it.
+        a.handle().fail(&k[3..]).await.unwrap();
+        assert_eq!(a.failed_keys().unwrap(), keys(&["z", "x", "y"]));
+        assert_eq!(other_scope.failed_keys().unwrap(), keys(&["z"]));
+        // Reserved again (by anyone): no longer failed; done or failed anew from there.
+        let b = a.handle();
+        assert_eq!(
+            b.reserve(&k[..3], ttl).await.unwrap(),
+            vec![Reservation::Reserved; 3]
+        );
+        assert_eq!(a.failed_keys().unwrap(), Vec::<String>::new());
+        b.commit(&k[..1]).await.unwrap();
+        b.fail(&k[1..2]).await.unwrap();
+        b.release(&k[2..3]).await.unwrap();
+        assert_eq!(a.failed_keys().unwrap(), keys(&["y"]));
     }
 
     /// 1,000 items, stopped gracefully half way, then run again: every key is processed
