@@ -82,17 +82,12 @@ mod tests {
     use crate::prelude::*;
     use std::time::Duration;
 
-    #[tokio::test(start_paused = true)]
-    async fn inputs_of_different_speeds_both_progress() {
-        // A fast endless input and a slow one, through a consumer slower than both.
-        let fast = Pipeline::from_iter(std::iter::repeat(0u8));
-        let slow = Pipeline::from_iter(std::iter::repeat(1u8)).map_async("slow", |x| async move {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            x
-        });
-        let seen = std::sync::Arc::new(std::sync::Mutex::new([0u64; 2]));
+    /// Merges `inputs` (each item names its input) into a consumer that takes 100 µs an
+    /// item, stops the run after 6 s; the items consumed per input, and the report.
+    async fn consume_6s<const N: usize>(inputs: [Pipeline<u8>; N]) -> ([u64; N], Report) {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new([0u64; N]));
         let s = seen.clone();
-        let handle = Pipeline::merge([fast, slow.into_pipeline()])
+        let handle = Pipeline::merge(inputs)
             .map_async("consumer", move |x| {
                 let s = s.clone();
                 async move {
@@ -104,7 +99,19 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(6)).await;
         handle.stop();
         let report = handle.join().await.unwrap();
-        let [fast_n, slow_n] = *seen.lock().unwrap();
+        let counts = *seen.lock().unwrap();
+        (counts, report)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn inputs_of_different_speeds_both_progress() {
+        // A fast endless input and a slow one, through a consumer slower than both.
+        let fast = Pipeline::from_iter(std::iter::repeat(0u8));
+        let slow = Pipeline::from_iter(std::iter::repeat(1u8)).map_async("slow", |x| async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            x
+        });
+        let ([fast_n, slow_n], report) = consume_6s([fast, slow.into_pipeline()]).await;
         // The consumer handles about 1 item/ms (tokio timers tick in ms). The fast input
         // fills the merge's queue at once (4 chunks: its first 2 s); after that the inputs
         // take turns chunk by chunk, so in 6 s each gets well over 1,000 items.
@@ -130,25 +137,12 @@ mod tests {
                 x
             })
         };
-        let seen = std::sync::Arc::new(std::sync::Mutex::new([0u64; 3]));
-        let s = seen.clone();
-        let handle = Pipeline::merge([
+        let (counts, report) = consume_6s([
             stage(0, 0).into_pipeline(),
             stage(1, 2).into_pipeline(),
             Pipeline::from_iter(std::iter::repeat(2u8)),
         ])
-        .map_async("consumer", move |x| {
-            let s = s.clone();
-            async move {
-                tokio::time::sleep(Duration::from_micros(100)).await;
-                s.lock().unwrap()[x as usize] += 1;
-            }
-        })
-        .spawn();
-        tokio::time::sleep(Duration::from_secs(6)).await;
-        handle.stop();
-        let report = handle.join().await.unwrap();
-        let counts = *seen.lock().unwrap();
+        .await;
         // Turns are taken per chunk, and the slow stage hands on small chunks (what ended
         // since its last send): fewer items, but never starved.
         assert!(counts.iter().all(|&c| c > 250), "{counts:?}");
