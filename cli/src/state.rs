@@ -13,6 +13,7 @@
 //! A locked file (a backup, another program) pauses the job under the run's outage policy:
 //! said once on stderr, and again when progress is recorded again.
 
+use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,7 +77,8 @@ pub fn key(input: &[u8]) -> String {
             let mut k = String::with_capacity(HEX.len() + 2 * input.len());
             k.push_str(HEX);
             for b in input {
-                k.push_str(&format!("{b:02x}"));
+                // Two hex digits a byte, written in place (no string per byte).
+                let _ = write!(k, "{b:02x}");
             }
             k
         }

@@ -228,10 +228,7 @@ pub(crate) fn split_chunk<T>(
         }));
         let (error, ticket): (ItemError, Option<Ticket>) = match result {
             Ok(None) => break,
-            Ok(Some((i, ticket))) => (
-                ItemError::user(format!("route index {i} is out of range for {n} branches")),
-                Some(ticket),
-            ),
+            Ok(Some((i, ticket))) => (out_of_range(i, n), Some(ticket)),
             // The ticket of the item whose `pick` panicked was dropped with it: it counts as
             // cancelled for its owner, and as failed here.
             Err(payload) => (ItemError::from_panic(&*payload), None),
@@ -243,6 +240,11 @@ pub(crate) fn split_chunk<T>(
         run.fail(Failure::new(stats.name.clone(), error, 1));
     }
     StageStats::add(&stats.failed, failed);
+}
+
+/// The failure of an item whose lane `i` is not one of the `n`.
+fn out_of_range(i: usize, n: usize) -> ItemError {
+    ItemError::user(format!("route index {i} is out of range for {n} branches"))
 }
 
 /// [`split_chunk`] for items without tickets going to parts without tickets (every
@@ -275,9 +277,7 @@ fn split_untracked<T>(
         }));
         let error = match result {
             Ok(None) => break,
-            Ok(Some(i)) => {
-                ItemError::user(format!("route index {i} is out of range for {n} branches"))
-            }
+            Ok(Some(i)) => out_of_range(i, n),
             Err(payload) => ItemError::from_panic(&*payload),
         };
         failed += 1;
